@@ -1,0 +1,36 @@
+# tally: `make up` brings the platform up on this machine, `make test` runs the tests.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PG_BIN ?= /usr/lib/postgresql/15/bin
+
+.PHONY: install up down test bench bench-quick lint postgres
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: postgres $(VENV)/.installed
+
+# PostgreSQL 15 server binaries: Debian's package where they are missing.
+postgres:
+	@test -x $(PG_BIN)/initdb || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; }
+
+up: install
+	$(VENV)/bin/tally up
+
+down:
+	$(VENV)/bin/tally down
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) bench/ledger.py
+
+bench-quick: install
+	$(PY) bench/ledger.py --quick
+
+lint: install
+	$(VENV)/bin/ruff check .

@@ -1,0 +1,338 @@
+"""The event catalogue: every fact tally records, in the order of the platform's story.
+
+Each event type names the stream category it belongs to and a marshmallow schema for its
+payload. Appends are validated here; a payload of an older schema version is upcast on read
+(`upcast`), never rewritten in the ledger. Reading this module top to bottom tells what the
+platform can know.
+
+Streams are `category-id`: `app-blog`, `host-h1`, `placement-blog`, `instance-<uuid>`,
+`backup-ledger`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from marshmallow import Schema, ValidationError, fields, validate
+
+from ledger.errors import InvalidEvent
+
+APP_NAME = validate.Regexp(
+    r"^[a-z][a-z0-9-]{1,28}[a-z0-9]$",
+    error="must be 3-30 characters: lowercase letters, digits and dashes, "
+    "starting with a letter and not ending with a dash",
+)
+PROCESS_TYPE = r"^[a-z][a-z0-9_]{0,29}$"
+SHA256 = validate.Regexp(r"^[0-9a-f]{64}$", error="must be a sha256 hex digest")
+PORT = validate.Range(min=1, max=65535)
+NON_NEGATIVE = validate.Range(min=0)
+STREAM_ID = re.compile(r"^([a-z][a-z0-9_]*)-([A-Za-z0-9][A-Za-z0-9_.:*-]*)$")
+
+
+def stream_category(stream: str) -> str:
+    """`app-blog` -> `app`. Raises InvalidEvent for a malformed stream id."""
+    match = STREAM_ID.match(stream)
+    if not match or len(stream) > 200:
+        raise InvalidEvent(
+            f"stream id {stream!r} must look like category-id (e.g. app-blog)",
+            {"_stream": ["must look like category-id"]},
+        )
+    return match.group(1)
+
+
+@dataclass(frozen=True)
+class EventType:
+    """One kind of fact: its name, the stream category it lives in, and its schema."""
+
+    name: str
+    category: str
+    schema: Schema
+    doc: str
+    version: int = 1
+    upcasters: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = field(
+        default_factory=dict
+    )
+
+
+CATALOGUE: dict[str, EventType] = {}
+
+
+def event(category: str, version: int = 1) -> Callable[[type[Schema]], type[Schema]]:
+    """Register a schema class as an event type named after the class."""
+
+    def register(cls: type[Schema]) -> type[Schema]:
+        doc = (cls.__doc__ or "").strip()
+        CATALOGUE[cls.__name__] = EventType(cls.__name__, category, cls(), doc, version)
+        return cls
+
+    return register
+
+
+def upcaster(type_name: str, from_version: int) -> Callable:
+    """Register a function turning a payload of `from_version` into `from_version + 1`."""
+
+    def register(fn: Callable[[dict[str, Any]], dict[str, Any]]) -> Callable:
+        CATALOGUE[type_name].upcasters[from_version] = fn
+        return fn
+
+    return register
+
+
+class Process(fields.Dict):
+    """A mapping of process type (web, worker, release...) to a value."""
+
+    def __init__(self, values: fields.Field, **kw: Any) -> None:
+        super().__init__(keys=fields.Str(validate=validate.Regexp(PROCESS_TYPE)), values=values,
+                         **kw)
+
+
+# --- Apps: what developers ask for (desired state) ----------------------------------------
+
+
+@event("app")
+class AppCreated(Schema):
+    """A developer created an app; its stream is app-<name>."""
+
+    name = fields.Str(required=True, validate=APP_NAME)
+    owner = fields.Str(required=True, validate=validate.Length(min=1, max=200))
+
+
+@event("app")
+class AppDeleted(Schema):
+    """The app was deleted: everything stops, its history stays."""
+
+    name = fields.Str(required=True, validate=APP_NAME)
+
+
+@event("app")
+class ConfigChanged(Schema):
+    """Config vars were set or unset. Values are kept, and shown only when asked."""
+
+    app = fields.Str(required=True, validate=APP_NAME)
+    set = fields.Dict(keys=fields.Str(validate=validate.Regexp(r"^[A-Za-z_][A-Za-z0-9_]*$")),
+                      values=fields.Str(), load_default=dict)
+    unset = fields.List(fields.Str(), load_default=list)
+    config_version = fields.Int(required=True, validate=NON_NEGATIVE)
+
+
+@event("app")
+class ReleaseCreated(Schema):
+    """A new release: a bundle (code) plus a config version. Rollbacks are releases too."""
+
+    app = fields.Str(required=True, validate=APP_NAME)
+    release = fields.Int(required=True, validate=validate.Range(min=1))
+    bundle_digest = fields.Str(required=True, validate=SHA256)
+    procfile = Process(fields.Str(validate=validate.Length(min=1, max=2000)), required=True)
+    config_version = fields.Int(required=True, validate=NON_NEGATIVE)
+    description = fields.Str(load_default="", validate=validate.Length(max=500))
+    rollback_of = fields.Int(allow_none=True, load_default=None)
+
+
+@event("app")
+class ScaleChanged(Schema):
+    """The desired number of instances per process type."""
+
+    app = fields.Str(required=True, validate=APP_NAME)
+    scale = Process(fields.Int(validate=validate.Range(min=0, max=1000)), required=True)
+
+
+@event("app")
+class DomainAdded(Schema):
+    """A hostname (exact, or `*.suffix`) now routes to the app."""
+
+    app = fields.Str(required=True, validate=APP_NAME)
+    domain = fields.Str(required=True, validate=validate.Length(min=1, max=253))
+
+
+@event("app")
+class DomainRemoved(Schema):
+    """A hostname no longer routes to the app."""
+
+    app = fields.Str(required=True, validate=APP_NAME)
+    domain = fields.Str(required=True, validate=validate.Length(min=1, max=253))
+
+
+# --- Hosts: the fleet reports itself (observed state) -------------------------------------
+
+
+@event("host")
+class HostRegistered(Schema):
+    """A host agent joined the fleet with its address, port range and capacity."""
+
+    host_id = fields.Str(required=True, validate=validate.Length(min=1, max=100))
+    address = fields.Str(required=True)
+    port_min = fields.Int(required=True, validate=PORT)
+    port_max = fields.Int(required=True, validate=PORT)
+    capacity = fields.Int(required=True, validate=validate.Range(min=0))
+    memory_mb = fields.Int(load_default=0, validate=NON_NEGATIVE)
+
+
+@event("heartbeat")
+class HostHeartbeat(Schema):
+    """A host is alive. High volume: kept in heartbeat-<host> streams, pruned by retention."""
+
+    host_id = fields.Str(required=True)
+    load = fields.Float(load_default=0.0)
+    memory_used_mb = fields.Int(load_default=0, validate=NON_NEGATIVE)
+    memory_total_mb = fields.Int(load_default=0, validate=NON_NEGATIVE)
+    instances = fields.Int(load_default=0, validate=NON_NEGATIVE)
+
+
+@event("host")
+class HostLost(Schema):
+    """The placer declared a host lost (no heartbeat within the TTL)."""
+
+    host_id = fields.Str(required=True)
+    reason = fields.Str(load_default="")
+
+
+# --- Placements: the placer's decisions (desired state) -----------------------------------
+
+
+@event("placement")
+class InstancePlaced(Schema):
+    """The placer decided an instance of a release runs on a host and port."""
+
+    instance_id = fields.Str(required=True)
+    app = fields.Str(required=True, validate=APP_NAME)
+    release = fields.Int(required=True, validate=validate.Range(min=1))
+    process_type = fields.Str(required=True, validate=validate.Regexp(PROCESS_TYPE))
+    host_id = fields.Str(required=True)
+    port = fields.Int(required=True, validate=PORT)
+
+
+# --- Instances: what host agents observe --------------------------------------------------
+
+
+@event("instance")
+class InstanceStarted(Schema):
+    """A host agent started the instance's process."""
+
+    instance_id = fields.Str(required=True)
+    host_id = fields.Str(required=True)
+    pid = fields.Int(required=True, validate=validate.Range(min=1))
+
+
+@event("instance")
+class InstanceHealthy(Schema):
+    """The instance answered its health check."""
+
+    instance_id = fields.Str(required=True)
+    host_id = fields.Str(required=True)
+
+
+@event("instance")
+class InstanceExited(Schema):
+    """The instance's process exited unasked; the last log lines tell why."""
+
+    instance_id = fields.Str(required=True)
+    host_id = fields.Str(required=True)
+    exit_code = fields.Int(allow_none=True, load_default=None)
+    signal = fields.Int(allow_none=True, load_default=None)
+    restarts = fields.Int(load_default=0, validate=NON_NEGATIVE)
+    log_tail = fields.List(fields.Str(), load_default=list)
+
+
+@event("instance")
+class InstanceStopped(Schema):
+    """The instance was stopped on purpose (no longer desired, or its host was lost)."""
+
+    instance_id = fields.Str(required=True)
+    host_id = fields.Str(allow_none=True, load_default=None)
+    reason = fields.Str(load_default="")
+
+
+# --- Backups: historical, and not reachable from the servers ------------------------------
+
+
+class _Backup(Schema):
+    backup_id = fields.Str(required=True)
+    target = fields.Str(required=True)
+
+
+@event("backup")
+class BackupStarted(_Backup):
+    """A backup of a target (the ledger, an app database) began."""
+
+    kind = fields.Str(load_default="full", validate=validate.OneOf(["full", "incremental"]))
+
+
+@event("backup")
+class BackupCompleted(_Backup):
+    """The backup finished and was stored."""
+
+    size_bytes = fields.Int(required=True, validate=NON_NEGATIVE)
+    location = fields.Str(required=True)
+    digest = fields.Str(required=True, validate=SHA256)
+    duration_s = fields.Float(load_default=0.0)
+
+
+@event("backup")
+class BackupVerified(_Backup):
+    """The stored backup was restored somewhere scratch and checked."""
+
+
+@event("backup")
+class BackupFailed(_Backup):
+    """The backup or its verification failed."""
+
+    error = fields.Str(required=True)
+
+
+@event("backup")
+class BackupPruned(_Backup):
+    """The backup left the retained set."""
+
+    reason = fields.Str(load_default="")
+
+
+# --- validation and upcasting -------------------------------------------------------------
+
+
+def event_type(name: str) -> EventType:
+    try:
+        return CATALOGUE[name]
+    except KeyError:
+        raise InvalidEvent(
+            f"unknown event type {name!r}", {"_type": [f"unknown event type {name!r}"]}
+        ) from None
+
+
+def validate_event(stream_cat: str, type_name: str, data: Any) -> None:
+    """Refuse an unknown type, a payload that does not match its schema, or an event
+    appended to a stream of the wrong category. Errors name the field."""
+    et = event_type(type_name)
+    if et.category != stream_cat:
+        raise InvalidEvent(
+            f"{type_name} belongs in a {et.category}-* stream, not a {stream_cat}-* stream",
+            {"_stream": [f"must be a {et.category}-* stream"]},
+        )
+    if not isinstance(data, dict):
+        raise InvalidEvent(f"{type_name} payload must be an object", {"_data": ["not an object"]})
+    try:
+        et.schema.load(data)
+    except ValidationError as exc:
+        messages = exc.messages if isinstance(exc.messages, dict) else {"_data": exc.messages}
+        detail = "; ".join(f"{k}: {_first(v)}" for k, v in messages.items())
+        raise InvalidEvent(f"invalid {type_name}: {detail}", messages) from exc
+
+
+def _first(messages: Any) -> str:
+    if isinstance(messages, list) and messages:
+        return str(messages[0])
+    if isinstance(messages, dict) and messages:
+        return _first(next(iter(messages.values())))
+    return str(messages)
+
+
+def upcast(type_name: str, data: dict[str, Any], stored_version: int) -> dict[str, Any]:
+    """Bring a stored payload to the current schema version of its type."""
+    et = CATALOGUE.get(type_name)
+    if et is None:
+        return data
+    for v in range(stored_version, et.version):
+        data = et.upcasters[v](data)
+    return data

@@ -1,0 +1,433 @@
+"""A local two-node PostgreSQL cluster for the ledger: a primary and a synchronous standby.
+
+Built from PostgreSQL's own binaries (initdb, pg_ctl, pg_basebackup, pg_rewind) in a data
+folder of ours. Nodes are named `a` and `b`; either can be the primary. A node is a standby
+while `standby.signal` exists in its data directory. PostgreSQL refuses to run as root, so
+when we are root every server-side command runs as the `postgres` user.
+
+Promotion is manual and refuses to run while the other node's postmaster is alive: two
+primaries accepting writes is the one thing a ledger must never allow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+
+from ledger.errors import ClusterError
+
+NODES = ("a", "b")
+ROLES = ("tally_owner", "tally_writer", "tally_reader", "tally_replicator")
+DEFAULT_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """Where the cluster lives and how it is reached."""
+
+    data_dir: Path
+    ports: tuple[int, int] = (5433, 5434)
+    host: str = "127.0.0.1"
+    dbname: str = "tally"
+    bin_dir: Path = DEFAULT_BIN
+    os_user: str = "postgres"
+    extra_settings: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    """What `tally ledger status` prints for one node."""
+
+    name: str
+    port: int
+    running: bool
+    role: str  # primary | standby | stopped
+    replication: list[dict[str, Any]] = field(default_factory=list)
+    receive_lsn: str | None = None
+    replay_lsn: str | None = None
+    replay_delay_s: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+class Cluster:
+    """Create, start, stop, inspect and promote the local ledger cluster."""
+
+    def __init__(self, spec: ClusterSpec) -> None:
+        self.spec = spec
+        self.root = spec.data_dir.resolve()
+
+    # -- paths and credentials ------------------------------------------------------------
+    def node_dir(self, node: str) -> Path:
+        return self.root / node
+
+    def port(self, node: str) -> int:
+        return self.spec.ports[NODES.index(node)]
+
+    def other(self, node: str) -> str:
+        return NODES[1 - NODES.index(node)]
+
+    @property
+    def socket_dir(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def credentials_file(self) -> Path:
+        return self.root / "credentials.json"
+
+    def initialized(self) -> bool:
+        return self.credentials_file.exists() and (self.node_dir("a") / "PG_VERSION").exists()
+
+    def credentials(self) -> dict[str, str]:
+        try:
+            return json.loads(self.credentials_file.read_text())
+        except FileNotFoundError:
+            raise ClusterError(
+                f"no ledger cluster in {self.root}: run `tally ledger init`") from None
+
+    def dsn(self, role: str = "tally_writer", *, read_write: bool = True) -> str:
+        """A libpq multi-host DSN over both nodes; libpq finds the primary itself."""
+        password = self.credentials()[role]
+        target = "read-write" if read_write else "any"
+        ports = ",".join(str(p) for p in self.spec.ports)
+        hosts = ",".join([self.spec.host] * len(self.spec.ports))
+        return (
+            f"host={hosts} port={ports} dbname={self.spec.dbname} user={role} "
+            f"password={password} target_session_attrs={target} connect_timeout=3"
+        )
+
+    def node_dsn(self, node: str, role: str = "postgres", dbname: str | None = None) -> str:
+        password = self.credentials()[role]
+        return (
+            f"host={self.spec.host} port={self.port(node)} dbname={dbname or self.spec.dbname} "
+            f"user={role} password={password} connect_timeout=3"
+        )
+
+    # -- running things as postgres -------------------------------------------------------
+    def _as_pg(self) -> dict[str, Any]:
+        if os.geteuid() == 0:
+            return {"user": self.spec.os_user, "group": self.spec.os_user}
+        return {}
+
+    def _run(self, *args: str | Path, env: dict[str, str] | None = None) -> str:
+        cmd = [str(a) for a in args]
+        full_env = {**os.environ, "LC_ALL": "C.UTF-8", **(env or {})}
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env=full_env, cwd="/", **self._as_pg()
+        )
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+            raise ClusterError(f"{Path(cmd[0]).name} failed: " + " | ".join(tail))
+        return proc.stdout
+
+    def _bin(self, name: str) -> Path:
+        path = self.spec.bin_dir / name
+        if not path.exists():
+            raise ClusterError(
+                f"{path} not found: install PostgreSQL 15 (Debian: apt-get install postgresql)"
+            )
+        return path
+
+    def _chown(self, path: Path) -> None:
+        if os.geteuid() == 0:
+            shutil.chown(path, self.spec.os_user, self.spec.os_user)
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def init(self) -> None:
+        """Create both nodes: initdb the primary, add roles and the database, base-backup
+        the standby, then make it synchronous once it streams under its own name."""
+        if self.root.exists() and any(self.root.iterdir()):
+            raise ClusterError(f"{self.root} is not empty: a ledger cluster may exist there")
+        try:
+            self._init()
+        except BaseException:
+            self.destroy()
+            raise
+
+    def _init(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o755)
+        self.socket_dir.mkdir(exist_ok=True)
+        self._chown(self.socket_dir)
+        creds = {role: secrets.token_urlsafe(24) for role in ("postgres", *ROLES)}
+        self.credentials_file.touch(mode=0o600)
+        self.credentials_file.write_text(json.dumps(creds, indent=1))
+
+        primary = self.node_dir("a")
+        primary.mkdir(mode=0o700)
+        self._chown(primary)
+        pwfile = self.socket_dir / ".pw"
+        pwfile.write_text(creds["postgres"] + "\n")
+        self._chown(pwfile)
+        try:
+            self._run(
+                self._bin("initdb"), "-D", primary, "-U", "postgres", f"--pwfile={pwfile}",
+                "--auth-local=peer", "--auth-host=scram-sha-256", "-E", "UTF8",
+                "--locale=C", "--no-instructions",
+            )
+        finally:
+            pwfile.unlink()
+        with open(primary / "pg_hba.conf", "a") as hba:
+            hba.write(f"host replication tally_replicator {self.spec.host}/32 scram-sha-256\n")
+        self._write_node_conf("a")
+        self.start_node("a")
+        self._create_roles(creds)
+        self._create_standby("b")
+        self.start_node("b")
+        self.wait_streaming("a", "b")
+        self.set_synchronous("a", "b")
+
+    def _write_node_conf(self, node: str) -> None:
+        """Rewrite this node's own settings. Called after initdb, basebackup and rewind,
+        since the latter two copy the other node's configuration files."""
+        other = self.other(node)
+        password = self.credentials()["tally_replicator"]
+        settings = {
+            "listen_addresses": f"'{self.spec.host}'",
+            "port": str(self.port(node)),
+            "unix_socket_directories": f"'{self.socket_dir}'",
+            "max_connections": "300",
+            "wal_level": "replica",
+            "max_wal_senders": "10",
+            "max_replication_slots": "10",
+            "wal_log_hints": "on",
+            "hot_standby": "on",
+            "wal_keep_size": "'512MB'",
+            "max_slot_wal_keep_size": "'4GB'",
+            # A transaction left open holds back every ledger reader (see ledger/store.py).
+            "idle_in_transaction_session_timeout": "'60s'",
+            "cluster_name": f"'tally_{node}'",
+            "primary_conninfo": (
+                f"'host={self.spec.host} port={self.port(other)} user=tally_replicator "
+                f"password={password} application_name=tally_{node}'"
+            ),
+            "primary_slot_name": f"'tally_{node}'",
+            **self.spec.extra_settings,
+        }
+        conf = self.node_dir(node) / "postgresql.conf"
+        marker = "# --- tally node settings ---"
+        base = conf.read_text().split(marker)[0]
+        lines = [f"{k} = {v}" for k, v in settings.items()]
+        conf.write_text(base + marker + "\n" + "\n".join(lines) + "\n")
+        self._chown(conf)
+
+    def _create_roles(self, creds: dict[str, str]) -> None:
+        conn = self._connect("a", dbname="postgres")
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                for role in ROLES:
+                    extra = " REPLICATION" if role == "tally_replicator" else ""
+                    cur.execute(f"CREATE ROLE {role} LOGIN{extra} PASSWORD %s", (creds[role],))
+                # Bound transaction time: a long writing transaction stalls ledger readers.
+                for role in ("tally_owner", "tally_writer"):
+                    cur.execute(f"ALTER ROLE {role} SET statement_timeout = '30s'")
+                    cur.execute(
+                        f"ALTER ROLE {role} SET idle_in_transaction_session_timeout = '10s'")
+                cur.execute(f"CREATE DATABASE {self.spec.dbname} OWNER tally_owner")
+                for node in NODES:
+                    cur.execute("SELECT pg_create_physical_replication_slot(%s)",
+                                (f"tally_{node}",))
+        finally:
+            conn.close()
+
+    def _create_standby(self, node: str) -> None:
+        target = self.node_dir(node)
+        if target.exists():
+            shutil.rmtree(target)
+        target.mkdir(mode=0o700)
+        self._chown(target)
+        source = self.other(node)
+        password = self.credentials()["tally_replicator"]
+        self._run(
+            self._bin("pg_basebackup"), "-h", self.spec.host, "-p", str(self.port(source)),
+            "-U", "tally_replicator", "-D", target, "-X", "stream", "--checkpoint=fast",
+            env={"PGPASSWORD": password},
+        )
+        (target / "standby.signal").touch()
+        self._chown(target / "standby.signal")
+        self._write_node_conf(node)
+
+    def start_node(self, node: str) -> None:
+        if self._running(node):
+            return
+        log = self.root / f"{node}.log"
+        log.touch()
+        self._chown(log)
+        try:
+            self._run(self._bin("pg_ctl"), "-D", self.node_dir(node), "-l", log, "-w", "-t",
+                      "60", "start")
+        except ClusterError as exc:
+            tail = " | ".join(log.read_text().strip().splitlines()[-3:])
+            raise ClusterError(f"node {node} did not start: {tail}") from exc
+
+    def stop_node(self, node: str, mode: str = "fast") -> None:
+        if self._running(node):
+            self._run(self._bin("pg_ctl"), "-D", self.node_dir(node), "-m", mode, "-w", "stop")
+
+    def start(self) -> None:
+        """Start both nodes, the primary first."""
+        for node in sorted(NODES, key=self.is_standby):
+            self.start_node(node)
+
+    def stop(self) -> None:
+        """Stop both nodes, the standby first so the primary's last WAL still reaches it."""
+        for node in sorted(NODES, key=self.is_standby, reverse=True):
+            self.stop_node(node)
+
+    def is_standby(self, node: str) -> bool:
+        return (self.node_dir(node) / "standby.signal").exists()
+
+    def primary(self) -> str:
+        """The node configured as primary (the one without standby.signal)."""
+        for node in NODES:
+            if self.node_dir(node).exists() and not self.is_standby(node):
+                return node
+        raise ClusterError("no node is configured as primary")
+
+    def _running(self, node: str) -> bool:
+        pid_file = self.node_dir(node) / "postmaster.pid"
+        try:
+            pid = int(pid_file.read_text().split()[0])
+        except (FileNotFoundError, ValueError, IndexError):
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def postmaster_pid(self, node: str) -> int:
+        return int((self.node_dir(node) / "postmaster.pid").read_text().split()[0])
+
+    # -- replication ----------------------------------------------------------------------
+    def _connect(self, node: str, dbname: str | None = None) -> Any:
+        return psycopg2.connect(self.node_dsn(node, dbname=dbname or "postgres"))
+
+    def _query(self, node: str, sql: str, args: tuple = ()) -> list[tuple]:
+        conn = self._connect(node)
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(sql, args)
+                return cur.fetchall() if cur.description else []
+        finally:
+            conn.close()
+
+    def wait_streaming(self, primary: str, standby: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rows = self._query(
+                primary, "SELECT 1 FROM pg_stat_replication WHERE application_name = %s "
+                "AND state = 'streaming'", (f"tally_{standby}",),
+            )
+            if rows:
+                return
+            time.sleep(0.1)
+        raise ClusterError(f"standby {standby} did not start streaming within {timeout:.0f}s")
+
+    def set_synchronous(self, primary: str, standby: str | None) -> None:
+        """Name the standby in synchronous_standby_names (None: run without one)."""
+        value = f"tally_{standby}" if standby else ""
+        self._query(primary, "ALTER SYSTEM SET synchronous_standby_names = %s", (value,))
+        self._query(primary, "SELECT pg_reload_conf()")
+
+    def status(self) -> list[NodeStatus]:
+        out = []
+        for node in NODES:
+            if not self.node_dir(node).exists():
+                continue
+            if not self._running(node):
+                out.append(NodeStatus(node, self.port(node), False, "stopped"))
+                continue
+            try:
+                out.append(self._node_status(node))
+            except psycopg2.Error as exc:
+                out.append(NodeStatus(node, self.port(node), True, f"unreachable: {exc}".strip()))
+        return out
+
+    def _node_status(self, node: str) -> NodeStatus:
+        (in_recovery,), = self._query(node, "SELECT pg_is_in_recovery()")
+        if not in_recovery:
+            rows = self._query(
+                node,
+                "SELECT application_name, state, sync_state, "
+                "pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint, "
+                "extract(epoch FROM replay_lag)::float FROM pg_stat_replication",
+            )
+            repl = [
+                {"standby": r[0], "state": r[1], "sync_state": r[2], "lag_bytes": r[3],
+                 "replay_lag_s": r[4]}
+                for r in rows
+            ]
+            return NodeStatus(node, self.port(node), True, "primary", replication=repl)
+        (recv, replay, delay), = self._query(
+            node,
+            "SELECT pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text, "
+            "extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float",
+        )
+        return NodeStatus(node, self.port(node), True, "standby", receive_lsn=recv,
+                          replay_lsn=replay, replay_delay_s=delay)
+
+    def promote(self, node: str | None = None) -> str:
+        """Promote the standby. Refused while the old primary's postmaster is alive."""
+        node = node or next(n for n in NODES if self.is_standby(n))
+        if not self.is_standby(node):
+            raise ClusterError(f"node {node} is already the primary")
+        old = self.other(node)
+        if self._running(old):
+            raise ClusterError(
+                f"node {old} (port {self.port(old)}) is still running: stop it first "
+                f"(`tally ledger stop --node {old}`); promoting now would make two primaries"
+            )
+        if not self._running(node):
+            self.start_node(node)
+        self._run(self._bin("pg_ctl"), "-D", self.node_dir(node), "-w", "-t", "60", "promote")
+        # Run without a synchronous standby until the old primary rejoins: availability
+        # first, as Patroni does unless synchronous_mode_strict is set.
+        self.set_synchronous(node, None)
+        return node
+
+    def rejoin(self, node: str) -> None:
+        """Turn a stopped former primary into a standby of the current primary (pg_rewind),
+        then make it synchronous again."""
+        primary = self.other(node)
+        if self.is_standby(primary):
+            raise ClusterError(f"node {primary} is not the primary; promote it first")
+        self.stop_node(node)
+        # pg_rewind (PostgreSQL >= 13) runs crash recovery itself on a target killed with -9.
+        password = self.credentials()["postgres"]
+        self._run(
+            self._bin("pg_rewind"), "-D", self.node_dir(node), "--source-server",
+            f"host={self.spec.host} port={self.port(primary)} user=postgres "
+            f"password={password} dbname=postgres",
+            env={"PGPASSWORD": password},
+        )
+        (self.node_dir(node) / "standby.signal").touch()
+        self._chown(self.node_dir(node) / "standby.signal")
+        self._write_node_conf(node)
+        slot = f"tally_{node}"
+        self._query(primary, "SELECT pg_create_physical_replication_slot(%s) WHERE NOT EXISTS "
+                    "(SELECT 1 FROM pg_replication_slots WHERE slot_name = %s)", (slot, slot))
+        self.start_node(node)
+        self.wait_streaming(primary, node)
+        self.set_synchronous(primary, node)
+
+    def destroy(self) -> None:
+        """Stop both nodes (immediately) and remove the data folder."""
+        for node in NODES:
+            if self.node_dir(node).exists():
+                with contextlib.suppress(ClusterError):
+                    self.stop_node(node, mode="immediate")
+        shutil.rmtree(self.root, ignore_errors=True)

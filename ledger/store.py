@@ -1,0 +1,340 @@
+"""Append to and read from the ledger.
+
+Ordering. Sequence values are handed out before commit, so a reader of `id > last` loses
+events whose transactions commit late. Here writers only insert rows stamped with their
+transaction id (`tx_id`, xid8). A sequencer then gives committed events a dense `position`
+in (tx_id, id) order, but only for transactions below the oldest still running one
+(`pg_snapshot_xmin(pg_current_snapshot())`): nothing can ever commit below that line. Its
+batches are serialised by an advisory lock held only by the sequencer, never by writers, so
+appends run at insert speed. Readers ask for `position > checkpoint`: one integer, one total
+order, identical for every reader, gap-free, final. A writing transaction that stays open
+holds every reader back, hence the statement and idle-in-transaction timeouts on our roles.
+
+Wake-ups. `pg_notify` inside the append transaction would serialise commits behind the
+synchronous standby (the notify queue lock is held through the commit wait). So `append`
+commits first, then sends NOTIFY in its own, WAL-free transaction. A writer killed between
+the two loses that wake-up; the relays' and readers' poll timer covers it.
+
+Retries. Every append carries an idempotency key (one is made if the caller gives none), so
+after a lost connection or a failover the append is simply sent again: the key makes the
+second try return the first result instead of writing twice.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+import psycopg2
+import psycopg2.errors
+
+from ledger.catalogue import CATALOGUE, stream_category, upcast, validate_event
+from ledger.errors import IdempotencyConflict, InvalidEvent, LedgerUnavailable, VersionConflict
+from ledger.events import (
+    ANY,
+    MAX_BATCH,
+    MAX_DATA_BYTES,
+    MAX_METADATA_BYTES,
+    AppendResult,
+    NewEvent,
+    RecordedEvent,
+)
+
+CHANNEL = "tally_ledger"
+SEQUENCER_LOCK = 0x7461_6C6C_79  # "tally"
+T = TypeVar("T")
+
+# Prepared once per connection: planning the statement costs more than running it.
+_PREPARE = [
+    """PREPARE tally_append_one(text, text, text, jsonb, jsonb, text, integer) AS
+    INSERT INTO ledger.events (stream, category, version, type, data, metadata, idempotency_key)
+    SELECT $1, $2, cur.v + 1, $3, $4, $5, $6
+    FROM (SELECT coalesce(max(version), 0) AS v FROM ledger.events WHERE stream = $1) cur
+    WHERE $7::integer IS NULL OR cur.v = $7
+    RETURNING id, version""",
+    """PREPARE tally_append_many(text, text, text[], text[], text[], text, integer) AS
+    INSERT INTO ledger.events (stream, category, version, type, data, metadata, idempotency_key)
+    SELECT $1, $2, cur.v + t.n, t.type, t.data::jsonb, t.metadata::jsonb,
+           CASE WHEN t.n = 1 THEN $6 END
+    FROM (SELECT coalesce(max(version), 0) AS v FROM ledger.events WHERE stream = $1) cur,
+         unnest($3, $4, $5) WITH ORDINALITY AS t(type, data, metadata, n)
+    WHERE $7::integer IS NULL OR cur.v = $7
+    ORDER BY t.n
+    RETURNING id, version""",
+]
+_EXEC_ONE = "EXECUTE tally_append_one(%s, %s, %s, %s, %s, %s, %s)"
+_EXEC_MANY = "EXECUTE tally_append_many(%s, %s, %s, %s, %s, %s, %s)"
+
+_SEQUENCE = """
+WITH last AS (
+    SELECT position, tx_id, event_id FROM ledger.positions ORDER BY position DESC LIMIT 1
+), todo AS (
+    SELECT e.id, e.tx_id FROM ledger.events e
+    WHERE (e.tx_id, e.id) > (coalesce((SELECT tx_id FROM last), '0'::xid8),
+                             coalesce((SELECT event_id FROM last), 0))
+      AND e.tx_id < pg_snapshot_xmin(pg_current_snapshot())
+    ORDER BY e.tx_id, e.id
+    LIMIT %(limit)s
+)
+INSERT INTO ledger.positions (position, event_id, tx_id)
+SELECT coalesce((SELECT position FROM last), 0) + row_number() OVER (ORDER BY tx_id, id),
+       id, tx_id
+FROM todo
+RETURNING position
+"""
+
+_COLUMNS = "p.position, e.id, e.stream, e.version, e.type, e.data, e.metadata, e.recorded_at"
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+class Ledger:
+    """A connection to the ledger through a (multi-host) libpq DSN.
+
+    Not thread-safe: give each thread or process its own. Transient connection failures
+    are retried until `retry_deadline` seconds have passed, then LedgerUnavailable.
+    """
+
+    def __init__(self, dsn: str, *, retry_deadline: float = 30.0, notify: bool = True,
+                 application_name: str = "tally") -> None:
+        self.dsn = dsn
+        self.retry_deadline = retry_deadline
+        self.notify = notify
+        self.application_name = application_name
+        self._conn: Any = None
+
+    # -- connection ----------------------------------------------------------------------
+    def connection(self) -> Any:
+        """The open connection (autocommit), made on first use."""
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg2.connect(self.dsn, application_name=self.application_name)
+            self._conn.autocommit = True
+            with self._conn.cursor() as cur:
+                for statement in _PREPARE:
+                    cur.execute(statement)
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _retrying(self, fn: Callable[[Any], T]) -> T:
+        """Run fn(cursor); on a lost connection reconnect (the DSN finds the primary)
+        and run it again, until the deadline."""
+        deadline = time.monotonic() + self.retry_deadline
+        delay = 0.05
+        while True:
+            try:
+                with self.connection().cursor() as cur:
+                    return fn(cur)
+            except (psycopg2.OperationalError, psycopg2.InterfaceError,
+                    psycopg2.errors.ReadOnlySqlTransaction) as exc:
+                if isinstance(exc, psycopg2.errors.QueryCanceled):
+                    raise LedgerUnavailable(f"ledger statement timed out: {exc}") from exc
+                self.close()
+                if time.monotonic() + delay > deadline:
+                    raise LedgerUnavailable(
+                        f"no writable ledger primary within {self.retry_deadline:.0f}s: "
+                        f"{str(exc).strip() or type(exc).__name__}"
+                    ) from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    # -- appending -----------------------------------------------------------------------
+    def append(self, stream: str, events: Sequence[NewEvent], expected_version: int | None = ANY,
+               idempotency_key: str | None = None) -> AppendResult:
+        """Append events to one stream in one transaction.
+
+        expected_version: ANY (None), NO_STREAM (0), or the exact current version; a
+        mismatch raises VersionConflict carrying the actual version. Sending the same
+        idempotency_key again returns the first result and writes nothing.
+        """
+        category = stream_category(stream)
+        if not events:
+            raise InvalidEvent("nothing to append", {"_events": ["empty"]})
+        if len(events) > MAX_BATCH:
+            raise InvalidEvent(f"at most {MAX_BATCH} events per append",
+                               {"_events": [f"more than {MAX_BATCH}"]})
+        if expected_version is not None and expected_version < 0:
+            raise InvalidEvent("expected_version must be ANY, NO_STREAM (0) or a version",
+                               {"expected_version": ["must be >= 0"]})
+        types, datas, metas = [], [], []
+        for ev in events:
+            validate_event(category, ev.type, ev.data)
+            data = _dumps(ev.data)
+            meta = _dumps({**ev.metadata, "schema": CATALOGUE[ev.type].version})
+            if len(data.encode()) > MAX_DATA_BYTES:
+                raise InvalidEvent(
+                    f"{ev.type} payload is {len(data.encode())} bytes; the limit is "
+                    f"{MAX_DATA_BYTES}", {"_size": [f"larger than {MAX_DATA_BYTES} bytes"]})
+            if len(meta.encode()) > MAX_METADATA_BYTES:
+                raise InvalidEvent(f"metadata larger than {MAX_METADATA_BYTES} bytes",
+                                   {"_metadata": [f"larger than {MAX_METADATA_BYTES} bytes"]})
+            types.append(ev.type)
+            datas.append(data)
+            metas.append(meta)
+        key = idempotency_key or uuid.uuid4().hex
+        if len(events) == 1:
+            args = (stream, category, types[0], datas[0], metas[0], key, expected_version)
+            params = {"stream": stream, "sql": _EXEC_ONE, "args": args}
+        else:
+            args = (stream, category, types, datas, metas, key, expected_version)
+            params = {"stream": stream, "sql": _EXEC_MANY, "args": args}
+        params.update(key=key, expected=expected_version)
+        result = self._retrying(lambda cur: self._append_once(cur, params))
+        if self.notify and not result.duplicate:
+            self._wake()
+        return result
+
+    def _append_once(self, cur: Any, params: dict[str, Any]) -> AppendResult:
+        for _ in range(100):  # ANY loses a race only to a concurrent append: try again
+            try:
+                cur.execute(params["sql"], params["args"])
+                rows = cur.fetchall()
+            except psycopg2.errors.UniqueViolation as exc:
+                if exc.diag.constraint_name == "events_idempotency_key":
+                    return self._original(cur, params)
+                if params["expected"] is None:
+                    continue
+                rows = []
+            if rows:
+                return AppendResult(params["stream"], tuple(r[0] for r in rows),
+                                    tuple(r[1] for r in rows))
+            earlier = self._lookup_key(cur, params["key"])
+            if earlier:
+                return self._original(cur, params)
+            raise VersionConflict(params["stream"], params["expected"],
+                                  self._version(cur, params["stream"]))
+        raise LedgerUnavailable(f"stream {params['stream']!r} too contended to append")
+
+    def _lookup_key(self, cur: Any, key: str) -> tuple[Any, str] | None:
+        cur.execute("SELECT tx_id, stream FROM ledger.events WHERE idempotency_key = %s", (key,))
+        return cur.fetchone()
+
+    def _original(self, cur: Any, params: dict[str, Any]) -> AppendResult:
+        found = self._lookup_key(cur, params["key"])
+        if found is None:  # the row that collided rolled back meanwhile: try afresh
+            return self._append_once(cur, params)
+        tx_id, stream = found
+        if stream != params["stream"]:
+            raise IdempotencyConflict(
+                f"idempotency key {params['key']!r} was used for stream {stream!r}")
+        cur.execute("SELECT id, version FROM ledger.events WHERE tx_id = %s AND stream = %s "
+                    "ORDER BY id", (tx_id, stream))
+        rows = cur.fetchall()
+        return AppendResult(stream, tuple(r[0] for r in rows), tuple(r[1] for r in rows),
+                            duplicate=True)
+
+    def _version(self, cur: Any, stream: str) -> int:
+        cur.execute("SELECT coalesce(max(version), 0) FROM ledger.events WHERE stream = %s",
+                    (stream,))
+        return cur.fetchone()[0]
+
+    def _wake(self) -> None:
+        """NOTIFY after commit, in its own WAL-free transaction (see module doc)."""
+        try:
+            with self.connection().cursor() as cur:
+                cur.execute(f"NOTIFY {CHANNEL}")
+        except psycopg2.Error:
+            self.close()  # the poll timer of relays and readers covers a lost wake-up
+
+    # -- sequencing ----------------------------------------------------------------------
+    def sequence(self, limit: int = 10_000) -> int:
+        """Give positions to every committed event that can no longer be preceded by a
+        late commit. Safe to call from many processes at once. Returns the head."""
+        def run(cur: Any) -> int:
+            while True:
+                cur.execute("BEGIN")
+                try:
+                    cur.execute("SELECT pg_advisory_xact_lock(%s)", (SEQUENCER_LOCK,))
+                    cur.execute(_SEQUENCE, {"limit": limit})
+                    placed = [r[0] for r in cur.fetchall()]
+                    cur.execute("COMMIT")
+                except BaseException:
+                    if not cur.connection.closed:
+                        cur.execute("ROLLBACK")
+                    raise
+                if len(placed) < limit:
+                    return max(placed) if placed else self._head(cur)
+        return self._retrying(run)
+
+    # -- reading -------------------------------------------------------------------------
+    def head(self) -> int:
+        """The highest position readers can see: everything at or below it is final."""
+        return self._retrying(self._head)
+
+    @staticmethod
+    def _head(cur: Any) -> int:
+        cur.execute("SELECT coalesce(max(position), 0) FROM ledger.positions")
+        return cur.fetchone()[0]
+
+    def read_all(self, after: int = 0, *, limit: int = 1000, upto: int | None = None,
+                 categories: Iterable[str] | None = None,
+                 types: Iterable[str] | None = None) -> list[RecordedEvent]:
+        """Events with after < position <= upto, in ledger order, optionally filtered."""
+        if after < 0:
+            raise InvalidEvent("position must be >= 0", {"after": ["must be >= 0"]})
+        where = ["p.position > %(after)s"]
+        params: dict[str, Any] = {"after": after, "limit": limit}
+        if upto is not None:
+            where.append("p.position <= %(upto)s")
+            params["upto"] = upto
+        if categories is not None:
+            where.append("e.category = ANY(%(cats)s)")
+            params["cats"] = list(categories)
+        if types is not None:
+            where.append("e.type = ANY(%(types)s)")
+            params["types"] = list(types)
+        sql = (f"SELECT {_COLUMNS} FROM ledger.positions p JOIN ledger.events e "
+               f"ON e.id = p.event_id WHERE {' AND '.join(where)} "
+               f"ORDER BY p.position LIMIT %(limit)s")
+
+        def run(cur: Any) -> list[RecordedEvent]:
+            cur.execute(sql, params)
+            return [_recorded(row) for row in cur.fetchall()]
+        return self._retrying(run)
+
+    def read_stream(self, stream: str, from_version: int = 1,
+                    limit: int | None = None) -> list[RecordedEvent]:
+        """One stream's events from `from_version`, in version order."""
+        stream_category(stream)
+        sql = (f"SELECT {_COLUMNS} FROM ledger.events e LEFT JOIN ledger.positions p "
+               f"ON p.event_id = e.id WHERE e.stream = %s AND e.version >= %s "
+               f"ORDER BY e.version LIMIT %s")
+
+        def run(cur: Any) -> list[RecordedEvent]:
+            cur.execute(sql, (stream, from_version, limit))
+            return [_recorded(row) for row in cur.fetchall()]
+        return self._retrying(run)
+
+    def stream_version(self, stream: str) -> int:
+        """The stream's current version (0: no such stream)."""
+        stream_category(stream)
+        return self._retrying(lambda cur: self._version(cur, stream))
+
+    def positions_of(self, event_ids: Sequence[int]) -> dict[int, int]:
+        """Positions already given to these events (absent: not sequenced yet)."""
+        def run(cur: Any) -> dict[int, int]:
+            cur.execute("SELECT event_id, position FROM ledger.positions "
+                        "WHERE event_id = ANY(%s)", (list(event_ids),))
+            return dict(cur.fetchall())
+        return self._retrying(run)
+
+
+def _recorded(row: tuple) -> RecordedEvent:
+    position, id_, stream, version, type_, data, metadata, recorded_at = row
+    stored = metadata.get("schema", 1) if isinstance(metadata, dict) else 1
+    return RecordedEvent(position, id_, stream, version, type_, upcast(type_, data, stored),
+                         metadata, recorded_at)

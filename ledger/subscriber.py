@@ -1,0 +1,67 @@
+"""Wake-ups from the relays, for anything that follows the ledger.
+
+A subscriber connects one SUB socket to every relay (we run two), keeps the highest head
+it has heard, and wakes its caller when that head moves. It is only a hint: callers read
+from their own checkpoint, and call `wait` with a timeout so they poll anyway.
+
+    sub = Subscriber(["tcp://127.0.0.1:5551", "tcp://127.0.0.1:5552"])
+    while running:
+        checkpoint = catch_up(checkpoint)     # read position > checkpoint
+        sub.wait(timeout=1.0)                 # a wake-up, or the poll timer
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import zmq
+
+from ledger.relay import TOPIC
+
+
+class Subscriber:
+    """Listens to several relays at once and de-duplicates what they say."""
+
+    def __init__(self, endpoints: Sequence[str], context: zmq.Context | None = None) -> None:
+        self.context = context or zmq.Context.instance()
+        self.socket = self.context.socket(zmq.SUB)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.SUBSCRIBE, TOPIC)
+        self.socket.setsockopt(zmq.RECONNECT_IVL, 100)
+        self.socket.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        for endpoint in endpoints:
+            self.socket.connect(endpoint)
+        self.head = 0
+
+    def wait(self, timeout: float) -> int | None:
+        """Block up to `timeout` seconds for a head beyond the last one seen.
+
+        Returns the new head, or None on timeout (the caller polls anyway)."""
+        before = self.head
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self.socket.poll(max(1, int(remaining * 1000))):
+                return None
+            self._drain()
+            if self.head > before:
+                return self.head
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                _, position = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                self.head = max(self.head, int(position))
+            except ValueError:
+                continue  # not ours: ignore rather than die
+
+    def fileno(self) -> int:
+        """The socket's file descriptor, to select() on beside other sockets."""
+        return self.socket.getsockopt(zmq.FD)
+
+    def close(self) -> None:
+        self.socket.close()

@@ -1,0 +1,198 @@
+"""The `tally` command line: quiet on success, one clear line and a non-zero exit on failure."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+import click
+
+import migrations
+from ledger.errors import LedgerError
+from tally import daemons
+from tally.config import Config
+
+
+def fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a domain error into `error: <message>` and exit status 1, never a traceback."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (LedgerError, ValueError, OSError) as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return wrapper
+
+
+@click.group()
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """tally: push Python web apps; tally builds, runs, routes and remembers them."""
+    ctx.obj = Config.from_env()
+
+
+# --- the ledger cluster ---------------------------------------------------------------------
+
+
+@cli.group()
+def ledger() -> None:
+    """The replicated PostgreSQL ledger: a primary and a synchronous standby."""
+
+
+@ledger.command("init")
+@click.pass_obj
+@fail_cleanly
+def ledger_init(cfg: Config) -> None:
+    """Create both nodes, the roles and the schema, and start them."""
+    cluster = cfg.cluster()
+    click.echo(f"creating the ledger cluster in {cluster.root} ...", err=True)
+    cluster.init()
+    migrations.upgrade(cluster.dsn("tally_owner"))
+
+
+@ledger.command("start")
+@click.pass_obj
+@fail_cleanly
+def ledger_start(cfg: Config) -> None:
+    """Start both nodes (primary first) and bring the schema up to date."""
+    cluster = cfg.cluster()
+    cluster.start()
+    migrations.upgrade(cluster.dsn("tally_owner"))
+
+
+@ledger.command("stop")
+@click.option("--node", type=click.Choice(["a", "b"]), help="Stop one node only.")
+@click.option("--mode", type=click.Choice(["smart", "fast", "immediate"]), default="fast")
+@click.pass_obj
+@fail_cleanly
+def ledger_stop(cfg: Config, node: str | None, mode: str) -> None:
+    """Stop the cluster (the standby first), or one node."""
+    cluster = cfg.cluster()
+    if node:
+        cluster.stop_node(node, mode)
+    else:
+        cluster.stop()
+
+
+@ledger.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+@fail_cleanly
+def ledger_status(cfg: Config, as_json: bool) -> None:
+    """Each node's role, replication state, sync state and lag."""
+    nodes = cfg.cluster().status()
+    if as_json:
+        click.echo(json.dumps([n.as_dict() for n in nodes], indent=1))
+        return
+    for n in nodes:
+        click.echo(f"node {n.name}  port {n.port}  {n.role}")
+        for r in n.replication:
+            lag = r["replay_lag_s"]
+            click.echo(f"  -> {r['standby']}: {r['state']}, {r['sync_state']}, "
+                       f"{r['lag_bytes']} bytes behind"
+                       + (f", replay lag {lag * 1000:.1f} ms" if lag is not None else ""))
+        if n.role == "standby":
+            delay = "n/a" if n.replay_delay_s is None else f"{n.replay_delay_s:.1f}s"
+            click.echo(f"  received {n.receive_lsn}, replayed {n.replay_lsn}, "
+                       f"last replayed commit {delay} ago")
+
+
+@ledger.command("promote")
+@click.option("--node", type=click.Choice(["a", "b"]), help="Node to promote (the standby).")
+@click.pass_obj
+@fail_cleanly
+def ledger_promote(cfg: Config, node: str | None) -> None:
+    """Promote the standby. Refused while the old primary still runs."""
+    promoted = cfg.cluster().promote(node)
+    click.echo(f"node {promoted} is now the primary (running without a synchronous standby "
+               f"until `tally ledger rejoin` brings the other node back)", err=True)
+
+
+@ledger.command("rejoin")
+@click.argument("node", type=click.Choice(["a", "b"]))
+@click.pass_obj
+@fail_cleanly
+def ledger_rejoin(cfg: Config, node: str) -> None:
+    """Rewind a former primary and make it the synchronous standby again."""
+    cfg.cluster().rejoin(node)
+
+
+# --- daemons --------------------------------------------------------------------------------
+
+
+@cli.group()
+def serve() -> None:
+    """Run one of tally's daemons in the foreground."""
+
+
+def _stop_on_sigterm(stop: Any) -> None:
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+
+@serve.command("relay")
+@click.option("--endpoint", help="ZeroMQ PUB endpoint to bind (default: the first relay).")
+@click.option("--poll-interval", default=1.0, show_default=True, help="Seconds.")
+@click.pass_obj
+@fail_cleanly
+def serve_relay(cfg: Config, endpoint: str | None, poll_interval: float) -> None:
+    """LISTEN on the ledger primary, sequence new events, PUB wake-ups."""
+    from ledger.relay import Relay
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    relay = Relay(cfg.cluster().dsn("tally_writer"), endpoint or cfg.relays[0],
+                  poll_interval=poll_interval)
+    _stop_on_sigterm(relay.stop)
+    relay.run()
+
+
+# --- the whole platform on this machine -------------------------------------------------------
+
+
+@cli.command("up")
+@click.pass_obj
+@fail_cleanly
+def up(cfg: Config) -> None:
+    """Bring up everything built so far on this machine, and print where it is."""
+    cluster = cfg.cluster()
+    if not cluster.initialized():
+        click.echo(f"creating the ledger cluster in {cluster.root} ...", err=True)
+        cluster.init()
+    cluster.start()
+    migrations.upgrade(cluster.dsn("tally_owner"))
+    for i, endpoint in enumerate(cfg.relays, start=1):
+        daemons.start(cfg.run_dir, cfg.log_dir, f"relay-{i}",
+                      ["serve", "relay", "--endpoint", endpoint])
+    click.echo("tally is up:")
+    for n in cluster.status():
+        click.echo(f"  ledger node {n.name}: {n.role} on {cluster.spec.host}:{n.port}")
+    for i, endpoint in enumerate(cfg.relays, start=1):
+        click.echo(f"  relay-{i}: {endpoint} (pid {daemons.pid_of(cfg.run_dir, f'relay-{i}')})")
+    click.echo(f"  logs: {cfg.log_dir}   stop with: tally down")
+
+
+@cli.command("down")
+@click.pass_obj
+@fail_cleanly
+def down(cfg: Config) -> None:
+    """Stop every daemon `tally up` started, then the ledger cluster."""
+    for name in daemons.names(cfg.run_dir):
+        daemons.stop(cfg.run_dir, name)
+    cluster = cfg.cluster()
+    if cluster.initialized():
+        cluster.stop()
+
+
+def main() -> None:
+    cli(prog_name="tally")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""All of tally's configuration, in one place: environment variables with defaults.
+
+TALLY_HOME            where state lives (ledger cluster, logs, pid files); default ./var
+TALLY_LEDGER_PORTS    the two ledger nodes' ports; default 5433,5434
+TALLY_RELAYS          relay PUB endpoints, comma-separated; default tcp://127.0.0.1:5551,5552
+TALLY_PG_BIN          PostgreSQL binaries; default /usr/lib/postgresql/15/bin
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ledger.cluster import DEFAULT_BIN, Cluster, ClusterSpec
+
+
+@dataclass(frozen=True)
+class Config:
+    home: Path
+    ledger_ports: tuple[int, int]
+    relays: tuple[str, ...]
+    pg_bin: Path
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Config:
+        env = dict(os.environ if env is None else env)
+        ports = tuple(int(p) for p in env.get("TALLY_LEDGER_PORTS", "5433,5434").split(","))
+        if len(ports) != 2:
+            raise ValueError("TALLY_LEDGER_PORTS must name two ports, e.g. 5433,5434")
+        relays = env.get("TALLY_RELAYS", "tcp://127.0.0.1:5551,tcp://127.0.0.1:5552")
+        return cls(
+            home=Path(env.get("TALLY_HOME", "var")).resolve(),
+            ledger_ports=(ports[0], ports[1]),
+            relays=tuple(r.strip() for r in relays.split(",") if r.strip()),
+            pg_bin=Path(env.get("TALLY_PG_BIN", str(DEFAULT_BIN))),
+        )
+
+    def cluster(self) -> Cluster:
+        return Cluster(ClusterSpec(self.home / "ledger", ports=self.ledger_ports,
+                                   bin_dir=self.pg_bin))
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.home / "log"
