@@ -1,0 +1,109 @@
+"""Shared fixtures: one throw-away ledger cluster (primary + synchronous standby) per test
+session, and two relays in front of it. Never a developer's running cluster."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import migrations
+from ledger import Ledger
+from ledger.cluster import Cluster, ClusterSpec
+from tests.waiting import wait_until
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct TCP ports free on 127.0.0.1 right now."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def make_cluster() -> Cluster:
+    """A fresh migrated cluster in a temporary folder the postgres user can reach."""
+    root = Path(tempfile.mkdtemp(prefix="tally-test-"))
+    root.chmod(0o755)
+    a, b = free_ports(2)
+    cluster = Cluster(ClusterSpec(root / "ledger", ports=(a, b)))
+    cluster.init()
+    migrations.upgrade(cluster.dsn("tally_owner"))
+    return cluster
+
+
+def destroy_cluster(cluster: Cluster) -> None:
+    cluster.destroy()
+    shutil.rmtree(cluster.root.parent, ignore_errors=True)
+
+
+def tally_env(cluster: Cluster, **extra: str) -> dict[str, str]:
+    """Environment for a `tally` subprocess pointed at this test cluster."""
+    return {
+        **os.environ,
+        "TALLY_HOME": str(cluster.root.parent),
+        "TALLY_LEDGER_PORTS": ",".join(str(p) for p in cluster.spec.ports),
+        **extra,
+    }
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    c = make_cluster()
+    yield c
+    destroy_cluster(c)
+
+
+@pytest.fixture
+def ledger(cluster: Cluster) -> Iterator[Ledger]:
+    with Ledger(cluster.dsn()) as ledger:
+        yield ledger
+
+
+class RelayProcs:
+    """Two `tally serve relay` subprocesses; tests may kill and restart them."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.endpoints = [f"tcp://127.0.0.1:{p}" for p in free_ports(2)]
+        self.procs: list[subprocess.Popen | None] = [None, None]
+
+    def start(self, i: int) -> None:
+        self.procs[i] = subprocess.Popen(
+            [sys.executable, "-m", "tally.cli", "serve", "relay", "--endpoint",
+             self.endpoints[i], "--poll-interval", "0.5"],
+            env=tally_env(self.cluster), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+
+    def kill(self, i: int) -> None:
+        proc = self.procs[i]
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+            self.procs[i] = None
+
+    def stop(self) -> None:
+        for i in range(len(self.procs)):
+            self.kill(i)
+
+
+@pytest.fixture(scope="session")
+def relays(cluster: Cluster) -> Iterator[RelayProcs]:
+    procs = RelayProcs(cluster)
+    procs.start(0)
+    procs.start(1)
+    with Ledger(cluster.dsn()) as probe:
+        wait_until(lambda: probe.head() >= 0, 10, "relays never came up")
+    yield procs
+    procs.stop()
