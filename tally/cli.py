@@ -14,7 +14,7 @@ import click
 
 import migrations
 from ledger.errors import LedgerError
-from tally import daemons
+from tally import cli_apps, cli_state, daemons, platform
 from tally.config import Config
 
 
@@ -167,14 +167,13 @@ def up(cfg: Config) -> None:
         cluster.init()
     cluster.start()
     migrations.upgrade(cluster.dsn("tally_owner"))
-    for i, endpoint in enumerate(cfg.relays, start=1):
-        daemons.start(cfg.run_dir, cfg.log_dir, f"relay-{i}",
-                      ["serve", "relay", "--endpoint", endpoint])
+    for name, args, _ in platform.daemons(cfg):
+        daemons.start(cfg.run_dir, cfg.log_dir, name, args)
     click.echo("tally is up:")
     for n in cluster.status():
         click.echo(f"  ledger node {n.name}: {n.role} on {cluster.spec.host}:{n.port}")
-    for i, endpoint in enumerate(cfg.relays, start=1):
-        click.echo(f"  relay-{i}: {endpoint} (pid {daemons.pid_of(cfg.run_dir, f'relay-{i}')})")
+    for name, _, where in platform.daemons(cfg):
+        click.echo(f"  {name}: {where} (pid {daemons.pid_of(cfg.run_dir, name)})")
     click.echo(f"  logs: {cfg.log_dir}   stop with: tally down")
 
 
@@ -188,6 +187,11 @@ def down(cfg: Config) -> None:
     cluster = cfg.cluster()
     if cluster.initialized():
         cluster.stop()
+
+
+# Each part's commands live in its own module and register here.
+cli_state.register(cli)
+cli_apps.register(cli)
 
 
 def main() -> None:
