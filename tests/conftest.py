@@ -80,11 +80,12 @@ class RelayProcs:
         self.procs: list[subprocess.Popen | None] = [None, None]
 
     def start(self, i: int) -> None:
-        self.procs[i] = subprocess.Popen(
-            [sys.executable, "-m", "tally.cli", "serve", "relay", "--endpoint",
-             self.endpoints[i], "--poll-interval", "0.5"],
-            env=tally_env(self.cluster), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
+        with open(self.cluster.root.parent / f"relay-{i}.log", "ab") as log:
+            self.procs[i] = subprocess.Popen(
+                [sys.executable, "-m", "tally.cli", "serve", "relay", "--endpoint",
+                 self.endpoints[i], "--poll-interval", "0.5"],
+                env=tally_env(self.cluster), stdout=log, stderr=log,
+            )
 
     def kill(self, i: int) -> None:
         proc = self.procs[i]
