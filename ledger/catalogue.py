@@ -29,6 +29,11 @@ PROCESS_TYPE = r"^[a-z][a-z0-9_]{0,29}$"
 SHA256 = validate.Regexp(r"^[0-9a-f]{64}$", error="must be a sha256 hex digest")
 PORT = validate.Range(min=1, max=65535)
 NON_NEGATIVE = validate.Range(min=0)
+USER_NAME = validate.Regexp(
+    r"^[a-z][a-z0-9_.-]{1,39}$",
+    error="must be 2-40 characters: lowercase letters, digits, dots, dashes, underscores, "
+    "starting with a letter",
+)
 STREAM_ID = re.compile(r"^([a-z][a-z0-9_]*)-([A-Za-z0-9][A-Za-z0-9_.:*-]*)$")
 
 
@@ -153,6 +158,30 @@ class DomainRemoved(Schema):
 
     app = fields.Str(required=True, validate=APP_NAME)
     domain = fields.Str(required=True, validate=validate.Length(min=1, max=253))
+
+
+@event("app")
+class MaintenanceChanged(Schema):
+    """Maintenance mode was switched: balancers answer 503 with a page, instances keep running."""
+
+    app = fields.Str(required=True, validate=APP_NAME)
+    enabled = fields.Bool(required=True)
+
+
+@event("app")
+class AppMemberAdded(Schema):
+    """A user may now manage the app (besides its owner and admins)."""
+
+    app = fields.Str(required=True, validate=APP_NAME)
+    user = fields.Str(required=True, validate=USER_NAME)
+
+
+@event("app")
+class AppMemberRemoved(Schema):
+    """A user may no longer manage the app."""
+
+    app = fields.Str(required=True, validate=APP_NAME)
+    user = fields.Str(required=True, validate=USER_NAME)
 
 
 # --- Hosts: the fleet reports itself (observed state) -------------------------------------
@@ -287,6 +316,56 @@ class BackupPruned(_Backup):
     """The backup left the retained set."""
 
     reason = fields.Str(load_default="")
+
+
+# --- Domains: one owner per hostname across all apps --------------------------------------
+
+
+@event("domain")
+class DomainClaimed(Schema):
+    """An app claimed a hostname; the stream domain-<host> (wildcards: domain-wildcard:<suffix>)
+    holds at most one live claim, so no two apps route the same name."""
+
+    domain = fields.Str(required=True, validate=validate.Length(min=1, max=253))
+    app = fields.Str(required=True, validate=APP_NAME)
+
+
+@event("domain")
+class DomainReleased(Schema):
+    """The claim ended (domain removed or app deleted); another app may claim it."""
+
+    domain = fields.Str(required=True, validate=validate.Length(min=1, max=253))
+    app = fields.Str(required=True, validate=APP_NAME)
+
+
+# --- Users: who may do what through the API -----------------------------------------------
+
+
+@event("user")
+class UserCreated(Schema):
+    """A person (admin, member) or a host agent (agent, bound to one host) got an account."""
+
+    name = fields.Str(required=True, validate=USER_NAME)
+    role = fields.Str(required=True, validate=validate.OneOf(["admin", "member", "agent"]))
+    host_id = fields.Str(allow_none=True, load_default=None)
+
+
+@event("user")
+class TokenIssued(Schema):
+    """An API token was issued. Only its sha256 is kept: the token itself is shown once."""
+
+    user = fields.Str(required=True, validate=USER_NAME)
+    token_id = fields.Str(required=True, validate=validate.Length(min=1, max=64))
+    token_hash = fields.Str(required=True, validate=SHA256)
+    label = fields.Str(load_default="", validate=validate.Length(max=200))
+
+
+@event("user")
+class TokenRevoked(Schema):
+    """The token no longer opens anything."""
+
+    user = fields.Str(required=True, validate=USER_NAME)
+    token_id = fields.Str(required=True, validate=validate.Length(min=1, max=64))
 
 
 # --- validation and upcasting -------------------------------------------------------------
