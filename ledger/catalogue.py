@@ -233,6 +233,29 @@ class InstancePlaced(Schema):
     port = fields.Int(required=True, validate=PORT)
 
 
+@event("placement")
+class InstanceUnplaced(Schema):
+    """The placer withdrew an instance: no longer desired (scaled down, superseded by a new
+    release, app deleted, host lost). The host agent stops it."""
+
+    instance_id = fields.Str(required=True)
+    app = fields.Str(required=True, validate=APP_NAME)
+    reason = fields.Str(load_default="")
+
+
+@event("placement")
+class PlacementFailed(Schema):
+    """The placer could not place every wanted instance of a process type (e.g. no host with
+    free capacity); it tries again when the fleet changes."""
+
+    app = fields.Str(required=True, validate=APP_NAME)
+    release = fields.Int(required=True, validate=validate.Range(min=1))
+    process_type = fields.Str(required=True, validate=validate.Regexp(PROCESS_TYPE))
+    wanted = fields.Int(required=True, validate=NON_NEGATIVE)
+    placed = fields.Int(required=True, validate=NON_NEGATIVE)
+    reason = fields.Str(required=True)
+
+
 # --- Instances: what host agents observe --------------------------------------------------
 
 
