@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 import migrations
-from ledger import Ledger
+from ledger import Ledger, NewEvent
 from ledger.cluster import Cluster, ClusterSpec
+from ledger.subscriber import Subscriber
 from tests.waiting import wait_until
 
 
@@ -87,6 +88,19 @@ class RelayProcs:
                 env=tally_env(self.cluster), stdout=log, stderr=log,
             )
 
+    def wait_ready(self, i: int, timeout: float = 20.0) -> None:
+        """Until relay i publishes a head covering a fresh event."""
+        sub = Subscriber([self.endpoints[i]])
+        try:
+            with Ledger(self.cluster.dsn()) as ledger:
+                ledger.append("heartbeat-relay-probe",
+                              [NewEvent("HostHeartbeat", {"host_id": "relay-probe"})])
+                target = ledger.sequence()
+            wait_until(lambda: sub.wait(0.2) is not None and sub.head >= target, timeout,
+                       f"relay {i} never published")
+        finally:
+            sub.close()
+
     def kill(self, i: int) -> None:
         proc = self.procs[i]
         if proc is not None:
@@ -104,7 +118,7 @@ def relays(cluster: Cluster) -> Iterator[RelayProcs]:
     procs = RelayProcs(cluster)
     procs.start(0)
     procs.start(1)
-    with Ledger(cluster.dsn()) as probe:
-        wait_until(lambda: probe.head() >= 0, 10, "relays never came up")
+    for i in range(2):
+        procs.wait_ready(i)
     yield procs
     procs.stop()

@@ -1,0 +1,73 @@
+"""Wake-ups: relays PUBlish every append; losing one relay, or a NOTIFY, loses nothing."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from ledger import Ledger, NewEvent
+from ledger.subscriber import Subscriber
+from tests.waiting import wait_until
+
+
+@pytest.fixture
+def subscriber(relays) -> Iterator[Subscriber]:
+    sub = Subscriber(relays.endpoints)
+    # Relays republish the head every poll tick: hearing one proves we are connected.
+    wait_until(lambda: sub.wait(0.2) is not None, 10, "no relay heard")
+    yield sub
+    sub.close()
+
+
+def append_one(ledger: Ledger) -> int:
+    host = "h" + uuid.uuid4().hex[:8]
+    (event_id,) = ledger.append(f"heartbeat-{host}", [NewEvent("HostHeartbeat",
+                                {"host_id": host})]).event_ids
+    return event_id
+
+
+def woken_for(sub: Subscriber, ledger: Ledger, event_id: int, timeout: float) -> float:
+    """Seconds until the subscriber hears a head covering event_id."""
+    start = time.monotonic()
+    position = wait_until(lambda: ledger.positions_of([event_id]).get(event_id), timeout,
+                          "event never sequenced")
+    while sub.head < position:
+        if sub.wait(max(0.0, timeout - (time.monotonic() - start))) is None:
+            raise AssertionError(f"no wake-up for position {position} within {timeout}s")
+    return time.monotonic() - start
+
+
+def test_append_wakes_subscriber(subscriber: Subscriber, ledger: Ledger) -> None:
+    for _ in range(5):
+        # Generous: the figure itself is measured in bench/ledger.py (target p99 10 ms).
+        assert woken_for(subscriber, ledger, append_one(ledger), timeout=2.0) < 2.0
+
+
+def test_killing_one_relay_loses_no_wakeup(relays, subscriber: Subscriber,
+                                           ledger: Ledger) -> None:
+    relays.kill(0)
+    try:
+        for _ in range(5):
+            woken_for(subscriber, ledger, append_one(ledger), timeout=2.0)
+    finally:
+        relays.start(0)
+        relays.wait_ready(0)
+
+
+def test_lost_notify_is_covered_by_the_poll(cluster, subscriber: Subscriber) -> None:
+    """A writer killed between COMMIT and NOTIFY: the relays' poll timer still wakes us."""
+    with Ledger(cluster.dsn(), notify=False) as silent:
+        event_id = append_one(silent)
+        # Relays poll every 0.5 s in tests; nobody else sequences this event.
+        woken_for(subscriber, silent, event_id, timeout=5.0)
+
+
+def test_subscriber_times_out_quietly(relays) -> None:
+    sub = Subscriber(["tcp://127.0.0.1:1"])  # nobody there: a poll, not an error
+    try:
+        assert sub.wait(0.05) is None
+    finally:
+        sub.close()
