@@ -4,6 +4,8 @@ TALLY_HOME            where state lives (ledger cluster, logs, pid files); defau
 TALLY_LEDGER_PORTS    the two ledger nodes' ports; default 5433,5434
 TALLY_RELAYS          relay PUB endpoints, comma-separated; default tcp://127.0.0.1:5551,5552
 TALLY_PG_BIN          PostgreSQL binaries; default /usr/lib/postgresql/15/bin
+TALLY_API_BIND        where `tally serve api` listens; default 127.0.0.1:8000
+TALLY_MAX_BUNDLE_MB   largest bundle upload the API accepts; default 100
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ class Config:
     ledger_ports: tuple[int, int]
     relays: tuple[str, ...]
     pg_bin: Path
+    api_bind: str = "127.0.0.1:8000"
+    max_bundle_bytes: int = 100 * 1024 * 1024
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Config:
@@ -34,6 +38,8 @@ class Config:
             ledger_ports=(ports[0], ports[1]),
             relays=tuple(r.strip() for r in relays.split(",") if r.strip()),
             pg_bin=Path(env.get("TALLY_PG_BIN", str(DEFAULT_BIN))),
+            api_bind=env.get("TALLY_API_BIND", "127.0.0.1:8000"),
+            max_bundle_bytes=int(env.get("TALLY_MAX_BUNDLE_MB", "100")) * 1024 * 1024,
         )
 
     def cluster(self) -> Cluster:
@@ -47,3 +53,8 @@ class Config:
     @property
     def log_dir(self) -> Path:
         return self.home / "log"
+
+    @property
+    def bundles_dir(self) -> Path:
+        """Uploaded app bundles, content-addressed: <sha256>.tar.gz."""
+        return self.home / "bundles"

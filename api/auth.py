@@ -1,0 +1,125 @@
+"""Who is asking: users, roles and tokens, folded from the ledger's `user-*` streams.
+
+Tokens are random 32-byte strings shown once; only their sha256 is ever stored (in
+TokenIssued events). Roles: admin (everything), member (apps they own or were added to),
+agent (bound to one host: its heartbeats, its instances' events, its placements' bundles).
+The Directory is a pure fold; api/services.py keeps one per process fresh from the ledger.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from api.errors import Forbidden, Unauthorized
+from ledger.events import NewEvent, RecordedEvent
+
+ROLES = ("admin", "member", "agent")
+FOLDED = ["UserCreated", "TokenIssued", "TokenRevoked", "AppCreated", "AppDeleted",
+          "AppMemberAdded", "AppMemberRemoved"]
+"""The event types a Directory folds (read with one filtered query)."""
+TOKEN_PREFIX = "tly_"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The authenticated caller."""
+
+    name: str
+    role: str
+    host_id: str | None = None
+    token_id: str | None = None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+@dataclass
+class Directory:
+    """Users and live token hashes, as of ledger position `position`."""
+
+    users: dict[str, Principal] = field(default_factory=dict)
+    tokens: dict[str, tuple[str, str]] = field(default_factory=dict)  # hash -> (user, id)
+    managers: dict[str, set[str]] = field(default_factory=dict)  # app -> owner and members
+    position: int = 0
+
+    def apply(self, events: Iterable[RecordedEvent]) -> None:
+        for ev in events:
+            d = ev.data
+            if ev.type == "UserCreated":
+                self.users[d["name"]] = Principal(d["name"], d["role"], d.get("host_id"))
+            elif ev.type == "TokenIssued":
+                self.tokens[d["token_hash"]] = (d["user"], d["token_id"])
+            elif ev.type == "TokenRevoked":
+                self.tokens = {h: v for h, v in self.tokens.items()
+                               if v != (d["user"], d["token_id"])}
+            elif ev.type == "AppCreated":
+                self.managers[d["name"]] = {d["owner"]}
+            elif ev.type == "AppDeleted":
+                self.managers.pop(d["name"], None)
+            elif ev.type == "AppMemberAdded":
+                self.managers.setdefault(d["app"], set()).add(d["user"])
+            elif ev.type == "AppMemberRemoved":
+                self.managers.get(d["app"], set()).discard(d["user"])
+            if ev.position:
+                self.position = max(self.position, ev.position)
+
+    def lookup(self, token: str) -> Principal | None:
+        found = self.tokens.get(hash_token(token))
+        if found is None or found[0] not in self.users:
+            return None
+        user = self.users[found[0]]
+        return Principal(user.name, user.role, user.host_id, found[1])
+
+    def manages(self, user: str, app: str) -> bool:
+        return user in self.managers.get(app, ())
+
+    def token_ids(self, user: str) -> list[str]:
+        return sorted(tid for name, tid in self.tokens.values() if name == user)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> tuple[str, str, str]:
+    """(token, token_id, token_hash). The token is shown once and never stored."""
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    return token, secrets.token_hex(6), hash_token(token)
+
+
+def user_events(name: str, role: str, host_id: str | None = None,
+                label: str = "") -> tuple[str, list[NewEvent]]:
+    """The events that create a user with a first token, and that token."""
+    token, token_id, digest = new_token()
+    return token, [
+        NewEvent("UserCreated", {"name": name, "role": role, "host_id": host_id}),
+        NewEvent("TokenIssued", {"user": name, "token_id": token_id, "token_hash": digest,
+                                 "label": label}),
+    ]
+
+
+def bearer(header: str | None) -> str:
+    """The token of an `Authorization: Bearer <token>` header, or Unauthorized."""
+    if not header:
+        raise Unauthorized("no API token: run `tally login` (send Authorization: Bearer)")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("the Authorization header must be `Bearer <token>`")
+    return token.strip()
+
+
+def require_role(who: Principal, *roles: str) -> None:
+    if who.role not in roles:
+        raise Forbidden(f"{who.role} tokens may not do this (needs {' or '.join(roles)})")
+
+
+def require_host(who: Principal, host_id: str) -> None:
+    """Agents act only for their own host; admins for any."""
+    if who.is_admin:
+        return
+    if who.role != "agent" or who.host_id != host_id:
+        raise Forbidden(f"this token may not act for host {host_id!r}")

@@ -1,0 +1,122 @@
+"""App bundles: a tar.gz of an app folder with a Procfile and requirements.txt, stored
+content-addressed as <bundles_dir>/<sha256>.tar.gz where agents download it.
+
+Checked at upload so a bad bundle is refused with its reason, not found broken on a host:
+size limit, digest, gzip/tar validity, no absolute or `..` paths, no links leading out of
+the folder, no devices or fifos, and a Procfile that parses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import re
+import tarfile
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import BinaryIO
+
+from api.errors import TooLarge, Unprocessable
+
+PROCFILE_LINE = re.compile(r"^([a-z][a-z0-9_]{0,29}):\s*(\S.*)$")
+CHUNK = 1 << 16
+
+
+def receive(stream: BinaryIO, into: Path, limit: int) -> tuple[Path, str]:
+    """Copy an upload to a temporary file in `into`, refusing it past `limit` bytes.
+    Returns (path, sha256 hex)."""
+    into.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    size = 0
+    fd, name = tempfile.mkstemp(dir=into, suffix=".upload")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            while chunk := stream.read(CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    raise TooLarge(f"bundle larger than the limit of {limit} bytes")
+                digest.update(chunk)
+                out.write(chunk)
+    except BaseException:
+        os.unlink(name)
+        raise
+    if size == 0:
+        os.unlink(name)
+        raise Unprocessable("empty upload: send the bundle (a tar.gz) as the request body",
+                            {"body": ["empty"]})
+    return Path(name), digest.hexdigest()
+
+
+def inspect(path: Path) -> dict[str, str]:
+    """Check the tarball is safe to unpack and return its Procfile as {type: command}."""
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            members = tar.getmembers()
+            _check_members(members)
+            names = {_normal(m.name): m for m in members}
+            for required in ("Procfile", "requirements.txt"):
+                if required not in names or not names[required].isfile():
+                    raise Unprocessable(f"the bundle has no {required} at its top level",
+                                        {"bundle": [f"missing {required}"]})
+            extracted = tar.extractfile(names["Procfile"])
+            text = extracted.read(65536).decode("utf-8", "replace") if extracted else ""
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        raise Unprocessable(f"the bundle is not a valid tar.gz: {exc}",
+                            {"bundle": ["not a tar.gz"]}) from exc
+    return parse_procfile(text)
+
+
+def _normal(name: str) -> str:
+    return posixpath.normpath(name.removeprefix("./"))
+
+
+def _check_members(members: Iterable[tarfile.TarInfo]) -> None:
+    for m in members:
+        name = m.name
+        norm = _normal(name)
+        if name.startswith("/") or norm == ".." or norm.startswith("../"):
+            raise _unsafe(f"entry {name!r} points outside the app folder")
+        if m.isdev() or m.isfifo():
+            raise _unsafe(f"entry {name!r} is a device or fifo")
+        if m.issym() or m.islnk():
+            target = m.linkname
+            base = posixpath.dirname(norm) if m.issym() else ""
+            resolved = posixpath.normpath(posixpath.join(base, target))
+            if target.startswith("/") or resolved == ".." or resolved.startswith("../"):
+                raise _unsafe(f"link {name!r} -> {target!r} leads outside the app folder")
+
+
+def _unsafe(message: str) -> Unprocessable:
+    return Unprocessable(f"unsafe bundle: {message}", {"bundle": [message]})
+
+
+def parse_procfile(text: str) -> dict[str, str]:
+    """`web: gunicorn app:app` lines -> {"web": "gunicorn app:app"}; comments and blank
+    lines are skipped; anything else is refused with its line number."""
+    procs: dict[str, str] = {}
+    for n, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = PROCFILE_LINE.match(line)
+        if not match:
+            raise Unprocessable(f"Procfile line {n} is not `type: command`: {line[:80]!r}",
+                                {"Procfile": [f"line {n}: expected `type: command`"]})
+        procs[match.group(1)] = match.group(2)[:2000]
+    if not procs:
+        raise Unprocessable("the Procfile declares no process type",
+                            {"Procfile": ["empty"]})
+    return procs
+
+
+def store(upload: Path, digest: str, bundles_dir: Path) -> Path:
+    """Move a checked upload to its content address (an identical bundle is kept once)."""
+    final = bundles_dir / f"{digest}.tar.gz"
+    os.replace(upload, final)
+    return final
+
+
+def path_of(bundles_dir: Path, digest: str) -> Path:
+    return bundles_dir / f"{digest}.tar.gz"

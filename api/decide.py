@@ -1,0 +1,173 @@
+"""Command decisions: given an app's folded state and a request, the events to append, or
+the reason to refuse. Pure functions, unit-tested without PostgreSQL."""
+
+from __future__ import annotations
+
+import re
+
+from api.errors import Conflict, NotFound, Unprocessable
+from api.state import AppState
+from ledger.events import NewEvent
+
+HOSTNAME = re.compile(
+    r"^(\*\.)?(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)+$"
+)
+CONFIG_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def require_app(s: AppState) -> None:
+    if not s.exists:
+        raise NotFound(f"no app named {s.name!r}")
+
+
+def create_app(s: AppState, owner: str) -> list[NewEvent]:
+    if s.exists:
+        raise Conflict(f"the name {s.name!r} is already taken")
+    return [NewEvent("AppCreated", {"name": s.name, "owner": owner})]
+
+
+def delete_app(s: AppState) -> list[NewEvent]:
+    """Deleting stops everything (the scale drops to zero) and keeps the history."""
+    require_app(s)
+    events = [NewEvent("DomainRemoved", {"app": s.name, "domain": d}) for d in s.domains]
+    return [*events, NewEvent("AppDeleted", {"name": s.name})]
+
+
+def new_release(s: AppState, digest: str, procfile: dict[str, str],
+                description: str) -> list[NewEvent]:
+    """A release of a freshly uploaded bundle with the current config. The first release
+    with a `web` process scales web to 1, as Heroku does."""
+    require_app(s)
+    number = len(s.releases) + 1
+    events = [NewEvent("ReleaseCreated", {
+        "app": s.name, "release": number, "bundle_digest": digest, "procfile": procfile,
+        "config_version": s.config_version, "description": description[:500],
+    })]
+    if not s.releases and not s.scale and "web" in procfile:
+        events.append(NewEvent("ScaleChanged", {"app": s.name, "scale": {"web": 1}}))
+    return events
+
+
+def scale(s: AppState, changes: dict[str, int]) -> list[NewEvent]:
+    """Only process types of the current release's Procfile can be scaled."""
+    require_app(s)
+    if s.current is None:
+        raise Unprocessable(f"app {s.name!r} has no release yet: deploy first")
+    unknown = sorted(set(changes) - set(s.current.procfile))
+    if unknown:
+        known = ", ".join(sorted(s.current.procfile))
+        raise Unprocessable(
+            f"no process type {', '.join(unknown)} in the Procfile of v{s.current.number} "
+            f"(it has: {known})", {"scale": {u: ["not in the Procfile"] for u in unknown}})
+    return [NewEvent("ScaleChanged", {"app": s.name, "scale": {**s.scale, **changes}})]
+
+
+def change_config(s: AppState, set_: dict[str, str], unset: list[str]) -> list[NewEvent]:
+    """Each config change is a new config version and, once there is code, a new release."""
+    require_app(s)
+    bad = [k for k in [*set_, *unset] if not CONFIG_KEY.match(k)]
+    if bad:
+        raise Unprocessable(f"invalid config var name {bad[0]!r}: use letters, digits, _",
+                            {"set": {k: ["invalid name"] for k in bad}})
+    if not set_ and not unset:
+        raise Unprocessable("nothing to change: give vars to set or unset")
+    version = max(s.configs) + 1
+    events = [NewEvent("ConfigChanged", {"app": s.name, "set": set_, "unset": unset,
+                                         "config_version": version})]
+    if s.current:
+        changed = ", ".join([*(f"set {k}" for k in set_), *(f"unset {k}" for k in unset)])
+        events.append(_release_of(s, s.current.bundle_digest, s.current.procfile, version,
+                                  changed, None))
+    return events
+
+
+def rollback(s: AppState, target: int | None) -> list[NewEvent]:
+    """A new release with an earlier release's bundle and config (default: the previous)."""
+    require_app(s)
+    if s.current is None:
+        raise Unprocessable(f"app {s.name!r} has no release to roll back")
+    number = target if target is not None else s.current.number - 1
+    old = s.release(number)
+    if old is None or number >= s.current.number:
+        raise Unprocessable(f"no earlier release v{number} to roll back to",
+                            {"release": ["not an earlier release"]})
+    events: list[NewEvent] = []
+    config_version = s.config_version
+    wanted = s.configs[old.config_version]
+    if wanted != s.config:
+        config_version = max(s.configs) + 1
+        unset = sorted(set(s.config) - set(wanted))
+        events.append(NewEvent("ConfigChanged", {"app": s.name, "set": wanted, "unset": unset,
+                                                 "config_version": config_version}))
+    events.append(_release_of(s, old.bundle_digest, old.procfile, config_version,
+                              f"rollback to v{number}", number))
+    return events
+
+
+def _release_of(s: AppState, digest: str, procfile: dict[str, str], config_version: int,
+                description: str, rollback_of: int | None) -> NewEvent:
+    return NewEvent("ReleaseCreated", {
+        "app": s.name, "release": len(s.releases) + 1, "bundle_digest": digest,
+        "procfile": procfile, "config_version": config_version,
+        "description": description[:500], "rollback_of": rollback_of,
+    })
+
+
+def normalise_domain(domain: str) -> str:
+    """Lowercase, no trailing dot; exact hostnames or `*.suffix`. Raises Unprocessable."""
+    d = domain.strip().lower().rstrip(".")
+    if not HOSTNAME.match(d):
+        raise Unprocessable(f"{domain!r} is not a hostname or *.suffix",
+                            {"domain": ["must be a hostname like www.example.com or "
+                                        "*.example.com"]})
+    return d
+
+
+def domain_stream(domain: str) -> str:
+    """The stream holding the one live claim on a hostname."""
+    if domain.startswith("*."):
+        return f"domain-wildcard:{domain[2:]}"
+    return f"domain-{domain}"
+
+
+def add_domain(s: AppState, domain: str) -> list[NewEvent]:
+    require_app(s)
+    if domain in s.domains:
+        raise Conflict(f"{domain} is already a domain of {s.name}")
+    return [NewEvent("DomainAdded", {"app": s.name, "domain": domain})]
+
+
+def remove_domain(s: AppState, domain: str) -> list[NewEvent]:
+    require_app(s)
+    if domain not in s.domains:
+        raise NotFound(f"{domain} is not a domain of {s.name}")
+    return [NewEvent("DomainRemoved", {"app": s.name, "domain": domain})]
+
+
+def claim_holder(claims: list[tuple[str, str]]) -> str | None:
+    """Who holds a domain, from its stream's (type, app) events in order."""
+    holder = None
+    for type_, app in claims:
+        holder = app if type_ == "DomainClaimed" else None
+    return holder
+
+
+def set_maintenance(s: AppState, enabled: bool) -> list[NewEvent]:
+    require_app(s)
+    if s.maintenance == enabled:
+        return []
+    return [NewEvent("MaintenanceChanged", {"app": s.name, "enabled": enabled})]
+
+
+def add_member(s: AppState, user: str) -> list[NewEvent]:
+    require_app(s)
+    if s.may_manage(user):
+        return []
+    return [NewEvent("AppMemberAdded", {"app": s.name, "user": user})]
+
+
+def remove_member(s: AppState, user: str) -> list[NewEvent]:
+    require_app(s)
+    if user not in s.members:
+        raise NotFound(f"{user} is not a member of {s.name}")
+    return [NewEvent("AppMemberRemoved", {"app": s.name, "user": user})]

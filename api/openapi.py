@@ -1,0 +1,65 @@
+"""/openapi.json, generated from the route table and its marshmallow schemas (apispec)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from apispec import APISpec
+from apispec.ext.marshmallow import MarshmallowPlugin
+
+from api import schemas
+from api.web import ROUTES, Route, openapi_path
+
+REASONS = {400: "Bad request", 401: "No or unknown token", 403: "Not allowed",
+           404: "Not found", 409: "Conflict (carries the current state)",
+           413: "Too large", 422: "Invalid input"}
+
+
+def spec() -> dict[str, Any]:
+    s = APISpec(title="tally", version="1", openapi_version="3.0.3",
+                plugins=[MarshmallowPlugin()],
+                info={"description": "Deploy and run Python web apps on a tally fleet."})
+    s.components.security_scheme("token", {"type": "http", "scheme": "bearer"})
+    s.components.schema("Error", schema=schemas.Error)
+    paths: dict[str, dict[str, Any]] = {}
+    for r in ROUTES:
+        if r.documented:
+            paths.setdefault(openapi_path(r.rule), {})[r.method.lower()] = _operation(r)
+    for path, operations in paths.items():
+        s.path(path=path, operations=operations)
+    return s.to_dict()
+
+
+def _operation(r: Route) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": r.summary, "tags": [r.tag],
+                          "operationId": r.handler.__name__,
+                          "parameters": _path_params(r.rule), "responses": {}}
+    if r.auth:
+        op["security"] = [{"token": []}]
+    if r.query:
+        op["parameters"].append({"in": "query", "schema": r.query})
+    if r.body:
+        op["requestBody"] = {"required": True,
+                             "content": {"application/json": {"schema": r.body}}}
+    if r.raw_body:
+        op["requestBody"] = {"required": True, "content": {
+            r.raw_body: {"schema": {"type": "string", "format": "binary"}}}}
+    ok: dict[str, Any] = {"description": "OK"}
+    if r.response:
+        ok["content"] = {"application/json": {"schema": r.response}}
+    if r.raw_response:
+        ok["content"] = {r.raw_response: {"schema": {"type": "string", "format": "binary"}}}
+    op["responses"][str(r.status)] = ok
+    for code in r.errors:
+        op["responses"][str(code)] = {"description": REASONS[code], "content": {
+            "application/json": {"schema": "Error"}}}
+    return op
+
+
+def _path_params(rule: str) -> list[dict[str, Any]]:
+    out = []
+    for conv, name in re.findall(r"<(?:([a-z]+):)?([a-z_]+)>", rule):
+        schema = {"type": "integer", "minimum": 0} if conv == "int" else {"type": "string"}
+        out.append({"in": "path", "name": name, "required": True, "schema": schema})
+    return out

@@ -1,0 +1,77 @@
+"""Every read of the projectors' views (schema `views`, migrations/versions/0002_views.py)
+in one module, so a change of their columns is fixed here only."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import psycopg2
+
+from ledger import Ledger, LedgerUnavailable
+
+
+def rows(ledger: Ledger, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+    """Run a view query; rows as JSON-ready dicts (times as ISO strings)."""
+    try:
+        with ledger.connection().cursor() as cur:
+            cur.execute(sql, params)
+            names = [c.name for c in cur.description]
+            return [{n: _plain(v) for n, v in zip(names, r, strict=True)}
+                    for r in cur.fetchall()]
+    except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+        ledger.close()
+        raise LedgerUnavailable(f"views unreachable: {str(exc).strip()}") from exc
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, datetime):
+        return v.isoformat()
+    if isinstance(v, str | int | float | bool | list | dict) or v is None:
+        return v
+    return json.loads(json.dumps(v, default=str))
+
+
+def apps(ledger: Ledger) -> list[dict[str, Any]]:
+    return rows(ledger, "SELECT name, owner, current_release AS release, scale, domains, "
+                        "maintenance, config_version, created_at FROM views.apps ORDER BY name")
+
+
+def hosts(ledger: Ledger) -> list[dict[str, Any]]:
+    return rows(ledger, "SELECT host_id, address, port_min, port_max, capacity, memory_mb, "
+                        "state, last_heartbeat, load, memory_used_mb, running_instances, "
+                        "lost_reason FROM views.hosts ORDER BY host_id")
+
+
+def placements(ledger: Ledger, app: str | None = None,
+               host_id: str | None = None) -> list[dict[str, Any]]:
+    return rows(ledger, "SELECT instance_id, app, release, process_type, host_id, port, "
+                        "placed_at FROM views.placements WHERE (%s::text IS NULL OR app = %s) "
+                        "AND (%s::text IS NULL OR host_id = %s) ORDER BY app, instance_id",
+                (app, app, host_id, host_id))
+
+
+def placed_on(ledger: Ledger, app: str, release: int, host_id: str) -> bool:
+    """Whether the placer put an instance of this release on this host (bundle access)."""
+    return bool(rows(ledger, "SELECT 1 FROM views.placements WHERE app = %s AND release = %s "
+                             "AND host_id = %s LIMIT 1", (app, release, host_id)))
+
+
+def instances(ledger: Ledger, app: str | None = None) -> list[dict[str, Any]]:
+    return rows(ledger, "SELECT instance_id, app, release, process_type, host_id, port, "
+                        "state, pid, since, exit_code, signal, restarts, log_tail "
+                        "FROM views.instances WHERE (%s::text IS NULL OR app = %s) "
+                        "ORDER BY app, process_type, instance_id", (app, app))
+
+
+def routes(ledger: Ledger, app: str | None = None) -> list[dict[str, Any]]:
+    return rows(ledger, "SELECT hostname, app, backends, maintenance, version FROM views.routes "
+                        "WHERE (%s::text IS NULL OR app = %s) ORDER BY hostname", (app, app))
+
+
+def backups(ledger: Ledger) -> list[dict[str, Any]]:
+    return rows(ledger, "SELECT target, last_ok_backup_id, last_ok_at, last_failure_backup_id, "
+                        "last_failure_at, last_failure_error, retained FROM views.backups "
+                        "ORDER BY target")

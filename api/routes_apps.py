@@ -1,0 +1,274 @@
+"""Endpoints of apps and what developers change on them: releases, scale, config, domains,
+maintenance, members. Writes load the app stream, decide (api/decide.py), and append at
+the version loaded; reads of one app fold its stream, so a developer reads their own write."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Response, request, send_file
+from flask.typing import ResponseReturnValue
+
+from api import bundles, decide, queries, schemas
+from api.auth import require_role
+from api.errors import Conflict, Forbidden, NotFound, TooLarge, Unprocessable
+from api.state import AppState, release_dict, summary
+from api.web import body, query, reply, route, services, who
+from ledger import NO_STREAM, NewEvent, VersionConflict
+
+PEOPLE = ("admin", "member")
+
+
+def app_state(name: str) -> AppState:
+    """The app, if the caller may see it: 404 if there is none, 403 if not theirs."""
+    caller = who()
+    require_role(caller, *PEOPLE)
+    state = services().load_app(name)
+    decide.require_app(state)
+    if not caller.is_admin and not state.may_manage(caller.name):
+        raise Forbidden(f"you are not the owner or a member of app {name}")
+    return state
+
+
+def change(name: str, fn: Any) -> AppState:
+    """Check access, then load-decide-append."""
+    app_state(name)
+    return services().command(name, who(), fn)
+
+
+# --- apps -----------------------------------------------------------------------------------
+
+
+@route("/apps", "POST", body=schemas.AppCreate, response=schemas.App, status=201, tag="apps",
+       errors=(400, 401, 403, 409, 422))
+def create_app() -> ResponseReturnValue:
+    """Create an app; its name is a Heroku-like slug, unique for ever."""
+    require_role(who(), *PEOPLE)
+    name = body(schemas.AppCreate)["name"]
+    state = services().command(name, who(), lambda s: decide.create_app(s, who().name))
+    return reply(schemas.App, summary(state), 201)
+
+
+@route("/apps", response=schemas.AppList, tag="apps", errors=(401, 403))
+def list_apps() -> ResponseReturnValue:
+    """The apps the caller may manage (every app for an admin), from the apps view."""
+    caller = who()
+    require_role(caller, *PEOPLE)
+    svc = services()
+    rows = queries.apps(svc.ledger)
+    if not caller.is_admin:
+        directory = svc.directory()
+        rows = [r for r in rows if directory.manages(caller.name, r["name"])]
+    return reply(schemas.AppList, {"apps": rows})
+
+
+@route("/apps/<name>", response=schemas.App, tag="apps", errors=(401, 403, 404))
+def show_app(name: str) -> ResponseReturnValue:
+    """One app: owner, members, current release, scale, domains, maintenance."""
+    return reply(schemas.App, summary(app_state(name)))
+
+
+@route("/apps/<name>", "DELETE", tag="apps", status=204, errors=(401, 403, 404, 409))
+def delete_app(name: str) -> ResponseReturnValue:
+    """Delete an app: everything stops, its domains are freed, its history stays."""
+    domains = app_state(name).domains
+    services().command(name, who(), decide.delete_app)
+    for domain in domains:
+        release_claim(domain, name)
+    return Response(status=204)
+
+
+@route("/apps/<name>/members", "POST", body=schemas.MemberAdd, response=schemas.App,
+       tag="apps", errors=(400, 401, 403, 404, 422))
+def add_member(name: str) -> ResponseReturnValue:
+    """Let another user manage the app."""
+    user = body(schemas.MemberAdd)["user"]
+    if user not in services().directory(force=True).users:
+        raise NotFound(f"no user named {user!r}")
+    return reply(schemas.App, summary(change(name, lambda s: decide.add_member(s, user))))
+
+
+@route("/apps/<name>/members/<user>", "DELETE", response=schemas.App, tag="apps",
+       errors=(401, 403, 404))
+def remove_member(name: str, user: str) -> ResponseReturnValue:
+    """Stop a user managing the app."""
+    return reply(schemas.App, summary(change(name, lambda s: decide.remove_member(s, user))))
+
+
+# --- releases -------------------------------------------------------------------------------
+
+
+@route("/apps/<name>/releases", "POST", query=schemas.ReleaseQuery, response=schemas.Release,
+       status=201, tag="releases", raw_body="application/gzip",
+       errors=(400, 401, 403, 404, 409, 413, 422))
+def upload_release(name: str) -> ResponseReturnValue:
+    """Upload a bundle (the request body: a tar.gz with Procfile and requirements.txt);
+    it becomes the next release."""
+    args = query(schemas.ReleaseQuery)
+    app_state(name)
+    svc = services()
+    limit = svc.settings.max_bundle_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise TooLarge(f"bundle larger than the limit of {limit} bytes")
+    upload, digest = bundles.receive(request.stream, svc.settings.bundles_dir, limit)
+    try:
+        if args["digest"] and args["digest"] != digest:
+            raise Unprocessable(f"bundle digest mismatch: sent {args['digest'][:12]}..., "
+                                f"received {digest[:12]}... (the upload was damaged)",
+                                {"digest": ["mismatch"]})
+        procfile = bundles.inspect(upload)
+        bundles.store(upload, digest, svc.settings.bundles_dir)
+    finally:
+        upload.unlink(missing_ok=True)
+    state = svc.command(name, who(), lambda s: decide.new_release(s, digest, procfile,
+                                                                   args["description"]))
+    return reply(schemas.Release, release_dict(state.releases[-1]), 201)
+
+
+@route("/apps/<name>/releases", response=schemas.ReleaseList, tag="releases",
+       errors=(401, 403, 404))
+def list_releases(name: str) -> ResponseReturnValue:
+    """Every release, newest first."""
+    state = app_state(name)
+    return reply(schemas.ReleaseList,
+                 {"releases": [release_dict(r) for r in reversed(state.releases)]})
+
+
+@route("/apps/<name>/releases/<int:number>", response=schemas.Release, tag="releases",
+       errors=(401, 403, 404))
+def show_release(name: str, number: int) -> ResponseReturnValue:
+    """One release."""
+    found = app_state(name).release(number)
+    if found is None:
+        raise NotFound(f"app {name} has no release v{number}")
+    return reply(schemas.Release, release_dict(found))
+
+
+@route("/apps/<name>/releases/<int:number>/bundle", tag="releases",
+       raw_response="application/gzip", errors=(401, 403, 404))
+def download_bundle(name: str, number: int) -> ResponseReturnValue:
+    """The release's bundle: for the app's people, and for agents of hosts it is placed on."""
+    caller = who()
+    svc = services()
+    if caller.role == "agent":
+        state = svc.load_app(name)
+        if not caller.host_id or not queries.placed_on(svc.ledger, name, number,
+                                                       caller.host_id):
+            raise Forbidden(f"release v{number} of {name} is not placed on this host")
+    else:
+        state = app_state(name)
+    found = state.release(number)
+    if found is None:
+        raise NotFound(f"app {name} has no release v{number}")
+    path = bundles.path_of(svc.settings.bundles_dir, found.bundle_digest)
+    if not path.exists():
+        raise NotFound(f"the bundle of v{number} is missing from the bundle store")
+    return send_file(path, mimetype="application/gzip", download_name=path.name,
+                     etag=found.bundle_digest)
+
+
+@route("/apps/<name>/rollback", "POST", body=schemas.Rollback, response=schemas.Release,
+       status=201, tag="releases", errors=(400, 401, 403, 404, 409, 422))
+def rollback(name: str) -> ResponseReturnValue:
+    """A new release with an earlier release's bundle and config."""
+    target = body(schemas.Rollback)["release"]
+    state = change(name, lambda s: decide.rollback(s, target))
+    return reply(schemas.Release, release_dict(state.releases[-1]), 201)
+
+
+# --- scale, config, domains, maintenance ----------------------------------------------------
+
+
+@route("/apps/<name>/scale", "POST", body=schemas.ScaleRequest, response=schemas.App,
+       tag="apps", errors=(400, 401, 403, 404, 409, 422))
+def scale(name: str) -> ResponseReturnValue:
+    """Set the number of instances of some process types (`{"scale": {"web": 2}}`)."""
+    wanted = body(schemas.ScaleRequest)["scale"]
+    return reply(schemas.App, summary(change(name, lambda s: decide.scale(s, wanted))))
+
+
+@route("/apps/<name>/config", response=schemas.Config, tag="config", errors=(401, 403, 404))
+def show_config(name: str) -> ResponseReturnValue:
+    """The config vars with their values (only the app's people and admins see them)."""
+    state = app_state(name)
+    return reply(schemas.Config, {"config": state.config,
+                                  "config_version": state.config_version})
+
+
+@route("/apps/<name>/config", "PATCH", body=schemas.ConfigChange, response=schemas.Config,
+       tag="config", errors=(400, 401, 403, 404, 409, 422))
+def change_config(name: str) -> ResponseReturnValue:
+    """Set and unset config vars; a new release follows once the app has code."""
+    req = body(schemas.ConfigChange)
+    state = change(name, lambda s: decide.change_config(s, req["set"], req["unset"]))
+    return reply(schemas.Config, {"config": state.config,
+                                  "config_version": state.config_version})
+
+
+@route("/apps/<name>/domains", response=schemas.Domains, tag="domains",
+       errors=(401, 403, 404))
+def list_domains(name: str) -> ResponseReturnValue:
+    """The app's hostnames."""
+    return reply(schemas.Domains, {"domains": list(app_state(name).domains)})
+
+
+@route("/apps/<name>/domains", "POST", body=schemas.DomainAdd, response=schemas.Domains,
+       status=201, tag="domains", errors=(400, 401, 403, 404, 409, 422))
+def add_domain(name: str) -> ResponseReturnValue:
+    """Route a hostname (exact, or `*.suffix`) to the app; a name has one app at most."""
+    domain = decide.normalise_domain(body(schemas.DomainAdd)["domain"])
+    state = app_state(name)
+    decide.add_domain(state, domain)
+    claim(domain, name)
+    try:
+        state = services().command(name, who(), lambda s: decide.add_domain(s, domain))
+    except BaseException:
+        release_claim(domain, name)
+        raise
+    return reply(schemas.Domains, {"domains": list(state.domains)}, 201)
+
+
+@route("/apps/<name>/domains/<domain>", "DELETE", response=schemas.Domains, tag="domains",
+       errors=(401, 403, 404, 409, 422))
+def remove_domain(name: str, domain: str) -> ResponseReturnValue:
+    """Stop routing a hostname to the app."""
+    domain = decide.normalise_domain(domain)
+    state = change(name, lambda s: decide.remove_domain(s, domain))
+    release_claim(domain, name)
+    return reply(schemas.Domains, {"domains": list(state.domains)})
+
+
+def claim(domain: str, app: str) -> None:
+    """Take the hostname's claim stream at the version read: two apps racing for one name
+    cannot both win."""
+    svc = services()
+    stream = decide.domain_stream(domain)
+    events = svc.ledger.read_stream(stream)
+    holder = decide.claim_holder([(e.type, e.data["app"]) for e in events])
+    if holder is not None:
+        raise Conflict(f"{domain} is already used by " +
+                       ("another app" if holder != app else app), {"domain": ["taken"]})
+    try:
+        svc.append(stream, [NewEvent("DomainClaimed", {"domain": domain, "app": app})],
+                   len(events) or NO_STREAM, who())
+    except VersionConflict as exc:
+        raise Conflict(f"{domain} was claimed by another request meanwhile",
+                       {"domain": ["taken"]}) from exc
+
+
+def release_claim(domain: str, app: str) -> None:
+    svc = services()
+    stream = decide.domain_stream(domain)
+    events = svc.ledger.read_stream(stream)
+    if decide.claim_holder([(e.type, e.data["app"]) for e in events]) == app:
+        svc.append(stream, [NewEvent("DomainReleased", {"domain": domain, "app": app})],
+                   len(events), who())
+
+
+@route("/apps/<name>/maintenance", "PUT", body=schemas.Maintenance, response=schemas.App,
+       tag="apps", errors=(400, 401, 403, 404, 409, 422))
+def maintenance(name: str) -> ResponseReturnValue:
+    """Switch maintenance mode: the balancers answer 503 with a page, instances keep running."""
+    enabled = body(schemas.Maintenance)["enabled"]
+    return reply(schemas.App, summary(change(name,
+                                             lambda s: decide.set_maintenance(s, enabled))))

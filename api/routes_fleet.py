@@ -1,0 +1,283 @@
+"""Endpoints of users and tokens, the fleet (hosts, placements, instances, routes, backups),
+and history (events, state at a position, why). Agents talk to these with host-scoped
+tokens: their heartbeats, their instances' events, their placements."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from flask import Response
+from flask.typing import ResponseReturnValue
+
+from api import auth, queries, schemas
+from api.auth import require_host, require_role
+from api.errors import Conflict, Forbidden, NotFound, Unprocessable
+from api.routes_apps import PEOPLE, app_state
+from api.web import body, query, reply, route, services, who
+from ledger import NO_STREAM, NewEvent, RecordedEvent, VersionConflict
+
+# --- users and tokens -----------------------------------------------------------------------
+
+
+@route("/me", response=schemas.User, tag="users", errors=(401,))
+def me() -> ResponseReturnValue:
+    """Who the token belongs to (what `tally login` checks)."""
+    caller = who()
+    return reply(schemas.User, {"name": caller.name, "role": caller.role,
+                                "host_id": caller.host_id, "token_ids": [caller.token_id]})
+
+
+@route("/users", response=schemas.Rows, tag="users", errors=(401, 403))
+def list_users() -> ResponseReturnValue:
+    """Every user and their token ids (admins only)."""
+    require_role(who(), "admin")
+    d = services().directory()
+    items = [{"name": u.name, "role": u.role, "host_id": u.host_id,
+              "token_ids": d.token_ids(u.name)} for u in sorted(d.users.values(),
+                                                                 key=lambda u: u.name)]
+    return reply(schemas.Rows, {"items": items})
+
+
+@route("/users", "POST", body=schemas.UserCreate, response=schemas.Token, status=201,
+       tag="users", errors=(400, 401, 403, 409, 422))
+def create_user() -> ResponseReturnValue:
+    """Create a user (admin, member, or an agent bound to a host) with a first token."""
+    require_role(who(), "admin")
+    req = body(schemas.UserCreate)
+    if (req["role"] == "agent") != bool(req["host_id"]):
+        raise Unprocessable("an agent needs a host_id, and only an agent has one",
+                            {"host_id": ["required for agents only"]})
+    token, events = auth.user_events(req["name"], req["role"], req["host_id"])
+    try:
+        services().append(f"user-{req['name']}", events, NO_STREAM, who())
+    except VersionConflict as exc:
+        raise Conflict(f"a user named {req['name']!r} exists", {"name": ["taken"]}) from exc
+    return reply(schemas.Token, {"user": req["name"], "role": req["role"],
+                                 "token_id": events[1].data["token_id"], "token": token}, 201)
+
+
+def _self_or_admin(name: str) -> auth.Principal:
+    caller = who()
+    if not caller.is_admin and caller.name != name:
+        raise Forbidden("only an admin may manage another user's tokens")
+    user = services().directory(force=True).users.get(name)
+    if user is None:
+        raise NotFound(f"no user named {name!r}")
+    return user
+
+
+@route("/users/<name>/tokens", "POST", body=schemas.TokenCreate, response=schemas.Token,
+       status=201, tag="users", errors=(400, 401, 403, 404, 422))
+def issue_token(name: str) -> ResponseReturnValue:
+    """Issue another token for a user (yourself, or anyone as an admin)."""
+    user = _self_or_admin(name)
+    label = body(schemas.TokenCreate)["label"]
+    token, token_id, digest = auth.new_token()
+    services().append(f"user-{name}", [NewEvent("TokenIssued", {
+        "user": name, "token_id": token_id, "token_hash": digest, "label": label})], None, who())
+    return reply(schemas.Token, {"user": name, "role": user.role, "token_id": token_id,
+                                 "token": token}, 201)
+
+
+@route("/users/<name>/tokens/<token_id>", "DELETE", tag="users", status=204,
+       errors=(401, 403, 404))
+def revoke_token(name: str, token_id: str) -> ResponseReturnValue:
+    """Revoke a token: it opens nothing from now on."""
+    _self_or_admin(name)
+    if token_id not in services().directory().token_ids(name):
+        raise NotFound(f"{name} has no live token {token_id!r}")
+    services().append(f"user-{name}", [NewEvent("TokenRevoked", {
+        "user": name, "token_id": token_id})], None, who())
+    services().directory(force=True)
+    return Response(status=204)
+
+
+# --- hosts and agents -----------------------------------------------------------------------
+
+
+@route("/hosts", response=schemas.Rows, tag="fleet", errors=(401, 403))
+def list_hosts() -> ResponseReturnValue:
+    """The fleet, from the hosts view (admins only)."""
+    require_role(who(), "admin")
+    return reply(schemas.Rows, {"items": queries.hosts(services().ledger)})
+
+
+@route("/hosts/<host_id>", "PUT", body=schemas.HostRegister, response=schemas.Appended,
+       tag="agents", errors=(400, 401, 403, 422))
+def register_host(host_id: str) -> ResponseReturnValue:
+    """An agent registers its host: address, port range, capacity."""
+    require_host(who(), host_id)
+    req = body(schemas.HostRegister)
+    if req["port_min"] > req["port_max"]:
+        raise Unprocessable("port_min must not exceed port_max", {"port_min": ["> port_max"]})
+    return _append(f"host-{host_id}", "HostRegistered", {"host_id": host_id, **req})
+
+
+@route("/hosts/<host_id>/heartbeats", "POST", body=schemas.Heartbeat,
+       response=schemas.Appended, tag="agents", errors=(400, 401, 403, 422))
+def heartbeat(host_id: str) -> ResponseReturnValue:
+    """An agent says its host is alive."""
+    require_host(who(), host_id)
+    return _append(f"heartbeat-{host_id}", "HostHeartbeat",
+                   {"host_id": host_id, **body(schemas.Heartbeat)})
+
+
+@route("/hosts/<host_id>/placements", response=schemas.Rows, tag="agents",
+       errors=(401, 403))
+def host_placements(host_id: str) -> ResponseReturnValue:
+    """What the placer wants on this host (the agent's desired state)."""
+    require_host(who(), host_id)
+    return reply(schemas.Rows, {"items": queries.placements(services().ledger,
+                                                            host_id=host_id)})
+
+
+@route("/instances/<instance_id>/events", "POST", body=schemas.InstanceEvent,
+       response=schemas.Appended, tag="agents", errors=(400, 401, 403, 422))
+def instance_event(instance_id: str) -> ResponseReturnValue:
+    """An agent reports what one of its instances did (started, healthy, exited, stopped)."""
+    caller = who()
+    req = body(schemas.InstanceEvent)
+    data = {**req["data"], "instance_id": instance_id}
+    if caller.role == "agent":
+        data["host_id"] = caller.host_id
+    else:
+        require_role(caller, "admin")
+    return _append(f"instance-{instance_id}", req["type"], data)
+
+
+def _append(stream: str, type_: str, data: dict[str, Any]) -> ResponseReturnValue:
+    result = services().append(stream, [NewEvent(type_, data)], None, who())
+    return reply(schemas.Appended, {"stream": stream, "version": result.version})
+
+
+@route("/placements", response=schemas.Rows, tag="fleet", errors=(401, 403))
+def list_placements() -> ResponseReturnValue:
+    """Every placement (admins only)."""
+    require_role(who(), "admin")
+    return reply(schemas.Rows, {"items": queries.placements(services().ledger)})
+
+
+@route("/instances", response=schemas.Rows, tag="fleet", errors=(401, 403))
+def list_instances() -> ResponseReturnValue:
+    """Every instance, placed or still running (admins only)."""
+    require_role(who(), "admin")
+    return reply(schemas.Rows, {"items": queries.instances(services().ledger)})
+
+
+@route("/routes", response=schemas.Rows, tag="fleet", errors=(401, 403))
+def list_routes() -> ResponseReturnValue:
+    """The routing table: hostname -> app and healthy backends (admins only)."""
+    require_role(who(), "admin")
+    return reply(schemas.Rows, {"items": queries.routes(services().ledger)})
+
+
+@route("/backups", response=schemas.Rows, tag="fleet", errors=(401, 403))
+def list_backups() -> ResponseReturnValue:
+    """Backups per target: last good one, last failure, the retained set (admins only)."""
+    require_role(who(), "admin")
+    return reply(schemas.Rows, {"items": queries.backups(services().ledger)})
+
+
+@route("/apps/<name>/ps", response=schemas.Rows, tag="apps", errors=(401, 403, 404))
+def ps(name: str) -> ResponseReturnValue:
+    """The app's instances and their state."""
+    app_state(name)
+    return reply(schemas.Rows, {"items": queries.instances(services().ledger, name)})
+
+
+@route("/apps/<name>/placements", response=schemas.Rows, tag="apps", errors=(401, 403, 404))
+def app_placements(name: str) -> ResponseReturnValue:
+    """Where the placer put the app's instances."""
+    app_state(name)
+    return reply(schemas.Rows, {"items": queries.placements(services().ledger, name)})
+
+
+@route("/apps/<name>/routes", response=schemas.Rows, tag="apps", errors=(401, 403, 404))
+def app_routes(name: str) -> ResponseReturnValue:
+    """The hostnames routed to the app and their backends."""
+    app_state(name)
+    return reply(schemas.Rows, {"items": queries.routes(services().ledger, name)})
+
+
+# --- history --------------------------------------------------------------------------------
+
+SCAN_PAGES = 20
+
+
+@route("/events", query=schemas.EventsQuery, response=schemas.EventList, tag="history",
+       errors=(400, 401, 403, 422))
+def events() -> ResponseReturnValue:
+    """The ledger after a position, filtered by type and category; `wait` long-polls
+    (admins only; members read their app's events under /apps/<name>/events)."""
+    require_role(who(), "admin")
+    q = query(schemas.EventsQuery)
+    return reply(schemas.EventList, _events(q, lambda e: True, q["category"]))
+
+
+@route("/apps/<name>/events", query=schemas.EventsQuery, response=schemas.EventList,
+       tag="history", errors=(400, 401, 403, 404, 422))
+def app_events(name: str) -> ResponseReturnValue:
+    """The app's own events (its stream and its placements), config values redacted
+    unless show_secrets."""
+    app_state(name)
+    q = query(schemas.EventsQuery)
+    streams = {f"app-{name}", f"placement-{name}"}
+    return reply(schemas.EventList, _events(q, lambda e: e.stream in streams,
+                                            ["app", "placement"]))
+
+
+def _events(q: dict[str, Any], keep: Any, categories: list[str] | None) -> dict[str, Any]:
+    """Scan forward from `after` (a bounded number of pages), long-polling while nothing
+    matched. `head` is where to continue from."""
+    ledger = services().ledger
+    deadline = time.monotonic() + min(q["wait"], services().settings.long_poll_max_s)
+    after = q["after"]
+    while True:
+        found: list[RecordedEvent] = []
+        for _ in range(SCAN_PAGES):
+            page = ledger.read_all(after, limit=1000, categories=categories, types=q["type"])
+            found += [e for e in page if keep(e)][: q["limit"] - len(found)]
+            if len(found) >= q["limit"]:
+                after = found[-1].position or after
+                break
+            if page:
+                after = page[-1].position or after
+            if len(page) < 1000:
+                break
+        if found or time.monotonic() >= deadline:
+            return {"events": [_shown(e, q["show_secrets"]) for e in found], "head": after}
+        ledger.sequence()
+        time.sleep(0.2)
+
+
+def _shown(e: RecordedEvent, secrets: bool) -> dict[str, Any]:
+    """An event as a client sees it: ConfigChanged values redacted unless asked for."""
+    d = e.as_dict()
+    if e.type == "ConfigChanged" and not secrets:
+        d["data"] = {**e.data, "set": {k: "<redacted>" for k in e.data.get("set", {})}}
+    return d
+
+
+@route("/apps/<name>/logs", tag="later", documented=False)
+def logs(name: str) -> ResponseReturnValue:
+    """The app's logs (served once the host agents ship them)."""
+    return _later(name, "logs")
+
+
+@route("/apps/<name>/runs", "POST", tag="later", documented=False)
+def run(name: str) -> ResponseReturnValue:
+    """A one-off process in a pty (served once the host agents run them)."""
+    return _later(name, "one-off runs")
+
+
+@route("/apps/<name>/addons", tag="later", documented=False)
+def addons(name: str) -> ResponseReturnValue:
+    """The app's add-ons, e.g. a PostgreSQL database (served with the agents issue)."""
+    return _later(name, "add-ons")
+
+
+def _later(name: str, what: str) -> ResponseReturnValue:
+    app_state(name)
+    require_role(who(), *PEOPLE)
+    raise NotFound(f"{what} are not served yet: they arrive with the host agents")

@@ -1,0 +1,210 @@
+"""Marshmallow schemas of every request and response body; /openapi.json is built from
+these, so what the API documents is what it validates and dumps."""
+
+from __future__ import annotations
+
+from marshmallow import Schema, fields, validate
+
+from ledger.catalogue import APP_NAME, PROCESS_TYPE, USER_NAME
+
+ProcessType = fields.Str(validate=validate.Regexp(PROCESS_TYPE))
+
+
+class Error(Schema):
+    error = fields.Str(required=True)
+    message = fields.Str(required=True)
+    fields_ = fields.Dict(required=True, data_key="fields")
+    current = fields.Dict()
+
+
+class Health(Schema):
+    status = fields.Str(required=True)
+    ledger_head = fields.Int(allow_none=True)
+
+
+# --- users and tokens -----------------------------------------------------------------------
+
+
+class UserCreate(Schema):
+    name = fields.Str(required=True, validate=USER_NAME)
+    role = fields.Str(load_default="member", validate=validate.OneOf(["admin", "member", "agent"]))
+    host_id = fields.Str(load_default=None, allow_none=True,
+                         validate=validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"))
+
+
+class User(Schema):
+    name = fields.Str(required=True)
+    role = fields.Str(required=True)
+    host_id = fields.Str(allow_none=True)
+    token_ids = fields.List(fields.Str())
+
+
+class TokenCreate(Schema):
+    label = fields.Str(load_default="", validate=validate.Length(max=200))
+
+
+class Token(Schema):
+    user = fields.Str(required=True)
+    role = fields.Str(required=True)
+    token_id = fields.Str(required=True)
+    token = fields.Str(required=True, metadata={"description": "shown once, never stored"})
+
+
+# --- apps -----------------------------------------------------------------------------------
+
+
+class AppCreate(Schema):
+    name = fields.Str(required=True, validate=APP_NAME)
+
+
+class App(Schema):
+    name = fields.Str(required=True)
+    owner = fields.Str(allow_none=True)
+    members = fields.List(fields.Str())
+    created_at = fields.Str(allow_none=True)
+    release = fields.Int(allow_none=True)
+    process_types = fields.List(fields.Str())
+    scale = fields.Dict(keys=fields.Str(), values=fields.Int())
+    domains = fields.List(fields.Str())
+    maintenance = fields.Bool()
+    config_version = fields.Int()
+    version = fields.Int()
+
+
+class AppList(Schema):
+    apps = fields.List(fields.Nested(App), required=True)
+
+
+class MemberAdd(Schema):
+    user = fields.Str(required=True, validate=USER_NAME)
+
+
+class Release(Schema):
+    number = fields.Int(required=True)
+    bundle_digest = fields.Str(required=True)
+    procfile = fields.Dict(keys=fields.Str(), values=fields.Str())
+    config_version = fields.Int()
+    description = fields.Str()
+    rollback_of = fields.Int(allow_none=True)
+    created_at = fields.Str(allow_none=True)
+    created_by = fields.Str(allow_none=True)
+
+
+class ReleaseList(Schema):
+    releases = fields.List(fields.Nested(Release), required=True)
+
+
+class ReleaseQuery(Schema):
+    digest = fields.Str(load_default=None, validate=validate.Regexp(r"^[0-9a-f]{64}$"),
+                        metadata={"description": "sha256 of the body; refused if different"})
+    description = fields.Str(load_default="", validate=validate.Length(max=500))
+
+
+class Rollback(Schema):
+    release = fields.Int(load_default=None, allow_none=True,
+                         validate=validate.Range(min=1, max=1_000_000),
+                         metadata={"description": "default: the release before the current"})
+
+
+class ScaleRequest(Schema):
+    scale = fields.Dict(keys=ProcessType, values=fields.Int(validate=validate.Range(0, 1000)),
+                        required=True, validate=validate.Length(min=1))
+
+
+class Config(Schema):
+    config = fields.Dict(keys=fields.Str(), values=fields.Str(), required=True)
+    config_version = fields.Int(required=True)
+
+
+class ConfigChange(Schema):
+    set = fields.Dict(keys=fields.Str(validate=validate.Length(min=1, max=200)),
+                      values=fields.Str(validate=validate.Length(max=32768)), load_default=dict)
+    unset = fields.List(fields.Str(validate=validate.Length(min=1, max=200)), load_default=list)
+
+
+class DomainAdd(Schema):
+    domain = fields.Str(required=True, validate=validate.Length(min=1, max=253))
+
+
+class Domains(Schema):
+    domains = fields.List(fields.Str(), required=True)
+
+
+class Maintenance(Schema):
+    enabled = fields.Bool(required=True)
+
+
+# --- events, history ------------------------------------------------------------------------
+
+
+class EventsQuery(Schema):
+    after = fields.Int(load_default=0, validate=validate.Range(min=0))
+    limit = fields.Int(load_default=100, validate=validate.Range(min=1, max=1000))
+    type = fields.List(fields.Str(validate=validate.Length(max=100)), load_default=None)
+    category = fields.List(fields.Str(validate=validate.Length(max=100)), load_default=None)
+    wait = fields.Float(load_default=0.0, validate=validate.Range(min=0, max=30),
+                        metadata={"description": "long-poll: seconds to wait for new events"})
+    show_secrets = fields.Bool(load_default=False)
+
+
+class Event(Schema):
+    position = fields.Int(allow_none=True)
+    stream = fields.Str(required=True)
+    version = fields.Int(required=True)
+    type = fields.Str(required=True)
+    data = fields.Dict(required=True)
+    metadata = fields.Dict(required=True)
+    recorded_at = fields.Str(required=True)
+
+
+class EventList(Schema):
+    events = fields.List(fields.Nested(Event), required=True)
+    head = fields.Int(required=True)
+
+
+# --- fleet ----------------------------------------------------------------------------------
+
+
+class HostRegister(Schema):
+    address = fields.Str(required=True, validate=validate.Length(min=1, max=200))
+    port_min = fields.Int(required=True, validate=validate.Range(1, 65535))
+    port_max = fields.Int(required=True, validate=validate.Range(1, 65535))
+    capacity = fields.Int(required=True, validate=validate.Range(0, 100_000))
+    memory_mb = fields.Int(load_default=0, validate=validate.Range(0, 1 << 30))
+
+
+class Heartbeat(Schema):
+    load = fields.Float(load_default=0.0, validate=validate.Range(0, 1e6))
+    memory_used_mb = fields.Int(load_default=0, validate=validate.Range(0, 1 << 30))
+    memory_total_mb = fields.Int(load_default=0, validate=validate.Range(0, 1 << 30))
+    instances = fields.Int(load_default=0, validate=validate.Range(0, 1 << 20))
+
+
+class InstanceEvent(Schema):
+    type = fields.Str(required=True, validate=validate.OneOf(
+        ["InstanceStarted", "InstanceHealthy", "InstanceExited", "InstanceStopped"]))
+    data = fields.Dict(required=True)
+
+
+class Appended(Schema):
+    stream = fields.Str(required=True)
+    version = fields.Int(required=True)
+
+
+class Rows(Schema):
+    """A list of view rows (hosts, placements, instances, routes, backups)."""
+
+    items = fields.List(fields.Dict(), required=True)
+
+
+class Why(Schema):
+    app = fields.Str(required=True)
+    answer = fields.Raw(required=True)
+
+
+class StateQuery(Schema):
+    at = fields.Int(load_default=None, allow_none=True, validate=validate.Range(min=0))
+
+
+class AppNameParam(Schema):
+    name = fields.Str(required=True, validate=APP_NAME)

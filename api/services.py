@@ -1,0 +1,97 @@
+"""The API's I/O shell: a ledger connection per thread, the user directory kept fresh from
+the ledger, and load-decide-append for app streams. Built by create_app, never at import."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from api import auth
+from api.auth import Directory, Principal
+from api.errors import Conflict, Unauthorized
+from api.state import AppState, fold, summary
+from ledger import Ledger, NewEvent, VersionConflict
+from ledger.events import AppendResult
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything create_app needs; tally/config.py builds it from the environment."""
+
+    dsn: str
+    bundles_dir: Path
+    max_bundle_bytes: int = 100 * 1024 * 1024
+    auth_refresh_s: float = 1.0
+    long_poll_max_s: float = 30.0
+
+
+class Services:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._directory = Directory()
+        self._refreshed = 0.0
+
+    @property
+    def ledger(self) -> Ledger:
+        """This thread's ledger connection (opened on first use)."""
+        ledger = getattr(self._local, "ledger", None)
+        if ledger is None:
+            ledger = self._local.ledger = Ledger(self.settings.dsn, retry_deadline=5.0,
+                                                 application_name="tally-api")
+        return ledger
+
+    # -- auth ------------------------------------------------------------------------------
+    def directory(self, force: bool = False) -> Directory:
+        """Users and tokens, refreshed from the ledger at most every auth_refresh_s
+        (or now, when forced: a token not seen yet may have just been issued)."""
+        with self._lock:
+            now = time.monotonic()
+            if force or now - self._refreshed > self.settings.auth_refresh_s:
+                if force:
+                    self.ledger.sequence()
+                while batch := self.ledger.read_all(self._directory.position,
+                                                    categories=["user", "app"],
+                                                    types=auth.FOLDED, limit=1000):
+                    self._directory.apply(batch)
+                self._refreshed = now
+            return self._directory
+
+    def authenticate(self, header: str | None) -> Principal:
+        token = auth.bearer(header)
+        who = self.directory().lookup(token) or self.directory(force=True).lookup(token)
+        if who is None:
+            raise Unauthorized("unknown or revoked API token: run `tally login` again")
+        return who
+
+    # -- app streams -----------------------------------------------------------------------
+    def load_app(self, name: str) -> AppState:
+        return fold(name, self.ledger.read_stream(f"app-{name}"))
+
+    def append(self, stream: str, events: list[NewEvent], expected: int | None,
+               who: Principal) -> AppendResult:
+        """Append with the actor in every event's metadata."""
+        meta = {"actor": who.name, "role": who.role}
+        stamped = [NewEvent(e.type, e.data, {**e.metadata, **meta}) for e in events]
+        return self.ledger.append(stream, stamped, expected_version=expected)
+
+    def command(self, name: str, who: Principal,
+                decide: Callable[[AppState], list[NewEvent]]) -> AppState:
+        """Load the app, decide, append at the version loaded. A concurrent change makes
+        this a 409 carrying the state the other writer left."""
+        state = self.load_app(name)
+        events = decide(state)
+        if not events:
+            return state
+        try:
+            self.append(f"app-{name}", events, state.version, who)
+        except VersionConflict as exc:
+            current = self.load_app(name)
+            raise Conflict(f"app {name} was changed by someone else meanwhile "
+                           f"(now at version {exc.actual}); look and try again",
+                           current=summary(current)) from exc
+        return self.load_app(name)

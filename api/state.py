@@ -1,0 +1,118 @@
+"""An app's current state, folded from its `app-<name>` stream: the pure core every
+command handler decides on. No I/O here."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ledger.events import RecordedEvent
+
+
+@dataclass(frozen=True)
+class Release:
+    number: int
+    bundle_digest: str
+    procfile: dict[str, str]
+    config_version: int
+    description: str
+    rollback_of: int | None
+    created_at: str | None
+    created_by: str | None
+
+
+@dataclass(frozen=True)
+class AppState:
+    """What the app's stream says now. `version` is the stream version it was folded at:
+    the expected_version for the next append."""
+
+    name: str
+    version: int = 0
+    exists: bool = False
+    deleted: bool = False
+    owner: str | None = None
+    members: frozenset[str] = frozenset()
+    created_at: str | None = None
+    releases: tuple[Release, ...] = ()
+    configs: dict[int, dict[str, str]] = field(default_factory=lambda: {0: {}})
+    config_version: int = 0
+    scale: dict[str, int] = field(default_factory=dict)
+    domains: tuple[str, ...] = ()
+    maintenance: bool = False
+
+    @property
+    def config(self) -> dict[str, str]:
+        return self.configs[self.config_version]
+
+    @property
+    def current(self) -> Release | None:
+        return self.releases[-1] if self.releases else None
+
+    def release(self, number: int) -> Release | None:
+        return next((r for r in self.releases if r.number == number), None)
+
+    def may_manage(self, user: str) -> bool:
+        return user == self.owner or user in self.members
+
+
+def fold(name: str, events: Iterable[RecordedEvent]) -> AppState:
+    """Apply the stream's events in order. An AppCreated after an AppDeleted starts the
+    app afresh (the old history stays in the stream)."""
+    state = AppState(name)
+    for ev in events:
+        state = replace(apply(state, ev), version=ev.version)
+    return state
+
+
+def apply(s: AppState, ev: RecordedEvent) -> AppState:
+    d: dict[str, Any] = ev.data
+    at = ev.recorded_at.isoformat() if ev.recorded_at else None
+    t = ev.type
+    if t == "AppCreated":
+        return AppState(s.name, exists=True, owner=d["owner"], created_at=at)
+    if t == "AppDeleted":
+        return replace(s, exists=False, deleted=True, scale={k: 0 for k in s.scale})
+    if t == "ConfigChanged":
+        config = {k: v for k, v in s.config.items() if k not in d.get("unset", [])}
+        config.update(d.get("set", {}))
+        version = d["config_version"]
+        return replace(s, configs={**s.configs, version: config}, config_version=version)
+    if t == "ReleaseCreated":
+        rel = Release(d["release"], d["bundle_digest"], dict(d["procfile"]),
+                      d["config_version"], d.get("description", ""), d.get("rollback_of"),
+                      at, ev.metadata.get("actor"))
+        return replace(s, releases=(*s.releases, rel))
+    if t == "ScaleChanged":
+        return replace(s, scale=dict(d["scale"]))
+    if t == "DomainAdded":
+        return replace(s, domains=(*s.domains, d["domain"]))
+    if t == "DomainRemoved":
+        return replace(s, domains=tuple(x for x in s.domains if x != d["domain"]))
+    if t == "MaintenanceChanged":
+        return replace(s, maintenance=d["enabled"])
+    if t == "AppMemberAdded":
+        return replace(s, members=s.members | {d["user"]})
+    if t == "AppMemberRemoved":
+        return replace(s, members=s.members - {d["user"]})
+    return s
+
+
+def summary(s: AppState) -> dict[str, Any]:
+    """The app as `GET /apps/<name>` shows it (config values are not in it)."""
+    cur = s.current
+    return {
+        "name": s.name, "owner": s.owner, "members": sorted(s.members),
+        "created_at": s.created_at, "release": cur.number if cur else None,
+        "process_types": sorted(cur.procfile) if cur else [],
+        "scale": s.scale, "domains": list(s.domains), "maintenance": s.maintenance,
+        "config_version": s.config_version, "version": s.version,
+    }
+
+
+def release_dict(r: Release) -> dict[str, Any]:
+    return {
+        "number": r.number, "bundle_digest": r.bundle_digest, "procfile": r.procfile,
+        "config_version": r.config_version, "description": r.description,
+        "rollback_of": r.rollback_of, "created_at": r.created_at, "created_by": r.created_by,
+    }

@@ -1,0 +1,112 @@
+"""A route table that feeds both Flask and /openapi.json, and the request helpers every
+handler uses: who is asking, the validated body and query, the schema-dumped response."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import Flask, current_app, g, jsonify, request
+from flask.typing import ResponseReturnValue
+from marshmallow import Schema, ValidationError
+
+from api.auth import Principal
+from api.errors import BadRequest, Unprocessable
+from api.services import Services
+
+
+@dataclass(frozen=True)
+class Route:
+    rule: str
+    method: str
+    handler: Callable[..., ResponseReturnValue]
+    summary: str
+    tag: str
+    body: type[Schema] | None = None
+    query: type[Schema] | None = None
+    response: type[Schema] | None = None
+    status: int = 200
+    auth: bool = True
+    errors: tuple[int, ...] = field(default=(400, 401, 403, 404, 422))
+    raw_body: str | None = None
+    raw_response: str | None = None
+    documented: bool = True
+
+
+ROUTES: list[Route] = []
+
+
+def route(rule: str, method: str = "GET", **kw: Any) -> Callable:
+    """Declare an endpoint: its Flask rule and the schemas /openapi.json documents."""
+    def register(fn: Callable[..., ResponseReturnValue]) -> Callable[..., ResponseReturnValue]:
+        summary = " ".join((fn.__doc__ or fn.__name__).strip().split("\n\n")[0].split())
+        ROUTES.append(Route(rule, method, fn, summary, **kw))
+        return fn
+    return register
+
+
+def install(app: Flask) -> None:
+    for r in ROUTES:
+        app.add_url_rule(r.rule, f"{r.method} {r.rule}", _wrap(r), methods=[r.method])
+
+
+def _wrap(r: Route) -> Callable[..., ResponseReturnValue]:
+    def view(**kwargs: Any) -> ResponseReturnValue:
+        if r.auth:
+            g.who = services().authenticate(request.headers.get("Authorization"))
+        return r.handler(**kwargs)
+    view.__name__ = r.handler.__name__
+    return view
+
+
+def services() -> Services:
+    return current_app.extensions["tally"]
+
+
+def who() -> Principal:
+    return g.who
+
+
+def body(schema: type[Schema]) -> dict[str, Any]:
+    """The JSON body validated by `schema`: 400 if it is not JSON, 422 naming the fields."""
+    data = request.get_json(silent=True)
+    if data is None:
+        raise BadRequest("the request body must be JSON (Content-Type: application/json)",
+                         {"body": ["not JSON"]})
+    return load(schema, data)
+
+
+def query(schema: type[Schema]) -> dict[str, Any]:
+    """Query-string parameters validated by `schema` (lists from repeated keys)."""
+    s = schema()
+    data: dict[str, Any] = {}
+    for key in request.args:
+        f = s.fields.get(key)
+        many = f is not None and f.__class__.__name__ == "List"
+        data[key] = request.args.getlist(key) if many else request.args.get(key)
+    return load(schema, data)
+
+
+def load(schema: type[Schema], data: Any) -> dict[str, Any]:
+    try:
+        return schema().load(data)
+    except ValidationError as exc:
+        messages = exc.messages if isinstance(exc.messages, dict) else {"_": exc.messages}
+        first = next(iter(messages.items()))
+        raise Unprocessable(f"invalid {first[0]}: {_flat(first[1])}", messages) from exc
+
+
+def _flat(v: Any) -> str:
+    while isinstance(v, dict | list) and v:
+        v = next(iter(v.values())) if isinstance(v, dict) else v[0]
+    return str(v)
+
+
+def reply(schema: type[Schema], obj: Any, status: int = 200) -> ResponseReturnValue:
+    return jsonify(schema().dump(obj)), status
+
+
+def openapi_path(rule: str) -> str:
+    return re.sub(r"<(?:[a-z]+:)?([a-z_]+)>", r"{\1}", rule)
