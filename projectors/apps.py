@@ -1,0 +1,93 @@
+"""The apps and releases views: what developers asked for.
+
+A release becomes the app's current release as soon as it is created (rollbacks are
+releases too); the one before it is then `superseded`. A deleted app loses its rows; its
+history stays in the ledger (`tally why` and `tally state --at` still see it).
+"""
+
+from __future__ import annotations
+
+from ledger.events import RecordedEvent
+from projectors.projector import Projector, handlers_of, handles
+from projectors.tables import Tables
+
+
+@handles("AppCreated")
+def app_created(t: Tables, e: RecordedEvent) -> None:
+    t.put("apps", {
+        "name": e.data["name"], "owner": e.data["owner"], "current_release": None,
+        "scale": {}, "config_version": 0, "domains": [], "maintenance": False,
+        "created_at": e.recorded_at, "created_position": e.position, "release_position": None,
+        "scale_position": None, "maintenance_position": None, "position": e.position,
+    })
+
+
+@handles("AppDeleted")
+def app_deleted(t: Tables, e: RecordedEvent) -> None:
+    name = e.data["name"]
+    t.delete("apps", name)
+    for release in t.by("releases", name):
+        t.delete("releases", name, release["release"])
+
+
+@handles("ConfigChanged")
+def config_changed(t: Tables, e: RecordedEvent) -> None:
+    _change(t, e, config_version=e.data["config_version"])
+
+
+@handles("ReleaseCreated")
+def release_created(t: Tables, e: RecordedEvent) -> None:
+    d = e.data
+    app = t.get("apps", d["app"])
+    if app is None:
+        return
+    if app["current_release"] is not None:
+        old = t.get("releases", d["app"], app["current_release"])
+        if old is not None:
+            t.update("releases", old, status="superseded")
+    t.put("releases", {
+        "app": d["app"], "release": d["release"], "bundle_digest": d["bundle_digest"],
+        "procfile": d["procfile"], "config_version": d["config_version"],
+        "description": d.get("description", ""), "rollback_of": d.get("rollback_of"),
+        "status": "current", "created_at": e.recorded_at, "position": e.position,
+    })
+    _change(t, e, current_release=d["release"], release_position=e.position)
+
+
+@handles("ScaleChanged")
+def scale_changed(t: Tables, e: RecordedEvent) -> None:
+    app = t.get("apps", e.data["app"])
+    if app is not None:
+        _change(t, e, scale={**app["scale"], **e.data["scale"]}, scale_position=e.position)
+
+
+@handles("DomainAdded", "DomainRemoved")
+def domain_changed(t: Tables, e: RecordedEvent) -> None:
+    app = t.get("apps", e.data["app"])
+    if app is None:
+        return
+    domains = [d for d in app["domains"] if d != e.data["domain"]]
+    if e.type == "DomainAdded":
+        domains.append(e.data["domain"])
+    _change(t, e, domains=sorted(domains))
+
+
+@handles("MaintenanceChanged")
+def maintenance_changed(t: Tables, e: RecordedEvent) -> None:
+    _change(t, e, maintenance=e.data["enabled"], maintenance_position=e.position)
+
+
+def _change(t: Tables, e: RecordedEvent, **changes: object) -> None:
+    app = t.get("apps", e.data["app"])
+    if app is not None:
+        t.update("apps", app, position=e.position, **changes)
+
+
+PROJECTOR = Projector(
+    name="apps",
+    tables={"apps": ("name",), "releases": ("app", "release")},
+    public=("apps", "releases"),
+    indexes={"releases": "app"},
+    handlers=handlers_of(app_created, app_deleted, config_changed, release_created,
+                         scale_changed, domain_changed, maintenance_changed),
+)

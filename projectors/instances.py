@@ -1,0 +1,90 @@
+"""The instances view: what host agents observe, joined with what the placer asked for.
+
+States: placed (desired, not started yet) -> started -> healthy; exited (crashed: exit code,
+signal, restarts, last log lines); stopped (on purpose). A row leaves once the instance is
+both unplaced and not running, so the view holds what is, or should be, on the fleet.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ledger.events import RecordedEvent
+from projectors.projector import Projector, handlers_of, handles
+from projectors.tables import Tables
+
+NOT_RUNNING = ("placed", "exited", "stopped")
+
+
+@handles("InstancePlaced")
+def placed(t: Tables, e: RecordedEvent) -> None:
+    d = e.data
+    old = t.get("instances", d["instance_id"])
+    desired = {"app": d["app"], "release": d["release"], "process_type": d["process_type"],
+               "host_id": d["host_id"], "port": d["port"], "placed": True,
+               "placed_position": e.position, "position": e.position}
+    if old is not None:
+        t.update("instances", old, **desired)
+        return
+    t.put("instances", {
+        "instance_id": d["instance_id"], **desired, "state": "placed", "pid": None,
+        "since": e.recorded_at, "exit_code": None, "signal": None, "restarts": 0,
+        "log_tail": [], "state_position": e.position,
+    })
+
+
+@handles("InstanceUnplaced")
+def unplaced(t: Tables, e: RecordedEvent) -> None:
+    row = t.get("instances", e.data["instance_id"])
+    if row is None:
+        return
+    if row["state"] in NOT_RUNNING:
+        t.delete("instances", row["instance_id"])
+    else:
+        t.update("instances", row, placed=False, position=e.position)
+
+
+@handles("InstanceStarted")
+def started(t: Tables, e: RecordedEvent) -> None:
+    _observe(t, e, "started", pid=e.data["pid"], exit_code=None, signal=None)
+
+
+@handles("InstanceHealthy")
+def healthy(t: Tables, e: RecordedEvent) -> None:
+    _observe(t, e, "healthy")
+
+
+@handles("InstanceExited")
+def exited(t: Tables, e: RecordedEvent) -> None:
+    d = e.data
+    _observe(t, e, "exited", exit_code=d.get("exit_code"), signal=d.get("signal"),
+             restarts=d.get("restarts", 0), log_tail=d.get("log_tail", []))
+
+
+@handles("InstanceStopped")
+def stopped(t: Tables, e: RecordedEvent) -> None:
+    _observe(t, e, "stopped")
+
+
+def _observe(t: Tables, e: RecordedEvent, state: str, **facts: Any) -> None:
+    instance_id = e.data["instance_id"]
+    row = t.get("instances", instance_id)
+    if row is None:  # an agent reports an instance the placer no longer wants
+        row = {"instance_id": instance_id, "app": None, "release": None, "process_type": None,
+               "host_id": e.data.get("host_id"), "port": None, "placed": False, "pid": None,
+               "exit_code": None, "signal": None, "restarts": 0, "log_tail": [],
+               "placed_position": None}
+    if not row["placed"] and state in NOT_RUNNING:
+        t.delete("instances", instance_id)
+        return
+    host = e.data.get("host_id") or row["host_id"]
+    t.put("instances", {**row, **facts, "state": state, "since": e.recorded_at,
+                        "host_id": host, "state_position": e.position, "position": e.position})
+
+
+PROJECTOR = Projector(
+    name="instances",
+    tables={"instances": ("instance_id",)},
+    public=("instances",),
+    handlers=handlers_of(placed, unplaced, started, healthy, exited, stopped),
+)

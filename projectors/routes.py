@@ -1,0 +1,159 @@
+"""The routes view: hostname -> the healthy backends the balancers send it to.
+
+A live app with a current release gets one route per hostname: its default name
+`<app>.<DEFAULT_SUFFIX>` (like Heroku's `<app>.herokuapp.com`) and each of its domains
+(exact names or `*.suffix` wildcards, matched by the balancers). Backends are the
+`address:port` of its `web` instances of the current release that are placed, healthy,
+and on a host not lost. A route with no backend stays (balancers answer 503 "no healthy
+backend", not 404 "unknown host"). `version` is the position of the row's last change;
+`routes_version` holds the position of the last change to any route.
+
+The routes projector keeps the facts it joins (apps, hosts, instances) in its own private
+tables: reading other projectors' views would mix positions.
+"""
+
+from __future__ import annotations
+
+from ledger.events import RecordedEvent
+from projectors.projector import Projector, handlers_of, handles
+from projectors.tables import Row, Tables
+
+DEFAULT_SUFFIX = "tally.local"
+"""Every app answers at <app>.tally.local. A constant, so replays stay deterministic;
+to change it, add an event to the catalogue rather than a setting."""
+WEB = "web"
+
+
+def default_hostname(app: str) -> str:
+    return f"{app}.{DEFAULT_SUFFIX}"
+
+
+def _mark(t: Tables, app: str | None, position: int | None) -> None:
+    if app is not None and position is not None:
+        t.marks[app] = max(position, t.marks.get(app, 0))
+
+
+@handles("AppCreated")
+def app_created(t: Tables, e: RecordedEvent) -> None:
+    t.put("route_apps", {"app": e.data["name"], "current_release": None, "domains": [],
+                         "maintenance": False})
+    _mark(t, e.data["name"], e.position)
+
+
+@handles("AppDeleted")
+def app_deleted(t: Tables, e: RecordedEvent) -> None:
+    t.delete("route_apps", e.data["name"])
+    _mark(t, e.data["name"], e.position)
+
+
+@handles("ReleaseCreated", "DomainAdded", "DomainRemoved", "MaintenanceChanged")
+def app_changed(t: Tables, e: RecordedEvent) -> None:
+    d = e.data
+    app = t.get("route_apps", d["app"])
+    if app is None:
+        return
+    if e.type == "ReleaseCreated":
+        app = t.update("route_apps", app, current_release=d["release"])
+    elif e.type == "MaintenanceChanged":
+        app = t.update("route_apps", app, maintenance=d["enabled"])
+    else:
+        domains = [x for x in app["domains"] if x != d["domain"]]
+        if e.type == "DomainAdded":
+            domains.append(d["domain"])
+        t.update("route_apps", app, domains=sorted(domains))
+    _mark(t, d["app"], e.position)
+
+
+@handles("HostRegistered", "HostLost", "HostHeartbeat")
+def host_changed(t: Tables, e: RecordedEvent) -> None:
+    host_id = e.data["host_id"]
+    old = t.get("route_hosts", host_id)
+    if e.type == "HostRegistered":
+        new = {"host_id": host_id, "address": e.data["address"], "lost": False}
+    elif old is None:
+        return
+    else:
+        new = {**old, "lost": e.type == "HostLost"}
+    if new == old:
+        return  # the common heartbeat: nothing to recompute
+    t.put("route_hosts", new)
+    for backend in t.all("route_backends"):  # rare: a host joined, was lost or came back
+        if backend["host_id"] == host_id:
+            _mark(t, backend["app"], e.position)
+
+
+@handles("InstancePlaced")
+def placed(t: Tables, e: RecordedEvent) -> None:
+    d = e.data
+    old = t.get("route_backends", d["instance_id"])
+    t.put("route_backends", {
+        "instance_id": d["instance_id"], "app": d["app"], "release": d["release"],
+        "process_type": d["process_type"], "host_id": d["host_id"], "port": d["port"],
+        "healthy": bool(old and old["healthy"]),
+    })
+    _mark(t, d["app"], e.position)
+
+
+@handles("InstanceUnplaced")
+def unplaced(t: Tables, e: RecordedEvent) -> None:
+    old = t.get("route_backends", e.data["instance_id"])
+    if old is not None:
+        t.delete("route_backends", old["instance_id"])
+        _mark(t, old["app"], e.position)
+
+
+@handles("InstanceHealthy", "InstanceStarted", "InstanceExited", "InstanceStopped")
+def health_changed(t: Tables, e: RecordedEvent) -> None:
+    old = t.get("route_backends", e.data["instance_id"])
+    healthy = e.type == "InstanceHealthy"
+    if old is not None and old["healthy"] != healthy:
+        t.update("route_backends", old, healthy=healthy)
+        _mark(t, old["app"], e.position)
+
+
+def desired_routes(t: Tables, app_name: str) -> dict[str, Row]:
+    """hostname -> route row (without version) the app should have now."""
+    app = t.get("route_apps", app_name)
+    if app is None or app["current_release"] is None:
+        return {}
+    backends = []
+    for b in t.by("route_backends", app_name):
+        host = t.get("route_hosts", b["host_id"])
+        if (b["healthy"] and b["release"] == app["current_release"] and b["process_type"] == WEB
+                and host is not None and not host["lost"]):
+            backends.append(f"{host['address']}:{b['port']}")
+    backends.sort()
+    return {h: {"hostname": h, "app": app_name, "backends": backends,
+                "maintenance": app["maintenance"]}
+            for h in [default_hostname(app_name), *app["domains"]]}
+
+
+def recompute(t: Tables) -> None:
+    """After a batch: bring the routes of every marked app up to date."""
+    changed_at = 0
+    for app_name, position in t.marks.items():
+        want = desired_routes(t, app_name)
+        for old in t.by("routes", app_name):
+            if old["hostname"] not in want:
+                t.delete("routes", old["hostname"])
+                changed_at = max(changed_at, position)
+        for hostname, row in want.items():
+            old = t.get("routes", hostname)
+            if old is None or any(old[k] != row[k] for k in row):
+                t.put("routes", {**row, "version": position})
+                changed_at = max(changed_at, position)
+    t.marks.clear()
+    if changed_at:
+        t.put("routes_version", {"id": 1, "version": changed_at})
+
+
+PROJECTOR = Projector(
+    name="routes",
+    tables={"routes": ("hostname",), "routes_version": ("id",), "route_apps": ("app",),
+            "route_hosts": ("host_id",), "route_backends": ("instance_id",)},
+    public=("routes", "routes_version"),
+    indexes={"routes": "app", "route_backends": "app"},
+    handlers=handlers_of(app_created, app_deleted, app_changed, host_changed, placed, unplaced,
+                         health_changed),
+    finish=recompute,
+)

@@ -1,0 +1,212 @@
+"""Running projectors against PostgreSQL: one batch of events per transaction, rows and
+checkpoint together, so `kill -9` at any moment neither repeats nor skips an event.
+
+`Runner` drives one projector over one connection. `catch_up` feeds several runners from
+one read of the ledger. `serve` is the `tally serve projectors` daemon: catch up from the
+checkpoints, then follow (ZeroMQ wake-up from the relays, plus a poll timer; it sequences
+the ledger itself so it never depends on the relays being up).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg2
+
+from ledger import Ledger, LedgerUnavailable, RecordedEvent
+from ledger.subscriber import Subscriber
+from projectors.projector import HandlerFailed, Projector
+from projectors.store import (
+    Writer,
+    load_tables,
+    lock_checkpoint,
+    save_checkpoint,
+    save_error,
+    set_schema,
+)
+
+log = logging.getLogger("tally.projectors")
+BATCH = 5000
+
+
+class Runner:
+    """One projector over one connection. With `checkpointed`, its position lives in
+    views.projector_checkpoints and each batch locks that row first: a rebuild swapping
+    the tables bumps `generation`, and the runner reloads. Without, it starts empty at
+    position 0 (rebuilds and replays)."""
+
+    def __init__(self, projector: Projector, conn: Any, *, checkpointed: bool = True) -> None:
+        self.projector = projector
+        self.conn = conn
+        self.checkpointed = checkpointed
+        self.writer = Writer()
+        self.tables = projector.new_tables()
+        self.position = 0
+        self.generation = 0
+        self.stale = False
+        self.stopped: HandlerFailed | None = None
+
+    @property
+    def name(self) -> str:
+        return self.projector.name
+
+    def start(self) -> None:
+        """Load position and rows. A projector stopped by a failing handler is retried
+        (its error clears once it gets past that event)."""
+        with self.conn, self.conn.cursor() as cur:
+            if self.checkpointed:
+                self.position, self.generation, _, _ = lock_checkpoint(cur, self.name)
+            self.tables = load_tables(cur, self.projector)
+        self.stale = False
+        self.stopped = None
+
+    def apply(self, events: Sequence[RecordedEvent], head: int) -> None:
+        """Apply the events beyond our position in one transaction. On a handler error,
+        commit those before it and stop with the failing event in the status."""
+        if self.stopped or not events or events[-1].position <= self.position:
+            return
+        if self.stale:
+            self.start()
+        try:
+            with self.conn, self.conn.cursor() as cur:
+                if self.checkpointed:
+                    self._check_generation(cur)
+                self.apply_within(cur, [e for e in events if e.position > self.position], head)
+        except HandlerFailed as failed:
+            self._stop(failed, events, head)
+        except psycopg2.DatabaseError as exc:
+            if isinstance(exc, psycopg2.OperationalError | psycopg2.InterfaceError):
+                raise
+            self._blame(events, head, exc)
+
+    def apply_within(self, cur: Any, events: Sequence[RecordedEvent], head: int) -> None:
+        """Apply and write inside the caller's transaction."""
+        if not events:
+            return
+        try:
+            self.projector.apply(self.tables, events)
+            self.writer.write(cur, self.tables)
+        except BaseException:
+            self.stale = True  # rows hold a partial batch: reload before reuse
+            raise
+        last = events[-1]
+        if self.checkpointed:
+            save_checkpoint(cur, self.name, last.position, head, last.recorded_at)
+        self.position = last.position
+
+    def _check_generation(self, cur: Any) -> None:
+        """Lock our checkpoint row; if a rebuild swapped our tables, reload them."""
+        position, generation, _, _ = lock_checkpoint(cur, self.name)
+        if (position, generation) != (self.position, self.generation):
+            log.info("projector %s was rebuilt or moved (generation %s): reloading",
+                     self.name, generation)
+            self.position, self.generation = position, generation
+            self.tables = load_tables(cur, self.projector)
+
+    def _stop(self, failed: HandlerFailed, events: Sequence[RecordedEvent], head: int) -> None:
+        """Keep what came before the failing event, then stop with it in the status."""
+        log.error("%s", failed)
+        self.start()
+        before = [e for e in events if self.position < e.position < failed.event.position]
+        with self.conn, self.conn.cursor() as cur:
+            if self.checkpointed:
+                lock_checkpoint(cur, self.name)
+            self.apply_within(cur, before, head)
+            if self.checkpointed:
+                save_error(cur, self.name, failed.event.position, failed.event.type,
+                           f"{type(failed.error).__name__}: {failed.error}")
+        self.stopped = failed
+
+    def _blame(self, events: Sequence[RecordedEvent], head: int, exc: Exception) -> None:
+        """The database refused a batch (not a lost connection): redo it one event per
+        transaction to find the event, then stop there."""
+        log.warning("projector %s: batch refused (%s); retrying one by one", self.name, exc)
+        self.start()
+        for event in [e for e in events if e.position > self.position]:
+            try:
+                with self.conn, self.conn.cursor() as cur:
+                    self.apply_within(cur, [event], head)
+            except (HandlerFailed, psycopg2.DatabaseError) as error:
+                if isinstance(error, psycopg2.OperationalError | psycopg2.InterfaceError):
+                    raise
+                cause = error.error if isinstance(error, HandlerFailed) else error
+                self._stop(HandlerFailed(self.name, event, cause, 0), events, head)
+                return
+
+
+def catch_up(runners: Sequence[Runner], ledger: Ledger, head: int,
+             batch: int = BATCH) -> int:
+    """Feed every running runner up to `head`, reading each event once. Returns the
+    number of events read."""
+    read = 0
+    while True:
+        active = [r for r in runners if not r.stopped]
+        low = min((r.position for r in active), default=head)
+        if low >= head:
+            return read
+        events = ledger.read_all(after=low, limit=batch, upto=head)
+        if not events:
+            return read
+        read += len(events)
+        for runner in active:
+            runner.apply(events, head)
+
+
+def connect(dsn: str, schema: str, application_name: str) -> Any:
+    """A connection for projecting into `schema` (not autocommit: we own transactions)."""
+    conn = psycopg2.connect(dsn, application_name=application_name)
+    set_schema(conn, schema)
+    return conn
+
+
+def serve(dsn: str, endpoints: Sequence[str], projectors: Sequence[Projector], *,
+          stop: threading.Event, poll_interval: float = 1.0, batch: int = BATCH) -> None:
+    """The daemon: catch up, then follow until `stop` is set. A lost primary makes it
+    reconnect and reload from the checkpoints; a failing handler stops only its projector."""
+    sub = Subscriber(endpoints) if endpoints else None
+    try:
+        while not stop.is_set():
+            try:
+                _follow(dsn, sub, projectors, stop, poll_interval, batch)
+            except (psycopg2.OperationalError, psycopg2.InterfaceError, LedgerUnavailable) as exc:
+                log.warning("projectors lost the ledger (%s); reconnecting", exc)
+                stop.wait(0.5)
+    finally:
+        if sub is not None:
+            sub.close()
+
+
+def _follow(dsn: str, sub: Subscriber | None, projectors: Sequence[Projector],
+            stop: threading.Event, poll_interval: float, batch: int) -> None:
+    conn = connect(dsn, "views", "tally-projectors")
+    ledger = Ledger(dsn, notify=False, retry_deadline=5.0, application_name="tally-projectors")
+    try:
+        runners = [Runner(p, conn) for p in projectors]
+        for runner in runners:
+            runner.start()
+        log.info("projectors at %s", {r.name: r.position for r in runners})
+        while not stop.is_set():
+            head = ledger.sequence()
+            catch_up(runners, ledger, head, batch)
+            _resume_rebuilt(runners)
+            if sub is not None:
+                sub.wait(poll_interval)
+            else:
+                stop.wait(poll_interval)
+    finally:
+        ledger.close()
+        conn.close()
+
+
+def _resume_rebuilt(runners: Sequence[Runner]) -> None:
+    """A stopped projector resumes once a rebuild has replaced its tables."""
+    for runner in runners:
+        if runner.stopped is None:
+            continue
+        with runner.conn, runner.conn.cursor() as cur:
+            generation = lock_checkpoint(cur, runner.name)[1]
+        if generation != runner.generation:
+            runner.start()
