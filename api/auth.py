@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from api.errors import Forbidden, Unauthorized
+from ledger import NO_STREAM, Ledger
 from ledger.events import NewEvent, RecordedEvent
 
 ROLES = ("admin", "member", "agent")
@@ -123,3 +124,24 @@ def require_host(who: Principal, host_id: str) -> None:
         return
     if who.role != "agent" or who.host_id != host_id:
         raise Forbidden(f"this token may not act for host {host_id!r}")
+
+
+def create_user(ledger: Ledger, name: str, role: str, host_id: str | None = None,
+                actor: str = "operator") -> str:
+    """Create a user straight on the ledger (the operator's path: `tally admin create-user`,
+    `tally up`); returns the token, shown once. VersionConflict if the name is taken."""
+    token, events = user_events(name, role, host_id, label="created by " + actor)
+    stamped = [NewEvent(e.type, e.data, {"actor": actor, "role": "operator"}) for e in events]
+    ledger.append(f"user-{name}", stamped, expected_version=NO_STREAM)
+    return token
+
+
+def has_admin(ledger: Ledger) -> bool:
+    """Whether any admin user exists (so `tally up` knows to make the first one)."""
+    directory = Directory()
+    ledger.sequence()
+    after = 0
+    while batch := ledger.read_all(after, categories=["user"], types=["UserCreated"]):
+        directory.apply(batch)
+        after = batch[-1].position or after
+    return any(u.role == "admin" for u in directory.users.values())

@@ -57,7 +57,7 @@ def list_apps() -> ResponseReturnValue:
     svc = services()
     rows = queries.apps(svc.ledger)
     if not caller.is_admin:
-        directory = svc.directory()
+        directory = svc.directory(force=True)
         rows = [r for r in rows if directory.manages(caller.name, r["name"])]
     return reply(schemas.AppList, {"apps": rows})
 

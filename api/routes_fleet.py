@@ -32,7 +32,7 @@ def me() -> ResponseReturnValue:
 def list_users() -> ResponseReturnValue:
     """Every user and their token ids (admins only)."""
     require_role(who(), "admin")
-    d = services().directory()
+    d = services().directory(force=True)
     items = [{"name": u.name, "role": u.role, "host_id": u.host_id,
               "token_ids": d.token_ids(u.name)} for u in sorted(d.users.values(),
                                                                  key=lambda u: u.name)]

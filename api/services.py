@@ -84,7 +84,11 @@ class Services:
         """Load the app, decide, append at the version loaded. A concurrent change makes
         this a 409 carrying the state the other writer left."""
         state = self.load_app(name)
-        events = decide(state)
+        return self.commit(state, decide(state), who)
+
+    def commit(self, state: AppState, events: list[NewEvent], who: Principal) -> AppState:
+        """Append events decided on `state` at its version; the app as it is after."""
+        name = state.name
         if not events:
             return state
         try:

@@ -1,9 +1,372 @@
-"""`tally` commands of one part, registered by tally/cli.py."""
+"""`tally` commands for developers: apps, deploy, releases, scale, config, domains, ps,
+maintenance; `tally login` and `tally admin create-user`; `tally serve api`.
+
+They talk HTTP to the API (api/client.py): quiet on success, `--json` on every read, one
+line and exit status 1 on any failure.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
 import click
+
+from api.client import Client, ClientError, pack, save_credentials
+
+# --- plumbing -------------------------------------------------------------------------------
+
+
+def http_command(group: click.Group, name: str, json_output: bool = False) -> Callable:
+    """A command talking to the API: `--api URL`, optional `--json`, errors as one line."""
+    def decorate(fn: Callable[..., Any]) -> click.Command:
+        @wraps(fn)
+        def run(*args: Any, api: str | None, **kwargs: Any) -> Any:
+            try:
+                return fn(Client(api), *args, **kwargs)
+            except ClientError as exc:
+                raise click.ClickException(str(exc)) from exc
+        run = click.option("--api", envvar="TALLY_API", help="API URL (default: from "
+                           "`tally login`, or http://127.0.0.1:8000).")(run)
+        if json_output:
+            run = click.option("--json", "as_json", is_flag=True,
+                               help="Machine-readable output.")(run)
+        return group.command(name)(run)
+    return decorate
+
+
+def app_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("-a", "--app", "app", required=True, envvar="TALLY_APP",
+                        help="The app (or TALLY_APP).")(fn)
+
+
+def emit(data: Any, as_json: bool, text: Callable[[Any], None]) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=1, sort_keys=True))
+    else:
+        text(data)
+
+
+def table(rows: list[dict[str, Any]], columns: list[str], empty: str) -> None:
+    if not rows:
+        click.echo(empty, err=True)
+        return
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for row in cells:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, dict):
+        return " ".join(f"{k}={x}" for k, x in sorted(v.items())) or "-"
+    if isinstance(v, list):
+        return ",".join(str(x) for x in v) or "-"
+    return str(v)
+
+
+def parse_pairs(pairs: tuple[str, ...], what: str) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not {what}=VALUE")
+        out[key] = value
+    return out
+
+
+# --- registration ---------------------------------------------------------------------------
 
 
 def register(cli: click.Group) -> None:
     """Add this module's commands to the `tally` group."""
+    _serve(cli)
+    _admin(cli)
+    _session(cli)
+    _apps(cli)
+    _releases(cli)
+    _settings(cli)
+
+
+def _serve(cli: click.Group) -> None:
+    serve = cli.commands["serve"]
+    assert isinstance(serve, click.Group)
+
+    @serve.command("api")
+    @click.option("--bind", envvar="TALLY_API_BIND", default="127.0.0.1:8000",
+                  show_default=True)
+    @click.option("--workers", default=2, show_default=True)
+    @click.option("--threads", default=4, show_default=True)
+    def serve_api(bind: str, workers: int, threads: int) -> None:
+        """The JSON API under gunicorn."""
+        from api import create_app, settings_from_env
+        from api.serve import Gunicorn, options
+
+        try:
+            settings = settings_from_env()
+        except (OSError, ValueError) as exc:
+            raise click.ClickException(f"cannot configure the API: {exc}") from exc
+        settings.bundles_dir.mkdir(parents=True, exist_ok=True)
+        Gunicorn(create_app(settings), options(bind, workers, threads)).run()
+
+
+def _admin(cli: click.Group) -> None:
+    @cli.group()
+    def admin() -> None:
+        """Operator commands, run on a ledger host (they write to the ledger directly)."""
+
+    @admin.command("create-user")
+    @click.argument("name")
+    @click.option("--role", type=click.Choice(["admin", "member", "agent"]),
+                  default="member", show_default=True)
+    @click.option("--host", "host_id", help="The host an agent token acts for.")
+    @click.pass_obj
+    def create_user(cfg: Any, name: str, role: str, host_id: str | None) -> None:
+        """Create a user and print their API token (shown once)."""
+        from api.auth import create_user as create
+        from ledger import Ledger, LedgerError
+
+        if (role == "agent") != bool(host_id):
+            raise click.ClickException("--host is required for agents, and only for them")
+        try:
+            with Ledger(cfg.cluster().dsn("tally_writer"), retry_deadline=5) as ledger:
+                token = create(ledger, name, role, host_id)
+        except LedgerError as exc:
+            msg = f"a user named {name!r} exists" if "expected no stream" in str(exc) else exc
+            raise click.ClickException(str(msg)) from exc
+        click.echo(token)
+
+
+def _session(cli: click.Group) -> None:
+    @cli.command("login")
+    @click.option("--api", envvar="TALLY_API", default=None, help="API URL.")
+    @click.option("--token", envvar="TALLY_TOKEN", help="API token (prompted if not given).")
+    def login(api: str | None, token: str | None) -> None:
+        """Check an API token and save it for the next commands."""
+        token = token or click.prompt("API token", hide_input=True)
+        client = Client(api, token)
+        try:
+            me = client.get("/me")
+        except ClientError as exc:
+            raise click.ClickException(str(exc)) from exc
+        path = save_credentials(client.api, token, me["name"])
+        click.echo(f"logged in to {client.api} as {me['name']} ({me['role']}); "
+                   f"token saved in {path}", err=True)
+
+    @http_command(cli, "whoami", json_output=True)
+    def whoami(client: Client, as_json: bool) -> None:
+        """Who the saved token belongs to."""
+        emit(client.get("/me"), as_json, lambda me: click.echo(f"{me['name']} ({me['role']})"))
+
+
+def _apps(cli: click.Group) -> None:
+    @http_command(cli, "apps", json_output=True)
+    def apps(client: Client, as_json: bool) -> None:
+        """The apps you may manage."""
+        emit(client.get("/apps")["apps"], as_json, lambda rows: table(
+            rows, ["name", "owner", "release", "scale", "domains", "maintenance"],
+            "no apps yet: create one with `tally apps:create NAME`"))
+
+    @http_command(cli, "apps:create")
+    @click.argument("name")
+    def apps_create(client: Client, name: str) -> None:
+        """Create an app (3-30 lowercase letters, digits, dashes)."""
+        client.post("/apps", {"name": name})
+
+    @http_command(cli, "apps:info", json_output=True)
+    @click.argument("name")
+    def apps_info(client: Client, name: str, as_json: bool) -> None:
+        """One app: release, scale, domains, members."""
+        def text(a: dict[str, Any]) -> None:
+            for key in ("name", "owner", "members", "release", "scale", "domains",
+                        "maintenance", "created_at"):
+                click.echo(f"{key + ':':13} {_cell(a.get(key))}")
+        emit(client.get(f"/apps/{name}"), as_json, text)
+
+    @http_command(cli, "apps:delete")
+    @click.argument("name")
+    @click.option("--confirm", help="The app's name again, to confirm.")
+    def apps_delete(client: Client, name: str, confirm: str | None) -> None:
+        """Delete an app: everything stops, the history stays."""
+        if confirm != name:
+            raise ClientError(f"this stops every process of {name}: "
+                              f"repeat with --confirm {name}")
+        client.request("DELETE", f"/apps/{name}")
+
+    @http_command(cli, "access:add")
+    @app_option
+    @click.argument("user")
+    def access_add(client: Client, app: str, user: str) -> None:
+        """Let another user manage the app."""
+        client.post(f"/apps/{app}/members", {"user": user})
+
+    @http_command(cli, "ps", json_output=True)
+    @app_option
+    def ps(client: Client, app: str, as_json: bool) -> None:
+        """The app's instances and their state."""
+        emit(client.get(f"/apps/{app}/ps")["items"], as_json, lambda rows: table(
+            rows, ["instance_id", "process_type", "release", "host_id", "port", "state",
+                   "since"], f"no instances of {app} (scale it with `tally scale web=1`)"))
+
+
+def _releases(cli: click.Group) -> None:
+    @http_command(cli, "deploy")
+    @app_option
+    @click.argument("folder", default=".", type=click.Path(exists=True, file_okay=False,
+                                                            path_type=Path))
+    @click.option("-m", "--message", "description", default="", help="Release description.")
+    @click.option("--wait/--no-wait", default=True, show_default=True,
+                  help="Follow the rollout until the instances are healthy.")
+    @click.option("--timeout", default=120.0, show_default=True, help="Seconds to follow.")
+    def deploy(client: Client, app: str, folder: Path, description: str, wait: bool,
+               timeout: float) -> None:
+        """Pack FOLDER (Procfile, requirements.txt), upload it as a new release, and follow
+        the rollout."""
+        data = pack(folder.resolve())
+        digest = hashlib.sha256(data).hexdigest()
+        with click.progressbar(length=len(data), label=f"uploading {len(data)} bytes",
+                               file=sys.stderr) as bar:
+            release = client.upload(f"/apps/{app}/releases", data,
+                                    {"digest": digest, "description": description},
+                                    bar.update)
+        number = release["number"]
+        click.echo(f"release v{number} created", err=True)
+        if wait:
+            follow(client, app, number, timeout)
+
+    @http_command(cli, "releases", json_output=True)
+    @app_option
+    def releases(client: Client, app: str, as_json: bool) -> None:
+        """The app's releases, newest first."""
+        def text(rows: list[dict[str, Any]]) -> None:
+            for r in rows:
+                r["version"] = f"v{r['number']}"
+                r["digest"] = r["bundle_digest"][:12]
+            table(rows, ["version", "description", "digest", "created_by", "created_at"],
+                  f"{app} has no releases yet: `tally deploy`")
+        emit(client.get(f"/apps/{app}/releases")["releases"], as_json, text)
+
+    @http_command(cli, "rollback")
+    @app_option
+    @click.argument("release", required=False)
+    def rollback(client: Client, app: str, release: str | None) -> None:
+        """A new release with an earlier one's code and config (default: the previous)."""
+        number = None
+        if release is not None:
+            try:
+                number = int(release.lstrip("v"))
+            except ValueError:
+                raise ClientError(f"{release!r} is not a release like v3") from None
+        new = client.post(f"/apps/{app}/rollback", {"release": number})
+        click.echo(f"rolled back to v{new['rollback_of']} as v{new['number']}", err=True)
+
+
+def follow(client: Client, app: str, number: int, timeout: float) -> None:
+    """Watch the app's instances of release `number` until as many are healthy as the scale
+    wants, one exits (show why), or the timeout."""
+    scale = client.get(f"/apps/{app}")["scale"]
+    wanted = sum(scale.values())
+    if wanted == 0:
+        click.echo(f"v{number} released; no process is scaled up (`tally scale web=1`)",
+                   err=True)
+        return
+    click.echo(f"waiting for {wanted} instance(s) of v{number} to be healthy "
+               f"({_cell(scale)}): placed by the placer, started by host agents", err=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = [r for r in client.get(f"/apps/{app}/ps")["items"] if r["release"] == number]
+        failed = [r for r in rows if r["state"] == "exited"]
+        if failed:
+            r = failed[0]
+            tail = " | ".join((r.get("log_tail") or [])[-3:])
+            raise ClientError(f"instance {r['instance_id']} ({r['process_type']}) of "
+                              f"v{number} exited with code {r.get('exit_code')}: {tail}")
+        healthy = sum(1 for r in rows if r["state"] == "healthy")
+        if healthy >= wanted:
+            click.echo(f"v{number} is running: {healthy} healthy instance(s)", err=True)
+            return
+        if time.monotonic() > deadline:
+            states = _cell(sorted({r["state"] for r in rows})) if rows else "none placed"
+            raise ClientError(
+                f"v{number} is released but not running after {timeout:.0f}s: {healthy} of "
+                f"{wanted} healthy, instances: {states} (are the placer and a host agent "
+                f"running? `tally ps -a {app}`)")
+        time.sleep(1.0)
+
+
+def _settings(cli: click.Group) -> None:
+    @http_command(cli, "scale")
+    @app_option
+    @click.argument("pairs", nargs=-1, required=True)
+    def scale(client: Client, app: str, pairs: tuple[str, ...]) -> None:
+        """Set instances per process type: `tally scale web=2 worker=1`."""
+        wanted = {}
+        for key, value in parse_pairs(pairs, "TYPE").items():
+            if not value.isdigit():
+                raise ClientError(f"{key}={value}: the count must be a whole number")
+            wanted[key] = int(value)
+        client.post(f"/apps/{app}/scale", {"scale": wanted})
+
+    @http_command(cli, "config", json_output=True)
+    @app_option
+    def config(client: Client, app: str, as_json: bool) -> None:
+        """The app's config vars with their values."""
+        def text(c: dict[str, str]) -> None:
+            for k in sorted(c):
+                click.echo(f"{k}={c[k]}")
+        emit(client.get(f"/apps/{app}/config")["config"], as_json, text)
+
+    @http_command(cli, "config:set")
+    @app_option
+    @click.argument("pairs", nargs=-1, required=True)
+    def config_set(client: Client, app: str, pairs: tuple[str, ...]) -> None:
+        """Set config vars (a new release): `tally config:set KEY=value ...`."""
+        client.request("PATCH", f"/apps/{app}/config", json={"set": parse_pairs(pairs, "KEY")})
+
+    @http_command(cli, "config:unset")
+    @app_option
+    @click.argument("keys", nargs=-1, required=True)
+    def config_unset(client: Client, app: str, keys: tuple[str, ...]) -> None:
+        """Unset config vars (a new release)."""
+        client.request("PATCH", f"/apps/{app}/config", json={"unset": list(keys)})
+
+    @http_command(cli, "domains", json_output=True)
+    @app_option
+    def domains(client: Client, app: str, as_json: bool) -> None:
+        """The app's hostnames."""
+        emit(client.get(f"/apps/{app}/domains")["domains"], as_json,
+             lambda ds: [click.echo(d) for d in ds])
+
+    @http_command(cli, "domains:add")
+    @app_option
+    @click.argument("domain")
+    def domains_add(client: Client, app: str, domain: str) -> None:
+        """Route a hostname (or `*.suffix`) to the app."""
+        client.post(f"/apps/{app}/domains", {"domain": domain})
+
+    @http_command(cli, "domains:remove")
+    @app_option
+    @click.argument("domain")
+    def domains_remove(client: Client, app: str, domain: str) -> None:
+        """Stop routing a hostname to the app."""
+        client.request("DELETE", f"/apps/{app}/domains/{domain}")
+
+    for state, enabled in (("on", True), ("off", False)):
+        _maintenance(cli, state, enabled)
+
+
+def _maintenance(cli: click.Group, state: str, enabled: bool) -> None:
+    @http_command(cli, f"maintenance:{state}")
+    @app_option
+    def maintenance(client: Client, app: str) -> None:
+        """Switch maintenance mode (the balancers answer 503 with a page)."""
+        client.request("PUT", f"/apps/{app}/maintenance", json={"enabled": enabled})

@@ -1,0 +1,133 @@
+"""A small HTTP client of the API for the `tally` CLI: credentials, one error type with
+the server's one-line reason, bundle upload with progress."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import requests
+
+DEFAULT_API = "http://127.0.0.1:8000"
+SKIP = {".git", ".hg", "__pycache__", ".venv", "venv", ".tox", ".mypy_cache", ".pytest_cache"}
+
+
+class ClientError(Exception):
+    """A failure to show the user as one line."""
+
+
+def credentials_path() -> Path:
+    env = os.environ.get("TALLY_CREDENTIALS")
+    if env:
+        return Path(env)
+    base = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config"))
+    return base / "tally" / "credentials.json"
+
+
+def load_credentials() -> dict[str, Any]:
+    path = credentials_path()
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise ClientError(f"cannot read credentials {path}: {exc}") from exc
+
+
+def save_credentials(api: str, token: str, user: str) -> Path:
+    path = credentials_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"api": api, "token": token, "user": user}, f)
+    return path
+
+
+class Client:
+    def __init__(self, api: str | None = None, token: str | None = None) -> None:
+        creds = load_credentials()
+        self.api = (api or os.environ.get("TALLY_API") or creds.get("api")
+                    or DEFAULT_API).rstrip("/")
+        self.token = token or os.environ.get("TALLY_TOKEN") or creds.get("token")
+        self.session = requests.Session()
+
+    def request(self, method: str, path: str, *, expect: tuple[int, ...] = (200, 201, 204),
+                timeout: float = 60, **kw: Any) -> Any:
+        headers = kw.pop("headers", {})
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        try:
+            r = self.session.request(method, self.api + path, headers=headers,
+                                     timeout=timeout, **kw)
+        except requests.ConnectionError as exc:
+            raise ClientError(f"cannot reach the tally API at {self.api} "
+                              f"(is `tally up` running? set --api or TALLY_API)") from exc
+        except requests.Timeout as exc:
+            raise ClientError(f"the tally API at {self.api} did not answer in time") from exc
+        if r.status_code not in expect:
+            raise ClientError(_reason(r))
+        if r.status_code == 204 or not r.content:
+            return None
+        return r.json()
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self.request("GET", path, params={k: v for k, v in params.items()
+                                                 if v is not None})
+
+    def post(self, path: str, body: Any) -> Any:
+        return self.request("POST", path, json=body)
+
+    def upload(self, path: str, data: bytes, params: dict[str, Any],
+               progress: Callable[[int], None]) -> Any:
+        return self.request("POST", path, data=_Progress(data, progress), params=params,
+                            headers={"Content-Type": "application/gzip"}, timeout=600)
+
+
+def _reason(r: requests.Response) -> str:
+    try:
+        body = r.json()
+        message = body.get("message") or body.get("error")
+    except ValueError:
+        message = r.text.strip()[:200] or r.reason
+    if r.status_code == 401:
+        return f"{message}"
+    return f"{message} (HTTP {r.status_code})"
+
+
+class _Progress:
+    """A body requests can size (Content-Length) that reports each chunk it hands out."""
+
+    def __init__(self, data: bytes, progress: Callable[[int], None]) -> None:
+        self.data, self.offset, self.progress = data, 0, progress
+
+    def __len__(self) -> int:
+        return len(self.data) - self.offset
+
+    def read(self, size: int = -1) -> bytes:
+        size = len(self.data) if size < 0 else min(size, 1 << 16)
+        chunk = self.data[self.offset:self.offset + size]
+        self.offset += len(chunk)
+        self.progress(len(chunk))
+        return chunk
+
+
+def pack(folder: Path) -> bytes:
+    """The app folder as a tar.gz (paths relative to it), without VCS folders, virtualenvs
+    and caches."""
+    if not (folder / "Procfile").is_file():
+        raise ClientError(f"{folder} has no Procfile (e.g. `web: gunicorn app:app`)")
+    if not (folder / "requirements.txt").is_file():
+        raise ClientError(f"{folder} has no requirements.txt")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for path in sorted(folder.rglob("*")):
+            rel = path.relative_to(folder)
+            if SKIP & set(rel.parts) or path.suffix == ".pyc":
+                continue
+            tar.add(path, arcname=str(rel), recursive=False)
+    return buf.getvalue()

@@ -1,0 +1,409 @@
+"""The API against the session's real ledger, through Flask's test client: every endpoint's
+happy path and bad inputs, the permission matrix, concurrent writes."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+import pytest
+
+from api import Settings, create_app
+from api.auth import create_user
+from api.testing import pack_files
+from ledger import Ledger, NewEvent
+
+BUNDLE = {"Procfile": "web: gunicorn app:app\nworker: python worker.py\n",
+          "requirements.txt": "flask\n", "app.py": "app = None\n"}
+
+
+def uid() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+@dataclass
+class World:
+    client: Any
+    ledger: Ledger
+    owner_dsn: str
+    tokens: dict[str, str]
+    names: dict[str, str]
+    host: str
+
+    def call(self, who: str | None, method: str, path: str, json: Any = None,
+             data: bytes | None = None, **kw: Any) -> Any:
+        headers = {"Authorization": f"Bearer {self.tokens[who]}"} if who else {}
+        if data is not None:
+            headers["Content-Type"] = "application/gzip"
+            return self.client.open(path, method=method, data=data, headers=headers, **kw)
+        return self.client.open(path, method=method, json=json, headers=headers, **kw)
+
+    def new_app(self, releases: int = 2) -> str:
+        """An app owned by `owner` with releases, a domain, release 1 placed on the agent's
+        host."""
+        name = f"app-{uid()}"
+        assert self.call("owner", "POST", "/apps", {"name": name}).status_code == 201
+        for n in range(releases):
+            files = {**BUNDLE, "app.py": f"app = {n}\n"}
+            r = self.call("owner", "POST", f"/apps/{name}/releases", data=pack_files(files))
+            assert r.status_code == 201, r.json
+        r = self.call("owner", "POST", f"/apps/{name}/domains", {"domain": f"{name}.example.com"})
+        assert r.status_code == 201, r.json
+        if releases:
+            self.place(name, 1)
+        return name
+
+    def place(self, app: str, release: int) -> None:
+        """Record a placement on the agent's host, in the ledger and in the placements view
+        (standing in for the placer and the placements projector)."""
+        iid = uid()
+        self.ledger.append(f"placement-{app}", [NewEvent("InstancePlaced", {
+            "instance_id": iid, "app": app, "release": release, "process_type": "web",
+            "host_id": self.host, "port": 20000})])
+        with psycopg2.connect(self.owner_dsn) as conn, conn.cursor() as cur:
+            cur.execute("INSERT INTO views.placements (instance_id, app, release, process_type,"
+                        " host_id, port, position) VALUES (%s, %s, %s, 'web', %s, 20000, 0)",
+                        (iid, app, release, self.host))
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def world(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    settings = Settings(cluster.dsn(), tmp_path_factory.mktemp("bundles"),
+                        max_bundle_bytes=256 * 1024, auth_refresh_s=0.0, long_poll_max_s=2.0)
+    app = create_app(settings)
+    host = f"h-{uid()}"
+    with Ledger(cluster.dsn()) as ledger:
+        names = {"admin": f"admin-{uid()}", "owner": f"alice-{uid()}",
+                 "other": f"bob-{uid()}", "agent": f"agent-{uid()}"}
+        tokens = {role: create_user(ledger, name, "agent" if role == "agent" else
+                                    "admin" if role == "admin" else "member",
+                                    host if role == "agent" else None)
+                  for role, name in names.items()}
+        yield World(app.test_client(), ledger, cluster.dsn("tally_owner"), tokens, names,
+                    host)
+
+
+# --- happy paths -------------------------------------------------------------------------
+
+
+def test_create_show_list_delete(world: World) -> None:
+    name = f"blog-{uid()}"
+    r = world.call("owner", "POST", "/apps", {"name": name})
+    assert r.status_code == 201
+    assert r.json["owner"] == world.names["owner"] and r.json["release"] is None
+    shown = world.call("owner", "GET", f"/apps/{name}").json
+    assert shown["name"] == name and shown["scale"] == {}
+    assert world.call("owner", "POST", "/apps", {"name": name}).status_code == 409
+    assert world.call("owner", "DELETE", f"/apps/{name}").status_code == 204
+    assert world.call("owner", "GET", f"/apps/{name}").status_code == 404
+    events = world.ledger.read_stream(f"app-{name}")
+    assert [e.type for e in events] == ["AppCreated", "AppDeleted"]
+    assert all(e.metadata["actor"] == world.names["owner"] for e in events)
+
+
+def test_first_release_scales_web_and_bundle_downloads(world: World) -> None:
+    name = world.new_app(releases=1)
+    app = world.call("owner", "GET", f"/apps/{name}").json
+    assert app["release"] == 1 and app["scale"] == {"web": 1}
+    assert app["process_types"] == ["web", "worker"]
+    rel = world.call("owner", "GET", f"/apps/{name}/releases/1").json
+    assert rel["procfile"]["web"] == "gunicorn app:app"
+    r = world.call("agent", "GET", f"/apps/{name}/releases/1/bundle")
+    assert r.status_code == 200 and r.data[:2] == b"\x1f\x8b"
+    r.close()
+    import hashlib
+    assert hashlib.sha256(r.data).hexdigest() == rel["bundle_digest"]
+
+
+def test_scale_config_rollback(world: World) -> None:
+    name = world.new_app(releases=2)
+    r = world.call("owner", "POST", f"/apps/{name}/scale", {"scale": {"web": 2, "worker": 1}})
+    assert r.status_code == 200 and r.json["scale"] == {"web": 2, "worker": 1}
+    r = world.call("owner", "PATCH", f"/apps/{name}/config", {"set": {"SECRET": "s3cret"}})
+    assert r.status_code == 200 and r.json["config"] == {"SECRET": "s3cret"}
+    releases = world.call("owner", "GET", f"/apps/{name}/releases").json["releases"]
+    assert [x["number"] for x in releases] == [3, 2, 1]
+    assert releases[0]["config_version"] == 1 and "set SECRET" in releases[0]["description"]
+    r = world.call("owner", "POST", f"/apps/{name}/rollback", {"release": 1})
+    assert r.status_code == 201, r.json
+    assert r.json["number"] == 4 and r.json["rollback_of"] == 1
+    assert r.json["bundle_digest"] == releases[-1]["bundle_digest"]
+    assert world.call("owner", "GET", f"/apps/{name}/config").json["config"] == {}
+    r = world.call("owner", "PATCH", f"/apps/{name}/config", {"unset": ["NOPE"]})
+    assert r.status_code == 200
+
+
+def test_config_values_redacted_in_events_unless_asked(world: World) -> None:
+    name = world.new_app(releases=0)
+    world.call("owner", "PATCH", f"/apps/{name}/config", {"set": {"DB_PASSWORD": "hunter2"}})
+    world.ledger.sequence()
+    body = world.call("owner", "GET", f"/apps/{name}/events").json
+    changed = [e for e in body["events"] if e["type"] == "ConfigChanged"]
+    assert changed and changed[0]["data"]["set"] == {"DB_PASSWORD": "<redacted>"}
+    assert "hunter2" not in str(body)
+    shown = world.call("owner", "GET", f"/apps/{name}/events?show_secrets=true").json
+    assert "hunter2" in str(shown)
+    assert world.call("other", "GET", f"/apps/{name}/events").status_code == 403
+
+
+def test_events_after_filters_and_long_poll(world: World) -> None:
+    name = world.new_app(releases=0)
+    head = world.ledger.sequence()
+    r = world.call("admin", "GET", f"/events?after={head}&wait=0.3")
+    assert r.status_code == 200 and r.json["events"] == []
+    world.call("owner", "POST", f"/apps/{name}/maintenance", {"enabled": True})
+    world.call("owner", "PUT", f"/apps/{name}/maintenance", {"enabled": True})
+    r = world.call("admin", "GET", f"/events?after={head}&type=MaintenanceChanged&wait=2")
+    assert [e["data"]["app"] for e in r.json["events"]] == [name]
+    assert r.json["head"] >= r.json["events"][0]["position"]
+
+
+def test_domains_unique_across_apps(world: World) -> None:
+    a, b = world.new_app(releases=0), world.new_app(releases=0)
+    r = world.call("owner", "POST", f"/apps/{b}/domains", {"domain": f"{a}.example.com"})
+    assert r.status_code == 409
+    assert world.call("owner", "POST", f"/apps/{a}/domains",
+                      {"domain": f"*.{a}.Example.com."}).status_code == 201
+    assert world.call("owner", "GET", f"/apps/{a}/domains").json["domains"] == [
+        f"{a}.example.com", f"*.{a}.example.com"]
+    r = world.call("owner", "DELETE", f"/apps/{a}/domains/{a}.example.com")
+    assert r.status_code == 200
+    r = world.call("owner", "POST", f"/apps/{b}/domains", {"domain": f"{a}.example.com"})
+    assert r.status_code == 201
+    world.call("owner", "DELETE", f"/apps/{b}")
+    r = world.call("owner", "POST", f"/apps/{a}/domains", {"domain": f"{a}.example.com"})
+    assert r.status_code == 201, "deleting an app frees its domains"
+
+
+def test_members_see_only_their_apps(world: World) -> None:
+    name = world.new_app(releases=0)
+    listed = lambda who: [a["name"] for a in world.call(who, "GET", "/apps").json["apps"]]  # noqa: E731
+    with psycopg2.connect(world.owner_dsn) as conn, conn.cursor() as cur:
+        cur.execute("INSERT INTO views.apps (name, owner, position) VALUES (%s, %s, 0)",
+                    (name, world.names["owner"]))
+    conn.close()
+    assert name in listed("owner") and name in listed("admin")
+    assert name not in listed("other")
+    assert world.call("other", "GET", f"/apps/{name}/config").status_code == 403
+    r = world.call("owner", "POST", f"/apps/{name}/members", {"user": world.names["other"]})
+    assert r.status_code == 200 and r.json["members"] == [world.names["other"]]
+    assert world.call("other", "GET", f"/apps/{name}/config").status_code == 200
+    assert name in listed("other")
+
+
+def test_tokens_issue_and_revoke(world: World) -> None:
+    user = world.names["other"]
+    r = world.call("other", "POST", f"/users/{user}/tokens", {"label": "laptop"})
+    assert r.status_code == 201
+    token, token_id = r.json["token"], r.json["token_id"]
+    me = world.client.get("/me", headers={"Authorization": f"Bearer {token}"})
+    assert me.json["name"] == user
+    with psycopg2.connect(world.owner_dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM ledger.events WHERE data::text LIKE %s",
+                    (f"%{token}%",))
+        assert cur.fetchone()[0] == 0, "tokens are stored only as hashes"
+    conn.close()
+    assert world.call("other", "DELETE", f"/users/{user}/tokens/{token_id}").status_code == 204
+    me = world.client.get("/me", headers={"Authorization": f"Bearer {token}"})
+    assert me.status_code == 401
+
+
+def test_two_writers_on_one_version_one_wins_other_gets_409_with_state(world: World) -> None:
+    from api import decide
+    from api.errors import Conflict
+
+    name = world.new_app(releases=1)
+    svc = world.client.application.extensions["tally"]
+    owner = svc.directory().lookup(world.tokens["owner"])
+    first, second = svc.load_app(name), svc.load_app(name)
+    svc.commit(first, decide.scale(first, {"web": 3}), owner)
+    with pytest.raises(Conflict) as info:
+        svc.commit(second, decide.scale(second, {"web": 4}), owner)
+    assert info.value.status == 409 and info.value.extra["current"]["scale"] == {"web": 3}
+    assert world.call("owner", "GET", f"/apps/{name}").json["scale"] == {"web": 3}
+
+
+def test_concurrent_scale_requests_never_lose_an_update(world: World) -> None:
+    name = world.new_app(releases=1)
+    statuses: list[int] = []
+
+    def scale(n: int) -> None:
+        client = world.client.application.test_client()
+        r = client.post(f"/apps/{name}/scale", json={"scale": {"web": n}},
+                        headers={"Authorization": f"Bearer {world.tokens['owner']}"})
+        statuses.append(r.status_code)
+    threads = [threading.Thread(target=scale, args=(n,)) for n in range(2, 8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(statuses) <= {200, 409} and 200 in statuses
+    scales = [e for e in world.ledger.read_stream(f"app-{name}") if e.type == "ScaleChanged"]
+    assert len(scales) == 1 + statuses.count(200)
+
+
+# --- bad inputs --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body, status", [
+    ({"name": "A"}, 422), ({"name": "ab"}, 422), ({"name": "x" * 31}, 422),
+    ({"name": "bad_name"}, 422), ({"name": "-abc"}, 422), ({"name": "abc-"}, 422),
+    ({}, 422), ({"name": 7}, 422), ({"name": "ok-name", "extra": 1}, 422), ([1], 422),
+])
+def test_create_app_bad_names(world: World, body: Any, status: int) -> None:
+    r = world.call("owner", "POST", "/apps", body)
+    assert r.status_code == status and r.json["error"] and r.json["message"]
+    assert r.json["fields"]
+
+
+def test_not_json_is_400(world: World) -> None:
+    r = world.client.post("/apps", data="name=x", headers={
+        "Authorization": f"Bearer {world.tokens['owner']}", "Content-Type": "text/plain"})
+    assert r.status_code == 400 and r.json["error"] == "bad_request"
+
+
+@pytest.mark.parametrize("files, why", [
+    ({"requirements.txt": ""}, "Procfile"),
+    ({"Procfile": "web: x\n"}, "requirements.txt"),
+    ({"Procfile": "this is not a procfile\n", "requirements.txt": ""}, "line 1"),
+    ({"Procfile": "", "requirements.txt": ""}, "no process type"),
+    ({"../evil": "x", "Procfile": "web: x", "requirements.txt": ""}, "outside"),
+    ({"/etc/evil": "x", "Procfile": "web: x", "requirements.txt": ""}, "outside"),
+])
+def test_bad_bundles_refused_with_reason(world: World, files: dict[str, str],
+                                         why: str) -> None:
+    name = world.new_app(releases=0)
+    r = world.call("owner", "POST", f"/apps/{name}/releases", data=pack_files(files))
+    assert r.status_code == 422 and why in r.json["message"], r.json
+
+
+def test_bundle_links_devices_garbage_digest_size(world: World, tmp_path: Path) -> None:
+    import io
+    import tarfile
+    name = world.new_app(releases=0)
+
+    def tar_with(info: tarfile.TarInfo) -> bytes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            for n, text in (("Procfile", b"web: x"), ("requirements.txt", b"")):
+                ti = tarfile.TarInfo(n)
+                ti.size = len(text)
+                tar.addfile(ti, io.BytesIO(text))
+            tar.addfile(info)
+        return buf.getvalue()
+    link = tarfile.TarInfo("data")
+    link.type, link.linkname = tarfile.SYMTYPE, "../../etc/passwd"
+    dev = tarfile.TarInfo("dev")
+    dev.type = tarfile.CHRTYPE
+    for bad in (tar_with(link), tar_with(dev), b"not a tarball at all"):
+        r = world.call("owner", "POST", f"/apps/{name}/releases", data=bad)
+        assert r.status_code == 422, r.json
+    good = pack_files(BUNDLE)
+    r = world.call("owner", "POST", f"/apps/{name}/releases?digest={'0' * 64}", data=good)
+    assert r.status_code == 422 and "digest" in r.json["message"]
+    import hashlib
+    r = world.call("owner", "POST",
+                   f"/apps/{name}/releases?digest={hashlib.sha256(good).hexdigest()}",
+                   data=good)
+    assert r.status_code == 201
+    r = world.call("owner", "POST", f"/apps/{name}/releases", data=b"x" * (300 * 1024))
+    assert r.status_code == 413 and r.json["error"] == "too_large"
+    r = world.call("owner", "POST", f"/apps/{name}/releases", data=b"")
+    assert r.status_code in (400, 422)
+
+
+@pytest.mark.parametrize("method, path, body, status", [
+    ("POST", "/apps/{app}/scale", {"scale": {"web": -1}}, 422),
+    ("POST", "/apps/{app}/scale", {"scale": {"web": 1001}}, 422),
+    ("POST", "/apps/{app}/scale", {"scale": {"nope": 1}}, 422),
+    ("POST", "/apps/{app}/scale", {"scale": {}}, 422),
+    ("POST", "/apps/{app}/scale", {"scale": {"Web!": 1}}, 422),
+    ("POST", "/apps/{app}/scale", {"scale": {"web": "two"}}, 422),
+    ("PATCH", "/apps/{app}/config", {"set": {"1BAD": "x"}}, 422),
+    ("PATCH", "/apps/{app}/config", {}, 422),
+    ("PATCH", "/apps/{app}/config", {"set": {"A": 1}}, 422),
+    ("POST", "/apps/{app}/rollback", {"release": 2}, 422),
+    ("POST", "/apps/{app}/rollback", {"release": 99}, 422),
+    ("POST", "/apps/{app}/rollback", {"release": "x"}, 422),
+    ("POST", "/apps/{app}/domains", {"domain": "not a host"}, 422),
+    ("POST", "/apps/{app}/domains", {"domain": "*.*.x.com"}, 422),
+    ("POST", "/apps/{app}/domains", {"domain": "{app}.example.com"}, 409),
+    ("DELETE", "/apps/{app}/domains/other.example.com", None, 404),
+    ("PUT", "/apps/{app}/maintenance", {"enabled": "maybe"}, 422),
+    ("POST", "/apps/{app}/members", {"user": "nobody-here"}, 404),
+    ("GET", "/apps/{app}/releases/9", None, 404),
+    ("GET", "/apps/{app}/releases/9/bundle", None, 404),
+    ("GET", "/apps/nope-{app}", None, 404),
+    ("GET", "/apps/{app}/events?after=-1", None, 422),
+    ("GET", "/apps/{app}/events?limit=0", None, 422),
+    ("GET", "/apps/{app}/events?wait=99", None, 422),
+    ("GET", "/no/such/route", None, 404),
+    ("PUT", "/apps", None, 405),
+])
+def test_bad_inputs(world: World, method: str, path: str, body: Any, status: int) -> None:
+    name = world.new_app(releases=2)
+    path = path.replace("{app}", name)
+    if isinstance(body, dict) and "domain" in body:
+        body = {"domain": body["domain"].replace("{app}", name)}
+    r = world.call("owner", method, path, body)
+    assert r.status_code == status, r.json
+    assert set(r.json) >= {"error", "message", "fields"}
+
+
+def test_scale_before_any_release_is_422(world: World) -> None:
+    name = world.new_app(releases=0)
+    r = world.call("owner", "POST", f"/apps/{name}/scale", {"scale": {"web": 1}})
+    assert r.status_code == 422 and "deploy first" in r.json["message"]
+
+
+@pytest.mark.parametrize("header", ["", "Bearer", "Bearer nope", "Basic abc", "token x"])
+def test_bad_tokens_401(world: World, header: str) -> None:
+    r = world.client.get("/apps", headers={"Authorization": header} if header else {})
+    assert r.status_code == 401 and r.json["error"] == "unauthorized"
+
+
+def test_agent_cannot_download_bundles_not_placed_on_its_host(world: World) -> None:
+    name = world.new_app(releases=2)
+    assert world.call("agent", "GET", f"/apps/{name}/releases/2/bundle").status_code == 403
+    assert world.call("agent", "POST", "/apps", {"name": f"x-{uid()}"}).status_code == 403
+
+
+def test_agent_reports_only_for_its_host(world: World) -> None:
+    iid = uid()
+    r = world.call("agent", "POST", f"/instances/{iid}/events",
+                   {"type": "InstanceStarted", "data": {"pid": 42, "host_id": "elsewhere"}})
+    assert r.status_code == 200
+    ev = world.ledger.read_stream(f"instance-{iid}")[0]
+    assert ev.data["host_id"] == world.host and ev.metadata["actor"] == world.names["agent"]
+    r = world.call("agent", "POST", "/hosts/not-mine/heartbeats", {})
+    assert r.status_code == 403
+    r = world.call("agent", "POST", f"/instances/{iid}/events",
+                   {"type": "InstanceStarted", "data": {"pid": 0}})
+    assert r.status_code == 422 and "pid" in r.json["fields"]
+    r = world.call("agent", "PUT", f"/hosts/{world.host}",
+                   {"address": "10.0.0.1", "port_min": 9000, "port_max": 8000, "capacity": 1})
+    assert r.status_code == 422
+
+
+def test_healthz_and_openapi(world: World) -> None:
+    assert world.client.get("/healthz").json["status"] == "ok"
+    spec = world.client.get("/openapi.json").json
+    assert spec["openapi"].startswith("3.") and "/apps/{name}/scale" in spec["paths"]
+    assert "App" in spec["components"]["schemas"]
+
+
+def test_users_admin_creates_agent_and_member(world: World) -> None:
+    name = f"carol-{uid()}"
+    r = world.call("admin", "POST", "/users", {"name": name, "role": "member"})
+    assert r.status_code == 201 and r.json["token"].startswith("tly_")
+    assert world.call("admin", "POST", "/users", {"name": name}).status_code == 409
+    r = world.call("admin", "POST", "/users", {"name": f"a-{uid()}", "role": "agent"})
+    assert r.status_code == 422
+    users = world.call("admin", "GET", "/users").json["items"]
+    assert name in [u["name"] for u in users]
