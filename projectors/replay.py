@@ -42,7 +42,7 @@ def replay(dsn: str, positions: Sequence[int], view: str | None = None,
     (ascending)."""
     names, projectors = views_for(view)
     with Ledger(dsn, notify=False, application_name="tally-replay") as ledger:
-        head = ledger.sequence()
+        head = ledger.head()
         for p in positions:
             check_position(p, head)
         conn = connect(dsn, "pg_temp", "tally-replay")

@@ -1,9 +1,293 @@
-"""`tally` commands of one part, registered by tally/cli.py."""
+"""`tally` commands for the platform's derived state: the projectors daemon, its status
+and rebuilds, replay (`state --at`, `diff`), the ledger's events, and `why`.
+
+They talk to the database directly for now; the functions they call (projectors.replay,
+projectors.inspect, projectors.rebuild) take a DSN and return plain values, for the HTTP
+API to expose too.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import re
+import signal
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from functools import wraps
+from typing import Any
+
 import click
+import psycopg2
+
+from ledger.errors import LedgerError
+from tally.config import Config
+
+RELATIVE = re.compile(r"^(\d+)([smhd])$")
+UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def _clean(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Bad input or an unreachable ledger: one line and exit status 1, never a traceback."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from projectors.rebuild import RebuildFailed
+
+        try:
+            return fn(*args, **kwargs)
+        except (LedgerError, ValueError, OSError, RebuildFailed) as exc:
+            raise click.ClickException(str(exc)) from exc
+        except psycopg2.OperationalError as exc:
+            first = (str(exc).strip().splitlines() or ["unknown error"])[0]
+            raise click.ClickException(f"cannot reach the ledger database: {first}") from exc
+
+    return wrapper
+
+
+def _dsn(cfg: Config, role: str = "tally_reader") -> str:
+    return cfg.cluster().dsn(role)
+
+
+def parse_since(text: str, now: datetime) -> datetime:
+    """`10m`, `2h`, `1d`, `30s` ago, or an ISO 8601 time (UTC if no zone)."""
+    match = RELATIVE.match(text.strip())
+    if match:
+        return now - timedelta(**{UNITS[match.group(2)]: int(match.group(1))})
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"--since {text!r}: give an ISO time (2026-11-26T19:00) or an age "
+                         "like 30s, 10m, 2h, 1d") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def format_table(rows: list[dict[str, Any]], width: int = 40) -> list[str]:
+    """Rows as aligned text columns, long values cut."""
+    if not rows:
+        return ["  (no rows)"]
+    columns = list(rows[0])
+    cells = [[_cell(r.get(c), width) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = "  ".join
+    out = [line(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    out += [line(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return ["  " + s.rstrip() for s in out]
+
+
+def _cell(value: Any, width: int) -> str:
+    if value is None:
+        text = "-"
+    elif isinstance(value, datetime):
+        text = value.strftime("%Y-%m-%d %H:%M:%S")
+    elif isinstance(value, dict | list):
+        text = json.dumps(value, separators=(",", ":"), default=str)
+    else:
+        text = str(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _dump(value: Any) -> str:
+    from projectors.replay import jsonable
+
+    return json.dumps(jsonable(value), indent=1, sort_keys=False)
 
 
 def register(cli: click.Group) -> None:
     """Add this module's commands to the `tally` group."""
+    serve = cli.commands["serve"]
+    assert isinstance(serve, click.Group)
+
+    @serve.command("projectors")
+    @click.option("--poll-interval", default=1.0, show_default=True,
+                  help="Seconds between polls when no wake-up comes.")
+    @click.option("--batch", default=5000, show_default=True, help="Events per transaction.")
+    @click.pass_obj
+    @_clean
+    def serve_projectors(cfg: Config, poll_interval: float, batch: int) -> None:
+        """Run every projector: catch up from the checkpoints, then follow the ledger."""
+        import projectors
+        from projectors.runtime import serve as run
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        run(_dsn(cfg, "tally_owner"), cfg.relays, projectors.ALL, stop=stop,
+            poll_interval=poll_interval, batch=batch)
+
+    @cli.group("projectors")
+    def projectors_group() -> None:
+        """The projectors that turn events into views: status and rebuilds."""
+
+    @projectors_group.command("status")
+    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+    @click.pass_obj
+    @_clean
+    def projectors_status(cfg: Config, as_json: bool) -> None:
+        """Each projector's position, lag behind the head, and the error that stopped it."""
+        from projectors.inspect import status
+
+        rows = status(_dsn(cfg))
+        if as_json:
+            click.echo(_dump(rows))
+            return
+        click.echo(f"{'projector':<12} {'position':>9} {'head':>9} {'behind':>7} "
+                   f"{'seconds':>8}  state")
+        for r in rows:
+            secs = "-" if r["lag_seconds"] is None else f"{r['lag_seconds']:.1f}"
+            click.echo(f"{r['name']:<12} {r['position']:>9} {r['head']:>9} "
+                       f"{r['lag_events']:>7} {secs:>8}  {r['state']}")
+            if r["error"]:
+                e = r["error"]
+                click.echo(f"{'':<12} stopped at position {e['position']} ({e['type']}): "
+                           f"{e['message']}")
+
+    @projectors_group.command("rebuild")
+    @click.argument("name")
+    @click.pass_obj
+    @_clean
+    def projectors_rebuild(cfg: Config, name: str) -> None:
+        """Rebuild NAME's views from position zero beside the live ones, then swap."""
+        import projectors
+        from projectors.rebuild import rebuild
+
+        projector = projectors.by_name(name)
+        position = rebuild(_dsn(cfg, "tally_owner"), projector)
+        click.echo(f"rebuilt {name} ({', '.join(projector.public)}) up to position {position}",
+                   err=True)
+
+    @cli.command("state")
+    @click.option("--at", "position", type=int, required=True, help="Ledger position.")
+    @click.option("--view", help="One view (apps, releases, hosts, placements, instances, "
+                  "routes, routes_version, backups).")
+    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+    @click.pass_obj
+    @_clean
+    def state(cfg: Config, position: int, view: str | None, as_json: bool) -> None:
+        """The views as they were at a ledger position, replayed by the same projectors."""
+        from projectors.replay import state_at
+
+        views = state_at(_dsn(cfg), position, view)
+        if as_json:
+            click.echo(_dump(views))
+            return
+        for name, rows in views.items():
+            click.echo(f"{name} at position {position}:")
+            for line in format_table(rows):
+                click.echo(line)
+
+    @cli.command("diff")
+    @click.argument("a", type=int)
+    @click.argument("b", type=int)
+    @click.option("--view", help="One view only.")
+    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+    @click.pass_obj
+    @_clean
+    def diff_cmd(cfg: Config, a: int, b: int, view: str | None, as_json: bool) -> None:
+        """What changed in each view between positions A and B."""
+        from projectors.replay import diff, jsonable
+
+        changes = diff(_dsn(cfg), a, b, view)
+        if as_json:
+            click.echo(_dump(changes))
+            return
+        lo, hi = sorted((a, b))
+        quiet = True
+        for name, d in changes.items():
+            if not any(d.values()):
+                continue
+            quiet = False
+            click.echo(f"{name}:")
+            for row in d["added"]:
+                click.echo(f"  + {json.dumps(jsonable(row), default=str)}")
+            for row in d["removed"]:
+                click.echo(f"  - {json.dumps(jsonable(row), default=str)}")
+            for c in d["changed"]:
+                what = ", ".join(f"{k}: {_cell(o, 30)} -> {_cell(n, 30)}"
+                                 for k, (o, n) in c["changes"].items())
+                click.echo(f"  ~ {'/'.join(map(str, c['key']))}: {what}")
+        if quiet:
+            click.echo(f"no view changed between positions {lo} and {hi}")
+
+    @cli.command("events")
+    @click.option("--stream", help="One stream, e.g. app-blog.")
+    @click.option("--category", help="One category, e.g. app, host, instance.")
+    @click.option("--type", "type_", help="One event type, e.g. InstanceExited.")
+    @click.option("--since", help="Recorded at or after: ISO time, or an age like 10m, 2h.")
+    @click.option("--after", type=int, help="Only events after this position.")
+    @click.option("--limit", default=100, show_default=True,
+                  help="At most this many (the latest, unless --after).")
+    @click.option("--follow", "-f", is_flag=True, help="Keep printing new events.")
+    @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+    @click.pass_obj
+    @_clean
+    def events_cmd(cfg: Config, stream: str | None, category: str | None, type_: str | None,
+                   since: str | None, after: int | None, limit: int, follow: bool,
+                   as_json: bool) -> None:
+        """Read the ledger, human-readable or as JSON lines."""
+        from projectors.inspect import check_filters, describe, read_events
+
+        check_filters(stream, category, type_)
+        filters = {"stream": stream, "category": category, "type_": type_,
+                   "since": parse_since(since, datetime.now(UTC)) if since else None}
+
+        def show(conn: Any, after: int | None) -> int | None:
+            batch = read_events(conn, after=after, limit=limit, **filters)
+            for ev in batch:
+                click.echo(json.dumps(ev.as_dict(), default=str) if as_json else describe(ev))
+            return batch[-1].position if batch else after
+
+        conn = psycopg2.connect(_dsn(cfg), application_name="tally-events")
+        conn.autocommit = True
+        try:
+            last = show(conn, after)
+            if follow:
+                _follow(cfg, conn, last, show)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            conn.close()
+
+    @cli.command("why")
+    @click.argument("app")
+    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+    @click.pass_obj
+    @_clean
+    def why_cmd(cfg: Config, app: str, as_json: bool) -> None:
+        """Explain, from the ledger, why APP is or is not serving."""
+        from projectors.inspect import why
+
+        _check_app(app)
+        explanation = why(_dsn(cfg), app, datetime.now(UTC))
+        if as_json:
+            click.echo(_dump(explanation.as_dict()))
+        else:
+            for line in explanation.lines():
+                click.echo(line)
+
+
+def _check_app(name: str) -> None:
+    from ledger.catalogue import APP_NAME
+
+    if not APP_NAME.regex.match(name):
+        raise ValueError(f"{name!r} is not an app name: it {APP_NAME.error}")
+
+
+def _follow(cfg: Config, conn: Any, last: int | None,
+            show: Callable[[Any, int | None], int | None]) -> None:
+    """Print new events as they come: woken by the relays, polling every second anyway."""
+    from ledger.subscriber import Subscriber
+
+    sub = Subscriber(cfg.relays)
+    if last is None:
+        with conn.cursor() as cur:
+            cur.execute("SELECT coalesce(max(position), 0) FROM ledger.positions")
+            last = cur.fetchone()[0]
+    try:
+        while True:
+            sub.wait(1.0)
+            last = show(conn, last)
+    finally:
+        sub.close()

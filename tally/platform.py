@@ -11,4 +11,6 @@ def daemons(cfg: Config) -> list[tuple[str, list[str], str]]:
         (f"relay-{i}", ["serve", "relay", "--endpoint", endpoint], endpoint)
         for i, endpoint in enumerate(cfg.relays, start=1)
     ]
+    out.append(("projectors", ["serve", "projectors"],
+                "views in the ledger database (tally projectors status)"))
     return out

@@ -1,0 +1,227 @@
+"""`tally why APP`: why an app is, or is not, serving, in plain sentences that cite the
+ledger positions they stand on.
+
+Pure: it takes the events (the app's stream, its placement stream, its instances' streams,
+the hosts' streams and their last heartbeats) and the reader's `now`, projects them in
+memory with the very projectors that build the views, and reads the rows. The walk follows
+the path a request takes: app -> release -> scale -> maintenance -> placements -> hosts ->
+instances -> routes; the first broken link is the answer, the rest is context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from ledger.events import RecordedEvent
+from projectors import apps, hosts, instances, placements, routes
+from projectors.hosts import host_state
+from projectors.projector import project
+from projectors.tables import Row, Tables
+
+CRASH_LOOP_RESTARTS = 2
+"""An instance that exited after at least this many restarts is crash-looping."""
+WHY_PROJECTORS = (apps.PROJECTOR, hosts.PROJECTOR, placements.PROJECTOR, instances.PROJECTOR,
+                  routes.PROJECTOR)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One sentence and the positions of the events it rests on."""
+
+    text: str
+    positions: tuple[int, ...] = ()
+    problem: bool = True
+
+    def render(self) -> str:
+        if not self.positions:
+            return self.text
+        cited = ", ".join(str(p) for p in sorted(set(self.positions)))
+        return f"{self.text} [position{'s' if len(set(self.positions)) > 1 else ''} {cited}]"
+
+
+@dataclass(frozen=True)
+class Explanation:
+    app: str
+    serving: bool
+    head: int
+    findings: tuple[Finding, ...] = field(default_factory=tuple)
+
+    @property
+    def summary(self) -> str:
+        problems = [f for f in self.findings if f.problem]
+        if self.serving:
+            state = "serving, but degraded" if problems else "serving"
+        else:
+            state = "NOT serving"
+        return f"{self.app} is {state} (as of ledger position {self.head})."
+
+    def lines(self) -> list[str]:
+        return [self.summary, *(("- " if f.problem else "  ") + f.render()
+                                for f in self.findings)]
+
+    def as_dict(self) -> dict:
+        return {"app": self.app, "serving": self.serving, "head": self.head,
+                "summary": self.summary,
+                "findings": [{"text": f.text, "positions": sorted(set(f.positions)),
+                              "problem": f.problem} for f in self.findings]}
+
+
+def explain(app: str, events: Sequence[RecordedEvent], now: datetime) -> Explanation:
+    """Why `app` is or is not serving, from `events` (any order; unsequenced ones are
+    ignored), as of `now`."""
+    events = sorted((e for e in events if e.position is not None), key=lambda e: e.position)
+    head = events[-1].position if events else 0
+    views = project(WHY_PROJECTORS, events)
+    findings: list[Finding] = []
+    serving = _walk(app, events, views, now, findings)
+    return Explanation(app, serving, head, tuple(findings))
+
+
+def _walk(app: str, events: Sequence[RecordedEvent], v: dict[str, Tables], now: datetime,
+          out: list[Finding]) -> bool:
+    row = v["apps"].get("apps", app)
+    if row is None:
+        deleted = _last(events, "AppDeleted", lambda e: e.data["name"] == app)
+        if deleted is not None:
+            out.append(Finding(f"{app} was deleted.", (deleted.position,)))
+        else:
+            out.append(Finding(f"There is no app named {app} in the ledger (never created)."))
+        return False
+    if row["current_release"] is None:
+        out.append(Finding(f"{app} has no release yet: it was created but no code was "
+                           "pushed (no ReleaseCreated).", (row["created_position"],)))
+        return False
+    release = v["apps"].get("releases", app, row["current_release"])
+    assert release is not None
+    number, rel_pos = release["release"], release["position"]
+    out.append(Finding(f"Current release is v{number} (bundle {release['bundle_digest'][:12]}).",
+                       (rel_pos,), problem=False))
+    if routes.WEB not in release["procfile"]:
+        kinds = ", ".join(sorted(release["procfile"])) or "none"
+        out.append(Finding(f"Release v{number} has no `web` process type in its Procfile "
+                           f"(only: {kinds}), so nothing can answer HTTP.", (rel_pos,)))
+        return False
+    wanted = row["scale"].get(routes.WEB, 0)
+    if wanted == 0:
+        cited = (row["scale_position"],) if row["scale_position"] else (row["created_position"],)
+        how = "was scaled to zero" if row["scale_position"] else "was never scaled up"
+        out.append(Finding(f"{app} {how}: 0 web instances are wanted "
+                           f"(`tally scale {app} web=1`).", cited))
+        return False
+    if row["maintenance"]:
+        out.append(Finding(f"{app} is in maintenance mode: balancers answer 503 with the "
+                           "maintenance page (instances keep running).",
+                           (row["maintenance_position"],)))
+    placed = [p for p in v["placements"].rows["placements"].values()
+              if p["app"] == app and p["release"] == number and p["process_type"] == routes.WEB]
+    _placements(app, number, wanted, placed, events, v, out)
+    for p in sorted(placed, key=lambda p: p["instance_id"]):
+        _instance(p, v, now, out)
+    return _routes(app, v, out) and not row["maintenance"]
+
+
+def _placements(app: str, number: int, wanted: int, placed: list[Row],
+                events: Sequence[RecordedEvent], v: dict[str, Tables],
+                out: list[Finding]) -> None:
+    cited = tuple(p["position"] for p in placed)
+    if len(placed) >= wanted:
+        out.append(Finding(f"{len(placed)} of {wanted} wanted web instances of v{number} are "
+                           "placed.", cited, problem=False))
+        return
+    failed = _last(events, "PlacementFailed",
+                   lambda e: e.data["app"] == app and e.data["release"] == number
+                   and e.data["process_type"] == routes.WEB)
+    text = (f"Only {len(placed)} of {wanted} wanted web instances of v{number} are placed: "
+            "the rest are pending.")
+    if failed is not None:
+        text += f" The placer said: {failed.data['reason']}."
+        cited += (failed.position,)
+    out.append(Finding(text + _fleet(v), cited))
+
+
+def _fleet(v: dict[str, Tables]) -> str:
+    fleet = list(v["hosts"].all("hosts"))
+    if not fleet:
+        return " No host has registered."
+    parts = []
+    for h in sorted(fleet, key=lambda h: h["host_id"]):
+        if h["state"] == "lost":
+            parts.append(f"{h['host_id']} lost")
+        else:
+            used = h["running_instances"] if h["running_instances"] is not None else "?"
+            parts.append(f"{h['host_id']} {used}/{h['capacity']} slots used")
+    return " Hosts: " + ", ".join(parts) + "."
+
+
+def _instance(p: Row, v: dict[str, Tables], now: datetime, out: list[Finding]) -> None:
+    iid, host_id = p["instance_id"], p["host_id"]
+    where = f"instance {iid} on {host_id}:{p['port']}"
+    host = v["hosts"].get("hosts", host_id)
+    if host is None:
+        out.append(Finding(f"{where}: host {host_id} never registered.", (p["position"],)))
+        return
+    state = host_state(host, now)
+    if state == "lost":
+        reason = f" ({host['lost_reason']})" if host["lost_reason"] else ""
+        out.append(Finding(f"{where}: host {host_id} was declared lost{reason}; the placer has "
+                           "not moved the instance yet.", (p["position"], host["lost_position"])))
+        return
+    if state == "suspect":
+        last = host["last_heartbeat"] or host["registered_at"]
+        ago = int((now - last).total_seconds())
+        cited = (host["heartbeat_position"] or host["registered_position"],)
+        out.append(Finding(f"{where}: host {host_id} is suspect: no heartbeat for {ago}s.",
+                           cited))
+    inst = v["instances"].get("instances", iid)
+    if inst is None or inst["state"] == "placed":
+        out.append(Finding(f"{where} was placed but has not started yet (the host agent has "
+                           "not reported it).", (p["position"],)))
+    elif inst["state"] == "started":
+        out.append(Finding(f"{where} started (pid {inst['pid']}) but has not passed its health "
+                           "check yet.", (inst["state_position"],)))
+    elif inst["state"] == "exited":
+        out.append(Finding(_exited(where, inst), (inst["state_position"],)))
+    elif inst["state"] == "stopped":
+        out.append(Finding(f"{where} was stopped and not started again.",
+                           (inst["state_position"],)))
+    else:
+        out.append(Finding(f"{where} is healthy.", (inst["state_position"],), problem=False))
+
+
+def _exited(where: str, inst: Row) -> str:
+    how = (f"exit code {inst['exit_code']}" if inst["exit_code"] is not None
+           else f"signal {inst['signal']}" if inst["signal"] is not None else "no exit code")
+    if inst["restarts"] >= CRASH_LOOP_RESTARTS:
+        text = f"{where} is crash-looping: it exited with {how} after {inst['restarts']} restarts."
+    else:
+        text = f"{where} exited with {how}."
+    tail = [line for line in inst["log_tail"] if line.strip()][-3:]
+    if tail:
+        text += " Last log lines: " + " | ".join(tail)
+    return text
+
+
+def _routes(app: str, v: dict[str, Tables], out: list[Finding]) -> bool:
+    mine = sorted(v["routes"].by("routes", app), key=lambda r: r["hostname"])
+    if not mine:
+        out.append(Finding(f"No route points at {app}."))
+        return False
+    names = ", ".join(r["hostname"] for r in mine)
+    cited = tuple(r["version"] for r in mine)
+    backends = sorted({b for r in mine for b in r["backends"]})
+    if not backends:
+        label = "Route" if len(mine) == 1 else "Routes"
+        out.append(Finding(f"{label} {names}: no healthy backend, balancers answer 503.",
+                           cited))
+        return False
+    out.append(Finding(f"Routes {names} -> {', '.join(backends)}.", cited, problem=False))
+    return True
+
+
+def _last(events: Sequence[RecordedEvent], type_: str, match: object) -> RecordedEvent | None:
+    for e in reversed(events):
+        if e.type == type_ and match(e):  # type: ignore[operator]
+            return e
+    return None
