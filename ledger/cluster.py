@@ -262,6 +262,7 @@ class Cluster:
     def start_node(self, node: str) -> None:
         if self._running(node):
             return
+        self._clear_stale_locks(node)
         log = self.root / f"{node}.log"
         log.touch()
         self._chown(log)
@@ -303,10 +304,18 @@ class Cluster:
         except (FileNotFoundError, ValueError, IndexError):
             return False
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:
             return False
-        return True
+        return stat.rsplit(")", 1)[-1].split()[0] != "Z"  # a zombie is not running
+
+    def _clear_stale_locks(self, node: str) -> None:
+        """Remove the lock files of a postmaster killed with -9 but not yet reaped:
+        PostgreSQL takes the zombie for a live postmaster and refuses to start."""
+        if self._running(node):
+            return
+        (self.node_dir(node) / "postmaster.pid").unlink(missing_ok=True)
+        (self.socket_dir / f".s.PGSQL.{self.port(node)}.lock").unlink(missing_ok=True)
 
     def postmaster_pid(self, node: str) -> int:
         return int((self.node_dir(node) / "postmaster.pid").read_text().split()[0])
@@ -325,14 +334,19 @@ class Cluster:
         finally:
             conn.close()
 
-    def wait_streaming(self, primary: str, standby: str, timeout: float = 60.0) -> None:
+    def wait_streaming(self, primary: str, standby: str, timeout: float = 60.0,
+                       settle: float = 0.0) -> None:
+        """Until the standby streams from the primary (and still does `settle` s later)."""
         deadline = time.monotonic() + timeout
+        since: float | None = None
         while time.monotonic() < deadline:
             rows = self._query(
                 primary, "SELECT 1 FROM pg_stat_replication WHERE application_name = %s "
                 "AND state = 'streaming'", (f"tally_{standby}",),
             )
-            if rows:
+            now = time.monotonic()
+            since = (since or now) if rows else None
+            if since is not None and now - since >= settle:
                 return
             time.sleep(0.1)
         raise ClusterError(f"standby {standby} did not start streaming within {timeout:.0f}s")
@@ -400,28 +414,37 @@ class Cluster:
         return node
 
     def rejoin(self, node: str) -> None:
-        """Turn a stopped former primary into a standby of the current primary (pg_rewind),
-        then make it synchronous again."""
+        """Turn a stopped former primary into the synchronous standby of the current one.
+
+        pg_rewind first (fast: copies only what diverged); if the node still cannot follow
+        the new timeline (pg_rewind 15 says "no rewind required" when a crashed primary's
+        only divergence is its end-of-recovery checkpoint), clone it afresh with
+        pg_basebackup, as Patroni falls back to reinit."""
         primary = self.other(node)
         if self.is_standby(primary):
             raise ClusterError(f"node {primary} is not the primary; promote it first")
         self.stop_node(node)
-        # pg_rewind (PostgreSQL >= 13) runs crash recovery itself on a target killed with -9.
-        password = self.credentials()["postgres"]
-        self._run(
-            self._bin("pg_rewind"), "-D", self.node_dir(node), "--source-server",
-            f"host={self.spec.host} port={self.port(primary)} user=postgres "
-            f"password={password} dbname=postgres",
-            env={"PGPASSWORD": password},
-        )
-        (self.node_dir(node) / "standby.signal").touch()
-        self._chown(self.node_dir(node) / "standby.signal")
-        self._write_node_conf(node)
+        self._clear_stale_locks(node)  # pg_rewind (>= 13) runs crash recovery itself
         slot = f"tally_{node}"
         self._query(primary, "SELECT pg_create_physical_replication_slot(%s) WHERE NOT EXISTS "
                     "(SELECT 1 FROM pg_replication_slots WHERE slot_name = %s)", (slot, slot))
-        self.start_node(node)
-        self.wait_streaming(primary, node)
+        password = self.credentials()["postgres"]
+        try:
+            self._run(
+                self._bin("pg_rewind"), "-D", self.node_dir(node), "--source-server",
+                f"host={self.spec.host} port={self.port(primary)} user=postgres "
+                f"password={password} dbname=postgres",
+            )
+            (self.node_dir(node) / "standby.signal").touch()
+            self._chown(self.node_dir(node) / "standby.signal")
+            self._write_node_conf(node)
+            self.start_node(node)
+            self.wait_streaming(primary, node, timeout=15, settle=1.0)
+        except ClusterError:
+            self.stop_node(node, mode="immediate")
+            self._create_standby(node)
+            self.start_node(node)
+            self.wait_streaming(primary, node)
         self.set_synchronous(primary, node)
 
     def destroy(self) -> None:
