@@ -1,0 +1,99 @@
+"""The permission matrix: every endpoint, asked by an admin, the app's owner, another
+member, an agent, and nobody. One table; each row says who gets in and what they get."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+
+from api.testing import pack_files
+from api.web import ROUTES
+from tests.integration.test_api import BUNDLE, World, uid, world  # noqa: F401
+
+CALLERS = ("admin", "owner", "other", "agent", None)
+PEOPLE = {"admin", "owner"}
+ANYONE = {"admin", "owner", "other", "agent"}
+
+# (method, path, body, {caller: status when allowed}) - every other caller: 403, nobody: 401.
+MATRIX: list[tuple[str, str, Any, dict[str, int]]] = [
+    ("GET", "/me", None, dict.fromkeys(ANYONE, 200)),
+    ("GET", "/users", None, {"admin": 200}),
+    ("POST", "/users", lambda w: {"name": f"u-{uid()}"}, {"admin": 201}),
+    ("POST", "/users/{owner_name}/tokens", {}, {"admin": 201, "owner": 201}),
+    ("DELETE", "/users/{owner_name}/tokens/nope", None, {"admin": 404, "owner": 404}),
+    ("GET", "/apps", None, {"admin": 200, "owner": 200, "other": 200}),
+    ("POST", "/apps", lambda w: {"name": f"n-{uid()}"},
+     {"admin": 201, "owner": 201, "other": 201}),
+    ("GET", "/apps/{app}", None, dict.fromkeys(PEOPLE, 200)),
+    ("DELETE", "/apps/{app}", None, dict.fromkeys(PEOPLE, 204)),
+    ("POST", "/apps/{app}/members", lambda w: {"user": w.names["other"]},
+     dict.fromkeys(PEOPLE, 200)),
+    ("DELETE", "/apps/{app}/members/{other_name}", None, dict.fromkeys(PEOPLE, 404)),
+    ("POST", "/apps/{app}/releases", "bundle", dict.fromkeys(PEOPLE, 201)),
+    ("GET", "/apps/{app}/releases", None, dict.fromkeys(PEOPLE, 200)),
+    ("GET", "/apps/{app}/releases/1", None, dict.fromkeys(PEOPLE, 200)),
+    ("GET", "/apps/{app}/releases/1/bundle", None, {"admin": 200, "owner": 200, "agent": 200}),
+    ("POST", "/apps/{app}/rollback", {"release": 1}, dict.fromkeys(PEOPLE, 201)),
+    ("POST", "/apps/{app}/scale", {"scale": {"web": 2}}, dict.fromkeys(PEOPLE, 200)),
+    ("GET", "/apps/{app}/config", None, dict.fromkeys(PEOPLE, 200)),
+    ("PATCH", "/apps/{app}/config", {"set": {"K": "v"}}, dict.fromkeys(PEOPLE, 200)),
+    ("GET", "/apps/{app}/domains", None, dict.fromkeys(PEOPLE, 200)),
+    ("POST", "/apps/{app}/domains", lambda w: {"domain": f"d{uid()}.example.org"},
+     dict.fromkeys(PEOPLE, 201)),
+    ("DELETE", "/apps/{app}/domains/{app}.example.com", None, dict.fromkeys(PEOPLE, 200)),
+    ("PUT", "/apps/{app}/maintenance", {"enabled": True}, dict.fromkeys(PEOPLE, 200)),
+    ("GET", "/apps/{app}/ps", None, dict.fromkeys(PEOPLE, 200)),
+    ("GET", "/apps/{app}/placements", None, dict.fromkeys(PEOPLE, 200)),
+    ("GET", "/apps/{app}/routes", None, dict.fromkeys(PEOPLE, 200)),
+    ("GET", "/apps/{app}/events", None, dict.fromkeys(PEOPLE, 200)),
+    ("GET", "/apps/{app}/logs", None, dict.fromkeys(PEOPLE, 404)),
+    ("POST", "/apps/{app}/runs", None, dict.fromkeys(PEOPLE, 404)),
+    ("GET", "/apps/{app}/addons", None, dict.fromkeys(PEOPLE, 404)),
+    ("GET", "/hosts", None, {"admin": 200}),
+    ("PUT", "/hosts/{host}", {"address": "10.0.0.9", "port_min": 20000, "port_max": 20999,
+                              "capacity": 8}, {"admin": 200, "agent": 200}),
+    ("POST", "/hosts/{host}/heartbeats", {"load": 0.5}, {"admin": 200, "agent": 200}),
+    ("GET", "/hosts/{host}/placements", None, {"admin": 200, "agent": 200}),
+    ("POST", "/instances/i{app}/events",
+     lambda w: {"type": "InstanceHealthy", "data": {"host_id": w.host}},
+     {"admin": 200, "agent": 200}),
+    ("GET", "/placements", None, {"admin": 200}),
+    ("GET", "/instances", None, {"admin": 200}),
+    ("GET", "/routes", None, {"admin": 200}),
+    ("GET", "/backups", None, {"admin": 200}),
+    ("GET", "/events", None, {"admin": 200}),
+]
+
+
+def _fill(path: str, w: World, app: str) -> str:
+    return (path.replace("{app}", app).replace("{host}", w.host)
+            .replace("{owner_name}", w.names["owner"]).replace("{other_name}", w.names["other"]))
+
+
+def test_matrix_covers_every_route() -> None:
+    """A new endpoint without a row here fails this test."""
+    rows = [(m, re.sub(r"\{[a-z_]+\}", "x", p)) for m, p, _, _ in MATRIX]
+    for r in ROUTES:
+        pattern = re.sub(r"<(?:[a-z]+:)?[a-z_]+>", "[^/]+", r.rule)
+        assert any(m == r.method and re.fullmatch(pattern, p) for m, p in rows), \
+            f"{r.method} {r.rule} has no row in MATRIX"
+
+
+@pytest.mark.parametrize("caller", CALLERS, ids=lambda c: c or "nobody")
+@pytest.mark.parametrize("method, path, body, allowed", MATRIX,
+                         ids=[f"{m} {p}" for m, p, _, _ in MATRIX])
+def test_permission(world: World, caller: str | None, method: str, path: str, body: Any,  # noqa: F811
+                    allowed: dict[str, int]) -> None:
+    app = world.new_app(releases=2)
+    url = _fill(path, world, app)
+    if body == "bundle":
+        r = world.call(caller, method, url, data=pack_files(BUNDLE))
+    else:
+        r = world.call(caller, method, url, body(world) if callable(body) else body)
+    expected = 401 if caller is None else allowed.get(caller, 403)
+    assert r.status_code == expected, (caller, r.status_code, r.get_json())
+    r.close()
+    if r.status_code >= 400:
+        assert set(r.get_json()) >= {"error", "message", "fields"}
