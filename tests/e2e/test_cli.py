@@ -1,0 +1,118 @@
+"""The `tally` CLI driven as a developer drives it: subprocesses against a real API (gunicorn
+on a free port) over the session's ledger."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from api.testing import ApiProcess
+from tests.conftest import free_ports, tally_env
+
+SAMPLE = Path(__file__).resolve().parents[1] / "fixtures" / "bundles" / "hello"
+
+
+class Tally:
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+
+    def __call__(self, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run([sys.executable, "-m", "tally.cli", *args], env=self.env,
+                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        if ok:
+            assert r.returncode == 0, (args, r.stdout, r.stderr)
+        return r
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self(*args, "--json").stdout)
+
+
+@pytest.fixture(scope="module")
+def api(cluster: Any) -> Iterator[ApiProcess]:
+    proc = ApiProcess(tally_env(cluster), free_ports(1)[0])
+    proc.wait_ready()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def tally(cluster: Any, api: ApiProcess, tmp_path_factory: pytest.TempPathFactory) -> Tally:
+    creds = tmp_path_factory.mktemp("creds") / "credentials.json"
+    env = tally_env(cluster, TALLY_API=api.url, TALLY_CREDENTIALS=str(creds))
+    env.pop("TALLY_TOKEN", None)
+    t = Tally(env)
+    token = t("admin", "create-user", f"dev-{uuid.uuid4().hex[:6]}", "--role", "admin")
+    t("login", "--token", token.stdout.strip())
+    return t
+
+
+def test_create_deploy_scale_config_rollback(tally: Tally) -> None:
+    app = f"hello-{uuid.uuid4().hex[:6]}"
+    r = tally("apps:create", app)
+    assert r.stdout == "", "quiet on success"
+    assert tally.json("apps:info", app)["owner"].startswith("dev-")
+    r = tally("deploy", "-a", app, str(SAMPLE), "--no-wait", "-m", "first")
+    assert "release v1 created" in r.stderr and r.stdout == ""
+    info = tally.json("apps:info", app)
+    assert info["release"] == 1 and info["scale"] == {"web": 1}
+    tally("scale", "-a", app, "web=2", "worker=1")
+    assert tally.json("apps:info", app)["scale"] == {"web": 2, "worker": 1}
+    tally("config:set", "-a", app, "GREETING=hi there", "DEBUG=0")
+    assert tally.json("config", "-a", app) == {"GREETING": "hi there", "DEBUG": "0"}
+    assert tally("config", "-a", app).stdout.splitlines() == ["DEBUG=0", "GREETING=hi there"]
+    tally("config:unset", "-a", app, "DEBUG")
+    releases = tally.json("releases", "-a", app)
+    assert [r["number"] for r in releases] == [3, 2, 1]
+    r = tally("rollback", "-a", app, "v1")
+    assert "rolled back to v1 as v4" in r.stderr
+    assert tally.json("config", "-a", app) == {}
+    assert "v4" in tally("releases", "-a", app).stdout
+    tally("domains:add", "-a", app, f"www.{app}.example.com")
+    assert tally.json("domains", "-a", app) == [f"www.{app}.example.com"]
+    tally("maintenance:on", "-a", app)
+    assert tally.json("apps:info", app)["maintenance"] is True
+    tally("maintenance:off", "-a", app)
+    assert tally.json("ps", "-a", app) == []
+
+
+def test_deploy_follows_rollout_and_says_what_it_waits_for(tally: Tally) -> None:
+    app = f"wait-{uuid.uuid4().hex[:6]}"
+    tally("apps:create", app)
+    r = tally("deploy", "-a", app, str(SAMPLE), "--timeout", "1", ok=False)
+    assert r.returncode == 1
+    assert "waiting for 1 instance(s) of v1 to be healthy" in r.stderr
+    assert "v1 is released but not running after 1s" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args, reason", [
+    (("apps:create", "Bad_Name"), "invalid name"),
+    (("scale", "-a", "no-such-app", "web=1"), "no app named"),
+    (("scale", "-a", "no-such-app", "web=x"), "whole number"),
+    (("config:set", "-a", "no-such-app", "novalue"), "KEY=VALUE"),
+    (("rollback", "-a", "no-such-app", "vX"), "not a release"),
+    (("deploy", "-a", "no-such-app", "/"), "no Procfile"),
+    (("apps:delete", "no-such-app"), "--confirm"),
+])
+def test_failures_are_one_line_and_non_zero(tally: Tally, args: tuple[str, ...],
+                                            reason: str) -> None:
+    r = tally(*args, ok=False)
+    assert r.returncode != 0 and reason in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_unreachable_api_and_no_login(tally: Tally, tmp_path: Path) -> None:
+    r = tally("apps", "--api", f"http://127.0.0.1:{free_ports(1)[0]}", ok=False)
+    assert r.returncode == 1 and "cannot reach the tally API" in r.stderr
+    other = Tally({**tally.env, "TALLY_CREDENTIALS": str(tmp_path / "none.json")})
+    r = other("apps", ok=False)
+    assert r.returncode == 1 and "tally login" in r.stderr
+    r = other("login", "--token", "tly_wrong", ok=False)
+    assert r.returncode == 1 and "unknown or revoked" in r.stderr
