@@ -256,6 +256,25 @@ class PlacementFailed(Schema):
     reason = fields.Str(required=True)
 
 
+@event("placement")
+class ReleaseDeployed(Schema):
+    """Every wanted instance of the release answered its health check (and its release phase,
+    if any, succeeded): the placer withdraws the instances of older releases."""
+
+    app = fields.Str(required=True, validate=APP_NAME)
+    release = fields.Int(required=True, validate=validate.Range(min=1))
+
+
+@event("placement")
+class ReleaseFailed(Schema):
+    """The release's instances never became healthy (crash loop, deadline) or its release
+    phase failed: the placer withdraws them and the last deployed release keeps serving."""
+
+    app = fields.Str(required=True, validate=APP_NAME)
+    release = fields.Int(required=True, validate=validate.Range(min=1))
+    reason = fields.Str(required=True)
+
+
 # --- Instances: what host agents observe --------------------------------------------------
 
 
