@@ -1,0 +1,231 @@
+"""The fleet as the placer and the host agents need it, folded from the ledger's events.
+
+Why a fold of its own rather than the views: a controller appends with the expected
+version of the stream it decided from (`placement-<app>`, `host-<id>`), and only a fold
+knows those versions at exactly the position it read. It is also self-sufficient: the
+placer keeps placing while the projectors are rebuilding. The fold is pure (events in,
+values out) and incremental: callers apply what follows their checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from ledger.events import RecordedEvent
+
+CATEGORIES = ["app", "host", "heartbeat", "placement", "instance"]
+"""The stream categories the fold reads."""
+RELEASE_PHASE = "release"
+"""The Procfile process type run once, to completion, before a release takes traffic."""
+RUNNING = ("started", "healthy")
+
+
+@dataclass
+class Release:
+    release: int
+    digest: str
+    procfile: dict[str, str]
+    config_version: int
+
+
+@dataclass
+class App:
+    name: str
+    current_release: int | None = None
+    scale: dict[str, int] = field(default_factory=dict)
+    releases: dict[int, Release] = field(default_factory=dict)
+    config_history: list[tuple[int, dict[str, str], list[str]]] = field(default_factory=list)
+    deployed: int | None = None
+    """The last release whose rollout completed (ReleaseDeployed)."""
+    failed: dict[int, str] = field(default_factory=dict)
+    """Releases declared failed (ReleaseFailed), with the reason."""
+    phase_ok: set[int] = field(default_factory=set)
+    """Releases whose release phase exited 0."""
+    last_failure: dict[tuple[int, str], tuple[int, int, str]] = field(default_factory=dict)
+
+    def config_at(self, version: int) -> dict[str, str]:
+        """Config vars as of `version` (the one a release was cut with)."""
+        out: dict[str, str] = {}
+        for v, sets, unsets in self.config_history:
+            if v > version:
+                break
+            out.update(sets)
+            for key in unsets:
+                out.pop(key, None)
+        return out
+
+
+@dataclass
+class Host:
+    host_id: str
+    address: str
+    port_min: int
+    port_max: int
+    capacity: int
+    registered_at: datetime
+    last_heartbeat: datetime | None = None
+    lost: bool = False
+    version: int = 0
+    """Version of the host-<id> stream (HostLost is appended with it as expected version)."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    instance_id: str
+    app: str
+    release: int
+    process_type: str
+    host_id: str
+    port: int
+    placed_at: datetime
+
+
+@dataclass
+class Instance:
+    """What agents reported about one instance."""
+
+    state: str = "placed"
+    host_id: str | None = None
+    port: int | None = None
+    restarts: int = 0
+    exit_code: int | None = None
+    signal: int | None = None
+    log_tail: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Fleet:
+    apps: dict[str, App] = field(default_factory=dict)
+    hosts: dict[str, Host] = field(default_factory=dict)
+    placements: dict[str, Placement] = field(default_factory=dict)
+    instances: dict[str, Instance] = field(default_factory=dict)
+    placement_versions: dict[str, int] = field(default_factory=dict)
+    position: int = 0
+
+    def apply_all(self, events: list[RecordedEvent]) -> None:
+        for e in events:
+            self.apply(e)
+
+    def apply(self, e: RecordedEvent) -> None:
+        handler = HANDLERS.get(e.type)
+        if handler is not None:
+            handler(self, e.data, e)
+        if e.stream.startswith("placement-"):
+            self.placement_versions[e.stream.removeprefix("placement-")] = e.version
+        if e.position:
+            self.position = max(self.position, e.position)
+
+    def placements_of(self, app: str) -> list[Placement]:
+        return [p for p in self.placements.values() if p.app == app]
+
+    def instance(self, instance_id: str) -> Instance:
+        return self.instances.get(instance_id) or Instance()
+
+
+def _app_created(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:
+    f.apps[d["name"]] = App(d["name"])
+
+
+def _app_deleted(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:
+    f.apps.pop(d["name"], None)
+
+
+def _config_changed(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:
+    if app := f.apps.get(d["app"]):
+        app.config_history.append((d["config_version"], d.get("set", {}), d.get("unset", [])))
+
+
+def _release_created(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:
+    if app := f.apps.get(d["app"]):
+        app.releases[d["release"]] = Release(d["release"], d["bundle_digest"], d["procfile"],
+                                             d["config_version"])
+        app.current_release = d["release"]
+
+
+def _scale_changed(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:
+    if app := f.apps.get(d["app"]):
+        app.scale = {**app.scale, **d["scale"]}
+
+
+def _host_registered(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:
+    old = f.hosts.get(d["host_id"])
+    f.hosts[d["host_id"]] = Host(d["host_id"], d["address"], d["port_min"], d["port_max"],
+                                 d["capacity"], e.recorded_at,
+                                 old.last_heartbeat if old else None, False, e.version)
+
+
+def _heartbeat(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:
+    if host := f.hosts.get(d["host_id"]):
+        host.last_heartbeat = e.recorded_at
+        host.lost = False
+
+
+def _host_lost(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:
+    if host := f.hosts.get(d["host_id"]):
+        host.lost = True
+        host.version = e.version
+
+
+def _placed(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:
+    f.placements[d["instance_id"]] = Placement(d["instance_id"], d["app"], d["release"],
+                                               d["process_type"], d["host_id"], d["port"],
+                                               e.recorded_at)
+    f.instances.setdefault(d["instance_id"], Instance(host_id=d["host_id"], port=d["port"]))
+
+
+def _unplaced(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:
+    f.placements.pop(d["instance_id"], None)
+    inst = f.instances.get(d["instance_id"])
+    if inst is not None and inst.state not in RUNNING:
+        del f.instances[d["instance_id"]]
+
+
+def _observed(state: str) -> Any:
+    def handle(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:
+        iid = d["instance_id"]
+        placed = f.placements.get(iid)
+        if placed is None and state not in RUNNING:
+            f.instances.pop(iid, None)
+            return
+        inst = f.instances.setdefault(iid, Instance())
+        inst.state = state
+        inst.host_id = d.get("host_id") or inst.host_id
+        if state == "exited":
+            inst.exit_code, inst.signal = d.get("exit_code"), d.get("signal")
+            inst.restarts = d.get("restarts", 0)
+            inst.log_tail = d.get("log_tail", [])
+            app = f.apps.get(placed.app) if placed else None
+            if app and placed and placed.process_type == RELEASE_PHASE and inst.exit_code == 0:
+                app.phase_ok.add(placed.release)
+
+    return handle
+
+
+def _deployed(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:
+    if app := f.apps.get(d["app"]):
+        app.deployed = d["release"]
+
+
+def _failed(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:
+    if app := f.apps.get(d["app"]):
+        app.failed[d["release"]] = d["reason"]
+
+
+def _placement_failed(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:
+    if app := f.apps.get(d["app"]):
+        app.last_failure[(d["release"], d["process_type"])] = (d["wanted"], d["placed"],
+                                                              d["reason"])
+
+
+HANDLERS = {
+    "AppCreated": _app_created, "AppDeleted": _app_deleted, "ConfigChanged": _config_changed,
+    "ReleaseCreated": _release_created, "ScaleChanged": _scale_changed,
+    "HostRegistered": _host_registered, "HostHeartbeat": _heartbeat, "HostLost": _host_lost,
+    "InstancePlaced": _placed, "InstanceUnplaced": _unplaced,
+    "InstanceStarted": _observed("started"), "InstanceHealthy": _observed("healthy"),
+    "InstanceExited": _observed("exited"), "InstanceStopped": _observed("stopped"),
+    "ReleaseDeployed": _deployed, "ReleaseFailed": _failed,
+    "PlacementFailed": _placement_failed,
+}

@@ -1,0 +1,298 @@
+"""The placer's decisions: a pure function from the fleet (desired and observed) and `now`
+to the events to append. No I/O; the daemon (agents/placer.py) reads and appends.
+
+Rules, in the order they apply:
+- a host with no heartbeat for `ttl` seconds is declared lost (HostLost); its instances are
+  withdrawn and placed elsewhere at once. A suspect host (no heartbeat for `suspect_after`)
+  keeps what it runs but gets nothing new; only alive hosts receive placements.
+- each app has a *target* release: its current release, unless that one failed and an
+  earlier release was deployed, which then keeps serving.
+- a release with a `release:` process runs it once, on one host, before any instance of
+  the release is placed; a non-zero exit fails the release.
+- instances of one process type spread over hosts (fewest of the group first, then least
+  loaded), within each host's capacity and port range.
+- rolling deploy: the old release's instances are withdrawn only once every wanted instance
+  of the target is healthy (ReleaseDeployed). A target that crash-loops or is not healthy
+  within `deploy_timeout` is failed (ReleaseFailed) and withdrawn; the old one stays.
+"""
+
+from __future__ import annotations
+
+import heapq
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from agents.fleet import RELEASE_PHASE, RUNNING, App, Fleet, Host, Placement
+from ledger.events import NewEvent
+
+
+@dataclass(frozen=True)
+class Settings:
+    ttl: float = 15.0
+    """Seconds without a heartbeat before a host is lost."""
+    suspect_after: float = 5.0
+    """Seconds without a heartbeat before a host is suspect (two missed heartbeats)."""
+    deploy_timeout: float = 120.0
+    """Seconds a new release's instances have to become healthy."""
+    crash_loop: int = 3
+    """Restarts of one instance that make a rollout fail."""
+
+
+@dataclass(frozen=True)
+class Append:
+    """One append the placer wants: events to a stream, at the version it decided from."""
+
+    stream: str
+    expected_version: int
+    events: tuple[NewEvent, ...]
+
+
+def host_state(host: Host, now: datetime, settings: Settings) -> str:
+    """alive | suspect | expired (to be declared lost) | lost."""
+    if host.lost:
+        return "lost"
+    age = (now - (host.last_heartbeat or host.registered_at)).total_seconds()
+    if age > settings.ttl:
+        return "expired"
+    return "suspect" if age > settings.suspect_after else "alive"
+
+
+def new_instance_id(app: str, release: int, process_type: str) -> str:
+    return f"{app}.{release}.{process_type}.{uuid.uuid4().hex[:12]}"
+
+
+@dataclass
+class _Slots:
+    """Free capacity and ports of the alive hosts, for one reconcile."""
+
+    hosts: dict[str, Host]
+    load: Counter = field(default_factory=Counter)
+    ports: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
+    next_port: dict[str, int] = field(default_factory=dict)
+    heap: list[tuple[int, str]] = field(default_factory=list)
+
+    def build(self) -> None:
+        self.heap = [(self.load[h], h) for h in self.hosts if self._room(h)]
+        heapq.heapify(self.heap)
+
+    def _room(self, host_id: str) -> bool:
+        h = self.hosts[host_id]
+        return self.load[host_id] < h.capacity and self._port(host_id) is not None
+
+    def _port(self, host_id: str) -> int | None:
+        h = self.hosts[host_id]
+        port = max(self.next_port.get(host_id, h.port_min), h.port_min)
+        used = self.ports[host_id]
+        while port <= h.port_max and port in used:
+            port += 1
+        self.next_port[host_id] = port
+        return port if port <= h.port_max else None
+
+    def take(self, count: int, group: Counter) -> list[tuple[str, int]]:
+        """Up to `count` (host, port) slots, spreading over the hosts with the fewest of
+        `group` first, then the least loaded."""
+        picks: list[tuple[str, int]] = []
+        level = min((group[h] for _, h in self.heap), default=0)
+        aside: list[tuple[int, str]] = []
+        while len(picks) < count:
+            if not self.heap:
+                if not aside:
+                    break
+                level += 1
+                for item in aside:
+                    heapq.heappush(self.heap, item)
+                aside = []
+                continue
+            load, host_id = heapq.heappop(self.heap)
+            if load != self.load[host_id] or not self._room(host_id):
+                if self._room(host_id):
+                    heapq.heappush(self.heap, (self.load[host_id], host_id))
+                continue
+            if group[host_id] > level:
+                aside.append((load, host_id))
+                continue
+            port = self._port(host_id)
+            assert port is not None
+            self.ports[host_id].add(port)
+            self.load[host_id] += 1
+            group[host_id] += 1
+            picks.append((host_id, port))
+            if self._room(host_id):
+                heapq.heappush(self.heap, (self.load[host_id], host_id))
+        for item in aside:
+            heapq.heappush(self.heap, item)
+        return picks
+
+
+def decide(fleet: Fleet, now: datetime, settings: Settings = Settings(),
+           new_id: Callable[[str, int, str], str] = new_instance_id) -> list[Append]:
+    """Everything the placer should append now, one Append per stream."""
+    out: list[Append] = []
+    states = {h.host_id: host_state(h, now, settings) for h in fleet.hosts.values()}
+    for host_id, state in sorted(states.items()):
+        if state == "expired":
+            host = fleet.hosts[host_id]
+            age = (now - (host.last_heartbeat or host.registered_at)).total_seconds()
+            out.append(Append(f"host-{host_id}", host.version, (NewEvent("HostLost", {
+                "host_id": host_id,
+                "reason": f"no heartbeat for {age:.0f}s (ttl {settings.ttl:g}s)"}),)))
+            states[host_id] = "lost"
+    slots = _slots(fleet, states)
+    by_app: dict[str, list[Placement]] = defaultdict(list)
+    for p in fleet.placements.values():
+        by_app[p.app].append(p)
+    for name in sorted(set(fleet.apps) | set(by_app)):
+        events = _plan_app(fleet, fleet.apps.get(name), name, by_app.get(name, []), states,
+                           slots, now, settings, new_id)
+        if events:
+            out.append(Append(f"placement-{name}", fleet.placement_versions.get(name, 0),
+                              tuple(events)))
+    return out
+
+
+def _slots(fleet: Fleet, states: dict[str, str]) -> _Slots:
+    alive = {h: fleet.hosts[h] for h, s in states.items() if s == "alive"}
+    slots = _Slots(alive)
+    for p in fleet.placements.values():
+        slots.load[p.host_id] += 1
+        slots.ports[p.host_id].add(p.port)
+    for inst in fleet.instances.values():  # withdrawn but still stopping: port still taken
+        if inst.state in RUNNING and inst.host_id and inst.port:
+            slots.ports[inst.host_id].add(inst.port)
+    slots.build()
+    return slots
+
+
+def _unplace(p: Placement, reason: str) -> NewEvent:
+    return NewEvent("InstanceUnplaced", {"instance_id": p.instance_id, "app": p.app,
+                                         "reason": reason})
+
+
+def _plan_app(fleet: Fleet, app: App | None, name: str, placements: list[Placement],
+              states: dict[str, str], slots: _Slots, now: datetime, settings: Settings,
+              new_id: Callable[[str, int, str], str]) -> list[NewEvent]:
+    events: list[NewEvent] = []
+    live: list[Placement] = []
+    for p in placements:
+        if app is None:
+            events.append(_unplace(p, "app deleted"))
+        elif states.get(p.host_id, "lost") == "lost":
+            events.append(_unplace(p, f"host {p.host_id} lost"))
+        else:
+            live.append(p)
+    if app is None or app.current_release is None:
+        return events
+    target = _target(app)
+    release = app.releases[target]
+    mine = [p for p in live if p.release == target]
+    others = [p for p in live if p.release != target]
+    phase = [p for p in mine if p.process_type == RELEASE_PHASE]
+    if _needs_phase(app, target):
+        return events + _release_phase(fleet, app, target, phase, slots, new_id)
+    events += [_unplace(p, "release phase finished") for p in phase]
+    mine = [p for p in mine if p.process_type != RELEASE_PHASE]
+    wanted = _wanted(app, release.procfile)
+    for p in mine:
+        if p.process_type not in wanted:
+            events.append(_unplace(p, f"no {p.process_type} process in release {target}"))
+    for ptype, count in sorted(wanted.items()):
+        group = [p for p in mine if p.process_type == ptype]
+        events += _scale_group(fleet, app, target, ptype, count, group, slots, new_id)
+    if app.deployed == target:
+        return events + [_unplace(p, f"release {target} serves") for p in others]
+    healthy = Counter(p.process_type for p in mine
+                      if fleet.instance(p.instance_id).state == "healthy")
+    if all(healthy[t] >= n for t, n in wanted.items()):
+        events.append(NewEvent("ReleaseDeployed", {"app": name, "release": target}))
+        return events + [_unplace(p, f"superseded by release {target}") for p in others]
+    if target not in app.failed and (reason := _failing(fleet, mine, now, settings)):
+        events.append(NewEvent("ReleaseFailed", {"app": name, "release": target,
+                                                 "reason": reason}))
+    return events
+
+
+def _target(app: App) -> int:
+    """The release that should run: the current one, unless it failed and an earlier
+    release was deployed."""
+    current = app.current_release
+    assert current is not None
+    if current in app.failed and app.deployed is not None and app.deployed not in app.failed:
+        return app.deployed
+    return current
+
+
+def _needs_phase(app: App, target: int) -> bool:
+    return (RELEASE_PHASE in app.releases[target].procfile and target not in app.phase_ok
+            and app.deployed != target and target not in app.failed)
+
+
+def _wanted(app: App, procfile: dict[str, str]) -> dict[str, int]:
+    """Instances per process type of the release; `web` defaults to 1 until scaled, as on
+    Heroku."""
+    out = {t: app.scale.get(t, 1 if t == "web" else 0) for t in procfile if t != RELEASE_PHASE}
+    return {t: n for t, n in out.items() if n > 0}
+
+
+def _release_phase(fleet: Fleet, app: App, target: int, phase: list[Placement],
+                   slots: _Slots, new_id: Callable[[str, int, str], str]) -> list[NewEvent]:
+    if not phase:
+        return _place(app, target, RELEASE_PHASE, 1, slots, Counter(), new_id)
+    inst = fleet.instance(phase[0].instance_id)
+    if inst.state == "exited" and inst.exit_code != 0:
+        tail = " | ".join(inst.log_tail[-3:])
+        code = f"code {inst.exit_code}" if inst.signal is None else f"signal {inst.signal}"
+        return [NewEvent("ReleaseFailed", {
+            "app": app.name, "release": target,
+            "reason": f"release phase exited with {code}: {tail}"[:2000]}),
+            _unplace(phase[0], "release phase failed")]
+    return []
+
+
+def _scale_group(fleet: Fleet, app: App, target: int, ptype: str, count: int,
+                 group: list[Placement], slots: _Slots,
+                 new_id: Callable[[str, int, str], str]) -> list[NewEvent]:
+    if len(group) > count:
+        per_host = Counter(p.host_id for p in group)
+        order = sorted(group, key=lambda p: (fleet.instance(p.instance_id).state == "healthy",
+                                             -per_host[p.host_id], p.instance_id))
+        return [_unplace(p, f"scaled to {count}") for p in order[: len(group) - count]]
+    if len(group) == count:
+        return []
+    need = count - len(group)
+    events = _place(app, target, ptype, need, slots,
+                    Counter(p.host_id for p in group), new_id)
+    placed = len(events)
+    if placed < need:
+        reason = f"no alive host with free capacity for {need - placed} more"
+        if app.last_failure.get((target, ptype)) != (count, len(group) + placed, reason):
+            events.append(NewEvent("PlacementFailed", {
+                "app": app.name, "release": target, "process_type": ptype, "wanted": count,
+                "placed": len(group) + placed, "reason": reason}))
+    return events
+
+
+def _place(app: App, target: int, ptype: str, count: int, slots: _Slots, group: Counter,
+           new_id: Callable[[str, int, str], str]) -> list[NewEvent]:
+    return [NewEvent("InstancePlaced", {
+        "instance_id": new_id(app.name, target, ptype), "app": app.name, "release": target,
+        "process_type": ptype, "host_id": host_id, "port": port})
+        for host_id, port in slots.take(count, group)]
+
+
+def _failing(fleet: Fleet, mine: Iterable[Placement], now: datetime,
+             settings: Settings) -> str | None:
+    """Why the rollout of these instances has failed, or None while it may still succeed."""
+    for p in mine:
+        inst = fleet.instance(p.instance_id)
+        if inst.restarts >= settings.crash_loop and inst.state != "healthy":
+            code = inst.exit_code if inst.signal is None else f"signal {inst.signal}"
+            return (f"instance {p.instance_id} is crash-looping: {inst.restarts} restarts, "
+                    f"last exit {code}")
+        waited = (now - p.placed_at).total_seconds()
+        if inst.state != "healthy" and waited > settings.deploy_timeout:
+            return (f"instance {p.instance_id} not healthy after {waited:.0f}s "
+                    f"(deploy timeout {settings.deploy_timeout:g}s)")
+    return None
