@@ -44,7 +44,6 @@ from ledger.events import (
 )
 
 CHANNEL = "tally_ledger"
-SEQUENCER_LOCK = 0x7461_6C6C_79  # "tally"
 T = TypeVar("T")
 
 # Prepared once per connection: planning the statement costs more than running it.
@@ -67,24 +66,6 @@ _PREPARE = [
 ]
 _EXEC_ONE = "EXECUTE tally_append_one(%s, %s, %s, %s, %s, %s, %s)"
 _EXEC_MANY = "EXECUTE tally_append_many(%s, %s, %s, %s, %s, %s, %s)"
-
-_SEQUENCE = """
-WITH last AS (
-    SELECT position, tx_id, event_id FROM ledger.positions ORDER BY position DESC LIMIT 1
-), todo AS (
-    SELECT e.id, e.tx_id FROM ledger.events e
-    WHERE (e.tx_id, e.id) > (coalesce((SELECT tx_id FROM last), '0'::xid8),
-                             coalesce((SELECT event_id FROM last), 0))
-      AND e.tx_id < pg_snapshot_xmin(pg_current_snapshot())
-    ORDER BY e.tx_id, e.id
-    LIMIT %(limit)s
-)
-INSERT INTO ledger.positions (position, event_id, tx_id)
-SELECT coalesce((SELECT position FROM last), 0) + row_number() OVER (ORDER BY tx_id, id),
-       id, tx_id
-FROM todo
-RETURNING position
-"""
 
 _COLUMNS = "p.position, e.id, e.stream, e.version, e.type, e.data, e.metadata, e.recorded_at"
 
@@ -253,21 +234,14 @@ class Ledger:
     # -- sequencing ----------------------------------------------------------------------
     def sequence(self, limit: int = 10_000) -> int:
         """Give positions to every committed event that can no longer be preceded by a
-        late commit. Safe to call from many processes at once. Returns the head."""
+        late commit (SQL function ledger.sequence, see migration 0001). Safe to call from
+        many processes at once. Returns the head."""
         def run(cur: Any) -> int:
             while True:
-                cur.execute("BEGIN")
-                try:
-                    cur.execute("SELECT pg_advisory_xact_lock(%s)", (SEQUENCER_LOCK,))
-                    cur.execute(_SEQUENCE, {"limit": limit})
-                    placed = [r[0] for r in cur.fetchall()]
-                    cur.execute("COMMIT")
-                except BaseException:
-                    if not cur.connection.closed:
-                        cur.execute("ROLLBACK")
-                    raise
-                if len(placed) < limit:
-                    return max(placed) if placed else self._head(cur)
+                cur.execute("SELECT placed, head FROM ledger.sequence(%s)", (limit,))
+                placed, head = cur.fetchone()
+                if placed < limit:
+                    return head
         return self._retrying(run)
 
     # -- reading -------------------------------------------------------------------------

@@ -51,10 +51,49 @@ def upgrade() -> None:
         )
         """
     )
+    # The sequencer, in one round trip. Each statement of a plpgsql function takes a fresh
+    # snapshot, so the INSERT sees every position committed before the lock was granted.
+    # Positions are derived data: (tx_id, id) order below the xmin horizon fixes them, so a
+    # batch lost with an asynchronous commit is given the very same positions again. Hence
+    # synchronous_commit off: the sequencer never waits for the standby.
+    op.execute(
+        """
+        CREATE FUNCTION ledger.sequence(batch integer, OUT placed bigint, OUT head bigint)
+        LANGUAGE plpgsql AS $$
+        DECLARE
+            last_position bigint;
+            last_tx xid8;
+            last_event bigint;
+        BEGIN
+            SET LOCAL synchronous_commit = off;
+            PERFORM pg_advisory_xact_lock(500152823929);
+            SELECT position, tx_id, event_id INTO last_position, last_tx, last_event
+            FROM ledger.positions ORDER BY position DESC LIMIT 1;
+            last_position := coalesce(last_position, 0);
+            WITH todo AS (
+                SELECT e.id, e.tx_id FROM ledger.events e
+                WHERE (e.tx_id, e.id) > (coalesce(last_tx, '0'::xid8), coalesce(last_event, 0))
+                  AND e.tx_id < pg_snapshot_xmin(pg_current_snapshot())
+                ORDER BY e.tx_id, e.id
+                LIMIT batch
+            ), ins AS (
+                INSERT INTO ledger.positions (position, event_id, tx_id)
+                SELECT last_position + row_number() OVER (ORDER BY tx_id, id), id, tx_id
+                FROM todo
+                RETURNING position
+            )
+            SELECT count(*) INTO placed FROM ins;
+            head := last_position + placed;
+        END
+        $$
+        """
+    )
     op.execute("GRANT USAGE ON SCHEMA ledger TO tally_writer, tally_reader")
     op.execute("GRANT SELECT, INSERT ON ledger.events, ledger.positions TO tally_writer")
     op.execute("GRANT USAGE ON SEQUENCE ledger.events_id_seq TO tally_writer")
     op.execute("GRANT SELECT ON ledger.events, ledger.positions TO tally_reader")
+    op.execute("GRANT EXECUTE ON FUNCTION ledger.sequence(integer) TO tally_writer")
+    op.execute("REVOKE EXECUTE ON FUNCTION ledger.sequence(integer) FROM PUBLIC")
 
 
 def downgrade() -> None:
