@@ -14,7 +14,7 @@ import click
 
 import migrations
 from ledger.errors import LedgerError
-from tally import cli_apps, cli_state, daemons, platform
+from tally import cli_agents, cli_apps, cli_state, daemons, platform
 from tally.config import Config
 
 
@@ -192,6 +192,7 @@ def down(cfg: Config) -> None:
 # Each part's commands live in its own module and register here.
 cli_state.register(cli)
 cli_apps.register(cli)
+cli_agents.register(cli)
 
 
 def main() -> None:

@@ -1,0 +1,86 @@
+"""The placer daemon (`tally serve placer`): fold the ledger, decide, append, repeat.
+
+Level-triggered: every round reads what follows its checkpoint, asks the pure core
+(agents/placement.py) what to append, and appends each stream's events with the version
+it decided from. Two placers may run at once: the slower one gets a VersionConflict,
+re-reads, and finds nothing left to do, so an instance is never placed twice. A relay
+wake-up starts a round early; the timer starts one anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from agents.fleet import CATEGORIES, Fleet
+from agents.placement import Settings, decide
+from ledger import Ledger, LedgerUnavailable, VersionConflict
+from ledger.subscriber import Subscriber
+
+log = logging.getLogger("tally.placer")
+PAGE = 5000
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def catch_up(ledger: Ledger, fleet: Fleet) -> None:
+    """Fold every event past the fleet's checkpoint (sequencing committed ones first, so the
+    placer never depends on a relay being up)."""
+    ledger.sequence()
+    while True:
+        page = ledger.read_all(fleet.position, limit=PAGE, categories=CATEGORIES)
+        fleet.apply_all(page)
+        if len(page) < PAGE:
+            return
+
+
+class Placer:
+    def __init__(self, ledger: Ledger, settings: Settings | None = None,
+                 clock: Callable[[], datetime] = utcnow) -> None:
+        self.ledger = ledger
+        self.settings = settings or Settings()
+        self.clock = clock
+        self.fleet = Fleet()
+        self.conflicts = 0
+
+    def reconcile(self) -> int:
+        """One round: catch up, decide, append. Returns the number of appends that landed."""
+        catch_up(self.ledger, self.fleet)
+        landed = 0
+        for a in decide(self.fleet, self.clock(), self.settings):
+            try:
+                self.ledger.append(a.stream, list(a.events), expected_version=a.expected_version)
+            except VersionConflict as exc:
+                self.conflicts += 1
+                log.info("another placer moved %s first (%s): re-reading", a.stream, exc)
+                continue
+            landed += 1
+            for e in a.events:
+                log.info("%s %s", e.type, _brief(e.data))
+        return landed
+
+    def run(self, stop: threading.Event, relays: list[str] | tuple[str, ...] = (),
+            interval: float = 1.0) -> None:
+        """Reconcile until `stop` is set: after each wake-up, and every `interval` seconds."""
+        sub = Subscriber(relays) if relays else None
+        try:
+            while not stop.is_set():
+                try:
+                    self.reconcile()
+                except LedgerUnavailable as exc:
+                    log.warning("ledger unavailable, retrying: %s", exc)
+                if sub is not None:
+                    sub.wait(interval)
+                else:
+                    stop.wait(interval)
+        finally:
+            if sub is not None:
+                sub.close()
+
+
+def _brief(data: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in data.items() if k != "log_tail")
