@@ -153,8 +153,7 @@ class Ledger:
                                {"expected_version": ["must be >= 0"]})
         types, datas, metas = [], [], []
         for ev in events:
-            validate_event(category, ev.type, ev.data)
-            data = _dumps(ev.data)
+            data = _dumps(validate_event(category, ev.type, ev.data))
             meta = _dumps({**ev.metadata, "schema": CATALOGUE[ev.type].version})
             if len(data.encode()) > MAX_DATA_BYTES:
                 raise InvalidEvent(

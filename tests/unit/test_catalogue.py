@@ -71,3 +71,26 @@ def test_upcast_applies_each_step(monkeypatch: pytest.MonkeyPatch) -> None:
         "host_id": "h1", "reason": "gone"}
     assert upcast("HostLost", {"host_id": "h1", "reason": "x"}, 3) == {
         "host_id": "h1", "reason": "x"}
+
+
+def test_stored_payload_is_complete_and_canonical() -> None:
+    assert validate_event("heartbeat", "HostHeartbeat", {"host_id": "h"}) == {
+        "host_id": "h", "load": 0.0, "memory_used_mb": 0, "memory_total_mb": 0,
+        "instances": 0}
+    # Coercible values are accepted (as marshmallow does) and stored canonically.
+    assert validate_event("app", "ScaleChanged", {"app": "blog", "scale": {"web": "2"}}) == {
+        "app": "blog", "scale": {"web": 2}}
+    assert validate_event("heartbeat", "HostHeartbeat", {"host_id": "h", "instances": "3"})[
+        "instances"] == 3
+
+
+@pytest.mark.parametrize("bad", [
+    {"host_id": "h", "load": float("nan")},
+    {"host_id": "h", "instances": True},
+    {"host_id": "h", "instances": -1},
+    {"host_id": None},
+    {"host_id": 5},
+])
+def test_fast_path_never_accepts_what_marshmallow_refuses(bad: dict) -> None:
+    with pytest.raises(InvalidEvent):
+        validate_event("heartbeat", "HostHeartbeat", bad)
