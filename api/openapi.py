@@ -14,6 +14,7 @@ from api.web import ROUTES, Route, openapi_path
 REASONS = {400: "Bad request", 401: "No or unknown token", 403: "Not allowed",
            404: "Not found", 409: "Conflict (carries the current state)",
            413: "Too large", 422: "Invalid input"}
+APP = r"^[a-z][a-z0-9-]{1,28}[a-z0-9]$"
 
 
 def spec() -> dict[str, Any]:
@@ -54,12 +55,17 @@ def _operation(r: Route) -> dict[str, Any]:
     for code in r.errors:
         op["responses"][str(code)] = {"description": REASONS[code], "content": {
             "application/json": {"schema": "Error"}}}
+    op["responses"]["414"] = {"description": "Request line too long (refused by gunicorn)"}
     return op
 
 
 def _path_params(rule: str) -> list[dict[str, Any]]:
     out = []
     for conv, name in re.findall(r"<(?:([a-z]+):)?([a-z_]+)>", rule):
-        schema = {"type": "integer", "minimum": 0} if conv == "int" else {"type": "string"}
+        schema: dict[str, Any] = {"type": "string"}
+        if conv == "int":
+            schema = {"type": "integer", "minimum": 0}
+        elif name == "name" and rule.startswith("/apps/"):
+            schema["pattern"] = APP
         out.append({"in": "path", "name": name, "required": True, "schema": schema})
     return out

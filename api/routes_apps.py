@@ -99,7 +99,7 @@ def remove_member(name: str, user: str) -> ResponseReturnValue:
 
 
 @route("/apps/<name>/releases", "POST", query=schemas.ReleaseQuery, response=schemas.Release,
-       status=201, tag="releases", raw_body="application/gzip",
+       status=201, tag="releases", raw_body="application/octet-stream",
        errors=(400, 401, 403, 404, 409, 413, 422))
 def upload_release(name: str) -> ResponseReturnValue:
     """Upload a bundle (the request body: a tar.gz with Procfile and requirements.txt);

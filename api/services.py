@@ -3,6 +3,7 @@ the ledger, and load-decide-append for app streams. Built by create_app, never a
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -11,10 +12,13 @@ from pathlib import Path
 
 from api import auth
 from api.auth import Directory, Principal
-from api.errors import Conflict, Unauthorized
+from api.errors import Conflict, NotFound, Unauthorized
 from api.state import AppState, fold, summary
 from ledger import Ledger, NewEvent, VersionConflict
+from ledger.catalogue import APP_NAME
 from ledger.events import AppendResult
+
+APP_NAME_RE = re.compile(APP_NAME.regex.pattern)
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,10 @@ class Services:
 
     # -- app streams -----------------------------------------------------------------------
     def load_app(self, name: str) -> AppState:
+        """The app's state; a name no app can have is simply not found."""
+        if not APP_NAME_RE.match(name):
+            raise NotFound(f"no app named {name[:40]!r} (app names are 3-30 lowercase "
+                           f"letters, digits and dashes)")
         return fold(name, self.ledger.read_stream(f"app-{name}"))
 
     def append(self, stream: str, events: list[NewEvent], expected: int | None,
