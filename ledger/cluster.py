@@ -277,8 +277,14 @@ class Cluster:
         if self._running(node):
             self._run(self._bin("pg_ctl"), "-D", self.node_dir(node), "-m", mode, "-w", "stop")
 
+    def require(self) -> None:
+        """Raise a clear error unless a cluster has been created here."""
+        if not self.initialized():
+            raise ClusterError(f"no ledger cluster in {self.root}: run `tally ledger init`")
+
     def start(self) -> None:
         """Start both nodes, the primary first."""
+        self.require()
         for node in sorted(NODES, key=self.is_standby):
             self.start_node(node)
 
@@ -358,6 +364,7 @@ class Cluster:
         self._query(primary, "SELECT pg_reload_conf()")
 
     def status(self) -> list[NodeStatus]:
+        self.require()
         out = []
         for node in NODES:
             if not self.node_dir(node).exists():

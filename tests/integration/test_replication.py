@@ -15,7 +15,8 @@ import pytest
 from ledger import Ledger, NewEvent
 from ledger.cluster import Cluster
 from ledger.errors import ClusterError
-from tests.conftest import destroy_cluster, make_cluster, tally_env
+from ledger.subscriber import Subscriber
+from tests.conftest import RelayProcs, destroy_cluster, make_cluster, tally_env
 from tests.waiting import wait_until
 
 
@@ -79,6 +80,10 @@ def test_promote_is_refused_while_the_primary_runs(private_cluster: Cluster) -> 
 
 def test_kill_primary_promote_standby_loses_nothing(private_cluster: Cluster) -> None:
     cluster = private_cluster
+    relay = RelayProcs(cluster)
+    relay.start(0)
+    relay.wait_ready(0)
+    sub = Subscriber(relay.endpoints[:1])
     writer = Writer(cluster.dsn())
     writer.start()
     wait_until(lambda: len(writer.acked) >= 200, 60, "writer made no progress")
@@ -117,6 +122,14 @@ def test_kill_primary_promote_standby_loses_nothing(private_cluster: Cluster) ->
                                "WHERE p.event_id = e.id)")
         assert unplaced == 0
 
+    # The relay found the new primary by itself and still wakes subscribers.
+    try:
+        wait_until(lambda: sub.wait(0.2) and sub.head >= head, 30,
+                   "relay did not follow the failover")
+    finally:
+        sub.close()
+        relay.stop()
+
     # The old primary comes back as the synchronous standby of the new one.
     cluster.rejoin("a")
     def roles() -> dict[str, str]:
@@ -127,3 +140,38 @@ def test_kill_primary_promote_standby_loses_nothing(private_cluster: Cluster) ->
                "old primary did not become the synchronous standby")
     with Ledger(cluster.dsn()) as ledger:
         ledger.append("heartbeat-failover", [NewEvent("HostHeartbeat", {"host_id": "x"})])
+
+
+def test_cli_manages_a_cluster_from_scratch() -> None:
+    """What `make up` does first: init, status, stop, start, from the command line."""
+    import json
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from tests.conftest import free_ports
+
+    home = Path(tempfile.mkdtemp(prefix="tally-cli-"))
+    home.chmod(0o755)
+    env = {**os.environ, "TALLY_HOME": str(home),
+           "TALLY_LEDGER_PORTS": ",".join(map(str, free_ports(2)))}
+
+    def tally(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "tally.cli", *args], env=env,
+                              capture_output=True, text=True, timeout=120)
+    try:
+        missing = tally("ledger", "status")
+        assert missing.returncode == 1 and "tally ledger init" in missing.stderr
+        assert tally("ledger", "init").returncode == 0
+        again = tally("ledger", "init")
+        assert again.returncode == 1 and "not empty" in again.stderr
+        nodes = json.loads(tally("ledger", "status", "--json").stdout)
+        assert [(n["name"], n["role"]) for n in nodes] == [("a", "primary"), ("b", "standby")]
+        assert tally("ledger", "stop").returncode == 0
+        assert {n["role"] for n in json.loads(tally("ledger", "status", "--json").stdout)} == {
+            "stopped"}
+        assert tally("ledger", "start").returncode == 0
+        assert "streaming, sync" in tally("ledger", "status").stdout
+    finally:
+        tally("ledger", "stop", "--mode", "immediate")
+        shutil.rmtree(home, ignore_errors=True)
