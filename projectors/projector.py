@@ -46,8 +46,9 @@ class Projector:
     def apply(self, tables: Tables, events: Sequence[RecordedEvent]) -> None:
         """Apply events in order. Raises HandlerFailed naming the event that failed; the
         tables then hold a partial batch and must be discarded."""
+        handlers = self.handlers
         for i, event in enumerate(events):
-            handler = self.handlers.get(event.type)
+            handler = handlers.get(event.type)
             if handler is None:
                 continue
             try:

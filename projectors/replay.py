@@ -13,7 +13,7 @@ from typing import Any
 
 from ledger import Ledger
 from projectors import ALL, Projector, owner_of
-from projectors.runtime import BATCH, Runner, catch_up, connect
+from projectors.runtime import BATCH, FLUSH_EVERY, Runner, catch_up, connect
 from projectors.store import copy_tables, read_rows
 from projectors.tables import Row
 
@@ -50,13 +50,15 @@ def replay(dsn: str, positions: Sequence[int], view: str | None = None,
             with conn, conn.cursor() as cur:
                 for projector in projectors:
                     copy_tables(cur, projector, "pg_temp", temporary=True)
-            runners = [Runner(p, conn, checkpointed=False) for p in projectors]
+            runners = [Runner(p, conn, checkpointed=False, flush_every=FLUSH_EVERY)
+                       for p in projectors]
             shots = []
             for position in sorted(positions):
                 catch_up(runners, ledger, position, batch)
                 for runner in runners:
                     if runner.stopped is not None:
                         raise RuntimeError(str(runner.stopped))
+                    runner.flush()
                 with conn, conn.cursor() as cur:
                     shots.append({v: read_rows(cur, v, owner_of(v).tables[v]) for v in names})
             return shots

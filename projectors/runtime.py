@@ -17,6 +17,7 @@ from typing import Any
 import psycopg2
 
 from ledger import Ledger, LedgerUnavailable, RecordedEvent
+from ledger.catalogue import upcast
 from ledger.subscriber import Subscriber
 from projectors.projector import HandlerFailed, Projector
 from projectors.store import (
@@ -30,6 +31,7 @@ from projectors.store import (
 
 log = logging.getLogger("tally.projectors")
 BATCH = 5000
+FLUSH_EVERY = 250_000
 
 
 class Runner:
@@ -38,10 +40,15 @@ class Runner:
     the tables bumps `generation`, and the runner reloads. Without, it starts empty at
     position 0 (rebuilds and replays)."""
 
-    def __init__(self, projector: Projector, conn: Any, *, checkpointed: bool = True) -> None:
+    def __init__(self, projector: Projector, conn: Any, *, checkpointed: bool = True,
+                 flush_every: int = 0) -> None:
         self.projector = projector
         self.conn = conn
         self.checkpointed = checkpointed
+        self.flush_every = flush_every
+        """Unless checkpointed: keep rows in memory and write them every this many events
+        (and on `flush`): a rebuild then writes each row a few times, not per batch."""
+        self.pending = 0
         self.writer = Writer()
         self.tables = projector.new_tables()
         self.position = 0
@@ -70,6 +77,9 @@ class Runner:
             return
         if self.stale:
             self.start()
+        if not self.checkpointed:
+            self._apply_unwritten(events, head)
+            return
         try:
             with self.conn, self.conn.cursor() as cur:
                 if self.checkpointed:
@@ -81,6 +91,24 @@ class Runner:
             if isinstance(exc, psycopg2.OperationalError | psycopg2.InterfaceError):
                 raise
             self._blame(events, head, exc)
+
+    def _apply_unwritten(self, events: Sequence[RecordedEvent], head: int) -> None:
+        todo = [e for e in events if e.position > self.position]
+        try:
+            self.projector.apply(self.tables, todo)
+        except HandlerFailed as failed:
+            self.stopped = failed
+            return
+        self.position = todo[-1].position
+        self.pending += len(todo)
+        if self.pending >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what is still only in memory."""
+        with self.conn, self.conn.cursor() as cur:
+            self.writer.write(cur, self.tables)
+        self.pending = 0
 
     def apply_within(self, cur: Any, events: Sequence[RecordedEvent], head: int) -> None:
         """Apply and write inside the caller's transaction."""
@@ -137,6 +165,26 @@ class Runner:
                 return
 
 
+# Positions are dense (the sequencer never leaves a gap), so a batch is a closed range of
+# them: no LIMIT, no sort of what lies beyond, whatever plan the statistics lead to.
+_READ = """SELECT p.position, e.id, e.stream, e.version, e.type, e.data,
+    coalesce((e.metadata->>'schema')::int, 1), e.recorded_at
+    FROM ledger.positions p JOIN ledger.events e ON e.id = p.event_id
+    WHERE p.position > %s AND p.position <= %s ORDER BY p.position"""
+
+
+def read_batch(ledger: Ledger, after: int, upto: int, limit: int) -> list[RecordedEvent]:
+    """Events after < position <= min(upto, after + limit). Like Ledger.read_all, minus
+    decoding metadata no handler reads; the events' `metadata` holds only the schema
+    version."""
+    with ledger.connection().cursor() as cur:
+        cur.execute(_READ, (after, min(upto, after + limit)))
+        return [RecordedEvent(pos, id_, stream, version, type_,
+                              upcast(type_, data, schema) if schema != 1 else data,
+                              {"schema": schema}, at)
+                for pos, id_, stream, version, type_, data, schema, at in cur.fetchall()]
+
+
 def catch_up(runners: Sequence[Runner], ledger: Ledger, head: int,
              batch: int = BATCH) -> int:
     """Feed every running runner up to `head`, reading each event once. Returns the
@@ -147,7 +195,7 @@ def catch_up(runners: Sequence[Runner], ledger: Ledger, head: int,
         low = min((r.position for r in active), default=head)
         if low >= head:
             return read
-        events = ledger.read_all(after=low, limit=batch, upto=head)
+        events = read_batch(ledger, low, head, batch)
         if not events:
             return read
         read += len(events)

@@ -10,7 +10,7 @@ thus become one UPDATE.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 Row = dict[str, Any]
@@ -25,6 +25,7 @@ class Tables:
                  indexes: Mapping[str, str] | None = None) -> None:
         self.keys = dict(keys)
         self.indexes = dict(indexes or {})
+        self._key_of = {t: _key_getter(cols) for t, cols in self.keys.items()}
         self.rows: dict[str, dict[Key, Row]] = {t: {} for t in self.keys}
         self.changes: dict[str, dict[Key, Row | None]] = {t: {} for t in self.keys}
         self._index: dict[str, dict[Any, set[Key]]] = {t: {} for t in self.indexes}
@@ -32,7 +33,7 @@ class Tables:
         """Things a projector wants to revisit at the end of a batch, with a position."""
 
     def key_of(self, table: str, row: Row) -> Key:
-        return tuple(row[c] for c in self.keys[table])
+        return self._key_of[table](row)
 
     def get(self, table: str, *key: Any) -> Row | None:
         return self.rows[table].get(key)
@@ -48,15 +49,16 @@ class Tables:
     def put(self, table: str, row: Row) -> None:
         """Insert or replace a whole row. Rows are values: put a new dict, never mutate
         one you got."""
-        key = self.key_of(table, row)
-        old = self.rows[table].get(key)
-        if old is not None:
-            self._unindex(table, key, old)
-        self.rows[table][key] = row
-        self.changes[table][key] = row
+        key = self._key_of[table](row)
+        rows = self.rows[table]
         column = self.indexes.get(table)
         if column is not None:
+            old = rows.get(key)
+            if old is not None:
+                self._unindex(table, key, old)
             self._index[table].setdefault(row[column], set()).add(key)
+        rows[key] = row
+        self.changes[table][key] = row
 
     def update(self, table: str, row: Row, **changes: Any) -> Row:
         """Put a copy of `row` with `changes`; returns the new row."""
@@ -93,6 +95,13 @@ class Tables:
     def snapshot(self) -> dict[str, list[Row]]:
         """Every row of every table, sorted by key: for printing and comparing."""
         return {t: [rows[k] for k in sorted(rows, key=_sortable)] for t, rows in self.rows.items()}
+
+
+def _key_getter(columns: tuple[str, ...]) -> Callable[[Row], Key]:
+    if len(columns) == 1:
+        (column,) = columns
+        return lambda row: (row[column],)
+    return lambda row: tuple(row[c] for c in columns)
 
 
 def _sortable(key: Key) -> tuple:

@@ -149,14 +149,15 @@ def register(cli: click.Group) -> None:
     @click.pass_obj
     @_clean
     def projectors_rebuild(cfg: Config, name: str) -> None:
-        """Rebuild NAME's views from position zero beside the live ones, then swap."""
+        """Rebuild NAME's views (or `all`) from position zero beside the live ones, then
+        swap: readers never see an empty view."""
         import projectors
         from projectors.rebuild import rebuild
 
-        projector = projectors.by_name(name)
-        position = rebuild(_dsn(cfg, "tally_owner"), projector)
-        click.echo(f"rebuilt {name} ({', '.join(projector.public)}) up to position {position}",
-                   err=True)
+        chosen = list(projectors.ALL) if name == "all" else [projectors.by_name(name)]
+        position = rebuild(_dsn(cfg, "tally_owner"), chosen)
+        views = ", ".join(v for p in chosen for v in p.public)
+        click.echo(f"rebuilt {name} ({views}) up to position {position}", err=True)
 
     @cli.command("state")
     @click.option("--at", "position", type=int, required=True, help="Ledger position.")
