@@ -26,11 +26,12 @@ down:
 test: install
 	$(PY) -m pytest -q
 
+# Every benchmark, each printing its table and one JSON line of figures.
 bench: install
-	$(PY) bench/ledger.py
+	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 bench-quick: install
-	$(PY) bench/ledger.py --quick
+	@for b in bench/*.py; do echo "== $$b --quick"; $(PY) $$b --quick || exit 1; done
 
 lint: install
 	$(VENV)/bin/ruff check .
