@@ -13,4 +13,5 @@ def daemons(cfg: Config) -> list[tuple[str, list[str], str]]:
     ]
     out.append(("projectors", ["serve", "projectors"],
                 "views in the ledger database (tally projectors status)"))
+    out.append(("api", ["serve", "api", "--bind", cfg.api_bind], f"http://{cfg.api_bind}"))
     return out
