@@ -57,3 +57,49 @@ def register(cli: click.Group) -> None:
                             deploy_timeout=deploy_timeout)
         with Ledger(cfg.cluster().dsn("tally_writer")) as ledger:
             Placer(ledger, settings).run(stop, cfg.relays, interval)
+
+    @serve.command("agent")
+    @click.option("--host-id", required=True, help="This host's name in the fleet.")
+    @click.option("--address", default="127.0.0.1", show_default=True,
+                  help="Address instances bind and balancers reach.")
+    @click.option("--port-range", default="7000-7099", show_default=True,
+                  help="Ports the placer may give this host's instances, A-B.")
+    @click.option("--capacity", default=20, show_default=True,
+                  help="Instances this host runs at most (memory slots).")
+    @click.option("--heartbeat", default=2.0, show_default=True, help="Seconds.")
+    @click.option("--grace", default=10.0, show_default=True,
+                  help="Seconds between SIGTERM and SIGKILL when stopping an instance.")
+    @click.option("--memory-mb", default=1024, show_default=True,
+                  help="Address-space limit per instance.")
+    @click.option("--open-files", default=4096, show_default=True,
+                  help="Open files limit per instance.")
+    @click.pass_obj
+    @fail_cleanly
+    def serve_agent(cfg: Config, host_id: str, address: str, port_range: str, capacity: int,
+                    heartbeat: float, grace: float, memory_mb: int, open_files: int) -> None:
+        """Run this host's placed instances, report them, heartbeat."""
+        from agents.host import Agent, HostSpec, Paths, Timing
+        from agents.processes import Limits
+        from ledger import Ledger
+
+        _logging()
+        low, high = _port_range(port_range)
+        spec = HostSpec(host_id, address, low, high, capacity)
+        paths = Paths(state=cfg.home / "agents" / host_id, bundles=cfg.bundles_dir,
+                      releases=cfg.home / "agents" / host_id / "releases",
+                      venvs=cfg.venv_cache)
+        stop = _stop_event()
+        with Ledger(cfg.cluster().dsn("tally_writer")) as ledger:
+            Agent(ledger, spec, paths, Timing(heartbeat=heartbeat, grace=grace),
+                  Limits(open_files=open_files, memory_mb=memory_mb)).run(stop, cfg.relays)
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    try:
+        low, high = (int(p) for p in text.split("-"))
+    except ValueError:
+        raise click.BadParameter("must look like 7000-7099", param_hint="--port-range") from None
+    if not 1 <= low <= high <= 65535:
+        raise click.BadParameter("must be A-B with 1 <= A <= B <= 65535",
+                                 param_hint="--port-range")
+    return low, high

@@ -6,6 +6,8 @@ TALLY_RELAYS          relay PUB endpoints, comma-separated; default tcp://127.0.
 TALLY_PG_BIN          PostgreSQL binaries; default /usr/lib/postgresql/15/bin
 TALLY_API_BIND        where `tally serve api` listens; default 127.0.0.1:8000
 TALLY_MAX_BUNDLE_MB   largest bundle upload the API accepts; default 100
+TALLY_VENV_CACHE      where host agents keep virtualenvs, by requirements hash; default
+                      $TALLY_HOME/venvs
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class Config:
     pg_bin: Path
     api_bind: str = "127.0.0.1:8000"
     max_bundle_bytes: int = 100 * 1024 * 1024
+    venv_cache_dir: str = ""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Config:
@@ -40,6 +43,7 @@ class Config:
             pg_bin=Path(env.get("TALLY_PG_BIN", str(DEFAULT_BIN))),
             api_bind=env.get("TALLY_API_BIND", "127.0.0.1:8000"),
             max_bundle_bytes=int(env.get("TALLY_MAX_BUNDLE_MB", "100")) * 1024 * 1024,
+            venv_cache_dir=env.get("TALLY_VENV_CACHE", ""),
         )
 
     def cluster(self) -> Cluster:
@@ -53,6 +57,11 @@ class Config:
     @property
     def log_dir(self) -> Path:
         return self.home / "log"
+
+    @property
+    def venv_cache(self) -> Path:
+        """Virtualenvs by requirements hash, shared by every agent on this machine."""
+        return Path(self.venv_cache_dir) if self.venv_cache_dir else self.home / "venvs"
 
     @property
     def bundles_dir(self) -> Path:

@@ -1,0 +1,261 @@
+"""The host agent (`tally serve agent --host-id H`): run on this host what the placer put
+here, report what happens to it, and say the host is alive.
+
+Each round (a relay wake-up or the timer): heartbeat when due, fold the ledger's new
+placements, notice exits, finish preparations, then apply the plan of the pure core
+(agents/supervision.py). Preparing a release (unpack the bundle, build the virtualenv) runs
+on a worker thread so heartbeats never wait for pip. One instance's failure is reported as
+that instance's exit and never stops the others. On restart the agent adopts the processes
+its pid records name, so nothing is orphaned or started twice; it leaves its processes
+running when it stops, and the next agent adopts them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from agents import bundle, venvs
+from agents.fleet import Fleet
+from agents.placer import catch_up
+from agents.processes import Limits, Processes
+from agents.supervision import ALIVE, Action, Local, State, Want, after_exit, plan
+from ledger import Ledger, LedgerUnavailable, NewEvent
+from ledger.subscriber import Subscriber
+
+log = logging.getLogger("tally.agent")
+AGENT_CATEGORIES = ["app", "host", "placement"]
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    host_id: str
+    address: str
+    port_min: int
+    port_max: int
+    capacity: int
+
+
+@dataclass(frozen=True)
+class Paths:
+    state: Path
+    """This agent's own folder: pid records, instance logs, app homes."""
+    bundles: Path
+    releases: Path
+    venvs: Path
+
+
+@dataclass(frozen=True)
+class Timing:
+    heartbeat: float = 2.0
+    grace: float = 10.0
+    """Seconds between SIGTERM and SIGKILL."""
+    health_timeout: float = 1.0
+
+
+class Agent:
+    def __init__(self, ledger: Ledger, spec: HostSpec, paths: Paths,
+                 timing: Timing | None = None, limits: Limits | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.ledger, self.spec, self.paths = ledger, spec, paths
+        self.timing = timing or Timing()
+        self.limits = limits or Limits()
+        self.clock = clock
+        self.fleet = Fleet()
+        self.local: dict[str, Local] = {}
+        self.procs = Processes(paths.state)
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prepare")
+        self.preparing: dict[str, Future] = {}
+        self.next_beat = 0.0
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Register the host, read the ledger, adopt what our pid records name."""
+        s = self.spec
+        self.ledger.append(f"host-{s.host_id}", [NewEvent("HostRegistered", {
+            "host_id": s.host_id, "address": s.address, "port_min": s.port_min,
+            "port_max": s.port_max, "capacity": s.capacity,
+            "memory_mb": psutil.virtual_memory().total // 2**20})])
+        catch_up(self.ledger, self.fleet, AGENT_CATEGORIES)
+        self.adopt(self.wants())
+
+    def run(self, stop: threading.Event, relays: tuple[str, ...] | list[str] = (),
+            interval: float = 0.5) -> None:
+        sub = Subscriber(relays) if relays else None
+        try:
+            self.start()
+            while not stop.is_set():
+                try:
+                    self.tick()
+                except LedgerUnavailable as exc:
+                    log.warning("ledger unavailable, retrying: %s", exc)
+                if sub is not None:
+                    sub.wait(interval)
+                else:
+                    stop.wait(interval)
+        finally:
+            if sub is not None:
+                sub.close()
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def tick(self) -> None:
+        now = self.clock()
+        if now >= self.next_beat:
+            self.heartbeat()
+            self.next_beat = now + self.timing.heartbeat
+        catch_up(self.ledger, self.fleet, AGENT_CATEGORIES)
+        wants = self.wants()
+        self.observe(wants, now)
+        for action in plan(wants, self.local, now):
+            try:
+                self.apply(action, now)
+            except Exception as exc:  # one instance's trouble must not stop the others
+                log.exception("%s %s failed", action.kind, action.instance_id)
+                self.report_exit(action.instance_id, None, None, [f"{action.kind}: {exc}"],
+                                 now)
+
+    # --- desired --------------------------------------------------------------------------
+
+    def wants(self) -> dict[str, Want]:
+        """The placements on this host, with command and config resolved from the release."""
+        out = {}
+        for p in self.fleet.placements.values():
+            if p.host_id != self.spec.host_id:
+                continue
+            app = self.fleet.apps.get(p.app)
+            release = app.releases.get(p.release) if app else None
+            if app is None or release is None or p.process_type not in release.procfile:
+                continue
+            config = app.config_at(release.config_version)
+            out[p.instance_id] = Want(p.instance_id, p.app, p.release, p.process_type, p.port,
+                                      release.digest, release.procfile[p.process_type],
+                                      tuple(sorted(config.items())))
+        return out
+
+    def adopt(self, wants: dict[str, Want]) -> None:
+        """Take over the processes a previous agent started; drop records of dead ones."""
+        for rec in self.procs.records():
+            if self.procs.alive(rec):
+                log.info("adopting %s (pid %s)", rec.instance_id, rec.pid)
+                self.local[rec.instance_id] = Local(rec.instance_id, State.STARTING, rec.pid,
+                                                    want=wants.get(rec.instance_id))
+            else:
+                self.procs.forget(rec.instance_id)
+
+    # --- observed -------------------------------------------------------------------------
+
+    def observe(self, wants: dict[str, Want], now: float) -> None:
+        for iid, loc in list(self.local.items()):
+            if loc.state in ALIVE and loc.pid is not None:
+                exited, code, sig = self.procs.exit_status(loc.pid)
+                if not exited:
+                    continue
+                self.procs.forget(iid)
+                if loc.state is State.STOPPING:
+                    del self.local[iid]
+                    self.report(iid, "InstanceStopped", reason="no longer placed here")
+                else:
+                    self.report_exit(iid, code, sig, self.procs.tail(iid), now)
+            elif loc.state is State.PREPARING and self.preparing[iid].done():
+                future = self.preparing.pop(iid)
+                if iid not in wants:
+                    del self.local[iid]
+                elif (exc := future.exception()) is not None:
+                    self.report_exit(iid, None, None, [str(exc)], now)
+                else:
+                    self.launch(loc, *future.result())
+
+    def report_exit(self, iid: str, code: int | None, sig: int | None, tail: list[str],
+                    now: float) -> None:
+        loc = self.local.get(iid)
+        if loc is None:
+            return
+        after_exit(loc, code, now)
+        log.info("%s exited (code %s, signal %s, restarts %s)", iid, code, sig, loc.restarts)
+        self.report(iid, "InstanceExited", exit_code=code, signal=sig, restarts=loc.restarts,
+                    log_tail=tail[-20:])
+
+    def report(self, iid: str, type_: str, **data: Any) -> None:
+        self.ledger.append(f"instance-{iid}", [NewEvent(type_, {
+            "instance_id": iid, "host_id": self.spec.host_id, **data})])
+
+    def heartbeat(self) -> None:
+        mem = psutil.virtual_memory()
+        running = sum(1 for loc in self.local.values() if loc.state in ALIVE)
+        self.ledger.append(f"heartbeat-{self.spec.host_id}", [NewEvent("HostHeartbeat", {
+            "host_id": self.spec.host_id, "load": os.getloadavg()[0],
+            "memory_used_mb": (mem.total - mem.available) // 2**20,
+            "memory_total_mb": mem.total // 2**20, "instances": running})])
+
+    # --- acting ---------------------------------------------------------------------------
+
+    def apply(self, action: Action, now: float) -> None:
+        iid = action.instance_id
+        loc = self.local.get(iid)
+        if action.kind == "prepare":
+            assert action.want is not None
+            restarts = loc.restarts if loc else 0
+            codes = loc.exit_codes if loc else []
+            self.local[iid] = Local(iid, State.PREPARING, restarts=restarts, want=action.want,
+                                    exit_codes=codes)
+            self.preparing[iid] = self.pool.submit(self.prepare, action.want)
+        elif action.kind == "check" and loc is not None:
+            if self.healthy(action.want):
+                loc.state = State.HEALTHY
+                self.report(iid, "InstanceHealthy")
+        elif action.kind == "stop" and loc is not None and loc.pid is not None:
+            self.procs.signal_group(loc.pid, 15)
+            loc.state, loc.stop_deadline = State.STOPPING, now + self.timing.grace
+        elif action.kind == "kill" and loc is not None and loc.pid is not None:
+            self.procs.signal_group(loc.pid, 9)
+        elif action.kind == "forget":
+            self.local.pop(iid, None)
+            self.procs.forget(iid)
+
+    def prepare(self, want: Want) -> tuple[Path, Path]:
+        """Release folder and virtualenv (worker thread: may take a pip install)."""
+        release = bundle.unpack(self.paths.bundles / f"{want.digest}.tar.gz", want.digest,
+                                self.paths.releases)
+        return release, venvs.ensure(release, self.paths.venvs)
+
+    def launch(self, loc: Local, release: Path, venv: Path) -> None:
+        want = loc.want
+        assert want is not None
+        home = self.paths.state / "homes" / want.app
+        home.mkdir(parents=True, exist_ok=True)
+        env = {"PATH": f"{venv}/bin:/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
+               "HOME": str(home), "VIRTUAL_ENV": str(venv), "PYTHONUNBUFFERED": "1",
+               **dict(want.config), "PORT": str(want.port), "TALLY_APP": want.app,
+               "TALLY_RELEASE": str(want.release), "TALLY_INSTANCE": want.instance_id}
+        if want.process_type == "web":
+            env["GUNICORN_CMD_ARGS"] = (f"--bind {self.spec.address}:{want.port} "
+                                        + env.get("GUNICORN_CMD_ARGS", ""))
+        loc.pid = self.procs.start(want.instance_id, want.port, ["/bin/sh", "-c",
+                                   f"exec {want.command}"], release, env, self.limits)
+        loc.state = State.STARTING
+        self.report(want.instance_id, "InstanceStarted", pid=loc.pid)
+
+    def healthy(self, want: Want | None) -> bool:
+        """An HTTP answer below 500 on the instance's port; non-web processes: running."""
+        if want is None or want.process_type != "web":
+            return want is not None and want.process_type != "release"
+        url = f"http://{self.spec.address}:{want.port}/"
+        try:
+            with urllib.request.urlopen(url, timeout=self.timing.health_timeout) as r:
+                return r.status < 500
+        except urllib.error.HTTPError as exc:
+            return exc.code < 500
+        except (OSError, ValueError):
+            return False

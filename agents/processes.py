@@ -1,0 +1,130 @@
+"""App processes on one host: start, watch, stop, and the pid records that let a restarted
+agent adopt what it started before (never orphan, never start twice).
+
+Each process leads its own session (its pid is its process group), so a stop reaches
+gunicorn's workers too. A pid record holds the pid *and* its start time: a recycled pid is
+not mistaken for our process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import subprocess
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+
+
+@dataclass(frozen=True)
+class Record:
+    instance_id: str
+    pid: int
+    create_time: float
+    port: int
+
+
+@dataclass(frozen=True)
+class Limits:
+    open_files: int = 4096
+    memory_mb: int = 1024
+
+
+class Processes:
+    """The processes of one agent, under `state_dir` (pid records, instance logs)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.pids = state_dir / "pids"
+        self.logs = state_dir / "logs"
+        self.pids.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.children: dict[int, subprocess.Popen] = {}
+
+    def start(self, instance_id: str, port: int, argv: list[str], cwd: Path,
+              env: dict[str, str], limits: Limits,
+              demote: Callable[[], None] | None = None) -> int:
+        """Launch the process, its output appended to the instance's log; record its pid."""
+        def setup() -> None:
+            _limit(resource.RLIMIT_NOFILE, limits.open_files)
+            _limit(resource.RLIMIT_AS, limits.memory_mb * 1024 * 1024)
+            if demote is not None:
+                demote()
+
+        with open(self.log_path(instance_id), "ab") as log:
+            proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, preexec_fn=setup)
+        self.children[proc.pid] = proc
+        record = Record(instance_id, proc.pid, psutil.Process(proc.pid).create_time(), port)
+        tmp = self.pids / f".{instance_id}.json"
+        tmp.write_text(json.dumps(asdict(record)))
+        tmp.replace(self.pids / f"{instance_id}.json")
+        return proc.pid
+
+    def log_path(self, instance_id: str) -> Path:
+        return self.logs / f"{instance_id}.log"
+
+    def records(self) -> list[Record]:
+        out = []
+        for p in sorted(self.pids.glob("*.json")):
+            try:
+                out.append(Record(**json.loads(p.read_text())))
+            except (ValueError, TypeError, OSError):
+                p.unlink(missing_ok=True)
+        return out
+
+    def forget(self, instance_id: str) -> None:
+        (self.pids / f"{instance_id}.json").unlink(missing_ok=True)
+
+    def alive(self, record: Record) -> bool:
+        """Is the recorded process still ours and running (a zombie counts as exited)?"""
+        try:
+            p = psutil.Process(record.pid)
+            return (abs(p.create_time() - record.create_time) < 0.01
+                    and p.status() != psutil.STATUS_ZOMBIE)
+        except psutil.Error:
+            return False
+
+    def exit_status(self, pid: int) -> tuple[bool, int | None, int | None]:
+        """(exited, exit code, signal) of a process; codes are known for our own children."""
+        child = self.children.get(pid)
+        if child is not None:
+            code = child.poll()
+            if code is None:
+                return False, None, None
+            del self.children[pid]
+            return True, (code if code >= 0 else None), (-code if code < 0 else None)
+        try:
+            p = psutil.Process(pid)
+            return p.status() == psutil.STATUS_ZOMBIE, None, None
+        except psutil.Error:
+            return True, None, None
+
+    def signal_group(self, pid: int, sig: int) -> None:
+        """Signal the process's whole group (gunicorn's workers with their master)."""
+        try:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def tail(self, instance_id: str, lines: int = 20) -> list[str]:
+        """The last lines the instance wrote."""
+        try:
+            with open(self.log_path(instance_id), "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 8192))
+                text = f.read().decode("utf-8", "replace")
+        except OSError:
+            return []
+        return [line[:500] for line in text.splitlines()[-lines:]]
+
+
+def _limit(which: int, value: int) -> None:
+    soft, hard = resource.getrlimit(which)
+    if hard != resource.RLIM_INFINITY:
+        value = min(value, hard)
+    resource.setrlimit(which, (value, value if hard == resource.RLIM_INFINITY else hard))

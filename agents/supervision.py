@@ -1,0 +1,109 @@
+"""The host agent's pure core: what to do, given what the placer wants on this host and what
+runs here. Like Nomad's client `diffAllocs`: removes, restarts, adds; no I/O, clock injected.
+
+An instance's local life: preparing (bundle, virtualenv) -> starting (process up, not yet
+answering) -> healthy; exited (crashed: waits out its backoff, then restarts); done (a
+release phase that ran to completion: never restarted); stopping (SIGTERM sent, SIGKILL at
+the deadline).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from agents.fleet import RELEASE_PHASE
+
+
+class State(StrEnum):
+    PREPARING = "preparing"
+    STARTING = "starting"
+    HEALTHY = "healthy"
+    EXITED = "exited"
+    DONE = "done"
+    STOPPING = "stopping"
+
+
+ALIVE = (State.STARTING, State.HEALTHY, State.STOPPING)
+"""States in which a process exists."""
+BACKOFF_MAX = 30.0
+
+
+@dataclass(frozen=True)
+class Want:
+    """A placement on this host, with all it takes to run it."""
+
+    instance_id: str
+    app: str
+    release: int
+    process_type: str
+    port: int
+    digest: str
+    command: str
+    config: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass
+class Local:
+    """What the agent knows of one instance it runs (or ran) here."""
+
+    instance_id: str
+    state: State
+    pid: int | None = None
+    restarts: int = 0
+    next_start: float = 0.0
+    stop_deadline: float = 0.0
+    want: Want | None = None
+    exit_codes: list[int | None] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str
+    """prepare | start | check | stop | kill | forget"""
+    instance_id: str
+    want: Want | None = None
+
+
+def backoff(restarts: int) -> float:
+    """Seconds to wait before restart number `restarts`: 1, 2, 4 ... capped at 30."""
+    return min(2.0 ** max(restarts - 1, 0), BACKOFF_MAX)
+
+
+def plan(wants: dict[str, Want], local: dict[str, Local], now: float) -> list[Action]:
+    """The actions that bring this host towards `wants`: stops first, then starts."""
+    out: list[Action] = []
+    for iid, loc in sorted(local.items()):
+        if iid in wants and loc.want == wants[iid]:
+            continue
+        if loc.state in (State.STARTING, State.HEALTHY):
+            out.append(Action("stop", iid))
+        elif loc.state is State.STOPPING:
+            if now >= loc.stop_deadline:
+                out.append(Action("kill", iid))
+        elif loc.state is not State.PREPARING:
+            out.append(Action("forget", iid))
+    for iid, want in sorted(wants.items()):
+        loc = local.get(iid)
+        if loc is None:
+            out.append(Action("prepare", iid, want))
+        elif loc.want != want:
+            continue  # stopping the old incarnation first
+        elif loc.state is State.STARTING:
+            out.append(Action("check", iid, want))
+        elif loc.state is State.EXITED and now >= loc.next_start:
+            out.append(Action("prepare", iid, want))
+    return out
+
+
+def after_exit(loc: Local, code: int | None, now: float) -> Local:
+    """An unasked exit: a release phase is done; anything else restarts after a backoff."""
+    loc.pid = None
+    loc.exit_codes = (loc.exit_codes + [code])[-10:]
+    if loc.want is not None and loc.want.process_type == RELEASE_PHASE:
+        loc.state = State.DONE
+        return loc
+    loc.restarts += 1
+    loc.state = State.EXITED
+    loc.next_start = now + backoff(loc.restarts)
+    return loc

@@ -1,0 +1,115 @@
+"""The host agent's pure parts: the plan (desired vs running), backoff, and bundle checks."""
+
+from __future__ import annotations
+
+import hashlib
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from agents.bundle import BundleRefused, unpack
+from agents.supervision import Local, State, Want, after_exit, backoff, plan
+from tests.fixtures.apps import app_tarball, tarball
+
+WEB = Want("blog.1.web.a", "blog", 1, "web", 7000, "d" * 64, "gunicorn app:app")
+PHASE = Want("blog.1.release.b", "blog", 1, "release", 7001, "d" * 64, "python m.py")
+
+
+def kinds(actions: list) -> list[tuple[str, str]]:
+    return [(a.kind, a.instance_id) for a in actions]
+
+
+def test_a_new_placement_is_prepared_and_a_starting_one_checked() -> None:
+    assert kinds(plan({WEB.instance_id: WEB}, {}, 0)) == [("prepare", WEB.instance_id)]
+    local = {WEB.instance_id: Local(WEB.instance_id, State.STARTING, 10, want=WEB)}
+    assert kinds(plan({WEB.instance_id: WEB}, local, 0)) == [("check", WEB.instance_id)]
+    local[WEB.instance_id].state = State.HEALTHY
+    assert plan({WEB.instance_id: WEB}, local, 0) == []
+
+
+def test_an_unwanted_instance_is_stopped_then_killed_after_the_grace() -> None:
+    loc = Local(WEB.instance_id, State.HEALTHY, 10, want=WEB)
+    assert kinds(plan({}, {WEB.instance_id: loc}, 0)) == [("stop", WEB.instance_id)]
+    loc.state, loc.stop_deadline = State.STOPPING, 10.0
+    assert plan({}, {WEB.instance_id: loc}, 9.9) == []
+    assert kinds(plan({}, {WEB.instance_id: loc}, 10.0)) == [("kill", WEB.instance_id)]
+
+
+def test_an_adopted_process_no_longer_placed_is_stopped_not_restarted() -> None:
+    loc = Local(WEB.instance_id, State.STARTING, 10, want=None)
+    assert kinds(plan({}, {WEB.instance_id: loc}, 0)) == [("stop", WEB.instance_id)]
+
+
+def test_a_crash_restarts_after_an_exponential_backoff() -> None:
+    assert [backoff(n) for n in (1, 2, 3, 4, 10)] == [1, 2, 4, 8, 30]
+    loc = after_exit(Local(WEB.instance_id, State.HEALTHY, 10, want=WEB), 3, now=100.0)
+    assert (loc.state, loc.restarts, loc.next_start, loc.exit_codes) == (
+        State.EXITED, 1, 101.0, [3])
+    assert plan({WEB.instance_id: WEB}, {WEB.instance_id: loc}, 100.5) == []
+    assert kinds(plan({WEB.instance_id: WEB}, {WEB.instance_id: loc}, 101)) == [
+        ("prepare", WEB.instance_id)]
+    after_exit(loc, 3, now=101.0)
+    assert loc.next_start == 103.0
+
+
+def test_a_release_phase_runs_once() -> None:
+    loc = after_exit(Local(PHASE.instance_id, State.STARTING, 10, want=PHASE), 0, now=5)
+    assert loc.state is State.DONE
+    assert plan({PHASE.instance_id: PHASE}, {PHASE.instance_id: loc}, 100) == []
+    assert kinds(plan({}, {PHASE.instance_id: loc}, 100)) == [("forget", PHASE.instance_id)]
+
+
+def _store(tmp_path: Path, data: bytes) -> tuple[Path, str]:
+    digest = hashlib.sha256(data).hexdigest()
+    path = tmp_path / f"{digest}.tar.gz"
+    path.write_bytes(data)
+    return path, digest
+
+
+def _entry(name: str, kind: bytes = tarfile.REGTYPE, link: str = "",
+           data: bytes = b"x") -> tuple[tarfile.TarInfo, bytes | None]:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, link
+    if kind == tarfile.REGTYPE:
+        info.size = len(data)
+        return info, data
+    return info, None
+
+
+PROCFILE = _entry("Procfile", data=b"web: gunicorn app:app\n")
+
+
+@pytest.mark.parametrize(("entries", "reason"), [
+    ([_entry("app.py")], "no Procfile"),
+    ([PROCFILE, _entry("../evil.py")], "points outside"),
+    ([PROCFILE, _entry("/tmp/evil.py")], "points outside"),
+    ([PROCFILE, _entry("a/../../evil.py")], "points outside"),
+    ([PROCFILE, _entry("link", tarfile.SYMTYPE, "/etc/passwd")], "leads outside"),
+    ([PROCFILE, _entry("d/link", tarfile.SYMTYPE, "../../x")], "leads outside"),
+    ([PROCFILE, _entry("dev", tarfile.CHRTYPE)], "not a file"),
+    ([PROCFILE, _entry("hard", tarfile.LNKTYPE, "Procfile")], "not a file"),
+])
+def test_unsafe_bundles_are_refused_and_leave_nothing(tmp_path: Path, entries: list,
+                                                      reason: str) -> None:
+    path, digest = _store(tmp_path, tarball(entries))
+    releases = tmp_path / "releases"
+    with pytest.raises(BundleRefused, match=reason):
+        unpack(path, digest, releases)
+    assert list(releases.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, "releases"])
+
+
+def test_a_bundle_whose_digest_does_not_match_is_refused(tmp_path: Path) -> None:
+    path, _ = _store(tmp_path, app_tarball("hello"))
+    with pytest.raises(BundleRefused, match="digest mismatch"):
+        unpack(path, "0" * 64, tmp_path / "releases")
+
+
+def test_a_good_bundle_is_unpacked_read_only(tmp_path: Path) -> None:
+    path, digest = _store(tmp_path, app_tarball("hello"))
+    release = unpack(path, digest, tmp_path / "releases")
+    assert (release / "Procfile").read_text().startswith("web:")
+    assert (release / "app.py").stat().st_mode & 0o777 == 0o444
+    assert release.stat().st_mode & 0o777 == 0o555
+    assert unpack(path, digest, tmp_path / "releases") == release  # once
