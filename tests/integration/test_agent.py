@@ -1,0 +1,198 @@
+"""One `tally serve agent` process against a private ledger; the test places instances
+itself (as the placer would) and watches real processes answer real HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from ledger import Ledger, NewEvent
+from ledger.cluster import Cluster
+from tests.conftest import destroy_cluster, free_ports, make_cluster, tally_env
+from tests.fixtures.apps import VENV_CACHE, app_tarball, procfile, store, tarball
+from tests.waiting import wait_until
+
+HOST = "ha"
+
+
+class AgentProc:
+    """A `tally serve agent` subprocess, and what it left on the machine."""
+
+    def __init__(self, cluster: Cluster, host_id: str, ports: tuple[int, int]) -> None:
+        self.cluster, self.host_id, self.ports = cluster, host_id, ports
+        self.home = cluster.root.parent
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.home / f"agent-{self.host_id}.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tally.cli", "serve", "agent", "--host-id", self.host_id,
+                 "--port-range", f"{self.ports[0]}-{self.ports[1]}", "--heartbeat", "0.5",
+                 "--grace", "3"],
+                env=tally_env(self.cluster, TALLY_VENV_CACHE=str(VENV_CACHE)),
+                stdout=log, stderr=log)
+
+    def kill(self) -> None:
+        """kill -9 the agent only: its apps keep running."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def app_pids(self) -> dict[str, int]:
+        records = self.home / "agents" / self.host_id / "pids"
+        return {p.stem: json.loads(p.read_text())["pid"] for p in records.glob("*.json")}
+
+    def kill_apps(self) -> None:
+        for pid in self.app_pids().values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+
+    def log(self) -> str:
+        return (self.home / f"agent-{self.host_id}.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def private() -> Iterator[Cluster]:
+    c = make_cluster()
+    yield c
+    destroy_cluster(c)
+
+
+@pytest.fixture(scope="module")
+def agent(private: Cluster) -> Iterator[AgentProc]:
+    low = free_ports(1)[0]
+    a = AgentProc(private, HOST, (low, low + 9))
+    a.start()
+    yield a
+    a.kill()
+    a.kill_apps()
+
+
+def events_of(ledger: Ledger, iid: str) -> list[Any]:
+    ledger.sequence()
+    return ledger.read_stream(f"instance-{iid}")
+
+
+def has(ledger: Ledger, iid: str, type_: str, **data: Any) -> list[Any]:
+    return [e for e in events_of(ledger, iid) if e.type == type_
+            and all(e.data.get(k) == v for k, v in data.items())]
+
+
+def get(port: int, path: str = "/") -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+        return json.loads(r.read())
+
+
+def deploy(ledger: Ledger, home: Path, app: str, data: bytes, procs: dict[str, str],
+           config: dict[str, str] | None = None) -> None:
+    digest = store(data, home / "bundles")
+    events = [NewEvent("AppCreated", {"name": app, "owner": "ann"})]
+    if config:
+        events.append(NewEvent("ConfigChanged", {"app": app, "set": config,
+                                                 "config_version": 1}))
+    events.append(NewEvent("ReleaseCreated", {"app": app, "release": 1, "bundle_digest": digest,
+                                              "procfile": procs,
+                                              "config_version": 1 if config else 0}))
+    ledger.append(f"app-{app}", events)
+
+
+def place(ledger: Ledger, app: str, iid: str, port: int, ptype: str = "web") -> None:
+    ledger.append(f"placement-{app}", [NewEvent("InstancePlaced", {
+        "instance_id": iid, "app": app, "release": 1, "process_type": ptype,
+        "host_id": HOST, "port": port})])
+
+
+def unplace(ledger: Ledger, app: str, iid: str) -> None:
+    ledger.append(f"placement-{app}", [NewEvent("InstanceUnplaced", {
+        "instance_id": iid, "app": app, "reason": "test"})])
+
+
+def test_runs_reports_adopts_and_stops_an_instance(private: Cluster, agent: AgentProc) -> None:
+    port = agent.ports[0]
+    with Ledger(private.dsn()) as ledger:
+        deploy(ledger, agent.home, "hello", app_tarball("hello"), procfile("hello"),
+               {"GREETING": "bonjour"})
+        place(ledger, "hello", "hello.1.web.x1", port)
+        wait_until(lambda: has(ledger, "hello.1.web.x1", "InstanceHealthy"), 240,
+                   "the instance healthy (the first run builds the virtualenv)")
+        body = get(port)
+        assert (body["greeting"], body["release"], body["port"]) == ("bonjour", "1", str(port))
+        pid = agent.app_pids()["hello.1.web.x1"]
+        started = len(has(ledger, "hello.1.web.x1", "InstanceStarted"))
+
+        agent.kill()  # the agent dies, its app does not
+        agent.start()
+        wait_until(lambda: len(has(ledger, "hello.1.web.x1", "InstanceHealthy")) >= 2, 60,
+                   "the restarted agent adopted the instance")
+        assert agent.app_pids() == {"hello.1.web.x1": pid}
+        assert len(has(ledger, "hello.1.web.x1", "InstanceStarted")) == started  # not twice
+        masters = [p for p in psutil.process_iter(["cmdline"])
+                   if "gunicorn" in " ".join(p.info["cmdline"] or [])
+                   and p.ppid() != pid and "app:app" in " ".join(p.info["cmdline"] or [])
+                   and any(c.laddr.port == port for c in _listening(p))]
+        assert [p.pid for p in masters] == [pid]
+
+        unplace(ledger, "hello", "hello.1.web.x1")
+        wait_until(lambda: has(ledger, "hello.1.web.x1", "InstanceStopped"), 30,
+                   "the instance stopped")
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+        assert agent.app_pids() == {}
+
+
+def _listening(p: psutil.Process) -> list[Any]:
+    try:
+        return [c for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+    except psutil.Error:
+        return []
+
+
+def test_a_crashing_instance_restarts_with_backoff_and_reports_exit_codes(
+        private: Cluster, agent: AgentProc) -> None:
+    with Ledger(private.dsn()) as ledger:
+        deploy(ledger, agent.home, "crasher", app_tarball("crasher"), procfile("crasher"))
+        place(ledger, "crasher", "crasher.1.web.c1", agent.ports[0] + 1)
+        exits = wait_until(lambda: has(ledger, "crasher.1.web.c1", "InstanceExited",
+                                       restarts=3), 60, "three restarts")
+        assert exits[0].data["exit_code"] == 3
+        assert "SECRET_KEY" in " ".join(exits[0].data["log_tail"])
+        unplace(ledger, "crasher", "crasher.1.web.c1")
+
+
+@pytest.mark.parametrize(("name", "entry", "reason"), [
+    ("noprocfile", ("app.py", tarfile.REGTYPE, ""), "no Procfile"),
+    ("traversal", ("../escape.py", tarfile.REGTYPE, ""), "points outside"),
+    ("symlinked", ("data", tarfile.SYMTYPE, "/etc"), "leads outside"),
+])
+def test_a_bad_bundle_is_refused_with_its_reason(private: Cluster, agent: AgentProc,
+                                                name: str, entry: tuple, reason: str) -> None:
+    entries = []
+    if name != "noprocfile":
+        info = tarfile.TarInfo("Procfile")
+        info.size = 22
+        entries.append((info, b"web: gunicorn app:app\n"))
+    bad = tarfile.TarInfo(entry[0])
+    bad.type, bad.linkname = entry[1], entry[2]
+    entries.append((bad, b"" if entry[1] == tarfile.REGTYPE else None))
+    app = f"bad-{name}"
+    iid = f"{app}.1.web.b1"
+    with Ledger(private.dsn()) as ledger:
+        deploy(ledger, agent.home, app, tarball(entries), {"web": "gunicorn app:app"})
+        place(ledger, app, iid, agent.ports[0] + 2)
+        exits = wait_until(lambda: has(ledger, iid, "InstanceExited"), 30, "refused")
+        assert reason in exits[0].data["log_tail"][0]
+        unplace(ledger, app, iid)
+    assert not (agent.home / "agents" / HOST / "escape.py").exists()
+    assert not list(agent.home.rglob("escape.py"))
