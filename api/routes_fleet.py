@@ -5,6 +5,7 @@ tokens: their heartbeats, their instances' events, their placements."""
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from flask import Response
@@ -257,6 +258,34 @@ def _shown(e: RecordedEvent, secrets: bool) -> dict[str, Any]:
     if e.type == "ConfigChanged" and not secrets:
         d["data"] = {**e.data, "set": {k: "<redacted>" for k in e.data.get("set", {})}}
     return d
+
+
+@route("/apps/<name>/why", response=schemas.Why, tag="history", errors=(401, 403, 404))
+def why(name: str) -> ResponseReturnValue:
+    """Why the app is or is not serving, in sentences citing ledger positions."""
+    from projectors.inspect import why as explain
+
+    app_state(name)
+    services().ledger.sequence()
+    return reply(schemas.Why, explain(services().settings.dsn, name,
+                                      datetime.now(UTC)).as_dict())
+
+
+@route("/state", query=schemas.StateQuery, response=schemas.State, tag="history",
+       errors=(400, 401, 403, 422))
+def state_at() -> ResponseReturnValue:
+    """The views as they were at a ledger position, replayed from history (admins only)."""
+    from projectors.replay import jsonable
+    from projectors.replay import state_at as replay
+
+    require_role(who(), "admin")
+    q = query(schemas.StateQuery)
+    try:
+        views = replay(services().settings.dsn, q["at"], q["view"])
+    except ValueError as exc:  # BadPosition, UnknownProjector: bad input, said plainly
+        raise Unprocessable(str(exc), {"at" if "position" in str(exc) else "view":
+                                       [str(exc)]}) from exc
+    return reply(schemas.State, {"at": q["at"], "views": jsonable(views)})
 
 
 @route("/apps/<name>/logs", tag="later", documented=False)

@@ -197,13 +197,28 @@ class Rows(Schema):
     items = fields.List(fields.Dict(), required=True)
 
 
+class Finding(Schema):
+    text = fields.Str(required=True)
+    positions = fields.List(fields.Int(), required=True)
+    problem = fields.Bool(required=True)
+
+
 class Why(Schema):
     app = fields.Str(required=True)
-    answer = fields.Raw(required=True)
+    serving = fields.Bool(required=True)
+    head = fields.Int(required=True)
+    summary = fields.Str(required=True)
+    findings = fields.List(fields.Nested(Finding), required=True)
 
 
 class StateQuery(Schema):
-    at = fields.Int(load_default=None, allow_none=True, validate=validate.Range(min=0))
+    at = fields.Int(required=True, validate=validate.Range(min=0, max=2**62))
+    view = fields.Str(load_default=None, validate=validate.Length(min=1, max=100))
+
+
+class State(Schema):
+    at = fields.Int(required=True)
+    views = fields.Dict(keys=fields.Str(), values=fields.List(fields.Dict()), required=True)
 
 
 class AppNameParam(Schema):

@@ -56,3 +56,21 @@ class ApiProcess:
             self.proc.wait()
         if self.proc.stderr:
             self.proc.stderr.close()
+
+
+def project_now(dsn: str) -> None:
+    """Bring every view up to the ledger head once, with the projectors' own runtime
+    (checkpointed: safe beside a running `tally serve projectors`)."""
+    import projectors
+    from ledger import Ledger
+    from projectors.runtime import Runner, catch_up, connect
+
+    conn = connect(dsn, "views", "tally-api-tests")
+    try:
+        with Ledger(dsn, notify=False) as ledger:
+            runners = [Runner(p, conn) for p in projectors.ALL]
+            for runner in runners:
+                runner.start()
+            catch_up(runners, ledger, ledger.sequence())
+    finally:
+        conn.close()

@@ -15,7 +15,7 @@ import pytest
 
 from api import Settings, create_app
 from api.auth import create_user
-from api.testing import pack_files
+from api.testing import pack_files, project_now
 from ledger import Ledger, NewEvent
 
 BUNDLE = {"Procfile": "web: gunicorn app:app\nworker: python worker.py\n",
@@ -59,17 +59,11 @@ class World:
         return name
 
     def place(self, app: str, release: int) -> None:
-        """Record a placement on the agent's host, in the ledger and in the placements view
-        (standing in for the placer and the placements projector)."""
-        iid = uid()
+        """Place an instance on the agent's host (standing in for the placer), and project."""
         self.ledger.append(f"placement-{app}", [NewEvent("InstancePlaced", {
-            "instance_id": iid, "app": app, "release": release, "process_type": "web",
+            "instance_id": uid(), "app": app, "release": release, "process_type": "web",
             "host_id": self.host, "port": 20000})])
-        with psycopg2.connect(self.owner_dsn) as conn, conn.cursor() as cur:
-            cur.execute("INSERT INTO views.placements (instance_id, app, release, process_type,"
-                        " host_id, port, position) VALUES (%s, %s, %s, 'web', %s, 20000, 0)",
-                        (iid, app, release, self.host))
-        conn.close()
+        project_now(self.owner_dsn)
 
 
 @pytest.fixture(scope="module")
@@ -184,10 +178,7 @@ def test_domains_unique_across_apps(world: World) -> None:
 def test_members_see_only_their_apps(world: World) -> None:
     name = world.new_app(releases=0)
     listed = lambda who: [a["name"] for a in world.call(who, "GET", "/apps").json["apps"]]  # noqa: E731
-    with psycopg2.connect(world.owner_dsn) as conn, conn.cursor() as cur:
-        cur.execute("INSERT INTO views.apps (name, owner, position) VALUES (%s, %s, 0)",
-                    (name, world.names["owner"]))
-    conn.close()
+    project_now(world.owner_dsn)
     assert name in listed("owner") and name in listed("admin")
     assert name not in listed("other")
     assert world.call("other", "GET", f"/apps/{name}/config").status_code == 403
@@ -407,3 +398,18 @@ def test_users_admin_creates_agent_and_member(world: World) -> None:
     assert r.status_code == 422
     users = world.call("admin", "GET", "/users").json["items"]
     assert name in [u["name"] for u in users]
+
+
+def test_why_and_state_at_a_position(world: World) -> None:
+    name = world.new_app(releases=1)
+    r = world.call("owner", "GET", f"/apps/{name}/why")
+    assert r.status_code == 200 and r.json["app"] == name and r.json["serving"] is False
+    assert r.json["summary"].startswith(f"{name} is NOT serving")
+    head = world.ledger.sequence()
+    r = world.call("admin", "GET", f"/state?at={head}&view=apps")
+    assert r.status_code == 200, r.json
+    assert name in [a["name"] for a in r.json["views"]["apps"]]
+    r = world.call("admin", "GET", f"/state?at={head + 1000}")
+    assert r.status_code == 422 and "beyond" in r.json["message"]
+    r = world.call("admin", "GET", "/state?at=1&view=nope")
+    assert r.status_code == 422 and "unknown view" in r.json["message"]
