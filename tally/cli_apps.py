@@ -297,9 +297,13 @@ def _releases(cli: click.Group) -> None:
         click.echo(f"rolled back to v{new['rollback_of']} as v{new['number']}", err=True)
 
 
+ROLLOUT = ("ReleaseDeployed", "ReleaseFailed", "PlacementFailed")
+
+
 def follow(client: Client, app: str, number: int, timeout: float) -> None:
-    """Watch the app's instances of release `number` until as many are healthy as the scale
-    wants, one exits (show why), or the timeout."""
+    """Follow release `number` until the placer says it is deployed (every wanted instance
+    healthy) or failed (with its reason), printing instance progress; or time out saying
+    what it still waits for."""
     scale = client.get(f"/apps/{app}")["scale"]
     wanted = sum(scale.values())
     if wanted == 0:
@@ -309,25 +313,36 @@ def follow(client: Client, app: str, number: int, timeout: float) -> None:
     click.echo(f"waiting for {wanted} instance(s) of v{number} to be healthy "
                f"({_cell(scale)}): placed by the placer, started by host agents", err=True)
     deadline = time.monotonic() + timeout
+    cursor, seen, said = 0, "", set()
     while True:
+        page = client.get(f"/apps/{app}/events", after=cursor, type=list(ROLLOUT),
+                          wait=min(2.0, max(0.0, deadline - time.monotonic())))
+        cursor = page["head"]
+        for e in page["events"]:
+            if e["data"].get("release") != number:
+                continue
+            if e["type"] == "ReleaseDeployed":
+                click.echo(f"v{number} is deployed: every wanted instance is healthy", err=True)
+                return
+            if e["type"] == "ReleaseFailed":
+                raise ClientError(f"v{number} failed to deploy: {e['data']['reason']} "
+                                  f"(the previous release keeps serving)")
+            if e["data"]["reason"] not in said:
+                said.add(e["data"]["reason"])
+                click.echo(f"  the placer cannot place every instance yet: "
+                           f"{e['data']['reason']}", err=True)
         rows = [r for r in client.get(f"/apps/{app}/ps")["items"] if r["release"] == number]
-        failed = [r for r in rows if r["state"] == "exited"]
-        if failed:
-            r = failed[0]
-            tail = " | ".join((r.get("log_tail") or [])[-3:])
-            raise ClientError(f"instance {r['instance_id']} ({r['process_type']}) of "
-                              f"v{number} exited with code {r.get('exit_code')}: {tail}")
-        healthy = sum(1 for r in rows if r["state"] == "healthy")
-        if healthy >= wanted:
-            click.echo(f"v{number} is running: {healthy} healthy instance(s)", err=True)
-            return
-        if time.monotonic() > deadline:
+        progress = ", ".join(f"{r['process_type']} {r['state']}" for r in rows)
+        if progress and progress != seen:
+            seen = progress
+            click.echo(f"  instances: {progress}", err=True)
+        if time.monotonic() >= deadline:
+            healthy = sum(1 for r in rows if r["state"] == "healthy")
             states = _cell(sorted({r["state"] for r in rows})) if rows else "none placed"
             raise ClientError(
                 f"v{number} is released but not running after {timeout:.0f}s: {healthy} of "
                 f"{wanted} healthy, instances: {states} (are the placer and a host agent "
-                f"running? `tally ps -a {app}`)")
-        time.sleep(1.0)
+                f"running? `tally why {app}`)")
 
 
 def _settings(cli: click.Group) -> None:
