@@ -3,12 +3,7 @@ itself (as the placer would) and watches real processes answer real HTTP."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
 import tarfile
 import urllib.request
 from collections.abc import Iterator
@@ -20,48 +15,12 @@ import pytest
 
 from ledger import Ledger, NewEvent
 from ledger.cluster import Cluster
-from tests.conftest import destroy_cluster, free_ports, make_cluster, tally_env
-from tests.fixtures.apps import VENV_CACHE, app_tarball, procfile, store, tarball
+from tests.conftest import destroy_cluster, free_ports, make_cluster
+from tests.fixtures.apps import app_tarball, procfile, store, tarball
+from tests.fixtures.apps.fleet import AgentProc
 from tests.waiting import wait_until
 
 HOST = "ha"
-
-
-class AgentProc:
-    """A `tally serve agent` subprocess, and what it left on the machine."""
-
-    def __init__(self, cluster: Cluster, host_id: str, ports: tuple[int, int]) -> None:
-        self.cluster, self.host_id, self.ports = cluster, host_id, ports
-        self.home = cluster.root.parent
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        with open(self.home / f"agent-{self.host_id}.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tally.cli", "serve", "agent", "--host-id", self.host_id,
-                 "--port-range", f"{self.ports[0]}-{self.ports[1]}", "--heartbeat", "0.5",
-                 "--grace", "3"],
-                env=tally_env(self.cluster, TALLY_VENV_CACHE=str(VENV_CACHE)),
-                stdout=log, stderr=log)
-
-    def kill(self) -> None:
-        """kill -9 the agent only: its apps keep running."""
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-    def app_pids(self) -> dict[str, int]:
-        records = self.home / "agents" / self.host_id / "pids"
-        return {p.stem: json.loads(p.read_text())["pid"] for p in records.glob("*.json")}
-
-    def kill_apps(self) -> None:
-        for pid in self.app_pids().values():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
-
-    def log(self) -> str:
-        return (self.home / f"agent-{self.host_id}.log").read_text()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,209 @@
+"""The fleet end to end on this machine: relays, a placer and two host agents (different
+host ids and port ranges) on a private ledger, running the sample apps over real HTTP.
+
+Deploys are the events `tally deploy` appends (the bundle stored, ReleaseCreated); the rest
+is the platform's own doing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+import pytest
+
+from agents.fleet import Fleet
+from agents.placer import catch_up
+from ledger import Ledger, NewEvent
+from ledger.cluster import Cluster
+from tests.conftest import RelayProcs, destroy_cluster, free_ports, make_cluster
+from tests.fixtures.apps.fleet import (
+    AgentProc,
+    Daemon,
+    create_app,
+    placer,
+    release,
+    scale,
+    set_config,
+)
+from tests.waiting import wait_until
+
+TTL = 5.0
+
+
+@dataclass
+class Platform:
+    cluster: Cluster
+    ledger: Ledger
+    relays: RelayProcs
+    placer: Daemon
+    agents: dict[str, AgentProc]
+
+    def fleet(self) -> Fleet:
+        fleet = Fleet()
+        catch_up(self.ledger, fleet)
+        return fleet
+
+    def healthy(self, app: str, release: int | None = None) -> list[Any]:
+        """The app's placed instances reported healthy (of one release, if given)."""
+        f = self.fleet()
+        return [p for p in f.placements_of(app) if f.instance(p.instance_id).state == "healthy"
+                and (release is None or p.release == release)]
+
+    def wait_healthy(self, app: str, count: int, release: int | None = None,
+                     timeout: float = 120) -> list[Any]:
+        def ready() -> list[Any] | None:
+            f = self.fleet()
+            placed = f.placements_of(app)
+            ok = self.healthy(app, release)
+            return ok if len(ok) == count == len(placed) else None
+
+        return wait_until(ready, timeout, f"{count} healthy instances of {app}")
+
+    def app_processes(self) -> Counter:
+        """Live app processes (gunicorn masters and the like) per host, from pid records."""
+        return Counter({h: sum(1 for pid in a.app_pids().values() if psutil.pid_exists(pid))
+                        for h, a in self.agents.items()})
+
+
+def get(port: int) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def platform() -> Iterator[Platform]:
+    cluster = make_cluster()
+    relays = RelayProcs(cluster)
+    agents: dict[str, AgentProc] = {}
+    try:
+        relays.start(0)
+        relays.start(1)
+        low = free_ports(1)[0]
+        for i, host in enumerate(["h1", "h2"]):
+            agents[host] = AgentProc(cluster, host, (low + 20 * i, low + 20 * i + 19),
+                                     relays.endpoints)
+            agents[host].start()
+        the_placer = placer(cluster, relays.endpoints, ttl=TTL)
+        the_placer.start()
+        with Ledger(cluster.dsn()) as ledger:
+            p = Platform(cluster, ledger, relays, the_placer, agents)
+            wait_until(lambda: all(h in p.fleet().hosts and p.fleet().hosts[h].last_heartbeat
+                                   for h in agents), 30, "both agents heartbeating")
+            yield p
+    finally:
+        for a in agents.values():
+            a.kill()
+            a.kill_apps()
+        if "the_placer" in locals():
+            the_placer.kill()
+        relays.stop()
+        destroy_cluster(cluster)
+
+
+def test_deploy_scale_roll_out_and_roll_back(platform: Platform) -> None:
+    led, home = platform.ledger, platform.cluster.root.parent
+    create_app(led, "hello", {"GREETING": "bonjour"})
+    scale(led, "hello", web=2)
+    release(led, home, "hello", "hello", 1, config_version=1)
+    two = platform.wait_healthy("hello", 2, timeout=240)
+    assert {p.host_id for p in two} == {"h1", "h2"}
+    for p in two:
+        body = get(p.port)
+        assert (body["greeting"], body["instance"]) == ("bonjour", p.instance_id)
+
+    scale(led, "hello", web=4)
+    four = platform.wait_healthy("hello", 4)
+    assert Counter(p.host_id for p in four) == {"h1": 2, "h2": 2}
+    assert len({p.port for p in four}) == 4
+
+    scale(led, "hello", web=0)
+    wait_until(lambda: not platform.fleet().placements_of("hello")
+               and sum(platform.app_processes().values()) == 0, 60, "everything stopped")
+
+    scale(led, "hello", web=2)
+    platform.wait_healthy("hello", 2, release=1)
+    set_config(led, "hello", 2, GREETING="hallo")
+    release(led, home, "hello", "hello", 2, config_version=2)
+    new = platform.wait_healthy("hello", 2, release=2)
+    assert {get(p.port)["greeting"] for p in new} == {"hallo"}
+    wait_until(lambda: sum(platform.app_processes().values()) == 2, 60, "release 1 stopped")
+
+    release(led, home, "hello", "hello", 3, config_version=1, rollback_of=1)
+    back = platform.wait_healthy("hello", 2, release=3)
+    assert {get(p.port)["greeting"] for p in back} == {"bonjour"}
+
+
+def test_a_failing_release_phase_keeps_the_old_release_serving(platform: Platform) -> None:
+    led, home = platform.ledger, platform.cluster.root.parent
+    create_app(led, "migrating")
+    scale(led, "migrating", web=1)
+    release(led, home, "migrating", "migrating", 1)
+    (web,) = platform.wait_healthy("migrating", 1, release=1)
+    assert platform.fleet().apps["migrating"].phase_ok == {1}
+    set_config(led, "migrating", 1, FAIL_RELEASE="1")
+    release(led, home, "migrating", "migrating", 2, config_version=1)
+    wait_until(lambda: 2 in platform.fleet().apps["migrating"].failed, 60, "release 2 failed")
+    reason = platform.fleet().apps["migrating"].failed[2]
+    assert "release phase exited with code 4" in reason and "table already exists" in reason
+    assert get(web.port)["release"] == "1"
+    assert [p.instance_id for p in platform.fleet().placements_of("migrating")] == [
+        web.instance_id]
+
+
+def test_a_crash_loop_is_reported_with_exit_codes(platform: Platform) -> None:
+    led, home = platform.ledger, platform.cluster.root.parent
+    create_app(led, "crasher")
+    release(led, home, "crasher", "crasher", 1)
+
+    def looping() -> str | None:
+        return platform.fleet().apps["crasher"].failed.get(1)
+
+    assert "crash-looping" in wait_until(looping, 60, "the crash loop reported")
+    f = platform.fleet()
+    (p,) = f.placements_of("crasher")  # kept placed: nothing older to serve instead
+    assert f.instance(p.instance_id).exit_code == 3
+    led.append("app-crasher", [NewEvent("AppDeleted", {"name": "crasher"})])
+    wait_until(lambda: not platform.fleet().placements_of("crasher"), 30, "crasher withdrawn")
+
+
+def test_a_killed_host_is_replaced_and_its_agent_comes_back_without_duplicates(
+        platform: Platform) -> None:
+    led = platform.ledger
+    before = platform.wait_healthy("hello", 2)
+    assert {p.host_id for p in before} == {"h1", "h2"}
+    h1 = platform.agents["h1"]
+    started = time.monotonic()
+    h1.kill()
+    h1.kill_apps()
+
+    def moved() -> bool:
+        f = platform.fleet()
+        return f.hosts["h1"].lost and len(platform.healthy("hello")) == 2 and all(
+            p.host_id == "h2" for p in f.placements_of("hello"))
+
+    wait_until(moved, TTL + 10, "h1 lost and hello healthy on h2 within TTL + 10 s")
+    took = time.monotonic() - started
+    assert took <= TTL + 10
+    for p in platform.healthy("hello"):
+        assert get(p.port)["greeting"] == "bonjour"
+
+    h1.start()
+    wait_until(lambda: not platform.fleet().hosts["h1"].lost, 30, "h1 back")
+    platform.wait_healthy("hello", 2)
+
+    def one_process_per_placement() -> bool:
+        live = {(h, iid) for h, a in platform.agents.items()
+                for iid, pid in a.app_pids().items() if psutil.pid_exists(pid)}
+        placed = {(p.host_id, p.instance_id) for p in platform.fleet().placements.values()}
+        return live == placed
+
+    wait_until(one_process_per_placement, 30, "exactly one process per placement")
+    assert not any(psutil.pid_exists(pid) for pid in h1.app_pids().values())
+    assert led.stream_version("host-h1") >= 2
