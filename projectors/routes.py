@@ -5,8 +5,9 @@ A live app with a current release gets one route per hostname: its default name
 (exact names or `*.suffix` wildcards, matched by the balancers). Backends are the
 `address:port` of its `web` instances of the current release that are placed, healthy,
 and on a host not lost. A route with no backend stays (balancers answer 503 "no healthy
-backend", not 404 "unknown host"). `version` is the position of the row's last change;
-`routes_version` holds the position of the last change to any route.
+backend", not 404 "unknown host"). `version` is the position of the last event that
+touched the app's routing facts; `routes_version` the last such position for any app:
+balancers reload when it moves.
 
 The routes projector keeps the facts it joins (apps, hosts, instances) in its own private
 tables: reading other projectors' views would mix positions.
@@ -129,22 +130,25 @@ def desired_routes(t: Tables, app_name: str) -> dict[str, Row]:
 
 
 def recompute(t: Tables) -> None:
-    """After a batch: bring the routes of every marked app up to date."""
-    changed_at = 0
+    """After a batch: bring the routes of every marked app up to date.
+
+    A route's version is the position of the last event that touched its app's routing
+    facts, and routes_version the last such position overall, whether or not the backends
+    came out different: so the result never depends on where batches happen to end (the
+    same events give the same rows live, rebuilt or replayed)."""
     for app_name, position in t.marks.items():
         want = desired_routes(t, app_name)
         for old in t.by("routes", app_name):
             if old["hostname"] not in want:
                 t.delete("routes", old["hostname"])
-                changed_at = max(changed_at, position)
-        for hostname, row in want.items():
-            old = t.get("routes", hostname)
-            if old is None or any(old[k] != row[k] for k in row):
-                t.put("routes", {**row, "version": position})
-                changed_at = max(changed_at, position)
+        for row in want.values():
+            t.put("routes", {**row, "version": position})
+    if t.marks:
+        last = max(t.marks.values())
+        current = t.get("routes_version", 1)
+        if current is None or current["version"] < last:
+            t.put("routes_version", {"id": 1, "version": last})
     t.marks.clear()
-    if changed_at:
-        t.put("routes_version", {"id": 1, "version": changed_at})
 
 
 PROJECTOR = Projector(

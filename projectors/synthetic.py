@@ -58,13 +58,15 @@ def fleet_history(n_events: int, *, hosts: int = 12, apps: int = 30, seed: int =
                 for _ in range(rnd.randint(3, 9))])
         for a in rnd.sample(app_names, k=max(1, apps // 3)):
             placement, instance_appends = [], []
-            for iid, host in live[a][:rnd.randint(0, 2)]:
+            adding = rnd.randint(1, 3)
+            dropping = max(rnd.randint(0, 2), len(live[a]) + adding - 5)
+            for iid, host in live[a][:dropping]:
                 placement.append(NewEvent("InstanceUnplaced", {"instance_id": iid, "app": a,
                                                                "reason": "rebalanced"}))
                 instance_appends.append((f"instance-{iid}", [NewEvent(
                     "InstanceStopped", {"instance_id": iid, "host_id": host})]))
                 live[a].remove((iid, host))
-            for _ in range(rnd.randint(1, 3)):
+            for _ in range(adding):
                 counter += 1
                 iid, host = f"{prefix}i{counter}", rnd.choice(host_ids)
                 placement.append(NewEvent("InstancePlaced", {

@@ -25,10 +25,11 @@ instances     (instances)   observed: each placed or still-running instance: sta
                             restarts, last log lines. Rows leave once unplaced and not running.
 routes        (routes)      hostname (exact or `*.suffix`) -> app, healthy backends
                             ["address:port", ...], maintenance flag, version (position of the last
-                            change of this row). Every live app with a current release gets
-                            `<app>.tally.local` besides its domains (projectors/routes.py).
-routes_version (routes)     one row (id 1): position of the last change to any route. Balancers
-                            compare it to know when to reload.
+                            event that touched the app's routing facts). Every live app with a
+                            current release gets `<app>.tally.local` besides its domains
+                            (projectors/routes.py).
+routes_version (routes)     one row (id 1): the highest route version. Balancers compare it to
+                            know when to reload.
 route_apps, route_hosts, route_backends (routes)
                             the facts the routes projector joins, kept by itself so that it
                             never reads another projector's tables (they may be at another
