@@ -12,6 +12,7 @@ running when it stops, and the next agent adopts them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -92,7 +93,7 @@ class Agent:
         self.adopt(self.wants())
 
     def run(self, stop: threading.Event, relays: tuple[str, ...] | list[str] = (),
-            interval: float = 0.5) -> None:
+            interval: float = 0.5, stop_apps: bool = False) -> None:
         sub = Subscriber(relays) if relays else None
         try:
             self.start()
@@ -109,6 +110,26 @@ class Agent:
             if sub is not None:
                 sub.close()
             self.pool.shutdown(wait=False, cancel_futures=True)
+            if stop_apps:
+                self.stop_all(min(self.timing.grace, 5.0))
+
+    def stop_all(self, grace: float) -> None:
+        """SIGTERM every instance, SIGKILL what is left after `grace` seconds."""
+        alive = {iid: loc.pid for iid, loc in self.local.items()
+                 if loc.state in ALIVE and loc.pid is not None}
+        for pid in alive.values():
+            self.procs.signal_group(pid, 15)
+        deadline = time.monotonic() + grace
+        while alive and time.monotonic() < deadline:
+            alive = {i: p for i, p in alive.items() if not self.procs.exit_status(p)[0]}
+            time.sleep(0.05)
+        for pid in alive.values():
+            self.procs.signal_group(pid, 9)
+        for iid, loc in list(self.local.items()):
+            self.procs.forget(iid)
+            if loc.state in ALIVE:
+                with contextlib.suppress(LedgerUnavailable):
+                    self.report(iid, "InstanceStopped", reason="host agent stopped")
 
     def tick(self) -> None:
         now = self.clock()

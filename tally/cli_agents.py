@@ -73,10 +73,14 @@ def register(cli: click.Group) -> None:
                   help="Address-space limit per instance.")
     @click.option("--open-files", default=4096, show_default=True,
                   help="Open files limit per instance.")
+    @click.option("--stop-apps-on-exit", is_flag=True,
+                  help="Stop this host's instances when the agent stops (one-machine "
+                  "setups); by default they keep running and the next agent adopts them.")
     @click.pass_obj
     @fail_cleanly
     def serve_agent(cfg: Config, host_id: str, address: str, port_range: str, capacity: int,
-                    heartbeat: float, grace: float, memory_mb: int, open_files: int) -> None:
+                    heartbeat: float, grace: float, memory_mb: int, open_files: int,
+                    stop_apps_on_exit: bool) -> None:
         """Run this host's placed instances, report them, heartbeat."""
         from agents.host import Agent, HostSpec, Paths, Timing
         from agents.processes import Limits
@@ -91,7 +95,8 @@ def register(cli: click.Group) -> None:
         stop = _stop_event()
         with Ledger(cfg.cluster().dsn("tally_writer")) as ledger:
             Agent(ledger, spec, paths, Timing(heartbeat=heartbeat, grace=grace),
-                  Limits(open_files=open_files, memory_mb=memory_mb)).run(stop, cfg.relays)
+                  Limits(open_files=open_files, memory_mb=memory_mb)).run(
+                stop, cfg.relays, stop_apps=stop_apps_on_exit)
 
 
 def _port_range(text: str) -> tuple[int, int]:

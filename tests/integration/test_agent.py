@@ -155,3 +155,24 @@ def test_a_bad_bundle_is_refused_with_its_reason(private: Cluster, agent: AgentP
         unplace(ledger, app, iid)
     assert not (agent.home / "agents" / HOST / "escape.py").exists()
     assert not list(agent.home.rglob("escape.py"))
+
+
+def test_stop_apps_on_exit_stops_its_instances(private: Cluster) -> None:
+    low = free_ports(1)[0]
+    other = AgentProc(private, "hb", (low, low), extra=("--stop-apps-on-exit",))
+    other.start()
+    try:
+        with Ledger(private.dsn()) as ledger:
+            deploy(ledger, other.home, "hello-b", app_tarball("hello"), procfile("hello"))
+            ledger.append("placement-hello-b", [NewEvent("InstancePlaced", {
+                "instance_id": "hello.1.web.hb1", "app": "hello-b", "release": 1,
+                "process_type": "web", "host_id": "hb", "port": low})])
+            wait_until(lambda: has(ledger, "hello.1.web.hb1", "InstanceHealthy"), 60, "healthy")
+            pid = other.app_pids()["hello.1.web.hb1"]
+            assert other.terminate() == 0
+            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+            assert has(ledger, "hello.1.web.hb1", "InstanceStopped",
+                       reason="host agent stopped")
+    finally:
+        other.kill()
+        other.kill_apps()
