@@ -1,0 +1,79 @@
+"""The state commands as a user runs them: `tally why`, `state --at`, `diff`, `events`,
+`projectors status`, and one clear line (no traceback) for every bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from ledger import Ledger
+from ledger.cluster import Cluster
+from tests.conftest import tally_env
+from tests.unit.test_why import History
+
+
+def tally(cluster: Cluster, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tally.cli", *args], env=tally_env(cluster),
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def app(cluster: Cluster) -> tuple[str, int, int]:
+    """A serving app; returns its name, the position before it existed, and the head."""
+    history = History(f"e{uuid.uuid4().hex[:10]}").running(f"e{uuid.uuid4().hex[:6]}")
+    with Ledger(cluster.dsn()) as ledger:
+        before = ledger.sequence()
+        for stream, event in history.appends:
+            ledger.append(stream, [event])
+        return history.app, before, ledger.sequence()
+
+
+def test_why_explains_a_serving_app(cluster: Cluster, app: tuple[str, int, int]) -> None:
+    name, _, _ = app
+    out = tally(cluster, "why", name)
+    assert out.returncode == 0, out.stderr
+    assert f"{name} is serving" in out.stdout and f"{name}.tally.local ->" in out.stdout
+    answer = json.loads(tally(cluster, "why", name, "--json").stdout)
+    assert answer["serving"] and all(f["positions"] for f in answer["findings"])
+
+
+def test_state_diff_and_events(cluster: Cluster, app: tuple[str, int, int]) -> None:
+    name, before, head = app
+    out = tally(cluster, "state", "--at", str(head), "--view", "apps", "--json")
+    assert out.returncode == 0, out.stderr
+    (row,) = [r for r in json.loads(out.stdout)["apps"] if r["name"] == name]
+    assert row["current_release"] == 1 and row["scale"] == {"web": 1}
+    table = tally(cluster, "state", "--at", str(head), "--view", "routes")
+    assert f"{name}.tally.local" in table.stdout and "backends" in table.stdout
+    changes = tally(cluster, "diff", str(before), str(head), "--view", "apps")
+    assert changes.returncode == 0 and f'+ {{"name": "{name}"' in changes.stdout
+    events = tally(cluster, "events", "--stream", f"app-{name}", "--json")
+    types = [json.loads(line)["type"] for line in events.stdout.splitlines()]
+    assert types == ["AppCreated", "ReleaseCreated", "ScaleChanged"]
+    recent = tally(cluster, "events", "--since", "10m", "--type", "AppCreated")
+    assert recent.returncode == 0 and f"name={name}" in recent.stdout
+    status = tally(cluster, "projectors", "status")
+    assert status.returncode == 0 and "routes" in status.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["state", "--at", "-1"], "position must be >= 0"),
+    (["state", "--at", str(10**12)], "beyond the ledger head"),
+    (["state", "--at", "1", "--view", "nope"], "unknown view 'nope'"),
+    (["diff", "1", str(10**12)], "beyond the ledger head"),
+    (["events", "--type", "Nope"], "unknown event type 'Nope'"),
+    (["events", "--category", "nope"], "unknown category 'nope'"),
+    (["events", "--since", "yesterday"], "--since 'yesterday'"),
+    (["why", "Bad!"], "is not an app name"),
+    (["projectors", "rebuild", "nope"], "unknown projector 'nope'"),
+])
+def test_bad_input_gets_one_clear_line(cluster: Cluster, args: list[str], message: str) -> None:
+    out = tally(cluster, *args)
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error:") and message in lines[0], out.stderr
