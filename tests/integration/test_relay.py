@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from ledger import Ledger, NewEvent
+from ledger.store import NOTIFY_EVERY_S, RELAY_HOT_S
 from ledger.subscriber import Subscriber
 from tests.waiting import wait_until
 
@@ -44,6 +45,17 @@ def test_append_wakes_subscriber(subscriber: Subscriber, ledger: Ledger) -> None
     for _ in range(5):
         # Generous: the figure itself is measured in bench/ledger.py (target p99 10 ms).
         assert woken_for(subscriber, ledger, append_one(ledger), timeout=2.0) < 2.0
+
+
+def test_a_burst_wakes_for_every_append(subscriber: Subscriber, ledger: Ledger) -> None:
+    """Most of these appends skip their NOTIFY (one per NOTIFY_EVERY_S per writer): the
+    relays, hot since the first one, still wake us for each."""
+    for _ in range(50):
+        woken_for(subscriber, ledger, append_one(ledger), timeout=2.0)
+
+
+def test_skipping_notifies_is_safe_by_construction() -> None:
+    assert NOTIFY_EVERY_S * 2 <= RELAY_HOT_S
 
 
 def test_killing_one_relay_loses_no_wakeup(relays, subscriber: Subscriber,
