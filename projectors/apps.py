@@ -1,8 +1,11 @@
-"""The apps and releases views: what developers asked for.
+"""The apps and releases views: what developers asked for, and how rollouts went.
 
-A release becomes the app's current release as soon as it is created (rollbacks are
-releases too); the one before it is then `superseded`. A deleted app loses its rows; its
-history stays in the ledger (`tally why` and `tally state --at` still see it).
+A release becomes the app's `current_release` (the placer's target) as soon as it is
+created; rollbacks are releases too. Its status is `pending` while the placer rolls it out,
+then `deployed` (ReleaseDeployed: every wanted instance healthy; earlier releases become
+`superseded`) or `failed` (ReleaseFailed, with the reason; the deployed release keeps
+serving). A deleted app loses its rows; its history stays in the ledger (`tally why` and
+`tally state --at` still see it).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ def app_created(t: Tables, e: RecordedEvent) -> None:
         "scale": {}, "config_version": 0, "domains": [], "maintenance": False,
         "created_at": e.recorded_at, "created_position": e.position, "release_position": None,
         "scale_position": None, "maintenance_position": None, "position": e.position,
+        "deployed_release": None, "deployed_position": None,
     })
 
 
@@ -38,20 +42,35 @@ def config_changed(t: Tables, e: RecordedEvent) -> None:
 @handles("ReleaseCreated")
 def release_created(t: Tables, e: RecordedEvent) -> None:
     d = e.data
-    app = t.get("apps", d["app"])
-    if app is None:
+    if t.get("apps", d["app"]) is None:
         return
-    if app["current_release"] is not None:
-        old = t.get("releases", d["app"], app["current_release"])
-        if old is not None:
-            t.update("releases", old, status="superseded")
     t.put("releases", {
         "app": d["app"], "release": d["release"], "bundle_digest": d["bundle_digest"],
         "procfile": d["procfile"], "config_version": d["config_version"],
         "description": d.get("description", ""), "rollback_of": d.get("rollback_of"),
-        "status": "current", "created_at": e.recorded_at, "position": e.position,
+        "status": "pending", "created_at": e.recorded_at, "position": e.position,
+        "failure_reason": None, "status_position": e.position,
     })
     _change(t, e, current_release=d["release"], release_position=e.position)
+
+
+@handles("ReleaseDeployed")
+def release_deployed(t: Tables, e: RecordedEvent) -> None:
+    app, number = e.data["app"], e.data["release"]
+    for release in t.by("releases", app):
+        if release["release"] == number:
+            t.update("releases", release, status="deployed", status_position=e.position)
+        elif release["status"] in ("pending", "deployed") and release["release"] < number:
+            t.update("releases", release, status="superseded", status_position=e.position)
+    _change(t, e, deployed_release=number, deployed_position=e.position)
+
+
+@handles("ReleaseFailed")
+def release_failed(t: Tables, e: RecordedEvent) -> None:
+    release = t.get("releases", e.data["app"], e.data["release"])
+    if release is not None:
+        t.update("releases", release, status="failed", failure_reason=e.data["reason"],
+                 status_position=e.position)
 
 
 @handles("ScaleChanged")
@@ -89,5 +108,6 @@ PROJECTOR = Projector(
     public=("apps", "releases"),
     indexes={"releases": "app"},
     handlers=handlers_of(app_created, app_deleted, config_changed, release_created,
-                         scale_changed, domain_changed, maintenance_changed),
+                         release_deployed, release_failed, scale_changed, domain_changed,
+                         maintenance_changed),
 )

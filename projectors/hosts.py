@@ -15,8 +15,9 @@ from ledger.events import RecordedEvent
 from projectors.projector import Projector, handlers_of, handles
 from projectors.tables import Tables
 
-SUSPECT_AFTER = timedelta(seconds=15)
-"""No heartbeat for this long: the host is suspect (the placer's TTL declares it lost)."""
+SUSPECT_AFTER = timedelta(seconds=5)
+"""No heartbeat for this long (two missed beats): suspect, as the placer sees it
+(agents/placement.py Settings.suspect_after; its TTL later declares the host lost)."""
 
 
 def host_state(row: dict[str, Any], now: datetime,

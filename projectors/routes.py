@@ -3,9 +3,11 @@
 A live app with a current release gets one route per hostname: its default name
 `<app>.<DEFAULT_SUFFIX>` (like Heroku's `<app>.herokuapp.com`) and each of its domains
 (exact names or `*.suffix` wildcards, matched by the balancers). Backends are the
-`address:port` of its `web` instances of the current release that are placed, healthy,
-and on a host not lost. A route with no backend stays (balancers answer 503 "no healthy
-backend", not 404 "unknown host"). `version` is the position of the last event that
+`address:port` of its `web` instances that are placed, healthy, on a host not lost, and of
+a serving release: the current release unless it failed, and the deployed one (during a
+rolling deploy both serve, as in Kubernetes; after a failed one the deployed one goes on).
+A route with no backend stays (balancers answer 503 "no healthy backend", not 404
+"unknown host"). `version` is the position of the last event that
 touched the app's routing facts; `routes_version` the last such position for any app:
 balancers reload when it moves.
 
@@ -37,7 +39,8 @@ def _mark(t: Tables, app: str | None, position: int | None) -> None:
 @handles("AppCreated")
 def app_created(t: Tables, e: RecordedEvent) -> None:
     t.put("route_apps", {"app": e.data["name"], "current_release": None, "domains": [],
-                         "maintenance": False})
+                         "maintenance": False, "deployed_release": None,
+                         "failed_releases": []})
     _mark(t, e.data["name"], e.position)
 
 
@@ -47,7 +50,8 @@ def app_deleted(t: Tables, e: RecordedEvent) -> None:
     _mark(t, e.data["name"], e.position)
 
 
-@handles("ReleaseCreated", "DomainAdded", "DomainRemoved", "MaintenanceChanged")
+@handles("ReleaseCreated", "ReleaseDeployed", "ReleaseFailed", "DomainAdded", "DomainRemoved",
+         "MaintenanceChanged")
 def app_changed(t: Tables, e: RecordedEvent) -> None:
     d = e.data
     app = t.get("route_apps", d["app"])
@@ -55,6 +59,11 @@ def app_changed(t: Tables, e: RecordedEvent) -> None:
         return
     if e.type == "ReleaseCreated":
         app = t.update("route_apps", app, current_release=d["release"])
+    elif e.type == "ReleaseDeployed":
+        app = t.update("route_apps", app, deployed_release=d["release"])
+    elif e.type == "ReleaseFailed":
+        failed = sorted({*app["failed_releases"], d["release"]})
+        app = t.update("route_apps", app, failed_releases=failed)
     elif e.type == "MaintenanceChanged":
         app = t.update("route_apps", app, maintenance=d["enabled"])
     else:
@@ -112,15 +121,23 @@ def health_changed(t: Tables, e: RecordedEvent) -> None:
         _mark(t, old["app"], e.position)
 
 
+def serving_releases(current: int | None, deployed: int | None,
+                     failed: list[int]) -> set[int]:
+    """The releases whose healthy web instances take traffic."""
+    return {r for r in (current, deployed) if r is not None and r not in failed}
+
+
 def desired_routes(t: Tables, app_name: str) -> dict[str, Row]:
     """hostname -> route row (without version) the app should have now."""
     app = t.get("route_apps", app_name)
     if app is None or app["current_release"] is None:
         return {}
+    serving = serving_releases(app["current_release"], app["deployed_release"],
+                               app["failed_releases"])
     backends = []
     for b in t.by("route_backends", app_name):
         host = t.get("route_hosts", b["host_id"])
-        if (b["healthy"] and b["release"] == app["current_release"] and b["process_type"] == WEB
+        if (b["healthy"] and b["release"] in serving and b["process_type"] == WEB
                 and host is not None and not host["lost"]):
             backends.append(f"{host['address']}:{b['port']}")
     backends.sort()

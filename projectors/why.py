@@ -93,11 +93,10 @@ def _walk(app: str, events: Sequence[RecordedEvent], v: dict[str, Tables], now: 
         out.append(Finding(f"{app} has no release yet: it was created but no code was "
                            "pushed (no ReleaseCreated).", (row["created_position"],)))
         return False
-    release = v["apps"].get("releases", app, row["current_release"])
-    assert release is not None
+    release = _serving_release(app, row, v, out)
+    if release is None:
+        return False
     number, rel_pos = release["release"], release["position"]
-    out.append(Finding(f"Current release is v{number} (bundle {release['bundle_digest'][:12]}).",
-                       (rel_pos,), problem=False))
     if routes.WEB not in release["procfile"]:
         kinds = ", ".join(sorted(release["procfile"])) or "none"
         out.append(Finding(f"Release v{number} has no `web` process type in its Procfile "
@@ -120,6 +119,30 @@ def _walk(app: str, events: Sequence[RecordedEvent], v: dict[str, Tables], now: 
     for p in sorted(placed, key=lambda p: p["instance_id"]):
         _instance(p, v, now, out)
     return _routes(app, v, out) and not row["maintenance"]
+
+
+def _serving_release(app: str, row: Row, v: dict[str, Tables], out: list[Finding]
+                     ) -> Row | None:
+    """The release that should take traffic: the current one (the placer's target), unless
+    its rollout failed, then the deployed one."""
+    target = v["apps"].get("releases", app, row["current_release"])
+    assert target is not None
+    n, deployed = target["release"], row["deployed_release"]
+    out.append(Finding(f"Current release is v{n} (bundle {target['bundle_digest'][:12]}), "
+                       f"{target['status']}.", (target["position"],), problem=False))
+    if target["status"] == "failed":
+        said = f"Release v{n} failed to deploy: {target['failure_reason']}."
+        if deployed is None:
+            out.append(Finding(said + " No earlier release was ever deployed, so nothing "
+                               "serves.", (target["status_position"],)))
+            return None
+        out.append(Finding(said + f" v{deployed} keeps serving.",
+                           (target["status_position"], row["deployed_position"])))
+        return v["apps"].get("releases", app, deployed)
+    if target["status"] == "pending" and deployed is not None and deployed != n:
+        out.append(Finding(f"v{n} is rolling out; v{deployed} serves meanwhile.",
+                           (target["position"], row["deployed_position"]), problem=False))
+    return target
 
 
 def _placements(app: str, number: int, wanted: int, placed: list[Row],

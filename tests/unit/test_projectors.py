@@ -68,7 +68,21 @@ def test_apps_follow_releases_scale_domains_and_maintenance() -> None:
     assert app["scale"] == {"web": 2, "worker": 1} and app["domains"] == ["*.a.example"]
     assert app["maintenance"] and app["config_version"] == 3
     statuses = {r["release"]: r["status"] for r in rows(v, "releases")}
-    assert statuses == {1: "superseded", 2: "current"}
+    assert statuses == {1: "pending", 2: "pending"}
+
+
+def test_releases_follow_the_rollout() -> None:
+    h = History("blog").created().released(1)
+    h.add("placement-blog", "ReleaseDeployed", app="blog", release=1)
+    h.released(2).add("placement-blog", "ReleaseDeployed", app="blog", release=2)
+    h.released(3).add("placement-blog", "ReleaseFailed", app="blog", release=3,
+                      reason="crash loop")
+    v = views(h)
+    (app,) = rows(v, "apps")
+    assert (app["current_release"], app["deployed_release"]) == (3, 2)
+    releases = {r["release"]: r for r in rows(v, "releases")}
+    assert [releases[n]["status"] for n in (1, 2, 3)] == ["superseded", "deployed", "failed"]
+    assert releases[3]["failure_reason"] == "crash loop"
 
 
 def test_a_deleted_app_leaves_the_views() -> None:
@@ -135,6 +149,16 @@ def test_a_new_release_routes_only_once_its_instances_are_healthy() -> None:
     h.placed("i9", "blog-h1", port=9009, release=2)
     h.instance("InstanceHealthy", "i9", "blog-h1")
     assert rows(views(h), "routes")[0]["backends"] == ["10.1.0.7:9009"]
+
+
+def test_during_a_rollout_both_releases_serve_and_a_failed_one_never() -> None:
+    h = History("blog").running("blog")
+    h.add("placement-blog", "ReleaseDeployed", app="blog", release=1)
+    h.released(2).placed("i2", "blog-h1", port=9002, release=2)
+    h.instance("InstanceHealthy", "i2", "blog-h1")
+    assert rows(views(h), "routes")[0]["backends"] == ["10.1.0.7:9001", "10.1.0.7:9002"]
+    h.add("placement-blog", "ReleaseFailed", app="blog", release=2, reason="deadline")
+    assert rows(views(h), "routes")[0]["backends"] == ["10.1.0.7:9001"]
 
 
 def test_routes_version_moves_on_route_changes_only() -> None:

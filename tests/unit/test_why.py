@@ -140,6 +140,17 @@ SITUATIONS = {
         .placed(f"{h.app}-i1", f"{h.app}-h1")
         .instance("InstanceStarted", f"{h.app}-i1", f"{h.app}-h1", pid=7)
         .heartbeat(f"{h.app}-h1"), False, ("has not passed its health check",)),
+    "failed rollout, old release serves": Situation(
+        lambda h: h.running(h.app).add(f"placement-{h.app}", "ReleaseDeployed", app=h.app,
+                                       release=1).released(2)
+        .add(f"placement-{h.app}", "ReleaseFailed", app=h.app, release=2,
+             reason="instances crash-looped"),
+        True, ("v2 failed to deploy: instances crash-looped", "v1 keeps serving", "healthy")),
+    "failed first rollout": Situation(
+        lambda h: h.host(f"{h.app}-h1").created().released().scaled(1)
+        .add(f"placement-{h.app}", "ReleaseFailed", app=h.app, release=1,
+             reason="release phase exited with 1"), False,
+        ("v1 failed to deploy: release phase exited with 1", "nothing serves")),
     "serving": Situation(lambda h: h.running(h.app), True, ("is healthy", "->", ":9001")),
 }
 
