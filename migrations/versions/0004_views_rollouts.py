@@ -13,18 +13,13 @@ route_apps.deployed_release, route_apps.failed_releases
                            release unless it failed, and to the deployed one meanwhile).
 
 Revision ID: 0004
-Revises: 0003 (the API's revision) once it exists, else 0002
+Revises: 0003
 """
-
-from pathlib import Path
 
 from alembic import op
 
 revision = "0004"
-# Revisions alternate between two developers (0002, 0004 views; 0003, 0005 API), written at
-# the same time. Chain after 0003 once it lands, so the history never forks into two heads.
-# TODO(lead): make this the constant "0003" once 0003 is committed.
-down_revision = "0003" if any(Path(__file__).parent.glob("0003_*.py")) else "0002"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 
