@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Response, request, send_file
+from flask import Response, jsonify, request, send_file
 from flask.typing import ResponseReturnValue
 
 from api import bundles, decide, queries, schemas
@@ -21,19 +21,22 @@ PEOPLE = ("admin", "member")
 
 def app_state(name: str) -> AppState:
     """The app, if the caller may see it: 404 if there is none, 403 if not theirs."""
+    require_role(who(), *PEOPLE)
+    return authorized(services().load_app(name))
+
+
+def authorized(state: AppState) -> AppState:
     caller = who()
-    require_role(caller, *PEOPLE)
-    state = services().load_app(name)
     decide.require_app(state)
     if not caller.is_admin and not state.may_manage(caller.name):
-        raise Forbidden(f"you are not the owner or a member of app {name}")
+        raise Forbidden(f"you are not the owner or a member of app {state.name}")
     return state
 
 
 def change(name: str, fn: Any) -> AppState:
-    """Check access, then load-decide-append."""
-    app_state(name)
-    return services().command(name, who(), fn)
+    """Load, check access, decide, append: one read of the app."""
+    require_role(who(), *PEOPLE)
+    return services().command(name, who(), lambda s: fn(authorized(s)))
 
 
 # --- apps -----------------------------------------------------------------------------------
@@ -65,7 +68,17 @@ def list_apps() -> ResponseReturnValue:
 @route("/apps/<name>", response=schemas.App, tag="apps", errors=(401, 403, 404))
 def show_app(name: str) -> ResponseReturnValue:
     """One app: owner, members, current release, scale, domains, maintenance."""
-    return reply(schemas.App, summary(app_state(name)))
+    state = app_state(name)
+    hit = _SHOWN.get(name)
+    if hit is None or hit[0] is not state:
+        if len(_SHOWN) >= 10_000:
+            _SHOWN.clear()
+        hit = _SHOWN[name] = (state, jsonify(schemas.App().dump(summary(state))).get_data())
+    return Response(hit[1], mimetype="application/json")
+
+
+_SHOWN: dict[str, tuple[AppState, bytes]] = {}
+"""The JSON of each app's last folded state: the busiest read serialises once a version."""
 
 
 @route("/apps/<name>", "DELETE", tag="apps", status=204, errors=(401, 403, 404, 409))

@@ -8,17 +8,20 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from api import auth
 from api.auth import Directory, Principal
 from api.errors import Conflict, NotFound, Unauthorized
 from api.state import AppState, fold, summary
-from ledger import Ledger, NewEvent, VersionConflict
+from ledger import Ledger, NewEvent, RecordedEvent, VersionConflict
 from ledger.catalogue import APP_NAME
 from ledger.events import AppendResult
 
 APP_NAME_RE = re.compile(APP_NAME.regex.pattern)
+APP_CACHE = 10_000
+"""Folded app states kept per process; past this the cache starts over."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class Services:
         self._lock = threading.Lock()
         self._directory = Directory()
         self._refreshed = 0.0
+        self._apps: dict[str, AppState] = {}
 
     @property
     def ledger(self) -> Ledger:
@@ -74,11 +78,19 @@ class Services:
 
     # -- app streams -----------------------------------------------------------------------
     def load_app(self, name: str) -> AppState:
-        """The app's state; a name no app can have is simply not found."""
+        """The app's state, folded onto this process's last fold of it (only the events
+        since are read: an event-sourced aggregate without a snapshot store). A name no
+        app can have is simply not found."""
         if not APP_NAME_RE.match(name):
             raise NotFound(f"no app named {name[:40]!r} (app names are 3-30 lowercase "
                            f"letters, digits and dashes)")
-        return fold(name, self.ledger.read_stream(f"app-{name}"))
+        cached = self._apps.get(name)
+        after = cached.version if cached else 0
+        state = fold(name, self.ledger.read_stream(f"app-{name}", after + 1), cached)
+        if len(self._apps) >= APP_CACHE:
+            self._apps.clear()
+        self._apps[name] = state
+        return state
 
     def append(self, stream: str, events: list[NewEvent], expected: int | None,
                who: Principal) -> AppendResult:
@@ -99,11 +111,19 @@ class Services:
         name = state.name
         if not events:
             return state
+        stream = f"app-{name}"
         try:
-            self.append(f"app-{name}", events, state.version, who)
+            result = self.append(stream, events, state.version, who)
         except VersionConflict as exc:
             current = self.load_app(name)
             raise Conflict(f"app {name} was changed by someone else meanwhile "
                            f"(now at version {exc.actual}); look and try again",
                            current=summary(current)) from exc
-        return self.load_app(name)
+        # Fold what we just wrote rather than read it back. Not cached: the ledger's
+        # recorded_at differs from our clock by a little; the next load reads the real one.
+        now = datetime.now(UTC)
+        written = [RecordedEvent(None, id_, stream, version, e.type, e.data,
+                                 {"actor": who.name}, now)
+                   for e, id_, version in zip(events, result.event_ids, result.versions,
+                                              strict=True)]
+        return fold(name, written, state)

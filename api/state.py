@@ -56,10 +56,12 @@ class AppState:
         return user == self.owner or user in self.members
 
 
-def fold(name: str, events: Iterable[RecordedEvent]) -> AppState:
-    """Apply the stream's events in order. An AppCreated after an AppDeleted starts the
-    app afresh (the old history stays in the stream)."""
-    state = AppState(name)
+def fold(name: str, events: Iterable[RecordedEvent],
+         state: AppState | None = None) -> AppState:
+    """Apply the stream's events in order, from scratch or onto an earlier `state` (the
+    events must follow its version). An AppCreated after an AppDeleted starts the app
+    afresh (the old history stays in the stream)."""
+    state = state or AppState(name)
     for ev in events:
         state = replace(apply(state, ev), version=ev.version)
     return state

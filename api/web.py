@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 from flask import Flask, current_app, g, jsonify, request
@@ -61,6 +62,12 @@ def _wrap(r: Route) -> Callable[..., ResponseReturnValue]:
     return view
 
 
+@cache
+def _schema(cls: type[Schema]) -> Schema:
+    """One instance per schema class: building one costs more than using it."""
+    return cls()
+
+
 def services() -> Services:
     return current_app.extensions["tally"]
 
@@ -80,7 +87,7 @@ def body(schema: type[Schema]) -> dict[str, Any]:
 
 def query(schema: type[Schema]) -> dict[str, Any]:
     """Query-string parameters validated by `schema` (lists from repeated keys)."""
-    s = schema()
+    s = _schema(schema)
     data: dict[str, Any] = {}
     for key in request.args:
         f = s.fields.get(key)
@@ -91,7 +98,7 @@ def query(schema: type[Schema]) -> dict[str, Any]:
 
 def load(schema: type[Schema], data: Any) -> dict[str, Any]:
     try:
-        return schema().load(data)
+        return _schema(schema).load(data)
     except ValidationError as exc:
         messages = exc.messages if isinstance(exc.messages, dict) else {"_": exc.messages}
         first = next(iter(messages.items()))
@@ -105,7 +112,7 @@ def _flat(v: Any) -> str:
 
 
 def reply(schema: type[Schema], obj: Any, status: int = 200) -> ResponseReturnValue:
-    return jsonify(schema().dump(obj)), status
+    return jsonify(_schema(schema).dump(obj)), status
 
 
 def openapi_path(rule: str) -> str:
