@@ -124,6 +124,24 @@ def ledger_rejoin(cfg: Config, node: str) -> None:
     cfg.cluster().rejoin(node)
 
 
+@ledger.command("prune")
+@click.option("--category", default="heartbeat", show_default=True,
+              help="Stream category to prune (high-volume observed state only).")
+@click.option("--older-than", default="24h", show_default=True, help="e.g. 90s, 15m, 24h, 7d")
+@click.pass_obj
+@fail_cleanly
+def ledger_prune(cfg: Config, category: str, older_than: str) -> None:
+    """Delete old heartbeats (each stream keeps its newest event). Prints how many."""
+    from ledger.retention import DEFAULT_POLICIES, RetentionPolicy, parse_age, prune
+
+    if category not in DEFAULT_POLICIES:
+        raise ValueError(f"only {', '.join(DEFAULT_POLICIES)} events may be pruned; "
+                         f"{category} is history tally keeps")
+    deleted = prune(cfg.cluster().dsn("tally_owner"), RetentionPolicy(category,
+                                                                      parse_age(older_than)))
+    click.echo(f"pruned {deleted} {category} events older than {older_than}", err=True)
+
+
 # --- daemons --------------------------------------------------------------------------------
 
 

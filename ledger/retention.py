@@ -1,0 +1,83 @@
+"""Retention for high-volume observed state (heartbeats): an explicit, stated policy.
+
+Desired state and history of decisions are kept forever. Heartbeats are not: a host that
+beats every few seconds writes a million events a month, and only the recent ones (and the
+last one of each host) explain anything. `prune` deletes events of the named categories
+recorded before `now - max_age`, always keeping the newest event of each stream, in short
+batches so no long writing transaction holds ledger readers back.
+
+Positions are never reused: a pruned event leaves a hole that readers step over, and
+`state --at N` for an old N shows fewer heartbeats than there were. The sequencer's cursor
+(the highest position row) is never deleted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import psycopg2
+
+DEFAULT_POLICIES = ("heartbeat",)
+
+_PRUNE = """
+WITH doomed AS (
+    SELECT e.id FROM ledger.events e
+    WHERE e.category = %(category)s AND e.recorded_at < %(cutoff)s
+      AND (%(stream)s::text IS NULL OR e.stream = %(stream)s)
+      AND e.version < (SELECT max(m.version) FROM ledger.events m WHERE m.stream = e.stream)
+    LIMIT %(batch)s
+), gone AS (
+    DELETE FROM ledger.events e USING doomed WHERE e.id = doomed.id RETURNING e.id
+), unplaced AS (
+    DELETE FROM ledger.positions p USING gone
+    WHERE p.event_id = gone.id
+      AND p.position < (SELECT max(position) FROM ledger.positions)
+)
+SELECT count(*) FROM gone
+"""
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """Keep events of `category` for `max_age` (and each stream's newest forever)."""
+
+    category: str
+    max_age: timedelta
+
+    def cutoff(self, now: datetime) -> datetime:
+        return now - self.max_age
+
+
+def prune(owner_dsn: str, policy: RetentionPolicy, now: datetime | None = None,
+          batch: int = 5000, stream: str | None = None) -> int:
+    """Apply the policy (to one stream only, if named); returns how many events were
+    deleted. Needs the owner role."""
+    now = now or datetime.now(UTC)
+    params = {"category": policy.category, "cutoff": policy.cutoff(now), "batch": batch,
+              "stream": stream}
+    total = 0
+    conn = psycopg2.connect(owner_dsn, application_name="tally-retention")
+    try:
+        conn.autocommit = True  # one short transaction per batch
+        with conn.cursor() as cur:
+            while True:
+                cur.execute(_PRUNE, params)
+                deleted = cur.fetchone()[0]
+                total += deleted
+                if deleted < batch:
+                    return total
+    finally:
+        conn.close()
+
+
+def parse_age(text: str) -> timedelta:
+    """`90s`, `15m`, `24h`, `7d` -> timedelta; ValueError with a clear message otherwise."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        value, unit = float(text[:-1]), text[-1]
+        if unit not in units or value < 0:
+            raise ValueError
+    except (ValueError, IndexError):
+        raise ValueError(f"age {text!r} must look like 90s, 15m, 24h or 7d") from None
+    return timedelta(seconds=value * units[unit])

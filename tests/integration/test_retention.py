@@ -1,0 +1,60 @@
+"""Heartbeat retention: old beats go, each host's newest stays, other history is kept."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from ledger import Ledger, NewEvent
+from ledger.cluster import Cluster
+from ledger.retention import RetentionPolicy, parse_age, prune
+from tests.conftest import tally_env
+
+
+def test_prune_keeps_the_newest_beat_of_each_host(cluster: Cluster, ledger: Ledger) -> None:
+    host = "h" + uuid.uuid4().hex[:8]
+    beats = [NewEvent("HostHeartbeat", {"host_id": host, "instances": n}) for n in range(5)]
+    ledger.append(f"heartbeat-{host}", beats)
+    ledger.append(f"host-{host}", [NewEvent("HostLost", {"host_id": host})])
+    ledger.sequence()
+    future = datetime.now(UTC) + timedelta(hours=1)
+    policy = RetentionPolicy("heartbeat", timedelta(minutes=30))
+    assert prune(cluster.dsn("tally_owner"), policy, now=future,
+                 stream=f"heartbeat-{host}") == 4
+    left = ledger.read_stream(f"heartbeat-{host}")
+    assert [e.data["instances"] for e in left] == [4]
+    assert len(ledger.read_stream(f"host-{host}")) == 1  # other categories untouched
+    # Readers step over the hole; the sequencer carries on.
+    ledger.append(f"heartbeat-{host}", [NewEvent("HostHeartbeat", {"host_id": host})])
+    head = ledger.sequence()
+    assert ledger.read_all(after=head - 1)[0].stream == f"heartbeat-{host}"
+
+
+def test_recent_beats_are_kept(cluster: Cluster, ledger: Ledger) -> None:
+    host = "h" + uuid.uuid4().hex[:8]
+    ledger.append(f"heartbeat-{host}", [NewEvent("HostHeartbeat", {"host_id": host})] * 3)
+    prune(cluster.dsn("tally_owner"), RetentionPolicy("heartbeat", timedelta(hours=1)),
+          stream=f"heartbeat-{host}")
+    assert len(ledger.read_stream(f"heartbeat-{host}")) == 3
+
+
+def test_cli_refuses_to_prune_history_and_bad_ages(cluster: Cluster) -> None:
+    def tally(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "tally.cli", "ledger", "prune", *args],
+                              env=tally_env(cluster), capture_output=True, text=True)
+    refused = tally("--category", "app")
+    assert refused.returncode == 1 and "history tally keeps" in refused.stderr
+    bad = tally("--older-than", "soon")
+    assert bad.returncode == 1 and "must look like" in bad.stderr
+    ok = tally("--older-than", "30d")  # nothing in a test session is that old
+    assert ok.returncode == 0 and "pruned" in ok.stderr
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("90s", 90), ("15m", 900), ("24h", 86400),
+                                               ("7d", 604800)])
+def test_parse_age(text: str, seconds: int) -> None:
+    assert parse_age(text).total_seconds() == seconds
