@@ -1,0 +1,267 @@
+"""The API's pure core without PostgreSQL: folding an app stream, the decisions, bundle
+checks, the token directory, error mapping, the OpenAPI document."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from api import auth, bundles, decide
+from api.errors import Conflict, NotFound, TooLarge, Unprocessable
+from api.state import AppState, fold, summary
+from api.testing import pack_files
+from ledger import InvalidEvent, LedgerUnavailable, NewEvent, RecordedEvent, VersionConflict
+
+NOW = datetime(2026, 11, 26, tzinfo=UTC)
+
+
+def recorded(events: list[NewEvent], stream: str = "app-blog", actor: str = "ann",
+             start: int = 1) -> list[RecordedEvent]:
+    return [RecordedEvent(start + i, start + i, stream, start + i, e.type, e.data,
+                          {"actor": actor}, NOW) for i, e in enumerate(events)]
+
+
+def run(state: AppState, events: list[NewEvent]) -> AppState:
+    return fold(state.name, recorded(events, start=state.version + 1), state)
+
+
+def blog(*procs: str) -> AppState:
+    s = run(AppState("blog"), decide.create_app(AppState("blog"), "ann"))
+    if procs:
+        s = run(s, decide.new_release(s, "a" * 64, {p: f"run {p}" for p in procs}, "v1"))
+    return s
+
+
+def test_create_and_fold() -> None:
+    s = blog()
+    assert s.exists and s.owner == "ann" and s.version == 1 and s.may_manage("ann")
+    with pytest.raises(Conflict):
+        decide.create_app(s, "bob")
+    assert summary(s)["release"] is None
+
+
+def test_first_release_with_web_scales_web_to_one() -> None:
+    s = blog("web", "worker")
+    assert s.current.number == 1 and s.scale == {"web": 1}
+    s = run(s, decide.new_release(s, "b" * 64, {"web": "x"}, "v2"))
+    assert s.current.number == 2 and s.scale == {"web": 1}
+    assert blog("worker").scale == {}
+
+
+def test_scale_only_known_process_types_after_a_release() -> None:
+    with pytest.raises(Unprocessable, match="deploy first"):
+        decide.scale(blog(), {"web": 1})
+    s = blog("web", "worker")
+    with pytest.raises(Unprocessable, match="no process type clock"):
+        decide.scale(s, {"clock": 1})
+    s = run(s, decide.scale(s, {"worker": 3}))
+    assert s.scale == {"web": 1, "worker": 3}
+
+
+def test_config_changes_make_releases_and_rollback_restores_config() -> None:
+    s = blog()
+    s = run(s, decide.change_config(s, {"A": "1"}, []))
+    assert s.config == {"A": "1"} and s.releases == ()
+    s = run(s, decide.new_release(s, "a" * 64, {"web": "x"}, ""))
+    s = run(s, decide.change_config(s, {"B": "2"}, ["A"]))
+    assert s.config == {"B": "2"} and s.current.number == 2 and s.current.config_version == 2
+    s = run(s, decide.rollback(s, 1))
+    assert s.current.number == 3 and s.current.rollback_of == 1
+    assert s.config == {"A": "1"} and s.current.bundle_digest == "a" * 64
+    with pytest.raises(Unprocessable):
+        decide.rollback(s, 3)
+    with pytest.raises(Unprocessable):
+        decide.change_config(s, {}, [])
+    with pytest.raises(Unprocessable, match="invalid config var"):
+        decide.change_config(s, {"1X": "y"}, [])
+
+
+def test_rollback_default_is_previous_and_needs_a_release() -> None:
+    with pytest.raises(Unprocessable):
+        decide.rollback(blog(), None)
+    s = blog("web")
+    s = run(s, decide.new_release(s, "b" * 64, {"web": "y"}, ""))
+    assert decide.rollback(s, None)[-1].data["rollback_of"] == 1
+
+
+def test_delete_keeps_history_and_a_new_app_may_take_the_name() -> None:
+    s = run(blog("web"), decide.add_domain(blog("web"), "blog.example.com"))
+    events = decide.delete_app(s)
+    assert [e.type for e in events] == ["DomainRemoved", "AppDeleted"]
+    s = run(s, events)
+    assert not s.exists and s.scale == {"web": 0}
+    with pytest.raises(NotFound):
+        decide.scale(s, {"web": 1})
+    s = run(s, decide.create_app(s, "bob"))
+    assert s.exists and s.owner == "bob" and s.releases == () and s.domains == ()
+
+
+@pytest.mark.parametrize("raw, norm", [
+    ("WWW.Example.com.", "www.example.com"), ("*.apps.example.com", "*.apps.example.com"),
+])
+def test_domains_normalised(raw: str, norm: str) -> None:
+    assert decide.normalise_domain(raw) == norm
+
+
+@pytest.mark.parametrize("bad", ["", "localhost", "a..b", "*.*.x.com", "x_y.com", "-a.com",
+                                 "a.com/x", "*", "a" * 64 + ".com"])
+def test_bad_domains(bad: str) -> None:
+    with pytest.raises(Unprocessable):
+        decide.normalise_domain(bad)
+
+
+def test_domain_claims() -> None:
+    assert decide.domain_stream("*.x.com") == "domain-wildcard:x.com"
+    assert decide.domain_stream("x.com") == "domain-x.com"
+    assert decide.claim_holder([]) is None
+    assert decide.claim_holder([("DomainClaimed", "a"), ("DomainReleased", "a")]) is None
+    assert decide.claim_holder([("DomainClaimed", "a"), ("DomainReleased", "a"),
+                                ("DomainClaimed", "b")]) == "b"
+
+
+def test_maintenance_and_members_are_idempotent() -> None:
+    s = blog()
+    assert decide.set_maintenance(s, False) == []
+    s = run(s, decide.set_maintenance(s, True))
+    assert s.maintenance and decide.set_maintenance(s, True) == []
+    assert decide.add_member(s, "ann") == []
+    s = run(s, decide.add_member(s, "bob"))
+    assert s.may_manage("bob")
+    s = run(s, decide.remove_member(s, "bob"))
+    assert not s.may_manage("bob")
+    with pytest.raises(NotFound):
+        decide.remove_member(s, "bob")
+
+
+# --- bundles ---------------------------------------------------------------------------------
+
+
+def test_procfile_parsing() -> None:
+    assert bundles.parse_procfile("# c\n\nweb: gunicorn a:b\nworker:  python w.py\n") == {
+        "web": "gunicorn a:b", "worker": "python w.py"}
+    with pytest.raises(Unprocessable, match="line 2"):
+        bundles.parse_procfile("web: x\nWeb Server: y\n")
+    with pytest.raises(Unprocessable, match="no process type"):
+        bundles.parse_procfile("# nothing\n")
+
+
+def test_receive_limits_and_digests(tmp_path: Path) -> None:
+    data = pack_files({"Procfile": "web: x", "requirements.txt": ""})
+    path, digest = bundles.receive(io.BytesIO(data), tmp_path, limit=len(data))
+    import hashlib
+    assert digest == hashlib.sha256(data).hexdigest() and path.read_bytes() == data
+    assert bundles.inspect(path) == {"web": "x"}
+    with pytest.raises(TooLarge):
+        bundles.receive(io.BytesIO(data), tmp_path, limit=len(data) - 1)
+    with pytest.raises(Unprocessable):
+        bundles.receive(io.BytesIO(b""), tmp_path, limit=10)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name], "refused uploads are removed"
+
+
+def _tar(tmp_path: Path, *members: tarfile.TarInfo) -> Path:
+    path = tmp_path / "b.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for name in ("Procfile", "requirements.txt"):
+            info = tarfile.TarInfo(name)
+            info.size = 6
+            tar.addfile(info, io.BytesIO(b"web: x"))
+        for m in members:
+            tar.addfile(m)
+    return path
+
+
+@pytest.mark.parametrize("kind, name, target", [
+    (tarfile.SYMTYPE, "up", "../x"), (tarfile.SYMTYPE, "abs", "/etc/passwd"),
+    (tarfile.SYMTYPE, "a/b/up", "../../../x"), (tarfile.LNKTYPE, "hard", "../x"),
+    (tarfile.CHRTYPE, "dev", ""), (tarfile.FIFOTYPE, "fifo", ""),
+    (tarfile.DIRTYPE, "../out", ""), (tarfile.DIRTYPE, "/root", ""),
+])
+def test_unsafe_members_refused(tmp_path: Path, kind: bytes, name: str, target: str) -> None:
+    m = tarfile.TarInfo(name)
+    m.type, m.linkname = kind, target
+    with pytest.raises(Unprocessable, match="unsafe bundle"):
+        bundles.inspect(_tar(tmp_path, m))
+
+
+def test_links_inside_the_folder_are_fine(tmp_path: Path) -> None:
+    m = tarfile.TarInfo("static/current")
+    m.type, m.linkname = tarfile.SYMTYPE, "../assets"
+    assert bundles.inspect(_tar(tmp_path, m)) == {"web": "x"}
+
+
+# --- auth ------------------------------------------------------------------------------------
+
+
+def test_directory_issues_looks_up_and_revokes() -> None:
+    token, events = auth.user_events("ann", "member")
+    d = auth.Directory()
+    d.apply(recorded(events, stream="user-ann"))
+    assert token.startswith("tly_") and token not in str(events)
+    who = d.lookup(token)
+    assert who is not None and who.name == "ann" and who.role == "member"
+    assert d.lookup(token + "x") is None
+    token_id = events[1].data["token_id"]
+    d.apply(recorded([NewEvent("TokenRevoked", {"user": "ann", "token_id": token_id})],
+                     stream="user-ann", start=3))
+    assert d.lookup(token) is None and d.position == 3
+
+
+def test_directory_knows_who_manages_which_app() -> None:
+    d = auth.Directory()
+    d.apply(recorded([NewEvent("AppCreated", {"name": "blog", "owner": "ann"}),
+                      NewEvent("AppMemberAdded", {"app": "blog", "user": "bob"})]))
+    assert d.manages("ann", "blog") and d.manages("bob", "blog")
+    d.apply(recorded([NewEvent("AppDeleted", {"name": "blog"})], start=3))
+    assert not d.manages("ann", "blog")
+
+
+@pytest.mark.parametrize("header", [None, "", "Bearer", "Bearer  ", "Basic x", "tly_x"])
+def test_bearer_refuses_malformed_headers(header: str | None) -> None:
+    from api.errors import Unauthorized
+    with pytest.raises(Unauthorized):
+        auth.bearer(header)
+
+
+def test_roles_and_hosts() -> None:
+    from api.errors import Forbidden
+    agent = auth.Principal("a1", "agent", "h1")
+    auth.require_host(agent, "h1")
+    auth.require_host(auth.Principal("root", "admin"), "h9")
+    for who, host in ((agent, "h2"), (auth.Principal("m", "member"), "h1")):
+        with pytest.raises(Forbidden):
+            auth.require_host(who, host)
+    with pytest.raises(Forbidden):
+        auth.require_role(agent, "admin", "member")
+
+
+# --- errors and the OpenAPI document --------------------------------------------------------
+
+
+@pytest.mark.parametrize("exc, status, code", [
+    (VersionConflict("app-x", 3, 4), 409, "conflict"),
+    (InvalidEvent("bad", {"f": ["x"]}), 422, "invalid_event"),
+    (LedgerUnavailable("down"), 503, "unavailable"),
+    (Conflict("taken", current={"a": 1}), 409, "conflict"),
+    (KeyError("boom"), 500, "internal"),
+])
+def test_error_mapping(exc: Exception, status: int, code: str) -> None:
+    from api.app import error_body
+    got_status, body = error_body(exc)
+    assert (got_status, body["error"]) == (status, code)
+    assert set(body) >= {"error", "message", "fields"} and "boom" not in body["message"]
+
+
+def test_openapi_documents_every_route_with_schemas() -> None:
+    from api.openapi import spec
+    from api.web import ROUTES, openapi_path
+    doc: dict[str, Any] = spec()
+    for r in ROUTES:
+        if r.documented:
+            op = doc["paths"][openapi_path(r.rule)][r.method.lower()]
+            assert str(r.status) in op["responses"] and op["summary"]
+    assert doc["paths"]["/apps"]["post"]["requestBody"]["content"]["application/json"]
