@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from ledger import Ledger
+from ledger import Ledger, NewEvent
 from ledger.cluster import Cluster
 from tests.conftest import tally_env
 from tests.unit.test_why import History
@@ -77,3 +77,20 @@ def test_bad_input_gets_one_clear_line(cluster: Cluster, args: list[str], messag
     assert "Traceback" not in out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error:") and message in lines[0], out.stderr
+
+
+def test_events_follow_prints_new_events_as_they_come(cluster: Cluster) -> None:
+    stream = f"heartbeat-f{uuid.uuid4().hex[:8]}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tally.cli", "events", "--follow", "--json", "--stream", stream],
+        env=tally_env(cluster, TALLY_RELAYS=""), stdout=subprocess.PIPE, text=True)
+    try:
+        with Ledger(cluster.dsn()) as ledger:
+            ledger.append(stream, [NewEvent("HostHeartbeat", {"host_id": "f", "instances": 7})])
+            ledger.sequence()
+        line = proc.stdout.readline()  # blocks until the follower prints (pytest timeout)
+        assert json.loads(line)["data"]["instances"] == 7
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
