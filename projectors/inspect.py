@@ -86,8 +86,10 @@ def status(dsn: str) -> list[dict[str, Any]]:
                         THEN extract(epoch FROM clock_timestamp() - e.recorded_at) ELSE 0 END,
                    c.lag_seconds, c.updated_at, c.error_position, c.error_type, c.error_message
             FROM views.projector_checkpoints c CROSS JOIN h
-            LEFT JOIN ledger.positions p ON p.position = c.position + 1
-            LEFT JOIN ledger.events e ON e.id = p.event_id""")
+            LEFT JOIN LATERAL (
+                SELECT e.recorded_at FROM ledger.positions p
+                JOIN ledger.events e ON e.id = p.event_id
+                WHERE p.position > c.position ORDER BY p.position LIMIT 1) e ON true""")
         rows = {r[0]: r for r in cur.fetchall()}
         cur.execute("SELECT coalesce(max(position), 0) FROM ledger.positions")
         head = cur.fetchone()[0]
@@ -102,7 +104,7 @@ def status(dsn: str) -> list[dict[str, Any]]:
             continue
         error = None if r[8] is None else {"position": r[8], "type": r[9], "message": r[10]}
         out.append({"name": p.name, "position": r[1], "state": r[2], "head": r[3],
-                    "lag_events": r[4], "lag_seconds": float(r[5]),
+                    "lag_events": r[4], "lag_seconds": float(r[5] or 0),
                     "recorded_lag_seconds": r[6], "updated_at": r[7], "error": error})
     return out
 

@@ -165,8 +165,9 @@ class Runner:
                 return
 
 
-# Positions are dense (the sequencer never leaves a gap), so a batch is a closed range of
-# them: no LIMIT, no sort of what lies beyond, whatever plan the statistics lead to.
+# A batch is a closed range of positions, not a LIMIT: no sort of what lies beyond,
+# whatever plan the statistics lead to. Ranges may hold fewer events than positions:
+# retention (ledger/retention.py) leaves holes where it pruned old heartbeats.
 _READ = """SELECT p.position, e.id, e.stream, e.version, e.type, e.data,
     coalesce((e.metadata->>'schema')::int, 1), e.recorded_at
     FROM ledger.positions p JOIN ledger.events e ON e.id = p.event_id
@@ -174,8 +175,8 @@ _READ = """SELECT p.position, e.id, e.stream, e.version, e.type, e.data,
 
 
 def read_batch(ledger: Ledger, after: int, upto: int, limit: int) -> list[RecordedEvent]:
-    """Events after < position <= min(upto, after + limit). Like Ledger.read_all, minus
-    decoding metadata no handler reads; the events' `metadata` holds only the schema
+    """Events with after < position <= min(upto, after + limit). Like Ledger.read_all,
+    minus decoding metadata no handler reads; the events' `metadata` holds only the schema
     version."""
     with ledger.connection().cursor() as cur:
         cur.execute(_READ, (after, min(upto, after + limit)))
@@ -190,17 +191,20 @@ def catch_up(runners: Sequence[Runner], ledger: Ledger, head: int,
     """Feed every running runner up to `head`, reading each event once. Returns the
     number of events read."""
     read = 0
-    while True:
-        active = [r for r in runners if not r.stopped]
-        low = min((r.position for r in active), default=head)
-        if low >= head:
-            return read
-        events = read_batch(ledger, low, head, batch)
+    active = [r for r in runners if not r.stopped]
+    cursor = min((r.position for r in active), default=head)
+    while cursor < head:
+        events = read_batch(ledger, cursor, head, batch)
+        cursor = min(head, cursor + batch)
         if not events:
-            return read
+            continue  # a hole left by retention
         read += len(events)
         for runner in active:
             runner.apply(events, head)
+        active = [r for r in active if not r.stopped]
+        if not active:
+            break
+    return read
 
 
 def connect(dsn: str, schema: str, application_name: str) -> Any:

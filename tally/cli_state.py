@@ -40,10 +40,16 @@ def _clean(fn: Callable[..., Any]) -> Callable[..., Any]:
         except (LedgerError, ValueError, OSError, RebuildFailed) as exc:
             raise click.ClickException(str(exc)) from exc
         except psycopg2.OperationalError as exc:
-            first = (str(exc).strip().splitlines() or ["unknown error"])[0]
-            raise click.ClickException(f"cannot reach the ledger database: {first}") from exc
+            raise click.ClickException(f"cannot reach the ledger database: {_first(exc)}") \
+                from exc
+        except psycopg2.Error as exc:  # e.g. views not migrated yet
+            raise click.ClickException(f"database error: {_first(exc)}") from exc
 
     return wrapper
+
+
+def _first(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _dsn(cfg: Config, role: str = "tally_reader") -> str:

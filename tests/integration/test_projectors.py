@@ -206,3 +206,26 @@ def test_daemon_follows_the_ledger_live(private: Cluster) -> None:
         proc.kill()
         proc.wait()
         relays.stop()
+
+
+def test_projectors_step_over_holes_left_by_retention(private: Cluster) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from ledger.retention import RetentionPolicy, prune
+
+    dsn = private.dsn("tally_owner")
+    with Ledger(dsn) as ledger:
+        for _ in range(3):
+            ledger.append("heartbeat-holes", [NewEvent("HostHeartbeat", {"host_id": "holes"})
+                                              for _ in range(1000)])
+        ledger.append("app-after-holes", [NewEvent("AppCreated", {"name": "after-holes",
+                                                                  "owner": "a"})])
+        head = ledger.sequence()
+    pruned = prune(dsn, RetentionPolicy("heartbeat", timedelta(0)),
+                   now=datetime.now(UTC) + timedelta(hours=1), stream="heartbeat-holes")
+    assert pruned == 2999
+    _run(dsn, list(projectors.ALL))  # catches up across the hole
+    assert set(_positions(dsn).values()) == {head}
+    assert "after-holes" in {r["name"] for r in _views(dsn)["apps"]}
+    rebuild(dsn, list(projectors.ALL))
+    assert _views(dsn) == state_at(private.dsn("tally_reader"), head)
