@@ -27,7 +27,7 @@ from typing import Any
 
 import psutil
 
-from agents import bundle, venvs
+from agents import bundle, users, venvs
 from agents.fleet import Fleet
 from agents.placer import catch_up
 from agents.processes import Limits, Processes
@@ -55,6 +55,8 @@ class Paths:
     bundles: Path
     releases: Path
     venvs: Path
+    python: str = ""
+    """Interpreter for the apps' virtualenvs (default: the system's Python 3)."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,9 @@ class Agent:
         self.fleet = Fleet()
         self.local: dict[str, Local] = {}
         self.procs = Processes(paths.state)
+        for private in (paths.state, paths.releases, paths.state / "homes"):
+            private.mkdir(parents=True, exist_ok=True)
+            private.chmod(0o711)  # apps may pass through to their own folder, not list
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prepare")
         self.preparing: dict[str, Future] = {}
         self.next_beat = 0.0
@@ -245,17 +250,29 @@ class Agent:
             self.local.pop(iid, None)
             self.procs.forget(iid)
 
-    def prepare(self, want: Want) -> tuple[Path, Path]:
-        """Release folder and virtualenv (worker thread: may take a pip install)."""
+    def prepare(self, want: Want) -> tuple[Path, Path, users.AppUser | None]:
+        """Release folder, virtualenv and the app's user (worker thread: may take a pip
+        install). The release is readable by the app's group only."""
+        home = self.paths.state / "homes" / want.app
+        user = users.ensure(want.app, home)
+        if user is not None and self.paths.bundles.exists():
+            self.paths.bundles.chmod(0o700)  # every app's code: not for apps to browse
+        into = self.paths.releases / want.app
+        into.mkdir(parents=True, exist_ok=True)
+        if user is not None:
+            os.chown(into, 0, user.gid)
+            into.chmod(0o750)
         release = bundle.unpack(self.paths.bundles / f"{want.digest}.tar.gz", want.digest,
-                                self.paths.releases)
-        return release, venvs.ensure(release, self.paths.venvs)
+                                into)
+        if user is not None:
+            users.share_with_group(release, user.gid)
+        return release, venvs.ensure(release, self.paths.venvs, self.paths.python), user
 
-    def launch(self, loc: Local, release: Path, venv: Path) -> None:
+    def launch(self, loc: Local, release: Path, venv: Path,
+               user: users.AppUser | None) -> None:
         want = loc.want
         assert want is not None
-        home = self.paths.state / "homes" / want.app
-        home.mkdir(parents=True, exist_ok=True)
+        home = users.private_home(self.paths.state / "homes" / want.app, user)
         env = {"PATH": f"{venv}/bin:/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
                "HOME": str(home), "VIRTUAL_ENV": str(venv), "PYTHONUNBUFFERED": "1",
                **dict(want.config), "PORT": str(want.port), "TALLY_APP": want.app,
@@ -264,7 +281,8 @@ class Agent:
             env["GUNICORN_CMD_ARGS"] = (f"--bind {self.spec.address}:{want.port} "
                                         + env.get("GUNICORN_CMD_ARGS", ""))
         loc.pid = self.procs.start(want.instance_id, want.port, ["/bin/sh", "-c",
-                                   f"exec {want.command}"], release, env, self.limits)
+                                   f"exec {want.command}"], release, env, self.limits,
+                                   _demote(user) if user else None)
         loc.state = State.STARTING
         self.report(want.instance_id, "InstanceStarted", pid=loc.pid)
 
@@ -280,3 +298,13 @@ class Agent:
             return exc.code < 500
         except (OSError, ValueError):
             return False
+
+
+def _demote(user: users.AppUser) -> Callable[[], None]:
+    """Become the app's user in the child, after the limits are set as root."""
+    def demote() -> None:
+        os.setgroups([])
+        os.setgid(user.gid)
+        os.setuid(user.uid)
+
+    return demote

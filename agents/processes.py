@@ -40,8 +40,9 @@ class Processes:
     def __init__(self, state_dir: Path) -> None:
         self.pids = state_dir / "pids"
         self.logs = state_dir / "logs"
-        self.pids.mkdir(parents=True, exist_ok=True)
-        self.logs.mkdir(parents=True, exist_ok=True)
+        for private in (self.pids, self.logs):
+            private.mkdir(parents=True, exist_ok=True)
+            private.chmod(0o700)
         self.children: dict[int, subprocess.Popen] = {}
 
     def start(self, instance_id: str, port: int, argv: list[str], cwd: Path,

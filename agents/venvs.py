@@ -1,5 +1,6 @@
-"""Virtualenvs for releases, keyed by the sha256 of requirements.txt: built once, shared by
-every release (and every agent on the machine) with the same requirements.
+"""Virtualenvs for releases, keyed by the sha256 of requirements.txt (and the interpreter):
+built once, shared by every release (and every agent on the machine) with the same
+requirements.
 
 A virtualenv cannot be moved once built (its scripts name their interpreter), so it is
 built in place under a file lock and marked complete last; a folder without the mark is a
@@ -22,15 +23,22 @@ class BuildFailed(Exception):
     """pip could not install the requirements; the message holds its last lines."""
 
 
-def requirements_key(release_dir: Path) -> str:
+def default_python() -> str:
+    """The interpreter apps run on: the system's Python 3, which every app user may
+    execute (the platform's own interpreter may live where apps cannot reach)."""
+    return "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
+
+
+def requirements_key(release_dir: Path, python: str) -> str:
     req = release_dir / "requirements.txt"
     data = req.read_bytes() if req.exists() else b""
-    return hashlib.sha256(data).hexdigest()
+    return hashlib.sha256(python.encode() + b"\0" + data).hexdigest()
 
 
-def ensure(release_dir: Path, cache: Path, timeout: float = 600.0) -> Path:
-    """The virtualenv for the release's requirements, built if missing."""
-    key = requirements_key(release_dir)
+def ensure(release_dir: Path, cache: Path, python: str = "", timeout: float = 600.0) -> Path:
+    """The virtualenv for the release's requirements on `python`, built if missing."""
+    python = python or default_python()
+    key = requirements_key(release_dir, python)
     venv = cache / key[:32]
     if (venv / COMPLETE).exists():
         return venv
@@ -40,7 +48,7 @@ def ensure(release_dir: Path, cache: Path, timeout: float = 600.0) -> Path:
         if (venv / COMPLETE).exists():
             return venv
         shutil.rmtree(venv, ignore_errors=True)
-        _run([sys.executable, "-m", "venv", str(venv)], timeout)
+        _run([python, "-m", "venv", str(venv)], timeout)
         req = release_dir / "requirements.txt"
         if req.exists() and req.read_text().strip():
             _run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q",

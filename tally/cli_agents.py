@@ -91,7 +91,7 @@ def register(cli: click.Group) -> None:
         spec = HostSpec(host_id, address, low, high, capacity)
         paths = Paths(state=cfg.home / "agents" / host_id, bundles=cfg.bundles_dir,
                       releases=cfg.home / "agents" / host_id / "releases",
-                      venvs=cfg.venv_cache)
+                      venvs=cfg.venv_cache, python=cfg.app_python)
         stop = _stop_event()
         with Ledger(cfg.cluster().dsn("tally_writer")) as ledger:
             Agent(ledger, spec, paths, Timing(heartbeat=heartbeat, grace=grace),

@@ -8,6 +8,7 @@ TALLY_API_BIND        where `tally serve api` listens; default 127.0.0.1:8000
 TALLY_MAX_BUNDLE_MB   largest bundle upload the API accepts; default 100
 TALLY_VENV_CACHE      where host agents keep virtualenvs, by requirements hash; default
                       $TALLY_HOME/venvs
+TALLY_APP_PYTHON      the interpreter apps' virtualenvs are built on; default /usr/bin/python3
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Config:
     api_bind: str = "127.0.0.1:8000"
     max_bundle_bytes: int = 100 * 1024 * 1024
     venv_cache_dir: str = ""
+    app_python: str = ""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Config:
@@ -44,6 +46,7 @@ class Config:
             api_bind=env.get("TALLY_API_BIND", "127.0.0.1:8000"),
             max_bundle_bytes=int(env.get("TALLY_MAX_BUNDLE_MB", "100")) * 1024 * 1024,
             venv_cache_dir=env.get("TALLY_VENV_CACHE", ""),
+            app_python=env.get("TALLY_APP_PYTHON", ""),
         )
 
     def cluster(self) -> Cluster:

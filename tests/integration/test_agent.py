@@ -4,6 +4,7 @@ itself (as the placer would) and watches real processes answer real HTTP."""
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 import urllib.request
 from collections.abc import Iterator
@@ -176,3 +177,33 @@ def test_stop_apps_on_exit_stops_its_instances(private: Cluster) -> None:
     finally:
         other.kill()
         other.kill_apps()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="per-app users need root")
+def test_each_app_runs_as_its_own_user_and_cannot_read_the_others(
+        private: Cluster, agent: AgentProc) -> None:
+    ports = {"alice": agent.ports[0] + 3, "bob": agent.ports[0] + 4}
+    with Ledger(private.dsn()) as ledger:
+        for app, port in ports.items():
+            deploy(ledger, agent.home, app, app_tarball("hello"), procfile("hello"),
+                   {"SECRET": f"{app}-secret"})
+            place(ledger, app, f"{app}.1.web.u1", port)
+        for app in ports:
+            wait_until(lambda app=app: has(ledger, f"{app}.1.web.u1", "InstanceHealthy"), 60,
+                       f"{app} healthy")
+    alice, bob = get(ports["alice"]), get(ports["bob"])
+    assert alice["user"] != bob["user"] and 0 not in (alice["user"], bob["user"])
+    releases = agent.home / "agents" / HOST / "releases"
+    (bob_release,) = (releases / "bob").iterdir()
+    (alice_release,) = (releases / "alice").iterdir()
+
+    def read(path: Path) -> dict[str, Any]:
+        return get(ports["alice"], f"/read?path={path}")
+
+    assert read(alice_release / "app.py")["ok"]
+    for secret in [bob_release / "app.py", agent.home / "agents" / HOST / "pids" /
+                   "bob.1.web.u1.json", agent.home / "agents" / HOST / "logs" /
+                   "bob.1.web.u1.log", agent.home / "bundles" / f"{bob_release.name}.tar.gz",
+                   Path(f"/proc/{agent.app_pids()['bob.1.web.u1']}/environ")]:
+        answer = read(secret)
+        assert not answer["ok"] and "denied" in answer["error"], (secret, answer)
