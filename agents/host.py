@@ -29,6 +29,7 @@ import psutil
 
 from agents import bundle, users, venvs
 from agents.fleet import Fleet
+from agents.logs import Shipper
 from agents.placer import catch_up
 from agents.processes import Limits, Processes
 from agents.supervision import ALIVE, Action, Local, State, Want, after_exit, plan
@@ -70,7 +71,8 @@ class Timing:
 class Agent:
     def __init__(self, ledger: Ledger, spec: HostSpec, paths: Paths,
                  timing: Timing | None = None, limits: Limits | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 collector: str | None = None) -> None:
         self.ledger, self.spec, self.paths = ledger, spec, paths
         self.timing = timing or Timing()
         self.limits = limits or Limits()
@@ -78,6 +80,7 @@ class Agent:
         self.fleet = Fleet()
         self.local: dict[str, Local] = {}
         self.procs = Processes(paths.state)
+        self.shipper = Shipper(collector, self.procs.logs) if collector else None
         for private in (paths.state, paths.releases, paths.state / "homes"):
             private.mkdir(parents=True, exist_ok=True)
             private.chmod(0o711)  # apps may pass through to their own folder, not list
@@ -114,6 +117,9 @@ class Agent:
         finally:
             if sub is not None:
                 sub.close()
+            if self.shipper is not None:
+                self.shipper.ship()
+                self.shipper.close()
             self.pool.shutdown(wait=False, cancel_futures=True)
             if stop_apps:
                 self.stop_all(min(self.timing.grace, 5.0))
@@ -151,6 +157,8 @@ class Agent:
                 log.exception("%s %s failed", action.kind, action.instance_id)
                 self.report_exit(action.instance_id, None, None, [f"{action.kind}: {exc}"],
                                  now)
+        if self.shipper is not None:
+            self.shipper.ship()
 
     # --- desired --------------------------------------------------------------------------
 

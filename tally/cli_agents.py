@@ -95,8 +95,40 @@ def register(cli: click.Group) -> None:
         stop = _stop_event()
         with Ledger(cfg.cluster().dsn("tally_writer")) as ledger:
             Agent(ledger, spec, paths, Timing(heartbeat=heartbeat, grace=grace),
-                  Limits(open_files=open_files, memory_mb=memory_mb)).run(
+                  Limits(open_files=open_files, memory_mb=memory_mb),
+                  collector=cfg.collector).run(
                 stop, cfg.relays, stop_apps=stop_apps_on_exit)
+
+    @serve.command("collector")
+    @click.option("--bind", help="ZeroMQ PULL endpoint (default: TALLY_COLLECTOR).")
+    @click.option("--chunk-mb", default=1.0, show_default=True,
+                  help="Rotate an app's current log file past this size.")
+    @click.pass_obj
+    @fail_cleanly
+    def serve_collector(cfg: Config, bind: str | None, chunk_mb: float) -> None:
+        """Receive app logs from the host agents and write them to chunked files per app."""
+        from agents.logs import Collector
+
+        _logging()
+        stop = _stop_event()
+        Collector(cfg.app_logs_dir, int(chunk_mb * 2**20)).run(bind or cfg.collector, stop)
+
+    @cli.command("logs")
+    @click.argument("app")
+    @click.option("-n", "--lines", default=100, show_default=True, help="Lines to show.")
+    @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
+    @click.pass_obj
+    @fail_cleanly
+    def logs(cfg: Config, app: str, lines: int, follow: bool) -> None:
+        """An app's logs, as the collector wrote them (run where the collector runs)."""
+        from agents import logs as applogs
+
+        for line in applogs.tail(cfg.app_logs_dir, app, lines):
+            click.echo(line)
+        if follow:
+            stop = _stop_event()
+            for line in applogs.follow(cfg.app_logs_dir, app, stop):
+                click.echo(line)
 
 
 def _port_range(text: str) -> tuple[int, int]:

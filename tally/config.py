@@ -9,6 +9,8 @@ TALLY_MAX_BUNDLE_MB   largest bundle upload the API accepts; default 100
 TALLY_VENV_CACHE      where host agents keep virtualenvs, by requirements hash; default
                       $TALLY_HOME/venvs
 TALLY_APP_PYTHON      the interpreter apps' virtualenvs are built on; default /usr/bin/python3
+TALLY_COLLECTOR       where host agents PUSH app logs (`tally serve collector` binds it);
+                      default tcp://127.0.0.1:5560
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Config:
     max_bundle_bytes: int = 100 * 1024 * 1024
     venv_cache_dir: str = ""
     app_python: str = ""
+    collector: str = "tcp://127.0.0.1:5560"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Config:
@@ -47,6 +50,7 @@ class Config:
             max_bundle_bytes=int(env.get("TALLY_MAX_BUNDLE_MB", "100")) * 1024 * 1024,
             venv_cache_dir=env.get("TALLY_VENV_CACHE", ""),
             app_python=env.get("TALLY_APP_PYTHON", ""),
+            collector=env.get("TALLY_COLLECTOR", "tcp://127.0.0.1:5560"),
         )
 
     def cluster(self) -> Cluster:
@@ -60,6 +64,11 @@ class Config:
     @property
     def log_dir(self) -> Path:
         return self.home / "log"
+
+    @property
+    def app_logs_dir(self) -> Path:
+        """App logs as the collector writes them: <app>/current.log and chunk-*.log."""
+        return self.home / "applogs"
 
     @property
     def venv_cache(self) -> Path:

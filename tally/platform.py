@@ -14,6 +14,7 @@ def daemons(cfg: Config) -> list[tuple[str, list[str], str]]:
     out.append(("projectors", ["serve", "projectors"],
                 "views in the ledger database (tally projectors status)"))
     out.append(("api", ["serve", "api", "--bind", cfg.api_bind], f"http://{cfg.api_bind}"))
+    out.append(("collector", ["serve", "collector"], f"{cfg.collector} -> {cfg.app_logs_dir}"))
     out.append(("placer", ["serve", "placer"], "places instances (its decisions: tally events)"))
     for i, ports in ((1, "7000-7099"), (2, "7100-7199")):
         out.append((f"agent-{i}", ["serve", "agent", "--host-id", f"h{i}", "--port-range",
