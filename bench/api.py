@@ -6,7 +6,8 @@ the same gunicorn configuration (the framework ceiling), measured in the same ru
 
 A private ledger cluster (primary + synchronous standby); the API as `tally serve api`;
 clients are separate processes with keep-alive connections. Cases alternate with the
-baseline and each figure is the median of the rounds. Ends with one JSON line.
+baseline (measured just before and just after each case: the ratio is to their mean) and
+each figure is the median of the rounds. Ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -34,13 +35,13 @@ CLIENTS = 8
 BUNDLE = {"Procfile": "web: gunicorn app:app\n", "requirements.txt": "flask\n"}
 
 
-def serve_baseline(port: int) -> None:
+def serve_baseline(port: int, workers: int, threads: int) -> None:
     """The ceiling: Flask returning a constant JSON, under the API's gunicorn options."""
     from flask import Flask
 
     app = Flask("baseline")
     app.add_url_rule("/const", "const", lambda: {"ok": True})
-    Gunicorn(app, options(f"127.0.0.1:{port}")).run()
+    Gunicorn(app, options(f"127.0.0.1:{port}", workers, threads)).run()
 
 
 def client(args: tuple[int, str, str, bytes | None, str, float, float]) -> list[float]:
@@ -101,13 +102,17 @@ def setup(url: str, token: str, apps: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="Finish within 60 s.")
+    defaults = options("x")
+    parser.add_argument("--workers", type=int, default=defaults["workers"])
+    parser.add_argument("--threads", type=int, default=defaults["threads"])
     args = parser.parse_args()
+    shape = (str(args.workers), str(args.threads))
     seconds, rounds = (3.0, 1) if args.quick else (8.0, 3)
     cluster = make_cluster()
     api_port, base_port = free_ports(2)
-    baseline = subprocess.Popen([sys.executable, __file__, "--serve-baseline", str(base_port)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    api = ApiProcess(tally_env(cluster), api_port)
+    baseline = subprocess.Popen([sys.executable, __file__, "--serve-baseline", str(base_port),
+                                 *shape], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    api = ApiProcess(tally_env(cluster), api_port, ("--workers", shape[0], "--threads", shape[1]))
     try:
         api.wait_ready()
         wait_http(base_port, "/const")
@@ -121,14 +126,20 @@ def main() -> None:
                                       {"scale": {"web": 2}}),
         }
         results: dict[str, list[tuple[float, float]]] = {k: [] for k in [*cases, "ceiling"]}
+        ratios: dict[str, list[float]] = {k: [] for k in cases}
         with mp.get_context("spawn").Pool(CLIENTS) as pool:
             measure(pool, base_port, "GET", ["/const"], token, None, 1.0)  # warm up
+            ceiling = lambda: measure(pool, base_port, "GET", ["/const"], token,  # noqa: E731
+                                      None, seconds)
             for _ in range(rounds):
                 for name, (method, paths, body) in cases.items():
-                    results["ceiling"].append(measure(pool, base_port, "GET", ["/const"],
-                                                      token, None, seconds))
-                    results[name].append(measure(pool, api_port, method, paths, token, body,
-                                                 seconds))
+                    # the ceiling just before and just after: the machine may be shared
+                    before = ceiling()
+                    ours = measure(pool, api_port, method, paths, token, body, seconds)
+                    after = ceiling()
+                    results[name].append(ours)
+                    results["ceiling"] += [before, after]
+                    ratios[name].append(ours[0] / ((before[0] + after[0]) / 2))
     finally:
         api.stop()
         baseline.terminate()
@@ -136,18 +147,19 @@ def main() -> None:
         destroy_cluster(cluster)
     med = {k: (statistics.median(r for r, _ in v), statistics.median(p for _, p in v))
            for k, v in results.items()}
-    ceiling = med["ceiling"][0]
-    print(f"gunicorn: {options('x')['workers']} workers x {options('x')['threads']} threads "
+    ratio = {k: statistics.median(v) for k, v in ratios.items()}
+    ratio["ceiling"] = 1.0
+    print(f"gunicorn: {args.workers} workers x {args.threads} threads "
           f"(gthread), {CLIENTS} concurrent keep-alive clients, {rounds} round(s) of "
           f"{seconds:.0f}s")
     print(f"{'case':<26}{'requests/s':>12}{'p99 ms':>9}{'of ceiling':>12}")
     for name, (rate, p99) in med.items():
-        print(f"{name:<26}{rate:>12,.0f}{p99:>9.1f}{rate / ceiling:>12.2f}")
+        print(f"{name:<26}{rate:>12,.0f}{p99:>9.1f}{ratio[name]:>12.2f}")
     print(json.dumps({
-        "read_ratio": round(med["GET /apps/NAME"][0] / ceiling, 3),
-        "write_ratio": round(med["POST /apps/NAME/scale"][0] / ceiling, 3),
+        "read_ratio": round(ratio["GET /apps/NAME"], 3),
+        "write_ratio": round(ratio["POST /apps/NAME/scale"], 3),
         "read_rps": round(med["GET /apps/NAME"][0]), "write_rps":
-        round(med["POST /apps/NAME/scale"][0]), "ceiling_rps": round(ceiling),
+        round(med["POST /apps/NAME/scale"][0]), "ceiling_rps": round(med["ceiling"][0]),
         "read_p99_ms": round(med["GET /apps/NAME"][1], 2),
         "write_p99_ms": round(med["POST /apps/NAME/scale"][1], 2),
         "ceiling_p99_ms": round(med["ceiling"][1], 2),
@@ -155,7 +167,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--serve-baseline":
-        serve_baseline(int(sys.argv[2]))
+    if len(sys.argv) == 5 and sys.argv[1] == "--serve-baseline":
+        serve_baseline(*(int(a) for a in sys.argv[2:]))
     else:
         main()
