@@ -288,9 +288,10 @@ def _failing(fleet: Fleet, mine: Iterable[Placement], now: datetime,
     for p in mine:
         inst = fleet.instance(p.instance_id)
         if inst.restarts >= settings.crash_loop and inst.state != "healthy":
-            code = inst.exit_code if inst.signal is None else f"signal {inst.signal}"
+            how = (f"exit code {inst.exit_code}" if inst.signal is None
+                   else f"signal {inst.signal}")
             return (f"instance {p.instance_id} is crash-looping: {inst.restarts} restarts, "
-                    f"last exit {code}")
+                    f"last {how}")
         waited = (now - p.placed_at).total_seconds()
         if inst.state != "healthy" and waited > settings.deploy_timeout:
             return (f"instance {p.instance_id} not healthy after {waited:.0f}s "

@@ -8,6 +8,8 @@ is the platform's own doing.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 import urllib.request
 from collections import Counter
@@ -22,7 +24,7 @@ from agents.fleet import Fleet
 from agents.placer import catch_up
 from ledger import Ledger, NewEvent
 from ledger.cluster import Cluster
-from tests.conftest import RelayProcs, destroy_cluster, free_ports, make_cluster
+from tests.conftest import RelayProcs, destroy_cluster, free_ports, make_cluster, tally_env
 from tests.fixtures.apps.fleet import (
     AgentProc,
     Daemon,
@@ -70,6 +72,13 @@ class Platform:
         """Live app processes (gunicorn masters and the like) per host, from pid records."""
         return Counter({h: sum(1 for pid in a.app_pids().values() if psutil.pid_exists(pid))
                         for h, a in self.agents.items()})
+
+
+def tally_why(platform: Platform, app: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "tally.cli", "why", app], capture_output=True,
+                         text=True, env=tally_env(platform.cluster), timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
 
 
 def get(port: int) -> dict[str, Any]:
@@ -155,6 +164,8 @@ def test_a_failing_release_phase_keeps_the_old_release_serving(platform: Platfor
     assert get(web.port)["release"] == "1"
     assert [p.instance_id for p in platform.fleet().placements_of("migrating")] == [
         web.instance_id]
+    why = tally_why(platform, "migrating")
+    assert "release phase exited with code 4" in why, why
 
 
 def test_a_crash_loop_is_reported_with_exit_codes(platform: Platform) -> None:
@@ -169,6 +180,8 @@ def test_a_crash_loop_is_reported_with_exit_codes(platform: Platform) -> None:
     f = platform.fleet()
     (p,) = f.placements_of("crasher")  # kept placed: nothing older to serve instead
     assert f.instance(p.instance_id).exit_code == 3
+    why = tally_why(platform, "crasher")
+    assert "crash-looping" in why and "exit code 3" in why, why
     led.append("app-crasher", [NewEvent("AppDeleted", {"name": "crasher"})])
     wait_until(lambda: not platform.fleet().placements_of("crasher"), 30, "crasher withdrawn")
 

@@ -194,7 +194,8 @@ def test_a_crash_looping_release_fails_and_the_old_one_keeps_serving() -> None:
         w.exited(new, 3, restarts=n + 1)
     decided = w.tick()
     failed = [d for _, t, d in decided if t == "ReleaseFailed"]
-    assert failed and "crash-looping" in failed[0]["reason"] and "exit 3" in failed[0]["reason"]
+    assert failed and "crash-looping" in failed[0]["reason"]
+    assert "exit code 3" in failed[0]["reason"]
     w.tick()
     assert set(w.placed()) == {old}
     assert w.tick() == []
