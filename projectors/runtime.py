@@ -82,8 +82,7 @@ class Runner:
             return
         try:
             with self.conn, self.conn.cursor() as cur:
-                if self.checkpointed:
-                    self._check_generation(cur)
+                self._check_generation(cur)  # also makes two daemons take turns safely
                 self.apply_within(cur, [e for e in events if e.position > self.position], head)
         except HandlerFailed as failed:
             self._stop(failed, events, head)
