@@ -198,6 +198,8 @@ class HostRegistered(Schema):
     port_max = fields.Int(required=True, validate=PORT)
     capacity = fields.Int(required=True, validate=validate.Range(min=0))
     memory_mb = fields.Int(load_default=0, validate=NON_NEGATIVE)
+    run_endpoint = fields.Str(load_default="", validate=validate.Length(max=200))
+    """ZeroMQ endpoint where the agent runs one-off commands (`tally run`); empty: none."""
 
 
 @event("heartbeat")
