@@ -53,7 +53,7 @@ def rebuild(dsn: str, projectors: Sequence[Projector], batch: int = BATCH) -> in
         with conn, conn.cursor() as cur:
             cur.execute("SET LOCAL lock_timeout = '20s'")
             for runner in runners:
-                lock_checkpoint(cur, runner.name)
+                lock_checkpoint(cur, runner.name, create=True)
             head = ledger.head()
             rest = read_batch(ledger, min(r.position for r in runners), head, 10_000_000)
             for runner in runners:

@@ -65,7 +65,8 @@ class Runner:
         (its error clears once it gets past that event)."""
         with self.conn, self.conn.cursor() as cur:
             if self.checkpointed:
-                self.position, self.generation, _, _ = lock_checkpoint(cur, self.name)
+                self.position, self.generation, _, _ = lock_checkpoint(cur, self.name,
+                                                                       create=True)
             self.tables = load_tables(cur, self.projector)
         self.stale = False
         self.stopped = None

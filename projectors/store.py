@@ -104,10 +104,13 @@ def _upsert(table: str, columns: tuple[str, ...], key: tuple[str, ...]) -> sql.C
 # -- checkpoints -------------------------------------------------------------------------
 
 
-def lock_checkpoint(cur: Any, name: str) -> tuple[int, int, str, int | None]:
-    """Lock the projector's checkpoint row for this transaction (made if missing):
-    (position, generation, state, error_position)."""
-    cur.execute(f"INSERT INTO {CHECKPOINTS} (name) VALUES (%s) ON CONFLICT DO NOTHING", (name,))
+def lock_checkpoint(cur: Any, name: str, *, create: bool = False
+                    ) -> tuple[int, int, str, int | None]:
+    """Lock the projector's checkpoint row for this transaction (made if missing and
+    `create`): (position, generation, state, error_position)."""
+    if create:
+        cur.execute(f"INSERT INTO {CHECKPOINTS} (name) VALUES (%s) ON CONFLICT DO NOTHING",
+                    (name,))
     cur.execute(f"SELECT position, generation, state, error_position FROM {CHECKPOINTS} "
                 "WHERE name = %s FOR UPDATE", (name,))
     return cur.fetchone()
