@@ -68,6 +68,7 @@ class Host:
     last_heartbeat: datetime | None = None
     lost: bool = False
     version: int = 0
+    run_endpoint: str = ""
     """Version of the host-<id> stream (HostLost is appended with it as expected version)."""
 
 
@@ -153,7 +154,8 @@ def _host_registered(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:
     old = f.hosts.get(d["host_id"])
     f.hosts[d["host_id"]] = Host(d["host_id"], d["address"], d["port_min"], d["port_max"],
                                  d["capacity"], e.recorded_at,
-                                 old.last_heartbeat if old else None, False, e.version)
+                                 old.last_heartbeat if old else None, False, e.version,
+                                 d.get("run_endpoint", ""))
 
 
 def _heartbeat(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:

@@ -19,6 +19,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from agents.fleet import Fleet
 from agents.logs import Shipper
 from agents.placer import catch_up
 from agents.processes import Limits, Processes
+from agents.runs import RunServer
 from agents.supervision import ALIVE, Action, Local, State, Want, after_exit, plan
 from ledger import Ledger, LedgerUnavailable, NewEvent
 from ledger.subscriber import Subscriber
@@ -81,6 +83,7 @@ class Agent:
         self.local: dict[str, Local] = {}
         self.procs = Processes(paths.state)
         self.shipper = Shipper(collector, self.procs.logs) if collector else None
+        self.runs: RunServer | None = None
         for private in (paths.state, paths.releases, paths.state / "homes"):
             private.mkdir(parents=True, exist_ok=True)
             private.chmod(0o711)  # apps may pass through to their own folder, not list
@@ -93,10 +96,13 @@ class Agent:
     def start(self) -> None:
         """Register the host, read the ledger, adopt what our pid records name."""
         s = self.spec
+        self.runs = RunServer(s.address, self.prepare_run, self.limits)
+        self.runs.start()
         self.ledger.append(f"host-{s.host_id}", [NewEvent("HostRegistered", {
             "host_id": s.host_id, "address": s.address, "port_min": s.port_min,
             "port_max": s.port_max, "capacity": s.capacity,
-            "memory_mb": psutil.virtual_memory().total // 2**20})])
+            "memory_mb": psutil.virtual_memory().total // 2**20,
+            "run_endpoint": self.runs.endpoint})])
         catch_up(self.ledger, self.fleet, AGENT_CATEGORIES)
         self.adopt(self.wants())
 
@@ -117,6 +123,8 @@ class Agent:
         finally:
             if sub is not None:
                 sub.close()
+            if self.runs is not None:
+                self.runs.close()
             if self.shipper is not None:
                 self.shipper.ship()
                 self.shipper.close()
@@ -280,19 +288,39 @@ class Agent:
                user: users.AppUser | None) -> None:
         want = loc.want
         assert want is not None
-        home = users.private_home(self.paths.state / "homes" / want.app, user)
-        env = {"PATH": f"{venv}/bin:/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
-               "HOME": str(home), "VIRTUAL_ENV": str(venv), "PYTHONUNBUFFERED": "1",
-               **dict(want.config), "PORT": str(want.port), "TALLY_APP": want.app,
-               "TALLY_RELEASE": str(want.release), "TALLY_INSTANCE": want.instance_id}
+        env = self.environment(want, venv, user)
         if want.process_type == "web":
             env["GUNICORN_CMD_ARGS"] = (f"--bind {self.spec.address}:{want.port} "
                                         + env.get("GUNICORN_CMD_ARGS", ""))
         loc.pid = self.procs.start(want.instance_id, want.port, ["/bin/sh", "-c",
                                    f"exec {want.command}"], release, env, self.limits,
-                                   _demote(user) if user else None)
+                                   demote(user) if user else None)
         loc.state = State.STARTING
         self.report(want.instance_id, "InstanceStarted", pid=loc.pid)
+
+    def environment(self, want: Want, venv: Path, user: users.AppUser | None) -> dict[str, str]:
+        """What an app process sees: its config vars, PORT, its virtualenv first on PATH."""
+        home = users.private_home(self.paths.state / "homes" / want.app, user)
+        return {"PATH": f"{venv}/bin:/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
+                "HOME": str(home), "VIRTUAL_ENV": str(venv), "PYTHONUNBUFFERED": "1",
+                **dict(want.config), "PORT": str(want.port), "TALLY_APP": want.app,
+                "TALLY_RELEASE": str(want.release), "TALLY_INSTANCE": want.instance_id}
+
+    def one_off(self, app: str) -> Want:
+        """A Want for a one-off command of the app's serving release (`tally run`)."""
+        a = self.fleet.apps.get(app)
+        number = a and (a.deployed if a.deployed not in (None, *a.failed) else a.current_release)
+        if not a or not number:
+            raise LookupError(f"app {app!r} has no release to run a command in")
+        r = a.releases[number]
+        return Want(f"{app}.{number}.run.{uuid.uuid4().hex[:12]}", app, number, "run", 0,
+                    r.digest, "", tuple(sorted(a.config_at(r.config_version).items())))
+
+    def prepare_run(self, app: str) -> tuple[str, dict[str, str], Callable[[], None] | None]:
+        """Folder, environment and user for a one-off command (a run's own thread)."""
+        want = self.one_off(app)
+        release, venv, user = self.prepare(want)
+        return str(release), self.environment(want, venv, user), demote(user) if user else None
 
     def healthy(self, want: Want | None) -> bool:
         """An HTTP answer below 500 on the instance's port; non-web processes: running."""
@@ -308,7 +336,7 @@ class Agent:
             return False
 
 
-def _demote(user: users.AppUser) -> Callable[[], None]:
+def demote(user: users.AppUser) -> Callable[[], None]:
     """Become the app's user in the child, after the limits are set as root."""
     def demote() -> None:
         os.setgroups([])

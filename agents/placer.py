@@ -27,10 +27,12 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def catch_up(ledger: Ledger, fleet: Fleet, categories: list[str] = CATEGORIES) -> None:
+def catch_up(ledger: Ledger, fleet: Fleet, categories: list[str] = CATEGORIES,
+             sequence: bool = True) -> None:
     """Fold every event past the fleet's checkpoint (sequencing committed ones first, so the
-    placer never depends on a relay being up)."""
-    ledger.sequence()
+    placer never depends on a relay being up; readers without the writer role skip that)."""
+    if sequence:
+        ledger.sequence()
     while True:
         page = ledger.read_all(fleet.position, limit=PAGE, categories=categories)
         fleet.apply_all(page)

@@ -49,16 +49,11 @@ class Processes:
               env: dict[str, str], limits: Limits,
               demote: Callable[[], None] | None = None) -> int:
         """Launch the process, its output appended to the instance's log; record its pid."""
-        def setup() -> None:
-            _limit(resource.RLIMIT_NOFILE, limits.open_files)
-            _limit(resource.RLIMIT_AS, limits.memory_mb * 1024 * 1024)
-            if demote is not None:
-                demote()
-
         with open(self.log_path(instance_id), "ab") as log:
             proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, preexec_fn=setup)
+                                    start_new_session=True,
+                                    preexec_fn=child_setup(limits, demote))
         self.children[proc.pid] = proc
         record = Record(instance_id, proc.pid, psutil.Process(proc.pid).create_time(), port)
         tmp = self.pids / f".{instance_id}.json"
@@ -122,6 +117,18 @@ class Processes:
         except OSError:
             return []
         return [line[:500] for line in text.splitlines()[-lines:]]
+
+
+def child_setup(limits: Limits, demote: Callable[[], None] | None) -> Callable[[], None]:
+    """What a child does before exec: its limits (set as root, so the app cannot raise
+    them), then become the app's user."""
+    def setup() -> None:
+        _limit(resource.RLIMIT_NOFILE, limits.open_files)
+        _limit(resource.RLIMIT_AS, limits.memory_mb * 1024 * 1024)
+        if demote is not None:
+            demote()
+
+    return setup
 
 
 def _limit(which: int, value: int) -> None:

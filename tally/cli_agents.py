@@ -130,6 +130,41 @@ def register(cli: click.Group) -> None:
             for line in applogs.follow(cfg.app_logs_dir, app, stop):
                 click.echo(line)
 
+    @cli.command("run", context_settings={"ignore_unknown_options": True,
+                                          "allow_interspersed_args": False})
+    @click.argument("app")
+    @click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
+    @click.pass_obj
+    @fail_cleanly
+    def run(cfg: Config, app: str, command: tuple[str, ...]) -> None:
+        """Run a one-off command in APP's environment on a host, in a pty:
+        `tally run blog -- python manage.py migrate`. Exits with the command's code."""
+        import sys
+        from datetime import UTC, datetime
+
+        from agents.fleet import Fleet
+        from agents.placer import catch_up
+        from agents.runs import RunError, run_remote
+        from ledger import Ledger
+
+        fleet = Fleet()
+        with Ledger(cfg.cluster().dsn("tally_reader")) as ledger:
+            catch_up(ledger, fleet, ["app", "host", "heartbeat"], sequence=False)
+        if app not in fleet.apps:
+            raise click.ClickException(f"no app named {app!r}")
+        now = datetime.now(UTC)
+        hosts = sorted((h for h in fleet.hosts.values() if h.run_endpoint and not h.lost
+                        and h.last_heartbeat and (now - h.last_heartbeat).total_seconds() < 15),
+                       key=lambda h: h.last_heartbeat or now, reverse=True)
+        if not hosts:
+            raise click.ClickException("no alive host agent to run the command on")
+        argv = list(command[1:] if command[:1] == ("--",) else command)
+        try:
+            code = run_remote(hosts[0].run_endpoint, app, argv, sys.stdout.buffer)
+        except RunError as exc:
+            raise click.ClickException(str(exc)) from exc
+        sys.exit(code)
+
 
 def _port_range(text: str) -> tuple[int, int]:
     try:
