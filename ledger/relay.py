@@ -4,7 +4,7 @@ Run two (`tally serve relay --endpoint ...`): each sequences (the advisory lock 
 take turns) and each publishes the head, so losing one loses no wake-up. A published head
 is only a hint; subscribers always read from their own checkpoint and poll on a timer too.
 
-A relay that has just seen new events stays hot for a second, sequencing every 2 ms, so
+A relay that has just seen new events stays hot for a second, sequencing every 4 ms, so
 writers need not NOTIFY every append (ledger/store.py explains the pact).
 
 Wire format: a two-frame ZeroMQ message `[b"ledger", b"<position>"]`. The relay also
@@ -26,7 +26,7 @@ from ledger.errors import LedgerUnavailable
 from ledger.store import CHANNEL, RELAY_HOT_S, Ledger
 
 TOPIC = b"ledger"
-HOT_POLL_S = 0.002
+HOT_POLL_S = 0.004
 """While hot, how often a relay sequences without being told (see ledger/store.py)."""
 log = logging.getLogger("tally.relay")
 
