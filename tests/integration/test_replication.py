@@ -175,3 +175,20 @@ def test_cli_manages_a_cluster_from_scratch() -> None:
     finally:
         tally("ledger", "stop", "--mode", "immediate")
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_killed_nodes_restart_and_resume(private_cluster: Cluster) -> None:
+    """kill -9 of the standby, then of the primary: `tally ledger start` brings each back
+    (stale lock files of an unreaped postmaster notwithstanding) with nothing lost."""
+    cluster = private_cluster
+    with Ledger(cluster.dsn(), retry_deadline=60) as ledger:
+        first = ledger.append("heartbeat-k", [NewEvent("HostHeartbeat", {"host_id": "k"})])
+        for node in ("b", "a"):
+            os.kill(cluster.postmaster_pid(node), signal.SIGKILL)
+            wait_until(lambda n=node: not cluster._running(n), 10, f"{node} still running")
+            cluster.start()
+            wait_until(lambda: any(r["sync_state"] == "sync" for n in cluster.status()
+                                   for r in n.replication), 30, "no synchronous standby")
+            ledger.append("heartbeat-k", [NewEvent("HostHeartbeat", {"host_id": "k"})])
+        assert [e.id for e in ledger.read_stream("heartbeat-k")][0] == first.event_ids[0]
+        assert ledger.stream_version("heartbeat-k") == 3
