@@ -8,6 +8,7 @@ import threading
 
 import click
 
+from ledger import VersionConflict
 from tally.config import Config
 
 
@@ -164,6 +165,44 @@ def register(cli: click.Group) -> None:
         except RunError as exc:
             raise click.ClickException(str(exc)) from exc
         sys.exit(code)
+
+    @cli.command("addons:create")
+    @click.argument("app")
+    @click.argument("kind", type=click.Choice(["postgresql"]))
+    @click.pass_obj
+    @fail_cleanly
+    def addons_create(cfg: Config, app: str, kind: str) -> None:
+        """Give APP a PostgreSQL database in the apps cluster; sets DATABASE_URL (a new
+        release)."""
+        from agents import addons
+        from api import decide
+        from api.state import fold
+        from ledger import Ledger
+
+        with Ledger(cfg.cluster().dsn("tally_writer")) as ledger:
+            state = fold(app, ledger.read_stream(f"app-{app}"))
+            if not state.exists:
+                raise click.ClickException(f"no app named {app!r}")
+            if "DATABASE_URL" in state.config:
+                raise click.ClickException(f"{app} already has a DATABASE_URL")
+            cluster = cfg.apps_cluster()
+            addons.ensure_cluster(cluster)
+            try:
+                url = addons.create_database(cluster, app)
+            except addons.AddonError as exc:
+                raise click.ClickException(str(exc)) from exc
+            for _ in range(5):  # the API may append to the app's stream meanwhile
+                state = fold(app, ledger.read_stream(f"app-{app}"))
+                try:
+                    ledger.append(f"app-{app}", decide.change_config(
+                        state, {"DATABASE_URL": url}, []), expected_version=state.version)
+                    break
+                except VersionConflict:
+                    continue
+            else:
+                raise click.ClickException("the app kept changing: try again")
+        click.echo(f"created database {addons.database_name(app)} for {app}; DATABASE_URL "
+                   f"is set", err=True)
 
 
 def _port_range(text: str) -> tuple[int, int]:

@@ -9,6 +9,8 @@ TALLY_MAX_BUNDLE_MB   largest bundle upload the API accepts; default 100
 TALLY_VENV_CACHE      where host agents keep virtualenvs, by requirements hash; default
                       $TALLY_HOME/venvs
 TALLY_APP_PYTHON      the interpreter apps' virtualenvs are built on; default /usr/bin/python3
+TALLY_APPS_DB_PORTS   the apps' PostgreSQL cluster (add-on databases; never the ledger's);
+                      default 5443,5444
 TALLY_COLLECTOR       where host agents PUSH app logs (`tally serve collector` binds it);
                       default tcp://127.0.0.1:5560
 """
@@ -33,6 +35,7 @@ class Config:
     venv_cache_dir: str = ""
     app_python: str = ""
     collector: str = "tcp://127.0.0.1:5560"
+    apps_db_ports: tuple[int, int] = (5443, 5444)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Config:
@@ -51,6 +54,8 @@ class Config:
             venv_cache_dir=env.get("TALLY_VENV_CACHE", ""),
             app_python=env.get("TALLY_APP_PYTHON", ""),
             collector=env.get("TALLY_COLLECTOR", "tcp://127.0.0.1:5560"),
+            apps_db_ports=_two_ports(env.get("TALLY_APPS_DB_PORTS", "5443,5444"),
+                                     "TALLY_APPS_DB_PORTS"),
         )
 
     def cluster(self) -> Cluster:
@@ -64,6 +69,11 @@ class Config:
     @property
     def log_dir(self) -> Path:
         return self.home / "log"
+
+    def apps_cluster(self) -> Cluster:
+        """The apps' databases: a primary and a synchronous standby beside the ledger's."""
+        return Cluster(ClusterSpec(self.home / "appsdb", ports=self.apps_db_ports,
+                                   dbname="tally_apps", bin_dir=self.pg_bin))
 
     @property
     def app_logs_dir(self) -> Path:
@@ -79,3 +89,11 @@ class Config:
     def bundles_dir(self) -> Path:
         """Uploaded app bundles, content-addressed: <sha256>.tar.gz."""
         return self.home / "bundles"
+
+
+def _two_ports(text: str, name: str) -> tuple[int, int]:
+    try:
+        a, b = (int(p) for p in text.split(","))
+    except ValueError:
+        raise ValueError(f"{name} must name two ports, e.g. 5443,5444") from None
+    return a, b

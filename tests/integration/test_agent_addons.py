@@ -1,0 +1,75 @@
+"""`tally addons:create APP postgresql`: a database and role in the apps cluster (not the
+ledger's), DATABASE_URL set as a config var with a new release; one app's URL opens no
+other app's database."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import psycopg2
+import pytest
+
+from agents.fleet import Fleet
+from agents.placer import catch_up
+from ledger import Ledger
+from ledger.cluster import Cluster, ClusterSpec
+from tests.conftest import destroy_cluster, free_ports, make_cluster, tally_env
+from tests.fixtures.apps.fleet import create_app, release
+
+
+@pytest.fixture(scope="module")
+def private() -> Iterator[tuple[Cluster, dict[str, str]]]:
+    c = make_cluster()
+    ports = free_ports(2)
+    env = tally_env(c, TALLY_APPS_DB_PORTS=f"{ports[0]},{ports[1]}")
+    yield c, env
+    apps = Cluster(ClusterSpec(c.root.parent / "appsdb", ports=(ports[0], ports[1])))
+    apps.destroy()
+    destroy_cluster(c)
+
+
+def addon(env: dict[str, str], app: str, kind: str = "postgresql") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tally.cli", "addons:create", app, kind],
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_each_app_gets_its_own_database_and_url(
+        private: tuple[Cluster, dict[str, str]]) -> None:
+    cluster, env = private
+    with Ledger(cluster.dsn()) as ledger:
+        for app in ("shop", "blog"):
+            create_app(ledger, app, {"GREETING": "hi"})
+            release(ledger, cluster.root.parent, app, "hello", 1, config_version=1)
+        for app in ("shop", "blog"):
+            out = addon(env, app)
+            assert out.returncode == 0, out.stderr
+        fleet = Fleet()
+        catch_up(ledger, fleet)
+    urls = {}
+    for app in ("shop", "blog"):
+        a = fleet.apps[app]
+        (r2,) = [r for n, r in a.releases.items() if n == 2]  # a new release carries it
+        config = a.config_at(r2.config_version)
+        assert config["GREETING"] == "hi"
+        urls[app] = config["DATABASE_URL"]
+        assert f":{cluster.spec.ports[0]}" not in urls[app]  # not the ledger
+    with psycopg2.connect(urls["shop"]) as conn, conn.cursor() as cur:
+        cur.execute("CREATE TABLE orders (id int)")
+        cur.execute("INSERT INTO orders VALUES (1)")
+    blog_to_shop = urls["blog"].replace("/app_blog?", "/app_shop?")
+    with pytest.raises(psycopg2.OperationalError, match="permission denied"):
+        psycopg2.connect(blog_to_shop).close()
+
+
+def test_bad_addon_requests_fail_with_one_clear_line(
+        private: tuple[Cluster, dict[str, str]]) -> None:
+    _, env = private
+    again = addon(env, "shop")
+    assert again.returncode == 1 and "already has a DATABASE_URL" in again.stderr
+    missing = addon(env, "nosuch")
+    assert missing.returncode == 1 and "no app named 'nosuch'" in missing.stderr
+    kind = addon(env, "shop", "redis")
+    assert kind.returncode == 2 and "'redis' is not 'postgresql'" in kind.stderr
+    assert "Traceback" not in again.stderr + missing.stderr + kind.stderr
