@@ -14,7 +14,7 @@ from flask.typing import ResponseReturnValue
 from api import auth, queries, schemas
 from api.auth import require_host, require_role
 from api.errors import Conflict, Forbidden, NotFound, Unprocessable
-from api.routes_apps import PEOPLE, app_state
+from api.routes_apps import app_state
 from api.web import body, query, reply, route, services, who
 from ledger import NO_STREAM, NewEvent, RecordedEvent, VersionConflict
 
@@ -288,10 +288,16 @@ def state_at() -> ResponseReturnValue:
     return reply(schemas.State, {"at": q["at"], "views": jsonable(views)})
 
 
-@route("/apps/<name>/logs", tag="later", documented=False)
+@route("/apps/<name>/logs", query=schemas.LogsQuery, response=schemas.Logs, tag="apps",
+       errors=(400, 401, 403, 404, 422))
 def logs(name: str) -> ResponseReturnValue:
-    """The app's logs (served once the host agents ship them)."""
-    return _later(name, "logs")
+    """The app's last log lines, as the log collector stored them."""
+    app_state(name)
+    lines = query(schemas.LogsQuery)["lines"]
+    tail = services().settings.logs_tail
+    if tail is None:
+        raise NotFound("logs are not collected on this platform (no log collector)")
+    return reply(schemas.Logs, {"app": name, "lines": tail(name, lines)})
 
 
 @route("/apps/<name>/runs", "POST", tag="later", documented=False)
@@ -308,5 +314,5 @@ def addons(name: str) -> ResponseReturnValue:
 
 def _later(name: str, what: str) -> ResponseReturnValue:
     app_state(name)
-    require_role(who(), *PEOPLE)
-    raise NotFound(f"{what} are not served yet: they arrive with the host agents")
+    raise NotFound(f"{what} are not served over HTTP yet: on a platform host, use "
+                   f"`tally run` / `tally addons:create`")

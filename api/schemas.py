@@ -223,3 +223,12 @@ class State(Schema):
 
 class AppNameParam(Schema):
     name = fields.Str(required=True, validate=APP_NAME)
+
+
+class LogsQuery(Schema):
+    lines = fields.Int(load_default=100, validate=validate.Range(min=0, max=10_000))
+
+
+class Logs(Schema):
+    app = fields.Str(required=True)
+    lines = fields.List(fields.Str(), required=True)

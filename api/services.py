@@ -33,6 +33,8 @@ class Settings:
     max_bundle_bytes: int = 100 * 1024 * 1024
     auth_refresh_s: float = 1.0
     long_poll_max_s: float = 30.0
+    logs_tail: Callable[[str, int], list[str]] | None = None
+    """An app's last log lines, where the log collector writes them (None: no logs)."""
 
 
 class Services:

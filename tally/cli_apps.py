@@ -19,6 +19,8 @@ from typing import Any
 import click
 
 from api.client import Client, ClientError, pack, save_credentials
+from api.services import Settings
+from tally.config import Config
 
 # --- plumbing -------------------------------------------------------------------------------
 
@@ -98,6 +100,17 @@ def register(cli: click.Group) -> None:
     _settings(cli)
 
 
+def api_settings(cfg: Config) -> Settings:
+    """The API wired to this platform: the ledger, the bundle store, the app log files."""
+    from agents import logs
+
+    def tail(app: str, lines: int) -> list[str]:
+        return logs.tail(cfg.app_logs_dir, app, lines)
+
+    return Settings(dsn=cfg.cluster().dsn("tally_writer"), bundles_dir=cfg.bundles_dir,
+                    max_bundle_bytes=cfg.max_bundle_bytes, logs_tail=tail)
+
+
 def _serve(cli: click.Group) -> None:
     serve = cli.commands["serve"]
     assert isinstance(serve, click.Group)
@@ -109,11 +122,11 @@ def _serve(cli: click.Group) -> None:
     @click.option("--threads", default=4, show_default=True)
     def serve_api(bind: str, workers: int, threads: int) -> None:
         """The JSON API under gunicorn."""
-        from api import create_app, settings_from_env
+        from api import create_app
         from api.serve import Gunicorn, options
 
         try:
-            settings = settings_from_env()
+            settings = api_settings(Config.from_env())
         except (OSError, ValueError) as exc:
             raise click.ClickException(f"cannot configure the API: {exc}") from exc
         settings.bundles_dir.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@ class World:
     tokens: dict[str, str]
     names: dict[str, str]
     host: str
+    applogs: Path
 
     def call(self, who: str | None, method: str, path: str, json: Any = None,
              data: bytes | None = None, **kw: Any) -> Any:
@@ -68,8 +69,12 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    from agents import logs
+
+    applogs = tmp_path_factory.mktemp("applogs")
     settings = Settings(cluster.dsn(), tmp_path_factory.mktemp("bundles"),
-                        max_bundle_bytes=256 * 1024, auth_refresh_s=0.0, long_poll_max_s=2.0)
+                        max_bundle_bytes=256 * 1024, auth_refresh_s=0.0, long_poll_max_s=2.0,
+                        logs_tail=lambda app, n: logs.tail(applogs, app, n))
     app = create_app(settings)
     host = f"h-{uid()}"
     with Ledger(cluster.dsn()) as ledger:
@@ -80,7 +85,7 @@ def world(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Wo
                                     host if role == "agent" else None)
                   for role, name in names.items()}
         yield World(app.test_client(), ledger, cluster.dsn("tally_owner"), tokens, names,
-                    host)
+                    host, applogs)
 
 
 # --- happy paths -------------------------------------------------------------------------
@@ -413,3 +418,13 @@ def test_why_and_state_at_a_position(world: World) -> None:
     assert r.status_code == 422 and "beyond" in r.json["message"]
     r = world.call("admin", "GET", "/state?at=1&view=nope")
     assert r.status_code == 422 and "unknown view" in r.json["message"]
+
+
+def test_logs_tail_for_the_apps_people_only(world: World) -> None:
+    name = world.new_app(releases=0)
+    (world.applogs / name).mkdir()
+    (world.applogs / name / "current.log").write_text("".join(f"line {i}\n" for i in range(5)))
+    r = world.call("owner", "GET", f"/apps/{name}/logs?lines=2")
+    assert r.status_code == 200 and r.json["lines"] == ["line 3", "line 4"]
+    assert world.call("other", "GET", f"/apps/{name}/logs").status_code == 403
+    assert world.call("owner", "GET", f"/apps/{name}/logs?lines=-1").status_code == 422
