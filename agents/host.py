@@ -31,12 +31,12 @@ import psutil
 from agents import bundle, users, venvs
 from agents.fleet import Fleet
 from agents.logs import Shipper
+from agents.loop import every_wakeup
 from agents.placer import catch_up
 from agents.processes import Limits, Processes
 from agents.runs import RunServer
 from agents.supervision import ALIVE, Action, Local, State, Want, after_exit, plan
 from ledger import Ledger, LedgerUnavailable, NewEvent
-from ledger.subscriber import Subscriber
 
 log = logging.getLogger("tally.agent")
 AGENT_CATEGORIES = ["app", "host", "placement"]
@@ -108,21 +108,10 @@ class Agent:
 
     def run(self, stop: threading.Event, relays: tuple[str, ...] | list[str] = (),
             interval: float = 0.5, stop_apps: bool = False) -> None:
-        sub = Subscriber(relays) if relays else None
         try:
             self.start()
-            while not stop.is_set():
-                try:
-                    self.tick()
-                except LedgerUnavailable as exc:
-                    log.warning("ledger unavailable, retrying: %s", exc)
-                if sub is not None:
-                    sub.wait(interval)
-                else:
-                    stop.wait(interval)
+            every_wakeup(self.tick, stop, relays, interval, log)
         finally:
-            if sub is not None:
-                sub.close()
             if self.runs is not None:
                 self.runs.close()
             if self.shipper is not None:

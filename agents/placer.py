@@ -15,9 +15,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from agents.fleet import CATEGORIES, Fleet
+from agents.loop import every_wakeup
 from agents.placement import Settings, decide
-from ledger import Ledger, LedgerUnavailable, VersionConflict
-from ledger.subscriber import Subscriber
+from ledger import Ledger, VersionConflict
 
 log = logging.getLogger("tally.placer")
 PAGE = 5000
@@ -68,20 +68,7 @@ class Placer:
     def run(self, stop: threading.Event, relays: list[str] | tuple[str, ...] = (),
             interval: float = 1.0) -> None:
         """Reconcile until `stop` is set: after each wake-up, and every `interval` seconds."""
-        sub = Subscriber(relays) if relays else None
-        try:
-            while not stop.is_set():
-                try:
-                    self.reconcile()
-                except LedgerUnavailable as exc:
-                    log.warning("ledger unavailable, retrying: %s", exc)
-                if sub is not None:
-                    sub.wait(interval)
-                else:
-                    stop.wait(interval)
-        finally:
-            if sub is not None:
-                sub.close()
+        every_wakeup(self.reconcile, stop, relays, interval, log)
 
 
 def _brief(data: dict) -> str:

@@ -204,6 +204,7 @@ def test_each_app_runs_as_its_own_user_and_cannot_read_the_others(
     for secret in [bob_release / "app.py", agent.home / "agents" / HOST / "pids" /
                    "bob.1.web.u1.json", agent.home / "agents" / HOST / "logs" /
                    "bob.1.web.u1.log", agent.home / "bundles" / f"{bob_release.name}.tar.gz",
-                   Path(f"/proc/{agent.app_pids()['bob.1.web.u1']}/environ")]:
+                   Path(f"/proc/{agent.app_pids()['bob.1.web.u1']}/environ"),
+                   private.credentials_file]:
         answer = read(secret)
         assert not answer["ok"] and "denied" in answer["error"], (secret, answer)
