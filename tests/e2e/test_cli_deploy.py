@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from api.testing import ApiProcess
 from ledger.cluster import Cluster
@@ -49,6 +50,21 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Tally, 
         agent.kill_apps()
         relays.stop()
         destroy_cluster(cluster)
+
+
+def test_deploy_follows_the_rollout_until_healthy(platform: tuple[Tally, Any]) -> None:
+    tally, _ = platform
+    app = f"hello-{uuid.uuid4().hex[:6]}"
+    tally("apps:create", app)
+    r = tally("deploy", "-a", app, str(APPS / "hello"), "--timeout", "240")
+    assert "waiting for 1 instance(s) of v1 to be healthy" in r.stderr
+    assert "v1 is deployed" in r.stderr, r.stderr
+    rows = tally.json("ps", "-a", app)
+    healthy = [x for x in rows if x["state"] == "healthy" and x["release"] == 1]
+    assert len(healthy) == 1
+    answer = requests.get(f"http://127.0.0.1:{healthy[0]['port']}/", timeout=5)
+    assert answer.status_code == 200
+    assert app in [a["name"] for a in tally.json("apps")]
 
 
 def test_deploy_of_a_crashing_app_says_why(platform: tuple[Tally, Any]) -> None:
