@@ -123,8 +123,11 @@ def health_changed(t: Tables, e: RecordedEvent) -> None:
 
 def serving_releases(current: int | None, deployed: int | None,
                      failed: list[int]) -> set[int]:
-    """The releases whose healthy web instances take traffic."""
-    return {r for r in (current, deployed) if r is not None and r not in failed}
+    """The releases whose healthy web instances take traffic: the current one unless it
+    failed, and the deployed one; a failed current one if nothing was ever deployed (the
+    placer keeps it placed then: nothing older to serve instead)."""
+    serving = {r for r in (current, deployed) if r is not None and r not in failed}
+    return serving or ({current} if current is not None else set())
 
 
 def desired_routes(t: Tables, app_name: str) -> dict[str, Row]:

@@ -132,10 +132,10 @@ def _serving_release(app: str, row: Row, v: dict[str, Tables], out: list[Finding
                        f"{target['status']}.", (target["position"],), problem=False))
     if target["status"] == "failed":
         said = f"Release v{n} failed to deploy: {target['failure_reason']}."
-        if deployed is None:
-            out.append(Finding(said + " No earlier release was ever deployed, so nothing "
-                               "serves.", (target["status_position"],)))
-            return None
+        if deployed is None:  # the placer keeps it placed: nothing older to serve instead
+            out.append(Finding(said + " No earlier release was ever deployed to fall back "
+                               "on.", (target["status_position"],)))
+            return target
         out.append(Finding(said + f" v{deployed} keeps serving.",
                            (target["status_position"], row["deployed_position"])))
         return v["apps"].get("releases", app, deployed)

@@ -147,10 +147,10 @@ SITUATIONS = {
              reason="instances crash-looped"),
         True, ("v2 failed to deploy: instances crash-looped", "v1 keeps serving", "healthy")),
     "failed first rollout": Situation(
-        lambda h: h.host(f"{h.app}-h1").created().released().scaled(1)
-        .add(f"placement-{h.app}", "ReleaseFailed", app=h.app, release=1,
-             reason="release phase exited with 1"), False,
-        ("v1 failed to deploy: release phase exited with 1", "nothing serves")),
+        lambda h: (_crash_loop(h), h.add(f"placement-{h.app}", "ReleaseFailed", app=h.app,
+                                         release=1, reason="instance is crash-looping")),
+        False, ("v1 failed to deploy: instance is crash-looping", "No earlier release",
+                "exit code 3", "no healthy backend")),
     "serving": Situation(lambda h: h.running(h.app), True, ("is healthy", "->", ":9001")),
 }
 
