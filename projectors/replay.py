@@ -22,6 +22,10 @@ class BadPosition(ValueError):
     """A position outside 0..head."""
 
 
+class ReplayFailed(RuntimeError):
+    """A handler failed on an event on the way to the position asked for."""
+
+
 def check_position(position: int, head: int) -> None:
     if position < 0:
         raise BadPosition(f"position must be >= 0, not {position}")
@@ -57,7 +61,7 @@ def replay(dsn: str, positions: Sequence[int], view: str | None = None,
                 catch_up(runners, ledger, position, batch)
                 for runner in runners:
                     if runner.stopped is not None:
-                        raise RuntimeError(str(runner.stopped))
+                        raise ReplayFailed(str(runner.stopped))
                     runner.flush()
                 with conn, conn.cursor() as cur:
                     shots.append({v: read_rows(cur, v, owner_of(v).tables[v]) for v in names})

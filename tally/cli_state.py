@@ -34,10 +34,11 @@ def _clean(fn: Callable[..., Any]) -> Callable[..., Any]:
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from projectors.rebuild import RebuildFailed
+        from projectors.replay import ReplayFailed
 
         try:
             return fn(*args, **kwargs)
-        except (LedgerError, ValueError, OSError, RebuildFailed) as exc:
+        except (LedgerError, ValueError, OSError, RebuildFailed, ReplayFailed) as exc:
             raise click.ClickException(str(exc)) from exc
         except psycopg2.OperationalError as exc:
             raise click.ClickException(f"cannot reach the ledger database: {_first(exc)}") \
