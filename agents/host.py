@@ -107,7 +107,7 @@ class Agent:
         self.adopt(self.wants())
 
     def run(self, stop: threading.Event, relays: tuple[str, ...] | list[str] = (),
-            interval: float = 0.5, stop_apps: bool = False) -> None:
+            interval: float = 0.25, stop_apps: bool = False) -> None:
         try:
             self.start()
             every_wakeup(self.tick, stop, relays, interval, log)

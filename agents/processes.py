@@ -135,4 +135,4 @@ def _limit(which: int, value: int) -> None:
     soft, hard = resource.getrlimit(which)
     if hard != resource.RLIM_INFINITY:
         value = min(value, hard)
-    resource.setrlimit(which, (value, value if hard == resource.RLIM_INFINITY else hard))
+    resource.setrlimit(which, (value, value))  # hard too: the app cannot raise it again

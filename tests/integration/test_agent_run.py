@@ -18,6 +18,9 @@ from tests.waiting import wait_until
 PROBE = ("import os, sys; print('tty', os.isatty(1), 'uid', os.getuid(), 'greeting', "
          "os.environ['GREETING'], 'cwd-has-procfile', os.path.exists('Procfile')); sys.exit(7)")
 
+LIMITS = ("import resource as r; print(*r.getrlimit(r.RLIMIT_NOFILE), "
+          "r.getrlimit(r.RLIMIT_AS)[0])")
+
 
 @pytest.fixture(scope="module")
 def agent() -> Iterator[tuple[Cluster, AgentProc]]:
@@ -55,6 +58,9 @@ def test_a_one_off_runs_in_the_apps_environment_and_returns_its_exit_code(
 
     migrate = tally(cluster, "run", "oneoff", "--", "python", "release.py")
     assert migrate.returncode == 0 and "migrated" in migrate.stdout
+
+    limits = tally(cluster, "run", "oneoff", "--", "python", "-c", LIMITS)
+    assert limits.stdout.split() == ["4096", "4096", str(1024 * 2**20)], limits.stdout
 
 
 def test_bad_runs_fail_with_one_clear_line(agent: tuple[Cluster, AgentProc]) -> None:
