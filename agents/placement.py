@@ -95,7 +95,9 @@ class _Slots:
         """Up to `count` (host, port) slots, spreading over the hosts with the fewest of
         `group` first, then the least loaded."""
         picks: list[tuple[str, int]] = []
-        level = min((group[h] for _, h in self.heap), default=0)
+        holding = sum(1 for n in group.values() if n > 0)
+        level = 0 if holding < len(self.heap) else min(  # some host has none: level 0
+            (group[h] for _, h in self.heap), default=0)
         aside: list[tuple[int, str]] = []
         while len(picks) < count:
             if not self.heap:
