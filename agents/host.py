@@ -35,7 +35,17 @@ from agents.loop import every_wakeup
 from agents.placer import catch_up
 from agents.processes import Limits, Processes
 from agents.runs import RunServer
-from agents.supervision import ALIVE, Action, Local, State, Want, after_exit, plan
+from agents.supervision import (
+    ALIVE,
+    FAILED_CHECKS,
+    Action,
+    Local,
+    State,
+    Want,
+    after_check,
+    after_exit,
+    plan,
+)
 from ledger import Ledger, LedgerUnavailable, NewEvent
 
 log = logging.getLogger("tally.agent")
@@ -68,6 +78,8 @@ class Timing:
     grace: float = 10.0
     """Seconds between SIGTERM and SIGKILL."""
     health_timeout: float = 1.0
+    health_every: float = 5.0
+    """Seconds between health checks of a healthy web instance."""
 
 
 class Agent:
@@ -243,9 +255,17 @@ class Agent:
                                     exit_codes=codes)
             self.preparing[iid] = self.pool.submit(self.prepare, action.want)
         elif action.kind == "check" and loc is not None:
-            if self.healthy(action.want):
-                loc.state = State.HEALTHY
+            verdict = after_check(loc, self.healthy(action.want), now,
+                                  self.timing.health_every)
+            if verdict == "healthy":
                 self.report(iid, "InstanceHealthy")
+            elif verdict == "kill" and loc.pid is not None:
+                log.warning("%s failed %s health checks in a row: killing it", iid,
+                            FAILED_CHECKS)
+                with open(self.procs.log_path(iid), "a") as f:
+                    f.write(f"tally: no answer to {FAILED_CHECKS} health checks in a row: "
+                            f"killed\n")
+                self.procs.signal_group(loc.pid, 9)
         elif action.kind == "stop" and loc is not None and loc.pid is not None:
             self.procs.signal_group(loc.pid, 15)
             loc.state, loc.stop_deadline = State.STOPPING, now + self.timing.grace

@@ -27,6 +27,10 @@ class State(StrEnum):
 ALIVE = (State.STARTING, State.HEALTHY, State.STOPPING)
 """States in which a process exists."""
 BACKOFF_MAX = 30.0
+CHECK_EVERY = 5.0
+"""Seconds between health checks of a healthy web instance."""
+FAILED_CHECKS = 3
+"""Failed checks in a row that make the agent kill a hung instance (it then restarts)."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,9 @@ class Local:
     stop_deadline: float = 0.0
     want: Want | None = None
     exit_codes: list[int | None] = field(default_factory=list)
+    next_check: float = 0.0
+    """When a healthy web instance is checked again."""
+    failed_checks: int = 0
 
 
 @dataclass(frozen=True)
@@ -89,11 +96,31 @@ def plan(wants: dict[str, Want], local: dict[str, Local], now: float) -> list[Ac
             out.append(Action("prepare", iid, want))
         elif loc.want != want:
             continue  # stopping the old incarnation first
-        elif loc.state is State.STARTING:
+        elif loc.state is State.STARTING or (
+                loc.state is State.HEALTHY and want.process_type == "web"
+                and now >= loc.next_check):
             out.append(Action("check", iid, want))
         elif loc.state is State.EXITED and now >= loc.next_start:
             out.append(Action("prepare", iid, want))
     return out
+
+
+def after_check(loc: Local, ok: bool, now: float, every: float = CHECK_EVERY) -> str | None:
+    """Record a health check: `healthy` when a starting instance first answers, `kill`
+    when a healthy one failed FAILED_CHECKS times in a row, else None."""
+    loc.next_check = now + every
+    if ok:
+        loc.failed_checks = 0
+        if loc.state is State.STARTING:
+            loc.state = State.HEALTHY
+            return "healthy"
+        return None
+    if loc.state is State.HEALTHY:
+        loc.failed_checks += 1
+        if loc.failed_checks >= FAILED_CHECKS:
+            loc.failed_checks = 0
+            return "kill"
+    return None
 
 
 def after_exit(loc: Local, code: int | None, now: float) -> Local:

@@ -131,6 +131,20 @@ def test_a_crashing_instance_restarts_with_backoff_and_reports_exit_codes(
         unplace(ledger, "crasher", "crasher.1.web.c1")
 
 
+def test_a_hung_instance_fails_its_health_checks_and_is_restarted(
+        private: Cluster, agent: AgentProc) -> None:
+    iid = "hangs.1.web.h1"
+    with Ledger(private.dsn()) as ledger:
+        deploy(ledger, agent.home, "hangs", app_tarball("hello"), procfile("hello"),
+               {"HANG_AFTER": "1"})
+        place(ledger, "hangs", iid, agent.ports[0] + 5)
+        exits = wait_until(lambda: has(ledger, iid, "InstanceExited"), 60, "killed")
+        assert exits[0].data["signal"] == 9
+        assert "no answer to 3 health checks" in exits[0].data["log_tail"][-1]
+        wait_until(lambda: len(has(ledger, iid, "InstanceStarted")) == 2, 30, "restarted")
+        unplace(ledger, "hangs", iid)
+
+
 @pytest.mark.parametrize(("name", "entry", "reason"), [
     ("noprocfile", ("app.py", tarfile.REGTYPE, ""), "no Procfile"),
     ("traversal", ("../escape.py", tarfile.REGTYPE, ""), "points outside"),

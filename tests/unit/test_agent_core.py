@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 
 from agents.bundle import BundleRefused, unpack
-from agents.supervision import Local, State, Want, after_exit, backoff, plan
+from agents.supervision import (
+    CHECK_EVERY,
+    Local,
+    State,
+    Want,
+    after_check,
+    after_exit,
+    backoff,
+    plan,
+)
 from tests.fixtures.apps import app_tarball, tarball
 
 WEB = Want("blog.1.web.a", "blog", 1, "web", 7000, "d" * 64, "gunicorn app:app")
@@ -25,6 +34,7 @@ def test_a_new_placement_is_prepared_and_a_starting_one_checked() -> None:
     local = {WEB.instance_id: Local(WEB.instance_id, State.STARTING, 10, want=WEB)}
     assert kinds(plan({WEB.instance_id: WEB}, local, 0)) == [("check", WEB.instance_id)]
     local[WEB.instance_id].state = State.HEALTHY
+    local[WEB.instance_id].next_check = 5.0
     assert plan({WEB.instance_id: WEB}, local, 0) == []
 
 
@@ -51,6 +61,19 @@ def test_a_crash_restarts_after_an_exponential_backoff() -> None:
         ("prepare", WEB.instance_id)]
     after_exit(loc, 3, now=101.0)
     assert loc.next_start == 103.0
+
+
+def test_a_healthy_web_instance_is_checked_and_killed_after_three_failures() -> None:
+    loc = Local(WEB.instance_id, State.STARTING, 10, want=WEB)
+    assert after_check(loc, False, 0) is None and loc.state is State.STARTING
+    assert after_check(loc, True, 1) == "healthy" and loc.next_check == 1 + CHECK_EVERY
+    wants = {WEB.instance_id: WEB}
+    assert plan(wants, {WEB.instance_id: loc}, 2) == []
+    assert kinds(plan(wants, {WEB.instance_id: loc}, 1 + CHECK_EVERY)) == [
+        ("check", WEB.instance_id)]
+    assert [after_check(loc, False, t) for t in (10, 20)] == [None, None]
+    assert after_check(loc, True, 30) is None  # an answer resets the count
+    assert [after_check(loc, False, t) for t in (40, 50, 60)] == [None, None, "kill"]
 
 
 def test_a_release_phase_runs_once() -> None:
