@@ -22,7 +22,7 @@ PEOPLE = ("admin", "member")
 def app_state(name: str) -> AppState:
     """The app, if the caller may see it: 404 if there is none, 403 if not theirs."""
     require_role(who(), *PEOPLE)
-    return authorized(services().load_app(name))
+    return authorized(services().read_app(name))
 
 
 def authorized(state: AppState) -> AppState:

@@ -33,6 +33,10 @@ class Settings:
     max_bundle_bytes: int = 100 * 1024 * 1024
     auth_refresh_s: float = 1.0
     long_poll_max_s: float = 30.0
+    read_fresh_s: float = 0.1
+    """Reads may answer from this process's fold of an app checked that recently: another
+    worker's write shows within this bound (as with views, but far shorter). Writes always
+    load afresh, and a write drops this process's entry, so a client reads its own write."""
     logs_tail: Callable[[str, int], list[str]] | None = None
     """An app's last log lines, where the log collector writes them (None: no logs)."""
 
@@ -45,6 +49,7 @@ class Services:
         self._directory = Directory()
         self._refreshed = 0.0
         self._apps: dict[str, AppState] = {}
+        self._checked: dict[str, float] = {}
 
     @property
     def ledger(self) -> Ledger:
@@ -62,12 +67,14 @@ class Services:
         with self._lock:
             now = time.monotonic()
             if force or now - self._refreshed > self.settings.auth_refresh_s:
-                if force:
-                    self.ledger.sequence()
-                while batch := self.ledger.read_all(self._directory.position,
+                head = self.ledger.sequence() if force else self.ledger.head()
+                while batch := self.ledger.read_all(self._directory.position, upto=head,
                                                     categories=["user", "app"],
                                                     types=auth.FOLDED, limit=1000):
                     self._directory.apply(batch)
+                # scanned up to the head: the next refresh starts there, not at the last
+                # matching event (or every refresh would rescan all the events since)
+                self._directory.position = max(self._directory.position, head)
                 self._refreshed = now
             return self._directory
 
@@ -88,11 +95,22 @@ class Services:
                            f"letters, digits and dashes)")
         cached = self._apps.get(name)
         after = cached.version if cached else 0
+        checked = time.monotonic()
         state = fold(name, self.ledger.read_stream(f"app-{name}", after + 1), cached)
         if len(self._apps) >= APP_CACHE:
             self._apps.clear()
+            self._checked.clear()
         self._apps[name] = state
+        self._checked[name] = checked
         return state
+
+    def read_app(self, name: str) -> AppState:
+        """The app for a read: this process's fold if checked within read_fresh_s."""
+        cached = self._apps.get(name)
+        if cached is not None and (time.monotonic() - self._checked.get(name, 0.0)
+                                   < self.settings.read_fresh_s):
+            return cached
+        return self.load_app(name)
 
     def append(self, stream: str, events: list[NewEvent], expected: int | None,
                who: Principal) -> AppendResult:
@@ -114,6 +132,7 @@ class Services:
         if not events:
             return state
         stream = f"app-{name}"
+        self._checked.pop(name, None)  # the next read of it here goes to the ledger
         try:
             result = self.append(stream, events, state.version, who)
         except VersionConflict as exc:
@@ -121,6 +140,7 @@ class Services:
             raise Conflict(f"app {name} was changed by someone else meanwhile "
                            f"(now at version {exc.actual}); look and try again",
                            current=summary(current)) from exc
+        self._checked.pop(name, None)  # again: a read may have refreshed it meanwhile
         # Fold what we just wrote rather than read it back. Not cached: the ledger's
         # recorded_at differs from our clock by a little; the next load reads the real one.
         now = datetime.now(UTC)
