@@ -186,14 +186,14 @@ def read_batch(ledger: Ledger, after: int, upto: int, limit: int) -> list[Record
                 for pos, id_, stream, version, type_, data, schema, at in cur.fetchall()]
 
 
-def catch_up(runners: Sequence[Runner], ledger: Ledger, head: int,
-             batch: int = BATCH) -> int:
-    """Feed every running runner up to `head`, reading each event once. Returns the
-    number of events read."""
+def catch_up(runners: Sequence[Runner], ledger: Ledger, head: int, batch: int = BATCH,
+             stop: threading.Event | None = None) -> int:
+    """Feed every running runner up to `head` (or until `stop` is set), reading each event
+    once. Returns the number of events read."""
     read = 0
     active = [r for r in runners if not r.stopped]
     cursor = min((r.position for r in active), default=head)
-    while cursor < head:
+    while cursor < head and not (stop is not None and stop.is_set()):
         events = read_batch(ledger, cursor, head, batch)
         cursor = min(head, cursor + batch)
         if not events:
@@ -249,7 +249,7 @@ def _follow(dsn: str, sub: Subscriber | None, projectors: Sequence[Projector],
         log.info("projectors at %s", {r.name: r.position for r in runners})
         while not stop.is_set():
             head = ledger.sequence()
-            catch_up(runners, ledger, head, batch)
+            catch_up(runners, ledger, head, batch, stop)  # SIGTERM: stop between batches
             _resume_rebuilt(runners)
             if sub is not None:
                 sub.wait(poll_interval)
