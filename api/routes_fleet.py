@@ -5,6 +5,7 @@ tokens: their heartbeats, their instances' events, their placements."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,7 +17,7 @@ from api.auth import require_host, require_role
 from api.errors import Conflict, Forbidden, NotFound, Unprocessable
 from api.routes_apps import app_state
 from api.web import body, query, reply, route, services, who
-from ledger import NO_STREAM, NewEvent, RecordedEvent, VersionConflict
+from ledger import NO_STREAM, Ledger, NewEvent, RecordedEvent, VersionConflict
 
 # --- users and tokens -----------------------------------------------------------------------
 
@@ -152,32 +153,24 @@ def _append(stream: str, type_: str, data: dict[str, Any]) -> ResponseReturnValu
     return reply(schemas.Appended, {"stream": stream, "version": result.version})
 
 
-@route("/placements", response=schemas.Rows, tag="fleet", errors=(401, 403))
-def list_placements() -> ResponseReturnValue:
-    """Every placement (admins only)."""
-    require_role(who(), "admin")
-    return reply(schemas.Rows, {"items": queries.placements(services().ledger)})
+def _fleet_view(path: str, rows: Callable[[Ledger], list[dict[str, Any]]], doc: str) -> None:
+    """GET <path>: every row of a fleet-wide view (admins only)."""
+    def view() -> ResponseReturnValue:
+        require_role(who(), "admin")
+        return reply(schemas.Rows, {"items": rows(services().ledger)})
+    view.__name__, view.__doc__ = f"list_{path.strip('/')}", doc
+    route(path, response=schemas.Rows, tag="fleet", errors=(401, 403))(view)
 
 
-@route("/instances", response=schemas.Rows, tag="fleet", errors=(401, 403))
-def list_instances() -> ResponseReturnValue:
-    """Every instance, placed or still running (admins only)."""
-    require_role(who(), "admin")
-    return reply(schemas.Rows, {"items": queries.instances(services().ledger)})
-
-
-@route("/routes", response=schemas.Rows, tag="fleet", errors=(401, 403))
-def list_routes() -> ResponseReturnValue:
-    """The routing table: hostname -> app and healthy backends (admins only)."""
-    require_role(who(), "admin")
-    return reply(schemas.Rows, {"items": queries.routes(services().ledger)})
-
-
-@route("/backups", response=schemas.Rows, tag="fleet", errors=(401, 403))
-def list_backups() -> ResponseReturnValue:
-    """Backups per target: last good one, last failure, the retained set (admins only)."""
-    require_role(who(), "admin")
-    return reply(schemas.Rows, {"items": queries.backups(services().ledger)})
+for _path, _rows, _doc in (
+    ("/placements", queries.placements, "Every placement (admins only)."),
+    ("/instances", queries.instances, "Every instance, placed or still running (admins only)."),
+    ("/routes", queries.routes, "The routing table: hostname -> app and healthy backends "
+                                "(admins only)."),
+    ("/backups", queries.backups, "Backups per target: last good one, last failure, the "
+                                  "retained set (admins only)."),
+):
+    _fleet_view(_path, _rows, _doc)
 
 
 @route("/apps/<name>/ps", response=schemas.Rows, tag="apps", errors=(401, 403, 404))
