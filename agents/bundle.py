@@ -6,8 +6,10 @@ digest must match, every entry must stay inside the release folder (no absolute 
 bundle leaves nothing behind: it is unpacked into a scratch folder beside its final place
 and renamed only once complete.
 
-Stop-gap: bundles are read from the platform's bundles folder ($TALLY_HOME/bundles, where
-the API stores them), not downloaded over HTTP with the agent's token.
+Bundles come from the API (`GET /apps/<app>/releases/<n>/bundle` with the agent's host
+token, which the API grants only for releases placed on that host) when the agent has a
+token; otherwise from the platform's bundles folder ($TALLY_HOME/bundles, where the API
+stores them), for a single machine.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import shutil
 import stat
 import tarfile
 import tempfile
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 
@@ -32,6 +37,39 @@ def digest_of(path: Path) -> str:
         while chunk := f.read(1 << 16):
             h.update(chunk)
     return h.hexdigest()
+
+
+def download(api: str, token: str, app: str, release: int, digest: str, into: Path,
+             patience: float = 15.0) -> Path:
+    """Fetch the release's bundle from the API into `into`/<digest>.tar.gz (once), checking
+    its digest. A 403/404 is retried for `patience` seconds: the API learns of a placement
+    from its views, a moment after the placer appended it."""
+    final = into / f"{digest}.tar.gz"
+    if final.exists():
+        return final
+    into.mkdir(parents=True, exist_ok=True)
+    into.chmod(0o700)
+    req = urllib.request.Request(f"{api.rstrip('/')}/apps/{app}/releases/{release}/bundle",
+                                 headers={"Authorization": f"Bearer {token}"})
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                data = r.read()
+            break
+        except urllib.error.HTTPError as exc:
+            if exc.code not in (403, 404) or time.monotonic() > deadline:
+                detail = exc.read(300).decode("utf-8", "replace")
+                raise BundleRefused(f"the API refused the bundle ({exc.code}): {detail}") from exc
+            time.sleep(0.2)
+        except OSError as exc:
+            raise BundleRefused(f"cannot download the bundle from {api}: {exc}") from exc
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise BundleRefused(f"downloaded bundle does not match digest {digest[:12]}")
+    part = into / f".{digest}.part"
+    part.write_bytes(data)
+    part.replace(final)
+    return final
 
 
 def check_members(members: list[tarfile.TarInfo]) -> None:

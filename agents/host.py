@@ -22,7 +22,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,9 @@ class Paths:
     venvs: Path
     python: str = ""
     """Interpreter for the apps' virtualenvs (default: the system's Python 3)."""
+    api: str = ""
+    """The API to download bundles from with `api_token`; empty: read `bundles` directly."""
+    api_token: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True)
@@ -287,11 +290,17 @@ class Agent:
         if user is not None:
             os.chown(into, 0, user.gid)
             into.chmod(0o750)
-        release = bundle.unpack(self.paths.bundles / f"{want.digest}.tar.gz", want.digest,
-                                into)
+        release = bundle.unpack(self.bundle_of(want), want.digest, into)
         if user is not None:
             users.share_with_group(release, user.gid)
         return release, venvs.ensure(release, self.paths.venvs, self.paths.python), user
+
+    def bundle_of(self, want: Want) -> Path:
+        """The release's bundle file: downloaded from the API, or the shared store's."""
+        if self.paths.api and self.paths.api_token:
+            return bundle.download(self.paths.api, self.paths.api_token, want.app,
+                                   want.release, want.digest, self.paths.state / "bundles")
+        return self.paths.bundles / f"{want.digest}.tar.gz"
 
     def launch(self, loc: Local, release: Path, venv: Path,
                user: users.AppUser | None) -> None:

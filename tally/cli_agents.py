@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 
@@ -77,6 +78,10 @@ def register(cli: click.Group) -> None:
                   help="Address-space limit per instance.")
     @click.option("--open-files", default=4096, show_default=True,
                   help="Open files limit per instance.")
+    @click.option("--api", "api_url", envvar="TALLY_AGENT_API",
+                  help="Download bundles from this API with the agent token in "
+                  "TALLY_AGENT_TOKEN (default: http://TALLY_API_BIND when a token is set; "
+                  "without a token, bundles are read from $TALLY_HOME/bundles).")
     @click.option("--stop-apps-on-exit", is_flag=True,
                   help="Stop this host's instances when the agent stops (one-machine "
                   "setups); by default they keep running and the next agent adopts them.")
@@ -84,7 +89,7 @@ def register(cli: click.Group) -> None:
     @fail_cleanly
     def serve_agent(cfg: Config, host_id: str, address: str, port_range: str, capacity: int,
                     heartbeat: float, grace: float, health_every: float, memory_mb: int,
-                    open_files: int, stop_apps_on_exit: bool) -> None:
+                    open_files: int, api_url: str | None, stop_apps_on_exit: bool) -> None:
         """Run this host's placed instances, report them, heartbeat."""
         from agents.host import Agent, HostSpec, Paths, Timing
         from agents.processes import Limits
@@ -95,7 +100,9 @@ def register(cli: click.Group) -> None:
         spec = HostSpec(host_id, address, low, high, capacity)
         paths = Paths(state=cfg.home / "agents" / host_id, bundles=cfg.bundles_dir,
                       releases=cfg.home / "agents" / host_id / "releases",
-                      venvs=cfg.venv_cache, python=cfg.app_python)
+                      venvs=cfg.venv_cache, python=cfg.app_python,
+                      api=api_url or f"http://{cfg.api_bind}",
+                      api_token=os.environ.get("TALLY_AGENT_TOKEN", ""))
         stop = _stop_event()
         with Ledger(cfg.cluster().dsn("tally_writer")) as ledger:
             Agent(ledger, spec, paths, Timing(heartbeat=heartbeat, grace=grace,
