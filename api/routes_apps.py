@@ -4,7 +4,7 @@ the version loaded; reads of one app fold its stream, so a developer reads their
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
 from flask import Response, jsonify, request, send_file
 from flask.typing import ResponseReturnValue
@@ -33,7 +33,7 @@ def authorized(state: AppState) -> AppState:
     return state
 
 
-def change(name: str, fn: Any) -> AppState:
+def change(name: str, fn: Callable[[AppState], list[NewEvent]]) -> AppState:
     """Load, check access, decide, append: one read of the app."""
     require_role(who(), *PEOPLE)
     return services().command(name, who(), lambda s: fn(authorized(s)))
