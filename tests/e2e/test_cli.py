@@ -23,9 +23,11 @@ class Tally:
     def __init__(self, env: dict[str, str]) -> None:
         self.env = env
 
-    def __call__(self, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    def __call__(self, *args: str, ok: bool = True,
+                 timeout: float = 60) -> subprocess.CompletedProcess[str]:
         r = subprocess.run([sys.executable, "-m", "tally.cli", *args], env=self.env,
-                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+                           capture_output=True, text=True, timeout=timeout,
+                           stdin=subprocess.DEVNULL)
         if ok:
             assert r.returncode == 0, (args, r.stdout, r.stderr)
         return r

@@ -56,7 +56,8 @@ def test_deploy_follows_the_rollout_until_healthy(platform: tuple[Tally, Any]) -
     tally, _ = platform
     app = f"hello-{uuid.uuid4().hex[:6]}"
     tally("apps:create", app)
-    r = tally("deploy", "-a", app, str(APPS / "hello"), "--timeout", "240")
+    # a cold machine builds the sample's virtualenv first (pip): minutes, once
+    r = tally("deploy", "-a", app, str(APPS / "hello"), "--timeout", "240", timeout=300)
     assert "waiting for 1 instance(s) of v1 to be healthy" in r.stderr
     assert "v1 is deployed" in r.stderr, r.stderr
     rows = tally.json("ps", "-a", app)
@@ -71,7 +72,8 @@ def test_deploy_of_a_crashing_app_says_why(platform: tuple[Tally, Any]) -> None:
     tally, _ = platform
     app = f"crash-{uuid.uuid4().hex[:6]}"
     tally("apps:create", app)
-    r = tally("deploy", "-a", app, str(APPS / "crasher"), "--timeout", "240", ok=False)
+    r = tally("deploy", "-a", app, str(APPS / "crasher"), "--timeout", "240", ok=False,
+              timeout=300)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "v1 failed to deploy" in r.stderr and "crash-looping" in r.stderr, r.stderr
     assert "instances: web" in r.stderr, "progress shown while following"
