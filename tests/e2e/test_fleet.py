@@ -8,6 +8,7 @@ is the platform's own doing.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -220,3 +221,29 @@ def test_a_killed_host_is_replaced_and_its_agent_comes_back_without_duplicates(
     wait_until(one_process_per_placement, 30, "exactly one process per placement")
     assert not any(psutil.pid_exists(pid) for pid in h1.app_pids().values())
     assert led.stream_version("host-h1") >= 2
+
+
+def test_a_partitioned_host_stops_what_was_moved_away_when_it_returns(
+        platform: Platform) -> None:
+    led, home = platform.ledger, platform.cluster.root.parent
+    create_app(led, "parted")
+    scale(led, "parted", web=2)
+    release(led, home, "parted", "hello", 1)
+    before = platform.wait_healthy("parted", 2)
+    assert {p.host_id for p in before} == {"h1", "h2"}
+    (stranded,) = [p.instance_id for p in before if p.host_id == "h2"]
+    h2 = platform.agents["h2"]
+    assert h2.proc is not None
+    pid = h2.app_pids()[stranded]
+    h2.proc.send_signal(signal.SIGSTOP)  # the agent falls silent; its apps keep running
+    try:
+        wait_until(lambda: platform.fleet().hosts["h2"].lost, TTL + 10, "h2 lost")
+        moved = platform.wait_healthy("parted", 2)
+        assert {p.host_id for p in moved} == {"h1"}
+        assert psutil.pid_exists(pid)  # still running over there, out of reach
+    finally:
+        h2.proc.send_signal(signal.SIGCONT)
+    wait_until(lambda: not platform.fleet().hosts["h2"].lost, 30, "h2 back")
+    wait_until(lambda: not psutil.pid_exists(pid), 30, "the stranded instance stopped")
+    stopped = [e for e in led.read_stream(f"instance-{stranded}") if e.type == "InstanceStopped"]
+    assert stopped and stopped[-1].data["host_id"] == "h2"
