@@ -1,0 +1,24 @@
+"""The agents' commands refuse bad input with one line and a non-zero exit, before they
+touch a database or a socket."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from tally.cli import cli
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["serve", "agent", "--host-id", "h1", "--port-range", "7099-7000"], "1 <= A <= B"),
+    (["serve", "agent", "--host-id", "h1", "--port-range", "lots"], "7000-7099"),
+    (["serve", "placer", "--ttl", "3", "--suspect-after", "5"], "below --ttl"),
+    (["logs", "../etc"], "not an app name"),
+    (["addons:create", "blog", "redis"], "'redis' is not 'postgresql'"),
+    (["run", "blog"], "Missing argument 'COMMAND"),
+])
+def test_bad_input_is_one_clear_line(args: list[str], message: str, tmp_path) -> None:
+    result = CliRunner().invoke(cli, args, env={"TALLY_HOME": str(tmp_path)})
+    assert result.exit_code in (1, 2), result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
