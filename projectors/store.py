@@ -7,6 +7,7 @@ code path serves all three, and the DDL stays in migrations/ (scratch tables are
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from psycopg2 import sql
@@ -116,17 +117,28 @@ def lock_checkpoint(cur: Any, name: str, *, create: bool = False
     return cur.fetchone()
 
 
-def save_checkpoint(cur: Any, name: str, position: int, head: int, recorded_at: Any) -> None:
-    """Record the position applied and the lag, in the batch's transaction."""
-    cur.execute(
-        f"""UPDATE {CHECKPOINTS} SET position = %(p)s, head = greatest(%(h)s, %(p)s),
-            lag_events = greatest(%(h)s - %(p)s, 0),
-            lag_seconds = CASE WHEN %(h)s > %(p)s
-                          THEN extract(epoch FROM clock_timestamp() - %(at)s) ELSE 0 END,
-            state = 'running', updated_at = clock_timestamp(),
-            error_position = NULL, error_type = NULL, error_message = NULL, error_at = NULL
-            WHERE name = %(n)s""",
-        {"p": position, "h": head, "at": recorded_at, "n": name})
+def lock_checkpoints(cur: Any, names: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """Lock several checkpoint rows at once (in name order, as every locker does):
+    name -> (position, generation)."""
+    cur.execute(f"SELECT name, position, generation FROM {CHECKPOINTS} WHERE name = ANY(%s) "
+                "ORDER BY name FOR UPDATE", (list(names),))
+    return {name: (position, generation) for name, position, generation in cur.fetchall()}
+
+
+def save_checkpoints(cur: Any, done: Sequence[tuple[str, int, Any]], head: int) -> None:
+    """Record (name, position, recorded_at of that event) and the lag, in the batch's
+    transaction; clears any error."""
+    if not done:
+        return
+    execute_values(cur, f"""UPDATE {CHECKPOINTS} c SET position = v.p,
+        head = greatest(v.h, v.p), lag_events = greatest(v.h - v.p, 0),
+        lag_seconds = CASE WHEN v.h > v.p THEN extract(epoch FROM clock_timestamp() - v.at)
+                      ELSE 0 END,
+        state = 'running', updated_at = clock_timestamp(),
+        error_position = NULL, error_type = NULL, error_message = NULL, error_at = NULL
+        FROM (VALUES %s) AS v(n, p, h, at) WHERE c.name = v.n""",
+                   [(name, position, head, at) for name, position, at in done],
+                   template="(%s, %s::bigint, %s::bigint, %s::timestamptz)")
 
 
 def save_error(cur: Any, name: str, position: int, event_type: str, message: str) -> None:
