@@ -13,8 +13,10 @@ running when it stops, and the next agent adopts them.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import logging
 import os
+import subprocess
 import threading
 import time
 import urllib.error
@@ -165,10 +167,8 @@ class Agent:
         for action in plan(wants, self.local, now):
             try:
                 self.apply(action, now)
-            except Exception as exc:  # one instance's trouble must not stop the others
+            except Exception:  # one instance's trouble must not stop the others
                 log.exception("%s %s failed", action.kind, action.instance_id)
-                self.report_exit(action.instance_id, None, None, [f"{action.kind}: {exc}"],
-                                 now)
         if self.shipper is not None:
             self.shipper.ship()
 
@@ -221,7 +221,10 @@ class Agent:
                 elif (exc := future.exception()) is not None:
                     self.report_exit(iid, None, None, [str(exc)], now)
                 else:
-                    self.launch(loc, *future.result())
+                    try:
+                        self.launch(loc, *future.result())
+                    except (OSError, subprocess.SubprocessError) as exc:
+                        self.report_exit(iid, None, None, [f"cannot start: {exc}"], now)
 
     def report_exit(self, iid: str, code: int | None, sig: int | None, tail: list[str],
                     now: float) -> None:
@@ -350,7 +353,7 @@ class Agent:
                 return r.status < 500
         except urllib.error.HTTPError as exc:
             return exc.code < 500
-        except (OSError, ValueError):
+        except (OSError, ValueError, http.client.HTTPException):
             return False
 
 
