@@ -245,5 +245,6 @@ def test_a_partitioned_host_stops_what_was_moved_away_when_it_returns(
         h2.proc.send_signal(signal.SIGCONT)
     wait_until(lambda: not platform.fleet().hosts["h2"].lost, 30, "h2 back")
     wait_until(lambda: not psutil.pid_exists(pid), 30, "the stranded instance stopped")
-    stopped = [e for e in led.read_stream(f"instance-{stranded}") if e.type == "InstanceStopped"]
-    assert stopped and stopped[-1].data["host_id"] == "h2"
+    stopped = wait_until(lambda: [e for e in led.read_stream(f"instance-{stranded}")
+                                  if e.type == "InstanceStopped"], 10, "its stop reported")
+    assert stopped[-1].data["host_id"] == "h2"
