@@ -268,3 +268,20 @@ def test_a_deleted_app_is_withdrawn_everywhere() -> None:
     w.tick()
     w.emit("app-blog", "AppDeleted", name="blog")
     assert w.types(w.tick()) == {"InstanceUnplaced": 2}
+
+
+def test_the_fold_keeps_config_versions_and_revives_a_lost_host_on_a_heartbeat() -> None:
+    w = World()
+    w.emit("app-blog", "AppCreated", name="blog", owner="ann")
+    w.emit("app-blog", "ConfigChanged", app="blog", set={"A": "1", "B": "2"}, unset=[],
+           config_version=1)
+    w.emit("app-blog", "ConfigChanged", app="blog", set={"A": "3"}, unset=["B"],
+           config_version=2)
+    app = w.fleet.apps["blog"]
+    assert (app.config_at(0), app.config_at(1), app.config_at(2)) == (
+        {}, {"A": "1", "B": "2"}, {"A": "3"})
+    w.host("h1")
+    w.emit("host-h1", "HostLost", host_id="h1", reason="silent")
+    assert w.fleet.hosts["h1"].lost and w.fleet.hosts["h1"].version == 2
+    w.beat("h1")
+    assert not w.fleet.hosts["h1"].lost
