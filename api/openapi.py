@@ -52,7 +52,8 @@ def _operation(r: Route) -> dict[str, Any]:
     if r.raw_response:
         ok["content"] = {r.raw_response: {"schema": {"type": "string", "format": "binary"}}}
     op["responses"][str(r.status)] = ok
-    for code in r.errors:
+    codes = sorted({*r.errors, 413}) if r.body else r.errors
+    for code in codes:
         op["responses"][str(code)] = {"description": REASONS[code], "content": {
             "application/json": {"schema": "Error"}}}
     op["responses"]["414"] = {"description": "Request line too long (refused by gunicorn)"}

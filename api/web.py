@@ -14,7 +14,7 @@ from flask.typing import ResponseReturnValue
 from marshmallow import Schema, ValidationError
 
 from api.auth import Principal
-from api.errors import BadRequest, Unprocessable
+from api.errors import BadRequest, TooLarge, Unprocessable
 from api.services import Services
 
 
@@ -37,6 +37,8 @@ class Route:
 
 
 ROUTES: list[Route] = []
+JSON_LIMIT = 1 << 20
+"""Largest JSON request body (bundles have their own, larger limit)."""
 
 
 def route(rule: str, method: str = "GET", **kw: Any) -> Callable:
@@ -78,6 +80,8 @@ def who() -> Principal:
 
 def body(schema: type[Schema]) -> dict[str, Any]:
     """The JSON body validated by `schema`: 400 if it is not JSON, 422 naming the fields."""
+    if (request.content_length or 0) > JSON_LIMIT:
+        raise TooLarge(f"a JSON body may be {JSON_LIMIT} bytes at most")
     data = request.get_json(silent=True)
     if data is None:
         raise BadRequest("the request body must be JSON (Content-Type: application/json)",

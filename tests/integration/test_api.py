@@ -428,3 +428,8 @@ def test_logs_tail_for_the_apps_people_only(world: World) -> None:
     assert r.status_code == 200 and r.json["lines"] == ["line 3", "line 4"]
     assert world.call("other", "GET", f"/apps/{name}/logs").status_code == 403
     assert world.call("owner", "GET", f"/apps/{name}/logs?lines=-1").status_code == 422
+
+
+def test_oversized_json_body_is_413(world: World) -> None:
+    r = world.call("owner", "POST", "/apps", {"name": "x" * (2 << 20)})
+    assert r.status_code == 413 and r.json["error"] == "too_large"
