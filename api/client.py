@@ -73,7 +73,11 @@ class Client:
             raise ClientError(_reason(r))
         if r.status_code == 204 or not r.content:
             return None
-        return r.json()
+        try:
+            return r.json()
+        except ValueError as exc:
+            raise ClientError(f"{self.api} answered {path} with something that is not JSON "
+                              f"(is TALLY_API the tally API?)") from exc
 
     def get(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params={k: v for k, v in params.items()

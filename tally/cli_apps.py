@@ -30,10 +30,16 @@ def http_command(group: click.Group, name: str, json_output: bool = False) -> Ca
     def decorate(fn: Callable[..., Any]) -> click.Command:
         @wraps(fn)
         def run(*args: Any, api: str | None, **kwargs: Any) -> Any:
+            client = None
             try:
-                return fn(Client(api), *args, **kwargs)
+                client = Client(api)
+                return fn(client, *args, **kwargs)
             except ClientError as exc:
                 raise click.ClickException(str(exc)) from exc
+            except (KeyError, TypeError, AttributeError) as exc:  # an answer of another shape
+                where = client.api if client else "the API"
+                raise click.ClickException(f"unexpected answer from {where} ({exc!r} missing):"
+                                           f" is it the tally API, and of this version?") from exc
         run = click.option("--api", envvar="TALLY_API", help="API URL (default: from "
                            "`tally login`, or http://127.0.0.1:8000).")(run)
         if json_output:

@@ -118,3 +118,8 @@ def test_unreachable_api_and_no_login(tally: Tally, tmp_path: Path) -> None:
     assert r.returncode == 1 and "tally login" in r.stderr
     r = other("login", "--token", "tly_wrong", ok=False)
     assert r.returncode == 1 and "unknown or revoked" in r.stderr
+
+
+def test_something_else_answering_is_one_line(tally: Tally, api: ApiProcess) -> None:
+    r = tally("apps", "--api", api.url + "/openapi.json?x=", ok=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
