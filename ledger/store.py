@@ -73,6 +73,14 @@ _PREPARE = [
     ORDER BY t.n
     RETURNING id, version""",
 ]
+_PREPARE += [
+    """PREPARE tally_read_stream(text, integer, bigint) AS
+    SELECT p.position, e.id, e.stream, e.version, e.type, e.data, e.metadata, e.recorded_at
+    FROM ledger.events e LEFT JOIN ledger.positions p ON p.event_id = e.id
+    WHERE e.stream = $1 AND e.version >= $2 ORDER BY e.version LIMIT $3""",
+    """PREPARE tally_stream_version(text) AS
+    SELECT coalesce(max(version), 0) FROM ledger.events WHERE stream = $1""",
+]
 _EXEC_ONE = "EXECUTE tally_append_one(%s, %s, %s, %s, %s, %s, %s)"
 _EXEC_MANY = "EXECUTE tally_append_many(%s, %s, %s, %s, %s, %s, %s)"
 
@@ -232,8 +240,7 @@ class Ledger:
                             duplicate=True)
 
     def _version(self, cur: Any, stream: str) -> int:
-        cur.execute("SELECT coalesce(max(version), 0) FROM ledger.events WHERE stream = %s",
-                    (stream,))
+        cur.execute("EXECUTE tally_stream_version(%s)", (stream,))
         return cur.fetchone()[0]
 
     def _wake(self) -> None:
@@ -297,12 +304,9 @@ class Ledger:
                     limit: int | None = None) -> list[RecordedEvent]:
         """One stream's events from `from_version`, in version order."""
         stream_category(stream)
-        sql = (f"SELECT {_COLUMNS} FROM ledger.events e LEFT JOIN ledger.positions p "
-               f"ON p.event_id = e.id WHERE e.stream = %s AND e.version >= %s "
-               f"ORDER BY e.version LIMIT %s")
 
         def run(cur: Any) -> list[RecordedEvent]:
-            cur.execute(sql, (stream, from_version, limit))
+            cur.execute("EXECUTE tally_read_stream(%s, %s, %s)", (stream, from_version, limit))
             return [_recorded(row) for row in cur.fetchall()]
         return self._retrying(run)
 
