@@ -18,6 +18,7 @@ from api.errors import Conflict, Forbidden, NotFound, Unprocessable
 from api.routes_apps import app_state
 from api.web import body, query, reply, route, services, who
 from ledger import NO_STREAM, Ledger, NewEvent, RecordedEvent, VersionConflict
+from ledger.catalogue import redacted
 
 # --- users and tokens -----------------------------------------------------------------------
 
@@ -246,10 +247,10 @@ def _events(q: dict[str, Any], keep: Any, categories: list[str] | None) -> dict[
 
 
 def _shown(e: RecordedEvent, secrets: bool) -> dict[str, Any]:
-    """An event as a client sees it: ConfigChanged values redacted unless asked for."""
+    """An event as a client sees it: secret values redacted unless asked for."""
     d = e.as_dict()
-    if e.type == "ConfigChanged" and not secrets:
-        d["data"] = {**e.data, "set": {k: "<redacted>" for k in e.data.get("set", {})}}
+    if not secrets:
+        d["data"] = redacted(e.type, e.data)
     return d
 
 

@@ -119,7 +119,7 @@ class ConfigChanged(Schema):
 
     app = fields.Str(required=True, validate=APP_NAME)
     set = fields.Dict(keys=fields.Str(validate=validate.Regexp(r"^[A-Za-z_][A-Za-z0-9_]*$")),
-                      values=fields.Str(), load_default=dict)
+                      values=fields.Str(), load_default=dict, metadata={"secret": True})
     unset = fields.List(fields.Str(), load_default=list)
     config_version = fields.Int(required=True, validate=NON_NEGATIVE)
 
@@ -505,6 +505,26 @@ def _first(messages: Any) -> str:
     if isinstance(messages, dict) and messages:
         return _first(next(iter(messages.values())))
     return str(messages)
+
+
+REDACTED = "<redacted>"
+
+
+def redacted(type_name: str, data: dict[str, Any]) -> dict[str, Any]:
+    """The payload as shown to people by default: values of fields marked
+    `metadata={"secret": True}` hidden (a mapping keeps its keys), everything else as is.
+    Every reader that prints events (API, CLI) goes through here."""
+    et = CATALOGUE.get(type_name)
+    if et is None:
+        return data
+    secret = [n for n, f in et.schema.fields.items() if f.metadata.get("secret") and n in data]
+    if not secret:
+        return data
+    out = dict(data)
+    for name in secret:
+        value = data[name]
+        out[name] = ({k: REDACTED for k in value} if isinstance(value, dict) else REDACTED)
+    return out
 
 
 def upcast(type_name: str, data: dict[str, Any], stored_version: int) -> dict[str, Any]:

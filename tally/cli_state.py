@@ -8,6 +8,7 @@ API to expose too.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -21,6 +22,7 @@ from typing import Any
 import click
 import psycopg2
 
+from ledger.catalogue import redacted
 from ledger.errors import LedgerError
 from tally.config import Config
 
@@ -229,12 +231,15 @@ def register(cli: click.Group) -> None:
                   help="At most this many (the latest, unless --after).")
     @click.option("--follow", "-f", is_flag=True, help="Keep printing new events.")
     @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+    @click.option("--show-secrets", is_flag=True, help="Show config values (redacted by "
+                  "default).")
     @click.pass_obj
     @_clean
     def events_cmd(cfg: Config, stream: str | None, category: str | None, type_: str | None,
                    since: str | None, after: int | None, limit: int, follow: bool,
-                   as_json: bool) -> None:
-        """Read the ledger, human-readable or as JSON lines."""
+                   as_json: bool, show_secrets: bool) -> None:
+        """Read the ledger, human-readable or as JSON lines. Config values are redacted
+        unless --show-secrets."""
         from projectors.inspect import check_filters, describe, read_events
 
         check_filters(stream, category, type_)
@@ -244,6 +249,8 @@ def register(cli: click.Group) -> None:
         def show(conn: Any, after: int | None) -> int | None:
             batch = read_events(conn, after=after, limit=limit, **filters)
             for ev in batch:
+                if not show_secrets:
+                    ev = dataclasses.replace(ev, data=redacted(ev.type, ev.data))
                 click.echo(json.dumps(ev.as_dict(), default=str) if as_json else describe(ev))
             return batch[-1].position if batch else after
 

@@ -94,3 +94,17 @@ def test_events_follow_prints_new_events_as_they_come(cluster: Cluster) -> None:
         proc.kill()
         proc.wait()
         proc.stdout.close()
+
+
+def test_events_redact_config_values_unless_asked(cluster: Cluster) -> None:
+    name = f"s{uuid.uuid4().hex[:10]}"
+    with Ledger(cluster.dsn()) as ledger:
+        ledger.append(f"app-{name}", [
+            NewEvent("AppCreated", {"name": name, "owner": "ann"}),
+            NewEvent("ConfigChanged", {"app": name, "set": {"DB_PASSWORD": "hunter2"},
+                                       "config_version": 1})])
+        ledger.sequence()
+    shown = tally(cluster, "events", "--stream", f"app-{name}")
+    assert "DB_PASSWORD" in shown.stdout and "hunter2" not in shown.stdout
+    asked = tally(cluster, "events", "--stream", f"app-{name}", "--json", "--show-secrets")
+    assert "hunter2" in asked.stdout

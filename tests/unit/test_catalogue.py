@@ -94,3 +94,15 @@ def test_stored_payload_is_complete_and_canonical() -> None:
 def test_fast_path_never_accepts_what_marshmallow_refuses(bad: dict) -> None:
     with pytest.raises(InvalidEvent):
         validate_event("heartbeat", "HostHeartbeat", bad)
+
+
+def test_secret_values_are_redacted_for_people() -> None:
+    from ledger.catalogue import REDACTED, redacted
+
+    data = {"app": "blog", "set": {"DB_PASSWORD": "hunter2"}, "unset": ["OLD"],
+            "config_version": 3}
+    shown = redacted("ConfigChanged", data)
+    assert shown["set"] == {"DB_PASSWORD": REDACTED} and shown["unset"] == ["OLD"]
+    assert data["set"]["DB_PASSWORD"] == "hunter2"  # the stored value is untouched
+    assert redacted("AppCreated", {"name": "blog", "owner": "a"}) == {"name": "blog",
+                                                                       "owner": "a"}
