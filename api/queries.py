@@ -4,26 +4,31 @@ in one module, so a change of their columns is fixed here only."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from datetime import datetime
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg2
 
 from ledger import Ledger, LedgerUnavailable
+from projectors.hosts import host_state
 
 
-def rows(ledger: Ledger, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-    """Run a view query; rows as JSON-ready dicts (times as ISO strings)."""
+def rows(ledger: Ledger, sql: str, params: Sequence[Any] = (),
+         shape: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+         ) -> list[dict[str, Any]]:
+    """Run a view query; rows as JSON-ready dicts (times as ISO strings), each passed
+    through `shape` first if given."""
     try:
         with ledger.connection().cursor() as cur:
             cur.execute(sql, params)
             names = [c.name for c in cur.description]
-            return [{n: _plain(v) for n, v in zip(names, r, strict=True)}
-                    for r in cur.fetchall()]
+            raw = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
     except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
         ledger.close()
         raise LedgerUnavailable(f"views unreachable: {str(exc).strip()}") from exc
+    return [{n: _plain(v) for n, v in (shape(r) if shape else r).items()} for r in raw]
+
 
 
 def _plain(v: Any) -> Any:
@@ -40,9 +45,18 @@ def apps(ledger: Ledger) -> list[dict[str, Any]]:
 
 
 def hosts(ledger: Ledger) -> list[dict[str, Any]]:
+    """Every host, its state as of now: the view stores alive/lost; suspect (missed
+    heartbeats) depends on the clock, so it is derived here, by the projectors' rule."""
+    now = datetime.now(UTC)
+
+    def shape(r: dict[str, Any]) -> dict[str, Any]:
+        r["state"] = host_state(r, now)
+        del r["registered_at"]
+        return r
     return rows(ledger, "SELECT host_id, address, port_min, port_max, capacity, memory_mb, "
-                        "state, last_heartbeat, load, memory_used_mb, running_instances, "
-                        "lost_reason FROM views.hosts ORDER BY host_id")
+                        "state, last_heartbeat, registered_at, load, memory_used_mb, "
+                        "running_instances, lost_reason FROM views.hosts ORDER BY host_id",
+                shape=shape)
 
 
 def placements(ledger: Ledger, app: str | None = None,

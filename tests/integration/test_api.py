@@ -17,6 +17,7 @@ from api import Settings, create_app
 from api.auth import create_user
 from api.testing import pack_files, project_now
 from ledger import Ledger, NewEvent
+from tests.waiting import wait_until
 
 BUNDLE = {"Procfile": "web: gunicorn app:app\nworker: python worker.py\n",
           "requirements.txt": "flask\n", "app.py": "app = None\n"}
@@ -433,3 +434,22 @@ def test_logs_tail_for_the_apps_people_only(world: World) -> None:
 def test_oversized_json_body_is_413(world: World) -> None:
     r = world.call("owner", "POST", "/apps", {"name": "x" * (2 << 20)})
     assert r.status_code == 413 and r.json["error"] == "too_large"
+
+
+def test_a_silent_host_shows_suspect_then_lost(world: World) -> None:
+    """The view stores alive/lost; suspect is derived from the clock at read time."""
+    host = f"q-{uid()}"
+    world.ledger.append(f"host-{host}", [NewEvent("HostRegistered", {
+        "host_id": host, "address": "127.0.0.1", "port_min": 9000, "port_max": 9001,
+        "capacity": 1})])
+    project_now(world.owner_dsn)
+
+    def state() -> str:
+        (row,) = [h for h in world.call("admin", "GET", "/hosts").json["items"]
+                  if h["host_id"] == host]
+        return row["state"]
+    assert state() == "alive"
+    wait_until(lambda: state() == "suspect", 15, "a silent host never became suspect")
+    world.ledger.append(f"host-{host}", [NewEvent("HostLost", {"host_id": host})])
+    project_now(world.owner_dsn)
+    assert state() == "lost"
