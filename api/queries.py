@@ -30,7 +30,6 @@ def rows(ledger: Ledger, sql: str, params: Sequence[Any] = (),
     return [{n: _plain(v) for n, v in (shape(r) if shape else r).items()} for r in raw]
 
 
-
 def _plain(v: Any) -> Any:
     if isinstance(v, datetime):
         return v.isoformat()
@@ -71,6 +70,15 @@ def placed_on(ledger: Ledger, app: str, release: int, host_id: str) -> bool:
     """Whether the placer put an instance of this release on this host (bundle access)."""
     return bool(rows(ledger, "SELECT 1 FROM views.placements WHERE app = %s AND release = %s "
                              "AND host_id = %s LIMIT 1", (app, release, host_id)))
+
+
+def on_host(ledger: Ledger, instance_id: str, host_id: str) -> bool:
+    """Whether the instance is placed on this host or still runs there: the only instances
+    whose events that host's agent may report."""
+    return bool(rows(ledger, "SELECT 1 FROM views.placements WHERE instance_id = %s AND "
+                             "host_id = %s UNION ALL SELECT 1 FROM views.instances WHERE "
+                             "instance_id = %s AND host_id = %s LIMIT 1",
+                     (instance_id, host_id, instance_id, host_id)))
 
 
 def instances(ledger: Ledger, app: str | None = None) -> list[dict[str, Any]]:

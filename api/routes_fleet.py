@@ -138,11 +138,15 @@ def host_placements(host_id: str) -> ResponseReturnValue:
 @route("/instances/<instance_id>/events", "POST", body=schemas.InstanceEvent,
        response=schemas.Appended, tag="agents", errors=(400, 401, 403, 422))
 def instance_event(instance_id: str) -> ResponseReturnValue:
-    """An agent reports what one of its instances did (started, healthy, exited, stopped)."""
+    """An agent reports what one of its instances did (started, healthy, exited, stopped):
+    only instances placed on its host, or still running there."""
     caller = who()
     req = body(schemas.InstanceEvent)
     data = {**req["data"], "instance_id": instance_id}
     if caller.role == "agent":
+        if not caller.host_id or not queries.on_host(services().ledger, instance_id,
+                                                     caller.host_id):
+            raise Forbidden(f"instance {instance_id} is not placed on host {caller.host_id}")
         data["host_id"] = caller.host_id
     else:
         require_role(caller, "admin")

@@ -60,12 +60,15 @@ class World:
             self.place(name, 1)
         return name
 
-    def place(self, app: str, release: int) -> None:
-        """Place an instance on the agent's host (standing in for the placer), and project."""
+    def place(self, app: str, release: int, host: str | None = None) -> str:
+        """Place an instance on the agent's host (standing in for the placer), and project;
+        returns the instance id."""
+        iid = uid()
         self.ledger.append(f"placement-{app}", [NewEvent("InstancePlaced", {
-            "instance_id": uid(), "app": app, "release": release, "process_type": "web",
-            "host_id": self.host, "port": 20000})])
+            "instance_id": iid, "app": app, "release": release, "process_type": "web",
+            "host_id": host or self.host, "port": 20000})])
         project_now(self.owner_dsn)
+        return iid
 
 
 @pytest.fixture(scope="module")
@@ -372,7 +375,14 @@ def test_agent_cannot_download_bundles_not_placed_on_its_host(world: World) -> N
 
 
 def test_agent_reports_only_for_its_host(world: World) -> None:
-    iid = uid()
+    name = world.new_app(releases=1)
+    elsewhere = world.place(name, 1, host=f"other-{uid()}")
+    for iid in (elsewhere, uid()):  # another host's instance, or one never placed
+        r = world.call("agent", "POST", f"/instances/{iid}/events",
+                       {"type": "InstanceHealthy", "data": {}})
+        assert r.status_code == 403, r.json
+        assert world.ledger.read_stream(f"instance-{iid}") == []
+    iid = world.place(name, 1)
     r = world.call("agent", "POST", f"/instances/{iid}/events",
                    {"type": "InstanceStarted", "data": {"pid": 42, "host_id": "elsewhere"}})
     assert r.status_code == 200

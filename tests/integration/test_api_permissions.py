@@ -58,7 +58,7 @@ MATRIX: list[tuple[str, str, Any, dict[str, int]]] = [
                               "capacity": 8}, {"admin": 200, "agent": 200}),
     ("POST", "/hosts/{host}/heartbeats", {"load": 0.5}, {"admin": 200, "agent": 200}),
     ("GET", "/hosts/{host}/placements", None, {"admin": 200, "agent": 200}),
-    ("POST", "/instances/i{app}/events",
+    ("POST", "/instances/{instance}/events",
      lambda w: {"type": "InstanceHealthy", "data": {"host_id": w.host}},
      {"admin": 200, "agent": 200}),
     ("GET", "/placements", None, {"admin": 200}),
@@ -70,6 +70,9 @@ MATRIX: list[tuple[str, str, Any, dict[str, int]]] = [
 
 
 def _fill(path: str, w: World, app: str) -> str:
+    if "{instance}" in path:  # the instance new_app placed on the agent's host
+        placed = w.ledger.read_stream(f"placement-{app}")[0]
+        path = path.replace("{instance}", placed.data["instance_id"])
     return (path.replace("{app}", app).replace("{host}", w.host)
             .replace("{owner_name}", w.names["owner"]).replace("{other_name}", w.names["other"]))
 
