@@ -170,7 +170,7 @@ class Agent:
             except Exception:  # one instance's trouble must not stop the others
                 log.exception("%s %s failed", action.kind, action.instance_id)
         if self.shipper is not None:
-            self.shipper.ship()
+            self.shipper.ship(running=set(self.local))
 
     # --- desired --------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ saved, so an agent restart does not send a log twice.
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import time
@@ -27,7 +28,9 @@ CURRENT = "current.log"
 class Shipper:
     """Sends the new bytes of every instance log in `logs_dir` to the collector."""
 
-    def __init__(self, endpoint: str, logs_dir: Path, context: zmq.Context | None = None) -> None:
+    def __init__(self, endpoint: str, logs_dir: Path, context: zmq.Context | None = None,
+                 keep_bytes: int = 8 << 20) -> None:
+        self.keep_bytes = keep_bytes
         self.socket = (context or zmq.Context.instance()).socket(zmq.PUSH)
         self.socket.setsockopt(zmq.SNDHWM, 1000)
         self.socket.setsockopt(zmq.LINGER, 1000)
@@ -39,8 +42,10 @@ class Shipper:
         except (OSError, ValueError):
             self.offsets = {}
 
-    def ship(self) -> int:
-        """One pass over the logs; returns the bytes handed to ZeroMQ."""
+    def ship(self, running: set[str] | None = None) -> int:
+        """One pass over the logs; returns the bytes handed to ZeroMQ. A log fully shipped
+        is emptied past `keep_bytes`, and removed once its instance (not in `running`)
+        is gone, so a host's disk does not fill up with what the collector already has."""
         sent = 0
         for path in sorted(self.logs_dir.glob("*.log")):
             iid = path.stem
@@ -48,11 +53,23 @@ class Shipper:
                 sent += self._ship_file(path, iid)
             except zmq.Again:
                 break  # the collector is away: try again next pass
+            self._trim(path, iid, running)
         if sent:
             tmp = self.offsets_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(self.offsets))
             tmp.replace(self.offsets_file)
         return sent
+
+    def _trim(self, path: Path, iid: str, running: set[str] | None) -> None:
+        size = path.stat().st_size
+        if self.offsets.get(iid, 0) < size:
+            return
+        if running is not None and iid not in running:
+            path.unlink(missing_ok=True)
+            self.offsets.pop(iid, None)
+        elif size > self.keep_bytes:
+            os.truncate(path, 0)  # writers append (O_APPEND): they go on at the start
+            self.offsets[iid] = 0
 
     def _ship_file(self, path: Path, iid: str) -> int:
         offset = self.offsets.get(iid, 0)
