@@ -21,8 +21,13 @@ def require_app(s: AppState) -> None:
 
 
 def create_app(s: AppState, owner: str) -> list[NewEvent]:
+    """A deleted app's name may be taken again by its last owner only: its history (config
+    values, events, logs) stays readable to whoever manages an app of that name."""
     if s.exists:
         raise Conflict(f"the name {s.name!r} is already taken")
+    if s.deleted and s.owner != owner:
+        raise Conflict(f"the name {s.name!r} belonged to a deleted app: only its last owner "
+                       "may use it again")
     return [NewEvent("AppCreated", {"name": s.name, "owner": owner})]
 
 

@@ -45,7 +45,8 @@ def change(name: str, fn: Callable[[AppState], list[NewEvent]]) -> AppState:
 @route("/apps", "POST", body=schemas.AppCreate, response=schemas.App, status=201, tag="apps",
        errors=(400, 401, 403, 409, 422))
 def create_app() -> ResponseReturnValue:
-    """Create an app; its name is a Heroku-like slug, unique for ever."""
+    """Create an app; its name is a Heroku-like slug (a deleted app's name stays its
+    last owner's: the history under it is theirs)."""
     require_role(who(), *PEOPLE)
     name = body(schemas.AppCreate)["name"]
     state = services().command(name, who(), lambda s: decide.create_app(s, who().name))

@@ -110,6 +110,20 @@ def test_create_show_list_delete(world: World) -> None:
     assert all(e.metadata["actor"] == world.names["owner"] for e in events)
 
 
+def test_a_deleted_apps_name_is_not_taken_by_someone_else(world: World) -> None:
+    """Its history stays in the stream: another owner of the name would read the old
+    config values through /events?show_secrets=true."""
+    name = f"gone-{uid()}"
+    assert world.call("owner", "POST", "/apps", {"name": name}).status_code == 201
+    world.call("owner", "PATCH", f"/apps/{name}/config", {"set": {"TOKEN": "hunter2"}})
+    assert world.call("owner", "DELETE", f"/apps/{name}").status_code == 204
+    r = world.call("other", "POST", "/apps", {"name": name})
+    assert r.status_code == 409, r.json
+    assert world.call("other", "GET", f"/apps/{name}/events?show_secrets=true"
+                      ).status_code in (403, 404)
+    assert world.call("owner", "POST", "/apps", {"name": name}).status_code == 201
+
+
 def test_first_release_scales_web_and_bundle_downloads(world: World) -> None:
     name = world.new_app(releases=1)
     app = world.call("owner", "GET", f"/apps/{name}").json

@@ -89,7 +89,7 @@ def test_rollback_default_is_previous_and_needs_a_release() -> None:
     assert decide.rollback(s, None)[-1].data["rollback_of"] == 1
 
 
-def test_delete_keeps_history_and_a_new_app_may_take_the_name() -> None:
+def test_delete_keeps_history_and_only_its_last_owner_may_take_the_name() -> None:
     s = run(blog("web"), decide.add_domain(blog("web"), "blog.example.com"))
     events = decide.delete_app(s)
     assert [e.type for e in events] == ["DomainRemoved", "AppDeleted"]
@@ -97,8 +97,10 @@ def test_delete_keeps_history_and_a_new_app_may_take_the_name() -> None:
     assert not s.exists and s.scale == {"web": 0}
     with pytest.raises(NotFound):
         decide.scale(s, {"web": 1})
-    s = run(s, decide.create_app(s, "bob"))
-    assert s.exists and s.owner == "bob" and s.releases == () and s.domains == ()
+    with pytest.raises(Conflict):  # bob would read ann's old config values in the history
+        decide.create_app(s, "bob")
+    s = run(s, decide.create_app(s, "ann"))
+    assert s.exists and s.owner == "ann" and s.releases == () and s.domains == ()
 
 
 @pytest.mark.parametrize("raw, norm", [
