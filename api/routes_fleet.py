@@ -202,6 +202,7 @@ def app_routes(name: str) -> ResponseReturnValue:
 # --- history --------------------------------------------------------------------------------
 
 SCAN_PAGES = 20
+PAGE = 1000
 
 
 @route("/events", query=schemas.EventsQuery, response=schemas.EventList, tag="history",
@@ -228,23 +229,26 @@ def app_events(name: str) -> ResponseReturnValue:
 
 def _events(q: dict[str, Any], keep: Any, categories: list[str] | None) -> dict[str, Any]:
     """Scan forward from `after` (a bounded number of pages), long-polling while nothing
-    matched. `head` is where to continue from."""
+    matched and the scan reached the end of the ledger. `head` is where to continue from:
+    a scan cut short answers at once, so one request never walks the whole history."""
     ledger = services().ledger
     deadline = time.monotonic() + min(q["wait"], services().settings.long_poll_max_s)
     after = q["after"]
     while True:
         found: list[RecordedEvent] = []
+        cut_short = True
         for _ in range(SCAN_PAGES):
-            page = ledger.read_all(after, limit=1000, categories=categories, types=q["type"])
+            page = ledger.read_all(after, limit=PAGE, categories=categories, types=q["type"])
             found += [e for e in page if keep(e)][: q["limit"] - len(found)]
             if len(found) >= q["limit"]:
                 after = found[-1].position or after
                 break
             if page:
                 after = page[-1].position or after
-            if len(page) < 1000:
+            if len(page) < PAGE:
+                cut_short = False
                 break
-        if found or time.monotonic() >= deadline:
+        if found or cut_short or time.monotonic() >= deadline:
             return {"events": [_shown(e, q["show_secrets"]) for e in found], "head": after}
         ledger.sequence()
         time.sleep(0.2)

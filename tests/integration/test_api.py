@@ -181,6 +181,24 @@ def test_events_after_filters_and_long_poll(world: World) -> None:
     assert r.json["head"] >= r.json["events"][0]["position"]
 
 
+def test_a_long_poll_never_walks_the_whole_history(world: World,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scan cut short by its page budget answers at once with where to go on from,
+    instead of scanning on, page budget after page budget, for the whole wait."""
+    from api import routes_fleet
+
+    monkeypatch.setattr(routes_fleet, "PAGE", 1)
+    monkeypatch.setattr(routes_fleet, "SCAN_PAGES", 1)
+    name = world.new_app(releases=0)
+    after = world.ledger.sequence()
+    for _ in range(3):
+        world.new_app(releases=0)
+    head = world.ledger.sequence()
+    r = world.call("owner", "GET", f"/apps/{name}/events?after={after}&wait=1.5")
+    assert r.status_code == 200 and r.json["events"] == []
+    assert after < r.json["head"] < head, "one page scanned, then answered"
+
+
 def test_domains_unique_across_apps(world: World) -> None:
     a, b = world.new_app(releases=0), world.new_app(releases=0)
     r = world.call("owner", "POST", f"/apps/{b}/domains", {"domain": f"{a}.example.com"})
