@@ -80,13 +80,33 @@ def who() -> Principal:
 
 def body(schema: type[Schema]) -> dict[str, Any]:
     """The JSON body validated by `schema`: 400 if it is not JSON, 422 naming the fields."""
-    if (request.content_length or 0) > JSON_LIMIT:
-        raise TooLarge(f"a JSON body may be {JSON_LIMIT} bytes at most")
-    data = request.get_json(silent=True)
+    data = _json_body()
     if data is None:
         raise BadRequest("the request body must be JSON (Content-Type: application/json)",
                          {"body": ["not JSON"]})
     return load(schema, data)
+
+
+def _json_body() -> Any:
+    """The parsed JSON body, or None if it is not JSON; TooLarge past JSON_LIMIT bytes,
+    read no further than that even when the body has no Content-Length (chunked)."""
+    if (request.content_length or 0) > JSON_LIMIT:
+        raise TooLarge(f"a JSON body may be {JSON_LIMIT} bytes at most")
+    if not request.is_json:
+        return None
+    chunks, size = [], 0
+    while size <= JSON_LIMIT:
+        chunk = request.stream.read(min(1 << 16, JSON_LIMIT + 1 - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if size > JSON_LIMIT:
+        raise TooLarge(f"a JSON body may be {JSON_LIMIT} bytes at most")
+    try:
+        return current_app.json.loads(b"".join(chunks))
+    except ValueError:
+        return None
 
 
 def query(schema: type[Schema]) -> dict[str, Any]:

@@ -478,6 +478,23 @@ def test_oversized_json_body_is_413(world: World) -> None:
     assert r.status_code == 413 and r.json["error"] == "too_large"
 
 
+def test_oversized_chunked_json_body_is_413(world: World, cluster: Any,
+                                            tmp_path: Path) -> None:
+    """Without a Content-Length (chunked, as gunicorn passes it on), the JSON limit holds
+    too, not the larger bundle limit."""
+    import io
+
+    client = create_app(Settings(cluster.dsn(), tmp_path, max_bundle_bytes=16 << 20)
+                        ).test_client()
+    big = b'{"name": "' + b"x" * (2 << 20) + b'"}'
+    r = client.open("/apps", method="POST", input_stream=io.BytesIO(big),
+                          environ_overrides={"wsgi.input_terminated": True},
+                          headers={"Authorization": f"Bearer {world.tokens['owner']}",
+                                   "Content-Type": "application/json",
+                                   "Transfer-Encoding": "chunked"})
+    assert r.status_code == 413 and r.json["error"] == "too_large", r.json
+
+
 def test_a_silent_host_shows_suspect_then_lost(world: World) -> None:
     """The view stores alive/lost; suspect is derived from the clock at read time."""
     host = f"q-{uid()}"
