@@ -241,7 +241,8 @@ def _wanted(app: App, procfile: dict[str, str]) -> dict[str, int]:
 def _release_phase(fleet: Fleet, app: App, target: int, phase: list[Placement],
                    slots: _Slots, new_id: Callable[[str, int, str], str]) -> list[NewEvent]:
     if not phase:
-        return _place(app, target, RELEASE_PHASE, 1, slots, Counter(), new_id)
+        placed = _place(app, target, RELEASE_PHASE, 1, slots, Counter(), new_id)
+        return placed or _shortfall(app, target, RELEASE_PHASE, 1, 0)
     inst = fleet.instance(phase[0].instance_id)
     if inst.state == "exited" and inst.exit_code != 0:
         tail = " | ".join(inst.log_tail[-3:])
@@ -266,14 +267,19 @@ def _scale_group(fleet: Fleet, app: App, target: int, ptype: str, count: int,
     need = count - len(group)
     events = _place(app, target, ptype, need, slots,
                     Counter(p.host_id for p in group), new_id)
-    placed = len(events)
-    if placed < need:
-        reason = f"no alive host with free capacity for {need - placed} more"
-        if app.last_failure.get((target, ptype)) != (count, len(group) + placed, reason):
-            events.append(NewEvent("PlacementFailed", {
-                "app": app.name, "release": target, "process_type": ptype, "wanted": count,
-                "placed": len(group) + placed, "reason": reason}))
+    if len(events) < need:
+        events += _shortfall(app, target, ptype, count, len(group) + len(events))
     return events
+
+
+def _shortfall(app: App, target: int, ptype: str, wanted: int, placed: int) -> list[NewEvent]:
+    """PlacementFailed, once per distinct shortfall (not at every reconcile)."""
+    reason = f"no alive host with free capacity for {wanted - placed} more"
+    if app.last_failure.get((target, ptype)) == (wanted, placed, reason):
+        return []
+    return [NewEvent("PlacementFailed", {
+        "app": app.name, "release": target, "process_type": ptype, "wanted": wanted,
+        "placed": placed, "reason": reason})]
 
 
 def _place(app: App, target: int, ptype: str, count: int, slots: _Slots, group: Counter,

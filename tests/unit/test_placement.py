@@ -285,3 +285,12 @@ def test_the_fold_keeps_config_versions_and_revives_a_lost_host_on_a_heartbeat()
     assert w.fleet.hosts["h1"].lost and w.fleet.hosts["h1"].version == 2
     w.beat("h1")
     assert not w.fleet.hosts["h1"].lost
+
+
+def test_a_release_phase_with_no_host_to_run_on_is_reported_once() -> None:
+    w = World()
+    w.host("h1", capacity=0)
+    w.app("blog", {"web": "gunicorn app:app", "release": "python migrate.py"}, web=1)
+    decided = w.tick()
+    assert [(t, d["process_type"]) for _, t, d in decided] == [("PlacementFailed", "release")]
+    assert w.tick() == []
