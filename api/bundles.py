@@ -2,8 +2,10 @@
 content-addressed as <bundles_dir>/<sha256>.tar.gz where agents download it.
 
 Checked at upload so a bad bundle is refused with its reason, not found broken on a host:
-size limit, digest, gzip/tar validity, no absolute or `..` paths, no links leading out of
-the folder, no devices or fifos, and a Procfile that parses.
+size limit, digest, gzip/tar validity, a bounded number of entries and unpacked size, no
+absolute or `..` paths, no links leading out of the folder (followed through each other, as
+unpacking follows them), no entry written through a link, no devices or fifos, and a
+Procfile that parses.
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ from api.errors import TooLarge, Unprocessable
 
 PROCFILE_LINE = re.compile(r"^([a-z][a-z0-9_]{0,29}):\s*(\S.*)$")
 CHUNK = 1 << 16
+MAX_ENTRIES = 50_000
+"""Entries a bundle may hold: a small tar.gz can carry millions of empty headers."""
+MAX_UNPACKED_BYTES = 2 << 30
+"""What a bundle may unpack to on a host (a tar.gz of zeros shrinks a thousandfold)."""
+MAX_LINK_HOPS = 40
 
 
 def receive(stream: BinaryIO, into: Path, limit: int) -> tuple[Path, str]:
@@ -53,7 +60,7 @@ def inspect(path: Path) -> dict[str, str]:
     """Check the tarball is safe to unpack and return its Procfile as {type: command}."""
     try:
         with tarfile.open(path, "r:gz") as tar:
-            members = tar.getmembers()
+            members = _members(tar)
             _check_members(members)
             names = {_normal(m.name): m for m in members}
             for required in ("Procfile", "requirements.txt"):
@@ -72,7 +79,23 @@ def _normal(name: str) -> str:
     return posixpath.normpath(name.removeprefix("./"))
 
 
+def _members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
+    """The entries, refused past MAX_ENTRIES or MAX_UNPACKED_BYTES (read header by header,
+    so a bomb is stopped before it is all decompressed)."""
+    members, unpacked = [], 0
+    for m in tar:
+        members.append(m)
+        unpacked += m.size
+        if len(members) > MAX_ENTRIES:
+            raise _unsafe(f"more than {MAX_ENTRIES} entries")
+        if unpacked > MAX_UNPACKED_BYTES:
+            raise _unsafe(f"it unpacks to more than {MAX_UNPACKED_BYTES} bytes")
+    return members
+
+
 def _check_members(members: Iterable[tarfile.TarInfo]) -> None:
+    members = list(members)
+    links = {_normal(m.name): m.linkname for m in members if m.issym()}
     for m in members:
         name = m.name
         norm = _normal(name)
@@ -80,12 +103,43 @@ def _check_members(members: Iterable[tarfile.TarInfo]) -> None:
             raise _unsafe(f"entry {name!r} points outside the app folder")
         if m.isdev() or m.isfifo():
             raise _unsafe(f"entry {name!r} is a device or fifo")
+        parts = norm.split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in links:
+                raise _unsafe(f"entry {name!r} is written through the link "
+                              f"{'/'.join(parts[:i])!r}")
         if m.issym() or m.islnk():
-            target = m.linkname
-            base = posixpath.dirname(norm) if m.issym() else ""
-            resolved = posixpath.normpath(posixpath.join(base, target))
-            if target.startswith("/") or resolved == ".." or resolved.startswith("../"):
-                raise _unsafe(f"link {name!r} -> {target!r} leads outside the app folder")
+            base = parts[:-1] if m.issym() else []
+            if _resolve(base, m.linkname, links, 0) is None:
+                raise _unsafe(f"link {name!r} -> {m.linkname!r} leads outside the app folder "
+                              "(or round in circles)")
+
+
+def _resolve(start: list[str], target: str, links: dict[str, str],
+             hops: int) -> list[str] | None:
+    """Where `target`, relative to the folder `start`, lands once every link on the way
+    is followed as the unpacking would: its path parts, or None if it leaves the app
+    folder (or loops)."""
+    if hops > MAX_LINK_HOPS or target.startswith("/"):
+        return None
+    parts = list(start)
+    for part in target.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not parts:
+                return None
+            parts.pop()
+            continue
+        here = "/".join([*parts, part])
+        if here in links:
+            resolved = _resolve(parts, links[here], links, hops + 1)
+            if resolved is None:
+                return None
+            parts = resolved
+        else:
+            parts.append(part)
+    return parts
 
 
 def _unsafe(message: str) -> Unprocessable:

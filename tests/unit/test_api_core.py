@@ -196,6 +196,55 @@ def test_links_inside_the_folder_are_fine(tmp_path: Path) -> None:
     assert bundles.inspect(_tar(tmp_path, m)) == {"web": "x"}
 
 
+def _link(name: str, target: str, kind: bytes = tarfile.SYMTYPE) -> tarfile.TarInfo:
+    m = tarfile.TarInfo(name)
+    m.type, m.linkname = kind, target
+    return m
+
+
+@pytest.mark.parametrize("links", [
+    [("d", "."), ("d/l", "..")],         # written through d, l lands at ./l -> ..
+    [("d", "."), ("e", "d/..")],         # d/.. is the folder's parent, not the folder
+    [("a", "b"), ("b", "a")],            # a loop
+    [("d", "x/y"), ("x/y", ".."), ("e", "d/..")],
+    [("d", "."), ("h", "d/../x", tarfile.LNKTYPE)],
+])
+def test_links_leading_out_through_other_links_refused(tmp_path: Path,
+                                                       links: list[tuple]) -> None:
+    """Each link alone looks inside; followed as the unpacking follows them, one leads
+    out of the folder."""
+    with pytest.raises(Unprocessable, match="unsafe bundle"):
+        bundles.inspect(_tar(tmp_path, *(_link(*link) for link in links)))
+
+
+def test_chained_links_inside_the_folder_are_fine(tmp_path: Path) -> None:
+    links = [_link("static", "assets/v2"), _link("current", "static/css"),
+             _link("assets/v2/up", "..")]
+    assert bundles.inspect(_tar(tmp_path, *links)) == {"web": "x"}
+
+
+def test_bundles_that_unpack_too_large_refused(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small tar.gz may unpack to gigabytes, or to millions of entries."""
+    monkeypatch.setattr(bundles, "MAX_ENTRIES", 5)
+    dirs = [tarfile.TarInfo(f"d{i}") for i in range(5)]
+    for d in dirs:
+        d.type = tarfile.DIRTYPE
+    with pytest.raises(Unprocessable, match="entries"):
+        bundles.inspect(_tar(tmp_path, *dirs))
+    monkeypatch.setattr(bundles, "MAX_ENTRIES", 100)
+    monkeypatch.setattr(bundles, "MAX_UNPACKED_BYTES", 1000)
+    path = tmp_path / "zeros.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in (("Procfile", b"web: x"), ("requirements.txt", b""),
+                           ("zeros", bytes(2000))):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(Unprocessable, match="unpacks to more than"):
+        bundles.inspect(path)
+
+
 # --- auth ------------------------------------------------------------------------------------
 
 
