@@ -85,9 +85,13 @@ _SHOWN: dict[str, tuple[AppState, bytes]] = {}
 @route("/apps/<name>", "DELETE", tag="apps", status=204, errors=(401, 403, 404, 409))
 def delete_app(name: str) -> ResponseReturnValue:
     """Delete an app: everything stops, its domains are freed, its history stays."""
-    domains = app_state(name).domains
-    services().command(name, who(), decide.delete_app)
-    for domain in domains:
+    freed: list[str] = []
+
+    def delete(s: AppState) -> list[NewEvent]:
+        freed.extend(s.domains)  # the domains of the state the deletion is decided on
+        return decide.delete_app(s)
+    change(name, delete)
+    for domain in freed:
         release_claim(domain, name)
     return Response(status=204)
 

@@ -216,6 +216,22 @@ def test_domains_unique_across_apps(world: World) -> None:
     assert r.status_code == 201, "deleting an app frees its domains"
 
 
+def test_deleting_frees_a_domain_another_worker_just_added(world: World, cluster: Any,
+                                                           tmp_path: Path) -> None:
+    """The worker deleting may hold an older fold of the app (reads answer from it): the
+    claims it frees are those of the state the deletion was decided on."""
+    stale = create_app(Settings(cluster.dsn(), tmp_path, read_fresh_s=60.0)).test_client()
+    auth = {"Authorization": f"Bearer {world.tokens['owner']}"}
+    name, other = world.new_app(releases=0), world.new_app(releases=0)
+    assert stale.get(f"/apps/{name}", headers=auth).status_code == 200
+    domain = f"late-{uid()}.example.com"
+    assert world.call("owner", "POST", f"/apps/{name}/domains",
+                      {"domain": domain}).status_code == 201
+    assert stale.delete(f"/apps/{name}", headers=auth).status_code == 204
+    r = world.call("owner", "POST", f"/apps/{other}/domains", {"domain": domain})
+    assert r.status_code == 201, r.json
+
+
 def test_members_see_only_their_apps(world: World) -> None:
     name = world.new_app(releases=0)
     listed = lambda who: [a["name"] for a in world.call(who, "GET", "/apps").json["apps"]]  # noqa: E731
