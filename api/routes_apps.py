@@ -237,11 +237,12 @@ def add_domain(name: str) -> ResponseReturnValue:
     domain = decide.normalise_domain(body(schemas.DomainAdd)["domain"])
     state = app_state(name)
     decide.add_domain(state, domain)
-    claim(domain, name)
+    taken = claim(domain, name)
     try:
         state = services().command(name, who(), lambda s: decide.add_domain(s, domain))
     except BaseException:
-        release_claim(domain, name)
+        if taken:
+            release_claim(domain, name)
         raise
     return reply(schemas.Domains, {"domains": list(state.domains)}, 201)
 
@@ -256,22 +257,25 @@ def remove_domain(name: str, domain: str) -> ResponseReturnValue:
     return reply(schemas.Domains, {"domains": list(state.domains)})
 
 
-def claim(domain: str, app: str) -> None:
+def claim(domain: str, app: str) -> bool:
     """Take the hostname's claim stream at the version read: two apps racing for one name
-    cannot both win."""
+    cannot both win. False if the app holds it already (a request that died between the
+    claim and DomainAdded left it so; it is the app's to use)."""
     svc = services()
     stream = decide.domain_stream(domain)
     events = svc.ledger.read_stream(stream)
     holder = decide.claim_holder([(e.type, e.data["app"]) for e in events])
+    if holder == app:
+        return False
     if holder is not None:
-        raise Conflict(f"{domain} is already used by " +
-                       ("another app" if holder != app else app), {"domain": ["taken"]})
+        raise Conflict(f"{domain} is already used by another app", {"domain": ["taken"]})
     try:
         svc.append(stream, [NewEvent("DomainClaimed", {"domain": domain, "app": app})],
                    len(events) or NO_STREAM, who())
     except VersionConflict as exc:
         raise Conflict(f"{domain} was claimed by another request meanwhile",
                        {"domain": ["taken"]}) from exc
+    return True
 
 
 def release_claim(domain: str, app: str) -> None:

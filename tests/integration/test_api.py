@@ -232,6 +232,23 @@ def test_deleting_frees_a_domain_another_worker_just_added(world: World, cluster
     assert r.status_code == 201, r.json
 
 
+def test_a_claim_left_by_a_dead_request_is_the_apps_to_use(world: World) -> None:
+    """A request that claimed the name and died before DomainAdded: the app may add it."""
+    from api.decide import domain_stream
+
+    name = world.new_app(releases=0)
+    domain = f"half-{uid()}.example.com"
+    world.ledger.append(domain_stream(domain), [NewEvent("DomainClaimed", {
+        "domain": domain, "app": name})])
+    r = world.call("owner", "POST", f"/apps/{name}/domains", {"domain": domain})
+    assert r.status_code == 201, r.json
+    r = world.call("owner", "POST", f"/apps/{name}/domains", {"domain": domain})
+    assert r.status_code == 409
+    other = world.new_app(releases=0)
+    r = world.call("owner", "POST", f"/apps/{other}/domains", {"domain": domain})
+    assert r.status_code == 409, "the claim is still held"
+
+
 def test_members_see_only_their_apps(world: World) -> None:
     name = world.new_app(releases=0)
     listed = lambda who: [a["name"] for a in world.call(who, "GET", "/apps").json["apps"]]  # noqa: E731
