@@ -111,8 +111,10 @@ def status(dsn: str) -> list[dict[str, Any]]:
 
 def why(dsn: str, app: str, now: datetime) -> Explanation:
     """Load what `why` needs (the app, its placements and instances, the hosts and their
-    last heartbeats) and explain."""
+    last heartbeats) and explain. One read-only snapshot: the answer's head is the head of
+    what it read, and no event read later contradicts one read earlier."""
     with psycopg2.connect(dsn, application_name="tally-why") as conn:
+        conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
         events = _streams(conn, [f"app-{app}", f"placement-{app}"])
         instance_ids = {e.data["instance_id"] for e in events if e.type == "InstancePlaced"}
         events += _streams(conn, [f"instance-{i}" for i in sorted(instance_ids)])

@@ -4,10 +4,11 @@ appended under an app name of its own, loaded back by projectors.inspect.why."""
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 
 import pytest
 
-from ledger import Ledger
+from ledger import Ledger, NewEvent
 from ledger.cluster import Cluster
 from projectors.inspect import why
 from tests.unit.test_why import SITUATIONS, History
@@ -28,3 +29,27 @@ def test_why_from_the_ledger(cluster: Cluster, ledger: Ledger, name: str) -> Non
     for phrase in situation.says:
         assert phrase in text, f"{phrase!r} missing from:\n{text}"
     assert answer.head >= head
+
+
+def test_why_reads_one_snapshot(cluster: Cluster, ledger: Ledger,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Events written while `why` reads (between its queries) are either all in its answer
+    or none: its head is the head of what it read."""
+    import projectors.inspect as inspect
+
+    app = f"w{uuid.uuid4().hex[:10]}"
+    ledger.append(f"app-{app}", [NewEvent("AppCreated", {"name": app, "owner": "ann"})])
+    ledger.sequence()
+    original, late = inspect._streams, []
+
+    def streams_then_a_write(conn, names):  # type: ignore[no-untyped-def]
+        found = original(conn, names)
+        if not late:
+            ledger.append(f"app-{app}", [NewEvent("ScaleChanged", {
+                "app": app, "scale": {"web": 1}})])
+            ledger.sequence()
+            late.append(ledger.read_stream(f"app-{app}")[-1].position)
+        return found
+    monkeypatch.setattr(inspect, "_streams", streams_then_a_write)
+    answer = why(cluster.dsn("tally_reader"), app, datetime.now(UTC))
+    assert answer.head < late[0], "the answer claims a position whose event it never read"
