@@ -69,6 +69,9 @@ class Client:
                               f"(is `tally up` running? set --api or TALLY_API)") from exc
         except requests.Timeout as exc:
             raise ClientError(f"the tally API at {self.api} did not answer in time") from exc
+        except (requests.RequestException, ValueError) as exc:  # a malformed URL, mostly
+            raise ClientError(f"cannot call the tally API at {self.api!r}: {exc} "
+                              f"(set --api or TALLY_API to http://HOST:PORT)") from exc
         if r.status_code not in expect:
             raise ClientError(_reason(r))
         if r.status_code == 204 or not r.content:

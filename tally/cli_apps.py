@@ -202,10 +202,14 @@ def _session(cli: click.Group) -> None:
         client = Client(api, token)
         try:
             me = client.get("/me")
+            name, role = me["name"], me["role"]
         except ClientError as exc:
             raise click.ClickException(str(exc)) from exc
-        path = save_credentials(client.api, token, me["name"])
-        click.echo(f"logged in to {client.api} as {me['name']} ({me['role']}); "
+        except (KeyError, TypeError) as exc:
+            raise click.ClickException(f"{client.api} answered /me with something else: "
+                                       "is it the tally API?") from exc
+        path = save_credentials(client.api, token, name)
+        click.echo(f"logged in to {client.api} as {name} ({role}); "
                    f"token saved in {path}", err=True)
 
     @http_command(cli, "whoami", json_output=True)

@@ -123,3 +123,13 @@ def test_unreachable_api_and_no_login(tally: Tally, tmp_path: Path) -> None:
 def test_something_else_answering_is_one_line(tally: Tally, api: ApiProcess) -> None:
     r = tally("apps", "--api", api.url + "/openapi.json?x=", ok=False)
     assert r.returncode == 1 and "Traceback" not in r.stderr
+    r = tally("login", "--api", api.url + "/openapi.json?x=", "--token", "tly_x", ok=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("url", ["not-a-url", "ftp://127.0.0.1", "http://[::1"])
+def test_a_malformed_api_url_is_one_line(tally: Tally, url: str) -> None:
+    for args in (("apps", "--api", url), ("login", "--api", url, "--token", "tly_x")):
+        r = tally(*args, ok=False)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert "API" in r.stderr
