@@ -43,6 +43,7 @@ def save_credentials(api: str, token: str, user: str) -> Path:
     path = credentials_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # the mode above applies only to a file created now
     with os.fdopen(fd, "w") as f:
         json.dump({"api": api, "token": token, "user": user}, f)
     return path

@@ -245,6 +245,18 @@ def test_bundles_that_unpack_too_large_refused(tmp_path: Path,
         bundles.inspect(path)
 
 
+def test_saved_credentials_are_private_even_over_an_older_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from api.client import save_credentials
+
+    path = tmp_path / "credentials.json"
+    path.write_text("{}")
+    path.chmod(0o644)
+    monkeypatch.setenv("TALLY_CREDENTIALS", str(path))
+    save_credentials("http://x", "tly_secret", "ann")
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
 # --- auth ------------------------------------------------------------------------------------
 
 
