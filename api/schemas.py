@@ -3,11 +3,26 @@ these, so what the API documents is what it validates and dumps."""
 
 from __future__ import annotations
 
-from marshmallow import Schema, fields, validate
+from collections.abc import Callable
 
-from ledger.catalogue import APP_NAME, PROCESS_TYPE, USER_NAME
+from marshmallow import Schema, ValidationError, fields, validate
 
-ProcessType = fields.Str(validate=validate.Regexp(PROCESS_TYPE))
+from ledger import catalogue
+
+
+def whole(v: validate.Regexp) -> list[Callable[[str], object]]:
+    """`v`, and no newline: its `$` also matches before a final newline, which would make
+    `blog\n` a name beside `blog`. (The check is a function, so /openapi.json keeps the
+    plain pattern, which JSON Schema reads as meant.)"""
+    def one_line(value: str) -> None:
+        if "\n" in value:
+            raise ValidationError(v.error.format(input=value, regex=v.regex.pattern))
+    return [v, one_line]
+
+
+APP_NAME = whole(catalogue.APP_NAME)
+USER_NAME = whole(catalogue.USER_NAME)
+ProcessType = fields.Str(validate=whole(validate.Regexp(catalogue.PROCESS_TYPE)))
 
 
 class Error(Schema):
@@ -29,7 +44,7 @@ class UserCreate(Schema):
     name = fields.Str(required=True, validate=USER_NAME)
     role = fields.Str(load_default="member", validate=validate.OneOf(["admin", "member", "agent"]))
     host_id = fields.Str(load_default=None, allow_none=True,
-                         validate=validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"))
+                         validate=whole(validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")))
 
 
 class User(Schema):
@@ -95,7 +110,7 @@ class ReleaseList(Schema):
 
 
 class ReleaseQuery(Schema):
-    digest = fields.Str(load_default=None, validate=validate.Regexp(r"^[0-9a-f]{64}$"),
+    digest = fields.Str(load_default=None, validate=whole(validate.Regexp(r"^[0-9a-f]{64}$")),
                         metadata={"description": "sha256 of the body; refused if different"})
     description = fields.Str(load_default="", validate=validate.Length(max=500))
 

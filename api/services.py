@@ -19,7 +19,8 @@ from ledger import Ledger, NewEvent, RecordedEvent, VersionConflict
 from ledger.catalogue import APP_NAME
 from ledger.events import AppendResult
 
-APP_NAME_RE = re.compile(APP_NAME.regex.pattern)
+APP_NAME_RE = re.compile(APP_NAME.regex.pattern.removesuffix("$") + r"\Z")
+"""The catalogue's app names, to the very end (its `$` matches before a final newline)."""
 APP_CACHE = 10_000
 """Folded app states kept per process; past this the cache starts over."""
 

@@ -327,6 +327,19 @@ def test_create_app_bad_names(world: World, body: Any, status: int) -> None:
     assert r.json["fields"]
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/apps", {"name": "nl-{uid}\n"}),
+    ("/users", {"name": "nl-{uid}\n"}),
+    ("/users", {"name": "nl-{uid}", "role": "agent", "host_id": "h1\n"}),
+])
+def test_a_trailing_newline_is_not_part_of_a_valid_name(world: World, path: str,
+                                                        body: dict[str, str]) -> None:
+    """`$` matches before a final newline: `blog\n` would be an app beside `blog`."""
+    body = {k: v.replace("{uid}", uid()) for k, v in body.items()}
+    r = world.call("admin", "POST", path, body)
+    assert r.status_code == 422, r.json
+
+
 def test_not_json_is_400(world: World) -> None:
     r = world.client.post("/apps", data="name=x", headers={
         "Authorization": f"Bearer {world.tokens['owner']}", "Content-Type": "text/plain"})
