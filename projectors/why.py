@@ -20,8 +20,9 @@ from projectors.hosts import host_state
 from projectors.projector import project
 from projectors.tables import Row, Tables
 
-CRASH_LOOP_RESTARTS = 2
-"""An instance that exited after at least this many restarts is crash-looping."""
+CRASH_LOOP_RESTARTS = 3
+"""An instance that exited after at least this many restarts is crash-looping: the count at
+which the placer fails a rollout (agents/placement.py Settings.crash_loop)."""
 WHY_PROJECTORS = (apps.PROJECTOR, hosts.PROJECTOR, placements.PROJECTOR, instances.PROJECTOR,
                   routes.PROJECTOR)
 

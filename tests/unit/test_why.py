@@ -191,3 +191,16 @@ def test_unsequenced_events_are_ignored_and_order_does_not_matter() -> None:
     answer = explain("blog", [pending, *reversed(events)], T0 + timedelta(seconds=1))
     assert answer.serving
     assert answer.as_dict()["head"] == len(events)
+
+
+def test_crash_loop_counted_as_the_placer_counts_it() -> None:
+    """The placer fails a rollout at 3 restarts (agents/placement.py Settings.crash_loop);
+    `why` calls an instance crash-looping from the same count, not before."""
+    iid, host = "blog-i1", "blog-h1"
+    history = History("blog").host(host).created().released().scaled(1).placed(iid, host)
+    history.instance("InstanceExited", iid, host, exit_code=3, restarts=2).heartbeat(host)
+    text = "\n".join(explain("blog", recorded(history.appends), T0).lines())
+    assert "exited with exit code 3" in text and "crash-looping" not in text, text
+    history.instance("InstanceExited", iid, host, exit_code=3, restarts=3)
+    text = "\n".join(explain("blog", recorded(history.appends), T0).lines())
+    assert "crash-looping: it exited with exit code 3 after 3 restarts" in text, text
