@@ -257,9 +257,10 @@ def register(cli: click.Group) -> None:
         conn = psycopg2.connect(_dsn(cfg), application_name="tally-events")
         conn.autocommit = True
         try:
+            head = _head(conn)  # before the first page: what comes after is followed
             last = show(conn, after)
             if follow:
-                _follow(cfg, conn, last, show)
+                _follow(cfg, conn, head if last is None else last, show)
         except KeyboardInterrupt:
             pass
         finally:
@@ -290,16 +291,19 @@ def _check_app(name: str) -> None:
         raise ValueError(f"{name!r} is not an app name: it {APP_NAME.error}")
 
 
-def _follow(cfg: Config, conn: Any, last: int | None,
+def _head(conn: Any) -> int:
+    with conn.cursor() as cur:
+        cur.execute("SELECT coalesce(max(position), 0) FROM ledger.positions")
+        return cur.fetchone()[0]
+
+
+def _follow(cfg: Config, conn: Any, last: int,
             show: Callable[[Any, int | None], int | None]) -> None:
-    """Print new events as they come: woken by the relays, polling every second anyway."""
+    """Print the events after `last` as they come: woken by the relays, polling every
+    second anyway."""
     from ledger.subscriber import Subscriber
 
     sub = Subscriber(cfg.relays)
-    if last is None:
-        with conn.cursor() as cur:
-            cur.execute("SELECT coalesce(max(position), 0) FROM ledger.positions")
-            last = cur.fetchone()[0]
     try:
         while True:
             sub.wait(1.0)

@@ -108,3 +108,44 @@ def test_events_redact_config_values_unless_asked(cluster: Cluster) -> None:
     assert "DB_PASSWORD" in shown.stdout and "hunter2" not in shown.stdout
     asked = tally(cluster, "events", "--stream", f"app-{name}", "--json", "--show-secrets")
     assert "hunter2" in asked.stdout
+
+
+def test_events_follow_misses_nothing_written_while_it_starts(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An event written between the first page and the start of following is printed."""
+    from click.testing import CliRunner
+
+    import ledger.subscriber as subscriber
+    import projectors.inspect as inspect
+    from tally.cli import cli
+
+    name = f"f{uuid.uuid4().hex[:10]}"
+    original, pages = inspect.read_events, []
+
+    def read_then_write(conn, **kw):  # type: ignore[no-untyped-def]
+        found = original(conn, **kw)
+        if not pages:
+            with Ledger(cluster.dsn()) as ledger:
+                ledger.append(f"app-{name}", [NewEvent("AppCreated", {
+                    "name": name, "owner": "ann"})])
+                ledger.sequence()
+        pages.append(found)
+        return found
+
+    class OneWakeUp:
+        def __init__(self, endpoints: object) -> None:
+            self.waits = 0
+
+        def wait(self, timeout: float) -> None:
+            self.waits += 1
+            if self.waits > 1:
+                raise KeyboardInterrupt
+
+        def close(self) -> None:
+            pass
+    monkeypatch.setattr(inspect, "read_events", read_then_write)
+    monkeypatch.setattr(subscriber, "Subscriber", OneWakeUp)
+    r = CliRunner().invoke(cli, ["events", "--stream", f"app-{name}", "-f"],
+                           env=tally_env(cluster))
+    assert r.exit_code == 0, r.output
+    assert f"name={name}" in r.output, r.output
