@@ -32,11 +32,6 @@ class Error(Schema):
     current = fields.Dict()
 
 
-class Health(Schema):
-    status = fields.Str(required=True)
-    ledger_head = fields.Int(allow_none=True)
-
-
 # --- users and tokens -----------------------------------------------------------------------
 
 
@@ -234,10 +229,6 @@ class StateQuery(Schema):
 class State(Schema):
     at = fields.Int(required=True)
     views = fields.Dict(keys=fields.Str(), values=fields.List(fields.Dict()), required=True)
-
-
-class AppNameParam(Schema):
-    name = fields.Str(required=True, validate=APP_NAME)
 
 
 class LogsQuery(Schema):
