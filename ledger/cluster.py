@@ -31,6 +31,16 @@ ROLES = ("tally_owner", "tally_writer", "tally_reader", "tally_replicator")
 DEFAULT_BIN = Path("/usr/lib/postgresql/15/bin")
 
 
+def pid_alive(pid: int) -> bool:
+    """True if the process runs. A zombie does not: killed processes whose parent has
+    exited wait for PID 1 to reap them, which here can take a while."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
 @dataclass(frozen=True)
 class ClusterSpec:
     """Where the cluster lives and how it is reached."""
@@ -309,11 +319,7 @@ class Cluster:
             pid = int(pid_file.read_text().split()[0])
         except (FileNotFoundError, ValueError, IndexError):
             return False
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except FileNotFoundError:
-            return False
-        return stat.rsplit(")", 1)[-1].split()[0] != "Z"  # a zombie is not running
+        return pid_alive(pid)
 
     def _clear_stale_locks(self, node: str) -> None:
         """Remove the lock files of a postmaster killed with -9 but not yet reaped:

@@ -200,8 +200,7 @@ def up(cfg: Config) -> None:
 @fail_cleanly
 def down(cfg: Config) -> None:
     """Stop every daemon `tally up` started, then the ledger cluster."""
-    for name in daemons.names(cfg.run_dir):
-        daemons.stop(cfg.run_dir, name)
+    daemons.stop(cfg.run_dir, daemons.names(cfg.run_dir))
     cluster = cfg.cluster()
     if cluster.initialized():
         cluster.stop()

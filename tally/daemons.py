@@ -13,15 +13,16 @@ import sys
 import time
 from pathlib import Path
 
+from ledger.cluster import pid_alive
+
 
 def pid_of(run_dir: Path, name: str) -> int | None:
     """The pid of a live daemon named `name`, or None."""
     try:
         pid = int((run_dir / f"{name}.pid").read_text())
-        os.kill(pid, 0)
-    except (FileNotFoundError, ValueError, ProcessLookupError):
+    except (FileNotFoundError, ValueError):
         return None
-    return pid
+    return pid if pid_alive(pid) else None
 
 
 def start(run_dir: Path, log_dir: Path, name: str, args: list[str]) -> int:
@@ -40,23 +41,22 @@ def start(run_dir: Path, log_dir: Path, name: str, args: list[str]) -> int:
     return proc.pid
 
 
-def stop(run_dir: Path, name: str, grace: float = 10.0) -> bool:
-    """SIGTERM, wait up to `grace` seconds, then SIGKILL. True if it was running."""
-    pid = pid_of(run_dir, name)
-    if pid is None:
-        return False
-    os.kill(pid, signal.SIGTERM)
+def stop(run_dir: Path, names: list[str], grace: float = 10.0) -> list[str]:
+    """SIGTERM every named daemon at once, wait up to `grace` seconds for all of them,
+    then SIGKILL the rest. Returns the names that were running."""
+    pids = {name: pid for name in names if (pid := pid_of(run_dir, name))}
+    for pid in pids.values():
+        os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
+    alive = dict(pids)
+    while alive and time.monotonic() < deadline:
+        alive = {n: p for n, p in alive.items() if pid_alive(p)}
         time.sleep(0.05)
-    else:
+    for pid in alive.values():
         os.kill(pid, signal.SIGKILL)
-    (run_dir / f"{name}.pid").unlink(missing_ok=True)
-    return True
+    for name in pids:
+        (run_dir / f"{name}.pid").unlink(missing_ok=True)
+    return list(pids)
 
 
 def names(run_dir: Path) -> list[str]:
