@@ -63,7 +63,10 @@ def parse_since(text: str, now: datetime) -> datetime:
     """`10m`, `2h`, `1d`, `30s` ago, or an ISO 8601 time (UTC if no zone)."""
     match = RELATIVE.match(text.strip())
     if match:
-        return now - timedelta(**{UNITS[match.group(2)]: int(match.group(1))})
+        try:
+            return now - timedelta(**{UNITS[match.group(2)]: int(match.group(1))})
+        except OverflowError:
+            raise ValueError(f"--since {text!r}: that is before the year 1") from None
     try:
         when = datetime.fromisoformat(text.strip())
     except ValueError:

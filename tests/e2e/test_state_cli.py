@@ -68,6 +68,8 @@ def test_state_diff_and_events(cluster: Cluster, app: tuple[str, int, int]) -> N
     (["events", "--type", "Nope"], "unknown event type 'Nope'"),
     (["events", "--category", "nope"], "unknown category 'nope'"),
     (["events", "--since", "yesterday"], "--since 'yesterday'"),
+    (["events", "--since", "99999999d"], "--since '99999999d'"),
+    (["events", "--since", "9999999999d"], "--since '9999999999d'"),
     (["why", "Bad!"], "is not an app name"),
     (["projectors", "rebuild", "nope"], "unknown projector 'nope'"),
 ])
