@@ -187,6 +187,7 @@ def up(cfg: Config) -> None:
     migrations.upgrade(cluster.dsn("tally_owner"))
     for name, args, _ in platform.daemons(cfg):
         daemons.start(cfg.run_dir, cfg.log_dir, name, args)
+    platform.wait_ready(cfg)
     click.echo("tally is up:")
     for n in cluster.status():
         click.echo(f"  ledger node {n.name}: {n.role} on {cluster.spec.host}:{n.port}")

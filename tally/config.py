@@ -13,6 +13,8 @@ TALLY_APPS_DB_PORTS   the apps' PostgreSQL cluster (add-on databases; never the 
                       default 5443,5444
 TALLY_COLLECTOR       where host agents PUSH app logs (`tally serve collector` binds it);
                       default tcp://127.0.0.1:5560
+TALLY_AGENT_PORTS     one app port range per host agent `tally up` starts; default
+                      7000-7099,7100-7199
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class Config:
     app_python: str = ""
     collector: str = "tcp://127.0.0.1:5560"
     apps_db_ports: tuple[int, int] = (5443, 5444)
+    agent_ports: tuple[str, ...] = ("7000-7099", "7100-7199")
+    """One port range per host agent `tally up` starts (h1, h2, ...)."""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Config:
@@ -54,6 +58,8 @@ class Config:
             venv_cache_dir=env.get("TALLY_VENV_CACHE", ""),
             app_python=env.get("TALLY_APP_PYTHON", ""),
             collector=env.get("TALLY_COLLECTOR", "tcp://127.0.0.1:5560"),
+            agent_ports=tuple(r.strip() for r in env.get(
+                "TALLY_AGENT_PORTS", "7000-7099,7100-7199").split(",") if r.strip()),
             apps_db_ports=_two_ports(env.get("TALLY_APPS_DB_PORTS", "5443,5444"),
                                      "TALLY_APPS_DB_PORTS"),
         )

@@ -1,0 +1,58 @@
+"""`tally up` and `tally down` as `make up` runs them, on private ports and a private home:
+every daemon starts, the API answers, a second `up` changes nothing, `down` stops all."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import requests
+
+from ledger.cluster import pid_alive
+from tally import daemons
+from tally.config import Config
+from tests.conftest import free_ports
+
+
+def test_up_then_down() -> None:
+    home = Path(tempfile.mkdtemp(prefix="tally-up-"))
+    home.chmod(0o755)
+    ports = free_ports(9)
+    env = {
+        **os.environ, "TALLY_HOME": str(home),
+        "TALLY_LEDGER_PORTS": f"{ports[0]},{ports[1]}",
+        "TALLY_RELAYS": f"tcp://127.0.0.1:{ports[2]},tcp://127.0.0.1:{ports[3]}",
+        "TALLY_API_BIND": f"127.0.0.1:{ports[4]}",
+        "TALLY_COLLECTOR": f"tcp://127.0.0.1:{ports[5]}",
+        "TALLY_APPS_DB_PORTS": f"{ports[6]},{ports[7]}",
+        "TALLY_AGENT_PORTS": "17300-17309,17310-17319",
+        "TALLY_CREDENTIALS": str(home / "credentials.json"),
+    }
+    cfg = Config.from_env(env)
+
+    def tally(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "tally.cli", *args], env=env,
+                              capture_output=True, text=True, timeout=180)
+    try:
+        first = tally("up")
+        assert first.returncode == 0, first.stderr
+        names = daemons.names(cfg.run_dir)
+        assert {"relay-1", "relay-2", "projectors", "api", "placer", "agent-1",
+                "agent-2", "collector"} <= set(names)
+        assert "first admin" in first.stdout
+        assert requests.get(f"http://{cfg.api_bind}/healthz", timeout=10).ok
+        pids = {n: daemons.pid_of(cfg.run_dir, n) for n in names}
+        again = tally("up")
+        assert again.returncode == 0 and "first admin" not in again.stdout
+        assert {n: daemons.pid_of(cfg.run_dir, n) for n in names} == pids
+        down = tally("down")
+        assert down.returncode == 0, down.stderr
+        assert not any(pid_alive(p) for p in pids.values() if p)
+        assert {n.role for n in cfg.cluster().status()} == {"stopped"}
+    finally:
+        tally("down")
+        shutil.rmtree(home, ignore_errors=True)
