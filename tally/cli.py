@@ -194,6 +194,8 @@ def up(cfg: Config) -> None:
     for name, _, where in platform.daemons(cfg):
         click.echo(f"  {name}: {where} (pid {daemons.pid_of(cfg.run_dir, name)})")
     click.echo(f"  logs: {cfg.log_dir}   stop with: tally down")
+    for line in cli_apps.first_admin(cfg):
+        click.echo(line)
 
 
 @cli.command("down")

@@ -98,7 +98,6 @@ def parse_pairs(pairs: tuple[str, ...], what: str) -> dict[str, str]:
 def register(cli: click.Group) -> None:
     """Add this module's commands to the `tally` group."""
     _serve(cli)
-    _first_admin_on_up(cli)
     _admin(cli)
     _session(cli)
     _apps(cli)
@@ -139,30 +138,19 @@ def _serve(cli: click.Group) -> None:
         Gunicorn(create_app(settings), options(bind, workers, threads)).run()
 
 
-def _first_admin_on_up(cli: click.Group) -> None:
-    """After `tally up`: if no admin exists yet, create one, print its token once, and log
-    this machine's CLI in with it."""
-    up = cli.commands["up"]
-    original = up.callback
-    assert original is not None
+def first_admin(cfg: Config) -> list[str]:
+    """Called by `tally up`: if no admin exists yet, create one, log this machine's CLI in
+    with it, and return the lines that show its token once."""
+    from api.auth import create_user, has_admin
+    from ledger import Ledger
 
-    @wraps(original)
-    def up_then_admin(*args: Any, **kwargs: Any) -> Any:
-        result = original(*args, **kwargs)
-        from api.auth import create_user, has_admin
-        from ledger import Ledger
-
-        cfg = click.get_current_context().obj
-        with Ledger(cfg.cluster().dsn("tally_writer"), retry_deadline=10) as ledger:
-            if has_admin(ledger):
-                return result
-            token = create_user(ledger, "admin", "admin", actor="tally up")
-        path = save_credentials(f"http://{cfg.api_bind}", token, "admin")
-        click.echo(f"  first admin: user `admin`, token {token}\n"
-                   f"  (shown once; saved in {path}; more users: tally admin create-user)")
-        return result
-
-    up.callback = up_then_admin
+    with Ledger(cfg.cluster().dsn("tally_writer"), retry_deadline=10) as ledger:
+        if has_admin(ledger):
+            return []
+        token = create_user(ledger, "admin", "admin", actor="tally up")
+    path = save_credentials(f"http://{cfg.api_bind}", token, "admin")
+    return [f"  first admin: user `admin`, token {token}",
+            f"  (shown once; saved in {path}; more users: tally admin create-user)"]
 
 
 def _admin(cli: click.Group) -> None:
