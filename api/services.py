@@ -49,6 +49,7 @@ class Services:
         self._lock = threading.Lock()
         self._directory = Directory()
         self._refreshed = 0.0
+        self._forced = 0.0
         self._apps: dict[str, AppState] = {}
         self._checked: dict[str, float] = {}
 
@@ -62,11 +63,15 @@ class Services:
         return ledger
 
     # -- auth ------------------------------------------------------------------------------
-    def directory(self, force: bool = False) -> Directory:
+    def directory(self, force: bool = False, asked: float | None = None) -> Directory:
         """Users and tokens, refreshed from the ledger at most every auth_refresh_s
-        (or now, when forced: a token not seen yet may have just been issued)."""
+        (or now, when forced: a token not seen yet may have just been issued). A forced
+        refresh for a request that arrived at `asked` (monotonic) is skipped when another
+        began since: it sequenced and read what was issued before the request."""
         with self._lock:
             now = time.monotonic()
+            if force and asked is not None and self._forced >= asked:
+                force = False
             if force or now - self._refreshed > self.settings.auth_refresh_s:
                 head = self.ledger.sequence() if force else self.ledger.head()
                 while batch := self.ledger.read_all(self._directory.position, upto=head,
@@ -77,11 +82,15 @@ class Services:
                 # matching event (or every refresh would rescan all the events since)
                 self._directory.position = max(self._directory.position, head)
                 self._refreshed = now
+                if force:
+                    self._forced = now
             return self._directory
 
     def authenticate(self, header: str | None) -> Principal:
         token = auth.bearer(header)
-        who = self.directory().lookup(token) or self.directory(force=True).lookup(token)
+        asked = time.monotonic()
+        who = (self.directory().lookup(token)
+               or self.directory(force=True, asked=asked).lookup(token))
         if who is None:
             raise Unauthorized("unknown or revoked API token: run `tally login` again")
         return who

@@ -328,3 +328,45 @@ def test_openapi_documents_every_route_with_schemas() -> None:
             op = doc["paths"][openapi_path(r.rule)][r.method.lower()]
             assert str(r.status) in op["responses"] and op["summary"]
     assert doc["paths"]["/apps"]["post"]["requestBody"]["content"]["application/json"]
+
+
+def test_unknown_tokens_at_once_share_one_forced_refresh() -> None:
+    """An unknown token forces a directory refresh (it may have just been issued), but a
+    flood of them must not read the ledger once each, holding the lock every request
+    waits on: a refresh that began after a request arrived answers it."""
+    import threading
+    import time
+
+    from api.errors import Unauthorized
+    from api.services import Services, Settings
+
+    class SlowLedger:
+        forced = 0
+
+        def sequence(self) -> int:
+            SlowLedger.forced += 1
+            time.sleep(0.05)
+            return 0
+
+        def head(self) -> int:
+            return 0
+
+        def read_all(self, *args: Any, **kwargs: Any) -> list:
+            return []
+
+    class Offline(Services):
+        ledger = SlowLedger()  # type: ignore[assignment]
+
+    svc = Offline(Settings("", Path("/nonexistent")))
+    start = threading.Barrier(8)
+
+    def ask() -> None:
+        start.wait()
+        with pytest.raises(Unauthorized):
+            svc.authenticate("Bearer tly_unknown")
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert SlowLedger.forced <= 3
