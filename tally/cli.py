@@ -186,7 +186,9 @@ def up(cfg: Config) -> None:
     cluster.start()
     migrations.upgrade(cluster.dsn("tally_owner"))
     for name, args, _ in platform.daemons(cfg):
-        daemons.start(cfg.run_dir, cfg.log_dir, name, args)
+        if daemons.pid_of(cfg.run_dir, name) is None:
+            daemons.start(cfg.run_dir, cfg.log_dir, name, args,
+                          env=platform.environment(cfg, name))
     platform.wait_ready(cfg)
     click.echo("tally is up:")
     for n in cluster.status():

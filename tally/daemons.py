@@ -25,8 +25,10 @@ def pid_of(run_dir: Path, name: str) -> int | None:
     return pid if pid_alive(pid) else None
 
 
-def start(run_dir: Path, log_dir: Path, name: str, args: list[str]) -> int:
-    """Start `tally <args>` in the background unless already running; return its pid."""
+def start(run_dir: Path, log_dir: Path, name: str, args: list[str],
+          env: dict[str, str] | None = None) -> int:
+    """Start `tally <args>` (with `env` added to ours) in the background unless already
+    running; return its pid."""
     pid = pid_of(run_dir, name)
     if pid:
         return pid
@@ -35,7 +37,7 @@ def start(run_dir: Path, log_dir: Path, name: str, args: list[str]) -> int:
     with open(log_dir / f"{name}.log", "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "tally.cli", *args], stdout=log, stderr=log,
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            stdin=subprocess.DEVNULL, start_new_session=True, env={**os.environ, **(env or {})},
         )
     (run_dir / f"{name}.pid").write_text(str(proc.pid))
     return proc.pid

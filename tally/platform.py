@@ -26,6 +26,41 @@ def daemons(cfg: Config) -> list[tuple[str, list[str], str]]:
     return out
 
 
+def environment(cfg: Config, name: str) -> dict[str, str]:
+    """Extra environment for one daemon: host agents get their agent token, so they fetch
+    bundles through the API as on a real fleet (never on their command line)."""
+    for i, _ in enumerate(cfg.agent_ports, start=1):
+        if name == f"agent-{i}":
+            return {"TALLY_AGENT_TOKEN": agent_token(cfg, f"h{i}")}
+    return {}
+
+
+def agent_token(cfg: Config, host_id: str) -> str:
+    """The token of user agent-<host>: made on first use, kept in $TALLY_HOME/secrets
+    (0600). A lost file gets the user a new token; the old one keeps its hash only."""
+    from api.auth import create_user, new_token
+    from ledger import Ledger, NewEvent
+
+    path = cfg.home / "secrets" / f"agent-{host_id}.token"
+    if path.exists():
+        return path.read_text().strip()
+    name = f"agent-{host_id}"
+    with Ledger(cfg.cluster().dsn("tally_writer"), retry_deadline=10) as ledger:
+        version = ledger.stream_version(f"user-{name}")
+        if version == 0:
+            token = create_user(ledger, name, "agent", host_id, actor="tally up")
+        else:
+            token, token_id, digest = new_token()
+            ledger.append(f"user-{name}", [NewEvent("TokenIssued", {
+                "user": name, "token_id": token_id, "token_hash": digest,
+                "label": "reissued by tally up"}, {"actor": "tally up", "role": "operator"})],
+                expected_version=version)
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(token + "\n")
+    return token
+
+
 def wait_ready(cfg: Config, timeout: float = 60.0) -> None:
     """Until the API answers /healthz, so `tally up` returns a platform one can use."""
     deadline = time.monotonic() + timeout

@@ -17,6 +17,8 @@ from tally import daemons
 from tally.config import Config
 from tests.conftest import free_ports
 
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "apps"
+
 
 def test_up_then_down() -> None:
     home = Path(tempfile.mkdtemp(prefix="tally-up-"))
@@ -45,6 +47,16 @@ def test_up_then_down() -> None:
                 "agent-2", "collector"} <= set(names)
         assert "first admin" in first.stdout
         assert requests.get(f"http://{cfg.api_bind}/healthz", timeout=10).ok
+        token_file = home / "secrets" / "agent-h1.token"
+        assert token_file.stat().st_mode & 0o777 == 0o600
+
+        # The platform as a developer meets it: deploy the sample app; the agents fetch the
+        # bundle through the API with their own tokens.
+        assert tally("apps:create", "hello").returncode == 0
+        deploy = tally("deploy", "--app", "hello", str(FIXTURES / "hello"))
+        assert deploy.returncode == 0, deploy.stderr
+        assert "healthy" in tally("ps", "--app", "hello").stdout
+
         pids = {n: daemons.pid_of(cfg.run_dir, n) for n in names}
         again = tally("up")
         assert again.returncode == 0 and "first admin" not in again.stdout
