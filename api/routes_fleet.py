@@ -73,7 +73,9 @@ def _self_or_admin(name: str) -> auth.Principal:
 @route("/users/<name>/tokens", "POST", body=schemas.TokenCreate, response=schemas.Token,
        status=201, tag="users", errors=(400, 401, 403, 404, 422))
 def issue_token(name: str) -> ResponseReturnValue:
-    """Issue another token for a user (yourself, or anyone as an admin)."""
+    """Issue another token for a user (yourself, or anyone as an admin; an agent's tokens
+    only as an admin: a stolen agent token must not outlive its revocation)."""
+    require_role(who(), "admin", "member")
     user = _self_or_admin(name)
     label = body(schemas.TokenCreate)["label"]
     token, token_id, digest = auth.new_token()

@@ -476,6 +476,14 @@ def test_agent_reports_only_for_its_host(world: World) -> None:
     assert r.status_code == 422
 
 
+def test_an_agent_token_cannot_mint_more_tokens(world: World) -> None:
+    """A stolen agent token must not outlive its revocation through tokens it issued."""
+    r = world.call("agent", "POST", f"/users/{world.names['agent']}/tokens", {})
+    assert r.status_code == 403, r.json
+    r = world.call("admin", "POST", f"/users/{world.names['agent']}/tokens", {})
+    assert r.status_code == 201 and r.json["role"] == "agent"
+
+
 def test_healthz_and_openapi(world: World) -> None:
     assert world.client.get("/healthz").json["status"] == "ok"
     spec = world.client.get("/openapi.json").json
