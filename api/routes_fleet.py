@@ -232,9 +232,20 @@ def app_events(name: str) -> ResponseReturnValue:
 def _events(q: dict[str, Any], keep: Any, categories: list[str] | None) -> dict[str, Any]:
     """Scan forward from `after` (a bounded number of pages), long-polling while nothing
     matched and the scan reached the end of the ledger. `head` is where to continue from:
-    a scan cut short answers at once, so one request never walks the whole history."""
-    ledger = services().ledger
-    deadline = time.monotonic() + min(q["wait"], services().settings.long_poll_max_s)
+    a scan cut short answers at once, so one request never walks the whole history. Only
+    `long_poll_slots` requests wait at once (each holds a thread); others answer at once."""
+    svc = services()
+    wait = min(q["wait"], svc.settings.long_poll_max_s)
+    slot = wait > 0 and svc.long_polls.acquire(blocking=False)
+    try:
+        return _scan(svc.ledger, q, keep, categories, time.monotonic() + (wait if slot else 0))
+    finally:
+        if slot:
+            svc.long_polls.release()
+
+
+def _scan(ledger: Ledger, q: dict[str, Any], keep: Any, categories: list[str] | None,
+          deadline: float) -> dict[str, Any]:
     after = q["after"]
     while True:
         found: list[RecordedEvent] = []

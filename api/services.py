@@ -34,6 +34,9 @@ class Settings:
     max_bundle_bytes: int = 100 * 1024 * 1024
     auth_refresh_s: float = 1.0
     long_poll_max_s: float = 30.0
+    long_poll_slots: int = 2
+    """Requests that may long-poll at once in this process: each holds a worker thread for
+    its wait, so beyond this many, event reads answer at once instead of waiting."""
     read_fresh_s: float = 0.1
     """Reads may answer from this process's fold of an app checked that recently: another
     worker's write shows within this bound (as with views, but far shorter). Writes always
@@ -52,6 +55,7 @@ class Services:
         self._forced = 0.0
         self._apps: dict[str, AppState] = {}
         self._checked: dict[str, float] = {}
+        self.long_polls = threading.BoundedSemaphore(max(1, settings.long_poll_slots))
 
     @property
     def ledger(self) -> Ledger:

@@ -127,6 +127,8 @@ def _serve(cli: click.Group) -> None:
     @click.option("--threads", default=4, show_default=True)
     def serve_api(bind: str, workers: int, threads: int) -> None:
         """The JSON API under gunicorn."""
+        import dataclasses
+
         from api import create_app
         from api.serve import Gunicorn, options
 
@@ -134,6 +136,8 @@ def _serve(cli: click.Group) -> None:
             settings = api_settings(Config.from_env())
         except (OSError, ValueError) as exc:
             raise click.ClickException(f"cannot configure the API: {exc}") from exc
+        # long-polls may hold half the threads at most: the rest keep answering
+        settings = dataclasses.replace(settings, long_poll_slots=max(1, threads // 2))
         settings.bundles_dir.mkdir(parents=True, exist_ok=True)
         Gunicorn(create_app(settings), options(bind, workers, threads)).run()
 
@@ -326,8 +330,11 @@ def follow(client: Client, app: str, number: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     cursor, seen, said = 0, "", set()
     while True:
+        asked = time.monotonic()
         page = client.get(f"/apps/{app}/events", after=cursor, type=list(ROLLOUT),
-                          wait=min(2.0, max(0.0, deadline - time.monotonic())))
+                          wait=min(2.0, max(0.0, deadline - asked)))
+        if not page["events"] and time.monotonic() - asked < 0.5:
+            time.sleep(0.5)  # the API answered without waiting (busy): do not spin
         cursor = page["head"]
         for e in page["events"]:
             if e["data"].get("release") != number:

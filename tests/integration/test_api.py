@@ -4,6 +4,7 @@ happy path and bad inputs, the permission matrix, concurrent writes."""
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -197,6 +198,28 @@ def test_a_long_poll_never_walks_the_whole_history(world: World,
     r = world.call("owner", "GET", f"/apps/{name}/events?after={after}&wait=1.5")
     assert r.status_code == 200 and r.json["events"] == []
     assert after < r.json["head"] < head, "one page scanned, then answered"
+
+
+def test_long_polls_may_hold_only_their_slots(world: World, cluster: Any,
+                                              tmp_path: Path) -> None:
+    """Each long-poll holds a worker thread: past `long_poll_slots` waiting at once, event
+    reads answer at once, so a few clients cannot take every thread for 30 s."""
+    client = create_app(Settings(cluster.dsn(), tmp_path, long_poll_slots=1,
+                                 long_poll_max_s=3.0)).test_client()
+    auth = {"Authorization": f"Bearer {world.tokens['admin']}"}
+    url = f"/events?after={world.ledger.sequence()}&type=NoSuchType&wait=2.5"
+    took: list[float] = []
+
+    def poll() -> None:
+        began = time.monotonic()
+        assert client.get(url, headers=auth).status_code == 200
+        took.append(time.monotonic() - began)
+    first = threading.Thread(target=poll)
+    first.start()
+    time.sleep(0.5)
+    poll()
+    first.join()
+    assert took[0] < 1.5 <= 2.0 <= took[1], took
 
 
 def test_domains_unique_across_apps(world: World) -> None:
