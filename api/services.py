@@ -136,7 +136,7 @@ class Services:
     def command(self, name: str, who: Principal,
                 decide: Callable[[AppState], list[NewEvent]]) -> AppState:
         """Load the app, decide, append at the version loaded. A concurrent change makes
-        this a 409 carrying the state the other writer left."""
+        this a 409 carrying the state the other writer left (if the caller may see it)."""
         state = self.load_app(name)
         return self.commit(state, decide(state), who)
 
@@ -151,9 +151,11 @@ class Services:
             result = self.append(stream, events, state.version, who)
         except VersionConflict as exc:
             current = self.load_app(name)
+            shown = ({"current": summary(current)}  # only to those who may see that app
+                     if who.is_admin or current.may_manage(who.name) else {})
             raise Conflict(f"app {name} was changed by someone else meanwhile "
                            f"(now at version {exc.actual}); look and try again",
-                           current=summary(current)) from exc
+                           **shown) from exc
         self._checked.pop(name, None)  # again: a read may have refreshed it meanwhile
         # Fold what we just wrote rather than read it back. Not cached: the ledger's
         # recorded_at differs from our clock by a little; the next load reads the real one.

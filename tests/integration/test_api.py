@@ -317,6 +317,22 @@ def test_two_writers_on_one_version_one_wins_other_gets_409_with_state(world: Wo
     assert world.call("owner", "GET", f"/apps/{name}").json["scale"] == {"web": 3}
 
 
+def test_a_lost_create_race_does_not_show_the_winners_app(world: World) -> None:
+    """The 409 carries the current state only to those who may see that app."""
+    from api import decide
+    from api.errors import Conflict
+
+    name = f"race-{uid()}"
+    svc = world.client.application.extensions["tally"]
+    other = svc.directory(force=True).lookup(world.tokens["other"])
+    before = svc.load_app(name)
+    assert world.call("owner", "POST", "/apps", {"name": name}).status_code == 201
+    world.call("owner", "POST", f"/apps/{name}/domains", {"domain": f"{name}.example.com"})
+    with pytest.raises(Conflict) as info:
+        svc.commit(before, decide.create_app(before, other.name), other)
+    assert "current" not in info.value.body(), info.value.body()
+
+
 def test_concurrent_scale_requests_never_lose_an_update(world: World) -> None:
     name = world.new_app(releases=1)
     statuses: list[int] = []
