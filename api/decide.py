@@ -70,7 +70,7 @@ def scale(s: AppState, changes: dict[str, int]) -> list[NewEvent]:
 def change_config(s: AppState, set_: dict[str, str], unset: list[str]) -> list[NewEvent]:
     """Each config change is a new config version and, once there is code, a new release."""
     require_app(s)
-    bad = [k for k in [*set_, *unset] if not CONFIG_KEY.match(k)]
+    bad = [k for k in [*set_, *unset] if not CONFIG_KEY.fullmatch(k)]  # `$` allows "K\n"
     if bad:
         raise Unprocessable(f"invalid config var name {bad[0]!r}: use letters, digits, _",
                             {"set": {k: ["invalid name"] for k in bad}})

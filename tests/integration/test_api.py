@@ -443,6 +443,8 @@ def test_bundle_links_devices_garbage_digest_size(world: World, tmp_path: Path) 
     ("POST", "/apps/{app}/scale", {"scale": {"Web!": 1}}, 422),
     ("POST", "/apps/{app}/scale", {"scale": {"web": "two"}}, 422),
     ("PATCH", "/apps/{app}/config", {"set": {"1BAD": "x"}}, 422),
+    ("PATCH", "/apps/{app}/config", {"set": {"KEY\n": "x"}}, 422),
+    ("PATCH", "/apps/{app}/config", {"unset": ["KEY\n"]}, 422),
     ("PATCH", "/apps/{app}/config", {}, 422),
     ("PATCH", "/apps/{app}/config", {"set": {"A": 1}}, 422),
     ("POST", "/apps/{app}/rollback", {"release": 2}, 422),
