@@ -21,21 +21,22 @@ from marshmallow import Schema, ValidationError, fields, missing, validate
 
 from ledger.errors import InvalidEvent
 
+# Patterns end in \Z, not $: `$` also matches before a final newline ("blog\n").
 APP_NAME = validate.Regexp(
-    r"^[a-z][a-z0-9-]{1,28}[a-z0-9]$",
+    r"^[a-z][a-z0-9-]{1,28}[a-z0-9]\Z",
     error="must be 3-30 characters: lowercase letters, digits and dashes, "
     "starting with a letter and not ending with a dash",
 )
-PROCESS_TYPE = r"^[a-z][a-z0-9_]{0,29}$"
-SHA256 = validate.Regexp(r"^[0-9a-f]{64}$", error="must be a sha256 hex digest")
+PROCESS_TYPE = r"^[a-z][a-z0-9_]{0,29}\Z"
+SHA256 = validate.Regexp(r"^[0-9a-f]{64}\Z", error="must be a sha256 hex digest")
 PORT = validate.Range(min=1, max=65535)
 NON_NEGATIVE = validate.Range(min=0)
 USER_NAME = validate.Regexp(
-    r"^[a-z][a-z0-9_.-]{1,39}$",
+    r"^[a-z][a-z0-9_.-]{1,39}\Z",
     error="must be 2-40 characters: lowercase letters, digits, dots, dashes, underscores, "
     "starting with a letter",
 )
-STREAM_ID = re.compile(r"^([a-z][a-z0-9_]*)-([A-Za-z0-9][A-Za-z0-9_.:*-]*)$")
+STREAM_ID = re.compile(r"^([a-z][a-z0-9_]*)-([A-Za-z0-9][A-Za-z0-9_.:*-]*)\Z")
 
 
 def stream_category(stream: str) -> str:
@@ -118,7 +119,7 @@ class ConfigChanged(Schema):
     """Config vars were set or unset. Values are kept, and shown only when asked."""
 
     app = fields.Str(required=True, validate=APP_NAME)
-    set = fields.Dict(keys=fields.Str(validate=validate.Regexp(r"^[A-Za-z_][A-Za-z0-9_]*$")),
+    set = fields.Dict(keys=fields.Str(validate=validate.Regexp(r"^[A-Za-z_][A-Za-z0-9_]*\Z")),
                       values=fields.Str(), load_default=dict, metadata={"secret": True})
     unset = fields.List(fields.Str(), load_default=list)
     config_version = fields.Int(required=True, validate=NON_NEGATIVE)

@@ -106,3 +106,19 @@ def test_secret_values_are_redacted_for_people() -> None:
     assert data["set"]["DB_PASSWORD"] == "hunter2"  # the stored value is untouched
     assert redacted("AppCreated", {"name": "blog", "owner": "a"}) == {"name": "blog",
                                                                        "owner": "a"}
+
+
+@pytest.mark.parametrize(("category", "type_", "data"), [
+    ("app", "AppCreated", {"name": "blog\n", "owner": "ann"}),
+    ("user", "UserCreated", {"name": "ann\n", "role": "member"}),
+    ("app", "ScaleChanged", {"app": "blog", "scale": {"web\n": 1}}),
+    ("app", "ConfigChanged", {"app": "blog", "set": {"KEY\n": "v"}, "config_version": 1}),
+])
+def test_a_trailing_newline_is_not_a_name(category: str, type_: str, data: dict) -> None:
+    with pytest.raises(InvalidEvent):
+        validate_event(category, type_, data)
+
+
+def test_a_stream_id_with_a_trailing_newline_is_refused() -> None:
+    with pytest.raises(InvalidEvent):
+        stream_category("app-blog\n")
