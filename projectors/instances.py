@@ -46,7 +46,9 @@ def unplaced(t: Tables, e: RecordedEvent) -> None:
 
 @handles("InstanceStarted")
 def started(t: Tables, e: RecordedEvent) -> None:
-    _observe(t, e, "started", pid=e.data["pid"], exit_code=None, signal=None)
+    # exit_code and signal stay: they are the last termination (as Kubernetes' Last State),
+    # what `tally ps` and `why` show for an instance that keeps restarting.
+    _observe(t, e, "started", pid=e.data["pid"])
 
 
 @handles("InstanceHealthy")

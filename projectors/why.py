@@ -202,6 +202,8 @@ def _instance(p: Row, v: dict[str, Tables], now: datetime, out: list[Finding]) -
     if inst is None or inst["state"] == "placed":
         out.append(Finding(f"{where} was placed but has not started yet (the host agent has "
                            "not reported it).", (p["position"],)))
+    elif inst["state"] == "started" and inst["restarts"] >= CRASH_LOOP_RESTARTS:
+        out.append(Finding(_exited(where, inst), (inst["state_position"],)))
     elif inst["state"] == "started":
         out.append(Finding(f"{where} started (pid {inst['pid']}) but has not passed its health "
                            "check yet.", (inst["state_position"],)))

@@ -4,6 +4,7 @@ instance answers HTTP, then `tally ps` shows it; a crashing app is reported with
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,3 +78,8 @@ def test_deploy_of_a_crashing_app_says_why(platform: tuple[Tally, Any]) -> None:
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "v1 failed to deploy" in r.stderr and "crash-looping" in r.stderr, r.stderr
     assert "instances: web" in r.stderr, "progress shown while following"
+    # `tally ps` shows the crash loop too: restarts and the last exit code (3), even while
+    # the instance is between restarts.
+    assert "EXIT_CODE" in tally("ps", "-a", app).stdout
+    (inst,) = json.loads(tally("ps", "-a", app, "--json").stdout)
+    assert inst["exit_code"] == 3 and inst["restarts"] >= 3, inst

@@ -204,3 +204,14 @@ def test_crash_loop_counted_as_the_placer_counts_it() -> None:
     history.instance("InstanceExited", iid, host, exit_code=3, restarts=3)
     text = "\n".join(explain("blog", recorded(history.appends), T0).lines())
     assert "crash-looping: it exited with exit code 3 after 3 restarts" in text, text
+
+
+def test_a_crash_loop_shows_between_restarts_too() -> None:
+    """Restarted again (InstanceStarted), the instance keeps its last exit code and `why`
+    still calls it crash-looping, as Kubernetes keeps Last State and its restarts."""
+    iid, host = "blog-i1", "blog-h1"
+    history = History("blog").host(host).created().released().scaled(1).placed(iid, host)
+    history.instance("InstanceExited", iid, host, exit_code=3, restarts=3)
+    history.instance("InstanceStarted", iid, host, pid=4242).heartbeat(host)
+    text = "\n".join(explain("blog", recorded(history.appends), T0).lines())
+    assert "crash-looping: it exited with exit code 3 after 3 restarts" in text, text
