@@ -1,1 +1,1 @@
-"""tally"""
+"""Composition root: configuration, the `tally` command line, `tally up`."""
