@@ -12,11 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -28,10 +25,10 @@ from psycopg2.extras import execute_values
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import migrations  # noqa: E402
 from ledger import Ledger, NewEvent  # noqa: E402
-from ledger.cluster import Cluster, ClusterSpec  # noqa: E402
+from ledger.cluster import Cluster  # noqa: E402
 from ledger.subscriber import Subscriber  # noqa: E402
+from tests.conftest import RelayProcs, destroy_cluster, make_cluster  # noqa: E402
 
 PAYLOAD = {"host_id": "bench-host-00", "load": 0.42, "memory_used_mb": 812,
            "memory_total_mb": 4096, "instances": 3}
@@ -47,49 +44,23 @@ GRANT ALL ON public.bench_raw, public.bench_raw_id_seq TO tally_writer;
 """
 
 
-def free_ports(n: int) -> list[int]:
-    import socket
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 @contextmanager
 def bench_cluster() -> Iterator[tuple[Cluster, list[str]]]:
-    """A private migrated cluster with two relays; removed afterwards."""
-    root = Path(tempfile.mkdtemp(prefix="tally-bench-"))
-    root.chmod(0o755)
-    cluster = Cluster(ClusterSpec(root / "ledger", ports=tuple(free_ports(2))))
-    relays: list[subprocess.Popen] = []
+    """A private migrated cluster (the tests' own) with two relays; removed afterwards."""
+    cluster = make_cluster()
+    relays = RelayProcs(cluster)
     try:
-        cluster.init()
-        migrations.upgrade(cluster.dsn("tally_owner"))
-        endpoints = [f"tcp://127.0.0.1:{p}" for p in free_ports(2)]
-        env = {"TALLY_HOME": str(root),
-               "TALLY_LEDGER_PORTS": ",".join(map(str, cluster.spec.ports))}
-        import os
-        for ep in endpoints:
-            relays.append(subprocess.Popen(
-                [sys.executable, "-m", "tally.cli", "serve", "relay", "--endpoint", ep],
-                env={**os.environ, **env}, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL))
-        with Ledger(cluster.dsn()) as owner:
-            owner.connection().cursor().execute("SELECT 1")
+        for i in range(2):
+            relays.start(i)
+            relays.wait_ready(i)
         conn = psycopg2.connect(cluster.dsn("tally_owner"))
         conn.autocommit = True
         conn.cursor().execute(BASELINE_DDL)
         conn.close()
-        yield cluster, endpoints
+        yield cluster, relays.endpoints
     finally:
-        for p in relays:
-            p.kill()
-            p.wait()
-        cluster.destroy()
-        shutil.rmtree(root, ignore_errors=True)
+        relays.stop()
+        destroy_cluster(cluster)
 
 
 # --- workers: each runs for `duration` seconds from `start_at`, returns events written ------
