@@ -37,6 +37,7 @@ def test_the_shipper_sends_whole_lines_once_and_keeps_the_host_disk_small(
 
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
+    pull.setsockopt(zmq.RCVTIMEO, 10_000)  # a lost message fails the test, never hangs it
     port = pull.bind_to_random_port("tcp://127.0.0.1")
     shipper = Shipper(f"tcp://127.0.0.1:{port}", tmp_path, ctx, keep_bytes=10)
     try:
@@ -60,4 +61,4 @@ def test_the_shipper_sends_whole_lines_once_and_keeps_the_host_disk_small(
     finally:
         shipper.close()
         pull.close()
-        ctx.term()
+        ctx.destroy(linger=0)  # closes any socket an early failure left open
