@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import psycopg2
 
 from agents import bundle, users, venvs
 from agents.fleet import Fleet
@@ -37,6 +38,7 @@ from agents.loop import every_wakeup
 from agents.placer import catch_up
 from agents.processes import Limits, Processes
 from agents.runs import RunServer
+from agents.stats import Sample, StatsListener, Traffic, usage, write
 from agents.supervision import (
     ALIVE,
     FAILED_CHECKS,
@@ -85,6 +87,8 @@ class Timing:
     health_timeout: float = 1.0
     health_every: float = 5.0
     """Seconds between health checks of a healthy web instance."""
+    stats_every: float = 10.0
+    """Seconds between stats samples (agents/stats.py)."""
 
 
 class Agent:
@@ -107,6 +111,9 @@ class Agent:
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prepare")
         self.preparing: dict[str, Future] = {}
         self.next_beat = 0.0
+        self.statsd = StatsListener()
+        self.traffic = Traffic()
+        self.next_stats = 0.0
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -134,6 +141,7 @@ class Agent:
             if self.shipper is not None:
                 self.shipper.ship()
                 self.shipper.close()
+            self.statsd.close()
             self.pool.shutdown(wait=False, cancel_futures=True)
             if stop_apps:
                 self.stop_all(min(self.timing.grace, 5.0))
@@ -171,6 +179,25 @@ class Agent:
                 log.exception("%s %s failed", action.kind, action.instance_id)
         if self.shipper is not None:
             self.shipper.ship(running=set(self.local))
+        if now >= self.next_stats:
+            self.next_stats = now + self.timing.stats_every
+            self.record_stats()
+
+    def record_stats(self) -> None:
+        """One stats row per running instance; a failed write skips that sample only."""
+        self.traffic.served.update(self.statsd.take())
+        self.traffic.keep_only(set(self.local))
+        samples = []
+        for iid, loc in self.local.items():
+            if loc.state not in ALIVE or loc.pid is None or loc.want is None:
+                continue
+            memory, cpu = usage(loc.pid)
+            samples.append(Sample(loc.want.app, iid, self.spec.host_id,
+                                  self.traffic.report(iid), loc.restarts, memory, cpu))
+        try:
+            write(self.ledger.connection(), samples)
+        except psycopg2.Error as exc:
+            log.warning("stats sample not written: %s", str(exc).strip())
 
     # --- desired --------------------------------------------------------------------------
 
@@ -312,6 +339,7 @@ class Agent:
         env = self.environment(want, venv, user)
         if want.process_type == "web":
             env["GUNICORN_CMD_ARGS"] = (f"--bind {self.spec.address}:{want.port} "
+                                        f"{self.statsd.gunicorn_args(want.instance_id)} "
                                         + env.get("GUNICORN_CMD_ARGS", ""))
         loc.pid = self.procs.start(want.instance_id, want.port, ["/bin/sh", "-c",
                                    f"exec {want.command}"], release, env, self.limits,
@@ -350,8 +378,10 @@ class Agent:
         url = f"http://{self.spec.address}:{want.port}/"
         try:
             with urllib.request.urlopen(url, timeout=self.timing.health_timeout) as r:
+                self.traffic.checked[want.instance_id] += 1  # gunicorn served (and counted) it
                 return r.status < 500
         except urllib.error.HTTPError as exc:
+            self.traffic.checked[want.instance_id] += 1
             return exc.code < 500
         except (OSError, ValueError, http.client.HTTPException):
             return False

@@ -222,3 +222,39 @@ def test_each_app_runs_as_its_own_user_and_cannot_read_the_others(
                    private.credentials_file]:
         answer = read(secret)
         assert not answer["ok"] and "denied" in answer["error"], (secret, answer)
+
+
+def test_requests_restarts_and_memory_go_to_the_stats_table(
+        private: Cluster, agent: AgentProc) -> None:
+    """gunicorn counts its requests (statsd to the agent), the agent adds memory, CPU and
+    restarts, and writes a row per instance every 10 s; its own health checks are not
+    the app's traffic."""
+    import psycopg2
+
+    port = agent.ports[1]
+    iid = "hello2.1.web.s1"
+    with Ledger(private.dsn()) as ledger:
+        deploy(ledger, agent.home, "hello2", app_tarball("hello"), procfile("hello"))
+        place(ledger, "hello2", iid, port)
+        wait_until(lambda: has(ledger, iid, "InstanceHealthy"), 240, "the instance healthy")
+    for _ in range(7):
+        get(port)
+
+    def totals() -> tuple[int, int, int] | None:
+        conn = psycopg2.connect(private.dsn("tally_reader"))
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT coalesce(sum(requests), 0), count(*), "
+                            "coalesce(max(memory_bytes), 0) FROM stats.instance_samples "
+                            "WHERE instance_id = %s", (iid,))
+                got = cur.fetchone()
+        finally:
+            conn.close()
+        return got if got[0] >= 7 else None
+
+    requests, samples, memory = wait_until(totals, 60, "7 requests in the stats table")
+    assert requests == 7, "health checks counted as traffic"
+    assert samples >= 1 and memory > 10 * 2**20  # gunicorn with a worker: tens of MB
+    with Ledger(private.dsn()) as ledger:
+        unplace(ledger, "hello2", iid)
+        wait_until(lambda: has(ledger, iid, "InstanceStopped"), 30, "the instance stopped")

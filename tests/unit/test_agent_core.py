@@ -136,3 +136,26 @@ def test_a_good_bundle_is_unpacked_read_only(tmp_path: Path) -> None:
     assert (release / "app.py").stat().st_mode & 0o777 == 0o444
     assert release.stat().st_mode & 0o777 == 0o555
     assert unpack(path, digest, tmp_path / "releases") == release  # once
+
+
+def test_statsd_datagrams_count_requests_per_instance() -> None:
+    from agents.stats import parse
+
+    datagram = (b"blog.1.web.a.gunicorn.requests:1|c\n"
+                b"blog.1.web.a.gunicorn.request.duration:12.5|ms\n"
+                b"blog.1.web.a.gunicorn.requests:2|c|@1.0\n"
+                b"shop.2.web.b.gunicorn.requests:1|c\n"
+                b"garbage\nx.gunicorn.requests:nan?|c\n")
+    assert parse(datagram) == {"blog.1.web.a": 3, "shop.2.web.b": 1}
+
+
+def test_health_checks_are_not_traffic_even_when_counted_late() -> None:
+    from agents.stats import Traffic
+
+    t = Traffic()
+    t.checked["i"] += 3
+    t.served["i"] += 2  # one check's count is still on its way
+    assert t.report("i") == 0
+    t.served["i"] += 1 + 5  # it arrives, with 5 requests of real traffic
+    assert t.report("i") == 5
+    assert t.report("i") == 0  # each request reported once

@@ -1,0 +1,145 @@
+"""Per-instance stats to PostgreSQL (stats.instance_samples, migration 0005).
+
+Requests are counted by gunicorn itself: started with `--statsd-host` and `--statsd-prefix
+<instance id>`, it sends `<instance id>.gunicorn.requests:1|c` over UDP for every request
+it serves. The agent listens on one loopback UDP port for all its instances; a lost
+datagram loses one count, never blocks an app. Memory and CPU come from psutil over the
+instance's process tree (gunicorn's master and workers), restarts from the agent's own
+count. Every `StatsRecorder.every` seconds one row per running instance is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+from psycopg2.extras import execute_values
+
+log = logging.getLogger("tally.stats")
+SUFFIX = b".gunicorn.requests"
+
+
+def parse(datagram: bytes) -> Counter[str]:
+    """Request counts per instance id in one statsd datagram (one metric per line)."""
+    counts: Counter[str] = Counter()
+    for line in datagram.splitlines():
+        name, _, rest = line.partition(b":")
+        value, _, kind = rest.partition(b"|")
+        if name.endswith(SUFFIX) and kind.startswith(b"c"):
+            try:
+                counts[name[: -len(SUFFIX)].decode()] += int(float(value))
+            except (ValueError, UnicodeDecodeError):
+                continue
+    return counts
+
+
+class StatsListener:
+    """A statsd sink on 127.0.0.1: counts requests per instance until `take`n."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.5)
+        self.port = self.sock.getsockname()[1]
+        self.counts: Counter[str] = Counter()
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="statsd", daemon=True)
+        self.thread.start()
+
+    def gunicorn_args(self, instance_id: str) -> str:
+        """What an instance's gunicorn needs to report its requests here."""
+        return f"--statsd-host 127.0.0.1:{self.port} --statsd-prefix {instance_id}"
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            counts = parse(data)
+            with self.lock:
+                self.counts.update(counts)
+
+    def take(self) -> Counter[str]:
+        """The counts since the last take."""
+        with self.lock:
+            counts, self.counts = self.counts, Counter()
+        return counts
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()
+
+
+@dataclass
+class Traffic:
+    """An instance's requests minus the agent's own health checks, reported once each.
+
+    gunicorn's count of a check can reach us a sample after the check itself, so the
+    subtraction is done on running totals: a sample may lag by a check, none is lost."""
+
+    served: Counter[str] = field(default_factory=Counter)
+    checked: Counter[str] = field(default_factory=Counter)
+    reported: Counter[str] = field(default_factory=Counter)
+
+    def keep_only(self, instance_ids: set[str]) -> None:
+        """Forget instances this host no longer runs."""
+        for counts in (self.served, self.checked, self.reported):
+            for gone in set(counts) - instance_ids:
+                del counts[gone]
+
+    def report(self, instance_id: str) -> int:
+        """Requests of the app's own traffic since the last report."""
+        due = max(0, self.served[instance_id] - self.checked[instance_id])
+        new = max(0, due - self.reported[instance_id])
+        self.reported[instance_id] += new
+        return new
+
+
+@dataclass(frozen=True)
+class Sample:
+    app: str
+    instance_id: str
+    host_id: str
+    requests: int
+    restarts: int
+    memory_bytes: int | None
+    cpu_seconds: float | None
+
+
+def usage(pid: int) -> tuple[int | None, float | None]:
+    """Resident memory and CPU seconds of a process and its children (None: gone)."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return None, None
+    memory, cpu = 0, 0.0
+    for p in procs:
+        try:
+            memory += p.memory_info().rss
+            times = p.cpu_times()
+            cpu += times.user + times.system
+        except psutil.Error:
+            continue
+    return memory, round(cpu, 3)
+
+
+def write(conn: Any, samples: Iterable[Sample]) -> None:
+    """One INSERT for all samples, on an autocommit connection."""
+    rows = [(s.app, s.instance_id, s.host_id, s.requests, s.restarts, s.memory_bytes,
+             s.cpu_seconds) for s in samples]
+    if not rows:
+        return
+    with conn.cursor() as cur:
+        execute_values(cur, "INSERT INTO stats.instance_samples (app, instance_id, host_id, "
+                       "requests, restarts, memory_bytes, cpu_seconds) VALUES %s", rows)
