@@ -55,6 +55,8 @@ RELAY_HOT_S = 1.0
 above NOTIFY_EVERY_S, so an append whose NOTIFY was skipped always finds a hot relay."""
 T = TypeVar("T")
 
+_COLUMNS = "p.position, e.id, e.stream, e.version, e.type, e.data, e.metadata, e.recorded_at"
+
 # Prepared once per connection: planning the statement costs more than running it.
 _PREPARE = [
     """PREPARE tally_append_one(text, text, text, jsonb, jsonb, text, integer) AS
@@ -74,8 +76,8 @@ _PREPARE = [
     RETURNING id, version""",
 ]
 _PREPARE += [
-    """PREPARE tally_read_stream(text, integer, bigint) AS
-    SELECT p.position, e.id, e.stream, e.version, e.type, e.data, e.metadata, e.recorded_at
+    f"""PREPARE tally_read_stream(text, integer, bigint) AS
+    SELECT {_COLUMNS}
     FROM ledger.events e LEFT JOIN ledger.positions p ON p.event_id = e.id
     WHERE e.stream = $1 AND e.version >= $2 ORDER BY e.version LIMIT $3""",
     """PREPARE tally_stream_version(text) AS
@@ -84,7 +86,6 @@ _PREPARE += [
 _EXEC_ONE = "EXECUTE tally_append_one(%s, %s, %s, %s, %s, %s, %s)"
 _EXEC_MANY = "EXECUTE tally_append_many(%s, %s, %s, %s, %s, %s, %s)"
 
-_COLUMNS = "p.position, e.id, e.stream, e.version, e.type, e.data, e.metadata, e.recorded_at"
 
 
 def _dumps(value: Any) -> str:

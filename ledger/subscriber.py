@@ -59,9 +59,5 @@ class Subscriber:
             except ValueError:
                 continue  # not ours: ignore rather than die
 
-    def fileno(self) -> int:
-        """The socket's file descriptor, to select() on beside other sockets."""
-        return self.socket.getsockopt(zmq.FD)
-
     def close(self) -> None:
         self.socket.close()
