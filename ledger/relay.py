@@ -1,11 +1,16 @@
 """The relay: LISTEN on the primary, sequence new events, PUBlish "ledger moved to P".
 
-Run two (`tally serve relay --endpoint ...`): each sequences (the advisory lock makes them
-take turns) and each publishes the head, so losing one loses no wake-up. A published head
+Run two (`tally serve relay --endpoint ...`): each sequences on every NOTIFY and on its
+poll timer, and each publishes the head, so losing one loses no wake-up. A published head
 is only a hint; subscribers always read from their own checkpoint and poll on a timer too.
 
 A relay that has just seen new events stays hot for a second, sequencing every 4 ms, so
-writers need not NOTIFY every append (ledger/store.py explains the pact).
+writers need not NOTIFY every append (ledger/store.py explains the pact). Only one relay at
+a time does that fast polling: the one holding a session advisory lock (the leader). Two
+pollers would double the sequencer's work for nothing, since each call places everything
+committed. A follower that is hot tries for the lock every LEADER_TRY_S; the leader's
+lock goes with its session, so when the leader dies (or loses its connection) the follower
+takes over within that time and polls in its place.
 
 Wire format: a two-frame ZeroMQ message `[b"ledger", b"<position>"]`. The relay also
 republishes the head on every poll tick, so a subscriber that joined late catches up.
@@ -27,7 +32,11 @@ from ledger.store import CHANNEL, RELAY_HOT_S, Ledger
 
 TOPIC = b"ledger"
 HOT_POLL_S = 0.004
-"""While hot, how often a relay sequences without being told (see ledger/store.py)."""
+"""While hot, how often the leader sequences without being told (see ledger/store.py)."""
+LEADER_TRY_S = 0.05
+"""While hot, how often a follower tries to become the leader."""
+LEADER_LOCK = 500152823930
+"""Session advisory lock held by the leading relay (ledger.sequence uses ...929)."""
 log = logging.getLogger("tally.relay")
 
 
@@ -35,13 +44,17 @@ class Relay:
     """One relay daemon. `run()` blocks until `stop` is set."""
 
     def __init__(self, dsn: str, endpoint: str, *, poll_interval: float = 1.0,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, leader_lock: int = LEADER_LOCK) -> None:
         self.dsn = dsn
+        self.leader_lock = leader_lock
         self.endpoint = endpoint
         self.poll_interval = poll_interval
         self.context = context or zmq.Context.instance()
         self.stop = threading.Event()
         self.published = 0
+        self.leader = False
+        self.sequenced = 0
+        """How many times this relay called the sequencer (tests count them)."""
 
     def run(self) -> None:
         pub = self.context.socket(zmq.PUB)
@@ -65,17 +78,27 @@ class Relay:
 
     def _listen_loop(self, ledger: Ledger, pub: zmq.Socket) -> None:
         conn = ledger.connection()
+        self.leader = False  # a new session holds no lock
         with conn.cursor() as cur:
             cur.execute(f"LISTEN {CHANNEL}")
         log.info("relay listening on %s, publishing on %s", conn.dsn.split(" password")[0],
                  self.endpoint)
-        next_tick = hot_until = 0.0
+        next_tick = hot_until = next_try = 0.0
         while not self.stop.is_set():
             now = time.monotonic()
             if now >= next_tick:  # the poll backstop: covers a writer killed before NOTIFY
-                self._publish(pub, ledger.sequence(), force=True)
+                self._publish(pub, self._sequence(ledger), force=True)
                 next_tick = now + self.poll_interval
-            wait = next_tick - now if now >= hot_until else HOT_POLL_S
+            hot = now < hot_until
+            if hot and not self.leader and now >= next_try:
+                self.leader = self._try_lead(conn)
+                next_try = now + LEADER_TRY_S
+            if not hot:
+                wait = next_tick - now
+            elif self.leader:
+                wait = HOT_POLL_S
+            else:
+                wait = min(next_try, hot_until) - now
             ready, _, _ = select.select([conn], [], [], max(0.0, wait))
             if ready:
                 conn.poll()
@@ -83,10 +106,22 @@ class Relay:
                     continue
                 conn.notifies.clear()
                 hot_until = time.monotonic() + RELAY_HOT_S
-            elif time.monotonic() >= hot_until:
+            elif not (hot and self.leader):
                 continue
-            if self._publish(pub, ledger.sequence()):
+            if self._publish(pub, self._sequence(ledger)):
                 hot_until = time.monotonic() + RELAY_HOT_S
+
+    def _sequence(self, ledger: Ledger) -> int:
+        self.sequenced += 1
+        return ledger.sequence()
+
+    def _try_lead(self, conn: Any) -> bool:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_try_advisory_lock(%s)", (self.leader_lock,))
+            won = bool(cur.fetchone()[0])
+        if won:
+            log.info("relay leads: it polls while writers are busy")
+        return won
 
     def _publish(self, pub: Any, head: int, force: bool = False) -> bool:
         """Send the head if it moved (or when forced). True if it moved."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -9,8 +10,10 @@ from collections.abc import Iterator
 import pytest
 
 from ledger import Ledger, NewEvent
+from ledger.relay import Relay
 from ledger.store import NOTIFY_EVERY_S, RELAY_HOT_S
 from ledger.subscriber import Subscriber
+from tests.conftest import free_ports
 from tests.waiting import wait_until
 
 
@@ -83,3 +86,56 @@ def test_subscriber_times_out_quietly(relays) -> None:
         assert sub.wait(0.05) is None
     finally:
         sub.close()
+
+
+@pytest.fixture
+def two_relays(cluster) -> Iterator[list[Relay]]:
+    """Two relays in this process, with their own leader lock (the session's relay
+    processes hold the default one) and a poll timer too slow to matter here."""
+    endpoints = [f"tcp://127.0.0.1:{p}" for p in free_ports(2)]
+    lock = 7_000_000 + uuid.uuid4().int % 1_000_000
+    relays = [Relay(cluster.dsn(), e, poll_interval=60.0, leader_lock=lock)
+              for e in endpoints]
+    threads = [threading.Thread(target=r.run, daemon=True) for r in relays]
+    for t in threads:
+        t.start()
+    yield relays
+    for r, t in zip(relays, threads, strict=True):
+        r.stop.set()
+        t.join(5)
+
+
+def test_one_relay_polls_the_other_takes_over(two_relays: list[Relay], ledger: Ledger,
+                                              cluster) -> None:
+    """While writers are busy only the leader polls (a second poller would double the
+    sequencer's work); when it dies the other takes over the polling."""
+    sub = Subscriber([r.endpoint for r in two_relays])
+    try:
+        wait_until(lambda: sub.wait(0.2) is not None, 10, "no relay heard")
+        before = [r.sequenced for r in two_relays]
+        # 100 appends over ~1 s: a handful of NOTIFYs, the rest found by polling alone.
+        for _ in range(100):
+            woken_for(sub, ledger, append_one(ledger), timeout=2.0)
+        calls = [r.sequenced - b for r, b in zip(two_relays, before, strict=True)]
+        leader = next(r for r in two_relays if r.leader)
+        follower = next(r for r in two_relays if not r.leader)
+        notifies = 1 + int(2.0 / NOTIFY_EVERY_S)
+        assert calls[two_relays.index(follower)] <= notifies + 2, calls
+
+        leader.stop.set()  # its session, and so its lock, ends
+        wait_until(lambda: not _holds_lock(cluster, leader),
+                   10, "the leader still holds its lock")
+        with Ledger(cluster.dsn(), notify=False) as silent:
+            woken_for(sub, ledger, append_one(ledger), timeout=2.0)  # one NOTIFY: hot
+            for _ in range(20):  # no NOTIFY and a 60 s poll timer: only a leader's polling
+                woken_for(sub, silent, append_one(silent), timeout=0.9)
+        assert follower.leader
+    finally:
+        sub.close()
+
+
+def _holds_lock(cluster, relay: Relay) -> bool:
+    with Ledger(cluster.dsn()) as probe, probe.connection().cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                    "AND granted AND objid = %s", (relay.leader_lock % 2**32,))
+        return cur.fetchone()[0] > 0
