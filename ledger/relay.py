@@ -1,16 +1,15 @@
 """The relay: LISTEN on the primary, sequence new events, PUBlish "ledger moved to P".
 
-Run two (`tally serve relay --endpoint ...`): each sequences on every NOTIFY and on its
-poll timer, and each publishes the head, so losing one loses no wake-up. A published head
-is only a hint; subscribers always read from their own checkpoint and poll on a timer too.
-
-A relay that has just seen new events stays hot for a second, sequencing every 4 ms, so
-writers need not NOTIFY every append (ledger/store.py explains the pact). Only one relay at
-a time does that fast polling: the one holding a session advisory lock (the leader). Two
-pollers would double the sequencer's work for nothing, since each call places everything
-committed. A follower that is hot tries for the lock every LEADER_TRY_S; the leader's
-lock goes with its session, so when the leader dies (or loses its connection) the follower
-takes over within that time and polls in its place.
+Run two (`tally serve relay --endpoint ...`). Both LISTEN; one of them, the leader (it
+holds a session advisory lock), sequences on each NOTIFY and then stays hot for a second,
+sequencing every 4 ms, so writers need not NOTIFY every append (ledger/store.py explains
+the pact). The other, the follower, only sequences on its poll timer: a second caller
+would double the sequencer's work for nothing, since each call places everything
+committed. A NOTIFY makes the follower hot too, and while hot it asks for the lock every
+LEADER_TRY_S; the lock goes with the leader's session, so when the leader dies or loses its
+connection, the follower takes over within that time. Both publish the head (the poll
+timer republishes it), so a subscriber connected to both loses no wake-up with one gone.
+A published head is only a hint; subscribers read from their own checkpoint and poll too.
 
 Wire format: a two-frame ZeroMQ message `[b"ledger", b"<position>"]`. The relay also
 republishes the head on every poll tick, so a subscriber that joined late catches up.
@@ -89,11 +88,10 @@ class Relay:
             if now >= next_tick:  # the poll backstop: covers a writer killed before NOTIFY
                 self._publish(pub, self._sequence(ledger), force=True)
                 next_tick = now + self.poll_interval
-            hot = now < hot_until
-            if hot and not self.leader and now >= next_try:
+            if now < hot_until and not self.leader and now >= next_try:
                 self.leader = self._try_lead(conn)
                 next_try = now + LEADER_TRY_S
-            if not hot:
+            if now >= hot_until:
                 wait = next_tick - now
             elif self.leader:
                 wait = HOT_POLL_S
@@ -105,10 +103,12 @@ class Relay:
                 if not conn.notifies:
                     continue
                 conn.notifies.clear()
+                if time.monotonic() >= hot_until:
+                    next_try = 0.0  # just woken: ask for the lead at once
                 hot_until = time.monotonic() + RELAY_HOT_S
-            elif not (hot and self.leader):
-                continue
-            if self._publish(pub, self._sequence(ledger)):
+            if not self.leader:
+                continue  # the leader heard the same NOTIFY and sequences for both
+            if time.monotonic() < hot_until and self._publish(pub, self._sequence(ledger)):
                 hot_until = time.monotonic() + RELAY_HOT_S
 
     def _sequence(self, ledger: Ledger) -> int:

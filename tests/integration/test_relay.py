@@ -107,11 +107,14 @@ def two_relays(cluster) -> Iterator[list[Relay]]:
 
 def test_one_relay_polls_the_other_takes_over(two_relays: list[Relay], ledger: Ledger,
                                               cluster) -> None:
-    """While writers are busy only the leader polls (a second poller would double the
-    sequencer's work); when it dies the other takes over the polling."""
+    """While writers are busy only the leader sequences (a second caller would double the
+    sequencer's work); when it dies the other takes over."""
     sub = Subscriber([r.endpoint for r in two_relays])
     try:
-        wait_until(lambda: sub.wait(0.2) is not None, 10, "no relay heard")
+        # The relays publish on their (here slow) timer or when the head moves: append until
+        # one is heard, as a subscriber that joins late misses what was sent before.
+        wait_until(lambda: append_one(ledger) and sub.wait(0.2) is not None, 10,
+                   "no relay heard")
         before = [r.sequenced for r in two_relays]
         # 100 appends over ~1 s: a handful of NOTIFYs, the rest found by polling alone.
         for _ in range(100):
@@ -119,8 +122,7 @@ def test_one_relay_polls_the_other_takes_over(two_relays: list[Relay], ledger: L
         calls = [r.sequenced - b for r, b in zip(two_relays, before, strict=True)]
         leader = next(r for r in two_relays if r.leader)
         follower = next(r for r in two_relays if not r.leader)
-        notifies = 1 + int(2.0 / NOTIFY_EVERY_S)
-        assert calls[two_relays.index(follower)] <= notifies + 2, calls
+        assert calls[two_relays.index(follower)] <= 1, calls  # its 60 s poll timer at most
 
         leader.stop.set()  # its session, and so its lock, ends
         wait_until(lambda: not _holds_lock(cluster, leader),
