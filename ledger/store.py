@@ -89,8 +89,8 @@ _EXEC_MANY = "EXECUTE tally_append_many(%s, %s, %s, %s, %s, %s, %s)"
 
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+"""Compact JSON (one encoder: json.dumps with options builds a new one per call)."""
 
 
 class Ledger:
@@ -107,6 +107,7 @@ class Ledger:
         self.notify = notify
         self.application_name = application_name
         self._conn: Any = None
+        self._cursor: Any = None
         self._last_notify = -NOTIFY_EVERY_S
         self._nonce = os.urandom(8).hex()
         self._keys = itertools.count()
@@ -122,10 +123,17 @@ class Ledger:
                     cur.execute(statement)
         return self._conn
 
+    def cursor(self) -> Any:
+        """The connection's one cursor, kept: making one per call costs the appends."""
+        if self._cursor is None or self._cursor.closed or self._conn.closed:
+            self._cursor = self.connection().cursor()
+        return self._cursor
+
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+            self._cursor = None
 
     def __enter__(self) -> Ledger:
         return self
@@ -140,8 +148,7 @@ class Ledger:
         delay = 0.05
         while True:
             try:
-                with self.connection().cursor() as cur:
-                    return fn(cur)
+                return fn(self.cursor())
             except (psycopg2.OperationalError, psycopg2.InterfaceError,
                     psycopg2.errors.ReadOnlySqlTransaction) as exc:
                 if isinstance(exc, psycopg2.errors.QueryCanceled):
