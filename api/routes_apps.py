@@ -1,6 +1,7 @@
 """Endpoints of apps and what developers change on them: releases, scale, config, domains,
-maintenance, members. Writes load the app stream, decide (api/decide.py), and append at
-the version loaded; reads of one app fold its stream, so a developer reads their own write."""
+maintenance, members. Writes decide (api/decide.py) on the app folded from its stream and
+append at that version (Services.command); reads of one app fold its stream, so a developer
+reads their own write."""
 
 from __future__ import annotations
 

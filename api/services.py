@@ -13,7 +13,7 @@ from pathlib import Path
 
 from api import auth
 from api.auth import Directory, Principal
-from api.errors import Conflict, NotFound, Unauthorized
+from api.errors import ApiError, Conflict, NotFound, Unauthorized
 from api.state import AppState, fold, summary
 from ledger import Ledger, NewEvent, RecordedEvent, VersionConflict
 from ledger.catalogue import APP_NAME
@@ -39,8 +39,8 @@ class Settings:
     its wait, so beyond this many, event reads answer at once instead of waiting."""
     read_fresh_s: float = 0.1
     """Reads may answer from this process's fold of an app checked that recently: another
-    worker's write shows within this bound (as with views, but far shorter). Writes always
-    load afresh, and a write drops this process's entry, so a client reads its own write."""
+    worker's write shows within this bound (as with views, but far shorter). A write
+    drops the bound for its app here, so a client reads its own write."""
     logs_tail: Callable[[str, int], list[str]] | None = None
     """An app's last log lines, where the log collector writes them (None: no logs)."""
 
@@ -134,34 +134,61 @@ class Services:
         return self.ledger.append(stream, stamped, expected_version=expected)
 
     def command(self, name: str, who: Principal,
-                decide: Callable[[AppState], list[NewEvent]]) -> AppState:
-        """Load the app, decide, append at the version loaded. A concurrent change makes
-        this a 409 carrying the state the other writer left (if the caller may see it)."""
-        state = self.load_app(name)
+                decide: Callable[[AppState], list[NewEvent]],
+                arrived: datetime | None = None) -> AppState:
+        """Decide on the app as it was when the request arrived, append at that version.
+
+        A concurrent change (recorded after `arrived`) makes this a 409 carrying the state
+        the other writer left (if the caller may see it). This process's own fold of the
+        app (kept current by its reads and writes) saves the read in the common case:
+        the append's expected version checks it, and if it was merely behind (the newer
+        events were recorded before the request arrived, by another worker), the request
+        is decided again on the fresh state, exactly as a load at arrival would have.
+        A refusal decided on the kept fold is also decided again, on the fresh state."""
+        arrived = arrived or datetime.now(UTC)
+        kept, state = self._apps.get(name), None
+        if kept is not None:
+            try:
+                events = decide(kept)
+            except ApiError:
+                events = None  # perhaps only because the fold is behind: ask the ledger
+            if events is not None:
+                try:
+                    return self._commit(kept, events, who)
+                except VersionConflict as exc:
+                    state = self.load_app(name)
+                    if state.updated_at is None or state.updated_at >= arrived:
+                        raise self._conflict(state, who, exc.actual) from exc
+        state = state or self.load_app(name)
         return self.commit(state, decide(state), who)
 
     def commit(self, state: AppState, events: list[NewEvent], who: Principal) -> AppState:
         """Append events decided on `state` at its version; the app as it is after."""
+        try:
+            return self._commit(state, events, who)
+        except VersionConflict as exc:
+            raise self._conflict(self.load_app(state.name), who, exc.actual) from exc
+
+    def _conflict(self, current: AppState, who: Principal, actual: int) -> Conflict:
+        shown = ({"current": summary(current)}  # only to those who may see that app
+                 if who.is_admin or current.may_manage(who.name) else {})
+        return Conflict(f"app {current.name} was changed by someone else meanwhile "
+                        f"(now at version {actual}); look and try again", **shown)
+
+    def _commit(self, state: AppState, events: list[NewEvent], who: Principal) -> AppState:
         name = state.name
         if not events:
             return state
         stream = f"app-{name}"
         self._checked.pop(name, None)  # the next read of it here goes to the ledger
-        try:
-            result = self.append(stream, events, state.version, who)
-        except VersionConflict as exc:
-            current = self.load_app(name)
-            shown = ({"current": summary(current)}  # only to those who may see that app
-                     if who.is_admin or current.may_manage(who.name) else {})
-            raise Conflict(f"app {name} was changed by someone else meanwhile "
-                           f"(now at version {exc.actual}); look and try again",
-                           **shown) from exc
+        result = self.append(stream, events, state.version, who)
         self._checked.pop(name, None)  # again: a read may have refreshed it meanwhile
-        # Fold what we just wrote rather than read it back. Not cached: the ledger's
-        # recorded_at differs from our clock by a little; the next load reads the real one.
-        now = datetime.now(UTC)
+        # Fold what we just wrote rather than read it back, with the ledger's clock.
         written = [RecordedEvent(None, id_, stream, version, e.type, e.data,
-                                 {"actor": who.name}, now)
-                   for e, id_, version in zip(events, result.event_ids, result.versions,
-                                              strict=True)]
-        return fold(name, written, state)
+                                 {"actor": who.name}, at)
+                   for e, id_, version, at in zip(events, result.event_ids, result.versions,
+                                                  result.recorded_at, strict=True)]
+        after = fold(name, written, state)
+        if self._apps.get(name, state).version < after.version:
+            self._apps[name] = after  # unless a read here has already gone further
+        return after

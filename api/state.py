@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
 from ledger.events import RecordedEvent
@@ -40,6 +41,8 @@ class AppState:
     scale: dict[str, int] = field(default_factory=dict)
     domains: tuple[str, ...] = ()
     maintenance: bool = False
+    updated_at: datetime | None = None
+    """When the last event folded in was recorded (the ledger's clock)."""
 
     @property
     def config(self) -> dict[str, str]:
@@ -63,7 +66,7 @@ def fold(name: str, events: Iterable[RecordedEvent],
     afresh (the old history stays in the stream)."""
     state = state or AppState(name)
     for ev in events:
-        state = replace(apply(state, ev), version=ev.version)
+        state = replace(apply(state, ev), version=ev.version, updated_at=ev.recorded_at)
     return state
 
 

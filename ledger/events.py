@@ -52,12 +52,13 @@ class RecordedEvent:
 @dataclass(frozen=True)
 class AppendResult:
     """Where an append landed. `duplicate` is True when an idempotency key had already
-    been used and nothing new was written."""
+    been used and nothing new was written. `recorded_at`: the ledger's clock per event."""
 
     stream: str
     event_ids: tuple[int, ...]
     versions: tuple[int, ...]
     duplicate: bool = False
+    recorded_at: tuple[datetime, ...] = ()
 
     @property
     def version(self) -> int:

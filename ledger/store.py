@@ -65,7 +65,7 @@ _PREPARE = [
     SELECT $1, $2, cur.v + 1, $3, $4, $5, $6
     FROM (SELECT coalesce(max(version), 0) AS v FROM ledger.events WHERE stream = $1) cur
     WHERE $7::integer IS NULL OR cur.v = $7
-    RETURNING id, version""",
+    RETURNING id, version, recorded_at""",
     """PREPARE tally_append_many(text, text, text[], text[], text[], text, integer) AS
     INSERT INTO ledger.events (stream, category, version, type, data, metadata, idempotency_key)
     SELECT $1, $2, cur.v + t.n, t.type, t.data::jsonb, t.metadata::jsonb,
@@ -74,7 +74,7 @@ _PREPARE = [
          unnest($3, $4, $5) WITH ORDINALITY AS t(type, data, metadata, n)
     WHERE $7::integer IS NULL OR cur.v = $7
     ORDER BY t.n
-    RETURNING id, version""",
+    RETURNING id, version, recorded_at""",
 ]
 _PREPARE += [
     f"""PREPARE tally_read_stream(text, integer, bigint) AS
@@ -227,8 +227,7 @@ class Ledger:
                     continue
                 rows = []
             if rows:
-                return AppendResult(params["stream"], tuple(r[0] for r in rows),
-                                    tuple(r[1] for r in rows))
+                return _result(params["stream"], rows)
             earlier = self._lookup_key(cur, params["key"])
             if earlier:
                 return self._original(cur, params)
@@ -248,11 +247,9 @@ class Ledger:
         if stream != params["stream"]:
             raise IdempotencyConflict(
                 f"idempotency key {params['key']!r} was used for stream {stream!r}")
-        cur.execute("SELECT id, version FROM ledger.events WHERE tx_id = %s AND stream = %s "
-                    "ORDER BY id", (tx_id, stream))
-        rows = cur.fetchall()
-        return AppendResult(stream, tuple(r[0] for r in rows), tuple(r[1] for r in rows),
-                            duplicate=True)
+        cur.execute("SELECT id, version, recorded_at FROM ledger.events "
+                    "WHERE tx_id = %s AND stream = %s ORDER BY id", (tx_id, stream))
+        return _result(stream, cur.fetchall(), duplicate=True)
 
     def _version(self, cur: Any, stream: str) -> int:
         cur.execute("EXECUTE tally_stream_version(%s)", (stream,))
@@ -337,6 +334,11 @@ class Ledger:
                         "WHERE event_id = ANY(%s)", (list(event_ids),))
             return dict(cur.fetchall())
         return self._retrying(run)
+
+
+def _result(stream: str, rows: list[tuple], duplicate: bool = False) -> AppendResult:
+    ids, versions, recorded = zip(*rows, strict=True)
+    return AppendResult(stream, ids, versions, duplicate, recorded)
 
 
 def _recorded(row: tuple) -> RecordedEvent:

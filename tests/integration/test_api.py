@@ -317,6 +317,49 @@ def test_two_writers_on_one_version_one_wins_other_gets_409_with_state(world: Wo
     assert world.call("owner", "GET", f"/apps/{name}").json["scale"] == {"web": 3}
 
 
+def test_a_worker_whose_copy_is_behind_decides_again_without_409(world: World) -> None:
+    """Writes decide on the worker's own fold of the app (no read); one written meanwhile
+    by another worker is caught by the expected version and the request decided again on
+    the fresh state: no 409 for a client that raced nobody, and no update lost."""
+    name = world.new_app(releases=1)
+    second = create_app(world.client.application.extensions["tally"].settings).test_client()
+    owner = {"Authorization": f"Bearer {world.tokens['owner']}"}
+    first = world.client
+    assert first.post(f"/apps/{name}/scale", json={"scale": {"web": 2}},
+                      headers=owner).status_code == 200
+    assert second.post(f"/apps/{name}/scale", json={"scale": {"worker": 1}},
+                       headers=owner).status_code == 200
+    r = first.post(f"/apps/{name}/scale", json={"scale": {"web": 3}}, headers=owner)
+    assert r.status_code == 200, r.json
+    assert r.json["scale"] == {"web": 3, "worker": 1}
+    # a refusal decided on a copy that is behind is decided again on the fresh state:
+    # the first worker has not seen the release that brings a `clock` process type
+    files = {**BUNDLE, "Procfile": BUNDLE["Procfile"] + "clock: python clock.py\n"}
+    assert second.post(f"/apps/{name}/releases", data=pack_files(files), headers={
+        **owner, "Content-Type": "application/gzip"}).status_code == 201
+    r = first.post(f"/apps/{name}/scale", json={"scale": {"clock": 1}}, headers=owner)
+    assert r.status_code == 200, r.json
+    assert r.json["scale"] == {"web": 3, "worker": 1, "clock": 1}
+
+
+def test_a_change_recorded_after_the_request_arrived_is_a_409(world: World) -> None:
+    from datetime import UTC, datetime
+
+    from api import decide
+    from api.errors import Conflict
+
+    name = world.new_app(releases=1)
+    svc = world.client.application.extensions["tally"]
+    other = create_app(svc.settings).extensions["tally"]
+    owner = svc.directory().lookup(world.tokens["owner"])
+    svc.load_app(name)  # this worker's copy
+    arrived = datetime.now(UTC)  # our request arrives, then the other worker writes
+    other.command(name, owner, lambda s: decide.scale(s, {"web": 5}))
+    with pytest.raises(Conflict) as info:
+        svc.command(name, owner, lambda s: decide.scale(s, {"web": 4}), arrived=arrived)
+    assert info.value.extra["current"]["scale"] == {"web": 5}
+
+
 def test_a_lost_create_race_does_not_show_the_winners_app(world: World) -> None:
     """The 409 carries the current state only to those who may see that app."""
     from api import decide
