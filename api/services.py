@@ -144,15 +144,16 @@ class Services:
         the append's expected version checks it, and if it was merely behind (the newer
         events were recorded before the request arrived, by another worker), the request
         is decided again on the fresh state, exactly as a load at arrival would have.
-        A refusal decided on the kept fold is also decided again, on the fresh state."""
+        A refusal or a no-op decided on the kept fold is decided again on the fresh state."""
         arrived = arrived or datetime.now(UTC)
         kept, state = self._apps.get(name), None
         if kept is not None:
             try:
                 events = decide(kept)
             except ApiError:
-                events = None  # perhaps only because the fold is behind: ask the ledger
-            if events is not None:
+                events = []
+            # A refusal or a no-op may only mean that the fold is behind: ask the ledger.
+            if events:
                 try:
                     return self._commit(kept, events, who)
                 except VersionConflict as exc:

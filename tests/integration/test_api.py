@@ -340,6 +340,12 @@ def test_a_worker_whose_copy_is_behind_decides_again_without_409(world: World) -
     r = first.post(f"/apps/{name}/scale", json={"scale": {"clock": 1}}, headers=owner)
     assert r.status_code == 200, r.json
     assert r.json["scale"] == {"web": 3, "worker": 1, "clock": 1}
+    # so is a no-op: the first worker still thinks maintenance is off
+    assert second.put(f"/apps/{name}/maintenance", json={"enabled": True},
+                      headers=owner).status_code == 200
+    r = first.put(f"/apps/{name}/maintenance", json={"enabled": False}, headers=owner)
+    assert r.status_code == 200 and r.json["maintenance"] is False, r.json
+    assert second.get(f"/apps/{name}", headers=owner).json["maintenance"] is False
 
 
 def test_a_change_recorded_after_the_request_arrived_is_a_409(world: World) -> None:
