@@ -32,6 +32,8 @@ from ledger.store import CHANNEL, RELAY_HOT_S, Ledger
 TOPIC = b"ledger"
 HOT_POLL_S = 0.004
 """While hot, how often the leader sequences without being told (see ledger/store.py)."""
+IDLE_WAIT_S = 0.5
+"""The longest a relay waits without looking at its stop flag."""
 LEADER_TRY_S = 0.05
 """While hot, how often a follower tries to become the leader."""
 LEADER_LOCK = 500152823930
@@ -92,16 +94,20 @@ class Relay:
                 self.leader = self._try_lead(conn)
                 next_try = now + LEADER_TRY_S
             if now >= hot_until:
-                wait = next_tick - now
+                wait = min(next_tick - now, IDLE_WAIT_S)
             elif self.leader:
                 wait = HOT_POLL_S
             else:
                 wait = min(next_try, hot_until) - now
-            ready, _, _ = select.select([conn], [], [], max(0.0, wait))
-            if ready:
+            # A NOTIFY that came in during our own queries is already in conn.notifies
+            # and will not make the socket readable again.
+            heard = bool(conn.notifies)
+            if not heard and select.select([conn], [], [], max(0.0, wait))[0]:
                 conn.poll()
-                if not conn.notifies:
+                heard = bool(conn.notifies)
+                if not heard:
                     continue
+            if heard:
                 conn.notifies.clear()
                 if time.monotonic() >= hot_until:
                     next_try = 0.0  # just woken: ask for the lead at once

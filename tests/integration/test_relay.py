@@ -89,55 +89,53 @@ def test_subscriber_times_out_quietly(relays) -> None:
 
 
 @pytest.fixture
-def two_relays(cluster) -> Iterator[list[Relay]]:
+def two_relays(cluster) -> Iterator[list[tuple[Relay, threading.Thread]]]:
     """Two relays in this process, with their own leader lock (the session's relay
     processes hold the default one) and a poll timer too slow to matter here."""
     endpoints = [f"tcp://127.0.0.1:{p}" for p in free_ports(2)]
     lock = 7_000_000 + uuid.uuid4().int % 1_000_000
     relays = [Relay(cluster.dsn(), e, poll_interval=60.0, leader_lock=lock)
               for e in endpoints]
-    threads = [threading.Thread(target=r.run, daemon=True) for r in relays]
-    for t in threads:
+    pairs = [(r, threading.Thread(target=r.run, daemon=True)) for r in relays]
+    for _, t in pairs:
         t.start()
-    yield relays
-    for r, t in zip(relays, threads, strict=True):
+    yield pairs
+    for r, t in pairs:
         r.stop.set()
         t.join(5)
 
 
-def test_one_relay_polls_the_other_takes_over(two_relays: list[Relay], ledger: Ledger,
-                                              cluster) -> None:
+def test_one_relay_polls_the_other_takes_over(two_relays, ledger: Ledger, cluster) -> None:
     """While writers are busy only the leader sequences (a second caller would double the
     sequencer's work); when it dies the other takes over."""
-    sub = Subscriber([r.endpoint for r in two_relays])
+    relays = [r for r, _ in two_relays]
+    sub = Subscriber([r.endpoint for r in relays])
+
+    def woken_after_notify() -> bool:
+        with Ledger(cluster.dsn()) as fresh:  # a writer's first append always NOTIFYs
+            try:
+                woken_for(sub, fresh, append_one(fresh), timeout=0.5)
+                return True
+            except AssertionError:  # relays not listening yet, or we joined late
+                return False
     try:
-        # The relays publish on their (here slow) timer or when the head moves: append until
-        # one is heard, as a subscriber that joins late misses what was sent before.
-        wait_until(lambda: append_one(ledger) and sub.wait(0.2) is not None, 10,
-                   "no relay heard")
-        before = [r.sequenced for r in two_relays]
+        wait_until(woken_after_notify, 10, "no relay woke us")
+        before = [r.sequenced for r in relays]
         # 100 appends over ~1 s: a handful of NOTIFYs, the rest found by polling alone.
         for _ in range(100):
             woken_for(sub, ledger, append_one(ledger), timeout=2.0)
-        calls = [r.sequenced - b for r, b in zip(two_relays, before, strict=True)]
-        leader = next(r for r in two_relays if r.leader)
-        follower = next(r for r in two_relays if not r.leader)
-        assert calls[two_relays.index(follower)] <= 1, calls  # its 60 s poll timer at most
+        calls = [r.sequenced - b for r, b in zip(relays, before, strict=True)]
+        (leader, thread), = [(r, t) for r, t in two_relays if r.leader]
+        follower = next(r for r in relays if r is not leader)
+        assert calls[relays.index(follower)] <= 1, calls  # its 60 s poll timer at most
 
-        leader.stop.set()  # its session, and so its lock, ends
-        wait_until(lambda: not _holds_lock(cluster, leader),
-                   10, "the leader still holds its lock")
+        leader.stop.set()  # it closes its session, and so its lock goes
+        thread.join(5)
+        assert not thread.is_alive()
+        assert wait_until(woken_after_notify, 10, "no relay woke us after the leader left")
         with Ledger(cluster.dsn(), notify=False) as silent:
-            woken_for(sub, ledger, append_one(ledger), timeout=2.0)  # one NOTIFY: hot
             for _ in range(20):  # no NOTIFY and a 60 s poll timer: only a leader's polling
                 woken_for(sub, silent, append_one(silent), timeout=0.9)
         assert follower.leader
     finally:
         sub.close()
-
-
-def _holds_lock(cluster, relay: Relay) -> bool:
-    with Ledger(cluster.dsn()) as probe, probe.connection().cursor() as cur:
-        cur.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
-                    "AND granted AND objid = %s", (relay.leader_lock % 2**32,))
-        return cur.fetchone()[0] > 0
