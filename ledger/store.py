@@ -56,7 +56,8 @@ RELAY_HOT_S = 1.0
 above NOTIFY_EVERY_S, so an append whose NOTIFY was skipped always finds a hot relay."""
 T = TypeVar("T")
 
-_COLUMNS = "p.position, e.id, e.stream, e.version, e.type, e.data, e.metadata, e.recorded_at"
+COLUMNS = "p.position, e.id, e.stream, e.version, e.type, e.data, e.metadata, e.recorded_at"
+"""What `recorded` turns into an event, from events e joined with positions p."""
 
 # Prepared once per connection: planning the statement costs more than running it.
 _PREPARE = [
@@ -78,7 +79,7 @@ _PREPARE = [
 ]
 _PREPARE += [
     f"""PREPARE tally_read_stream(text, integer, bigint) AS
-    SELECT {_COLUMNS}
+    SELECT {COLUMNS}
     FROM ledger.events e LEFT JOIN ledger.positions p ON p.event_id = e.id
     WHERE e.stream = $1 AND e.version >= $2 ORDER BY e.version LIMIT $3""",
     """PREPARE tally_stream_version(text) AS
@@ -279,12 +280,7 @@ class Ledger:
     # -- reading -------------------------------------------------------------------------
     def head(self) -> int:
         """The highest position readers can see: everything at or below it is final."""
-        return self._retrying(self._head)
-
-    @staticmethod
-    def _head(cur: Any) -> int:
-        cur.execute("SELECT coalesce(max(position), 0) FROM ledger.positions")
-        return cur.fetchone()[0]
+        return self._retrying(head_of)
 
     def read_all(self, after: int = 0, *, limit: int = 1000, upto: int | None = None,
                  categories: Iterable[str] | None = None,
@@ -303,13 +299,13 @@ class Ledger:
         if types is not None:
             where.append("e.type = ANY(%(types)s)")
             params["types"] = list(types)
-        sql = (f"SELECT {_COLUMNS} FROM ledger.positions p JOIN ledger.events e "
+        sql = (f"SELECT {COLUMNS} FROM ledger.positions p JOIN ledger.events e "
                f"ON e.id = p.event_id WHERE {' AND '.join(where)} "
                f"ORDER BY p.position LIMIT %(limit)s")
 
         def run(cur: Any) -> list[RecordedEvent]:
             cur.execute(sql, params)
-            return [_recorded(row) for row in cur.fetchall()]
+            return [recorded(row) for row in cur.fetchall()]
         return self._retrying(run)
 
     def read_stream(self, stream: str, from_version: int = 1,
@@ -319,7 +315,7 @@ class Ledger:
 
         def run(cur: Any) -> list[RecordedEvent]:
             cur.execute("EXECUTE tally_read_stream(%s, %s, %s)", (stream, from_version, limit))
-            return [_recorded(row) for row in cur.fetchall()]
+            return [recorded(row) for row in cur.fetchall()]
         return self._retrying(run)
 
     def stream_version(self, stream: str) -> int:
@@ -337,11 +333,18 @@ class Ledger:
 
 
 def _result(stream: str, rows: list[tuple], duplicate: bool = False) -> AppendResult:
-    ids, versions, recorded = zip(*rows, strict=True)
-    return AppendResult(stream, ids, versions, duplicate, recorded)
+    ids, versions, recorded_at = zip(*rows, strict=True)
+    return AppendResult(stream, ids, versions, duplicate, recorded_at)
 
 
-def _recorded(row: tuple) -> RecordedEvent:
+def head_of(cur: Any) -> int:
+    """The head (see Ledger.head), for readers holding a plain cursor."""
+    cur.execute("SELECT coalesce(max(position), 0) FROM ledger.positions")
+    return cur.fetchone()[0]
+
+
+def recorded(row: tuple) -> RecordedEvent:
+    """A row of COLUMNS as an event, its payload upcast to the current schema."""
     position, id_, stream, version, type_, data, metadata, recorded_at = row
     stored = metadata.get("schema", 1) if isinstance(metadata, dict) else 1
     return RecordedEvent(position, id_, stream, version, type_, upcast(type_, data, stored),

@@ -10,20 +10,13 @@ from typing import Any
 
 import psycopg2
 
-from ledger.catalogue import CATALOGUE, event_type, stream_category, upcast
+from ledger.catalogue import CATALOGUE, event_type, stream_category
 from ledger.events import RecordedEvent
+from ledger.store import COLUMNS, head_of, recorded
 from projectors import ALL
 from projectors.why import Explanation, explain
 
-_SELECT = ("SELECT p.position, e.id, e.stream, e.version, e.type, e.data, e.metadata, "
-           "e.recorded_at FROM ledger.positions p JOIN ledger.events e ON e.id = p.event_id")
-
-
-def _recorded(row: tuple) -> RecordedEvent:
-    position, id_, stream, version, type_, data, metadata, recorded_at = row
-    stored = metadata.get("schema", 1) if isinstance(metadata, dict) else 1
-    return RecordedEvent(position, id_, stream, version, type_, upcast(type_, data, stored),
-                         metadata, recorded_at)
+_SELECT = f"SELECT {COLUMNS} FROM ledger.positions p JOIN ledger.events e ON e.id = p.event_id"
 
 
 def check_filters(stream: str | None, category: str | None, type_: str | None) -> None:
@@ -58,7 +51,7 @@ def read_events(conn: Any, *, after: int | None = None, stream: str | None = Non
     with conn.cursor() as cur:
         cur.execute(f"{_SELECT} WHERE {' AND '.join(where)} ORDER BY p.position {order} "
                     "LIMIT %s", (*args, limit))
-        events = [_recorded(r) for r in cur.fetchall()]
+        events = [recorded(r) for r in cur.fetchall()]
     return events if after is not None else events[::-1]
 
 
@@ -91,8 +84,7 @@ def status(dsn: str) -> list[dict[str, Any]]:
                 JOIN ledger.events e ON e.id = p.event_id
                 WHERE p.position > c.position ORDER BY p.position LIMIT 1) e ON true""")
         rows = {r[0]: r for r in cur.fetchall()}
-        cur.execute("SELECT coalesce(max(position), 0) FROM ledger.positions")
-        head = cur.fetchone()[0]
+        head = head_of(cur)
     conn.close()
     out = []
     for p in ALL:
@@ -120,14 +112,13 @@ def why(dsn: str, app: str, now: datetime) -> Explanation:
         events += _streams(conn, [f"instance-{i}" for i in sorted(instance_ids)])
         with conn.cursor() as cur:
             cur.execute(f"{_SELECT} WHERE e.stream LIKE 'host-%'")
-            host_events = [_recorded(r) for r in cur.fetchall()]
+            host_events = [recorded(r) for r in cur.fetchall()]
             events += host_events
             for host_id in sorted({e.data["host_id"] for e in host_events}):
                 cur.execute(f"{_SELECT} WHERE e.stream = %s ORDER BY e.version DESC LIMIT 1",
                             (f"heartbeat-{host_id}",))
-                events += [_recorded(r) for r in cur.fetchall()]
-            cur.execute("SELECT coalesce(max(position), 0) FROM ledger.positions")
-            head = cur.fetchone()[0]
+                events += [recorded(r) for r in cur.fetchall()]
+            head = head_of(cur)
     conn.close()
     explanation = explain(app, events, now)
     return Explanation(explanation.app, explanation.serving, head, explanation.findings)
@@ -136,4 +127,4 @@ def why(dsn: str, app: str, now: datetime) -> Explanation:
 def _streams(conn: Any, streams: Iterable[str]) -> list[RecordedEvent]:
     with conn.cursor() as cur:
         cur.execute(f"{_SELECT} WHERE e.stream = ANY(%s) ORDER BY p.position", (list(streams),))
-        return [_recorded(r) for r in cur.fetchall()]
+        return [recorded(r) for r in cur.fetchall()]

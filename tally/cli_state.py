@@ -24,6 +24,7 @@ import psycopg2
 
 from ledger.catalogue import redacted
 from ledger.errors import LedgerError
+from ledger.store import head_of
 from tally.config import Config
 
 RELATIVE = re.compile(r"^(\d+)([smhd])$")
@@ -260,7 +261,8 @@ def register(cli: click.Group) -> None:
         conn = psycopg2.connect(_dsn(cfg), application_name="tally-events")
         conn.autocommit = True
         try:
-            head = _head(conn)  # before the first page: what comes after is followed
+            with conn.cursor() as cur:  # before the first page: what comes after is followed
+                head = head_of(cur)
             last = show(conn, after)
             if follow:
                 _follow(cfg, conn, head if last is None else last, show)
@@ -292,12 +294,6 @@ def _check_app(name: str) -> None:
 
     if not APP_NAME.regex.match(name):
         raise ValueError(f"{name!r} is not an app name: it {APP_NAME.error}")
-
-
-def _head(conn: Any) -> int:
-    with conn.cursor() as cur:
-        cur.execute("SELECT coalesce(max(position), 0) FROM ledger.positions")
-        return cur.fetchone()[0]
 
 
 def _follow(cfg: Config, conn: Any, last: int,
