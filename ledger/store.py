@@ -90,8 +90,30 @@ _EXEC_MANY = "EXECUTE tally_append_many(%s, %s, %s, %s, %s, %s, %s)"
 
 
 
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-"""Compact JSON (one encoder: json.dumps with options builds a new one per call)."""
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False).encode
+"""Compact JSON (one encoder: json.dumps with options builds a new one per call). Payloads
+are validated plain data, so the circular-reference bookkeeping is skipped."""
+_DISCONNECTED = (psycopg2.OperationalError, psycopg2.InterfaceError,
+                 psycopg2.errors.ReadOnlySqlTransaction)
+"""Errors after which the append is sent again on a new connection (the key makes it safe);
+a statement timeout (QueryCanceled, an OperationalError) is not one of them."""
+
+
+def _encoded(category: str, ev: NewEvent) -> tuple[str, str, str]:
+    """An event as (type, data JSON, metadata JSON) for the append statement, validated
+    and within the size limits."""
+    data = _dumps(validate_event(category, ev.type, ev.data))
+    schema = CATALOGUE[ev.type].version
+    meta = _dumps({**ev.metadata, "schema": schema}) if ev.metadata else f'{{"schema":{schema}}}'
+    # A str of n characters encodes to at most 4n bytes: most skip the encoding.
+    if len(data) * 4 > MAX_DATA_BYTES and len(data.encode()) > MAX_DATA_BYTES:
+        raise InvalidEvent(
+            f"{ev.type} payload is {len(data.encode())} bytes; the limit is {MAX_DATA_BYTES}",
+            {"_size": [f"larger than {MAX_DATA_BYTES} bytes"]})
+    if len(meta) * 4 > MAX_METADATA_BYTES and len(meta.encode()) > MAX_METADATA_BYTES:
+        raise InvalidEvent(f"metadata larger than {MAX_METADATA_BYTES} bytes",
+                           {"_metadata": [f"larger than {MAX_METADATA_BYTES} bytes"]})
+    return ev.type, data, meta
 
 
 class Ledger:
@@ -145,17 +167,18 @@ class Ledger:
     def _retrying(self, fn: Callable[[Any], T]) -> T:
         """Run fn(cursor); on a lost connection reconnect (the DSN finds the primary)
         and run it again, until the deadline."""
-        deadline = time.monotonic() + self.retry_deadline
+        deadline = None  # counted from the first failure: the common case reads no clock
         delay = 0.05
         while True:
             try:
                 return fn(self.cursor())
-            except (psycopg2.OperationalError, psycopg2.InterfaceError,
-                    psycopg2.errors.ReadOnlySqlTransaction) as exc:
+            except _DISCONNECTED as exc:
                 if isinstance(exc, psycopg2.errors.QueryCanceled):
                     raise LedgerUnavailable(f"ledger statement timed out: {exc}") from exc
                 self.close()
-                if time.monotonic() + delay > deadline:
+                now = time.monotonic()
+                deadline = deadline or now + self.retry_deadline
+                if now + delay > deadline:
                     raise LedgerUnavailable(
                         f"no writable ledger primary within {self.retry_deadline:.0f}s: "
                         f"{str(exc).strip() or type(exc).__name__}"
@@ -172,6 +195,9 @@ class Ledger:
         mismatch raises VersionConflict carrying the actual version. Sending the same
         idempotency_key again returns the first result and writes nothing.
         """
+        # Kept short on purpose: the client's CPU per append counts as much as the
+        # server's under load, and Python that runs right after a blocking round trip
+        # runs with cold caches, several times slower than a micro-benchmark says.
         category = stream_category(stream)
         if not events:
             raise InvalidEvent("nothing to append", {"_events": ["empty"]})
@@ -181,73 +207,59 @@ class Ledger:
         if expected_version is not None and expected_version < 0:
             raise InvalidEvent("expected_version must be ANY, NO_STREAM (0) or a version",
                                {"expected_version": ["must be >= 0"]})
-        types, datas, metas = [], [], []
-        for ev in events:
-            data = _dumps(validate_event(category, ev.type, ev.data))
-            schema = CATALOGUE[ev.type].version
-            meta = _dumps({**ev.metadata, "schema": schema}) if ev.metadata else \
-                f'{{"schema":{schema}}}'
-            # A str of n characters encodes to at most 4n bytes: most skip the encoding.
-            if len(data) * 4 > MAX_DATA_BYTES and len(data.encode()) > MAX_DATA_BYTES:
-                raise InvalidEvent(
-                    f"{ev.type} payload is {len(data.encode())} bytes; the limit is "
-                    f"{MAX_DATA_BYTES}", {"_size": [f"larger than {MAX_DATA_BYTES} bytes"]})
-            if len(meta) * 4 > MAX_METADATA_BYTES and len(meta.encode()) > MAX_METADATA_BYTES:
-                raise InvalidEvent(f"metadata larger than {MAX_METADATA_BYTES} bytes",
-                                   {"_metadata": [f"larger than {MAX_METADATA_BYTES} bytes"]})
-            types.append(ev.type)
-            datas.append(data)
-            metas.append(meta)
         # Generated keys are time-ordered so they land at the index's right edge (a random
         # key costs PostgreSQL twice the index work per append), and unique by this
         # object's random nonce and counter (no syscall per append, unlike uuid4).
         key = idempotency_key or f"{time.time_ns():016x}{self._nonce}{next(self._keys):x}"
         if len(events) == 1:
-            args = (stream, category, types[0], datas[0], metas[0], key, expected_version)
-            params = {"stream": stream, "sql": _EXEC_ONE, "args": args}
+            sql = _EXEC_ONE
+            args: tuple = (stream, category, *_encoded(category, events[0]), key,
+                           expected_version)
         else:
-            args = (stream, category, types, datas, metas, key, expected_version)
-            params = {"stream": stream, "sql": _EXEC_MANY, "args": args}
-        params.update(key=key, expected=expected_version)
-        result = self._retrying(lambda cur: self._append_once(cur, params))
-        now = time.monotonic()
-        if self.notify and not result.duplicate and now - self._last_notify >= NOTIFY_EVERY_S:
-            self._last_notify = now
-            self._wake()
+            types, datas, metas = zip(*[_encoded(category, ev) for ev in events], strict=True)
+            sql = _EXEC_MANY
+            args = (stream, category, list(types), list(datas), list(metas), key,
+                    expected_version)
+        result = self._retrying(lambda cur: self._append_once(cur, stream, sql, args))
+        if self.notify and not result.duplicate:
+            now = time.monotonic()
+            if now - self._last_notify >= NOTIFY_EVERY_S:
+                self._last_notify = now
+                self._wake()
         return result
 
-    def _append_once(self, cur: Any, params: dict[str, Any]) -> AppendResult:
+    def _append_once(self, cur: Any, stream: str, sql: str, args: tuple) -> AppendResult:
+        key, expected = args[5], args[6]
         for _ in range(100):  # ANY loses a race only to a concurrent append: try again
             try:
-                cur.execute(params["sql"], params["args"])
+                cur.execute(sql, args)
                 rows = cur.fetchall()
             except psycopg2.errors.UniqueViolation as exc:
                 if exc.diag.constraint_name == "events_idempotency_key":
-                    return self._original(cur, params)
-                if params["expected"] is None:
+                    return self._original(cur, stream, sql, args)
+                if expected is None:
                     continue
                 rows = []
             if rows:
-                return _result(params["stream"], rows)
-            earlier = self._lookup_key(cur, params["key"])
-            if earlier:
-                return self._original(cur, params)
-            raise VersionConflict(params["stream"], params["expected"],
-                                  self._version(cur, params["stream"]))
-        raise LedgerUnavailable(f"stream {params['stream']!r} too contended to append")
+                return _result(stream, rows)
+            if self._lookup_key(cur, key):
+                return self._original(cur, stream, sql, args)
+            raise VersionConflict(stream, expected, self._version(cur, stream))
+        raise LedgerUnavailable(f"stream {stream!r} too contended to append")
 
     def _lookup_key(self, cur: Any, key: str) -> tuple[Any, str] | None:
         cur.execute("SELECT tx_id, stream FROM ledger.events WHERE idempotency_key = %s", (key,))
         return cur.fetchone()
 
-    def _original(self, cur: Any, params: dict[str, Any]) -> AppendResult:
-        found = self._lookup_key(cur, params["key"])
+    def _original(self, cur: Any, stream: str, sql: str, args: tuple) -> AppendResult:
+        key = args[5]
+        found = self._lookup_key(cur, key)
         if found is None:  # the row that collided rolled back meanwhile: try afresh
-            return self._append_once(cur, params)
-        tx_id, stream = found
-        if stream != params["stream"]:
+            return self._append_once(cur, stream, sql, args)
+        tx_id, used_for = found
+        if used_for != stream:
             raise IdempotencyConflict(
-                f"idempotency key {params['key']!r} was used for stream {stream!r}")
+                f"idempotency key {key!r} was used for stream {used_for!r}")
         cur.execute("SELECT id, version, recorded_at FROM ledger.events "
                     "WHERE tx_id = %s AND stream = %s ORDER BY id", (tx_id, stream))
         return _result(stream, cur.fetchall(), duplicate=True)
