@@ -97,6 +97,35 @@ def test_idempotent_retry_returns_first_result(ledger: Ledger) -> None:
         ledger.append(f"app-{name}x", [app_created(name + "x")], idempotency_key=name)
 
 
+class _Payload(dict):
+    """A dict subclass: never 'plain', so its append takes the general, checked path."""
+
+
+def test_plain_and_checked_paths_store_the_same_thing(ledger: Ledger) -> None:
+    """One plainly valid event takes append's short path; anything else the checked
+    one. Both must store identical rows and answer retries and conflicts alike."""
+    name = unique_app()
+    stream, data = f"app-{name}", {"name": name, "owner": "ann"}
+    meta = {"actor": "ann", "note": "é"}
+    short = ledger.append(stream, [NewEvent("AppCreated", data, meta)], NO_STREAM,
+                          idempotency_key=f"{name}-1")
+    checked = ledger.append(stream, [NewEvent("AppCreated", _Payload(data), meta)], 1,
+                            idempotency_key=f"{name}-2")
+    assert (short.versions, checked.versions) == ((1,), (2,))
+    assert short.recorded_at[0] <= checked.recorded_at[0]
+    first, second = ledger.read_stream(stream)
+    assert (first.data, first.metadata) == (second.data, second.metadata)
+    again = ledger.append(stream, [NewEvent("AppCreated", data, meta)], NO_STREAM,
+                          idempotency_key=f"{name}-1")
+    assert again.duplicate and again.event_ids == short.event_ids
+    with pytest.raises(VersionConflict) as err:
+        ledger.append(stream, [NewEvent("AppCreated", data, meta)], NO_STREAM)
+    assert err.value.actual == 2
+    with pytest.raises(IdempotencyConflict):
+        ledger.append(f"app-{name}x", [app_created(name + "x")], idempotency_key=f"{name}-1")
+    assert ledger.stream_version(stream) == 2
+
+
 def test_batch_is_one_transaction(ledger: Ledger) -> None:
     name = unique_app()
     stream = f"app-{name}"
