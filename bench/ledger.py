@@ -151,7 +151,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds (<60 s)")
     args = parser.parse_args()
-    rounds, duration, samples = (2, 1.5, 150) if args.quick else (5, 4.0, 1000)
+    rounds, duration, samples = (2, 1.5, 150) if args.quick else (7, 4.0, 1000)
     cases = [("single, 1 writer", 1, 1, "c1"), ("single, 16 writers", 16, 1, "c16"),
              ("batch of 100, 1 writer", 1, 100, "batch100")]
     results = {}

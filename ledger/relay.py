@@ -11,9 +11,9 @@ sequences on its poll timer: a second caller would double the sequencer's work f
 nothing, since each call places everything committed. A NOTIFY makes the follower hot
 too, and while hot it asks for the lock every LEADER_TRY_S; the lock goes with the
 leader's session, so when the leader dies or loses its connection, the follower takes
-over within that time. Both publish the head (the poll
-timer republishes it), so a subscriber connected to both loses no wake-up with one gone.
-A published head is only a hint; subscribers read from their own checkpoint and poll too.
+over within that time. Both publish the head (the poll timer republishes it), so a
+subscriber connected to both loses no wake-up with one gone. A published head is only a
+hint; subscribers read from their own checkpoint and poll too.
 
 Wire format: a two-frame ZeroMQ message `[b"ledger", b"<position>"]`. The relay also
 republishes the head on every poll tick, so a subscriber that joined late catches up.

@@ -100,9 +100,6 @@ _EXEC_ONE = "EXECUTE tally_append_one(%s, %s, %s, %s, %s, %s, %s)"
 _EXEC_MANY = "EXECUTE tally_append_many(%s, %s, %s, %s, %s, %s, %s)"
 
 
-
-
-
 def _compact_json() -> Callable[[Any], str]:
     """Compact JSON, UTF-8 kept as is. json.dumps builds a C encoder object on every call
     (through two Python frames); measured with 16 writers, that cost ~13 us of client CPU
@@ -250,9 +247,9 @@ class Ledger:
         # The common case (one plainly valid event, a connection already open) takes as
         # few Python steps as possible: with 16 writers on 2 cores, Python that runs right
         # after a blocking round trip runs with cold caches, and the general path's extra
-        # steps cost ~8% of the appends/s (bench/ledger.py). Anything unusual, including
-        # every error, goes the general way, which sends the same statement again (safe:
-        # the key) and says what went wrong.
+        # steps cost 5-10% of the appends/s (noisy; bench/ledger.py). Anything unusual,
+        # including every error, goes the general way, which sends the same statement
+        # again (safe: the key) and says what went wrong.
         args = _plain_one(stream, events, key, expected_version)
         cur = self._cursor
         if args is not None and cur is not None and not cur.closed:
