@@ -163,6 +163,10 @@ def main() -> None:
                 raw_r.append(rate(pool, raw, dsn, writers, batch, duration))
                 ours_r.append(rate(pool, ours, dsn, writers, batch, duration))
             results[key] = (label, statistics.median(ours_r), statistics.median(raw_r))
+            # Each round's pair, so a reader sees how much this machine drifted.
+            print(f"{label}: " + "  ".join(f"{o:,.0f}/{r:,.0f}"
+                                           for o, r in zip(ours_r, raw_r, strict=True)),
+                  file=sys.stderr)
         lat = wakeup_latencies(cluster, endpoints, samples)
 
     print(f"{'case':<26}{'tally append/s':>16}{'raw INSERT/s':>16}{'ratio':>8}")
