@@ -121,6 +121,16 @@ _DISCONNECTED = (psycopg2.OperationalError, psycopg2.InterfaceError,
 a statement timeout (QueryCanceled, an OperationalError) is not one of them."""
 
 
+def _meta_json(metadata: dict[str, Any], schema: int) -> str:
+    """An event's stored metadata: the caller's, plus the payload's schema version."""
+    return _dumps({**metadata, "schema": schema}) if metadata else f'{{"schema":{schema}}}'
+
+
+def _timed_out(exc: psycopg2.Error) -> LedgerUnavailable:
+    """A statement timeout is not retried: the same statement would time out again."""
+    return LedgerUnavailable(f"ledger statement timed out: {exc}")
+
+
 def _plain_one(stream: str, events: Sequence[NewEvent], key: str,
                expected: int | None) -> tuple | None:
     """The one-event append statement's arguments if nothing about the call is unusual:
@@ -137,8 +147,7 @@ def _plain_one(stream: str, events: Sequence[NewEvent], key: str,
     if payload is None:
         return None
     data = _dumps(payload)
-    meta = _dumps({**ev.metadata, "schema": et.version}) if ev.metadata else \
-        f'{{"schema":{et.version}}}'
+    meta = _meta_json(ev.metadata, et.version)
     if len(data) * 4 > MAX_DATA_BYTES or len(meta) * 4 > MAX_METADATA_BYTES:
         return None
     return stream, et.category, ev.type, data, meta, key, expected
@@ -148,8 +157,7 @@ def _encoded(category: str, ev: NewEvent) -> tuple[str, str, str]:
     """An event as (type, data JSON, metadata JSON) for the append statement, validated
     and within the size limits."""
     data = _dumps(validate_event(category, ev.type, ev.data))
-    schema = CATALOGUE[ev.type].version
-    meta = _dumps({**ev.metadata, "schema": schema}) if ev.metadata else f'{{"schema":{schema}}}'
+    meta = _meta_json(ev.metadata, CATALOGUE[ev.type].version)
     # A str of n characters encodes to at most 4n bytes: most skip the encoding.
     if len(data) * 4 > MAX_DATA_BYTES and len(data.encode()) > MAX_DATA_BYTES:
         raise InvalidEvent(
@@ -193,7 +201,7 @@ class Ledger:
 
     def cursor(self) -> Any:
         """The connection's one cursor, kept: making one per call costs the appends."""
-        if self._cursor is None or self._cursor.closed or self._conn.closed:
+        if self._cursor is None or self._cursor.closed:  # closed too with its connection
             self._cursor = self.connection().cursor()
         return self._cursor
 
@@ -219,7 +227,7 @@ class Ledger:
                 return fn(self.cursor())
             except _DISCONNECTED as exc:
                 if isinstance(exc, psycopg2.errors.QueryCanceled):
-                    raise LedgerUnavailable(f"ledger statement timed out: {exc}") from exc
+                    raise _timed_out(exc) from exc
                 self.close()
                 now = time.monotonic()
                 deadline = deadline or now + self.retry_deadline
@@ -257,7 +265,7 @@ class Ledger:
                 cur.execute(_EXEC_ONE, args)
                 row = cur.fetchone()
             except psycopg2.errors.QueryCanceled as exc:
-                raise LedgerUnavailable(f"ledger statement timed out: {exc}") from exc
+                raise _timed_out(exc) from exc
             except psycopg2.Error:
                 row = None
             if row is not None:
