@@ -151,7 +151,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds (<60 s)")
     args = parser.parse_args()
-    rounds, duration, samples = (2, 1.5, 150) if args.quick else (7, 4.0, 1000)
+    # Many short rounds rather than a few long ones: this machine's speed swings by a third
+    # within seconds, so more pairs give a steadier median (one run of 32 pairs of 1.5 s:
+    # groups of 8 pairs gave 0.77-0.96 for the same code).
+    rounds, duration, samples = (2, 1.5, 150) if args.quick else (15, 2.0, 1000)
     cases = [("single, 1 writer", 1, 1, "c1"), ("single, 16 writers", 16, 1, "c16"),
              ("batch of 100, 1 writer", 1, 100, "batch100")]
     results = {}
