@@ -3,19 +3,27 @@ app's environment (its serving release, virtualenv, config vars), as its user, i
 the output streams back and the exit code ends the conversation.
 
 Wire protocol (ZeroMQ DEALER -> the agent's ROUTER):
-    client: [b"run", json {"app", "argv"}]
-    agent:  [b"out", bytes]* then [b"exit", b"<code>"], or [b"error", b"<message>"]
+    client: [b"run", json {"app", "argv"}], later maybe [b"signal", b"INT" | b"KILL"]
+    agent:  [b"out", bytes]* then [b"exit", b"<code>"], or [b"error", b"<message>"];
+            [b"alive", b""] every KEEPALIVE_S meanwhile
 Each run has its own thread; threads hand frames to the ROUTER's loop over an inproc
-PUSH/PULL pair, since a ZeroMQ socket belongs to one thread.
+PUSH/PULL pair, since a ZeroMQ socket belongs to one thread. The keep-alives let the CLI
+tell a quiet command (a long migration) from a dead agent or a lost network, which would
+otherwise leave the terminal hanging; Ctrl-C in the CLI stops the command on the host
+(a second one kills it), as `heroku run` does.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import logging
 import os
+import signal
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import BinaryIO
@@ -25,8 +33,13 @@ import zmq
 from agents.processes import Limits, child_setup
 
 log = logging.getLogger("tally.runs")
-FIRST_ANSWER_S = 120.0
-"""A run prepares the release (maybe a pip install) before its first byte."""
+KEEPALIVE_S = 1.0
+"""While a run prepares (maybe a pip install) or runs, the agent says "alive" this often."""
+SILENCE_S = 10.0
+"""The CLI gives up on an agent it has not heard from for this long."""
+SIGNALS = {b"INT": signal.SIGINT, b"KILL": signal.SIGKILL}
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_PR_SET_PDEATHSIG = 1
 
 
 class RunError(Exception):
@@ -49,6 +62,9 @@ class RunServer:
         self.pull = self.context.socket(zmq.PULL)
         self.pull.bind(self.inbox)
         self.prepare, self.limits = prepare, limits
+        self.runs: dict[bytes, subprocess.Popen | None] = {}
+        """The runs under way, by caller: their command once started. Shared by the loop
+        and the run threads through single dict operations (atomic under the GIL)."""
         self.thread = threading.Thread(target=self._loop, daemon=True, name="runs")
         self.stop = threading.Event()
 
@@ -63,6 +79,7 @@ class RunServer:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.pull, zmq.POLLIN)
+        next_alive = 0.0
         try:
             while not self.stop.is_set():
                 for sock, _ in poller.poll(200):
@@ -70,8 +87,15 @@ class RunServer:
                     if sock is self.pull:
                         self.router.send_multipart(frames)
                     elif len(frames) == 3 and frames[1] == b"run":
+                        self.runs[frames[0]] = None
                         threading.Thread(target=self._run, args=(frames[0], frames[2]),
                                          daemon=True).start()
+                    elif len(frames) == 3 and frames[1] == b"signal":
+                        self._signal(frames[0], frames[2])
+                if time.monotonic() >= next_alive:
+                    for ident in list(self.runs):
+                        self.router.send_multipart([ident, b"alive", b""])
+                    next_alive = time.monotonic() + KEEPALIVE_S
         finally:
             self.router.close()
             self.pull.close()
@@ -85,20 +109,47 @@ class RunServer:
             if not argv:
                 raise RunError("nothing to run: give a command after --")
             cwd, env, demote = self.prepare(str(req["app"]))
-            code = run_in_pty(argv, cwd, env, child_setup(self.limits, demote),
-                              lambda data: out.send_multipart([ident, b"out", data]))
+            setup = _hung_up_with_agent(child_setup(self.limits, demote))
+            code = run_in_pty(argv, cwd, env, setup,
+                              lambda data: out.send_multipart([ident, b"out", data]),
+                              lambda proc: self.runs.update({ident: proc}))
             out.send_multipart([ident, b"exit", str(code).encode()])
         except Exception as exc:  # the caller gets the reason, the agent carries on
             log.info("run refused: %s", exc)
             out.send_multipart([ident, b"error", str(exc).encode()])
         finally:
+            self.runs.pop(ident, None)
             out.close(linger=5000)
+
+    def _signal(self, ident: bytes, name: bytes) -> None:
+        """The caller pressed Ctrl-C: signal its command's process group (its session)."""
+        proc, sig = self.runs.get(ident), SIGNALS.get(name)
+        if proc is not None and sig is not None:
+            with contextlib.suppress(ProcessLookupError):  # it ended: its exit is coming
+                os.killpg(proc.pid, sig)
+
+
+def _hung_up_with_agent(setup: Callable[[], None]) -> Callable[[], None]:
+    """The child's setup, then: SIGHUP when the agent dies, as a terminal's commands get
+    when it closes (the run's pty goes with the agent, and nobody could stop it otherwise).
+    Set after the demotion, which clears it."""
+    agent = os.getpid()
+
+    def setup_then_die_with_agent() -> None:
+        setup()
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGHUP)
+        if os.getppid() != agent:  # the agent died before prctl: hang up now
+            os.kill(os.getpid(), signal.SIGHUP)
+
+    return setup_then_die_with_agent
 
 
 def run_in_pty(argv: list[str], cwd: str, env: dict[str, str], setup: Callable[[], None],
-               emit: Callable[[bytes], None]) -> int:
-    """Run `argv` with a pty as its terminal; hand its output to `emit`; its exit code
-    (128 + n when killed by signal n, as a shell says)."""
+               emit: Callable[[bytes], None],
+               started: Callable[[subprocess.Popen], None] = lambda proc: None) -> int:
+    """Run `argv` with a pty as its terminal; hand its output to `emit` (and the process,
+    once started, to `started`); its exit code (128 + n when killed by signal n, as a shell
+    says)."""
     master, slave = os.openpty()
     try:
         proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=slave, stdout=slave,
@@ -108,6 +159,7 @@ def run_in_pty(argv: list[str], cwd: str, env: dict[str, str], setup: Callable[[
         raise RunError(f"cannot start {argv[0]!r}: {exc.strerror}") from exc
     finally:
         os.close(slave)
+    started(proc)
     try:
         while True:
             try:
@@ -126,22 +178,31 @@ def run_in_pty(argv: list[str], cwd: str, env: dict[str, str], setup: Callable[[
 def run_remote(endpoint: str, app: str, argv: list[str], out: BinaryIO,
                context: zmq.Context | None = None) -> int:
     """The CLI's side: ask the agent at `endpoint` to run `argv`; copy the output to `out`;
-    return the command's exit code."""
+    return the command's exit code. Ctrl-C asks the agent to interrupt the command, a
+    second one to kill it, a third leaves at once."""
     sock = (context or zmq.Context.instance()).socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.LINGER, 1000)  # a last signal still goes out as we leave
     sock.connect(endpoint)
+    interrupts = 0
     try:
         sock.send_multipart([b"run", json.dumps({"app": app, "argv": argv}).encode()])
-        if not sock.poll(int(FIRST_ANSWER_S * 1000)):
-            raise RunError(f"no answer from the agent at {endpoint}")
         while True:
-            kind, data = sock.recv_multipart()
-            if kind == b"out":
-                out.write(data)
-                out.flush()
-            elif kind == b"exit":
-                return int(data)
-            elif kind == b"error":
-                raise RunError(data.decode("utf-8", "replace"))
+            try:
+                if not sock.poll(int(SILENCE_S * 1000)):
+                    raise RunError(f"lost the agent at {endpoint}: not a word for "
+                                   f"{SILENCE_S:.0f} s; the command may still be running there")
+                kind, data = sock.recv_multipart()
+                if kind == b"out":
+                    out.write(data)
+                    out.flush()
+                elif kind == b"exit":
+                    return int(data)
+                elif kind == b"error":
+                    raise RunError(data.decode("utf-8", "replace"))
+            except KeyboardInterrupt:
+                interrupts += 1
+                if interrupts > 2:
+                    raise
+                sock.send_multipart([b"signal", b"INT" if interrupts == 1 else b"KILL"])
     finally:
         sock.close()

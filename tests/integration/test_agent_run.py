@@ -3,12 +3,16 @@ app's user, in a pty, its output streamed back and its exit code returned."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 
 import pytest
 
+from agents.runs import SILENCE_S
 from ledger import Ledger
 from ledger.cluster import Cluster
 from tests.conftest import destroy_cluster, free_ports, make_cluster, tally_env
@@ -72,3 +76,57 @@ def test_bad_runs_fail_with_one_clear_line(agent: tuple[Cluster, AgentProc]) -> 
     absent = tally(cluster, "run", "oneoff", "--", "no-such-program")
     assert absent.returncode == 1 and "cannot start 'no-such-program'" in absent.stderr
     assert "Traceback" not in absent.stderr + missing.stderr
+
+
+SLEEPER = "import os, time; print('pid', os.getpid(), flush=True); time.sleep(300)"
+
+
+@contextlib.contextmanager
+def sleeper(cluster: Cluster) -> Iterator[tuple[subprocess.Popen, int]]:
+    """`tally run oneoff` of a long sleep: the CLI process and the command's pid on the host
+    (same machine here), once the command has printed it."""
+    with subprocess.Popen([sys.executable, "-m", "tally.cli", "run", "oneoff", "--", "python",
+                           "-c", SLEEPER], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env=tally_env(cluster)) as cli:
+        assert cli.stdout is not None
+        try:
+            words = wait_until(lambda: (line := cli.stdout.readline().decode()).startswith(
+                "pid") and line.split(), 120, "the command's first line")
+            yield cli, int(words[1])
+        finally:
+            cli.kill()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_ctrl_c_stops_the_command_on_the_host(agent: tuple[Cluster, AgentProc]) -> None:
+    cluster, _ = agent
+    wait_until(lambda: tally(cluster, "run", "oneoff", "--", "true").returncode == 0, 60,
+               "the app ready to run")
+    with sleeper(cluster) as (cli, pid):
+        cli.send_signal(signal.SIGINT)
+        assert cli.wait(30) == 130  # 128 + SIGINT: the command died of the interrupt
+        wait_until(lambda: _gone(pid), 10, "the command gone from the host")
+
+
+def test_a_run_whose_agent_dies_ends_with_a_clear_error_and_hangs_up_the_command(
+        agent: tuple[Cluster, AgentProc]) -> None:
+    cluster, a = agent
+    wait_until(lambda: tally(cluster, "run", "oneoff", "--", "true").returncode == 0, 60,
+               "the app ready to run")
+    try:
+        with sleeper(cluster) as (cli, pid):
+            a.kill()  # kill -9: the agent says nothing more
+            wait_until(lambda: _gone(pid), 10, "the command hung up with its agent")
+            assert cli.wait(SILENCE_S + 30) == 1
+            assert cli.stderr is not None
+            err = cli.stderr.read().decode()
+            assert "lost the agent" in err and "Traceback" not in err, err
+    finally:
+        a.start()
