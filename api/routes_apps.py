@@ -34,6 +34,16 @@ def authorized(state: AppState) -> AppState:
     return state
 
 
+def owned(state: AppState) -> AppState:
+    """Deleting an app and choosing who manages it are its owner's (or an admin's), as on
+    Heroku: members deploy, scale and configure, but cannot lock the owner out."""
+    authorized(state)
+    caller = who()
+    if not caller.is_admin and caller.name != state.owner:
+        raise Forbidden(f"only {state.name}'s owner ({state.owner}) or an admin may do this")
+    return state
+
+
 def change(name: str, fn: Callable[[AppState], list[NewEvent]]) -> AppState:
     """Load, check access, decide, append: one read of the app."""
     require_role(who(), *PEOPLE)
@@ -89,6 +99,7 @@ def delete_app(name: str) -> ResponseReturnValue:
     freed: list[str] = []
 
     def delete(s: AppState) -> list[NewEvent]:
+        owned(s)
         freed.extend(s.domains)  # the domains of the state the deletion is decided on
         return decide.delete_app(s)
     change(name, delete)
@@ -100,18 +111,23 @@ def delete_app(name: str) -> ResponseReturnValue:
 @route("/apps/<name>/members", "POST", body=schemas.MemberAdd, response=schemas.App,
        tag="apps", errors=(400, 401, 403, 404, 422))
 def add_member(name: str) -> ResponseReturnValue:
-    """Let another user manage the app."""
+    """Let another user manage the app (the owner or an admin)."""
     user = body(schemas.MemberAdd)["user"]
     if user not in services().directory(force=True).users:
         raise NotFound(f"no user named {user!r}")
-    return reply(schemas.App, summary(change(name, lambda s: decide.add_member(s, user))))
+    return reply(schemas.App, summary(change(name, lambda s: decide.add_member(owned(s), user))))
 
 
 @route("/apps/<name>/members/<user>", "DELETE", response=schemas.App, tag="apps",
        errors=(401, 403, 404))
 def remove_member(name: str, user: str) -> ResponseReturnValue:
-    """Stop a user managing the app."""
-    return reply(schemas.App, summary(change(name, lambda s: decide.remove_member(s, user))))
+    """Stop a user managing the app (the owner or an admin; a member may leave)."""
+
+    def remove(s: AppState) -> list[NewEvent]:
+        if user != who().name:
+            owned(s)
+        return decide.remove_member(s, user)
+    return reply(schemas.App, summary(change(name, remove)))
 
 
 # --- releases -------------------------------------------------------------------------------

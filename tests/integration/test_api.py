@@ -285,6 +285,23 @@ def test_members_see_only_their_apps(world: World) -> None:
     assert name in listed("other")
 
 
+def test_only_the_owner_or_an_admin_deletes_an_app_or_chooses_its_members(
+        world: World) -> None:
+    name = world.new_app(releases=0)
+    other = world.names["other"]
+    assert world.call("owner", "POST", f"/apps/{name}/members", {"user": other}).status_code == 200
+    refused = world.call("other", "DELETE", f"/apps/{name}")
+    assert refused.status_code == 403 and "owner" in refused.json["message"]
+    assert world.call("other", "POST", f"/apps/{name}/members",
+                      {"user": world.names["owner"]}).status_code == 403
+    assert world.call("other", "PATCH", f"/apps/{name}/config",
+                      {"set": {"K": "v"}}).status_code == 200, "members still configure"
+    left = world.call("other", "DELETE", f"/apps/{name}/members/{other}")
+    assert left.status_code == 200 and left.json["members"] == [], "a member may leave"
+    assert world.call("other", "GET", f"/apps/{name}/config").status_code == 403
+    assert world.call("owner", "DELETE", f"/apps/{name}").status_code == 204
+
+
 def test_tokens_issue_and_revoke(world: World) -> None:
     user = world.names["other"]
     r = world.call("other", "POST", f"/users/{user}/tokens", {"label": "laptop"})
