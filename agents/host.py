@@ -16,6 +16,7 @@ import contextlib
 import http.client
 import logging
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -31,7 +32,7 @@ from typing import Any
 import psutil
 import psycopg2
 
-from agents import bundle, users, venvs
+from agents import bundle, cleanup, users, venvs
 from agents.fleet import Fleet
 from agents.logs import Shipper
 from agents.loop import every_wakeup
@@ -89,6 +90,8 @@ class Timing:
     """Seconds between health checks of a healthy web instance."""
     stats_every: float = 10.0
     """Seconds between stats samples (agents/stats.py)."""
+    cleanup_every: float = 60.0
+    """Seconds between removals of unused releases and deleted apps (agents/cleanup.py)."""
 
 
 class Agent:
@@ -114,6 +117,7 @@ class Agent:
         self.statsd = StatsListener()
         self.traffic = Traffic()
         self.next_stats = 0.0
+        self.next_cleanup = 0.0
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -182,6 +186,9 @@ class Agent:
         if now >= self.next_stats:
             self.next_stats = now + self.timing.stats_every
             self.record_stats()
+        if now >= self.next_cleanup:
+            self.next_cleanup = now + self.timing.cleanup_every
+            self.clean(wants)
 
     def record_stats(self) -> None:
         """One stats row per running instance; a failed write skips that sample only."""
@@ -198,6 +205,40 @@ class Agent:
             write(self.ledger.connection(), samples)
         except psycopg2.Error as exc:
             log.warning("stats sample not written: %s", str(exc).strip())
+
+    def clean(self, wants: dict[str, Want]) -> None:
+        """Remove unused releases and what deleted apps left here (agents/cleanup.py). Not
+        while an adopted instance's app is unknown: it may be one of those."""
+        if any(loc.want is None for loc in self.local.values()):
+            return
+        on_disk: dict[str, set[str]] = {}
+        for folder in (self.paths.releases, self.paths.state / "homes"):
+            for app in folder.iterdir() if folder.exists() else ():
+                on_disk.setdefault(app.name, set())
+        for app, digests in on_disk.items():
+            folder = self.paths.releases / app
+            if folder.is_dir():
+                digests.update(d.name for d in folder.iterdir() if not d.name.startswith("."))
+        in_use: dict[str, set[str]] = {}
+        for want in [*wants.values(), *(loc.want for loc in self.local.values() if loc.want)]:
+            in_use.setdefault(want.app, set()).add(want.digest)
+        todo = cleanup.plan(on_disk, self.fleet.apps, in_use)
+        bundles = self.paths.state / "bundles"  # downloaded ones (agents/bundle.py)
+        for app, digest in todo.releases:
+            log.info("removing release %s of %s: unused", digest[:12], app)
+            remove_tree(self.paths.releases / app / digest)
+            (bundles / f"{digest}.tar.gz").unlink(missing_ok=True)
+        for app in todo.apps:
+            try:
+                users.remove(app)  # first: while it fails (still running), keep the rest
+            except OSError as exc:
+                log.warning("%s was deleted, but %s; trying again later", app, exc)
+                continue
+            log.info("removing what deleted app %s left here", app)
+            for digest in on_disk[app]:
+                (bundles / f"{digest}.tar.gz").unlink(missing_ok=True)
+            remove_tree(self.paths.releases / app)
+            remove_tree(self.paths.state / "homes" / app)
 
     # --- desired --------------------------------------------------------------------------
 
@@ -385,6 +426,12 @@ class Agent:
             return exc.code < 500
         except (OSError, ValueError, http.client.HTTPException):
             return False
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a folder, read-only releases included."""
+    bundle.make_writable(path)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def demote(user: users.AppUser) -> Callable[[], None]:

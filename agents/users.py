@@ -48,6 +48,21 @@ def ensure(app: str, home: Path) -> AppUser | None:
     return AppUser(name, entry.pw_uid, grp.getgrgid(entry.pw_gid).gr_gid)
 
 
+def remove(app: str) -> None:
+    """Delete the app's user and its group. Raises OSError while a process of the user
+    still runs (userdel refuses), e.g. under another agent on this machine."""
+    if os.geteuid() != 0:
+        return
+    name = user_name(app)
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return
+    proc = subprocess.run(["userdel", name], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise OSError(f"cannot remove user {name}: {proc.stderr.strip()}")
+
+
 def private_home(path: Path, user: AppUser | None) -> Path:
     """A writable folder only the app's user may enter."""
     path.mkdir(parents=True, exist_ok=True)

@@ -74,6 +74,9 @@ def register(cli: click.Group) -> None:
     @click.option("--health-every", default=5.0, show_default=True,
                   help="Seconds between health checks of a healthy web instance; three "
                   "failures in a row and it is killed and restarted.")
+    @click.option("--cleanup-every", default=60.0, show_default=True,
+                  help="Seconds between removals of unused releases (all but the ones in "
+                  "use, current, deployed and 3 newest) and of what deleted apps left.")
     @click.option("--memory-mb", default=1024, show_default=True,
                   help="Address-space limit per instance.")
     @click.option("--open-files", default=4096, show_default=True,
@@ -88,8 +91,9 @@ def register(cli: click.Group) -> None:
     @click.pass_obj
     @fail_cleanly
     def serve_agent(cfg: Config, host_id: str, address: str, port_range: str, capacity: int,
-                    heartbeat: float, grace: float, health_every: float, memory_mb: int,
-                    open_files: int, api_url: str | None, stop_apps_on_exit: bool) -> None:
+                    heartbeat: float, grace: float, health_every: float,
+                    cleanup_every: float, memory_mb: int, open_files: int,
+                    api_url: str | None, stop_apps_on_exit: bool) -> None:
         """Run this host's placed instances, report them, heartbeat."""
         from agents.host import Agent, HostSpec, Paths, Timing
         from agents.processes import Limits
@@ -106,7 +110,8 @@ def register(cli: click.Group) -> None:
         stop = _stop_event()
         with Ledger(cfg.cluster().dsn("tally_writer")) as ledger:
             Agent(ledger, spec, paths, Timing(heartbeat=heartbeat, grace=grace,
-                                              health_every=health_every),
+                                              health_every=health_every,
+                                              cleanup_every=cleanup_every),
                   Limits(open_files=open_files, memory_mb=memory_mb),
                   collector=cfg.collector).run(
                 stop, cfg.relays, stop_apps=stop_apps_on_exit)

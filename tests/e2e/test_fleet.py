@@ -8,6 +8,7 @@ is the platform's own doing.
 from __future__ import annotations
 
 import json
+import pwd
 import signal
 import subprocess
 import sys
@@ -38,6 +39,14 @@ from tests.fixtures.apps.fleet import (
 from tests.waiting import wait_until
 
 TTL = 5.0
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
 
 
 @dataclass
@@ -183,8 +192,16 @@ def test_a_crash_loop_is_reported_with_exit_codes(platform: Platform) -> None:
     assert f.instance(p.instance_id).exit_code == 3
     why = tally_why(platform, "crasher")
     assert "crash-looping" in why and "exit code 3" in why, why
+    ran_on = platform.agents[p.host_id].home / "agents" / p.host_id
+    assert (ran_on / "releases" / "crasher").is_dir() and (ran_on / "homes" / "crasher").is_dir()
     led.append("app-crasher", [NewEvent("AppDeleted", {"name": "crasher"})])
     wait_until(lambda: not platform.fleet().placements_of("crasher"), 30, "crasher withdrawn")
+
+    def left_nothing() -> bool:  # releases, home and (as root) the user of a deleted app
+        folders = (ran_on / "releases" / "crasher", ran_on / "homes" / "crasher")
+        return not any(f.exists() for f in folders) and not _user_exists("tally-crasher")
+
+    wait_until(left_nothing, 30, "what crasher left on its host removed")
 
 
 def test_a_killed_host_is_replaced_and_its_agent_comes_back_without_duplicates(

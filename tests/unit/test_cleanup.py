@@ -1,0 +1,34 @@
+"""What a host removes from disk: unused old releases, and everything of deleted apps."""
+
+from __future__ import annotations
+
+from agents.cleanup import KEEP_RECENT, plan
+from agents.fleet import App, Release
+
+
+def app(name: str, n: int, current: int | None = None, deployed: int | None = None) -> App:
+    a = App(name, current_release=current or n, deployed=deployed)
+    a.releases = {i: Release(i, f"d{i}", {"web": "x"}, 0) for i in range(1, n + 1)}
+    return a
+
+
+def test_keeps_the_newest_the_current_the_deployed_and_what_runs_here() -> None:
+    blog = app("blog", 8, current=8, deployed=2)
+    on_disk = {"blog": {f"d{i}" for i in range(1, 9)}}
+    todo = plan(on_disk, {"blog": blog}, {"blog": {"d1"}})
+    kept = on_disk["blog"] - {d for _, d in todo.releases}
+    assert kept == {"d1", "d2", *(f"d{i}" for i in range(9 - KEEP_RECENT, 9))}
+    assert todo.apps == []
+
+
+def test_a_deleted_app_goes_once_nothing_of_it_runs_here() -> None:
+    on_disk = {"gone": {"d1"}, "homeonly": set()}
+    assert plan(on_disk, {}, {}).apps == ["gone", "homeonly"]
+    assert plan(on_disk, {}, {"gone": {"d1"}}).apps == ["homeonly"], "still running here"
+    assert plan(on_disk, {}, {}).releases == [], "its folder goes whole, not release by release"
+
+
+def test_an_unknown_digest_of_a_live_app_goes_and_nothing_else_is_touched() -> None:
+    blog = app("blog", 2)
+    todo = plan({"blog": {"d1", "d2", "stray"}}, {"blog": blog, "other": app("other", 1)}, {})
+    assert todo.releases == [("blog", "stray")] and todo.apps == []
