@@ -66,7 +66,7 @@ class Processes:
 
     def records(self) -> list[Record]:
         out = []
-        for p in sorted(self.pids.glob("*.json")):
+        for p in sorted(self.pids.glob("[!.]*.json")):  # not a half-written .x.json
             try:
                 out.append(Record(**json.loads(p.read_text())))
             except (ValueError, TypeError, OSError):
