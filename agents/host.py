@@ -114,7 +114,7 @@ class Agent:
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prepare")
         self.preparing: dict[str, Future] = {}
         self.next_beat = 0.0
-        self.statsd = StatsListener()
+        self.statsd = StatsListener(paths.state / "statsd.port")
         self.traffic = Traffic()
         self.next_stats = 0.0
         self.next_cleanup = 0.0

@@ -2,10 +2,10 @@
 
 Requests are counted by gunicorn itself: started with `--statsd-host` and `--statsd-prefix
 <instance id>`, it sends `<instance id>.gunicorn.requests:1|c` over UDP for every request
-it serves. The agent listens on one loopback UDP port for all its instances; a lost
-datagram loses one count, never blocks an app. Memory and CPU come from psutil over the
-instance's process tree (gunicorn's master and workers), restarts from the agent's own
-count. Every `StatsRecorder.every` seconds one row per running instance is written.
+it serves. The agent listens on one loopback UDP port for all its instances (the same
+port again after a restart, so adopted instances keep reporting); a lost datagram loses
+one count, never blocks an app. Memory and CPU come from psutil over the instance's
+process tree (gunicorn's master and workers), restarts from the agent's own count. Every `StatsRecorder.every` seconds one row per running instance is written.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -40,13 +41,21 @@ def parse(datagram: bytes) -> Counter[str]:
 
 
 class StatsListener:
-    """A statsd sink on 127.0.0.1: counts requests per instance until `take`n."""
+    """A statsd sink on 127.0.0.1: counts requests per instance until `take`n.
 
-    def __init__(self) -> None:
+    Its port is kept in `port_file` and bound again by the next agent: the instances it
+    adopts were told that port when they started, and cannot be told another."""
+
+    def __init__(self, port_file: Path | None = None) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
+        try:
+            self.sock.bind(("127.0.0.1", int(port_file.read_text()) if port_file else 0))
+        except (OSError, ValueError):  # none kept yet, or taken meanwhile: a new one
+            self.sock.bind(("127.0.0.1", 0))
         self.sock.settimeout(0.5)
         self.port = self.sock.getsockname()[1]
+        if port_file is not None:
+            port_file.write_text(str(self.port))
         self.counts: Counter[str] = Counter()
         self.lock = threading.Lock()
         self.stop = threading.Event()

@@ -255,6 +255,19 @@ def test_requests_restarts_and_memory_go_to_the_stats_table(
     requests, samples, memory = wait_until(totals, 60, "7 requests in the stats table")
     assert requests == 7, "health checks counted as traffic"
     assert samples >= 1 and memory > 10 * 2**20  # gunicorn with a worker: tens of MB
+
+    # A new agent adopts the instance and still hears its statsd (gunicorn keeps the port
+    # it was started with).
+    with Ledger(private.dsn()) as ledger:
+        registered = len(ledger.read_stream(f"host-{HOST}"))
+        agent.kill()
+        agent.start()
+        wait_until(lambda: len(ledger.read_stream(f"host-{HOST}")) > registered, 60,
+                   "the new agent registered")
+    for _ in range(5):
+        get(port)
+    wait_until(lambda: (got := totals()) and got[0] >= 7 + 5, 60,
+               "the adopted instance's requests counted")
     with Ledger(private.dsn()) as ledger:
         unplace(ledger, "hello2", iid)
         wait_until(lambda: has(ledger, iid, "InstanceStopped"), 30, "the instance stopped")
