@@ -1,4 +1,5 @@
-"""Background daemons for `tally up` on one machine: start once, record pid, stop.
+"""Background daemons for `tally up` on one machine: start once, record pid (and start
+time), stop.
 
 A real fleet runs these under systemd or a supervisor of the operator's choice; this is the
 small stand-in that makes `make up` bring the whole platform up on a laptop.
@@ -13,16 +14,32 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 from ledger.cluster import pid_alive
 
 
 def pid_of(run_dir: Path, name: str) -> int | None:
-    """The pid of a live daemon named `name`, or None."""
+    """The pid of a live daemon named `name`, or None. The record holds the process's
+    start time too: after a crash or a reboot its pid may be another process's now, which
+    `tally down` must not kill."""
     try:
-        pid = int((run_dir / f"{name}.pid").read_text())
+        pid, _, started = (run_dir / f"{name}.pid").read_text().strip().partition(" ")
+        pid_n, started_at = int(pid), float(started) if started else None
     except (FileNotFoundError, ValueError):
         return None
-    return pid if pid_alive(pid) else None
+    if not pid_alive(pid_n):
+        return None
+    if started_at is not None and abs(_started(pid_n) - started_at) > 0.01:
+        return None  # the pid was reused
+    return pid_n
+
+
+def _started(pid: int) -> float:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return -1.0
 
 
 def start(run_dir: Path, log_dir: Path, name: str, args: list[str],
@@ -39,7 +56,7 @@ def start(run_dir: Path, log_dir: Path, name: str, args: list[str],
             [sys.executable, "-m", "tally.cli", *args], stdout=log, stderr=log,
             stdin=subprocess.DEVNULL, start_new_session=True, env={**os.environ, **(env or {})},
         )
-    (run_dir / f"{name}.pid").write_text(str(proc.pid))
+    (run_dir / f"{name}.pid").write_text(f"{proc.pid} {_started(proc.pid)}")
     return proc.pid
 
 
