@@ -4,6 +4,7 @@ session, and two relays in front of it. Never a developer's running cluster."""
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -57,6 +58,21 @@ def tally_env(cluster: Cluster, **extra: str) -> dict[str, str]:
         "TALLY_LEDGER_PORTS": ",".join(str(p) for p in cluster.spec.ports),
         **extra,
     }
+
+
+def _app_users() -> set[str]:
+    return {u.pw_name for u in pwd.getpwall() if u.pw_name.startswith("tally-")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_app_users_left() -> Iterator[None]:
+    """Remove the Unix users that agents made for the session's apps (as root they make
+    one per app), so runs do not pile them up in /etc/passwd. Only users this session
+    made; one whose process still runs stays (userdel refuses)."""
+    before = _app_users()
+    yield
+    for name in sorted(_app_users() - before):
+        subprocess.run(["userdel", name], capture_output=True)
 
 
 @pytest.fixture(scope="session")
