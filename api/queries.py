@@ -97,3 +97,35 @@ def backups(ledger: Ledger) -> list[dict[str, Any]]:
     return rows(ledger, "SELECT target, last_ok_backup_id, last_ok_at, last_failure_backup_id, "
                         "last_failure_at, last_failure_error, retained FROM views.backups "
                         "ORDER BY target")
+
+
+def stats(ledger: Ledger, app: str, minutes: int) -> dict[str, Any]:
+    """An app's traffic and resources over the last `minutes`, from the agents' samples
+    (stats.instance_samples): per instance the requests served, the latest memory and
+    restart count, and CPU use (CPU seconds are cumulative per process tree, so a sample
+    below the one before marks a restart and is left out); for the app, totals and
+    requests per minute."""
+    window = "app = %s AND at > now() - make_interval(mins => %s)"
+    instances = rows(ledger, f"""
+        WITH s AS (
+            SELECT instance_id, host_id, at, requests, restarts, memory_bytes,
+                   cpu_seconds - lag(cpu_seconds) OVER w AS cpu,
+                   extract(epoch FROM at - lag(at) OVER w) AS seconds,
+                   row_number() OVER (PARTITION BY instance_id ORDER BY at DESC) AS newest
+            FROM stats.instance_samples WHERE {window}
+            WINDOW w AS (PARTITION BY instance_id ORDER BY at))
+        SELECT instance_id, max(host_id) AS host_id, sum(requests)::bigint AS requests,
+               max(memory_bytes) FILTER (WHERE newest = 1) AS memory_bytes,
+               max(restarts) FILTER (WHERE newest = 1) AS restarts,
+               round((100 * sum(cpu) FILTER (WHERE cpu >= 0)
+                      / nullif(sum(seconds) FILTER (WHERE cpu >= 0), 0))::numeric, 1)::float
+                   AS cpu_percent,
+               max(at) AS last_sample_at
+        FROM s GROUP BY instance_id ORDER BY instance_id""", (app, minutes))
+    series = rows(ledger, f"""
+        SELECT date_trunc('minute', at) AS minute, sum(requests)::bigint AS requests
+        FROM stats.instance_samples WHERE {window} GROUP BY 1 ORDER BY 1""", (app, minutes))
+    total = sum(i["requests"] for i in instances)
+    return {"app": app, "minutes": minutes, "instances": instances, "series": series,
+            "requests": total, "requests_per_minute": round(total / minutes, 1),
+            "memory_bytes": sum(i["memory_bytes"] or 0 for i in instances)}

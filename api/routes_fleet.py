@@ -303,6 +303,15 @@ def state_at() -> ResponseReturnValue:
     return reply(schemas.State, {"at": q["at"], "views": jsonable(views)})
 
 
+@route("/apps/<name>/stats", query=schemas.StatsQuery, response=schemas.Stats, tag="apps",
+       errors=(400, 401, 403, 404, 422))
+def stats(name: str) -> ResponseReturnValue:
+    """The app's requests, memory, CPU and restarts over the last minutes."""
+    app_state(name)
+    minutes = query(schemas.StatsQuery)["minutes"]
+    return reply(schemas.Stats, queries.stats(services().ledger, name, minutes))
+
+
 @route("/apps/<name>/logs", query=schemas.LogsQuery, response=schemas.Logs, tag="apps",
        errors=(400, 401, 403, 404, 422))
 def logs(name: str) -> ResponseReturnValue:

@@ -231,6 +231,27 @@ class State(Schema):
     views = fields.Dict(keys=fields.Str(), values=fields.List(fields.Dict()), required=True)
 
 
+class StatsQuery(Schema):
+    minutes = fields.Int(load_default=60, validate=validate.Range(min=1, max=7 * 24 * 60),
+                         metadata={"description": "the window: this many minutes up to now"})
+
+
+class Stats(Schema):
+    """An app's traffic and resources over a window, from the host agents' samples (one
+    per running instance every 10 s)."""
+
+    app = fields.Str(required=True)
+    minutes = fields.Int(required=True)
+    requests = fields.Int(required=True)
+    requests_per_minute = fields.Float(required=True)
+    memory_bytes = fields.Int(required=True, metadata={"description": "latest, all instances"})
+    instances = fields.List(fields.Dict(), required=True, metadata={
+        "description": "instance_id, host_id, requests, memory_bytes, restarts, cpu_percent, "
+                       "last_sample_at"})
+    series = fields.List(fields.Dict(), required=True,
+                         metadata={"description": "requests per minute: minute, requests"})
+
+
 class LogsQuery(Schema):
     lines = fields.Int(load_default=100, validate=validate.Range(min=0, max=10_000))
 

@@ -61,13 +61,37 @@ def emit(data: Any, as_json: bool, text: Callable[[Any], None]) -> None:
         text(data)
 
 
+SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def _print_stats(stats: dict[str, Any]) -> None:
+    rows = [{**i, "memory": _mib(i["memory_bytes"]),
+             "cpu": None if i["cpu_percent"] is None else f"{i['cpu_percent']}%"}
+            for i in stats["instances"]]
+    table(rows, ["instance_id", "host_id", "requests", "memory", "cpu", "restarts",
+                 "last_sample_at"], f"no samples of {stats['app']} in the last "
+          f"{stats['minutes']} minutes (instances report every 10 s)")
+    if rows:
+        per_minute = [m["requests"] for m in stats["series"]]
+        top = max(per_minute) or 1
+        spark = "".join(SPARKS[min(7, n * 8 // (top + 1))] for n in per_minute)
+        click.echo(f"{stats['requests']} requests in {stats['minutes']} min "
+                   f"({stats['requests_per_minute']}/min)  {spark}  "
+                   f"memory {_mib(stats['memory_bytes'])}")
+
+
+def _mib(n: int | None) -> str | None:
+    return None if n is None else f"{n / 2**20:.0f} MiB"
+
+
 def table(rows: list[dict[str, Any]], columns: list[str], empty: str) -> None:
     if not rows:
         click.echo(empty, err=True)
         return
     cells = [[_cell(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)))
+    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))
+               .rstrip())
     for row in cells:
         click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
 
@@ -250,6 +274,22 @@ def _apps(cli: click.Group) -> None:
     def access_add(client: Client, app: str, user: str) -> None:
         """Let another user manage the app."""
         client.post(f"/apps/{app}/members", {"user": user})
+
+    @http_command(cli, "access:remove")
+    @app_option
+    @click.argument("user")
+    def access_remove(client: Client, app: str, user: str) -> None:
+        """Stop a user managing the app (the owner or an admin; anyone may remove
+        themselves)."""
+        client.request("DELETE", f"/apps/{app}/members/{user}")
+
+    @http_command(cli, "stats", json_output=True)
+    @app_option
+    @click.option("--minutes", default=60, show_default=True, help="The window, up to now.")
+    def stats(client: Client, app: str, minutes: int, as_json: bool) -> None:
+        """The app's requests, memory, CPU and restarts per instance over the last minutes
+        (sampled by the host agents every 10 s)."""
+        emit(client.get(f"/apps/{app}/stats", minutes=minutes), as_json, _print_stats)
 
     @http_command(cli, "ps", json_output=True)
     @app_option

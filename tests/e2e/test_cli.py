@@ -82,6 +82,29 @@ def test_create_deploy_scale_config_rollback(tally: Tally) -> None:
     assert tally.json("apps:info", app)["maintenance"] is True
     tally("maintenance:off", "-a", app)
     assert tally.json("ps", "-a", app) == []
+    quiet = tally("stats", "-a", app)
+    assert quiet.stdout == "" and "no samples" in quiet.stderr
+    assert tally.json("stats", "-a", app, "--minutes", "5")["requests"] == 0
+
+
+def test_stats_show_each_instance_and_the_traffic(tally: Tally, cluster: Any) -> None:
+    import psycopg2
+
+    app = f"stat-{uuid.uuid4().hex[:6]}"
+    tally("apps:create", app)
+    with psycopg2.connect(cluster.dsn("tally_owner")) as conn, conn.cursor() as cur:
+        for ago, requests in ((120, 10), (60, 30), (0, 2)):
+            cur.execute("INSERT INTO stats.instance_samples (at, app, instance_id, host_id, "
+                        "requests, memory_bytes, cpu_seconds) VALUES (now() - make_interval("
+                        "secs => %s), %s, %s, 'h1', %s, %s, %s)",
+                        (ago, app, f"{app}.1.web.x", requests, 64 * 2**20, 1.0))
+    conn.close()
+    lines = tally("stats", "-a", app).stdout.splitlines()
+    assert lines[0].split()[:3] == ["INSTANCE_ID", "HOST_ID", "REQUESTS"]
+    assert lines[1].split()[:4] == [f"{app}.1.web.x", "h1", "42", "64"]
+    assert lines[-1].startswith("42 requests in 60 min (0.7/min)") and "█" in lines[-1]
+    r = tally("stats", "-a", app, "--minutes", "0", ok=False)
+    assert r.returncode == 1 and "minutes" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_deploy_follows_rollout_and_says_what_it_waits_for(tally: Tally) -> None:
@@ -102,6 +125,8 @@ def test_deploy_follows_rollout_and_says_what_it_waits_for(tally: Tally) -> None
     (("rollback", "-a", "no-such-app", "vX"), "not a release"),
     (("deploy", "-a", "no-such-app", "/"), "no Procfile"),
     (("apps:delete", "no-such-app"), "--confirm"),
+    (("access:remove", "-a", "no-such-app", "bob"), "no app named"),
+    (("stats", "-a", "no-such-app"), "no app named"),
 ])
 def test_failures_are_one_line_and_non_zero(tally: Tally, args: tuple[str, ...],
                                             reason: str) -> None:

@@ -673,3 +673,35 @@ def test_a_silent_host_shows_suspect_then_lost(world: World) -> None:
     world.ledger.append(f"host-{host}", [NewEvent("HostLost", {"host_id": host})])
     project_now(world.owner_dsn)
     assert state() == "lost"
+
+
+def _sample(dsn: str, app: str, iid: str, seconds_ago: int, requests: int, restarts: int,
+            memory: int, cpu: float) -> None:
+    with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute("INSERT INTO stats.instance_samples (at, app, instance_id, host_id, "
+                    "requests, restarts, memory_bytes, cpu_seconds) VALUES (now() - "
+                    "make_interval(secs => %s), %s, %s, 'h1', %s, %s, %s, %s)",
+                    (seconds_ago, app, iid, requests, restarts, memory, cpu))
+    conn.close()
+
+
+def test_stats_sum_requests_and_take_cpu_from_the_samples(world: World) -> None:
+    name = world.new_app(releases=0)
+    a, b = f"{name}.1.web.a", f"{name}.1.web.b"
+    for ago, req, restarts, cpu in ((3000, 50, 0, 1.0), (30, 4, 0, 10.0), (20, 6, 0, 12.0),
+                                    (10, 3, 1, 0.5)):  # the last: restarted, CPU from zero
+        _sample(world.owner_dsn, name, a, ago, req, restarts, 40 * 2**20, cpu)
+    _sample(world.owner_dsn, name, b, 15, 7, 0, 30 * 2**20, 2.0)
+    r = world.call("owner", "GET", f"/apps/{name}/stats?minutes=10")
+    assert r.status_code == 200, r.json
+    got = r.json
+    assert (got["requests"], got["requests_per_minute"]) == (20, 2.0)  # 3000 s ago: outside
+    first, second = got["instances"]
+    assert (first["instance_id"], first["requests"], first["restarts"]) == (a, 13, 1)
+    assert first["cpu_percent"] == 20.0  # 2 CPU seconds in 10 s; the restart left out
+    assert second["cpu_percent"] is None, "one sample: no rate yet"
+    assert got["memory_bytes"] == 70 * 2**20
+    assert sum(m["requests"] for m in got["series"]) == 20
+    bad = world.call("owner", "GET", f"/apps/{name}/stats?minutes=0")
+    assert bad.status_code == 422 and "minutes" in bad.json["fields"]
+    assert world.call("other", "GET", f"/apps/{name}/stats").status_code == 403

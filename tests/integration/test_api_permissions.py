@@ -51,6 +51,7 @@ MATRIX: list[tuple[str, str, Any, dict[str, int]]] = [
     ("GET", "/apps/{app}/why", None, dict.fromkeys(PEOPLE, 200)),
     ("GET", "/state?at=1", None, {"admin": 200}),
     ("GET", "/apps/{app}/logs", None, dict.fromkeys(PEOPLE, 200)),
+    ("GET", "/apps/{app}/stats", None, dict.fromkeys(PEOPLE, 200)),
     ("POST", "/apps/{app}/runs", None, dict.fromkeys(PEOPLE, 404)),
     ("GET", "/apps/{app}/addons", None, dict.fromkeys(PEOPLE, 404)),
     ("GET", "/hosts", None, {"admin": 200}),
