@@ -5,7 +5,8 @@ Requests are counted by gunicorn itself: started with `--statsd-host` and `--sta
 it serves. The agent listens on one loopback UDP port for all its instances (the same
 port again after a restart, so adopted instances keep reporting); a lost datagram loses
 one count, never blocks an app. Memory and CPU come from psutil over the instance's
-process tree (gunicorn's master and workers), restarts from the agent's own count. Every `StatsRecorder.every` seconds one row per running instance is written.
+process tree (gunicorn's master and workers), restarts from the agent's own count. Every
+`Timing.stats_every` seconds one row per running instance is written.
 """
 
 from __future__ import annotations
