@@ -131,13 +131,19 @@ def register(cli: click.Group) -> None:
         Collector(cfg.app_logs_dir, int(chunk_mb * 2**20)).run(bind or cfg.collector, stop)
 
     @cli.command("logs")
-    @click.argument("app")
+    @click.argument("app_arg", metavar="[APP]", required=False)
+    @click.option("-a", "--app", "app", envvar="TALLY_APP", help="The app (or TALLY_APP).")
     @click.option("-n", "--lines", default=100, show_default=True, help="Lines to show.")
     @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
     @click.pass_obj
     @fail_cleanly
-    def logs(cfg: Config, app: str, lines: int, follow: bool) -> None:
-        """An app's logs, as the collector wrote them (run where the collector runs)."""
+    def logs(cfg: Config, app_arg: str | None, app: str | None, lines: int,
+             follow: bool) -> None:
+        """An app's logs, as the collector wrote them (run where the collector runs):
+        `tally logs -a blog -f` (or `tally logs blog`)."""
+        app = app_arg or app
+        if not app:
+            raise click.UsageError("which app? give -a APP (or TALLY_APP)")
         from agents import logs as applogs
 
         for line in applogs.tail(cfg.app_logs_dir, app, lines):
@@ -149,13 +155,14 @@ def register(cli: click.Group) -> None:
 
     @cli.command("run", context_settings={"ignore_unknown_options": True,
                                           "allow_interspersed_args": False})
-    @click.argument("app")
+    @click.option("-a", "--app", "app", envvar="TALLY_APP", help="The app (or TALLY_APP).")
     @click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
     @click.pass_obj
     @fail_cleanly
-    def run(cfg: Config, app: str, command: tuple[str, ...]) -> None:
-        """Run a one-off command in APP's environment on a host, in a pty:
-        `tally run blog -- python manage.py migrate`. Exits with the command's code."""
+    def run(cfg: Config, app: str | None, command: tuple[str, ...]) -> None:
+        """Run a one-off command in the app's environment on a host, in a pty:
+        `tally run -a blog -- python manage.py migrate` (or `tally run blog -- ...`).
+        Exits with the command's code; Ctrl-C interrupts it."""
         import sys
         from datetime import UTC, datetime
 
@@ -164,18 +171,25 @@ def register(cli: click.Group) -> None:
         from agents.runs import RunError, run_remote
         from ledger import Ledger
 
+        explicit = (click.get_current_context().get_parameter_source("app")
+                    is click.core.ParameterSource.COMMANDLINE)
+        app, argv = _app_and_command(app, command, explicit)
         fleet = Fleet()
         with Ledger(cfg.cluster().dsn("tally_reader")) as ledger:
-            catch_up(ledger, fleet, ["app", "host", "heartbeat"], sequence=False)
+            catch_up(ledger, fleet, ["app", "host", "heartbeat", "placement"],
+                     sequence=False)
         if app not in fleet.apps:
             raise click.ClickException(f"no app named {app!r}")
         now = datetime.now(UTC)
+        # A host that runs the app first: it has the release unpacked, and an agent
+        # fetching bundles through the API is only given those of releases placed on it.
+        placed = {p.host_id for p in fleet.placements_of(app)}
         hosts = sorted((h for h in fleet.hosts.values() if h.run_endpoint and not h.lost
                         and h.last_heartbeat and (now - h.last_heartbeat).total_seconds() < 15),
-                       key=lambda h: h.last_heartbeat or now, reverse=True)
+                       key=lambda h: (h.host_id in placed, h.last_heartbeat or now),
+                       reverse=True)
         if not hosts:
             raise click.ClickException("no alive host agent to run the command on")
-        argv = list(command[1:] if command[:1] == ("--",) else command)
         try:
             code = run_remote(hosts[0].run_endpoint, app, argv, sys.stdout.buffer)
         except RunError as exc:
@@ -219,6 +233,30 @@ def register(cli: click.Group) -> None:
                 raise click.ClickException("the app kept changing: try again")
         click.echo(f"created database {addons.database_name(app)} for {app}; DATABASE_URL "
                    f"is set", err=True)
+
+
+def _app_and_command(app: str | None, words: tuple[str, ...],
+                     explicit: bool = False) -> tuple[str, list[str]]:
+    """`run`'s app and command from `-a APP [--] CMD...` (explicit: all words are the
+    command) or `APP -- CMD...` (the app named before `--` wins over TALLY_APP)."""
+    if explicit:
+        argv = list(words[1:] if words[:1] == ("--",) else words)
+    elif "--" in words:
+        cut = words.index("--")
+        before, argv = words[:cut], list(words[cut + 1:])
+        if len(before) == 1:
+            app = before[0]
+        elif before:
+            raise click.UsageError("put the command after --: tally run -a APP -- CMD")
+    else:
+        argv = list(words)
+        if app is None and argv:
+            app = argv.pop(0)
+    if not app:
+        raise click.UsageError("which app? give -a APP (or TALLY_APP)")
+    if not argv:
+        raise click.UsageError("nothing to run: give a command after --")
+    return app, argv
 
 
 def _port_range(text: str) -> tuple[int, int]:

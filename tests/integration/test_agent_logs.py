@@ -43,7 +43,7 @@ def test_logs_reach_the_collector_and_tally_logs(private: Cluster) -> None:
             release(ledger, private.root.parent, "logged", "hello", 1)
 
             def logged() -> str:
-                out = tally(private, "logs", "logged", "-n", "50")
+                out = tally(private, "logs", "-a", "logged", "-n", "50")
                 return out.stdout if "Booting worker" in out.stdout else ""
 
             text = wait_until(logged, 90, "gunicorn's start-up lines in tally logs")

@@ -60,7 +60,7 @@ def test_a_one_off_runs_in_the_apps_environment_and_returns_its_exit_code(
     assert words[words.index("cwd-has-procfile") + 1] == "True"
     assert int(words[words.index("uid") + 1]) != 0
 
-    migrate = tally(cluster, "run", "oneoff", "--", "python", "release.py")
+    migrate = tally(cluster, "run", "-a", "oneoff", "--", "python", "release.py")
     assert migrate.returncode == 0 and "migrated" in migrate.stdout
 
     limits = tally(cluster, "run", "oneoff", "--", "python", "-c", LIMITS)
