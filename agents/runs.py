@@ -3,14 +3,17 @@ app's environment (its serving release, virtualenv, config vars), as its user, i
 the output streams back and the exit code ends the conversation.
 
 Wire protocol (ZeroMQ DEALER -> the agent's ROUTER):
-    client: [b"run", json {"app", "argv"}], later maybe [b"signal", b"INT" | b"KILL"]
+    client: [b"run", json {"app", "argv"}], then [b"alive", b""] every KEEPALIVE_S,
+            and maybe [b"signal", b"INT" | b"KILL"]
     agent:  [b"out", bytes]* then [b"exit", b"<code>"], or [b"error", b"<message>"];
             [b"alive", b""] every KEEPALIVE_S meanwhile
 Each run has its own thread; threads hand frames to the ROUTER's loop over an inproc
-PUSH/PULL pair, since a ZeroMQ socket belongs to one thread. The keep-alives let the CLI
-tell a quiet command (a long migration) from a dead agent or a lost network, which would
-otherwise leave the terminal hanging; Ctrl-C in the CLI stops the command on the host
-(a second one kills it), as `heroku run` does.
+PUSH/PULL pair, since a ZeroMQ socket belongs to one thread. The keep-alives let each
+side tell a quiet peer (a long migration) from a dead one or a lost network: the CLI
+gives up with a clear error instead of hanging, and the agent hangs up (SIGHUP) a
+command whose caller went silent, as a terminal's commands get when the ssh session
+drops. Ctrl-C in the CLI stops the command on the host (a second one kills it), as
+`heroku run` does.
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ log = logging.getLogger("tally.runs")
 KEEPALIVE_S = 1.0
 """While a run prepares (maybe a pip install) or runs, the agent says "alive" this often."""
 SILENCE_S = 10.0
-"""The CLI gives up on an agent it has not heard from for this long."""
-SIGNALS = {b"INT": signal.SIGINT, b"KILL": signal.SIGKILL}
+"""Either side gives up on a peer it has not heard from for this long."""
+SIGNALS = {b"INT": signal.SIGINT, b"KILL": signal.SIGKILL, b"HUP": signal.SIGHUP}
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _PR_SET_PDEATHSIG = 1
 
@@ -65,6 +68,8 @@ class RunServer:
         self.runs: dict[bytes, subprocess.Popen | None] = {}
         """The runs under way, by caller: their command once started. Shared by the loop
         and the run threads through single dict operations (atomic under the GIL)."""
+        self.heard: dict[bytes, float] = {}
+        """When each caller last said anything (the loop's own)."""
         self.thread = threading.Thread(target=self._loop, daemon=True, name="runs")
         self.stop = threading.Event()
 
@@ -86,16 +91,20 @@ class RunServer:
                     frames = sock.recv_multipart()
                     if sock is self.pull:
                         self.router.send_multipart(frames)
-                    elif len(frames) == 3 and frames[1] == b"run":
+                        continue
+                    if len(frames) != 3:
+                        continue
+                    self.heard[frames[0]] = time.monotonic()
+                    if frames[1] == b"run":
                         self.runs[frames[0]] = None
                         threading.Thread(target=self._run, args=(frames[0], frames[2]),
                                          daemon=True).start()
-                    elif len(frames) == 3 and frames[1] == b"signal":
+                    elif frames[1] == b"signal":
                         self._signal(frames[0], frames[2])
-                if time.monotonic() >= next_alive:
-                    for ident in list(self.runs):
-                        self.router.send_multipart([ident, b"alive", b""])
-                    next_alive = time.monotonic() + KEEPALIVE_S
+                now = time.monotonic()
+                if now >= next_alive:
+                    self._keep_alive(now)
+                    next_alive = now + KEEPALIVE_S
         finally:
             self.router.close()
             self.pull.close()
@@ -121,12 +130,25 @@ class RunServer:
             self.runs.pop(ident, None)
             out.close(linger=5000)
 
-    def _signal(self, ident: bytes, name: bytes) -> None:
-        """The caller pressed Ctrl-C: signal its command's process group (its session)."""
+    def _keep_alive(self, now: float) -> None:
+        """Tell every caller we are here; hang up the command of one gone silent."""
+        for ident in set(self.heard) - set(self.runs):
+            del self.heard[ident]  # its run ended
+        for ident in list(self.runs):
+            self.router.send_multipart([ident, b"alive", b""])
+            if now - self.heard.get(ident, now) > SILENCE_S and self._signal(ident, b"HUP"):
+                log.info("a run's caller went silent: its command was hung up")
+                self.heard[ident] = float("inf")  # once
+
+    def _signal(self, ident: bytes, name: bytes) -> bool:
+        """Signal a caller's command's process group (its session); False if it has not
+        started yet."""
         proc, sig = self.runs.get(ident), SIGNALS.get(name)
-        if proc is not None and sig is not None:
-            with contextlib.suppress(ProcessLookupError):  # it ended: its exit is coming
-                os.killpg(proc.pid, sig)
+        if proc is None or sig is None:
+            return False
+        with contextlib.suppress(ProcessLookupError):  # it ended: its exit is coming
+            os.killpg(proc.pid, sig)
+        return True
 
 
 def _hung_up_with_agent(setup: Callable[[], None]) -> Callable[[], None]:
@@ -186,11 +208,20 @@ def run_remote(endpoint: str, app: str, argv: list[str], out: BinaryIO,
     interrupts = 0
     try:
         sock.send_multipart([b"run", json.dumps({"app": app, "argv": argv}).encode()])
+        heard = said = time.monotonic()
         while True:
             try:
-                if not sock.poll(int(SILENCE_S * 1000)):
-                    raise RunError(f"lost the agent at {endpoint}: not a word for "
-                                   f"{SILENCE_S:.0f} s; the command may still be running there")
+                now = time.monotonic()
+                if now - said >= KEEPALIVE_S:
+                    sock.send_multipart([b"alive", b""])
+                    said = now
+                if not sock.poll(int(KEEPALIVE_S * 1000)):
+                    if time.monotonic() - heard > SILENCE_S:
+                        raise RunError(f"lost the agent at {endpoint}: not a word for "
+                                       f"{SILENCE_S:.0f} s; the command may still be "
+                                       f"running there")
+                    continue
+                heard = time.monotonic()
                 kind, data = sock.recv_multipart()
                 if kind == b"out":
                     out.write(data)

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -110,9 +111,21 @@ def test_ctrl_c_stops_the_command_on_the_host(agent: tuple[Cluster, AgentProc]) 
     wait_until(lambda: tally(cluster, "run", "oneoff", "--", "true").returncode == 0, 60,
                "the app ready to run")
     with sleeper(cluster) as (cli, pid):
+        # Quiet but attached: neither side gives up on the other (keep-alives both ways).
+        time.sleep(SILENCE_S + 2)  # not a synchronisation: the run must outlast this
+        assert cli.poll() is None and not _gone(pid)
         cli.send_signal(signal.SIGINT)
         assert cli.wait(30) == 130  # 128 + SIGINT: the command died of the interrupt
         wait_until(lambda: _gone(pid), 10, "the command gone from the host")
+
+
+def test_a_command_whose_caller_vanished_is_hung_up(agent: tuple[Cluster, AgentProc]) -> None:
+    cluster, _ = agent
+    wait_until(lambda: tally(cluster, "run", "oneoff", "--", "true").returncode == 0, 60,
+               "the app ready to run")
+    with sleeper(cluster) as (cli, pid):
+        cli.kill()  # kill -9: no Ctrl-C, no goodbye, as when a laptop's lid closes
+        wait_until(lambda: _gone(pid), SILENCE_S + 15, "the command hung up by its agent")
 
 
 def test_a_run_whose_agent_dies_ends_with_a_clear_error_and_hangs_up_the_command(
