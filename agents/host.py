@@ -214,11 +214,17 @@ class Agent:
         on_disk: dict[str, set[str]] = {}
         for folder in (self.paths.releases, self.paths.state / "homes"):
             for app in folder.iterdir() if folder.exists() else ():
-                on_disk.setdefault(app.name, set())
+                if app.name.startswith(GONE):
+                    remove_tree(app)  # a removal a killed agent left half done
+                elif not app.name.startswith("."):
+                    on_disk.setdefault(app.name, set())
         for app, digests in on_disk.items():
             folder = self.paths.releases / app
-            if folder.is_dir():
-                digests.update(d.name for d in folder.iterdir() if not d.name.startswith("."))
+            for d in folder.iterdir() if folder.is_dir() else ():
+                if d.name.startswith(GONE):
+                    remove_tree(d)
+                elif not d.name.startswith("."):  # not an unpacking in progress
+                    digests.add(d.name)
         in_use: dict[str, set[str]] = {}
         for want in [*wants.values(), *(loc.want for loc in self.local.values() if loc.want)]:
             in_use.setdefault(want.app, set()).add(want.digest)
@@ -428,8 +434,18 @@ class Agent:
             return False
 
 
+GONE = ".gone-"
+
+
 def remove_tree(path: Path) -> None:
-    """Remove a folder, read-only releases included."""
+    """Remove a folder, read-only releases included. Renamed out of the way first, in one
+    step: a release folder that exists is always whole (bundle.unpack trusts it), even if
+    the agent is killed halfway through; the next cleanup finishes the `.gone-` rest."""
+    if not path.name.startswith(GONE):
+        try:
+            path = path.rename(path.with_name(f"{GONE}{path.name}-{uuid.uuid4().hex[:8]}"))
+        except FileNotFoundError:
+            return
     bundle.make_writable(path)
     shutil.rmtree(path, ignore_errors=True)
 

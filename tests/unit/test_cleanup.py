@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from agents.cleanup import KEEP_RECENT, plan
 from agents.fleet import App, Release
 
@@ -32,3 +34,19 @@ def test_an_unknown_digest_of_a_live_app_goes_and_nothing_else_is_touched() -> N
     blog = app("blog", 2)
     todo = plan({"blog": {"d1", "d2", "stray"}}, {"blog": blog, "other": app("other", 1)}, {})
     assert todo.releases == [("blog", "stray")] and todo.apps == []
+
+
+def test_a_removal_renames_first_so_a_release_folder_is_whole_or_absent(tmp_path: Path) -> None:
+    from agents.host import GONE, remove_tree
+
+    release = tmp_path / "d1"
+    (release / "pkg").mkdir(parents=True)
+    (release / "pkg" / "app.py").write_text("app = 1\n")
+    for p in (release / "pkg", release):
+        p.chmod(0o555)  # read-only, as bundle.unpack leaves a release
+    half_done = tmp_path / f"{GONE}d0-1234"  # what a killed agent left
+    half_done.mkdir()
+    remove_tree(release)
+    remove_tree(half_done)
+    remove_tree(tmp_path / "never-there")
+    assert list(tmp_path.iterdir()) == []
