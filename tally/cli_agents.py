@@ -252,10 +252,8 @@ def _app_and_command(app: str | None, words: tuple[str, ...],
         argv = list(words)
         if app is None and argv:
             app = argv.pop(0)
-    if not app:
-        raise click.UsageError("which app? give -a APP (or TALLY_APP)")
-    if not argv:
-        raise click.UsageError("nothing to run: give a command after --")
+    if not app or not argv:
+        raise click.UsageError("give the app and the command: tally run -a APP -- CMD")
     return app, argv
 
 

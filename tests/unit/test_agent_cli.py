@@ -15,8 +15,9 @@ from tally.cli import cli
     (["serve", "placer", "--ttl", "3", "--suspect-after", "5"], "below --ttl"),
     (["logs", "../etc"], "not an app name"),
     (["addons:create", "blog", "redis"], "'redis' is not 'postgresql'"),
-    (["run", "blog"], "nothing to run: give a command after --"),
-    (["run", "--", "ls"], "which app? give -a APP"),
+    (["run", "blog"], "give the app and the command: tally run -a APP -- CMD"),
+    (["run", "--", "ls"], "give the app and the command"),
+    (["run", "-a", "blog"], "Missing argument 'COMMAND"),
     (["logs"], "which app? give -a APP"),
 ])
 def test_bad_input_is_one_clear_line(args: list[str], message: str, tmp_path) -> None:
