@@ -91,6 +91,10 @@ def check_members(members: list[tarfile.TarInfo]) -> None:
         raise BundleRefused("the bundle has no Procfile at its top level")
 
 
+UNPACKING = ".unpack-"
+"""Prefix of a release folder being unpacked (renamed to its digest when whole)."""
+
+
 def unpack(bundle: Path, digest: str, into: Path) -> Path:
     """The release folder `into`/<digest>, unpacked once and read-only; raises BundleRefused."""
     final = into / digest
@@ -102,7 +106,7 @@ def unpack(bundle: Path, digest: str, into: Path) -> Path:
     if actual != digest:
         raise BundleRefused(f"bundle digest mismatch: expected {digest[:12]}, got {actual[:12]}")
     into.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=into, prefix=".unpack-"))
+    scratch = Path(tempfile.mkdtemp(dir=into, prefix=UNPACKING))
     try:
         try:
             with tarfile.open(bundle, "r:gz") as tar:

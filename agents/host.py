@@ -221,8 +221,9 @@ class Agent:
         for app, digests in on_disk.items():
             folder = self.paths.releases / app
             for d in folder.iterdir() if folder.is_dir() else ():
-                if d.name.startswith(GONE):
-                    remove_tree(d)
+                if d.name.startswith(GONE) or (d.name.startswith(bundle.UNPACKING) and
+                                               time.time() - d.stat().st_mtime > 3600):
+                    remove_tree(d)  # half done by a killed agent (an unpack takes seconds)
                 elif not d.name.startswith("."):  # not an unpacking in progress
                     digests.add(d.name)
         in_use: dict[str, set[str]] = {}

@@ -8,6 +8,7 @@ is the platform's own doing.
 from __future__ import annotations
 
 import json
+import os
 import pwd
 import signal
 import subprocess
@@ -194,6 +195,13 @@ def test_a_crash_loop_is_reported_with_exit_codes(platform: Platform) -> None:
     assert "crash-looping" in why and "exit code 3" in why, why
     ran_on = platform.agents[p.host_id].home / "agents" / p.host_id
     assert (ran_on / "releases" / "crasher").is_dir() and (ran_on / "homes" / "crasher").is_dir()
+    stale = ran_on / "releases" / "crasher" / ".unpack-killed"  # a killed agent's, hours ago
+    stale.mkdir()
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    fresh = ran_on / "releases" / "crasher" / ".unpack-now"  # one that may be under way
+    fresh.mkdir()
+    wait_until(lambda: not stale.exists(), 30, "the stale unpacking removed")
+    assert fresh.exists()
     led.append("app-crasher", [NewEvent("AppDeleted", {"name": "crasher"})])
     wait_until(lambda: not platform.fleet().placements_of("crasher"), 30, "crasher withdrawn")
 
