@@ -41,15 +41,21 @@ MAX_STREAM = 200
 """Longest stream id, in characters."""
 
 
+def category_of(stream: str) -> str | None:
+    """`app-blog` -> `app`; None for a malformed stream id."""
+    match = STREAM_ID.match(stream)
+    return match.group(1) if match and len(stream) <= MAX_STREAM else None
+
+
 def stream_category(stream: str) -> str:
     """`app-blog` -> `app`. Raises InvalidEvent for a malformed stream id."""
-    match = STREAM_ID.match(stream)
-    if not match or len(stream) > MAX_STREAM:
+    category = category_of(stream)
+    if category is None:
         raise InvalidEvent(
             f"stream id {stream!r} must look like category-id (e.g. app-blog)",
             {"_stream": ["must look like category-id"]},
         )
-    return match.group(1)
+    return category
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,7 @@ import psycopg2.errors
 
 from ledger.catalogue import (
     CATALOGUE,
-    MAX_STREAM,
-    STREAM_ID,
+    category_of,
     plain_payload,
     stream_category,
     upcast,
@@ -140,10 +139,10 @@ def _plain_one(stream: str, events: Sequence[NewEvent], key: str,
         return None
     ev = events[0]
     et = CATALOGUE.get(ev.type)
-    match = STREAM_ID.match(stream)
-    if et is None or match is None or len(stream) > MAX_STREAM:
+    category = category_of(stream)
+    if et is None or category is None:
         return None
-    payload = plain_payload(et, match.group(1), ev.data)
+    payload = plain_payload(et, category, ev.data)
     if payload is None:
         return None
     data = _dumps(payload)
