@@ -79,6 +79,11 @@ class Paths:
     """The API to download bundles from with `api_token`; empty: read `bundles` directly."""
     api_token: str = field(default="", repr=False)
 
+    @property
+    def downloads(self) -> Path:
+        """Bundles downloaded from the API (agents/bundle.py), one per digest."""
+        return self.state / "bundles"
+
 
 @dataclass(frozen=True)
 class Timing:
@@ -230,7 +235,7 @@ class Agent:
         for want in [*wants.values(), *(loc.want for loc in self.local.values() if loc.want)]:
             in_use.setdefault(want.app, set()).add(want.digest)
         todo = cleanup.plan(on_disk, self.fleet.apps, in_use)
-        bundles = self.paths.state / "bundles"  # downloaded ones (agents/bundle.py)
+        bundles = self.paths.downloads
         for app, digest in todo.releases:
             log.info("removing release %s of %s: unused", digest[:12], app)
             remove_tree(self.paths.releases / app / digest)
@@ -377,7 +382,7 @@ class Agent:
         """The release's bundle file: downloaded from the API, or the shared store's."""
         if self.paths.api and self.paths.api_token:
             return bundle.download(self.paths.api, self.paths.api_token, want.app,
-                                   want.release, want.digest, self.paths.state / "bundles")
+                                   want.release, want.digest, self.paths.downloads)
         return self.paths.bundles / f"{want.digest}.tar.gz"
 
     def launch(self, loc: Local, release: Path, venv: Path,

@@ -36,8 +36,8 @@ def authorized(state: AppState) -> AppState:
 
 def owned(state: AppState) -> AppState:
     """Deleting an app and choosing who manages it are its owner's (or an admin's), as on
-    Heroku: members deploy, scale and configure, but cannot lock the owner out."""
-    authorized(state)
+    Heroku: members deploy, scale and configure, but cannot lock the owner out. For
+    deciders run by `change`, which has checked `authorized` already."""
     caller = who()
     if not caller.is_admin and caller.name != state.owner:
         raise Forbidden(f"only {state.name}'s owner ({state.owner}) or an admin may do this")
