@@ -37,7 +37,7 @@ from agents.processes import Limits, child_setup
 
 log = logging.getLogger("tally.runs")
 KEEPALIVE_S = 1.0
-"""While a run prepares (maybe a pip install) or runs, the agent says "alive" this often."""
+"""While a run prepares (maybe a pip install) or runs, each side says "alive" this often."""
 SILENCE_S = 10.0
 """Either side gives up on a peer it has not heard from for this long."""
 SIGNALS = {b"INT": signal.SIGINT, b"KILL": signal.SIGKILL, b"HUP": signal.SIGHUP}
