@@ -3,7 +3,21 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PG_BIN ?= /usr/lib/postgresql/15/bin
 
-.PHONY: install up down test bench bench-quick lint postgres
+.PHONY: install up down test bench bench-quick lint postgres system
+
+# Debian packages the platform and its tests run (one a line, so branches merge cleanly):
+# the sandbox (bubblewrap), network rules (nftables), etcd for Patroni, the data tier
+# (pgbouncer, haproxy, redis), the balancer's baselines (nginx, wrk) and ACME test server.
+APT_PACKAGES := \
+	bubblewrap \
+	etcd-server \
+	haproxy \
+	nftables \
+	nginx \
+	pebble \
+	pgbouncer \
+	redis-server \
+	wrk
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -11,7 +25,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-install: postgres $(VENV)/.installed
+install: postgres system $(VENV)/.installed
+
+# Installs only what is missing (dpkg -s), so a prepared machine does not touch apt.
+system:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	test -z "$$missing" || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; }
 
 # PostgreSQL 15 server binaries: Debian's package where they are missing.
 postgres:
