@@ -1,2 +1,3 @@
-"""The redundant eventlet HTTP/1.1 reverse proxies: a sans-IO HTTP core and routing table,
-an eventlet shell. Not built yet (a later issue); `tally up` runs none so far."""
+"""The redundant HTTP/1.1 reverse proxies in front of every app: a sans-IO core (`h1`,
+`bodies`, `forward`, `routing`, `pages`: no I/O, no eventlet) and an eventlet shell that only
+moves bytes (`tally serve balancer`)."""
