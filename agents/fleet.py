@@ -14,12 +14,19 @@ from datetime import datetime
 from typing import Any
 
 from ledger.events import RecordedEvent
+from ledger.vocabulary import (
+    LIVENESS_STREAM,
+    RELEASE_PHASE,
+    RUNNING,
+    HostState,
+    InstanceState,
+    Liveness,
+    fold_scale,
+    host_state,
+)
 
-CATEGORIES = ["app", "host", "heartbeat", "placement", "instance"]
+CATEGORIES = ["app", "host", "heartbeat", "placement", "instance", "placer"]
 """The stream categories the fold reads."""
-RELEASE_PHASE = "release"
-"""The Procfile process type run once, to completion, before a release takes traffic."""
-RUNNING = ("started", "healthy")
 
 
 @dataclass
@@ -68,8 +75,11 @@ class Host:
     last_heartbeat: datetime | None = None
     lost: bool = False
     version: int = 0
-    run_endpoint: str = ""
     """Version of the host-<id> stream (HostLost is appended with it as expected version)."""
+    run_endpoint: str = ""
+
+    def state(self, now: datetime, liveness: Liveness) -> HostState:
+        return host_state(self.lost, self.last_heartbeat or self.registered_at, now, liveness)
 
 
 @dataclass(frozen=True)
@@ -87,7 +97,7 @@ class Placement:
 class Instance:
     """What agents reported about one instance."""
 
-    state: str = "placed"
+    state: InstanceState = InstanceState.PLACED
     host_id: str | None = None
     port: int | None = None
     restarts: int = 0
@@ -103,6 +113,9 @@ class Fleet:
     placements: dict[str, Placement] = field(default_factory=dict)
     instances: dict[str, Instance] = field(default_factory=dict)
     placement_versions: dict[str, int] = field(default_factory=dict)
+    liveness: Liveness = Liveness()
+    """The timings the placer last announced (LivenessSet); the defaults before that."""
+    liveness_version: int = 0
     position: int = 0
 
     def apply_all(self, events: list[RecordedEvent]) -> None:
@@ -147,7 +160,7 @@ def _release_created(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:
 
 def _scale_changed(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:
     if app := f.apps.get(d["app"]):
-        app.scale = {**app.scale, **d["scale"]}
+        app.scale = fold_scale(app.scale, d["scale"])
 
 
 def _host_registered(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:
@@ -184,7 +197,13 @@ def _unplaced(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:
         del f.instances[d["instance_id"]]
 
 
-def _observed(state: str) -> Any:
+def _liveness_set(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:
+    if e.stream == LIVENESS_STREAM:
+        f.liveness = Liveness(d["ttl"], d["suspect_after"])
+        f.liveness_version = e.version
+
+
+def _observed(state: InstanceState) -> Any:
     def handle(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:
         iid = d["instance_id"]
         placed = f.placements.get(iid)
@@ -194,7 +213,7 @@ def _observed(state: str) -> Any:
         inst = f.instances.setdefault(iid, Instance())
         inst.state = state
         inst.host_id = d.get("host_id") or inst.host_id
-        if state == "exited":
+        if state is InstanceState.EXITED:
             inst.exit_code, inst.signal = d.get("exit_code"), d.get("signal")
             inst.restarts = d.get("restarts", 0)
             inst.log_tail = d.get("log_tail", [])
@@ -226,8 +245,10 @@ HANDLERS = {
     "ReleaseCreated": _release_created, "ScaleChanged": _scale_changed,
     "HostRegistered": _host_registered, "HostHeartbeat": _heartbeat, "HostLost": _host_lost,
     "InstancePlaced": _placed, "InstanceUnplaced": _unplaced,
-    "InstanceStarted": _observed("started"), "InstanceHealthy": _observed("healthy"),
-    "InstanceExited": _observed("exited"), "InstanceStopped": _observed("stopped"),
+    "InstanceStarted": _observed(InstanceState.STARTED),
+    "InstanceHealthy": _observed(InstanceState.HEALTHY),
+    "InstanceExited": _observed(InstanceState.EXITED),
+    "InstanceStopped": _observed(InstanceState.STOPPED),
     "ReleaseDeployed": _deployed, "ReleaseFailed": _failed,
-    "PlacementFailed": _placement_failed,
+    "PlacementFailed": _placement_failed, "LivenessSet": _liveness_set,
 }

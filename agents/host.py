@@ -44,6 +44,7 @@ from agents.supervision import (
     ALIVE,
     FAILED_CHECKS,
     Action,
+    Do,
     Local,
     State,
     Want,
@@ -333,14 +334,14 @@ class Agent:
     def apply(self, action: Action, now: float) -> None:
         iid = action.instance_id
         loc = self.local.get(iid)
-        if action.kind == "prepare":
+        if action.kind is Do.PREPARE:
             assert action.want is not None
             restarts = loc.restarts if loc else 0
             codes = loc.exit_codes if loc else []
             self.local[iid] = Local(iid, State.PREPARING, restarts=restarts, want=action.want,
                                     exit_codes=codes)
             self.preparing[iid] = self.pool.submit(self.prepare, action.want)
-        elif action.kind == "check" and loc is not None:
+        elif action.kind is Do.CHECK and loc is not None:
             verdict = after_check(loc, self.healthy(action.want), now,
                                   self.timing.health_every)
             if verdict == "healthy":
@@ -352,12 +353,12 @@ class Agent:
                     f.write(f"tally: no answer to {FAILED_CHECKS} health checks in a row: "
                             f"killed\n")
                 self.procs.signal_group(loc.pid, 9)
-        elif action.kind == "stop" and loc is not None and loc.pid is not None:
+        elif action.kind is Do.STOP and loc is not None and loc.pid is not None:
             self.procs.signal_group(loc.pid, 15)
             loc.state, loc.stop_deadline = State.STOPPING, now + self.timing.grace
-        elif action.kind == "kill" and loc is not None and loc.pid is not None:
+        elif action.kind is Do.KILL and loc is not None and loc.pid is not None:
             self.procs.signal_group(loc.pid, 9)
-        elif action.kind == "forget":
+        elif action.kind is Do.FORGET:
             self.local.pop(iid, None)
             self.procs.forget(iid)
 

@@ -25,20 +25,32 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from agents.fleet import RELEASE_PHASE, RUNNING, App, Fleet, Host, Placement
+from agents.fleet import App, Fleet, Host, Placement
 from ledger.events import NewEvent
+from ledger.vocabulary import (
+    LIVENESS_STREAM,
+    RELEASE_PHASE,
+    RUNNING,
+    HostState,
+    InstanceState,
+    Liveness,
+    crash_looping,
+    wanted,
+)
 
 
 @dataclass(frozen=True)
 class Settings:
-    ttl: float = 15.0
+    ttl: float = Liveness.ttl
     """Seconds without a heartbeat before a host is lost."""
-    suspect_after: float = 5.0
+    suspect_after: float = Liveness.suspect_after
     """Seconds without a heartbeat before a host is suspect (two missed heartbeats)."""
     deploy_timeout: float = 120.0
     """Seconds a new release's instances have to become healthy."""
-    crash_loop: int = 3
-    """Restarts of one instance that make a rollout fail."""
+
+    @property
+    def liveness(self) -> Liveness:
+        return Liveness(self.ttl, self.suspect_after)
 
 
 @dataclass(frozen=True)
@@ -48,16 +60,6 @@ class Append:
     stream: str
     expected_version: int
     events: tuple[NewEvent, ...]
-
-
-def host_state(host: Host, now: datetime, settings: Settings) -> str:
-    """alive | suspect | expired (to be declared lost) | lost."""
-    if host.lost:
-        return "lost"
-    age = (now - (host.last_heartbeat or host.registered_at)).total_seconds()
-    if age > settings.ttl:
-        return "expired"
-    return "suspect" if age > settings.suspect_after else "alive"
 
 
 def new_instance_id(app: str, release: int, process_type: str) -> str:
@@ -131,17 +133,23 @@ class _Slots:
 
 def decide(fleet: Fleet, now: datetime, settings: Settings = Settings(),
            new_id: Callable[[str, int, str], str] = new_instance_id) -> list[Append]:
-    """Everything the placer should append now, one Append per stream."""
+    """Everything the placer should append now, one Append per stream. First, if the
+    ledger's liveness timings are not the ones this placer runs with, it announces its own
+    (LivenessSet), so that whoever judges a host reads what the placer acts on."""
     out: list[Append] = []
-    states = {h.host_id: host_state(h, now, settings) for h in fleet.hosts.values()}
+    liveness = settings.liveness
+    if fleet.liveness != liveness or not fleet.liveness_version:
+        out.append(Append(LIVENESS_STREAM, fleet.liveness_version, (NewEvent("LivenessSet", {
+            "ttl": liveness.ttl, "suspect_after": liveness.suspect_after}),)))
+    states = {h.host_id: h.state(now, liveness) for h in fleet.hosts.values()}
     for host_id, state in sorted(states.items()):
-        if state == "expired":
+        if state is HostState.EXPIRED:
             host = fleet.hosts[host_id]
             age = (now - (host.last_heartbeat or host.registered_at)).total_seconds()
             out.append(Append(f"host-{host_id}", host.version, (NewEvent("HostLost", {
                 "host_id": host_id,
                 "reason": f"no heartbeat for {age:.0f}s (ttl {settings.ttl:g}s)"}),)))
-            states[host_id] = "lost"
+            states[host_id] = HostState.LOST
     slots = _slots(fleet, states)
     by_app: dict[str, list[Placement]] = defaultdict(list)
     for p in fleet.placements.values():
@@ -155,8 +163,8 @@ def decide(fleet: Fleet, now: datetime, settings: Settings = Settings(),
     return out
 
 
-def _slots(fleet: Fleet, states: dict[str, str]) -> _Slots:
-    alive = {h: fleet.hosts[h] for h, s in states.items() if s == "alive"}
+def _slots(fleet: Fleet, states: dict[str, HostState]) -> _Slots:
+    alive = {h: fleet.hosts[h] for h, s in states.items() if s is HostState.ALIVE}
     slots = _Slots(alive)
     for p in fleet.placements.values():
         slots.load[p.host_id] += 1
@@ -174,14 +182,14 @@ def _unplace(p: Placement, reason: str) -> NewEvent:
 
 
 def _plan_app(fleet: Fleet, app: App | None, name: str, placements: list[Placement],
-              states: dict[str, str], slots: _Slots, now: datetime, settings: Settings,
+              states: dict[str, HostState], slots: _Slots, now: datetime, settings: Settings,
               new_id: Callable[[str, int, str], str]) -> list[NewEvent]:
     events: list[NewEvent] = []
     live: list[Placement] = []
     for p in placements:
         if app is None:
             events.append(_unplace(p, "app deleted"))
-        elif states.get(p.host_id, "lost") == "lost":
+        elif states.get(p.host_id, HostState.LOST) is HostState.LOST:
             events.append(_unplace(p, f"host {p.host_id} lost"))
         else:
             live.append(p)
@@ -196,18 +204,18 @@ def _plan_app(fleet: Fleet, app: App | None, name: str, placements: list[Placeme
         return events + _release_phase(fleet, app, target, phase, slots, new_id)
     events += [_unplace(p, "release phase finished") for p in phase]
     mine = [p for p in mine if p.process_type != RELEASE_PHASE]
-    wanted = _wanted(app, release.procfile)
+    want = wanted(release.procfile, app.scale)
     for p in mine:
-        if p.process_type not in wanted:
+        if p.process_type not in want:
             events.append(_unplace(p, f"no {p.process_type} process in release {target}"))
-    for ptype, count in sorted(wanted.items()):
+    for ptype, count in sorted(want.items()):
         group = [p for p in mine if p.process_type == ptype]
         events += _scale_group(fleet, app, target, ptype, count, group, slots, new_id)
     if app.deployed == target:
         return events + [_unplace(p, f"release {target} serves") for p in others]
     healthy = Counter(p.process_type for p in mine
-                      if fleet.instance(p.instance_id).state == "healthy")
-    if all(healthy[t] >= n for t, n in wanted.items()):
+                      if fleet.instance(p.instance_id).state is InstanceState.HEALTHY)
+    if all(healthy[t] >= n for t, n in want.items()):
         events.append(NewEvent("ReleaseDeployed", {"app": name, "release": target}))
         return events + [_unplace(p, f"superseded by release {target}") for p in others]
     if target not in app.failed and (reason := _failing(fleet, mine, now, settings)):
@@ -231,20 +239,13 @@ def _needs_phase(app: App, target: int) -> bool:
             and app.deployed != target and target not in app.failed)
 
 
-def _wanted(app: App, procfile: dict[str, str]) -> dict[str, int]:
-    """Instances per process type of the release; `web` defaults to 1 until scaled, as on
-    Heroku."""
-    out = {t: app.scale.get(t, 1 if t == "web" else 0) for t in procfile if t != RELEASE_PHASE}
-    return {t: n for t, n in out.items() if n > 0}
-
-
 def _release_phase(fleet: Fleet, app: App, target: int, phase: list[Placement],
                    slots: _Slots, new_id: Callable[[str, int, str], str]) -> list[NewEvent]:
     if not phase:
         placed = _place(app, target, RELEASE_PHASE, 1, slots, Counter(), new_id)
         return placed or _shortfall(app, target, RELEASE_PHASE, 1, 0)
     inst = fleet.instance(phase[0].instance_id)
-    if inst.state == "exited" and inst.exit_code != 0:
+    if inst.state is InstanceState.EXITED and inst.exit_code != 0:
         tail = " | ".join(inst.log_tail[-3:])
         code = f"code {inst.exit_code}" if inst.signal is None else f"signal {inst.signal}"
         return [NewEvent("ReleaseFailed", {
@@ -259,8 +260,9 @@ def _scale_group(fleet: Fleet, app: App, target: int, ptype: str, count: int,
                  new_id: Callable[[str, int, str], str]) -> list[NewEvent]:
     if len(group) > count:
         per_host = Counter(p.host_id for p in group)
-        order = sorted(group, key=lambda p: (fleet.instance(p.instance_id).state == "healthy",
-                                             -per_host[p.host_id], p.instance_id))
+        order = sorted(group, key=lambda p: (
+            fleet.instance(p.instance_id).state is InstanceState.HEALTHY,
+            -per_host[p.host_id], p.instance_id))
         return [_unplace(p, f"scaled to {count}") for p in order[: len(group) - count]]
     if len(group) == count:
         return []
@@ -295,13 +297,13 @@ def _failing(fleet: Fleet, mine: Iterable[Placement], now: datetime,
     """Why the rollout of these instances has failed, or None while it may still succeed."""
     for p in mine:
         inst = fleet.instance(p.instance_id)
-        if inst.restarts >= settings.crash_loop and inst.state != "healthy":
+        if crash_looping(inst.state, inst.restarts):
             how = (f"exit code {inst.exit_code}" if inst.signal is None
                    else f"signal {inst.signal}")
             return (f"instance {p.instance_id} is crash-looping: {inst.restarts} restarts, "
                     f"last {how}")
         waited = (now - p.placed_at).total_seconds()
-        if inst.state != "healthy" and waited > settings.deploy_timeout:
+        if inst.state is not InstanceState.HEALTHY and waited > settings.deploy_timeout:
             return (f"instance {p.instance_id} not healthy after {waited:.0f}s "
                     f"(deploy timeout {settings.deploy_timeout:g}s)")
     return None

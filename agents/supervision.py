@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from agents.fleet import RELEASE_PHASE
+from ledger.vocabulary import RELEASE_PHASE, WEB
 
 
 class State(StrEnum):
@@ -64,10 +64,20 @@ class Local:
     failed_checks: int = 0
 
 
+class Do(StrEnum):
+    """What the agent does to one instance. Preparing ends in a start (the shell starts
+    the process once its bundle and virtualenv are ready), so there is no separate start."""
+
+    PREPARE = "prepare"
+    CHECK = "check"
+    STOP = "stop"
+    KILL = "kill"
+    FORGET = "forget"
+
+
 @dataclass(frozen=True)
 class Action:
-    kind: str
-    """prepare | start | check | stop | kill | forget"""
+    kind: Do
     instance_id: str
     want: Want | None = None
 
@@ -84,24 +94,24 @@ def plan(wants: dict[str, Want], local: dict[str, Local], now: float) -> list[Ac
         if iid in wants and loc.want == wants[iid]:
             continue
         if loc.state in (State.STARTING, State.HEALTHY):
-            out.append(Action("stop", iid))
+            out.append(Action(Do.STOP, iid))
         elif loc.state is State.STOPPING:
             if now >= loc.stop_deadline:
-                out.append(Action("kill", iid))
+                out.append(Action(Do.KILL, iid))
         elif loc.state is not State.PREPARING:
-            out.append(Action("forget", iid))
+            out.append(Action(Do.FORGET, iid))
     for iid, want in sorted(wants.items()):
         loc = local.get(iid)
         if loc is None:
-            out.append(Action("prepare", iid, want))
+            out.append(Action(Do.PREPARE, iid, want))
         elif loc.want != want:
             continue  # stopping the old incarnation first
         elif loc.state is State.STARTING or (
-                loc.state is State.HEALTHY and want.process_type == "web"
+                loc.state is State.HEALTHY and want.process_type == WEB
                 and now >= loc.next_check):
-            out.append(Action("check", iid, want))
+            out.append(Action(Do.CHECK, iid, want))
         elif loc.state is State.EXITED and now >= loc.next_start:
-            out.append(Action("prepare", iid, want))
+            out.append(Action(Do.PREPARE, iid, want))
     return out
 
 

@@ -8,6 +8,7 @@ import re
 from api.errors import Conflict, NotFound, Unprocessable
 from api.state import AppState
 from ledger.events import NewEvent
+from ledger.vocabulary import default_scale
 
 HOSTNAME = re.compile(
     r"^(\*\.)?(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)+$"
@@ -41,15 +42,17 @@ def delete_app(s: AppState) -> list[NewEvent]:
 def new_release(s: AppState, digest: str, procfile: dict[str, str],
                 description: str) -> list[NewEvent]:
     """A release of a freshly uploaded bundle with the current config. The first release
-    with a `web` process scales web to 1, as Heroku does."""
+    records the default scale of its process types (`web`: 1, as on Heroku), so the scale
+    the placer acts on is in the ledger."""
     require_app(s)
     number = len(s.releases) + 1
     events = [NewEvent("ReleaseCreated", {
         "app": s.name, "release": number, "bundle_digest": digest, "procfile": procfile,
         "config_version": s.config_version, "description": description[:500],
     })]
-    if not s.releases and not s.scale and "web" in procfile:
-        events.append(NewEvent("ScaleChanged", {"app": s.name, "scale": {"web": 1}}))
+    defaults = {t: n for t in procfile if (n := default_scale(t))}
+    if not s.releases and not s.scale and defaults:
+        events.append(NewEvent("ScaleChanged", {"app": s.name, "scale": defaults}))
     return events
 
 

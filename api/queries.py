@@ -11,6 +11,7 @@ from typing import Any
 import psycopg2
 
 from ledger import Ledger, LedgerUnavailable
+from ledger.vocabulary import LIVENESS_STREAM, liveness_of
 from projectors.hosts import host_state
 
 
@@ -45,11 +46,13 @@ def apps(ledger: Ledger) -> list[dict[str, Any]]:
 
 def hosts(ledger: Ledger) -> list[dict[str, Any]]:
     """Every host, its state as of now: the view stores alive/lost; suspect (missed
-    heartbeats) depends on the clock, so it is derived here, by the projectors' rule."""
+    heartbeats) depends on the clock, so it is derived here, by the one rule, with the
+    timings the placer announced."""
     now = datetime.now(UTC)
+    liveness = liveness_of(ledger.read_stream(LIVENESS_STREAM))
 
     def shape(r: dict[str, Any]) -> dict[str, Any]:
-        r["state"] = host_state(r, now)
+        r["state"] = host_state(r, now, liveness)
         del r["registered_at"]
         return r
     return rows(ledger, "SELECT host_id, address, port_min, port_max, capacity, memory_mb, "

@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from ledger.events import RecordedEvent
+from ledger.vocabulary import fold_scale
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ def apply(s: AppState, ev: RecordedEvent) -> AppState:
                       at, ev.metadata.get("actor"))
         return replace(s, releases=(*s.releases, rel))
     if t == "ScaleChanged":
-        return replace(s, scale=dict(d["scale"]))
+        return replace(s, scale=fold_scale(s.scale, d["scale"]))
     if t == "DomainAdded":
         return replace(s, domains=(*s.domains, d["domain"]))
     if t == "DomainRemoved":

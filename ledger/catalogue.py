@@ -148,7 +148,8 @@ class ReleaseCreated(Schema):
 
 @event("app")
 class ScaleChanged(Schema):
-    """The desired number of instances per process type."""
+    """The desired number of instances per process type: the app's whole scale (every type
+    scaled so far), which replaces the one before (`ledger.vocabulary.fold_scale`)."""
 
     app = fields.Str(required=True, validate=APP_NAME)
     scale = Process(fields.Int(validate=validate.Range(min=0, max=1000)), required=True)
@@ -228,6 +229,16 @@ class HostLost(Schema):
 
     host_id = fields.Str(required=True)
     reason = fields.Str(load_default="")
+
+
+@event("placer")
+class LivenessSet(Schema):
+    """The host-liveness timings the placer runs with (stream `placer-liveness`, appended
+    when they change): whoever judges a host (`why`, `GET /hosts`) reads the same ones."""
+
+    ttl = fields.Float(required=True, validate=validate.Range(min=0, min_inclusive=False))
+    suspect_after = fields.Float(required=True,
+                                 validate=validate.Range(min=0, min_inclusive=False))
 
 
 # --- Placements: the placer's decisions (desired state) -----------------------------------

@@ -11,6 +11,7 @@ serving). A deleted app loses its rows; its history stays in the ledger (`tally 
 from __future__ import annotations
 
 from ledger.events import RecordedEvent
+from ledger.vocabulary import ReleaseStatus, fold_scale
 from projectors.projector import Projector, handlers_of, handles
 from projectors.tables import Tables
 
@@ -48,7 +49,7 @@ def release_created(t: Tables, e: RecordedEvent) -> None:
         "app": d["app"], "release": d["release"], "bundle_digest": d["bundle_digest"],
         "procfile": d["procfile"], "config_version": d["config_version"],
         "description": d.get("description", ""), "rollback_of": d.get("rollback_of"),
-        "status": "pending", "created_at": e.recorded_at, "position": e.position,
+        "status": ReleaseStatus.PENDING, "created_at": e.recorded_at, "position": e.position,
         "failure_reason": None, "status_position": e.position,
     })
     _change(t, e, current_release=d["release"], release_position=e.position)
@@ -59,9 +60,11 @@ def release_deployed(t: Tables, e: RecordedEvent) -> None:
     app, number = e.data["app"], e.data["release"]
     for release in t.by("releases", app):
         if release["release"] == number:
-            t.update("releases", release, status="deployed", status_position=e.position)
-        elif release["status"] in ("pending", "deployed") and release["release"] < number:
-            t.update("releases", release, status="superseded", status_position=e.position)
+            t.update("releases", release, status=ReleaseStatus.DEPLOYED, status_position=e.position)
+        elif (release["status"] in (ReleaseStatus.PENDING, ReleaseStatus.DEPLOYED)
+              and release["release"] < number):
+            t.update("releases", release, status=ReleaseStatus.SUPERSEDED,
+                     status_position=e.position)
     _change(t, e, deployed_release=number, deployed_position=e.position)
 
 
@@ -69,7 +72,7 @@ def release_deployed(t: Tables, e: RecordedEvent) -> None:
 def release_failed(t: Tables, e: RecordedEvent) -> None:
     release = t.get("releases", e.data["app"], e.data["release"])
     if release is not None:
-        t.update("releases", release, status="failed", failure_reason=e.data["reason"],
+        t.update("releases", release, status=ReleaseStatus.FAILED, failure_reason=e.data["reason"],
                  status_position=e.position)
 
 
@@ -77,7 +80,7 @@ def release_failed(t: Tables, e: RecordedEvent) -> None:
 def scale_changed(t: Tables, e: RecordedEvent) -> None:
     app = t.get("apps", e.data["app"])
     if app is not None:
-        _change(t, e, scale={**app["scale"], **e.data["scale"]}, scale_position=e.position)
+        _change(t, e, scale=fold_scale(app["scale"], e.data["scale"]), scale_position=e.position)
 
 
 @handles("DomainAdded", "DomainRemoved")

@@ -2,33 +2,27 @@
 
 The view stores facts only: `alive` (registered, or heard from since it was lost) or `lost`
 (HostLost). Whether a host is *suspect* depends on the clock, so it is derived when read,
-with the reader's `now`: `host_state(row, now)`. `tally state --at N` thus shows what was
-known at N, and the same row reads differently a minute later, as it should.
+with the reader's `now` and the placer's timings: `host_state(row, now, liveness)`, the one
+rule of `ledger.vocabulary`. `tally state --at N` thus shows what was known at N, and the
+same row reads differently a minute later, as it should.
 """
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from ledger.events import RecordedEvent
+from ledger.vocabulary import HostState, Liveness
+from ledger.vocabulary import host_state as _rule
 from projectors.projector import Projector, handlers_of, handles
 from projectors.tables import Tables
 
-SUSPECT_AFTER = timedelta(seconds=5)
-"""No heartbeat for this long (two missed beats): suspect, as the placer sees it
-(agents/placement.py Settings.suspect_after; its TTL later declares the host lost)."""
 
-
-def host_state(row: dict[str, Any], now: datetime,
-               suspect_after: timedelta = SUSPECT_AFTER) -> str:
-    """alive | suspect | lost, as of `now`."""
-    if row["state"] == "lost":
-        return "lost"
-    last = row.get("last_heartbeat") or row.get("registered_at")
-    if last is None or now - last > suspect_after:
-        return "suspect"
-    return "alive"
+def host_state(row: dict[str, Any], now: datetime, liveness: Liveness) -> HostState:
+    """A row of the hosts view, judged as of `now` (ledger.vocabulary.host_state)."""
+    return _rule(row["state"] == HostState.LOST,
+                 row.get("last_heartbeat") or row.get("registered_at"), now, liveness)
 
 
 @handles("HostRegistered")
@@ -38,7 +32,7 @@ def host_registered(t: Tables, e: RecordedEvent) -> None:
     t.put("hosts", {
         "host_id": d["host_id"], "address": d["address"], "port_min": d["port_min"],
         "port_max": d["port_max"], "capacity": d["capacity"], "memory_mb": d.get("memory_mb", 0),
-        "state": "alive", "registered_at": e.recorded_at, "registered_position": e.position,
+        "state": HostState.ALIVE, "registered_at": e.recorded_at, "registered_position": e.position,
         "last_heartbeat": old.get("last_heartbeat"),
         "heartbeat_position": old.get("heartbeat_position"), "load": old.get("load"),
         "memory_used_mb": old.get("memory_used_mb"),
@@ -52,7 +46,7 @@ def heartbeat(t: Tables, e: RecordedEvent) -> None:
     host = t.get("hosts", e.data["host_id"])
     if host is None:
         return
-    t.update("hosts", host, state="alive", last_heartbeat=e.recorded_at,
+    t.update("hosts", host, state=HostState.ALIVE, last_heartbeat=e.recorded_at,
              heartbeat_position=e.position, load=e.data.get("load"),
              memory_used_mb=e.data.get("memory_used_mb"),
              running_instances=e.data.get("instances"), position=e.position)
@@ -62,7 +56,7 @@ def heartbeat(t: Tables, e: RecordedEvent) -> None:
 def host_lost(t: Tables, e: RecordedEvent) -> None:
     host = t.get("hosts", e.data["host_id"])
     if host is not None:
-        t.update("hosts", host, state="lost", lost_position=e.position,
+        t.update("hosts", host, state=HostState.LOST, lost_position=e.position,
                  lost_reason=e.data.get("reason", ""), position=e.position)
 
 

@@ -13,6 +13,7 @@ import psycopg2
 from ledger.catalogue import CATALOGUE, event_type, stream_category
 from ledger.events import RecordedEvent
 from ledger.store import COLUMNS, head_of, recorded
+from ledger.vocabulary import LIVENESS_STREAM
 from projectors import ALL
 from projectors.why import Explanation, explain
 
@@ -107,7 +108,7 @@ def why(dsn: str, app: str, now: datetime) -> Explanation:
     what it read, and no event read later contradicts one read earlier."""
     with psycopg2.connect(dsn, application_name="tally-why") as conn:
         conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
-        events = _streams(conn, [f"app-{app}", f"placement-{app}"])
+        events = _streams(conn, [f"app-{app}", f"placement-{app}", LIVENESS_STREAM])
         instance_ids = {e.data["instance_id"] for e in events if e.type == "InstancePlaced"}
         events += _streams(conn, [f"instance-{i}" for i in sorted(instance_ids)])
         with conn.cursor() as cur:

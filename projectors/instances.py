@@ -10,10 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from ledger.events import RecordedEvent
+from ledger.vocabulary import RUNNING, InstanceState
 from projectors.projector import Projector, handlers_of, handles
 from projectors.tables import Tables
-
-NOT_RUNNING = ("placed", "exited", "stopped")
 
 
 @handles("InstancePlaced")
@@ -27,7 +26,7 @@ def placed(t: Tables, e: RecordedEvent) -> None:
         t.update("instances", old, **desired)
         return
     t.put("instances", {
-        "instance_id": d["instance_id"], **desired, "state": "placed", "pid": None,
+        "instance_id": d["instance_id"], **desired, "state": InstanceState.PLACED, "pid": None,
         "since": e.recorded_at, "exit_code": None, "signal": None, "restarts": 0,
         "log_tail": [], "state_position": e.position,
     })
@@ -38,7 +37,7 @@ def unplaced(t: Tables, e: RecordedEvent) -> None:
     row = t.get("instances", e.data["instance_id"])
     if row is None:
         return
-    if row["state"] in NOT_RUNNING:
+    if row["state"] not in RUNNING:
         t.delete("instances", row["instance_id"])
     else:
         t.update("instances", row, placed=False, position=e.position)
@@ -48,27 +47,27 @@ def unplaced(t: Tables, e: RecordedEvent) -> None:
 def started(t: Tables, e: RecordedEvent) -> None:
     # exit_code and signal stay: they are the last termination (as Kubernetes' Last State),
     # what `tally ps` and `why` show for an instance that keeps restarting.
-    _observe(t, e, "started", pid=e.data["pid"])
+    _observe(t, e, InstanceState.STARTED, pid=e.data["pid"])
 
 
 @handles("InstanceHealthy")
 def healthy(t: Tables, e: RecordedEvent) -> None:
-    _observe(t, e, "healthy")
+    _observe(t, e, InstanceState.HEALTHY)
 
 
 @handles("InstanceExited")
 def exited(t: Tables, e: RecordedEvent) -> None:
     d = e.data
-    _observe(t, e, "exited", exit_code=d.get("exit_code"), signal=d.get("signal"),
+    _observe(t, e, InstanceState.EXITED, exit_code=d.get("exit_code"), signal=d.get("signal"),
              restarts=d.get("restarts", 0), log_tail=d.get("log_tail", []))
 
 
 @handles("InstanceStopped")
 def stopped(t: Tables, e: RecordedEvent) -> None:
-    _observe(t, e, "stopped")
+    _observe(t, e, InstanceState.STOPPED)
 
 
-def _observe(t: Tables, e: RecordedEvent, state: str, **facts: Any) -> None:
+def _observe(t: Tables, e: RecordedEvent, state: InstanceState, **facts: Any) -> None:
     instance_id = e.data["instance_id"]
     row = t.get("instances", instance_id)
     if row is None:  # an agent reports an instance the placer no longer wants
@@ -76,7 +75,7 @@ def _observe(t: Tables, e: RecordedEvent, state: str, **facts: Any) -> None:
                "host_id": e.data.get("host_id"), "port": None, "placed": False, "pid": None,
                "exit_code": None, "signal": None, "restarts": 0, "log_tail": [],
                "placed_position": None}
-    if not row["placed"] and state in NOT_RUNNING:
+    if not row["placed"] and state not in RUNNING:
         t.delete("instances", instance_id)
         return
     host = e.data.get("host_id") or row["host_id"]

@@ -18,13 +18,13 @@ tables: reading other projectors' views would mix positions.
 from __future__ import annotations
 
 from ledger.events import RecordedEvent
+from ledger.vocabulary import WEB
 from projectors.projector import Projector, handlers_of, handles
 from projectors.tables import Row, Tables
 
 DEFAULT_SUFFIX = "tally.local"
 """Every app answers at <app>.tally.local. A constant, so replays stay deterministic;
 to change it, add an event to the catalogue rather than a setting."""
-WEB = "web"
 
 
 def default_hostname(app: str) -> str:

@@ -2,7 +2,8 @@
 ledger positions they stand on.
 
 Pure: it takes the events (the app's stream, its placement stream, its instances' streams,
-the hosts' streams and their last heartbeats) and the reader's `now`, projects them in
+the hosts' streams and their last heartbeats, the placer's liveness timings) and the
+reader's `now`, projects them in
 memory with the very projectors that build the views, and reads the rows. The walk follows
 the path a request takes: app -> release -> scale -> maintenance -> placements -> hosts ->
 instances -> routes; the first broken link is the answer, the rest is context.
@@ -15,14 +16,21 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from ledger.events import RecordedEvent
+from ledger.vocabulary import (
+    WEB,
+    HostState,
+    InstanceState,
+    Liveness,
+    ReleaseStatus,
+    crash_looping,
+    liveness_of,
+    wanted,
+)
 from projectors import apps, hosts, instances, placements, routes
 from projectors.hosts import host_state
 from projectors.projector import project
 from projectors.tables import Row, Tables
 
-CRASH_LOOP_RESTARTS = 3
-"""An instance that exited after at least this many restarts is crash-looping: the count at
-which the placer fails a rollout (agents/placement.py Settings.crash_loop)."""
 WHY_PROJECTORS = (apps.PROJECTOR, hosts.PROJECTOR, placements.PROJECTOR, instances.PROJECTOR,
                   routes.PROJECTOR)
 
@@ -76,12 +84,12 @@ def explain(app: str, events: Sequence[RecordedEvent], now: datetime) -> Explana
     head = events[-1].position if events else 0
     views = project(WHY_PROJECTORS, events)
     findings: list[Finding] = []
-    serving = _walk(app, events, views, now, findings)
+    serving = _walk(app, events, views, now, liveness_of(events), findings)
     return Explanation(app, serving, head, tuple(findings))
 
 
 def _walk(app: str, events: Sequence[RecordedEvent], v: dict[str, Tables], now: datetime,
-          out: list[Finding]) -> bool:
+          liveness: Liveness, out: list[Finding]) -> bool:
     row = v["apps"].get("apps", app)
     if row is None:
         deleted = _last(events, "AppDeleted", lambda e: e.data["name"] == app)
@@ -98,13 +106,13 @@ def _walk(app: str, events: Sequence[RecordedEvent], v: dict[str, Tables], now: 
     if release is None:
         return False
     number, rel_pos = release["release"], release["position"]
-    if routes.WEB not in release["procfile"]:
+    if WEB not in release["procfile"]:
         kinds = ", ".join(sorted(release["procfile"])) or "none"
         out.append(Finding(f"Release v{number} has no `web` process type in its Procfile "
                            f"(only: {kinds}), so nothing can answer HTTP.", (rel_pos,)))
         return False
-    wanted = row["scale"].get(routes.WEB, 0)
-    if wanted == 0:
+    want = wanted(release["procfile"], row["scale"]).get(WEB, 0)
+    if want == 0:
         cited = (row["scale_position"],) if row["scale_position"] else (row["created_position"],)
         how = "was scaled to zero" if row["scale_position"] else "was never scaled up"
         out.append(Finding(f"{app} {how}: 0 web instances are wanted "
@@ -115,10 +123,11 @@ def _walk(app: str, events: Sequence[RecordedEvent], v: dict[str, Tables], now: 
                            "maintenance page (instances keep running).",
                            (row["maintenance_position"],)))
     placed = [p for p in v["placements"].rows["placements"].values()
-              if p["app"] == app and p["release"] == number and p["process_type"] == routes.WEB]
-    _placements(app, number, wanted, placed, events, v, out)
+              if p["app"] == app and p["release"] == number and p["process_type"] == WEB]
+    basis = row["scale_position"] or rel_pos  # what says how many are wanted
+    _placements(app, number, want, basis, placed, events, v, out)
     for p in sorted(placed, key=lambda p: p["instance_id"]):
-        _instance(p, v, now, out)
+        _instance(p, v, now, liveness, out)
     return _routes(app, v, out) and not row["maintenance"]
 
 
@@ -131,7 +140,7 @@ def _serving_release(app: str, row: Row, v: dict[str, Tables], out: list[Finding
     n, deployed = target["release"], row["deployed_release"]
     out.append(Finding(f"Current release is v{n} (bundle {target['bundle_digest'][:12]}), "
                        f"{target['status']}.", (target["position"],), problem=False))
-    if target["status"] == "failed":
+    if target["status"] == ReleaseStatus.FAILED:
         said = f"Release v{n} failed to deploy: {target['failure_reason']}."
         if deployed is None:  # the placer keeps it placed: nothing older to serve instead
             out.append(Finding(said + " No earlier release was ever deployed to fall back "
@@ -140,23 +149,23 @@ def _serving_release(app: str, row: Row, v: dict[str, Tables], out: list[Finding
         out.append(Finding(said + f" v{deployed} keeps serving.",
                            (target["status_position"], row["deployed_position"])))
         return v["apps"].get("releases", app, deployed)
-    if target["status"] == "pending" and deployed is not None and deployed != n:
+    if target["status"] == ReleaseStatus.PENDING and deployed is not None and deployed != n:
         out.append(Finding(f"v{n} is rolling out; v{deployed} serves meanwhile.",
                            (target["position"], row["deployed_position"]), problem=False))
     return target
 
 
-def _placements(app: str, number: int, wanted: int, placed: list[Row],
+def _placements(app: str, number: int, wanted: int, basis: int, placed: list[Row],
                 events: Sequence[RecordedEvent], v: dict[str, Tables],
                 out: list[Finding]) -> None:
-    cited = tuple(p["position"] for p in placed)
+    cited = tuple(p["position"] for p in placed) or (basis,)
     if len(placed) >= wanted:
         out.append(Finding(f"{len(placed)} of {wanted} wanted web instances of v{number} are "
                            "placed.", cited, problem=False))
         return
     failed = _last(events, "PlacementFailed",
                    lambda e: e.data["app"] == app and e.data["release"] == number
-                   and e.data["process_type"] == routes.WEB)
+                   and e.data["process_type"] == WEB)
     text = (f"Only {len(placed)} of {wanted} wanted web instances of v{number} are placed: "
             "the rest are pending.")
     if failed is not None:
@@ -171,7 +180,7 @@ def _fleet(v: dict[str, Tables]) -> str:
         return " No host has registered."
     parts = []
     for h in sorted(fleet, key=lambda h: h["host_id"]):
-        if h["state"] == "lost":
+        if h["state"] == HostState.LOST:
             parts.append(f"{h['host_id']} lost")
         else:
             used = h["running_instances"] if h["running_instances"] is not None else "?"
@@ -179,37 +188,41 @@ def _fleet(v: dict[str, Tables]) -> str:
     return " Hosts: " + ", ".join(parts) + "."
 
 
-def _instance(p: Row, v: dict[str, Tables], now: datetime, out: list[Finding]) -> None:
+def _instance(p: Row, v: dict[str, Tables], now: datetime, liveness: Liveness,
+              out: list[Finding]) -> None:
     iid, host_id = p["instance_id"], p["host_id"]
     where = f"instance {iid} on {host_id}:{p['port']}"
     host = v["hosts"].get("hosts", host_id)
     if host is None:
         out.append(Finding(f"{where}: host {host_id} never registered.", (p["position"],)))
         return
-    state = host_state(host, now)
-    if state == "lost":
+    state = host_state(host, now, liveness)
+    if state is HostState.LOST:
         reason = f" ({host['lost_reason']})" if host["lost_reason"] else ""
         out.append(Finding(f"{where}: host {host_id} was declared lost{reason}; the placer has "
                            "not moved the instance yet.", (p["position"], host["lost_position"])))
         return
-    if state == "suspect":
+    if state in (HostState.SUSPECT, HostState.EXPIRED):
         last = host["last_heartbeat"] or host["registered_at"]
         ago = int((now - last).total_seconds())
         cited = (host["heartbeat_position"] or host["registered_position"],)
-        out.append(Finding(f"{where}: host {host_id} is suspect: no heartbeat for {ago}s.",
-                           cited))
+        text = f"{where}: host {host_id} is suspect: no heartbeat for {ago}s."
+        if state is HostState.EXPIRED:
+            text += f" Past the TTL ({liveness.ttl:g}s): the placer will declare it lost."
+        out.append(Finding(text, cited))
     inst = v["instances"].get("instances", iid)
-    if inst is None or inst["state"] == "placed":
+    if inst is None or inst["state"] == InstanceState.PLACED:
         out.append(Finding(f"{where} was placed but has not started yet (the host agent has "
                            "not reported it).", (p["position"],)))
-    elif inst["state"] == "started" and inst["restarts"] >= CRASH_LOOP_RESTARTS:
+    elif inst["state"] == InstanceState.STARTED and crash_looping(inst["state"],
+                                                                   inst["restarts"]):
         out.append(Finding(_exited(where, inst), (inst["state_position"],)))
-    elif inst["state"] == "started":
+    elif inst["state"] == InstanceState.STARTED:
         out.append(Finding(f"{where} started (pid {inst['pid']}) but has not passed its health "
                            "check yet.", (inst["state_position"],)))
-    elif inst["state"] == "exited":
+    elif inst["state"] == InstanceState.EXITED:
         out.append(Finding(_exited(where, inst), (inst["state_position"],)))
-    elif inst["state"] == "stopped":
+    elif inst["state"] == InstanceState.STOPPED:
         out.append(Finding(f"{where} was stopped and not started again.",
                            (inst["state_position"],)))
     else:
@@ -219,7 +232,7 @@ def _instance(p: Row, v: dict[str, Tables], now: datetime, out: list[Finding]) -
 def _exited(where: str, inst: Row) -> str:
     how = (f"exit code {inst['exit_code']}" if inst["exit_code"] is not None
            else f"signal {inst['signal']}" if inst["signal"] is not None else "no exit code")
-    if inst["restarts"] >= CRASH_LOOP_RESTARTS:
+    if crash_looping(inst["state"], inst["restarts"]):
         text = f"{where} is crash-looping: it exited with {how} after {inst['restarts']} restarts."
     else:
         text = f"{where} exited with {how}."

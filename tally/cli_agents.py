@@ -170,13 +170,14 @@ def register(cli: click.Group) -> None:
         from agents.placer import catch_up
         from agents.runs import RunError, run_remote
         from ledger import Ledger
+        from ledger.vocabulary import HostState
 
         explicit = (click.get_current_context().get_parameter_source("app")
                     is click.core.ParameterSource.COMMANDLINE)
         app, argv = _app_and_command(app, command, explicit)
         fleet = Fleet()
         with Ledger(cfg.cluster().dsn("tally_reader")) as ledger:
-            catch_up(ledger, fleet, ["app", "host", "heartbeat", "placement"],
+            catch_up(ledger, fleet, ["app", "host", "heartbeat", "placement", "placer"],
                      sequence=False)
         if app not in fleet.apps:
             raise click.ClickException(f"no app named {app!r}")
@@ -184,8 +185,9 @@ def register(cli: click.Group) -> None:
         # A host that runs the app first: it has the release unpacked, and an agent
         # fetching bundles through the API is only given those of releases placed on it.
         placed = {p.host_id for p in fleet.placements_of(app)}
-        hosts = sorted((h for h in fleet.hosts.values() if h.run_endpoint and not h.lost
-                        and h.last_heartbeat and (now - h.last_heartbeat).total_seconds() < 15),
+        hosts = sorted((h for h in fleet.hosts.values() if h.run_endpoint and h.last_heartbeat
+                        and h.state(now, fleet.liveness) in (HostState.ALIVE,
+                                                             HostState.SUSPECT)),
                        key=lambda h: (h.host_id in placed, h.last_heartbeat or now),
                        reverse=True)
         if not hosts:

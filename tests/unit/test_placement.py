@@ -10,6 +10,7 @@ from typing import Any
 from agents.fleet import Fleet
 from agents.placement import Settings, decide
 from ledger.events import RecordedEvent
+from ledger.vocabulary import LIVENESS_STREAM
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 DIGEST = "a" * 64
@@ -25,6 +26,8 @@ class World:
         self.versions: Counter = Counter()
         self.ids = itertools.count(1)
         self.decided: list[tuple[str, str, dict[str, Any]]] = []
+        live = self.settings.liveness  # as announced by this placer's first round
+        self.emit(LIVENESS_STREAM, "LivenessSet", ttl=live.ttl, suspect_after=live.suspect_after)
 
     def emit(self, stream: str, type_: str, **data: Any) -> None:
         self.versions[stream] += 1

@@ -7,8 +7,9 @@ from datetime import timedelta
 import pytest
 
 import projectors
+from ledger.vocabulary import Liveness
 from projectors import HandlerFailed, Projector, project
-from projectors.hosts import SUSPECT_AFTER, host_state
+from projectors.hosts import host_state
 from projectors.tables import Tables
 from tests.unit.test_why import T0, History, recorded
 
@@ -56,7 +57,7 @@ def test_a_failing_handler_names_its_event() -> None:
 
 def test_apps_follow_releases_scale_domains_and_maintenance() -> None:
     h = History("blog").created().released(1).released(2).scaled(2)
-    h.add("app-blog", "ScaleChanged", app="blog", scale={"worker": 1})
+    h.add("app-blog", "ScaleChanged", app="blog", scale={"web": 2, "worker": 1})
     h.add("app-blog", "DomainAdded", app="blog", domain="z.example")
     h.add("app-blog", "DomainAdded", app="blog", domain="*.a.example")
     h.add("app-blog", "DomainRemoved", app="blog", domain="z.example")
@@ -97,11 +98,12 @@ def test_host_state_is_derived_with_the_readers_clock() -> None:
     v = views(History("blog").host("h1").heartbeat("h1", instances=3))
     (host,) = rows(v, "hosts")
     assert host["running_instances"] == 3 and host["heartbeat_position"] == 2
-    beat = host["last_heartbeat"]
-    assert host_state(host, beat + timedelta(seconds=1)) == "alive"
-    assert host_state(host, beat + SUSPECT_AFTER + timedelta(seconds=1)) == "suspect"
+    beat, live = host["last_heartbeat"], Liveness(ttl=15, suspect_after=5)
+    assert host_state(host, beat + timedelta(seconds=1), live) == "alive"
+    assert host_state(host, beat + timedelta(seconds=6), live) == "suspect"
+    assert host_state(host, beat + timedelta(seconds=16), live) == "expired"
     lost = views(History("b").host("h1").add("host-h1", "HostLost", host_id="h1"))
-    assert host_state(rows(lost, "hosts")[0], T0) == "lost"
+    assert host_state(rows(lost, "hosts")[0], T0, live) == "lost"
     back = views(History("b").host("h1").add("host-h1", "HostLost", host_id="h1")
                  .heartbeat("h1"))
     assert rows(back, "hosts")[0]["state"] == "alive"

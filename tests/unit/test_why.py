@@ -115,7 +115,9 @@ SITUATIONS = {
     "no web process": Situation(
         lambda h: h.created().released(procfile={"worker": "python w.py"}).scaled(1), False,
         ("no `web` process type", "only: worker")),
-    "never scaled": Situation(lambda h: h.created().released(), False, ("never scaled up",)),
+    # Never scaled: web defaults to 1, for `why` as for the placer (ledger.vocabulary).
+    "never scaled": Situation(lambda h: h.created().released(), False,
+                              ("0 of 1 wanted web instances",)),
     "scaled to zero": Situation(lambda h: h.running(h.app).scaled(0), False,
                                 ("scaled to zero",)),
     "maintenance": Situation(
