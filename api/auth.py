@@ -45,6 +45,7 @@ class Directory:
     users: dict[str, Principal] = field(default_factory=dict)
     tokens: dict[str, tuple[str, str]] = field(default_factory=dict)  # hash -> (user, id)
     managers: dict[str, set[str]] = field(default_factory=dict)  # app -> owner and members
+    versions: dict[str, int] = field(default_factory=dict)  # user -> their stream's version
     position: int = 0
 
     def apply(self, events: Iterable[RecordedEvent]) -> None:
@@ -65,6 +66,9 @@ class Directory:
                 self.managers.setdefault(d["app"], set()).add(d["user"])
             elif ev.type == "AppMemberRemoved":
                 self.managers.get(d["app"], set()).discard(d["user"])
+            if ev.stream.startswith("user-"):
+                user = ev.stream[5:]
+                self.versions[user] = max(self.versions.get(user, 0), ev.version)
             if ev.position:
                 self.position = max(self.position, ev.position)
 
@@ -74,6 +78,12 @@ class Directory:
             return None
         user = self.users[found[0]]
         return Principal(user.name, user.role, user.host_id, found[1])
+
+    def revoked_since(self, who: Principal, later: Iterable[RecordedEvent]) -> bool:
+        """Whether these events of the caller's stream, recorded after this directory's
+        last fold of it, revoke the caller's token."""
+        return any(e.type == "TokenRevoked" and e.data["token_id"] == who.token_id
+                   for e in later)
 
     def manages(self, user: str, app: str) -> bool:
         return user in self.managers.get(app, ())

@@ -8,6 +8,7 @@ import re
 from api.errors import Conflict, NotFound, Unprocessable
 from api.state import AppState
 from ledger.events import NewEvent
+from ledger.hostnames import reserved
 from ledger.vocabulary import default_scale
 
 HOSTNAME = re.compile(
@@ -138,8 +139,14 @@ def domain_stream(domain: str) -> str:
     return f"domain-{domain}"
 
 
-def add_domain(s: AppState, domain: str) -> list[NewEvent]:
+def add_domain(s: AppState, domain: str, suffix: str) -> list[NewEvent]:
+    """A custom domain, never one under the platform's own suffix nor a wildcard covering
+    it: those names are the platform's, each app's claimed by the app itself."""
     require_app(s)
+    if reserved(domain, suffix):
+        raise Unprocessable(f"{domain} is reserved: names under {suffix} are the platform's "
+                            f"(each app answers at <app>.{suffix})",
+                            {"domain": [f"under or covering the platform suffix {suffix}"]})
     if domain in s.domains:
         raise Conflict(f"{domain} is already a domain of {s.name}")
     return [NewEvent("DomainAdded", {"app": s.name, "domain": domain})]

@@ -5,7 +5,8 @@ reads their own write."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from flask import Response, jsonify, request, send_file
 from flask.typing import ResponseReturnValue
@@ -16,6 +17,7 @@ from api.errors import Conflict, Forbidden, NotFound, TooLarge, Unprocessable
 from api.state import AppState, release_dict, summary
 from api.web import body, query, reply, route, services, who
 from ledger import NO_STREAM, NewEvent, VersionConflict
+from ledger.hostnames import platform_hostname
 
 PEOPLE = ("admin", "member")
 
@@ -60,7 +62,8 @@ def create_app() -> ResponseReturnValue:
     last owner's: the history under it is theirs)."""
     require_role(who(), *PEOPLE)
     name = body(schemas.AppCreate)["name"]
-    state = services().command(name, who(), lambda s: decide.create_app(s, who().name))
+    with claimed(platform_hostname(name, services().suffix()), name):
+        state = services().command(name, who(), lambda s: decide.create_app(s, who().name))
     return reply(schemas.App, summary(state), 201)
 
 
@@ -95,8 +98,9 @@ _SHOWN: dict[str, tuple[AppState, bytes]] = {}
 
 @route("/apps/<name>", "DELETE", tag="apps", status=204, errors=(401, 403, 404, 409))
 def delete_app(name: str) -> ResponseReturnValue:
-    """Delete an app: everything stops, its domains are freed, its history stays."""
-    freed: list[str] = []
+    """Delete an app: everything stops, its domains and platform name are freed, its
+    history stays."""
+    freed: list[str] = [platform_hostname(name, services().suffix())]
 
     def delete(s: AppState) -> list[NewEvent]:
         owned(s)
@@ -253,14 +257,10 @@ def add_domain(name: str) -> ResponseReturnValue:
     """Route a hostname (exact, or `*.suffix`) to the app; a name has one app at most."""
     domain = decide.normalise_domain(body(schemas.DomainAdd)["domain"])
     state = app_state(name)
-    decide.add_domain(state, domain)
-    taken = claim(domain, name)
-    try:
-        state = services().command(name, who(), lambda s: decide.add_domain(s, domain))
-    except BaseException:
-        if taken:
-            release_claim(domain, name)
-        raise
+    suffix = services().suffix()
+    decide.add_domain(state, domain, suffix)
+    with claimed(domain, name):
+        state = services().command(name, who(), lambda s: decide.add_domain(s, domain, suffix))
     return reply(schemas.Domains, {"domains": list(state.domains)}, 201)
 
 
@@ -272,6 +272,18 @@ def remove_domain(name: str, domain: str) -> ResponseReturnValue:
     state = change(name, lambda s: decide.remove_domain(s, domain))
     release_claim(domain, name)
     return reply(schemas.Domains, {"domains": list(state.domains)})
+
+
+@contextmanager
+def claimed(domain: str, app: str) -> Iterator[None]:
+    """Hold the hostname's claim for what follows; give back one taken here if it fails."""
+    taken = claim(domain, app)
+    try:
+        yield
+    except BaseException:
+        if taken:
+            release_claim(domain, app)
+        raise
 
 
 def claim(domain: str, app: str) -> bool:

@@ -109,14 +109,28 @@ def list_hosts() -> ResponseReturnValue:
 
 
 @route("/hosts/<host_id>", "PUT", body=schemas.HostRegister, response=schemas.Appended,
-       tag="agents", errors=(400, 401, 403, 422))
+       tag="agents", errors=(400, 401, 403, 409, 422))
 def register_host(host_id: str) -> ResponseReturnValue:
-    """An agent registers its host: address, port range, capacity."""
+    """An agent registers its host: address, port range, capacity (and its run endpoint,
+    memory). A re-registration keeps what it does not name; the first must name the
+    address, port range and capacity."""
     require_host(who(), host_id)
-    req = body(schemas.HostRegister)
-    if req["port_min"] > req["port_max"]:
+    stream = f"host-{host_id}"
+    history = services().ledger.read_stream(stream)
+    before = next((e.data for e in reversed(history) if e.type == "HostRegistered"), {})
+    data = {**before, **body(schemas.HostRegister), "host_id": host_id}
+    missing = [f for f in ("address", "port_min", "port_max", "capacity") if f not in data]
+    if missing:
+        raise Unprocessable(f"a host's first registration names {', '.join(missing)}",
+                            {f: ["required"] for f in missing})
+    if data["port_min"] > data["port_max"]:
         raise Unprocessable("port_min must not exceed port_max", {"port_min": ["> port_max"]})
-    return _append(f"host-{host_id}", "HostRegistered", {"host_id": host_id, **req})
+    try:
+        result = services().append(stream, [NewEvent("HostRegistered", data)],
+                                   len(history) or NO_STREAM, who())
+    except VersionConflict as exc:
+        raise Conflict(f"host {host_id} changed meanwhile: register again") from exc
+    return reply(schemas.Appended, {"stream": stream, "version": result.version})
 
 
 @route("/hosts/<host_id>/heartbeats", "POST", body=schemas.Heartbeat,

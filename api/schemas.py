@@ -176,11 +176,14 @@ class EventList(Schema):
 
 
 class HostRegister(Schema):
-    address = fields.Str(required=True, validate=validate.Length(min=1, max=200))
-    port_min = fields.Int(required=True, validate=validate.Range(1, 65535))
-    port_max = fields.Int(required=True, validate=validate.Range(1, 65535))
-    capacity = fields.Int(required=True, validate=validate.Range(0, 100_000))
-    memory_mb = fields.Int(load_default=0, validate=validate.Range(0, 1 << 30))
+    """What a field leaves out, a re-registration keeps from the host's last one."""
+
+    address = fields.Str(validate=validate.Length(min=1, max=200))
+    port_min = fields.Int(validate=validate.Range(1, 65535))
+    port_max = fields.Int(validate=validate.Range(1, 65535))
+    capacity = fields.Int(validate=validate.Range(0, 100_000))
+    memory_mb = fields.Int(validate=validate.Range(0, 1 << 30))
+    run_endpoint = fields.Str(validate=validate.Length(max=200))
 
 
 class Heartbeat(Schema):

@@ -18,6 +18,7 @@ from api.state import AppState, fold, summary
 from ledger import Ledger, NewEvent, RecordedEvent, VersionConflict
 from ledger.catalogue import APP_NAME
 from ledger.events import AppendResult
+from ledger.hostnames import PLATFORM_STREAM, current_suffix
 
 APP_NAME_RE = re.compile(APP_NAME.regex.pattern.removesuffix("$") + r"\Z")
 """The catalogue's app names, to the very end (its `$` matches before a final newline)."""
@@ -95,9 +96,19 @@ class Services:
         asked = time.monotonic()
         who = (self.directory().lookup(token)
                or self.directory(force=True, asked=asked).lookup(token))
-        if who is None:
+        if who is None or self._revoked(who):
             raise Unauthorized("unknown or revoked API token: run `tally login` again")
         return who
+
+    def _revoked(self, who: Principal) -> bool:
+        """Whether the caller's token was revoked after this process last refreshed its
+        directory: one indexed read of the caller's stream past the version folded (empty
+        almost always). A revocation appended by any worker is committed before its 204,
+        so no worker accepts the token once the 204 is sent."""
+        directory = self.directory()
+        later = self.ledger.read_stream(f"user-{who.name}",
+                                        directory.versions.get(who.name, 0) + 1)
+        return directory.revoked_since(who, later)
 
     # -- app streams -----------------------------------------------------------------------
     def load_app(self, name: str) -> AppState:
@@ -125,6 +136,10 @@ class Services:
                                    < self.settings.read_fresh_s):
             return cached
         return self.load_app(name)
+
+    def suffix(self) -> str:
+        """The platform's suffix, as the ledger says now (read when a name is claimed)."""
+        return current_suffix((e.type, e.data) for e in self.ledger.read_stream(PLATFORM_STREAM))
 
     def append(self, stream: str, events: list[NewEvent], expected: int | None,
                who: Principal) -> AppendResult:

@@ -59,6 +59,7 @@ def _wrap(r: Route) -> Callable[..., ResponseReturnValue]:
     def view(**kwargs: Any) -> ResponseReturnValue:
         if r.auth:
             g.who = services().authenticate(request.headers.get("Authorization"))
+        refuse_bad_text(kwargs)
         return r.handler(**kwargs)
     view.__name__ = r.handler.__name__
     return view
@@ -120,7 +121,38 @@ def query(schema: type[Schema]) -> dict[str, Any]:
     return load(schema, data)
 
 
+BAD_TEXT = re.compile("[\x00\ud800-\udfff]")
+"""A NUL (PostgreSQL text and jsonb refuse it) or a lone surrogate (not UTF-8 at all)."""
+
+
+def bad_text(value: Any, path: tuple[str, ...] = ()) -> tuple[str, ...] | None:
+    """The path to the first string or key holding BAD_TEXT, or None."""
+    if isinstance(value, str):
+        return path if BAD_TEXT.search(value) else None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            found = bad_text(k, (*path, str(k))) or bad_text(v, (*path, str(k)))
+            if found is not None:
+                return tuple(BAD_TEXT.sub("?", p) for p in found)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = bad_text(v, (*path, str(i)))
+            if found is not None:
+                return found
+    return None
+
+
+def refuse_bad_text(data: Any) -> None:
+    """422 naming the field, before anything is stored: such text would fail the append
+    (a 500, after a bundle was already kept) or reach a log, a header, a file name."""
+    found = bad_text(data)
+    if found:
+        raise Unprocessable(f"invalid {'.'.join(found)}: NUL bytes and lone surrogates are "
+                            "not allowed", {found[0]: ["NUL or lone surrogate"]})
+
+
 def load(schema: type[Schema], data: Any) -> dict[str, Any]:
+    refuse_bad_text(data)
     try:
         return _schema(schema).load(data)
     except ValidationError as exc:

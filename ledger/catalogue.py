@@ -36,6 +36,9 @@ USER_NAME = validate.Regexp(
     error="must be 2-40 characters: lowercase letters, digits, dots, dashes, underscores, "
     "starting with a letter",
 )
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+DNS_NAME = validate.Regexp(rf"^(?=.{{1,200}}\Z){_LABEL}(\.{_LABEL})*\Z",
+                           error="must be a DNS name like tally.local or localhost")
 STREAM_ID = re.compile(r"^([a-z][a-z0-9_]*)-([A-Za-z0-9][A-Za-z0-9_.:*-]*)\Z")
 MAX_STREAM = 200
 """Longest stream id, in characters."""
@@ -401,6 +404,18 @@ class DomainReleased(Schema):
 
     domain = fields.Str(required=True, validate=validate.Length(min=1, max=253))
     app = fields.Str(required=True, validate=APP_NAME)
+
+
+# --- The platform: facts about the whole installation ------------------------------------
+
+
+@event("platform")
+class PlatformSuffixSet(Schema):
+    """The platform's own DNS suffix: every app answers at <app>.<suffix> (tally.local until
+    this is first recorded; `tally up` records localhost). A fact, not a setting, so a
+    replay routes as the platform did then; no custom domain may fall under it."""
+
+    suffix = fields.Str(required=True, validate=DNS_NAME)
 
 
 # --- Users: who may do what through the API -----------------------------------------------

@@ -1,8 +1,12 @@
 """The routes view: hostname -> the healthy backends the balancers send it to.
 
-A live app with a current release gets one route per hostname: its default name
-`<app>.<DEFAULT_SUFFIX>` (like Heroku's `<app>.herokuapp.com`) and each of its domains
-(exact names or `*.suffix` wildcards, matched by the balancers). Backends are the
+A live app with a current release gets one route per hostname: its platform name
+`<app>.<suffix>` (like Heroku's `<app>.herokuapp.com`; the suffix is the last
+PlatformSuffixSet, `tally.local` before any) and each of its domains (exact names or
+`*.suffix` wildcards, matched by the balancers) that it holds the claim of
+(DomainClaimed/DomainReleased) and that is not reserved (under the platform's suffix, or a
+wildcard covering it). A route is owned by claim, never by the last write: an app never
+gets, nor removes, a hostname another app holds. Backends are the
 `address:port` of its `web` instances that are placed, healthy, on a host not lost, and of
 a serving release: the current release unless it failed, and the deployed one (during a
 rolling deploy both serve, as in Kubernetes; after a failed one the deployed one goes on).
@@ -18,17 +22,15 @@ tables: reading other projectors' views would mix positions.
 from __future__ import annotations
 
 from ledger.events import RecordedEvent
+from ledger.hostnames import DEFAULT_SUFFIX, platform_hostname, reserved
 from ledger.vocabulary import WEB
 from projectors.projector import Projector, handlers_of, handles
 from projectors.tables import Row, Tables
 
-DEFAULT_SUFFIX = "tally.local"
-"""Every app answers at <app>.tally.local. A constant, so replays stay deterministic;
-to change it, add an event to the catalogue rather than a setting."""
 
-
-def default_hostname(app: str) -> str:
-    return f"{app}.{DEFAULT_SUFFIX}"
+def suffix_of(t: Tables) -> str:
+    row = t.get("route_platform", 1)
+    return row["suffix"] if row else DEFAULT_SUFFIX
 
 
 def _mark(t: Tables, app: str | None, position: int | None) -> None:
@@ -72,6 +74,28 @@ def app_changed(t: Tables, e: RecordedEvent) -> None:
             domains.append(d["domain"])
         t.update("route_apps", app, domains=sorted(domains))
     _mark(t, d["app"], e.position)
+
+
+@handles("PlatformSuffixSet")
+def suffix_set(t: Tables, e: RecordedEvent) -> None:
+    """Every app's platform name changes: all routes are recomputed."""
+    t.put("route_platform", {"id": 1, "suffix": e.data["suffix"]})
+    for app in t.all("route_apps"):
+        _mark(t, app["app"], e.position)
+
+
+@handles("DomainClaimed", "DomainReleased")
+def claim_changed(t: Tables, e: RecordedEvent) -> None:
+    """One holder per hostname: a release by an app that does not hold it changes nothing."""
+    domain, app = e.data["domain"], e.data["app"]
+    old = t.get("route_claims", domain)
+    if e.type == "DomainClaimed":
+        t.put("route_claims", {"hostname": domain, "app": app})
+        if old is not None:
+            _mark(t, old["app"], e.position)
+    elif old is not None and old["app"] == app:
+        t.delete("route_claims", domain)
+    _mark(t, app, e.position)
 
 
 @handles("HostRegistered", "HostLost", "HostHeartbeat")
@@ -146,7 +170,15 @@ def desired_routes(t: Tables, app_name: str) -> dict[str, Row]:
     backends.sort()
     return {h: {"hostname": h, "app": app_name, "backends": backends,
                 "maintenance": app["maintenance"]}
-            for h in [default_hostname(app_name), *app["domains"]]}
+            for h in hostnames(t, app)}
+
+
+def hostnames(t: Tables, app: Row) -> list[str]:
+    """The app's platform name, and the domains it holds the claim of, unless reserved."""
+    suffix = suffix_of(t)
+    held = [d for d in app["domains"] if not reserved(d, suffix)
+            and (t.get("route_claims", d) or {}).get("app") == app["app"]]
+    return [platform_hostname(app["app"], suffix), *held]
 
 
 def recompute(t: Tables) -> None:
@@ -174,10 +206,11 @@ def recompute(t: Tables) -> None:
 PROJECTOR = Projector(
     name="routes",
     tables={"routes": ("hostname",), "routes_version": ("id",), "route_apps": ("app",),
-            "route_hosts": ("host_id",), "route_backends": ("instance_id",)},
+            "route_hosts": ("host_id",), "route_backends": ("instance_id",),
+            "route_claims": ("hostname",), "route_platform": ("id",)},
     public=("routes", "routes_version"),
     indexes={"routes": "app", "route_backends": "app"},
-    handlers=handlers_of(app_created, app_deleted, app_changed, host_changed, placed, unplaced,
-                         health_changed),
+    handlers=handlers_of(app_created, app_deleted, app_changed, suffix_set, claim_changed,
+                         host_changed, placed, unplaced, health_changed),
     finish=recompute,
 )

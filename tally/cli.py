@@ -185,6 +185,7 @@ def up(cfg: Config) -> None:
         cluster.init()
     cluster.start()
     migrations.upgrade(cluster.dsn("tally_owner"))
+    suffix = platform.platform_suffix(cfg, platform.UP_SUFFIX, if_unset=True)
     for name, args, _ in platform.daemons(cfg):
         if daemons.pid_of(cfg.run_dir, name) is None:
             daemons.start(cfg.run_dir, cfg.log_dir, name, args,
@@ -195,6 +196,7 @@ def up(cfg: Config) -> None:
         click.echo(f"  ledger node {n.name}: {n.role} on {cluster.spec.host}:{n.port}")
     for name, _, where in platform.daemons(cfg):
         click.echo(f"  {name}: {where} (pid {daemons.pid_of(cfg.run_dir, name)})")
+    click.echo(f"  apps answer at http://<app>.{suffix}/ (tally admin suffix to change it)")
     click.echo(f"  logs: {cfg.log_dir}   stop with: tally down")
     for line in cli_apps.first_admin(cfg):
         click.echo(line)
@@ -204,11 +206,12 @@ def up(cfg: Config) -> None:
 @click.pass_obj
 @fail_cleanly
 def down(cfg: Config) -> None:
-    """Stop every daemon `tally up` started, then the ledger cluster."""
+    """Stop every daemon `tally up` started, then the apps' database cluster (add-ons
+    start it) and the ledger cluster."""
     daemons.stop(cfg.run_dir, daemons.names(cfg.run_dir))
-    cluster = cfg.cluster()
-    if cluster.initialized():
-        cluster.stop()
+    for cluster in (cfg.apps_cluster(), cfg.cluster()):
+        if cluster.initialized():
+            cluster.stop()
 
 
 # Each part's commands live in its own module and register here.

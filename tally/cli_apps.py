@@ -208,6 +208,20 @@ def _admin(cli: click.Group) -> None:
         click.echo(token)
 
 
+    @admin.command("suffix")
+    @click.argument("suffix", required=False)
+    @click.pass_obj
+    def suffix(cfg: Any, suffix: str | None) -> None:
+        """Print the platform suffix apps answer under (<app>.SUFFIX), or set it."""
+        from ledger import LedgerError
+        from tally.platform import platform_suffix
+
+        try:
+            click.echo(platform_suffix(cfg, suffix.lower().rstrip(".") if suffix else None))
+        except LedgerError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
 def _session(cli: click.Group) -> None:
     @cli.command("login")
     @click.option("--api", envvar="TALLY_API", default=None, help="API URL.")

@@ -61,6 +61,29 @@ def agent_token(cfg: Config, host_id: str) -> str:
     return token
 
 
+UP_SUFFIX = "localhost"
+"""`tally up`'s platform suffix: `http://blog.localhost:8080/` resolves with no DNS set up
+(RFC 6761: *.localhost is the loopback)."""
+
+
+def platform_suffix(cfg: Config, wanted: str | None = None, *, if_unset: bool = False) -> str:
+    """The platform suffix the ledger records; with `wanted`, record it first
+    (PlatformSuffixSet), unless `if_unset` and one is recorded already (an operator's
+    choice survives `tally up`). Raises InvalidEvent for a name that is not a DNS name."""
+    from ledger import Ledger, NewEvent
+    from ledger.hostnames import PLATFORM_STREAM, current_suffix
+
+    with Ledger(cfg.cluster().dsn("tally_writer"), retry_deadline=10) as ledger:
+        events = ledger.read_stream(PLATFORM_STREAM)
+        suffix = current_suffix((e.type, e.data) for e in events)
+        recorded = any(e.type == "PlatformSuffixSet" for e in events)
+        if wanted is None or wanted == suffix and recorded or if_unset and recorded:
+            return suffix
+        ledger.append(PLATFORM_STREAM, [NewEvent("PlatformSuffixSet", {"suffix": wanted}, {
+            "actor": "operator", "role": "operator"})], expected_version=len(events))
+        return wanted
+
+
 def wait_ready(cfg: Config, timeout: float = 60.0) -> None:
     """Until the API answers /healthz, so `tally up` returns a platform one can use."""
     deadline = time.monotonic() + timeout

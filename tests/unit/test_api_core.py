@@ -89,8 +89,25 @@ def test_rollback_default_is_previous_and_needs_a_release() -> None:
     assert decide.rollback(s, None)[-1].data["rollback_of"] == 1
 
 
+@pytest.mark.parametrize("domain,suffix", [
+    ("blog.tally.local", "tally.local"), ("tally.local", "tally.local"),
+    ("*.tally.local", "tally.local"), ("*.local", "tally.local"),
+    ("*.x.tally.local", "tally.local"), ("a.localhost", "localhost"),
+    ("*.localhost", "localhost")])
+def test_no_domain_under_or_covering_the_platform_suffix(domain: str, suffix: str) -> None:
+    with pytest.raises(Unprocessable) as refused:
+        decide.add_domain(blog("web"), domain, suffix)
+    assert refused.value.fields == {"domain": [f"under or covering the platform suffix {suffix}"]}
+
+
+@pytest.mark.parametrize("domain", ["blog.example.com", "*.example.com", "tally.local.example",
+                                    "blog.tally.localx", "*.ally.local"])
+def test_domains_beside_the_suffix_are_free(domain: str) -> None:
+    assert decide.add_domain(blog("web"), domain, "tally.local")[0].data["domain"] == domain
+
+
 def test_delete_keeps_history_and_only_its_last_owner_may_take_the_name() -> None:
-    s = run(blog("web"), decide.add_domain(blog("web"), "blog.example.com"))
+    s = run(blog("web"), decide.add_domain(blog("web"), "blog.example.com", "tally.local"))
     events = decide.delete_app(s)
     assert [e.type for e in events] == ["DomainRemoved", "AppDeleted"]
     s = run(s, events)

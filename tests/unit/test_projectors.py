@@ -134,7 +134,7 @@ def test_instances_record_crashes_and_leave_once_unplaced_and_stopped() -> None:
 
 def test_routes_send_each_hostname_to_healthy_current_web_backends() -> None:
     h = History("blog").running("blog")
-    h.add("app-blog", "DomainAdded", app="blog", domain="*.blog.example")
+    h.domain("blog", "*.blog.example")
     h.placed("i2", "blog-h1", port=9002).instance("InstanceStarted", "i2", "blog-h1", pid=9)
     v = views(h)
     routes = {r["hostname"]: r for r in rows(v, "routes")}
@@ -142,6 +142,38 @@ def test_routes_send_each_hostname_to_healthy_current_web_backends() -> None:
     assert routes["*.blog.example"]["backends"] == ["10.1.0.7:9001"]  # i2 not healthy yet
     h.instance("InstanceHealthy", "i2", "blog-h1")
     assert rows(views(h), "routes")[0]["backends"] == ["10.1.0.7:9001", "10.1.0.7:9002"]
+
+
+def test_a_route_belongs_to_the_claims_holder_never_to_the_last_writer() -> None:
+    h = History("blog").running("blog").domain("blog", "www.blog.example")
+    evil = History("evil").created().released()
+    h.appends += evil.appends
+    h.add("app-evil", "DomainAdded", app="evil", domain="www.blog.example")  # no claim
+    h.add("app-evil", "DomainAdded", app="evil", domain="blog.tally.local")
+    h.add("domain-wildcard:tally.local", "DomainClaimed", domain="*.tally.local", app="evil")
+    h.add("app-evil", "DomainAdded", app="evil", domain="*.tally.local")  # reserved
+    owners = {r["hostname"]: r["app"] for r in rows(views(h), "routes")}
+    assert owners == {"blog.tally.local": "blog", "www.blog.example": "blog",
+                      "evil.tally.local": "evil"}
+    h.add("app-evil", "DomainRemoved", app="evil", domain="www.blog.example")
+    h.add("domain-www.blog.example", "DomainReleased", domain="www.blog.example", app="evil")
+    owners = {r["hostname"]: r["app"] for r in rows(views(h), "routes")}
+    assert owners["www.blog.example"] == "blog", "a release by a non-holder changes nothing"
+    h.add("app-blog", "DomainRemoved", app="blog", domain="www.blog.example")
+    h.add("domain-www.blog.example", "DomainReleased", domain="www.blog.example", app="blog")
+    h.domain("evil", "www.blog.example")
+    owners = {r["hostname"]: r["app"] for r in rows(views(h), "routes")}
+    assert owners["www.blog.example"] == "evil", "released, then claimed by another app"
+
+
+def test_the_platform_suffix_comes_from_the_ledger() -> None:
+    h = History("blog").running("blog").domain("blog", "blog.localhost")
+    assert {r["hostname"] for r in rows(views(h), "routes")} == {
+        "blog.tally.local", "blog.localhost"}
+    h.add("platform-names", "PlatformSuffixSet", suffix="localhost")
+    assert {r["hostname"] for r in rows(views(h), "routes")} == {"blog.localhost"}
+    version = rows(views(h), "routes_version")[0]["version"]
+    assert version == len(h.appends), "every app's routes moved"
 
 
 def test_a_new_release_routes_only_once_its_instances_are_healthy() -> None:

@@ -31,6 +31,12 @@ class History:
         self.appends.append((stream, NewEvent(type_, data)))
         return self
 
+    def domain(self, app: str, domain: str) -> History:
+        """A domain as the API adds it: the claim, then the app's DomainAdded."""
+        stream = f"domain-{domain}".replace("domain-*.", "domain-wildcard:")
+        self.add(stream, "DomainClaimed", domain=domain, app=app)
+        return self.add(f"app-{app}", "DomainAdded", app=app, domain=domain)
+
     def host(self, h: str, capacity: int = 4) -> History:
         return self.add(f"host-{h}", "HostRegistered", host_id=h, address=f"10.1.0.{len(h)}",
                         port_min=9000, port_max=9999, capacity=capacity)
@@ -178,7 +184,7 @@ def test_why_names_the_reason_and_its_positions(name: str) -> None:
 
 def test_serving_when_healthy_names_route_and_backend() -> None:
     history = History("blog").running("blog")
-    history.add("app-blog", "DomainAdded", app="blog", domain="www.blog.example")
+    history.domain("blog", "www.blog.example")
     answer = explain("blog", recorded(history.appends), T0 + timedelta(seconds=1))
     assert answer.serving
     text = "\n".join(answer.lines())
