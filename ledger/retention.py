@@ -69,15 +69,3 @@ def prune(owner_dsn: str, policy: RetentionPolicy, now: datetime | None = None,
                     return total
     finally:
         conn.close()
-
-
-def parse_age(text: str) -> timedelta:
-    """`90s`, `15m`, `24h`, `7d` -> timedelta; ValueError with a clear message otherwise."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    try:
-        value, unit = float(text[:-1]), text[-1]
-        if unit not in units or value < 0:
-            raise ValueError
-    except (ValueError, IndexError):
-        raise ValueError(f"age {text!r} must look like 90s, 15m, 24h or 7d") from None
-    return timedelta(seconds=value * units[unit])

@@ -3,32 +3,14 @@
 from __future__ import annotations
 
 import json
-import logging
-import signal
 import sys
-from collections.abc import Callable
-from functools import wraps
-from typing import Any
 
 import click
 
 import migrations
-from ledger.errors import LedgerError
 from tally import cli_agents, cli_apps, cli_state, daemons, platform
 from tally.config import Config
-
-
-def fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a domain error into `error: <message>` and exit status 1, never a traceback."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (LedgerError, ValueError, OSError) as exc:
-            raise click.ClickException(str(exc)) from exc
-
-    return wrapper
+from tally.console import daemon_logging, fail_cleanly, parse_age, stop_event
 
 
 @click.group()
@@ -132,7 +114,7 @@ def ledger_rejoin(cfg: Config, node: str) -> None:
 @fail_cleanly
 def ledger_prune(cfg: Config, category: str, older_than: str) -> None:
     """Delete old heartbeats (each stream keeps its newest event). Prints how many."""
-    from ledger.retention import DEFAULT_POLICIES, RetentionPolicy, parse_age, prune
+    from ledger.retention import DEFAULT_POLICIES, RetentionPolicy, prune
 
     if category not in DEFAULT_POLICIES:
         raise ValueError(f"only {', '.join(DEFAULT_POLICIES)} events may be pruned; "
@@ -150,11 +132,6 @@ def serve() -> None:
     """Run one of tally's daemons in the foreground."""
 
 
-def _stop_on_sigterm(stop: Any) -> None:
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-
-
 @serve.command("relay")
 @click.option("--endpoint", help="ZeroMQ PUB endpoint to bind (default: the first relay).")
 @click.option("--poll-interval", default=1.0, show_default=True, help="Seconds.")
@@ -164,10 +141,10 @@ def serve_relay(cfg: Config, endpoint: str | None, poll_interval: float) -> None
     """LISTEN on the ledger primary, sequence new events, PUB wake-ups."""
     from ledger.relay import Relay
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    daemon_logging()
     relay = Relay(cfg.cluster().dsn("tally_writer"), endpoint or cfg.relays[0],
                   poll_interval=poll_interval)
-    _stop_on_sigterm(relay.stop)
+    stop_event(relay.stop)
     relay.run()
 
 

@@ -2,32 +2,17 @@
 
 from __future__ import annotations
 
-import logging
 import os
-import signal
-import threading
 
 import click
 
 from ledger import VersionConflict
 from tally.config import Config
-
-
-def _stop_event() -> threading.Event:
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    return stop
-
-
-def _logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+from tally.console import daemon_logging, fail_cleanly, stop_event
 
 
 def register(cli: click.Group) -> None:
     """Add this module's commands to the `tally` group."""
-    from tally.cli import fail_cleanly
-
     serve = cli.commands["serve"]
     assert isinstance(serve, click.Group)
 
@@ -50,11 +35,11 @@ def register(cli: click.Group) -> None:
         from agents.placer import Placer
         from ledger import Ledger
 
-        _logging()
+        daemon_logging()
         if not 0 < suspect_after < ttl:
             raise click.BadParameter("must be above 0 and below --ttl",
                                      param_hint="--suspect-after")
-        stop = _stop_event()
+        stop = stop_event()
         settings = Settings(ttl=ttl, suspect_after=suspect_after,
                             deploy_timeout=deploy_timeout)
         with Ledger(cfg.cluster().dsn("tally_writer")) as ledger:
@@ -99,7 +84,7 @@ def register(cli: click.Group) -> None:
         from agents.processes import Limits
         from ledger import Ledger
 
-        _logging()
+        daemon_logging()
         low, high = _port_range(port_range)
         spec = HostSpec(host_id, address, low, high, capacity)
         paths = Paths(state=cfg.home / "agents" / host_id, bundles=cfg.bundles_dir,
@@ -107,7 +92,7 @@ def register(cli: click.Group) -> None:
                       venvs=cfg.venv_cache, python=cfg.app_python,
                       api=api_url or f"http://{cfg.api_bind}",
                       api_token=os.environ.get("TALLY_AGENT_TOKEN", ""))
-        stop = _stop_event()
+        stop = stop_event()
         with Ledger(cfg.cluster().dsn("tally_writer")) as ledger:
             Agent(ledger, spec, paths, Timing(heartbeat=heartbeat, grace=grace,
                                               health_every=health_every,
@@ -126,8 +111,8 @@ def register(cli: click.Group) -> None:
         """Receive app logs from the host agents and write them to chunked files per app."""
         from agents.logs import Collector
 
-        _logging()
-        stop = _stop_event()
+        daemon_logging()
+        stop = stop_event()
         Collector(cfg.app_logs_dir, int(chunk_mb * 2**20)).run(bind or cfg.collector, stop)
 
     @cli.command("logs")
@@ -149,7 +134,7 @@ def register(cli: click.Group) -> None:
         for line in applogs.tail(cfg.app_logs_dir, app, lines):
             click.echo(line)
         if follow:
-            stop = _stop_event()
+            stop = stop_event()
             for line in applogs.follow(cfg.app_logs_dir, app, stop):
                 click.echo(line)
 

@@ -21,6 +21,7 @@ import click
 from api.client import Client, ClientError, pack, save_credentials
 from api.services import Settings
 from tally.config import Config
+from tally.console import cell, fail_cleanly, table
 
 # --- plumbing -------------------------------------------------------------------------------
 
@@ -29,13 +30,12 @@ def http_command(group: click.Group, name: str, json_output: bool = False) -> Ca
     """A command talking to the API: `--api URL`, optional `--json`, errors as one line."""
     def decorate(fn: Callable[..., Any]) -> click.Command:
         @wraps(fn)
+        @fail_cleanly
         def run(*args: Any, api: str | None, **kwargs: Any) -> Any:
             client = None
             try:
                 client = Client(api)
                 return fn(client, *args, **kwargs)
-            except ClientError as exc:
-                raise click.ClickException(str(exc)) from exc
             except (KeyError, TypeError, AttributeError) as exc:  # an answer of another shape
                 where = client.api if client else "the API"
                 raise click.ClickException(f"unexpected answer from {where} ({exc!r} missing):"
@@ -82,28 +82,6 @@ def _print_stats(stats: dict[str, Any]) -> None:
 
 def _mib(n: int | None) -> str | None:
     return None if n is None else f"{n / 2**20:.0f} MiB"
-
-
-def table(rows: list[dict[str, Any]], columns: list[str], empty: str) -> None:
-    if not rows:
-        click.echo(empty, err=True)
-        return
-    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))
-               .rstrip())
-    for row in cells:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
-
-
-def _cell(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, dict):
-        return " ".join(f"{k}={x}" for k, x in sorted(v.items())) or "-"
-    if isinstance(v, list):
-        return ",".join(str(x) for x in v) or "-"
-    return str(v)
 
 
 def parse_pairs(pairs: tuple[str, ...], what: str) -> dict[str, str]:
@@ -269,7 +247,7 @@ def _apps(cli: click.Group) -> None:
         def text(a: dict[str, Any]) -> None:
             for key in ("name", "owner", "members", "release", "scale", "domains",
                         "maintenance", "created_at"):
-                click.echo(f"{key + ':':13} {_cell(a.get(key))}")
+                click.echo(f"{key + ':':13} {cell(a.get(key))}")
         emit(client.get(f"/apps/{name}"), as_json, text)
 
     @http_command(cli, "apps:delete")
@@ -381,7 +359,7 @@ def follow(client: Client, app: str, number: int, timeout: float) -> None:
                    err=True)
         return
     click.echo(f"waiting for {wanted} instance(s) of v{number} to be healthy "
-               f"({_cell(scale)}): placed by the placer, started by host agents", err=True)
+               f"({cell(scale)}): placed by the placer, started by host agents", err=True)
     deadline = time.monotonic() + timeout
     cursor, seen, said = 0, "", set()
     while True:
@@ -411,7 +389,7 @@ def follow(client: Client, app: str, number: int, timeout: float) -> None:
             click.echo(f"  instances: {progress}", err=True)
         if time.monotonic() >= deadline:
             healthy = sum(1 for r in rows if r["state"] == "healthy")
-            states = _cell(sorted({r["state"] for r in rows})) if rows else "none placed"
+            states = cell(sorted({r["state"] for r in rows})) if rows else "none placed"
             raise ClientError(
                 f"v{number} is released but not running after {timeout:.0f}s: {healthy} of "
                 f"{wanted} healthy, instances: {states} (are the placer and a host agent "

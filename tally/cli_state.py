@@ -10,95 +10,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
-import re
-import signal
-import threading
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
-from functools import wraps
+from datetime import UTC, datetime
 from typing import Any
 
 import click
 import psycopg2
 
 from ledger.catalogue import redacted
-from ledger.errors import LedgerError
 from ledger.store import head_of
 from tally.config import Config
-
-RELATIVE = re.compile(r"^(\d+)([smhd])$")
-UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
-
-
-def _clean(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Bad input or an unreachable ledger: one line and exit status 1, never a traceback."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from projectors.rebuild import RebuildFailed
-        from projectors.replay import ReplayFailed
-
-        try:
-            return fn(*args, **kwargs)
-        except (LedgerError, ValueError, OSError, RebuildFailed, ReplayFailed) as exc:
-            raise click.ClickException(str(exc)) from exc
-        except psycopg2.OperationalError as exc:
-            raise click.ClickException(f"cannot reach the ledger database: {_first(exc)}") \
-                from exc
-        except psycopg2.Error as exc:  # e.g. views not migrated yet
-            raise click.ClickException(f"database error: {_first(exc)}") from exc
-
-    return wrapper
-
-
-def _first(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+from tally.console import cell, daemon_logging, fail_cleanly, parse_since, stop_event, table
 
 
 def _dsn(cfg: Config, role: str = "tally_reader") -> str:
     return cfg.cluster().dsn(role)
-
-
-def parse_since(text: str, now: datetime) -> datetime:
-    """`10m`, `2h`, `1d`, `30s` ago, or an ISO 8601 time (UTC if no zone)."""
-    match = RELATIVE.match(text.strip())
-    if match:
-        try:
-            return now - timedelta(**{UNITS[match.group(2)]: int(match.group(1))})
-        except OverflowError:
-            raise ValueError(f"--since {text!r}: that is before the year 1") from None
-    try:
-        when = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise ValueError(f"--since {text!r}: give an ISO time (2026-11-26T19:00) or an age "
-                         "like 30s, 10m, 2h, 1d") from None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
-
-
-def format_table(rows: list[dict[str, Any]], width: int = 40) -> list[str]:
-    """Rows as aligned text columns, long values cut."""
-    if not rows:
-        return ["  (no rows)"]
-    columns = list(rows[0])
-    cells = [[_cell(r.get(c), width) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    line = "  ".join
-    out = [line(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
-    out += [line(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
-    return ["  " + s.rstrip() for s in out]
-
-
-def _cell(value: Any, width: int) -> str:
-    if value is None:
-        text = "-"
-    elif isinstance(value, datetime):
-        text = value.strftime("%Y-%m-%d %H:%M:%S")
-    elif isinstance(value, dict | list):
-        text = json.dumps(value, separators=(",", ":"), default=str)
-    else:
-        text = str(value)
-    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _dump(value: Any) -> str:
@@ -117,16 +43,14 @@ def register(cli: click.Group) -> None:
                   help="Seconds between polls when no wake-up comes.")
     @click.option("--batch", default=5000, show_default=True, help="Events per transaction.")
     @click.pass_obj
-    @_clean
+    @fail_cleanly
     def serve_projectors(cfg: Config, poll_interval: float, batch: int) -> None:
         """Run every projector: catch up from the checkpoints, then follow the ledger."""
         import projectors
         from projectors.runtime import serve as run
 
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        daemon_logging()
+        stop = stop_event()
         run(_dsn(cfg, "tally_owner"), cfg.relays, projectors.ALL, stop=stop,
             poll_interval=poll_interval, batch=batch)
 
@@ -137,7 +61,7 @@ def register(cli: click.Group) -> None:
     @projectors_group.command("status")
     @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
     @click.pass_obj
-    @_clean
+    @fail_cleanly
     def projectors_status(cfg: Config, as_json: bool) -> None:
         """Each projector's position, lag behind the head, and the error that stopped it."""
         from projectors.inspect import status
@@ -160,7 +84,7 @@ def register(cli: click.Group) -> None:
     @projectors_group.command("rebuild")
     @click.argument("name")
     @click.pass_obj
-    @_clean
+    @fail_cleanly
     def projectors_rebuild(cfg: Config, name: str) -> None:
         """Rebuild NAME's views (or `all`) from position zero beside the live ones, then
         swap: readers never see an empty view."""
@@ -178,7 +102,7 @@ def register(cli: click.Group) -> None:
                   "routes, routes_version, backups).")
     @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
     @click.pass_obj
-    @_clean
+    @fail_cleanly
     def state(cfg: Config, position: int, view: str | None, as_json: bool) -> None:
         """The views as they were at a ledger position, replayed by the same projectors."""
         from projectors.replay import state_at
@@ -189,8 +113,7 @@ def register(cli: click.Group) -> None:
             return
         for name, rows in views.items():
             click.echo(f"{name} at position {position}:")
-            for line in format_table(rows):
-                click.echo(line)
+            table(rows, empty="  (no rows)", width=40)
 
     @cli.command("diff")
     @click.argument("a", type=int)
@@ -198,7 +121,7 @@ def register(cli: click.Group) -> None:
     @click.option("--view", help="One view only.")
     @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
     @click.pass_obj
-    @_clean
+    @fail_cleanly
     def diff_cmd(cfg: Config, a: int, b: int, view: str | None, as_json: bool) -> None:
         """What changed in each view between positions A and B."""
         from projectors.replay import diff, jsonable
@@ -219,7 +142,7 @@ def register(cli: click.Group) -> None:
             for row in d["removed"]:
                 click.echo(f"  - {json.dumps(jsonable(row), default=str)}")
             for c in d["changed"]:
-                what = ", ".join(f"{k}: {_cell(o, 30)} -> {_cell(n, 30)}"
+                what = ", ".join(f"{k}: {cell(o, 30)} -> {cell(n, 30)}"
                                  for k, (o, n) in c["changes"].items())
                 click.echo(f"  ~ {'/'.join(map(str, c['key']))}: {what}")
         if quiet:
@@ -238,7 +161,7 @@ def register(cli: click.Group) -> None:
     @click.option("--show-secrets", is_flag=True, help="Show config values (redacted by "
                   "default).")
     @click.pass_obj
-    @_clean
+    @fail_cleanly
     def events_cmd(cfg: Config, stream: str | None, category: str | None, type_: str | None,
                    since: str | None, after: int | None, limit: int, follow: bool,
                    as_json: bool, show_secrets: bool) -> None:
@@ -275,7 +198,7 @@ def register(cli: click.Group) -> None:
     @click.argument("app")
     @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
     @click.pass_obj
-    @_clean
+    @fail_cleanly
     def why_cmd(cfg: Config, app: str, as_json: bool) -> None:
         """Explain, from the ledger, why APP is or is not serving."""
         from projectors.inspect import why

@@ -48,7 +48,7 @@ def test_state_diff_and_events(cluster: Cluster, app: tuple[str, int, int]) -> N
     (row,) = [r for r in json.loads(out.stdout)["apps"] if r["name"] == name]
     assert row["current_release"] == 1 and row["scale"] == {"web": 1}
     table = tally(cluster, "state", "--at", str(head), "--view", "routes")
-    assert f"{name}.tally.local" in table.stdout and "backends" in table.stdout
+    assert f"{name}.tally.local" in table.stdout and "BACKENDS" in table.stdout
     changes = tally(cluster, "diff", str(before), str(head), "--view", "apps")
     assert changes.returncode == 0 and f'+ {{"name": "{name}"' in changes.stdout
     events = tally(cluster, "events", "--stream", f"app-{name}", "--json")

@@ -11,7 +11,8 @@ import pytest
 
 from ledger import Ledger, NewEvent
 from ledger.cluster import Cluster
-from ledger.retention import RetentionPolicy, parse_age, prune
+from ledger.retention import RetentionPolicy, prune
+from tally.console import parse_age
 from tests.conftest import tally_env
 
 
