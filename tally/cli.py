@@ -8,7 +8,7 @@ import sys
 import click
 
 import migrations
-from tally import cli_agents, cli_apps, cli_state, daemons, platform
+from tally import cli_agents, cli_apps, cli_balancer, cli_state, daemons, platform
 from tally.config import Config
 from tally.console import daemon_logging, fail_cleanly, parse_age, stop_event
 
@@ -195,6 +195,7 @@ def down(cfg: Config) -> None:
 cli_state.register(cli)
 cli_apps.register(cli)
 cli_agents.register(cli)
+cli_balancer.register(cli)
 
 
 def main() -> None:

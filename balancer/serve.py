@@ -1,0 +1,239 @@
+"""`tally serve balancer`: the entry point, the only place eventlet runs.
+
+One process per `--processes`, each with its own listening socket on the same port
+(SO_REUSEPORT: the kernel spreads connections, so the processes use every core). With more
+than one, a parent forks them (before any eventlet hub or thread exists), restarts one that
+dies, and passes SIGTERM on.
+
+In each process: the routes come from the ledger's routes view (woken over ZeroMQ by the
+relays, then reading until the routes projector has applied the position the relay
+announced, so a change is seen as soon as it is projected; and reconciled on a timer), or
+from a JSON file in standalone mode. SIGTERM drains: stop accepting, close idle kept-alive
+connections, let requests in flight finish (up to `drain` seconds), exit.
+
+eventlet is not monkey-patched: the shell uses non-blocking sockets with the hub directly,
+`eventlet.green.zmq` for the relays, and `eventlet.tpool` threads for psycopg2, so nothing
+else in the process changes behaviour.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from balancer.h1 import Limits
+from balancer.routing import Router, Settings
+from balancer.sources import FileRoutes, LedgerRoutes, RoutesError
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # eventlet's "deprecated, bugfix mode" notice
+    import eventlet
+    import eventlet.queue
+    from eventlet import tpool
+    from eventlet.green import zmq as gzmq
+
+
+from balancer.admin import serve_admin  # noqa: E402  (imports eventlet too)
+from balancer.metrics import Metrics  # noqa: E402
+from balancer.shell import Proxy, Timeouts, accept_forever  # noqa: E402
+from ledger.relay import TOPIC  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Options:
+    bind: tuple[str, int]
+    routes_file: str | None = None
+    dsn: str | None = None
+    relays: Sequence[str] = ()
+    processes: int = 1
+    settings: Settings = field(default_factory=Settings)
+    limits: Limits = field(default_factory=Limits)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    drain: float = 30.0
+    reconcile: float = 1.0
+    """Seconds between reads of the routes when no wake-up comes."""
+    admin: tuple[str, int] | None = None
+
+
+def log(line: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} balancer[{os.getpid()}] {line}", file=sys.stderr,
+          flush=True)
+
+
+def listen(bind: tuple[str, int]) -> socket.socket:
+    family = socket.AF_INET6 if ":" in bind[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(bind)
+    sock.listen(1024)
+    return sock
+
+
+def main(options: Options) -> int:
+    if options.processes <= 1:
+        return run(options)
+    return supervise(options)
+
+
+def supervise(options: Options) -> int:
+    """Fork `processes` workers; restart one that dies until SIGTERM, then pass it on."""
+    stopping = False
+    children: dict[int, int] = {}
+
+    def spawn(slot: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = run(options, admin=options.admin if slot == 0 else None)
+            finally:
+                os._exit(code)
+        children[pid] = slot
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    for slot in range(options.processes):
+        spawn(slot)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        slot = children.pop(pid, None)
+        if slot is not None and not stopping:
+            log(f"worker {pid} ended ({status}); starting another")
+            time.sleep(0.2)
+            spawn(slot)
+    return 0
+
+
+def run(options: Options, admin: tuple[str, int] | None = None) -> int:
+    """One balancer process, until SIGTERM has drained it."""
+    admin = options.admin if admin is None and options.processes <= 1 else admin
+    proxy = Proxy(Router(options.settings), options.limits, options.timeouts,
+                  metrics=Metrics(), log=log)
+    listener = listen(options.bind)
+    if options.routes_file:
+        source = FileRoutes(options.routes_file)
+        load_file(proxy, source)
+        eventlet.spawn_n(follow_file, proxy, source, options.reconcile)
+    else:
+        ledger = LedgerRoutes(options.dsn or "")
+        load_ledger(proxy, ledger, target=0)
+        eventlet.spawn_n(follow_ledger, proxy, ledger, options.relays, options.reconcile)
+    eventlet.spawn_n(sweep_forever, proxy)
+    if admin:
+        eventlet.spawn_n(serve_admin, proxy, listen(admin))
+
+    def drain(signum: int, _frame: object) -> None:
+        proxy.draining = True
+        with contextlib.suppress(OSError):
+            listener.shutdown(socket.SHUT_RDWR)  # wakes the accept loop
+
+    signal.signal(signal.SIGTERM, drain)
+    signal.signal(signal.SIGINT, drain)
+    log(f"listening on {options.bind[0]}:{options.bind[1]}, routes version "
+        f"{proxy.router.version}")
+    accept_forever(proxy, listener)
+    listener.close()
+    deadline = time.monotonic() + options.drain
+    while proxy.watches and time.monotonic() < deadline:
+        eventlet.sleep(0.05)
+    log(f"drained ({len(proxy.watches)} connections left)")
+    return 0
+
+
+def sweep_forever(proxy: Proxy) -> None:
+    while True:
+        eventlet.sleep(0.1)
+        proxy.sweep()
+        proxy.pool.prune(time.monotonic())
+
+
+def load_file(proxy: Proxy, source: FileRoutes) -> None:
+    try:
+        routes = source.changed()
+    except RoutesError as exc:
+        log(f"routes not changed: {exc}")
+        return
+    if routes is not None:
+        proxy.update_routes(routes, source.version)
+        log(f"routes version {source.version}: {len(routes)} hostnames")
+
+
+def follow_file(proxy: Proxy, source: FileRoutes, interval: float) -> None:
+    while True:
+        eventlet.sleep(min(interval, 0.5))
+        load_file(proxy, source)
+
+
+def load_ledger(proxy: Proxy, ledger: LedgerRoutes, target: int,
+                patience: float = 1.0) -> None:
+    """Read the routes view until the routes projector has applied `target` (polling
+    every 5 ms, for `patience` seconds at most), reloading whenever routes_version moved."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            checkpoint, version = tpool.execute(ledger.status)
+            if version != proxy.router.version:
+                routes, version = tpool.execute(ledger.routes)
+                proxy.update_routes(routes, version)
+                log(f"routes version {version}: {len(routes)} hostnames")
+        except Exception as exc:  # psycopg2's errors, a failover: keep the routes we have
+            log(f"routes not read: {exc}")
+            return
+        if checkpoint >= target or time.monotonic() > deadline:
+            return
+        eventlet.sleep(0.005)
+
+
+def follow_ledger(proxy: Proxy, ledger: LedgerRoutes, relays: Sequence[str],
+                  interval: float) -> None:
+    wakeups: eventlet.queue.LightQueue = eventlet.queue.LightQueue()
+    if relays:
+        eventlet.spawn_n(listen_relays, relays, wakeups)
+    while True:
+        try:
+            target = wakeups.get(timeout=interval)
+        except eventlet.queue.Empty:
+            target = 0
+        while not wakeups.empty():
+            target = max(target, wakeups.get_nowait())
+        load_ledger(proxy, ledger, target)
+
+
+def listen_relays(relays: Sequence[str], wakeups: eventlet.queue.LightQueue) -> None:
+    """Each relay's "ledger moved to P" becomes a wake-up (P), de-duplicated by head."""
+    context = gzmq.Context()
+    sub = context.socket(gzmq.SUB)
+    sub.setsockopt(gzmq.LINGER, 0)
+    sub.setsockopt(gzmq.SUBSCRIBE, TOPIC)
+    sub.setsockopt(gzmq.RECONNECT_IVL, 100)
+    sub.setsockopt(gzmq.RECONNECT_IVL_MAX, 2000)
+    for endpoint in relays:
+        sub.connect(endpoint)
+    head = 0
+    while True:
+        _, position = sub.recv_multipart()
+        try:
+            p = int(position)
+        except ValueError:
+            continue
+        if p > head:
+            head = p
+            wakeups.put(p)

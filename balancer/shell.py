@@ -1,0 +1,557 @@
+"""The eventlet shell: moves bytes between clients and backends as the core decides.
+
+One green thread per client connection. Sockets are plain non-blocking sockets waited on
+with the hub's `trampoline` (eventlet's GreenSocket adds a layer of Python per call on the
+hot path and a timer per wait). Timeouts cost no timer either: each connection has a
+`Watch` (a deadline and the socket it waits on) and one sweeper shuts that socket down
+once its deadline passes, which wakes the waiting thread with an end of file and a flag
+saying why (idle: close; backend silent: 504).
+
+Backend connections are kept alive in a pool per backend (last in, first out; checked
+with a non-blocking peek before reuse, so a backend's own keep-alive timeout rarely bites).
+A request that failed on a backend before any byte of its response goes to another one
+when the core says it is safe (h1.can_retry); a connection refused also takes the backend
+out for a while (passive health). While an app has no usable backend its requests are held
+(up to `Timeouts.hold`) and sent as soon as routes change or a backend's cooldown ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import eventlet
+import eventlet.event
+from eventlet import tpool
+from eventlet.hubs import trampoline
+
+from balancer import forward, pages
+from balancer.bodies import ChunkedBody, CloseBody, LengthBody, body_reader
+from balancer.h1 import (
+    CHUNKED,
+    LENGTH,
+    NONE,
+    BackendError,
+    Limits,
+    ProtocolError,
+    Request,
+    Response,
+    can_retry,
+    parse_request,
+    parse_response,
+)
+from balancer.metrics import Metrics
+from balancer.routing import Answer, Backend, Forward, Route, Router
+
+RECV = 256 * 1024
+monotonic = time.monotonic
+SHUT_RD, SHUT_RDWR = socket.SHUT_RD, socket.SHUT_RDWR
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    idle: float = 60.0
+    """A kept-alive client connection with no request, or any transfer that stalls."""
+    header: float = 10.0
+    """A request head, from its first byte."""
+    connect: float = 3.0
+    """Connecting to a backend."""
+    backend: float = 60.0
+    """A backend's silence while we wait for (or read) its response: then 504."""
+    hold: float = 15.0
+    """A request held while its app has no healthy backend: then 503."""
+    pool_idle: float = 30.0
+    """An idle pooled backend connection is closed after this."""
+
+
+class Watch:
+    """A deadline on the socket a connection's thread waits on (see the module doc)."""
+
+    __slots__ = ("deadline", "sock", "how", "expired", "idle")
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.deadline = deadline
+        self.how = SHUT_RD
+        self.expired = False
+        self.idle = True
+
+    def expire(self) -> None:
+        self.expired = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(self.how)
+
+
+RETRY = object()
+"""What an exchange returns when the request may go to another backend."""
+
+
+def recv(sock: socket.socket) -> bytes:
+    while True:
+        try:
+            return sock.recv(RECV)
+        except BlockingIOError:
+            trampoline(sock.fileno(), read=True)
+
+
+def sendall(sock: socket.socket, data: bytes) -> None:
+    while True:
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            trampoline(sock.fileno(), write=True)
+            continue
+        if sent == len(data):
+            return
+        data = memoryview(data)[sent:]
+
+
+def connect(backend: Backend, timeout: float) -> socket.socket:
+    """A new non-blocking connection to `backend`; OSError if refused or too slow."""
+    host = backend.host
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        socket.inet_pton(family, host)
+        addr: tuple = (host, backend.port)
+    except OSError:  # a name: resolve it off the hub
+        family, _, _, _, addr = tpool.execute(socket.getaddrinfo, host, backend.port,
+                                              type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    err = sock.connect_ex(addr)
+    if err == 115:  # EINPROGRESS
+        try:
+            trampoline(sock.fileno(), write=True, timeout=timeout,
+                       timeout_exc=TimeoutError)
+        except TimeoutError:
+            sock.close()
+            raise TimeoutError(f"connecting to {backend.address} took over {timeout}s") from None
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        sock.close()
+        raise ConnectionRefusedError(err, f"{backend.address}: error {err}")
+    return sock
+
+
+class Pool:
+    """Idle keep-alive connections per backend address."""
+
+    def __init__(self, idle_timeout: float, per_backend: int = 64) -> None:
+        self.idle_timeout = idle_timeout
+        self.per_backend = per_backend
+        self.idle: dict[str, list[tuple[socket.socket, float]]] = {}
+
+    def get(self, backend: Backend) -> socket.socket | None:
+        stack = self.idle.get(backend.address)
+        now = monotonic()
+        while stack:
+            sock, since = stack.pop()
+            if now - since < self.idle_timeout:
+                try:
+                    sock.recv(1, socket.MSG_PEEK)  # data or EOF: not reusable
+                except BlockingIOError:
+                    return sock
+                except OSError:
+                    pass
+            sock.close()
+        return None
+
+    def put(self, backend: Backend, sock: socket.socket) -> None:
+        stack = self.idle.setdefault(backend.address, [])
+        if len(stack) >= self.per_backend:
+            stack.pop(0)[0].close()
+        stack.append((sock, monotonic()))
+
+    def prune(self, now: float) -> None:
+        for address, stack in list(self.idle.items()):
+            keep = [(s, t) for s, t in stack if now - t < self.idle_timeout]
+            for s, t in stack:
+                if now - t >= self.idle_timeout:
+                    s.close()
+            if keep:
+                self.idle[address] = keep
+            else:
+                del self.idle[address]
+
+
+class Proxy:
+    """Serves client connections with the routes in `router`."""
+
+    def __init__(self, router: Router, limits: Limits, timeouts: Timeouts,
+                 proto: bytes = b"http", metrics: Metrics | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
+        self.router = router
+        self.limits = limits
+        self.t = timeouts
+        self.proto = proto
+        self.pool = Pool(timeouts.pool_idle)
+        self.watches: set[Watch] = set()
+        self.changed = eventlet.event.Event()
+        self.draining = False
+        self.metrics = metrics or Metrics()
+        self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+
+    # --- routes and housekeeping ---------------------------------------------------------
+
+    def update_routes(self, routes: list[Route], version: int) -> None:
+        """Put new routes in force and wake the requests held for a backend."""
+        self.router.update(routes, version)
+        old, self.changed = self.changed, eventlet.event.Event()
+        old.send(version)
+
+    def sweep(self) -> None:
+        """Expire watches past their deadline (and idle connections while draining)."""
+        now = monotonic()
+        for w in list(self.watches):
+            if w.deadline < now or (self.draining and w.idle):
+                w.expire()
+
+    # --- client connections ---------------------------------------------------------------
+
+    def handle(self, sock: socket.socket, addr: tuple) -> None:
+        """One client connection: requests, one after the other, until it closes."""
+        sock.setblocking(False)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        watch = Watch(sock, monotonic() + self.t.idle)
+        self.watches.add(watch)
+        client_ip = addr[0] if addr else "127.0.0.1"
+        buf = b""
+        try:
+            while True:
+                watch.idle = not buf
+                if self.draining and not buf:
+                    return
+                parsed = None
+                while True:
+                    if buf:
+                        try:
+                            parsed = parse_request(buf, self.limits)
+                        except ProtocolError as exc:
+                            self.refuse(sock, watch, exc.status, exc.message)
+                            return
+                        if parsed is not None:
+                            break
+                    data = recv(sock)
+                    if not data:
+                        if buf and watch.expired:
+                            self.refuse(sock, watch, 408, "request head took too long")
+                        return
+                    if not buf:
+                        watch.idle = False
+                        watch.deadline = monotonic() + self.t.header
+                    buf = buf + data if buf else data
+                req, size = parsed
+                keep, buf = self.serve(sock, watch, req, buf[size:], client_ip)
+                if not keep:
+                    return
+                watch.sock, watch.how = sock, SHUT_RD
+                watch.deadline = monotonic() + self.t.idle
+        except OSError:
+            pass  # the client went away (reset, broken pipe)
+        finally:
+            self.watches.discard(watch)
+            sock.close()
+
+    def refuse(self, sock: socket.socket, watch: Watch, status: int, message: str) -> None:
+        """Answer a request we will not forward, then close without resetting: the
+        client's unread bytes are read and dropped for a moment (a lingering close)."""
+        try:
+            sendall(sock, pages.page(status, message))
+            sock.shutdown(socket.SHUT_WR)
+            watch.deadline = monotonic() + 1.0
+            watch.how = SHUT_RD
+            for _ in range(16):
+                if not recv(sock):
+                    break
+        except OSError:
+            pass
+
+    def answer(self, sock: socket.socket, req: Request, status: int, text: str,
+               route: Route | None, started: float) -> bool:
+        """Send one of our pages; whether the connection stays open."""
+        keep = req.keep_alive and req.framing == NONE and not self.draining
+        sendall(sock, pages.page(status, text, close=not keep, head=req.method == b"HEAD"))
+        self.metrics.record(route.app if route else None, status, monotonic() - started)
+        return keep
+
+    # --- one request ----------------------------------------------------------------------
+
+    def serve(self, sock: socket.socket, watch: Watch, req: Request, buf: bytes,
+              client_ip: str) -> tuple[bool, bytes]:
+        """Route one request and answer it; (keep the connection, bytes after it)."""
+        started = monotonic()
+        router = self.router
+        tried: tuple[Backend, ...] = ()
+        hold_until = 0.0
+        while True:
+            now = monotonic()
+            decision = router.decide(req.host, now, tried)
+            if type(decision) is Forward:
+                backend = decision.backend
+                backend.active += 1
+                try:
+                    outcome = self.exchange(sock, watch, req, buf, backend, client_ip,
+                                            decision.route, started)
+                finally:
+                    backend.active -= 1
+                if outcome is not RETRY:
+                    return outcome  # type: ignore[return-value]
+                tried += (backend,)
+                self.metrics.retried(decision.route.app)
+                continue
+            if type(decision) is Answer:
+                hit = router.lookup(req.host)
+                text = pages.MAINTENANCE if decision.status == 503 else pages.UNKNOWN_HOST
+                return self.answer(sock, req, decision.status, text,
+                                   hit[0] if hit else None, started), buf
+            route = decision.route
+            if not hold_until:
+                hold_until = now + self.t.hold
+                self.metrics.held(route.app)
+            if now >= hold_until:
+                status, text = (502, pages.BAD_GATEWAY) if tried else (503, pages.NO_BACKEND)
+                return self.answer(sock, req, status, text, route, started), buf
+            hit = router.lookup(req.host)
+            wake = router.next_wake(hit[1], now) if hit else None
+            until = min(hold_until, wake) if wake else hold_until
+            self.changed.wait(max(0.001, until - now))
+            tried = ()
+
+    def exchange(self, csock: socket.socket, watch: Watch, req: Request, buf: bytes,
+                 backend: Backend, client_ip: str, route: Route,
+                 started: float) -> object:
+        """Send `req` to `backend` and its response to the client: (keep, rest) or RETRY."""
+        bsock = self.pool.get(backend)
+        reused = bsock is not None
+        if bsock is None:
+            try:
+                bsock = connect(backend, self.t.connect)
+            except OSError as exc:
+                self.router.failed(backend, monotonic())
+                self.log(f"backend {backend.address} of {route.app}: {exc}")
+                return RETRY
+        pooled = False
+        try:
+            outcome = self._exchange(csock, bsock, watch, req, buf, backend, client_ip,
+                                     reused, route, started)
+            if type(outcome) is tuple and outcome[2]:
+                self.pool.put(backend, bsock)
+                pooled = True
+                return outcome[:2]
+            return outcome if outcome is RETRY else outcome[:2]  # type: ignore[index]
+        finally:
+            if not pooled:
+                bsock.close()
+
+    def _exchange(self, csock: socket.socket, bsock: socket.socket, watch: Watch,
+                  req: Request, buf: bytes, backend: Backend, client_ip: str, reused: bool,
+                  route: Route, started: float) -> object:
+        head = forward.request_head(req, client_ip, self.proto)
+        body: LengthBody | ChunkedBody | None = None
+        if req.framing == LENGTH:
+            body = LengthBody(req.length)
+        elif req.framing == CHUNKED:
+            body = ChunkedBody(self.limits.max_body)
+        try:
+            if body is None:
+                sendall(bsock, head)
+            else:
+                buf = self.send_body(csock, bsock, watch, req, body, head, buf)
+                if buf is None:
+                    return False, b"", False  # the client left or sent a bad body
+        except OSError:
+            # the backend went away while we sent: a stale pooled connection, or it died
+            if can_retry(req, sent=body is not None):
+                if not reused:
+                    self.router.failed(backend, monotonic())
+                return RETRY
+            return self.answer(csock, req, 502, pages.BAD_GATEWAY, route, started), b"", False
+        return self.relay_response(csock, bsock, watch, req, buf, backend, reused, route,
+                                   started)
+
+    def send_body(self, csock: socket.socket, bsock: socket.socket, watch: Watch,
+                  req: Request, body: LengthBody | ChunkedBody, head: bytes,
+                  buf: bytes) -> bytes | None:
+        """Stream the request body to the backend as it comes; the bytes after it, or None
+        when the client left or sent a body we refuse (answered here)."""
+        frame = forward.chunk if req.framing == CHUNKED else None
+        try:
+            piece = body.feed(buf) if buf else b""
+        except ProtocolError as exc:
+            self.refuse(csock, watch, exc.status, exc.message)
+            return None
+        out = head + (frame(piece) if frame and piece else piece)
+        if body.done and frame:
+            out += forward.LAST_CHUNK
+        sendall(bsock, out)
+        watch.sock, watch.how = csock, SHUT_RD
+        try:
+            if req.expect_continue and not buf:
+                sendall(csock, forward.CONTINUE)
+        except OSError:
+            return None
+        while not body.done:
+            watch.deadline = monotonic() + self.t.idle
+            try:
+                data = recv(csock)
+            except OSError:
+                data = b""
+            if not data:
+                return None
+            try:
+                piece = body.feed(data)
+            except ProtocolError as exc:
+                self.refuse(csock, watch, exc.status, exc.message)
+                return None
+            if frame:
+                out = frame(piece) if piece else b""
+                if body.done:
+                    out += forward.LAST_CHUNK
+            else:
+                out = piece
+            if out:
+                sendall(bsock, out)
+        return body.rest
+
+    def relay_response(self, csock: socket.socket, bsock: socket.socket, watch: Watch,
+                       req: Request, buf: bytes, backend: Backend, reused: bool,
+                       route: Route, started: float) -> object:
+        watch.sock, watch.how = bsock, SHUT_RDWR
+        watch.deadline = monotonic() + self.t.backend
+        watch.expired = False
+        rbuf = b""
+        resp: Response | None = None
+        while resp is None:
+            try:
+                data = recv(bsock)
+            except OSError:
+                data = b""
+            if not data:
+                if watch.expired:
+                    watch.expired = False
+                    return self.answer(csock, req, 504, pages.GATEWAY_TIMEOUT, route,
+                                       started), buf, False
+                if not rbuf and can_retry(req, sent=True):
+                    if not reused:
+                        self.router.failed(backend, monotonic())
+                    return RETRY
+                return self.answer(csock, req, 502, pages.BAD_GATEWAY, route,
+                                   started), buf, False
+            rbuf = rbuf + data if rbuf else data
+            while True:
+                try:
+                    parsed = parse_response(rbuf, req.method, self.limits)
+                except BackendError as exc:
+                    self.log(f"backend {backend.address} of {route.app}: {exc}")
+                    return self.answer(csock, req, 502, pages.BAD_GATEWAY, route,
+                                       started), buf, False
+                if parsed is None:
+                    break
+                resp, size = parsed
+                rbuf = rbuf[size:]
+                if resp.status >= 200 or resp.status == 101:
+                    break
+                resp = None  # an interim response (103 Early Hints...): not relayed
+        if backend.failures:
+            self.router.succeeded(backend)
+        if resp.status == 101:
+            if req.upgrade is None:
+                return self.answer(csock, req, 502, pages.BAD_GATEWAY, route,
+                                   started), buf, False
+            head, _, _ = forward.response_head(resp, req, True)
+            self.metrics.record(route.app, 101, monotonic() - started)
+            self.tunnel(csock, bsock, watch, head + rbuf, buf)
+            return False, b"", False
+        keep = req.keep_alive and not self.draining
+        head, framing, keep = forward.response_head(resp, req, keep)
+        rbody = body_reader(resp.framing, resp.length)
+        if rbody is None:
+            sendall(csock, head)
+            reusable = resp.reusable and not rbuf
+            self.metrics.record(route.app, resp.status, monotonic() - started)
+            return keep, buf, reusable and not watch.expired
+        frame = forward.chunk if framing == CHUNKED else None
+        piece = rbody.feed(rbuf) if rbuf else b""
+        out = head + (frame(piece) if frame and piece else piece)
+        while not rbody.done:
+            if out:
+                watch.sock, watch.how = csock, SHUT_RDWR
+                watch.deadline = monotonic() + self.t.idle
+                sendall(csock, out)
+                watch.sock, watch.how = bsock, SHUT_RDWR
+            watch.deadline = monotonic() + self.t.backend
+            try:
+                data = recv(bsock)
+            except OSError:
+                data = b""
+            if not data and type(rbody) is not CloseBody:
+                self.log(f"backend {backend.address} of {route.app} closed mid-response")
+                return False, b"", False  # the client sees its response cut short
+            try:
+                piece = rbody.feed(data)
+            except ProtocolError:
+                self.log(f"backend {backend.address} of {route.app}: bad chunked framing")
+                return False, b"", False
+            out = frame(piece) if frame and piece else piece
+        if frame:
+            out += forward.LAST_CHUNK
+        if out:
+            sendall(csock, out)
+        self.metrics.record(route.app, resp.status, monotonic() - started)
+        return keep, buf, resp.reusable and not rbody.rest and not watch.expired
+
+    def tunnel(self, csock: socket.socket, bsock: socket.socket, watch: Watch,
+               to_client: bytes, to_backend: bytes) -> None:
+        """After 101 Switching Protocols: bytes both ways until both sides are done."""
+        sendall(csock, to_client)
+        if to_backend:
+            sendall(bsock, to_backend)
+        watch.sock, watch.how = csock, SHUT_RDWR
+        watch.deadline = monotonic() + self.t.idle
+        other = eventlet.spawn(self._pipe, bsock, csock, watch)
+        try:
+            self._pipe(csock, bsock, watch)
+        finally:
+            other.wait()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, watch: Watch) -> None:
+        try:
+            while True:
+                data = recv(src)
+                if not data:
+                    break
+                watch.deadline = monotonic() + self.t.idle
+                sendall(dst, data)
+        except OSError:
+            pass
+        for sock, how in ((dst, socket.SHUT_WR), (src, SHUT_RD)):
+            with contextlib.suppress(OSError):
+                sock.shutdown(how)
+
+
+def accept_forever(proxy: Proxy, listener: socket.socket) -> None:
+    """Accept until the listener is shut down (SIGTERM), a green thread per client."""
+    listener.setblocking(False)
+    fd = listener.fileno()
+    while not proxy.draining:
+        try:
+            sock, addr = listener.accept()
+        except BlockingIOError:
+            try:
+                trampoline(fd, read=True)
+            except OSError:
+                return
+            continue
+        except OSError as exc:
+            if proxy.draining:
+                return
+            proxy.log(f"accept: {exc}")  # EMFILE and the like: breathe, go on
+            eventlet.sleep(0.1)
+            continue
+        eventlet.spawn_n(proxy.handle, sock, addr)
