@@ -35,12 +35,14 @@ from balancer.sources import FileRoutes, LedgerRoutes, RoutesError
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # eventlet's "deprecated, bugfix mode" notice
     import eventlet
+    import eventlet.hubs
     import eventlet.queue
     from eventlet import tpool
     from eventlet.green import zmq as gzmq
 
 
 from balancer.admin import serve_admin  # noqa: E402  (imports eventlet too)
+from balancer.hub import Hub as OneShotHub  # noqa: E402
 from balancer.metrics import Metrics  # noqa: E402
 from balancer.shell import Proxy, Timeouts, accept_forever  # noqa: E402
 from ledger.relay import TOPIC  # noqa: E402
@@ -124,6 +126,7 @@ def supervise(options: Options) -> int:
 
 def run(options: Options, admin: tuple[str, int] | None = None) -> int:
     """One balancer process, until SIGTERM has drained it."""
+    eventlet.hubs.use_hub(OneShotHub)
     admin = options.admin if admin is None and options.processes <= 1 else admin
     proxy = Proxy(Router(options.settings), options.limits, options.timeouts,
                   metrics=Metrics(), log=log)

@@ -98,6 +98,17 @@ def recv(sock: socket.socket) -> bytes:
             trampoline(sock.fileno(), read=True)
 
 
+def recv_later(sock: socket.socket) -> bytes:
+    """recv when nothing can have arrived yet (the next request on a kept-alive
+    connection, a response to what we just sent): wait first, saving a failed recv."""
+    while True:
+        trampoline(sock.fileno(), read=True)
+        try:
+            return sock.recv(RECV)
+        except BlockingIOError:
+            continue
+
+
 def sendall(sock: socket.socket, data: bytes) -> None:
     while True:
         try:
@@ -138,6 +149,11 @@ def connect(backend: Backend, timeout: float) -> socket.socket:
     return sock
 
 
+PEEK_AFTER = 0.2
+"""A pooled connection idle longer than this is checked (a peek) before reuse: backends
+close idle keep-alive connections after a second or more (gunicorn: 2 s)."""
+
+
 class Pool:
     """Idle keep-alive connections per backend address."""
 
@@ -151,6 +167,8 @@ class Pool:
         now = monotonic()
         while stack:
             sock, since = stack.pop()
+            if now - since < PEEK_AFTER:
+                return sock  # in use moments ago: not worth a syscall to check
             if now - since < self.idle_timeout:
                 try:
                     sock.recv(1, socket.MSG_PEEK)  # data or EOF: not reusable
@@ -222,6 +240,7 @@ class Proxy:
         self.watches.add(watch)
         client_ip = addr[0] if addr else "127.0.0.1"
         buf = b""
+        first = True  # a new connection's first request is usually there already
         try:
             while True:
                 watch.idle = not buf
@@ -237,7 +256,8 @@ class Proxy:
                             return
                         if parsed is not None:
                             break
-                    data = recv(sock)
+                    data = recv(sock) if buf or first else recv_later(sock)
+                    first = False
                     if not data:
                         if buf and watch.expired:
                             self.refuse(sock, watch, 408, "request head took too long")
@@ -288,6 +308,7 @@ class Proxy:
         started = monotonic()
         router = self.router
         tried: tuple[Backend, ...] = ()
+        failed = False  # a backend refused or reset: 502 rather than 503 at the end
         hold_until = 0.0
         while True:
             now = monotonic()
@@ -303,6 +324,7 @@ class Proxy:
                 if outcome is not RETRY:
                     return outcome  # type: ignore[return-value]
                 tried += (backend,)
+                failed = True
                 self.metrics.retried(decision.route.app)
                 continue
             if type(decision) is Answer:
@@ -315,7 +337,7 @@ class Proxy:
                 hold_until = now + self.t.hold
                 self.metrics.held(route.app)
             if now >= hold_until:
-                status, text = (502, pages.BAD_GATEWAY) if tried else (503, pages.NO_BACKEND)
+                status, text = (502, pages.BAD_GATEWAY) if failed else (503, pages.NO_BACKEND)
                 return self.answer(sock, req, status, text, route, started), buf
             hit = router.lookup(req.host)
             wake = router.next_wake(hit[1], now) if hit else None
@@ -429,7 +451,7 @@ class Proxy:
         resp: Response | None = None
         while resp is None:
             try:
-                data = recv(bsock)
+                data = recv(bsock) if rbuf else recv_later(bsock)
             except OSError:
                 data = b""
             if not data:
