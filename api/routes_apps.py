@@ -88,8 +88,16 @@ def show_app(name: str) -> ResponseReturnValue:
     if hit is None or hit[0] is not state:
         if len(_SHOWN) >= 10_000:
             _SHOWN.clear()
-        hit = _SHOWN[name] = (state, jsonify(schemas.App().dump(summary(state))).get_data())
+        shown = {**summary(state), "web_url": web_url(name)}
+        hit = _SHOWN[name] = (state, jsonify(schemas.App().dump(shown)).get_data())
     return Response(hit[1], mimetype="application/json")
+
+
+def web_url(name: str) -> str:
+    """Where the balancers serve the app: its platform hostname, on their public port."""
+    port = services().settings.web_port
+    host = platform_hostname(name, services().suffix())
+    return f"http://{host}{'' if port in (None, 80) else f':{port}'}/"
 
 
 _SHOWN: dict[str, tuple[AppState, bytes]] = {}

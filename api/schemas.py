@@ -79,6 +79,8 @@ class App(Schema):
     maintenance = fields.Bool()
     config_version = fields.Int()
     version = fields.Int()
+    web_url = fields.Str(allow_none=True, metadata={
+        "description": "where the balancers serve the app: http://<app>.<suffix>[:port]/"})
 
 
 class AppList(Schema):

@@ -44,6 +44,8 @@ class Settings:
     drops the bound for its app here, so a client reads its own write."""
     logs_tail: Callable[[str, int], list[str]] | None = None
     """An app's last log lines, where the log collector writes them (None: no logs)."""
+    web_port: int | None = None
+    """The balancers' public port: apps' URLs are http://<app>.<suffix>[:port]/."""
 
 
 class Services:

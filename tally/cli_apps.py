@@ -115,7 +115,8 @@ def api_settings(cfg: Config) -> Settings:
         return logs.tail(cfg.app_logs_dir, app, lines)
 
     return Settings(dsn=cfg.cluster().dsn("tally_writer"), bundles_dir=cfg.bundles_dir,
-                    max_bundle_bytes=cfg.max_bundle_bytes, logs_tail=tail)
+                    max_bundle_bytes=cfg.max_bundle_bytes, logs_tail=tail,
+                    web_port=cfg.web_port)
 
 
 def _serve(cli: click.Group) -> None:
@@ -245,7 +246,7 @@ def _apps(cli: click.Group) -> None:
     def apps_info(client: Client, name: str, as_json: bool) -> None:
         """One app: release, scale, domains, members."""
         def text(a: dict[str, Any]) -> None:
-            for key in ("name", "owner", "members", "release", "scale", "domains",
+            for key in ("name", "web_url", "owner", "members", "release", "scale", "domains",
                         "maintenance", "created_at"):
                 click.echo(f"{key + ':':13} {cell(a.get(key))}")
         emit(client.get(f"/apps/{name}"), as_json, text)
@@ -317,6 +318,9 @@ def _releases(cli: click.Group) -> None:
         click.echo(f"release v{number} created", err=True)
         if wait:
             follow(client, app, number, timeout)
+        url = client.get(f"/apps/{app}").get("web_url")
+        if url:
+            click.echo(f"{app} answers at {url}")
 
     @http_command(cli, "releases", json_output=True)
     @app_option

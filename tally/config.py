@@ -13,6 +13,8 @@ TALLY_APPS_DB_PORTS   the apps' PostgreSQL cluster (add-on databases; never the 
                       default 5443,5444
 TALLY_COLLECTOR       where host agents PUSH app logs (`tally serve collector` binds it);
                       default tcp://127.0.0.1:5560
+TALLY_BALANCERS       where the balancers `tally up` starts listen (HOST:PORT, comma-separated);
+                      default 127.0.0.1:8080,127.0.0.1:8081; apps' URLs name the first port
 TALLY_AGENT_PORTS     one app port range per host agent `tally up` starts; default
                       7000-7099,7100-7199
 """
@@ -40,6 +42,8 @@ class Config:
     apps_db_ports: tuple[int, int] = (5443, 5444)
     agent_ports: tuple[str, ...] = ("7000-7099", "7100-7199")
     """One port range per host agent `tally up` starts (h1, h2, ...)."""
+    balancers: tuple[str, ...] = ("127.0.0.1:8080", "127.0.0.1:8081")
+    """Where each balancer `tally up` starts listens; apps answer at the first one's port."""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Config:
@@ -58,11 +62,18 @@ class Config:
             venv_cache_dir=env.get("TALLY_VENV_CACHE", ""),
             app_python=env.get("TALLY_APP_PYTHON", ""),
             collector=env.get("TALLY_COLLECTOR", "tcp://127.0.0.1:5560"),
+            balancers=tuple(b.strip() for b in env.get(
+                "TALLY_BALANCERS", "127.0.0.1:8080,127.0.0.1:8081").split(",") if b.strip()),
             agent_ports=tuple(r.strip() for r in env.get(
                 "TALLY_AGENT_PORTS", "7000-7099,7100-7199").split(",") if r.strip()),
             apps_db_ports=_two_ports(env.get("TALLY_APPS_DB_PORTS", "5443,5444"),
                                      "TALLY_APPS_DB_PORTS"),
         )
+
+    @property
+    def web_port(self) -> int | None:
+        """The port apps' URLs name (the first balancer's), or None without balancers."""
+        return int(self.balancers[0].rpartition(":")[2]) if self.balancers else None
 
     def cluster(self) -> Cluster:
         return Cluster(ClusterSpec(self.home / "ledger", ports=self.ledger_ports,

@@ -19,6 +19,9 @@ def daemons(cfg: Config) -> list[tuple[str, list[str], str]]:
     out.append(("api", ["serve", "api", "--bind", cfg.api_bind], f"http://{cfg.api_bind}"))
     out.append(("collector", ["serve", "collector"], f"{cfg.collector} -> {cfg.app_logs_dir}"))
     out.append(("placer", ["serve", "placer"], "places instances (its decisions: tally events)"))
+    for i, bind in enumerate(cfg.balancers, start=1):
+        out.append((f"balancer-{i}", ["serve", "balancer", "--bind", bind],
+                    f"http://<app>.<suffix>:{bind.rpartition(':')[2]}/ (routes view)"))
     for i, ports in enumerate(cfg.agent_ports, start=1):
         out.append((f"agent-{i}", ["serve", "agent", "--host-id", f"h{i}", "--port-range",
                                    ports, "--stop-apps-on-exit"],

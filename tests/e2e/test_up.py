@@ -16,6 +16,7 @@ from ledger.cluster import pid_alive
 from tally import daemons
 from tally.config import Config
 from tests.conftest import free_ports
+from tests.waiting import wait_until
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "apps"
 
@@ -23,7 +24,7 @@ FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "apps"
 def test_up_then_down() -> None:
     home = Path(tempfile.mkdtemp(prefix="tally-up-"))
     home.chmod(0o755)
-    ports = free_ports(9)
+    ports = free_ports(11)
     env = {
         **os.environ, "TALLY_HOME": str(home),
         "TALLY_LEDGER_PORTS": f"{ports[0]},{ports[1]}",
@@ -32,6 +33,7 @@ def test_up_then_down() -> None:
         "TALLY_COLLECTOR": f"tcp://127.0.0.1:{ports[5]}",
         "TALLY_APPS_DB_PORTS": f"{ports[6]},{ports[7]}",
         "TALLY_AGENT_PORTS": "17300-17309,17310-17319",
+        "TALLY_BALANCERS": f"127.0.0.1:{ports[9]},127.0.0.1:{ports[10]}",
         "TALLY_CREDENTIALS": str(home / "credentials.json"),
     }
     cfg = Config.from_env(env)
@@ -44,7 +46,7 @@ def test_up_then_down() -> None:
         assert first.returncode == 0, first.stderr
         names = daemons.names(cfg.run_dir)
         assert {"relay-1", "relay-2", "projectors", "api", "placer", "agent-1",
-                "agent-2", "collector"} <= set(names)
+                "agent-2", "collector", "balancer-1", "balancer-2"} <= set(names)
         assert "first admin" in first.stdout
         assert requests.get(f"http://{cfg.api_bind}/healthz", timeout=10).ok
         token_file = home / "secrets" / "agent-h1.token"
@@ -56,6 +58,13 @@ def test_up_then_down() -> None:
         deploy = tally("deploy", "--app", "hello", str(FIXTURES / "hello"))
         assert deploy.returncode == 0, deploy.stderr
         assert "healthy" in tally("ps", "--app", "hello").stdout
+        url = f"http://hello.localhost:{ports[9]}/"
+        assert f"hello answers at {url}" in deploy.stdout
+        assert f"web_url:      {url}" in tally("apps:info", "hello").stdout
+        for port in ports[9:]:  # both balancers route the app's platform name to it
+            wait_until(lambda port=port: requests.get(
+                f"http://127.0.0.1:{port}/", headers={"Host": "hello.localhost"},
+                timeout=10).status_code == 200, 10, f"balancer on {port} never routed hello")
         # One-offs go to the host that runs the app: an agent is given (through the API)
         # only bundles of releases placed on it. Three runs: the other host, picked by
         # chance, would refuse at least one of them 7 times out of 8.
