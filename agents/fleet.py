@@ -42,6 +42,8 @@ class App:
     name: str
     current_release: int | None = None
     scale: dict[str, int] = field(default_factory=dict)
+    sizes: dict[str, str] = field(default_factory=dict)
+    """Formation size per process type (ledger/sizes.py); absent: the default."""
     releases: dict[int, Release] = field(default_factory=dict)
     config_history: list[tuple[int, dict[str, str], list[str]]] = field(default_factory=list)
     deployed: int | None = None
@@ -161,6 +163,7 @@ def _release_created(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:
 def _scale_changed(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:
     if app := f.apps.get(d["app"]):
         app.scale = fold_scale(app.scale, d["scale"])
+        app.sizes = dict(d.get("sizes", {}))
 
 
 def _host_registered(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:

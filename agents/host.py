@@ -32,7 +32,7 @@ from typing import Any
 import psutil
 import psycopg2
 
-from agents import bundle, cleanup, users, venvs
+from agents import bundle, cgroups, cleanup, users, venvs
 from agents.fleet import Fleet
 from agents.logs import Shipper
 from agents.loop import every_wakeup
@@ -53,6 +53,7 @@ from agents.supervision import (
     plan,
 )
 from ledger import Ledger, LedgerUnavailable, NewEvent
+from ledger.sizes import DEFAULT_SIZE
 
 log = logging.getLogger("tally.agent")
 AGENT_CATEGORIES = ["app", "host", "placement"]
@@ -124,6 +125,7 @@ class Agent:
         self.traffic = Traffic()
         self.next_stats = 0.0
         self.next_cleanup = 0.0
+        self.cgroups = cgroups.for_agent(spec.host_id, paths.state)
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -155,6 +157,8 @@ class Agent:
             self.pool.shutdown(wait=False, cancel_futures=True)
             if stop_apps:
                 self.stop_all(min(self.timing.grace, 5.0))
+                if self.cgroups is not None:
+                    self.cgroups.close()
 
     def stop_all(self, grace: float) -> None:
         """SIGTERM every instance, SIGKILL what is left after `grace` seconds."""
@@ -205,6 +209,9 @@ class Agent:
             if loc.state not in ALIVE or loc.pid is None or loc.want is None:
                 continue
             memory, cpu = usage(loc.pid)
+            if line := cgroups.watch(self.cgroups, iid, loc.want.size):
+                with open(self.procs.log_path(iid), "a") as f:
+                    f.write(f"tally: {line}\n")
             samples.append(Sample(loc.want.app, iid, self.spec.host_id,
                                   self.traffic.report(iid), loc.restarts, memory, cpu))
         try:
@@ -235,6 +242,8 @@ class Agent:
         in_use: dict[str, set[str]] = {}
         for want in [*wants.values(), *(loc.want for loc in self.local.values() if loc.want)]:
             in_use.setdefault(want.app, set()).add(want.digest)
+        if self.cgroups is not None:
+            self.cgroups.sweep(set(self.local))
         todo = cleanup.plan(on_disk, self.fleet.apps, in_use)
         bundles = self.paths.downloads
         for app, digest in todo.releases:
@@ -268,7 +277,8 @@ class Agent:
             config = app.config_at(release.config_version)
             out[p.instance_id] = Want(p.instance_id, p.app, p.release, p.process_type, p.port,
                                       release.digest, release.procfile[p.process_type],
-                                      tuple(sorted(config.items())))
+                                      tuple(sorted(config.items())),
+                                      app.sizes.get(p.process_type, DEFAULT_SIZE))
         return out
 
     def adopt(self, wants: dict[str, Want]) -> None:
@@ -290,11 +300,12 @@ class Agent:
                 if not exited:
                     continue
                 self.procs.forget(iid)
+                reason = cgroups.ended(self.cgroups, iid, loc.want.size if loc.want else "")
                 if loc.state is State.STOPPING:
                     del self.local[iid]
                     self.report(iid, "InstanceStopped", reason="no longer placed here")
                 else:
-                    self.report_exit(iid, code, sig, self.procs.tail(iid), now)
+                    self.report_exit(iid, code, sig, self.procs.tail(iid), now, reason)
             elif loc.state is State.PREPARING and self.preparing[iid].done():
                 future = self.preparing.pop(iid)
                 if iid not in wants:
@@ -308,14 +319,14 @@ class Agent:
                         self.report_exit(iid, None, None, [f"cannot start: {exc}"], now)
 
     def report_exit(self, iid: str, code: int | None, sig: int | None, tail: list[str],
-                    now: float) -> None:
+                    now: float, reason: str = "") -> None:
         loc = self.local.get(iid)
         if loc is None:
             return
         after_exit(loc, code, now)
         log.info("%s exited (code %s, signal %s, restarts %s)", iid, code, sig, loc.restarts)
         self.report(iid, "InstanceExited", exit_code=code, signal=sig, restarts=loc.restarts,
-                    log_tail=tail[-20:])
+                    log_tail=tail[-20:], reason=reason)
 
     def report(self, iid: str, type_: str, **data: Any) -> None:
         self.ledger.append(f"instance-{iid}", [NewEvent(type_, {
@@ -397,7 +408,8 @@ class Agent:
                                         + env.get("GUNICORN_CMD_ARGS", ""))
         loc.pid = self.procs.start(want.instance_id, want.port, ["/bin/sh", "-c",
                                    f"exec {want.command}"], release, env, self.limits,
-                                   demote(user) if user else None)
+                                   cgroups.confine(self.cgroups, want.instance_id, want.size,
+                                                   demote(user) if user else None))
         loc.state = State.STARTING
         self.report(want.instance_id, "InstanceStarted", pid=loc.pid)
 
@@ -423,7 +435,8 @@ class Agent:
         """Folder, environment and user for a one-off command (a run's own thread)."""
         want = self.one_off(app)
         release, venv, user = self.prepare(want)
-        return str(release), self.environment(want, venv, user), demote(user) if user else None
+        return str(release), self.environment(want, venv, user), cgroups.confine(
+            self.cgroups, want.instance_id, want.size, demote(user) if user else None)
 
     def healthy(self, want: Want | None) -> bool:
         """An HTTP answer below 500 on the instance's port; non-web processes: running."""

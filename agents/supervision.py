@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from ledger.vocabulary import RELEASE_PHASE, WEB
+from ledger.sizes import DEFAULT_SIZE
 
 
 class State(StrEnum):
@@ -45,6 +46,8 @@ class Want:
     digest: str
     command: str
     config: tuple[tuple[str, str], ...] = ()
+    size: str = DEFAULT_SIZE
+    """Its formation size (ledger/sizes.py): the limits of its cgroup."""
 
 
 @dataclass

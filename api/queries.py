@@ -86,8 +86,8 @@ def on_host(ledger: Ledger, instance_id: str, host_id: str) -> bool:
 
 def instances(ledger: Ledger, app: str | None = None) -> list[dict[str, Any]]:
     return rows(ledger, "SELECT instance_id, app, release, process_type, host_id, port, "
-                        "state, pid, since, exit_code, signal, restarts, log_tail "
-                        "FROM views.instances WHERE (%s::text IS NULL OR app = %s) "
+                        "state, pid, since, exit_code, signal, restarts, log_tail, "
+                        "reason FROM views.instances WHERE (%s::text IS NULL OR app = %s) "
                         "ORDER BY app, process_type, instance_id", (app, app))
 
 

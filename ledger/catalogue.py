@@ -20,6 +20,7 @@ from typing import Any
 from marshmallow import Schema, ValidationError, fields, missing, validate
 
 from ledger.errors import InvalidEvent
+from ledger.sizes import SIZES
 
 # Patterns end in \Z, not $: `$` also matches before a final newline ("blog\n").
 APP_NAME = validate.Regexp(
@@ -152,10 +153,14 @@ class ReleaseCreated(Schema):
 @event("app")
 class ScaleChanged(Schema):
     """The desired number of instances per process type: the app's whole scale (every type
-    scaled so far), which replaces the one before (`ledger.vocabulary.fold_scale`)."""
+    scaled so far), which replaces the one before (`ledger.vocabulary.fold_scale`); and the
+    size of each type's instances (ledger/sizes.py: memory, processes, CPU weight; the
+    default when absent), whole too.
+    """
 
     app = fields.Str(required=True, validate=APP_NAME)
     scale = Process(fields.Int(validate=validate.Range(min=0, max=1000)), required=True)
+    sizes = Process(fields.Str(validate=validate.OneOf(sorted(SIZES))))
 
 
 @event("app")
@@ -331,6 +336,9 @@ class InstanceExited(Schema):
     signal = fields.Int(allow_none=True, load_default=None)
     restarts = fields.Int(load_default=0, validate=NON_NEGATIVE)
     log_tail = fields.List(fields.Str(), load_default=list)
+    reason = fields.Str(load_default="", validate=validate.Length(max=500))
+    """Why, when the host knows better than the exit code: `R15 ...` when the kernel
+    killed it for its memory limit (agents/cgroups.py)."""
 
 
 @event("instance")
@@ -446,6 +454,28 @@ class TokenRevoked(Schema):
 
     user = fields.Str(required=True, validate=USER_NAME)
     token_id = fields.Str(required=True, validate=validate.Length(min=1, max=64))
+
+
+# --- Quotas: what an admin lets a user or an app use --------------------------------------
+
+
+def _limit() -> fields.Int:
+    return fields.Int(allow_none=True, load_default=None, validate=validate.Range(min=0))
+
+
+@event("quota")
+class QuotaSet(Schema):
+    """An admin set the limits of a user (all their apps together) or of one app; stream
+    `quota-user:<name>` or `quota-app:<name>`. Each event holds every limit (None: the
+    platform's default, api/quotas.py), so the last one is the whole quota."""
+
+    subject = fields.Str(required=True, validate=validate.OneOf(["user", "app"]))
+    name = fields.Str(required=True, validate=validate.Length(min=1, max=200))
+    instances = _limit()
+    memory_mb = _limit()
+    bundle_mb = _limit()
+    slug_mb = _limit()
+    unpacked_mb = _limit()
 
 
 # --- validation and upcasting -------------------------------------------------------------

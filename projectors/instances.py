@@ -1,8 +1,9 @@
 """The instances view: what host agents observe, joined with what the placer asked for.
 
 States: placed (desired, not started yet) -> started -> healthy; exited (crashed: exit code,
-signal, restarts, last log lines); stopped (on purpose). A row leaves once the instance is
-both unplaced and not running, so the view holds what is, or should be, on the fleet.
+signal, restarts, last log lines, and the host's reason: R15 when killed for its memory);
+stopped (on purpose). A row leaves once the instance is both unplaced and not running, so
+the view holds what is, or should be, on the fleet.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def placed(t: Tables, e: RecordedEvent) -> None:
     t.put("instances", {
         "instance_id": d["instance_id"], **desired, "state": InstanceState.PLACED, "pid": None,
         "since": e.recorded_at, "exit_code": None, "signal": None, "restarts": 0,
-        "log_tail": [], "state_position": e.position,
+        "log_tail": [], "state_position": e.position, "reason": "",
     })
 
 
@@ -59,7 +60,8 @@ def healthy(t: Tables, e: RecordedEvent) -> None:
 def exited(t: Tables, e: RecordedEvent) -> None:
     d = e.data
     _observe(t, e, InstanceState.EXITED, exit_code=d.get("exit_code"), signal=d.get("signal"),
-             restarts=d.get("restarts", 0), log_tail=d.get("log_tail", []))
+             restarts=d.get("restarts", 0), log_tail=d.get("log_tail", []),
+             reason=d.get("reason", ""))
 
 
 @handles("InstanceStopped")
@@ -74,7 +76,7 @@ def _observe(t: Tables, e: RecordedEvent, state: InstanceState, **facts: Any) ->
         row = {"instance_id": instance_id, "app": None, "release": None, "process_type": None,
                "host_id": e.data.get("host_id"), "port": None, "placed": False, "pid": None,
                "exit_code": None, "signal": None, "restarts": 0, "log_tail": [],
-               "placed_position": None}
+               "placed_position": None, "reason": ""}
     if not row["placed"] and state not in RUNNING:
         t.delete("instances", instance_id)
         return

@@ -290,7 +290,7 @@ def _apps(cli: click.Group) -> None:
         """The app's instances and their state."""
         emit(client.get(f"/apps/{app}/ps")["items"], as_json, lambda rows: table(
             rows, ["instance_id", "process_type", "release", "host_id", "port", "state",
-                   "restarts", "exit_code", "since"],
+                   "restarts", "exit_code", "since", "reason"],
             f"no instances of {app} (scale it with `tally scale web=1`)"))
 
 
