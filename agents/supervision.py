@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from ledger.vocabulary import RELEASE_PHASE, WEB
 from ledger.sizes import DEFAULT_SIZE
+from ledger.vocabulary import RELEASE_PHASE, WEB
 
 
 class State(StrEnum):

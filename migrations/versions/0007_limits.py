@@ -1,14 +1,14 @@
 """Why an instance last exited, when its host knows better than the exit code: `R15 ...`
 when the kernel killed it at its memory limit (agents/cgroups.py). Shown by `tally ps`.
 
-Revision ID: 0006
-Revises: 0005
+Revision ID: 0007
+Revises: 0006
 """
 
 from alembic import op
 
-revision = "0006"
-down_revision = "0005"
+revision = "0007"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
