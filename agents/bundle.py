@@ -26,6 +26,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from ledger.archives import ArchiveRefused, guarded
+
 
 class BundleRefused(Exception):
     """The bundle cannot be run here; the message says why."""
@@ -110,8 +112,10 @@ def unpack(bundle: Path, digest: str, into: Path) -> Path:
     try:
         try:
             with tarfile.open(bundle, "r:gz") as tar:
-                check_members(tar.getmembers())
+                check_members(list(guarded(tar, bundle.stat().st_size)))
                 tar.extractall(scratch, filter="data")
+        except ArchiveRefused as exc:
+            raise BundleRefused(f"unsafe bundle: {exc}") from exc
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise BundleRefused(f"the bundle is not a valid tar.gz: {exc}") from exc
         read_only(scratch)

@@ -21,13 +21,10 @@ from pathlib import Path
 from typing import BinaryIO
 
 from api.errors import TooLarge, Unprocessable
+from ledger.archives import MAX_UNPACKED_BYTES, ArchiveRefused, guarded
 
 PROCFILE_LINE = re.compile(r"^([a-z][a-z0-9_]{0,29}):\s*(\S.*)$")
 CHUNK = 1 << 16
-MAX_ENTRIES = 50_000
-"""Entries a bundle may hold: a small tar.gz can carry millions of empty headers."""
-MAX_UNPACKED_BYTES = 2 << 30
-"""What a bundle may unpack to on a host (a tar.gz of zeros shrinks a thousandfold)."""
 MAX_LINK_HOPS = 40
 
 
@@ -43,7 +40,8 @@ def receive(stream: BinaryIO, into: Path, limit: int) -> tuple[Path, str]:
             while chunk := stream.read(CHUNK):
                 size += len(chunk)
                 if size > limit:
-                    raise TooLarge(f"bundle larger than the limit of {limit} bytes")
+                    raise TooLarge(f"bundle larger than the limit of {limit} bytes (the "
+                                   "bundle_mb quota)", quota="bundle_mb")
                 digest.update(chunk)
                 out.write(chunk)
     except BaseException:
@@ -56,11 +54,15 @@ def receive(stream: BinaryIO, into: Path, limit: int) -> tuple[Path, str]:
     return Path(name), digest.hexdigest()
 
 
-def inspect(path: Path) -> dict[str, str]:
-    """Check the tarball is safe to unpack and return its Procfile as {type: command}."""
+def inspect(path: Path, max_unpacked: int = MAX_UNPACKED_BYTES) -> dict[str, str]:
+    """Check the tarball is safe to unpack (within `max_unpacked` bytes: the app's quota)
+    and return its Procfile as {type: command}."""
     try:
         with tarfile.open(path, "r:gz") as tar:
-            members = _members(tar)
+            try:
+                members = list(guarded(tar, path.stat().st_size, max_unpacked))
+            except ArchiveRefused as exc:
+                raise _unsafe(str(exc)) from exc
             _check_members(members)
             names = {_normal(m.name): m for m in members}
             for required in ("Procfile", "requirements.txt"):
@@ -77,20 +79,6 @@ def inspect(path: Path) -> dict[str, str]:
 
 def _normal(name: str) -> str:
     return posixpath.normpath(name.removeprefix("./"))
-
-
-def _members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
-    """The entries, refused past MAX_ENTRIES or MAX_UNPACKED_BYTES (read header by header,
-    so a bomb is stopped before it is all decompressed)."""
-    members, unpacked = [], 0
-    for m in tar:
-        members.append(m)
-        unpacked += m.size
-        if len(members) > MAX_ENTRIES:
-            raise _unsafe(f"more than {MAX_ENTRIES} entries")
-        if unpacked > MAX_UNPACKED_BYTES:
-            raise _unsafe(f"it unpacks to more than {MAX_UNPACKED_BYTES} bytes")
-    return members
 
 
 def _check_members(members: Iterable[tarfile.TarInfo]) -> None:

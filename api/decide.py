@@ -57,8 +57,10 @@ def new_release(s: AppState, digest: str, procfile: dict[str, str],
     return events
 
 
-def scale(s: AppState, changes: dict[str, int]) -> list[NewEvent]:
-    """Only process types of the current release's Procfile can be scaled."""
+def scale(s: AppState, changes: dict[str, int],
+          sizes: dict[str, str] | None = None) -> list[NewEvent]:
+    """Only process types of the current release's Procfile can be scaled (and sized: a
+    type given a size keeps it until given another)."""
     require_app(s)
     if s.current is None:
         raise Unprocessable(f"app {s.name!r} has no release yet: deploy first")
@@ -68,7 +70,15 @@ def scale(s: AppState, changes: dict[str, int]) -> list[NewEvent]:
         raise Unprocessable(
             f"no process type {', '.join(unknown)} in the Procfile of v{s.current.number} "
             f"(it has: {known})", {"scale": {u: ["not in the Procfile"] for u in unknown}})
-    return [NewEvent("ScaleChanged", {"app": s.name, "scale": {**s.scale, **changes}})]
+    unknown = sorted(set(sizes or {}) - set(s.current.procfile))
+    if unknown:
+        raise Unprocessable(f"no process type {', '.join(unknown)} to size in the Procfile of "
+                            f"v{s.current.number}", {"sizes": {u: ["not in the Procfile"]
+                                                               for u in unknown}})
+    data: dict[str, object] = {"app": s.name, "scale": {**s.scale, **changes}}
+    if sizes or s.sizes:
+        data["sizes"] = {**s.sizes, **(sizes or {})}
+    return [NewEvent("ScaleChanged", data)]
 
 
 def change_config(s: AppState, set_: dict[str, str], unset: list[str]) -> list[NewEvent]:

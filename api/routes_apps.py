@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from flask import Response, jsonify, request, send_file
 from flask.typing import ResponseReturnValue
 
-from api import bundles, decide, queries, schemas
+from api import bundles, decide, queries, routes_quotas, schemas
 from api.auth import require_role
 from api.errors import Conflict, Forbidden, NotFound, TooLarge, Unprocessable
 from api.state import AppState, release_dict, summary
@@ -152,18 +152,18 @@ def upload_release(name: str) -> ResponseReturnValue:
     """Upload a bundle (the request body: a tar.gz with Procfile and requirements.txt);
     it becomes the next release."""
     args = query(schemas.ReleaseQuery)
-    app_state(name)
+    limit, unpacked = routes_quotas.bundle_limits(app_state(name))
     svc = services()
-    limit = svc.settings.max_bundle_bytes
     if request.content_length is not None and request.content_length > limit:
-        raise TooLarge(f"bundle larger than the limit of {limit} bytes")
+        raise TooLarge(f"bundle larger than the limit of {limit} bytes (the bundle_mb quota)",
+                       quota="bundle_mb")
     upload, digest = bundles.receive(request.stream, svc.settings.bundles_dir, limit)
     try:
         if args["digest"] and args["digest"] != digest:
             raise Unprocessable(f"bundle digest mismatch: sent {args['digest'][:12]}..., "
                                 f"received {digest[:12]}... (the upload was damaged)",
                                 {"digest": ["mismatch"]})
-        procfile = bundles.inspect(upload)
+        procfile = bundles.inspect(upload, unpacked)
         bundles.store(upload, digest, svc.settings.bundles_dir)
     finally:
         upload.unlink(missing_ok=True)
@@ -230,8 +230,14 @@ def rollback(name: str) -> ResponseReturnValue:
        tag="apps", errors=(400, 401, 403, 404, 409, 422))
 def scale(name: str) -> ResponseReturnValue:
     """Set the number of instances of some process types (`{"scale": {"web": 2}}`)."""
-    wanted = body(schemas.ScaleRequest)["scale"]
-    return reply(schemas.App, summary(change(name, lambda s: decide.scale(s, wanted))))
+    asked = body(schemas.ScaleRequest)
+
+    def scale(s: AppState) -> list[NewEvent]:
+        events = decide.scale(s, asked["scale"], asked["sizes"])
+        after = events[0].data
+        routes_quotas.check_scale(s, after["scale"], after.get("sizes", {}))
+        return events
+    return reply(schemas.App, summary(change(name, scale)))
 
 
 @route("/apps/<name>/config", response=schemas.Config, tag="config", errors=(401, 403, 404))

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from marshmallow import Schema, ValidationError, fields, validate
 
 from ledger import catalogue
+from ledger.sizes import SIZES
 
 
 def whole(v: validate.Regexp) -> list[Callable[[str], object]]:
@@ -75,6 +76,7 @@ class App(Schema):
     release = fields.Int(allow_none=True)
     process_types = fields.List(fields.Str())
     scale = fields.Dict(keys=fields.Str(), values=fields.Int())
+    sizes = fields.Dict(keys=fields.Str(), values=fields.Str())
     domains = fields.List(fields.Str())
     maintenance = fields.Bool()
     config_version = fields.Int()
@@ -121,6 +123,30 @@ class Rollback(Schema):
 class ScaleRequest(Schema):
     scale = fields.Dict(keys=ProcessType, values=fields.Int(validate=validate.Range(0, 1000)),
                         required=True, validate=validate.Length(min=1))
+    sizes = fields.Dict(keys=ProcessType, load_default=dict,
+                        values=fields.Str(validate=validate.OneOf(sorted(SIZES))))
+    """Formation sizes (ledger/sizes.py), e.g. {"web": "standard-2x"}."""
+
+
+def _limit() -> fields.Int:
+    return fields.Int(allow_none=True, validate=validate.Range(0, 10_000_000))
+
+
+class QuotaChange(Schema):
+    """Limits to set; a null puts one back to the platform's default."""
+
+    instances = _limit()
+    memory_mb = _limit()
+    bundle_mb = _limit()
+    slug_mb = _limit()
+    unpacked_mb = _limit()
+
+
+class Quota(Schema):
+    subject = fields.Str(required=True)
+    name = fields.Str(required=True)
+    limits = fields.Dict(keys=fields.Str(), values=fields.Int(), required=True)
+    used = fields.Dict(keys=fields.Str(), values=fields.Int(), required=True)
 
 
 class Config(Schema):

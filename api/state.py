@@ -40,6 +40,8 @@ class AppState:
     configs: dict[int, dict[str, str]] = field(default_factory=lambda: {0: {}})
     config_version: int = 0
     scale: dict[str, int] = field(default_factory=dict)
+    sizes: dict[str, str] = field(default_factory=dict)
+    """Formation size per process type (ledger/sizes.py); absent: the default."""
     domains: tuple[str, ...] = ()
     maintenance: bool = False
     updated_at: datetime | None = None
@@ -90,7 +92,7 @@ def apply(s: AppState, ev: RecordedEvent) -> AppState:
                       at, ev.metadata.get("actor"))
         return replace(s, releases=(*s.releases, rel))
     if t == "ScaleChanged":
-        return replace(s, scale=fold_scale(s.scale, d["scale"]))
+        return replace(s, scale=fold_scale(s.scale, d["scale"]), sizes=dict(d.get("sizes", {})))
     if t == "DomainAdded":
         return replace(s, domains=(*s.domains, d["domain"]))
     if t == "DomainRemoved":
@@ -111,7 +113,8 @@ def summary(s: AppState) -> dict[str, Any]:
         "name": s.name, "owner": s.owner, "members": sorted(s.members),
         "created_at": s.created_at, "release": cur.number if cur else None,
         "process_types": sorted(cur.procfile) if cur else [],
-        "scale": s.scale, "domains": list(s.domains), "maintenance": s.maintenance,
+        "scale": s.scale, "sizes": s.sizes, "domains": list(s.domains),
+        "maintenance": s.maintenance,
         "config_version": s.config_version, "version": s.version,
     }
 

@@ -187,6 +187,27 @@ def _admin(cli: click.Group) -> None:
         click.echo(token)
 
 
+    @http_command(admin, "quota", json_output=True)
+    @click.argument("subject", type=click.Choice(["user", "app"]))
+    @click.argument("name")
+    @click.option("--instances", type=int, help="Instances at once.")
+    @click.option("--memory-mb", type=int, help="Memory of all instances together, MiB.")
+    @click.option("--bundle-mb", type=int, help="A bundle upload, MiB.")
+    @click.option("--slug-mb", type=int, help="A built slug, MiB.")
+    @click.option("--unpacked-mb", type=int, help="What a bundle or slug unpacks to, MiB.")
+    @click.option("--default", "defaults", multiple=True,
+                  type=click.Choice(["instances", "memory_mb", "bundle_mb", "slug_mb",
+                                     "unpacked_mb"]), help="Put a limit back to the default.")
+    def quota(client: Client, subject: str, name: str, defaults: tuple[str, ...],
+              as_json: bool, **limits: int | None) -> None:
+        """Show a user's or an app's quota and usage; with options, set it (admins)."""
+        path = f"/quotas/{subject}s/{name}"
+        changes: dict[str, int | None] = {k: v for k, v in limits.items() if v is not None}
+        changes.update(dict.fromkeys(defaults))
+        shown = client.request("PUT", path, json=changes) if changes else client.get(path)
+        emit(shown, as_json, lambda q: [click.echo(
+            f"{k:12} {q['used'].get(k, '-')!s:>8} of {v}") for k, v in q["limits"].items()])
+
     @admin.command("suffix")
     @click.argument("suffix", required=False)
     @click.pass_obj
@@ -405,13 +426,18 @@ def _settings(cli: click.Group) -> None:
     @app_option
     @click.argument("pairs", nargs=-1, required=True)
     def scale(client: Client, app: str, pairs: tuple[str, ...]) -> None:
-        """Set instances per process type: `tally scale web=2 worker=1`."""
-        wanted = {}
+        """Set instances per process type, and their size if given:
+        `tally scale web=2:standard-2x worker=1` (sizes: basic, standard-1x (default),
+        standard-2x, performance-m, performance-l)."""
+        wanted, sizes = {}, {}
         for key, value in parse_pairs(pairs, "TYPE").items():
-            if not value.isdigit():
+            count, _, size = value.partition(":")
+            if not count.isdigit():
                 raise ClientError(f"{key}={value}: the count must be a whole number")
-            wanted[key] = int(value)
-        client.post(f"/apps/{app}/scale", {"scale": wanted})
+            wanted[key] = int(count)
+            if size:
+                sizes[key] = size
+        client.post(f"/apps/{app}/scale", {"scale": wanted, "sizes": sizes})
 
     @http_command(cli, "config", json_output=True)
     @app_option

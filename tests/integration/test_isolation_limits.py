@@ -9,10 +9,12 @@ Where this machine's kernel refuses a mechanism, the test skips saying what is m
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import subprocess
 import sys
+import tarfile
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -30,6 +32,8 @@ from projectors.runtime import Runner, catch_up, connect
 from tests.conftest import destroy_cluster, free_ports, make_cluster, tally_env
 from tests.fixtures.apps import app_tarball, store
 from tests.fixtures.apps.fleet import AgentProc
+from tests.integration.test_api import World as ApiWorld
+from tests.integration.test_api import world  # noqa: F401  (the API with its users)
 from tests.waiting import wait_until
 
 RUN = uuid.uuid4().hex[:6]
@@ -74,7 +78,7 @@ def cgroups_missing() -> str | None:
 
 
 @dataclass
-class World:
+class Site:
     cluster: Cluster
     agent: AgentProc
     other: AgentProc
@@ -124,7 +128,7 @@ def new_app(ledger: Ledger, digest: str, app: str, procfile: dict[str, str],
 
 
 @pytest.fixture(scope="module")
-def world() -> Iterator[World]:
+def fleet() -> Iterator[Site]:
     cluster = make_cluster()
     low, other_low = free_ports(2)
     agent = AgentProc(cluster, f"iso-{RUN}", (low, low + 9))
@@ -139,7 +143,7 @@ def world() -> Iterator[World]:
                 {"HOG": HOG, "TRIO": TRIO, "BOMB": BOMB})
         new_app(ledger, digest, VICTIM, {"web": "gunicorn app:app"}, {"GREETING": "fine"},
                 sizes={"web": "standard-2x"})
-        w = World(cluster, agent, other, ledger, digest, agent.ports[0] + 9)
+        w = Site(cluster, agent, other, ledger, digest, agent.ports[0] + 9)
         victim = w.place(VICTIM, "web", w.victim_port)
         wait_until(lambda: w.events(victim, "InstanceHealthy"), 240,
                    "the victim's instance healthy (the first run builds the virtualenv)")
@@ -179,14 +183,14 @@ def group_file(pid: int, controller: str, name: str) -> str:
     raise AssertionError(f"process {pid} has no {controller} group")
 
 
-def instances_view_rows(world: World) -> dict[str, dict[str, Any]]:
+def instances_view_rows(site: Site) -> dict[str, dict[str, Any]]:
     """The instances view (what `tally ps` shows), projected up to now."""
-    dsn = world.cluster.dsn("tally_owner")
+    dsn = site.cluster.dsn("tally_owner")
     conn = connect(dsn, "views", "test")
     try:
         runner = Runner(instances_view.PROJECTOR, conn)
         runner.start()
-        catch_up([runner], world.ledger, world.ledger.sequence(), batch=1000)
+        catch_up([runner], site.ledger, site.ledger.sequence(), batch=1000)
         with conn.cursor() as cur:
             cur.execute("SELECT instance_id, state, signal, reason FROM views.instances")
             return {r[0]: {"state": r[1], "signal": r[2], "reason": r[3]}
@@ -196,62 +200,62 @@ def instances_view_rows(world: World) -> dict[str, dict[str, Any]]:
 
 
 @pytest.fixture
-def groups(world: World) -> World:
-    """The world, where this machine lets agents make cgroups (else a skip saying why)."""
+def groups(fleet: Site) -> Site:
+    """The fleet, where this machine lets agents make cgroups (else a skip saying why)."""
     if reason := cgroups_missing():
         pytest.skip(reason)
-    return world
+    return fleet
 
 
-def victim_unaffected(world: World) -> None:
-    assert world.victim_answers()
-    assert world.events(world.victim, "InstanceExited") == []
+def victim_unaffected(site: Site) -> None:
+    assert site.victim_answers()
+    assert site.events(site.victim, "InstanceExited") == []
 
 
 # --- 1. limits ---------------------------------------------------------------------------------
 
 
-def test_an_instance_past_its_memory_is_killed_and_ps_says_r15(groups: World) -> None:
-    world = groups
-    iid = world.place(EVIL, "hog", world.agent.ports[0] + 1)
-    wait_until(lambda: world.events(iid, "InstanceExited"), 120, "the hog killed")
-    exited = world.events(iid, "InstanceExited")[0].data
+def test_an_instance_past_its_memory_is_killed_and_ps_says_r15(groups: Site) -> None:
+    site = groups
+    iid = site.place(EVIL, "hog", site.agent.ports[0] + 1)
+    wait_until(lambda: site.events(iid, "InstanceExited"), 120, "the hog killed")
+    exited = site.events(iid, "InstanceExited")[0].data
     assert exited["signal"] == 9
     assert exited["reason"].startswith("R15 (Memory quota vastly exceeded)"), exited
     assert "512 MiB" in exited["reason"]
-    assert "survived" not in world.log(iid)
-    row = instances_view_rows(world)[iid]
+    assert "survived" not in site.log(iid)
+    row = instances_view_rows(site)[iid]
     assert row["reason"].startswith("R15") and row["signal"] == 9
-    world.unplace(EVIL, iid)
-    victim_unaffected(world)
+    site.unplace(EVIL, iid)
+    victim_unaffected(site)
 
 
-def test_three_processes_share_one_memory_limit_and_the_log_says_r14(groups: World) -> None:
-    world = groups
-    iid = world.place(EVIL, "trio", world.agent.ports[0] + 2)
-    wait_until(lambda: "codes:" in world.log(iid), 120, "the three children done")
-    codes = [int(c) for c in re.findall(r"-?\d+", world.log(iid).split("codes:")[1]
+def test_three_processes_share_one_memory_limit_and_the_log_says_r14(groups: Site) -> None:
+    site = groups
+    iid = site.place(EVIL, "trio", site.agent.ports[0] + 2)
+    wait_until(lambda: "codes:" in site.log(iid), 120, "the three children done")
+    codes = [int(c) for c in re.findall(r"-?\d+", site.log(iid).split("codes:")[1]
                                         .splitlines()[0])]
-    assert -9 in codes, world.log(iid)  # three of 300 MiB do not fit in 512 MiB
-    wait_until(lambda: "Error R14 (Memory quota exceeded)" in world.log(iid), 60,
+    assert -9 in codes, site.log(iid)  # three of 300 MiB do not fit in 512 MiB
+    wait_until(lambda: "Error R14 (Memory quota exceeded)" in site.log(iid), 60,
                "an R14 line in the instance's log (written on the agent's next stats round)")
-    world.unplace(EVIL, iid)
-    victim_unaffected(world)
+    site.unplace(EVIL, iid)
+    victim_unaffected(site)
 
 
-def test_a_fork_bomb_stops_at_the_pids_limit_and_nothing_escapes_a_stop(groups: World) -> None:
-    world = groups
-    iid = world.place(EVIL, "bomb", world.agent.ports[0] + 3)
-    wait_until(lambda: "started" in world.log(iid), 120, "the bomb stopped forking")
-    started = int(re.search(r"started (\d+)", world.log(iid)).group(1))  # type: ignore[union-attr]
-    assert started < 256, world.log(iid)  # standard-1x: 256 processes, not 2,000
-    escaped = int(re.search(r"escaped (\d+)", world.log(iid)).group(1))  # type: ignore[union-attr]
-    assert world.victim_answers()
-    world.unplace(EVIL, iid)
-    wait_until(lambda: world.events(iid, "InstanceStopped"), 60, "the bomb stopped")
+def test_a_fork_bomb_stops_at_the_pids_limit_and_nothing_escapes_a_stop(groups: Site) -> None:
+    site = groups
+    iid = site.place(EVIL, "bomb", site.agent.ports[0] + 3)
+    wait_until(lambda: "started" in site.log(iid), 120, "the bomb stopped forking")
+    started = int(re.search(r"started (\d+)", site.log(iid)).group(1))  # type: ignore[union-attr]
+    assert started < 256, site.log(iid)  # standard-1x: 256 processes, not 2,000
+    escaped = int(re.search(r"escaped (\d+)", site.log(iid)).group(1))  # type: ignore[union-attr]
+    assert site.victim_answers()
+    site.unplace(EVIL, iid)
+    wait_until(lambda: site.events(iid, "InstanceStopped"), 60, "the bomb stopped")
     wait_until(lambda: not _alive(escaped), 10,
                "the process that left the instance's session killed with it")
-    victim_unaffected(world)
+    victim_unaffected(site)
 
 
 def _alive(pid: int) -> bool:
@@ -261,23 +265,113 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_limits_follow_the_formation_size(groups: World) -> None:
-    world = groups
-    pid = world.agent.app_pids()[world.victim]
+def test_limits_follow_the_formation_size(groups: Site) -> None:
+    site = groups
+    pid = site.agent.app_pids()[site.victim]
     assert int(group_file(pid, "memory", "memory.limit_in_bytes")) == 1024 * 2**20
     assert group_file(pid, "pids", "pids.max").strip() == "512"
     assert group_file(pid, "cpu", "cpu.shares").strip() == "2048"  # standard-2x: twice 1x
-    root = cgroups.root_name(world.agent.host_id, world.home / "agents" / world.agent.host_id)
-    assert f"/{root}/{world.victim}" in Path(f"/proc/{pid}/cgroup").read_text()
+    root = cgroups.root_name(site.agent.host_id, site.home / "agents" / site.agent.host_id)
+    assert f"/{root}/{site.victim}" in Path(f"/proc/{pid}/cgroup").read_text()
 
 
-def test_a_one_off_run_is_confined_too(groups: World) -> None:
-    world = groups
+def test_a_one_off_run_is_confined_too(groups: Site) -> None:
+    site = groups
     code = ("import pathlib; print([l for l in pathlib.Path('/proc/self/cgroup').read_text()"
             ".splitlines() if ':pids:' in l][0])")
     out = wait_until(lambda: (r := subprocess.run(
         [sys.executable, "-m", "tally.cli", "run", EVIL, "--", "python", "-c", code],
-        capture_output=True, text=True, env=tally_env(world.cluster), timeout=180)
+        capture_output=True, text=True, env=tally_env(site.cluster), timeout=180)
     ).returncode == 0 and r, 120, "a one-off run")
     assert re.search(r":pids:/tally-iso2?-" + RUN + r"-[0-9a-f]{8}/" + EVIL + r"\.1\.run\.",
                      out.stdout), out.stdout
+
+
+# --- 2. quotas (through the API; `world` is tests/integration/test_api.py's) -------------------
+
+
+def _scale(api: ApiWorld, app: str, scale: dict[str, int],
+           sizes: dict[str, str] | None = None) -> Any:
+    return api.call("owner", "POST", f"/apps/{app}/scale", {"scale": scale,
+                                                            "sizes": sizes or {}})
+
+
+def _quota(api: ApiWorld, path: str, **limits: int | None) -> None:
+    r = api.call("admin", "PUT", path, limits)
+    assert r.status_code == 200, r.get_json()
+
+
+def test_scaling_past_the_app_quota_is_refused_naming_it(world: ApiWorld) -> None:  # noqa: F811
+    app = world.new_app()
+    r = _scale(world, app, {"web": 1000})
+    assert r.status_code == 422, r.get_json()
+    assert r.get_json()["error"] == "quota_exceeded" and r.get_json()["quota"] == "instances"
+    assert "50 instances" in r.get_json()["message"]
+    assert world.call("owner", "GET", f"/apps/{app}").get_json()["scale"] == {"web": 1}
+
+
+def test_a_users_apps_together_stay_within_the_users_quota(world: ApiWorld) -> None:  # noqa: F811
+    first, second = world.new_app(), world.new_app()
+    owner = world.names["owner"]
+    used = world.call("owner", "GET", f"/quotas/users/{owner}").get_json()["used"]["instances"]
+    assert used >= 2  # each app runs web=1
+    _quota(world, f"/quotas/users/{owner}", instances=used + 1)
+    assert _scale(world, first, {"web": 2}).status_code == 200
+    r = _scale(world, second, {"web": 2})  # one more than the user's quota, though each
+    assert r.status_code == 422 and r.get_json()["quota"] == "instances"  # app is within its
+    assert f"user {owner}" in r.get_json()["message"]
+    assert _scale(world, first, {"web": 1}).status_code == 200
+    assert _scale(world, second, {"web": 2}).status_code == 200
+    shown = world.call("owner", "GET", f"/quotas/users/{owner}").get_json()
+    assert shown["limits"]["instances"] == used + 1 and shown["used"]["instances"] == used + 1
+    _quota(world, f"/quotas/users/{owner}", instances=None)  # back to the default
+
+
+def test_memory_quota_counts_sizes_and_scaling_down_always_works(world: ApiWorld) -> None:  # noqa: F811
+    app = world.new_app()
+    _quota(world, f"/quotas/apps/{app}", memory_mb=2048)
+    assert _scale(world, app, {"web": 2}, {"web": "standard-2x"}).status_code == 200
+    r = _scale(world, app, {"web": 3})  # 3 x 1 GiB
+    assert r.status_code == 422 and r.get_json()["quota"] == "memory_mb", r.get_json()
+    _quota(world, f"/quotas/apps/{app}", memory_mb=512)  # lowered below what it asks now
+    assert _scale(world, app, {"web": 1}).status_code == 200  # down: allowed
+    assert world.call("owner", "GET", f"/apps/{app}").get_json()["sizes"] == {
+        "web": "standard-2x"}
+
+
+def test_only_an_admin_sets_a_quota(world: ApiWorld) -> None:  # noqa: F811
+    app = world.new_app()
+    r = world.call("owner", "PUT", f"/quotas/apps/{app}", {"instances": 1000})
+    assert r.status_code == 403
+    r = world.call("owner", "PUT", f"/quotas/users/{world.names['owner']}", {"instances": 1000})
+    assert r.status_code == 403
+    assert world.call("other", "GET", f"/quotas/apps/{app}").status_code == 403
+    assert world.call("owner", "GET", f"/quotas/apps/{app}").get_json()["limits"][
+        "instances"] == 50
+
+
+def _bomb(size: int) -> bytes:
+    """A bundle with a file of `size` zero bytes: it compresses about a thousandfold."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in (("Procfile", b"web: gunicorn app:app"),
+                           ("requirements.txt", b"flask\n"), ("zeros", bytes(size))):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_bundles_past_the_apps_sizes_or_bombs_are_refused(world: ApiWorld) -> None:  # noqa: F811
+    app = world.new_app()
+    bomb = _bomb(64 << 20)
+    assert len(bomb) < 200 << 10  # within the upload limit: only what it unpacks to tells
+    r = world.call("owner", "POST", f"/apps/{app}/releases", data=bomb)
+    assert r.status_code == 422 and "compression bomb" in r.get_json()["message"]
+    _quota(world, f"/quotas/apps/{app}", unpacked_mb=1)
+    r = world.call("owner", "POST", f"/apps/{app}/releases", data=_bomb(2 << 20))
+    assert r.status_code == 422 and "unpacked-size limit" in r.get_json()["message"]
+    _quota(world, f"/quotas/apps/{app}", bundle_mb=0)
+    r = world.call("owner", "POST", f"/apps/{app}/releases", data=_bomb(1000))
+    assert r.status_code == 413 and r.get_json()["quota"] == "bundle_mb"
+    assert len(world.call("owner", "GET", f"/apps/{app}/releases").get_json()["releases"]) == 2

@@ -15,7 +15,14 @@ from api import auth, bundles, decide
 from api.errors import Conflict, NotFound, TooLarge, Unprocessable
 from api.state import AppState, fold, summary
 from api.testing import pack_files
-from ledger import InvalidEvent, LedgerUnavailable, NewEvent, RecordedEvent, VersionConflict
+from ledger import (
+    InvalidEvent,
+    LedgerUnavailable,
+    NewEvent,
+    RecordedEvent,
+    VersionConflict,
+    archives,
+)
 
 NOW = datetime(2026, 11, 26, tzinfo=UTC)
 
@@ -240,26 +247,43 @@ def test_chained_links_inside_the_folder_are_fine(tmp_path: Path) -> None:
     assert bundles.inspect(_tar(tmp_path, *links)) == {"web": "x"}
 
 
+def _zeros(path: Path, size: int) -> Path:
+    """A bundle whose one big file is `size` zero bytes (it compresses a thousandfold)."""
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in (("Procfile", b"web: x"), ("requirements.txt", b""),
+                           ("zeros", bytes(size))):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
 def test_bundles_that_unpack_too_large_refused(tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """A small tar.gz may unpack to gigabytes, or to millions of entries."""
-    monkeypatch.setattr(bundles, "MAX_ENTRIES", 5)
+    monkeypatch.setattr(archives, "MAX_ENTRIES", 5)
     dirs = [tarfile.TarInfo(f"d{i}") for i in range(5)]
     for d in dirs:
         d.type = tarfile.DIRTYPE
     with pytest.raises(Unprocessable, match="entries"):
         bundles.inspect(_tar(tmp_path, *dirs))
-    monkeypatch.setattr(bundles, "MAX_ENTRIES", 100)
-    monkeypatch.setattr(bundles, "MAX_UNPACKED_BYTES", 1000)
-    path = tmp_path / "zeros.tar.gz"
-    with tarfile.open(path, "w:gz") as tar:
-        for name, data in (("Procfile", b"web: x"), ("requirements.txt", b""),
-                           ("zeros", bytes(2000))):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    monkeypatch.setattr(archives, "MAX_ENTRIES", 100)
+    path = _zeros(tmp_path / "zeros.tar.gz", 2000)
     with pytest.raises(Unprocessable, match="unpacks to more than"):
+        bundles.inspect(path, max_unpacked=1000)  # the app's unpacked-size limit
+    assert bundles.inspect(path, max_unpacked=10_000) == {"web": "x"}
+
+
+def test_a_compression_bomb_is_refused_before_it_is_unpacked(tmp_path: Path) -> None:
+    """64 MiB of zeros in a ~64 KiB tar.gz: within the size limits, but 1000 to 1."""
+    path = _zeros(tmp_path / "bomb.tar.gz", 64 << 20)
+    assert path.stat().st_size < 1 << 20
+    with pytest.raises(Unprocessable, match="compression bomb"):
         bundles.inspect(path)
+    with pytest.raises(archives.ArchiveRefused, match="compression bomb"):
+        archives.check(1, 64 << 20, 64 << 10, archives.MAX_UNPACKED_BYTES)
+    archives.check(3, 10 << 20, 10 << 10, archives.MAX_UNPACKED_BYTES)  # small: no ratio
+    archives.check(3, 400 << 20, 100 << 20, archives.MAX_UNPACKED_BYTES)  # 4 to 1: fine
 
 
 def test_saved_credentials_are_private_even_over_an_older_file(
