@@ -39,7 +39,7 @@ from agents.loop import every_wakeup
 from agents.placer import catch_up
 from agents.processes import Limits, Processes
 from agents.runs import RunServer
-from agents.stats import Sample, StatsListener, Traffic, usage, write
+from agents.stats import Sample, SampleStore, StatsListener, Traffic, usage
 from agents.supervision import (
     ALIVE,
     FAILED_CHECKS,
@@ -122,6 +122,7 @@ class Agent:
         self.preparing: dict[str, Future] = {}
         self.next_beat = 0.0
         self.statsd = StatsListener(paths.state / "statsd.port")
+        self.samples = SampleStore(ledger.dsn, f"tally-agent-{spec.host_id}-stats")
         self.traffic = Traffic()
         self.next_stats = 0.0
         self.next_cleanup = 0.0
@@ -215,7 +216,7 @@ class Agent:
             samples.append(Sample(loc.want.app, iid, self.spec.host_id,
                                   self.traffic.report(iid), loc.restarts, memory, cpu))
         try:
-            write(self.ledger.connection(), samples)
+            self.samples.write(samples)
         except psycopg2.Error as exc:
             log.warning("stats sample not written: %s", str(exc).strip())
 

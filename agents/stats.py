@@ -17,11 +17,15 @@ import threading
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import psutil
+import psycopg2
 from psycopg2.extras import execute_values
+
+from ledger import LedgerUnavailable
 
 log = logging.getLogger("tally.stats")
 SUFFIX = b".gunicorn.requests"
@@ -144,12 +148,79 @@ def usage(pid: int) -> tuple[int | None, float | None]:
     return memory, round(cpu, 3)
 
 
-def write(conn: Any, samples: Iterable[Sample]) -> None:
-    """One INSERT for all samples, on an autocommit connection."""
-    rows = [(s.app, s.instance_id, s.host_id, s.requests, s.restarts, s.memory_bytes,
-             s.cpu_seconds) for s in samples]
-    if not rows:
-        return
-    with conn.cursor() as cur:
-        execute_values(cur, "INSERT INTO stats.instance_samples (app, instance_id, host_id, "
-                       "requests, restarts, memory_bytes, cpu_seconds) VALUES %s", rows)
+class SampleStore:
+    """The one writer and reader of stats.instance_samples, on a connection of its own
+    (made on first use, made again after a failure): stats never share the ledger's."""
+
+    def __init__(self, dsn: str, application_name: str = "tally-stats") -> None:
+        self.dsn = dsn
+        self.application_name = application_name
+        self._conn: Any = None
+
+    def _cursor(self) -> Any:
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg2.connect(self.dsn, application_name=self.application_name)
+            self._conn.autocommit = True
+        return self._conn.cursor()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def write(self, samples: Iterable[Sample]) -> None:
+        """One INSERT for all samples."""
+        rows = [(s.app, s.instance_id, s.host_id, s.requests, s.restarts, s.memory_bytes,
+                 s.cpu_seconds) for s in samples]
+        if not rows:
+            return
+        try:
+            with self._cursor() as cur:
+                execute_values(cur, "INSERT INTO stats.instance_samples (app, instance_id, "
+                               "host_id, requests, restarts, memory_bytes, cpu_seconds) "
+                               "VALUES %s", rows)
+        except psycopg2.Error:
+            self.close()
+            raise
+
+    def _rows(self, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
+        try:
+            with self._cursor() as cur:
+                cur.execute(sql, params)
+                names = [c.name for c in cur.description]
+                return [{n: v.isoformat() if isinstance(v, datetime) else v
+                         for n, v in zip(names, r, strict=True)} for r in cur.fetchall()]
+        except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+            self.close()
+            raise LedgerUnavailable(f"stats unreachable: {str(exc).strip()}") from exc
+
+    def read(self, app: str, minutes: int) -> dict[str, Any]:
+        """An app's traffic and resources over the last `minutes`, from the agents' samples
+        (stats.instance_samples): per instance the requests served, the latest memory and
+        restart count, and CPU use (CPU seconds are cumulative per process tree, so a sample
+        below the one before marks a restart and is left out); for the app, totals and
+        requests per minute."""
+        window = "app = %s AND at > now() - make_interval(mins => %s)"
+        instances = self._rows(f"""
+            WITH s AS (
+                SELECT instance_id, host_id, at, requests, restarts, memory_bytes,
+                       cpu_seconds - lag(cpu_seconds) OVER w AS cpu,
+                       extract(epoch FROM at - lag(at) OVER w) AS seconds,
+                       row_number() OVER (PARTITION BY instance_id ORDER BY at DESC) AS newest
+                FROM stats.instance_samples WHERE {window}
+                WINDOW w AS (PARTITION BY instance_id ORDER BY at))
+            SELECT instance_id, max(host_id) AS host_id, sum(requests)::bigint AS requests,
+                   max(memory_bytes) FILTER (WHERE newest = 1) AS memory_bytes,
+                   max(restarts) FILTER (WHERE newest = 1) AS restarts,
+                   round((100 * sum(cpu) FILTER (WHERE cpu >= 0)
+                          / nullif(sum(seconds) FILTER (WHERE cpu >= 0), 0))::numeric, 1)::float
+                       AS cpu_percent,
+                   max(at) AS last_sample_at
+            FROM s GROUP BY instance_id ORDER BY instance_id""", (app, minutes))
+        series = self._rows(f"""
+            SELECT date_trunc('minute', at) AS minute, sum(requests)::bigint AS requests
+            FROM stats.instance_samples WHERE {window} GROUP BY 1 ORDER BY 1""", (app, minutes))
+        total = sum(i["requests"] for i in instances)
+        return {"app": app, "minutes": minutes, "instances": instances, "series": series,
+                "requests": total, "requests_per_minute": round(total / minutes, 1),
+                "memory_bytes": sum(i["memory_bytes"] or 0 for i in instances)}

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from flask import Response, jsonify, request, send_file
 from flask.typing import ResponseReturnValue
 
-from api import bundles, decide, queries, routes_quotas, schemas
+from api import bundles, decide, routes_quotas, schemas
 from api.auth import require_role
 from api.errors import Conflict, Forbidden, NotFound, TooLarge, Unprocessable
 from api.state import AppState, release_dict, summary
@@ -73,7 +73,7 @@ def list_apps() -> ResponseReturnValue:
     caller = who()
     require_role(caller, *PEOPLE)
     svc = services()
-    rows = queries.apps(svc.ledger)
+    rows = svc.views.apps()
     if not caller.is_admin:
         directory = svc.directory(force=True)
         rows = [r for r in rows if directory.manages(caller.name, r["name"])]
@@ -199,8 +199,7 @@ def download_bundle(name: str, number: int) -> ResponseReturnValue:
     svc = services()
     if caller.role == "agent":
         state = svc.load_app(name)
-        if not caller.host_id or not queries.placed_on(svc.ledger, name, number,
-                                                       caller.host_id):
+        if not caller.host_id or not svc.views.placed_on(name, number, caller.host_id):
             raise Forbidden(f"release v{number} of {name} is not placed on this host")
     else:
         state = app_state(name)

@@ -12,13 +12,14 @@ from typing import Any
 from flask import Response
 from flask.typing import ResponseReturnValue
 
-from api import auth, queries, schemas
+from api import auth, schemas
 from api.auth import require_host, require_role
 from api.errors import Conflict, Forbidden, NotFound, Unprocessable
 from api.routes_apps import app_state
 from api.web import body, query, reply, route, services, who
 from ledger import NO_STREAM, Ledger, NewEvent, RecordedEvent, VersionConflict
 from ledger.catalogue import redacted
+from projectors.views import Views
 
 # --- users and tokens -----------------------------------------------------------------------
 
@@ -105,7 +106,7 @@ def revoke_token(name: str, token_id: str) -> ResponseReturnValue:
 def list_hosts() -> ResponseReturnValue:
     """The fleet, from the hosts view (admins only)."""
     require_role(who(), "admin")
-    return reply(schemas.Rows, {"items": queries.hosts(services().ledger)})
+    return reply(schemas.Rows, {"items": services().hosts()})
 
 
 @route("/hosts/<host_id>", "PUT", body=schemas.HostRegister, response=schemas.Appended,
@@ -147,8 +148,7 @@ def heartbeat(host_id: str) -> ResponseReturnValue:
 def host_placements(host_id: str) -> ResponseReturnValue:
     """What the placer wants on this host (the agent's desired state)."""
     require_host(who(), host_id)
-    return reply(schemas.Rows, {"items": queries.placements(services().ledger,
-                                                            host_id=host_id)})
+    return reply(schemas.Rows, {"items": services().views.placements(host_id=host_id)})
 
 
 @route("/instances/<instance_id>/events", "POST", body=schemas.InstanceEvent,
@@ -160,8 +160,7 @@ def instance_event(instance_id: str) -> ResponseReturnValue:
     req = body(schemas.InstanceEvent)
     data = {**req["data"], "instance_id": instance_id}
     if caller.role == "agent":
-        if not caller.host_id or not queries.on_host(services().ledger, instance_id,
-                                                     caller.host_id):
+        if not caller.host_id or not services().views.on_host(instance_id, caller.host_id):
             raise Forbidden(f"instance {instance_id} is not placed on host {caller.host_id}")
         data["host_id"] = caller.host_id
     else:
@@ -174,21 +173,21 @@ def _append(stream: str, type_: str, data: dict[str, Any]) -> ResponseReturnValu
     return reply(schemas.Appended, {"stream": stream, "version": result.version})
 
 
-def _fleet_view(path: str, rows: Callable[[Ledger], list[dict[str, Any]]], doc: str) -> None:
+def _fleet_view(path: str, rows: Callable[[Views], list[dict[str, Any]]], doc: str) -> None:
     """GET <path>: every row of a fleet-wide view (admins only)."""
     def view() -> ResponseReturnValue:
         require_role(who(), "admin")
-        return reply(schemas.Rows, {"items": rows(services().ledger)})
+        return reply(schemas.Rows, {"items": rows(services().views)})
     view.__name__, view.__doc__ = f"list_{path.strip('/')}", doc
     route(path, response=schemas.Rows, tag="fleet", errors=(401, 403))(view)
 
 
 for _path, _rows, _doc in (
-    ("/placements", queries.placements, "Every placement (admins only)."),
-    ("/instances", queries.instances, "Every instance, placed or still running (admins only)."),
-    ("/routes", queries.routes, "The routing table: hostname -> app and healthy backends "
+    ("/placements", Views.placements, "Every placement (admins only)."),
+    ("/instances", Views.instances, "Every instance, placed or still running (admins only)."),
+    ("/routes", Views.routes, "The routing table: hostname -> app and healthy backends "
                                 "(admins only)."),
-    ("/backups", queries.backups, "Backups per target: last good one, last failure, the "
+    ("/backups", Views.backups, "Backups per target: last good one, last failure, the "
                                   "retained set (admins only)."),
 ):
     _fleet_view(_path, _rows, _doc)
@@ -198,21 +197,21 @@ for _path, _rows, _doc in (
 def ps(name: str) -> ResponseReturnValue:
     """The app's instances and their state."""
     app_state(name)
-    return reply(schemas.Rows, {"items": queries.instances(services().ledger, name)})
+    return reply(schemas.Rows, {"items": services().views.instances(name)})
 
 
 @route("/apps/<name>/placements", response=schemas.Rows, tag="apps", errors=(401, 403, 404))
 def app_placements(name: str) -> ResponseReturnValue:
     """Where the placer put the app's instances."""
     app_state(name)
-    return reply(schemas.Rows, {"items": queries.placements(services().ledger, name)})
+    return reply(schemas.Rows, {"items": services().views.placements(name)})
 
 
 @route("/apps/<name>/routes", response=schemas.Rows, tag="apps", errors=(401, 403, 404))
 def app_routes(name: str) -> ResponseReturnValue:
     """The hostnames routed to the app and their backends."""
     app_state(name)
-    return reply(schemas.Rows, {"items": queries.routes(services().ledger, name)})
+    return reply(schemas.Rows, {"items": services().views.routes(name)})
 
 
 # --- history --------------------------------------------------------------------------------
@@ -323,7 +322,7 @@ def stats(name: str) -> ResponseReturnValue:
     """The app's requests, memory, CPU and restarts over the last minutes."""
     app_state(name)
     minutes = query(schemas.StatsQuery)["minutes"]
-    return reply(schemas.Stats, queries.stats(services().ledger, name, minutes))
+    return reply(schemas.Stats, services().stats.read(name, minutes))
 
 
 @route("/apps/<name>/logs", query=schemas.LogsQuery, response=schemas.Logs, tag="apps",

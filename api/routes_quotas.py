@@ -7,7 +7,7 @@ from typing import Any
 
 from flask.typing import ResponseReturnValue
 
-from api import queries, quotas, schemas
+from api import quotas, schemas
 from api.auth import require_role
 from api.errors import Forbidden, NotFound
 from api.state import AppState
@@ -32,7 +32,7 @@ def owner_usage(owner: str, except_app: str | None = None) -> tuple[int, int]:
     """(instances, memory MiB) the owner's apps ask for (but `except_app`)."""
     svc = services()
     instances = memory = 0
-    for row in queries.apps(svc.ledger):
+    for row in svc.views.apps():
         if row.get("owner") == owner and row["name"] != except_app:
             s = svc.read_app(row["name"])
             if s.exists and s.owner == owner:

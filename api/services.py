@@ -10,7 +10,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+from agents.stats import SampleStore
 from api import auth
 from api.auth import Directory, Principal
 from api.errors import ApiError, Conflict, NotFound, Unauthorized
@@ -19,6 +21,8 @@ from ledger import Ledger, NewEvent, RecordedEvent, VersionConflict
 from ledger.catalogue import APP_NAME
 from ledger.events import AppendResult
 from ledger.hostnames import PLATFORM_STREAM, current_suffix
+from ledger.vocabulary import LIVENESS_STREAM, liveness_of
+from projectors.views import Views
 
 APP_NAME_RE = re.compile(APP_NAME.regex.pattern.removesuffix("$") + r"\Z")
 """The catalogue's app names, to the very end (its `$` matches before a final newline)."""
@@ -59,6 +63,8 @@ class Services:
         self._apps: dict[str, AppState] = {}
         self._checked: dict[str, float] = {}
         self.long_polls = threading.BoundedSemaphore(max(1, settings.long_poll_slots))
+        self.views = Views(settings.dsn, "tally-api-views")
+        """The projectors' views, on connections of their own (one per thread)."""
 
     @property
     def ledger(self) -> Ledger:
@@ -68,6 +74,19 @@ class Services:
             ledger = self._local.ledger = Ledger(self.settings.dsn, retry_deadline=5.0,
                                                  application_name="tally-api")
         return ledger
+
+    @property
+    def stats(self) -> SampleStore:
+        """This thread's reader of the agents' stats samples."""
+        store = getattr(self._local, "stats", None)
+        if store is None:
+            store = self._local.stats = SampleStore(self.settings.dsn, "tally-api-stats")
+        return store
+
+    def hosts(self) -> list[dict[str, Any]]:
+        """The hosts view judged now, with the timings the placer announced."""
+        liveness = liveness_of(self.ledger.read_stream(LIVENESS_STREAM))
+        return self.views.hosts(datetime.now(UTC), liveness)
 
     # -- auth ------------------------------------------------------------------------------
     def directory(self, force: bool = False, asked: float | None = None) -> Directory:

@@ -31,17 +31,18 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
 from typing import Any, TypeVar
 
 import psycopg2
 import psycopg2.errors
 
+from ledger import reads
 from ledger.catalogue import (
     CATALOGUE,
     category_of,
     plain_payload,
     stream_category,
-    upcast,
     validate_event,
 )
 from ledger.errors import IdempotencyConflict, InvalidEvent, LedgerUnavailable, VersionConflict
@@ -54,6 +55,9 @@ from ledger.events import (
     NewEvent,
     RecordedEvent,
 )
+from ledger.reads import COLUMNS, head_of, recorded
+
+__all__ = ["COLUMNS", "Ledger", "head_of", "recorded"]  # the readers' names, kept here too
 
 CHANNEL = "tally_ledger"
 NOTIFY_EVERY_S = 0.5
@@ -62,9 +66,6 @@ RELAY_HOT_S = 2.0
 """After new events, a relay keeps sequencing every few ms for this long. Must stay well
 above NOTIFY_EVERY_S, so an append whose NOTIFY was skipped always finds a hot relay."""
 T = TypeVar("T")
-
-COLUMNS = "p.position, e.id, e.stream, e.version, e.type, e.data, e.metadata, e.recorded_at"
-"""What `recorded` turns into an event, from events e joined with positions p."""
 
 # Prepared once per connection: planning the statement costs more than running it.
 _PREPARE = [
@@ -356,8 +357,22 @@ class Ledger:
     # -- sequencing ----------------------------------------------------------------------
     def sequence(self, limit: int = 10_000) -> int:
         """Give positions to every committed event that can no longer be preceded by a
-        late commit (SQL function ledger.sequence, see migration 0001). Safe to call from
-        many processes at once. Returns the head."""
+        late commit (SQL function ledger.sequence, see migration 0001). Returns the head.
+
+        Who sequences, and when. Readers see only sequenced events, so a reader that must
+        not wait for a relay sequences before it reads; everyone else reads the head as
+        it is. The callers, each for that reason:
+        - the relays: the leader on every NOTIFY and while hot, both on their poll timer
+          (ledger/relay.py); this is what moves the head in normal operation;
+        - the projectors daemon and `tally projectors rebuild`, before each catch-up, so
+          views never depend on a relay being up;
+        - the placer, before each round, for the same reason;
+        - the API, where a request must see what was just appended: long-polls of
+          `/events` on waking, `/apps/NAME/why`, and its Directory of users when a token
+          is unknown (a user created a moment ago).
+        Safe from many processes at once (an advisory lock serialises batches; writers
+        never take it); needs the writer role. Tests and benchmarks call it to make what
+        they appended visible without a relay."""
         def run(cur: Any) -> int:
             while True:
                 cur.execute("EXECUTE tally_sequence(%s)", (limit,))
@@ -371,31 +386,27 @@ class Ledger:
         """The highest position readers can see: everything at or below it is final."""
         return self._retrying(head_of)
 
-    def read_all(self, after: int = 0, *, limit: int = 1000, upto: int | None = None,
-                 categories: Iterable[str] | None = None,
-                 types: Iterable[str] | None = None) -> list[RecordedEvent]:
-        """Events with after < position <= upto, in ledger order, optionally filtered."""
-        if after < 0:
-            raise InvalidEvent("position must be >= 0", {"after": ["must be >= 0"]})
-        where = ["p.position > %(after)s"]
-        params: dict[str, Any] = {"after": after, "limit": limit}
-        if upto is not None:
-            where.append("p.position <= %(upto)s")
-            params["upto"] = upto
-        if categories is not None:
-            where.append("e.category = ANY(%(cats)s)")
-            params["cats"] = list(categories)
-        if types is not None:
-            where.append("e.type = ANY(%(types)s)")
-            params["types"] = list(types)
-        sql = (f"SELECT {COLUMNS} FROM ledger.positions p JOIN ledger.events e "
-               f"ON e.id = p.event_id WHERE {' AND '.join(where)} "
-               f"ORDER BY p.position LIMIT %(limit)s")
+    def read_all(self, after: int = 0, *, limit: int | None = 1000, upto: int | None = None,
+                 categories: Iterable[str] | None = None, types: Iterable[str] | None = None,
+                 streams: Iterable[str] | None = None, since: datetime | None = None,
+                 newest: bool = False) -> list[RecordedEvent]:
+        """Sequenced events with after < position <= upto, in ledger order, filtered by
+        stream, category, type and recording time; at most `limit` (the oldest, or with
+        `newest` the newest). See ledger.reads.Range."""
+        try:
+            r = reads.Range(after, upto, streams, categories, types, since, limit, newest)
+        except ValueError as exc:
+            raise InvalidEvent(str(exc), {"after": [str(exc)]}) from None
+        return self._retrying(lambda cur: reads.read(cur, r))
 
-        def run(cur: Any) -> list[RecordedEvent]:
-            cur.execute(sql, params)
-            return [recorded(row) for row in cur.fetchall()]
-        return self._retrying(run)
+    def read_batch(self, after: int, upto: int) -> list[RecordedEvent]:
+        """Every event with after < position <= upto, metadata undecoded: the projectors'
+        catch-up (ledger.reads.read_batch)."""
+        return self._retrying(lambda cur: reads.read_batch(cur, after, upto))
+
+    def last_of(self, stream: str) -> RecordedEvent | None:
+        """A stream's newest sequenced event."""
+        return self._retrying(lambda cur: reads.last_of(cur, stream))
 
     def read_stream(self, stream: str, from_version: int = 1,
                     limit: int | None = None) -> list[RecordedEvent]:
@@ -425,16 +436,3 @@ def _result(stream: str, rows: list[tuple], duplicate: bool = False) -> AppendRe
     ids, versions, recorded_at = zip(*rows, strict=True)
     return AppendResult(stream, ids, versions, duplicate, recorded_at)
 
-
-def head_of(cur: Any) -> int:
-    """The head (see Ledger.head), for readers holding a plain cursor."""
-    cur.execute("SELECT coalesce(max(position), 0) FROM ledger.positions")
-    return cur.fetchone()[0]
-
-
-def recorded(row: tuple) -> RecordedEvent:
-    """A row of COLUMNS as an event, its payload upcast to the current schema."""
-    position, id_, stream, version, type_, data, metadata, recorded_at = row
-    stored = metadata.get("schema", 1) if isinstance(metadata, dict) else 1
-    return RecordedEvent(position, id_, stream, version, type_, upcast(type_, data, stored),
-                         metadata, recorded_at)

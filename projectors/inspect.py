@@ -10,14 +10,12 @@ from typing import Any
 
 import psycopg2
 
+from ledger import reads
 from ledger.catalogue import CATALOGUE, event_type, stream_category
 from ledger.events import RecordedEvent
-from ledger.store import COLUMNS, head_of, recorded
 from ledger.vocabulary import LIVENESS_STREAM
 from projectors import ALL
 from projectors.why import Explanation, explain
-
-_SELECT = f"SELECT {COLUMNS} FROM ledger.positions p JOIN ledger.events e ON e.id = p.event_id"
 
 
 def check_filters(stream: str | None, category: str | None, type_: str | None) -> None:
@@ -36,24 +34,13 @@ def read_events(conn: Any, *, after: int | None = None, stream: str | None = Non
                 since: datetime | None = None, limit: int = 1000) -> list[RecordedEvent]:
     """Sequenced events in ledger order, filtered: those after `after`, or without it the
     latest `limit` (like `git log`, but oldest first)."""
-    if after is not None and after < 0:
-        raise ValueError(f"position must be >= 0, not {after}")
-    if limit < 1:
-        raise ValueError(f"limit must be >= 1, not {limit}")
-    where, args = ["p.position > %s"], [after or 0]
-    for column, value in (("e.stream", stream), ("e.category", category), ("e.type", type_)):
-        if value is not None:
-            where.append(f"{column} = %s")
-            args.append(value)
-    if since is not None:
-        where.append("e.recorded_at >= %s")
-        args.append(since)
-    order = "ASC" if after is not None else "DESC"
+    def one(value: str | None) -> list[str] | None:
+        return None if value is None else [value]
+
+    r = reads.Range(after or 0, None, one(stream), one(category), one(type_), since, limit,
+                    newest=after is None)
     with conn.cursor() as cur:
-        cur.execute(f"{_SELECT} WHERE {' AND '.join(where)} ORDER BY p.position {order} "
-                    "LIMIT %s", (*args, limit))
-        events = [recorded(r) for r in cur.fetchall()]
-    return events if after is not None else events[::-1]
+        return reads.read(cur, r)
 
 
 def describe(event: RecordedEvent) -> str:
@@ -72,20 +59,13 @@ def status(dsn: str) -> list[dict[str, Any]]:
     """Each projector's checkpoint, state, error, and its lag measured now: events behind
     the head and seconds the oldest unapplied event has waited."""
     with psycopg2.connect(dsn, application_name="tally-status") as conn, conn.cursor() as cur:
-        cur.execute(
-            """WITH h AS (SELECT coalesce(max(position), 0) AS head FROM ledger.positions)
-            SELECT c.name, c.position, c.state, h.head,
-                   greatest(h.head - c.position, 0),
-                   CASE WHEN h.head > c.position
-                        THEN extract(epoch FROM clock_timestamp() - e.recorded_at) ELSE 0 END,
-                   c.lag_seconds, c.updated_at, c.error_position, c.error_type, c.error_message
-            FROM views.projector_checkpoints c CROSS JOIN h
-            LEFT JOIN LATERAL (
-                SELECT e.recorded_at FROM ledger.positions p
-                JOIN ledger.events e ON e.id = p.event_id
-                WHERE p.position > c.position ORDER BY p.position LIMIT 1) e ON true""")
+        conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
+        cur.execute("SELECT name, position, state, lag_seconds, updated_at, error_position, "
+                    "error_type, error_message, clock_timestamp() "
+                    "FROM views.projector_checkpoints")
         rows = {r[0]: r for r in cur.fetchall()}
-        head = head_of(cur)
+        head = reads.head_of(cur)
+        waiting = {p: reads.recorded_after(cur, p) for p in {r[1] for r in rows.values()}}
     conn.close()
     out = []
     for p in ALL:
@@ -95,10 +75,15 @@ def status(dsn: str) -> list[dict[str, Any]]:
                         "lag_events": head, "lag_seconds": None, "recorded_lag_seconds": None,
                         "updated_at": None, "error": None})
             continue
-        error = None if r[8] is None else {"position": r[8], "type": r[9], "message": r[10]}
-        out.append({"name": p.name, "position": r[1], "state": r[2], "head": r[3],
-                    "lag_events": r[4], "lag_seconds": float(r[5] or 0),
-                    "recorded_lag_seconds": r[6], "updated_at": r[7], "error": error})
+        name, position, state, recorded_lag, updated, err_pos, err_type, err_msg, now = r
+        oldest = waiting[position]
+        error = None if err_pos is None else {"position": err_pos, "type": err_type,
+                                              "message": err_msg}
+        out.append({"name": name, "position": position, "state": state, "head": head,
+                    "lag_events": max(head - position, 0),
+                    "lag_seconds": (now - oldest).total_seconds() if oldest else 0.0,
+                    "recorded_lag_seconds": recorded_lag, "updated_at": updated,
+                    "error": error})
     return out
 
 
@@ -108,24 +93,21 @@ def why(dsn: str, app: str, now: datetime) -> Explanation:
     what it read, and no event read later contradicts one read earlier."""
     with psycopg2.connect(dsn, application_name="tally-why") as conn:
         conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
-        events = _streams(conn, [f"app-{app}", f"placement-{app}", LIVENESS_STREAM])
-        instance_ids = {e.data["instance_id"] for e in events if e.type == "InstancePlaced"}
-        events += _streams(conn, [f"instance-{i}" for i in sorted(instance_ids)])
         with conn.cursor() as cur:
-            cur.execute(f"{_SELECT} WHERE e.stream LIKE 'host-%'")
-            host_events = [recorded(r) for r in cur.fetchall()]
+            events = _streams(cur, [f"app-{app}", f"placement-{app}", LIVENESS_STREAM])
+            instance_ids = {e.data["instance_id"] for e in events
+                            if e.type == "InstancePlaced"}
+            events += _streams(cur, [f"instance-{i}" for i in sorted(instance_ids)])
+            host_events = reads.read(cur, reads.Range(categories=["host"], limit=None))
             events += host_events
             for host_id in sorted({e.data["host_id"] for e in host_events}):
-                cur.execute(f"{_SELECT} WHERE e.stream = %s ORDER BY e.version DESC LIMIT 1",
-                            (f"heartbeat-{host_id}",))
-                events += [recorded(r) for r in cur.fetchall()]
-            head = head_of(cur)
+                beat = reads.last_of(cur, f"heartbeat-{host_id}")
+                events += [beat] if beat else []
+            head = reads.head_of(cur)
     conn.close()
     explanation = explain(app, events, now)
     return Explanation(explanation.app, explanation.serving, head, explanation.findings)
 
 
-def _streams(conn: Any, streams: Iterable[str]) -> list[RecordedEvent]:
-    with conn.cursor() as cur:
-        cur.execute(f"{_SELECT} WHERE e.stream = ANY(%s) ORDER BY p.position", (list(streams),))
-        return [recorded(r) for r in cur.fetchall()]
+def _streams(cur: Any, streams: Iterable[str]) -> list[RecordedEvent]:
+    return reads.read(cur, reads.Range(streams=list(streams), limit=None))

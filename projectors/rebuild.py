@@ -23,7 +23,7 @@ from psycopg2 import sql
 
 from ledger import Ledger
 from projectors.projector import HandlerFailed, Projector
-from projectors.runtime import BATCH, FLUSH_EVERY, Runner, catch_up, connect, read_batch
+from projectors.runtime import BATCH, FLUSH_EVERY, Runner, catch_up, connect
 from projectors.store import CHECKPOINTS, copy_tables, lock_checkpoint
 
 READERS = ("tally_reader", "tally_writer")
@@ -55,7 +55,7 @@ def rebuild(dsn: str, projectors: Sequence[Projector], batch: int = BATCH) -> in
             for runner in runners:
                 lock_checkpoint(cur, runner.name, create=True)
             head = ledger.head()
-            rest = read_batch(ledger, min(r.position for r in runners), head, 10_000_000)
+            rest = ledger.read_batch(min(r.position for r in runners), head)
             for runner in runners:
                 _finish(cur, runner, rest, head)
         return head

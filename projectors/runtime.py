@@ -17,7 +17,6 @@ from typing import Any
 import psycopg2
 
 from ledger import Ledger, LedgerUnavailable, RecordedEvent
-from ledger.catalogue import upcast
 from ledger.subscriber import Subscriber
 from projectors.projector import HandlerFailed, Projector
 from projectors.store import (
@@ -171,27 +170,6 @@ class Runner:
                 return
 
 
-# A batch is a closed range of positions, not a LIMIT: no sort of what lies beyond,
-# whatever plan the statistics lead to. Ranges may hold fewer events than positions:
-# retention (ledger/retention.py) leaves holes where it pruned old heartbeats.
-_READ = """SELECT p.position, e.id, e.stream, e.version, e.type, e.data,
-    coalesce((e.metadata->>'schema')::int, 1), e.recorded_at
-    FROM ledger.positions p JOIN ledger.events e ON e.id = p.event_id
-    WHERE p.position > %s AND p.position <= %s ORDER BY p.position"""
-
-
-def read_batch(ledger: Ledger, after: int, upto: int, limit: int) -> list[RecordedEvent]:
-    """Events with after < position <= min(upto, after + limit). Like Ledger.read_all,
-    minus decoding metadata no handler reads; the events' `metadata` holds only the schema
-    version."""
-    with ledger.connection().cursor() as cur:
-        cur.execute(_READ, (after, min(upto, after + limit)))
-        return [RecordedEvent(pos, id_, stream, version, type_,
-                              upcast(type_, data, schema) if schema != 1 else data,
-                              {"schema": schema}, at)
-                for pos, id_, stream, version, type_, data, schema, at in cur.fetchall()]
-
-
 def catch_up(runners: Sequence[Runner], ledger: Ledger, head: int, batch: int = BATCH,
              stop: threading.Event | None = None) -> int:
     """Feed every running runner up to `head` (or until `stop` is set), reading each event
@@ -200,7 +178,7 @@ def catch_up(runners: Sequence[Runner], ledger: Ledger, head: int, batch: int = 
     active = [r for r in runners if not r.stopped]
     cursor = min((r.position for r in active), default=head)
     while cursor < head and not (stop is not None and stop.is_set()):
-        events = read_batch(ledger, cursor, head, batch)
+        events = ledger.read_batch(cursor, min(head, cursor + batch))
         cursor = min(head, cursor + batch)
         if not events:
             continue  # a hole left by retention

@@ -1,0 +1,122 @@
+"""Reading the views (schema `views`, migrations/versions/0002_views.py): the one reader of
+the projectors' tables for everyone else (the API's lists, bundle and event access
+checks), so a change of their columns is fixed here only.
+
+A `Views` holds its own connection (one per thread that uses it), apart from any ledger
+connection: the views are derived data and may be served by another database later.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+import psycopg2
+
+from ledger import LedgerUnavailable
+from ledger.vocabulary import Liveness
+from projectors.hosts import host_state
+
+Row = dict[str, Any]
+
+
+class Views:
+    """Rows of the views as JSON-ready dicts (times as ISO strings)."""
+
+    def __init__(self, dsn: str, application_name: str = "tally-views") -> None:
+        self.dsn = dsn
+        self.application_name = application_name
+        self._local = threading.local()
+
+    def _conn(self) -> Any:
+        conn = getattr(self._local, "conn", None)
+        if conn is None or conn.closed:
+            conn = self._local.conn = psycopg2.connect(
+                self.dsn, application_name=self.application_name)
+            conn.autocommit = True
+        return conn
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def rows(self, sql: str, params: Sequence[Any] = (),
+             shape: Callable[[Row], Row] | None = None) -> list[Row]:
+        """Run a view query; each row passed through `shape` first if given."""
+        try:
+            with self._conn().cursor() as cur:
+                cur.execute(sql, params)
+                names = [c.name for c in cur.description]
+                raw = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+        except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+            self.close()
+            raise LedgerUnavailable(f"views unreachable: {str(exc).strip()}") from exc
+        return [{n: plain(v) for n, v in (shape(r) if shape else r).items()} for r in raw]
+
+    def apps(self) -> list[Row]:
+        return self.rows("SELECT name, owner, current_release AS release, scale, domains, "
+                         "maintenance, config_version, created_at FROM views.apps "
+                         "ORDER BY name")
+
+    def hosts(self, now: datetime, liveness: Liveness) -> list[Row]:
+        """Every host, its state as of `now`: the view stores alive/lost; suspect (missed
+        heartbeats) depends on the clock, so it is derived here by the one rule, with the
+        timings the placer announced (ledger.vocabulary.liveness_of)."""
+        def shape(r: Row) -> Row:
+            r["state"] = host_state(r, now, liveness)
+            del r["registered_at"]
+            return r
+        return self.rows("SELECT host_id, address, port_min, port_max, capacity, memory_mb, "
+                         "state, last_heartbeat, registered_at, load, memory_used_mb, "
+                         "running_instances, lost_reason FROM views.hosts ORDER BY host_id",
+                         shape=shape)
+
+    def placements(self, app: str | None = None, host_id: str | None = None) -> list[Row]:
+        return self.rows("SELECT instance_id, app, release, process_type, host_id, port, "
+                         "placed_at FROM views.placements WHERE (%s::text IS NULL OR app = %s) "
+                         "AND (%s::text IS NULL OR host_id = %s) ORDER BY app, instance_id",
+                         (app, app, host_id, host_id))
+
+    def placed_on(self, app: str, release: int, host_id: str) -> bool:
+        """Whether the placer put an instance of this release on this host (bundle
+        access)."""
+        return bool(self.rows("SELECT 1 FROM views.placements WHERE app = %s AND release = %s "
+                              "AND host_id = %s LIMIT 1", (app, release, host_id)))
+
+    def on_host(self, instance_id: str, host_id: str) -> bool:
+        """Whether the instance is placed on this host or still runs there: the only
+        instances whose events that host's agent may report."""
+        return bool(self.rows("SELECT 1 FROM views.placements WHERE instance_id = %s AND "
+                              "host_id = %s UNION ALL SELECT 1 FROM views.instances WHERE "
+                              "instance_id = %s AND host_id = %s LIMIT 1",
+                              (instance_id, host_id, instance_id, host_id)))
+
+    def instances(self, app: str | None = None) -> list[Row]:
+        return self.rows("SELECT instance_id, app, release, process_type, host_id, port, "
+                         "state, pid, since, exit_code, signal, restarts, log_tail, reason "
+                         "FROM views.instances WHERE (%s::text IS NULL OR app = %s) "
+                         "ORDER BY app, process_type, instance_id", (app, app))
+
+    def routes(self, app: str | None = None) -> list[Row]:
+        return self.rows("SELECT hostname, app, backends, maintenance, version "
+                         "FROM views.routes WHERE (%s::text IS NULL OR app = %s) "
+                         "ORDER BY hostname", (app, app))
+
+    def backups(self) -> list[Row]:
+        return self.rows("SELECT target, last_ok_backup_id, last_ok_at, "
+                         "last_failure_backup_id, last_failure_at, last_failure_error, "
+                         "retained FROM views.backups ORDER BY target")
+
+
+def plain(v: Any) -> Any:
+    """A value as JSON has it: times as ISO strings."""
+    if isinstance(v, datetime):
+        return v.isoformat()
+    if isinstance(v, str | int | float | bool | list | dict) or v is None:
+        return v
+    return json.loads(json.dumps(v, default=str))

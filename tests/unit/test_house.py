@@ -1,0 +1,84 @@
+"""The house rules, checked on the source: imports run one way with no cycle, and nothing
+outside ledger/ writes SQL against the ledger's tables."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("ledger", "projectors", "agents", "balancer", "api", "tally", "migrations")
+LAYER = {"ledger": 0, "projectors": 1, "agents": 1, "balancer": 1, "api": 1, "tally": 2}
+"""tally -> api, agents, balancer, projectors -> ledger (api may use projectors' readers)."""
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if "versions" in path.parts:
+                continue
+            name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+            out[name.removesuffix(".__init__")] = path
+    return out
+
+
+def imports(path: Path, known: dict[str, Path]) -> set[str]:
+    """Every tally module `path` imports, at the top or inside a function."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
+        for name in names:
+            while name and name not in known:
+                name = name.rpartition(".")[0]
+            if name:
+                out.add(name)
+    return out
+
+
+def test_no_import_cycle() -> None:
+    known = modules()
+    graph = {m: imports(p, known) - {m} for m, p in known.items()}
+    done: set[str] = set()
+
+    def visit(m: str, path: list[str]) -> None:
+        if m in path:
+            cycle = path[path.index(m):] + [m]
+            raise AssertionError("import cycle: " + " -> ".join(cycle))
+        if m in done:
+            return
+        for n in sorted(graph[m]):
+            if not (n == m.rpartition(".")[0] or m == n.rpartition(".")[0]):  # package init
+                visit(n, [*path, m])
+        done.add(m)
+
+    for m in sorted(graph):
+        visit(m, [])
+
+
+def test_dependencies_flow_one_way() -> None:
+    known = modules()
+    wrong = []
+    for m, path in known.items():
+        top = m.split(".")[0]
+        for n in imports(path, known):
+            other = n.split(".")[0]
+            if top in LAYER and other in LAYER and LAYER[other] > LAYER[top]:
+                wrong.append(f"{m} imports {n}")
+    assert not wrong, wrong
+
+
+LEDGER_TABLES = re.compile(r"\b(FROM|JOIN|INTO|UPDATE|TABLE)\s+ledger\.(events|positions)\b")
+
+
+def test_only_the_ledger_package_reads_the_ledger_tables() -> None:
+    found = [f"{m}" for m, path in modules().items()
+             if not m.startswith(("ledger", "migrations")) and LEDGER_TABLES.search(
+                 "\n".join(line for line in path.read_text().splitlines()
+                           if not line.lstrip().startswith("#")))]
+    assert not found, f"SQL on ledger.events/positions outside ledger/: {found}"
