@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -675,23 +676,27 @@ def test_a_silent_host_shows_suspect_then_lost(world: World) -> None:
     assert state() == "lost"
 
 
-def _sample(dsn: str, app: str, iid: str, seconds_ago: int, requests: int, restarts: int,
+def _sample(dsn: str, app: str, iid: str, at: datetime, requests: int, restarts: int,
             memory: int, cpu: float) -> None:
+    """One sample recorded at `at`: a test computes every `at` from one clock reading, so
+    the intervals between samples are exact however slowly the inserts go."""
     with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
         cur.execute("INSERT INTO stats.instance_samples (at, app, instance_id, host_id, "
-                    "requests, restarts, memory_bytes, cpu_seconds) VALUES (now() - "
-                    "make_interval(secs => %s), %s, %s, 'h1', %s, %s, %s, %s)",
-                    (seconds_ago, app, iid, requests, restarts, memory, cpu))
+                    "requests, restarts, memory_bytes, cpu_seconds) VALUES "
+                    "(%s, %s, %s, 'h1', %s, %s, %s, %s)",
+                    (at, app, iid, requests, restarts, memory, cpu))
     conn.close()
 
 
 def test_stats_sum_requests_and_take_cpu_from_the_samples(world: World) -> None:
     name = world.new_app(releases=0)
     a, b = f"{name}.1.web.a", f"{name}.1.web.b"
+    now = datetime.now(UTC)
     for ago, req, restarts, cpu in ((3000, 50, 0, 1.0), (30, 4, 0, 10.0), (20, 6, 0, 12.0),
                                     (10, 3, 1, 0.5)):  # the last: restarted, CPU from zero
-        _sample(world.owner_dsn, name, a, ago, req, restarts, 40 * 2**20, cpu)
-    _sample(world.owner_dsn, name, b, 15, 7, 0, 30 * 2**20, 2.0)
+        _sample(world.owner_dsn, name, a, now - timedelta(seconds=ago), req, restarts,
+                40 * 2**20, cpu)
+    _sample(world.owner_dsn, name, b, now - timedelta(seconds=15), 7, 0, 30 * 2**20, 2.0)
     r = world.call("owner", "GET", f"/apps/{name}/stats?minutes=10")
     assert r.status_code == 200, r.json
     got = r.json
