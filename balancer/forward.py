@@ -10,17 +10,16 @@ from __future__ import annotations
 from balancer.h1 import CHUNKED, CLOSE, LENGTH, Request, Response
 
 VIA = b"1.1 tally"
+VIA_LINE = b"Via: 1.1 tally\r\n"
 
 
 def request_head(req: Request, client_ip: str, proto: bytes) -> bytes:
     """The head sent to the backend: HTTP/1.1, kept alive, framed as we will send it."""
     client = client_ip.encode("ascii")
     forwarded = client if req.forwarded_for is None else req.forwarded_for + b", " + client
-    out = [req.method, b" ", req.target, b" HTTP/1.1\r\n"]
-    for name, value in req.headers:
-        out += (name, b": ", value, b"\r\n")
-    out += (b"X-Forwarded-For: ", forwarded, b"\r\nX-Forwarded-Proto: ", proto,
-            b"\r\nX-Forwarded-Host: ", req.raw_host, b"\r\nVia: ", VIA, b"\r\n")
+    out = [req.method, b" ", req.target, b" HTTP/1.1\r\n", *req.headers,
+           b"X-Forwarded-For: ", forwarded, b"\r\nX-Forwarded-Proto: ", proto,
+           b"\r\nX-Forwarded-Host: ", req.raw_host, b"\r\n", VIA_LINE]
     if req.framing == LENGTH:
         out += (b"Content-Length: ", b"%d" % req.length, b"\r\n")
     elif req.framing == CHUNKED:
@@ -40,10 +39,7 @@ def response_head(resp: Response, req: Request, keep_alive: bool) -> tuple[bytes
     framing = resp.framing
     if framing == CLOSE or (framing == CHUNKED and req.http10):
         framing, keep_alive = CLOSE, False
-    out = [b"HTTP/1.1 %d " % resp.status, resp.reason, b"\r\n"]
-    for name, value in resp.headers:
-        out += (name, b": ", value, b"\r\n")
-    out += (b"Via: ", VIA, b"\r\n")
+    out = [b"HTTP/1.1 %d " % resp.status, resp.reason, b"\r\n", *resp.headers, VIA_LINE]
     if framing == LENGTH:
         out += (b"Content-Length: ", b"%d" % resp.length, b"\r\n")
     elif framing == CHUNKED:

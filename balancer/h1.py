@@ -9,14 +9,15 @@ answer (400, 413, 414, 417, 431, 505); the shell answers it and closes the conne
 backend never sees the request. The backend then gets a head rebuilt by us, framed by us
 (`forward.py`): never the client's bytes.
 
-Parsing works on the whole head at once (found by its blank line) with one precompiled
-regular expression per line: the per-request cost is what decides the balancer's speed.
+Parsing works on the whole head at once (found by its blank line): one regular expression
+validates the header block, another splits it; header lines are kept as received and
+forwarded as they are. The per-request cost here is much of the balancer's speed.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 NONE, LENGTH, CHUNKED, CLOSE = 0, 1, 2, 3
 """Body framings: no body, Content-Length, chunked, until the connection closes."""
@@ -43,44 +44,62 @@ class Limits:
     """A request body over this (declared or streamed) gets 413."""
 
 
-@dataclass(slots=True)
 class Request:
-    method: bytes
-    target: bytes
-    """Origin-form (an absolute-form target is reduced to its path and query)."""
-    http10: bool
-    headers: list[tuple[bytes, bytes]]
-    """End-to-end headers as received, hop-by-hop and framing ones removed."""
-    host: str
-    """Lower case, without port or trailing dot: what routing looks up."""
-    raw_host: bytes
-    framing: int
-    length: int = 0
-    keep_alive: bool = True
-    expect_continue: bool = False
-    upgrade: bytes | None = None
-    """The Upgrade header's value when the client asked to switch protocols."""
-    forwarded_for: bytes | None = None
+    """A parsed request head. Treated as a value once parsed."""
+
+    __slots__ = ("method", "target", "http10", "headers", "host", "raw_host", "framing",
+                 "length", "keep_alive", "expect_continue", "upgrade", "forwarded_for")
+
+    def __init__(self, method: bytes, target: bytes, http10: bool, headers: list[bytes],
+                 host: str, raw_host: bytes, framing: int, length: int = 0,
+                 keep_alive: bool = True, expect_continue: bool = False,
+                 upgrade: bytes | None = None, forwarded_for: bytes | None = None) -> None:
+        self.method = method
+        self.target = target
+        """Origin-form (an absolute-form target is reduced to its path and query)."""
+        self.http10 = http10
+        self.headers = headers
+        """End-to-end header lines as received (CRLF included); hop-by-hop, framing and
+        X-Forwarded-* ones removed."""
+        self.host = host
+        """Lower case, without port or trailing dot: what routing looks up."""
+        self.raw_host = raw_host
+        self.framing = framing
+        self.length = length
+        self.keep_alive = keep_alive
+        self.expect_continue = expect_continue
+        self.upgrade = upgrade
+        """The Upgrade header's value when the client asked to switch protocols."""
+        self.forwarded_for = forwarded_for
 
 
-@dataclass(slots=True)
 class Response:
-    status: int
-    reason: bytes
-    headers: list[tuple[bytes, bytes]]
-    framing: int
-    length: int = 0
-    reusable: bool = True
-    """Whether the backend connection may carry another request afterwards."""
-    upgrade: bytes | None = None
-    extra: list[tuple[bytes, bytes]] = field(default_factory=list)
+    """A parsed response head from a backend."""
+
+    __slots__ = ("status", "reason", "headers", "framing", "length", "reusable", "upgrade")
+
+    def __init__(self, status: int, reason: bytes, headers: list[bytes], framing: int,
+                 length: int = 0, reusable: bool = True, upgrade: bytes | None = None) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        """End-to-end header lines (CRLF included)."""
+        self.framing = framing
+        self.length = length
+        self.reusable = reusable
+        """Whether the backend connection may carry another request afterwards."""
+        self.upgrade = upgrade
 
 
 _TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/(\d)\.(\d)")
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) (\d{3})(?: ([\t\x20-\x7e\x80-\xff]*))?")
-_HEADER = re.compile(
-    rb"(" + _TOKEN + rb"):[ \t]*((?:[\x21-\x7e\x80-\xff](?:[ \t]*[\x21-\x7e\x80-\xff])*)?)[ \t]*")
+_BLOCK = re.compile(rb"(?:" + _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*\r\n)*")
+"""A header block (every line with its CRLF): field names are tokens right before the
+colon; values hold no CTL but HTAB (so no bare CR or LF, no NUL); no line starts with
+whitespace (obs-fold)."""
+_FIELD = re.compile(rb"((" + _TOKEN + rb"):([^\r]*)\r\n)")
+"""One header line of a block that matched _BLOCK: (line, name, value with its OWS)."""
 _HOST = re.compile(r"(?:[a-z0-9_.-]+|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 _ABSOLUTE = re.compile(rb"https?://([^/?#]*)([^#]*)", re.IGNORECASE)
@@ -92,6 +111,11 @@ HOP_BY_HOP = frozenset({
 })
 """Headers that describe one connection, not the message (RFC 9110 7.6.1), and the framing
 ones we set ourselves."""
+_OURS = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
+                   b"x-forwarded-port"})
+"""Set by the balancer: a client must not claim https, another host or another address
+(its X-Forwarded-For is kept, with the address we saw appended)."""
+_REQUEST_SPECIAL = HOP_BY_HOP | _OURS | {b"host"}
 
 
 def _head_bounds(buf: bytes, start: int, limits: Limits) -> int:
@@ -112,6 +136,21 @@ def _head_bounds(buf: bytes, start: int, limits: Limits) -> int:
     return end
 
 
+def _fields(buf: bytes, start: int, end: int) -> list[tuple[bytes, bytes, bytes]] | None:
+    """(line, name, value) of each header line in buf[start:end] (a block ending in CRLF),
+    or None when the block is malformed."""
+    if _BLOCK.fullmatch(buf, start, end) is None:
+        return None
+    return _FIELD.findall(buf, start, end)
+
+
+def _bad_line(buf: bytes, start: int, end: int) -> bytes:
+    """The first header line of a malformed block."""
+    lines = buf[start:end - 2].split(b"\r\n")
+    return next((line for line in lines if _BLOCK.fullmatch(line + b"\r\n") is None),
+                lines[0])
+
+
 def parse_request(buf: bytes, limits: Limits) -> tuple[Request, int] | None:
     """The request whose head starts `buf` and the length of that head, or None when the
     head is not complete yet. Raises ProtocolError for anything we refuse."""
@@ -121,65 +160,66 @@ def parse_request(buf: bytes, limits: Limits) -> tuple[Request, int] | None:
     end = _head_bounds(buf, start, limits)
     if end < 0:
         return None
-    lines = buf[start:end].split(b"\r\n")
-    m = _REQUEST_LINE.fullmatch(lines[0])
+    line_end = buf.find(b"\r\n", start)
+    m = _REQUEST_LINE.fullmatch(buf, start, line_end)
     if m is None:
         raise ProtocolError(400, "malformed request line")
     method, target, major, minor = m.groups()
     if major != b"1":
         raise ProtocolError(505, "only HTTP/1.0 and HTTP/1.1 are served")
     http10 = minor == b"0"
-    if len(lines) - 1 > limits.max_headers:
+    fields = _fields(buf, line_end + 2, end + 2)
+    if fields is None:
+        raise ProtocolError(400, _header_problem(_bad_line(buf, line_end + 2, end + 2)))
+    if len(fields) > limits.max_headers:
         raise ProtocolError(431, "too many request headers")
-    headers: list[tuple[bytes, bytes]] = []
+    headers: list[bytes] = []
     lengths: list[bytes] = []
     codings: list[bytes] = []
     hosts: list[bytes] = []
     connection: list[bytes] = []
     expect = upgrade = forwarded_for = None
-    for line in lines[1:]:
-        h = _HEADER.fullmatch(line)
-        if h is None:
-            raise ProtocolError(400, _header_problem(line))
-        name, value = h.groups()
+    special = _REQUEST_SPECIAL
+    for line, name, value in fields:
         lower = name.lower()
-        if lower in HOP_BY_HOP:
-            if lower == b"content-length":
-                lengths.append(value)
-            elif lower == b"transfer-encoding":
-                codings.extend(_tokens(value))
-            elif lower == b"connection":
-                connection.extend(_tokens(value))
-            elif lower == b"expect":
-                expect = value.lower()
-            elif lower == b"upgrade":
-                upgrade = value
-            continue
-        if lower == b"host":
-            hosts.append(value)
+        if lower not in special:
+            headers.append(line)
+        elif lower == b"host":
+            hosts.append(value.strip(b" \t"))
+            headers.append(line)
+        elif lower == b"content-length":
+            lengths.append(value.strip(b" \t"))
+        elif lower == b"transfer-encoding":
+            codings.extend(_tokens(value))
+        elif lower == b"connection":
+            connection.extend(_tokens(value))
+        elif lower == b"expect":
+            expect = value.strip(b" \t").lower()
+        elif lower == b"upgrade":
+            upgrade = value.strip(b" \t")
         elif lower == b"x-forwarded-for":
+            value = value.strip(b" \t")
             forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
-            continue
-        elif lower in (b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port"):
-            continue  # ours to set: a client must not claim https or another host
-        headers.append((name, value))
     if connection:
-        # headers the client named as connection-specific go no further (RFC 9110 7.6.1)
-        named = set(connection)
-        headers = [(n, v) for n, v in headers if n.lower() not in named]
-    target, raw_host = _target_and_host(method, target, hosts, http10)
+        headers = _without(headers, connection)
+    target, raw_host, host = _target_and_host(method, target, hosts, http10)
     framing, length = _request_framing(lengths, codings, http10, limits)
     if expect is not None and expect != b"100-continue":
         raise ProtocolError(417, "only Expect: 100-continue is understood")
     keep_alive = b"keep-alive" in connection if http10 else b"close" not in connection
     request = Request(
-        method=method, target=target, http10=http10, headers=headers,
-        host=_route_host(raw_host), raw_host=raw_host, framing=framing, length=length,
-        keep_alive=keep_alive, expect_continue=expect is not None and framing != NONE,
-        upgrade=upgrade if upgrade and b"upgrade" in connection and not http10 else None,
-        forwarded_for=forwarded_for,
-    )
+        method, target, http10, headers, host, raw_host, framing, length, keep_alive,
+        expect is not None and framing != NONE,
+        upgrade if upgrade and b"upgrade" in connection and not http10 else None,
+        forwarded_for)
     return request, end + 4
+
+
+def _without(lines: list[bytes], named: list[bytes]) -> list[bytes]:
+    """Lines of headers the Connection header did not name (RFC 9110 7.6.1: those are for
+    this hop only)."""
+    drop = set(named)
+    return [line for line in lines if line[:line.find(b":")].lower() not in drop]
 
 
 def _tokens(value: bytes) -> list[bytes]:
@@ -203,7 +243,8 @@ def _header_problem(line: bytes) -> str:
 
 
 def _target_and_host(method: bytes, target: bytes, hosts: list[bytes],
-                     http10: bool) -> tuple[bytes, bytes]:
+                     http10: bool) -> tuple[bytes, bytes, str]:
+    """(origin-form target, Host as sent, the name to route by)."""
     if len(hosts) > 1:
         raise ProtocolError(400, "more than one Host header")
     host = hosts[0] if hosts else None
@@ -219,17 +260,29 @@ def _target_and_host(method: bytes, target: bytes, hosts: list[bytes],
     if host is None:
         if not http10:
             raise ProtocolError(400, "missing Host header")
-        host = b""
-    if host and not _HOST.fullmatch(host.decode("latin-1").lower()):
+        return target, b"", ""
+    return target, host, route_host(host)
+
+
+_HOSTS: dict[bytes, str] = {}
+
+
+def route_host(raw: bytes) -> str:
+    """The name to route by: lower case, no port, no trailing dot; ProtocolError(400) for
+    a malformed Host. Remembered (a few thousand names): the same few come again and
+    again."""
+    name = _HOSTS.get(raw)
+    if name is not None:
+        return name
+    text = raw.decode("latin-1").lower()
+    if text and not _HOST.fullmatch(text):
         raise ProtocolError(400, "malformed Host header")
-    return target, host
-
-
-def _route_host(raw: bytes) -> str:
-    host = raw.decode("latin-1").lower()
-    if host.startswith("["):
-        return host[: host.find("]") + 1]
-    return host.partition(":")[0].rstrip(".")
+    bracket = text.find("]")  # an IPv6 literal: [::1]:8080
+    name = text[:bracket + 1] if bracket > 0 else text.partition(":")[0].rstrip(".")
+    if len(_HOSTS) >= 4096:
+        _HOSTS.clear()
+    _HOSTS[raw] = name
+    return name
 
 
 def _request_framing(lengths: list[bytes], codings: list[bytes], http10: bool,
@@ -267,42 +320,39 @@ def parse_response(buf: bytes, method: bytes, limits: Limits) -> tuple[Response,
         if len(buf) > limits.max_head:
             raise BackendError("response head too large")
         return None
-    lines = buf[:end].split(b"\r\n")
-    m = _STATUS_LINE.fullmatch(lines[0])
+    line_end = buf.find(b"\r\n")
+    m = _STATUS_LINE.fullmatch(buf, 0, line_end)
     if m is None:
         raise BackendError("malformed status line")
     minor, code, reason = m.groups()
     status = int(code)
-    headers: list[tuple[bytes, bytes]] = []
+    fields = _fields(buf, line_end + 2, end + 2)
+    if fields is None:
+        raise BackendError("malformed response header")
+    headers: list[bytes] = []
     lengths: list[bytes] = []
     codings: list[bytes] = []
     connection: list[bytes] = []
     upgrade = None
-    for line in lines[1:]:
-        h = _HEADER.fullmatch(line)
-        if h is None:
-            raise BackendError("malformed response header")
-        name, value = h.groups()
+    for line, name, value in fields:
         lower = name.lower()
-        if lower in HOP_BY_HOP:
-            if lower == b"content-length":
-                lengths.extend(_tokens(value))
-            elif lower == b"transfer-encoding":
-                codings.extend(_tokens(value))
-            elif lower == b"connection":
-                connection.extend(_tokens(value))
-            elif lower == b"upgrade":
-                upgrade = value
-            continue
-        headers.append((name, value))
-    if connection:
-        named = set(connection)
-        headers = [(n, v) for n, v in headers if n.lower() not in named]
+        if lower not in HOP_BY_HOP:
+            headers.append(line)
+        elif lower == b"content-length":
+            lengths.extend(_tokens(value))
+        elif lower == b"transfer-encoding":
+            codings.extend(_tokens(value))
+        elif lower == b"connection":
+            connection.extend(_tokens(value))
+        elif lower == b"upgrade":
+            upgrade = value.strip(b" \t")
+    if connection and connection != [b"keep-alive"]:
+        headers = _without(headers, connection)
     reusable = minor == b"1" and b"close" not in connection
     framing, length = NONE, 0
     if method == b"HEAD" or status < 200 or status in (204, 304):
         if lengths and status != 204:  # the size of what a GET would get: keep it
-            headers.append((b"Content-Length", lengths[0]))
+            headers.append(b"Content-Length: %s\r\n" % lengths[0])
     elif codings:
         if codings[-1] != b"chunked":
             framing, reusable = CLOSE, False

@@ -19,6 +19,7 @@ else in the process changes behaviour.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import socket
@@ -150,6 +151,11 @@ def run(options: Options, admin: tuple[str, int] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, drain)
     signal.signal(signal.SIGINT, drain)
+    # Everything imported so far lives as long as the process: out of the collector's
+    # sight, a full collection walks only what requests made (else ~100k objects, whose
+    # walk would stall every request in flight for tens of milliseconds).
+    gc.collect()
+    gc.freeze()
     log(f"listening on {options.bind[0]}:{options.bind[1]}, routes version "
         f"{proxy.router.version}")
     accept_forever(proxy, listener)
@@ -188,7 +194,7 @@ def follow_file(proxy: Proxy, source: FileRoutes, interval: float) -> None:
 def load_ledger(proxy: Proxy, ledger: LedgerRoutes, target: int,
                 patience: float = 1.0) -> None:
     """Read the routes view until the routes projector has applied `target` (polling
-    every 5 ms, for `patience` seconds at most), reloading whenever routes_version moved."""
+    every 2 ms, for `patience` seconds at most), reloading whenever routes_version moved."""
     deadline = time.monotonic() + patience
     while True:
         try:
@@ -202,7 +208,7 @@ def load_ledger(proxy: Proxy, ledger: LedgerRoutes, target: int,
             return
         if checkpoint >= target or time.monotonic() > deadline:
             return
-        eventlet.sleep(0.005)
+        eventlet.sleep(0.002)
 
 
 def follow_ledger(proxy: Proxy, ledger: LedgerRoutes, relays: Sequence[str],

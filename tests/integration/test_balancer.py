@@ -377,6 +377,9 @@ def test_several_processes_share_the_port(upstreams: list[Upstream]) -> None:
     try:
         b.set_routes([route("blog.localhost", upstreams[0])])
         wait_until(lambda: len(children(b.proc.pid)) == 2, 10, "two workers never ran")
+        # /healthz answers for the first worker only: the other may read the file later
+        wait_until(lambda: (b.dir / "balancer.log").read_text().count("routes version 2") == 2,
+                   10, "both workers never read the routes")
         for _ in range(20):
             conn = b.conn()
             assert get(conn, "blog.localhost")[0] == 200
