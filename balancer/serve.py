@@ -29,6 +29,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from balancer.accesslog import SOURCE, AccessLog
 from balancer.h1 import Limits
 from balancer.routing import Router, Settings
 from balancer.sources import FileRoutes, LedgerRoutes, RoutesError
@@ -63,6 +64,8 @@ class Options:
     reconcile: float = 1.0
     """Seconds between reads of the routes when no wake-up comes."""
     admin: tuple[str, int] | None = None
+    collector: str | None = None
+    """Where the access log goes (the log collector's PULL endpoint); None: no log."""
 
 
 def log(line: str) -> None:
@@ -129,8 +132,11 @@ def run(options: Options, admin: tuple[str, int] | None = None) -> int:
     """One balancer process, until SIGTERM has drained it."""
     eventlet.hubs.use_hub(OneShotHub)
     admin = options.admin if admin is None and options.processes <= 1 else admin
+    access = AccessLog() if options.collector else None
     proxy = Proxy(Router(options.settings), options.limits, options.timeouts,
-                  metrics=Metrics(), log=log)
+                  metrics=Metrics(), access=access, log=log)
+    if access is not None and options.collector:
+        eventlet.spawn_n(ship_access_log, access, options.collector)
     listener = listen(options.bind)
     if options.routes_file:
         source = FileRoutes(options.routes_file)
@@ -246,3 +252,19 @@ def listen_relays(relays: Sequence[str], wakeups: eventlet.queue.LightQueue) -> 
         if p > head:
             head = p
             wakeups.put(p)
+
+
+def ship_access_log(access: AccessLog, endpoint: str, every: float = 0.5) -> None:
+    """Every half second, each app's new access log lines to the collector (as the host
+    agents ship app logs); lines the collector cannot take now wait for the next turn."""
+    sock = gzmq.Context().socket(gzmq.PUSH)
+    sock.setsockopt(gzmq.SNDHWM, 1000)
+    sock.setsockopt(gzmq.LINGER, 1000)
+    sock.connect(endpoint)
+    while True:
+        eventlet.sleep(every)
+        for app, data in access.take().items():
+            try:
+                sock.send_multipart([app.encode(), SOURCE, data], gzmq.NOBLOCK)
+            except gzmq.Again:
+                access.put_back(app, data)

@@ -29,7 +29,7 @@ import eventlet.event
 from eventlet import tpool
 from eventlet.hubs import trampoline
 
-from balancer import forward, pages
+from balancer import accesslog, forward, pages
 from balancer.bodies import ChunkedBody, CloseBody, LengthBody, body_reader
 from balancer.h1 import (
     CHUNKED,
@@ -202,6 +202,7 @@ class Proxy:
 
     def __init__(self, router: Router, limits: Limits, timeouts: Timeouts,
                  proto: bytes = b"http", metrics: Metrics | None = None,
+                 access: accesslog.AccessLog | None = None,
                  log: Callable[[str], None] | None = None) -> None:
         self.router = router
         self.limits = limits
@@ -212,6 +213,7 @@ class Proxy:
         self.changed = eventlet.event.Event()
         self.draining = False
         self.metrics = metrics or Metrics()
+        self.access = access
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
 
     # --- routes and housekeeping ---------------------------------------------------------
@@ -293,12 +295,24 @@ class Proxy:
             pass
 
     def answer(self, sock: socket.socket, req: Request, status: int, text: str,
-               route: Route | None, started: float) -> bool:
+               route: Route | None, started: float, client_ip: str = "") -> bool:
         """Send one of our pages; whether the connection stays open."""
         keep = req.keep_alive and req.framing == NONE and not self.draining
-        sendall(sock, pages.page(status, text, close=not keep, head=req.method == b"HEAD"))
-        self.metrics.record(route.app if route else None, status, monotonic() - started)
+        page = pages.page(status, text, close=not keep, head=req.method == b"HEAD")
+        sendall(sock, page)
+        self.done(route, req, status, started, len(page), None, client_ip)
         return keep
+
+    def done(self, route: Route | None, req: Request, status: int, started: float,
+             nbytes: int, backend: Backend | None, client_ip: str) -> None:
+        """A request answered: router metrics, and the access log when one is kept."""
+        seconds = monotonic() - started
+        app = route.app if route else None
+        self.metrics.record(app, status, seconds)
+        if self.access is not None and app is not None:
+            self.access.add(app, accesslog.line(
+                req.method, req.target, req.host, client_ip, status, nbytes, seconds,
+                backend.address if backend else None))
 
     # --- one request ----------------------------------------------------------------------
 
@@ -331,14 +345,14 @@ class Proxy:
                 hit = router.lookup(req.host)
                 text = pages.MAINTENANCE if decision.status == 503 else pages.UNKNOWN_HOST
                 return self.answer(sock, req, decision.status, text,
-                                   hit[0] if hit else None, started), buf
+                                   hit[0] if hit else None, started, client_ip), buf
             route = decision.route
             if not hold_until:
                 hold_until = now + self.t.hold
                 self.metrics.held(route.app)
             if now >= hold_until:
                 status, text = (502, pages.BAD_GATEWAY) if failed else (503, pages.NO_BACKEND)
-                return self.answer(sock, req, status, text, route, started), buf
+                return self.answer(sock, req, status, text, route, started, client_ip), buf
             hit = router.lookup(req.host)
             wake = router.next_wake(hit[1], now) if hit else None
             until = min(hold_until, wake) if wake else hold_until
@@ -393,9 +407,10 @@ class Proxy:
                 if not reused:
                     self.router.failed(backend, monotonic())
                 return RETRY
-            return self.answer(csock, req, 502, pages.BAD_GATEWAY, route, started), b"", False
+            return self.answer(csock, req, 502, pages.BAD_GATEWAY, route, started,
+                               client_ip), b"", False
         return self.relay_response(csock, bsock, watch, req, buf, backend, reused, route,
-                                   started)
+                                   started, client_ip)
 
     def send_body(self, csock: socket.socket, bsock: socket.socket, watch: Watch,
                   req: Request, body: LengthBody | ChunkedBody, head: bytes,
@@ -443,7 +458,7 @@ class Proxy:
 
     def relay_response(self, csock: socket.socket, bsock: socket.socket, watch: Watch,
                        req: Request, buf: bytes, backend: Backend, reused: bool,
-                       route: Route, started: float) -> object:
+                       route: Route, started: float, client_ip: str) -> object:
         watch.sock, watch.how = bsock, SHUT_RDWR
         watch.deadline = monotonic() + self.t.backend
         watch.expired = False
@@ -458,13 +473,13 @@ class Proxy:
                 if watch.expired:
                     watch.expired = False
                     return self.answer(csock, req, 504, pages.GATEWAY_TIMEOUT, route,
-                                       started), buf, False
+                                       started, client_ip), buf, False
                 if not rbuf and can_retry(req, sent=True):
                     if not reused:
                         self.router.failed(backend, monotonic())
                     return RETRY
                 return self.answer(csock, req, 502, pages.BAD_GATEWAY, route,
-                                   started), buf, False
+                                   started, client_ip), buf, False
             rbuf = rbuf + data if rbuf else data
             while True:
                 try:
@@ -472,7 +487,7 @@ class Proxy:
                 except BackendError as exc:
                     self.log(f"backend {backend.address} of {route.app}: {exc}")
                     return self.answer(csock, req, 502, pages.BAD_GATEWAY, route,
-                                       started), buf, False
+                                       started, client_ip), buf, False
                 if parsed is None:
                     break
                 resp, size = parsed
@@ -485,9 +500,9 @@ class Proxy:
         if resp.status == 101:
             if req.upgrade is None:
                 return self.answer(csock, req, 502, pages.BAD_GATEWAY, route,
-                                   started), buf, False
+                                   started, client_ip), buf, False
             head, _, _ = forward.response_head(resp, req, True)
-            self.metrics.record(route.app, 101, monotonic() - started)
+            self.done(route, req, 101, started, 0, backend, client_ip)
             self.tunnel(csock, bsock, watch, head + rbuf, buf)
             return False, b"", False
         keep = req.keep_alive and not self.draining
@@ -496,7 +511,7 @@ class Proxy:
         if rbody is None:
             sendall(csock, head)
             reusable = resp.reusable and not rbuf
-            self.metrics.record(route.app, resp.status, monotonic() - started)
+            self.done(route, req, resp.status, started, 0, backend, client_ip)
             return keep, buf, reusable and not watch.expired
         frame = forward.chunk if framing == CHUNKED else None
         piece = rbody.feed(rbuf) if rbuf else b""
@@ -525,7 +540,7 @@ class Proxy:
             out += forward.LAST_CHUNK
         if out:
             sendall(csock, out)
-        self.metrics.record(route.app, resp.status, monotonic() - started)
+        self.done(route, req, resp.status, started, rbody.total, backend, client_ip)
         return keep, buf, resp.reusable and not rbody.rest and not watch.expired
 
     def tunnel(self, csock: socket.socket, bsock: socket.socket, watch: Watch,

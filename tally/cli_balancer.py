@@ -44,12 +44,15 @@ def register(cli: click.Group) -> None:
     @click.option("--drain", default=30.0, show_default=True,
                   help="Seconds in-flight requests get to finish on SIGTERM.")
     @click.option("--admin", help="HOST:PORT for /metrics and /healthz (off by default).")
+    @click.option("--collector", help="Ship the access log to this log collector endpoint "
+                                      "(default: TALLY_COLLECTOR, none with --routes).")
     @click.pass_obj
     @fail_cleanly
     def serve_balancer(cfg: Config, bind: str, routes_file: str | None, processes: int,
                        policy: str, hold: float, max_body_mb: float, idle_timeout: float,
                        header_timeout: float, connect_timeout: float, backend_timeout: float,
-                       cooldown: float, drain: float, admin: str | None) -> None:
+                       cooldown: float, drain: float, admin: str | None,
+                       collector: str | None) -> None:
         """Route HTTP by Host header to apps' healthy instances (from the ledger's routes
         view, or from --routes FILE)."""
         from balancer.h1 import Limits
@@ -68,5 +71,6 @@ def register(cli: click.Group) -> None:
             timeouts=Timeouts(idle=idle_timeout, header=header_timeout,
                               connect=connect_timeout, backend=backend_timeout, hold=hold),
             drain=drain, admin=_address(admin, "--admin") if admin else None,
+            collector=collector or (None if routes_file else cfg.collector),
         )
         raise SystemExit(main(options))

@@ -393,3 +393,28 @@ def test_several_processes_share_the_port(upstreams: list[Upstream]) -> None:
 def children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
+
+
+def test_access_log_lines_reach_the_apps_logs(upstreams: list[Upstream], tmp_path: Path) -> None:
+    from agents.logs import Collector
+
+    endpoint = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+    stop = threading.Event()
+    collector = threading.Thread(target=Collector(tmp_path).run, args=(endpoint, stop))
+    collector.start()
+    b = Balancer("--collector", endpoint)
+    try:
+        b.set_routes([route("blog.localhost", upstreams[0])])
+        conn = b.conn()
+        assert get(conn, "blog.localhost", "/hello?x=1")[0] == 200
+        assert get(conn, "nope.localhost")[0] == 404  # no app: no app's log to write to
+        log = tmp_path / "blog" / "current.log"
+        wait_until(lambda: log.exists() and "status=200" in log.read_text(), 10,
+                   "no access log line reached the collector")
+        (entry,) = log.read_text().splitlines()
+        assert " router at=info method=GET path=\"/hello?x=1\" host=blog.localhost " in entry
+        assert f"backend={upstreams[0].address}" in entry and 'fwd="127.0.0.1"' in entry
+    finally:
+        b.stop()
+        stop.set()
+        collector.join(5)

@@ -381,3 +381,38 @@ def test_backend_state_survives_a_route_update() -> None:
     r.update([Route("a", "a", ("h:1", "h:3")), Route("*.b", "b", ("h:1",))], version=2)
     assert r.lookup("a")[1][0] is kept and r.lookup("x.b")[1][0] is kept
     assert [b.address for b in r.lookup("a")[1]] == ["h:1", "h:3"] and r.version == 2
+
+
+# --- router metrics and access log ------------------------------------------------------------
+
+
+def test_metrics_by_status_class_and_percentiles() -> None:
+    from balancer.metrics import Metrics
+
+    m = Metrics()
+    for i in range(100):
+        m.record("blog", 200 if i < 90 else 503, (i + 1) / 1000)  # 1..100 ms
+    m.held("blog")
+    m.retried("blog")
+    blog = m.apps["blog"]
+    assert blog.classes[2] == 90 and blog.classes[5] == 10
+    assert 0.05 <= blog.percentile(0.5) <= 0.055  # bucket bounds: within 10% above
+    assert 0.099 <= blog.percentile(0.99) <= 0.11
+    text = m.prometheus()
+    assert 'tally_router_requests_total{app="blog",class="5xx"} 10' in text
+    assert 'tally_router_held_total{app="blog"} 1' in text
+    assert 'tally_router_latency_seconds{app="blog",quantile="0.99"}' in text
+
+
+def test_access_log_lines_and_bounded_buffer() -> None:
+    from balancer.accesslog import AccessLog, line
+
+    text = line(b"GET", b'/a"b', "blog.localhost", "10.0.0.1", 200, 12, 0.0034, "h:1")
+    assert text == ('at=info method=GET path="/a\\"b" host=blog.localhost fwd="10.0.0.1" '
+                    "status=200 bytes=12 service=3ms backend=h:1")
+    assert line(b"GET", b"/", "a", "b", 502, 0, 0.0, None).startswith("at=error")
+    log = AccessLog(max_lines=2)
+    for i in range(3):
+        log.add("blog", f"line {i}")
+    assert log.dropped == 1
+    assert log.take() == {"blog": b"line 1\nline 2\n"} and log.take() == {}
