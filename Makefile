@@ -54,3 +54,4 @@ bench-quick: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy

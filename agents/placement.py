@@ -71,7 +71,7 @@ class _Slots:
     """Free capacity and ports of the alive hosts, for one reconcile."""
 
     hosts: dict[str, Host]
-    load: Counter = field(default_factory=Counter)
+    load: Counter[str] = field(default_factory=Counter)
     ports: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
     next_port: dict[str, int] = field(default_factory=dict)
     heap: list[tuple[int, str]] = field(default_factory=list)
@@ -93,7 +93,7 @@ class _Slots:
         self.next_port[host_id] = port
         return port if port <= h.port_max else None
 
-    def take(self, count: int, group: Counter) -> list[tuple[str, int]]:
+    def take(self, count: int, group: Counter[str]) -> list[tuple[str, int]]:
         """Up to `count` (host, port) slots, spreading over the hosts with the fewest of
         `group` first, then the least loaded."""
         picks: list[tuple[str, int]] = []
@@ -284,7 +284,7 @@ def _shortfall(app: App, target: int, ptype: str, wanted: int, placed: int) -> l
         "placed": placed, "reason": reason})]
 
 
-def _place(app: App, target: int, ptype: str, count: int, slots: _Slots, group: Counter,
+def _place(app: App, target: int, ptype: str, count: int, slots: _Slots, group: Counter[str],
            new_id: Callable[[str, int, str], str]) -> list[NewEvent]:
     return [NewEvent("InstancePlaced", {
         "instance_id": new_id(app.name, target, ptype), "app": app.name, "release": target,

@@ -104,16 +104,16 @@ def plan(wants: dict[str, Want], local: dict[str, Local], now: float) -> list[Ac
         elif loc.state is not State.PREPARING:
             out.append(Action(Do.FORGET, iid))
     for iid, want in sorted(wants.items()):
-        loc = local.get(iid)
-        if loc is None:
+        mine = local.get(iid)
+        if mine is None:
             out.append(Action(Do.PREPARE, iid, want))
-        elif loc.want != want:
+        elif mine.want != want:
             continue  # stopping the old incarnation first
-        elif loc.state is State.STARTING or (
-                loc.state is State.HEALTHY and want.process_type == WEB
-                and now >= loc.next_check):
+        elif mine.state is State.STARTING or (
+                mine.state is State.HEALTHY and want.process_type == WEB
+                and now >= mine.next_check):
             out.append(Action(Do.CHECK, iid, want))
-        elif loc.state is State.EXITED and now >= loc.next_start:
+        elif mine.state is State.EXITED and now >= mine.next_start:
             out.append(Action(Do.PREPARE, iid, want))
     return out
 

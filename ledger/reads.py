@@ -105,10 +105,11 @@ def recorded_after(cur: Any, position: int) -> datetime | None:
 def head_of(cur: Any) -> int:
     """The highest position readers can see: everything at or below it is final."""
     cur.execute("SELECT coalesce(max(position), 0) FROM ledger.positions")
-    return cur.fetchone()[0]
+    head: int = cur.fetchone()[0]
+    return head
 
 
-def recorded(row: tuple) -> RecordedEvent:
+def recorded(row: tuple[Any, ...]) -> RecordedEvent:
     """A row of COLUMNS as an event, its payload upcast to the current schema."""
     position, id_, stream, version, type_, data, metadata, recorded_at = row
     stored = metadata.get("schema", 1) if isinstance(metadata, dict) else 1

@@ -104,5 +104,5 @@ def _key_getter(columns: tuple[str, ...]) -> Callable[[Row], Key]:
     return lambda row: tuple(row[c] for c in columns)
 
 
-def _sortable(key: Key) -> tuple:
+def _sortable(key: Key) -> tuple[tuple[bool, str, Any], ...]:
     return tuple((v is None, str(type(v)), v if v is not None else 0) for v in key)

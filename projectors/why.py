@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from ledger.events import RecordedEvent
 from ledger.vocabulary import (
@@ -70,7 +71,7 @@ class Explanation:
         return [self.summary, *(("- " if f.problem else "  ") + f.render()
                                 for f in self.findings)]
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {"app": self.app, "serving": self.serving, "head": self.head,
                 "summary": self.summary,
                 "findings": [{"text": f.text, "positions": sorted(set(f.positions)),
@@ -80,12 +81,17 @@ class Explanation:
 def explain(app: str, events: Sequence[RecordedEvent], now: datetime) -> Explanation:
     """Why `app` is or is not serving, from `events` (any order; unsequenced ones are
     ignored), as of `now`."""
-    events = sorted((e for e in events if e.position is not None), key=lambda e: e.position)
-    head = events[-1].position if events else 0
+    events = sorted((e for e in events if e.position is not None), key=_position)
+    head = _position(events[-1]) if events else 0
     views = project(WHY_PROJECTORS, events)
     findings: list[Finding] = []
     serving = _walk(app, events, views, now, liveness_of(events), findings)
     return Explanation(app, serving, head, tuple(findings))
+
+
+def _position(e: RecordedEvent) -> int:
+    assert e.position is not None, "why reads sequenced events only"
+    return e.position
 
 
 def _walk(app: str, events: Sequence[RecordedEvent], v: dict[str, Tables], now: datetime,
@@ -94,7 +100,7 @@ def _walk(app: str, events: Sequence[RecordedEvent], v: dict[str, Tables], now: 
     if row is None:
         deleted = _last(events, "AppDeleted", lambda e: e.data["name"] == app)
         if deleted is not None:
-            out.append(Finding(f"{app} was deleted.", (deleted.position,)))
+            out.append(Finding(f"{app} was deleted.", (_position(deleted),)))
         else:
             out.append(Finding(f"There is no app named {app} in the ledger (never created)."))
         return False

@@ -8,9 +8,9 @@ import sys
 import click
 
 import migrations
-from tally import cli_agents, cli_apps, cli_balancer, cli_state, daemons, platform
+from tally import cli_agents, cli_apps, cli_balancer, cli_state, platform, supervise, systemd
 from tally.config import Config
-from tally.console import daemon_logging, fail_cleanly, parse_age, stop_event
+from tally.console import daemon_logging, fail_cleanly, parse_age, stop_event, table
 
 
 @click.group()
@@ -163,18 +163,16 @@ def up(cfg: Config) -> None:
     cluster.start()
     migrations.upgrade(cluster.dsn("tally_owner"))
     suffix = platform.platform_suffix(cfg, platform.UP_SUFFIX, if_unset=True)
-    for name, args, _ in platform.daemons(cfg):
-        if daemons.pid_of(cfg.run_dir, name) is None:
-            daemons.start(cfg.run_dir, cfg.log_dir, name, args,
-                          env=platform.environment(cfg, name))
+    supervise.up(cfg, platform.programs(cfg), supervise.base_environment())
     platform.wait_ready(cfg)
-    click.echo("tally is up:")
+    click.echo("tally is up (daemons under supervisord; `tally status` shows them):")
     for n in cluster.status():
         click.echo(f"  ledger node {n.name}: {n.role} on {cluster.spec.host}:{n.port}")
+    pids = {d["name"]: d["pid"] for d in supervise.status(cfg)}
     for name, _, where in platform.daemons(cfg):
-        click.echo(f"  {name}: {where} (pid {daemons.pid_of(cfg.run_dir, name)})")
+        click.echo(f"  {name}: {where} (pid {pids.get(name)})")
     click.echo(f"  apps answer at http://<app>.{suffix}/ (tally admin suffix to change it)")
-    click.echo(f"  logs: {cfg.log_dir}   stop with: tally down")
+    click.echo(f"  logs: {cfg.log_dir} (rotated)   stop with: tally down")
     for line in cli_apps.first_admin(cfg):
         click.echo(line)
 
@@ -183,12 +181,36 @@ def up(cfg: Config) -> None:
 @click.pass_obj
 @fail_cleanly
 def down(cfg: Config) -> None:
-    """Stop every daemon `tally up` started, then the apps' database cluster (add-ons
-    start it) and the ledger cluster."""
-    daemons.stop(cfg.run_dir, daemons.names(cfg.run_dir))
+    """Stop every daemon `tally up` started and supervisord, then the apps' database
+    cluster (add-ons start it) and the ledger cluster."""
+    supervise.down(cfg)
     for cluster in (cfg.apps_cluster(), cfg.cluster()):
         if cluster.initialized():
             cluster.stop()
+
+
+@cli.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+@fail_cleanly
+def status(cfg: Config, as_json: bool) -> None:
+    """The daemons `tally up` runs: state, pid, uptime, restarts after a crash."""
+    rows = supervise.status(cfg)
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    table(rows, ["name", "state", "pid", "uptime_s", "restarts", "last_exit"])
+
+
+@cli.command("systemd-units")
+@click.option("--user", default="root", show_default=True,
+              help="The user the daemons run as (the agent needs root to run apps as "
+              "their own users).")
+@click.pass_obj
+@fail_cleanly
+def systemd_units(cfg: Config, user: str) -> None:
+    """Print the systemd units a production host runs tally's daemons with."""
+    click.echo(systemd.render(platform.programs(cfg, secrets=False), user), nl=False)
 
 
 # Each part's commands live in its own module and register here.

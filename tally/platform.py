@@ -1,5 +1,6 @@
 """What `tally up` runs on one machine: each daemon's name, `tally` arguments, and where
-a person reaches it. Each part adds its daemons here."""
+a person reaches it. Each part adds its daemons here; tally/supervise.py runs the table
+under supervisord, tally/systemd.py writes it as systemd units."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import time
 import urllib.request
 
 from tally.config import Config
+from tally.supervise import Program
 
 
 def daemons(cfg: Config) -> list[tuple[str, list[str], str]]:
@@ -27,6 +29,13 @@ def daemons(cfg: Config) -> list[tuple[str, list[str], str]]:
                                    ports, "--stop-apps-on-exit"],
                     f"host h{i}, app ports {ports}"))
     return out
+
+
+def programs(cfg: Config, secrets: bool = True) -> list[Program]:
+    """The daemon table as Supervisor or systemd run it (`secrets`: with the agents'
+    tokens, made on first use; without, for printing units)."""
+    return [Program(name, args, environment(cfg, name) if secrets else {})
+            for name, args, _ in daemons(cfg)]
 
 
 def environment(cfg: Config, name: str) -> dict[str, str]:

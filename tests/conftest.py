@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import random
 import shutil
 import socket
 import subprocess
@@ -16,7 +17,8 @@ from pathlib import Path
 import pytest
 
 import migrations
-from ledger import Ledger, NewEvent
+from agents.users import user_name
+from ledger import Ledger, LedgerError, NewEvent
 from ledger.cluster import Cluster, ClusterSpec
 from ledger.subscriber import Subscriber
 from tests.waiting import wait_until
@@ -34,6 +36,27 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def free_port_range(n: int, attempts: int = 200) -> tuple[int, int]:
+    """n consecutive TCP ports free on 127.0.0.1 right now (an agent's app port range),
+    above the kernel's ephemeral range so no outgoing connection takes one meanwhile."""
+    rng = random.Random()
+    for _ in range(attempts):
+        low = rng.randrange(20000, 32000 - n)
+        socks = []
+        try:
+            for port in range(low, low + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return low, low + n - 1
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports found")
+
+
 def make_cluster() -> Cluster:
     """A fresh migrated cluster in a temporary folder the postgres user can reach."""
     root = Path(tempfile.mkdtemp(prefix="tally-test-"))
@@ -45,7 +68,22 @@ def make_cluster() -> Cluster:
     return cluster
 
 
+SESSION_APPS: set[str] = set()
+"""Apps this test session created: their Unix users (made by the agents, as root) are
+removed at the end of the session, and no one else's."""
+
+
+def made_apps(cluster: Cluster) -> set[str]:
+    """Every app ever created in this cluster's ledger (none if it does not answer)."""
+    try:
+        with Ledger(cluster.dsn(), retry_deadline=2) as ledger:
+            return {e.data["name"] for e in ledger.read_all(types=["AppCreated"], limit=None)}
+    except LedgerError:
+        return set()
+
+
 def destroy_cluster(cluster: Cluster) -> None:
+    SESSION_APPS.update(made_apps(cluster))
     cluster.destroy()
     shutil.rmtree(cluster.root.parent, ignore_errors=True)
 
@@ -64,14 +102,21 @@ def _app_users() -> set[str]:
     return {u.pw_name for u in pwd.getpwall() if u.pw_name.startswith("tally-")}
 
 
+def session_users(before: set[str], now: set[str], apps: set[str]) -> set[str]:
+    """The Unix users to remove: made during the session (absent `before`) for one of the
+    session's own apps. Other test runs on this machine make users too, meanwhile: theirs
+    stay, whatever their names look like."""
+    return (now - before) & {user_name(app) for app in apps}
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_app_users_left() -> Iterator[None]:
     """Remove the Unix users that agents made for the session's apps (as root they make
-    one per app), so runs do not pile them up in /etc/passwd. Only users this session
-    made; one whose process still runs stays (userdel refuses)."""
+    one per app), so runs do not pile them up in /etc/passwd. Only users of apps this
+    session created; one whose process still runs stays (userdel refuses)."""
     before = _app_users()
     yield
-    for name in sorted(_app_users() - before):
+    for name in sorted(session_users(before, _app_users(), SESSION_APPS)):
         subprocess.run(["userdel", name], capture_output=True)
 
 

@@ -1,10 +1,12 @@
 """`tally up` and `tally down` as `make up` runs them, on private ports and a private home:
-every daemon starts, the API answers, a second `up` changes nothing, `down` stops all."""
+every daemon starts under supervisord, the API answers, a daemon killed with -9 comes back
+and `tally status` counts its restart, a second `up` changes nothing, `down` stops all."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -13,9 +15,9 @@ from pathlib import Path
 import requests
 
 from ledger.cluster import pid_alive
-from tally import daemons
+from tally import supervise
 from tally.config import Config
-from tests.conftest import free_ports
+from tests.conftest import free_port_range, free_ports
 from tests.waiting import wait_until
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "apps"
@@ -25,6 +27,7 @@ def test_up_then_down() -> None:
     home = Path(tempfile.mkdtemp(prefix="tally-up-"))
     home.chmod(0o755)
     ports = free_ports(11)
+    low, high = free_port_range(20)
     env = {
         **os.environ, "TALLY_HOME": str(home),
         "TALLY_LEDGER_PORTS": f"{ports[0]},{ports[1]}",
@@ -32,7 +35,7 @@ def test_up_then_down() -> None:
         "TALLY_API_BIND": f"127.0.0.1:{ports[4]}",
         "TALLY_COLLECTOR": f"tcp://127.0.0.1:{ports[5]}",
         "TALLY_APPS_DB_PORTS": f"{ports[6]},{ports[7]}",
-        "TALLY_AGENT_PORTS": "17300-17309,17310-17319",
+        "TALLY_AGENT_PORTS": f"{low}-{low + 9},{low + 10}-{high}",
         "TALLY_BALANCERS": f"127.0.0.1:{ports[9]},127.0.0.1:{ports[10]}",
         "TALLY_CREDENTIALS": str(home / "credentials.json"),
     }
@@ -44,7 +47,9 @@ def test_up_then_down() -> None:
     try:
         first = tally("up")
         assert first.returncode == 0, first.stderr
-        names = daemons.names(cfg.run_dir)
+        running = {d["name"]: d for d in supervise.status(cfg)}
+        names = sorted(running)
+        assert all(d["state"] == "RUNNING" and d["restarts"] == 0 for d in running.values())
         assert {"relay-1", "relay-2", "projectors", "api", "placer", "agent-1",
                 "agent-2", "collector", "balancer-1", "balancer-2"} <= set(names)
         assert "first admin" in first.stdout
@@ -72,13 +77,28 @@ def test_up_then_down() -> None:
             run = tally("run", "-a", "hello", "--", "python", "-c", "print('one-off')")
             assert run.returncode == 0 and "one-off" in run.stdout, run.stderr
 
-        pids = {n: daemons.pid_of(cfg.run_dir, n) for n in names}
+        # A crashed daemon comes back, and `tally status` says it was restarted.
+        placer = running["placer"]["pid"]
+        os.kill(placer, signal.SIGKILL)
+        back = wait_until(lambda: next((d for d in supervise.status(cfg)
+                                        if d["name"] == "placer" and d["state"] == "RUNNING"
+                                        and d["pid"] not in (None, placer)), None),
+                          60, "placer not restarted")
+        assert back["restarts"] == 1 and "SIGKILL" in back["last_exit"]
+        shown = tally("status")
+        assert shown.returncode == 0, shown.stderr
+        (line,) = [x for x in shown.stdout.splitlines() if x.startswith("placer ")]
+        assert line.split()[1:3] == ["RUNNING", str(back["pid"])] and " 1 " in line
+        assert (cfg.log_dir / "placer.log").exists()
+
+        pids = {d["name"]: d["pid"] for d in supervise.status(cfg)}
         again = tally("up")
         assert again.returncode == 0 and "first admin" not in again.stdout
-        assert {n: daemons.pid_of(cfg.run_dir, n) for n in names} == pids
+        assert {d["name"]: d["pid"] for d in supervise.status(cfg)} == pids
         down = tally("down")
         assert down.returncode == 0, down.stderr
         assert not any(pid_alive(p) for p in pids.values() if p)
+        assert not supervise.running(cfg) and tally("status").returncode == 1
         assert {n.role for n in cfg.cluster().status()} == {"stopped"}
     finally:
         tally("down")

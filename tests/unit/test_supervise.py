@@ -1,0 +1,74 @@
+"""`tally up`'s supervisor config, restart counting and systemd units, without starting
+anything (the e2e test tests/e2e/test_up.py runs the real supervisord)."""
+
+from __future__ import annotations
+
+import configparser
+from pathlib import Path
+
+import pytest
+
+from tally import supervise, systemd
+from tally.config import Config
+from tests.conftest import session_users
+
+CFG = Config.from_env({"TALLY_HOME": "/srv/tally%home"})
+PROGRAMS = [supervise.Program("placer", ["serve", "placer"], {}),
+            supervise.Program("agent-1", ["serve", "agent", "--host-id", "h1"],
+                              {"TALLY_AGENT_TOKEN": "tly_secret"})]
+
+
+def test_config_restarts_rotates_and_hands_on_the_settings() -> None:
+    text = supervise.config(CFG, PROGRAMS, {"TALLY_HOME": "/srv/tally%home"})
+    parsed = configparser.ConfigParser()
+    parsed.read_string(text)  # interpolation on, as supervisord reads it
+    agent = parsed["program:agent-1"]
+    assert agent["autorestart"] == "true" and int(agent["startretries"]) > 1
+    assert agent["command"].endswith("-m tally.cli serve agent --host-id h1")
+    assert 'TALLY_AGENT_TOKEN="tly_secret"' in agent["environment"]
+    assert 'TALLY_HOME="/srv/tally%home"' in agent["environment"]
+    assert agent["stdout_logfile"] == "/srv/tally%home/log/agent-1.log"
+    assert int(agent["stdout_logfile_maxbytes"]) > 0 and int(agent["stdout_logfile_backups"])
+    assert agent["directory"] == "/"  # TALLY_HOME/ledger would shadow the ledger package
+    assert parsed["unix_http_server"]["chmod"] == "0700"
+
+
+def test_a_value_supervisord_cannot_carry_is_refused() -> None:
+    bad = [supervise.Program("api", ["serve", "api"], {"X": 'say "hi"'})]
+    with pytest.raises(ValueError, match="quote"):
+        supervise.config(CFG, bad, {})
+
+
+def test_restarts_are_the_unexpected_exits_since_supervisord_started() -> None:
+    log = "\n".join([
+        "2026-12-06 05:00:00,000 INFO supervisord started with pid 10",
+        "2026-12-06 05:00:01,000 WARN exited: placer (terminated by SIGKILL; not expected)",
+        "2026-12-06 05:10:00,000 INFO supervisord started with pid 20",
+        "2026-12-06 05:10:01,000 INFO spawned: 'placer' with pid 21",
+        "2026-12-06 05:11:00,000 WARN exited: placer (terminated by SIGKILL; not expected)",
+        "2026-12-06 05:12:00,000 WARN exited: relay-1 (exit status 1; not expected)",
+        "2026-12-06 05:12:30,000 WARN exited: relay-1 (exit status 0; expected)",
+    ])
+    assert supervise.restarts(log) == {"placer": ["terminated by SIGKILL"],
+                                       "relay-1": ["exit status 1"]}
+
+
+def test_systemd_units_restart_and_keep_secrets_off_the_unit() -> None:
+    units = systemd.units(PROGRAMS)
+    assert list(units) == ["tally.target", "tally-placer.service", "tally-agent-1.service"]
+    assert "tally-placer.service" in units["tally.target"]
+    agent = units["tally-agent-1.service"]
+    assert "Restart=always" in agent and "tly_secret" not in agent
+    assert f"EnvironmentFile={systemd.ENV_FILE}" in agent and "PartOf=tally.target" in agent
+    assert "# /etc/systemd/system/tally.target" in systemd.render(PROGRAMS)
+
+
+def test_tests_remove_only_the_users_of_their_own_apps() -> None:
+    before = {"tally-old"}
+    now = {"tally-old", "tally-mine", "tally-someone-elses"}
+    assert session_users(before, now, {"mine", "gone"}) == {"tally-mine"}
+
+
+def test_status_says_when_tally_is_not_up(tmp_path: Path) -> None:
+    with pytest.raises(supervise.SupervisorError, match="not up"):
+        supervise.status(Config.from_env({"TALLY_HOME": str(tmp_path)}))
