@@ -4,7 +4,9 @@
 
 Everything runs in one private cluster (primary + synchronous standby) with two relays up,
 as in production. Each figure is the median of several alternating rounds of ours and the
-baseline, so both see the same machine. Ends with one JSON line.
+baseline, so both see the same machine. At 16 writers a second baseline, pgbench
+(`-M prepared`, 16 clients) inserting the same rows, shows where the server stands: the
+Python-client baseline pays the same client costs as we do. Ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -106,6 +111,27 @@ def raw(dsn: str, worker: int, batch: int, start_at: float, duration: float) -> 
     return n
 
 
+PGBENCH_SCRIPT = (
+    "\\set v random(1, 2000000000)\n"
+    "INSERT INTO public.bench_raw (stream, category, version, type, data, metadata, "
+    "idempotency_key) VALUES ('heartbeat-pgb' || :client_id, 'heartbeat', :v, "
+    f"'HostHeartbeat', '{json.dumps(PAYLOAD)}', '{{\"schema\": 1}}', md5(:v::text || "
+    "random()::text));\n"
+)
+
+
+def pgbench_rate(cluster: Cluster, clients: int, duration: float) -> float:
+    """Inserts/s of pgbench -M prepared with `clients` clients, same rows as `raw`."""
+    with tempfile.NamedTemporaryFile("w", suffix=".sql") as script:
+        script.write(PGBENCH_SCRIPT)
+        script.flush()
+        out = subprocess.run(
+            [str(cluster.spec.bin_dir / "pgbench"), "-n", "-M", "prepared", "-c", str(clients),
+             "-j", "2", "-T", str(max(1, round(duration))), "-f", script.name, cluster.dsn()],
+            capture_output=True, text=True, check=True).stdout
+    return float(re.search(r"tps = ([\d.]+)", out).group(1))
+
+
 def _run_worker(args: tuple) -> int:
     fn, *rest = args
     return fn(*rest)
@@ -161,11 +187,17 @@ def main() -> None:
     with bench_cluster() as (cluster, endpoints), mp.get_context("fork").Pool(16) as pool:
         dsn = cluster.dsn()
         for label, writers, batch, key in cases:
-            ours_r, raw_r = [], []
+            ours_r, raw_r, pgb_r = [], [], []
             for _ in range(rounds):
                 raw_r.append(rate(pool, raw, dsn, writers, batch, duration))
                 ours_r.append(rate(pool, ours, dsn, writers, batch, duration))
+                if key == "c16":
+                    pgb_r.append(pgbench_rate(cluster, writers, duration))
             results[key] = (label, statistics.median(ours_r), statistics.median(raw_r))
+            if pgb_r:
+                pgbench_c16 = statistics.median(pgb_r)
+                print("pgbench, 16 clients: " + "  ".join(f"{r:,.0f}" for r in pgb_r),
+                      file=sys.stderr)
             # Each round's pair, so a reader sees how much this machine drifted.
             print(f"{label}: " + "  ".join(f"{o:,.0f}/{r:,.0f}"
                                            for o, r in zip(ours_r, raw_r, strict=True)),
@@ -175,11 +207,15 @@ def main() -> None:
     print(f"{'case':<26}{'tally append/s':>16}{'raw INSERT/s':>16}{'ratio':>8}")
     for label, o, r in results.values():
         print(f"{label:<26}{o:>16,.0f}{r:>16,.0f}{o / r:>8.2f}")
+    ours_c16 = results["c16"][1]
+    print(f"{'single, 16 writers':<26}{ours_c16:>16,.0f}{pgbench_c16:>16,.0f}"
+          f"{ours_c16 / pgbench_c16:>8.2f}  (pgbench -M prepared -c 16)")
     p50, p99 = pct(lat, 0.5) * 1000, pct(lat, 0.99) * 1000
     print(f"relay wake-up after append: p50 {p50:.2f} ms, p99 {p99:.2f} ms ({len(lat)} samples)")
     print(json.dumps({
         "append_ratio_c1": round(results["c1"][1] / results["c1"][2], 3),
         "append_ratio_c16": round(results["c16"][1] / results["c16"][2], 3),
+        "append_ratio_pgbench_c16": round(ours_c16 / pgbench_c16, 3),
         "append_ratio_batch100": round(results["batch100"][1] / results["batch100"][2], 3),
         "wakeup_p50_ms": round(p50, 2),
         "wakeup_p99_ms": round(p99, 2),

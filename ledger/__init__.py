@@ -10,6 +10,7 @@ from ledger.errors import (
     InvalidEvent,
     LedgerError,
     LedgerUnavailable,
+    OutcomeUnknown,
     VersionConflict,
 )
 from ledger.events import ANY, NO_STREAM, AppendResult, NewEvent, RecordedEvent
@@ -17,6 +18,6 @@ from ledger.store import Ledger
 
 __all__ = [
     "ANY", "NO_STREAM", "AppendResult", "ClusterError", "IdempotencyConflict", "InvalidEvent",
-    "Ledger", "LedgerError", "LedgerUnavailable", "NewEvent", "RecordedEvent",
+    "Ledger", "LedgerError", "LedgerUnavailable", "NewEvent", "OutcomeUnknown", "RecordedEvent",
     "VersionConflict",
 ]

@@ -29,6 +29,9 @@ from ledger.errors import ClusterError
 NODES = ("a", "b")
 ROLES = ("tally_owner", "tally_writer", "tally_reader", "tally_replicator")
 DEFAULT_BIN = Path("/usr/lib/postgresql/15/bin")
+GRANT_STATS = "GRANT pg_read_all_stats TO tally_owner"
+"""The sequencer and append's confirmation read the standby's flushed position, which
+only pg_read_all_stats members see (migration 0006's ledger.durable_lsn runs as owner)."""
 
 
 def pid_alive(pid: int) -> bool:
@@ -246,6 +249,7 @@ class Cluster:
                     cur.execute(
                         f"ALTER ROLE {role} SET idle_in_transaction_session_timeout = '10s'")
                 cur.execute(f"CREATE DATABASE {self.spec.dbname} OWNER tally_owner")
+                cur.execute(GRANT_STATS)
                 for node in NODES:
                     cur.execute("SELECT pg_create_physical_replication_slot(%s)",
                                 (f"tally_{node}",))
@@ -297,6 +301,7 @@ class Cluster:
         self.require()
         for node in sorted(NODES, key=self.is_standby):
             self.start_node(node)
+        self._query(self.primary(), GRANT_STATS)  # for clusters made before it was granted
 
     def stop(self) -> None:
         """Stop both nodes, the standby first so the primary's last WAL still reaches it."""

@@ -3,6 +3,7 @@
 LedgerError
  ├── VersionConflict      expected version did not match; carries the actual one
  ├── LedgerUnavailable    no primary reachable within the retry deadline
+ │    └── OutcomeUnknown   committed on the primary, not confirmed on the standby: retry
  ├── InvalidEvent         unknown type, bad payload, oversized payload, bad stream id
  ├── IdempotencyConflict  an idempotency key reused for a different stream
  └── ClusterError         local cluster management refused or failed
@@ -28,6 +29,18 @@ class VersionConflict(LedgerError):
 
 class LedgerUnavailable(LedgerError):
     """No writable primary answered in time. Transient: callers may retry later."""
+
+
+class OutcomeUnknown(LedgerUnavailable):
+    """An append may have committed on the primary but could not be confirmed durable on
+    the synchronous standby (its replication wait was cancelled or cut, or a retry found
+    its idempotency key while the standby lagged or was away). Not acknowledged: send the
+    same append again with the same idempotency key; it returns the first result once the
+    standby has it. Transient, hence a LedgerUnavailable."""
+
+    def __init__(self, message: str, idempotency_key: str) -> None:
+        self.idempotency_key = idempotency_key
+        super().__init__(message)
 
 
 class InvalidEvent(LedgerError):

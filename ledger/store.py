@@ -7,7 +7,8 @@ in (tx_id, id) order, but only for transactions below the oldest still running o
 (`pg_snapshot_xmin(pg_current_snapshot())`): nothing can ever commit below that line. Its
 batches are serialised by an advisory lock held only by the sequencer, never by writers, so
 appends run at insert speed. Readers ask for `position > checkpoint`: one integer, one total
-order, identical for every reader, gap-free, final. A writing transaction that stays open
+order, identical for every reader, final (dense when given; retention's pruned heartbeats
+leave holes, so readers read ranges and never count positions). A writing transaction that stays open
 holds every reader back, hence the statement and idle-in-transaction timeouts on our roles.
 
 Wake-ups. `pg_notify` inside the append transaction would serialise commits behind the
@@ -22,6 +23,15 @@ delays a wake-up until the relays' poll timer, never loses it.
 Retries. Every append carries an idempotency key (one is made if the caller gives none), so
 after a lost connection or a failover the append is simply sent again: the key makes the
 second try return the first result instead of writing twice.
+
+Acknowledgement. An append is acknowledged only once durable on the synchronous standby.
+A COMMIT waits for that, but PostgreSQL ends the wait early on a cancel (returning success
+with a WARNING), a terminated session or a restarted primary, leaving the transaction
+committed on the primary alone; a retry then finds its key. Either way the append is
+confirmed against the standby (`ledger.durable_lsn()`, migration 0006, past the primary's
+flush position) within `confirm_timeout`, else OutcomeUnknown: the caller sends it again
+with the same key. The sequencer places only such durable transactions, so no event is read
+at a position that a failover could give to another.
 """
 
 from __future__ import annotations
@@ -45,7 +55,13 @@ from ledger.catalogue import (
     stream_category,
     validate_event,
 )
-from ledger.errors import IdempotencyConflict, InvalidEvent, LedgerUnavailable, VersionConflict
+from ledger.errors import (
+    IdempotencyConflict,
+    InvalidEvent,
+    LedgerUnavailable,
+    OutcomeUnknown,
+    VersionConflict,
+)
 from ledger.events import (
     ANY,
     MAX_BATCH,
@@ -65,6 +81,9 @@ NOTIFY_EVERY_S = 0.5
 RELAY_HOT_S = 2.0
 """After new events, a relay keeps sequencing every few ms for this long. Must stay well
 above NOTIFY_EVERY_S, so an append whose NOTIFY was skipped always finds a hot relay."""
+SYNC_WAIT_CUT = "synchronous replication"
+"""In the WARNING PostgreSQL sends when a commit's wait for the standby is cancelled or cut
+(lc_messages C, as our clusters run)."""
 T = TypeVar("T")
 
 # Prepared once per connection: planning the statement costs more than running it.
@@ -177,9 +196,10 @@ class Ledger:
     """
 
     def __init__(self, dsn: str, *, retry_deadline: float = 30.0, notify: bool = True,
-                 application_name: str = "tally") -> None:
+                 application_name: str = "tally", confirm_timeout: float = 5.0) -> None:
         self.dsn = dsn
         self.retry_deadline = retry_deadline
+        self.confirm_timeout = confirm_timeout
         self.notify = notify
         self.application_name = application_name
         self._conn: Any = None
@@ -269,6 +289,8 @@ class Ledger:
             except psycopg2.Error:
                 row = None
             if row is not None:
+                if self._conn.notices:  # perhaps a replication wait ended early
+                    self._confirm_if_cut(key)
                 return self._woken(AppendResult(stream, (row[0],), (row[1],), False, (row[2],)))
         return self._woken(self._append_checked(stream, events, key, expected_version))
 
@@ -294,7 +316,43 @@ class Ledger:
             sql = _EXEC_MANY
             args = (stream, category, list(types), list(datas), list(metas), key,
                     expected_version)
-        return self._retrying(lambda cur: self._append_once(cur, stream, sql, args))
+        result = self._retrying(lambda cur: self._append_once(cur, stream, sql, args))
+        if result.duplicate:
+            self._confirm(key)
+        elif self._conn.notices:
+            self._confirm_if_cut(key)
+        return result
+
+    # -- acknowledging only what is durable (see the module doc) ---------------------------
+    def _confirm_if_cut(self, key: str) -> None:
+        """Confirm the append if a notice says its wait for the standby was cut short."""
+        notices = self._conn.notices
+        cut = any(SYNC_WAIT_CUT in notice for notice in notices)
+        notices.clear()
+        if cut:
+            self._confirm(key)
+
+    def _confirm(self, key: str) -> None:
+        """Return once every commit visible now is durable on the synchronous standby
+        (always, with none named); OutcomeUnknown after confirm_timeout."""
+        deadline = time.monotonic() + self.confirm_timeout
+        try:
+            cur = self.cursor()
+            cur.execute("SELECT pg_current_wal_flush_lsn()")
+            (lsn,) = cur.fetchone()
+            while True:
+                cur.execute("SELECT ledger.durable_lsn() >= %s::pg_lsn", (lsn,))
+                if cur.fetchone()[0]:
+                    return
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+        except psycopg2.Error as exc:
+            self.close()
+            raise OutcomeUnknown(f"append {key!r} committed on the primary, not confirmed on "
+                                 f"the standby ({str(exc).strip()}): retry it", key) from exc
+        raise OutcomeUnknown(f"append {key!r} committed on the primary, not on the synchronous "
+                             f"standby within {self.confirm_timeout:.0f}s: retry it", key)
 
     def _woken(self, result: AppendResult) -> AppendResult:
         """NOTIFY for a new append unless this writer did so less than NOTIFY_EVERY_S ago
