@@ -478,6 +478,24 @@ class QuotaSet(Schema):
     unpacked_mb = _limit()
 
 
+# --- The ledger itself: its guards and its leaders ---------------------------------------
+
+
+@event("ledger")
+class LedgerSessionTerminated(Schema):
+    """The watchdog ended a session that held a transaction id too long: every ledger
+    reader waits for the oldest one. In ledger-watchdog; the query with its literals
+    blanked."""
+
+    role = fields.Str(required=True, validate=validate.Length(max=100))
+    database = fields.Str(required=True, validate=validate.Length(max=100))
+    application = fields.Str(load_default="", validate=validate.Length(max=200))
+    pid = fields.Int(required=True)
+    duration_s = fields.Float(required=True, allow_nan=False)
+    limit_s = fields.Float(required=True, allow_nan=False)
+    query = fields.Str(load_default="", validate=validate.Length(max=500))
+
+
 # --- validation and upcasting -------------------------------------------------------------
 
 

@@ -29,9 +29,19 @@ from ledger.errors import ClusterError
 NODES = ("a", "b")
 ROLES = ("tally_owner", "tally_writer", "tally_reader", "tally_replicator")
 DEFAULT_BIN = Path("/usr/lib/postgresql/15/bin")
-GRANT_STATS = "GRANT pg_read_all_stats TO tally_owner"
-"""The sequencer and append's confirmation read the standby's flushed position, which
-only pg_read_all_stats members see (migration 0006's ledger.durable_lsn runs as owner)."""
+READ_ONLY_ROLES = ("tally_reader",)
+ROLE_SETUP = (
+    # The sequencer and append's confirmation read the standby's flushed position, which
+    # only pg_read_all_stats members see (migration 0006's ledger.durable_lsn runs as owner).
+    "GRANT pg_read_all_stats TO tally_owner",
+    # A reader never writes, so never holds a transaction id (every ledger reader waits for
+    # the oldest one); the watchdog ends at once a reader session that takes one anyway.
+    *(f"ALTER ROLE {role} SET default_transaction_read_only = on" for role in READ_ONLY_ROLES),
+)
+"""Idempotent role settings, applied at init and at every start (older clusters too)."""
+XID_FUNCTIONS = ("pg_current_xact_id()", "txid_current()")
+"""Functions that hand a session a transaction id though it writes nothing: only the roles
+that write may call them, in every database of the cluster (per-database catalogues)."""
 
 
 def pid_alive(pid: int) -> bool:
@@ -112,7 +122,9 @@ class Cluster:
     def dsn(self, role: str = "tally_writer", *, read_write: bool = True) -> str:
         """A libpq multi-host DSN over both nodes; libpq finds the primary itself."""
         password = self.credentials()[role]
-        target = "read-write" if read_write else "any"
+        # A read-only role's sessions are read-only everywhere: "primary" asks the server
+        # whether it is in recovery rather than whether the session may write.
+        target = ("primary" if role in READ_ONLY_ROLES else "read-write") if read_write else "any"
         ports = ",".join(str(p) for p in self.spec.ports)
         hosts = ",".join([self.spec.host] * len(self.spec.ports))
         return (
@@ -196,6 +208,7 @@ class Cluster:
         self._write_node_conf("a")
         self.start_node("a")
         self._create_roles(creds)
+        self._setup_roles("a")
         self._create_standby("b")
         self.start_node("b")
         self.wait_streaming("a", "b")
@@ -249,12 +262,27 @@ class Cluster:
                     cur.execute(
                         f"ALTER ROLE {role} SET idle_in_transaction_session_timeout = '10s'")
                 cur.execute(f"CREATE DATABASE {self.spec.dbname} OWNER tally_owner")
-                cur.execute(GRANT_STATS)
                 for node in NODES:
                     cur.execute("SELECT pg_create_physical_replication_slot(%s)",
                                 (f"tally_{node}",))
         finally:
             conn.close()
+
+    def _setup_roles(self, node: str) -> None:
+        """Apply ROLE_SETUP, and keep the xid functions to the writing roles."""
+        for statement in ROLE_SETUP:
+            self._query(node, statement)
+        for db in (self.spec.dbname, "postgres", "template1"):
+            conn = self._connect(node, dbname=db)
+            conn.autocommit = True
+            try:
+                with conn.cursor() as cur:
+                    for fn in XID_FUNCTIONS:
+                        cur.execute(f"REVOKE EXECUTE ON FUNCTION pg_catalog.{fn} FROM PUBLIC")
+                        cur.execute(f"GRANT EXECUTE ON FUNCTION pg_catalog.{fn} "
+                                    f"TO tally_owner, tally_writer")
+            finally:
+                conn.close()
 
     def _create_standby(self, node: str) -> None:
         target = self.node_dir(node)
@@ -301,7 +329,7 @@ class Cluster:
         self.require()
         for node in sorted(NODES, key=self.is_standby):
             self.start_node(node)
-        self._query(self.primary(), GRANT_STATS)  # for clusters made before it was granted
+        self._setup_roles(self.primary())  # for clusters made before these were set
 
     def stop(self) -> None:
         """Stop both nodes, the standby first so the primary's last WAL still reaches it."""

@@ -8,8 +8,9 @@ in (tx_id, id) order, but only for transactions below the oldest still running o
 batches are serialised by an advisory lock held only by the sequencer, never by writers, so
 appends run at insert speed. Readers ask for `position > checkpoint`: one integer, one total
 order, identical for every reader, final (dense when given; retention's pruned heartbeats
-leave holes, so readers read ranges and never count positions). A writing transaction that stays open
-holds every reader back, hence the statement and idle-in-transaction timeouts on our roles.
+leave holes, so readers read ranges and never count positions). A writing transaction that
+stays open holds every reader back, hence the statement and idle-in-transaction timeouts on
+our roles, and the watchdog (agents/watchdog.py) that ends any session holding one too long.
 
 Wake-ups. `pg_notify` inside the append transaction would serialise commits behind the
 synchronous standby (the notify queue lock is held through the commit wait). So `append`

@@ -51,6 +51,8 @@ def replay(dsn: str, positions: Sequence[int], view: str | None = None,
             check_position(p, head)
         conn = connect(dsn, "pg_temp", "tally-replay")
         try:
+            with conn, conn.cursor() as cur:  # tally_reader is read-only but for temp tables
+                cur.execute("SET default_transaction_read_only = off")
             with conn, conn.cursor() as cur:
                 for projector in projectors:
                     copy_tables(cur, projector, "pg_temp", temporary=True)

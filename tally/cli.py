@@ -148,6 +148,24 @@ def serve_relay(cfg: Config, endpoint: str | None, poll_interval: float) -> None
     relay.run()
 
 
+@serve.command("watchdog")
+@click.option("--limit", default=10.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds a session may hold a transaction id on the ledger cluster.")
+@click.option("--interval", type=click.FloatRange(min=0.05),
+              help="Seconds between looks (default: a quarter of the limit, at most 1).")
+@click.pass_obj
+@fail_cleanly
+def serve_watchdog(cfg: Config, limit: float, interval: float | None) -> None:
+    """End any ledger-cluster session holding a transaction id past the limit."""
+    from agents.watchdog import Watchdog
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cluster = cfg.cluster()
+    dog = Watchdog(cluster.dsn("postgres"), cluster.dsn("tally_writer"), limit, interval)
+    _stop_on_sigterm(dog.stop)
+    dog.run()
+
+
 # --- the whole platform on this machine -------------------------------------------------------
 
 

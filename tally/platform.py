@@ -16,6 +16,8 @@ def daemons(cfg: Config) -> list[tuple[str, list[str], str]]:
         (f"relay-{i}", ["serve", "relay", "--endpoint", endpoint], endpoint)
         for i, endpoint in enumerate(cfg.relays, start=1)
     ]
+    out.append(("watchdog", ["serve", "watchdog"],
+                "ends ledger sessions holding a transaction id > 10 s (tally events)"))
     out.append(("projectors", ["serve", "projectors"],
                 "views in the ledger database (tally projectors status)"))
     out.append(("api", ["serve", "api", "--bind", cfg.api_bind], f"http://{cfg.api_bind}"))
