@@ -159,10 +159,10 @@ def serve_watchdog(cfg: Config, limit: float, interval: float | None) -> None:
     """End any ledger-cluster session holding a transaction id past the limit."""
     from agents.watchdog import Watchdog
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    daemon_logging()
     cluster = cfg.cluster()
     dog = Watchdog(cluster.dsn("postgres"), cluster.dsn("tally_writer"), limit, interval)
-    _stop_on_sigterm(dog.stop)
+    stop_event(dog.stop)
     dog.run()
 
 
