@@ -32,7 +32,7 @@ DEFAULT_BIN = Path("/usr/lib/postgresql/15/bin")
 READ_ONLY_ROLES = ("tally_reader",)
 ROLE_SETUP = (
     # The sequencer and append's confirmation read the standby's flushed position, which
-    # only pg_read_all_stats members see (migration 0007's ledger.durable_lsn runs as owner).
+    # only pg_read_all_stats members see (migration 0008's ledger.durable_lsn runs as owner).
     "GRANT pg_read_all_stats TO tally_owner",
     # A reader never writes, so never holds a transaction id (every ledger reader waits for
     # the oldest one); the watchdog ends at once a reader session that takes one anyway.

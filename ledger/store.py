@@ -29,7 +29,7 @@ Acknowledgement. An append is acknowledged only once durable on the synchronous 
 A COMMIT waits for that, but PostgreSQL ends the wait early on a cancel (returning success
 with a WARNING), a terminated session or a restarted primary, leaving the transaction
 committed on the primary alone; a retry then finds its key. Either way the append is
-confirmed against the standby (`ledger.durable_lsn()`, migration 0007, past the primary's
+confirmed against the standby (`ledger.durable_lsn()`, migration 0008, past the primary's
 flush position) within `confirm_timeout`, else OutcomeUnknown: the caller sends it again
 with the same key. The sequencer places only such durable transactions, so no event is read
 at a position that a failover could give to another.

@@ -17,14 +17,14 @@ it too, to confirm an append whose wait ended early. It reads pg_stat_get_wal_se
 whose positions only members of pg_read_all_stats see: the function runs as its owner,
 who must be one (`tally ledger init` and `start` grant it).
 
-Revision ID: 0007
-Revises: 0006
+Revision ID: 0008
+Revises: 0007
 """
 
 from alembic import op
 
-revision = "0007"
-down_revision = "0006"
+revision = "0008"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 
