@@ -103,17 +103,20 @@ class Collector:
             return  # not a name we could have placed: never a path
         stamp = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         folder = self.root / app
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         lines = data.decode("utf-8", "replace").splitlines()
         text = "".join(f"{stamp} {iid} {line}\n" for line in lines)
         current = folder / CURRENT
-        with open(current, "a", encoding="utf-8") as f:
+        fd = os.open(current, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with open(fd, "a", encoding="utf-8") as f:
             f.write(text)
         if current.stat().st_size > self.max_bytes:
             current.rename(folder / f"chunk-{time.time_ns():020d}.log")
 
     def run(self, endpoint: str, stop: threading.Event,
             context: zmq.Context | None = None) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.chmod(0o700)  # every app's logs: the platform's to read, no app's
         sock = (context or zmq.Context.instance()).socket(zmq.PULL)
         sock.setsockopt(zmq.LINGER, 0)
         sock.bind(endpoint)

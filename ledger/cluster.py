@@ -17,6 +17,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,6 +165,15 @@ class Cluster:
             )
         return path
 
+    def _close(self, path: Path) -> None:
+        """The cluster's folder: its server user may pass, nobody else (apps may run on
+        this machine; its logs and credentials are the platform's)."""
+        if os.geteuid() == 0:
+            shutil.chown(path, "root", self.spec.os_user)
+            path.chmod(0o710)
+        else:
+            path.chmod(0o700)
+
     def _chown(self, path: Path) -> None:
         if os.geteuid() == 0:
             shutil.chown(path, self.spec.os_user, self.spec.os_user)
@@ -182,7 +192,7 @@ class Cluster:
 
     def _init(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.root, 0o755)
+        self._close(self.root)
         self.socket_dir.mkdir(exist_ok=True)
         self._chown(self.socket_dir)
         creds = {role: secrets.token_urlsafe(24) for role in ("postgres", *ROLES)}
@@ -192,17 +202,22 @@ class Cluster:
         primary = self.node_dir("a")
         primary.mkdir(mode=0o700)
         self._chown(primary)
-        pwfile = self.socket_dir / ".pw"
-        pwfile.write_text(creds["postgres"] + "\n")
-        self._chown(pwfile)
+        pwdir = Path(tempfile.mkdtemp(prefix=".pw-", dir=self.root))  # 0700, empty
+        pwfile = pwdir / "pw"
         try:
+            self._chown(pwdir)
+            fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:  # private before the first byte is written
+                if os.geteuid() == 0:
+                    shutil.chown(pwfile, self.spec.os_user, self.spec.os_user)
+                f.write(creds["postgres"] + "\n")
             self._run(
                 self._bin("initdb"), "-D", primary, "-U", "postgres", f"--pwfile={pwfile}",
                 "--auth-local=peer", "--auth-host=scram-sha-256", "-E", "UTF8",
                 "--locale=C", "--no-instructions",
             )
         finally:
-            pwfile.unlink()
+            shutil.rmtree(pwdir, ignore_errors=True)
         with open(primary / "pg_hba.conf", "a") as hba:
             hba.write(f"host replication tally_replicator {self.spec.host}/32 scram-sha-256\n")
         self._write_node_conf("a")
@@ -233,6 +248,11 @@ class Cluster:
             "max_slot_wal_keep_size": "'4GB'",
             # A transaction left open holds back every ledger reader (see ledger/store.py).
             "idle_in_transaction_session_timeout": "'60s'",
+            # Logs are the platform's: never world-readable, and a failed statement (a lost
+            # append race carries a tenant's config values) is not logged with its text.
+            "log_file_mode": "0600",
+            "log_min_error_statement": "panic",
+            "log_error_verbosity": "terse",
             "cluster_name": f"'tally_{node}'",
             "primary_conninfo": (
                 f"'host={self.spec.host} port={self.port(other)} user=tally_replicator "
@@ -306,7 +326,8 @@ class Cluster:
             return
         self._clear_stale_locks(node)
         log = self.root / f"{node}.log"
-        log.touch()
+        log.touch(mode=0o600)
+        log.chmod(0o600)
         self._chown(log)
         try:
             self._run(self._bin("pg_ctl"), "-D", self.node_dir(node), "-l", log, "-w", "-t",
@@ -327,6 +348,7 @@ class Cluster:
     def start(self) -> None:
         """Start both nodes, the primary first."""
         self.require()
+        self._close(self.root)  # a cluster made before its folder was closed
         for node in sorted(NODES, key=self.is_standby):
             self.start_node(node)
         self._setup_roles(self.primary())  # for clusters made before these were set

@@ -174,6 +174,7 @@ def serve_watchdog(cfg: Config, limit: float, interval: float | None) -> None:
 @fail_cleanly
 def up(cfg: Config) -> None:
     """Bring up everything built so far on this machine, and print where it is."""
+    platform.close_home(cfg)
     cluster = cfg.cluster()
     if not cluster.initialized():
         click.echo(f"creating the ledger cluster in {cluster.root} ...", err=True)

@@ -75,6 +75,22 @@ def agent_token(cfg: Config, host_id: str) -> str:
     return token
 
 
+def close_home(cfg: Config) -> None:
+    """TALLY_HOME as apps on this machine meet it: they may pass through (to their own
+    release and home under agents/, and the shared virtualenvs) but list nothing, and every
+    folder of the platform's own state is closed to them. Who may read what: README,
+    "Trust boundaries". The clusters close their own folders (ledger/cluster.py)."""
+    cfg.home.mkdir(parents=True, exist_ok=True)
+    cfg.home.chmod(0o711)
+    for private in (cfg.run_dir, cfg.log_dir, cfg.app_logs_dir, cfg.bundles_dir,
+                    cfg.home / "secrets"):
+        private.mkdir(exist_ok=True)
+        private.chmod(0o700)
+    agents = cfg.home / "agents"
+    agents.mkdir(exist_ok=True)
+    agents.chmod(0o711)
+
+
 UP_SUFFIX = "localhost"
 """`tally up`'s platform suffix: `http://blog.localhost:8080/` resolves with no DNS set up
 (RFC 6761: *.localhost is the loopback)."""

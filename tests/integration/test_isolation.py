@@ -8,7 +8,15 @@ test_isolation_limits.py.
 
 from __future__ import annotations
 
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg2
@@ -16,6 +24,7 @@ import pytest
 
 from api.testing import project_now
 from ledger import NewEvent
+from ledger.cluster import Cluster, ClusterSpec
 from ledger.hostnames import DEFAULT_SUFFIX, PLATFORM_STREAM
 from tests.integration.test_api import World, uid, world  # noqa: F401
 
@@ -135,9 +144,6 @@ def test_the_suffix_is_a_ledger_fact_the_api_and_routes_follow(
 
 def test_operators_read_and_set_the_suffix_from_the_cli(world: World, cluster: Any,  # noqa: F811
                                                         suffix: Any) -> None:
-    import subprocess
-    import sys
-
     from tests.conftest import tally_env
 
     def admin(*args: str) -> subprocess.CompletedProcess:
@@ -251,25 +257,39 @@ def test_a_revoked_token_fails_on_every_worker_before_the_204(
     assert workers[1].get("/me", headers=kept).status_code == 200, "other tokens still work"
 
 
-def test_tally_down_stops_the_apps_cluster_too() -> None:
-    """An add-on started the apps' cluster; `tally down` leaves nothing running."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-    import tempfile
-    from pathlib import Path
+class WatchedCluster(Cluster):
+    """A real cluster that notes, while initdb runs, the mode of its password file, the
+    mode of that file's folder and the folder's owner."""
 
-    from ledger.cluster import Cluster, ClusterSpec
+    def __init__(self, spec: ClusterSpec) -> None:
+        super().__init__(spec)
+        self.seen: list[tuple[int, int, int]] = []
+
+    def _run(self, *args: str | Path, env: dict[str, str] | None = None) -> str:
+        for a in map(str, args):
+            if a.startswith("--pwfile="):
+                f = Path(a.split("=", 1)[1])
+                self.seen.append((stat.S_IMODE(f.stat().st_mode),
+                                  stat.S_IMODE(f.parent.stat().st_mode), f.parent.stat().st_uid))
+        return super()._run(*args, env=env)
+
+
+def test_tally_down_stops_the_apps_cluster_too() -> None:
+    """An add-on started the apps' cluster (its superuser password file private from its
+    first byte: apps already run when it is made); `tally down` leaves nothing running."""
+
     from tests.conftest import free_ports
 
     tmp_path = Path(tempfile.mkdtemp(prefix="tally-test-"))
     tmp_path.chmod(0o755)
     ports = free_ports(4)
-    apps = Cluster(ClusterSpec(tmp_path / "appsdb", ports=(ports[0], ports[1]),
-                               dbname="tally_apps"))
+    apps = WatchedCluster(ClusterSpec(tmp_path / "appsdb", ports=(ports[0], ports[1]),
+                                      dbname="tally_apps"))
     apps.init()
     try:
+        assert [mode[:2] for mode in apps.seen] == [(0o600, 0o700)]
+        assert apps.seen[0][2] == pwd.getpwnam("postgres").pw_uid
+        assert not list(apps.root.glob(".pw*")) and not (apps.root / "run" / ".pw").exists()
         assert [n.running for n in apps.status()] == [True, True]
         env = {**os.environ, "TALLY_HOME": str(tmp_path),
                "TALLY_APPS_DB_PORTS": f"{ports[0]},{ports[1]}",
@@ -281,3 +301,139 @@ def test_tally_down_stops_the_apps_cluster_too() -> None:
     finally:
         apps.destroy()
         shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+# --- files: from inside one tenant's app, on a real agent ----------------------------------
+
+
+class Fleet:
+    """A private ledger, its home closed as `tally up` closes it, a log collector and one
+    host agent running two tenants' real apps (the probe: a hostile app answering HTTP
+    with what its own uid can read, list or write on the host)."""
+
+    HOST = "hi"
+
+    def __init__(self) -> None:
+        from tally.config import Config
+        from tally.platform import close_home
+        from tests.conftest import free_ports, make_cluster
+        from tests.fixtures.apps.fleet import AgentProc, Daemon
+
+        self.cluster = make_cluster()
+        self.home = self.cluster.root.parent
+        close_home(Config.from_env({"TALLY_HOME": str(self.home)}))
+        endpoint = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+        low = free_ports(1)[0]
+        self.collector = Daemon(self.cluster, "collector", ["collector"],
+                                TALLY_COLLECTOR=endpoint)
+        self.agent = AgentProc(self.cluster, self.HOST, (low, low + 9), collector=endpoint)
+        self.ports = iter(range(low, low + 10))
+        self.collector.start()
+        self.agent.start()
+
+    def deploy(self, app: str) -> int:
+        """Create the app (with its uid, as the API does), release the probe, place one web
+        instance; return its port once healthy."""
+        from ledger import Ledger
+        from tests.fixtures.apps import app_tarball, procfile, store
+        from tests.waiting import wait_until
+
+        digest = store(app_tarball("probe"), self.home / "bundles")
+        port = next(self.ports)
+        iid = f"{app}.1.web.{uid()}"
+        with Ledger(self.cluster.dsn()) as ledger:
+            ledger.append(f"app-{app}", [
+                NewEvent("AppCreated", {"name": app, "owner": "ann"}),
+                NewEvent("ReleaseCreated", {"app": app, "release": 1, "bundle_digest": digest,
+                                            "procfile": procfile("probe"),
+                                            "config_version": 0})])
+            ledger.append(f"placement-{app}", [NewEvent("InstancePlaced", {
+                "instance_id": iid, "app": app, "release": 1, "process_type": "web",
+                "host_id": self.HOST, "port": port})])
+
+            def healthy() -> bool:
+                ledger.sequence()
+                return any(e.type == "InstanceHealthy"
+                           for e in ledger.read_stream(f"instance-{iid}"))
+            wait_until(healthy, 240, f"{app}'s probe healthy")
+        return port
+
+    def stop(self) -> None:
+        from tests.conftest import destroy_cluster
+
+        self.agent.kill()
+        self.agent.kill_apps()
+        self.collector.kill()
+        destroy_cluster(self.cluster)
+
+
+def probe(port: int, what: str, path: str, data: str | None = None) -> dict[str, Any]:
+    """Ask the app on `port` to read, list or write `path` as its own uid."""
+    import json
+    import urllib.parse
+    import urllib.request
+
+    url = f"http://127.0.0.1:{port}/{what}?path={urllib.parse.quote(str(path))}"
+    req = urllib.request.Request(url, data=data.encode() if data is not None else None)
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def fleet() -> Iterator[Fleet]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: apps run under their own uids only when the agent is root")
+    f = Fleet()
+    yield f
+    f.stop()
+
+
+@pytest.fixture(scope="module")
+def two_apps(fleet: Fleet) -> dict[str, int]:
+    """victim and attacker, each a probe app on the same host: name -> port."""
+    names = {"victim": f"vic-{uid()}", "attacker": f"att-{uid()}"}
+    return {role: fleet.deploy(name) for role, name in names.items()} | {
+        f"{role}_name": name for role, name in names.items()}  # type: ignore[return-value]
+
+
+def test_an_app_reads_none_of_the_platforms_files(fleet: Fleet,
+                                                  two_apps: dict[str, Any]) -> None:
+    from tests.waiting import wait_until
+
+    port, victim = two_apps["attacker"], two_apps["victim_name"]
+    home = fleet.home
+    wait_until(lambda: (home / "applogs" / victim / "current.log").exists(), 30,
+               "the victim's logs at the collector")
+    ledger = fleet.cluster.root
+    closed_reads = [ledger / "a.log", ledger / "b.log", ledger / "credentials.json",
+                    home / "applogs" / victim / "current.log",
+                    *(home / "bundles").glob("*.tar.gz")]
+    for path in closed_reads:
+        assert path.exists(), path
+        got = probe(port, "read", path)
+        assert not got["ok"] and got["error"] == "PermissionError", (path, got)
+    for folder in (home, ledger, home / "applogs", home / "bundles", home / "secrets",
+                   home / "log", home / "run", home / "agents", home / "appsdb"):
+        if folder.exists():
+            got = probe(port, "list", folder)
+            assert not got["ok"] and got["error"] == "PermissionError", (folder, got)
+    victim_files = home / "agents" / fleet.HOST
+    for path in (victim_files / "homes" / victim, victim_files / "releases" / victim):
+        got = probe(port, "list", path)
+        assert not got["ok"], (path, got)
+    assert probe(two_apps["victim"], "list", "/")["ok"], "the probe itself works"
+
+
+def test_database_logs_are_private_and_name_no_failed_statement(fleet: Fleet) -> None:
+    """A failed statement's text (a lost append race carries a tenant's config values)
+    never reaches the log, and the log is the server's alone."""
+    secret = f"s3cret-{uid()}"
+    conn = psycopg2.connect(fleet.cluster.dsn())
+    with pytest.raises(psycopg2.Error), conn.cursor() as cur:
+        cur.execute("SELECT 1 / 0 WHERE %s <> ''", (secret,))
+    conn.close()
+    for node in ("a", "b"):
+        log = fleet.cluster.root / f"{node}.log"
+        assert stat.S_IMODE(log.stat().st_mode) == 0o600
+        assert secret not in log.read_text()
+    assert stat.S_IMODE(fleet.cluster.root.stat().st_mode) & 0o007 == 0
