@@ -2,9 +2,15 @@
 primary and a synchronous standby of their own, never the ledger's: apps' write traffic
 must not stall ledger readers).
 
-The role owns its database and nothing else; PUBLIC may not connect to it, so one app's
-credentials open no other app's data. The result is the DATABASE_URL the app receives as a
-config var (a multi-host URL: libpq finds the primary after a failover).
+The role owns its database and nothing else; PUBLIC may connect to no database of the
+cluster (the apps', `postgres`, `template1`, the cluster's own), so one app's credentials
+open no other app's data; in its database the catalogs that list the cluster's databases,
+roles and sessions are closed to it (HIDDEN). What PostgreSQL still shows any role: that
+a database or role name exists (an error naming it differs from "does not exist", e.g.
+has_database_privilege), its own database's catalogs, and the server's version.
+
+The result is the DATABASE_URL the app receives as a config var (a multi-host URL: libpq
+finds the primary after a failover).
 """
 
 from __future__ import annotations
@@ -33,6 +39,33 @@ def database_name(app: str) -> str:
     return "app_" + app.replace("-", "_")
 
 
+HIDDEN = ("pg_database", "pg_roles", "pg_user", "pg_group", "pg_auth_members",
+          "pg_stat_activity", "pg_stat_database", "pg_stat_database_conflicts",
+          "pg_shdescription", "pg_db_role_setting", "pg_stat_ssl", "pg_stat_gssapi",
+          "pg_replication_origin_status", "pg_stat_replication", "pg_stat_wal_receiver",
+          "pg_stat_subscription", "pg_shseclabel", "pg_seclabels", "pg_tablespace")
+"""Catalogs and views that list the whole cluster's databases, roles and sessions: not
+for an app's role to read from its database (it keeps its own schema's catalogs)."""
+HIDDEN_FUNCTIONS = ("pg_stat_get_activity(integer)", "pg_stat_get_backend_userid(integer)",
+                    "pg_stat_get_backend_dbid(integer)", "pg_stat_get_db_numbackends(oid)")
+"""The functions under pg_stat_activity and pg_stat_database."""
+
+
+def _hide_the_neighbours(cluster: Cluster, database: str) -> None:
+    """In the app's database, PUBLIC may no longer read who else the cluster serves."""
+    conn = psycopg2.connect(cluster.node_dsn(cluster.primary(), "postgres", database))
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            for name in HIDDEN:
+                cur.execute(sql.SQL("REVOKE ALL ON pg_catalog.{} FROM PUBLIC")
+                            .format(sql.Identifier(name)))
+            for fn in HIDDEN_FUNCTIONS:
+                cur.execute(f"REVOKE EXECUTE ON FUNCTION pg_catalog.{fn} FROM PUBLIC")
+    finally:
+        conn.close()
+
+
 def create_database(cluster: Cluster, app: str) -> str:
     """Create the app's role and database (refused if they exist); return DATABASE_URL."""
     name = database_name(app)
@@ -50,8 +83,15 @@ def create_database(cluster: Cluster, app: str) -> str:
                         .format(ident), (password,))
             cur.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(ident, ident))
             cur.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(ident))
+            cur.execute("SELECT datname FROM pg_database WHERE NOT datistemplate OR "
+                        "datname = 'template1'")
+            for (other,) in cur.fetchall():  # postgres, template1, the cluster's own
+                if not other.startswith("app_"):
+                    cur.execute(sql.SQL("REVOKE CONNECT, TEMPORARY ON DATABASE {} FROM PUBLIC")
+                                .format(sql.Identifier(other)))
     finally:
         conn.close()
+    _hide_the_neighbours(cluster, name)
     hosts = ",".join(f"{cluster.spec.host}:{p}" for p in cluster.spec.ports)
     return (f"postgresql://{name}:{quote(password, safe='')}@{hosts}/{name}"
             "?target_session_attrs=read-write")

@@ -53,6 +53,8 @@ class App:
     phase_ok: set[int] = field(default_factory=set)
     """Releases whose release phase exited 0."""
     last_failure: dict[tuple[int, str], tuple[int, int, str]] = field(default_factory=dict)
+    uid: int | None = None
+    """The Unix uid its processes run as (AppCreated; None in older events)."""
 
     def config_at(self, version: int) -> dict[str, str]:
         """Config vars as of `version` (the one a release was cut with)."""
@@ -141,7 +143,7 @@ class Fleet:
 
 
 def _app_created(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:
-    f.apps[d["name"]] = App(d["name"])
+    f.apps[d["name"]] = App(d["name"], uid=d.get("uid"))
 
 
 def _app_deleted(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:

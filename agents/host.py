@@ -378,7 +378,8 @@ class Agent:
         """Release folder, virtualenv and the app's user (worker thread: may take a pip
         install). The release is readable by the app's group only."""
         home = self.paths.state / "homes" / want.app
-        user = users.ensure(want.app, home)
+        app = self.fleet.apps.get(want.app)
+        user = users.ensure(want.app, home, app.uid if app else None)
         if user is not None and self.paths.bundles.exists():
             self.paths.bundles.chmod(0o700)  # every app's code: not for apps to browse
         into = self.paths.releases / want.app

@@ -22,7 +22,7 @@ def require_app(s: AppState) -> None:
         raise NotFound(f"no app named {s.name!r}")
 
 
-def create_app(s: AppState, owner: str) -> list[NewEvent]:
+def create_app(s: AppState, owner: str, uid: int | None = None) -> list[NewEvent]:
     """A deleted app's name may be taken again by its last owner only: its history (config
     values, events, logs) stays readable to whoever manages an app of that name."""
     if s.exists:
@@ -30,7 +30,7 @@ def create_app(s: AppState, owner: str) -> list[NewEvent]:
     if s.deleted and s.owner != owner:
         raise Conflict(f"the name {s.name!r} belonged to a deleted app: only its last owner "
                        "may use it again")
-    return [NewEvent("AppCreated", {"name": s.name, "owner": owner})]
+    return [NewEvent("AppCreated", {"name": s.name, "owner": owner, "uid": uid})]
 
 
 def delete_app(s: AppState) -> list[NewEvent]:

@@ -62,8 +62,11 @@ def create_app() -> ResponseReturnValue:
     last owner's: the history under it is theirs)."""
     require_role(who(), *PEOPLE)
     name = body(schemas.AppCreate)["name"]
-    with claimed(platform_hostname(name, services().suffix()), name):
-        state = services().command(name, who(), lambda s: decide.create_app(s, who().name))
+    svc = services()
+    with claimed(platform_hostname(name, svc.suffix()), name):
+        decide.create_app(svc.load_app(name), who().name)  # refused: no uid spent on it
+        uid = svc.allocate_uid(name, who())
+        state = svc.command(name, who(), lambda s: decide.create_app(s, who().name, uid))
     return reply(schemas.App, summary(state), 201)
 
 

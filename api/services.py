@@ -17,10 +17,11 @@ from api import auth
 from api.auth import Directory, Principal
 from api.errors import ApiError, Conflict, NotFound, Unauthorized
 from api.state import AppState, fold, summary
-from ledger import Ledger, NewEvent, RecordedEvent, VersionConflict
+from ledger import NO_STREAM, Ledger, NewEvent, RecordedEvent, VersionConflict
 from ledger.catalogue import APP_NAME
 from ledger.events import AppendResult
 from ledger.hostnames import PLATFORM_STREAM, current_suffix
+from ledger.uids import DEFAULT_RANGE, UID_STREAM, NoUidLeft, next_uid
 from ledger.vocabulary import LIVENESS_STREAM, liveness_of
 from projectors.views import Views
 
@@ -46,6 +47,8 @@ class Settings:
     """Reads may answer from this process's fold of an app checked that recently: another
     worker's write shows within this bound (as with views, but far shorter). A write
     drops the bound for its app here, so a client reads its own write."""
+    app_uids: tuple[int, int] = DEFAULT_RANGE
+    """The Unix uids apps get, each once (ledger/uids.py)."""
     logs_tail: Callable[[str, int], list[str]] | None = None
     """An app's last log lines, where the log collector writes them (None: no logs)."""
     web_port: int | None = None
@@ -65,6 +68,10 @@ class Services:
         self.long_polls = threading.BoundedSemaphore(max(1, settings.long_poll_slots))
         self.views = Views(settings.dsn, "tally-api-views")
         """The projectors' views, on connections of their own (one per thread)."""
+        self._uid_lock = threading.Lock()
+        self._uids_seen = 0
+        self._uid_high: int | None = None
+        """The allocations read (UID_STREAM's version), the highest uid of our range."""
 
     @property
     def ledger(self) -> Ledger:
@@ -161,6 +168,30 @@ class Services:
     def suffix(self) -> str:
         """The platform's suffix, as the ledger says now (read when a name is claimed)."""
         return current_suffix((e.type, e.data) for e in self.ledger.read_stream(PLATFORM_STREAM))
+
+    def allocate_uid(self, app: str, who: Principal) -> int:
+        """The uid after the highest one of the range ever handed out, recorded
+        (AppUidAllocated) before any app is created with it. Reads only the allocations
+        made since this process last looked."""
+        first, end = self.settings.app_uids
+        for _ in range(10):
+            with self._uid_lock:
+                for e in self.ledger.read_stream(UID_STREAM, self._uids_seen + 1):
+                    self._uids_seen = e.version
+                    if first <= e.data["uid"] <= end:
+                        self._uid_high = max(self._uid_high or 0, e.data["uid"])
+                version, high = self._uids_seen, self._uid_high
+            try:
+                uid = next_uid(high, first, end)
+            except NoUidLeft as exc:
+                raise Conflict(str(exc)) from exc
+            try:
+                self.append(UID_STREAM, [NewEvent("AppUidAllocated", {"app": app, "uid": uid})],
+                            version or NO_STREAM, who)
+                return uid
+            except VersionConflict:
+                continue  # another worker handed one out meanwhile: read it, take the next
+        raise Conflict("too many apps are being created at once: try again")
 
     def append(self, stream: str, events: list[NewEvent], expected: int | None,
                who: Principal) -> AppendResult:

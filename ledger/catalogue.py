@@ -31,6 +31,7 @@ APP_NAME = validate.Regexp(
 PROCESS_TYPE = r"^[a-z][a-z0-9_]{0,29}\Z"
 SHA256 = validate.Regexp(r"^[0-9a-f]{64}\Z", error="must be a sha256 hex digest")
 PORT = validate.Range(min=1, max=65535)
+APP_UID = validate.Range(min=1000, max=2**31 - 2)
 NON_NEGATIVE = validate.Range(min=0)
 USER_NAME = validate.Regexp(
     r"^[a-z][a-z0-9_.-]{1,39}\Z",
@@ -113,10 +114,13 @@ class Process(fields.Dict):
 
 @event("app")
 class AppCreated(Schema):
-    """A developer created an app; its stream is app-<name>."""
+    """A developer created an app; its stream is app-<name>. `uid`: the Unix uid its
+    processes run as on every host (AppUidAllocated; none in older events: agents then
+    let useradd choose)."""
 
     name = fields.Str(required=True, validate=APP_NAME)
     owner = fields.Str(required=True, validate=validate.Length(min=1, max=200))
+    uid = fields.Int(allow_none=True, load_default=None, validate=APP_UID)
 
 
 @event("app")
@@ -412,6 +416,18 @@ class DomainReleased(Schema):
 
     domain = fields.Str(required=True, validate=validate.Length(min=1, max=253))
     app = fields.Str(required=True, validate=APP_NAME)
+
+
+# --- Identities: each app's Unix uid, never handed out twice ------------------------------
+
+
+@event("uids")
+class AppUidAllocated(Schema):
+    """A Unix uid was handed to an app for ever; the stream uids-apps holds every
+    allocation in order, so no uid is given twice, even after its app is deleted."""
+
+    app = fields.Str(required=True, validate=APP_NAME)
+    uid = fields.Int(required=True, validate=APP_UID)
 
 
 # --- The platform: facts about the whole installation ------------------------------------

@@ -115,8 +115,8 @@ def api_settings(cfg: Config) -> Settings:
         return logs.tail(cfg.app_logs_dir, app, lines)
 
     return Settings(dsn=cfg.cluster().dsn("tally_writer"), bundles_dir=cfg.bundles_dir,
-                    max_bundle_bytes=cfg.max_bundle_bytes, logs_tail=tail,
-                    web_port=cfg.web_port)
+                    max_bundle_bytes=cfg.max_bundle_bytes, app_uids=cfg.app_uids,
+                    logs_tail=tail, web_port=cfg.web_port)
 
 
 def _serve(cli: click.Group) -> None:

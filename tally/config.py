@@ -17,6 +17,7 @@ TALLY_BALANCERS       where the balancers `tally up` starts listen (HOST:PORT, c
                       default 127.0.0.1:8080,127.0.0.1:8081; apps' URLs name the first port
 TALLY_AGENT_PORTS     one app port range per host agent `tally up` starts; default
                       7000-7099,7100-7199
+TALLY_APP_UIDS        the Unix uids the API hands to apps, each once; default 200000-299999
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class Config:
     """One port range per host agent `tally up` starts (h1, h2, ...)."""
     balancers: tuple[str, ...] = ("127.0.0.1:8080", "127.0.0.1:8081")
     """Where each balancer `tally up` starts listens; apps answer at the first one's port."""
+    app_uids: tuple[int, int] = (200_000, 299_999)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Config:
@@ -68,6 +70,7 @@ class Config:
                 "TALLY_AGENT_PORTS", "7000-7099,7100-7199").split(",") if r.strip()),
             apps_db_ports=_two_ports(env.get("TALLY_APPS_DB_PORTS", "5443,5444"),
                                      "TALLY_APPS_DB_PORTS"),
+            app_uids=_uid_range(env.get("TALLY_APP_UIDS", "200000-299999")),
         )
 
     @property
@@ -114,3 +117,11 @@ def _two_ports(text: str, name: str) -> tuple[int, int]:
     except ValueError:
         raise ValueError(f"{name} must name two ports, e.g. 5443,5444") from None
     return a, b
+
+
+def _uid_range(text: str) -> tuple[int, int]:
+    try:
+        first, last = (int(p) for p in text.split("-"))
+    except ValueError:
+        raise ValueError("TALLY_APP_UIDS must be a range, e.g. 200000-299999") from None
+    return first, last

@@ -19,11 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg2
 import pytest
 
 from api.testing import project_now
-from ledger import NewEvent
+from ledger import Ledger, NewEvent
 from ledger.cluster import Cluster, ClusterSpec
 from ledger.hostnames import DEFAULT_SUFFIX, PLATFORM_STREAM
 from tests.integration.test_api import World, uid, world  # noqa: F401
@@ -274,33 +275,70 @@ class WatchedCluster(Cluster):
         return super()._run(*args, env=env)
 
 
-def test_tally_down_stops_the_apps_cluster_too() -> None:
-    """An add-on started the apps' cluster (its superuser password file private from its
-    first byte: apps already run when it is made); `tally down` leaves nothing running."""
-
+@pytest.fixture(scope="module")
+def apps_db() -> Iterator[WatchedCluster]:
+    """An apps' database cluster as the first add-on makes it, in a home of its own."""
     from tests.conftest import free_ports
 
-    tmp_path = Path(tempfile.mkdtemp(prefix="tally-test-"))
-    tmp_path.chmod(0o755)
-    ports = free_ports(4)
-    apps = WatchedCluster(ClusterSpec(tmp_path / "appsdb", ports=(ports[0], ports[1]),
-                                      dbname="tally_apps"))
+    home = Path(tempfile.mkdtemp(prefix="tally-test-"))
+    home.chmod(0o755)
+    low, high = free_ports(2)
+    apps = WatchedCluster(ClusterSpec(home / "appsdb", ports=(low, high), dbname="tally_apps"))
     apps.init()
+    yield apps
+    apps.destroy()
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def test_the_apps_cluster_password_is_private_from_its_first_byte(
+        apps_db: WatchedCluster) -> None:
+    """The apps' cluster is made while apps already run (at the first add-on)."""
+    assert [mode[:2] for mode in apps_db.seen] == [(0o600, 0o700)]
+    assert apps_db.seen[0][2] == pwd.getpwnam("postgres").pw_uid
+    assert not list(apps_db.root.glob(".pw*")) and not (apps_db.root / "run" / ".pw").exists()
+
+
+def test_an_addon_role_sees_only_its_own_database(apps_db: WatchedCluster) -> None:
+    from agents import addons
+
+    apps_db.start()
+    mine, theirs = f"mine-{uid()}", f"theirs-{uid()}"
+    url, other_url = (addons.create_database(apps_db, a) for a in (mine, theirs))
+    other_db = addons.database_name(theirs)
+    for db in (other_db, "postgres", "template1", "tally_apps"):
+        with pytest.raises(psycopg2.OperationalError, match="permission denied"):
+            psycopg2.connect(url.replace(f"/{addons.database_name(mine)}?", f"/{db}?"))
+    conn = psycopg2.connect(url)
+    conn.autocommit = True
     try:
-        assert [mode[:2] for mode in apps.seen] == [(0o600, 0o700)]
-        assert apps.seen[0][2] == pwd.getpwnam("postgres").pw_uid
-        assert not list(apps.root.glob(".pw*")) and not (apps.root / "run" / ".pw").exists()
-        assert [n.running for n in apps.status()] == [True, True]
-        env = {**os.environ, "TALLY_HOME": str(tmp_path),
-               "TALLY_APPS_DB_PORTS": f"{ports[0]},{ports[1]}",
-               "TALLY_LEDGER_PORTS": f"{ports[2]},{ports[3]}"}
-        down = subprocess.run([sys.executable, "-m", "tally.cli", "down"], env=env,
-                              capture_output=True, text=True)
-        assert down.returncode == 0, down.stderr
-        assert [n.running for n in apps.status()] == [False, False]
+        with conn.cursor() as cur:
+            cur.execute("CREATE TABLE notes (body text)")
+            for query in ("SELECT datname FROM pg_database", "SELECT rolname FROM pg_roles",
+                          "SELECT usename FROM pg_user", "SELECT datname FROM pg_stat_activity",
+                          "SELECT * FROM pg_stat_get_activity(NULL)",
+                          "SELECT datname FROM pg_stat_database"):
+                with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+                    cur.execute(query)
+            cur.execute("SELECT relname FROM pg_class WHERE relname = 'notes'")
+            assert cur.fetchall() == [("notes",)], "its own catalogs stay readable"
     finally:
-        apps.destroy()
-        shutil.rmtree(tmp_path, ignore_errors=True)
+        conn.close()
+    psycopg2.connect(other_url).close()
+
+
+def test_tally_down_stops_the_apps_cluster_too(apps_db: WatchedCluster) -> None:
+    """An add-on started the apps' cluster; `tally down` leaves nothing running."""
+    from tests.conftest import free_ports
+
+    apps_db.start()
+    assert [n.running for n in apps_db.status()] == [True, True]
+    env = {**os.environ, "TALLY_HOME": str(apps_db.root.parent),
+           "TALLY_APPS_DB_PORTS": ",".join(map(str, apps_db.spec.ports)),
+           "TALLY_LEDGER_PORTS": ",".join(map(str, free_ports(2)))}
+    down = subprocess.run([sys.executable, "-m", "tally.cli", "down"], env=env,
+                          capture_output=True, text=True)
+    assert down.returncode == 0, down.stderr
+    assert [n.running for n in apps_db.status()] == [False, False]
 
 
 # --- files: from inside one tenant's app, on a real agent ----------------------------------
@@ -328,22 +366,24 @@ class Fleet:
                                 TALLY_COLLECTOR=endpoint)
         self.agent = AgentProc(self.cluster, self.HOST, (low, low + 9), collector=endpoint)
         self.ports = iter(range(low, low + 10))
+        first, last = (int(x) for x in os.environ["TALLY_APP_UIDS"].split("-"))
+        self.uids = iter(range(last, first, -1))  # the API's allocations count up from first
         self.collector.start()
         self.agent.start()
 
-    def deploy(self, app: str) -> int:
-        """Create the app (with its uid, as the API does), release the probe, place one web
-        instance; return its port once healthy."""
+    def deploy(self, app: str) -> tuple[int, int, str]:
+        """Create the app (with a uid of its own, as the API gives), release the probe,
+        place one web instance; return its port, uid and instance id once healthy."""
         from ledger import Ledger
         from tests.fixtures.apps import app_tarball, procfile, store
         from tests.waiting import wait_until
 
         digest = store(app_tarball("probe"), self.home / "bundles")
-        port = next(self.ports)
+        port, app_uid = next(self.ports), next(self.uids)
         iid = f"{app}.1.web.{uid()}"
         with Ledger(self.cluster.dsn()) as ledger:
             ledger.append(f"app-{app}", [
-                NewEvent("AppCreated", {"name": app, "owner": "ann"}),
+                NewEvent("AppCreated", {"name": app, "owner": "ann", "uid": app_uid}),
                 NewEvent("ReleaseCreated", {"app": app, "release": 1, "bundle_digest": digest,
                                             "procfile": procfile("probe"),
                                             "config_version": 0})])
@@ -356,7 +396,15 @@ class Fleet:
                 return any(e.type == "InstanceHealthy"
                            for e in ledger.read_stream(f"instance-{iid}"))
             wait_until(healthy, 240, f"{app}'s probe healthy")
-        return port
+        return port, app_uid, iid
+
+    def delete(self, app: str, iid: str) -> None:
+        from ledger import Ledger
+
+        with Ledger(self.cluster.dsn()) as ledger:
+            ledger.append(f"placement-{app}", [NewEvent("InstanceUnplaced", {
+                "instance_id": iid, "app": app, "reason": "deleted"})])
+            ledger.append(f"app-{app}", [NewEvent("AppDeleted", {"name": app})])
 
     def stop(self) -> None:
         from tests.conftest import destroy_cluster
@@ -389,11 +437,12 @@ def fleet() -> Iterator[Fleet]:
 
 
 @pytest.fixture(scope="module")
-def two_apps(fleet: Fleet) -> dict[str, int]:
-    """victim and attacker, each a probe app on the same host: name -> port."""
+def two_apps(fleet: Fleet) -> dict[str, Any]:
+    """victim and attacker, each a probe app on the same host: role -> port, and
+    role_name -> app name."""
     names = {"victim": f"vic-{uid()}", "attacker": f"att-{uid()}"}
-    return {role: fleet.deploy(name) for role, name in names.items()} | {
-        f"{role}_name": name for role, name in names.items()}  # type: ignore[return-value]
+    return {role: fleet.deploy(name)[0] for role, name in names.items()} | {
+        f"{role}_name": name for role, name in names.items()}
 
 
 def test_an_app_reads_none_of_the_platforms_files(fleet: Fleet,
@@ -437,3 +486,71 @@ def test_database_logs_are_private_and_name_no_failed_statement(fleet: Fleet) ->
         assert stat.S_IMODE(log.stat().st_mode) == 0o600
         assert secret not in log.read_text()
     assert stat.S_IMODE(fleet.cluster.root.stat().st_mode) & 0o007 == 0
+
+
+# --- identities ----------------------------------------------------------------------------
+
+
+def test_app_uids_come_from_the_ledger_and_are_never_handed_out_twice(
+        world: World) -> None:  # noqa: F811
+    def created_uid(name: str) -> int:
+        events = world.ledger.read_stream(f"app-{name}")
+        return [e.data["uid"] for e in events if e.type == "AppCreated"][-1]
+
+    first = f"uid-{uid()}"
+    assert world.call("owner", "POST", "/apps", {"name": first}).status_code == 201
+    given = [created_uid(first)]
+    assert world.call("owner", "DELETE", f"/apps/{first}").status_code == 204
+    second = f"uid-{uid()}"
+    assert world.call("other", "POST", "/apps", {"name": second}).status_code == 201
+    given.append(created_uid(second))
+    assert world.call("owner", "POST", "/apps", {"name": first}).status_code == 201
+    given.append(created_uid(first))
+    assert given == sorted(set(given)), "each new app a new uid, a re-created name too"
+    refused = world.call("other", "POST", "/apps", {"name": second})
+    assert refused.status_code == 409
+    allocations = world.ledger.read_stream("uids-apps")
+    assert [e.data["uid"] for e in allocations][-3:] == given, "a refused create takes none"
+
+
+def test_an_app_runs_as_the_uid_the_ledger_gave_it(fleet: Fleet,
+                                                   two_apps: dict[str, Any]) -> None:
+    with Ledger(fleet.cluster.dsn()) as ledger:
+        for role in ("victim", "attacker"):
+            created = ledger.read_stream(f"app-{two_apps[role + '_name']}")[0]
+            assert probe(two_apps[role], "", "")["uid"] == created.data["uid"]
+
+
+def test_a_uid_another_user_holds_is_refused(tmp_path: Path) -> None:
+    from agents import users
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root: app users exist only when the agent is root")
+    nobody = pwd.getpwnam("nobody").pw_uid
+    with pytest.raises(OSError, match="nobody has it"):
+        users.ensure(f"x-{uid()}", tmp_path, nobody)
+
+
+def test_a_deleted_apps_user_goes_with_its_processes_and_files_everywhere(
+        fleet: Fleet) -> None:
+    """Its 0600 files in /tmp and /dev/shm, and a process it left behind, go with it."""
+    from agents import users
+    from tests.waiting import wait_until
+
+    name = f"gone-{uid()}"
+    port, app_uid, iid = fleet.deploy(name)
+    mark = uid()
+    left = [Path("/tmp") / f"tally-left-{mark}", Path("/dev/shm") / f"tally-left-{mark}",
+            Path("/tmp") / f"tally-dir-{mark}"]
+    for path in left[:2]:
+        assert probe(port, "write", path, "the old tenant's secret")["ok"]
+    assert probe(port, "write", Path("/tmp") / f"tally-dir-{mark}", "")["ok"]
+    assert all(p.stat().st_uid == app_uid for p in left)
+    stray = probe(port, "spawn", "", "")["result"]
+    assert psutil.Process(stray).uids().real == app_uid
+    fleet.delete(name, iid)
+    wait_until(lambda: users._entry(users.user_name(name)) is None, 60,
+               "the deleted app's user removed by the agent's cleanup")
+    assert [p for p in left if p.exists()] == []
+    assert not [p for p in psutil.process_iter(["uids"])
+                if p.info["uids"] and p.info["uids"].real == app_uid]
