@@ -33,6 +33,7 @@ from balancer.accesslog import SOURCE, AccessLog
 from balancer.h1 import Limits
 from balancer.routing import Router, Settings
 from balancer.sources import FileRoutes, LedgerRoutes, RoutesError
+from balancer.tls import Certificates
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # eventlet's "deprecated, bugfix mode" notice
@@ -65,6 +66,9 @@ class Options:
     """Seconds between reads of the routes when no wake-up comes."""
     admin: tuple[str, int] | None = None
     collector: str | None = None
+    tls_bind: tuple[str, int] | None = None
+    """Where to terminate TLS (with certificates from `certs`)."""
+    certs: str | None = None
     """Where the access log goes (the log collector's PULL endpoint); None: no log."""
 
 
@@ -147,13 +151,21 @@ def run(options: Options, admin: tuple[str, int] | None = None) -> int:
         load_ledger(proxy, ledger, target=0)
         eventlet.spawn_n(follow_ledger, proxy, ledger, options.relays, options.reconcile)
     eventlet.spawn_n(sweep_forever, proxy)
+    tls_listener = None
+    if options.tls_bind and options.certs:
+        certs = Certificates(options.certs)
+        tls_listener = listen(options.tls_bind)
+        eventlet.spawn_n(accept_forever, proxy, tls_listener, certs.context)
+        eventlet.spawn_n(follow_certs, certs, options.reconcile)
     if admin:
         eventlet.spawn_n(serve_admin, proxy, listen(admin))
 
     def drain(signum: int, _frame: object) -> None:
         proxy.draining = True
-        with contextlib.suppress(OSError):
-            listener.shutdown(socket.SHUT_RDWR)  # wakes the accept loop
+        for sock in (listener, tls_listener):
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)  # wakes the accept loop
 
     signal.signal(signal.SIGTERM, drain)
     signal.signal(signal.SIGINT, drain)
@@ -166,11 +178,21 @@ def run(options: Options, admin: tuple[str, int] | None = None) -> int:
         f"{proxy.router.version}")
     accept_forever(proxy, listener)
     listener.close()
+    if tls_listener is not None:
+        tls_listener.close()
     deadline = time.monotonic() + options.drain
     while proxy.watches and time.monotonic() < deadline:
         eventlet.sleep(0.05)
     log(f"drained ({len(proxy.watches)} connections left)")
     return 0
+
+
+def follow_certs(certs: Certificates, interval: float) -> None:
+    while True:
+        eventlet.sleep(interval)
+        if certs.reload():
+            log(f"certificates: {', '.join(certs.names)}"
+                + (f"; not loaded: {'; '.join(certs.errors)}" if certs.errors else ""))
 
 
 def sweep_forever(proxy: Proxy) -> None:

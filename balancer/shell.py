@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from ssl import SSLContext, SSLEOFError, SSLSocket, SSLWantReadError, SSLWantWriteError
 
 import eventlet
 import eventlet.event
@@ -71,9 +72,11 @@ class Timeouts:
 class Watch:
     """A deadline on the socket a connection's thread waits on (see the module doc)."""
 
-    __slots__ = ("deadline", "sock", "how", "expired", "idle")
+    __slots__ = ("deadline", "sock", "how", "expired", "idle", "proto")
 
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
+    def __init__(self, sock: socket.socket, deadline: float, proto: bytes = b"http") -> None:
+        self.proto = proto
+        """The client connection's scheme (X-Forwarded-Proto)."""
         self.sock = sock
         self.deadline = deadline
         self.how = SHUT_RD
@@ -83,24 +86,36 @@ class Watch:
     def expire(self) -> None:
         self.expired = True
         with contextlib.suppress(OSError):
-            self.sock.shutdown(self.how)
+            shutdown(self.sock, self.how)
 
 
 RETRY = object()
 """What an exchange returns when the request may go to another backend."""
 
 
+def shutdown(sock: socket.socket, how: int) -> None:
+    """The socket's shutdown, also for a TLS one (whose own shutdown would forget its TLS
+    state, so that what follows went out in clear)."""
+    socket.socket.shutdown(sock, how)
+
+
 def recv(sock: socket.socket) -> bytes:
     while True:
         try:
             return sock.recv(RECV)
-        except BlockingIOError:
+        except (BlockingIOError, SSLWantReadError):
             trampoline(sock.fileno(), read=True)
+        except SSLWantWriteError:
+            trampoline(sock.fileno(), write=True)
+        except SSLEOFError:
+            return b""
 
 
 def recv_later(sock: socket.socket) -> bytes:
     """recv when nothing can have arrived yet (the next request on a kept-alive
     connection, a response to what we just sent): wait first, saving a failed recv."""
+    if type(sock) is not socket.socket:
+        return recv(sock)  # TLS: what was read may wait decrypted inside
     while True:
         trampoline(sock.fileno(), read=True)
         try:
@@ -113,8 +128,11 @@ def sendall(sock: socket.socket, data: bytes) -> None:
     while True:
         try:
             sent = sock.send(data)
-        except BlockingIOError:
+        except (BlockingIOError, SSLWantWriteError):
             trampoline(sock.fileno(), write=True)
+            continue
+        except SSLWantReadError:
+            trampoline(sock.fileno(), read=True)
             continue
         if sent == len(data):
             return
@@ -201,13 +219,12 @@ class Proxy:
     """Serves client connections with the routes in `router`."""
 
     def __init__(self, router: Router, limits: Limits, timeouts: Timeouts,
-                 proto: bytes = b"http", metrics: Metrics | None = None,
+                 metrics: Metrics | None = None,
                  access: accesslog.AccessLog | None = None,
                  log: Callable[[str], None] | None = None) -> None:
         self.router = router
         self.limits = limits
         self.t = timeouts
-        self.proto = proto
         self.pool = Pool(timeouts.pool_idle)
         self.watches: set[Watch] = set()
         self.changed = eventlet.event.Event()
@@ -233,12 +250,17 @@ class Proxy:
 
     # --- client connections ---------------------------------------------------------------
 
-    def handle(self, sock: socket.socket, addr: tuple) -> None:
+    def handle(self, sock: socket.socket, addr: tuple, tls: SSLContext | None = None) -> None:
         """One client connection: requests, one after the other, until it closes."""
         sock.setblocking(False)
+        if tls is not None:
+            wrapped = self.handshake(sock, tls)
+            if wrapped is None:
+                return
+            sock = wrapped
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        watch = Watch(sock, monotonic() + self.t.idle)
+        watch = Watch(sock, monotonic() + self.t.idle, b"https" if tls else b"http")
         self.watches.add(watch)
         client_ip = addr[0] if addr else "127.0.0.1"
         buf = b""
@@ -280,12 +302,34 @@ class Proxy:
             self.watches.discard(watch)
             sock.close()
 
+    def handshake(self, raw: socket.socket, tls: SSLContext) -> SSLSocket | None:
+        """The TLS handshake (SNI picks the certificate), within the header timeout."""
+        watch = Watch(raw, monotonic() + self.t.header)
+        watch.how = SHUT_RDWR
+        self.watches.add(watch)
+        try:
+            sock = tls.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+            watch.sock = sock
+            while True:
+                try:
+                    sock.do_handshake()
+                    return sock
+                except SSLWantReadError:
+                    trampoline(sock.fileno(), read=True)
+                except SSLWantWriteError:
+                    trampoline(sock.fileno(), write=True)
+        except OSError:  # ssl.SSLError included: a bad client hello, an old protocol
+            raw.close()
+            return None
+        finally:
+            self.watches.discard(watch)
+
     def refuse(self, sock: socket.socket, watch: Watch, status: int, message: str) -> None:
         """Answer a request we will not forward, then close without resetting: the
         client's unread bytes are read and dropped for a moment (a lingering close)."""
         try:
             sendall(sock, pages.page(status, message))
-            sock.shutdown(socket.SHUT_WR)
+            shutdown(sock, socket.SHUT_WR)
             watch.deadline = monotonic() + 1.0
             watch.how = SHUT_RD
             for _ in range(16):
@@ -388,7 +432,7 @@ class Proxy:
     def _exchange(self, csock: socket.socket, bsock: socket.socket, watch: Watch,
                   req: Request, buf: bytes, backend: Backend, client_ip: str, reused: bool,
                   route: Route, started: float) -> object:
-        head = forward.request_head(req, client_ip, self.proto)
+        head = forward.request_head(req, client_ip, watch.proto)
         body: LengthBody | ChunkedBody | None = None
         if req.framing == LENGTH:
             body = LengthBody(req.length)
@@ -569,10 +613,10 @@ class Proxy:
             pass
         for sock, how in ((dst, socket.SHUT_WR), (src, SHUT_RD)):
             with contextlib.suppress(OSError):
-                sock.shutdown(how)
+                shutdown(sock, how)
 
 
-def accept_forever(proxy: Proxy, listener: socket.socket) -> None:
+def accept_forever(proxy: Proxy, listener: socket.socket, tls: SSLContext | None = None) -> None:
     """Accept until the listener is shut down (SIGTERM), a green thread per client."""
     listener.setblocking(False)
     fd = listener.fileno()
@@ -591,4 +635,4 @@ def accept_forever(proxy: Proxy, listener: socket.socket) -> None:
             proxy.log(f"accept: {exc}")  # EMFILE and the like: breathe, go on
             eventlet.sleep(0.1)
             continue
-        eventlet.spawn_n(proxy.handle, sock, addr)
+        eventlet.spawn_n(proxy.handle, sock, addr, tls)

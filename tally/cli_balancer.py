@@ -46,13 +46,18 @@ def register(cli: click.Group) -> None:
     @click.option("--admin", help="HOST:PORT for /metrics and /healthz (off by default).")
     @click.option("--collector", help="Ship the access log to this log collector endpoint "
                                       "(default: TALLY_COLLECTOR, none with --routes).")
+    @click.option("--tls-bind", help="HOST:PORT to terminate TLS on (needs --certs).")
+    @click.option("--certs", type=click.Path(file_okay=False),
+                  help="Folder of NAME.crt + NAME.key pairs (NAME: a hostname, *.suffix or "
+                       "default), chosen by SNI; re-read when it changes.")
     @click.pass_obj
     @fail_cleanly
     def serve_balancer(cfg: Config, bind: str, routes_file: str | None, processes: int,
                        policy: str, hold: float, max_body_mb: float, idle_timeout: float,
                        header_timeout: float, connect_timeout: float, backend_timeout: float,
                        cooldown: float, drain: float, admin: str | None,
-                       collector: str | None) -> None:
+                       collector: str | None, tls_bind: str | None,
+                       certs: str | None) -> None:
         """Route HTTP by Host header to apps' healthy instances (from the ledger's routes
         view, or from --routes FILE)."""
         from balancer.h1 import Limits
@@ -60,6 +65,12 @@ def register(cli: click.Group) -> None:
         from balancer.serve import Options, main
         from balancer.shell import Timeouts
 
+        if bool(tls_bind) != bool(certs):
+            raise click.BadParameter("--tls-bind and --certs go together", param_hint="--certs")
+        if certs:
+            from balancer.tls import Certificates
+
+            Certificates(certs)  # a folder with no usable certificate: say so now
         if processes < 1:
             raise click.BadParameter("must be at least 1", param_hint="--processes")
         options = Options(
@@ -72,5 +83,6 @@ def register(cli: click.Group) -> None:
                               connect=connect_timeout, backend=backend_timeout, hold=hold),
             drain=drain, admin=_address(admin, "--admin") if admin else None,
             collector=collector or (None if routes_file else cfg.collector),
+            tls_bind=_address(tls_bind, "--tls-bind") if tls_bind else None, certs=certs,
         )
         raise SystemExit(main(options))

@@ -418,3 +418,71 @@ def test_access_log_lines_reach_the_apps_logs(upstreams: list[Upstream], tmp_pat
         b.stop()
         stop.set()
         collector.join(5)
+
+
+def make_cert(folder: Path, name: str) -> bytes:
+    """A self-signed certificate (and key) for `name` in `folder`; its DER bytes."""
+    import ssl
+
+    subject = name.replace("*", "wildcard")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj",
+                    f"/CN={subject}", "-addext", f"subjectAltName=DNS:{name}",
+                    "-keyout", str(folder / f"{name}.key"), "-out", str(folder / f"{name}.crt")],
+                   check=True, capture_output=True)
+    return ssl.PEM_cert_to_DER_cert((folder / f"{name}.crt").read_text())
+
+
+def tls_get(port: int, server_name: str, minimum: object = None) -> tuple[bytes, bytes]:
+    """(the certificate the balancer presented, the response) for one HTTPS request."""
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # self-signed: we compare the certificate itself
+    if minimum is not None:
+        ctx.minimum_version = ctx.maximum_version = minimum  # type: ignore[assignment]
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname=server_name) as s:
+        cert = s.getpeercert(binary_form=True)
+        s.sendall(f"GET / HTTP/1.1\r\nHost: {server_name}\r\nConnection: close\r\n\r\n".encode())
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return cert, out
+
+
+def test_tls_termination_picks_the_certificate_by_sni(upstreams: list[Upstream],
+                                                      tmp_path: Path) -> None:
+    import ssl
+
+    certs = {name: make_cert(tmp_path, name)
+             for name in ("default", "blog.localhost", "*.wild.localhost")}
+    tls_port = free_ports(1)[0]
+    b = Balancer("--tls-bind", f"127.0.0.1:{tls_port}", "--certs", str(tmp_path))
+    try:
+        b.set_routes([route("blog.localhost", upstreams[0]),
+                      route("*.wild.localhost", upstreams[1]),
+                      route("other.localhost", upstreams[1])])
+        wait_until(lambda: tls_port in listening(), 10, "no TLS listener")
+        cert, reply = tls_get(tls_port, "blog.localhost")
+        assert cert == certs["blog.localhost"] and reply.startswith(b"HTTP/1.1 200 ")
+        body = json.loads(reply.partition(b"\r\n\r\n")[2])
+        assert body["backend"] == "a" and body["headers"]["x-forwarded-proto"] == "https"
+        cert, reply = tls_get(tls_port, "a.b.wild.localhost")
+        assert cert == certs["*.wild.localhost"] and reply.startswith(b"HTTP/1.1 200 ")
+        cert, _ = tls_get(tls_port, "other.localhost")  # no certificate of its own
+        assert cert == certs["default"]
+        cert, reply = tls_get(tls_port, "blog.localhost", ssl.TLSVersion.TLSv1_2)
+        assert reply.startswith(b"HTTP/1.1 200 ")  # TLS 1.2 and 1.3 both served, no older
+        from balancer.tls import Certificates
+        assert {c.minimum_version for c in Certificates(tmp_path).exact.values()} == {
+            ssl.TLSVersion.TLSv1_2}
+        assert get(b.conn(), "blog.localhost")[0] == 200  # plain HTTP still served
+    finally:
+        b.stop()
+
+
+def listening() -> set[int]:
+    out = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True).stdout
+    return {int(line.split()[3].rpartition(":")[2]) for line in out.splitlines()}
