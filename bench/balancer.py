@@ -11,16 +11,19 @@ balancer process; and how soon a route change is visible after its event is appe
   round's figures go to stderr. Configurations are generated in a temporary folder, on
   free ports.
 - The app: tests/fixtures/apps/hello under gunicorn (2 workers x 4 threads, keep-alive),
-  reached directly and through one balancer process: requests/s at peak (32 connections),
-  and p99 at half of the direct peak (8 connections paced by a wrk script): the throughput
-  lost and the p99 added by the balancer.
+  reached directly, through one balancer process and (for scale: any proxy on these cores
+  costs the app CPU) through nginx: requests/s at peak (32 connections), and p99 at half of
+  the direct peak (8 connections paced by a wrk script): the throughput lost and the p99
+  added by the balancer.
+- HTTPS: nginx and the balancer (`--tls-bind`) with the same certificate in front of the
+  same backend: kept-alive requests/s, and new handshakes/s (a connection per request).
 - Route update: a private ledger (primary + synchronous standby), two relays, the
   projectors and a balancer reading the routes view; an app's maintenance flag is toggled by
   appending MaintenanceChanged, and a client on a kept-alive connection asks until the
   answer flips: the time from the append to the first request that sees it, p50 and p99.
 
 Ends with one JSON line: ratio_to_nginx, ratio_to_nginx_2proc, app_throughput_loss,
-added_p99_ms, route_update_p99_ms and the figures behind them.
+added_p99_ms, route_update_p99_ms, tls_ratio_to_nginx and the figures behind them.
 """
 
 from __future__ import annotations
@@ -120,14 +123,18 @@ _LAT = re.compile(r"^\s+(50|99)(?:\.000)?%\s+([\d.]+)(us|ms|s)\s*$", re.M)
 
 
 def wrk(port: int, host: str, seconds: float, connections: int = 32,
-        script: Path | None = None) -> tuple[float, float, float]:
-    """(requests/s, p50 ms, p99 ms); non-2xx answers or socket errors make it fail."""
+        script: Path | None = None, scheme: str = "http",
+        close: bool = False) -> tuple[float, float, float]:
+    """(requests/s, p50 ms, p99 ms); non-2xx answers or socket errors make it fail.
+    `close`: a new connection (for https: a full handshake) per request."""
     args = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-H",
-            f"Host: {host}", f"http://127.0.0.1:{port}/"]
+            f"Host: {host}", f"{scheme}://127.0.0.1:{port}/"]
+    if close:
+        args += ["-H", "Connection: close"]
     if script is not None:
         args += ["-s", str(script)]
     out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 60).stdout
-    if "Non-2xx" in out or "Socket errors" in out:
+    if "Non-2xx" in out or ("Socket errors" in out and not close):
         raise RuntimeError(f"wrk saw errors against port {port}:\n{out}")
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
@@ -184,7 +191,7 @@ def proxies(tmp: Path, seconds: float, n: int, procs: list) -> dict:
 
 
 def app(tmp: Path, seconds: float, n: int, procs: list) -> tuple[dict, dict]:
-    direct, through = free_ports(2)
+    direct, through, ngx = free_ports(3)
     procs.append(spawn([str(Path(PY).parent / "gunicorn"), "--chdir",
                         str(ROOT / "tests" / "fixtures" / "apps" / "hello"), "-w", "2", "-k",
                         "gthread", "--threads", "4", "--keep-alive", "30", "-b",
@@ -195,20 +202,69 @@ def app(tmp: Path, seconds: float, n: int, procs: list) -> tuple[dict, dict]:
     procs.append(spawn([PY, "-m", "tally.cli", "serve", "balancer", "--bind",
                         f"127.0.0.1:{through}", "--routes", str(routes)],
                        tmp / "app-balancer.log"))
-    wait_port(direct)
-    wait_port(through)
-    for port in (direct, through):
+    procs.append(spawn(["nginx", "-c", str(nginx_conf(tmp, "app-proxy", f"""
+  upstream g {{ server 127.0.0.1:{direct}; keepalive 64; }}
+  server {{ listen 127.0.0.1:{ngx};
+           location / {{ proxy_pass http://g; proxy_http_version 1.1;
+                        proxy_set_header Connection ""; proxy_set_header Host $host; }} }}""")),
+                        "-p", str(tmp)], tmp / "app-proxy.log"))
+    for port in (direct, through, ngx):
+        wait_port(port)
         wrk(port, APP_HOST, 1)
     peak = rounds({"app direct": lambda: wrk(direct, APP_HOST, seconds),
-                   "app via tally": lambda: wrk(through, APP_HOST, seconds)}, n)
+                   "app via tally": lambda: wrk(through, APP_HOST, seconds),
+                   "app via nginx": lambda: wrk(ngx, APP_HOST, seconds)}, n)
     half = peak["app direct"][0] / 2
     pace = tmp / "pace.lua"
     pace.write_text(f"function delay()\n  return {max(1, round(8 / half * 1000))}\nend\n")
     paced = rounds({
         "app direct, half load": lambda: wrk(direct, APP_HOST, seconds, 8, pace),
         "app via tally, half load": lambda: wrk(through, APP_HOST, seconds, 8, pace),
+        "app via nginx, half load": lambda: wrk(ngx, APP_HOST, seconds, 8, pace),
     }, n)
     return peak, paced
+
+
+def tls(tmp: Path, seconds: float, n: int, procs: list) -> dict:
+    """Kept-alive HTTPS requests/s and new handshakes/s (a connection per request), nginx
+    and the balancer with the same certificate, in front of the same backend."""
+    certs = tmp / "certs"
+    certs.mkdir()
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj",
+                    f"/CN={HOST}", "-keyout", str(certs / "default.key"), "-out",
+                    str(certs / "default.crt")], check=True, capture_output=True)
+    backend, ngx, ours = free_ports(3)
+    procs.append(spawn(["nginx", "-c", str(nginx_conf(tmp, "tls-backend", f"""
+  server {{ listen 127.0.0.1:{backend};
+           location / {{ default_type text/plain; return 200 "hello world\\n"; }} }}""")),
+                        "-p", str(tmp)], tmp / "tls-backend.log"))
+    procs.append(spawn(["nginx", "-c", str(nginx_conf(tmp, "tls-proxy", f"""
+  upstream b {{ server 127.0.0.1:{backend}; keepalive 64; keepalive_requests 10000000; }}
+  ssl_protocols TLSv1.2 TLSv1.3;
+  ssl_session_cache shared:SSL:1m;
+  server {{ listen 127.0.0.1:{ngx} ssl;
+           ssl_certificate {certs}/default.crt; ssl_certificate_key {certs}/default.key;
+           location / {{ proxy_pass http://b; proxy_http_version 1.1;
+                        proxy_set_header Connection ""; }} }}""")), "-p", str(tmp)],
+                       tmp / "tls-proxy.log"))
+    routes = tmp / "tls-routes.json"
+    routes.write_text(json.dumps({"routes": [
+        {"hostname": HOST, "app": "bench", "backends": [f"127.0.0.1:{backend}"]}]}))
+    plain = free_ports(1)[0]
+    procs.append(spawn([PY, "-m", "tally.cli", "serve", "balancer", "--bind",
+                        f"127.0.0.1:{plain}", "--routes", str(routes), "--tls-bind",
+                        f"127.0.0.1:{ours}", "--certs", str(certs)], tmp / "tls-balancer.log"))
+    for port in (backend, ngx, ours):
+        wait_port(port)
+    for port in (ngx, ours):
+        wrk(port, HOST, 1, scheme="https")
+    return rounds({
+        "nginx https": lambda: wrk(ngx, HOST, seconds, scheme="https"),
+        "tally https": lambda: wrk(ours, HOST, seconds, scheme="https"),
+        "nginx handshakes": lambda: wrk(ngx, HOST, seconds, 8, scheme="https", close=True),
+        "tally handshakes": lambda: wrk(ours, HOST, seconds, 8, scheme="https", close=True),
+    }, n)
 
 
 def route_updates(tmp: Path, samples: int, procs: list) -> list[float]:
@@ -289,6 +345,7 @@ def main() -> None:
     try:
         px = proxies(tmp, seconds, n, procs)
         peak, paced = app(tmp, seconds, n, procs)
+        secure = tls(tmp, seconds, n, procs)
         updates = sorted(route_updates(tmp, samples, procs))
     finally:
         for p in procs:
@@ -307,12 +364,18 @@ def main() -> None:
               f"{rps:9,.0f} {p50:7.2f} {p99:7.2f} {rps / nginx:9.2f}")
     for name, (rps, p50, p99) in {**peak, **paced}.items():
         print(f"{name:34} {rps:9,.0f} {p50:7.2f} {p99:7.2f}")
+    for name, (rps, p50, p99) in secure.items():
+        base = secure[name.replace("tally", "nginx")][0]
+        print(f"{name + (' (per s)' if 'hand' in name else ''):34} {rps:9,.0f} {p50:7.2f} "
+              f"{p99:7.2f} {rps / base:9.2f}")
+    nginx_loss = 1 - peak["app via nginx"][0] / peak["app direct"][0]
+    nginx_added = paced["app via nginx, half load"][2] - paced["app direct, half load"][2]
     loss = 1 - peak["app via tally"][0] / peak["app direct"][0]
     added = paced["app via tally, half load"][2] - paced["app direct, half load"][2]
     p50u = updates[len(updates) // 2]
     p99u = updates[min(len(updates) - 1, int(len(updates) * 0.99))]
     print(f"app throughput lost through the balancer: {loss:.1%}; p99 added at half load: "
-          f"{added:.2f} ms")
+          f"{added:.2f} ms (through nginx: {nginx_loss:.1%}, {nginx_added:.2f} ms)")
     print(f"route change visible after its append: p50 {p50u:.1f} ms, p99 {p99u:.1f} ms "
           f"({len(updates)} samples)")
     print(json.dumps({
@@ -322,6 +385,11 @@ def main() -> None:
         "added_p99_ms": round(added, 2),
         "route_update_p99_ms": round(p99u, 1),
         "route_update_p50_ms": round(p50u, 1),
+        "tls_ratio_to_nginx": round(secure["tally https"][0] / secure["nginx https"][0], 3),
+        "tls_handshake_ratio_to_nginx": round(
+            secure["tally handshakes"][0] / secure["nginx handshakes"][0], 3),
+        "app_throughput_loss_nginx": round(nginx_loss, 3),
+        "added_p99_ms_nginx": round(nginx_added, 2),
         "tally_rps": round(px["tally"][0]), "tally_2proc_rps": round(px["tally x2"][0]),
         "nginx_rps": round(nginx), "haproxy_rps": round(px["haproxy"][0]),
         "ratio_haproxy_to_nginx": round(px["haproxy"][0] / nginx, 3),
