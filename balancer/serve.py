@@ -66,6 +66,8 @@ class Options:
     """Seconds between reads of the routes when no wake-up comes."""
     admin: tuple[str, int] | None = None
     collector: str | None = None
+    cache: str | None = None
+    """Ledger mode: the last routes read, kept here for a start while the ledger is away."""
     tls_bind: tuple[str, int] | None = None
     """Where to terminate TLS (with certificates from `certs`)."""
     certs: str | None = None
@@ -147,7 +149,10 @@ def run(options: Options, admin: tuple[str, int] | None = None) -> int:
         load_file(proxy, source)
         eventlet.spawn_n(follow_file, proxy, source, options.reconcile)
     else:
-        ledger = LedgerRoutes(options.dsn or "")
+        ledger = LedgerRoutes(options.dsn or "", cache=options.cache)
+        cached = ledger.cached()
+        if cached is not None:
+            proxy.update_routes(*cached)
         load_ledger(proxy, ledger, target=0)
         eventlet.spawn_n(follow_ledger, proxy, ledger, options.relays, options.reconcile)
     eventlet.spawn_n(sweep_forever, proxy)
@@ -230,6 +235,7 @@ def load_ledger(proxy: Proxy, ledger: LedgerRoutes, target: int,
             if version != proxy.router.version:
                 routes, version = tpool.execute(ledger.routes)
                 proxy.update_routes(routes, version)
+                ledger.keep(routes, version)
                 log(f"routes version {version}: {len(routes)} hostnames")
         except Exception as exc:  # psycopg2's errors, a failover: keep the routes we have
             log(f"routes not read: {exc}")

@@ -77,9 +77,36 @@ class LedgerRoutes:
     `status()` is one cheap query (the routes projector's checkpoint and routes_version);
     the rows are read only when the version moved."""
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, cache: str | Path | None = None) -> None:
         self.dsn = dsn
+        self.cache = Path(cache) if cache else None
         self._conn: Any = None
+
+    def keep(self, routes: list[Route], version: int) -> None:
+        """Write the routes to the cache file (atomically), for a restart while the ledger
+        is away: a balancer restarted then still routes instead of answering 404."""
+        if self.cache is None:
+            return
+        doc = {"version": version, "routes": [
+            {"hostname": r.hostname, "app": r.app, "backends": list(r.backends),
+             "maintenance": r.maintenance} for r in routes]}
+        tmp = self.cache.with_name(self.cache.name + ".tmp")
+        try:
+            self.cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(doc))
+            tmp.replace(self.cache)
+        except OSError:
+            pass  # a cache, not the truth: the ledger is
+
+    def cached(self) -> tuple[list[Route], int] | None:
+        """The routes last kept, if any (and readable)."""
+        if self.cache is None:
+            return None
+        try:
+            doc = json.loads(self.cache.read_text())
+            return routes_from_json(doc), int(doc["version"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def _cursor(self) -> Any:
         import psycopg2

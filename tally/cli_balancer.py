@@ -84,5 +84,7 @@ def register(cli: click.Group) -> None:
             drain=drain, admin=_address(admin, "--admin") if admin else None,
             collector=collector or (None if routes_file else cfg.collector),
             tls_bind=_address(tls_bind, "--tls-bind") if tls_bind else None, certs=certs,
+            cache=None if routes_file else str(
+                cfg.run_dir / f"balancer-{_address(bind, '--bind')[1]}.routes.json"),
         )
         raise SystemExit(main(options))
