@@ -26,9 +26,22 @@ def watchdog(cluster: Cluster) -> Iterator[subprocess.Popen]:
         proc = subprocess.Popen(
             [sys.executable, "-m", "tally.cli", "serve", "watchdog", "--limit", str(LIMIT)],
             env=tally_env(cluster), stdout=log, stderr=log)
+    wait_until(lambda: looking(cluster), 30, "the watchdog never connected")
     yield proc
     proc.terminate()
     proc.wait(10)
+
+
+def looking(cluster: Cluster) -> bool:
+    """The watchdog is up: its session is on the primary."""
+    conn = psycopg2.connect(cluster.dsn("postgres"))
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_stat_activity WHERE application_name = "
+                        "'tally-watchdog' AND usename = 'postgres'")
+            return cur.fetchone() is not None
+    finally:
+        conn.close()
 
 
 class Holder(threading.Thread):
