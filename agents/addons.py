@@ -89,9 +89,12 @@ def create_database(cluster: Cluster, app: str) -> str:
                 if not other.startswith("app_"):
                     cur.execute(sql.SQL("REVOKE CONNECT, TEMPORARY ON DATABASE {} FROM PUBLIC")
                                 .format(sql.Identifier(other)))
+            cur.execute("SELECT datname FROM pg_database WHERE datname LIKE 'app\\_%'")
+            apps = [row[0] for row in cur.fetchall()]
     finally:
         conn.close()
-    _hide_the_neighbours(cluster, name)
+    for database in apps:  # this one, and any made before the catalogs were closed
+        _hide_the_neighbours(cluster, database)
     hosts = ",".join(f"{cluster.spec.host}:{p}" for p in cluster.spec.ports)
     return (f"postgresql://{name}:{quote(password, safe='')}@{hosts}/{name}"
             "?target_session_attrs=read-write")

@@ -142,6 +142,7 @@ def _serve(cli: click.Group) -> None:
         # long-polls may hold half the threads at most: the rest keep answering
         settings = dataclasses.replace(settings, long_poll_slots=max(1, threads // 2))
         settings.bundles_dir.mkdir(parents=True, exist_ok=True)
+        settings.bundles_dir.chmod(0o700)  # every app's code: not for apps on this machine
         Gunicorn(create_app(settings), options(bind, workers, threads)).run()
 
 
