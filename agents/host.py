@@ -16,6 +16,7 @@ import contextlib
 import http.client
 import logging
 import os
+import queue
 import shutil
 import subprocess
 import threading
@@ -54,6 +55,7 @@ from agents.supervision import (
 )
 from ledger import Ledger, LedgerUnavailable, NewEvent
 from ledger.sizes import DEFAULT_SIZE
+from ledger.tickets import Ticket
 
 log = logging.getLogger("tally.agent")
 AGENT_CATEGORIES = ["app", "host", "placement"]
@@ -105,8 +107,10 @@ class Agent:
     def __init__(self, ledger: Ledger, spec: HostSpec, paths: Paths,
                  timing: Timing | None = None, limits: Limits | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 collector: str | None = None) -> None:
+                 collector: str | None = None, run_key: bytes | None = None) -> None:
         self.ledger, self.spec, self.paths = ledger, spec, paths
+        self.run_key = run_key
+        """Verifies the API's run tickets (ledger/tickets.py); None: no one-off runs."""
         self.timing = timing or Timing()
         self.limits = limits or Limits()
         self.clock = clock
@@ -115,6 +119,7 @@ class Agent:
         self.procs = Processes(paths.state)
         self.shipper = Shipper(collector, self.procs.logs) if collector else None
         self.runs: RunServer | None = None
+        self.ended_runs: queue.Queue[tuple[str, NewEvent]] = queue.Queue()
         for private in (paths.state, paths.releases, paths.state / "homes"):
             private.mkdir(parents=True, exist_ok=True)
             private.chmod(0o711)  # apps may pass through to their own folder, not list
@@ -133,7 +138,8 @@ class Agent:
     def start(self) -> None:
         """Register the host, read the ledger, adopt what our pid records name."""
         s = self.spec
-        self.runs = RunServer(s.address, self.prepare_run, self.limits)
+        self.runs = RunServer(s.address, self.prepare_run, self.limits, self.run_key,
+                              s.host_id, self.procs.logs, self.run_ended)
         self.runs.start()
         self.ledger.append(f"host-{s.host_id}", [NewEvent("HostRegistered", {
             "host_id": s.host_id, "address": s.address, "port_min": s.port_min,
@@ -192,8 +198,10 @@ class Agent:
                 self.apply(action, now)
             except Exception:  # one instance's trouble must not stop the others
                 log.exception("%s %s failed", action.kind, action.instance_id)
+        self.record_run_ends()
         if self.shipper is not None:
-            self.shipper.ship(running=set(self.local))
+            detached = self.runs.detached_ids() if self.runs else set()
+            self.shipper.ship(running=set(self.local) | detached)
         if now >= self.next_stats:
             self.next_stats = now + self.timing.stats_every
             self.record_stats()
@@ -423,22 +431,50 @@ class Agent:
                 **dict(want.config), "PORT": str(want.port), "TALLY_APP": want.app,
                 "TALLY_RELEASE": str(want.release), "TALLY_INSTANCE": want.instance_id}
 
-    def one_off(self, app: str) -> Want:
-        """A Want for a one-off command of the app's serving release (`tally run`)."""
+    def one_off(self, app: str, number: int) -> Want:
+        """A Want for a one-off command of release `number` (the API chose it: `tally run`)."""
         a = self.fleet.apps.get(app)
-        number = a and (a.deployed if a.deployed not in (None, *a.failed) else a.current_release)
-        if not a or not number:
-            raise LookupError(f"app {app!r} has no release to run a command in")
-        r = a.releases[number]
+        r = a.releases.get(number) if a else None
+        if not a or not r:
+            raise LookupError(f"app {app!r} has no release v{number} to run a command in")
         return Want(f"{app}.{number}.run.{uuid.uuid4().hex[:12]}", app, number, "run", 0,
                     r.digest, "", tuple(sorted(a.config_at(r.config_version).items())))
 
-    def prepare_run(self, app: str) -> tuple[str, dict[str, str], Callable[[], None] | None]:
-        """Folder, environment and user for a one-off command (a run's own thread)."""
-        want = self.one_off(app)
+    def prepare_run(self, app: str, number: int
+                    ) -> tuple[str, dict[str, str], Callable[[], None] | None]:
+        """Folder, environment and user for a one-off command (a run's own thread): the
+        release prepared as an instance's is. The agent may not have folded the release
+        the API saw yet: its loop (which alone folds) gets a few seconds to."""
+        deadline = time.monotonic() + 10
+        while (number not in getattr(self.fleet.apps.get(app), "releases", {})
+               and time.monotonic() < deadline):
+            time.sleep(0.1)
+        want = self.one_off(app, number)
         release, venv, user = self.prepare(want)
         return str(release), self.environment(want, venv, user), cgroups.confine(
             self.cgroups, want.instance_id, want.size, demote(user) if user else None)
+
+    def run_ended(self, ticket: Ticket, code: int | None, seconds: float) -> None:
+        """A one-off run ended (a run's thread): its RunEnded waits for the loop, which
+        alone uses the ledger connection."""
+        self.ended_runs.put((f"app-{ticket.app}", NewEvent("RunEnded", {
+            "app": ticket.app, "number": ticket.number, "run_id": ticket.run_id,
+            "exit_code": code, "seconds": round(seconds, 3), "host_id": self.spec.host_id},
+            {"actor": f"agent-{self.spec.host_id}", "role": "agent"})))
+
+    def record_run_ends(self) -> None:
+        """Append the RunEnded of runs that ended (the app's stream; its start is the
+        API's); one the ledger did not take waits for the next round."""
+        while True:
+            try:
+                stream, event = self.ended_runs.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                self.ledger.append(stream, [event])
+            except LedgerUnavailable:
+                self.ended_runs.put((stream, event))
+                return
 
     def healthy(self, want: Want | None) -> bool:
         """An HTTP answer below 500 on the instance's port; non-web processes: running."""

@@ -155,8 +155,11 @@ def tail(root: Path, app: str, lines: int) -> list[str]:
     return out[-lines:] if lines else []
 
 
-def follow(root: Path, app: str, stop: threading.Event, interval: float = 0.2) -> Iterator[str]:
-    """Lines appended to the app's log from now on, across rotations."""
+def follow(root: Path, app: str, stop: threading.Event, interval: float = 0.2,
+           idle: bool = False) -> Iterator[str]:
+    """Lines appended to the app's log from now on, across rotations; with `idle`, also
+    an empty string after each wait that found nothing (a streaming reader's chance to
+    send a keep-alive or notice its client left)."""
     current = root / app / CURRENT
     offset = current.stat().st_size if current.exists() else 0
     inode = current.stat().st_ino if current.exists() else None
@@ -174,3 +177,5 @@ def follow(root: Path, app: str, stop: threading.Event, interval: float = 0.2) -
                 yield from data[:end].decode("utf-8", "replace").splitlines()
                 continue
         stop.wait(interval)
+        if idle:
+            yield ""

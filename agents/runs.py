@@ -1,73 +1,112 @@
-"""One-off commands (`tally run APP -- python manage.py migrate`): run on a host, in the
-app's environment (its serving release, virtualenv, config vars), as its user, in a pty;
-the output streams back and the exit code ends the conversation.
+"""One-off commands (`tally run -a blog -- python manage.py migrate`) on a host agent: in the
+app's environment (its release, config vars), as its user; attached (a pty when the caller
+has a terminal, pipes otherwise; the output streams back, stdin streams in, the exit code
+ends the conversation) or detached (output to the app's logs, listed by `tally ps`).
 
-Wire protocol (ZeroMQ DEALER -> the agent's ROUTER):
-    client: [b"run", json {"app", "argv"}], then [b"alive", b""] every KEEPALIVE_S,
-            and maybe [b"signal", b"INT" | b"KILL"]
+Only the API starts runs: every request carries a ticket it signed (ledger/tickets.py),
+bound to this host, the app, the release, the command and the caller, good for 30 s and
+once. Anything else on the network or the host (an app's process included) that speaks
+to this socket is refused before anything runs.
+
+Wire protocol (ZeroMQ DEALER, the API's relay -> the agent's ROUTER):
+    caller: [b"run", json {"ticket", "tty", "rows", "cols"}], then any of
+            [b"in", bytes] (stdin), [b"eof", b""], [b"resize", json [rows, cols]],
+            [b"signal", b"INT" | b"KILL" | b"HUP" | b"TERM"], [b"alive", b""] every
+            KEEPALIVE_S; or alone: [b"stop", json {"ticket"}] (a "stop" ticket: end a run)
     agent:  [b"out", bytes]* then [b"exit", b"<code>"], or [b"error", b"<message>"];
+            [b"started", b""] for a detached run, [b"stopped", b""] for a stop;
             [b"alive", b""] every KEEPALIVE_S meanwhile
-Each run has its own thread; threads hand frames to the ROUTER's loop over an inproc
-PUSH/PULL pair, since a ZeroMQ socket belongs to one thread. The keep-alives let each
-side tell a quiet peer (a long migration) from a dead one or a lost network: the CLI
-gives up with a clear error instead of hanging, and the agent hangs up (SIGHUP) a
-command whose caller went silent, as a terminal's commands get when the ssh session
-drops. Ctrl-C in the CLI stops the command on the host (a second one kills it), as
-`heroku run` does.
+Each run has its own threads (output, input); they hand frames to the ROUTER's loop over
+an inproc PUSH/PULL pair, since a ZeroMQ socket belongs to one thread. The keep-alives let
+each side tell a quiet peer (a long migration) from a dead one: the agent hangs up
+(SIGHUP) a command whose caller went silent, as a terminal's commands get when the ssh
+session drops.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import json
 import logging
 import os
+import queue
 import signal
+import struct
 import subprocess
+import termios
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import BinaryIO
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import zmq
 
 from agents.processes import Limits, child_setup
+from ledger.tickets import (
+    KEEPALIVE_S,
+    SILENCE_S,
+    Redeemed,
+    Ticket,
+    TicketRefused,
+    verify,
+)
 
 log = logging.getLogger("tally.runs")
-KEEPALIVE_S = 1.0
-"""While a run prepares (maybe a pip install) or runs, each side says "alive" this often."""
-SILENCE_S = 10.0
-"""Either side gives up on a peer it has not heard from for this long."""
-SIGNALS = {b"INT": signal.SIGINT, b"KILL": signal.SIGKILL, b"HUP": signal.SIGHUP}
+SIGNALS = {b"INT": signal.SIGINT, b"KILL": signal.SIGKILL, b"HUP": signal.SIGHUP,
+           b"TERM": signal.SIGTERM}
+STOP_GRACE_S = 10.0
+"""A stopped run gets SIGTERM, then SIGKILL this much later, as an instance does."""
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _PR_SET_PDEATHSIG = 1
 
+Prepare = Callable[[str, int], tuple[str, dict[str, str], Callable[[], None] | None]]
+"""(app, release) -> the run's folder, environment and demotion to the app's user."""
+Ended = Callable[[Ticket, int | None, float], None]
+"""Called once a run's command exits: its ticket, exit code, seconds it ran."""
+
 
 class RunError(Exception):
-    """The run could not start, or the agent did not answer."""
+    """The run could not start."""
+
+
+@dataclass
+class Run:
+    ticket: Ticket
+    proc: subprocess.Popen | None = None
+    stdin: queue.Queue[bytes | None] = field(default_factory=queue.Queue)
+    """What the caller sent for the command's stdin (None: its end), kept from the first
+    byte, which may come while the release is still being prepared."""
+    master: int | None = None
 
 
 class RunServer:
-    """The agent's side: a ROUTER bound on `address`, a thread per run."""
+    """The agent's side: a ROUTER bound on `address`, threads per run."""
 
-    def __init__(self, address: str,
-                 prepare: Callable[[str], tuple[str, dict[str, str], Callable[[], None] | None]],
-                 limits: Limits,
-                 context: zmq.Context | None = None) -> None:
+    def __init__(self, address: str, prepare: Prepare, limits: Limits, key: bytes | None,
+                 host_id: str, logs_dir: Path, ended: Ended = lambda t, c, s: None,
+                 context: zmq.Context | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.context = context or zmq.Context.instance()
         self.router = self.context.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.MAXMSGSIZE, 1 << 20)  # nobody floods the agent's memory
         port = self.router.bind_to_random_port(f"tcp://{address}")
         self.endpoint = f"tcp://{address}:{port}"
         self.inbox = f"inproc://runs-{uuid.uuid4().hex}"
         self.pull = self.context.socket(zmq.PULL)
         self.pull.bind(self.inbox)
-        self.prepare, self.limits = prepare, limits
-        self.runs: dict[bytes, subprocess.Popen | None] = {}
-        """The runs under way, by caller: their command once started. Shared by the loop
-        and the run threads through single dict operations (atomic under the GIL)."""
+        self.prepare, self.limits, self.key = prepare, limits, key
+        self.host_id, self.logs_dir, self.ended, self.clock = host_id, logs_dir, ended, clock
+        self.redeemed = Redeemed(since=clock())
+        self.runs: dict[bytes, Run] = {}
+        """The attached runs under way, by caller. Shared by the loop and the run threads
+        through single dict operations (atomic under the GIL)."""
+        self.detached: dict[str, Run] = {}
+        """Detached runs under way, by run id."""
         self.heard: dict[bytes, float] = {}
         """When each caller last said anything (the loop's own)."""
         self.thread = threading.Thread(target=self._loop, daemon=True, name="runs")
@@ -80,6 +119,10 @@ class RunServer:
         self.stop.set()
         self.thread.join(5)
 
+    def detached_ids(self) -> set[str]:
+        """The log names of detached runs under way (their logs must stay until shipped)."""
+        return {run_log_name(r.ticket) for r in list(self.detached.values())}
+
     def _loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
@@ -91,16 +134,8 @@ class RunServer:
                     frames = sock.recv_multipart()
                     if sock is self.pull:
                         self.router.send_multipart(frames)
-                        continue
-                    if len(frames) != 3:
-                        continue
-                    self.heard[frames[0]] = time.monotonic()
-                    if frames[1] == b"run":
-                        self.runs[frames[0]] = None
-                        threading.Thread(target=self._run, args=(frames[0], frames[2]),
-                                         daemon=True).start()
-                    elif frames[1] == b"signal":
-                        self._signal(frames[0], frames[2])
+                    elif len(frames) == 3:
+                        self._heard(*frames)
                 now = time.monotonic()
                 if now >= next_alive:
                     self._keep_alive(now)
@@ -109,46 +144,153 @@ class RunServer:
             self.router.close()
             self.pull.close()
 
-    def _run(self, ident: bytes, body: bytes) -> None:
+    def _heard(self, ident: bytes, kind: bytes, data: bytes) -> None:
+        run = self.runs.get(ident)
+        if kind in (b"run", b"stop"):
+            try:
+                ticket = self._redeem(data, "run" if kind == b"run" else "stop")
+            except TicketRefused as exc:
+                log.warning("refused a %s request: %s", kind.decode(), exc)
+                self.router.send_multipart([ident, b"error", str(exc).encode()])
+                return
+            if kind == b"stop":
+                self._stop(ident, ticket)
+                return
+            if run is not None:  # one run per caller socket
+                self.router.send_multipart([ident, b"error", b"a run is under way"])
+                return
+            self.heard[ident] = time.monotonic()
+            if not ticket.detached:
+                self.runs[ident] = Run(ticket)
+            threading.Thread(target=self._run, args=(ident, ticket, _request(data)),
+                             daemon=True, name=f"run-{ticket.app}.{ticket.number}").start()
+            return
+        if run is None:
+            return  # nothing of an unknown caller is read, let alone acted on
+        self.heard[ident] = time.monotonic()
+        if kind == b"in":
+            run.stdin.put(data)
+        elif kind == b"eof":
+            run.stdin.put(None)
+        elif kind == b"resize" and run.master is not None:
+            with contextlib.suppress(ValueError, OSError, TypeError):
+                rows, cols = json.loads(data)
+                set_size(run.master, int(rows), int(cols))
+        elif kind == b"signal":
+            self._signal(run, data)
+
+    def _redeem(self, data: bytes, kind: str) -> Ticket:
+        if self.key is None:
+            raise TicketRefused("one-off runs are disabled on this host (no TALLY_RUN_KEY)")
+        try:
+            text = str(json.loads(data)["ticket"])
+        except (ValueError, TypeError, KeyError) as exc:
+            raise TicketRefused("no ticket: runs are started through the API") from exc
+        now = self.clock()
+        ticket = verify(self.key, text, self.host_id, now)
+        if ticket.kind != kind:
+            raise TicketRefused(f"a {ticket.kind} ticket does not allow a {kind}")
+        self.redeemed.redeem(ticket, now)
+        return ticket
+
+    def _run(self, ident: bytes, ticket: Ticket, req: dict) -> None:
         out = self.context.socket(zmq.PUSH)
         out.connect(self.inbox)
+        run = self.runs.get(ident) or Run(ticket)
+        code: int | None = None
+        began = time.monotonic()
         try:
-            req = json.loads(body)
-            argv = [str(a) for a in req["argv"]]
-            if not argv:
+            if not ticket.argv:
                 raise RunError("nothing to run: give a command after --")
-            cwd, env, demote = self.prepare(str(req["app"]))
+            cwd, env, demote = self.prepare(ticket.app, ticket.release)
             setup = _hung_up_with_agent(child_setup(self.limits, demote))
-            code = run_in_pty(argv, cwd, env, setup,
-                              lambda data: out.send_multipart([ident, b"out", data]),
-                              lambda proc: self.runs.update({ident: proc}))
-            out.send_multipart([ident, b"exit", str(code).encode()])
+            began = time.monotonic()
+            if ticket.detached:
+                self.detached[ticket.run_id] = run
+                code = self._detached(run, cwd, env, setup,
+                                      lambda: out.send_multipart([ident, b"started", b""]))
+            else:
+                code = run_attached(run, cwd, env, setup, bool(req.get("tty")),
+                                    (req.get("rows"), req.get("cols")),
+                                    lambda data: out.send_multipart([ident, b"out", data]))
+                out.send_multipart([ident, b"exit", str(code).encode()])
         except Exception as exc:  # the caller gets the reason, the agent carries on
-            log.info("run refused: %s", exc)
+            log.info("run %s.%s refused: %s", ticket.app, ticket.number, exc)
             out.send_multipart([ident, b"error", str(exc).encode()])
         finally:
             self.runs.pop(ident, None)
+            self.detached.pop(ticket.run_id, None)
             out.close(linger=5000)
+            try:
+                self.ended(ticket, code, time.monotonic() - began)
+            except Exception:  # recorded or not, the run is over
+                log.exception("could not record the end of run %s.%s", ticket.app,
+                              ticket.number)
+
+    def _detached(self, run: Run, cwd: str, env: dict[str, str], setup: Callable[[], None],
+                  started: Callable[[], None]) -> int:
+        """Run with its output appended to a log the shipper sends to the app's logs."""
+        path = self.logs_dir / f"{run_log_name(run.ticket)}.log"
+        with open(path, "ab") as f:
+            try:
+                run.proc = subprocess.Popen(list(run.ticket.argv), cwd=cwd, env=env,
+                                            stdin=subprocess.DEVNULL, stdout=f,
+                                            stderr=subprocess.STDOUT, start_new_session=True,
+                                            preexec_fn=setup)
+            except OSError as exc:
+                raise RunError(f"cannot start {run.ticket.argv[0]!r}: {exc.strerror}") from exc
+        started()
+        return _code(run.proc.wait())
+
+    def _stop(self, ident: bytes, ticket: Ticket) -> None:
+        """End a run (detached or attached) with SIGTERM, then SIGKILL after a grace."""
+        run = self.detached.get(ticket.run_id) or next(
+            (r for r in list(self.runs.values()) if r.ticket.run_id == ticket.run_id), None)
+        if run is None or run.proc is None:
+            self.router.send_multipart([ident, b"error", b"no such run under way here"])
+            return
+        self._signal(run, b"TERM")
+        proc = run.proc
+
+        def kill_later() -> None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(STOP_GRACE_S)
+                return
+            self._signal(run, b"KILL")
+        threading.Thread(target=kill_later, daemon=True).start()
+        self.router.send_multipart([ident, b"stopped", b""])
 
     def _keep_alive(self, now: float) -> None:
         """Tell every caller we are here; hang up the command of one gone silent."""
         for ident in set(self.heard) - set(self.runs):
             del self.heard[ident]  # its run ended
-        for ident in list(self.runs):
+        for ident, run in list(self.runs.items()):
             self.router.send_multipart([ident, b"alive", b""])
-            if now - self.heard.get(ident, now) > SILENCE_S and self._signal(ident, b"HUP"):
+            if now - self.heard.get(ident, now) > SILENCE_S and self._signal(run, b"HUP"):
                 log.info("a run's caller went silent: its command was hung up")
                 self.heard[ident] = float("inf")  # once
 
-    def _signal(self, ident: bytes, name: bytes) -> bool:
-        """Signal a caller's command's process group (its session); False if it has not
-        started yet."""
-        proc, sig = self.runs.get(ident), SIGNALS.get(name)
-        if proc is None or sig is None:
+    def _signal(self, run: Run, name: bytes) -> bool:
+        """Signal a run's process group (its session); False if it has not started yet."""
+        sig = SIGNALS.get(name)
+        if run.proc is None or sig is None:
             return False
         with contextlib.suppress(ProcessLookupError):  # it ended: its exit is coming
-            os.killpg(proc.pid, sig)
+            os.killpg(run.proc.pid, sig)
         return True
+
+
+def run_log_name(ticket: Ticket) -> str:
+    """A detached run's log, `<app>.run.<N>`: the collector files it under the app."""
+    return f"{ticket.app}.run.{ticket.number}"
+
+
+def _request(data: bytes) -> dict:
+    with contextlib.suppress(ValueError):
+        req = json.loads(data)
+        if isinstance(req, dict):
+            return req
+    return {}
 
 
 def _hung_up_with_agent(setup: Callable[[], None]) -> Callable[[], None]:
@@ -166,74 +308,93 @@ def _hung_up_with_agent(setup: Callable[[], None]) -> Callable[[], None]:
     return setup_then_die_with_agent
 
 
-def run_in_pty(argv: list[str], cwd: str, env: dict[str, str], setup: Callable[[], None],
-               emit: Callable[[bytes], None],
-               started: Callable[[subprocess.Popen], None] = lambda proc: None) -> int:
-    """Run `argv` with a pty as its terminal; hand its output to `emit` (and the process,
-    once started, to `started`); its exit code (128 + n when killed by signal n, as a shell
-    says)."""
-    master, slave = os.openpty()
+def _with_terminal(setup: Callable[[], None]) -> Callable[[], None]:
+    """Make the pty on stdin the new session's controlling terminal first, so Ctrl-C and
+    Ctrl-Z typed into it signal the command as on a local terminal."""
+    def setup_with_terminal() -> None:
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        setup()
+
+    return setup_with_terminal
+
+
+def set_size(fd: int, rows: int, cols: int) -> None:
+    """The terminal's size (the kernel tells its foreground processes: SIGWINCH)."""
+    if 0 < rows < 10000 and 0 < cols < 10000:
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def run_attached(run: Run, cwd: str, env: dict[str, str], setup: Callable[[], None],
+                 tty: bool, size: tuple[int | None, int | None],
+                 emit: Callable[[bytes], None]) -> int:
+    """Run the ticket's command with a pty as its terminal (tty) or pipes; hand its output
+    to `emit`, feed it what arrives in `run.stdin`; its exit code (128 + n when killed by
+    signal n, as a shell says)."""
+    argv = list(run.ticket.argv)
+    if tty:
+        master, slave = os.openpty()
+        with contextlib.suppress(TypeError, ValueError, OSError):
+            set_size(master, int(size[0] or 24), int(size[1] or 80))
+        stdio: dict = {"stdin": slave, "stdout": slave, "stderr": slave}
+        setup = _with_terminal(setup)
+    else:
+        stdio = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE,
+                 "stderr": subprocess.STDOUT}
     try:
-        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=slave, stdout=slave,
-                                stderr=slave, start_new_session=True, preexec_fn=setup)
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, start_new_session=True,
+                                preexec_fn=setup, **stdio)
     except OSError as exc:
-        os.close(master)
+        if tty:
+            os.close(master)
         raise RunError(f"cannot start {argv[0]!r}: {exc.strerror}") from exc
     finally:
-        os.close(slave)
-    started(proc)
+        if tty:
+            os.close(slave)
+    if tty:
+        reader, writer = master, os.dup(master)
+        run.master = master
+    else:
+        assert proc.stdout is not None and proc.stdin is not None
+        reader, writer = proc.stdout.fileno(), os.dup(proc.stdin.fileno())
+        proc.stdin.close()  # the feeder's copy is the command's only way in
+    run.proc = proc
+    feeder = threading.Thread(target=_feed, args=(run.stdin, writer, tty), daemon=True)
+    feeder.start()
     try:
         while True:
             try:
-                data = os.read(master, 65536)
+                data = os.read(reader, 65536)
             except OSError:  # EIO: every holder of the pty closed it
                 break
             if not data:
                 break
             emit(data)
     finally:
-        os.close(master)
-    code = proc.wait()
-    return code if code >= 0 else 128 - code
+        code = _code(proc.wait())
+        run.stdin.put(None)
+        run.master = None
+        feeder.join(1)
+        if tty:
+            os.close(master)
+        elif proc.stdout is not None:
+            proc.stdout.close()
+    return code
 
 
-def run_remote(endpoint: str, app: str, argv: list[str], out: BinaryIO,
-               context: zmq.Context | None = None) -> int:
-    """The CLI's side: ask the agent at `endpoint` to run `argv`; copy the output to `out`;
-    return the command's exit code. Ctrl-C asks the agent to interrupt the command, a
-    second one to kill it, a third leaves at once."""
-    sock = (context or zmq.Context.instance()).socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 1000)  # a last signal still goes out as we leave
-    sock.connect(endpoint)
-    interrupts = 0
+def _feed(inbox: queue.Queue[bytes | None], fd: int, tty: bool) -> None:
+    """Write what the caller types (or pipes) to the command; at the end of it, a pty gets
+    Ctrl-D (the terminal's end of input), a pipe is closed."""
     try:
-        sock.send_multipart([b"run", json.dumps({"app": app, "argv": argv}).encode()])
-        heard = said = time.monotonic()
-        while True:
-            try:
-                now = time.monotonic()
-                if now - said >= KEEPALIVE_S:
-                    sock.send_multipart([b"alive", b""])
-                    said = now
-                if not sock.poll(int(KEEPALIVE_S * 1000)):
-                    if time.monotonic() - heard > SILENCE_S:
-                        raise RunError(f"lost the agent at {endpoint}: not a word for "
-                                       f"{SILENCE_S:.0f} s; the command may still be "
-                                       f"running there")
-                    continue
-                heard = time.monotonic()
-                kind, data = sock.recv_multipart()
-                if kind == b"out":
-                    out.write(data)
-                    out.flush()
-                elif kind == b"exit":
-                    return int(data)
-                elif kind == b"error":
-                    raise RunError(data.decode("utf-8", "replace"))
-            except KeyboardInterrupt:
-                interrupts += 1
-                if interrupts > 2:
-                    raise
-                sock.send_multipart([b"signal", b"INT" if interrupts == 1 else b"KILL"])
+        while (data := inbox.get()) is not None:
+            os.write(fd, data)
+        if tty:
+            os.write(fd, b"\x04")
+    except OSError:  # the command is gone
+        pass
     finally:
-        sock.close()
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _code(code: int) -> int:
+    return code if code >= 0 else 128 - code

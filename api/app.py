@@ -10,7 +10,15 @@ from flask import Flask, jsonify
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
 
-from api import openapi, routes_apps, routes_fleet, routes_quotas, web  # noqa: F401  (routes register)
+from api import (  # noqa: F401  (routes register)
+    openapi,
+    routes_addons,
+    routes_apps,
+    routes_fleet,
+    routes_quotas,
+    routes_runs,
+    web,
+)
 from api.errors import ApiError
 from api.services import Services, Settings
 from ledger import InvalidEvent, LedgerUnavailable, VersionConflict

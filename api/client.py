@@ -7,7 +7,7 @@ import io
 import json
 import os
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,27 @@ class Client:
     def get(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params={k: v for k, v in params.items()
                                                  if v is not None})
+
+    def stream_lines(self, path: str, **params: Any) -> Iterator[str]:
+        """The `data:` lines of a server-sent event stream, as they come. The server sends
+        a comment every few seconds: silence past the read timeout means it is gone."""
+        headers = {"Accept": "text/event-stream"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        try:
+            with self.session.get(self.api + path, params=params, headers=headers,
+                                  stream=True, timeout=(10, 30)) as r:
+                if r.status_code != 200:
+                    raise ClientError(_reason(r))
+                for raw in r.iter_lines():
+                    line = raw.decode("utf-8", "replace")
+                    if line.startswith("data: "):
+                        yield line[6:]
+        except requests.ConnectionError as exc:
+            raise ClientError(f"lost the tally API at {self.api} (it went silent or "
+                              f"closed the stream)") from exc
+        except requests.RequestException as exc:
+            raise ClientError(f"cannot follow {path} at {self.api}: {exc}") from exc
 
     def post(self, path: str, body: Any) -> Any:
         return self.request("POST", path, json=body)

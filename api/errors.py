@@ -6,7 +6,8 @@ ApiError
  ├── NotFound       404  no such app, release, route...
  ├── Conflict       409  someone else changed it first (carries the current state)
  ├── TooLarge       413  a bundle over the size limit
- └── Unprocessable  422  well-formed but refused (bad bundle, unknown process type...)
+ ├── Unprocessable  422  well-formed but refused (bad bundle, unknown process type...)
+ └── Unavailable    503  nothing can serve it now (no host agent to run a command on)
 
 Ledger and marshmallow errors are mapped in api/app.py, in one place.
 """
@@ -58,3 +59,7 @@ class TooLarge(ApiError):
 
 class Unprocessable(ApiError):
     status, code = 422, "unprocessable"
+
+
+class Unavailable(ApiError):
+    status, code = 503, "unavailable"

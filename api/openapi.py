@@ -13,7 +13,7 @@ from api.web import ROUTES, Route, openapi_path
 
 REASONS = {400: "Bad request", 401: "No or unknown token", 403: "Not allowed",
            404: "Not found", 409: "Conflict (carries the current state)",
-           413: "Too large", 422: "Invalid input"}
+           413: "Too large", 422: "Invalid input", 503: "Unavailable now (try again)"}
 APP = r"^[a-z][a-z0-9-]{1,28}[a-z0-9]$"
 
 

@@ -197,12 +197,14 @@ def show_release(name: str, number: int) -> ResponseReturnValue:
 @route("/apps/<name>/releases/<int:number>/bundle", tag="releases",
        raw_response="application/gzip", errors=(401, 403, 404))
 def download_bundle(name: str, number: int) -> ResponseReturnValue:
-    """The release's bundle: for the app's people, and for agents of hosts it is placed on."""
+    """The release's bundle: for the app's people, and for agents of hosts it is placed on
+    or that run a one-off command of it."""
     caller = who()
     svc = services()
     if caller.role == "agent":
         state = svc.load_app(name)
-        if not caller.host_id or not svc.views.placed_on(name, number, caller.host_id):
+        if not caller.host_id or not (running_on(state, number, caller.host_id) or
+                                      svc.views.placed_on(name, number, caller.host_id)):
             raise Forbidden(f"release v{number} of {name} is not placed on this host")
     else:
         state = app_state(name)
@@ -214,6 +216,13 @@ def download_bundle(name: str, number: int) -> ResponseReturnValue:
         raise NotFound(f"the bundle of v{number} is missing from the bundle store")
     return send_file(path, mimetype="application/gzip", download_name=path.name,
                      etag=found.bundle_digest)
+
+
+def running_on(state: AppState, number: int, host_id: str) -> bool:
+    """Whether a one-off run of this release goes on on this host (the API chose it: its
+    agent is granted the bundle, as one running the release is)."""
+    return any(r.release == number and r.host_id == host_id and not r.ended
+               for r in state.runs)
 
 
 @route("/apps/<name>/rollback", "POST", body=schemas.Rollback, response=schemas.Release,

@@ -4,18 +4,21 @@ tokens: their heartbeats, their instances' events, their placements."""
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from flask import Response
+from flask import Response, stream_with_context
 from flask.typing import ResponseReturnValue
 
 from api import auth, schemas
 from api.auth import require_host, require_role
-from api.errors import Conflict, Forbidden, NotFound, Unprocessable
+from api.errors import Conflict, Forbidden, NotFound, Unavailable, Unprocessable
 from api.routes_apps import app_state
+from api.runs import under_way
+from api.state import Run
 from api.web import body, query, reply, route, services, who
 from ledger import NO_STREAM, Ledger, NewEvent, RecordedEvent, VersionConflict
 from ledger.catalogue import redacted
@@ -197,7 +200,18 @@ for _path, _rows, _doc in (
 def ps(name: str) -> ResponseReturnValue:
     """The app's instances and their state."""
     app_state(name)
-    return reply(schemas.Rows, {"items": services().views.instances(name)})
+    svc = services()
+    rows = svc.views.instances(name)
+    return reply(schemas.Rows, {"items": rows + [_run_row(r) for r in
+                                                 under_way(svc.load_app(name))]})
+
+
+def _run_row(r: Run) -> dict[str, Any]:
+    """A one-off run under way, as `tally ps` lists it beside the instances: run.N."""
+    return {"instance_id": f"run.{r.number}", "process_type": "run", "release": r.release,
+            "host_id": r.host_id, "port": None, "state": "detached" if r.detached else
+            "attached", "since": r.started_at, "restarts": 0, "exit_code": None,
+            "command": " ".join(r.command), "actor": r.actor}
 
 
 @route("/apps/<name>/placements", response=schemas.Rows, tag="apps", errors=(401, 403, 404))
@@ -330,26 +344,40 @@ def stats(name: str) -> ResponseReturnValue:
 def logs(name: str) -> ResponseReturnValue:
     """The app's last log lines, as the log collector stored them."""
     app_state(name)
-    lines = query(schemas.LogsQuery)["lines"]
-    tail = services().settings.logs_tail
+    q = query(schemas.LogsQuery)
+    svc = services()
+    tail, follow = svc.settings.logs_tail, svc.settings.logs_follow
     if tail is None:
         raise NotFound("logs are not collected on this platform (no log collector)")
-    return reply(schemas.Logs, {"app": name, "lines": tail(name, lines)})
+    if not q["follow"]:
+        return reply(schemas.Logs, {"app": name, "lines": tail(name, q["lines"])})
+    if follow is None:
+        raise NotFound("logs cannot be followed on this platform")
+    if not svc.long_polls.acquire(blocking=False):
+        raise Unavailable("this API process follows as many streams as it may: try again")
+    return Response(stream_with_context(_sse(name, tail(name, q["lines"]), follow)),
+                    mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-@route("/apps/<name>/runs", "POST", tag="later", documented=False)
-def run(name: str) -> ResponseReturnValue:
-    """A one-off process in a pty (served once the host agents run them)."""
-    return _later(name, "one-off runs")
+LOGS_KEEPALIVE_S = 5.0
 
 
-@route("/apps/<name>/addons", tag="later", documented=False)
-def addons(name: str) -> ResponseReturnValue:
-    """The app's add-ons, e.g. a PostgreSQL database (served with the agents issue)."""
-    return _later(name, "add-ons")
-
-
-def _later(name: str, what: str) -> ResponseReturnValue:
-    app_state(name)
-    raise NotFound(f"{what} are not served over HTTP yet: on a platform host, use "
-                   f"`tally run` / `tally addons:create`")
+def _sse(name: str, first: list[str],
+         follow: Callable[[str, threading.Event], Iterator[str]]) -> Iterator[str]:
+    """Server-sent events: the last lines, then each new one; a comment every few seconds
+    while quiet, so a client that left is noticed (its write fails) and a client can tell
+    a quiet app from a lost API."""
+    stop = threading.Event()
+    try:
+        yield from (f"data: {line}\n\n" for line in first)
+        quiet = time.monotonic()
+        for line in follow(name, stop):
+            if line:
+                yield f"data: {line}\n\n"
+                quiet = time.monotonic()
+            elif time.monotonic() - quiet > LOGS_KEEPALIVE_S:
+                yield ": alive\n\n"
+                quiet = time.monotonic()
+    finally:
+        stop.set()
+        services().long_polls.release()

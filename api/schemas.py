@@ -285,8 +285,46 @@ class Stats(Schema):
 
 class LogsQuery(Schema):
     lines = fields.Int(load_default=100, validate=validate.Range(min=0, max=10_000))
+    follow = fields.Bool(load_default=False, metadata={
+        "description": "then keep sending new lines: text/event-stream, one `data:` event "
+                       "per line, a `:` comment every 5 s while quiet"})
 
 
 class Logs(Schema):
     app = fields.Str(required=True)
     lines = fields.List(fields.Str(), required=True)
+
+
+class RunCreate(Schema):
+    """A one-off command: `tally run` (attached: then open its `attach` WebSocket) or
+    `tally run:detached` (its output goes to the app's logs)."""
+
+    command = fields.List(fields.Str(validate=validate.Length(max=4096)), required=True,
+                          validate=validate.Length(min=1, max=200))
+    detached = fields.Bool(load_default=False)
+
+
+class Run(Schema):
+    app = fields.Str(required=True)
+    number = fields.Int(required=True, metadata={"description": "shown as run.N"})
+    command = fields.List(fields.Str(), required=True)
+    host_id = fields.Str(required=True)
+    release = fields.Int(required=True)
+    detached = fields.Bool(required=True)
+    actor = fields.Str(allow_none=True)
+    started_at = fields.Str(allow_none=True)
+    ended = fields.Bool(required=True)
+    exit_code = fields.Int(allow_none=True)
+    attach = fields.Str(allow_none=True, metadata={
+        "description": "the WebSocket to attach to (attached runs, by who started them)"})
+
+
+class AddonCreate(Schema):
+    kind = fields.Str(required=True, validate=validate.OneOf(["postgresql"]))
+
+
+class Addons(Schema):
+    app = fields.Str(required=True)
+    release = fields.Int(allow_none=True, metadata={"description": "the app's release now"})
+    addons = fields.List(fields.Dict(), required=True, metadata={
+        "description": "kind, and the config var it sets"})

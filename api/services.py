@@ -6,8 +6,8 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,15 @@ class Settings:
     """An app's last log lines, where the log collector writes them (None: no logs)."""
     web_port: int | None = None
     """The balancers' public port: apps' URLs are http://<app>.<suffix>[:port]/."""
+    logs_follow: Callable[[str, threading.Event], Iterator[str]] | None = None
+    """The app's log lines from now on, and "" when a wait found none (for keep-alives)."""
+    run_key: bytes | None = field(default=None, repr=False)
+    """Signs the host agents' run tickets (ledger/tickets.py); None: no one-off runs."""
+    run_slots: int = 2
+    """Attached runs relayed at once by this process: each holds a worker thread."""
+    create_database: Callable[[str], str] | None = None
+    """Creates an app's add-on database, returning its URL (agents/addons.py, wired by
+    tally/cli_apps.py); None: no add-ons on this platform."""
 
 
 class Services:
@@ -72,6 +81,7 @@ class Services:
         self._uids_seen = 0
         self._uid_high: int | None = None
         """The allocations read (UID_STREAM's version), the highest uid of our range."""
+        self.run_relays = threading.BoundedSemaphore(max(1, settings.run_slots))
 
     @property
     def ledger(self) -> Ledger:

@@ -25,6 +25,27 @@ class Release:
 
 
 @dataclass(frozen=True)
+class Run:
+    """A one-off command started in the app (RunStarted), and how it ended (RunEnded)."""
+
+    number: int
+    run_id: str
+    command: tuple[str, ...]
+    host_id: str
+    release: int
+    detached: bool
+    actor: str | None
+    started_at: str | None
+    ended: bool = False
+    exit_code: int | None = None
+
+
+RUN_EVENTS = ("RunStarted", "RunEnded")
+"""Recorded in the app's stream but no change of what the app is: they do not move
+`updated_at`, so a request that raced one is decided again rather than refused."""
+
+
+@dataclass(frozen=True)
 class AppState:
     """What the app's stream says now. `version` is the stream version it was folded at:
     the expected_version for the next append."""
@@ -46,6 +67,7 @@ class AppState:
     maintenance: bool = False
     updated_at: datetime | None = None
     """When the last event folded in was recorded (the ledger's clock)."""
+    runs: tuple[Run, ...] = ()
 
     @property
     def config(self) -> dict[str, str]:
@@ -58,6 +80,9 @@ class AppState:
     def release(self, number: int) -> Release | None:
         return next((r for r in self.releases if r.number == number), None)
 
+    def run(self, number: int) -> Run | None:
+        return next((r for r in self.runs if r.number == number), None)
+
     def may_manage(self, user: str) -> bool:
         return user == self.owner or user in self.members
 
@@ -69,7 +94,8 @@ def fold(name: str, events: Iterable[RecordedEvent],
     afresh (the old history stays in the stream)."""
     state = state or AppState(name)
     for ev in events:
-        state = replace(apply(state, ev), version=ev.version, updated_at=ev.recorded_at)
+        at = state.updated_at if ev.type in RUN_EVENTS else ev.recorded_at
+        state = replace(apply(state, ev), version=ev.version, updated_at=at)
     return state
 
 
@@ -103,6 +129,13 @@ def apply(s: AppState, ev: RecordedEvent) -> AppState:
         return replace(s, members=s.members | {d["user"]})
     if t == "AppMemberRemoved":
         return replace(s, members=s.members - {d["user"]})
+    if t == "RunStarted":
+        run = Run(d["number"], d["run_id"], tuple(d["command"]), d["host_id"], d["release"],
+                  d.get("detached", False), ev.metadata.get("actor"), at)
+        return replace(s, runs=(*s.runs, run))
+    if t == "RunEnded":
+        return replace(s, runs=tuple(replace(r, ended=True, exit_code=d.get("exit_code"))
+                                     if r.run_id == d["run_id"] else r for r in s.runs))
     return s
 
 

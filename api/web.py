@@ -34,6 +34,8 @@ class Route:
     raw_body: str | None = None
     raw_response: str | None = None
     documented: bool = True
+    websocket: bool = False
+    """Also served to WebSocket handshakes (werkzeug routes them apart from plain GETs)."""
 
 
 ROUTES: list[Route] = []
@@ -53,6 +55,9 @@ def route(rule: str, method: str = "GET", **kw: Any) -> Callable:
 def install(app: Flask) -> None:
     for r in ROUTES:
         app.add_url_rule(r.rule, f"{r.method} {r.rule}", _wrap(r), methods=[r.method])
+        if r.websocket:
+            app.add_url_rule(r.rule, f"WS {r.rule}", _wrap(r), methods=[r.method],
+                             websocket=True)
 
 
 def _wrap(r: Route) -> Callable[..., ResponseReturnValue]:

@@ -207,6 +207,36 @@ class AppMemberRemoved(Schema):
     user = fields.Str(required=True, validate=USER_NAME)
 
 
+@event("app")
+class RunStarted(Schema):
+    """A person started a one-off command (`tally run`, `run:detached`) in the app: the API
+    checked they may, chose the host and the release, and signed the agent's ticket. The
+    actor is in the metadata."""
+
+    app = fields.Str(required=True, validate=APP_NAME)
+    number = fields.Int(required=True, validate=validate.Range(min=1))
+    run_id = fields.Str(required=True, validate=validate.Length(min=1, max=64))
+    command = fields.List(fields.Str(validate=validate.Length(max=4096)), required=True,
+                          validate=validate.Length(min=1, max=200))
+    host_id = fields.Str(required=True, validate=validate.Length(min=1, max=200))
+    release = fields.Int(required=True, validate=validate.Range(min=1))
+    detached = fields.Bool(load_default=False)
+
+
+@event("app")
+class RunEnded(Schema):
+    """The run's command exited (its agent says, with the code and how long it ran), or its
+    agent was lost (the API says: exit_code null)."""
+
+    app = fields.Str(required=True, validate=APP_NAME)
+    number = fields.Int(required=True, validate=validate.Range(min=1))
+    run_id = fields.Str(required=True, validate=validate.Length(min=1, max=64))
+    exit_code = fields.Int(allow_none=True, load_default=None)
+    seconds = fields.Float(allow_none=True, load_default=None, validate=NON_NEGATIVE)
+    host_id = fields.Str(allow_none=True, load_default=None)
+    reason = fields.Str(load_default="", validate=validate.Length(max=500))
+
+
 # --- Hosts: the fleet reports itself (observed state) -------------------------------------
 
 

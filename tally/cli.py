@@ -8,7 +8,16 @@ import sys
 import click
 
 import migrations
-from tally import cli_agents, cli_apps, cli_balancer, cli_state, platform, supervise, systemd
+from tally import (
+    cli_agents,
+    cli_apps,
+    cli_balancer,
+    cli_runs,
+    cli_state,
+    platform,
+    supervise,
+    systemd,
+)
 from tally.config import Config
 from tally.console import daemon_logging, fail_cleanly, parse_age, stop_event, table
 
@@ -237,6 +246,7 @@ cli_state.register(cli)
 cli_apps.register(cli)
 cli_agents.register(cli)
 cli_balancer.register(cli)
+cli_runs.register(cli)
 
 
 def main() -> None:

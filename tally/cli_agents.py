@@ -1,4 +1,5 @@
-"""`tally serve placer|agent|collector` and the commands that reach app processes."""
+"""`tally serve placer|agent|collector`: the daemons of the fleet (operator commands, run on
+the host they serve)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import os
 
 import click
 
-from ledger import VersionConflict
 from tally.config import Config
 from tally.console import daemon_logging, fail_cleanly, stop_event
 
@@ -83,6 +83,7 @@ def register(cli: click.Group) -> None:
         from agents.host import Agent, HostSpec, Paths, Timing
         from agents.processes import Limits
         from ledger import Ledger
+        from tally.cli_apps import run_key_from_env
 
         daemon_logging()
         low, high = _port_range(port_range)
@@ -98,7 +99,7 @@ def register(cli: click.Group) -> None:
                                               health_every=health_every,
                                               cleanup_every=cleanup_every),
                   Limits(open_files=open_files, memory_mb=memory_mb),
-                  collector=cfg.collector).run(
+                  collector=cfg.collector, run_key=run_key_from_env()).run(
                 stop, cfg.relays, stop_apps=stop_apps_on_exit)
 
     @serve.command("collector")
@@ -114,134 +115,6 @@ def register(cli: click.Group) -> None:
         daemon_logging()
         stop = stop_event()
         Collector(cfg.app_logs_dir, int(chunk_mb * 2**20)).run(bind or cfg.collector, stop)
-
-    @cli.command("logs")
-    @click.argument("app_arg", metavar="[APP]", required=False)
-    @click.option("-a", "--app", "app", envvar="TALLY_APP", help="The app (or TALLY_APP).")
-    @click.option("-n", "--lines", default=100, show_default=True, help="Lines to show.")
-    @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
-    @click.pass_obj
-    @fail_cleanly
-    def logs(cfg: Config, app_arg: str | None, app: str | None, lines: int,
-             follow: bool) -> None:
-        """An app's logs, as the collector wrote them (run where the collector runs):
-        `tally logs -a blog -f` (or `tally logs blog`)."""
-        app = app_arg or app
-        if not app:
-            raise click.UsageError("which app? give -a APP (or TALLY_APP)")
-        from agents import logs as applogs
-
-        for line in applogs.tail(cfg.app_logs_dir, app, lines):
-            click.echo(line)
-        if follow:
-            stop = stop_event()
-            for line in applogs.follow(cfg.app_logs_dir, app, stop):
-                click.echo(line)
-
-    @cli.command("run", context_settings={"ignore_unknown_options": True,
-                                          "allow_interspersed_args": False})
-    @click.option("-a", "--app", "app", envvar="TALLY_APP", help="The app (or TALLY_APP).")
-    @click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
-    @click.pass_obj
-    @fail_cleanly
-    def run(cfg: Config, app: str | None, command: tuple[str, ...]) -> None:
-        """Run a one-off command in the app's environment on a host, in a pty:
-        `tally run -a blog -- python manage.py migrate` (or `tally run blog -- ...`).
-        Exits with the command's code; Ctrl-C interrupts it."""
-        import sys
-        from datetime import UTC, datetime
-
-        from agents.fleet import Fleet
-        from agents.placer import catch_up
-        from agents.runs import RunError, run_remote
-        from ledger import Ledger
-        from ledger.vocabulary import HostState
-
-        explicit = (click.get_current_context().get_parameter_source("app")
-                    is click.core.ParameterSource.COMMANDLINE)
-        app, argv = _app_and_command(app, command, explicit)
-        fleet = Fleet()
-        with Ledger(cfg.cluster().dsn("tally_reader")) as ledger:
-            catch_up(ledger, fleet, ["app", "host", "heartbeat", "placement", "placer"],
-                     sequence=False)
-        if app not in fleet.apps:
-            raise click.ClickException(f"no app named {app!r}")
-        now = datetime.now(UTC)
-        # A host that runs the app first: it has the release unpacked, and an agent
-        # fetching bundles through the API is only given those of releases placed on it.
-        placed = {p.host_id for p in fleet.placements_of(app)}
-        hosts = sorted((h for h in fleet.hosts.values() if h.run_endpoint and h.last_heartbeat
-                        and h.state(now, fleet.liveness) in (HostState.ALIVE,
-                                                             HostState.SUSPECT)),
-                       key=lambda h: (h.host_id in placed, h.last_heartbeat or now),
-                       reverse=True)
-        if not hosts:
-            raise click.ClickException("no alive host agent to run the command on")
-        try:
-            code = run_remote(hosts[0].run_endpoint, app, argv, sys.stdout.buffer)
-        except RunError as exc:
-            raise click.ClickException(str(exc)) from exc
-        sys.exit(code)
-
-    @cli.command("addons:create")
-    @click.argument("app")
-    @click.argument("kind", type=click.Choice(["postgresql"]))
-    @click.pass_obj
-    @fail_cleanly
-    def addons_create(cfg: Config, app: str, kind: str) -> None:
-        """Give APP a PostgreSQL database in the apps cluster; sets DATABASE_URL (a new
-        release)."""
-        from agents import addons
-        from api import decide
-        from api.state import fold
-        from ledger import Ledger
-
-        with Ledger(cfg.cluster().dsn("tally_writer")) as ledger:
-            state = fold(app, ledger.read_stream(f"app-{app}"))
-            if not state.exists:
-                raise click.ClickException(f"no app named {app!r}")
-            if "DATABASE_URL" in state.config:
-                raise click.ClickException(f"{app} already has a DATABASE_URL")
-            cluster = cfg.apps_cluster()
-            addons.ensure_cluster(cluster)
-            try:
-                url = addons.create_database(cluster, app)
-            except addons.AddonError as exc:
-                raise click.ClickException(str(exc)) from exc
-            for _ in range(5):  # the API may append to the app's stream meanwhile
-                state = fold(app, ledger.read_stream(f"app-{app}"))
-                try:
-                    ledger.append(f"app-{app}", decide.change_config(
-                        state, {"DATABASE_URL": url}, []), expected_version=state.version)
-                    break
-                except VersionConflict:
-                    continue
-            else:
-                raise click.ClickException("the app kept changing: try again")
-        click.echo(f"created database {addons.database_name(app)} for {app}; DATABASE_URL "
-                   f"is set", err=True)
-
-
-def _app_and_command(app: str | None, words: tuple[str, ...],
-                     explicit: bool = False) -> tuple[str, list[str]]:
-    """`run`'s app and command from `-a APP [--] CMD...` (explicit: all words are the
-    command) or `APP -- CMD...` (the app named before `--` wins over TALLY_APP)."""
-    if explicit:
-        argv = list(words[1:] if words[:1] == ("--",) else words)
-    elif "--" in words:
-        cut = words.index("--")
-        before, argv = words[:cut], list(words[cut + 1:])
-        if len(before) == 1:
-            app = before[0]
-        elif before:
-            raise click.UsageError("put the command after --: tally run -a APP -- CMD")
-    else:
-        argv = list(words)
-        if app is None and argv:
-            app = argv.pop(0)
-    if not app or not argv:
-        raise click.UsageError("give the app and the command: tally run -a APP -- CMD")
-    return app, argv
 
 
 def _port_range(text: str) -> tuple[int, int]:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import wraps
 from pathlib import Path
 from typing import Any
@@ -49,9 +50,19 @@ def http_command(group: click.Group, name: str, json_output: bool = False) -> Ca
     return decorate
 
 
+def check_app(name: str) -> str:
+    """An app name as the platform writes them, refused here before anything is asked."""
+    from ledger.catalogue import APP_NAME
+
+    if not APP_NAME.regex.match(name):
+        raise click.UsageError(f"{name[:40]!r} is not an app name: it {APP_NAME.error}")
+    return name
+
+
 def app_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("-a", "--app", "app", required=True, envvar="TALLY_APP",
-                        help="The app (or TALLY_APP).")(fn)
+                        help="The app (or TALLY_APP).",
+                        callback=lambda ctx, param, value: check_app(value))(fn)
 
 
 def emit(data: Any, as_json: bool, text: Callable[[Any], None]) -> None:
@@ -114,9 +125,39 @@ def api_settings(cfg: Config) -> Settings:
     def tail(app: str, lines: int) -> list[str]:
         return logs.tail(cfg.app_logs_dir, app, lines)
 
+    def follow(app: str, stop: threading.Event) -> Iterator[str]:
+        return logs.follow(cfg.app_logs_dir, app, stop, idle=True)
+
+    def create_database(app: str) -> str:
+        from agents import addons
+        from api.errors import Conflict
+
+        cluster = cfg.apps_cluster()
+        addons.ensure_cluster(cluster)
+        try:
+            return addons.create_database(cluster, app)
+        except addons.AddonError as exc:
+            raise Conflict(str(exc)) from exc
+
     return Settings(dsn=cfg.cluster().dsn("tally_writer"), bundles_dir=cfg.bundles_dir,
                     max_bundle_bytes=cfg.max_bundle_bytes, app_uids=cfg.app_uids,
-                    logs_tail=tail, web_port=cfg.web_port)
+                    logs_tail=tail, logs_follow=follow,
+                    web_port=cfg.web_port, run_key=run_key_from_env(),
+                    create_database=create_database)
+
+
+def run_key_from_env() -> bytes | None:
+    """The run tickets' key, TALLY_RUN_KEY (hex), as `tally up` hands it to the API and the
+    agents; None when unset (no one-off runs)."""
+    import os
+
+    from ledger.tickets import parse_key
+
+    text = os.environ.get("TALLY_RUN_KEY", "")
+    try:
+        return parse_key(text) if text else None
+    except ValueError as exc:
+        raise ValueError(f"TALLY_RUN_KEY: {exc}") from exc
 
 
 def _serve(cli: click.Group) -> None:

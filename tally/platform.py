@@ -4,6 +4,7 @@ under supervisord, tally/systemd.py writes it as systemd units."""
 
 from __future__ import annotations
 
+import os
 import time
 import urllib.request
 
@@ -42,11 +43,30 @@ def programs(cfg: Config, secrets: bool = True) -> list[Program]:
 
 def environment(cfg: Config, name: str) -> dict[str, str]:
     """Extra environment for one daemon: host agents get their agent token, so they fetch
-    bundles through the API as on a real fleet (never on their command line)."""
+    bundles through the API as on a real fleet, and they and the API the run tickets' key
+    (never on a command line)."""
     for i, _ in enumerate(cfg.agent_ports, start=1):
         if name == f"agent-{i}":
-            return {"TALLY_AGENT_TOKEN": agent_token(cfg, f"h{i}")}
+            return {"TALLY_AGENT_TOKEN": agent_token(cfg, f"h{i}"),
+                    "TALLY_RUN_KEY": run_key(cfg)}
+    if name == "api":
+        return {"TALLY_RUN_KEY": run_key(cfg)}
     return {}
+
+
+def run_key(cfg: Config) -> str:
+    """The key the API signs run tickets with and agents verify them with (hex): made on
+    first use, kept 0600 in $TALLY_HOME/secrets, readable by no app."""
+    from ledger.tickets import new_key
+
+    path = cfg.home / "secrets" / "runs.key"
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(new_key().hex() + "\n")
+    return path.read_text().strip()
 
 
 def agent_token(cfg: Config, host_id: str) -> str:

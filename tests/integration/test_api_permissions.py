@@ -10,6 +10,7 @@ import pytest
 
 from api.testing import pack_files
 from api.web import ROUTES
+from ledger import NewEvent
 from tests.integration.test_api import BUNDLE, World, uid, world  # noqa: F401
 
 CALLERS = ("admin", "owner", "other", "agent", None)
@@ -52,8 +53,15 @@ MATRIX: list[tuple[str, str, Any, dict[str, int]]] = [
     ("GET", "/state?at=1", None, {"admin": 200}),
     ("GET", "/apps/{app}/logs", None, dict.fromkeys(PEOPLE, 200)),
     ("GET", "/apps/{app}/stats", None, dict.fromkeys(PEOPLE, 200)),
-    ("POST", "/apps/{app}/runs", None, dict.fromkeys(PEOPLE, 404)),
-    ("GET", "/apps/{app}/addons", None, dict.fromkeys(PEOPLE, 404)),
+    # No host agent in this world: a run passes every check, then finds no host (503).
+    ("POST", "/apps/{app}/runs", {"command": ["id"]}, dict.fromkeys(PEOPLE, 503)),
+    ("GET", "/apps/{app}/runs/{run}", None, dict.fromkeys(PEOPLE, 200)),
+    # Only who started a run attaches (the owner, here), and only over a WebSocket (400).
+    ("GET", "/apps/{app}/runs/{run}/attach", None, {"owner": 400}),
+    ("POST", "/apps/{app}/runs/{run}/stop", None, dict.fromkeys(PEOPLE, 503)),
+    ("GET", "/apps/{app}/addons", None, dict.fromkeys(PEOPLE, 200)),
+    # No apps cluster in this world: an add-on passes every check, then 503.
+    ("POST", "/apps/{app}/addons", {"kind": "postgresql"}, dict.fromkeys(PEOPLE, 503)),
     ("GET", "/quotas/users/{owner_name}", None, {"admin": 200, "owner": 200}),
     ("PUT", "/quotas/users/{owner_name}", {"instances": 100}, {"admin": 200}),
     ("GET", "/quotas/apps/{app}", None, dict.fromkeys(PEOPLE, 200)),
@@ -78,6 +86,11 @@ def _fill(path: str, w: World, app: str) -> str:
     if "{instance}" in path:  # the instance new_app placed on the agent's host
         placed = w.ledger.read_stream(f"placement-{app}")[0]
         path = path.replace("{instance}", placed.data["instance_id"])
+    if "{run}" in path:  # a run the owner started (standing in for POST .../runs)
+        w.ledger.append(f"app-{app}", [NewEvent("RunStarted", {
+            "app": app, "number": 1, "run_id": uid(), "command": ["id"],
+            "host_id": w.host, "release": 1}, {"actor": w.names["owner"]})])
+        path = path.replace("{run}", "1")
     return (path.replace("{app}", app).replace("{host}", w.host)
             .replace("{owner_name}", w.names["owner"]).replace("{other_name}", w.names["other"]))
 

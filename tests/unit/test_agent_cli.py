@@ -14,7 +14,7 @@ from tally.cli import cli
     (["serve", "agent", "--host-id", "h1", "--port-range", "lots"], "7000-7099"),
     (["serve", "placer", "--ttl", "3", "--suspect-after", "5"], "below --ttl"),
     (["logs", "../etc"], "not an app name"),
-    (["addons:create", "blog", "redis"], "'redis' is not 'postgresql'"),
+    (["addons:create", "blog", "redis"], "'redis' is not an add-on tally has (postgresql)"),
     (["run", "blog"], "give the app and the command: tally run -a APP -- CMD"),
     (["run", "--", "ls"], "give the app and the command"),
     (["run", "-a", "blog"], "Missing argument 'COMMAND"),

@@ -1,0 +1,78 @@
+"""One-off runs, the pure part: which host runs a command, the RunStarted that records it,
+and the ticket the chosen agent will demand. No I/O here (api/routes_runs.py is the shell).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable
+from typing import Any
+
+from api.errors import Conflict, Forbidden, Unavailable, Unprocessable
+from api.state import AppState, Run
+from ledger.events import NewEvent
+from ledger.tickets import TTL_S, Ticket
+
+
+def serving_release(s: AppState) -> int:
+    """The release a one-off runs in: the current one (its code and config are what the
+    next deploy serves, as on Heroku, so `run python manage.py migrate` migrates for it)."""
+    if s.current is None:
+        raise Unprocessable(f"app {s.name} has no release to run a command in: deploy first")
+    return s.current.number
+
+
+def candidate_hosts(hosts: Iterable[dict[str, Any]], placed: set[str]) -> list[str]:
+    """Hosts that may run a command, best first: alive ones already running the app (they
+    have its release), then alive ones with a free slot, least loaded first."""
+    alive = [h for h in hosts if h["state"] == "alive"]
+    running = [h for h in alive if h["host_id"] in placed]
+    room = [h for h in alive if h["host_id"] not in placed
+            and (h.get("running_instances") or 0) < h["capacity"]]
+
+    def by_load(h: dict[str, Any]) -> tuple[float, str]:
+        return (h.get("load") or 0.0, h["host_id"])
+    return [h["host_id"] for h in sorted(running, key=by_load) + sorted(room, key=by_load)]
+
+
+def start(s: AppState, command: list[str], host_id: str, detached: bool) -> list[NewEvent]:
+    """RunStarted: the next run number of the app, on `host_id`, in the serving release."""
+    if not host_id:
+        raise Unavailable("no alive host agent can run a command now: try again shortly")
+    number = max((r.number for r in s.runs), default=0) + 1
+    return [NewEvent("RunStarted", {
+        "app": s.name, "number": number, "run_id": secrets.token_hex(12),
+        "command": command, "host_id": host_id, "release": serving_release(s),
+        "detached": detached})]
+
+
+def attachable(run: Run, caller: str) -> None:
+    """Only who started an attached run, while it goes on, may attach to it."""
+    if run.detached:
+        raise Conflict(f"run.{run.number} is detached: its output is in `tally logs`")
+    if run.ended:
+        raise Conflict(f"run.{run.number} has ended")
+    if run.actor != caller:
+        raise Forbidden(f"run.{run.number} was started by someone else: only they attach")
+
+
+def ticket(app: str, run: Run, actor: str, kind: str, now: float) -> Ticket:
+    """The agent's ticket for `run`. A "run" ticket's nonce is the run's id, so the agent
+    starts each run once however many attaches are tried; a "stop" ticket's is fresh."""
+    extra = {"nonce": run.run_id} if kind == "run" else {}
+    return Ticket(kind=kind, run_id=run.run_id, app=app, number=run.number,
+                  release=run.release, argv=run.command, actor=actor, host=run.host_id,
+                  issued=now, expires=now + TTL_S, detached=run.detached, **extra)
+
+
+def run_dict(app: str, r: Run) -> dict[str, Any]:
+    return {"app": app, "number": r.number, "command": list(r.command),
+            "host_id": r.host_id, "release": r.release, "detached": r.detached,
+            "actor": r.actor, "started_at": r.started_at, "ended": r.ended,
+            "exit_code": r.exit_code,
+            "attach": None if r.detached else f"/apps/{app}/runs/{r.number}/attach"}
+
+
+def under_way(s: AppState) -> list[Run]:
+    """Runs not ended, as `tally ps` lists them (run.N)."""
+    return [r for r in s.runs if not r.ended]

@@ -1,0 +1,444 @@
+"""One-off runs through the API: `tally run` from a machine that has only the API's URL and
+a token, the API's ticket the only way to make an agent run anything, RunStarted/RunEnded
+in the ledger, pipes and ptys, detached runs. The attacks are made as an app's process
+would make them: a plain process on the host speaking ZMTP to the agent's run socket."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import json
+import os
+import pty
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+import zmq
+
+from api.auth import create_user
+from api.testing import ApiProcess
+from ledger import Ledger, NewEvent
+from ledger.cluster import Cluster
+from ledger.tickets import SILENCE_S, Ticket, new_key, sign
+from tests.conftest import destroy_cluster, free_ports, make_cluster, tally_env
+from tests.fixtures.apps.fleet import AgentProc, Daemon, create_app, release
+from tests.waiting import wait_until
+
+PROBE = ("import os, sys; print('tty', os.isatty(1), 'uid', os.getuid(), 'greeting', "
+         "os.environ['GREETING'], 'cwd-has-procfile', os.path.exists('Procfile')); sys.exit(7)")
+LIMITS = ("import resource as r; print(*r.getrlimit(r.RLIMIT_NOFILE), "
+          "r.getrlimit(r.RLIMIT_AS)[0])")
+APP = "oneoff"
+
+
+@dataclass
+class Platform:
+    cluster: Cluster
+    api: ApiProcess
+    agent: AgentProc
+    key: bytes
+    tokens: dict[str, str]
+    home: Path
+    """A developer's machine: a HOME of its own, and nothing of TALLY_HOME."""
+
+    def env(self, who: str = "ann") -> dict[str, str]:
+        """Only the API's URL and a token: no TALLY_HOME, no ledger ports."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
+        env.update(HOME=str(self.home), TALLY_API=self.api.url)
+        if who:
+            env["TALLY_TOKEN"] = self.tokens[who]
+        return env
+
+    def tally(self, *args: str, who: str = "ann", stdin: str | None = None,
+              timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "tally.cli", *args], env=self.env(who),
+                              capture_output=True, text=True, timeout=timeout,
+                              input=stdin, stdin=None if stdin is not None else
+                              subprocess.DEVNULL, cwd=self.home)
+
+    def endpoint(self) -> str:
+        with Ledger(self.cluster.dsn()) as ledger:
+            return ledger.read_stream(f"host-{self.agent.host_id}")[-1].data["run_endpoint"]
+
+    def events(self, *types: str) -> list:
+        with Ledger(self.cluster.dsn()) as ledger:
+            return [e for e in ledger.read_stream(f"app-{APP}") if e.type in types]
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
+    cluster = make_cluster()
+    key = new_key()
+    collector = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+    env = {"TALLY_RUN_KEY": key.hex(), "TALLY_COLLECTOR": collector}
+    low = free_ports(1)[0]
+    daemons = [Daemon(cluster, "projectors", ["projectors", "--poll-interval", "0.2"]),
+               Daemon(cluster, "collector", ["collector"], **env)]
+    agent = AgentProc(cluster, "hr", (low, low + 4), collector=collector, env=env)
+    api = ApiProcess(tally_env(cluster, **env), free_ports(1)[0])
+    try:
+        for d in (*daemons, agent):
+            d.start()
+        api.wait_ready()
+        with Ledger(cluster.dsn()) as ledger:
+            tokens = {name: create_user(ledger, name, role, host)
+                      for name, role, host in (("ann", "member", None), ("bob", "member", None),
+                                               ("root", "admin", None),
+                                               ("agent-hr", "agent", "hr"))}
+            create_app(ledger, APP, {"GREETING": "salut"})
+            ledger.append("app-bobs", [NewEvent("AppCreated", {"name": "bobs", "owner": "bob"}),
+                                       NewEvent("ConfigChanged", {"app": "bobs", "set": {
+                                           "SECRET": "bob's"}, "config_version": 1})])
+            release(ledger, cluster.root.parent, APP, "migrating", 1, config_version=1)
+        yield Platform(cluster, api, agent, key, tokens, tmp_path_factory.mktemp("laptop"))
+    finally:
+        api.stop()
+        for d in (agent, *daemons):
+            d.kill()
+        agent.kill_apps()
+        destroy_cluster(cluster)
+
+
+def _ready(p: Platform) -> None:
+    """Until the views know the agent's host alive (the API picks hosts from them)."""
+    wait_until(lambda: p.tally("run", "-a", APP, "--", "true").returncode == 0, 120,
+               "a first run")
+
+
+# --- attacks on the agent's run socket -------------------------------------------------------
+
+
+def _ask(endpoint: str, kind: bytes, body: dict, timeout: float = 30) -> tuple[bytes, bytes]:
+    """What an attacker on the host does: speak ZMTP to the agent's run socket; the first
+    answer that is not a keep-alive."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        sock.send_multipart([kind, json.dumps(body).encode()])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if sock.poll(200):
+                got = sock.recv_multipart()
+                if got[0] not in (b"alive", b"out"):
+                    return got[0], got[1]
+        raise AssertionError("the agent said nothing")
+    finally:
+        sock.close()
+
+
+def _ticket(p: Platform, app: str = APP, **changes: object) -> Ticket:
+    now = time.time()
+    t = Ticket(kind="run", run_id=uuid.uuid4().hex, app=app, number=999, release=1,
+               argv=("true",), actor="mallory", host="hr", issued=now, expires=now + 30)
+    return replace(t, **changes)
+
+
+def test_an_attacker_on_the_host_runs_nothing_without_a_valid_ticket(
+        platform: Platform, tmp_path: Path) -> None:
+    p = platform
+    _ready(p)
+    marker = tmp_path / "pwned"
+    tmp_path.chmod(0o777)
+    argv = ["sh", "-c", f"touch {marker}; echo $SECRET"]
+    endpoint = p.endpoint()
+    # Yesterday's request, no ticket at all:
+    kind, why = _ask(endpoint, b"run", {"app": "bobs", "argv": argv})
+    assert kind == b"error" and b"no ticket" in why
+    # A ticket signed with a key of the attacker's own:
+    forged = sign(new_key(), _ticket(p, "bobs", argv=tuple(argv)))
+    kind, why = _ask(endpoint, b"run", {"ticket": forged})
+    assert kind == b"error" and b"signature" in why
+    # A stop of someone's run, and garbage:
+    assert _ask(endpoint, b"stop", {"ticket": "x.y"})[0] == b"error"
+    assert _ask(endpoint, b"run", {"ticket": 5})[0] == b"error"
+    assert not marker.exists()
+
+
+def test_tickets_replayed_expired_for_another_app_or_host_are_refused(
+        platform: Platform, tmp_path: Path) -> None:
+    p = platform
+    _ready(p)
+    endpoint = p.endpoint()
+    good = sign(p.key, _ticket(p))
+    assert _ask(endpoint, b"run", {"ticket": good}) == (b"exit", b"0")
+    kind, why = _ask(endpoint, b"run", {"ticket": good})  # replayed
+    assert kind == b"error" and b"already used" in why
+    expired = sign(p.key, _ticket(p, issued=time.time() - 60, expires=time.time() - 30))
+    kind, why = _ask(endpoint, b"run", {"ticket": expired})
+    assert kind == b"error" and b"expired" in why
+    elsewhere = sign(p.key, _ticket(p, host="h9"))
+    kind, why = _ask(endpoint, b"run", {"ticket": elsewhere})
+    assert kind == b"error" and b"host h9" in why
+    # A good ticket of app oneoff, its body edited to say app bobs (the MAC kept):
+    body, mac = sign(p.key, _ticket(p)).rsplit(".", 1)
+    data = json.loads(base64.urlsafe_b64decode(body))
+    data["app"] = "bobs"
+    edited = base64.urlsafe_b64encode(json.dumps(data).encode()).decode() + "." + mac
+    kind, why = _ask(endpoint, b"run", {"ticket": edited})
+    assert kind == b"error" and b"signature" in why
+    stop_as_run = sign(p.key, _ticket(p, kind="stop"))
+    kind, why = _ask(endpoint, b"run", {"ticket": stop_as_run})
+    assert kind == b"error" and b"does not allow" in why
+
+
+# --- runs through the API --------------------------------------------------------------------
+
+
+def test_a_run_from_another_machine_streams_output_and_exit_code_and_is_recorded(
+        platform: Platform) -> None:
+    p = platform
+    _ready(p)
+    out = p.tally("run", "-a", APP, "--tty", "--", "python", "-c", PROBE)
+    assert out.returncode == 7, out.stderr
+    words = out.stdout.split()
+    assert words[words.index("tty") + 1] == "True"
+    assert words[words.index("greeting") + 1] == "salut"
+    assert words[words.index("cwd-has-procfile") + 1] == "True"
+    assert int(words[words.index("uid") + 1]) != 0
+    migrate = p.tally("run", "-a", APP, "--", "python", "release.py")
+    assert migrate.returncode == 0 and "migrated" in migrate.stdout
+    limits = p.tally("run", APP, "--", "python", "-c", LIMITS)
+    assert limits.stdout.split() == ["4096", "4096", str(1024 * 2**20)], limits.stdout
+    plain = p.tally("run", APP, "--", "python", "-c", PROBE)  # stdin not a terminal: pipes
+    assert plain.returncode == 7 and "tty False" in plain.stdout, plain.stderr
+    started = [e for e in p.events("RunStarted") if e.data["command"][-1] == PROBE]
+    assert started and all(e.metadata["actor"] == "ann" for e in started)
+    assert started[-1].data["host_id"] == "hr"
+    wait_until(lambda: [e for e in p.events("RunEnded")
+                        if e.data["run_id"] == started[-1].data["run_id"]], 30, "RunEnded")
+    ended = next(e for e in p.events("RunEnded") if e.data["run_id"] == started[-1].data["run_id"])
+    assert ended.data["exit_code"] == 7 and ended.data["seconds"] >= 0
+
+
+def test_piped_stdin_reaches_the_command(platform: Platform) -> None:
+    p = platform
+    _ready(p)
+    out = p.tally("run", "-a", APP, "--", "python", stdin="print(6 * 7)\n")
+    assert out.returncode == 0 and out.stdout.strip() == "42", (out.stdout, out.stderr)
+    cat = p.tally("run", "-a", APP, "--", "sh", "-c", "wc -l", stdin="a\nb\nc\n")
+    assert cat.stdout.strip() == "3"
+
+
+def test_bad_runs_fail_with_one_clear_line(platform: Platform) -> None:
+    p = platform
+    _ready(p)
+    missing = p.tally("run", "-a", "nosuchapp", "--", "true")
+    assert missing.returncode == 1 and "no app named 'nosuchapp'" in missing.stderr
+    absent = p.tally("run", "-a", APP, "--", "no-such-program")
+    assert absent.returncode == 1 and "cannot start 'no-such-program'" in absent.stderr
+    assert "Traceback" not in absent.stderr + missing.stderr
+
+
+@pytest.mark.parametrize("who, status", [("bob", "403"), ("agent-hr", "403"), ("", "401")])
+def test_others_cannot_start_or_attach_to_a_run(platform: Platform, who: str,
+                                                status: str) -> None:
+    """Another tenant (a member of another app), an agent's token, and no token at all (an
+    app's own process has none: it cannot read TALLY_HOME) start nothing, attach nowhere."""
+    import requests
+
+    p = platform
+    _ready(p)
+    headers = {"Authorization": f"Bearer {p.tokens[who]}"} if who else {}
+    r = requests.post(f"{p.api.url}/apps/{APP}/runs", json={"command": ["id"]},
+                      headers=headers, timeout=30)
+    assert str(r.status_code) == status, r.text
+    mine = requests.post(f"{p.api.url}/apps/{APP}/runs", json={"command": ["sleep", "30"]},
+                         headers={"Authorization": f"Bearer {p.tokens['ann']}"}, timeout=30)
+    assert mine.status_code == 201, mine.text
+    assert _handshake(p, mine.json()["attach"], headers) == int(status)
+    assert _handshake(p, mine.json()["attach"], {"Authorization": f"Bearer {p.tokens['ann']}"}
+                      ) == 101  # ann herself may: the check above refused only the others
+    admin = requests.get(p.api.url + mine.json()["attach"], timeout=30,
+                         headers={"Authorization": f"Bearer {p.tokens['root']}"})
+    assert admin.status_code == 403  # an admin may stop it, not take over ann's terminal
+
+
+def _handshake(p: Platform, path: str, headers: dict[str, str]) -> int:
+    """The status a WebSocket handshake to `path` gets."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    url = urlsplit(p.api.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    try:
+        conn.request("GET", path, headers={**headers, "Connection": "Upgrade",
+                                           "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+                                           "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+SLEEPER = "import os, time; print('pid', os.getpid(), flush=True); time.sleep(300)"
+
+
+@contextlib.contextmanager
+def sleeper(p: Platform) -> Iterator[tuple[subprocess.Popen, int]]:
+    """`tally run` of a long sleep: the CLI process and the command's pid on the host (same
+    machine here), once the command has printed it."""
+    with subprocess.Popen([sys.executable, "-m", "tally.cli", "run", "-a", APP, "--",
+                           "python", "-c", SLEEPER], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, stdin=subprocess.PIPE, env=p.env(),
+                          cwd=p.home) as cli:
+        assert cli.stdout is not None
+        try:
+            words = wait_until(lambda: (line := cli.stdout.readline().decode()).startswith(
+                "pid") and line.split(), 120, "the command's first line")
+            yield cli, int(words[1])
+        finally:
+            cli.kill()
+
+
+def test_ctrl_c_stops_the_command_on_the_host(platform: Platform) -> None:
+    p = platform
+    _ready(p)
+    with sleeper(p) as (cli, pid):
+        # Quiet but attached: neither side gives up on the other (keep-alives both ways).
+        time.sleep(SILENCE_S + 2)  # not a synchronisation: the run must outlast this
+        assert cli.poll() is None and not _gone(pid)
+        cli.send_signal(signal.SIGINT)
+        assert cli.wait(30) == 130  # 128 + SIGINT: the command died of the interrupt
+        wait_until(lambda: _gone(pid), 10, "the command gone from the host")
+
+
+def test_a_command_whose_caller_vanished_is_hung_up(platform: Platform) -> None:
+    p = platform
+    _ready(p)
+    with sleeper(p) as (cli, pid):
+        cli.kill()  # kill -9: no Ctrl-C, no goodbye
+        wait_until(lambda: _gone(pid), SILENCE_S + 15, "the command hung up")
+
+
+def test_a_run_whose_agent_dies_ends_with_a_clear_error_and_hangs_up_the_command(
+        platform: Platform) -> None:
+    p = platform
+    _ready(p)
+    try:
+        with sleeper(p) as (cli, pid):
+            p.agent.kill()  # kill -9: the agent says nothing more
+            wait_until(lambda: _gone(pid), 10, "the command hung up with its agent")
+            assert cli.wait(SILENCE_S + 30) == 1
+            assert cli.stderr is not None
+            err = cli.stderr.read().decode()
+            assert "lost the host agent" in err and "Traceback" not in err, err
+    finally:
+        p.agent.start()
+    lost = [e for e in p.events("RunEnded") if e.data["exit_code"] is None]
+    assert lost and "lost the host agent" in lost[-1].data["reason"]
+    assert lost[-1].metadata["actor"] == "ann"
+
+
+# --- an interactive session -----------------------------------------------------------------
+
+
+class Terminal:
+    """The CLI on a pty of ours, as a developer's terminal runs it."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], cwd: Path) -> None:
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: the CLI, its terminal our pty
+            os.chdir(cwd)
+            os.execve(sys.executable, [sys.executable, "-m", "tally.cli", *argv], env)
+        self.seen = b""
+
+    def send(self, data: bytes) -> None:
+        os.write(self.fd, data)
+
+    def expect(self, text: bytes, timeout: float = 60) -> None:
+        def found() -> bool:
+            import select
+            if select.select([self.fd], [], [], 0.2)[0]:
+                with contextlib.suppress(OSError):
+                    self.seen += os.read(self.fd, 65536)
+            return text in self.seen
+        wait_until(found, timeout, f"{text!r} on the terminal; seen {self.seen[-300:]!r}")
+
+    def resize(self, rows: int, cols: int) -> None:
+        fcntl.ioctl(self.fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        os.kill(self.pid, signal.SIGWINCH)
+
+    def wait(self, timeout: float = 30) -> int:
+        def ended() -> int | None:
+            with contextlib.suppress(OSError):
+                self.seen += os.read(self.fd, 65536)
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            return os.waitstatus_to_exitcode(status) if pid else None
+        code = wait_until(lambda: (c := ended()) is not None and (c,), timeout, "the CLI's exit")
+        return code[0]
+
+
+def test_an_interactive_session_on_a_pty(platform: Platform) -> None:
+    p = platform
+    _ready(p)
+    term = Terminal(["run", "-a", APP, "--", "python", "-q"], p.env(), p.home)
+    term.resize(30, 100)
+    term.expect(b">>> ")
+    term.send(b"print(6 * 7)\r")  # typed keys, echoed by the remote terminal
+    term.expect(b"print(6 * 7)")
+    term.expect(b"42")
+    term.send(b"import shutil; print('size', shutil.get_terminal_size())\r")
+    term.expect(b"columns=100, lines=30")
+    term.resize(40, 120)
+
+    def resized() -> bool:  # the new size goes out beside the keys: ask until it is there
+        term.send(b"print('size', shutil.get_terminal_size())\r")
+        with contextlib.suppress(AssertionError):
+            term.expect(b"columns=120, lines=40", 1)
+            return True
+        return False
+    wait_until(resized, 30, "the remote terminal resized")
+    term.send(b"import time; time.sleep(60)\r")
+    time.sleep(0.5)  # not a synchronisation: Ctrl-C must come while it sleeps, or later
+    term.send(b"\x03")  # Ctrl-C, a key for the remote terminal, as in ssh
+    term.expect(b"KeyboardInterrupt")
+    term.send(b"raise SystemExit(5)\r")
+    assert term.wait() == 5
+
+
+def test_ctrl_d_ends_an_interactive_shell(platform: Platform) -> None:
+    p = platform
+    _ready(p)
+    term = Terminal(["run", "-a", APP, "--", "python", "-q"], p.env(), p.home)
+    term.expect(b">>> ")
+    term.send(b"\x04")
+    assert term.wait() == 0
+
+
+# --- detached runs ---------------------------------------------------------------------------
+
+
+def test_a_detached_run_is_listed_logged_and_stopped(platform: Platform) -> None:
+    p = platform
+    _ready(p)
+    started = p.tally("run:detached", "-a", APP, "--", "python", "-u", "-c",
+                      "import time\nwhile True: print('tick', flush=True); time.sleep(0.2)")
+    assert started.returncode == 0, started.stderr
+    number = started.stderr.split("run.")[1].split()[0]
+    assert f"run.{number}" in p.tally("ps", "-a", APP).stdout
+    wait_until(lambda: f"run.{number} tick" in p.tally("logs", "-a", APP).stdout, 60,
+               "the run's output in the app's logs")
+    stopped = p.tally("ps:stop", "-a", APP, f"run.{number}")
+    assert stopped.returncode == 0 and "done" in stopped.stderr, stopped.stderr
+    ended = wait_until(lambda: [e for e in p.events("RunEnded")
+                                if e.data["number"] == int(number)], 30, "RunEnded")
+    assert ended[0].data["exit_code"] == 128 + signal.SIGTERM
+    assert f"run.{number}" not in p.tally("ps", "-a", APP).stdout
