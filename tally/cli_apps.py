@@ -55,7 +55,7 @@ def check_app(name: str) -> str:
     from ledger.catalogue import APP_NAME
 
     if not APP_NAME.regex.match(name):
-        raise click.UsageError(f"{name[:40]!r} is not an app name: it {APP_NAME.error}")
+        raise click.ClickException(f"{name[:40]!r} is not an app name: it {APP_NAME.error}")
     return name
 
 

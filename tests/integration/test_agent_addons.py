@@ -1,9 +1,11 @@
 """`tally addons:create APP postgresql`: a database and role in the apps cluster (not the
 ledger's), DATABASE_URL set as a config var with a new release; one app's URL opens no
-other app's database."""
+other app's database. Through the API (the API host creates the database), as from a
+developer's machine."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,6 +15,8 @@ import pytest
 
 from agents.fleet import Fleet
 from agents.placer import catch_up
+from api.auth import create_user
+from api.testing import ApiProcess
 from ledger import Ledger
 from ledger.cluster import Cluster, ClusterSpec
 from tests.conftest import destroy_cluster, free_ports, make_cluster, tally_env
@@ -23,8 +27,15 @@ from tests.fixtures.apps.fleet import create_app, release
 def private() -> Iterator[tuple[Cluster, dict[str, str]]]:
     c = make_cluster()
     ports = free_ports(2)
-    env = tally_env(c, TALLY_APPS_DB_PORTS=f"{ports[0]},{ports[1]}")
+    api = ApiProcess(tally_env(c, TALLY_APPS_DB_PORTS=f"{ports[0]},{ports[1]}"),
+                     free_ports(1)[0])
+    api.wait_ready()
+    with Ledger(c.dsn()) as ledger:
+        token = create_user(ledger, "root", "admin")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TALLY_")},
+           "TALLY_API": api.url, "TALLY_TOKEN": token}
     yield c, env
+    api.stop()
     apps = Cluster(ClusterSpec(c.root.parent / "appsdb", ports=(ports[0], ports[1])))
     apps.destroy()
     destroy_cluster(c)
@@ -71,5 +82,5 @@ def test_bad_addon_requests_fail_with_one_clear_line(
     missing = addon(env, "nosuch")
     assert missing.returncode == 1 and "no app named 'nosuch'" in missing.stderr
     kind = addon(env, "shop", "redis")
-    assert kind.returncode == 2 and "'redis' is not 'postgresql'" in kind.stderr
+    assert kind.returncode == 2 and "'redis' is not an add-on tally has" in kind.stderr
     assert "Traceback" not in again.stderr + missing.stderr + kind.stderr

@@ -1,14 +1,18 @@
 """Logs end to end: an instance's output travels from its host agent over ZeroMQ PUSH to
-`tally serve collector`, into the app's chunked files, and out of `tally logs [-f]`."""
+`tally serve collector`, into the app's chunked files, and out of `tally logs [-f]` (through
+the API, as from a developer's machine)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
 
 import pytest
 
+from api.auth import create_user
+from api.testing import ApiProcess
 from ledger import Ledger
 from ledger.cluster import Cluster
 from tests.conftest import destroy_cluster, free_ports, make_cluster, tally_env
@@ -24,9 +28,9 @@ def private() -> Iterator[Cluster]:
     destroy_cluster(c)
 
 
-def tally(cluster: Cluster, *args: str, **env: str) -> subprocess.CompletedProcess:
+def tally(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tally.cli", *args], capture_output=True,
-                          text=True, env=tally_env(cluster, **env), timeout=30)
+                          text=True, env=env, timeout=30)
 
 
 def test_logs_reach_the_collector_and_tally_logs(private: Cluster) -> None:
@@ -35,22 +39,26 @@ def test_logs_reach_the_collector_and_tally_logs(private: Cluster) -> None:
     low = free_ports(1)[0]
     agent = AgentProc(private, "hl", (low, low + 4), collector=endpoint)
     the_placer = placer(private, [])
+    api = ApiProcess(tally_env(private), free_ports(1)[0])
     for d in (collector, agent, the_placer):
         d.start()
     try:
+        api.wait_ready()
         with Ledger(private.dsn()) as ledger:
+            env = {**{k: v for k, v in os.environ.items() if not k.startswith("TALLY_")},
+                   "TALLY_API": api.url, "TALLY_TOKEN": create_user(ledger, "root", "admin")}
             create(ledger, "logged")
             release(ledger, private.root.parent, "logged", "hello", 1)
 
             def logged() -> str:
-                out = tally(private, "logs", "-a", "logged", "-n", "50")
+                out = tally(env, "logs", "-a", "logged", "-n", "50")
                 return out.stdout if "Booting worker" in out.stdout else ""
 
             text = wait_until(logged, 90, "gunicorn's start-up lines in tally logs")
             assert "logged.1.web." in text
             follower = subprocess.Popen(
                 [sys.executable, "-m", "tally.cli", "logs", "logged", "-f", "-n", "0"],
-                env=tally_env(private), stdout=subprocess.PIPE, text=True)
+                env=env, stdout=subprocess.PIPE, text=True)
             try:
                 agent.kill()
                 agent.kill_apps()  # gunicorn says nothing when killed: restart it instead
@@ -61,10 +69,11 @@ def test_logs_reach_the_collector_and_tally_logs(private: Cluster) -> None:
                 follower.terminate()
                 follower.wait(10)
                 follower.stdout.close()
-        bad = tally(private, "logs", "../etc")
+        bad = tally(env, "logs", "../etc")
         assert bad.returncode == 1 and "not an app name" in bad.stderr
         assert "Traceback" not in bad.stderr
     finally:
+        api.stop()
         for d in (the_placer, agent, collector):
             d.kill()
         agent.kill_apps()
