@@ -1,10 +1,17 @@
-"""App logs: shipped by each host agent over ZeroMQ PUSH to the collector (PULL), which
-appends them to chunked files per app, rotated by size; `tally logs` reads the chunks.
+"""App logs: shipped by each host agent over ZeroMQ (DEALER) to the collector (ROUTER),
+which appends them to chunked files per app, rotated by size; `tally logs` reads the chunks.
 
-The instance's own log file on the host is the buffer: the shipper sends what lies past
-its offset and moves the offset only once ZeroMQ took the bytes, so a collector that is
-down delays logs, it does not lose them, and the app never blocks on logging. Offsets are
-saved, so an agent restart does not send a log twice.
+Nothing lost, nothing twice. The instance's own log file on the host is the buffer. The
+shipper sends what lies past its *acknowledged* offset and moves that offset only when the
+collector says it has written the bytes: ZeroMQ having queued them proves nothing (the
+collector may be away, the agent killed before they leave). Unacknowledged bytes are sent
+again after ACK_TIMEOUT_S, and after an agent restart (the acknowledged offsets are saved).
+Every message carries the file's epoch (bumped when the host empties or replaces the file)
+and the offset of its first byte; the collector keeps, per instance, the epoch and offset
+it has written up to (`shipped.json` in its folder), writes only bytes past it, and answers
+with it. So a message sent twice is written once, and a collector that is away delays logs,
+never loses them, and never blocks an app. (A collector killed between writing a batch and
+saving its offsets writes that batch again: its own crash window, not the agents'.)
 """
 
 from __future__ import annotations
@@ -14,38 +21,68 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import zmq
 
 CHUNK_READ = 64 * 1024
+WINDOW = 16 * CHUNK_READ
+"""Bytes of one file sent and not yet acknowledged, at most."""
+ACK_TIMEOUT_S = 5.0
+"""Unacknowledged bytes are sent again after this long without an acknowledgement."""
 APP = re.compile(r"^[a-z][a-z0-9-]{1,29}$")
+INSTANCE = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 CURRENT = "current.log"
+
+
+@dataclass
+class Position:
+    """Where one instance log stands: its epoch, the bytes the collector acknowledged,
+    and the bytes sent (acknowledged or not)."""
+
+    epoch: int = 0
+    acked: int = 0
+    sent: int = 0
+    waiting_since: float = 0.0
 
 
 class Shipper:
     """Sends the new bytes of every instance log in `logs_dir` to the collector."""
 
     def __init__(self, endpoint: str, logs_dir: Path, context: zmq.Context | None = None,
-                 keep_bytes: int = 8 << 20) -> None:
+                 keep_bytes: int = 8 << 20,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.keep_bytes = keep_bytes
-        self.socket = (context or zmq.Context.instance()).socket(zmq.PUSH)
+        self.clock = clock
+        self.socket = (context or zmq.Context.instance()).socket(zmq.DEALER)
         self.socket.setsockopt(zmq.SNDHWM, 1000)
-        self.socket.setsockopt(zmq.LINGER, 1000)
+        self.socket.setsockopt(zmq.LINGER, 0)  # unacknowledged bytes are on disk anyway
         self.socket.connect(endpoint)
         self.logs_dir = logs_dir
         self.offsets_file = logs_dir / "offsets.json"
+        self.positions: dict[str, Position] = {}
         try:
-            self.offsets: dict[str, int] = json.loads(self.offsets_file.read_text())
+            saved = json.loads(self.offsets_file.read_text())
         except (OSError, ValueError):
-            self.offsets = {}
+            saved = {}
+        for iid, value in saved.items():
+            epoch, acked = value if isinstance(value, list) else (0, value)
+            self.positions[iid] = Position(epoch, acked, acked)
+
+    @property
+    def offsets(self) -> dict[str, int]:
+        """The acknowledged offset of each instance log."""
+        return {iid: p.acked for iid, p in self.positions.items()}
 
     def ship(self, running: set[str] | None = None) -> int:
-        """One pass over the logs; returns the bytes handed to ZeroMQ. A log fully shipped
-        is emptied past `keep_bytes`, and removed once its instance (not in `running`)
-        is gone, so a host's disk does not fill up with what the collector already has."""
+        """One pass: take the collector's acknowledgements, then send what each log has
+        past what was sent (or again, what was not acknowledged in time); returns the
+        bytes handed to ZeroMQ. A log fully acknowledged is emptied past `keep_bytes`,
+        and removed once its instance (not in `running`) is gone."""
+        moved = self.take_acks()
         sent = 0
         for path in sorted(self.logs_dir.glob("*.log")):
             iid = path.stem
@@ -53,39 +90,80 @@ class Shipper:
                 sent += self._ship_file(path, iid)
             except zmq.Again:
                 break  # the collector is away: try again next pass
-            self._trim(path, iid, running)
-        if sent:
-            tmp = self.offsets_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.offsets))
-            tmp.replace(self.offsets_file)
+            moved |= self._trim(path, iid, running)
+        if moved:
+            self._save()
         return sent
 
-    def _trim(self, path: Path, iid: str, running: set[str] | None) -> None:
+    def take_acks(self) -> bool:
+        """Apply every acknowledgement waiting on the socket; whether an offset moved."""
+        moved = False
+        while True:
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return moved
+            if len(frames) != 3:
+                continue
+            iid = frames[0].decode("utf-8", "replace")
+            pos = self.positions.get(iid)
+            try:
+                epoch, end = int(frames[1]), int(frames[2])
+            except ValueError:
+                continue
+            if pos is not None and epoch == pos.epoch and end > pos.acked:
+                pos.acked = end
+                pos.sent = max(pos.sent, end)
+                pos.waiting_since = self.clock()
+                moved = True
+
+    def _save(self) -> None:
+        tmp = self.offsets_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({iid: [p.epoch, p.acked]
+                                   for iid, p in self.positions.items()}))
+        tmp.replace(self.offsets_file)
+
+    def _trim(self, path: Path, iid: str, running: set[str] | None) -> bool:
+        pos = self.positions.get(iid)
         size = path.stat().st_size
-        if self.offsets.get(iid, 0) < size:
-            return
+        if pos is None or pos.acked < size:
+            return False
         if running is not None and iid not in running:
             path.unlink(missing_ok=True)
-            self.offsets.pop(iid, None)
-        elif size > self.keep_bytes:
+            del self.positions[iid]
+            return True
+        if size > self.keep_bytes:
             os.truncate(path, 0)  # writers append (O_APPEND): they go on at the start
-            self.offsets[iid] = 0
+            self.positions[iid] = Position(pos.epoch + 1)
+            return True
+        return False
 
     def _ship_file(self, path: Path, iid: str) -> int:
-        offset = self.offsets.get(iid, 0)
-        if path.stat().st_size < offset:
-            offset = 0  # truncated or replaced
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read(CHUNK_READ)
-        if len(data) < CHUNK_READ:
-            data = data[: data.rfind(b"\n") + 1]  # whole lines only, unless very long
-        if not data:
-            return 0
-        app = iid.split(".", 1)[0]
-        self.socket.send_multipart([app.encode(), iid.encode(), data], zmq.NOBLOCK)
-        self.offsets[iid] = offset + len(data)
-        return len(data)
+        pos = self.positions.setdefault(iid, Position())
+        size = path.stat().st_size
+        if size < pos.acked:  # emptied or replaced by someone else
+            self.positions[iid] = pos = Position(pos.epoch + 1)
+            self._save()
+        now = self.clock()
+        if pos.sent > pos.acked and now - pos.waiting_since > ACK_TIMEOUT_S:
+            pos.sent = pos.acked  # no word from the collector: send it all again
+        total = 0
+        while pos.sent < size and pos.sent - pos.acked < WINDOW:
+            with open(path, "rb") as f:
+                f.seek(pos.sent)
+                data = f.read(CHUNK_READ)
+            if len(data) < CHUNK_READ:
+                data = data[: data.rfind(b"\n") + 1]  # whole lines only, unless very long
+            if not data:
+                break
+            app = iid.split(".", 1)[0]
+            self.socket.send_multipart([app.encode(), iid.encode(), b"%d" % pos.epoch,
+                                        b"%d" % pos.sent, data], zmq.NOBLOCK)
+            if pos.sent == pos.acked:
+                pos.waiting_since = now
+            pos.sent += len(data)
+            total += len(data)
+        return total
 
     def close(self) -> None:
         self.socket.close()
@@ -93,10 +171,41 @@ class Shipper:
 
 class Collector:
     """Writes what agents ship into <root>/<app>/current.log, rotated past `max_bytes`
-    into chunk-<time>.log files."""
+    into chunk-<time>.log files, each byte of an instance's log once."""
 
     def __init__(self, root: Path, max_bytes: int = 1 << 20) -> None:
         self.root, self.max_bytes = root, max_bytes
+        self.marks_file = root / "shipped.json"
+        try:
+            self.marks: dict[str, list[int]] = json.loads(self.marks_file.read_text())
+        except (OSError, ValueError):
+            self.marks = {}
+
+    def receive(self, app: str, iid: str, epoch: int, offset: int, data: bytes,
+                now: datetime | None = None) -> tuple[int, int]:
+        """Write the part of `data` (bytes offset.. of the instance's log in `epoch`) not
+        written yet; returns (epoch, offset) written up to, the acknowledgement."""
+        if not INSTANCE.match(iid):
+            return epoch, 0
+        mark_epoch, mark = self.marks.get(iid, (epoch, offset))  # new here: from offset
+        if epoch < mark_epoch:
+            return mark_epoch, mark  # an old epoch, sent again: long written
+        if epoch > mark_epoch:
+            mark = offset  # the host emptied the file: a new count starts
+        if offset > mark:
+            return epoch, mark  # a gap (bytes before these not here yet): wait for them
+        fresh = data[mark - offset:]
+        if fresh:
+            self.write(app, iid, fresh, now)
+        self.marks[iid] = [epoch, max(mark, offset + len(data))]
+        return epoch, self.marks[iid][1]
+
+    def save(self) -> None:
+        """Keep what was written up to, before acknowledging it."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.marks_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.marks))
+        tmp.replace(self.marks_file)
 
     def write(self, app: str, iid: str, data: bytes, now: datetime | None = None) -> None:
         if not APP.match(app):
@@ -117,23 +226,40 @@ class Collector:
             context: zmq.Context | None = None) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o700)  # every app's logs: the platform's to read, no app's
-        sock = (context or zmq.Context.instance()).socket(zmq.PULL)
+        sock = (context or zmq.Context.instance()).socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.bind(endpoint)
         try:
             while not stop.is_set():
-                if not sock.poll(200):
-                    continue
-                while True:
-                    try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    if len(frames) == 3:
-                        self.write(frames[0].decode("utf-8", "replace"),
-                                   frames[1].decode("utf-8", "replace"), frames[2])
+                if sock.poll(200):
+                    self._batch(sock)
         finally:
             sock.close()
+
+    def _batch(self, sock: zmq.Socket) -> None:
+        """Everything waiting: write it, save the marks, then acknowledge."""
+        acks: dict[tuple[bytes, bytes], tuple[int, int]] = {}
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if len(frames) != 6:
+                continue
+            peer, app, iid, epoch, offset, data = frames
+            try:
+                at = (int(epoch), int(offset))
+            except ValueError:
+                continue
+            acks[(peer, iid)] = self.receive(app.decode("utf-8", "replace"),
+                                             iid.decode("utf-8", "replace"), *at, data)
+        if acks:
+            self.save()
+        for (peer, iid), (epoch, end) in acks.items():
+            try:
+                sock.send_multipart([peer, iid, b"%d" % epoch, b"%d" % end], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                continue  # that agent went away: it sends again
 
 
 def chunks(root: Path, app: str) -> list[Path]:

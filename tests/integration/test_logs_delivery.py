@@ -1,0 +1,118 @@
+"""Logs survive the collector being away and the agent being killed: every line reaches
+the collector's files exactly once. Real processes, real ZeroMQ; the shipping side is the
+agent's Shipper in a process of its own (what `tally serve agent` runs every pass)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from tests.conftest import free_ports
+from tests.waiting import wait_until
+
+SHIPPER = """
+import sys, time, json
+from pathlib import Path
+from agents.logs import Shipper
+logs, endpoint, report = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+shipper = Shipper(endpoint, logs)
+sent = 0
+while True:
+    sent += shipper.ship(running=None)
+    tmp = report.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"sent": sent, "acked": shipper.offsets}))
+    tmp.replace(report)
+    time.sleep(0.05)
+"""
+
+
+def _shipper(logs: Path, endpoint: str, report: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", SHIPPER, str(logs), endpoint, str(report)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _collector(home: Path, endpoint: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "tally.cli", "serve", "collector",
+                             "--bind", endpoint], env={**os.environ, "TALLY_HOME": str(home)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _report(path: Path) -> dict:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"sent": 0, "acked": {}}
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+
+
+def test_collector_away_and_agent_killed_lose_nothing_and_repeat_nothing() -> None:
+    home = Path(tempfile.mkdtemp(prefix="tally-logs-"))
+    logs, report = home / "instance-logs", home / "report.json"
+    logs.mkdir()
+    endpoint = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+    log = logs / "blog.1.web.a.log"
+    received = home / "applogs" / "blog" / "current.log"
+
+    def lines() -> list[str]:
+        text = received.read_text() if received.exists() else ""
+        return [line.split(" ", 2)[2] for line in text.splitlines()]
+
+    def write(first: int, last: int) -> None:
+        with open(log, "a") as f:
+            f.write("".join(f"line {n}\n" for n in range(first, last)))
+
+    collector, shipper = _collector(home, endpoint), _shipper(logs, endpoint, report)
+    try:
+        write(0, 100)
+        wait_until(lambda: len(lines()) >= 100, 60, "the first lines reached the collector")
+        _kill(collector)  # the collector goes away ...
+        write(100, 200)
+        size = log.stat().st_size
+        # ... while the agent hands the new lines to ZeroMQ (queued for a peer that is gone)
+        wait_until(lambda: _report(report)["sent"] >= size, 30, "the shipper sent the rest")
+        assert _report(report)["acked"].get("blog.1.web.a", 0) < size
+        _kill(shipper)  # ... and the agent is killed before they were delivered
+        collector = _collector(home, endpoint)
+        shipper = _shipper(logs, endpoint, report)
+        write(200, 250)
+        size = log.stat().st_size
+        wait_until(lambda: _report(report)["acked"].get("blog.1.web.a") == size, 60,
+                   "the new agent's lines acknowledged")
+        got = Counter(lines())
+        assert sorted(got, key=lambda x: int(x.split()[1])) == [
+            f"line {n}" for n in range(250)], "a line was lost"
+        assert set(got.values()) == {1}, [k for k, v in got.items() if v > 1][:5]
+    finally:
+        for proc in (shipper, collector):
+            if proc.poll() is None:
+                _kill(proc)
+        subprocess.run(["rm", "-rf", str(home)], check=False)
+
+
+def test_a_batch_sent_twice_is_written_once(tmp_path: Path) -> None:
+    """The collector's side alone: the same bytes again (an acknowledgement lost), an
+    overlap, a gap, and a new epoch after the host emptied the file."""
+    from agents.logs import Collector
+
+    c = Collector(tmp_path)
+    assert c.receive("blog", "blog.1.web.a", 0, 0, b"a\nb\n") == (0, 4)
+    assert c.receive("blog", "blog.1.web.a", 0, 0, b"a\nb\n") == (0, 4)  # again: nothing
+    assert c.receive("blog", "blog.1.web.a", 0, 2, b"b\nc\n") == (0, 6)  # overlap: c only
+    assert c.receive("blog", "blog.1.web.a", 0, 9, b"z\n") == (0, 6)  # gap: wait
+    assert c.receive("blog", "blog.1.web.a", 1, 0, b"d\n") == (1, 2)  # emptied: new count
+    assert c.receive("blog", "blog.1.web.a", 0, 6, b"late\n") == (1, 2)  # old epoch
+    c.save()
+    assert Collector(tmp_path).marks == {"blog.1.web.a": [1, 2]}
+    text = (tmp_path / "blog" / "current.log").read_text().splitlines()
+    assert [t.split(" ", 2)[2] for t in text] == ["a", "b", "c", "d"]
