@@ -14,6 +14,7 @@ from ledger import Ledger, NewEvent
 from ledger.cluster import Cluster
 from tests.conftest import tally_env
 from tests.unit.test_why import History
+from tests.waiting import Lines
 
 
 def tally(cluster: Cluster, *args: str) -> subprocess.CompletedProcess:
@@ -90,7 +91,7 @@ def test_events_follow_prints_new_events_as_they_come(cluster: Cluster) -> None:
         with Ledger(cluster.dsn()) as ledger:
             ledger.append(stream, [NewEvent("HostHeartbeat", {"host_id": "f", "instances": 7})])
             ledger.sequence()
-        line = proc.stdout.readline()  # blocks until the follower prints (pytest timeout)
+        line = Lines(proc.stdout).next(30, "the follower printed the new event")
         assert json.loads(line)["data"]["instances"] == 7
     finally:
         proc.kill()

@@ -18,7 +18,7 @@ from ledger.cluster import Cluster
 from tests.conftest import destroy_cluster, free_ports, make_cluster, tally_env
 from tests.fixtures.apps.fleet import AgentProc, Daemon, placer, release
 from tests.fixtures.apps.fleet import create_app as create
-from tests.waiting import wait_until
+from tests.waiting import Lines, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +63,8 @@ def test_logs_reach_the_collector_and_tally_logs(private: Cluster) -> None:
                 agent.kill()
                 agent.kill_apps()  # gunicorn says nothing when killed: restart it instead
                 agent.start()
-                wait_until(lambda: "Booting worker" in (follower.stdout.readline() or ""), 60,
-                           "a new line followed")
+                Lines(follower.stdout).until(lambda line: "Booting worker" in line, 60,
+                                             "a new line followed")
             finally:
                 follower.terminate()
                 follower.wait(10)
