@@ -155,6 +155,12 @@ def test_operators_read_and_set_the_suffix_from_the_cli(world: World, cluster: A
     assert bad.returncode == 1 and "DNS name" in bad.stderr
     assert admin("Apps.Example.").stdout.strip() == "apps.example"
     assert admin().stdout.strip() == "apps.example"
+    from tally.config import Config
+    from tally.platform import UP_SUFFIX, platform_suffix
+    cfg = Config.from_env(tally_env(cluster))
+    assert platform_suffix(cfg, UP_SUFFIX, if_unset=True) == "apps.example", \
+        "tally up keeps an operator's choice"
+    assert platform_suffix(cfg, UP_SUFFIX) == UP_SUFFIX == "localhost"
 
 
 # --- small holes ---------------------------------------------------------------------------
