@@ -325,6 +325,9 @@ class Cluster:
         if self._running(node):
             return
         self._clear_stale_locks(node)
+        conf = (self.node_dir(node) / "postgresql.conf").read_text()
+        if "\nlog_min_error_statement =" not in conf:
+            self._write_node_conf(node)  # a node made before its logs were private
         log = self.root / f"{node}.log"
         log.touch(mode=0o600)
         log.chmod(0o600)

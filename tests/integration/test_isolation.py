@@ -332,6 +332,26 @@ def test_an_addon_role_sees_only_its_own_database(apps_db: WatchedCluster) -> No
     psycopg2.connect(other_url).close()
 
 
+def test_a_node_made_before_private_logs_gets_them_at_its_next_start(
+        apps_db: WatchedCluster) -> None:
+    apps_db.start()
+    apps_db.stop_node("b")
+    conf = apps_db.node_dir("b") / "postgresql.conf"
+    old = [line for line in conf.read_text().splitlines()
+           if not line.startswith(("log_file_mode", "log_min_error_statement",
+                                   "log_error_verbosity"))]
+    conf.write_text("\n".join(old) + "\n")
+    (apps_db.root / "b.log").chmod(0o644)
+    apps_db.start_node("b")
+    assert "log_min_error_statement = panic" in conf.read_text()
+    assert stat.S_IMODE((apps_db.root / "b.log").stat().st_mode) == 0o600
+    with psycopg2.connect(apps_db.node_dsn("b", dbname="postgres")) as conn, \
+            conn.cursor() as cur:
+        cur.execute("SHOW log_min_error_statement")
+        assert cur.fetchone() == ("panic",)
+    conn.close()
+
+
 def test_tally_down_stops_the_apps_cluster_too(apps_db: WatchedCluster) -> None:
     """An add-on started the apps' cluster; `tally down` leaves nothing running."""
     from tests.conftest import free_ports
