@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from api.auth import create_user  # noqa: E402
 from api.serve import Gunicorn, options  # noqa: E402
-from api.testing import ApiProcess, pack_files  # noqa: E402
 from ledger import Ledger  # noqa: E402
+from tests.api_process import ApiProcess, pack_files  # noqa: E402
 from tests.conftest import destroy_cluster, free_ports, make_cluster, tally_env  # noqa: E402
 
 CLIENTS = 8

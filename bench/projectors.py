@@ -5,7 +5,7 @@ append to view row under a steady 500 appends/s.
     .venv/bin/python bench/projectors.py [--quick] [--events N]
 
 A private cluster (primary + synchronous standby) is filled with a fleet's history
-(projectors/synthetic.py: heartbeats, placements, instance events, releases...) by batch
+(bench/synthetic.py: heartbeats, placements, instance events, releases...) by batch
 appends of up to 1000 events. Rebuild and read alternate for a few rounds; each figure is
 the median. Live lag runs `tally serve projectors` with two relays, as in production: lag is
 the time from an event's `recorded_at` (the append) to the first moment every projector's
@@ -33,10 +33,10 @@ import psycopg2
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import projectors  # noqa: E402
+from bench.synthetic import fleet_history  # noqa: E402
 from ledger import Ledger, NewEvent  # noqa: E402
 from ledger.cluster import Cluster  # noqa: E402
 from projectors.rebuild import rebuild  # noqa: E402
-from projectors.synthetic import fleet_history  # noqa: E402
 from tests.conftest import RelayProcs, destroy_cluster, make_cluster, tally_env  # noqa: E402
 from tests.waiting import wait_until  # noqa: E402
 

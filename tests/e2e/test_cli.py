@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from api.testing import ApiProcess
+from tests.api_process import ApiProcess
 from tests.conftest import free_ports, tally_env
 
 SAMPLE = Path(__file__).resolve().parents[1] / "fixtures" / "bundles" / "hello"

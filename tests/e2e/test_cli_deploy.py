@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import requests
 
-from api.testing import ApiProcess
 from ledger.cluster import Cluster
+from tests.api_process import ApiProcess
 from tests.conftest import RelayProcs, destroy_cluster, free_ports, make_cluster, tally_env
 from tests.e2e.test_cli import Tally
 from tests.fixtures.apps.fleet import AgentProc, Daemon, placer

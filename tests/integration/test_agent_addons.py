@@ -16,9 +16,9 @@ import pytest
 from agents.fleet import Fleet
 from agents.placer import catch_up
 from api.auth import create_user
-from api.testing import ApiProcess
 from ledger import Ledger
 from ledger.cluster import Cluster, ClusterSpec
+from tests.api_process import ApiProcess
 from tests.conftest import destroy_cluster, free_ports, make_cluster, tally_env
 from tests.fixtures.apps.fleet import create_app, release
 

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 import pytest
 
 from api.auth import create_user
-from api.testing import ApiProcess
 from ledger import Ledger
 from ledger.cluster import Cluster
+from tests.api_process import ApiProcess
 from tests.conftest import destroy_cluster, free_ports, make_cluster, tally_env
 from tests.fixtures.apps.fleet import AgentProc, Daemon, placer, release
 from tests.fixtures.apps.fleet import create_app as create

@@ -17,8 +17,8 @@ import pytest
 
 from api import Settings, create_app
 from api.auth import create_user
-from api.testing import pack_files, project_now
 from ledger import Ledger, NewEvent
+from tests.api_process import pack_files, project_now
 from tests.waiting import wait_until
 
 BUNDLE = {"Procfile": "web: gunicorn app:app\nworker: python worker.py\n",

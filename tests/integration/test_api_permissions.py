@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from api.testing import pack_files
 from api.web import ROUTES
 from ledger import NewEvent
+from tests.api_process import pack_files
 from tests.integration.test_api import BUNDLE, World, uid, world  # noqa: F401
 
 CALLERS = ("admin", "owner", "other", "agent", None)

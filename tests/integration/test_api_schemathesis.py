@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from api.auth import create_user
-from api.testing import ApiProcess
 from ledger import Ledger
+from tests.api_process import ApiProcess
 from tests.conftest import free_ports, tally_env
 
 

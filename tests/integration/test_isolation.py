@@ -23,10 +23,10 @@ import psutil
 import psycopg2
 import pytest
 
-from api.testing import project_now
 from ledger import Ledger, NewEvent
 from ledger.cluster import Cluster, ClusterSpec
 from ledger.hostnames import DEFAULT_SUFFIX, PLATFORM_STREAM
+from tests.api_process import project_now
 from tests.integration.test_api import World, uid, world  # noqa: F401
 
 
@@ -55,7 +55,7 @@ def tenants(world: World) -> tuple[str, str]:  # noqa: F811
     victim = world.new_app(releases=1)
     attacker = f"evil-{uid()}"
     assert world.call("other", "POST", "/apps", {"name": attacker}).status_code == 201
-    from api.testing import pack_files
+    from tests.api_process import pack_files
     from tests.integration.test_api import BUNDLE
     r = world.call("other", "POST", f"/apps/{attacker}/releases", data=pack_files(BUNDLE))
     assert r.status_code == 201, r.json
@@ -227,7 +227,7 @@ def test_nul_and_lone_surrogates_are_422_naming_the_field(
 
 
 def test_a_bad_description_stores_no_bundle(world: World) -> None:  # noqa: F811
-    from api.testing import pack_files
+    from tests.api_process import pack_files
     from tests.integration.test_api import BUNDLE
     app = world.new_app(releases=0)
     stored = set(world.client.application.extensions["tally"].settings.bundles_dir.iterdir())

@@ -14,6 +14,7 @@ import psycopg2
 import pytest
 
 import projectors
+from bench.synthetic import fill, fleet_history
 from ledger import Ledger, NewEvent
 from ledger.cluster import Cluster
 from projectors import apps
@@ -23,7 +24,6 @@ from projectors.rebuild import rebuild
 from projectors.replay import state_at
 from projectors.runtime import Runner, catch_up, connect
 from projectors.store import read_rows
-from projectors.synthetic import fill, fleet_history
 from tests.conftest import RelayProcs, destroy_cluster, free_ports, make_cluster, tally_env
 from tests.waiting import wait_until
 

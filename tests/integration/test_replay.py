@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 import projectors
+from bench.synthetic import fill, fleet_history
 from ledger import Ledger
 from ledger.cluster import Cluster
 from projectors.replay import BadPosition, diff, diff_rows, state_at
-from projectors.synthetic import fill, fleet_history
 
 
 def _in_memory(ledger: Ledger, upto: int) -> dict[str, list[dict[str, Any]]]:

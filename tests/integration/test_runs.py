@@ -26,10 +26,10 @@ import pytest
 import zmq
 
 from api.auth import create_user
-from api.testing import ApiProcess
 from ledger import Ledger, NewEvent
 from ledger.cluster import Cluster
 from ledger.tickets import SILENCE_S, Ticket, new_key, sign
+from tests.api_process import ApiProcess
 from tests.conftest import destroy_cluster, free_ports, make_cluster, tally_env
 from tests.fixtures.apps.fleet import AgentProc, Daemon, create_app, release
 from tests.waiting import wait_until

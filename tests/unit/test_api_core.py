@@ -14,7 +14,6 @@ import pytest
 from api import auth, bundles, decide
 from api.errors import Conflict, NotFound, TooLarge, Unprocessable
 from api.state import AppState, fold, summary
-from api.testing import pack_files
 from ledger import (
     InvalidEvent,
     LedgerUnavailable,
@@ -23,6 +22,7 @@ from ledger import (
     VersionConflict,
     archives,
 )
+from tests.api_process import pack_files
 
 NOW = datetime(2026, 11, 26, tzinfo=UTC)
 
