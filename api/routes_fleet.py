@@ -21,7 +21,7 @@ from api.runs import under_way
 from api.state import Run
 from api.web import body, query, reply, route, services, who
 from ledger import NO_STREAM, Ledger, NewEvent, RecordedEvent, VersionConflict
-from ledger.catalogue import redacted
+from ledger.payloads import redacted
 from projectors.views import Views
 
 # --- users and tokens -----------------------------------------------------------------------

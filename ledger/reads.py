@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from ledger.catalogue import upcast
 from ledger.events import RecordedEvent
+from ledger.payloads import upcast
 
 COLUMNS = "p.position, e.id, e.stream, e.version, e.type, e.data, e.metadata, e.recorded_at"
 """What `recorded` turns into an event, from events e joined with positions p."""

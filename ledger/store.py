@@ -49,13 +49,7 @@ import psycopg2
 import psycopg2.errors
 
 from ledger import reads
-from ledger.catalogue import (
-    CATALOGUE,
-    category_of,
-    plain_payload,
-    stream_category,
-    validate_event,
-)
+from ledger.catalogue import CATALOGUE, category_of, stream_category
 from ledger.errors import (
     IdempotencyConflict,
     InvalidEvent,
@@ -72,6 +66,7 @@ from ledger.events import (
     NewEvent,
     RecordedEvent,
 )
+from ledger.payloads import plain_payload, validate_event
 from ledger.reads import COLUMNS, head_of, recorded
 
 __all__ = ["COLUMNS", "Ledger", "head_of", "recorded"]  # the readers' names, kept here too

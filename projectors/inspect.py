@@ -11,8 +11,9 @@ from typing import Any
 import psycopg2
 
 from ledger import reads
-from ledger.catalogue import CATALOGUE, event_type, stream_category
+from ledger.catalogue import CATALOGUE, stream_category
 from ledger.events import RecordedEvent
+from ledger.payloads import event_type
 from ledger.vocabulary import LIVENESS_STREAM
 from projectors import ALL
 from projectors.why import Explanation, explain

@@ -17,7 +17,7 @@ from typing import Any
 import click
 import psycopg2
 
-from ledger.catalogue import redacted
+from ledger.payloads import redacted
 from ledger.store import head_of
 from tally.config import Config
 from tally.console import cell, daemon_logging, fail_cleanly, parse_since, stop_event, table

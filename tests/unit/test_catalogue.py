@@ -3,8 +3,9 @@
 import pytest
 
 from ledger import catalogue
-from ledger.catalogue import stream_category, upcast, validate_event
+from ledger.catalogue import stream_category
 from ledger.errors import InvalidEvent
+from ledger.payloads import upcast, validate_event
 
 
 def test_stream_ids_have_a_category() -> None:
@@ -97,7 +98,7 @@ def test_fast_path_never_accepts_what_marshmallow_refuses(bad: dict) -> None:
 
 
 def test_secret_values_are_redacted_for_people() -> None:
-    from ledger.catalogue import REDACTED, redacted
+    from ledger.payloads import REDACTED, redacted
 
     data = {"app": "blog", "set": {"DB_PASSWORD": "hunter2"}, "unset": ["OLD"],
             "config_version": 3}

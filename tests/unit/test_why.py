@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from ledger.catalogue import stream_category, validate_event
+from ledger.catalogue import stream_category
 from ledger.events import NewEvent, RecordedEvent
+from ledger.payloads import validate_event
 from projectors.why import explain
 
 T0 = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
