@@ -49,6 +49,7 @@ from balancer.metrics import Metrics
 from balancer.routing import Answer, Backend, Forward, Route, Router
 
 RECV = 256 * 1024
+SMALL_BODY = 64 * 1024
 monotonic = time.monotonic
 SHUT_RD, SHUT_RDWR = socket.SHUT_RD, socket.SHUT_RDWR
 
@@ -560,11 +561,15 @@ class Proxy:
         frame = forward.chunk if framing == CHUNKED else None
         piece = rbody.feed(rbuf) if rbuf else b""
         out = head + (frame(piece) if frame and piece else piece)
+        # A small body of known length (gunicorn writes the head, then the body) goes
+        # out with its head in one send: one write and one segment for the client, not two.
+        small = framing == LENGTH and resp.length <= SMALL_BODY
         while not rbody.done:
-            if out:
+            if out and not small:
                 watch.sock, watch.how = csock, SHUT_RDWR
                 watch.deadline = monotonic() + self.t.idle
                 sendall(csock, out)
+                out = b""
                 watch.sock, watch.how = bsock, SHUT_RDWR
             watch.deadline = monotonic() + self.t.backend
             try:
@@ -579,7 +584,9 @@ class Proxy:
             except ProtocolError:
                 self.log(f"backend {backend.address} of {route.app}: bad chunked framing")
                 return False, b"", False
-            out = frame(piece) if frame and piece else piece
+            if frame and piece:
+                piece = frame(piece)
+            out = out + piece if out else piece
         if frame:
             out += forward.LAST_CHUNK
         if out:

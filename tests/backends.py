@@ -4,9 +4,9 @@ purpose. It records the connections and requests it saw, so tests can check what
 it (keep-alive reuse, headers, that a refused request never arrived).
 
 Paths: `/upload` answers the size and sha256 of the body; `/chunked?n=K` answers K chunks;
-`/slow?s=X` waits X seconds first; `/ws` switches protocols and echoes bytes; `/garbage`
-answers something that is not HTTP; `/close` answers until it closes (no length);
-anything else a JSON echo of the request.
+`/slow?s=X` waits X seconds first; `/ws` switches protocols and echoes bytes; `/split`
+sends its head and body apart; `/garbage` answers something that is not HTTP; `/close`
+answers until it closes (no length); anything else a JSON echo of the request.
 """
 
 from __future__ import annotations
@@ -119,6 +119,11 @@ class Upstream:
         else:
             body = json.dumps({"backend": self.name, "conn": n, "path": path, "method": method,
                                "headers": headers}).encode()
+        if path == "/split":  # the head, then the body a moment later (as gunicorn does)
+            conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+            time.sleep(0.05)
+            conn.sendall(body)
+            return True
         if path == "/close":
             conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + body)
             return False

@@ -162,6 +162,8 @@ def test_chunked_both_ways_and_head(balancer: Balancer, upstreams: list[Upstream
     whole = b"".join(parts)
     assert reply == {"bytes": len(whole), "sha256": hashlib.sha256(whole).hexdigest(),
                      "backend": "a"}
+    status, body = get(conn, "blog.localhost", "/split")
+    assert status == 200 and json.loads(body)["path"] == "/split"
     status, body = get(conn, "blog.localhost", "/chunked?n=40")
     assert status == 200 and body == b"".join(f"a-{i};".encode() for i in range(40))
     conn.request("HEAD", "/", headers={"Host": "blog.localhost"})
