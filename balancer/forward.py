@@ -30,16 +30,18 @@ def request_head(req: Request, client_ip: str, proto: bytes) -> bytes:
     return b"".join(out)
 
 
-def response_head(resp: Response, req: Request, keep_alive: bool) -> tuple[bytes, int, bool]:
+def response_head(resp: Response, req: Request, keep_alive: bool,
+                  extra: bytes = b"") -> tuple[bytes, int, bool]:
     """The head sent to the client, how to frame the body after it, and whether the client
     connection stays open afterwards.
 
     A chunked body stays chunked for an HTTP/1.1 client; an HTTP/1.0 client, or a body
-    that ends only when the backend closes, gets it until we close the connection."""
+    that ends only when the backend closes, gets it until we close the connection.
+    `extra`: header lines of ours (each ending in CRLF), e.g. Strict-Transport-Security."""
     framing = resp.framing
     if framing == CLOSE or (framing == CHUNKED and req.http10):
         framing, keep_alive = CLOSE, False
-    out = [b"HTTP/1.1 %d " % resp.status, resp.reason, b"\r\n", *resp.headers, VIA_LINE]
+    out = [b"HTTP/1.1 %d " % resp.status, resp.reason, b"\r\n", *resp.headers, extra, VIA_LINE]
     if framing == LENGTH:
         out += (b"Content-Length: ", b"%d" % resp.length, b"\r\n")
     elif framing == CHUNKED:

@@ -22,6 +22,16 @@ BAD_GATEWAY = "The app's instance did not answer properly."
 GATEWAY_TIMEOUT = "The app's instance took too long to answer."
 
 
+def redirect(location: bytes, *, close: bool, head: bool) -> bytes:
+    """308 Permanent Redirect (method and body kept) to `location`, which is built from a
+    validated Host and request target: no CR or LF can be in it."""
+    body = b"Redirecting to " + location + b"\n"
+    head_bytes = (b"HTTP/1.1 308 Permanent Redirect\r\nLocation: %s\r\n"
+                  b"Content-Type: text/plain\r\nContent-Length: %d\r\nConnection: %s\r\n\r\n"
+                  % (location, len(body), b"close" if close else b"keep-alive"))
+    return head_bytes + (b"" if head else body)
+
+
 def page(status: int, text: str, *, close: bool = True, head: bool = False,
          extra: bytes = b"") -> bytes:
     """A whole response: head, and the HTML body unless answering a HEAD request.

@@ -28,6 +28,10 @@ class Route:
     app: str
     backends: tuple[str, ...] = ()
     maintenance: bool = False
+    https_only: bool = False
+    """Plain HTTP requests are redirected (308) to https."""
+    hsts: str = ""
+    """The Strict-Transport-Security value sent over https (none when empty)."""
 
 
 class Backend:
@@ -78,7 +82,14 @@ class Answer:
     text: str
 
 
-Decision = Forward | Hold | Answer
+@dataclass(frozen=True)
+class Redirect:
+    """To the same URL over https."""
+
+    route: Route
+
+
+Decision = Forward | Hold | Answer | Redirect
 
 
 class Router:
@@ -128,13 +139,16 @@ class Router:
             dot = host.find(".", dot + 1)
         return None
 
-    def decide(self, host: str, now: float, exclude: tuple[Backend, ...] = ()) -> Decision:
+    def decide(self, host: str, now: float, exclude: tuple[Backend, ...] = (),
+               secure: bool = False) -> Decision:
         hit = self.lookup(host)
         if hit is None:
             return Answer(404, "unknown host")
         route, backends = hit
         if route.maintenance:
             return Answer(503, "maintenance")
+        if route.https_only and not secure:
+            return Redirect(route)
         backend = self.choose(backends, now, exclude)
         if backend is None:
             return Hold(route)

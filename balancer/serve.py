@@ -160,6 +160,7 @@ def run(options: Options, admin: tuple[str, int] | None = None) -> int:
     if options.tls_bind and options.certs:
         certs = Certificates(options.certs)
         tls_listener = listen(options.tls_bind)
+        proxy.https_port = options.tls_bind[1]
         eventlet.spawn_n(accept_forever, proxy, tls_listener, certs.context)
         eventlet.spawn_n(follow_certs, certs, options.reconcile)
     if admin:

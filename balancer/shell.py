@@ -46,7 +46,7 @@ from balancer.h1 import (
     parse_response,
 )
 from balancer.metrics import Metrics
-from balancer.routing import Answer, Backend, Forward, Route, Router
+from balancer.routing import Answer, Backend, Forward, Redirect, Route, Router
 
 RECV = 256 * 1024
 SMALL_BODY = 64 * 1024
@@ -231,6 +231,8 @@ class Proxy:
         self.changed = eventlet.event.Event()
         self.draining = False
         self.metrics = metrics or Metrics()
+        self.https_port: int | None = None
+        """Where TLS is served: redirects to https name it unless it is 443."""
         self.access = access
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
 
@@ -348,6 +350,17 @@ class Proxy:
         self.done(route, req, status, started, len(page), None, client_ip)
         return keep
 
+    def redirect(self, sock: socket.socket, req: Request, route: Route, started: float,
+                 client_ip: str) -> bool:
+        """The same URL over https (on our TLS port); whether the connection stays open."""
+        keep = req.keep_alive and req.framing == NONE and not self.draining
+        port = b"" if self.https_port in (None, 443) else b":%d" % self.https_port
+        location = b"https://" + req.host.encode() + port + req.target
+        reply = pages.redirect(location, close=not keep, head=req.method == b"HEAD")
+        sendall(sock, reply)
+        self.done(route, req, 308, started, len(reply), None, client_ip)
+        return keep
+
     def done(self, route: Route | None, req: Request, status: int, started: float,
              nbytes: int, backend: Backend | None, client_ip: str) -> None:
         """A request answered: router metrics, and the access log when one is kept."""
@@ -371,7 +384,7 @@ class Proxy:
         hold_until = 0.0
         while True:
             now = monotonic()
-            decision = router.decide(req.host, now, tried)
+            decision = router.decide(req.host, now, tried, watch.proto == b"https")
             if type(decision) is Forward:
                 backend = decision.backend
                 backend.active += 1
@@ -386,6 +399,8 @@ class Proxy:
                 failed = True
                 self.metrics.retried(decision.route.app)
                 continue
+            if type(decision) is Redirect:
+                return self.redirect(sock, req, decision.route, started, client_ip), buf
             if type(decision) is Answer:
                 hit = router.lookup(req.host)
                 text = pages.MAINTENANCE if decision.status == 503 else pages.UNKNOWN_HOST
@@ -551,7 +566,10 @@ class Proxy:
             self.tunnel(csock, bsock, watch, head + rbuf, buf)
             return False, b"", False
         keep = req.keep_alive and not self.draining
-        head, framing, keep = forward.response_head(resp, req, keep)
+        extra = b""
+        if route.hsts and watch.proto == b"https":
+            extra = b"Strict-Transport-Security: %s\r\n" % route.hsts.encode()
+        head, framing, keep = forward.response_head(resp, req, keep, extra)
         rbody = body_reader(resp.framing, resp.length)
         if rbody is None:
             sendall(csock, head)

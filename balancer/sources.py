@@ -39,8 +39,12 @@ def routes_from_json(doc: Any) -> list[Route]:
                 Backend(b)
             except ValueError as exc:
                 raise RoutesError(f"route {i}: {exc}") from None
+        hsts = item.get("hsts", "")
+        if not isinstance(hsts, str) or not hsts.isprintable():
+            raise RoutesError(f"route {i}: hsts must be a header value, e.g. max-age=31536000")
         routes.append(Route(item["hostname"].lower(), str(item.get("app", item["hostname"])),
-                            tuple(backends), bool(item.get("maintenance", False))))
+                            tuple(backends), bool(item.get("maintenance", False)),
+                            bool(item.get("https_only", False)), hsts))
     return routes
 
 

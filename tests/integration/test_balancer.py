@@ -465,7 +465,9 @@ def test_tls_termination_picks_the_certificate_by_sni(upstreams: list[Upstream],
     try:
         b.set_routes([route("blog.localhost", upstreams[0]),
                       route("*.wild.localhost", upstreams[1]),
-                      route("other.localhost", upstreams[1])])
+                      route("other.localhost", upstreams[1]),
+                      {**route("shop.localhost", upstreams[0]), "https_only": True,
+                       "hsts": "max-age=31536000"}])
         wait_until(lambda: tls_port in listening(), 10, "no TLS listener")
         cert, reply = tls_get(tls_port, "blog.localhost")
         assert cert == certs["blog.localhost"] and reply.startswith(b"HTTP/1.1 200 ")
@@ -481,6 +483,17 @@ def test_tls_termination_picks_the_certificate_by_sni(upstreams: list[Upstream],
         assert {c.minimum_version for c in Certificates(tmp_path).exact.values()} == {
             ssl.TLSVersion.TLSv1_2}
         assert get(b.conn(), "blog.localhost")[0] == 200  # plain HTTP still served
+        conn = b.conn()
+        conn.request("GET", "/cart?id=1", headers={"Host": "shop.localhost"})
+        reply = conn.getresponse()
+        reply.read()
+        assert reply.status == 308  # an https-only app: to the same URL on our TLS port
+        assert reply.getheader("Location") == f"https://shop.localhost:{tls_port}/cart?id=1"
+        _, answer = tls_get(tls_port, "shop.localhost")
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        assert b"\r\nStrict-Transport-Security: max-age=31536000\r\n" in answer
+        _, answer = tls_get(tls_port, "blog.localhost")
+        assert b"Strict-Transport-Security" not in answer
     finally:
         b.stop()
 

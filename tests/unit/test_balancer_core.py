@@ -20,7 +20,16 @@ from balancer.h1 import (
     parse_request,
     parse_response,
 )
-from balancer.routing import LEAST_CONNECTIONS, Answer, Forward, Hold, Route, Router, Settings
+from balancer.routing import (
+    LEAST_CONNECTIONS,
+    Answer,
+    Forward,
+    Hold,
+    Redirect,
+    Route,
+    Router,
+    Settings,
+)
 
 LIMITS = Limits(max_request_line=100, max_head=1000, max_headers=20, max_body=1000)
 
@@ -416,3 +425,13 @@ def test_access_log_lines_and_bounded_buffer() -> None:
         log.add("blog", f"line {i}")
     assert log.dropped == 1
     assert log.take() == {"blog": b"line 1\nline 2\n"} and log.take() == {}
+
+
+def test_https_only_routes_redirect_plain_requests() -> None:
+    r = router(Route("shop.localhost", "shop", ("h:1",), https_only=True, hsts="max-age=60"))
+    assert isinstance(r.decide("shop.localhost", 0.0, secure=False), Redirect)
+    assert isinstance(r.decide("shop.localhost", 0.0, secure=True), Forward)
+    from balancer.pages import redirect
+    reply = redirect(b"https://shop.localhost:8443/a?b", close=False, head=False)
+    assert reply.startswith(b"HTTP/1.1 308 Permanent Redirect\r\n"
+                            b"Location: https://shop.localhost:8443/a?b\r\n")
