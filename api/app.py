@@ -14,9 +14,12 @@ from api import (  # noqa: F401  (routes register)
     openapi,
     routes_addons,
     routes_apps,
-    routes_fleet,
+    routes_history,
+    routes_hosts,
     routes_quotas,
     routes_runs,
+    routes_users,
+    routes_views,
     web,
 )
 from api.errors import ApiError

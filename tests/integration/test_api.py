@@ -187,10 +187,10 @@ def test_a_long_poll_never_walks_the_whole_history(world: World,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """A scan cut short by its page budget answers at once with where to go on from,
     instead of scanning on, page budget after page budget, for the whole wait."""
-    from api import routes_fleet
+    from api import routes_history
 
-    monkeypatch.setattr(routes_fleet, "PAGE", 1)
-    monkeypatch.setattr(routes_fleet, "SCAN_PAGES", 1)
+    monkeypatch.setattr(routes_history, "PAGE", 1)
+    monkeypatch.setattr(routes_history, "SCAN_PAGES", 1)
     name = world.new_app(releases=0)
     after = world.ledger.sequence()
     for _ in range(3):
