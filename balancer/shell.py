@@ -92,6 +92,9 @@ class Watch:
 
 RETRY = object()
 """What an exchange returns when the request may go to another backend."""
+STALE = object()
+"""What an exchange returns when a pooled connection turned out closed by the backend (its
+keep-alive timeout): the same backend may take the request on another connection."""
 
 
 def shutdown(sock: socket.socket, how: int) -> None:
@@ -393,6 +396,8 @@ class Proxy:
                                             decision.route, started)
                 finally:
                     backend.active -= 1
+                if outcome is STALE:
+                    continue
                 if outcome is not RETRY:
                     return outcome  # type: ignore[return-value]
                 tried += (backend,)
@@ -440,7 +445,7 @@ class Proxy:
                 self.pool.put(backend, bsock)
                 pooled = True
                 return outcome[:2]
-            return outcome if outcome is RETRY else outcome[:2]  # type: ignore[index]
+            return outcome if type(outcome) is not tuple else outcome[:2]
         finally:
             if not pooled:
                 bsock.close()
@@ -464,8 +469,9 @@ class Proxy:
         except OSError:
             # the backend went away while we sent: a stale pooled connection, or it died
             if can_retry(req, sent=body is not None):
-                if not reused:
-                    self.router.failed(backend, monotonic())
+                if reused:
+                    return STALE
+                self.router.failed(backend, monotonic())
                 return RETRY
             return self.answer(csock, req, 502, pages.BAD_GATEWAY, route, started,
                                client_ip), b"", False
@@ -535,8 +541,9 @@ class Proxy:
                     return self.answer(csock, req, 504, pages.GATEWAY_TIMEOUT, route,
                                        started, client_ip), buf, False
                 if not rbuf and can_retry(req, sent=True):
-                    if not reused:
-                        self.router.failed(backend, monotonic())
+                    if reused:
+                        return STALE
+                    self.router.failed(backend, monotonic())
                     return RETRY
                 return self.answer(csock, req, 502, pages.BAD_GATEWAY, route,
                                    started, client_ip), buf, False

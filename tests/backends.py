@@ -6,7 +6,8 @@ it (keep-alive reuse, headers, that a refused request never arrived).
 Paths: `/upload` answers the size and sha256 of the body; `/chunked?n=K` answers K chunks;
 `/slow?s=X` waits X seconds first; `/ws` switches protocols and echoes bytes; `/split`
 sends its head and body apart; `/garbage` answers something that is not HTTP; `/close`
-answers until it closes (no length); anything else a JSON echo of the request.
+answers until it closes (no length); `/then-close` closes the connection after
+answering; anything else a JSON echo of the request.
 """
 
 from __future__ import annotations
@@ -130,4 +131,6 @@ class Upstream:
         head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" \
                f"Content-Length: {len(body)}\r\n\r\n"
         conn.sendall(head.encode() + (b"" if method == "HEAD" else body))
+        if path == "/then-close":
+            return False  # closes a kept-alive connection unannounced (a keep-alive timeout)
         return headers.get("connection", "").lower() != "close"

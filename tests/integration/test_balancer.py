@@ -222,6 +222,17 @@ def test_retry_on_a_dead_backend(balancer: Balancer, upstreams: list[Upstream]) 
         conn.close()
 
 
+def test_a_pooled_connection_the_backend_closed_is_retried_at_once(
+        balancer: Balancer, upstreams: list[Upstream]) -> None:
+    balancer.set_routes([route("blog.localhost", upstreams[0])])  # its only backend
+    conn = balancer.conn()
+    for _ in range(5):
+        assert get(conn, "blog.localhost", "/then-close")[0] == 200
+        status, body = get(conn, "blog.localhost")  # the pooled connection is closed now
+        assert status == 200, body
+    assert 'tally_router_held_total{app="blog"} 0' in metrics(balancer)
+
+
 def test_error_pages(balancer: Balancer, upstreams: list[Upstream]) -> None:
     dead = f"127.0.0.1:{free_ports(1)[0]}"
     balancer.set_routes([
