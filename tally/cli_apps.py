@@ -383,7 +383,7 @@ def _releases(cli: click.Group) -> None:
             follow(client, app, number, timeout)
         url = client.get(f"/apps/{app}").get("web_url")
         if url:
-            click.echo(f"{app} answers at {url}", err=True)
+            click.echo(f"{app} answers at {url}")
 
     @http_command(cli, "releases", json_output=True)
     @app_option

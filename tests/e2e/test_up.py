@@ -64,7 +64,7 @@ def test_up_then_down() -> None:
         assert deploy.returncode == 0, deploy.stderr
         assert "healthy" in tally("ps", "--app", "hello").stdout
         url = f"http://hello.localhost:{ports[9]}/"
-        assert f"hello answers at {url}" in deploy.stderr
+        assert f"hello answers at {url}" in deploy.stdout
         assert f"web_url:      {url}" in tally("apps:info", "hello").stdout
         for port in ports[9:]:  # both balancers route the app's platform name to it
             wait_until(lambda port=port: requests.get(
