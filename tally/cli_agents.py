@@ -3,11 +3,9 @@ the host they serve)."""
 
 from __future__ import annotations
 
-import os
-
 import click
 
-from tally.config import Config
+from tally.config import Config, agent_token
 from tally.console import daemon_logging, fail_cleanly, stop_event
 
 
@@ -83,7 +81,7 @@ def register(cli: click.Group) -> None:
         from agents.host import Agent, HostSpec, Paths, Timing
         from agents.processes import Limits
         from ledger import Ledger
-        from tally.cli_apps import run_key_from_env
+        from tally.config import run_key_from_env
 
         daemon_logging()
         low, high = _port_range(port_range)
@@ -92,7 +90,7 @@ def register(cli: click.Group) -> None:
                       releases=cfg.home / "agents" / host_id / "releases",
                       venvs=cfg.venv_cache, python=cfg.app_python,
                       api=api_url or f"http://{cfg.api_bind}",
-                      api_token=os.environ.get("TALLY_AGENT_TOKEN", ""))
+                      api_token=agent_token())
         stop = stop_event()
         with Ledger(cfg.cluster().dsn("tally_writer")) as ledger:
             Agent(ledger, spec, paths, Timing(heartbeat=heartbeat, grace=grace,

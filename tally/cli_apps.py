@@ -1,7 +1,7 @@
 """`tally` commands for developers: apps, deploy, releases, scale, config, domains, ps,
 maintenance; `tally login` and `tally admin create-user`; `tally serve api`.
 
-They talk HTTP to the API (api/client.py): quiet on success, `--json` on every read, one
+They talk HTTP to the API (tally/client.py): quiet on success, `--json` on every read, one
 line and exit status 1 on any failure.
 """
 
@@ -19,9 +19,9 @@ from typing import Any
 
 import click
 
-from api.client import Client, ClientError, pack, save_credentials
 from api.services import Settings
-from tally.config import Config
+from tally.client import Client, ClientError, pack, save_credentials
+from tally.config import Config, api_client, credentials_path, run_key_from_env
 from tally.console import cell, fail_cleanly, table
 
 # --- plumbing -------------------------------------------------------------------------------
@@ -35,7 +35,7 @@ def http_command(group: click.Group, name: str, json_output: bool = False) -> Ca
         def run(*args: Any, api: str | None, **kwargs: Any) -> Any:
             client = None
             try:
-                client = Client(api)
+                client = api_client(api)
                 return fn(client, *args, **kwargs)
             except (KeyError, TypeError, AttributeError) as exc:  # an answer of another shape
                 where = client.api if client else "the API"
@@ -146,20 +146,6 @@ def api_settings(cfg: Config) -> Settings:
                     create_database=create_database)
 
 
-def run_key_from_env() -> bytes | None:
-    """The run tickets' key, TALLY_RUN_KEY (hex), as `tally up` hands it to the API and the
-    agents; None when unset (no one-off runs)."""
-    import os
-
-    from ledger.tickets import parse_key
-
-    text = os.environ.get("TALLY_RUN_KEY", "")
-    try:
-        return parse_key(text) if text else None
-    except ValueError as exc:
-        raise ValueError(f"TALLY_RUN_KEY: {exc}") from exc
-
-
 def _serve(cli: click.Group) -> None:
     serve = cli.commands["serve"]
     assert isinstance(serve, click.Group)
@@ -197,7 +183,7 @@ def first_admin(cfg: Config) -> list[str]:
         if has_admin(ledger):
             return []
         token = create_user(ledger, "admin", "admin", actor="tally up")
-    path = save_credentials(f"http://{cfg.api_bind}", token, "admin")
+    path = save_credentials(credentials_path(), f"http://{cfg.api_bind}", token, "admin")
     return [f"  first admin: user `admin`, token {token}",
             f"  (shown once; saved in {path}; more users: tally admin create-user)"]
 
@@ -271,7 +257,7 @@ def _session(cli: click.Group) -> None:
     def login(api: str | None, token: str | None) -> None:
         """Check an API token and save it for the next commands."""
         token = token or click.prompt("API token", hide_input=True)
-        client = Client(api, token)
+        client = api_client(api, token)
         try:
             me = client.get("/me")
             name, role = me["name"], me["role"]
@@ -280,7 +266,7 @@ def _session(cli: click.Group) -> None:
         except (KeyError, TypeError) as exc:
             raise click.ClickException(f"{client.api} answered /me with something else: "
                                        "is it the tally API?") from exc
-        path = save_credentials(client.api, token, name)
+        path = save_credentials(credentials_path(), client.api, token, name)
         click.echo(f"logged in to {client.api} as {name} ({role}); "
                    f"token saved in {path}", err=True)
 

@@ -11,8 +11,9 @@ from typing import Any
 
 import click
 
-from api.client import Client, ClientError
 from tally.cli_apps import app_option, check_app, emit, http_command, table
+from tally.client import Client, ClientError
+from tally.config import api_client
 
 
 def register(cli: click.Group) -> None:
@@ -51,7 +52,7 @@ def _runs(cli: click.Group) -> None:
         if tty is None:
             tty = os.isatty(0)
         try:
-            client = Client(api)
+            client = api_client(api)
             started = client.post(f"/apps/{app}/runs", {"command": argv})
             code = attach(client.api, client.token, started["attach"], 0, sys.stdout.buffer,
                           tty)
@@ -74,7 +75,7 @@ def _runs(cli: click.Group) -> None:
         shown = " ".join(argv)
         click.echo(f"Running {shown} on {app}... ", err=True, nl=False)
         try:
-            r = Client(api).post(f"/apps/{app}/runs", {"command": argv, "detached": True})
+            r = api_client(api).post(f"/apps/{app}/runs", {"command": argv, "detached": True})
         except ClientError as exc:
             click.echo("failed", err=True)
             raise click.ClickException(str(exc)) from exc
@@ -133,7 +134,7 @@ def _logs(cli: click.Group) -> None:
         if not app:
             raise click.UsageError("which app? give -a APP (or TALLY_APP)")
         check_app(app)
-        client = Client(api)
+        client = api_client(api)
         try:
             if not follow:
                 for line in client.get(f"/apps/{app}/logs", lines=lines)["lines"]:
@@ -176,7 +177,7 @@ def _addons(cli: click.Group) -> None:
             raise click.UsageError(f"{kind!r} is not an add-on tally has (postgresql)")
         click.echo(f"Creating {kind} for {app}... ", err=True, nl=False)
         try:
-            r = Client(api).post(f"/apps/{app}/addons", {"kind": kind})
+            r = api_client(api).post(f"/apps/{app}/addons", {"kind": kind})
         except ClientError as exc:
             click.echo("failed", err=True)
             raise click.ClickException(str(exc)) from exc

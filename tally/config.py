@@ -17,6 +17,13 @@ TALLY_BALANCERS       where the balancers `tally up` starts listen (HOST:PORT, c
                       default 127.0.0.1:8080,127.0.0.1:8081; apps' URLs name the first port
 TALLY_AGENT_PORTS     one app port range per host agent `tally up` starts; default
                       7000-7099,7100-7199
+TALLY_AGENT_TOKEN     a host agent's token for the API (`tally up` gives each its own)
+TALLY_API             the API the CLI talks to; default: as saved by `tally login`, else
+                      http://127.0.0.1:8000
+TALLY_TOKEN           the CLI's API token; default: as saved by `tally login`
+TALLY_CREDENTIALS     where `tally login` saves them; default
+                      $XDG_CONFIG_HOME/tally/credentials.json (~/.config/...)
+TALLY_RUN_KEY         the key of one-off run tickets, hex (`tally up` makes one)
 TALLY_APP_UIDS        the Unix uids the API hands to apps, each once; default 200000-299999
 """
 
@@ -27,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ledger.cluster import DEFAULT_BIN, Cluster, ClusterSpec
+from tally.client import Client
 
 
 @dataclass(frozen=True)
@@ -125,3 +133,39 @@ def _uid_range(text: str) -> tuple[int, int]:
     except ValueError:
         raise ValueError("TALLY_APP_UIDS must be a range, e.g. 200000-299999") from None
     return first, last
+
+
+def agent_token(env: dict[str, str] | None = None) -> str:
+    """TALLY_AGENT_TOKEN: a host agent's token for the API ("" when unset)."""
+    return dict(os.environ if env is None else env).get("TALLY_AGENT_TOKEN", "")
+
+
+def credentials_path(env: dict[str, str] | None = None) -> Path:
+    """Where `tally login` keeps the API and token: TALLY_CREDENTIALS, else
+    $XDG_CONFIG_HOME/tally/credentials.json (~/.config when unset)."""
+    env = dict(os.environ if env is None else env)
+    if env.get("TALLY_CREDENTIALS"):
+        return Path(env["TALLY_CREDENTIALS"])
+    base = Path(env.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return base / "tally" / "credentials.json"
+
+
+def api_client(api: str | None = None, token: str | None = None,
+               env: dict[str, str] | None = None) -> Client:
+    """The API client as the command line and the environment say: `api` or TALLY_API,
+    `token` or TALLY_TOKEN, else what `tally login` saved."""
+    env = dict(os.environ if env is None else env)
+    return Client(api or env.get("TALLY_API") or None, token or env.get("TALLY_TOKEN") or None,
+                  credentials_path(env))
+
+
+def run_key_from_env(env: dict[str, str] | None = None) -> bytes | None:
+    """The run tickets' key, TALLY_RUN_KEY (hex), as `tally up` hands it to the API and the
+    agents; None when unset (no one-off runs)."""
+    from ledger.tickets import parse_key
+
+    text = dict(os.environ if env is None else env).get("TALLY_RUN_KEY", "")
+    try:
+        return parse_key(text) if text else None
+    except ValueError as exc:
+        raise ValueError(f"TALLY_RUN_KEY: {exc}") from exc

@@ -21,9 +21,9 @@ from ledger.errors import LedgerError
 def _domain_errors() -> tuple[type[Exception], ...]:
     """Errors a command shows as one line: bad input (ValueError and its kin), the ledger
     or a file unreachable, an answer the API refused. Imported late: the CLI starts fast."""
-    from api.client import ClientError
     from projectors.rebuild import RebuildFailed
     from projectors.replay import ReplayFailed
+    from tally.client import ClientError
 
     return (LedgerError, ValueError, OSError, RebuildFailed, ReplayFailed, ClientError)
 

@@ -286,19 +286,17 @@ def test_a_compression_bomb_is_refused_before_it_is_unpacked(tmp_path: Path) -> 
     archives.check(3, 400 << 20, 100 << 20, archives.MAX_UNPACKED_BYTES)  # 4 to 1: fine
 
 
-def test_saved_credentials_are_private_even_over_an_older_file(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from api.client import save_credentials
+def test_saved_credentials_are_private_even_over_an_older_file(tmp_path: Path) -> None:
+    from tally.client import save_credentials
+    from tally.config import credentials_path
 
-    path = tmp_path / "credentials.json"
+    path = credentials_path({"TALLY_CREDENTIALS": str(tmp_path / "credentials.json")})
     path.write_text("{}")
     path.chmod(0o644)
-    monkeypatch.setenv("TALLY_CREDENTIALS", str(path))
-    save_credentials("http://x", "tly_secret", "ann")
+    save_credentials(path, "http://x", "tly_secret", "ann")
     assert path.stat().st_mode & 0o777 == 0o600
-
-
-# --- auth ------------------------------------------------------------------------------------
+    assert credentials_path({"XDG_CONFIG_HOME": str(tmp_path)}) == (
+        tmp_path / "tally" / "credentials.json")
 
 
 def test_directory_issues_looks_up_and_revokes() -> None:

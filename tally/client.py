@@ -1,5 +1,6 @@
-"""A small HTTP client of the API for the `tally` CLI: credentials, one error type with
-the server's one-line reason, bundle upload with progress."""
+"""The client library of the API, for the `tally` CLI: saved credentials, one error type
+with the server's one-line reason, bundle upload with progress, streamed lines. It reads
+no environment: tally/config.py says which API, which token and where credentials are."""
 
 from __future__ import annotations
 
@@ -21,16 +22,7 @@ class ClientError(Exception):
     """A failure to show the user as one line."""
 
 
-def credentials_path() -> Path:
-    env = os.environ.get("TALLY_CREDENTIALS")
-    if env:
-        return Path(env)
-    base = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config"))
-    return base / "tally" / "credentials.json"
-
-
-def load_credentials() -> dict[str, Any]:
-    path = credentials_path()
+def load_credentials(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -39,8 +31,7 @@ def load_credentials() -> dict[str, Any]:
         raise ClientError(f"cannot read credentials {path}: {exc}") from exc
 
 
-def save_credentials(api: str, token: str, user: str) -> Path:
-    path = credentials_path()
+def save_credentials(path: Path, api: str, token: str, user: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(fd, 0o600)  # the mode above applies only to a file created now
@@ -50,11 +41,12 @@ def save_credentials(api: str, token: str, user: str) -> Path:
 
 
 class Client:
-    def __init__(self, api: str | None = None, token: str | None = None) -> None:
-        creds = load_credentials()
-        self.api = (api or os.environ.get("TALLY_API") or creds.get("api")
-                    or DEFAULT_API).rstrip("/")
-        self.token = token or os.environ.get("TALLY_TOKEN") or creds.get("token")
+    def __init__(self, api: str | None = None, token: str | None = None,
+                 credentials: Path | None = None) -> None:
+        """`api` and `token` as given, else as saved in `credentials` (`tally login`)."""
+        creds = load_credentials(credentials) if credentials else {}
+        self.api = (api or creds.get("api") or DEFAULT_API).rstrip("/")
+        self.token = token or creds.get("token")
         self.session = requests.Session()
 
     def request(self, method: str, path: str, *, expect: tuple[int, ...] = (200, 201, 204),
