@@ -24,9 +24,13 @@ def spec() -> dict[str, Any]:
     s.components.security_scheme("token", {"type": "http", "scheme": "bearer"})
     s.components.schema("Error", schema=schemas.Error)
     paths: dict[str, dict[str, Any]] = {}
-    for r in ROUTES:
-        if r.documented:
-            paths.setdefault(openapi_path(r.rule), {})[r.method.lower()] = _operation(r)
+    documented = [r for r in ROUTES if r.documented]
+    for r in documented:
+        paths.setdefault(openapi_path(r.rule), {})[r.method.lower()] = _operation(r)
+    for r in documented:
+        if r.method in ("POST", "PUT") and (links := _links(r, documented)):
+            paths[openapi_path(r.rule)][r.method.lower()]["responses"][str(r.status)][
+                "links"] = links
     for path, operations in paths.items():
         s.path(path=path, operations=operations)
     return s.to_dict()
@@ -58,6 +62,37 @@ def _operation(r: Route) -> dict[str, Any]:
             "application/json": {"schema": "Error"}}}
     op["responses"]["414"] = {"description": "Request line too long (refused by gunicorn)"}
     return op
+
+
+def _links(origin: Route, routes: list[Route]) -> dict[str, Any]:
+    """OpenAPI links from what a create or update answers to the operations on what it
+    made (POST /apps -> everything under /apps/{name}): a client, or a stateful test,
+    follows them. A parameter comes from the origin's own path, or else from a field of
+    its answer of the same name."""
+    fields = getattr(origin.response, "_declared_fields", {}) if origin.response else {}
+    answered, mine = set(fields), set(_names(origin.rule))
+    base = openapi_path(origin.rule)
+    links: dict[str, Any] = {}
+    for r in routes:
+        path = openapi_path(r.rule)
+        if r is origin or not path.startswith(base + "/"):
+            continue
+        params = {}
+        for name in _names(r.rule):
+            if name in mine:
+                params[name] = f"$request.path.{name}"
+            elif name in answered:
+                params[name] = f"$response.body#/{name}"
+            else:
+                break
+        else:
+            links[r.handler.__name__] = {"operationId": r.handler.__name__,
+                                         "parameters": params}
+    return links
+
+
+def _names(rule: str) -> list[str]:
+    return [name for _, name in re.findall(r"<(?:([a-z]+):)?([a-z_]+)>", rule)]
 
 
 def _path_params(rule: str) -> list[dict[str, Any]]:

@@ -3,11 +3,10 @@
 Run two (`tally serve relay --endpoint ...`). Both LISTEN; one of them, the leader (it
 holds a session advisory lock), sequences on each NOTIFY and then stays hot for two
 seconds, sequencing every 4 ms, so writers need not NOTIFY every append (ledger/store.py
-explains the pact). A call that places anything costs the server ~0.25 ms of CPU before
-the first event (0.4 ms for 16), so while the ledger is busy (the last call placed
-BUSY_BATCH or more) the leader waits 16 ms between calls: under load, wake-ups come up to
-12 ms later and each event's share of the sequencing costs about half (with 16 writers,
-relay backend CPU per append 18 -> 10 us). The other relay, the follower, only
+explains the pact). A call that places anything has a fixed server cost before its first
+event, so while the ledger is busy (the last call placed BUSY_BATCH or more) the leader
+waits 16 ms between calls: under load, wake-ups come up to 12 ms later and that fixed cost
+is shared by more events (the figures are in the README). The other relay, the follower, only
 sequences on its poll timer: a second caller would double the sequencer's work for
 nothing, since each call places everything committed. A NOTIFY makes the follower hot
 too, and while hot it asks for the lock every LEADER_TRY_S; the lock goes with the
