@@ -1,9 +1,16 @@
-"""The host agent (`tally serve agent --host-id H`): run on this host what the placer put
-here, report what happens to it, and say the host is alive.
+"""The host agent (`tally serve agent --host-id H --api URL`): run on this host what the
+placer put here, report what happens to it, and say the host is alive.
 
-Each round (a relay wake-up or the timer): heartbeat when due, fold the ledger's new
-placements, notice exits, finish preparations, then apply the plan of the pure core
-(agents/supervision.py). Preparing a release (unpack the bundle, build the virtualenv) runs
+It holds no ledger credentials: it speaks only to the API, with its host's agent token
+(agents/api_client.py), as a kubelet speaks only to the API server. Each round (a relay
+wake-up or the timer): heartbeat when due (the reply says whether the host's desired state
+moved), read the desired state through the API when it moved, notice exits, finish
+preparations, then apply the plan of the pure core (agents/supervision.py). What it
+observes goes through an outbox on disk (agents/outbox.py): while the API is away the
+apps keep running, reports wait in order, and go when it returns. The last desired state
+is kept on disk too, so an agent restarted while the API is away keeps its apps.
+
+Preparing a release (unpack the bundle, build the virtualenv) runs
 on a worker thread so heartbeats never wait for pip. One instance's failure is reported as
 that instance's exit and never stops the others. On restart the agent adopts the processes
 its pid records name, so nothing is orphaned or started twice; it leaves its processes
@@ -12,8 +19,8 @@ running when it stops, and the next agent adopts them.
 
 from __future__ import annotations
 
-import contextlib
 import http.client
+import json
 import logging
 import os
 import queue
@@ -31,16 +38,16 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import psycopg2
 
 from agents import bundle, cgroups, cleanup, users, venvs
-from agents.fleet import Fleet
+from agents.api_client import ApiAway, ApiError, HostApi
+from agents.desired import fleet_of
+from agents.fleet import App, Fleet
 from agents.logs import Shipper
-from agents.loop import every_wakeup
-from agents.placer import catch_up
+from agents.outbox import Outbox
 from agents.processes import Limits, Processes
 from agents.runs import RunServer
-from agents.stats import Sample, SampleStore, StatsListener, Traffic, usage
+from agents.stats import Sample, StatsListener, Traffic, usage
 from agents.supervision import (
     ALIVE,
     FAILED_CHECKS,
@@ -53,12 +60,11 @@ from agents.supervision import (
     after_exit,
     plan,
 )
-from ledger import Ledger, LedgerUnavailable, NewEvent
 from ledger.sizes import DEFAULT_SIZE
+from ledger.subscriber import Subscriber
 from ledger.tickets import Ticket
 
 log = logging.getLogger("tally.agent")
-AGENT_CATEGORIES = ["app", "host", "placement"]
 
 
 @dataclass(frozen=True)
@@ -101,14 +107,19 @@ class Timing:
     """Seconds between stats samples (agents/stats.py)."""
     cleanup_every: float = 60.0
     """Seconds between removals of unused releases and deleted apps (agents/cleanup.py)."""
+    desired_every: float = 10.0
+    """Seconds between reads of the desired state when nothing said it moved (backstop)."""
+    desired_min: float = 0.2
+    """At most one read of the desired state per this many seconds on relay wake-ups (they
+    come whenever the ledger moves, not only when this host's placements do)."""
 
 
 class Agent:
-    def __init__(self, ledger: Ledger, spec: HostSpec, paths: Paths,
+    def __init__(self, api: HostApi, spec: HostSpec, paths: Paths,
                  timing: Timing | None = None, limits: Limits | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  collector: str | None = None, run_key: bytes | None = None) -> None:
-        self.ledger, self.spec, self.paths = ledger, spec, paths
+        self.api, self.spec, self.paths = api, spec, paths
         self.run_key = run_key
         """Verifies the API's run tickets (ledger/tickets.py); None: no one-off runs."""
         self.timing = timing or Timing()
@@ -119,7 +130,7 @@ class Agent:
         self.procs = Processes(paths.state)
         self.shipper = Shipper(collector, self.procs.logs) if collector else None
         self.runs: RunServer | None = None
-        self.ended_runs: queue.Queue[tuple[str, NewEvent]] = queue.Queue()
+        self.ended_runs: queue.Queue[tuple[str, int, dict[str, Any]]] = queue.Queue()
         for private in (paths.state, paths.releases, paths.state / "homes"):
             private.mkdir(parents=True, exist_ok=True)
             private.chmod(0o711)  # apps may pass through to their own folder, not list
@@ -127,34 +138,57 @@ class Agent:
         self.preparing: dict[str, Future] = {}
         self.next_beat = 0.0
         self.statsd = StatsListener(paths.state / "statsd.port")
-        self.samples = SampleStore(ledger.dsn, f"tally-agent-{spec.host_id}-stats")
         self.traffic = Traffic()
         self.next_stats = 0.0
         self.next_cleanup = 0.0
         self.cgroups = cgroups.for_agent(spec.host_id, paths.state)
+        self.outbox = Outbox(paths.state / "outbox.jsonl")
+        self.registered = False
+        self.desired_version = -1
+        """Version of the desired state in self.fleet (-1: none known, do not act yet)."""
+        self.desired_due = 0.0
+        self.desired_read = -1e9
+        self._load_desired()
 
     # --- the loop -------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Register the host, read the ledger, adopt what our pid records name."""
+        """Register the host, read its desired state, adopt what our pid records name. The
+        API may be away: the apps we adopt keep running, and we register when it is back."""
         s = self.spec
         self.runs = RunServer(s.address, self.prepare_run, self.limits, self.run_key,
                               s.host_id, self.procs.logs, self.run_ended)
         self.runs.start()
-        self.ledger.append(f"host-{s.host_id}", [NewEvent("HostRegistered", {
-            "host_id": s.host_id, "address": s.address, "port_min": s.port_min,
-            "port_max": s.port_max, "capacity": s.capacity,
-            "memory_mb": psutil.virtual_memory().total // 2**20,
-            "run_endpoint": self.runs.endpoint})])
-        catch_up(self.ledger, self.fleet, AGENT_CATEGORIES)
+        self.register()
+        self.read_desired(force=True)
         self.adopt(self.wants())
+
+    def register(self) -> None:
+        s = self.spec
+        try:
+            self.api.register({"address": s.address, "port_min": s.port_min,
+                               "port_max": s.port_max, "capacity": s.capacity,
+                               "memory_mb": psutil.virtual_memory().total // 2**20,
+                               "run_endpoint": self.runs.endpoint if self.runs else ""})
+            self.registered = True
+        except ApiAway as exc:
+            log.warning("cannot register yet: %s", exc)
 
     def run(self, stop: threading.Event, relays: tuple[str, ...] | list[str] = (),
             interval: float = 0.25, stop_apps: bool = False) -> None:
+        sub = Subscriber(relays) if relays else None
         try:
             self.start()
-            every_wakeup(self.tick, stop, relays, interval, log)
+            woken = False
+            while not stop.is_set():
+                try:
+                    self.tick(woken)
+                except Exception:  # a bug in one round must not stop the host's apps
+                    log.exception("agent round failed")
+                woken = (sub.wait(interval) is not None) if sub else stop.wait(interval)
         finally:
+            if sub is not None:
+                sub.close()
             if self.runs is not None:
                 self.runs.close()
             if self.shipper is not None:
@@ -182,23 +216,31 @@ class Agent:
         for iid, loc in list(self.local.items()):
             self.procs.forget(iid)
             if loc.state in ALIVE:
-                with contextlib.suppress(LedgerUnavailable):
-                    self.report(iid, "InstanceStopped", reason="host agent stopped")
+                self.report(iid, "InstanceStopped", reason="host agent stopped")
 
-    def tick(self) -> None:
+    def tick(self, woken: bool = False) -> None:
         now = self.clock()
+        if not self.registered:
+            self.register()
         if now >= self.next_beat:
-            self.heartbeat()
             self.next_beat = now + self.timing.heartbeat
-        catch_up(self.ledger, self.fleet, AGENT_CATEGORIES)
+            self.heartbeat()
+        if woken and now - self.desired_read >= self.timing.desired_min:
+            self.desired_due = now
+        if now >= self.desired_due:
+            self.read_desired()
+        if self.outbox:
+            self.outbox.flush(self.send)
         wants = self.wants()
         self.observe(wants, now)
+        self.record_run_ends()
+        if self.desired_version < 0:
+            return  # never told what to run: keep what runs, start and stop nothing
         for action in plan(wants, self.local, now):
             try:
                 self.apply(action, now)
             except Exception:  # one instance's trouble must not stop the others
                 log.exception("%s %s failed", action.kind, action.instance_id)
-        self.record_run_ends()
         if self.shipper is not None:
             detached = self.runs.detached_ids() if self.runs else set()
             self.shipper.ship(running=set(self.local) | detached)
@@ -224,9 +266,12 @@ class Agent:
             samples.append(Sample(loc.want.app, iid, self.spec.host_id,
                                   self.traffic.report(iid), loc.restarts, memory, cpu))
         try:
-            self.samples.write(samples)
-        except psycopg2.Error as exc:
-            log.warning("stats sample not written: %s", str(exc).strip())
+            self.api.stats([{"app": s.app, "instance_id": s.instance_id,
+                             "requests": s.requests, "restarts": s.restarts,
+                             "memory_bytes": s.memory_bytes, "cpu_seconds": s.cpu_seconds}
+                            for s in samples])
+        except ApiError as exc:
+            log.warning("stats sample not written: %s", exc)
 
     def clean(self, wants: dict[str, Want]) -> None:
         """Remove unused releases and what deleted apps left here (agents/cleanup.py). Not
@@ -253,7 +298,10 @@ class Agent:
             in_use.setdefault(want.app, set()).add(want.digest)
         if self.cgroups is not None:
             self.cgroups.sweep(set(self.local))
-        todo = cleanup.plan(on_disk, self.fleet.apps, in_use)
+        apps = self.apps_known(set(on_disk))
+        if apps is None:
+            return  # the API is away: remove nothing on a guess
+        todo = cleanup.plan(on_disk, apps, in_use)
         bundles = self.paths.downloads
         for app, digest in todo.releases:
             log.info("removing release %s of %s: unused", digest[:12], app)
@@ -272,6 +320,50 @@ class Agent:
             remove_tree(self.paths.state / "homes" / app)
 
     # --- desired --------------------------------------------------------------------------
+
+    def read_desired(self, force: bool = False) -> None:
+        """Read the desired state through the API if it moved past ours (or when forced)."""
+        now = self.clock()
+        self.desired_read = now
+        self.desired_due = now + self.timing.desired_every
+        try:
+            snapshot = self.api.desired(0 if force else max(self.desired_version, 0))
+        except ApiError as exc:
+            log.warning("desired state not read: %s", exc)
+            return
+        if snapshot["changed"] or self.desired_version < 0:
+            self.fleet = fleet_of(snapshot)
+            self._save_desired(snapshot)
+        self.desired_version = snapshot["version"]
+
+    def apps_known(self, names: set[str]) -> dict[str, App] | None:
+        """The apps of these names that exist (None: cannot tell now)."""
+        unknown = sorted(names - set(self.fleet.apps))
+        if not unknown:
+            return self.fleet.apps
+        try:
+            snapshot = self.api.desired(0, unknown[:200])
+        except ApiError as exc:
+            log.warning("cannot tell which apps still exist: %s", exc)
+            return None
+        return {**fleet_of(snapshot).apps, **self.fleet.apps}
+
+    def _load_desired(self) -> None:
+        """The last desired state read, kept so a restart while the API is away keeps the
+        apps running (0600: it holds the apps' config vars)."""
+        path = self.paths.state / "desired.json"
+        try:
+            snapshot = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        self.fleet, self.desired_version = fleet_of(snapshot), snapshot.get("version", 0)
+
+    def _save_desired(self, snapshot: dict[str, Any]) -> None:
+        path = self.paths.state / "desired.json"
+        part = path.with_name(".desired.json.part")
+        part.touch(mode=0o600)
+        part.write_text(json.dumps(snapshot))
+        part.replace(path)
 
     def wants(self) -> dict[str, Want]:
         """The placements on this host, with command and config resolved from the release."""
@@ -338,16 +430,33 @@ class Agent:
                     log_tail=tail[-20:], reason=reason)
 
     def report(self, iid: str, type_: str, **data: Any) -> None:
-        self.ledger.append(f"instance-{iid}", [NewEvent(type_, {
-            "instance_id": iid, "host_id": self.spec.host_id, **data})])
+        """Through the outbox: kept on disk first, sent in order (now, or once the API is
+        back), recorded once."""
+        self.outbox.put({"instance_id": iid, "type": type_,
+                         "data": {"host_id": self.spec.host_id, **data}})
+        self.outbox.flush(self.send)
+
+    def send(self, item: dict[str, Any]) -> None:
+        if "run" in item:
+            self.api.run_ended(item["run"]["app"], item["run"]["number"], item["data"],
+                               item["key"])
+        else:
+            self.api.report(item["instance_id"], item["type"], item["data"], item["key"])
 
     def heartbeat(self) -> None:
+        """Say the host is alive; read the desired state at once if the reply says it
+        moved. Not kept while the API is away: a late heartbeat says nothing."""
         mem = psutil.virtual_memory()
         running = sum(1 for loc in self.local.values() if loc.state in ALIVE)
-        self.ledger.append(f"heartbeat-{self.spec.host_id}", [NewEvent("HostHeartbeat", {
-            "host_id": self.spec.host_id, "load": os.getloadavg()[0],
-            "memory_used_mb": (mem.total - mem.available) // 2**20,
-            "memory_total_mb": mem.total // 2**20, "instances": running})])
+        try:
+            desired = self.api.heartbeat({
+                "load": os.getloadavg()[0], "memory_used_mb": (mem.total - mem.available) // 2**20,
+                "memory_total_mb": mem.total // 2**20, "instances": running})
+        except ApiError as exc:
+            log.warning("heartbeat not sent: %s", exc)
+            return
+        if desired > self.desired_version:
+            self.desired_due = self.clock()
 
     # --- acting ---------------------------------------------------------------------------
 
@@ -446,6 +555,7 @@ class Agent:
         release prepared as an instance's is. The agent may not have folded the release
         the API saw yet: its loop (which alone folds) gets a few seconds to."""
         deadline = time.monotonic() + 10
+        self.desired_due = 0.0  # the API put the run's release in our desired state: read it
         while (number not in getattr(self.fleet.apps.get(app), "releases", {})
                and time.monotonic() < deadline):
             time.sleep(0.1)
@@ -455,26 +565,21 @@ class Agent:
             self.cgroups, want.instance_id, want.size, demote(user) if user else None)
 
     def run_ended(self, ticket: Ticket, code: int | None, seconds: float) -> None:
-        """A one-off run ended (a run's thread): its RunEnded waits for the loop, which
-        alone uses the ledger connection."""
-        self.ended_runs.put((f"app-{ticket.app}", NewEvent("RunEnded", {
-            "app": ticket.app, "number": ticket.number, "run_id": ticket.run_id,
-            "exit_code": code, "seconds": round(seconds, 3), "host_id": self.spec.host_id},
-            {"actor": f"agent-{self.spec.host_id}", "role": "agent"})))
+        """A one-off run ended (a run's thread): its report waits for the loop, which alone
+        writes the outbox."""
+        self.ended_runs.put((ticket.app, ticket.number, {
+            "run_id": ticket.run_id, "exit_code": code, "seconds": round(seconds, 3)}))
 
     def record_run_ends(self) -> None:
-        """Append the RunEnded of runs that ended (the app's stream; its start is the
-        API's); one the ledger did not take waits for the next round."""
+        """Report the runs that ended through the outbox (the API appends RunEnded to the
+        app's stream; the run's start is the API's own)."""
         while True:
             try:
-                stream, event = self.ended_runs.get_nowait()
+                app, number, data = self.ended_runs.get_nowait()
             except queue.Empty:
                 return
-            try:
-                self.ledger.append(stream, [event])
-            except LedgerUnavailable:
-                self.ended_runs.put((stream, event))
-                return
+            self.outbox.put({"run": {"app": app, "number": number}, "data": data})
+            self.outbox.flush(self.send)
 
     def healthy(self, want: Want | None) -> bool:
         """An HTTP answer below 500 on the instance's port; non-web processes: running."""

@@ -1,6 +1,8 @@
 """Endpoints the host agents talk to with host-scoped tokens: registering their host,
-heartbeats, their placements (desired state), their instances' events; and the fleet's
-hosts as admins list them."""
+heartbeats (answered at once, appended together: api/heartbeats.py), their desired state,
+their instances' events and stats, how their one-off runs ended; and the fleet's hosts as
+admins list them. With these a fleet host needs no ledger credentials at all (DESIGN.md,
+"Trust boundaries"): an agent token opens only its own host's routes."""
 
 from __future__ import annotations
 
@@ -8,10 +10,13 @@ from typing import Any
 
 from flask.typing import ResponseReturnValue
 
+from agents.stats import Sample
 from api import schemas
 from api.auth import require_host, require_role
-from api.errors import Conflict, Forbidden, Unprocessable
-from api.web import body, reply, route, services, who
+from api.errors import Conflict, Forbidden, NotFound, Unprocessable
+from api.hosts import Placements
+from api.state import AppState
+from api.web import body, query, reply, route, services, who
 from ledger import NO_STREAM, NewEvent, VersionConflict
 
 
@@ -47,13 +52,20 @@ def register_host(host_id: str) -> ResponseReturnValue:
     return reply(schemas.Appended, {"stream": stream, "version": result.version})
 
 
-@route("/hosts/<host_id>/heartbeats", "POST", body=schemas.Heartbeat,
-       response=schemas.Appended, tag="agents", errors=(400, 401, 403, 422))
+@route("/hosts/<host_id>/heartbeats", "POST", body=schemas.Heartbeat, status=202,
+       response=schemas.HeartbeatAccepted, tag="agents", errors=(400, 401, 403, 422))
 def heartbeat(host_id: str) -> ResponseReturnValue:
-    """An agent says its host is alive."""
-    require_host(who(), host_id)
-    return _append(f"heartbeat-{host_id}", "HostHeartbeat",
-                   {"host_id": host_id, **body(schemas.Heartbeat)})
+    """An agent says its host is alive: answered at once, appended with the others of the
+    same tenth of a second (api/heartbeats.py). The reply carries the version of the
+    host's desired state, so an agent learns of a change within a heartbeat."""
+    caller = who()
+    require_host(caller, host_id)
+    svc = services()
+    svc.heartbeats.submit(f"heartbeat-{host_id}", NewEvent(
+        "HostHeartbeat", {"host_id": host_id, **body(schemas.Heartbeat)},
+        {"actor": caller.name, "role": caller.role}))
+    return reply(schemas.HeartbeatAccepted,
+                 {"accepted": True, "desired": svc.placements().version(host_id)}, 202)
 
 
 @route("/hosts/<host_id>/placements", response=schemas.Rows, tag="agents",
@@ -73,14 +85,116 @@ def instance_event(instance_id: str) -> ResponseReturnValue:
     req = body(schemas.InstanceEvent)
     data = {**req["data"], "instance_id": instance_id}
     if caller.role == "agent":
-        if not caller.host_id or not services().views.on_host(instance_id, caller.host_id):
-            raise Forbidden(f"instance {instance_id} is not placed on host {caller.host_id}")
-        data["host_id"] = caller.host_id
+        host = caller.host_id
+        # Placed here per this process's placements fold (the one the agent read its
+        # desired state from), or still running here per the instances view.
+        if not host or (services().placements().where.get(instance_id) != host
+                        and not services().views.on_host(instance_id, host)):
+            raise Forbidden(f"instance {instance_id} is not placed on host {host}")
+        data["host_id"] = host
     else:
         require_role(caller, "admin")
-    return _append(f"instance-{instance_id}", req["type"], data)
+    # The agent's key, scoped to the caller: one host cannot collide with another's.
+    key = f"{caller.name}/{req['key']}" if req["key"] else None
+    return _append(f"instance-{instance_id}", req["type"], data, key)
 
 
-def _append(stream: str, type_: str, data: dict[str, Any]) -> ResponseReturnValue:
-    result = services().append(stream, [NewEvent(type_, data)], None, who())
+def _append(stream: str, type_: str, data: dict[str, Any],
+            key: str | None = None) -> ResponseReturnValue:
+    result = services().append(stream, [NewEvent(type_, data)], None, who(), key)
+    return reply(schemas.Appended, {"stream": stream, "version": result.version})
+
+
+@route("/hosts/<host_id>/desired", query=schemas.DesiredQuery, response=schemas.Desired,
+       tag="agents", errors=(400, 401, 403, 422))
+def host_desired(host_id: str) -> ResponseReturnValue:
+    """The host's desired state past version `after`: its placements, each with its
+    release's bundle digest, command and config vars (nothing when it has not moved)."""
+    require_host(who(), host_id)
+    q = query(schemas.DesiredQuery)
+    fold = services().placements()
+    version = fold.version(host_id)
+    if version <= q["after"] and not q["apps"]:
+        return reply(schemas.Desired, {"host_id": host_id, "version": version,
+                                       "changed": False, "placements": [], "apps": {}})
+    placed, runs = fold.of(host_id), fold.run_releases(host_id)
+    apps = {name: info for name in sorted({p.app for p in placed} | set(runs) | set(q["apps"]))
+            if (info := _app(name, {p.release for p in placed if p.app == name}
+                             | runs.get(name, set()), fold)) is not None}
+    return reply(schemas.Desired, {
+        "host_id": host_id, "version": version, "changed": True, "apps": apps,
+        "placements": [{"instance_id": p.instance_id, "app": p.app, "release": p.release,
+                        "process_type": p.process_type, "port": p.port} for p in placed]})
+
+
+def _app(name: str, needed: set[int], fold: Placements) -> dict[str, Any] | None:
+    """What the host may know of one app: every release's digest (to keep or remove its
+    files); for an app placed here or running a one-off here (`needed`: those releases),
+    also the procfiles and the config vars of those releases and of the one serving. None:
+    no such app."""
+    try:
+        state = services().read_app(name)
+        if any(state.release(n) is None for n in needed):  # our fold is a moment behind
+            state = services().load_app(name)
+    except NotFound:
+        return None
+    if not state.exists:
+        return None
+    deployed, failed = fold.deployed.get(name), fold.failed.get(name, {})
+    current = state.current.number if state.current else None
+    serving = deployed if deployed is not None and deployed not in failed else current
+    here = bool(needed)
+    shown = needed | ({serving} if here and serving else set())
+    return {
+        "current": current, "deployed": deployed, "sizes": dict(state.sizes),
+        "failed": {str(n): reason for n, reason in failed.items()},
+        "releases": {str(r.number): {"digest": r.bundle_digest,
+                                     "procfile": r.procfile if here else {},
+                                     "config_version": r.config_version}
+                     for r in state.releases},
+        "configs": _configs(state, shown),
+    }
+
+
+def _configs(state: AppState, releases: set[int]) -> dict[str, dict[str, str]]:
+    versions = {r.config_version for r in state.releases if r.number in releases}
+    return {str(v): state.configs.get(v, {}) for v in sorted(versions)}
+
+
+@route("/hosts/<host_id>/stats", "POST", body=schemas.StatsSamples, response=schemas.Written,
+       tag="agents", errors=(400, 401, 403, 422))
+def host_stats(host_id: str) -> ResponseReturnValue:
+    """An agent's stats samples of its running instances (requests, restarts, memory,
+    CPU), one row each in stats.instance_samples."""
+    require_host(who(), host_id)
+    samples = body(schemas.StatsSamples)["samples"]
+    fold, svc = services().placements(), services()
+    for s in samples:
+        placed = fold.hosts.get(host_id, {}).get(s["instance_id"])
+        if (placed is None or placed.app != s["app"]) and not svc.views.on_host(
+                s["instance_id"], host_id):
+            raise Forbidden(f"instance {s['instance_id']} is not placed on host {host_id}")
+    svc.stats.write([Sample(s["app"], s["instance_id"], host_id, s["requests"], s["restarts"],
+                            s["memory_bytes"], s["cpu_seconds"]) for s in samples])
+    return reply(schemas.Written, {"written": len(samples)})
+
+
+@route("/apps/<name>/runs/<int:number>/ended", "POST", body=schemas.RunEndedReport,
+       response=schemas.Appended, tag="agents", errors=(400, 401, 403, 404, 422))
+def run_ended(name: str, number: int) -> ResponseReturnValue:
+    """The agent of the host a one-off run was sent to says how it ended (RunEnded in the
+    app's stream). Only that host's agent; an end already recorded is not recorded again."""
+    caller = who()
+    require_role(caller, "agent")
+    report = body(schemas.RunEndedReport)
+    run = services().load_app(name).run(number)
+    if run is None or run.run_id != report["run_id"]:
+        raise NotFound(f"app {name} has no run.{number} with that id")
+    if run.host_id != caller.host_id:
+        raise Forbidden(f"run.{number} of {name} was not sent to host {caller.host_id}")
+    key = f"{caller.name}/{report['key']}" if report["key"] else None
+    stream = f"app-{name}"
+    result = services().append(stream, [NewEvent("RunEnded", {
+        "app": name, "number": number, "run_id": run.run_id, "exit_code": report["exit_code"],
+        "seconds": report["seconds"], "host_id": caller.host_id})], None, caller, key)
     return reply(schemas.Appended, {"stream": stream, "version": result.version})

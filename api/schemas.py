@@ -225,6 +225,67 @@ class InstanceEvent(Schema):
     type = fields.Str(required=True, validate=validate.OneOf(
         ["InstanceStarted", "InstanceHealthy", "InstanceExited", "InstanceStopped"]))
     data = fields.Dict(required=True)
+    key = fields.Str(load_default=None, validate=validate.Length(min=8, max=100), metadata={
+        "description": "idempotency key: the same report sent again is recorded once"})
+
+
+class HeartbeatAccepted(Schema):
+    accepted = fields.Bool(required=True)
+    desired = fields.Int(required=True, metadata={
+        "description": "version of the host's desired state: GET /hosts/ID/desired when it "
+                       "moved past the one the agent has"})
+
+
+class DesiredQuery(Schema):
+    after = fields.Int(load_default=0, validate=validate.Range(min=0), metadata={
+        "description": "the version the agent has: nothing is sent unless it moved"})
+    apps = fields.List(fields.Str(validate=APP_NAME), load_default=list,
+                       validate=validate.Length(max=200), metadata={
+                           "description": "apps with files on the host not placed there: "
+                                          "whether they still exist, their releases"})
+
+
+class Desired(Schema):
+    """What the placer wants on one host, resolved for its agent: placements with their
+    release's digest, command and config vars."""
+
+    host_id = fields.Str(required=True)
+    version = fields.Int(required=True)
+    changed = fields.Bool(required=True)
+    placements = fields.List(fields.Dict(), required=True, metadata={
+        "description": "instance_id, app, release, process_type, port"})
+    apps = fields.Dict(keys=fields.Str(), values=fields.Dict(), required=True, metadata={
+        "description": "per app: current, deployed, failed, sizes, releases (digest, "
+                       "procfile, config_version), configs (the config vars of placed "
+                       "releases)"})
+
+
+class RunEndedReport(Schema):
+    run_id = fields.Str(required=True, validate=validate.Length(min=1, max=64))
+    exit_code = fields.Int(load_default=None, allow_none=True)
+    seconds = fields.Float(load_default=None, allow_none=True, validate=validate.Range(0, 1e9))
+    key = fields.Str(load_default=None, validate=validate.Length(min=8, max=100), metadata={
+        "description": "idempotency key: the same report sent again is recorded once"})
+
+
+class StatsSample(Schema):
+    app = fields.Str(required=True, validate=APP_NAME)
+    instance_id = fields.Str(required=True, validate=validate.Length(min=1, max=200))
+    requests = fields.Int(load_default=0, validate=validate.Range(0, 1 << 40))
+    restarts = fields.Int(load_default=0, validate=validate.Range(0, 1 << 30))
+    memory_bytes = fields.Int(load_default=None, allow_none=True,
+                              validate=validate.Range(0, 1 << 50))
+    cpu_seconds = fields.Float(load_default=None, allow_none=True,
+                               validate=validate.Range(0, 1e12))
+
+
+class StatsSamples(Schema):
+    samples = fields.List(fields.Nested(StatsSample), required=True,
+                          validate=validate.Length(max=1000))
+
+
+class Written(Schema):
+    written = fields.Int(required=True)
 
 
 class Appended(Schema):

@@ -14,8 +14,11 @@ from typing import Any
 
 from agents.stats import SampleStore
 from api import auth
+from api import hosts as host_fold
 from api.auth import Directory, Principal
 from api.errors import ApiError, Conflict, NotFound, Unauthorized
+from api.heartbeats import Batcher
+from api.hosts import Placements
 from api.state import AppState, fold, summary
 from ledger import NO_STREAM, Ledger, NewEvent, RecordedEvent, VersionConflict
 from ledger.catalogue import APP_NAME
@@ -62,6 +65,11 @@ class Settings:
     create_database: Callable[[str], str] | None = None
     """Creates an app's add-on database, returning its URL (agents/addons.py, wired by
     tally/cli_apps.py); None: no add-ons on this platform."""
+    heartbeat_batch_s: float = 0.1
+    """Heartbeats are appended together once per this interval (api/heartbeats.py)."""
+    hosts_fresh_s: float = 0.1
+    """An agent's desired state is read from this process's placements fold checked at
+    most this long ago (api/hosts.py)."""
 
 
 class Services:
@@ -82,6 +90,12 @@ class Services:
         self._uid_high: int | None = None
         """The allocations read (UID_STREAM's version), the highest uid of our range."""
         self.run_relays = threading.BoundedSemaphore(max(1, settings.run_slots))
+        self._placements = Placements()
+        self._placements_lock = threading.Lock()
+        self._placements_at = 0.0
+        self.heartbeats = Batcher(lambda: Ledger(settings.dsn, retry_deadline=2.0,
+                                                 application_name="tally-api-heartbeats"),
+                                  settings.heartbeat_batch_s)
 
     @property
     def ledger(self) -> Ledger:
@@ -148,6 +162,25 @@ class Services:
                                         directory.versions.get(who.name, 0) + 1)
         return directory.revoked_since(who, later)
 
+    # -- hosts ---------------------------------------------------------------------------
+    def placements(self) -> Placements:
+        """The placements fold, caught up if last checked over hosts_fresh_s ago. It
+        sequences first, as the placer does: hosts learn of placements with no relay up."""
+        with self._placements_lock:
+            now = time.monotonic()
+            if now - self._placements_at > self.settings.hosts_fresh_s:
+                fold = self._placements
+                head = self.ledger.sequence()  # as the placer: no relay needed
+                while batch := self.ledger.read_all(fold.position, limit=5000, upto=head,
+                                                    categories=host_fold.CATEGORIES,
+                                                    types=host_fold.TYPES):
+                    fold.apply(batch)
+                    if len(batch) < 5000:
+                        break
+                fold.position = max(fold.position, head)  # scanned to here: start there
+                self._placements_at = now
+            return self._placements
+
     # -- app streams -----------------------------------------------------------------------
     def load_app(self, name: str) -> AppState:
         """The app's state, folded onto this process's last fold of it (only the events
@@ -204,11 +237,13 @@ class Services:
         raise Conflict("too many apps are being created at once: try again")
 
     def append(self, stream: str, events: list[NewEvent], expected: int | None,
-               who: Principal) -> AppendResult:
-        """Append with the actor in every event's metadata."""
+               who: Principal, key: str | None = None) -> AppendResult:
+        """Append with the actor in every event's metadata (and the caller's idempotency
+        key, if any)."""
         meta = {"actor": who.name, "role": who.role}
         stamped = [NewEvent(e.type, e.data, {**e.metadata, **meta}) for e in events]
-        return self.ledger.append(stream, stamped, expected_version=expected)
+        return self.ledger.append(stream, stamped, expected_version=expected,
+                                  idempotency_key=key)
 
     def command(self, name: str, who: Principal,
                 decide: Callable[[AppState], list[NewEvent]],

@@ -3,6 +3,8 @@ the host they serve)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from tally.config import Config, agent_token
@@ -65,9 +67,13 @@ def register(cli: click.Group) -> None:
     @click.option("--open-files", default=4096, show_default=True,
                   help="Open files limit per instance.")
     @click.option("--api", "api_url", envvar="TALLY_AGENT_API",
-                  help="Download bundles from this API with the agent token in "
-                  "TALLY_AGENT_TOKEN (default: http://TALLY_API_BIND when a token is set; "
-                  "without a token, bundles are read from $TALLY_HOME/bundles).")
+                  help="The API this host speaks to (default: http://TALLY_API_BIND). The "
+                  "agent holds no ledger credentials: it reads its desired state and "
+                  "bundles, and reports, through the API only.")
+    @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path),
+                  help="File holding this host's agent token (default: the token in "
+                  "TALLY_AGENT_TOKEN). Issue one with `tally admin create-user NAME "
+                  "--role agent --host HOST`.")
     @click.option("--stop-apps-on-exit", is_flag=True,
                   help="Stop this host's instances when the agent stops (one-machine "
                   "setups); by default they keep running and the next agent adopts them.")
@@ -76,29 +82,37 @@ def register(cli: click.Group) -> None:
     def serve_agent(cfg: Config, host_id: str, address: str, port_range: str, capacity: int,
                     heartbeat: float, grace: float, health_every: float,
                     cleanup_every: float, memory_mb: int, open_files: int,
-                    api_url: str | None, stop_apps_on_exit: bool) -> None:
-        """Run this host's placed instances, report them, heartbeat."""
+                    api_url: str | None, token_file: Path | None,
+                    stop_apps_on_exit: bool) -> None:
+        """Run this host's placed instances, report them, heartbeat: all through the API,
+        with this host's agent token."""
+        from agents.api_client import ApiRefused, HostApi
         from agents.host import Agent, HostSpec, Paths, Timing
         from agents.processes import Limits
-        from ledger import Ledger
         from tally.config import run_key_from_env
 
         daemon_logging()
         low, high = _port_range(port_range)
+        token = _agent_token(token_file)
+        api = api_url or f"http://{cfg.api_bind}"
+        try:
+            client = HostApi(api, token, host_id)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--api") from None
         spec = HostSpec(host_id, address, low, high, capacity)
         paths = Paths(state=cfg.home / "agents" / host_id, bundles=cfg.bundles_dir,
                       releases=cfg.home / "agents" / host_id / "releases",
-                      venvs=cfg.venv_cache, python=cfg.app_python,
-                      api=api_url or f"http://{cfg.api_bind}",
-                      api_token=agent_token())
+                      venvs=cfg.venv_cache, python=cfg.app_python, api=api, api_token=token)
         stop = stop_event()
-        with Ledger(cfg.cluster().dsn("tally_writer")) as ledger:
-            Agent(ledger, spec, paths, Timing(heartbeat=heartbeat, grace=grace,
+        try:
+            Agent(client, spec, paths, Timing(heartbeat=heartbeat, grace=grace,
                                               health_every=health_every,
                                               cleanup_every=cleanup_every),
                   Limits(open_files=open_files, memory_mb=memory_mb),
                   collector=cfg.collector, run_key=run_key_from_env()).run(
                 stop, cfg.relays, stop_apps=stop_apps_on_exit)
+        except ApiRefused as exc:  # e.g. a token of another host: say so, exit 1
+            raise click.ClickException(f"the API refused this agent: {exc}") from None
 
     @serve.command("collector")
     @click.option("--bind", help="ZeroMQ PULL endpoint (default: TALLY_COLLECTOR).")
@@ -113,6 +127,24 @@ def register(cli: click.Group) -> None:
         daemon_logging()
         stop = stop_event()
         Collector(cfg.app_logs_dir, int(chunk_mb * 2**20)).run(bind or cfg.collector, stop)
+
+
+def _agent_token(token_file: Path | None) -> str:
+    """The host's agent token, from --token-file or TALLY_AGENT_TOKEN; a usage error
+    without one (an agent has no other way to speak to the platform)."""
+    if token_file is not None:
+        try:
+            token = token_file.read_text().strip()
+        except OSError as exc:
+            raise click.BadParameter(f"cannot read it: {exc.strerror}",
+                                     param_hint="--token-file") from None
+    else:
+        token = agent_token().strip()
+    if not token:
+        raise click.UsageError("an agent needs its host's agent token: --token-file or "
+                               "TALLY_AGENT_TOKEN (tally admin create-user NAME --role agent "
+                               "--host HOST)")
+    return token
 
 
 def _port_range(text: str) -> tuple[int, int]:

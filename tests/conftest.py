@@ -95,6 +95,9 @@ def made_apps(cluster: Cluster) -> set[str]:
 
 def destroy_cluster(cluster: Cluster) -> None:
     SESSION_APPS.update(made_apps(cluster))
+    from tests.fixtures.apps.fleet import stop_api
+
+    stop_api(cluster)  # the API agents shared, if one was started
     cluster.destroy()
     shutil.rmtree(cluster.root.parent, ignore_errors=True)
 

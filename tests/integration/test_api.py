@@ -80,6 +80,7 @@ def world(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Wo
     applogs = tmp_path_factory.mktemp("applogs")
     settings = Settings(cluster.dsn(), tmp_path_factory.mktemp("bundles"),
                         max_bundle_bytes=256 * 1024, auth_refresh_s=0.0, long_poll_max_s=2.0,
+                        hosts_fresh_s=0.0,
                         logs_tail=lambda app, n: logs.tail(applogs, app, n))
     app = create_app(settings)
     host = f"h-{uid()}"

@@ -19,6 +19,8 @@ from tally.cli import cli
     (["run", "--", "ls"], "give the app and the command"),
     (["run", "-a", "blog"], "Missing argument 'COMMAND"),
     (["logs"], "which app? give -a APP"),
+    (["serve", "agent", "--host-id", "h1"], "an agent needs its host's agent token"),
+    (["serve", "agent", "--host-id", "h1", "--token-file", "/nonexistent/t"], "cannot read it"),
 ])
 def test_bad_input_is_one_clear_line(args: list[str], message: str, tmp_path) -> None:
     result = CliRunner().invoke(cli, args, env={"TALLY_HOME": str(tmp_path)})

@@ -1,0 +1,41 @@
+"""A host's desired state as the API sends it (`GET /hosts/ID/desired`), turned into the
+fleet values the agent's pure core already reasons over (agents/fleet.py): its own
+placements and what it may know of their apps. Pure: a dict in, a Fleet out."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from agents.fleet import App, Fleet, Placement, Release
+
+
+def fleet_of(snapshot: dict[str, Any]) -> Fleet:
+    """The Fleet a host agent acts on: only its placements and their apps."""
+    fleet = Fleet()
+    for name, a in snapshot.get("apps", {}).items():
+        app = App(name, a.get("current"), deployed=a.get("deployed"),
+                  failed={int(n): r for n, r in a.get("failed", {}).items()})
+        app.releases = {int(n): Release(int(n), r["digest"], r.get("procfile", {}),
+                                        r.get("config_version", 0))
+                        for n, r in a.get("releases", {}).items()}
+        app.config_history = history(a.get("configs", {}))
+        app.sizes = dict(a.get("sizes", {}))
+        fleet.apps[name] = app
+    now = datetime.now(UTC)
+    host = snapshot.get("host_id", "")
+    for p in snapshot.get("placements", []):
+        fleet.placements[p["instance_id"]] = Placement(
+            p["instance_id"], p["app"], p["release"], p["process_type"], host, p["port"], now)
+    fleet.position = snapshot.get("version", 0)
+    return fleet
+
+
+def history(configs: dict[str, dict[str, str]]) -> list[tuple[int, dict[str, str], list[str]]]:
+    """Whole config snapshots as the (version, set, unset) steps App.config_at replays:
+    each step unsets what earlier snapshots had and it has not."""
+    steps, seen = [], set()
+    for version, values in sorted(((int(v), c) for v, c in configs.items())):
+        steps.append((version, dict(values), sorted(seen - set(values))))
+        seen |= set(values)
+    return steps
