@@ -169,6 +169,7 @@ class Services:
         with self._placements_lock:
             now = time.monotonic()
             if now - self._placements_at > self.settings.hosts_fresh_s:
+                self.ledger.sequence()
                 fold = self._placements
                 head = self.ledger.sequence()  # as the placer: no relay needed
                 while batch := self.ledger.read_all(fold.position, limit=5000, upto=head,

@@ -13,6 +13,7 @@ from tally import (
     cli_apps,
     cli_balancer,
     cli_runs,
+    cli_sim,
     cli_state,
     platform,
     supervise,
@@ -247,6 +248,7 @@ cli_apps.register(cli)
 cli_agents.register(cli)
 cli_balancer.register(cli)
 cli_runs.register(cli)
+cli_sim.register(cli)
 
 
 def main() -> None:
