@@ -539,3 +539,17 @@ class LedgerSessionTerminated(Schema):
     duration_s = fields.Float(required=True, allow_nan=False)
     limit_s = fields.Float(required=True, allow_nan=False)
     query = fields.Str(load_default="", validate=validate.Length(max=500))
+
+
+# --- Retention: what the ledger forgot, on purpose -----------------------------------------
+
+
+@event("retention")
+class RetentionApplied(Schema):
+    """Old events of a high-volume observed category (heartbeats) were deleted by the
+    retention schedule (ledger/retention.py): each stream's newest one is always kept."""
+
+    category = fields.Str(required=True)
+    deleted = fields.Int(required=True, validate=NON_NEGATIVE)
+    older_than_s = fields.Float(required=True, validate=NON_NEGATIVE)
+    cutoff = fields.Str(required=True)

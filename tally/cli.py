@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 import click
+import psycopg2
 
 import migrations
 from tally import (
@@ -80,9 +82,19 @@ def ledger_stop(cfg: Config, node: str | None, mode: str) -> None:
 def ledger_status(cfg: Config, as_json: bool) -> None:
     """Each node's role, replication state, sync state and lag."""
     nodes = cfg.cluster().status()
+    size = _ledger_size(cfg)
     if as_json:
-        click.echo(json.dumps([n.as_dict() for n in nodes], indent=1))
+        click.echo(json.dumps([{**n.as_dict(), **({"ledger": size} if n.role == "primary"
+                                                   else {})} for n in nodes], indent=1))
         return
+    if size is not None:
+        click.echo(f"ledger {size['bytes'] / 2**20:.1f} MiB, ~{size['events_estimate']:,} "
+                   f"events")
+        for category, r in size["retention"].items():
+            click.echo(f"  retention of {category}: {r['deleted_total']:,} removed in "
+                       f"{r['runs']} runs" + (f", last {r['last_run_at']} ({r['last_deleted']:,}"
+                                              f" older than {r['older_than_s']:.0f}s)"
+                                              if r["runs"] else " (tally serve retention)"))
     for n in nodes:
         click.echo(f"node {n.name}  port {n.port}  {n.role}")
         for r in n.replication:
@@ -94,6 +106,18 @@ def ledger_status(cfg: Config, as_json: bool) -> None:
             delay = "n/a" if n.replay_delay_s is None else f"{n.replay_delay_s:.1f}s"
             click.echo(f"  received {n.receive_lsn}, replayed {n.replay_lsn}, "
                        f"last replayed commit {delay} ago")
+
+
+def _ledger_size(cfg: Config) -> dict | None:
+    """The ledger's size and what retention removed (None: no primary answers)."""
+    from ledger import Ledger, LedgerError
+    from ledger.retention import status
+
+    try:
+        with Ledger(cfg.cluster().dsn("tally_writer"), retry_deadline=2) as ledger:
+            return status(ledger)
+    except LedgerError:
+        return None
 
 
 @ledger.command("promote")
@@ -137,9 +161,37 @@ def ledger_prune(cfg: Config, category: str, older_than: str) -> None:
 # --- daemons --------------------------------------------------------------------------------
 
 
+
+
 @cli.group()
 def serve() -> None:
     """Run one of tally's daemons in the foreground."""
+
+
+@serve.command("retention")
+@click.option("--every", default="5m", show_default=True, help="Time between runs.")
+@click.option("--older-than", default="24h", show_default=True,
+              help="Heartbeats older than this are deleted (each host keeps its newest).")
+@click.pass_obj
+@fail_cleanly
+def serve_retention(cfg: Config, every: str, older_than: str) -> None:
+    """Apply the heartbeat retention policy on a schedule; each run is recorded as a
+    RetentionApplied event (see `tally ledger status`)."""
+    from ledger import Ledger, LedgerError
+    from ledger.retention import RetentionPolicy, apply
+
+    daemon_logging()
+    period, policy = parse_age(every), RetentionPolicy("heartbeat", parse_age(older_than))
+    stop = stop_event()
+    log = logging.getLogger("tally.retention")
+    with Ledger(cfg.cluster().dsn("tally_writer")) as ledger:
+        while not stop.is_set():
+            try:
+                deleted = apply(cfg.cluster().dsn("tally_owner"), ledger, policy)
+                log.info("removed %d heartbeats older than %s", deleted, older_than)
+            except (LedgerError, psycopg2.Error) as exc:
+                log.warning("retention run failed, trying at the next: %s", exc)
+            stop.wait(period.total_seconds())
 
 
 @serve.command("relay")

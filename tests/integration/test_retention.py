@@ -11,7 +11,7 @@ import pytest
 
 from ledger import Ledger, NewEvent
 from ledger.cluster import Cluster
-from ledger.retention import RetentionPolicy, prune
+from ledger.retention import RetentionPolicy, apply, prune, status
 from tally.console import parse_age
 from tests.conftest import tally_env
 
@@ -59,3 +59,26 @@ def test_cli_refuses_to_prune_history_and_bad_ages(cluster: Cluster) -> None:
                                                ("7d", 604800)])
 def test_parse_age(text: str, seconds: int) -> None:
     assert parse_age(text).total_seconds() == seconds
+
+
+def test_the_schedule_records_what_it_removed_and_status_shows_it(cluster: Cluster) -> None:
+    """`tally serve retention` runs apply() on its schedule: each run is a RetentionApplied
+    event, and `tally ledger status` shows the ledger's size and what retention removed."""
+    host = "h" + uuid.uuid4().hex[:8]
+    with Ledger(cluster.dsn()) as ledger:
+        ledger.append(f"heartbeat-{host}",
+                      [NewEvent("HostHeartbeat", {"host_id": host, "instances": n})
+                       for n in range(6)])
+        before = status(ledger)["retention"]["heartbeat"]
+        deleted = apply(cluster.dsn("tally_owner"), ledger,
+                        RetentionPolicy("heartbeat", timedelta(0)))
+        assert deleted >= 5 and len(ledger.read_stream(f"heartbeat-{host}")) == 1
+        after = status(ledger)
+    assert after["retention"]["heartbeat"]["runs"] == before["runs"] + 1
+    assert after["retention"]["heartbeat"]["deleted_total"] == before["deleted_total"] + deleted
+    assert after["retention"]["heartbeat"]["last_deleted"] == deleted
+    assert after["bytes"] > 0
+    out = subprocess.run([sys.executable, "-m", "tally.cli", "ledger", "status"],
+                         capture_output=True, text=True, env=tally_env(cluster), timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "MiB" in out.stdout and f"({deleted:,} older than 0s)" in out.stdout, out.stdout
