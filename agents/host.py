@@ -60,6 +60,7 @@ from agents.supervision import (
     after_exit,
     plan,
 )
+from ledger import curve
 from ledger.sizes import DEFAULT_SIZE
 from ledger.subscriber import Subscriber
 from ledger.tickets import Ticket
@@ -142,6 +143,8 @@ class Agent:
         self.next_stats = 0.0
         self.next_cleanup = 0.0
         self.cgroups = cgroups.for_agent(spec.host_id, paths.state)
+        self.curve = curve.load_or_create(paths.state / "curve.key")
+        """This host's CURVE keypair: its public key is registered, the relays admit it."""
         self.outbox = Outbox(paths.state / "outbox.jsonl")
         self.registered = False
         self.desired_version = -1
@@ -169,14 +172,18 @@ class Agent:
             self.api.register({"address": s.address, "port_min": s.port_min,
                                "port_max": s.port_max, "capacity": s.capacity,
                                "memory_mb": psutil.virtual_memory().total // 2**20,
-                               "run_endpoint": self.runs.endpoint if self.runs else ""})
+                               "run_endpoint": self.runs.endpoint if self.runs else "",
+                               "public_key": self.curve.public.decode()})
             self.registered = True
         except ApiAway as exc:
             log.warning("cannot register yet: %s", exc)
 
     def run(self, stop: threading.Event, relays: tuple[str, ...] | list[str] = (),
-            interval: float = 0.25, stop_apps: bool = False) -> None:
-        sub = Subscriber(relays) if relays else None
+            interval: float = 0.25, stop_apps: bool = False, relay_key: str = "") -> None:
+        """Until `stop`; woken by the relays (over CURVE with this host's keypair when
+        `relay_key`, their public key, is known), polling anyway."""
+        keys = curve.Client(relay_key.encode(), self.curve) if relay_key else None
+        sub = Subscriber(relays, curve=keys) if relays else None
         try:
             self.start()
             woken = False

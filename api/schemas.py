@@ -212,6 +212,8 @@ class HostRegister(Schema):
     capacity = fields.Int(validate=validate.Range(0, 100_000))
     memory_mb = fields.Int(validate=validate.Range(0, 1 << 30))
     run_endpoint = fields.Str(validate=validate.Length(max=200))
+    public_key = fields.Str(validate=validate.Regexp(r"^([!-~]{40})?$"), metadata={
+        "description": "the host's CURVE public key (z85): the relays admit its subscriber"})
 
 
 class Heartbeat(Schema):

@@ -251,6 +251,8 @@ class HostRegistered(Schema):
     memory_mb = fields.Int(load_default=0, validate=NON_NEGATIVE)
     run_endpoint = fields.Str(load_default="", validate=validate.Length(max=200))
     """ZeroMQ endpoint where the agent runs one-off commands (`tally run`); empty: none."""
+    public_key = fields.Str(load_default="", validate=validate.Regexp(r"^([!-~]{40})?$"))
+    """The host's CURVE public key (z85): the relays admit its subscriber (ledger/curve.py)."""
 
 
 @event("heartbeat")

@@ -30,6 +30,7 @@ from typing import Any
 import psycopg2
 import zmq
 
+from ledger import curve as curve_keys
 from ledger.errors import LedgerUnavailable
 from ledger.store import CHANNEL, RELAY_HOT_S, Ledger
 
@@ -52,8 +53,11 @@ class Relay:
     """One relay daemon. `run()` blocks until `stop` is set."""
 
     def __init__(self, dsn: str, endpoint: str, *, poll_interval: float = 1.0,
-                 context: zmq.Context | None = None, leader_lock: int = LEADER_LOCK) -> None:
+                 context: zmq.Context | None = None, leader_lock: int = LEADER_LOCK,
+                 curve: tuple[curve_keys.Keypair, curve_keys.Allowed] | None = None) -> None:
         self.dsn = dsn
+        self.curve = curve
+        """The relay's keypair and who may subscribe (ledger/curve.py); None: open PUB."""
         self.leader_lock = leader_lock
         self.endpoint = endpoint
         self.poll_interval = poll_interval
@@ -67,6 +71,7 @@ class Relay:
     def run(self) -> None:
         pub = self.context.socket(zmq.PUB)
         pub.setsockopt(zmq.LINGER, 0)
+        auth = curve_keys.serve(pub, *self.curve, self.context) if self.curve else None
         pub.bind(self.endpoint)
         # Fail fast inside, reconnect (and LISTEN again) out here.
         ledger = Ledger(self.dsn, retry_deadline=0.0, notify=False,
@@ -83,6 +88,8 @@ class Relay:
         finally:
             ledger.close()
             pub.close()
+            if auth is not None:
+                auth.stop()
 
     def _listen_loop(self, ledger: Ledger, pub: zmq.Socket) -> None:
         conn = ledger.connection()

@@ -17,22 +17,36 @@ from collections.abc import Sequence
 
 import zmq
 
+from ledger import curve as curve_keys
 from ledger.relay import TOPIC
 
 
 class Subscriber:
     """Listens to several relays at once and de-duplicates what they say."""
 
-    def __init__(self, endpoints: Sequence[str], context: zmq.Context | None = None) -> None:
+    def __init__(self, endpoints: Sequence[str], context: zmq.Context | None = None,
+                 curve: curve_keys.Client | None = None, resubscribe_s: float = 10.0) -> None:
         self.context = context or zmq.Context.instance()
+        self.endpoints, self.resubscribe_s = list(endpoints), resubscribe_s
+        self.curve = curve or curve_keys.default()
+        self.head = 0
+        self._open()
+
+    def _open(self) -> None:
+        """A SUB socket connected to every relay. Relays republish their head every poll
+        tick, so silence for resubscribe_s means no relay admitted us (CURVE refuses a key
+        not registered yet, and libzmq does not retry a refused handshake) or none is up:
+        then the socket is made again."""
+        self.heard = time.monotonic()
         self.socket = self.context.socket(zmq.SUB)
+        if self.curve is not None:  # relays served with CURVE admit only known keys
+            curve_keys.as_client(self.socket, self.curve)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.SUBSCRIBE, TOPIC)
         self.socket.setsockopt(zmq.RECONNECT_IVL, 100)
         self.socket.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        for endpoint in endpoints:
+        for endpoint in self.endpoints:
             self.socket.connect(endpoint)
-        self.head = 0
 
     def wait(self, timeout: float) -> int | None:
         """Block up to `timeout` seconds for a head beyond the last one seen.
@@ -43,7 +57,11 @@ class Subscriber:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self.socket.poll(max(1, int(remaining * 1000))):
+                if time.monotonic() - self.heard > self.resubscribe_s:
+                    self.socket.close()
+                    self._open()
                 return None
+            self.heard = time.monotonic()
             self._drain()
             if self.head > before:
                 return self.head

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 
 import click
 import psycopg2
@@ -29,7 +30,12 @@ from tally.console import daemon_logging, fail_cleanly, parse_age, stop_event, t
 @click.pass_context
 def cli(ctx: click.Context) -> None:
     """tally: push Python web apps; tally builds, runs, routes and remembers them."""
-    ctx.obj = Config.from_env()
+    ctx.obj = cfg = Config.from_env()
+    if cfg.relay_key and cfg.curve_keyfile:  # this process's subscribers speak CURVE
+        from ledger import curve
+
+        curve.use(curve.Client(cfg.relay_key.encode(),
+                               curve.load_or_create(Path(cfg.curve_keyfile))))
 
 
 # --- the ledger cluster ---------------------------------------------------------------------
@@ -197,15 +203,25 @@ def serve_retention(cfg: Config, every: str, older_than: str) -> None:
 @serve.command("relay")
 @click.option("--endpoint", help="ZeroMQ PUB endpoint to bind (default: the first relay).")
 @click.option("--poll-interval", default=1.0, show_default=True, help="Seconds.")
+@click.option("--curve", "use_curve", is_flag=True,
+              help="Serve CURVE: admit only the control plane's key ($TALLY_HOME/secrets/"
+              "control.curve) and the keys hosts registered (relay keypair: relay.curve).")
 @click.pass_obj
 @fail_cleanly
-def serve_relay(cfg: Config, endpoint: str | None, poll_interval: float) -> None:
+def serve_relay(cfg: Config, endpoint: str | None, poll_interval: float,
+                use_curve: bool) -> None:
     """LISTEN on the ledger primary, sequence new events, PUB wake-ups."""
+    from ledger import curve
     from ledger.relay import Relay
 
     daemon_logging()
-    relay = Relay(cfg.cluster().dsn("tally_writer"), endpoint or cfg.relays[0],
-                  poll_interval=poll_interval)
+    dsn = cfg.cluster().dsn("tally_writer")
+    keys = None
+    if use_curve:
+        control = curve.load_or_create(cfg.secret("control.curve"))
+        keys = (curve.load_or_create(cfg.secret("relay.curve")),
+                curve.Allowed({control.public}, dsn))
+    relay = Relay(dsn, endpoint or cfg.relays[0], poll_interval=poll_interval, curve=keys)
     stop_event(relay.stop)
     relay.run()
 

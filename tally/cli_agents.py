@@ -110,7 +110,7 @@ def register(cli: click.Group) -> None:
                                               cleanup_every=cleanup_every),
                   Limits(open_files=open_files, memory_mb=memory_mb),
                   collector=cfg.collector, run_key=run_key_from_env()).run(
-                stop, cfg.relays, stop_apps=stop_apps_on_exit)
+                stop, cfg.relays, stop_apps=stop_apps_on_exit, relay_key=cfg.relay_key)
         except ApiRefused as exc:  # e.g. a token of another host: say so, exit 1
             raise click.ClickException(f"the API refused this agent: {exc}") from None
 

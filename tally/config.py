@@ -54,6 +54,10 @@ class Config:
     balancers: tuple[str, ...] = ("127.0.0.1:8080", "127.0.0.1:8081")
     """Where each balancer `tally up` starts listens; apps answer at the first one's port."""
     app_uids: tuple[int, int] = (200_000, 299_999)
+    relay_key: str = ""
+    """The relays' CURVE public key (z85); empty: relays without CURVE (ledger/curve.py)."""
+    curve_keyfile: str = ""
+    """This process's CURVE keypair file for subscribing to the relays (control plane)."""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Config:
@@ -76,10 +80,16 @@ class Config:
                 "TALLY_BALANCERS", "127.0.0.1:8080,127.0.0.1:8081").split(",") if b.strip()),
             agent_ports=tuple(r.strip() for r in env.get(
                 "TALLY_AGENT_PORTS", "7000-7099,7100-7199").split(",") if r.strip()),
+            relay_key=env.get("TALLY_RELAY_KEY", ""),
+            curve_keyfile=env.get("TALLY_CURVE_KEYFILE", ""),
             apps_db_ports=_two_ports(env.get("TALLY_APPS_DB_PORTS", "5443,5444"),
                                      "TALLY_APPS_DB_PORTS"),
             app_uids=_uid_range(env.get("TALLY_APP_UIDS", "200000-299999")),
         )
+
+    def secret(self, name: str) -> Path:
+        """A file in $TALLY_HOME/secrets (tokens, CURVE keypairs), 0700 folder."""
+        return self.home / "secrets" / name
 
     @property
     def web_port(self) -> int | None:

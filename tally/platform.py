@@ -14,7 +14,8 @@ from tally.supervise import Program
 
 def daemons(cfg: Config) -> list[tuple[str, list[str], str]]:
     out = [
-        (f"relay-{i}", ["serve", "relay", "--endpoint", endpoint], endpoint)
+        (f"relay-{i}", ["serve", "relay", "--endpoint", endpoint, "--curve"],
+         f"{endpoint} (CURVE)")
         for i, endpoint in enumerate(cfg.relays, start=1)
     ]
     out.append(("watchdog", ["serve", "watchdog"],
@@ -44,16 +45,24 @@ def programs(cfg: Config, secrets: bool = True) -> list[Program]:
 
 
 def environment(cfg: Config, name: str) -> dict[str, str]:
-    """Extra environment for one daemon: host agents get their agent token, so they fetch
-    bundles through the API as on a real fleet, and they and the API the run tickets' key
-    (never on a command line)."""
+    """Extra environment for one daemon (never on a command line). Every one learns the
+    relays' CURVE public key; host agents get only their agent token (they fetch bundles
+    through the API as on a real fleet) and make their own keypair, registered through the
+    API; the control plane's daemons subscribe with the control-plane keypair; agents and
+    the API get the run tickets' key."""
+    from ledger import curve
+
+    relay_key = curve.load_or_create(cfg.secret("relay.curve")).public.decode()
+    curve.load_or_create(cfg.secret("control.curve"))
     for i, _ in enumerate(cfg.agent_ports, start=1):
         if name == f"agent-{i}":
             return {"TALLY_AGENT_TOKEN": agent_token(cfg, f"h{i}"),
-                    "TALLY_RUN_KEY": run_key(cfg)}
+                    "TALLY_RUN_KEY": run_key(cfg), "TALLY_RELAY_KEY": relay_key}
+    control = {"TALLY_RELAY_KEY": relay_key,
+               "TALLY_CURVE_KEYFILE": str(cfg.secret("control.curve"))}
     if name == "api":
-        return {"TALLY_RUN_KEY": run_key(cfg)}
-    return {}
+        return {"TALLY_RUN_KEY": run_key(cfg), **control}
+    return control
 
 
 def run_key(cfg: Config) -> str:
