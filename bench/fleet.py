@@ -161,7 +161,8 @@ def ledger_bytes(cluster: Cluster) -> int:
 
 def measure(n: int, window: float, ttl: float) -> dict[str, Any]:
     cluster = make_cluster()
-    plane = ControlPlane(cluster, ttl=ttl)
+    # hosts beat every INTERVAL: suspect after missing more than one, lost after ttl
+    plane = ControlPlane(cluster, ttl=ttl, suspect_after=INTERVAL * 1.5)
     sim = None
     try:
         plane.start()
@@ -177,6 +178,8 @@ def measure(n: int, window: float, ttl: float) -> dict[str, Any]:
                   file=sys.stderr)
         Client(url, probe).call("PUT", "/hosts/probe", {
             "address": "127.0.0.1", "port_min": 1, "port_max": 1, "capacity": 0})
+        wait_until(lambda: view_lags(cluster, url, probe, "probe", 0.1), 60,
+                   "the projectors up (the probe's heartbeat in the hosts view)")
         base_api = api_latencies(url, admin, apps[0], 5)
         base_lag = view_lags(cluster, url, probe, "probe", 5)
         base_direct = direct_appends(cluster)
@@ -246,7 +249,7 @@ def main() -> None:
     parser.add_argument("--hosts", default="1000,5000,10000")
     args = parser.parse_args()
     sizes = [1000] if args.quick else [int(x) for x in args.hosts.split(",")]
-    window, ttl = (15.0, 5.0) if args.quick else (40.0, 10.0)
+    window, ttl = (15.0, 3 * INTERVAL) if args.quick else (40.0, 3 * INTERVAL)
     print(f"load average before: {os.getloadavg()[0]:.1f}", file=sys.stderr)
     results = []
     for n in sizes:
