@@ -201,6 +201,9 @@ async def _run(hosts: list[SimHost], settings: SimSettings, stop: Any, silent_ho
     while not stop.is_set():
         await asyncio.sleep(0.2)
         publish()
+    # Let each host finish what it is sending (within one interval): a heartbeat cut off
+    # after the API took it would be in the ledger and not counted here.
+    await asyncio.wait(tasks, timeout=settings.interval + 10)
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -254,6 +257,6 @@ class Simulation:
     def close(self) -> None:
         self.stop.set()
         for p in self.procs:
-            p.join(10)
+            p.join(self.settings.interval + 15)
             if p.is_alive():
                 p.kill()

@@ -58,9 +58,10 @@ def test_two_hundred_simulated_hosts(private: Cluster) -> None:
         counts = sim.counts()
         assert counts.refused == 0 and counts.failed == 0, counts
         # no heartbeat batch lost: every 202 is an event
-        wait_until(lambda: count_events(private, "HostHeartbeat", start,
-                                        like="heartbeat-sim%") == counts.heartbeats,
-                   10, f"all {counts.heartbeats} accepted heartbeats in the ledger")
+        recorded = wait_until(lambda: (n := count_events(
+            private, "HostHeartbeat", start, like="heartbeat-sim%")) >= counts.heartbeats
+            and n or None, 30, f"all {counts.heartbeats} accepted heartbeats in the ledger")
+        assert recorded == counts.heartbeats, (recorded, counts, plane.api.log()[-2000:])
     finally:
         if sim is not None:
             sim.close()
