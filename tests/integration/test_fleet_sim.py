@@ -43,7 +43,7 @@ def test_two_hundred_simulated_hosts(private: Cluster) -> None:
                          silent_hosts=silent)
         sim.start()
         # the placer puts the apps' instances on simulated hosts; they report them
-        wait_until(lambda: count_events(private, "InstanceHealthy", start) >= len(apps), 60,
+        wait_until(lambda: count_events(private, "InstanceHealthy", start) >= len(apps), 180,
                    "every app's instance reported healthy by a simulated host")
         wait_until(lambda: sim.counts().heartbeats >= 2 * HOSTS, 60, "two rounds of beats")
 
