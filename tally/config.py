@@ -24,6 +24,9 @@ TALLY_TOKEN           the CLI's API token; default: as saved by `tally login`
 TALLY_CREDENTIALS     where `tally login` saves them; default
                       $XDG_CONFIG_HOME/tally/credentials.json (~/.config/...)
 TALLY_RUN_KEY         the key of one-off run tickets, hex (`tally up` makes one)
+TALLY_RELAY_KEY       the relays' CURVE public key, z85 (`tally up` hands it to its daemons);
+                      unset: subscribers speak plain ZeroMQ
+TALLY_CURVE_KEYFILE   a control-plane daemon's CURVE keypair file, for the relays' PUB
 TALLY_APP_UIDS        the Unix uids the API hands to apps, each once; default 200000-299999
 """
 
