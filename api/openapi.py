@@ -53,8 +53,9 @@ def _operation(r: Route) -> dict[str, Any]:
     ok: dict[str, Any] = {"description": "OK"}
     if r.response:
         ok["content"] = {"application/json": {"schema": r.response}}
-    if r.raw_response:
-        ok["content"] = {r.raw_response: {"schema": {"type": "string", "format": "binary"}}}
+    if r.raw_response:  # instead of JSON, or beside it (a stream asked for in the query)
+        ok.setdefault("content", {})[r.raw_response] = {"schema": {"type": "string",
+                                                                   "format": "binary"}}
     op["responses"][str(r.status)] = ok
     codes = sorted({*r.errors, 413}) if r.body else r.errors
     for code in codes:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from flask.typing import ResponseReturnValue
 
 from api import decide, schemas
-from api.errors import Conflict, Unavailable
+from api.errors import Conflict
 from api.routes_apps import app_state, change
 from api.state import AppState
 from api.web import body, reply, route, services
@@ -30,7 +30,7 @@ def list_addons(name: str) -> ResponseReturnValue:
 
 
 @route("/apps/<name>/addons", "POST", body=schemas.AddonCreate, response=schemas.Addons,
-       status=201, tag="addons", errors=(400, 401, 403, 404, 409, 422, 503))
+       status=201, tag="addons", errors=(400, 401, 403, 404, 409, 422))
 def create_addon(name: str) -> ResponseReturnValue:
     """Give the app a PostgreSQL database of its own; sets DATABASE_URL (a new release)."""
     kind = body(schemas.AddonCreate)["kind"]
@@ -39,7 +39,7 @@ def create_addon(name: str) -> ResponseReturnValue:
         raise Conflict(f"{name} already has a {var}", {"kind": ["exists"]})
     create = services().settings.create_database
     if create is None:
-        raise Unavailable("add-ons are not enabled on this platform")
+        raise Conflict("add-ons are not enabled on this platform")
     url = create(name)
     state = change(name, lambda s: decide.change_config(s, {var: url}, []))
     return reply(schemas.Addons, listed(state), 201)

@@ -178,10 +178,16 @@ def upload_release(name: str) -> ResponseReturnValue:
 @route("/apps/<name>/releases", response=schemas.ReleaseList, tag="releases",
        errors=(401, 403, 404))
 def list_releases(name: str) -> ResponseReturnValue:
-    """Every release, newest first."""
+    """Every release, newest first, with its rollout status (pending, deployed,
+    superseded, failed: from the releases view) and why it failed."""
     state = app_state(name)
-    return reply(schemas.ReleaseList,
-                 {"releases": [release_dict(r) for r in reversed(state.releases)]})
+    status = {r["release"]: r for r in services().views.rows(
+        "SELECT release, status, failure_reason FROM views.releases WHERE app = %s",
+        (name,))}
+    return reply(schemas.ReleaseList, {"releases": [
+        {**release_dict(r), "status": status.get(r.number, {}).get("status", "pending"),
+         "failure_reason": status.get(r.number, {}).get("failure_reason")}
+        for r in reversed(state.releases)]})
 
 
 @route("/apps/<name>/releases/<int:number>", response=schemas.Release, tag="releases",
@@ -267,7 +273,8 @@ def change_config(name: str) -> ResponseReturnValue:
     req = body(schemas.ConfigChange)
     state = change(name, lambda s: decide.change_config(s, req["set"], req["unset"]))
     return reply(schemas.Config, {"config": state.config,
-                                  "config_version": state.config_version})
+                                  "config_version": state.config_version,
+                                  "release": state.current.number if state.current else None})
 
 
 @route("/apps/<name>/domains", response=schemas.Domains, tag="domains",

@@ -21,7 +21,7 @@ from ledger.tickets import sign
 def _key() -> bytes:
     key = services().settings.run_key
     if key is None:
-        raise Unavailable("one-off runs are not enabled on this platform (no TALLY_RUN_KEY)")
+        raise Conflict("one-off runs are not enabled on this platform (no TALLY_RUN_KEY)")
     return key
 
 
@@ -47,7 +47,7 @@ def _choose_host(app: str) -> tuple[str, str]:
 def _endpoint_of(run: Run) -> str:
     endpoint = run_endpoint(run.host_id)
     if not endpoint:
-        raise Unavailable(f"host {run.host_id} has no run socket (an agent of another "
+        raise Conflict(f"host {run.host_id} has no run socket (an agent of another "
                           f"version?)")
     return endpoint
 

@@ -8,7 +8,7 @@ import secrets
 from collections.abc import Iterable
 from typing import Any
 
-from api.errors import Conflict, Forbidden, Unavailable, Unprocessable
+from api.errors import Conflict, Forbidden, Unprocessable
 from api.state import AppState, Run
 from ledger.events import NewEvent
 from ledger.tickets import TTL_S, Ticket
@@ -38,7 +38,7 @@ def candidate_hosts(hosts: Iterable[dict[str, Any]], placed: set[str]) -> list[s
 def start(s: AppState, command: list[str], host_id: str, detached: bool) -> list[NewEvent]:
     """RunStarted: the next run number of the app, on `host_id`, in the serving release."""
     if not host_id:
-        raise Unavailable("no alive host agent can run a command now: try again shortly")
+        raise Conflict("no alive host agent can run a command now: try again shortly")
     number = max((r.number for r in s.runs), default=0) + 1
     return [NewEvent("RunStarted", {
         "app": s.name, "number": number, "run_id": secrets.token_hex(12),

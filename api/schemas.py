@@ -4,6 +4,7 @@ these, so what the API documents is what it validates and dumps."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC
 
 from marshmallow import Schema, ValidationError, fields, validate
 
@@ -102,6 +103,9 @@ class Release(Schema):
     rollback_of = fields.Int(allow_none=True)
     created_at = fields.Str(allow_none=True)
     created_by = fields.Str(allow_none=True)
+    status = fields.Str(allow_none=True, metadata={
+        "description": "in lists: pending, deployed, superseded or failed"})
+    failure_reason = fields.Str(allow_none=True)
 
 
 class ReleaseList(Schema):
@@ -152,6 +156,8 @@ class Quota(Schema):
 class Config(Schema):
     config = fields.Dict(keys=fields.Str(), values=fields.Str(), required=True)
     config_version = fields.Int(required=True)
+    release = fields.Int(allow_none=True, metadata={
+        "description": "after a change: the release it made (none before the first deploy)"})
 
 
 class ConfigChange(Schema):
@@ -183,6 +189,12 @@ class EventsQuery(Schema):
     wait = fields.Float(load_default=0.0, validate=validate.Range(min=0, max=30),
                         metadata={"description": "long-poll: seconds to wait for new events"})
     show_secrets = fields.Bool(load_default=False)
+    stream = fields.List(fields.Str(validate=validate.Length(max=200)), load_default=None)
+    since = fields.AwareDateTime(load_default=None, default_timezone=UTC, metadata={
+        "description": "recorded at or after this time (ISO 8601)"})
+    newest = fields.Bool(load_default=False, metadata={
+        "description": "the last `limit` events (after `after`) instead of the first; "
+                       "`head` is then the ledger's head"})
 
 
 class Event(Schema):
@@ -323,6 +335,20 @@ class StateQuery(Schema):
 class State(Schema):
     at = fields.Int(required=True)
     views = fields.Dict(keys=fields.Str(), values=fields.List(fields.Dict()), required=True)
+
+
+class DiffQuery(Schema):
+    a = fields.Int(required=True, validate=validate.Range(min=0, max=2**62))
+    b = fields.Int(required=True, validate=validate.Range(min=0, max=2**62))
+    view = fields.Str(load_default=None, validate=validate.Length(min=1, max=100))
+
+
+class Diff(Schema):
+    a = fields.Int(required=True)
+    b = fields.Int(required=True)
+    views = fields.Dict(keys=fields.Str(), values=fields.Dict(), required=True, metadata={
+        "description": "per view: added, removed (rows), changed (key, changes: column -> "
+                       "[old, new])"})
 
 
 class StatsQuery(Schema):

@@ -122,7 +122,7 @@ def _walk(app: str, events: Sequence[RecordedEvent], v: dict[str, Tables], now: 
         cited = (row["scale_position"],) if row["scale_position"] else (row["created_position"],)
         how = "was scaled to zero" if row["scale_position"] else "was never scaled up"
         out.append(Finding(f"{app} {how}: 0 web instances are wanted "
-                           f"(`tally scale {app} web=1`).", cited))
+                           f"(`tally scale -a {app} web=1`).", cited))
         return False
     if row["maintenance"]:
         out.append(Finding(f"{app} is in maintenance mode: balancers answer 503 with the "

@@ -15,6 +15,7 @@ from tally import (
     cli_agents,
     cli_apps,
     cli_balancer,
+    cli_history,
     cli_runs,
     cli_sim,
     cli_state,
@@ -43,7 +44,8 @@ def cli(ctx: click.Context) -> None:
 
 @cli.group()
 def ledger() -> None:
-    """The replicated PostgreSQL ledger: a primary and a synchronous standby."""
+    """The replicated PostgreSQL ledger: a primary and a synchronous standby. Operator
+    commands: run on a ledger host (TALLY_HOME), not over the API."""
 
 
 @ledger.command("init")
@@ -171,7 +173,8 @@ def ledger_prune(cfg: Config, category: str, older_than: str) -> None:
 
 @cli.group()
 def serve() -> None:
-    """Run one of tally's daemons in the foreground."""
+    """Run one of tally's daemons in the foreground. Operator commands: run on the host
+    they serve (TALLY_HOME), not over the API."""
 
 
 @serve.command("retention")
@@ -251,7 +254,8 @@ def serve_watchdog(cfg: Config, limit: float, interval: float | None) -> None:
 @click.pass_obj
 @fail_cleanly
 def up(cfg: Config) -> None:
-    """Bring up everything built so far on this machine, and print where it is."""
+    """Bring up everything built so far on this machine, and print where it is. Operator
+    command: runs on a ledger host (TALLY_HOME), not over the API."""
     platform.close_home(cfg)
     cluster = cfg.cluster()
     if not cluster.initialized():
@@ -279,7 +283,8 @@ def up(cfg: Config) -> None:
 @fail_cleanly
 def down(cfg: Config) -> None:
     """Stop every daemon `tally up` started and supervisord, then the apps' database
-    cluster (add-ons start it) and the ledger cluster."""
+    cluster (add-ons start it) and the ledger cluster. Operator command: runs on a ledger
+    host (TALLY_HOME), not over the API."""
     supervise.down(cfg)
     for cluster in (cfg.apps_cluster(), cfg.cluster()):
         if cluster.initialized():
@@ -317,6 +322,7 @@ cli_agents.register(cli)
 cli_balancer.register(cli)
 cli_runs.register(cli)
 cli_sim.register(cli)
+cli_history.register(cli)
 
 
 def main() -> None:

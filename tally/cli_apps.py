@@ -59,6 +59,36 @@ def check_app(name: str) -> str:
     return name
 
 
+def app_and_arg(app: str | None, arg: str | None) -> str:
+    """The app of a command that takes it as `-a APP` or, as it always has, `APP`."""
+    if app and arg and app != arg:
+        raise click.UsageError(f"two apps given: -a {app} and {arg}")
+    name = arg or app
+    if not name:
+        raise click.UsageError("which app? give -a APP (or TALLY_APP)")
+    return check_app(name)
+
+
+def app_arg(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`-a APP` or a positional `[APP]`, for the commands that took a name before -a."""
+    fn = click.argument("app_arg", metavar="[APP]", required=False)(fn)
+    return click.option("-a", "--app", "app", envvar="TALLY_APP",
+                        help="The app (or TALLY_APP, or the APP argument).")(fn)
+
+
+def doing(what: str, fn: Callable[[], Any], done: Callable[[Any], str] = lambda _: "done"
+          ) -> Any:
+    """Heroku's confirmation line on stderr: `Setting K and restarting blog... done, v8`."""
+    click.echo(f"{what}... ", err=True, nl=False)
+    try:
+        result = fn()
+    except ClientError:
+        click.echo("failed", err=True)
+        raise
+    click.echo(done(result), err=True)
+    return result
+
+
 def app_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("-a", "--app", "app", required=True, envvar="TALLY_APP",
                         help="The app (or TALLY_APP).",
@@ -285,15 +315,19 @@ def _apps(cli: click.Group) -> None:
             "no apps yet: create one with `tally apps:create NAME`"))
 
     @http_command(cli, "apps:create")
-    @click.argument("name")
-    def apps_create(client: Client, name: str) -> None:
-        """Create an app (3-30 lowercase letters, digits, dashes)."""
-        client.post("/apps", {"name": name})
+    @app_arg
+    def apps_create(client: Client, app: str | None, app_arg: str | None) -> None:
+        """Create an app (3-30 lowercase letters, digits, dashes): `tally apps:create blog`."""
+        name = app_and_arg(app, app_arg)
+        doing(f"Creating {name}", lambda: client.post("/apps", {"name": name}),
+              lambda a: f"done, {a['web_url']}" if a.get("web_url") else "done")
 
     @http_command(cli, "apps:info", json_output=True)
-    @click.argument("name")
-    def apps_info(client: Client, name: str, as_json: bool) -> None:
-        """One app: release, scale, domains, members."""
+    @app_arg
+    def apps_info(client: Client, app: str | None, app_arg: str | None, as_json: bool) -> None:
+        """One app: release, scale, domains, members: `tally apps:info -a blog`."""
+        name = app_and_arg(app, app_arg)
+
         def text(a: dict[str, Any]) -> None:
             for key in ("name", "web_url", "owner", "members", "release", "scale", "domains",
                         "maintenance", "created_at"):
@@ -301,29 +335,35 @@ def _apps(cli: click.Group) -> None:
         emit(client.get(f"/apps/{name}"), as_json, text)
 
     @http_command(cli, "apps:delete")
-    @click.argument("name")
+    @app_arg
     @click.option("--confirm", help="The app's name again, to confirm.")
-    def apps_delete(client: Client, name: str, confirm: str | None) -> None:
-        """Delete an app: everything stops, the history stays."""
+    def apps_delete(client: Client, app: str | None, app_arg: str | None,
+                    confirm: str | None) -> None:
+        """Delete an app: everything stops, the history stays:
+        `tally apps:delete -a blog --confirm blog`."""
+        name = app_and_arg(app, app_arg)
         if confirm != name:
             raise ClientError(f"this stops every process of {name}: "
                               f"repeat with --confirm {name}")
-        client.request("DELETE", f"/apps/{name}")
+        doing(f"Destroying {name} (its processes stop, its history stays)",
+              lambda: client.request("DELETE", f"/apps/{name}"))
 
     @http_command(cli, "access:add")
     @app_option
     @click.argument("user")
     def access_add(client: Client, app: str, user: str) -> None:
-        """Let another user manage the app."""
-        client.post(f"/apps/{app}/members", {"user": user})
+        """Let another user manage the app: `tally access:add -a blog bob`."""
+        doing(f"Adding {user} to {app}",
+              lambda: client.post(f"/apps/{app}/members", {"user": user}))
 
     @http_command(cli, "access:remove")
     @app_option
     @click.argument("user")
     def access_remove(client: Client, app: str, user: str) -> None:
         """Stop a user managing the app (the owner or an admin; anyone may remove
-        themselves)."""
-        client.request("DELETE", f"/apps/{app}/members/{user}")
+        themselves): `tally access:remove -a blog bob`."""
+        doing(f"Removing {user} from {app}",
+              lambda: client.request("DELETE", f"/apps/{app}/members/{user}"))
 
     @http_command(cli, "stats", json_output=True)
     @app_option
@@ -340,7 +380,7 @@ def _apps(cli: click.Group) -> None:
         emit(client.get(f"/apps/{app}/ps")["items"], as_json, lambda rows: table(
             rows, ["instance_id", "process_type", "release", "host_id", "port", "state",
                    "restarts", "exit_code", "since", "reason"],
-            f"no instances of {app} (scale it with `tally scale web=1`)"))
+            f"no instances of {app} (scale it with `tally scale -a {app} web=1`)"))
 
 
 def _releases(cli: click.Group) -> None:
@@ -374,13 +414,16 @@ def _releases(cli: click.Group) -> None:
     @http_command(cli, "releases", json_output=True)
     @app_option
     def releases(client: Client, app: str, as_json: bool) -> None:
-        """The app's releases, newest first."""
+        """The app's releases, newest first, with their rollout status and why a failed
+        one failed."""
         def text(rows: list[dict[str, Any]]) -> None:
             for r in rows:
                 r["version"] = f"v{r['number']}"
                 r["digest"] = r["bundle_digest"][:12]
-            table(rows, ["version", "description", "digest", "created_by", "created_at"],
-                  f"{app} has no releases yet: `tally deploy`")
+                r["failure"] = r.get("failure_reason")
+            table(rows, ["version", "status", "description", "digest", "created_by",
+                         "created_at", "failure"],
+                  f"{app} has no releases yet: `tally deploy -a {app}`")
         emit(client.get(f"/apps/{app}/releases")["releases"], as_json, text)
 
     @http_command(cli, "rollback")
@@ -394,8 +437,9 @@ def _releases(cli: click.Group) -> None:
                 number = int(release.lstrip("v"))
             except ValueError:
                 raise ClientError(f"{release!r} is not a release like v3") from None
-        new = client.post(f"/apps/{app}/rollback", {"release": number})
-        click.echo(f"rolled back to v{new['rollback_of']} as v{new['number']}", err=True)
+        doing(f"Rolling back {app}" + (f" to v{number}" if number else ""),
+              lambda: client.post(f"/apps/{app}/rollback", {"release": number}),
+              lambda new: f"done, rolled back to v{new['rollback_of']} as v{new['number']}")
 
 
 ROLLOUT = ("ReleaseDeployed", "ReleaseFailed", "PlacementFailed")
@@ -455,7 +499,7 @@ def _settings(cli: click.Group) -> None:
     @click.argument("pairs", nargs=-1, required=True)
     def scale(client: Client, app: str, pairs: tuple[str, ...]) -> None:
         """Set instances per process type, and their size if given:
-        `tally scale web=2:standard-2x worker=1` (sizes: basic, standard-1x (default),
+        `tally scale -a blog web=2:standard-2x worker=1` (sizes: basic, standard-1x (default),
         standard-2x, performance-m, performance-l)."""
         wanted, sizes = {}, {}
         for key, value in parse_pairs(pairs, "TYPE").items():
@@ -465,7 +509,10 @@ def _settings(cli: click.Group) -> None:
             wanted[key] = int(count)
             if size:
                 sizes[key] = size
-        client.post(f"/apps/{app}/scale", {"scale": wanted, "sizes": sizes})
+        shown = " ".join(pairs)
+        doing(f"Scaling {app}: {shown}",
+              lambda: client.post(f"/apps/{app}/scale", {"scale": wanted, "sizes": sizes}),
+              lambda a: f"done, now {cell(a['scale'])}")
 
     @http_command(cli, "config", json_output=True)
     @app_option
@@ -480,15 +527,16 @@ def _settings(cli: click.Group) -> None:
     @app_option
     @click.argument("pairs", nargs=-1, required=True)
     def config_set(client: Client, app: str, pairs: tuple[str, ...]) -> None:
-        """Set config vars (a new release): `tally config:set KEY=value ...`."""
-        client.request("PATCH", f"/apps/{app}/config", json={"set": parse_pairs(pairs, "KEY")})
+        """Set config vars (a new release): `tally config:set -a blog KEY=value ...`."""
+        values = parse_pairs(pairs, "KEY")
+        _config_change(client, app, f"Setting {', '.join(values)}", {"set": values})
 
     @http_command(cli, "config:unset")
     @app_option
     @click.argument("keys", nargs=-1, required=True)
     def config_unset(client: Client, app: str, keys: tuple[str, ...]) -> None:
-        """Unset config vars (a new release)."""
-        client.request("PATCH", f"/apps/{app}/config", json={"unset": list(keys)})
+        """Unset config vars (a new release): `tally config:unset -a blog KEY ...`."""
+        _config_change(client, app, f"Unsetting {', '.join(keys)}", {"unset": list(keys)})
 
     @http_command(cli, "domains", json_output=True)
     @app_option
@@ -501,23 +549,39 @@ def _settings(cli: click.Group) -> None:
     @app_option
     @click.argument("domain")
     def domains_add(client: Client, app: str, domain: str) -> None:
-        """Route a hostname (or `*.suffix`) to the app."""
-        client.post(f"/apps/{app}/domains", {"domain": domain})
+        """Route a hostname (or `*.suffix`) to the app:
+        `tally domains:add -a blog www.example.com`."""
+        doing(f"Adding {domain} to {app}",
+              lambda: client.post(f"/apps/{app}/domains", {"domain": domain}))
 
     @http_command(cli, "domains:remove")
     @app_option
     @click.argument("domain")
     def domains_remove(client: Client, app: str, domain: str) -> None:
-        """Stop routing a hostname to the app."""
-        client.request("DELETE", f"/apps/{app}/domains/{domain}")
+        """Stop routing a hostname to the app:
+        `tally domains:remove -a blog www.example.com`."""
+        doing(f"Removing {domain} from {app}",
+              lambda: client.request("DELETE", f"/apps/{app}/domains/{domain}"))
 
     for state, enabled in (("on", True), ("off", False)):
         _maintenance(cli, state, enabled)
+
+
+def _config_change(client: Client, app: str, what: str, change: dict[str, Any]) -> None:
+    """A config change, confirmed with the release it made (none before the first deploy)."""
+    def done(c: dict[str, Any]) -> str:
+        return f"done, v{c['release']}" if c.get("release") else "done"
+    restarting = client.get(f"/apps/{app}").get("release") is not None
+    doing(f"{what} and restarting {app}" if restarting else f"{what} for {app}",
+          lambda: client.request("PATCH", f"/apps/{app}/config", json=change), done)
 
 
 def _maintenance(cli: click.Group, state: str, enabled: bool) -> None:
     @http_command(cli, f"maintenance:{state}")
     @app_option
     def maintenance(client: Client, app: str) -> None:
-        """Switch maintenance mode (the balancers answer 503 with a page)."""
-        client.request("PUT", f"/apps/{app}/maintenance", json={"enabled": enabled})
+        """Switch maintenance mode (the balancers answer 503 with a page):
+        `tally maintenance:on -a blog`."""
+        doing(f"{'Enabling' if enabled else 'Disabling'} maintenance mode for {app}",
+              lambda: client.request("PUT", f"/apps/{app}/maintenance",
+                                     json={"enabled": enabled}))

@@ -42,6 +42,8 @@ def fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
                 from exc
         except psycopg2.Error as exc:  # e.g. views not migrated yet
             raise click.ClickException(f"database error: {_first(exc)}") from exc
+        except BrokenPipeError:
+            raise  # a reader that left (`| head`): click exits quietly, not an error
         except _domain_errors() as exc:
             raise click.ClickException(str(exc)) from exc
 

@@ -58,19 +58,23 @@ def tally(cluster: Any, api: ApiProcess, tmp_path_factory: pytest.TempPathFactor
 def test_create_deploy_scale_config_rollback(tally: Tally) -> None:
     app = f"hello-{uuid.uuid4().hex[:6]}"
     r = tally("apps:create", app)
-    assert r.stdout == "", "quiet on success"
+    assert r.stdout == "", "quiet on success: what changed is said on stderr"
+    assert r.stderr.startswith(f"Creating {app}... done")
     assert tally.json("apps:info", app)["owner"].startswith("dev-")
     r = tally("deploy", "-a", app, str(SAMPLE), "--no-wait", "-m", "first")
     assert "release v1 created" in r.stderr
     assert r.stdout == f"{app} answers at {tally.json('apps:info', app)['web_url']}\n"
     info = tally.json("apps:info", app)
     assert info["release"] == 1 and info["scale"] == {"web": 1}
-    tally("scale", "-a", app, "web=2", "worker=1")
+    r = tally("scale", "-a", app, "web=2", "worker=1")
+    assert r.stderr == f"Scaling {app}: web=2 worker=1... done, now web=2 worker=1\n"
     assert tally.json("apps:info", app)["scale"] == {"web": 2, "worker": 1}
-    tally("config:set", "-a", app, "GREETING=hi there", "DEBUG=0")
+    r = tally("config:set", "-a", app, "GREETING=hi there", "DEBUG=0")
+    assert r.stderr == f"Setting GREETING, DEBUG and restarting {app}... done, v2\n"
     assert tally.json("config", "-a", app) == {"GREETING": "hi there", "DEBUG": "0"}
     assert tally("config", "-a", app).stdout.splitlines() == ["DEBUG=0", "GREETING=hi there"]
-    tally("config:unset", "-a", app, "DEBUG")
+    r = tally("config:unset", "-a", app, "DEBUG")
+    assert r.stderr == f"Unsetting DEBUG and restarting {app}... done, v3\n"
     releases = tally.json("releases", "-a", app)
     assert [r["number"] for r in releases] == [3, 2, 1]
     r = tally("rollback", "-a", app, "v1")
@@ -79,7 +83,8 @@ def test_create_deploy_scale_config_rollback(tally: Tally) -> None:
     assert "v4" in tally("releases", "-a", app).stdout
     tally("domains:add", "-a", app, f"www.{app}.example.com")
     assert tally.json("domains", "-a", app) == [f"www.{app}.example.com"]
-    tally("maintenance:on", "-a", app)
+    r = tally("maintenance:on", "-a", app)
+    assert r.stderr == f"Enabling maintenance mode for {app}... done\n"
     assert tally.json("apps:info", app)["maintenance"] is True
     tally("maintenance:off", "-a", app)
     assert tally.json("ps", "-a", app) == []
@@ -119,7 +124,7 @@ def test_deploy_follows_rollout_and_says_what_it_waits_for(tally: Tally) -> None
 
 
 @pytest.mark.parametrize("args, reason", [
-    (("apps:create", "Bad_Name"), "invalid name"),
+    (("apps:create", "Bad_Name"), "is not an app name"),
     (("scale", "-a", "no-such-app", "web=1"), "no app named"),
     (("scale", "-a", "no-such-app", "web=x"), "whole number"),
     (("config:set", "-a", "no-such-app", "novalue"), "KEY=VALUE"),

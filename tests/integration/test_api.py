@@ -209,7 +209,7 @@ def test_long_polls_may_hold_only_their_slots(world: World, cluster: Any,
     client = create_app(Settings(cluster.dsn(), tmp_path, long_poll_slots=1,
                                  long_poll_max_s=3.0)).test_client()
     auth = {"Authorization": f"Bearer {world.tokens['admin']}"}
-    url = f"/events?after={world.ledger.sequence()}&type=NoSuchType&wait=2.5"
+    url = f"/events?after={world.ledger.sequence()}&type=BackupPruned&wait=2.5"
     took: list[float] = []
 
     def poll() -> None:

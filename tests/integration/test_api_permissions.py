@@ -51,17 +51,18 @@ MATRIX: list[tuple[str, str, Any, dict[str, int]]] = [
     ("GET", "/apps/{app}/events", None, dict.fromkeys(PEOPLE, 200)),
     ("GET", "/apps/{app}/why", None, dict.fromkeys(PEOPLE, 200)),
     ("GET", "/state?at=1", None, {"admin": 200}),
+    ("GET", "/diff?a=1&b=2", None, {"admin": 200}),
     ("GET", "/apps/{app}/logs", None, dict.fromkeys(PEOPLE, 200)),
     ("GET", "/apps/{app}/stats", None, dict.fromkeys(PEOPLE, 200)),
-    # No host agent in this world: a run passes every check, then finds no host (503).
-    ("POST", "/apps/{app}/runs", {"command": ["id"]}, dict.fromkeys(PEOPLE, 503)),
+    # No host agent in this world: a run passes every check, then finds no host (409).
+    ("POST", "/apps/{app}/runs", {"command": ["id"]}, dict.fromkeys(PEOPLE, 409)),
     ("GET", "/apps/{app}/runs/{run}", None, dict.fromkeys(PEOPLE, 200)),
     # Only who started a run attaches (the owner, here), and only over a WebSocket (400).
     ("GET", "/apps/{app}/runs/{run}/attach", None, {"owner": 400}),
-    ("POST", "/apps/{app}/runs/{run}/stop", None, dict.fromkeys(PEOPLE, 503)),
+    ("POST", "/apps/{app}/runs/{run}/stop", None, dict.fromkeys(PEOPLE, 409)),
     ("GET", "/apps/{app}/addons", None, dict.fromkeys(PEOPLE, 200)),
-    # No apps cluster in this world: an add-on passes every check, then 503.
-    ("POST", "/apps/{app}/addons", {"kind": "postgresql"}, dict.fromkeys(PEOPLE, 503)),
+    # No apps cluster in this world: an add-on passes every check, then 409.
+    ("POST", "/apps/{app}/addons", {"kind": "postgresql"}, dict.fromkeys(PEOPLE, 409)),
     ("GET", "/quotas/users/{owner_name}", None, {"admin": 200, "owner": 200}),
     ("PUT", "/quotas/users/{owner_name}", {"instances": 100}, {"admin": 200}),
     ("GET", "/quotas/apps/{app}", None, dict.fromkeys(PEOPLE, 200)),

@@ -11,6 +11,7 @@ import fcntl
 import json
 import os
 import pty
+import re
 import signal
 import struct
 import subprocess
@@ -442,3 +443,77 @@ def test_a_detached_run_is_listed_logged_and_stopped(platform: Platform) -> None
                                 if e.data["number"] == int(number)], 30, "RunEnded")
     assert ended[0].data["exit_code"] == 128 + signal.SIGTERM
     assert f"run.{number}" not in p.tally("ps", "-a", APP).stdout
+
+
+# --- every user command from a developer's machine --------------------------------------------
+
+
+def test_user_commands_work_with_only_the_api_url_and_a_token(platform: Platform) -> None:
+    """No TALLY_HOME, no ledger ports: HOME is a fresh folder, TALLY_API and TALLY_TOKEN are
+    all there is. The confirmation lines are Heroku's."""
+    p = platform
+    _ready(p)
+    info = p.tally("apps:info", "-a", APP)
+    assert info.returncode == 0 and "owner:" in info.stdout, info.stderr
+    assert p.tally("apps:info", APP).stdout == info.stdout  # positional, as before
+    changed = p.tally("config:set", "-a", APP, "LEVEL=3")
+    assert changed.returncode == 0, changed.stderr
+    assert re.fullmatch(rf"Setting LEVEL and restarting {APP}\.\.\. done, v\d+\n",
+                        changed.stderr), changed.stderr
+    releases = p.tally("releases", "-a", APP)
+    assert releases.stdout.split("\n")[0].split()[:2] == ["VERSION", "STATUS"]
+    assert "FAILURE" in releases.stdout
+    for args in (("why", "-a", APP), ("why", APP)):
+        why = p.tally(*args)
+        assert why.returncode == 0 and why.stdout.startswith(APP), why.stderr
+    events = p.tally("events", "-a", APP, "--limit", "3", "--json")
+    rows = [json.loads(line) for line in events.stdout.splitlines()]
+    assert len(rows) == 3 and rows[-1]["type"] in ("ConfigChanged", "ReleaseCreated",
+                                                  "RunStarted", "RunEnded"), events.stderr
+    assert "LEVEL" in str(rows) and "'3'" not in str(rows)  # config values redacted
+    assert p.tally("events", "--limit", "1").returncode == 1  # the whole ledger: admins'
+    assert p.tally("events", "--limit", "1", who="root").returncode == 0
+    for args in (("stats", "-a", APP), ("ps", "-a", APP), ("addons", "-a", APP),
+                 ("logs", "-a", APP), ("config", "-a", APP)):
+        out = p.tally(*args)
+        assert out.returncode == 0 and "Traceback" not in out.stderr, (args, out.stderr)
+    state = p.tally("state", "--at", "5", "--view", "apps", "--json", who="root")
+    assert state.returncode == 0 and "apps" in json.loads(state.stdout), state.stderr
+    diff = p.tally("diff", "1", "40", who="root")
+    assert diff.returncode == 0 and "apps:" in diff.stdout, diff.stderr
+
+
+def test_events_and_logs_follow_over_the_api(platform: Platform) -> None:
+    p = platform
+    _ready(p)
+    with subprocess.Popen([sys.executable, "-m", "tally.cli", "events", "-a", APP, "-f",
+                           "--limit", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          stdin=subprocess.DEVNULL, env=p.env(), cwd=p.home, text=True) as ev, \
+            subprocess.Popen([sys.executable, "-m", "tally.cli", "logs", "-a", APP, "-f",
+                              "-n", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             stdin=subprocess.DEVNULL, env=p.env(), cwd=p.home, text=True) as lg:
+        assert ev.stdout is not None and lg.stdout is not None
+        try:
+            ev.stdout.readline()  # the newest event, then the ones to come
+            marker = uuid.uuid4().hex[:8]
+            assert p.tally("run:detached", "-a", APP, "--", "echo", marker).returncode == 0
+            wait_until(lambda: "RunStarted" in ev.stdout.readline(), 60, "RunStarted followed")
+            wait_until(lambda: marker in lg.stdout.readline(), 60, "the run's line followed")
+        finally:
+            ev.kill()
+            lg.kill()
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(platform: Platform) -> None:
+    """`tally events | head -1`: the CLI exits quietly, as git does."""
+    p = platform
+    _ready(p)
+    with subprocess.Popen([sys.executable, "-m", "tally.cli", "events", "-a", APP, "--limit",
+                           "1000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          stdin=subprocess.DEVNULL, env=p.env(), cwd=p.home) as cli:
+        assert cli.stdout is not None and cli.stderr is not None
+        cli.stdout.readline()
+        cli.stdout.close()  # the reader is gone
+        cli.wait(60)
+        err = cli.stderr.read().decode()
+    assert "Traceback" not in err and "Broken pipe" not in err and "Errno" not in err, err
