@@ -11,11 +11,11 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from api.testing import ApiProcess
 
 from api.auth import create_user
 from ledger import Ledger, NewEvent
 from ledger.cluster import Cluster
+from tests.api_process import ApiProcess
 from tests.conftest import free_ports, tally_env
 from tests.unit.test_why import History
 from tests.waiting import Lines
