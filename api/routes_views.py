@@ -83,6 +83,7 @@ def stats(name: str) -> ResponseReturnValue:
 
 
 @route("/apps/<name>/logs", query=schemas.LogsQuery, response=schemas.Logs, tag="apps",
+       raw_response="text/event-stream",
        errors=(400, 401, 403, 404, 422))
 def logs(name: str) -> ResponseReturnValue:
     """The app's last log lines, as the log collector stored them."""
