@@ -9,9 +9,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import click
-from api.client import Client, ClientError
 
 from tally.cli_apps import app_and_arg, emit, http_command
+from tally.client import Client, ClientError
 from tally.console import cell, parse_since, table
 
 FOLLOW_WAIT_S = 10.0
