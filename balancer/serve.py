@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from balancer.accesslog import SOURCE, AccessLog
+from balancer.accesslog import SOURCE, AccessLog, Stream
 from balancer.h1 import Limits
 from balancer.routing import Router, Settings
 from balancer.sources import FileRoutes, LedgerRoutes, RoutesError
@@ -105,7 +105,7 @@ def supervise(options: Options) -> int:
         if pid == 0:
             code = 1
             try:
-                code = run(options, admin=options.admin if slot == 0 else None)
+                code = run(options, admin=options.admin if slot == 0 else None, slot=slot)
             finally:
                 os._exit(code)
         children[pid] = slot
@@ -134,7 +134,7 @@ def supervise(options: Options) -> int:
     return 0
 
 
-def run(options: Options, admin: tuple[str, int] | None = None) -> int:
+def run(options: Options, admin: tuple[str, int] | None = None, slot: int = 0) -> int:
     """One balancer process, until SIGTERM has drained it."""
     eventlet.hubs.use_hub(OneShotHub)
     admin = options.admin if admin is None and options.processes <= 1 else admin
@@ -142,7 +142,8 @@ def run(options: Options, admin: tuple[str, int] | None = None) -> int:
     proxy = Proxy(Router(options.settings), options.limits, options.timeouts,
                   metrics=Metrics(), access=access, log=log)
     if access is not None and options.collector:
-        eventlet.spawn_n(ship_access_log, access, options.collector)
+        eventlet.spawn_n(ship_access_log, access, options.collector,
+                         f"{options.bind[1]}.{slot}")
     listener = listen(options.bind)
     if options.routes_file:
         source = FileRoutes(options.routes_file)
@@ -283,17 +284,42 @@ def listen_relays(relays: Sequence[str], wakeups: eventlet.queue.LightQueue) -> 
             wakeups.put(p)
 
 
-def ship_access_log(access: AccessLog, endpoint: str, every: float = 0.5) -> None:
-    """Every half second, each app's new access log lines to the collector (as the host
-    agents ship app logs); lines the collector cannot take now wait for the next turn."""
-    sock = gzmq.Context().socket(gzmq.PUSH)
+def ship_access_log(access: AccessLog, endpoint: str, name: str, every: float = 0.5,
+                    resend_after: float = 5.0, max_pending: int = 1 << 20) -> None:
+    """Every half second, each app's new access log lines to the collector, as the host
+    agents ship app logs (acknowledged byte streams; unacknowledged bytes go again after
+    `resend_after` seconds). `name` tells this process's streams apart (port and slot)."""
+    sock = gzmq.Context().socket(gzmq.DEALER)
     sock.setsockopt(gzmq.SNDHWM, 1000)
-    sock.setsockopt(gzmq.LINGER, 1000)
+    sock.setsockopt(gzmq.LINGER, 0)
     sock.connect(endpoint)
+    streams: dict[str, Stream] = {}
+    by_iid: dict[bytes, Stream] = {}
     while True:
         eventlet.sleep(every)
-        for app, data in access.take().items():
+        now = time.monotonic()
+        while True:  # acknowledgements: [iid, epoch, end]
             try:
-                sock.send_multipart([app.encode(), SOURCE, data], gzmq.NOBLOCK)
-            except gzmq.Again:
-                access.put_back(app, data)
+                iid, epoch, end = sock.recv_multipart(gzmq.NOBLOCK)
+            except (gzmq.Again, ValueError):
+                break
+            stream = by_iid.get(iid)
+            if stream is not None:
+                stream.ack(int(epoch), int(end), now)
+        for app, data in access.take().items():
+            stream = streams.get(app)
+            if stream is None:
+                stream = streams[app] = Stream(f"{SOURCE}.{app}.{name}", time.time_ns(), now)
+                by_iid[stream.iid.encode()] = stream
+            stream.add(data, max_pending, time.time_ns())
+            send(sock, app, stream, stream.offset_of_last(data), data)
+        for app, stream in streams.items():
+            if stream.pending and now - stream.acked_at > resend_after:
+                send(sock, app, stream, stream.base, stream.pending)
+                stream.acked_at = now
+
+
+def send(sock: object, app: str, stream: Stream, offset: int, data: bytes) -> None:
+    with contextlib.suppress(gzmq.Again):  # the collector is away: sent again later
+        sock.send_multipart([app.encode(), stream.iid.encode(), b"%d" % stream.epoch,  # type: ignore[attr-defined]
+                             b"%d" % offset, data], gzmq.NOBLOCK)

@@ -409,11 +409,15 @@ def children(pid: int) -> list[int]:
 
 
 def test_access_log_lines_reach_the_apps_logs(upstreams: list[Upstream], tmp_path: Path) -> None:
+    import zmq
+
     from agents.logs import Collector
 
     endpoint = f"tcp://127.0.0.1:{free_ports(1)[0]}"
     stop = threading.Event()
-    collector = threading.Thread(target=Collector(tmp_path).run, args=(endpoint, stop))
+    context = zmq.Context()  # its own: not the process-wide one other tests may end
+    collector = threading.Thread(target=Collector(tmp_path).run,
+                                 args=(endpoint, stop, context))
     collector.start()
     b = Balancer("--collector", endpoint)
     try:
@@ -422,15 +426,16 @@ def test_access_log_lines_reach_the_apps_logs(upstreams: list[Upstream], tmp_pat
         assert get(conn, "blog.localhost", "/hello?x=1")[0] == 200
         assert get(conn, "nope.localhost")[0] == 404  # no app: no app's log to write to
         log = tmp_path / "blog" / "current.log"
-        wait_until(lambda: log.exists() and "status=200" in log.read_text(), 10,
+        wait_until(lambda: log.exists() and "status=200" in log.read_text(), 30,
                    "no access log line reached the collector")
         (entry,) = log.read_text().splitlines()
-        assert " router at=info method=GET path=\"/hello?x=1\" host=blog.localhost " in entry
+        assert f" router.blog.{b.port}.0 at=info method=GET path=\"/hello?x=1\" " in entry
         assert f"backend={upstreams[0].address}" in entry and 'fwd="127.0.0.1"' in entry
     finally:
         b.stop()
         stop.set()
         collector.join(5)
+        context.term()
 
 
 def make_cert(folder: Path, name: str) -> bytes:

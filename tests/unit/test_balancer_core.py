@@ -435,3 +435,18 @@ def test_https_only_routes_redirect_plain_requests() -> None:
     reply = redirect(b"https://shop.localhost:8443/a?b", close=False, head=False)
     assert reply.startswith(b"HTTP/1.1 308 Permanent Redirect\r\n"
                             b"Location: https://shop.localhost:8443/a?b\r\n")
+
+
+def test_access_log_stream_offsets_acks_and_overflow() -> None:
+    from balancer.accesslog import Stream
+
+    s = Stream("router.blog.8080.0", epoch=1, now=0.0)
+    s.add(b"a\n", max_pending=10, epoch=2)
+    s.add(b"bb\n", max_pending=10, epoch=2)
+    assert s.offset_of_last(b"bb\n") == 2 and s.pending == b"a\nbb\n"
+    s.ack(1, 2, now=1.0)  # the collector wrote the first line
+    assert (s.base, s.pending, s.acked_at) == (2, b"bb\n", 1.0)
+    s.ack(0, 5, now=2.0)  # an old epoch's acknowledgement moves nothing
+    assert s.base == 2
+    s.add(b"x" * 9, max_pending=10, epoch=3)  # too far behind: a new epoch from 0
+    assert (s.epoch, s.base, s.pending) == (3, 0, b"x" * 9)
