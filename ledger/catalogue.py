@@ -119,7 +119,7 @@ class AppCreated(Schema):
 
     name = fields.Str(required=True, validate=APP_NAME)
     owner = fields.Str(required=True, validate=validate.Length(min=1, max=200))
-    uid = fields.Int(allow_none=True, load_default=None, validate=APP_UID)
+    uid = fields.Int(allow_none=True, validate=APP_UID)
 
 
 @event("app")
