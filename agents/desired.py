@@ -15,7 +15,7 @@ def fleet_of(snapshot: dict[str, Any]) -> Fleet:
     fleet = Fleet()
     for name, a in snapshot.get("apps", {}).items():
         app = App(name, a.get("current"), deployed=a.get("deployed"),
-                  failed={int(n): r for n, r in a.get("failed", {}).items()})
+                  failed={int(n): r for n, r in a.get("failed", {}).items()}, uid=a.get("uid"))
         app.releases = {int(n): Release(int(n), r["digest"], r.get("procfile", {}),
                                         r.get("config_version", 0))
                         for n, r in a.get("releases", {}).items()}

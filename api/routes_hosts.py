@@ -146,7 +146,7 @@ def _app(name: str, needed: set[int], fold: Placements) -> dict[str, Any] | None
     here = bool(needed)
     shown = needed | ({serving} if here and serving else set())
     return {
-        "current": current, "deployed": deployed, "sizes": dict(state.sizes),
+        "current": current, "deployed": deployed, "sizes": dict(state.sizes), "uid": state.uid,
         "failed": {str(n): reason for n, reason in failed.items()},
         "releases": {str(r.number): {"digest": r.bundle_digest,
                                      "procfile": r.procfile if here else {},

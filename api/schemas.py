@@ -269,7 +269,7 @@ class Desired(Schema):
     placements = fields.List(fields.Dict(), required=True, metadata={
         "description": "instance_id, app, release, process_type, port"})
     apps = fields.Dict(keys=fields.Str(), values=fields.Dict(), required=True, metadata={
-        "description": "per app: current, deployed, failed, sizes, releases (digest, "
+        "description": "per app: current, deployed, failed, sizes, uid, releases (digest, "
                        "procfile, config_version), configs (the config vars of placed "
                        "releases)"})
 

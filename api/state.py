@@ -55,6 +55,8 @@ class AppState:
     exists: bool = False
     deleted: bool = False
     owner: str | None = None
+    uid: int | None = None
+    """The Unix uid its processes run as (AppCreated; None in older events)."""
     members: frozenset[str] = frozenset()
     created_at: str | None = None
     releases: tuple[Release, ...] = ()
@@ -104,7 +106,7 @@ def apply(s: AppState, ev: RecordedEvent) -> AppState:
     at = ev.recorded_at.isoformat() if ev.recorded_at else None
     t = ev.type
     if t == "AppCreated":
-        return AppState(s.name, exists=True, owner=d["owner"], created_at=at)
+        return AppState(s.name, exists=True, owner=d["owner"], uid=d.get("uid"), created_at=at)
     if t == "AppDeleted":
         return replace(s, exists=False, deleted=True, scale={k: 0 for k in s.scale})
     if t == "ConfigChanged":
