@@ -71,7 +71,8 @@ def platform() -> Iterator[Platform]:
     try:
         relays.start(0)
         relays.start(1)
-        env = {"TALLY_RELAYS": ",".join(relays.endpoints)}
+        env = {"TALLY_RELAYS": ",".join(relays.endpoints),  # access logs: to no one's
+               "TALLY_COLLECTOR": f"tcp://127.0.0.1:{free_ports(1)[0]}"}  # collector
         low = free_ports(1)[0]
         for i, host in enumerate(["h1", "h2"]):
             agents[host] = AgentProc(cluster, host, (low + 20 * i, low + 20 * i + 19),

@@ -41,7 +41,8 @@ def test_routes_from_the_view_and_from_the_cache_while_the_ledger_is_down(
     backend = Upstream("a")
     port = free_ports(1)[0]
     nowhere = ",".join(f"tcp://127.0.0.1:{p}" for p in free_ports(2))  # no relay: timers
-    env = tally_env(private, TALLY_RELAYS=nowhere)
+    env = tally_env(private, TALLY_RELAYS=nowhere,  # nor another session's log collector
+                    TALLY_COLLECTOR=f"tcp://127.0.0.1:{free_ports(1)[0]}")
     home = private.root.parent
     procs: list[subprocess.Popen] = []
 
