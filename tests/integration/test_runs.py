@@ -33,7 +33,7 @@ from ledger.tickets import SILENCE_S, Ticket, new_key, sign
 from tests.api_process import ApiProcess
 from tests.conftest import destroy_cluster, free_ports, make_cluster, tally_env
 from tests.fixtures.apps.fleet import AgentProc, Daemon, create_app, release
-from tests.waiting import wait_until
+from tests.waiting import Lines, wait_until
 
 PROBE = ("import os, sys; print('tty', os.isatty(1), 'uid', os.getuid(), 'greeting', "
          "os.environ['GREETING'], 'cwd-has-procfile', os.path.exists('Procfile')); sys.exit(7)")
@@ -302,8 +302,9 @@ def sleeper(p: Platform) -> Iterator[tuple[subprocess.Popen, int]]:
                           cwd=p.home) as cli:
         assert cli.stdout is not None
         try:
-            words = wait_until(lambda: (line := cli.stdout.readline().decode()).startswith(
-                "pid") and line.split(), 120, "the command's first line")
+            words = Lines(cli.stdout).until(
+                lambda raw: raw.decode().startswith("pid") and raw.decode().split(), 120,
+                "the command's first line")
             yield cli, int(words[1])
         finally:
             cli.kill()
