@@ -518,3 +518,32 @@ def test_a_reader_that_leaves_early_gets_no_traceback(platform: Platform) -> Non
         cli.wait(60)
         err = cli.stderr.read().decode()
     assert "Traceback" not in err and "Broken pipe" not in err and "Errno" not in err, err
+
+
+def test_a_run_cannot_read_the_ticket_key(platform: Platform) -> None:
+    """From inside a one-off run (as the app's user): the key is in no environment it can
+    read, neither its own nor the agent's that started it."""
+    p = platform
+    _ready(p)
+    out = p.tally("run", "-a", APP, "--", "sh", "-c",
+                  "env; cat /proc/$PPID/environ /proc/1/environ; echo done")
+    assert out.returncode == 0 and "done" in out.stdout, out.stderr
+    assert p.key.hex() not in out.stdout and "TALLY_RUN_KEY" not in out.stdout
+
+
+def test_a_run_never_attached_is_stopped_and_recorded(platform: Platform) -> None:
+    """A run posted but never attached stays listed until ps:stop; its agent knows no such
+    command, so the API records its end."""
+    import requests
+
+    p = platform
+    _ready(p)
+    r = requests.post(f"{p.api.url}/apps/{APP}/runs", json={"command": ["sleep", "1"]},
+                      headers={"Authorization": f"Bearer {p.tokens['ann']}"}, timeout=30)
+    number = r.json()["number"]
+    assert f"run.{number} " in p.tally("ps", "-a", APP).stdout
+    stopped = p.tally("ps:stop", "-a", APP, f"run.{number}")
+    assert stopped.returncode == 0, stopped.stderr
+    assert f"run.{number} " not in p.tally("ps", "-a", APP).stdout
+    (ended,) = [e for e in p.events("RunEnded") if e.data["number"] == number]
+    assert ended.data["exit_code"] is None and "never attached" in ended.data["reason"]
