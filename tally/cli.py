@@ -179,7 +179,7 @@ def serve() -> None:
 
 @serve.command("retention")
 @click.option("--every", default="5m", show_default=True, help="Time between runs.")
-@click.option("--older-than", default="24h", show_default=True,
+@click.option("--older-than", default="1h", show_default=True,
               help="Heartbeats older than this are deleted (each host keeps its newest).")
 @click.pass_obj
 @fail_cleanly

@@ -26,7 +26,7 @@ def daemons(cfg: Config) -> list[tuple[str, list[str], str]]:
     out.append(("collector", ["serve", "collector"], f"{cfg.collector} -> {cfg.app_logs_dir}"))
     out.append(("placer", ["serve", "placer"], "places instances (its decisions: tally events)"))
     out.append(("retention", ["serve", "retention"],
-                "heartbeats older than 24h removed every 5m (tally ledger status)"))
+                "heartbeats older than 1h removed every 5m (tally ledger status)"))
     for i, bind in enumerate(cfg.balancers, start=1):
         out.append((f"balancer-{i}", ["serve", "balancer", "--bind", bind],
                     f"http://<app>.<suffix>:{bind.rpartition(':')[2]}/ (routes view)"))
