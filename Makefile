@@ -25,7 +25,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-install: postgres system $(VENV)/.installed
+# Patroni runs as the postgres user, who cannot reach an interpreter under /root (pyenv):
+# its own virtualenv on the system Python, beside the project's (ledger/patroni.py).
+HA_VENV ?= .venv-ha
+$(HA_VENV)/.installed:
+	/usr/bin/python3 -m venv $(HA_VENV)
+	$(HA_VENV)/bin/pip install -q 'patroni[etcd3]==4.1.5' psycopg2-binary
+	touch $@
+
+install: postgres system $(VENV)/.installed $(HA_VENV)/.installed
 
 # Installs only what is missing (dpkg -s), so a prepared machine does not touch apt.
 system:

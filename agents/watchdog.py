@@ -16,6 +16,10 @@ it frees no reader (the sequencer places nothing the standby lacks) and only tur
 append into an "outcome unknown". Records are appended from a thread of their own, so a
 record waiting for an absent standby never stops the watchdog from looking.
 
+It also records each change of leader (a failover or a switchover by Patroni) as
+LedgerLeaderChanged, once per timeline (the timeline is its idempotency key), when the new
+leader has acknowledged the append: so only once it accepts writes.
+
 `overdue` decides over plain values; `Watchdog` only moves rows.
 """
 
@@ -25,6 +29,7 @@ import logging
 import queue
 import re
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,8 +40,11 @@ from ledger import Ledger, LedgerUnavailable, NewEvent
 log = logging.getLogger("tally.watchdog")
 
 STREAM = "ledger-watchdog"
+LEADERS = "ledger-leaders"
 MAX_QUERY = 500
 
+_LEADER = """SELECT inet_server_port(),
+    ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int"""
 _SESSIONS = """
 SELECT pid, usename, datname, application_name,
        extract(epoch FROM clock_timestamp() - xact_start)::float, query,
@@ -82,14 +90,20 @@ class Watchdog:
     end a superuser's session), records through the writer's."""
 
     def __init__(self, admin_dsn: str, writer_dsn: str, limit: float,
-                 interval: float | None = None) -> None:
+                 interval: float | None = None, nodes: dict[int, str] | None = None) -> None:
         self.admin_dsn = admin_dsn
+        self.nodes = nodes or {}
+        """Node name by port, to name the leader."""
+        self.timeline: int | None = None
+        self.leader: str | None = None
+        """The last timeline recorded (or queued) as LedgerLeaderChanged."""
         self.limit = limit
         self.interval = interval if interval is not None else min(1.0, max(0.1, limit / 4))
         self.ledger = Ledger(writer_dsn, retry_deadline=10, application_name="tally-watchdog")
         self.stop = threading.Event()
         self._conn: Any = None
-        self._records: queue.SimpleQueue[list[NewEvent] | None] = queue.SimpleQueue()
+        self._records: queue.SimpleQueue[tuple[str, list[NewEvent], str | None] | None] = \
+            queue.SimpleQueue()
 
     def sessions(self) -> list[Session]:
         if self._conn is None or self._conn.closed:
@@ -112,15 +126,36 @@ class Watchdog:
                         s.pid, s.role, s.database, s.held_s, blanked(s.query)[:100])
             ended.append(s)
         if ended:
-            self._records.put([terminated_event(s, self.limit) for s in ended])
+            self._records.put((STREAM, [terminated_event(s, self.limit) for s in ended], None))
         return ended
 
+    def watch_leader(self) -> None:
+        """Queue LedgerLeaderChanged if the primary's timeline is not the last recorded."""
+        with self._conn.cursor() as cur:
+            cur.execute(_LEADER)
+            port, timeline = cur.fetchone()
+        if self.timeline is None:
+            last = self.ledger.read_stream(LEADERS)
+            self.timeline = last[-1].data["timeline"] if last else 0
+            self.leader = last[-1].data["leader"] if last else None
+        if timeline != self.timeline:
+            leader = self.nodes.get(port, str(port))
+            self._records.put((LEADERS, [NewEvent("LedgerLeaderChanged", {
+                "leader": leader, "previous": self.leader, "timeline": timeline},
+                {"actor": "watchdog"})], f"ledger-leader-timeline-{timeline}"))
+            log.info("leader is now %s (timeline %d)", leader, timeline)
+            self.timeline, self.leader = timeline, leader
+
     def _record(self) -> None:
-        while (events := self._records.get()) is not None:
+        while (item := self._records.get()) is not None:
+            stream, events, key = item
             try:
-                self.ledger.append(STREAM, events)
+                self.ledger.append(stream, events, idempotency_key=key)
             except LedgerUnavailable as exc:  # OutcomeUnknown too: the record may be lost
-                log.warning("could not record %d ended sessions: %s", len(events), exc)
+                log.warning("could not record %s: %s", events[0].type, exc)
+                if key is not None:
+                    self.timeline = None  # read the stream again and retry
+                    time.sleep(1)
 
     def run(self) -> None:
         recorder = threading.Thread(target=self._record, name="watchdog-recorder", daemon=True)
@@ -128,6 +163,7 @@ class Watchdog:
         while not self.stop.is_set():
             try:
                 self.step()
+                self.watch_leader()
             except (psycopg2.Error, LedgerUnavailable) as exc:
                 log.warning("ledger unreachable, retrying: %s", str(exc).strip())
                 if self._conn is not None:

@@ -543,6 +543,17 @@ class LedgerSessionTerminated(Schema):
     query = fields.Str(load_default="", validate=validate.Length(max=500))
 
 
+@event("ledger")
+class LedgerLeaderChanged(Schema):
+    """A node became the ledger's primary (the first one, or by a failover or switchover
+    by Patroni) and accepts writes. In ledger-leaders, once per timeline."""
+
+    leader = fields.Str(required=True, validate=validate.Length(max=100))
+    previous = fields.Str(allow_none=True, load_default=None,
+                          validate=validate.Length(max=100))
+    timeline = fields.Int(required=True, validate=validate.Range(min=1))
+
+
 # --- Retention: what the ledger forgot, on purpose -----------------------------------------
 
 

@@ -30,13 +30,18 @@ from ledger.errors import ClusterError
 NODES = ("a", "b")
 ROLES = ("tally_owner", "tally_writer", "tally_reader", "tally_replicator")
 DEFAULT_BIN = Path("/usr/lib/postgresql/15/bin")
+CLIENT_TIMEOUTS = "connect_timeout=3 keepalives=1 keepalives_idle=5 keepalives_interval=2 " \
+    "keepalives_count=3"
+"""A dead host costs seconds, not minutes: a connection attempt gives up after 3 s, and an
+established one whose peer vanished (no RST: a powered-off or partitioned host) is dropped
+after ~11 s of silence, so the client reconnects through the multi-host DSN."""
 READ_ONLY_ROLES = ("tally_reader",)
 ROLE_SETUP = (
     # The sequencer and append's confirmation read the standby's flushed position, which
     # only pg_read_all_stats members see (migration 0008's ledger.durable_lsn runs as owner).
     "GRANT pg_read_all_stats TO tally_owner",
     # A reader never writes, so never holds a transaction id (every ledger reader waits for
-    # the oldest one); the watchdog ends at once a reader session that takes one anyway.
+    # the oldest one); the watchdog (agents/watchdog.py) bounds any session that does.
     *(f"ALTER ROLE {role} SET default_transaction_read_only = on" for role in READ_ONLY_ROLES),
 )
 """Idempotent role settings, applied at init and at every start (older clusters too)."""
@@ -66,6 +71,9 @@ class ClusterSpec:
     bin_dir: Path = DEFAULT_BIN
     os_user: str = "postgres"
     extra_settings: dict[str, str] = field(default_factory=dict)
+    ledger: bool = True
+    """The ledger's cluster: only its writing roles may take a transaction id without
+    writing (the apps' cluster leaves its databases as PostgreSQL makes them)."""
 
 
 @dataclass(frozen=True)
@@ -130,7 +138,7 @@ class Cluster:
         hosts = ",".join([self.spec.host] * len(self.spec.ports))
         return (
             f"host={hosts} port={ports} dbname={self.spec.dbname} user={role} "
-            f"password={password} target_session_attrs={target} connect_timeout=3"
+            f"password={password} target_session_attrs={target} {CLIENT_TIMEOUTS}"
         )
 
     def node_dsn(self, node: str, role: str = "postgres", dbname: str | None = None) -> str:
@@ -268,12 +276,13 @@ class Cluster:
         conf.write_text(base + marker + "\n" + "\n".join(lines) + "\n")
         self._chown(conf)
 
-    def _create_roles(self, creds: dict[str, str]) -> None:
-        conn = self._connect("a", dbname="postgres")
+    def _create_roles(self, creds: dict[str, str], node: str = "a",
+                      roles: tuple[str, ...] = ROLES, slots: bool = True) -> None:
+        conn = self._connect(node, dbname="postgres")
         conn.autocommit = True
         try:
             with conn.cursor() as cur:
-                for role in ROLES:
+                for role in roles:
                     extra = " REPLICATION" if role == "tally_replicator" else ""
                     cur.execute(f"CREATE ROLE {role} LOGIN{extra} PASSWORD %s", (creds[role],))
                 # Bound transaction time: a long writing transaction stalls ledger readers.
@@ -282,9 +291,9 @@ class Cluster:
                     cur.execute(
                         f"ALTER ROLE {role} SET idle_in_transaction_session_timeout = '10s'")
                 cur.execute(f"CREATE DATABASE {self.spec.dbname} OWNER tally_owner")
-                for node in NODES:
+                for name in NODES if slots else ():
                     cur.execute("SELECT pg_create_physical_replication_slot(%s)",
-                                (f"tally_{node}",))
+                                (f"tally_{name}",))
         finally:
             conn.close()
 
@@ -292,6 +301,8 @@ class Cluster:
         """Apply ROLE_SETUP, and keep the xid functions to the writing roles."""
         for statement in ROLE_SETUP:
             self._query(node, statement)
+        if not self.spec.ledger:
+            return
         for db in (self.spec.dbname, "postgres", "template1"):
             conn = self._connect(node, dbname=db)
             conn.autocommit = True

@@ -11,6 +11,7 @@ import click
 import psycopg2
 
 import migrations
+from ledger.errors import LedgerError
 from tally import (
     cli_agents,
     cli_apps,
@@ -88,13 +89,27 @@ def ledger_stop(cfg: Config, node: str | None, mode: str) -> None:
 @click.pass_obj
 @fail_cleanly
 def ledger_status(cfg: Config, as_json: bool) -> None:
-    """Each node's role, replication state, sync state and lag."""
-    nodes = cfg.cluster().status()
+    """Each node's role, replication state, sync state and lag, the ledger's size (and
+    Patroni's view: leader, members, timeline, lag, when the cluster runs under Patroni)."""
+    from ledger.patroni import PatroniCluster, describe
+
+    cluster = cfg.cluster()
+    nodes = cluster.status()
     size = _ledger_size(cfg)
+    patroni = None
+    if isinstance(cluster, PatroniCluster):
+        try:
+            patroni = cluster.state()
+        except LedgerError as exc:
+            patroni = {"error": str(exc)}
     if as_json:
-        click.echo(json.dumps([{**n.as_dict(), **({"ledger": size} if n.role == "primary"
-                                                   else {})} for n in nodes], indent=1))
+        plain = [{**n.as_dict(), **({"ledger": size} if n.role == "primary" else {})}
+                 for n in nodes]
+        click.echo(json.dumps(plain if patroni is None else {"patroni": patroni,
+                                                             "nodes": plain}, indent=1))
         return
+    for line in describe(patroni) if patroni is not None else []:
+        click.echo(line)
     if size is not None:
         click.echo(f"ledger {size['bytes'] / 2**20:.1f} MiB, ~{size['events_estimate']:,} "
                    f"events")
@@ -133,8 +148,15 @@ def _ledger_size(cfg: Config) -> dict | None:
 @click.pass_obj
 @fail_cleanly
 def ledger_promote(cfg: Config, node: str | None) -> None:
-    """Promote the standby. Refused while the old primary still runs."""
-    promoted = cfg.cluster().promote(node)
+    """Promote the standby. Refused while the old primary still runs. Under Patroni: a
+    switchover to the synchronous standby (or --node)."""
+    from ledger.patroni import PatroniCluster
+
+    cluster = cfg.cluster()
+    promoted = cluster.promote(node)
+    if isinstance(cluster, PatroniCluster):
+        click.echo(f"Patroni switched the leadership over to node {promoted}", err=True)
+        return
     click.echo(f"node {promoted} is now the primary (running without a synchronous standby "
                f"until `tally ledger rejoin` brings the other node back)", err=True)
 
@@ -144,7 +166,8 @@ def ledger_promote(cfg: Config, node: str | None) -> None:
 @click.pass_obj
 @fail_cleanly
 def ledger_rejoin(cfg: Config, node: str) -> None:
-    """Rewind a former primary and make it the synchronous standby again."""
+    """Rewind a former primary and make it the synchronous standby again. Under Patroni
+    (which rewinds a former primary by itself): rebuild the replica from the leader."""
     cfg.cluster().rejoin(node)
 
 
@@ -237,12 +260,16 @@ def serve_relay(cfg: Config, endpoint: str | None, poll_interval: float,
 @click.pass_obj
 @fail_cleanly
 def serve_watchdog(cfg: Config, limit: float, interval: float | None) -> None:
-    """End any ledger-cluster session holding a transaction id past the limit."""
+    """End any ledger-cluster session holding a transaction id past the limit; record each
+    change of ledger leader."""
     from agents.watchdog import Watchdog
+    from ledger.cluster import NODES
 
     daemon_logging()
     cluster = cfg.cluster()
-    dog = Watchdog(cluster.dsn("postgres"), cluster.dsn("tally_writer"), limit, interval)
+    nodes = {port: name for name, port in zip(NODES, cluster.spec.ports, strict=True)}
+    dog = Watchdog(cluster.dsn("postgres"), cluster.dsn("tally_writer"), limit, interval,
+                   nodes)
     stop_event(dog.stop)
     dog.run()
 

@@ -3,6 +3,10 @@
 TALLY_HOME            where state lives (ledger cluster, logs, pid files); default ./var
 TALLY_LEDGER_PORTS    the two ledger nodes' ports; default 5433,5434
 TALLY_RELAYS          relay PUB endpoints, comma-separated; default tcp://127.0.0.1:5551,5552
+TALLY_LEDGER_HA       `patroni` (default: a new ledger cluster runs under Patroni + etcd) or
+                      `plain` (primary + synchronous standby, failover by hand)
+TALLY_LEDGER_HA_PORTS a new Patroni cluster's REST (node a, b) and etcd (client, peer)
+                      ports; default: ports free at `init`, kept in ledger/patroni.json
 TALLY_PG_BIN          PostgreSQL binaries; default /usr/lib/postgresql/15/bin
 TALLY_API_BIND        where `tally serve api` listens; default 127.0.0.1:8000
 TALLY_MAX_BUNDLE_MB   largest bundle upload the API accepts; default 100
@@ -38,6 +42,7 @@ from pathlib import Path
 
 from ledger.cluster import DEFAULT_BIN, Cluster, ClusterSpec
 from tally.client import Client
+from ledger.patroni import ledger_cluster
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,8 @@ class Config:
     """The relays' CURVE public key (z85); empty: relays without CURVE (ledger/curve.py)."""
     curve_keyfile: str = ""
     """This process's CURVE keypair file for subscribing to the relays (control plane)."""
+    ledger_ha: bool = True
+    ledger_ha_ports: tuple[int, int, int, int] | None = None
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Config:
@@ -85,6 +92,8 @@ class Config:
                 "TALLY_AGENT_PORTS", "7000-7099,7100-7199").split(",") if r.strip()),
             relay_key=env.get("TALLY_RELAY_KEY", ""),
             curve_keyfile=env.get("TALLY_CURVE_KEYFILE", ""),
+            ledger_ha=env.get("TALLY_LEDGER_HA", "patroni") != "plain",
+            ledger_ha_ports=_ha_ports(env.get("TALLY_LEDGER_HA_PORTS")),
             apps_db_ports=_two_ports(env.get("TALLY_APPS_DB_PORTS", "5443,5444"),
                                      "TALLY_APPS_DB_PORTS"),
             app_uids=_uid_range(env.get("TALLY_APP_UIDS", "200000-299999")),
@@ -100,8 +109,9 @@ class Config:
         return int(self.balancers[0].rpartition(":")[2]) if self.balancers else None
 
     def cluster(self) -> Cluster:
-        return Cluster(ClusterSpec(self.home / "ledger", ports=self.ledger_ports,
-                                   bin_dir=self.pg_bin))
+        return ledger_cluster(ClusterSpec(self.home / "ledger", ports=self.ledger_ports,
+                                          bin_dir=self.pg_bin),
+                              self.ledger_ha_ports, new_ha=self.ledger_ha)
 
     @property
     def run_dir(self) -> Path:
@@ -114,7 +124,7 @@ class Config:
     def apps_cluster(self) -> Cluster:
         """The apps' databases: a primary and a synchronous standby beside the ledger's."""
         return Cluster(ClusterSpec(self.home / "appsdb", ports=self.apps_db_ports,
-                                   dbname="tally_apps", bin_dir=self.pg_bin))
+                                   dbname="tally_apps", bin_dir=self.pg_bin, ledger=False))
 
     @property
     def app_logs_dir(self) -> Path:
@@ -130,6 +140,16 @@ class Config:
     def bundles_dir(self) -> Path:
         """Uploaded app bundles, content-addressed: <sha256>.tar.gz."""
         return self.home / "bundles"
+
+
+def _ha_ports(text: str | None) -> tuple[int, int, int, int] | None:
+    if not text:
+        return None
+    ports = tuple(int(p) for p in text.split(","))
+    if len(ports) != 4:
+        raise ValueError("TALLY_LEDGER_HA_PORTS must name four ports: REST a, REST b, "
+                         "etcd client, etcd peer")
+    return ports[0], ports[1], ports[2], ports[3]
 
 
 def _two_ports(text: str, name: str) -> tuple[int, int]:

@@ -153,7 +153,7 @@ def test_cli_manages_a_cluster_from_scratch() -> None:
 
     home = Path(tempfile.mkdtemp(prefix="tally-cli-"))
     home.chmod(0o755)
-    env = {**os.environ, "TALLY_HOME": str(home),
+    env = {**os.environ, "TALLY_HOME": str(home), "TALLY_LEDGER_HA": "plain",
            "TALLY_LEDGER_PORTS": ",".join(map(str, free_ports(2)))}
 
     def tally(*args: str) -> subprocess.CompletedProcess:

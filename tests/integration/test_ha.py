@@ -1,0 +1,257 @@
+"""The ledger under Patroni and etcd (real ones): failover without losing an acknowledged
+append, rejoin by pg_rewind, no split brain, readers that follow the new leader.
+
+One Patroni cluster for the module (bootstrapping one takes ~20 s); each test leaves it
+with a leader and a streaming synchronous standby."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+import migrations
+from ledger import Ledger, LedgerUnavailable, NewEvent
+from ledger.cluster import ClusterSpec
+from ledger.patroni import PatroniCluster
+from ledger.subscriber import Subscriber
+from projectors.inspect import status as projector_status
+from tests.conftest import RelayProcs, free_ports, tally_env
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ha() -> Iterator[PatroniCluster]:
+    root = Path(tempfile.mkdtemp(prefix="tally-ha-"))
+    root.chmod(0o755)
+    a, b, *others = free_ports(6)
+    cluster = PatroniCluster(ClusterSpec(root / "ledger", ports=(a, b)), tuple(others))
+    cluster.init()
+    migrations.upgrade(cluster.dsn("tally_owner"))
+    yield cluster
+    cluster.destroy()
+    subprocess.run(["rm", "-rf", str(root)], check=False)
+
+
+def members(cluster: PatroniCluster) -> dict[str, dict]:
+    return {m["name"]: m for m in cluster.state()["members"]}
+
+
+def healthy(cluster: PatroniCluster, timeout: float = 120) -> str:
+    """Until one leader runs and the other node streams as its synchronous standby."""
+    def ok() -> str | None:
+        try:
+            ms = members(cluster)
+        except Exception:  # noqa: BLE001 (REST API restarting)
+            return None
+        leader = [n for n, m in ms.items() if m["role"] == "leader" and m["state"] == "running"]
+        sync = [n for n, m in ms.items() if m["role"] == "sync_standby"
+                and m["state"] == "streaming"]
+        return leader[0] if leader and sync else None
+    return wait_until(ok, timeout, "the cluster never had a leader and a sync standby")
+
+
+class Writer(threading.Thread):
+    """Appends with its own idempotency keys; a failed append is sent again with the same
+    key until acknowledged. Remembers every acknowledged (key, event id)."""
+
+    def __init__(self, dsn: str, n: int) -> None:
+        super().__init__(daemon=True)
+        self.ledger = Ledger(dsn, retry_deadline=90, confirm_timeout=5)
+        self.n = n
+        self.acked: dict[str, int] = {}
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            i = 0
+            while not self.stop.is_set():
+                i += 1
+                key = f"ha-w{self.n}-{i}"
+                while True:
+                    try:
+                        r = self.ledger.append(f"heartbeat-ha{self.n}", [NewEvent(
+                            "HostHeartbeat", {"host_id": f"ha{self.n}", "instances": i})],
+                            idempotency_key=key)
+                        break
+                    except LedgerUnavailable:  # OutcomeUnknown too: same key again
+                        continue
+                self.acked[key] = r.event_ids[0]
+        except BaseException as exc:  # surfaced by the test
+            self.error = exc
+        finally:
+            self.ledger.close()
+
+
+def on_node(cluster: PatroniCluster, node: str, sql: str, args: tuple = ()) -> list[tuple]:
+    conn = psycopg2.connect(cluster.node_dsn(node))
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, args)
+            return cur.fetchall() if cur.description else []
+    finally:
+        conn.close()
+
+
+def events_file(cluster: PatroniCluster, node: str) -> Path:
+    (rel,), = on_node(cluster, node, "SELECT pg_relation_filepath('ledger.events')")
+    return cluster.node_dir(node) / rel
+
+
+@pytest.mark.parametrize("victim", ["postmaster", "patroni"])
+def test_failover_under_writers_loses_no_acknowledged_append(
+        ha: PatroniCluster, victim: str) -> None:
+    old = healthy(ha)
+    new = ha.other(old)
+    relays = RelayProcs(ha)
+    env = tally_env(ha, TALLY_RELAYS=",".join(relays.endpoints))
+    logs = ha.root.parent
+    with open(logs / "ha-watchdog.log", "ab") as wlog, \
+         open(logs / "ha-projectors.log", "ab") as plog:
+        watchdog = subprocess.Popen([sys.executable, "-m", "tally.cli", "serve", "watchdog"],
+                                    env=env, stdout=wlog, stderr=wlog)
+        projectors = subprocess.Popen([sys.executable, "-m", "tally.cli", "serve",
+                                       "projectors"], env=env, stdout=plog, stderr=plog)
+    writers = [Writer(ha.dsn(), n) for n in range(4)]
+    sub = Subscriber(relays.endpoints)
+    try:
+        for i in range(2):
+            relays.start(i)
+            relays.wait_ready(i, timeout=60)
+        for w in writers:
+            w.start()
+        wait_until(lambda: all(len(w.acked) >= 20 for w in writers), 60, "writers too slow")
+        events = events_file(ha, old)
+        inode = events.stat().st_ino
+        before = {w.n: len(w.acked) for w in writers}
+
+        if victim == "postmaster":
+            os.kill(ha.postmaster_pid(old), signal.SIGKILL)
+        else:
+            # A dead Patroni: its leader key expires after ttl and the synchronous standby
+            # takes over; the old PostgreSQL runs on, but its commits wait for a standby
+            # that left, so none is acknowledged. A supervisor restarts Patroni, which
+            # then demotes and rewinds its node.
+            ha.ha.signal(f"patroni-{old}", signal.SIGKILL)
+            wait_until(lambda: ha.ha.leader() == new, 90, "no failover from a dead Patroni")
+            ha.start_node(old)
+        wait_until(lambda: all(len(w.acked) >= before[w.n] + 20 for w in writers), 120,
+                   "writes did not resume through the DSN")
+        for w in writers:
+            w.stop.set()
+        for w in writers:
+            w.join(120)
+            assert w.error is None, w.error
+
+        # Every acknowledged append exists exactly once on the leader (the key is unique).
+        leader = healthy(ha)
+        acked = {k: v for w in writers for k, v in w.acked.items()}
+        rows = dict(on_node(ha, leader, "SELECT idempotency_key, id FROM ledger.events "
+                            "WHERE stream LIKE 'heartbeat-ha%%'"))
+        assert {k: rows.get(k) for k in acked} == acked
+
+        # The old primary rejoined as the synchronous standby by pg_rewind: its ledger
+        # file is the same file, rewound in place, not a fresh copy.
+        assert members(ha)[old]["role"] == "sync_standby"
+        log = (ha.root / f"patroni-{old}.log").read_text()
+        assert leader == new and "reinitializ" not in log.lower()
+        assert events.stat().st_ino == inode
+        if victim == "postmaster":
+            assert "pg_rewind exit code=0" in log
+
+        # Readers end with every event: the relays' wake-ups and the projectors.
+        with Ledger(ha.dsn(), retry_deadline=60) as ledger:
+            head = wait_until(lambda: ledger.sequence() if len(ledger.positions_of(
+                list(acked.values()))) == len(acked) else None, 60, "events left unplaced")
+            wait_until(lambda: sub.wait(0.5) is not None and sub.head >= head or
+                       sub.head >= head, 60, "the relays did not follow the new leader")
+            wait_until(lambda: all(p["position"] >= head for p in projector_status(
+                ha.dsn("tally_reader"))), 90, "the projectors did not catch up")
+            # Recorded once per timeline, when the new leader accepted writes.
+            (timeline,), = on_node(ha, new, "SELECT timeline_id FROM pg_control_checkpoint()")
+            changes = wait_until(lambda: [e.data for e in ledger.read_stream("ledger-leaders")
+                                          if e.data["timeline"] >= timeline], 30,
+                                 "no LedgerLeaderChanged for the new leader")
+            assert changes == [{"leader": new, "previous": old, "timeline": timeline}]
+            timelines = [e.data["timeline"] for e in ledger.read_stream("ledger-leaders")]
+            assert len(timelines) == len(set(timelines))
+    finally:
+        sub.close()
+        for w in writers:
+            w.stop.set()
+        relays.stop()
+        for proc in (watchdog, projectors):
+            proc.terminate()
+            proc.wait(20)
+
+
+def acked_on(cluster: PatroniCluster, node: str, key: str, timeout: float) -> bool:
+    """Whether an append sent straight to `node` is acknowledged within `timeout` s."""
+    dsn = cluster.node_dsn(node, "tally_writer")
+    result: list[object] = []
+
+    def attempt() -> None:
+        try:
+            with Ledger(dsn, retry_deadline=1, confirm_timeout=1) as ledger:
+                ledger.append("heartbeat-split", [NewEvent("HostHeartbeat",
+                                                           {"host_id": key})],
+                              idempotency_key=key)
+                result.append(True)
+        except Exception as exc:  # noqa: BLE001 (read-only, unavailable, unknown: not acked)
+            result.append(exc)
+    t = threading.Thread(target=attempt, daemon=True)
+    t.start()
+    t.join(timeout)
+    return result == [True]
+
+
+def test_a_hung_leader_patroni_never_makes_two_writable_primaries(ha: PatroniCluster) -> None:
+    old = healthy(ha)
+    new = ha.other(old)
+    ha.ha.signal(f"patroni-{old}", signal.SIGSTOP)
+    try:
+        wait_until(lambda: ha.ha.leader() == new, 90, "no failover from a hung Patroni")
+        assert acked_on(ha, new, "split-new", 20)
+        # The old primary's PostgreSQL still runs, but its commits wait for a standby
+        # that is gone: never acknowledged.
+        assert not acked_on(ha, old, "split-old", 5)
+    finally:
+        ha.ha.signal(f"patroni-{old}", signal.SIGCONT)
+    healthy(ha)
+    rows = on_node(ha, ha.ha.leader(), "SELECT idempotency_key FROM ledger.events "
+                   "WHERE stream = 'heartbeat-split'")
+    assert ("split-new",) in rows and ("split-old",) not in rows
+
+
+def writable(cluster: PatroniCluster, node: str) -> bool:
+    try:
+        return not on_node(cluster, node, "SELECT pg_is_in_recovery()")[0][0]
+    except psycopg2.Error:
+        return False
+
+
+def test_a_hung_etcd_leaves_no_writable_primary(ha: PatroniCluster) -> None:
+    healthy(ha)
+    ha.ha.signal("etcd", signal.SIGSTOP)
+    try:
+        # Without its store the leader demotes itself; nobody can take the lock.
+        wait_until(lambda: not any(writable(ha, n) for n in ("a", "b")), 60,
+                   "a primary kept accepting writes without etcd")
+        assert not any(acked_on(ha, n, f"no-etcd-{n}", 3) for n in ("a", "b"))
+    finally:
+        ha.ha.signal("etcd", signal.SIGCONT)
+    healthy(ha)
+    with Ledger(ha.dsn(), retry_deadline=60) as ledger:
+        ledger.append("heartbeat-split", [NewEvent("HostHeartbeat", {"host_id": "back"})])
