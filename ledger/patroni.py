@@ -104,7 +104,6 @@ def patroni_config(spec: HASpec, name: str, secrets: dict[str, str]) -> dict[str
         "bootstrap": {
             "dcs": {
                 **TIMINGS,
-                "maximum_lag_on_failover": 0,
                 "primary_start_timeout": 0,
                 "synchronous_mode": True,
                 "synchronous_mode_strict": spec.strict,

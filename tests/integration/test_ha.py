@@ -255,3 +255,54 @@ def test_a_hung_etcd_leaves_no_writable_primary(ha: PatroniCluster) -> None:
     healthy(ha)
     with Ledger(ha.dsn(), retry_deadline=60) as ledger:
         ledger.append("heartbeat-split", [NewEvent("HostHeartbeat", {"host_id": "back"})])
+
+
+def test_a_cut_replication_wait_then_a_crash_loses_no_acknowledged_append(
+        ha: PatroniCluster) -> None:
+    """The lost-ack sequence under Patroni: the standby stops receiving, an append waits,
+    its wait is cancelled (OutcomeUnknown), the primary is killed -9. Whichever node leads
+    after, the positions read before hold the same events, and the append is acknowledged
+    only when sent again, once."""
+    old = healthy(ha)
+    standby = ha.other(old)
+    with Ledger(ha.dsn(), retry_deadline=60) as ledger:
+        ledger.append("heartbeat-cut", [NewEvent("HostHeartbeat", {"host_id": "before"})])
+        wait_until(lambda: ledger.sequence() and ledger.positions_of(
+            [ledger.read_stream("heartbeat-cut")[-1].id]),
+                   30, "never sequenced")
+        seen = [(e.position, e.id) for e in ledger.read_all(0, limit=100_000)]
+    (receiver,), = on_node(ha, standby, "SELECT pid FROM pg_stat_wal_receiver")
+    os.kill(receiver, signal.SIGSTOP)
+    outcome: list[object] = []
+
+    def append() -> None:
+        try:
+            with Ledger(ha.dsn(), retry_deadline=5, confirm_timeout=1) as ledger:
+                ledger.stream_version("heartbeat-cut")
+                outcome.append(ledger.append("heartbeat-cut", [NewEvent(
+                    "HostHeartbeat", {"host_id": "cut"})], idempotency_key="cut-1"))
+        except Exception as exc:  # noqa: BLE001 (the outcome is what the test checks)
+            outcome.append(exc)
+    t = threading.Thread(target=append, daemon=True)
+    try:
+        t.start()
+        (pid,), = wait_until(lambda: on_node(ha, old, "SELECT pid FROM pg_stat_activity "
+                                             "WHERE wait_event = 'SyncRep'"), 30,
+                             "the append never waited for the standby")
+        on_node(ha, old, "SELECT pg_cancel_backend(%s)", (pid,))
+        t.join(30)
+        assert outcome and isinstance(outcome[0], LedgerUnavailable), outcome  # unknown
+        with Ledger(ha.dsn(), retry_deadline=5) as ledger:
+            assert [(e.position, e.id) for e in ledger.read_all(0, limit=100_000)] == seen
+        os.kill(ha.postmaster_pid(old), signal.SIGKILL)
+    finally:
+        os.kill(receiver, signal.SIGCONT)
+    healthy(ha)
+    with Ledger(ha.dsn(), retry_deadline=60) as ledger:
+        again = ledger.append("heartbeat-cut", [NewEvent("HostHeartbeat", {"host_id": "cut"})],
+                              idempotency_key="cut-1")
+        wait_until(lambda: ledger.sequence() and ledger.positions_of(again.event_ids), 30,
+                   "the confirmed append never got a position")
+        after = [(e.position, e.id) for e in ledger.read_all(0, limit=100_000)]
+    assert after[:len(seen)] == seen
+    assert [e for e in after if e[1] == again.event_ids[0]] != []
