@@ -306,3 +306,31 @@ def test_a_cut_replication_wait_then_a_crash_loses_no_acknowledged_append(
         after = [(e.position, e.id) for e in ledger.read_all(0, limit=100_000)]
     assert after[:len(seen)] == seen
     assert [e for e in after if e[1] == again.event_ids[0]] != []
+
+
+def test_status_and_a_switchover_through_the_cli(ha: PatroniCluster) -> None:
+    """`tally ledger status` shows Patroni's view; `tally ledger promote` is a switchover
+    by Patroni, recorded as LedgerLeaderChanged once the new leader accepts writes."""
+    old = healthy(ha)
+    env = tally_env(ha)
+
+    def tally(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "tally.cli", *args], env=env,
+                              capture_output=True, text=True, timeout=120)
+    out = tally("ledger", "status").stdout
+    assert f"leader {old} (timeline" in out and "sync_standby, streaming" in out
+    with open(ha.root.parent / "ha-watchdog-2.log", "ab") as log:
+        watchdog = subprocess.Popen([sys.executable, "-m", "tally.cli", "serve", "watchdog"],
+                                    env=env, stdout=log, stderr=log)
+    try:
+        promoted = tally("ledger", "promote")
+        new = ha.other(old)
+        assert promoted.returncode == 0 and f"node {new}" in promoted.stderr, promoted.stderr
+        assert healthy(ha) == new
+        with Ledger(ha.dsn(), retry_deadline=60) as ledger:
+            wait_until(lambda: [e for e in ledger.read_stream("ledger-leaders")
+                                if e.data["leader"] == new and e.data["previous"] == old], 60,
+                       "the switchover was not recorded")
+    finally:
+        watchdog.terminate()
+        watchdog.wait(20)
