@@ -334,3 +334,30 @@ def test_status_and_a_switchover_through_the_cli(ha: PatroniCluster) -> None:
     finally:
         watchdog.terminate()
         watchdog.wait(20)
+
+
+def test_a_standby_that_was_not_synchronous_is_never_promoted(ha: PatroniCluster) -> None:
+    """The standby goes down; Patroni stops waiting for it (not strict) and the primary
+    acknowledges alone. The primary then dies whole (Patroni and postmaster): the stale
+    standby, back, is not synchronous and must not lead. The old primary, back, leads with
+    the append it acknowledged."""
+    old = healthy(ha)
+    stale = ha.other(old)
+    ha.stop_node(stale)
+    wait_until(lambda: on_node(ha, old, "SHOW synchronous_standby_names") == [("",)], 60,
+               "Patroni never stopped waiting for the stopped standby")
+    with Ledger(ha.dsn(), retry_deadline=30) as ledger:
+        alone = ledger.append("heartbeat-alone", [NewEvent("HostHeartbeat", {"host_id": "x"})])
+    ha.stop_node(old, mode="immediate")
+    log = ha.root / f"patroni-{stale}.log"
+    seen = log.stat().st_size
+    ha.start_node(stale)
+    try:
+        wait_until(lambda: "not the healthiest node" in log.read_text()[seen:], 90,
+                   "the stale standby never tried (and failed) to lead")
+        assert ha.ha.leader() is None
+    finally:
+        ha.start_node(old)
+    assert healthy(ha) == old
+    rows = on_node(ha, old, "SELECT id FROM ledger.events WHERE stream = 'heartbeat-alone'")
+    assert (alone.event_ids[0],) in rows
