@@ -41,8 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ledger.cluster import DEFAULT_BIN, Cluster, ClusterSpec
-from tally.client import Client
 from ledger.patroni import ledger_cluster
+from tally.client import Client
 
 
 @dataclass(frozen=True)
