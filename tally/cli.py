@@ -133,13 +133,15 @@ def ledger_status(cfg: Config, as_json: bool) -> None:
 
 def _ledger_size(cfg: Config) -> dict | None:
     """The ledger's size and what retention removed (None: no primary answers)."""
+    import psycopg2
+
     from ledger import Ledger, LedgerError
     from ledger.retention import status
 
     try:
         with Ledger(cfg.cluster().dsn("tally_writer"), retry_deadline=2) as ledger:
             return status(ledger)
-    except LedgerError:
+    except (LedgerError, psycopg2.Error):  # a stopped cluster: status says so per node
         return None
 
 
