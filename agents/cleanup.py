@@ -6,7 +6,7 @@ this a host's disk fills with every release ever deployed, and a deleted app wou
 its code, its home folder and its Unix user behind, where Dokku's `apps:destroy` removes
 them. Kept per app: the releases its instances here run or are placed to run, its
 current and deployed releases, and the KEEP_RECENT newest (a rollback needs no unpack).
-The shared virtualenv cache stays: other agents on the machine may use it.
+Release folders are named by their slug's digest.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def plan(on_disk: Mapping[str, set[str]], apps: Mapping[str, App],
                 gone.append(name)
             continue
         newest = sorted(app.releases, reverse=True)[:KEEP_RECENT]
-        keep = {app.releases[n].digest for n in (*newest, app.current_release, app.deployed)
-                if n in app.releases} | in_use.get(name, set())
+        keep = {app.releases[n].slug for n in (*newest, app.current_release, app.deployed)
+                if n in app.releases and app.releases[n].slug} | in_use.get(name, set())
         releases += [(name, d) for d in sorted(digests - keep)]
     return Cleanup(releases, gone)

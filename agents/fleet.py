@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from ledger import builds
 from ledger.events import RecordedEvent
 from ledger.vocabulary import (
     LIVENESS_STREAM,
@@ -25,7 +26,7 @@ from ledger.vocabulary import (
     host_state,
 )
 
-CATEGORIES = ["app", "host", "heartbeat", "placement", "instance", "placer"]
+CATEGORIES = ["app", "build", "host", "heartbeat", "placement", "instance", "placer"]
 """The stream categories the fold reads."""
 
 
@@ -33,8 +34,22 @@ CATEGORIES = ["app", "host", "heartbeat", "placement", "instance", "placer"]
 class Release:
     release: int
     digest: str
+    """The bundle's digest (the code as uploaded)."""
     procfile: dict[str, str]
     config_version: int
+    app_version: int = 0
+    """Version of the app's stream at its ReleaseCreated: names its build stream."""
+    app: str = ""
+    build: builds.Build = field(default_factory=builds.Build)
+
+    @property
+    def slug(self) -> str | None:
+        """The slug's digest once built; a release is placed only then."""
+        return self.build.slug_digest if self.build.status == "succeeded" else None
+
+    @property
+    def build_stream(self) -> str:
+        return builds.build_stream(self.app, self.app_version)
 
 
 @dataclass
@@ -158,8 +173,15 @@ def _config_changed(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:
 def _release_created(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:
     if app := f.apps.get(d["app"]):
         app.releases[d["release"]] = Release(d["release"], d["bundle_digest"], d["procfile"],
-                                             d["config_version"])
+                                             d["config_version"], e.version, d["app"])
         app.current_release = d["release"]
+
+
+def _build(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:
+    app = f.apps.get(d["app"])
+    release = app.releases.get(d["release"]) if app else None
+    if release is not None and e.stream == release.build_stream:  # not an older app's
+        release.build = builds.apply(release.build, e)
 
 
 def _scale_changed(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:
@@ -256,4 +278,5 @@ HANDLERS = {
     "InstanceStopped": _observed(InstanceState.STOPPED),
     "ReleaseDeployed": _deployed, "ReleaseFailed": _failed,
     "PlacementFailed": _placement_failed, "LivenessSet": _liveness_set,
+    **{name: _build for name in builds.BUILD_EVENTS},
 }

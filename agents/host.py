@@ -10,8 +10,10 @@ observes goes through an outbox on disk (agents/outbox.py): while the API is awa
 apps keep running, reports wait in order, and go when it returns. The last desired state
 is kept on disk too, so an agent restarted while the API is away keeps its apps.
 
-Preparing a release (unpack the bundle, build the virtualenv) runs
-on a worker thread so heartbeats never wait for pip. One instance's failure is reported as
+Preparing a release (fetch its slug, check its digest, unpack it once per host) runs on a
+worker thread so heartbeats never wait for a download. Agents never build: a release is
+placed only once a builder made its slug (agents/builder.py), and an instance runs it at
+/app in an overlay of its own (agents/runtime.py). One instance's failure is reported as
 that instance's exit and never stops the others. On restart the agent adopts the processes
 its pid records name, so nothing is orphaned or started twice; it leaves its processes
 running when it stops, and the next agent adopts them.
@@ -19,7 +21,6 @@ running when it stops, and the next agent adopts them.
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import os
@@ -28,8 +29,6 @@ import shutil
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,7 +38,7 @@ from typing import Any
 
 import psutil
 
-from agents import bundle, cgroups, cleanup, users, venvs
+from agents import bundle, cgroups, cleanup, health, runtime, slug, users
 from agents.api_client import ApiAway, ApiError, HostApi
 from agents.desired import fleet_of
 from agents.fleet import App, Fleet
@@ -83,17 +82,19 @@ class Paths:
     """This agent's own folder: pid records, instance logs, app homes."""
     bundles: Path
     releases: Path
-    venvs: Path
-    python: str = ""
-    """Interpreter for the apps' virtualenvs (default: the system's Python 3)."""
     api: str = ""
     """The API to download bundles from with `api_token`; empty: read `bundles` directly."""
     api_token: str = field(default="", repr=False)
 
     @property
     def downloads(self) -> Path:
-        """Bundles downloaded from the API (agents/bundle.py), one per digest."""
+        """Slugs downloaded from the API (agents/bundle.py), one per digest."""
         return self.state / "bundles"
+
+    @property
+    def layers(self) -> Path:
+        """Each instance's own writes, above its slug (agents/runtime.py)."""
+        return self.state / "instances"
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,8 @@ class Timing:
     grace: float = 10.0
     """Seconds between SIGTERM and SIGKILL."""
     health_timeout: float = 1.0
+    boot_timeout: float = 60.0
+    """Seconds a web instance has to bind its port before it is killed (Heroku's R10)."""
     health_every: float = 5.0
     """Seconds between health checks of a healthy web instance."""
     stats_every: float = 10.0
@@ -300,6 +303,7 @@ class Agent:
                     remove_tree(d)  # half done by a killed agent (an unpack takes seconds)
                 elif not d.name.startswith("."):  # not an unpacking in progress
                     digests.add(d.name)
+        self.clean_layers()
         in_use: dict[str, set[str]] = {}
         for want in [*wants.values(), *(loc.want for loc in self.local.values() if loc.want)]:
             in_use.setdefault(want.app, set()).add(want.digest)
@@ -325,6 +329,15 @@ class Agent:
                 (bundles / f"{digest}.tar.gz").unlink(missing_ok=True)
             remove_tree(self.paths.releases / app)
             remove_tree(self.paths.state / "homes" / app)
+
+    def clean_layers(self) -> None:
+        """Drop the overlay folders of instances no longer here (a run's after a day)."""
+        layers = self.paths.layers
+        for layer in layers.iterdir() if layers.exists() else ():
+            if layer.name in self.local or (".run." in layer.name and
+                                            time.time() - layer.stat().st_mtime < 86400):
+                continue
+            shutil.rmtree(layer, ignore_errors=True)
 
     # --- desired --------------------------------------------------------------------------
 
@@ -383,8 +396,10 @@ class Agent:
             if app is None or release is None or p.process_type not in release.procfile:
                 continue
             config = app.config_at(release.config_version)
+            if release.slug is None:
+                continue  # placed only once built; never run unbuilt code
             out[p.instance_id] = Want(p.instance_id, p.app, p.release, p.process_type, p.port,
-                                      release.digest, release.procfile[p.process_type],
+                                      release.slug, release.procfile[p.process_type],
                                       tuple(sorted(config.items())),
                                       app.sizes.get(p.process_type, DEFAULT_SIZE))
         return out
@@ -395,7 +410,8 @@ class Agent:
             if self.procs.alive(rec):
                 log.info("adopting %s (pid %s)", rec.instance_id, rec.pid)
                 self.local[rec.instance_id] = Local(rec.instance_id, State.STARTING, rec.pid,
-                                                    want=wants.get(rec.instance_id))
+                                                    want=wants.get(rec.instance_id),
+                                                    started_at=self.clock())
             else:
                 self.procs.forget(rec.instance_id)
 
@@ -478,17 +494,22 @@ class Agent:
                                     exit_codes=codes)
             self.preparing[iid] = self.pool.submit(self.prepare, action.want)
         elif action.kind is Do.CHECK and loc is not None:
-            verdict = after_check(loc, self.healthy(action.want), now,
-                                  self.timing.health_every)
-            if verdict == "healthy":
+            verdict = self.health(action.want)
+            if (not verdict.ok and loc.state is State.STARTING and loc.pid is not None
+                    and action.want is not None and action.want.process_type == "web"
+                    and now - loc.started_at > self.timing.boot_timeout):
+                bound = verdict.message.endswith("not bound")
+                self.kill_saying(loc.pid, iid, (
+                    f"port {action.want.port} not bound after "
+                    f"{self.timing.boot_timeout:g} s" if bound else
+                    f"not healthy after {self.timing.boot_timeout:g} s: {verdict.message}"))
+                return
+            outcome = after_check(loc, verdict.ok, now, self.timing.health_every)
+            if outcome == "healthy":
                 self.report(iid, "InstanceHealthy")
-            elif verdict == "kill" and loc.pid is not None:
-                log.warning("%s failed %s health checks in a row: killing it", iid,
-                            FAILED_CHECKS)
-                with open(self.procs.log_path(iid), "a") as f:
-                    f.write(f"tally: no answer to {FAILED_CHECKS} health checks in a row: "
-                            f"killed\n")
-                self.procs.signal_group(loc.pid, 9)
+            elif outcome == "kill" and loc.pid is not None:
+                self.kill_saying(loc.pid, iid, f"health check failed {FAILED_CHECKS} times "
+                                               f"in a row: {verdict.message}")
         elif action.kind is Do.STOP and loc is not None and loc.pid is not None:
             self.procs.signal_group(loc.pid, 15)
             loc.state, loc.stop_deadline = State.STOPPING, now + self.timing.grace
@@ -498,9 +519,17 @@ class Agent:
             self.local.pop(iid, None)
             self.procs.forget(iid)
 
-    def prepare(self, want: Want) -> tuple[Path, Path, users.AppUser | None]:
-        """Release folder, virtualenv and the app's user (worker thread: may take a pip
-        install). The release is readable by the app's group only."""
+    def kill_saying(self, pid: int, iid: str, why: str) -> None:
+        """Kill an instance, saying why in its log (its last lines reach `why` and `ps`)."""
+        log.warning("%s: %s: killing it", iid, why)
+        with open(self.procs.log_path(iid), "a") as f:
+            f.write(f"tally: {why}: killed\n")
+        self.procs.signal_group(pid, 9)
+
+    def prepare(self, want: Want) -> tuple[Path, users.AppUser | None]:
+        """The release's slug, unpacked once on this host and owned by the app's user, and
+        that user (worker thread: may download). The folder above the slugs is closed to
+        apps: an instance reaches its slug only through its overlay at /app."""
         home = self.paths.state / "homes" / want.app
         app = self.fleet.apps.get(want.app)
         user = users.ensure(want.app, home, app.uid if app else None)
@@ -508,68 +537,69 @@ class Agent:
             self.paths.bundles.chmod(0o700)  # every app's code: not for apps to browse
         into = self.paths.releases / want.app
         into.mkdir(parents=True, exist_ok=True)
-        if user is not None:
-            os.chown(into, 0, user.gid)
-            into.chmod(0o750)
-        release = bundle.unpack(self.bundle_of(want), want.digest, into)
-        if user is not None:
-            users.share_with_group(release, user.gid)
-        return release, venvs.ensure(release, self.paths.venvs, self.paths.python), user
+        into.chmod(0o700)
+        owner = (user.uid, user.gid) if user is not None else None
+        return slug.unpack(self.slug_of(want), want.digest, into, owner), user
 
-    def bundle_of(self, want: Want) -> Path:
-        """The release's bundle file: downloaded from the API, or the shared store's."""
+    def slug_of(self, want: Want) -> Path:
+        """The release's slug file: downloaded from the API, or the shared store's."""
         if self.paths.api and self.paths.api_token:
             return bundle.download(self.paths.api, self.paths.api_token, want.app,
-                                   want.release, want.digest, self.paths.downloads)
+                                   want.release, want.digest, self.paths.downloads, kind="slug")
         return self.paths.bundles / f"{want.digest}.tar.gz"
 
-    def launch(self, loc: Local, release: Path, venv: Path,
-               user: users.AppUser | None) -> None:
+    def launch(self, loc: Local, release: Path, user: users.AppUser | None) -> None:
         want = loc.want
         assert want is not None
-        env = self.environment(want, venv, user)
+        env = self.environment(want)
         if want.process_type == "web":
             env["GUNICORN_CMD_ARGS"] = (f"--bind {self.spec.address}:{want.port} "
                                         f"{self.statsd.gunicorn_args(want.instance_id)} "
                                         + env.get("GUNICORN_CMD_ARGS", ""))
-        loc.pid = self.procs.start(want.instance_id, want.port, ["/bin/sh", "-c",
-                                   f"exec {want.command}"], release, env, self.limits,
-                                   cgroups.confine(self.cgroups, want.instance_id, want.size,
-                                                   demote(user) if user else None))
-        loc.state = State.STARTING
+        owner = (user.uid, user.gid) if user is not None else (os.getuid(), os.getgid())
+        upper, work = runtime.fresh_layer(self.paths.layers / want.instance_id, *owner)
+        setup = cgroups.confine(self.cgroups, want.instance_id, want.size, runtime.child_setup(
+            release, upper, work, demote(user) if user else None))
+        loc.pid = self.procs.start(want.instance_id, want.port,
+                                   ["/bin/bash", "-c", want.command], upper, env, self.limits,
+                                   setup)
+        loc.state, loc.started_at = State.STARTING, self.clock()
         self.report(want.instance_id, "InstanceStarted", pid=loc.pid)
 
-    def environment(self, want: Want, venv: Path, user: users.AppUser | None) -> dict[str, str]:
-        """What an app process sees: its config vars, PORT, its virtualenv first on PATH."""
-        home = users.private_home(self.paths.state / "homes" / want.app, user)
-        return {"PATH": f"{venv}/bin:/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
-                "HOME": str(home), "VIRTUAL_ENV": str(venv), "PYTHONUNBUFFERED": "1",
-                **dict(want.config), "PORT": str(want.port), "TALLY_APP": want.app,
-                "TALLY_RELEASE": str(want.release), "TALLY_INSTANCE": want.instance_id}
+    def environment(self, want: Want) -> dict[str, str]:
+        """What an app process sees: Heroku's (HOME=/app, the slug's virtualenv first on
+        PATH), its config vars, PORT."""
+        return {**runtime.environment(), **dict(want.config), "PORT": str(want.port),
+                "TALLY_APP": want.app, "TALLY_RELEASE": str(want.release),
+                "TALLY_INSTANCE": want.instance_id}
 
     def one_off(self, app: str, number: int) -> Want:
         """A Want for a one-off command of release `number` (the API chose it: `tally run`)."""
         a = self.fleet.apps.get(app)
         r = a.releases.get(number) if a else None
-        if not a or not r:
-            raise LookupError(f"app {app!r} has no release v{number} to run a command in")
+        if not a or not r or not r.slug:
+            raise LookupError(f"app {app!r} has no built release v{number} to run a command in")
         return Want(f"{app}.{number}.run.{uuid.uuid4().hex[:12]}", app, number, "run", 0,
-                    r.digest, "", tuple(sorted(a.config_at(r.config_version).items())))
+                    r.slug or "", "", tuple(sorted(a.config_at(r.config_version).items())))
 
     def prepare_run(self, app: str, number: int
                     ) -> tuple[str, dict[str, str], Callable[[], None] | None]:
-        """Folder, environment and user for a one-off command (a run's own thread): the
-        release prepared as an instance's is. The agent may not have folded the release
-        the API saw yet: its loop (which alone folds) gets a few seconds to."""
+        """Folder, environment and child setup for a one-off command (a run's own thread):
+        the slug at /app in an overlay of the run's own, as an instance has. The agent may
+        not have folded the release the API saw yet: its loop (which alone folds) gets a
+        few seconds to."""
         deadline = time.monotonic() + 10
         self.desired_due = 0.0  # the API put the run's release in our desired state: read it
         while (number not in getattr(self.fleet.apps.get(app), "releases", {})
                and time.monotonic() < deadline):
             time.sleep(0.1)
         want = self.one_off(app, number)
-        release, venv, user = self.prepare(want)
-        return str(release), self.environment(want, venv, user), cgroups.confine(
-            self.cgroups, want.instance_id, want.size, demote(user) if user else None)
+        release, user = self.prepare(want)
+        owner = (user.uid, user.gid) if user is not None else (os.getuid(), os.getgid())
+        upper, work = runtime.fresh_layer(self.paths.layers / want.instance_id, *owner)
+        return str(upper), self.environment(want), cgroups.confine(
+            self.cgroups, want.instance_id, want.size,
+            runtime.child_setup(release, upper, work, demote(user) if user else None))
 
     def run_ended(self, ticket: Ticket, code: int | None, seconds: float) -> None:
         """A one-off run ended (a run's thread): its report waits for the loop, which alone
@@ -588,20 +618,17 @@ class Agent:
             self.outbox.put({"run": {"app": app, "number": number}, "data": data})
             self.outbox.flush(self.send)
 
-    def healthy(self, want: Want | None) -> bool:
-        """An HTTP answer below 500 on the instance's port; non-web processes: running."""
+    def health(self, want: Want | None) -> health.Verdict:
+        """Heroku's rule: a web instance is up when its port accepts connections; with
+        TALLY_HEALTHCHECK_PATH in its config, when that path answers the expected status.
+        Other process types: up while running (a release phase: when it exits 0)."""
         if want is None or want.process_type != "web":
-            return want is not None and want.process_type != "release"
-        url = f"http://{self.spec.address}:{want.port}/"
-        try:
-            with urllib.request.urlopen(url, timeout=self.timing.health_timeout) as r:
-                self.traffic.checked[want.instance_id] += 1  # gunicorn served (and counted) it
-                return r.status < 500
-        except urllib.error.HTTPError as exc:
-            self.traffic.checked[want.instance_id] += 1
-            return exc.code < 500
-        except (OSError, ValueError, http.client.HTTPException):
-            return False
+            return health.Verdict(want is not None and want.process_type != "release", "")
+        check = health.Check.from_config(dict(want.config), self.timing.health_timeout)
+        verdict = health.probe(self.spec.address, want.port, check)
+        if verdict.answered:
+            self.traffic.checked[want.instance_id] += 1  # gunicorn served (and counted) it
+        return verdict
 
 
 GONE = ".gone-"

@@ -7,6 +7,9 @@ Rules, in the order they apply:
   keeps what it runs but gets nothing new; only alive hosts receive placements.
 - each app has a *target* release: its current release, unless that one failed and an
   earlier release was deployed, which then keeps serving.
+- a release is placed only once built (BuildSucceeded: it has a slug). A failed build fails
+  the release (ReleaseFailed "build failed: ..."): it is never placed. While the target
+  builds, whatever runs keeps running.
 - a release with a `release:` process runs it once, on one host, before any instance of
   the release is placed; a non-zero exit fails the release.
 - instances of one process type spread over hosts (fewest of the group first, then least
@@ -197,8 +200,17 @@ def _plan_app(fleet: Fleet, app: App | None, name: str, placements: list[Placeme
         return events
     target = _target(app)
     release = app.releases[target]
+    if release.build.status == "failed" and target not in app.failed:
+        return events + [NewEvent("ReleaseFailed", {
+            "app": name, "release": target,
+            "reason": f"build failed: {release.build.reason}"[:2000]})]
     mine = [p for p in live if p.release == target]
     others = [p for p in live if p.release != target]
+    events += [_unplace(p, f"release {p.release} failed") for p in others
+               if p.release in app.failed]
+    others = [p for p in others if p.release not in app.failed]
+    if release.slug is None:
+        return events  # not built yet (or never will be): nothing of it is placed
     phase = [p for p in mine if p.process_type == RELEASE_PHASE]
     if _needs_phase(app, target):
         return events + _release_phase(fleet, app, target, phase, slots, new_id)

@@ -65,6 +65,8 @@ class Local:
     next_check: float = 0.0
     """When a healthy web instance is checked again."""
     failed_checks: int = 0
+    started_at: float = 0.0
+    """When the process was started (or adopted): a web instance has a boot timeout."""
 
 
 class Do(StrEnum):

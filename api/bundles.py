@@ -1,4 +1,4 @@
-"""App bundles: a tar.gz of an app folder with a Procfile and requirements.txt, stored
+"""App bundles: a tar.gz of an app folder with a Procfile and what to install, stored
 content-addressed as <bundles_dir>/<sha256>.tar.gz where agents download it.
 
 Checked at upload so a bad bundle is refused with its reason, not found broken on a host:
@@ -26,6 +26,8 @@ from ledger.archives import MAX_UNPACKED_BYTES, ArchiveRefused, guarded
 PROCFILE_LINE = re.compile(r"^([a-z][a-z0-9_]{0,29}):\s*(\S.*)$")
 CHUNK = 1 << 16
 MAX_LINK_HOPS = 40
+INSTALLERS = {"requirements.txt", "pyproject.toml", "setup.py", "uv.lock", "poetry.lock"}
+"""What the build installs from (agents/buildpack.py); a bundle needs one of them."""
 
 
 def receive(stream: BinaryIO, into: Path, limit: int) -> tuple[Path, str]:
@@ -65,10 +67,14 @@ def inspect(path: Path, max_unpacked: int = MAX_UNPACKED_BYTES) -> dict[str, str
                 raise _unsafe(str(exc)) from exc
             _check_members(members)
             names = {_normal(m.name): m for m in members}
-            for required in ("Procfile", "requirements.txt"):
-                if required not in names or not names[required].isfile():
-                    raise Unprocessable(f"the bundle has no {required} at its top level",
-                                        {"bundle": [f"missing {required}"]})
+            if "Procfile" not in names or not names["Procfile"].isfile():
+                raise Unprocessable("the bundle has no Procfile at its top level",
+                                    {"bundle": ["missing Procfile"]})
+            if not INSTALLERS & {n for n, m in names.items() if m.isfile()}:
+                raise Unprocessable(
+                    "the bundle says nothing to install: add requirements.txt (it may be "
+                    "empty), pyproject.toml, setup.py, uv.lock or poetry.lock",
+                    {"bundle": ["missing requirements.txt"]})
             extracted = tar.extractfile(names["Procfile"])
             text = extracted.read(65536).decode("utf-8", "replace") if extracted else ""
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:

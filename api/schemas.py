@@ -417,3 +417,29 @@ class Addons(Schema):
     release = fields.Int(allow_none=True, metadata={"description": "the app's release now"})
     addons = fields.List(fields.Dict(), required=True, metadata={
         "description": "kind, and the config var it sets"})
+
+
+class Build(Schema):
+    """One release's build: how it went, and (with `offset`) its output from there on."""
+
+    release = fields.Int(required=True)
+    status = fields.Str(required=True, metadata={
+        "description": "pending | building | succeeded | failed"})
+    builder = fields.Str(allow_none=True)
+    attempt = fields.Int()
+    slug_digest = fields.Str(allow_none=True)
+    size_bytes = fields.Int()
+    seconds = fields.Float()
+    reason = fields.Str()
+    reused_from = fields.Int(allow_none=True)
+    output = fields.Str(metadata={"description": "build output from `offset` on"})
+    offset = fields.Int(metadata={"description": "where the next read of the output starts"})
+
+
+class BuildList(Schema):
+    builds = fields.List(fields.Nested(Build), required=True)
+
+
+class BuildQuery(Schema):
+    offset = fields.Int(load_default=0, validate=validate.Range(min=0))
+    limit = fields.Int(load_default=256 * 1024, validate=validate.Range(min=0, max=1 << 20))

@@ -52,6 +52,8 @@ class Settings:
     drops the bound for its app here, so a client reads its own write."""
     app_uids: tuple[int, int] = DEFAULT_RANGE
     """The Unix uids apps get, each once (ledger/uids.py)."""
+    build_logs_dir: Path | None = None
+    """Build output, one file per build (agents/builder.py writes them); None: none kept."""
     logs_tail: Callable[[str, int], list[str]] | None = None
     """An app's last log lines, where the log collector writes them (None: no logs)."""
     web_port: int | None = None

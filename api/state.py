@@ -22,6 +22,8 @@ class Release:
     rollback_of: int | None
     created_at: str | None
     created_by: str | None
+    stream_version: int = 0
+    """The app stream's version at its ReleaseCreated: names its build stream."""
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,7 @@ def apply(s: AppState, ev: RecordedEvent) -> AppState:
     if t == "ReleaseCreated":
         rel = Release(d["release"], d["bundle_digest"], dict(d["procfile"]),
                       d["config_version"], d.get("description", ""), d.get("rollback_of"),
-                      at, ev.metadata.get("actor"))
+                      at, ev.metadata.get("actor"), ev.version)
         return replace(s, releases=(*s.releases, rel))
     if t == "ScaleChanged":
         return replace(s, scale=fold_scale(s.scale, d["scale"]), sizes=dict(d.get("sizes", {})))

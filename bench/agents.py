@@ -23,6 +23,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from datetime import UTC, datetime, timedelta
@@ -30,14 +31,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from agents import slug  # noqa: E402
 from agents.fleet import Fleet  # noqa: E402
 from agents.placement import Settings, decide  # noqa: E402
 from agents.placer import catch_up  # noqa: E402
-from agents.venvs import ensure  # noqa: E402
 from ledger import Ledger  # noqa: E402
 from ledger.events import RecordedEvent  # noqa: E402
 from tests.conftest import RelayProcs, destroy_cluster, free_ports, make_cluster  # noqa: E402
-from tests.fixtures.apps import APPS, VENV_CACHE  # noqa: E402
+from tests.fixtures.apps import app_tarball, slug_for  # noqa: E402
 from tests.fixtures.apps.fleet import (  # noqa: E402
     AgentProc,
     create_app,
@@ -60,14 +61,21 @@ def first_200(port: int, release_no: int | None, deadline: float) -> bool:
     return False
 
 
+def unpacked_slug() -> Path:
+    """The sample app's slug (built once per machine), unpacked in a scratch folder."""
+    store = Path(tempfile.gettempdir()) / "tally-bench-slug"
+    digest, _ = slug_for(app_tarball("hello"), store)
+    return slug.unpack(store / f"{digest}.tar.gz", digest, store / "unpacked", None)
+
+
 def baseline_start() -> float:
-    """gunicorn started by hand from the cached virtualenv, to its first 200."""
-    venv = ensure(APPS / "hello", VENV_CACHE)
+    """gunicorn started by hand from the unpacked slug's virtualenv, to its first 200."""
+    app = unpacked_slug()
     (port,) = free_ports(1)
     t0 = time.monotonic()
-    proc = subprocess.Popen([str(venv / "bin" / "gunicorn"), "--bind", f"127.0.0.1:{port}",
-                             "app:app"], cwd=APPS / "hello", stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([str(app / ".venv" / "bin" / "python"), "-m", "gunicorn",
+                             "--bind", f"127.0.0.1:{port}", "app:app"], cwd=app,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert first_200(port, None, time.monotonic() + 30), "baseline gunicorn never answered"
         return time.monotonic() - t0
@@ -201,7 +209,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 deploys, TTL 5 s (< 120 s)")
     args = parser.parse_args()
     deploys, ttl = (3, 5.0) if args.quick else (5, 15.0)
-    ensure(APPS / "hello", VENV_CACHE)  # "requirements already cached"
+    unpacked_slug()  # "requirements already cached": the slug is built
     base = statistics.median(baseline_start() for _ in range(3))
     figures = fleet_bench(deploys, ttl)
     figures.update(placer_bench())

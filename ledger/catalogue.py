@@ -385,6 +385,58 @@ class InstanceStopped(Schema):
     reason = fields.Str(load_default="")
 
 
+# --- Builds: a release's code built once, in a sandbox, into a slug every host runs -----
+# One stream per release: build-<app>.<version of the app stream at its ReleaseCreated>
+# (release numbers restart when a deleted app is created again; stream versions never do).
+
+
+class _Build(Schema):
+    app = fields.Str(required=True, validate=APP_NAME)
+    release = fields.Int(required=True, validate=validate.Range(min=1))
+
+
+@event("build")
+class BuildStarted(_Build):
+    """A builder claimed the release's build, appended at the version it read: of two
+    builders one wins. The claim lasts `lease_s` seconds from the last BuildStarted or
+    BuildClaimRenewed; a builder that died lets it expire, and another claims it."""
+
+    builder = fields.Str(required=True, validate=validate.Length(min=1, max=100))
+    lease_s = fields.Float(required=True, validate=validate.Range(min=0.1, max=86400))
+    attempt = fields.Int(load_default=1, validate=validate.Range(min=1))
+
+
+@event("build")
+class BuildClaimRenewed(_Build):
+    """The builder holding the claim is still at work: the lease starts again."""
+
+    builder = fields.Str(required=True, validate=validate.Length(min=1, max=100))
+
+
+@event("build")
+class BuildSucceeded(_Build):
+    """The slug is stored: app files plus installed dependencies, a tar.gz content-addressed
+    by its sha256, run by every host as is. `reused_from`: an earlier release of the same
+    code whose slug this release runs (config changes and rollbacks do not rebuild)."""
+
+    slug_digest = fields.Str(required=True, validate=SHA256)
+    size_bytes = fields.Int(required=True, validate=NON_NEGATIVE)
+    seconds = fields.Float(required=True, validate=NON_NEGATIVE)
+    reused_from = fields.Int(allow_none=True, load_default=None)
+
+
+@event("build")
+class BuildFailed(_Build):
+    """The build failed (its own error, a limit, a timeout): the release is never placed.
+    The last lines of its output say why; they come from the sandbox, which reads no
+    secret."""
+
+    reason = fields.Str(required=True, validate=validate.Length(max=2000))
+    log_tail = fields.List(fields.Str(validate=validate.Length(max=500)), load_default=list,
+                           validate=validate.Length(max=50))
+    seconds = fields.Float(load_default=0.0, validate=NON_NEGATIVE)
+
+
 # --- Backups: historical, and not reachable from the servers ------------------------------
 
 

@@ -16,6 +16,7 @@ from tally import (
     cli_agents,
     cli_apps,
     cli_balancer,
+    cli_builds,
     cli_history,
     cli_runs,
     cli_sim,
@@ -352,6 +353,7 @@ cli_balancer.register(cli)
 cli_runs.register(cli)
 cli_sim.register(cli)
 cli_history.register(cli)
+cli_builds.register(cli)
 
 
 def main() -> None:

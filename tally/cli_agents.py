@@ -1,4 +1,4 @@
-"""`tally serve placer|agent|collector`: the daemons of the fleet (operator commands, run on
+"""`tally serve placer|agent|builder|collector`: the daemons of the fleet (operator commands, run on
 the host they serve)."""
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def register(cli: click.Group) -> None:
         spec = HostSpec(host_id, address, low, high, capacity)
         paths = Paths(state=cfg.home / "agents" / host_id, bundles=cfg.bundles_dir,
                       releases=cfg.home / "agents" / host_id / "releases",
-                      venvs=cfg.venv_cache, python=cfg.app_python, api=api, api_token=token)
+                      api=api, api_token=token)
         stop = stop_event()
         try:
             Agent(client, spec, paths, Timing(heartbeat=heartbeat, grace=grace,
@@ -113,6 +113,44 @@ def register(cli: click.Group) -> None:
                 stop, cfg.relays, stop_apps=stop_apps_on_exit, relay_key=cfg.relay_key)
         except ApiRefused as exc:  # e.g. a token of another host: say so, exit 1
             raise click.ClickException(f"the API refused this agent: {exc}") from None
+
+    @serve.command("builder")
+    @click.option("--builder-id", help="This builder's name in claims (default: host-pid).")
+    @click.option("--timeout", default=900.0, show_default=True,
+                  help="Seconds a build may take.")
+    @click.option("--memory-mb", default=2048, show_default=True,
+                  help="Memory a build may use (cgroup v1, when writable).")
+    @click.option("--processes", default=256, show_default=True,
+                  help="Processes a build may run at once (cgroup v1 pids).")
+    @click.option("--disk-mb", default=2048, show_default=True,
+                  help="Disk a build may fill (build folder, /tmp, its cache).")
+    @click.option("--lease", default=30.0, show_default=True,
+                  help="Seconds a claim lasts unless renewed (another builder takes over a "
+                  "dead builder's build after this).")
+    @click.option("--network", type=click.Choice(["host", "none"]), default="host",
+                  show_default=True, help="The build's network: the host's (to reach the "
+                  "package index), or none (a local index only).")
+    @click.option("--concurrency", default=1, show_default=True,
+                  help="Builds this builder runs at once.")
+    @click.option("--interval", default=1.0, show_default=True,
+                  help="Seconds between rounds when no wake-up comes.")
+    @click.pass_obj
+    @fail_cleanly
+    def serve_builder(cfg: Config, builder_id: str | None, timeout: float, memory_mb: int,
+                      processes: int, disk_mb: int, lease: float, network: str,
+                      concurrency: int, interval: float) -> None:
+        """Build each release once, in a sandbox, into a slug every host runs."""
+        from agents.builder import Builder, Settings, default_id
+        from agents.sandbox import Limits
+        from ledger import Ledger
+
+        daemon_logging()
+        stop = stop_event()
+        settings = Settings(builder_id or default_id(), cfg.bundles_dir, cfg.build_logs_dir,
+                            cfg.build_dir, Limits(timeout, memory_mb, processes, disk_mb),
+                            lease, network, concurrency)
+        with Ledger(cfg.cluster().dsn("tally_writer")) as ledger:
+            Builder(ledger, settings).run(stop, cfg.relays, interval)
 
     @serve.command("collector")
     @click.option("--bind", help="ZeroMQ PULL endpoint (default: TALLY_COLLECTOR).")

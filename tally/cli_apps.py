@@ -20,7 +20,9 @@ from typing import Any
 import click
 
 from api.services import Settings
-from tally.client import Client, ClientError, pack, save_credentials
+from tally import packing
+from tally.cli_builds import follow_build
+from tally.client import Client, ClientError, save_credentials
 from tally.config import Config, api_client, credentials_path, run_key_from_env
 from tally.console import cell, fail_cleanly, table
 
@@ -173,7 +175,7 @@ def api_settings(cfg: Config) -> Settings:
                     max_bundle_bytes=cfg.max_bundle_bytes, app_uids=cfg.app_uids,
                     logs_tail=tail, logs_follow=follow,
                     web_port=cfg.web_port, run_key=run_key_from_env(),
-                    create_database=create_database)
+                    create_database=create_database, build_logs_dir=cfg.build_logs_dir)
 
 
 def _serve(cli: click.Group) -> None:
@@ -394,18 +396,20 @@ def _releases(cli: click.Group) -> None:
     @click.option("--timeout", default=120.0, show_default=True, help="Seconds to follow.")
     def deploy(client: Client, app: str, folder: Path, description: str, wait: bool,
                timeout: float) -> None:
-        """Pack FOLDER (Procfile, requirements.txt), upload it as a new release, and follow
-        the rollout."""
-        data = pack(folder.resolve())
+        """Pack FOLDER (git's files in a work tree; never .env or local databases; minus
+        .slugignore), upload it as a new release, show its build, and follow the rollout."""
+        data, count = packing.pack(folder.resolve())
         digest = hashlib.sha256(data).hexdigest()
-        with click.progressbar(length=len(data), label=f"uploading {len(data)} bytes",
-                               file=sys.stderr) as bar:
+        with click.progressbar(length=len(data), file=sys.stderr,
+                               label=f"uploading {count} files, {packing.size(len(data))}"
+                                     ) as bar:
             release = client.upload(f"/apps/{app}/releases", data,
                                     {"digest": digest, "description": description},
                                     bar.update)
         number = release["number"]
         click.echo(f"release v{number} created", err=True)
         if wait:
+            follow_build(client, app, number, max(timeout, 900.0))
             follow(client, app, number, timeout)
         url = client.get(f"/apps/{app}").get("web_url")
         if url:

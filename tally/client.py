@@ -4,10 +4,8 @@ no environment: tally/config.py says which API, which token and where credential
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,8 +13,6 @@ from typing import Any
 import requests
 
 DEFAULT_API = "http://127.0.0.1:8000"
-SKIP = {".git", ".hg", "__pycache__", ".venv", "venv", ".tox", ".mypy_cache", ".pytest_cache"}
-
 
 class ClientError(Exception):
     """A failure to show the user as one line."""
@@ -135,20 +131,3 @@ class _Progress:
         self.offset += len(chunk)
         self.progress(len(chunk))
         return chunk
-
-
-def pack(folder: Path) -> bytes:
-    """The app folder as a tar.gz (paths relative to it), without VCS folders, virtualenvs
-    and caches."""
-    if not (folder / "Procfile").is_file():
-        raise ClientError(f"{folder} has no Procfile (e.g. `web: gunicorn app:app`)")
-    if not (folder / "requirements.txt").is_file():
-        raise ClientError(f"{folder} has no requirements.txt")
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for path in sorted(folder.rglob("*")):
-            rel = path.relative_to(folder)
-            if SKIP & set(rel.parts) or path.suffix == ".pyc":
-                continue
-            tar.add(path, arcname=str(rel), recursive=False)
-    return buf.getvalue()

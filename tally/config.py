@@ -10,9 +10,9 @@ TALLY_LEDGER_HA_PORTS a new Patroni cluster's REST (node a, b) and etcd (client,
 TALLY_PG_BIN          PostgreSQL binaries; default /usr/lib/postgresql/15/bin
 TALLY_API_BIND        where `tally serve api` listens; default 127.0.0.1:8000
 TALLY_MAX_BUNDLE_MB   largest bundle upload the API accepts; default 100
-TALLY_VENV_CACHE      where host agents keep virtualenvs, by requirements hash; default
-                      $TALLY_HOME/venvs
-TALLY_APP_PYTHON      the interpreter apps' virtualenvs are built on; default /usr/bin/python3
+TALLY_BUILD_DIR       builders' folders (builds, per-app build caches); outside TALLY_HOME,
+                      as the sandbox's user must reach them; default
+                      /var/tmp/tally-builds/<hash of TALLY_HOME>
 TALLY_APPS_DB_PORTS   the apps' PostgreSQL cluster (add-on databases; never the ledger's);
                       default 5443,5444
 TALLY_COLLECTOR       where host agents PUSH app logs (`tally serve collector` binds it);
@@ -36,6 +36,7 @@ TALLY_APP_UIDS        the Unix uids the API hands to apps, each once; default 20
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,8 +54,7 @@ class Config:
     pg_bin: Path
     api_bind: str = "127.0.0.1:8000"
     max_bundle_bytes: int = 100 * 1024 * 1024
-    venv_cache_dir: str = ""
-    app_python: str = ""
+    build_dir_path: str = ""
     collector: str = "tcp://127.0.0.1:5560"
     apps_db_ports: tuple[int, int] = (5443, 5444)
     agent_ports: tuple[str, ...] = ("7000-7099", "7100-7199")
@@ -83,8 +83,7 @@ class Config:
             pg_bin=Path(env.get("TALLY_PG_BIN", str(DEFAULT_BIN))),
             api_bind=env.get("TALLY_API_BIND", "127.0.0.1:8000"),
             max_bundle_bytes=int(env.get("TALLY_MAX_BUNDLE_MB", "100")) * 1024 * 1024,
-            venv_cache_dir=env.get("TALLY_VENV_CACHE", ""),
-            app_python=env.get("TALLY_APP_PYTHON", ""),
+            build_dir_path=env.get("TALLY_BUILD_DIR", ""),
             collector=env.get("TALLY_COLLECTOR", "tcp://127.0.0.1:5560"),
             balancers=tuple(b.strip() for b in env.get(
                 "TALLY_BALANCERS", "127.0.0.1:8080,127.0.0.1:8081").split(",") if b.strip()),
@@ -132,9 +131,17 @@ class Config:
         return self.home / "applogs"
 
     @property
-    def venv_cache(self) -> Path:
-        """Virtualenvs by requirements hash, shared by every agent on this machine."""
-        return Path(self.venv_cache_dir) if self.venv_cache_dir else self.home / "venvs"
+    def build_dir(self) -> Path:
+        """Where builders build and keep each app's build cache (agents/builder.py)."""
+        if self.build_dir_path:
+            return Path(self.build_dir_path)
+        return Path("/var/tmp/tally-builds") / hashlib.sha256(
+            str(self.home).encode()).hexdigest()[:12]
+
+    @property
+    def build_logs_dir(self) -> Path:
+        """Build output, one file per build, read by the API for the app's people."""
+        return self.home / "builds"
 
     @property
     def bundles_dir(self) -> Path:

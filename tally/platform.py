@@ -27,6 +27,8 @@ def daemons(cfg: Config) -> list[tuple[str, list[str], str]]:
     out.append(("placer", ["serve", "placer"], "places instances (its decisions: tally events)"))
     out.append(("retention", ["serve", "retention"],
                 "heartbeats older than 1h removed every 5m (tally ledger status)"))
+    out.append(("builder", ["serve", "builder", "--builder-id", "builder-1"],
+                f"builds releases into slugs, sandboxed (work: {cfg.build_dir})"))
     for i, bind in enumerate(cfg.balancers, start=1):
         out.append((f"balancer-{i}", ["serve", "balancer", "--bind", bind],
                     f"http://<app>.<suffix>:{bind.rpartition(':')[2]}/ (routes view)"))

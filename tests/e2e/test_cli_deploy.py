@@ -17,7 +17,7 @@ from ledger.cluster import Cluster
 from tests.api_process import ApiProcess
 from tests.conftest import RelayProcs, destroy_cluster, free_ports, make_cluster, tally_env
 from tests.e2e.test_cli import Tally
-from tests.fixtures.apps.fleet import AgentProc, Daemon, placer
+from tests.fixtures.apps.fleet import AgentProc, Daemon, builder, placer
 
 APPS = Path(__file__).resolve().parents[1] / "fixtures" / "apps"
 
@@ -31,11 +31,12 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Tally, 
     env = {"TALLY_RELAYS": ",".join(relays.endpoints)}
     projectors = Daemon(cluster, "projectors", ["projectors", "--poll-interval", "0.2"], **env)
     place = placer(cluster, relays.endpoints)
+    build = builder(cluster, relays.endpoints)
     low = free_ports(1)[0]
     agent = AgentProc(cluster, "h1", (low, low + 9), relays.endpoints)
     api = ApiProcess(tally_env(cluster, **env), free_ports(1)[0])
     try:
-        for daemon in (projectors, place, agent):
+        for daemon in (projectors, place, build, agent):
             daemon.start()
         api.wait_ready()
         creds = tmp_path_factory.mktemp("creds") / "credentials.json"
@@ -46,10 +47,12 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Tally, 
         yield tally, agent
     finally:
         api.stop()
-        for daemon in (agent, place, projectors):
+        for daemon in (agent, build, place, projectors):
             daemon.kill()
         agent.kill_apps()
         relays.stop()
+        for log in cluster.root.parent.glob("*.log"):  # for a look after a failure
+            (tmp_path_factory.getbasetemp() / log.name).write_bytes(log.read_bytes())
         destroy_cluster(cluster)
 
 
@@ -83,3 +86,47 @@ def test_deploy_of_a_crashing_app_says_why(platform: tuple[Tally, Any]) -> None:
     assert "EXIT_CODE" in tally("ps", "-a", app).stdout
     (inst,) = json.loads(tally("ps", "-a", app, "--json").stdout)
     assert inst["exit_code"] == 3 and inst["restarts"] >= 3, inst
+
+
+@pytest.mark.parametrize(("sample", "expected"), [
+    ("flaskr", {"app": "flaskr", "posts": 1, "home": "/app",
+                "instance_path": "/app/instance"}),
+    ("djangoapp", {"app": "django", "static_collected": True}),
+    ("pyproj", {"app": "pyproj"}),
+    ("editable", {"app": "editable", "greeting": "from-procfile", "cwd": "/app/web"}),
+    ("postcompile", {"app": "postcompile", "built_with": "3.1.3"}),
+])
+def test_apps_as_people_write_them_deploy_unchanged_and_answer_200(
+        platform: tuple[Tally, Any], sample: str, expected: dict[str, Any]) -> None:
+    """Modelled on real apps: Flask's tutorial (writes its instance folder at start), a
+    stock Django project (collectstatic at build, `release: migrate && check`), an app with
+    only a pyproject.toml, a requirements.txt saying `-e .` with a Procfile saying
+    `cd web && VAR=x gunicorn ...`, and bin/post_compile."""
+    tally, _ = platform
+    app = f"{sample[:10]}-{uuid.uuid4().hex[:6]}"
+    tally("apps:create", app)
+    r = tally("deploy", "-a", app, str(APPS / sample), "--timeout", "240", timeout=600)
+    assert "v1 is deployed" in r.stderr, r.stderr
+    assert "-----> Build succeeded" in r.stderr, "the build's output is shown as it comes"
+    (row,) = [x for x in tally.json("ps", "-a", app) if x["state"] == "healthy"]
+    answer = requests.get(f"http://127.0.0.1:{row['port']}/", timeout=5)
+    assert answer.status_code == 200
+    assert expected.items() <= answer.json().items(), answer.json()
+    (build,) = tally.json("builds", "-a", app)
+    assert build["status"] == "succeeded" and build["size_bytes"] > 0
+
+
+def test_a_missing_requirement_fails_the_build_once_and_nothing_is_placed(
+        platform: tuple[Tally, Any]) -> None:
+    tally, _ = platform
+    app = f"missing-{uuid.uuid4().hex[:6]}"
+    tally("apps:create", app)
+    r = tally("deploy", "-a", app, str(APPS / "missingreq"), ok=False, timeout=600)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "this-package-does-not-exist-tally-11" in r.stderr, "pip's own error is shown"
+    assert "v1 failed to build: pip install -r requirements.txt failed" in r.stderr, r.stderr
+    (build,) = tally.json("builds", "-a", app)
+    assert (build["status"], build["attempt"]) == ("failed", 1)
+    assert tally.json("ps", "-a", app) == []
+    output = tally("builds:output", "-a", app, "v1").stdout
+    assert "No matching distribution found" in output

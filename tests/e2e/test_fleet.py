@@ -194,7 +194,7 @@ def test_a_crash_loop_is_reported_with_exit_codes(platform: Platform) -> None:
     why = tally_why(platform, "crasher")
     assert "crash-looping" in why and "exit code 3" in why, why
     ran_on = platform.agents[p.host_id].home / "agents" / p.host_id
-    assert (ran_on / "releases" / "crasher").is_dir() and (ran_on / "homes" / "crasher").is_dir()
+    assert (ran_on / "releases" / "crasher").is_dir()  # its slug, unpacked (HOME is /app)
     stale = ran_on / "releases" / "crasher" / ".unpack-killed"  # a killed agent's, hours ago
     stale.mkdir()
     os.utime(stale, (time.time() - 7200, time.time() - 7200))

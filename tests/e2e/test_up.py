@@ -53,7 +53,7 @@ def test_up_then_down() -> None:
         running = {d["name"]: d for d in supervise.status(cfg)}
         names = sorted(running)
         assert all(d["state"] == "RUNNING" and d["restarts"] == 0 for d in running.values())
-        assert {"relay-1", "relay-2", "projectors", "api", "placer", "agent-1",
+        assert {"relay-1", "relay-2", "projectors", "api", "placer", "builder", "agent-1",
                 "agent-2", "collector", "balancer-1", "balancer-2"} <= set(names)
         assert "first admin" in first.stdout
         assert requests.get(f"http://{cfg.api_bind}/healthz", timeout=10).ok

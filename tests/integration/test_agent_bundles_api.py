@@ -16,6 +16,7 @@ from api.auth import create_user
 from ledger import Ledger, NewEvent
 from ledger.cluster import Cluster
 from tests.conftest import destroy_cluster, free_ports, make_cluster
+from tests.fixtures.apps import app_tarball, slug_for
 from tests.fixtures.apps.fleet import AgentProc, Daemon, create_app, release
 from tests.waiting import wait_until
 
@@ -27,7 +28,7 @@ def private() -> Iterator[Cluster]:
     destroy_cluster(c)
 
 
-def test_the_agent_fetches_its_bundle_from_the_api(private: Cluster, tmp_path: Path) -> None:
+def test_the_agent_fetches_its_slug_from_the_api(private: Cluster, tmp_path: Path) -> None:
     api_port, low = free_ports(2)
     api = f"http://127.0.0.1:{api_port}"
     daemons = [Daemon(private, "api", ["api", "--bind", f"127.0.0.1:{api_port}",
@@ -36,7 +37,8 @@ def test_the_agent_fetches_its_bundle_from_the_api(private: Cluster, tmp_path: P
     with Ledger(private.dsn()) as ledger:
         token = create_user(ledger, "agent-hx", "agent", "hx")
         create_app(ledger, "fetched", {"GREETING": "over http"})
-        digest = release(ledger, private.root.parent, "fetched", "hello", 1, config_version=1)
+        release(ledger, private.root.parent, "fetched", "hello", 1, config_version=1)
+        digest, _ = slug_for(app_tarball("hello"), private.root.parent / "bundles")
         agent = AgentProc(private, "hx", (low, low + 2), env={
             "TALLY_AGENT_TOKEN": token, "TALLY_AGENT_API": api})
         for d in [*daemons, agent]:
@@ -44,7 +46,7 @@ def test_the_agent_fetches_its_bundle_from_the_api(private: Cluster, tmp_path: P
         try:
             wait_until(lambda: _up(api), 30, "the API up")
             with pytest.raises(BundleRefused, match="403"):  # not placed on hx yet
-                download(api, token, "fetched", 1, digest, tmp_path, patience=0.5)
+                download(api, token, "fetched", 1, digest, tmp_path, patience=0.5, kind="slug")
             ledger.append("placement-fetched", [NewEvent("InstancePlaced", {
                 "instance_id": "fetched.1.web.f1", "app": "fetched", "release": 1,
                 "process_type": "web", "host_id": "hx", "port": low})])

@@ -14,6 +14,7 @@ import pytest
 from agents.fleet import Fleet
 from agents.placer import catch_up
 from ledger import Ledger, NewEvent
+from ledger.builds import build_stream
 from ledger.cluster import Cluster
 from tests.conftest import destroy_cluster, make_cluster, tally_env
 from tests.waiting import wait_until
@@ -76,6 +77,12 @@ def test_two_placers_never_double_place_and_replace_a_lost_host(private: Cluster
                                                 "procfile": {"web": "gunicorn a:app"},
                                                 "config_version": 0}),
                     NewEvent("ScaleChanged", {"app": app, "scale": {"web": 3}})])
+                ledger.append(build_stream(app, 2), [  # placed only once built
+                    NewEvent("BuildStarted", {"app": app, "release": 1, "builder": "b",
+                                              "lease_s": 30}),
+                    NewEvent("BuildSucceeded", {"app": app, "release": 1,
+                                                "slug_digest": "c" * 64, "size_bytes": 1,
+                                                "seconds": 1.0})])
 
             def spread() -> bool:
                 f = fleet_of(ledger)

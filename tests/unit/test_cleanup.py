@@ -6,11 +6,14 @@ from pathlib import Path
 
 from agents.cleanup import KEEP_RECENT, plan
 from agents.fleet import App, Release
+from ledger.builds import Build
 
 
 def app(name: str, n: int, current: int | None = None, deployed: int | None = None) -> App:
     a = App(name, current_release=current or n, deployed=deployed)
-    a.releases = {i: Release(i, f"d{i}", {"web": "x"}, 0) for i in range(1, n + 1)}
+    a.releases = {i: Release(i, f"bundle{i}", {"web": "x"}, 0, i, name,
+                             Build(status="succeeded", slug_digest=f"d{i}"))
+                  for i in range(1, n + 1)}  # release folders are named by slug
     return a
 
 

@@ -14,6 +14,7 @@ from ledger.vocabulary import LIVENESS_STREAM
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 DIGEST = "a" * 64
+SLUG = "b" * 64
 
 
 class World:
@@ -62,10 +63,20 @@ class World:
         if scale:
             self.emit(f"app-{name}", "ScaleChanged", app=name, scale=scale)
 
-    def release(self, name: str, number: int, procfile: dict[str, str] | None = None) -> None:
+    def release(self, name: str, number: int, procfile: dict[str, str] | None = None,
+                built: bool = True) -> None:
         self.emit(f"app-{name}", "ReleaseCreated", app=name, release=number,
                   bundle_digest=DIGEST, procfile=procfile or {"web": "gunicorn app:app"},
                   config_version=0)
+        if built:
+            self.built(name, number)
+
+    def built(self, name: str, number: int) -> None:
+        """What a builder appends once the release's slug is stored."""
+        stream = self.fleet.apps[name].releases[number].build_stream
+        self.emit(stream, "BuildStarted", app=name, release=number, builder="b1", lease_s=30)
+        self.emit(stream, "BuildSucceeded", app=name, release=number, slug_digest=SLUG,
+                  size_bytes=1000, seconds=1.0)
 
     def scale(self, name: str, **scale: int) -> None:
         self.emit(f"app-{name}", "ScaleChanged", app=name, scale=scale)

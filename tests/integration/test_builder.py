@@ -1,0 +1,234 @@
+"""`tally serve builder` against a private ledger: real bubblewrap sandboxes, real pip, and
+build code that attacks the platform from inside (the "Why" of issue 11: a requirements.txt
+ran its code as root on every host and printed root-only files into logs members read).
+
+Each attack must fail or be contained; the build is then reported failed (or succeeds
+harmlessly), and nothing secret appears in its output or its events."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ledger import Ledger, NewEvent
+from ledger.builds import build_stream
+from ledger.cluster import Cluster
+from tests.conftest import destroy_cluster, make_cluster
+from tests.fixtures.apps import fleet, store, tarball
+from tests.fixtures.apps.fleet import Daemon
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the builder starts as root")
+SECRET = "s3cr3t-platform-token-4242"
+
+
+@pytest.fixture(scope="module")
+def private() -> Iterator[Cluster]:
+    c = make_cluster()
+    home = c.root.parent
+    (home / "secrets").mkdir(mode=0o700)
+    (home / "secrets" / "admin.token").write_text(SECRET + "\n")
+    root_only = Path("/root/.tally-test-secret")
+    root_only.write_text(SECRET + "\n")
+    root_only.chmod(0o600)
+    yield c
+    for log in home.glob("builder-*.log"):  # kept for a look after a failure
+        Path(f"/tmp/tally-test-{log.name}").write_text(log.read_text())
+    root_only.unlink(missing_ok=True)
+    destroy_cluster(c)
+
+
+def builder(cluster: Cluster, n: int, *extra: str) -> Daemon:
+    return fleet.builder(cluster, [], n, *extra)
+
+
+@pytest.fixture(scope="module")
+def one_builder(private: Cluster) -> Iterator[Daemon]:
+    b = builder(private, 1, "--timeout", "60", "--processes", "64", "--disk-mb", "200")
+    b.start()
+    yield b
+    b.kill()
+
+
+def files(entries: dict[str, bytes | str], mode: int = 0o644) -> bytes:
+    out = []
+    for name, data in entries.items():
+        raw = data.encode() if isinstance(data, str) else data
+        info = tarfile.TarInfo(name)
+        info.size, info.mode = len(raw), 0o755 if name.startswith("bin/") else mode
+        out.append((info, raw))
+    return tarball(out)
+
+
+def deploy(ledger: Ledger, home: Path, app: str, bundle: bytes) -> str:
+    """AppCreated + ReleaseCreated as the API appends them; the release's build stream."""
+    digest = store(bundle, home / "bundles")
+    result = ledger.append(f"app-{app}", [
+        NewEvent("AppCreated", {"name": app, "owner": "ann"}),
+        NewEvent("ReleaseCreated", {"app": app, "release": 1, "bundle_digest": digest,
+                                    "procfile": {"web": "gunicorn app:app"},
+                                    "config_version": 0})])
+    return build_stream(app, result.versions[-1])
+
+
+def outcome(ledger: Ledger, stream: str, timeout: float = 120) -> Any:
+    def done() -> Any:
+        return next((e for e in ledger.read_stream(stream)
+                     if e.type in ("BuildSucceeded", "BuildFailed")), None)
+    return wait_until(done, timeout, f"an outcome in {stream}", interval=0.2)
+
+
+def output(home: Path, app: str, stream: str) -> str:
+    return (home / "builds" / app / f"{stream}.log").read_text()
+
+
+def evil_sdist(targets: list[str]) -> bytes:
+    """An sdist whose in-tree build backend probes the platform, then fails (so pip shows
+    what it printed)."""
+    backend = f'''
+import os, subprocess
+def _probe():
+    out = ["EVIL uid=" + subprocess.run(["id", "-u"], capture_output=True, text=True).stdout]
+    for path in {targets!r}:
+        try:
+            if os.path.isdir(path):
+                out.append("EVIL listed " + path + ": " + repr(os.listdir(path)))
+            else:
+                out.append("EVIL read " + path + ": " + open(path).read())
+        except Exception as exc:
+            out.append("EVIL cannot " + path + ": " + type(exc).__name__)
+    try:
+        open("/usr/evil", "w").write("x")
+        out.append("EVIL wrote /usr/evil")
+    except Exception as exc:
+        out.append("EVIL cannot write /usr/evil: " + type(exc).__name__)
+    return chr(10).join(out)
+def get_requires_for_build_wheel(config_settings=None):
+    return []
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    raise RuntimeError(_probe())
+'''
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, text in {
+            "evil-1.0/pyproject.toml": ('[build-system]\nrequires = []\n'
+                                        'build-backend = "backend"\nbackend-path = ["."]\n'
+                                        '[project]\nname = "evil"\nversion = "1.0"\n'),
+            "evil-1.0/backend.py": backend,
+            "evil-1.0/PKG-INFO": "Metadata-Version: 2.1\nName: evil\nVersion: 1.0\n",
+        }.items():
+            raw = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    return buf.getvalue()
+
+
+def test_install_time_code_runs_unprivileged_and_reads_no_secret(
+        private: Cluster, one_builder: Daemon) -> None:
+    home = private.root.parent
+    targets = [str(home), str(home / "secrets" / "admin.token"), str(private.credentials_file),
+               "/root", "/root/.tally-test-secret", "/etc/shadow",
+               str(home / "agents"), str(Path.home() / ".config")]
+    bundle = files({"Procfile": "web: gunicorn app:app\n",
+                    "requirements.txt": "--no-index\n-f ./dists\nevil==1.0\n",
+                    "dists/evil-1.0.tar.gz": evil_sdist(targets)})
+    with Ledger(private.dsn()) as ledger:
+        stream = deploy(ledger, home, "evil", bundle)
+        failed = outcome(ledger, stream)
+        events = ledger.read_stream(stream)
+    text = output(home, "evil", stream)
+    assert failed.type == "BuildFailed", text
+    uid = int(text.split("EVIL uid=")[1].split()[0])
+    assert uid != 0, "install-time code ran as root"
+    for target in targets:
+        assert f"EVIL cannot {target}:" in text, (target, text)
+    assert "EVIL cannot write /usr/evil" in text
+    assert SECRET not in text
+    assert not any(SECRET in str(e.data) for e in events)
+    assert "pip install -r requirements.txt failed" in failed.data["reason"]
+
+
+def test_requirements_naming_a_root_only_file_cannot_print_it(
+        private: Cluster, one_builder: Daemon) -> None:
+    home = private.root.parent
+    bundle = files({"Procfile": "web: x\n",
+                    "requirements.txt": f"-r /root/.tally-test-secret\n-r {home}/secrets/"
+                                        "admin.token\n"})
+    with Ledger(private.dsn()) as ledger:
+        stream = deploy(ledger, home, "rootfile", bundle)
+        failed = outcome(ledger, stream)
+    text = output(home, "rootfile", stream)
+    assert failed.type == "BuildFailed"
+    assert "No such file or directory" in text or "Could not open" in text, text
+    assert SECRET not in text and SECRET not in str(failed.data)
+
+
+def test_a_fork_bomb_is_contained_and_the_build_fails(
+        private: Cluster, one_builder: Daemon) -> None:
+    bundle = files({"Procfile": "web: x\n", "requirements.txt": "",
+                    "bin/pre_compile": "#!/bin/bash\nbomb() { bomb | bomb & }; bomb\n"
+                                       "sleep 5; echo survived; exit 7\n"})
+    with Ledger(private.dsn()) as ledger:
+        stream = deploy(ledger, private.root.parent, "forky", bundle)
+        failed = outcome(ledger, stream)
+    assert failed.type == "BuildFailed"
+    assert not [p for p in Path("/sys/fs/cgroup/pids/tally-builds").glob("*forky*")], \
+        "the build's cgroup is left behind"
+
+
+def test_filling_the_disk_is_stopped(private: Cluster, one_builder: Daemon) -> None:
+    bundle = files({"Procfile": "web: x\n", "requirements.txt": "",
+                    "bin/post_compile": "#!/bin/bash\n"
+                                        "head -c 300000000 /dev/zero > /app/big\n"})
+    with Ledger(private.dsn()) as ledger:
+        stream = deploy(ledger, private.root.parent, "filler", bundle)
+        failed = outcome(ledger, stream)
+    assert failed.type == "BuildFailed"
+    assert "bin/post_compile failed" in failed.data["reason"] or "more than" in \
+        failed.data["reason"]
+
+
+def test_two_builders_build_a_release_once_and_a_killed_builders_build_is_taken_over(
+        private: Cluster, one_builder: Daemon) -> None:
+    home = private.root.parent
+    second = builder(private, 2, "--lease", "3")
+    second.start()
+    try:
+        slow = files({"Procfile": "web: x\n", "requirements.txt": "",
+                      "bin/pre_compile": "#!/bin/bash\nfor i in 1 2 3 4 5 6; do echo tick $i; "
+                                         "sleep 1; done\n"})
+        with Ledger(private.dsn()) as ledger:
+            stream = deploy(ledger, home, "twice", slow)
+            done = outcome(ledger, stream)
+            events = ledger.read_stream(stream)
+        assert done.type == "BuildSucceeded"
+        assert [e.type for e in events].count("BuildStarted") == 1, "built twice"
+    finally:
+        second.kill()
+
+    one_builder.kill()  # only the short-lease builder may take this one
+    third = builder(private, 3, "--lease", "3")
+    fourth = builder(private, 4, "--lease", "3")
+    third.start()
+    try:
+        with Ledger(private.dsn()) as ledger:
+            stream = deploy(ledger, home, "taken", slow)
+            wait_until(lambda: any(e.type == "BuildStarted" for e in ledger.read_stream(
+                stream)), 60, "b3 claimed the build", interval=0.1)
+            third.kill()  # kill -9, mid-build
+            fourth.start()
+            done = outcome(ledger, stream)
+            starts = [e.data for e in ledger.read_stream(stream) if e.type == "BuildStarted"]
+        assert done.type == "BuildSucceeded"
+        assert [(s["builder"], s["attempt"]) for s in starts] == [("b3", 1), ("b4", 2)]
+    finally:
+        fourth.kill()
+        third.kill()
+        one_builder.start()
