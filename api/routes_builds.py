@@ -10,9 +10,9 @@ from typing import Any
 from flask import send_file
 from flask.typing import ResponseReturnValue
 
-from api import bundles, queries, schemas
+from api import bundles, schemas
 from api.errors import Forbidden, NotFound
-from api.routes_apps import app_state
+from api.routes_apps import app_state, running_on
 from api.state import AppState, Release
 from api.web import query, reply, route, services, who
 from ledger.builds import Build, build_stream, fold
@@ -73,13 +73,14 @@ def show_build(name: str, number: int) -> ResponseReturnValue:
 @route("/apps/<name>/releases/<int:number>/slug", tag="builds",
        raw_response="application/gzip", errors=(401, 403, 404))
 def download_slug(name: str, number: int) -> ResponseReturnValue:
-    """The release's slug: for agents of hosts it is placed on, and the app's people."""
+    """The release's slug: for agents of hosts it is placed on or that run a one-off
+    command of it, and for the app's people."""
     caller = who()
     svc = services()
     if caller.role == "agent":
         state = svc.load_app(name)
-        if not caller.host_id or not queries.placed_on(svc.ledger, name, number,
-                                                       caller.host_id):
+        if not caller.host_id or not (running_on(state, number, caller.host_id) or
+                                      svc.views.placed_on(name, number, caller.host_id)):
             raise Forbidden(f"release v{number} of {name} is not placed on this host")
     else:
         state = app_state(name)

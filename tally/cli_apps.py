@@ -21,7 +21,7 @@ import click
 
 from api.services import Settings
 from tally import packing
-from tally.cli_builds import follow_build
+from tally.buildlog import follow_build
 from tally.client import Client, ClientError, save_credentials
 from tally.config import Config, api_client, credentials_path, run_key_from_env
 from tally.console import cell, fail_cleanly, table

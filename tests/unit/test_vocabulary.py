@@ -63,6 +63,10 @@ def test_a_placer_with_other_timings_announces_them_and_why_uses_them() -> None:
     events.add("app-blog", "AppCreated", name="blog", owner="ann")
     events.add("app-blog", "ReleaseCreated", app="blog", release=1, bundle_digest="a" * 64,
                procfile={"web": "gunicorn app:app"}, config_version=0)
+    events.add("build-blog.2", "BuildStarted", app="blog", release=1, builder="b",
+               lease_s=30)  # placed only once built (w11)
+    events.add("build-blog.2", "BuildSucceeded", app="blog", release=1, slug_digest="b" * 64,
+               size_bytes=1, seconds=1.0)
     fleet.apply_all(events)
     now = T0 + timedelta(seconds=10)
     assert fleet.liveness == Liveness(30, 20) == liveness_of(events)
