@@ -253,9 +253,13 @@ class _Claim:
 
 
 def _reason(code: int | None, tail: Iterable[str]) -> str:
-    said = [t.removeprefix(" !").strip() for t in tail if t.startswith(" !")]
+    """Why a build failed, in one line: the buildpack's own ` !` line, with the last error
+    line of the tool that failed (pip's `ERROR: ...`) when there is one."""
+    lines = list(tail)
+    said = [t.removeprefix(" !").strip() for t in lines if t.startswith(" !")]
+    errors = [t.strip() for t in lines if t.lstrip().startswith(("ERROR:", "error:"))]
     if said:
-        return said[-1]
+        return f"{said[-1]}: {errors[-1]}" if errors else said[-1]
     return f"the build exited with status {code}" if code is not None else "the build was killed"
 
 

@@ -4,9 +4,10 @@ the reason to refuse. Pure functions, unit-tested without PostgreSQL."""
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 
 from api.errors import Conflict, NotFound, Unprocessable
-from api.state import AppState
+from api.state import AppState, Release
 from ledger.events import NewEvent
 from ledger.hostnames import reserved
 from ledger.vocabulary import default_scale
@@ -81,8 +82,18 @@ def scale(s: AppState, changes: dict[str, int],
     return [NewEvent("ScaleChanged", data)]
 
 
-def change_config(s: AppState, set_: dict[str, str], unset: list[str]) -> list[NewEvent]:
-    """Each config change is a new config version and, once there is code, a new release."""
+def last_good(s: AppState, failed: Collection[int], below: int | None = None
+              ) -> Release | None:
+    """The newest release that did not fail (below `below` if given): what a config change
+    or a rollback builds on, never a failed release."""
+    return next((r for r in reversed(s.releases) if r.number not in failed
+                 and (below is None or r.number < below)), None)
+
+
+def change_config(s: AppState, set_: dict[str, str], unset: list[str],
+                  failed: Collection[int] = ()) -> list[NewEvent]:
+    """Each config change is a new config version and, once there is code that did not
+    fail, a new release of that code."""
     require_app(s)
     bad = [k for k in [*set_, *unset] if not CONFIG_KEY.fullmatch(k)]  # `$` allows "K\n"
     if bad:
@@ -93,19 +104,23 @@ def change_config(s: AppState, set_: dict[str, str], unset: list[str]) -> list[N
     version = max(s.configs) + 1
     events = [NewEvent("ConfigChanged", {"app": s.name, "set": set_, "unset": unset,
                                          "config_version": version})]
-    if s.current:
+    if base := last_good(s, failed):
         changed = ", ".join([*(f"set {k}" for k in set_), *(f"unset {k}" for k in unset)])
-        events.append(_release_of(s, s.current.bundle_digest, s.current.procfile, version,
-                                  changed, None))
+        if base is not s.current:
+            changed += f" (on v{base.number}: later releases failed)"
+        events.append(_release_of(s, base.bundle_digest, base.procfile, version, changed,
+                                  None))
     return events
 
 
-def rollback(s: AppState, target: int | None) -> list[NewEvent]:
-    """A new release with an earlier release's bundle and config (default: the previous)."""
+def rollback(s: AppState, target: int | None, failed: Collection[int] = ()) -> list[NewEvent]:
+    """A new release with an earlier release's bundle and config (default: the newest
+    earlier one that did not fail)."""
     require_app(s)
     if s.current is None:
         raise Unprocessable(f"app {s.name!r} has no release to roll back")
-    number = target if target is not None else s.current.number - 1
+    previous = last_good(s, failed, below=s.current.number)
+    number = target if target is not None else (previous.number if previous else 0)
     old = s.release(number)
     if old is None or number >= s.current.number:
         raise Unprocessable(f"no earlier release v{number} to roll back to",

@@ -9,7 +9,7 @@ from flask.typing import ResponseReturnValue
 
 from api import decide, schemas
 from api.errors import Conflict
-from api.routes_apps import app_state, change
+from api.routes_apps import app_state, change, failed_releases
 from api.state import AppState
 from api.web import body, reply, route, services
 
@@ -41,5 +41,6 @@ def create_addon(name: str) -> ResponseReturnValue:
     if create is None:
         raise Conflict("add-ons are not enabled on this platform")
     url = create(name)
-    state = change(name, lambda s: decide.change_config(s, {var: url}, []))
+    failed = failed_releases(name)
+    state = change(name, lambda s: decide.change_config(s, {var: url}, [], failed))
     return reply(schemas.Addons, listed(state), 201)

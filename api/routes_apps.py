@@ -225,6 +225,12 @@ def download_bundle(name: str, number: int) -> ResponseReturnValue:
                      etag=found.bundle_digest)
 
 
+def failed_releases(name: str) -> set[int]:
+    """Releases whose build or rollout failed (the releases view): never built on again."""
+    return {n for n, (status, _) in services().views.release_statuses(name).items()
+            if status == "failed"}
+
+
 def running_on(state: AppState, number: int, host_id: str) -> bool:
     """Whether a one-off run of this release goes on on this host (the API chose it: its
     agent is granted the bundle, as one running the release is)."""
@@ -237,7 +243,8 @@ def running_on(state: AppState, number: int, host_id: str) -> bool:
 def rollback(name: str) -> ResponseReturnValue:
     """A new release with an earlier release's bundle and config."""
     target = body(schemas.Rollback)["release"]
-    state = change(name, lambda s: decide.rollback(s, target))
+    failed = failed_releases(name)
+    state = change(name, lambda s: decide.rollback(s, target, failed))
     return reply(schemas.Release, release_dict(state.releases[-1]), 201)
 
 
@@ -271,7 +278,8 @@ def show_config(name: str) -> ResponseReturnValue:
 def change_config(name: str) -> ResponseReturnValue:
     """Set and unset config vars; a new release follows once the app has code."""
     req = body(schemas.ConfigChange)
-    state = change(name, lambda s: decide.change_config(s, req["set"], req["unset"]))
+    failed = failed_releases(name)
+    state = change(name, lambda s: decide.change_config(s, req["set"], req["unset"], failed))
     return reply(schemas.Config, {"config": state.config,
                                   "config_version": state.config_version,
                                   "release": state.current.number if state.current else None})

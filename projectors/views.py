@@ -96,6 +96,13 @@ class Views:
                               "instance_id = %s AND host_id = %s LIMIT 1",
                               (instance_id, host_id, instance_id, host_id)))
 
+    def release_statuses(self, app: str) -> dict[int, tuple[str, str | None]]:
+        """Each release's rollout status (pending, deployed, failed, superseded) and why it
+        failed: config changes and rollbacks build on deployed releases only (w11)."""
+        return {r["release"]: (r["status"], r["failure_reason"]) for r in self.rows(
+            "SELECT release, status, failure_reason FROM views.releases WHERE app = %s",
+            (app,))}
+
     def instances(self, app: str | None = None) -> list[Row]:
         return self.rows("SELECT instance_id, app, release, process_type, host_id, port, "
                          "state, pid, since, exit_code, signal, restarts, log_tail, reason "

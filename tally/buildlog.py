@@ -6,7 +6,8 @@ from __future__ import annotations
 import time
 
 import click
-from api.client import Client, ClientError
+
+from tally.client import Client, ClientError
 
 
 def follow_build(client: Client, app: str, number: int, timeout: float) -> None:

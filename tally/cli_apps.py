@@ -477,8 +477,11 @@ def follow(client: Client, app: str, number: int, timeout: float) -> None:
                 click.echo(f"v{number} is deployed: every wanted instance is healthy", err=True)
                 return
             if e["type"] == "ReleaseFailed":
-                raise ClientError(f"v{number} failed to deploy: {e['data']['reason']} "
-                                  f"(the previous release keeps serving)")
+                serving = [r["number"] for r in client.get(f"/apps/{app}/releases")["releases"]
+                           if r.get("status") == "deployed"]
+                still = (f" (v{serving[0]} keeps serving)" if serving else
+                         " (nothing of the app was serving before: nothing serves now)")
+                raise ClientError(f"v{number} failed to deploy: {e['data']['reason']}{still}")
             if e["data"]["reason"] not in said:
                 said.add(e["data"]["reason"])
                 click.echo(f"  the placer cannot place every instance yet: "

@@ -18,6 +18,7 @@ from tests.api_process import ApiProcess
 from tests.conftest import RelayProcs, destroy_cluster, free_ports, make_cluster, tally_env
 from tests.e2e.test_cli import Tally
 from tests.fixtures.apps.fleet import AgentProc, Daemon, builder, placer
+from tests.waiting import wait_until
 
 APPS = Path(__file__).resolve().parents[1] / "fixtures" / "apps"
 
@@ -130,3 +131,29 @@ def test_a_missing_requirement_fails_the_build_once_and_nothing_is_placed(
     assert tally.json("ps", "-a", app) == []
     output = tally("builds:output", "-a", app, "v1").stdout
     assert "No matching distribution found" in output
+    releases = wait_until(lambda: [r for r in tally.json("releases", "-a", app)
+                                   if r["status"] == "failed"], 30, "v1 shown as failed")
+    assert "build failed" in releases[0]["failure_reason"]
+    why = tally("why", app, ok=False).stdout
+    assert "build failed" in why and "No matching distribution" in why, why
+
+
+def test_config_set_after_a_failed_build_builds_on_the_deployed_release(
+        platform: tuple[Tally, Any]) -> None:
+    """config:set (and rollback) never build on a failed release: the new release runs the
+    deployed code, at once (its slug is reused)."""
+    tally, _ = platform
+    app = f"recover-{uuid.uuid4().hex[:6]}"
+    tally("apps:create", app)
+    tally("deploy", "-a", app, str(APPS / "hello"), "--timeout", "240", timeout=600)
+    tally("deploy", "-a", app, str(APPS / "missingreq"), ok=False, timeout=600)
+    wait_until(lambda: any(r["status"] == "failed" for r in tally.json("releases", "-a", app)),
+               30, "v2 failed")
+    tally("config:set", "-a", app, "GREETING=again")
+    v3 = tally.json("releases", "-a", app)[0]
+    v1 = tally.json("releases", "-a", app)[-1]
+    assert v3["number"] == 3 and v3["bundle_digest"] == v1["bundle_digest"]
+    build = wait_until(lambda: [b for b in tally.json("builds", "-a", app)
+                                if b["release"] == 3 and b["status"] == "succeeded"], 30,
+                       "v3 built (reused)")
+    assert build[0]["reused_from"] == 1

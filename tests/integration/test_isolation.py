@@ -405,17 +405,19 @@ class Fleet:
         place one web instance; return its port, uid and instance id once healthy."""
         from ledger import Ledger
         from tests.fixtures.apps import app_tarball, procfile, store
+        from tests.fixtures.apps.fleet import built
         from tests.waiting import wait_until
 
         digest = store(app_tarball("probe"), self.home / "bundles")
         port, app_uid = next(self.ports), next(self.uids)
         iid = f"{app}.1.web.{uid()}"
         with Ledger(self.cluster.dsn()) as ledger:
-            ledger.append(f"app-{app}", [
+            result = ledger.append(f"app-{app}", [
                 NewEvent("AppCreated", {"name": app, "owner": "ann", "uid": app_uid}),
                 NewEvent("ReleaseCreated", {"app": app, "release": 1, "bundle_digest": digest,
                                             "procfile": procfile("probe"),
                                             "config_version": 0})])
+            built(ledger, self.home, app, 1, result.versions[-1], app_tarball("probe"))
             ledger.append(f"placement-{app}", [NewEvent("InstancePlaced", {
                 "instance_id": iid, "app": app, "release": 1, "process_type": "web",
                 "host_id": self.HOST, "port": port})])

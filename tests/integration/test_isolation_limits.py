@@ -31,7 +31,7 @@ from projectors import instances as instances_view
 from projectors.runtime import Runner, catch_up, connect
 from tests.conftest import destroy_cluster, free_ports, make_cluster, tally_env
 from tests.fixtures.apps import app_tarball, store
-from tests.fixtures.apps.fleet import AgentProc
+from tests.fixtures.apps.fleet import AgentProc, built
 from tests.integration.test_api import World as ApiWorld
 from tests.integration.test_api import world  # noqa: F401  (the API with its users)
 from tests.waiting import wait_until
@@ -117,14 +117,19 @@ class Site:
 
 
 def new_app(ledger: Ledger, digest: str, app: str, procfile: dict[str, str],
-            config: dict[str, str], sizes: dict[str, str] | None = None) -> None:
-    ledger.append(f"app-{app}", [
+            config: dict[str, str], sizes: dict[str, str] | None = None,
+            home: Path | None = None) -> None:
+    """The app with release 1 of the sample (`digest`), built (w11: placed only once
+    built; the slug is the sample's, built once per machine)."""
+    result = ledger.append(f"app-{app}", [
         NewEvent("AppCreated", {"name": app, "owner": "ann"}),
         NewEvent("ConfigChanged", {"app": app, "set": config, "config_version": 1}),
         NewEvent("ReleaseCreated", {"app": app, "release": 1, "bundle_digest": digest,
                                     "procfile": procfile, "config_version": 1}),
         NewEvent("ScaleChanged", {"app": app, "scale": dict.fromkeys(procfile, 0),
                                   "sizes": sizes or {}})])
+    assert home is not None
+    built(ledger, home, app, 1, result.versions[2], app_tarball("hello"))
 
 
 @pytest.fixture(scope="module")
@@ -140,9 +145,9 @@ def fleet() -> Iterator[Site]:
         digest = store(app_tarball("hello"), cluster.root.parent / "bundles")
         new_app(ledger, digest, EVIL, {"web": "gunicorn app:app", "hog": 'python -c "$HOG"',
                                        "trio": 'python -c "$TRIO"', "bomb": 'python -c "$BOMB"'},
-                {"HOG": HOG, "TRIO": TRIO, "BOMB": BOMB})
+                {"HOG": HOG, "TRIO": TRIO, "BOMB": BOMB}, home=cluster.root.parent)
         new_app(ledger, digest, VICTIM, {"web": "gunicorn app:app"}, {"GREETING": "fine"},
-                sizes={"web": "standard-2x"})
+                sizes={"web": "standard-2x"}, home=cluster.root.parent)
         w = Site(cluster, agent, other, ledger, digest, agent.ports[0] + 9)
         victim = w.place(VICTIM, "web", w.victim_port)
         wait_until(lambda: w.events(victim, "InstanceHealthy"), 240,
