@@ -135,6 +135,7 @@ class Agent:
         self.shipper = Shipper(collector, self.procs.logs) if collector else None
         self.runs: RunServer | None = None
         self.ended_runs: queue.Queue[tuple[str, int, dict[str, Any]]] = queue.Queue()
+        runtime.prepare_mountpoint()
         for private in (paths.state, paths.releases, paths.state / "homes"):
             private.mkdir(parents=True, exist_ok=True)
             private.chmod(0o711)  # apps may pass through to their own folder, not list

@@ -36,6 +36,10 @@ MATRIX: list[tuple[str, str, Any, dict[str, int]]] = [
     ("GET", "/apps/{app}/releases", None, dict.fromkeys(PEOPLE, 200)),
     ("GET", "/apps/{app}/releases/1", None, dict.fromkeys(PEOPLE, 200)),
     ("GET", "/apps/{app}/releases/1/bundle", None, {"admin": 200, "owner": 200, "agent": 200}),
+    # No builder in this world: the build is pending, so there is no slug yet (404).
+    ("GET", "/apps/{app}/releases/1/slug", None, {"admin": 404, "owner": 404, "agent": 404}),
+    ("GET", "/apps/{app}/releases/1/build", None, dict.fromkeys(PEOPLE, 200)),
+    ("GET", "/apps/{app}/builds", None, dict.fromkeys(PEOPLE, 200)),
     ("POST", "/apps/{app}/rollback", {"release": 1}, dict.fromkeys(PEOPLE, 201)),
     ("POST", "/apps/{app}/scale", {"scale": {"web": 2}}, dict.fromkeys(PEOPLE, 200)),
     ("GET", "/apps/{app}/config", None, dict.fromkeys(PEOPLE, 200)),
