@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from agents.fleet import App, Fleet, Placement, Release
+from ledger.builds import Build
 
 
 def fleet_of(snapshot: dict[str, Any]) -> Fleet:
@@ -17,7 +18,8 @@ def fleet_of(snapshot: dict[str, Any]) -> Fleet:
         app = App(name, a.get("current"), deployed=a.get("deployed"),
                   failed={int(n): r for n, r in a.get("failed", {}).items()}, uid=a.get("uid"))
         app.releases = {int(n): Release(int(n), r["digest"], r.get("procfile", {}),
-                                        r.get("config_version", 0))
+                                        r.get("config_version", 0), app=name,
+                                        build=_built(r.get("slug")))
                         for n, r in a.get("releases", {}).items()}
         app.config_history = history(a.get("configs", {}))
         app.sizes = dict(a.get("sizes", {}))
@@ -29,6 +31,11 @@ def fleet_of(snapshot: dict[str, Any]) -> Fleet:
             p["instance_id"], p["app"], p["release"], p["process_type"], host, p["port"], now)
     fleet.position = snapshot.get("version", 0)
     return fleet
+
+
+def _built(slug: str | None) -> Build:
+    """A release the API says is built (its slug's digest), or one that is not yet."""
+    return Build(status="succeeded", slug_digest=slug) if slug else Build()
 
 
 def history(configs: dict[str, dict[str, str]]) -> list[tuple[int, dict[str, str], list[str]]]:

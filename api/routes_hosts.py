@@ -18,6 +18,8 @@ from api.hosts import Placements
 from api.state import AppState
 from api.web import body, query, reply, route, services, who
 from ledger import NO_STREAM, NewEvent, VersionConflict
+from ledger.builds import build_stream
+from ledger.builds import fold as fold_build
 
 
 @route("/hosts", response=schemas.Rows, tag="fleet", errors=(401, 403))
@@ -109,7 +111,8 @@ def _append(stream: str, type_: str, data: dict[str, Any],
        tag="agents", errors=(400, 401, 403, 422))
 def host_desired(host_id: str) -> ResponseReturnValue:
     """The host's desired state past version `after`: its placements, each with its
-    release's bundle digest, command and config vars (nothing when it has not moved)."""
+    release's bundle and slug digests, command and config vars (nothing when it has not
+    moved)."""
     require_host(who(), host_id)
     q = query(schemas.DesiredQuery)
     fold = services().placements()
@@ -145,15 +148,29 @@ def _app(name: str, needed: set[int], fold: Placements) -> dict[str, Any] | None
     serving = deployed if deployed is not None and deployed not in failed else current
     here = bool(needed)
     shown = needed | ({serving} if here and serving else set())
+    slugs = _slugs(state, shown | {n for n in (current, deployed) if n is not None})
     return {
         "current": current, "deployed": deployed, "sizes": dict(state.sizes), "uid": state.uid,
         "failed": {str(n): reason for n, reason in failed.items()},
         "releases": {str(r.number): {"digest": r.bundle_digest,
                                      "procfile": r.procfile if here else {},
-                                     "config_version": r.config_version}
+                                     "config_version": r.config_version,
+                                     "slug": slugs.get(r.number)}
                      for r in state.releases},
         "configs": _configs(state, shown),
     }
+
+
+def _slugs(state: AppState, releases: set[int]) -> dict[int, str]:
+    """The slug digests of these releases (built ones): what an agent runs (w11)."""
+    out = {}
+    for r in state.releases:
+        if r.number in releases:
+            b = fold_build(services().ledger.read_stream(build_stream(state.name,
+                                                                    r.stream_version)))
+            if b.status == "succeeded" and b.slug_digest:
+                out[r.number] = b.slug_digest
+    return out
 
 
 def _configs(state: AppState, releases: set[int]) -> dict[str, dict[str, str]]:
