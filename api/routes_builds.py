@@ -80,7 +80,8 @@ def download_slug(name: str, number: int) -> ResponseReturnValue:
     if caller.role == "agent":
         state = svc.load_app(name)
         if not caller.host_id or not (running_on(state, number, caller.host_id) or
-                                      svc.views.placed_on(name, number, caller.host_id)):
+                                      svc.placements().placed_here(caller.host_id, name,
+                                                                   number)):
             raise Forbidden(f"release v{number} of {name} is not placed on this host")
     else:
         state = app_state(name)
