@@ -31,6 +31,7 @@ from tests.conftest import RelayProcs, destroy_cluster, free_ports, make_cluster
 from tests.fixtures.apps.fleet import (
     AgentProc,
     Daemon,
+    api_for,
     create_app,
     placer,
     release,
@@ -86,8 +87,14 @@ class Platform:
 
 
 def tally_why(platform: Platform, app: str) -> str:
+    """`tally why APP` as an admin asks it: over the API (user commands speak only HTTP)."""
+    from api.auth import create_user
+
+    api = api_for(platform.cluster)
+    token = create_user(platform.ledger, f"why-{os.urandom(4).hex()}", "admin")
     out = subprocess.run([sys.executable, "-m", "tally.cli", "why", app], capture_output=True,
-                         text=True, env=tally_env(platform.cluster), timeout=60)
+                         text=True, env=tally_env(platform.cluster, TALLY_API=api.url,
+                                                  TALLY_TOKEN=token), timeout=60)
     assert out.returncode == 0, out.stderr
     return out.stdout
 
