@@ -160,13 +160,7 @@ class Cgroups:
             own = Path("/proc/self/cgroup").read_text()
         except OSError as exc:
             raise Unavailable(f"cannot read the process's cgroups: {exc}") from exc
-        v2 = ""
-        for line in own.splitlines():
-            if line.startswith("0::"):
-                for mount in _cgroup2_mounts(mountinfo):
-                    with contextlib.suppress(OSError):
-                        v2 = (mount / "cgroup.controllers").read_text()
-        layout = parse_layout(mountinfo, own, v2)
+        layout = parse_layout(mountinfo, own, _v2_controllers())
         if layout is None:
             raise Unavailable("no memory, pids and cpu cgroup controllers (v1 or v2) here")
         groups = cls(layout, root)
@@ -261,7 +255,13 @@ class Cgroups:
             self.remove(name)
 
     def close(self) -> None:
-        """Remove what is empty, the root folders too (when the agent stops its apps)."""
+        """Remove the groups, the root folders too (when the agent has stopped its apps:
+        what is left in a group is killed first)."""
+        for r in self.roots():
+            with contextlib.suppress(OSError):
+                for d in r.iterdir():
+                    if d.is_dir():
+                        self.kill_all(d.name)
         self.sweep(set(), min_age=0)
         for r in self.roots():
             with contextlib.suppress(OSError):
@@ -275,6 +275,27 @@ def _cgroup2_mounts(mountinfo: str) -> list[Path]:
         if right.split()[:1] == ["cgroup2"]:
             out.append(Path(left.split()[4]))
     return out
+
+
+def missing() -> str | None:
+    """What this machine lacks for per-app cgroups, or None (nothing is created)."""
+    if os.geteuid() != 0:
+        return "agents are not root: apps run without per-app cgroups (memory, pids, cpu)"
+    try:
+        layout = parse_layout(Path("/proc/self/mountinfo").read_text(),
+                              Path("/proc/self/cgroup").read_text(), _v2_controllers())
+    except OSError as exc:
+        return f"cannot read this process's cgroups: {exc}"
+    if layout is None:
+        return "no memory, pids and cpu cgroup controllers (v1 or v2): apps run unlimited"
+    return None
+
+
+def _v2_controllers() -> str:
+    with contextlib.suppress(OSError):
+        for mount in _cgroup2_mounts(Path("/proc/self/mountinfo").read_text()):
+            return (mount / "cgroup.controllers").read_text()
+    return ""
 
 
 def for_agent(host_id: str, state: Path) -> Cgroups | None:

@@ -38,7 +38,7 @@ from typing import Any
 
 import psutil
 
-from agents import bundle, cgroups, cleanup, health, runtime, slug, users
+from agents import bundle, cgroups, cleanup, health, netrules, ports, runtime, slug, users
 from agents.api_client import ApiAway, ApiError, HostApi
 from agents.desired import fleet_of
 from agents.fleet import App, Fleet
@@ -147,6 +147,10 @@ class Agent:
         self.next_stats = 0.0
         self.next_cleanup = 0.0
         self.cgroups = cgroups.for_agent(spec.host_id, paths.state)
+        self.netrules = netrules.for_agent(cgroups.root_name(spec.host_id, paths.state))
+        self.netrules_lock = threading.Lock()
+        self.reach: list[netrules.Reach] = []
+        self.ports = ports.Holder(spec.address, spec.port_min, spec.port_max)
         self.curve = curve.load_or_create(paths.state / "curve.key")
         """This host's CURVE keypair: its public key is registered, the relays admit it."""
         self.outbox = Outbox(paths.state / "outbox.jsonl")
@@ -211,6 +215,8 @@ class Agent:
                 self.stop_all(min(self.timing.grace, 5.0))
                 if self.cgroups is not None:
                     self.cgroups.close()
+            if self.netrules is not None:  # adopted apps go unconfined until the next agent
+                self.netrules.remove()
 
     def stop_all(self, grace: float) -> None:
         """SIGTERM every instance, SIGKILL what is left after `grace` seconds."""
@@ -233,6 +239,7 @@ class Agent:
         now = self.clock()
         if not self.registered:
             self.register()
+        self.ports.hold_free()  # no app may squat a port of our range
         if now >= self.next_beat:
             self.next_beat = now + self.timing.heartbeat
             self.heartbeat()
@@ -252,6 +259,7 @@ class Agent:
                 self.apply(action, now)
             except Exception:  # one instance's trouble must not stop the others
                 log.exception("%s %s failed", action.kind, action.instance_id)
+        self.confine_network()
         if self.shipper is not None:
             detached = self.runs.detached_ids() if self.runs else set()
             self.shipper.ship(running=set(self.local) | detached)
@@ -261,6 +269,29 @@ class Agent:
         if now >= self.next_cleanup:
             self.next_cleanup = now + self.timing.cleanup_every
             self.clean(wants)
+
+    def confine_network(self, also: Want | None = None,
+                        user: users.AppUser | None = None) -> None:
+        """Apply the apps' reach rules (agents/netrules.py) if they changed: each round,
+        and before an app process starts (`also`: an instance or a run, as `user`)."""
+        if self.netrules is None:
+            return
+        with self.netrules_lock:
+            if also is None:  # the loop's thread: the only one reading the fleet
+                self.reach = netrules.reach_of(self.instances_here(), {
+                    name: app.config_at(r.config_version) for name, app in
+                    self.fleet.apps.items() if (r := app.releases.get(app.current_release or 0))
+                }, netrules.app_uids(self.fleet.apps), self.spec.address)
+            extra = ([netrules.Reach(user.uid, frozenset(
+                {also.port, *netrules.addon_ports(dict(also.config), self.spec.address)}))]
+                     if also is not None and user is not None else [])
+            self.netrules.apply([*self.reach, *extra], [self.statsd.port])
+
+    def instances_here(self) -> list[tuple[str, int]]:
+        """(app, port) of the instances placed on this host, or still running here."""
+        return [*((p.app, p.port) for p in self.fleet.placements.values()
+                  if p.host_id in ("", self.spec.host_id)),
+                *((loc.want.app, loc.want.port) for loc in self.local.values() if loc.want)]
 
     def record_stats(self) -> None:
         """One stats row per running instance; a failed write skips that sample only."""
@@ -426,6 +457,8 @@ class Agent:
                     continue
                 self.procs.forget(iid)
                 reason = cgroups.ended(self.cgroups, iid, loc.want.size if loc.want else "")
+                if loc.want is not None:  # its processes are gone: ours again, at once
+                    self.ports.hold(loc.want.port)
                 if loc.state is State.STOPPING:
                     del self.local[iid]
                     self.report(iid, "InstanceStopped", reason="no longer placed here")
@@ -553,17 +586,21 @@ class Agent:
         want = loc.want
         assert want is not None
         env = self.environment(want)
-        if want.process_type == "web":
-            env["GUNICORN_CMD_ARGS"] = (f"--bind {self.spec.address}:{want.port} "
+        self.confine_network(want, user)
+        bound = self.ports.binding(want.process_type, want.command, want.port,
+                                   set(netrules.app_uids(self.fleet.apps).values()))
+        if want.process_type == "web" or bound.pass_fds:
+            env["GUNICORN_CMD_ARGS"] = (f"{bound.gunicorn_bind} "
                                         f"{self.statsd.gunicorn_args(want.instance_id)} "
-                                        + env.get("GUNICORN_CMD_ARGS", ""))
+                                        + ports.strip_binds(env.get("GUNICORN_CMD_ARGS", "")))
         owner = (user.uid, user.gid) if user is not None else (os.getuid(), os.getgid())
         upper, work = runtime.fresh_layer(self.paths.layers / want.instance_id, *owner)
         setup = cgroups.confine(self.cgroups, want.instance_id, want.size, runtime.child_setup(
             release, upper, work, demote(user) if user else None))
         loc.pid = self.procs.start(want.instance_id, want.port,
-                                   ["/bin/bash", "-c", want.command], upper, env, self.limits,
-                                   setup)
+                                   ["/bin/bash", "-c", bound.command], upper, env, self.limits,
+                                   setup, pass_fds=bound.pass_fds)
+        self.ports.handed(want.port, bound)
         loc.state, loc.started_at = State.STARTING, self.clock()
         self.report(want.instance_id, "InstanceStarted", pid=loc.pid)
 
@@ -596,6 +633,7 @@ class Agent:
             time.sleep(0.1)
         want = self.one_off(app, number)
         release, user = self.prepare(want)
+        self.confine_network(want, user)
         owner = (user.uid, user.gid) if user is not None else (os.getuid(), os.getgid())
         upper, work = runtime.fresh_layer(self.paths.layers / want.instance_id, *owner)
         return str(upper), self.environment(want), cgroups.confine(

@@ -47,12 +47,13 @@ class Processes:
 
     def start(self, instance_id: str, port: int, argv: list[str], cwd: Path,
               env: dict[str, str], limits: Limits,
-              demote: Callable[[], None] | None = None) -> int:
-        """Launch the process, its output appended to the instance's log; record its pid."""
+              demote: Callable[[], None] | None = None, pass_fds: tuple[int, ...] = ()) -> int:
+        """Launch the process, its output appended to the instance's log; record its pid.
+        `pass_fds`: descriptors it inherits (its listening socket, agents/ports.py)."""
         with open(self.log_path(instance_id), "ab") as log:
             proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True,
+                                    start_new_session=True, pass_fds=pass_fds,
                                     preexec_fn=child_setup(limits, demote))
         self.children[proc.pid] = proc
         record = Record(instance_id, proc.pid, psutil.Process(proc.pid).create_time(), port)

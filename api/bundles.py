@@ -10,13 +10,15 @@ Procfile that parses.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import posixpath
 import re
 import tarfile
 import tempfile
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -168,3 +170,29 @@ def store(upload: Path, digest: str, bundles_dir: Path) -> Path:
 
 def path_of(bundles_dir: Path, digest: str) -> Path:
     return bundles_dir / f"{digest}.tar.gz"
+
+
+PRUNE_GRACE_S = 600.0
+"""A bundle file younger than this is kept: another app may have just uploaded the same
+content, its release not yet in the views."""
+
+
+def unneeded(digests: Iterable[str], needed: set[str], ages: Mapping[str, float],
+             grace: float = PRUNE_GRACE_S) -> list[str]:
+    """Which of a deleted app's bundles (`digests`) to remove from the store: those no live
+    app's release needs, older than `grace` seconds (`ages`; a missing file: nothing)."""
+    return sorted(d for d in set(digests) - needed if ages.get(d, 0.0) > grace)
+
+
+def prune(bundles_dir: Path, digests: Iterable[str], needed: set[str]) -> list[str]:
+    """Remove the bundles `unneeded` says; returns their digests. Only bundles of releases
+    are ever named here: slugs stored beside them are the builder's to prune."""
+    now = time.time()
+    ages = {}
+    for d in set(digests):
+        with contextlib.suppress(OSError):
+            ages[d] = now - path_of(bundles_dir, d).stat().st_mtime
+    gone = unneeded(digests, needed, ages)
+    for d in gone:
+        path_of(bundles_dir, d).unlink(missing_ok=True)
+    return gone

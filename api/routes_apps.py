@@ -112,14 +112,18 @@ def delete_app(name: str) -> ResponseReturnValue:
     """Delete an app: everything stops, its domains and platform name are freed, its
     history stays."""
     freed: list[str] = [platform_hostname(name, services().suffix())]
+    bundled: list[str] = []
 
     def delete(s: AppState) -> list[NewEvent]:
         owned(s)
         freed.extend(s.domains)  # the domains of the state the deletion is decided on
+        bundled[:] = [r.bundle_digest for r in s.releases]
         return decide.delete_app(s)
     change(name, delete)
     for domain in freed:
         release_claim(domain, name)
+    svc = services()  # its bundles, unless another app's release needs one (best effort)
+    bundles.prune(svc.settings.bundles_dir, bundled, svc.views.bundles_in_use(name))
     return Response(status=204)
 
 
@@ -167,11 +171,17 @@ def upload_release(name: str) -> ResponseReturnValue:
                                 f"received {digest[:12]}... (the upload was damaged)",
                                 {"digest": ["mismatch"]})
         procfile = bundles.inspect(upload, unpacked)
+        known = bundles.path_of(svc.settings.bundles_dir, digest).exists()
         bundles.store(upload, digest, svc.settings.bundles_dir)
     finally:
         upload.unlink(missing_ok=True)
-    state = svc.command(name, who(), lambda s: decide.new_release(s, digest, procfile,
-                                                                   args["description"]))
+    try:
+        state = svc.command(name, who(), lambda s: decide.new_release(s, digest, procfile,
+                                                                       args["description"]))
+    except Exception:
+        if not known:  # stored for nothing: no release names it
+            bundles.path_of(svc.settings.bundles_dir, digest).unlink(missing_ok=True)
+        raise
     return reply(schemas.Release, release_dict(state.releases[-1]), 201)
 
 

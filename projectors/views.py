@@ -109,6 +109,11 @@ class Views:
                          "FROM views.instances WHERE (%s::text IS NULL OR app = %s) "
                          "ORDER BY app, process_type, instance_id", (app, app))
 
+    def bundles_in_use(self, but: str) -> set[str]:
+        """Bundle digests of every release of the live apps but `but` (being deleted)."""
+        return {r["bundle_digest"] for r in self.rows(
+            "SELECT DISTINCT bundle_digest FROM views.releases WHERE app <> %s", (but,))}
+
     def routes(self, app: str | None = None) -> list[Row]:
         return self.rows("SELECT hostname, app, backends, maintenance, version "
                          "FROM views.routes WHERE (%s::text IS NULL OR app = %s) "

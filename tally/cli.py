@@ -304,6 +304,8 @@ def up(cfg: Config) -> None:
         click.echo(f"  {name}: {where} (pid {pids.get(name)})")
     click.echo(f"  apps answer at http://<app>.{suffix}/ (tally admin suffix to change it)")
     click.echo(f"  logs: {cfg.log_dir} (rotated)   stop with: tally down")
+    for line in platform.unconfined():
+        click.echo(line)
     for line in cli_apps.first_admin(cfg):
         click.echo(line)
 

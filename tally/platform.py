@@ -147,6 +147,15 @@ def platform_suffix(cfg: Config, wanted: str | None = None, *, if_unset: bool = 
         return wanted
 
 
+def unconfined() -> list[str]:
+    """What this machine lacks to confine apps, each said by `tally up` (the agents run
+    apps anyway, and log the same)."""
+    from agents import cgroups, netrules
+
+    return [f"  WARNING {what}: {reason}" for what, reason in (
+        ("network reach", netrules.missing()), ("limits", cgroups.missing())) if reason]
+
+
 def wait_ready(cfg: Config, timeout: float = 60.0) -> None:
     """Until the API answers /healthz, so `tally up` returns a platform one can use."""
     deadline = time.monotonic() + timeout

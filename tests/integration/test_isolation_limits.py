@@ -9,31 +9,40 @@ Where this machine's kernel refuses a mechanism, the test skips saying what is m
 
 from __future__ import annotations
 
+import ast
 import io
 import os
 import re
 import subprocess
 import sys
 import tarfile
+import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
-from agents import cgroups
+from agents import cgroups, netrules
+from api.auth import create_user
 from ledger import Ledger, NewEvent
 from ledger.cluster import Cluster
+from ledger.tickets import new_key
 from projectors import instances as instances_view
 from projectors.runtime import Runner, catch_up, connect
+from tests.api_process import ApiProcess, pack_files, project_now
 from tests.conftest import destroy_cluster, free_ports, make_cluster, tally_env
 from tests.fixtures.apps import app_tarball, store
-from tests.fixtures.apps.fleet import AgentProc, built
+from tests.fixtures.apps.fleet import AgentProc, Daemon, built
+from tests.integration.test_api import (
+    BUNDLE,
+    world,  # noqa: F401  (the API with its users)
+)
 from tests.integration.test_api import World as ApiWorld
-from tests.integration.test_api import world  # noqa: F401  (the API with its users)
 from tests.waiting import wait_until
 
 RUN = uuid.uuid4().hex[:6]
@@ -64,6 +73,40 @@ except OSError as exc:
 print('started', n, flush=True)
 time.sleep(600)
 """
+REACH = """
+import os, socket, time
+for item in os.environ['TARGETS'].split():
+    name, port = item.split('=')
+    s = socket.socket()
+    s.settimeout(3)
+    try:
+        s.connect(('127.0.0.1', int(port)))
+        print(name, 'open', flush=True)
+    except OSError as exc:
+        print(name, 'closed', exc.errno, flush=True)
+    finally:
+        s.close()
+print('reach done', flush=True)
+if os.environ.get('TALLY_INSTANCE', '').split('.')[2:3] == ['reach']:
+    time.sleep(600)
+"""
+SQUAT = """
+import os, socket, time
+low, high = map(int, os.environ['RANGE'].split('-'))
+held = []
+for port in range(low, high + 1):
+    for host in ('127.0.0.1', '0.0.0.0'):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+            s.listen()
+            held.append(f'{host}:{port}')
+        except OSError:
+            s.close()
+print('squatted', len(held), held, flush=True)
+time.sleep(600)
+"""
 
 
 def cgroups_missing() -> str | None:
@@ -86,6 +129,17 @@ class Site:
     digest: str
     victim_port: int
     victim: str = ""
+    targets: dict[str, int] = field(default_factory=dict)
+    api: str = ""
+    token: str = ""
+
+    def run(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        """`tally run -a EVIL -- argv` as its owner does it: through the API."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
+        env.update(TALLY_API=self.api, TALLY_TOKEN=self.token)
+        return subprocess.run([sys.executable, "-m", "tally.cli", "run", "-a", EVIL, "--",
+                               *argv], capture_output=True, text=True, env=env, timeout=180,
+                              stdin=subprocess.DEVNULL)
 
     @property
     def home(self) -> Path:
@@ -135,48 +189,62 @@ def new_app(ledger: Ledger, digest: str, app: str, procfile: dict[str, str],
 @pytest.fixture(scope="module")
 def fleet() -> Iterator[Site]:
     cluster = make_cluster()
-    low, other_low = free_ports(2)
-    agent = AgentProc(cluster, f"iso-{RUN}", (low, low + 9))
-    other = AgentProc(cluster, f"iso2-{RUN}", (other_low, other_low + 4))
-    agent.start()
-    other.start()
+    low, other_low, collector_port, api_port = free_ports(4)
+    env = {"TALLY_RUN_KEY": new_key().hex(),
+           "TALLY_COLLECTOR": f"tcp://127.0.0.1:{collector_port}"}
+    daemons = [Daemon(cluster, "collector", ["collector"], **env),
+               Daemon(cluster, "projectors", ["projectors", "--poll-interval", "0.2"])]
+    agent = AgentProc(cluster, f"iso-{RUN}", (low, low + 9), collector=env["TALLY_COLLECTOR"],
+                      env=env)
+    other = AgentProc(cluster, f"iso2-{RUN}", (other_low, other_low + 4), env=env)
+    api = ApiProcess(tally_env(cluster, **env), api_port)
+    for d in (*daemons, agent, other):
+        d.start()
     ledger = Ledger(cluster.dsn())
     try:
+        api.wait_ready()
+        token = create_user(ledger, "ann", "member")
         digest = store(app_tarball("hello"), cluster.root.parent / "bundles")
-        new_app(ledger, digest, EVIL, {"web": "gunicorn app:app", "hog": 'python -c "$HOG"',
-                                       "trio": 'python -c "$TRIO"', "bomb": 'python -c "$BOMB"'},
-                {"HOG": HOG, "TRIO": TRIO, "BOMB": BOMB}, home=cluster.root.parent)
         new_app(ledger, digest, VICTIM, {"web": "gunicorn app:app"}, {"GREETING": "fine"},
                 sizes={"web": "standard-2x"}, home=cluster.root.parent)
-        w = Site(cluster, agent, other, ledger, digest, agent.ports[0] + 9)
-        victim = w.place(VICTIM, "web", w.victim_port)
-        wait_until(lambda: w.events(victim, "InstanceHealthy"), 240,
+        site = Site(cluster, agent, other, ledger, digest, agent.ports[0] + 9)
+        victim = site.place(VICTIM, "web", site.victim_port)
+        wait_until(lambda: site.events(victim, "InstanceHealthy"), 240,
                    "the victim's instance healthy (the first run builds the virtualenv)")
-        w.victim = victim
-        yield w
+        site.victim = victim
+        site.api, site.token = api.url, token
+        targets = {"own": agent.ports[0] + 4, "victim": site.victim_port,
+                   "agent": _run_port(ledger, agent), "other-agent": _run_port(ledger, other),
+                   "ledger-a": cluster.spec.ports[0], "ledger-b": cluster.spec.ports[1],
+                   "collector": collector_port}
+        site.targets = targets
+        new_app(ledger, digest, EVIL, {
+            "web": "gunicorn app:app", "hog": 'python -c "$HOG"', "trio": 'python -c "$TRIO"',
+            "bomb": 'python -c "$BOMB"', "reach": 'python -c "$REACH"',
+            "squat": 'python -c "$SQUAT"', "wide": "gunicorn --bind 0.0.0.0:$PORT -b [::]:$PORT "
+            "app:app"},
+            {"HOG": HOG, "TRIO": TRIO, "BOMB": BOMB, "REACH": REACH, "SQUAT": SQUAT,
+             "TARGETS": " ".join(f"{k}={v}" for k, v in targets.items()),
+             "RANGE": f"{low}-{low + 9}"}, home=cluster.root.parent)
+        yield site
     finally:
+        api.stop()
         for a in (agent, other):
-            a.kill()
-            a.kill_apps()
-            _remove_groups(a)
+            a.kill()  # its nftables table too
+            a.kill_apps()  # its cgroups too
+        for d in daemons:
+            d.kill()
         ledger.close()
         destroy_cluster(cluster)
 
 
-def _remove_groups(agent: AgentProc) -> None:
-    """The agent was killed -9: remove the cgroups it made (after killing what is in them)."""
-    if cgroups_missing():
-        return
-    try:
-        groups = cgroups.Cgroups.detect(cgroups.root_name(agent.host_id,
-                                                           agent.home / "agents" / agent.host_id))
-    except cgroups.Unavailable:
-        return
-    for root in groups.roots():
-        for d in root.iterdir() if root.exists() else ():
-            if d.is_dir():
-                groups.kill_all(d.name)
-    groups.close()
+def _run_port(ledger: Ledger, agent: AgentProc) -> int:
+    """The port of the agent's `tally run` endpoint, from its registration."""
+    def registered() -> Any:
+        events = ledger.read_stream(f"host-{agent.host_id}")
+        return events and events[-1].data["run_endpoint"]
+    endpoint = wait_until(registered, 60, f"agent {agent.host_id} registered")
+    return int(endpoint.rsplit(":", 1)[1])
 
 
 def group_file(pid: int, controller: str, name: str) -> str:
@@ -284,10 +352,8 @@ def test_a_one_off_run_is_confined_too(groups: Site) -> None:
     site = groups
     code = ("import pathlib; print([l for l in pathlib.Path('/proc/self/cgroup').read_text()"
             ".splitlines() if ':pids:' in l][0])")
-    out = wait_until(lambda: (r := subprocess.run(
-        [sys.executable, "-m", "tally.cli", "run", EVIL, "--", "python", "-c", code],
-        capture_output=True, text=True, env=tally_env(site.cluster), timeout=180)
-    ).returncode == 0 and r, 120, "a one-off run")
+    out = wait_until(lambda: (r := site.run("python", "-c", code)).returncode == 0 and r, 120,
+                     "a one-off run (once the views know the hosts)")
     assert re.search(r":pids:/tally-iso2?-" + RUN + r"-[0-9a-f]{8}/" + EVIL + r"\.1\.run\.",
                      out.stdout), out.stdout
 
@@ -380,3 +446,91 @@ def test_bundles_past_the_apps_sizes_or_bombs_are_refused(world: ApiWorld) -> No
     r = world.call("owner", "POST", f"/apps/{app}/releases", data=_bomb(1000))
     assert r.status_code == 413 and r.get_json()["quota"] == "bundle_mb"
     assert len(world.call("owner", "GET", f"/apps/{app}/releases").get_json()["releases"]) == 2
+
+
+# --- 4. network reach, binding, squatting ------------------------------------------------------
+
+
+@pytest.fixture
+def rules(fleet: Site) -> Site:
+    """The fleet, where agents can confine apps' connections (else a skip saying why)."""
+    if reason := netrules.missing():
+        pytest.skip(reason)
+    return fleet
+
+
+def _reached(output: str) -> dict[str, str]:
+    return dict(re.findall(r"^(\S+) (open|closed)", output, re.M))
+
+
+def test_an_app_reaches_only_its_own_ports_on_its_host_from_instances_and_runs(
+        rules: Site) -> None:
+    site = rules
+    own = site.place(EVIL, "web", site.targets["own"])
+    wait_until(lambda: site.events(own, "InstanceHealthy"), 120, "the app's own web instance")
+    iid = site.place(EVIL, "reach", site.agent.ports[0] + 5)
+    wait_until(lambda: "reach done" in site.log(iid), 120, "the app tried every port")
+    expected = {name: "closed" for name in site.targets} | {"own": "open"}
+    assert _reached(site.log(iid)) == expected, site.log(iid)
+    run = site.run("python", "-c", REACH)
+    assert _reached(run.stdout) == expected, (run.stdout, run.stderr)
+    site.unplace(EVIL, iid)
+    site.unplace(EVIL, own)
+    victim_unaffected(site)
+
+
+def _listening(pid: int) -> set[tuple[str, int]]:
+    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    return {(c.laddr.ip, c.laddr.port) for p in procs for c in p.net_connections("inet")
+            if c.status == psutil.CONN_LISTEN}
+
+
+def test_the_agent_binds_instances_whatever_the_procfile_says(fleet: Site) -> None:
+    site = fleet
+    port = site.agent.ports[0] + 6
+    iid = site.place(EVIL, "wide", port)  # gunicorn --bind 0.0.0.0:$PORT -b [::]:$PORT
+    wait_until(lambda: site.events(iid, "InstanceHealthy"), 120, "the wide instance running")
+    pid = site.agent.app_pids()[iid]
+    listening = wait_until(lambda: _listening(pid), 60, "gunicorn listening")
+    assert listening == {("127.0.0.1", port)}  # not 0.0.0.0, not [::]
+    site.unplace(EVIL, iid)
+    wait_until(lambda: site.events(iid, "InstanceStopped"), 60, "the wide instance stopped")
+    victim_unaffected(site)
+
+
+def test_an_app_cannot_squat_the_ports_of_the_agents_range(fleet: Site) -> None:
+    site = fleet
+    low = site.agent.ports[0]
+    iid = site.place(EVIL, "squat", low + 7)
+    wait_until(lambda: "squatted" in site.log(iid), 120, "the squatter bound what it could")
+    held = re.search(r"squatted \d+ (\[.*\])", site.log(iid)).group(1)  # type: ignore[union-attr]
+    ports = {int(h.rsplit(":", 1)[1]) for h in ast.literal_eval(held)}
+    assert ports <= {low + 7}, held  # its own port at most
+    newcomer = site.place(VICTIM, "web", low + 8)
+    wait_until(lambda: site.events(newcomer, "InstanceHealthy"), 120,
+               "the other tenant's new instance healthy on a port of the range")
+    assert site.events(newcomer, "InstanceExited") == []
+    site.unplace(VICTIM, newcomer)
+    site.unplace(EVIL, iid)
+    victim_unaffected(site)
+
+
+def test_a_deleted_apps_bundles_leave_the_store_unless_another_app_needs_them(
+        world: ApiWorld) -> None:  # noqa: F811
+    store_dir = world.client.application.extensions["tally"].settings.bundles_dir
+    mine, theirs = world.new_app(releases=0), world.new_app(releases=0)
+    own = {**BUNDLE, "app.py": f"app = '{uuid.uuid4().hex}'\n"}
+    shared = {**BUNDLE, "app.py": f"app = '{uuid.uuid4().hex}'\n"}
+    digests = {}
+    for app, files in ((mine, own), (mine, shared), (theirs, shared)):
+        r = world.call("owner", "POST", f"/apps/{app}/releases", data=pack_files(files))
+        assert r.status_code == 201, r.get_json()
+        digests[app, files["app.py"]] = r.get_json()["bundle_digest"]
+    project_now(world.owner_dsn)
+    paths = {what: store_dir / f"{d}.tar.gz" for what, d in digests.items()}
+    hour_ago = time.time() - 3600  # past the grace for uploads whose release is not seen yet
+    for p in paths.values():
+        os.utime(p, (hour_ago, hour_ago))
+    assert world.call("owner", "DELETE", f"/apps/{mine}").status_code == 204
+    assert not paths[mine, own["app.py"]].exists()  # only the deleted app needed it
+    assert paths[theirs, shared["app.py"]].exists()  # the other app's release needs it

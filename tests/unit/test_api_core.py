@@ -409,3 +409,9 @@ def test_unknown_tokens_at_once_share_one_forced_refresh() -> None:
     for t in threads:
         t.join()
     assert SlowLedger.forced <= 3
+
+
+def test_a_deleted_apps_bundles_are_unneeded_unless_shared_or_fresh() -> None:
+    ages = {"a": 3600.0, "b": 3600.0, "c": 5.0}
+    assert bundles.unneeded(["a", "b", "c", "d"], needed={"b"}, ages=ages) == ["a"]
+    assert bundles.unneeded(["c"], needed=set(), ages=ages, grace=1.0) == ["c"]

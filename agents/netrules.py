@@ -1,0 +1,194 @@
+"""What an app may connect to on its host: its own ports, its add-ons and the outside world;
+not other apps' backend ports (which would bypass the balancers and maintenance), the
+agents' control ports, the collector, the ledger or anything else of the platform's.
+
+Enforced with nftables in the output hook, matching the connecting socket's owner (`meta
+skuid`: each app runs as its own user, agents/users.py) and a destination that is this host
+(`fib daddr type local`: loopback and the host's own addresses): per app uid, accept its own
+and its add-ons' ports (and DNS), reject the rest of this host. Replies of connections made
+to an app (conntrack's established) pass. Other hosts' ports are theirs to guard.
+
+The rule set is a pure function of the desired state (`render`); the agent applies it in a
+table of its own (one per agent: agents sharing a machine never touch each other's), as one
+atomic `nft -f` transaction, only when it changed, and deletes the table when it stops.
+Apps that connect as root (the agent's health checks, the balancers) are not affected.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+log = logging.getLogger("tally.agent")
+DNS = 53
+LOCAL_HOSTS = re.compile(r"^(localhost|127\.\d+\.\d+\.\d+|::1|0\.0\.0\.0)$")
+
+
+@dataclass(frozen=True)
+class Reach:
+    """What one app (by its uid) may connect to on this host."""
+
+    uid: int
+    ports: frozenset[int]
+    """Its instances' ports here, and its add-ons' local ports."""
+
+
+def addon_ports(config: Mapping[str, str], address: str = "127.0.0.1") -> set[int]:
+    """Ports on this host named by the app's `*_URL` config vars (DATABASE_URL, REDIS_URL
+    ...): its add-ons, which it may reach."""
+    out = set()
+    for key, value in config.items():
+        if not key.endswith("_URL"):
+            continue
+        try:
+            url = urlsplit(value)
+            host, port = url.hostname or "", url.port
+        except ValueError:
+            continue
+        if port and (host == address or LOCAL_HOSTS.match(host)):
+            out.add(port)
+    return out
+
+
+def table_name(root: str, pid: int) -> str:
+    """The nftables table of the agent (root: cgroups.root_name) running as `pid`: the pid
+    lets any agent on the machine find the tables of agents killed -9 (`stale`)."""
+    return f"{re.sub(r'[^A-Za-z0-9_]', '_', root)}_p{pid}"
+
+
+def stale(tables: Iterable[str], mine: str, alive: Callable[[int], bool]) -> list[str]:
+    """The agent tables to delete: those of dead agents, and earlier ones of this agent."""
+    out = []
+    prefix = mine.rsplit("_p", 1)[0] + "_p"
+    for name in tables:
+        match = re.fullmatch(r"tally_\w+_p(\d+)", name)
+        if match and name != mine and (name.startswith(prefix) or not alive(int(match[1]))):
+            out.append(name)
+    return out
+
+
+def render(table: str, reach: Iterable[Reach], shared: Iterable[int] = ()) -> str:
+    """The nft script that replaces `table` with rules for these apps, atomically.
+    `shared`: ports every app may reach here (the agent's statsd port for gunicorn)."""
+    common = {DNS, *shared}
+    merged: dict[int, set[int]] = {}
+    for r in reach:
+        merged.setdefault(r.uid, set()).update(r.ports)
+    lines = [f"table inet {table} {{}}", f"delete table inet {table}",
+             f"table inet {table} {{",
+             "  chain output {",
+             "    type filter hook output priority 0; policy accept;",
+             "    ct state established,related accept"]
+    for uid, ports in sorted(merged.items()):
+        allowed = ", ".join(str(p) for p in sorted(common | ports))
+        lines.append(f"    meta skuid {uid} fib daddr type local meta l4proto {{ tcp, udp }} "
+                     f"th dport {{ {allowed} }} accept")
+        lines.append(f"    meta skuid {uid} fib daddr type local reject")
+    lines += ["  }", "}"]
+    return "\n".join(lines) + "\n"
+
+
+# --- the shell ------------------------------------------------------------------------------
+
+
+class NetRules:
+    """The agent's table: applied when the rules change, deleted on stop."""
+
+    def __init__(self, table: str) -> None:
+        self.table = table
+        self.applied: str | None = None
+
+    def apply(self, reach: Iterable[Reach], shared: Iterable[int] = ()) -> None:
+        script = render(self.table, reach, shared)
+        if script == self.applied:
+            return
+        run(script)
+        self.applied = script
+
+    def remove(self) -> None:
+        subprocess.run(["nft", "delete", "table", "inet", self.table], capture_output=True)
+        self.applied = None
+
+
+class Unavailable(Exception):
+    """nftables cannot be used here; the message says what is missing."""
+
+
+def run(script: str) -> None:
+    proc = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise Unavailable(f"nft refused the rules: {proc.stderr.strip()[:300]}")
+
+
+def missing() -> str | None:
+    """What this host lacks to confine apps' connections, or None."""
+    if os.geteuid() != 0:
+        return "agents are not root: apps' connections are not confined (nftables needs root)"
+    if shutil.which("nft") is None:
+        return ("nft is not installed (Debian package nftables): apps can connect to other "
+                "apps' ports and the platform's on this host")
+    return None
+
+
+def for_agent(root: str) -> NetRules | None:
+    """The agent's rules, checked usable by applying an empty set (after deleting the
+    tables agents killed -9 left); None with a warning."""
+    if (reason := missing()) is not None:
+        log.warning("no network reach rules on this host: %s", reason)
+        return None
+    rules = NetRules(table_name(root, os.getpid()))
+    try:
+        listed = subprocess.run(["nft", "-j", "list", "tables"], capture_output=True,
+                                text=True, check=True).stdout
+        names = [t["table"]["name"] for t in json.loads(listed).get("nftables", [])
+                 if "table" in t and t["table"].get("family") == "inet"]
+        for name in stale(names, rules.table, _alive):
+            subprocess.run(["nft", "delete", "table", "inet", name], capture_output=True)
+        rules.apply([])
+    except (Unavailable, subprocess.CalledProcessError, ValueError, KeyError) as exc:
+        log.warning("no network reach rules on this host: %s", exc)
+        return None
+    return rules
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def reach_of(instances: Iterable[tuple[str, int]], configs: Mapping[str, Mapping[str, str]],
+             uids: Mapping[str, int], address: str) -> list[Reach]:
+    """The Reach of every app of the agent's with a user on this machine (`uids`: app ->
+    uid; apps with no instance here too, so their one-off runs are confined): the ports of
+    its instances here (`instances`: (app, port)) and of its add-ons (`configs`: each
+    app's config vars)."""
+    ports: dict[str, set[int]] = {app: set() for app in uids}
+    for app, port in instances:
+        if app in ports and port:
+            ports[app].add(port)
+    for app, config in configs.items():
+        if app in ports:
+            ports[app].update(addon_ports(config, address))
+    return [Reach(uids[app], frozenset(p)) for app, p in ports.items()]
+
+
+def app_uids(apps: Iterable[str]) -> dict[str, int]:
+    """The uids of these apps' users that exist on this host."""
+    import pwd
+
+    from agents.users import user_name
+
+    by_name = {u.pw_name: u.pw_uid for u in pwd.getpwall()}
+    return {app: by_name[n] for app in apps if (n := user_name(app)) in by_name}

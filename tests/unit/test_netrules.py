@@ -1,0 +1,69 @@
+"""agents/netrules.py's pure half: which ports an app may reach on its host, as nft rules."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from agents.netrules import Reach, addon_ports, reach_of, render, stale, table_name
+
+
+def test_addon_ports_are_the_local_ports_of_url_config_vars() -> None:
+    config = {"DATABASE_URL": "postgresql://blog:pw@127.0.0.1:5443/blog",
+              "REDIS_URL": "redis://localhost:6390/0", "CACHE_URL": "redis://10.0.0.7:6379",
+              "OTHER": "http://127.0.0.1:9999/", "BROKEN_URL": "http://[::1"}
+    assert addon_ports(config) == {5443, 6390}
+    assert addon_ports({"X_URL": "http://10.0.0.5:7000/"}, address="10.0.0.5") == {7000}
+
+
+def test_each_app_reaches_its_instances_and_addons_only() -> None:
+    instances = [("blog", 7001), ("blog", 7002), ("shop", 7003), ("gone", 7004)]
+    configs = {"blog": {"DATABASE_URL": "postgres://h@127.0.0.1:5443/b"}, "shop": {}}
+    reach = reach_of(instances, configs, {"blog": 1001, "shop": 1002, "idle": 1003},
+                     "127.0.0.1")
+    assert sorted(reach, key=lambda r: r.uid) == [
+        Reach(1001, frozenset({7001, 7002, 5443})), Reach(1002, frozenset({7003})),
+        Reach(1003, frozenset())]  # an app with only one-off runs here: nothing of its own
+
+
+def test_rules_reject_the_rest_of_this_host_per_uid_and_replace_the_table() -> None:
+    script = render("tally_h1", [Reach(1001, frozenset({7001})), Reach(1001, frozenset({5443})),
+                                 Reach(1002, frozenset())], [9125])
+    lines = [line.strip() for line in script.splitlines()]
+    assert lines[:3] == ["table inet tally_h1 {}", "delete table inet tally_h1",
+                         "table inet tally_h1 {"]
+    assert "ct state established,related accept" in lines
+    assert ("meta skuid 1001 fib daddr type local meta l4proto { tcp, udp } th dport "
+            "{ 53, 5443, 7001, 9125 } accept") in lines
+    assert "meta skuid 1001 fib daddr type local reject" in lines
+    assert "meta skuid 1002 fib daddr type local reject" in lines
+    assert lines.index("meta skuid 1002 fib daddr type local reject") > lines.index(
+        "meta skuid 1001 fib daddr type local reject")
+    assert render("t", []) == render("t", [])  # the same state, the same script: not reapplied
+
+
+def test_table_names_are_nft_identifiers_with_the_agents_pid() -> None:
+    assert table_name("tally-h-1.x-0a1b2c3d", 42) == "tally_h_1_x_0a1b2c3d_p42"
+
+
+def test_stale_tables_are_dead_agents_and_this_agents_earlier_ones() -> None:
+    mine = table_name("tally-h1-aaaa", 100)
+    tables = [mine, table_name("tally-h1-aaaa", 90), table_name("tally-h2-bbbb", 80),
+              table_name("tally-h3-cccc", 70), "filter", "tally_builds"]
+    assert stale(tables, mine, alive=lambda pid: pid == 70) == [
+        "tally_h1_aaaa_p90", "tally_h2_bbbb_p80"]
+
+
+def test_tally_up_says_when_a_host_lacks_nft(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agents import netrules
+    from tally import platform
+
+    if os.geteuid() != 0:
+        pytest.skip("not root: the warning is about root, not nft")
+    assert not [w for w in platform.unconfined() if "network reach" in w]  # this machine
+    # A machine without nft cannot exist here: PATH lookups are faked to find nothing.
+    monkeypatch.setattr(netrules.shutil, "which", lambda name: None)
+    assert [w for w in platform.unconfined() if "network reach" in w] == [
+        "  WARNING network reach: nft is not installed (Debian package nftables): apps can "
+        "connect to other apps' ports and the platform's on this host"]
