@@ -162,14 +162,14 @@ def test_failover_under_writers_loses_no_acknowledged_append(
                             "WHERE stream LIKE 'heartbeat-ha%%'"))
         assert {k: rows.get(k) for k in acked} == acked
 
-        # The old primary rejoined as the synchronous standby by pg_rewind: its ledger
-        # file is the same file, rewound in place, not a fresh copy.
+        # The old primary rejoined as the synchronous standby without a copy: its ledger
+        # file is the same file (rewound in place when needed), and no reinit ran.
         assert members(ha)[old]["role"] == "sync_standby"
         log = (ha.root / f"patroni-{old}.log").read_text()
         assert leader == new and "reinitializ" not in log.lower()
+        # (Patroni runs pg_rewind only when the timelines diverged: after some kills the
+        # old primary had nothing past the fork point and just followed.)
         assert events.stat().st_ino == inode
-        if victim == "postmaster":
-            assert "pg_rewind exit code=0" in log
 
         # Readers end with every event: the relays' wake-ups and the projectors.
         with Ledger(ha.dsn(), retry_deadline=60) as ledger:
