@@ -15,6 +15,7 @@ finds the primary after a failover).
 
 from __future__ import annotations
 
+import fcntl
 import secrets
 from urllib.parse import quote
 
@@ -29,10 +30,15 @@ class AddonError(Exception):
 
 
 def ensure_cluster(cluster: Cluster) -> None:
-    """Create the apps cluster on first use, and start it."""
-    if not cluster.initialized():
-        cluster.init()
-    cluster.start()
+    """Create the apps cluster on first use, and start it. Under a file lock: two API
+    workers asked for add-ons at once must not both run initdb in one folder."""
+    lock = cluster.root.with_name(cluster.root.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        if not cluster.initialized():
+            cluster.init()
+        cluster.start()
 
 
 def database_name(app: str) -> str:

@@ -30,7 +30,7 @@ def list_addons(name: str) -> ResponseReturnValue:
 
 
 @route("/apps/<name>/addons", "POST", body=schemas.AddonCreate, response=schemas.Addons,
-       status=201, tag="addons", errors=(400, 401, 403, 404, 409, 422))
+       status=201, tag="addons", errors=(400, 401, 403, 404, 409, 422, 503))
 def create_addon(name: str) -> ResponseReturnValue:
     """Give the app a PostgreSQL database of its own; sets DATABASE_URL (a new release)."""
     kind = body(schemas.AddonCreate)["kind"]

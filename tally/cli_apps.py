@@ -20,6 +20,7 @@ from typing import Any
 import click
 
 from api.services import Settings
+from ledger.cluster import Cluster
 from tally import packing
 from tally.buildlog import follow_build
 from tally.client import Client, ClientError, save_credentials
@@ -150,6 +151,24 @@ def register(cli: click.Group) -> None:
     _settings(cli)
 
 
+def addon_database(cluster: Cluster, app: str) -> str:
+    """The app's add-on database in the apps cluster (made and started on first use): an
+    existing one is the API's 409, a cluster that cannot be made or reached its 503."""
+    import psycopg2
+
+    from agents import addons
+    from api.errors import Conflict, Unavailable
+    from ledger import ClusterError
+
+    try:
+        addons.ensure_cluster(cluster)
+        return addons.create_database(cluster, app)
+    except addons.AddonError as exc:
+        raise Conflict(str(exc)) from exc
+    except (ClusterError, psycopg2.Error, OSError) as exc:
+        raise Unavailable(f"the apps' database cluster is not available: {exc}") from exc
+
+
 def api_settings(cfg: Config) -> Settings:
     """The API wired to this platform: the ledger, the bundle store, the app log files."""
     from agents import logs
@@ -161,15 +180,7 @@ def api_settings(cfg: Config) -> Settings:
         return logs.follow(cfg.app_logs_dir, app, stop, idle=True)
 
     def create_database(app: str) -> str:
-        from agents import addons
-        from api.errors import Conflict
-
-        cluster = cfg.apps_cluster()
-        addons.ensure_cluster(cluster)
-        try:
-            return addons.create_database(cluster, app)
-        except addons.AddonError as exc:
-            raise Conflict(str(exc)) from exc
+        return addon_database(cfg.apps_cluster(), app)
 
     return Settings(dsn=cfg.cluster().dsn("tally_writer"), bundles_dir=cfg.bundles_dir,
                     max_bundle_bytes=cfg.max_bundle_bytes, app_uids=cfg.app_uids,

@@ -84,3 +84,15 @@ def test_bad_addon_requests_fail_with_one_clear_line(
     kind = addon(env, "shop", "redis")
     assert kind.returncode == 2 and "'redis' is not an add-on tally has" in kind.stderr
     assert "Traceback" not in again.stderr + missing.stderr + kind.stderr
+
+
+def test_an_apps_cluster_that_cannot_start_is_a_503_not_a_500(tmp_path) -> None:
+    """Where the apps' cluster cannot be made (here its folder is a file), the API answers
+    503 naming the cause; schemathesis found this a 500."""
+    from api.errors import Unavailable
+    from tally.cli_apps import addon_database
+
+    (tmp_path / "appsdb").write_text("not a folder")
+    cluster = Cluster(ClusterSpec(tmp_path / "appsdb", ports=tuple(free_ports(2))))
+    with pytest.raises(Unavailable, match="apps' database cluster is not available"):
+        addon_database(cluster, "shop")

@@ -33,10 +33,9 @@ MIN_CALLS = 3
 MAX_TIME_S = 120
 """Each run stops generating after this long (they all run at once)."""
 EXCLUDED = {("POST", "/apps/{name}/addons"): "create_addon", ("GET", "/apps/{name}/logs"): "logs"}
-"""Not fuzzed, each for a defect this test found (reported, not fixed here):
-POST /apps/{name}/addons creates the apps' PostgreSQL cluster on the API host (initdb, the
-default ports) and answers 500 when it cannot; GET /apps/{name}/logs?follow=true answers
-text/event-stream, which the spec does not document."""
+"""Not fuzzed: POST /apps/{name}/addons makes a real apps' PostgreSQL cluster on the API host
+(two initdbs; a cluster it cannot make is a 503 since, tested in test_agent_addons.py), and
+GET /apps/{name}/logs?follow=true is an endless text/event-stream (documented as such)."""
 RUNS = {"admin-coverage": ("admin", "coverage"),
         "admin": ("admin", "examples,fuzzing,stateful"),
         "member": ("member", "examples,fuzzing,stateful"),
