@@ -16,6 +16,7 @@ APT_PACKAGES := \
 	nginx \
 	pebble \
 	pgbouncer \
+	python3-venv \
 	redis-server \
 	wrk
 
