@@ -74,6 +74,9 @@ class HostSpec:
     port_min: int
     port_max: int
     capacity: int
+    addon_ports: frozenset[int] = frozenset()
+    """The platform's add-on services on this host (the apps' PostgreSQL cluster): the only
+    local ports an app's `*_URL` config may open to it (netrules.addon_ports)."""
 
 
 @dataclass(frozen=True)
@@ -281,9 +284,11 @@ class Agent:
                 self.reach = netrules.reach_of(self.instances_here(), {
                     name: app.config_at(r.config_version) for name, app in
                     self.fleet.apps.items() if (r := app.releases.get(app.current_release or 0))
-                }, netrules.app_uids(self.fleet.apps), self.spec.address)
+                }, netrules.app_uids(self.fleet.apps), self.spec.address,
+                    self.spec.addon_ports)
             extra = ([netrules.Reach(user.uid, frozenset(
-                {also.port, *netrules.addon_ports(dict(also.config), self.spec.address)}))]
+                {also.port, *netrules.addon_ports(dict(also.config), self.spec.address,
+                                      self.spec.addon_ports)}))]
                      if also is not None and user is not None else [])
             self.netrules.apply([*self.reach, *extra], [self.statsd.port])
 

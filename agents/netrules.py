@@ -40,9 +40,12 @@ class Reach:
     """Its instances' ports here, and its add-ons' local ports."""
 
 
-def addon_ports(config: Mapping[str, str], address: str = "127.0.0.1") -> set[int]:
+def addon_ports(config: Mapping[str, str], address: str = "127.0.0.1",
+                allowed: frozenset[int] = frozenset()) -> set[int]:
     """Ports on this host named by the app's `*_URL` config vars (DATABASE_URL, REDIS_URL
-    ...): its add-ons, which it may reach."""
+    ...): its add-ons, which it may reach. Only the platform's add-on ports (`allowed`)
+    count: config is the member's to set, and `X_URL=tcp://127.0.0.1:5433` must not open
+    the ledger (or another tenant's backend, an agent's control port) to the app."""
     out = set()
     for key, value in config.items():
         if not key.endswith("_URL"):
@@ -52,7 +55,7 @@ def addon_ports(config: Mapping[str, str], address: str = "127.0.0.1") -> set[in
             host, port = url.hostname or "", url.port
         except ValueError:
             continue
-        if port and (host == address or LOCAL_HOSTS.match(host)):
+        if port in allowed and (host == address or LOCAL_HOSTS.match(host)):
             out.add(port)
     return out
 
@@ -169,7 +172,8 @@ def _alive(pid: int) -> bool:
 
 
 def reach_of(instances: Iterable[tuple[str, int]], configs: Mapping[str, Mapping[str, str]],
-             uids: Mapping[str, int], address: str) -> list[Reach]:
+             uids: Mapping[str, int], address: str,
+             allowed: frozenset[int] = frozenset()) -> list[Reach]:
     """The Reach of every app of the agent's with a user on this machine (`uids`: app ->
     uid; apps with no instance here too, so their one-off runs are confined): the ports of
     its instances here (`instances`: (app, port)) and of its add-ons (`configs`: each
@@ -180,7 +184,7 @@ def reach_of(instances: Iterable[tuple[str, int]], configs: Mapping[str, Mapping
             ports[app].add(port)
     for app, config in configs.items():
         if app in ports:
-            ports[app].update(addon_ports(config, address))
+            ports[app].update(addon_ports(config, address, allowed))
     return [Reach(uids[app], frozenset(p)) for app, p in ports.items()]
 
 

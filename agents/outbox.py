@@ -21,7 +21,7 @@ import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from agents.api_client import ApiAway, ApiRefused
 
@@ -43,7 +43,7 @@ class Outbox:
     def put(self, item: dict[str, Any]) -> dict[str, Any]:
         """Keep one report (adding its key), on disk before anything else happens."""
         item = {**item, "key": item.get("key") or uuid.uuid4().hex}
-        with open(self.path, "a") as f:
+        with _private(self.path, os.O_APPEND) as f:
             f.write(json.dumps(item, separators=(",", ":")) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -73,7 +73,7 @@ class Outbox:
 
     def _rewrite(self) -> None:
         part = self.path.with_name(f".{self.path.name}.part")
-        with open(part, "w") as f:
+        with _private(part, os.O_TRUNC) as f:
             f.writelines(json.dumps(i, separators=(",", ":")) + "\n" for i in self.items)
             f.flush()
             os.fsync(f.fileno())
@@ -81,3 +81,11 @@ class Outbox:
 
     def __len__(self) -> int:
         return len(self.items)
+
+
+def _private(path: Path, mode: int) -> IO[str]:
+    """Open for writing, 0600 from the first byte: reports carry instances' last log lines,
+    which no app on the host may read (the agent's folder is passable to apps)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | mode, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "w")

@@ -46,6 +46,12 @@ PIP_ENV = ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_TRUSTE
            "PIP_CONSTRAINT", "PIP_RETRIES", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
            "http_proxy", "https_proxy", "no_proxy")
 """Variables of the builder's own environment a build inherits: how to reach the index."""
+LOADER_VARS = frozenset({
+    "GCONV_PATH", "GETCONF_DIR", "GLIBC_TUNABLES", "HOSTALIASES", "LOCALDOMAIN", "LOCPATH",
+    "MALLOC_TRACE", "NIS_PATH", "NLSPATH", "RESOLV_HOST_CONF", "RES_OPTIONS", "TZDIR"})
+"""With every LD_* name, what glibc's loader and libc read before a program's first line
+(the names it drops for setuid programs): bwrap is not setuid here, so these must never
+reach its own environment from an app's config, or code would run before the sandbox."""
 PIP_CONFIGS = (Path("/etc/pip.conf"), Path("/etc/xdg/pip/pip.conf"))
 
 
@@ -154,6 +160,11 @@ def bwrap_argv(spec: Spec) -> list[str]:
     return [*argv, "--chdir", "/app", "--", *spec.argv]
 
 
+def loader_safe(env: dict[str, str]) -> dict[str, str]:
+    """`env` without the variables that steer the dynamic loader or libc (LOADER_VARS)."""
+    return {k: v for k, v in env.items() if not k.startswith("LD_") and k not in LOADER_VARS}
+
+
 # --- the shell -----------------------------------------------------------------------------
 
 
@@ -246,7 +257,7 @@ def run(spec: Spec, user: BuildUser, name: str, on_line: Callable[[str], None],
         os.setuid(user.uid)
 
     stopped = ""
-    proc = subprocess.Popen(bwrap_argv(spec), env=spec.env, stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen(bwrap_argv(spec), env=loader_safe(spec.env), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True, preexec_fn=child, cwd="/")
     reader = threading.Thread(target=_pump, args=(proc, on_line), daemon=True)

@@ -99,7 +99,8 @@ def register(cli: click.Group) -> None:
             client = HostApi(api, token, host_id)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--api") from None
-        spec = HostSpec(host_id, address, low, high, capacity)
+        spec = HostSpec(host_id, address, low, high, capacity,
+                        addon_ports=frozenset(cfg.apps_db_ports))
         paths = Paths(state=cfg.home / "agents" / host_id, bundles=cfg.bundles_dir,
                       releases=cfg.home / "agents" / host_id / "releases",
                       api=api, api_token=token)

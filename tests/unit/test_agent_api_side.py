@@ -51,6 +51,7 @@ def test_the_outbox_sends_in_order_and_keeps_what_the_api_did_not_take(tmp_path:
     box = Outbox(tmp_path / "outbox.jsonl")
     keys = [box.put(_item(n))["key"] for n in range(4)]
     assert len(set(keys)) == 4
+    assert (tmp_path / "outbox.jsonl").stat().st_mode & 0o777 == 0o600  # log tails: private
     sent: list[str] = []
 
     def away_after_two(item: dict[str, Any]) -> None:
@@ -60,6 +61,7 @@ def test_the_outbox_sends_in_order_and_keeps_what_the_api_did_not_take(tmp_path:
 
     assert box.flush(away_after_two) == 2
     assert sent == keys[:2] and [i["key"] for i in box.items] == keys[2:]
+    assert (tmp_path / "outbox.jsonl").stat().st_mode & 0o777 == 0o600  # rewritten: still
     again = Outbox(tmp_path / "outbox.jsonl")  # a restarted agent finds the rest, same keys
     assert [i["key"] for i in again.items] == keys[2:]
     again.flush(lambda item: sent.append(item["key"]))

@@ -228,3 +228,13 @@ def test_deploy_packs_what_git_tracks_in_a_work_tree(tmp_path: Path) -> None:
     assert packing.files_of(app) == [".env", "Procfile", "app.py"]  # committed: as Heroku
     data, count = packing.pack(app)
     assert count == 3 and data[:2] == b"\x1f\x8b"
+
+
+def test_app_config_never_steers_the_loader_of_the_sandbox_itself() -> None:
+    """Config vars reach bwrap's own environment (not setuid here): LD_AUDIT=/tmp/x.so
+    would run code as the build user before any namespace exists. They are dropped."""
+    from agents.sandbox import loader_safe
+
+    env = {"PATH": "/usr/bin", "SECRET_KEY": "s", "LD_AUDIT": "/tmp/x.so",
+           "LD_PRELOAD": "/tmp/y.so", "GCONV_PATH": "/tmp", "GLIBC_TUNABLES": "x=1"}
+    assert loader_safe(env) == {"PATH": "/usr/bin", "SECRET_KEY": "s"}

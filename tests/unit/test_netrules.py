@@ -13,15 +13,26 @@ def test_addon_ports_are_the_local_ports_of_url_config_vars() -> None:
     config = {"DATABASE_URL": "postgresql://blog:pw@127.0.0.1:5443/blog",
               "REDIS_URL": "redis://localhost:6390/0", "CACHE_URL": "redis://10.0.0.7:6379",
               "OTHER": "http://127.0.0.1:9999/", "BROKEN_URL": "http://[::1"}
-    assert addon_ports(config) == {5443, 6390}
-    assert addon_ports({"X_URL": "http://10.0.0.5:7000/"}, address="10.0.0.5") == {7000}
+    services = frozenset({5443, 6390, 7000})
+    assert addon_ports(config, allowed=services) == {5443, 6390}
+    assert addon_ports({"X_URL": "http://10.0.0.5:7000/"}, address="10.0.0.5",
+                       allowed=services) == {7000}
+
+
+def test_config_opens_no_port_that_is_not_an_add_on_service() -> None:
+    """A member sets X_URL to the ledger's port, an agent's control port or another
+    tenant's backend: the app reaches none of them (only the platform's add-on ports)."""
+    config = {"X_URL": "tcp://127.0.0.1:5433", "Y_URL": "http://localhost:39001/",
+              "DATABASE_URL": "postgres://u:p@127.0.0.1:5443/db"}
+    assert addon_ports(config, allowed=frozenset({5443, 5444})) == {5443}
+    assert addon_ports(config) == set()
 
 
 def test_each_app_reaches_its_instances_and_addons_only() -> None:
     instances = [("blog", 7001), ("blog", 7002), ("shop", 7003), ("gone", 7004)]
     configs = {"blog": {"DATABASE_URL": "postgres://h@127.0.0.1:5443/b"}, "shop": {}}
     reach = reach_of(instances, configs, {"blog": 1001, "shop": 1002, "idle": 1003},
-                     "127.0.0.1")
+                     "127.0.0.1", frozenset({5443, 5444}))
     assert sorted(reach, key=lambda r: r.uid) == [
         Reach(1001, frozenset({7001, 7002, 5443})), Reach(1002, frozenset({7003})),
         Reach(1003, frozenset())]  # an app with only one-off runs here: nothing of its own
