@@ -10,9 +10,15 @@ import click
 from tally.client import Client, ClientError
 
 
-def follow_build(client: Client, app: str, number: int, timeout: float) -> None:
-    """Print the build's output until it ends; a failed build exits 1 with its reason."""
-    offset, deadline, said_waiting = 0, time.monotonic() + timeout, False
+def follow_build(client: Client, app: str, number: int, timeout: float,
+                 unclaimed_timeout: float | None = None) -> None:
+    """Print the build's output until it ends; a failed build exits 1 with its reason.
+    A build no builder has taken within `unclaimed_timeout` (the deploy's own --timeout)
+    ends the wait at once: with no builder running, waiting for a build's `timeout` helps
+    no one."""
+    start = time.monotonic()
+    offset, deadline, said_waiting = 0, start + timeout, False
+    unclaimed_deadline = start + (timeout if unclaimed_timeout is None else unclaimed_timeout)
     while True:
         b = client.get(f"/apps/{app}/releases/{number}/build", offset=offset)
         if b["output"]:
@@ -30,8 +36,10 @@ def follow_build(client: Client, app: str, number: int, timeout: float) -> None:
             said_waiting = True
             click.echo("waiting for a builder (`tally serve builder`) to take the build",
                        err=True)
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now > deadline or (b["status"] == "pending" and now > unclaimed_deadline):
+            waited = (deadline if now > deadline else unclaimed_deadline) - start
             raise ClientError(f"the build of v{number} is still {b['status']} after "
-                              f"{timeout:.0f}s (is a builder running?)")
+                              f"{waited:.0f}s (is a builder running?)")
         if not b["output"]:
             time.sleep(0.3)

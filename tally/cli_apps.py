@@ -420,7 +420,7 @@ def _releases(cli: click.Group) -> None:
         number = release["number"]
         click.echo(f"release v{number} created", err=True)
         if wait:
-            follow_build(client, app, number, max(timeout, 900.0))
+            follow_build(client, app, number, max(timeout, 900.0), timeout)
             follow(client, app, number, timeout)
         url = client.get(f"/apps/{app}").get("web_url")
         if url:
