@@ -52,7 +52,7 @@ def list_builds(name: str) -> ResponseReturnValue:
 
 
 @route("/apps/<name>/releases/<int:number>/build", query=schemas.BuildQuery,
-       response=schemas.Build, tag="builds", errors=(400, 401, 403, 404))
+       response=schemas.Build, tag="builds", errors=(400, 401, 403, 404, 422))
 def show_build(name: str, number: int) -> ResponseReturnValue:
     """A release's build, with its output from `offset` (poll it to follow a build)."""
     args = query(schemas.BuildQuery)
