@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 
 import requests
@@ -67,22 +68,25 @@ def test_up_then_down() -> None:
 
         # The platform as a developer meets it: deploy the sample app; the agents fetch the
         # bundle through the API with their own tokens.
-        assert tally("apps:create", "hello").returncode == 0
-        deploy = tally("deploy", "--app", "hello", str(FIXTURES / "hello"))
+        # A name of this run's own: other tests' agents on this machine may still run a
+        # `hello` as user tally-hello with another platform's uid.
+        app = f"hello-{uuid.uuid4().hex[:6]}"
+        assert tally("apps:create", app).returncode == 0
+        deploy = tally("deploy", "--app", app, str(FIXTURES / "hello"))
         assert deploy.returncode == 0, deploy.stderr
-        assert "healthy" in tally("ps", "--app", "hello").stdout
-        url = f"http://hello.localhost:{ports[9]}/"
-        assert f"hello answers at {url}" in deploy.stdout
-        assert f"web_url:      {url}" in tally("apps:info", "hello").stdout
+        assert "healthy" in tally("ps", "--app", app).stdout
+        url = f"http://{app}.localhost:{ports[9]}/"
+        assert f"{app} answers at {url}" in deploy.stdout
+        assert f"web_url:      {url}" in tally("apps:info", app).stdout
         for port in ports[9:]:  # both balancers route the app's platform name to it
             wait_until(lambda port=port: requests.get(
-                f"http://127.0.0.1:{port}/", headers={"Host": "hello.localhost"},
-                timeout=10).status_code == 200, 10, f"balancer on {port} never routed hello")
+                f"http://127.0.0.1:{port}/", headers={"Host": f"{app}.localhost"},
+                timeout=10).status_code == 200, 10, f"balancer on {port} never routed {app}")
         # One-offs go to the host that runs the app: an agent is given (through the API)
         # only bundles of releases placed on it. Three runs: the other host, picked by
         # chance, would refuse at least one of them 7 times out of 8.
         for _ in range(3):
-            run = tally("run", "-a", "hello", "--", "python", "-c", "print('one-off')")
+            run = tally("run", "-a", app, "--", "python", "-c", "print('one-off')")
             assert run.returncode == 0 and "one-off" in run.stdout, run.stderr
 
         # A crashed daemon comes back, and `tally status` says it was restarted.
