@@ -210,25 +210,30 @@ def show_release(name: str, number: int) -> ResponseReturnValue:
     return reply(schemas.Release, release_dict(found))
 
 
+def release_reader_state(name: str, number: int) -> AppState:
+    """The app's state for a caller who may read release `number`'s files: its people, or
+    the agent of a host the release is placed on or runs a one-off command of (403 else)."""
+    caller = who()
+    svc = services()
+    if caller.role != "agent":
+        return app_state(name)
+    state = svc.load_app(name)
+    if not caller.host_id or not (running_on(state, number, caller.host_id) or
+                                  svc.placements().placed_here(caller.host_id, name, number)):
+        raise Forbidden(f"release v{number} of {name} is not placed on this host")
+    return state
+
+
 @route("/apps/<name>/releases/<int:number>/bundle", tag="releases",
        raw_response="application/gzip", errors=(401, 403, 404))
 def download_bundle(name: str, number: int) -> ResponseReturnValue:
     """The release's bundle: for the app's people, and for agents of hosts it is placed on
     or that run a one-off command of it."""
-    caller = who()
-    svc = services()
-    if caller.role == "agent":
-        state = svc.load_app(name)
-        if not caller.host_id or not (running_on(state, number, caller.host_id) or
-                                      svc.placements().placed_here(caller.host_id, name,
-                                                                   number)):
-            raise Forbidden(f"release v{number} of {name} is not placed on this host")
-    else:
-        state = app_state(name)
+    state = release_reader_state(name, number)
     found = state.release(number)
     if found is None:
         raise NotFound(f"app {name} has no release v{number}")
-    path = bundles.path_of(svc.settings.bundles_dir, found.bundle_digest)
+    path = bundles.path_of(services().settings.bundles_dir, found.bundle_digest)
     if not path.exists():
         raise NotFound(f"the bundle of v{number} is missing from the bundle store")
     return send_file(path, mimetype="application/gzip", download_name=path.name,

@@ -11,10 +11,10 @@ from flask import send_file
 from flask.typing import ResponseReturnValue
 
 from api import bundles, schemas
-from api.errors import Forbidden, NotFound
-from api.routes_apps import app_state, running_on
+from api.errors import NotFound
+from api.routes_apps import app_state, release_reader_state
 from api.state import AppState, Release
-from api.web import query, reply, route, services, who
+from api.web import query, reply, route, services
 from ledger.builds import Build, build_stream, fold
 
 
@@ -75,16 +75,8 @@ def show_build(name: str, number: int) -> ResponseReturnValue:
 def download_slug(name: str, number: int) -> ResponseReturnValue:
     """The release's slug: for agents of hosts it is placed on or that run a one-off
     command of it, and for the app's people."""
-    caller = who()
+    state = release_reader_state(name, number)
     svc = services()
-    if caller.role == "agent":
-        state = svc.load_app(name)
-        if not caller.host_id or not (running_on(state, number, caller.host_id) or
-                                      svc.placements().placed_here(caller.host_id, name,
-                                                                   number)):
-            raise Forbidden(f"release v{number} of {name} is not placed on this host")
-    else:
-        state = app_state(name)
     b = build_of(state, _release(state, number))
     if b.slug_digest is None:
         raise NotFound(f"v{number} of {name} has no slug: its build is {b.status}")
