@@ -310,6 +310,10 @@ def _failing(fleet: Fleet, mine: Iterable[Placement], now: datetime,
     for p in mine:
         inst = fleet.instance(p.instance_id)
         if crash_looping(inst.state, inst.restarts):
+            if inst.exit_code is None and inst.signal is None:  # it never started
+                last = inst.log_tail[-1] if inst.log_tail else "no reason given"
+                return (f"instance {p.instance_id} could not start "
+                        f"({inst.restarts} tries): {last}")
             how = (f"exit code {inst.exit_code}" if inst.signal is None
                    else f"signal {inst.signal}")
             return (f"instance {p.instance_id} is crash-looping: {inst.restarts} restarts, "

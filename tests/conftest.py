@@ -24,15 +24,17 @@ from ledger.subscriber import Subscriber
 from tests.waiting import wait_until
 
 
-def _session_uids() -> str:
-    """A block of app uids of this test session's own (TALLY_APP_UIDS): sessions running
-    side by side on one machine, each with its own ledger, would otherwise all hand out
-    200000 upward, and an agent refuses a uid another app's user holds (agents/users.py)."""
+def uid_block() -> str:
+    """A block of app uids of its own (TALLY_APP_UIDS): sessions running side by side on
+    one machine, each with its own ledger, would otherwise all hand out 200000 upward, and
+    an agent refuses a uid another app's user holds (agents/users.py). A platform of a test's
+    own (a ledger of its own, as `tally up` makes) takes one too: the session's block is
+    already handed out by the session ledger's apps, whose users stay on the machine."""
     first = random.randrange(1_000, 2_000_000) * 1_000
     return f"{first}-{first + 999}"
 
 
-os.environ.setdefault("TALLY_APP_UIDS", _session_uids())
+os.environ.setdefault("TALLY_APP_UIDS", uid_block())
 
 
 def free_ports(n: int) -> list[int]:

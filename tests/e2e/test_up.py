@@ -18,7 +18,7 @@ import requests
 from ledger.cluster import pid_alive
 from tally import supervise
 from tally.config import Config
-from tests.conftest import free_port_range, free_ports
+from tests.conftest import free_port_range, free_ports, uid_block
 from tests.waiting import wait_until
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "apps"
@@ -42,6 +42,7 @@ def test_up_then_down() -> None:
         "TALLY_AGENT_PORTS": f"{low}-{low + 9},{low + 10}-{high}",
         "TALLY_BALANCERS": f"127.0.0.1:{ports[9]},127.0.0.1:{ports[10]}",
         "TALLY_CREDENTIALS": str(home / "credentials.json"),
+        "TALLY_APP_UIDS": uid_block(),
     }
     cfg = Config.from_env(env)
 

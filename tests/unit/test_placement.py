@@ -221,6 +221,20 @@ def test_a_crash_looping_release_fails_and_the_old_one_keeps_serving() -> None:
     assert set(w.placed()) == {newer}
 
 
+def test_an_instance_that_never_starts_fails_the_release_with_the_agents_reason() -> None:
+    w = World()
+    w.host("h1")
+    w.app("blog", web=1)
+    w.tick()
+    (iid,) = w.placed()
+    for n in range(3):  # what an agent reports when it could not prepare or launch
+        w.emit(f"instance-{iid}", "InstanceExited", instance_id=iid, host_id="h1",
+               exit_code=None, signal=None, restarts=n + 1,
+               log_tail=["cannot create user tally-blog with uid 200000: tally-x has it"])
+    (reason,) = [d["reason"] for _, t, d in w.tick() if t == "ReleaseFailed"]
+    assert "could not start (3 tries): cannot create user tally-blog" in reason, reason
+
+
 def test_a_release_never_healthy_within_the_deadline_fails() -> None:
     w = World(Settings(deploy_timeout=60, ttl=1000, suspect_after=1000))
     w.host("h1")
