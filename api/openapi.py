@@ -57,7 +57,8 @@ def _operation(r: Route) -> dict[str, Any]:
         ok.setdefault("content", {})[r.raw_response] = {"schema": {"type": "string",
                                                                    "format": "binary"}}
     op["responses"][str(r.status)] = ok
-    codes = sorted({*r.errors, 413}) if r.body else r.errors
+    # Any request may meet a ledger that is away (a failover, a statement cut short): 503.
+    codes = sorted({*r.errors, 503, *((413,) if r.body else ())})
     for code in codes:
         op["responses"][str(code)] = {"description": REASONS[code], "content": {
             "application/json": {"schema": "Error"}}}
