@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from agents import bundle, sandbox, slug
+from agents import bundle, sandbox, slug, unpacker
 from agents.buildplan import Job, jobs
 from agents.fleet import Fleet
 from agents.loop import every_wakeup
@@ -220,8 +220,7 @@ def sandboxed_build(bundle_path: Path, digest: str, folder: Path, cache: Path,
     folder.mkdir(mode=0o711)
     app_dir.mkdir()
     tmp.mkdir()
-    extract_bundle(bundle_path, digest, app_dir)
-    slug.chown_tree(app_dir, user.uid, user.gid)
+    extract_bundle(bundle_path, digest, app_dir, (user.uid, user.gid))
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/app", "LANG": "C.UTF-8",
            "TMPDIR": "/tmp", "PYTHONUNBUFFERED": "1",
            **{k: v for k, v in config.items() if k not in RESERVED},
@@ -263,17 +262,19 @@ def _reason(code: int | None, tail: Iterable[str]) -> str:
     return f"the build exited with status {code}" if code is not None else "the build was killed"
 
 
-def extract_bundle(path: Path, digest: str, into: Path) -> None:
-    """The bundle, checked again (the builder trusts no one), into the build folder."""
+def extract_bundle(path: Path, digest: str, into: Path,
+                   owner: tuple[int, int] | None) -> None:
+    """The bundle, checked again (the builder trusts no one), into the build folder, unpacked
+    by the build's own uid (agents/unpacker.py), never by root."""
     if not path.exists():
         raise bundle.BundleRefused(f"bundle {digest[:12]} is not in the bundle store")
     if bundle.digest_of(path) != digest:
         raise bundle.BundleRefused(f"bundle {digest[:12]} does not match its digest")
     try:
-        with tarfile.open(path, "r:gz") as tar:
+        with tarfile.open(path, "r:gz") as tar:  # headers only: the guard
             bundle.check_members(list(guarded(tar, path.stat().st_size)))
-            tar.extractall(into, filter="data")
-    except ArchiveRefused as exc:
+        unpacker.unpack_as(path, into, owner, links="inside")
+    except (ArchiveRefused, unpacker.UnpackRefused) as exc:
         raise bundle.BundleRefused(f"unsafe bundle: {exc}") from exc
     except (tarfile.TarError, EOFError) as exc:
         raise bundle.BundleRefused(f"the bundle is not a valid tar.gz: {exc}") from exc

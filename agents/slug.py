@@ -9,9 +9,10 @@ its own files.
 
 Unpacking (the host agent): the digest is checked, then the slug is unpacked once per host
 under a lock (two instances of one release starting together wait for one unpack instead
-of racing to rename), refusing absolute or `..` names and any entry written through a
-link. Links may point anywhere: they are resolved inside the instance's own view of the
-filesystem, with the app's own rights (the virtualenv's `python` is one, to /usr/bin).
+of racing to rename), by agents/unpacker.py: as the app's uid, never by tarfile's own
+extraction, refusing absolute or `..` names, hard links, devices and any entry written
+through a link. Links may point anywhere: they are resolved inside the instance's own view
+of the filesystem, with the app's own rights (the virtualenv's `python` is one, to /usr/bin).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from agents import unpacker
 from agents.bundle import BundleRefused, digest_of
 from ledger.archives import ArchiveRefused, guarded
 
@@ -96,7 +98,7 @@ def check(members: list[tarfile.TarInfo]) -> None:
 
 
 def unpack(slug: Path, digest: str, into: Path, owner: tuple[int, int] | None) -> Path:
-    """`into`/<digest>: the slug unpacked once on this host and owned by the app's user
+    """`into`/<digest>: the slug unpacked once on this host by the app's user, who owns it
     (so an instance may change any file in its own overlay), its digest checked first."""
     final = into / digest
     if final.exists():
@@ -114,15 +116,13 @@ def unpack(slug: Path, digest: str, into: Path, owner: tuple[int, int] | None) -
         scratch = Path(tempfile.mkdtemp(dir=into, prefix=".unpack-"))
         try:
             try:
-                with tarfile.open(slug, "r:gz") as tar:
+                with tarfile.open(slug, "r:gz") as tar:  # headers only: the guard
                     check(list(guarded(tar, slug.stat().st_size)))
-                    tar.extractall(scratch, filter="tar")
-            except ArchiveRefused as exc:
+                unpacker.unpack_as(slug, scratch, owner, links="any")
+            except (ArchiveRefused, unpacker.UnpackRefused) as exc:
                 raise SlugRefused(f"unsafe slug: {exc}") from exc
             except (tarfile.TarError, EOFError, OSError) as exc:
                 raise SlugRefused(f"the slug is not a valid tar.gz: {exc}") from exc
-            if owner is not None:
-                chown_tree(scratch, *owner)
             os.rename(scratch, final)
         except BaseException:
             shutil.rmtree(scratch, ignore_errors=True)

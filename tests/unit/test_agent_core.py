@@ -120,14 +120,14 @@ def test_unsafe_bundles_are_refused_by_the_builder(tmp_path: Path, entries: list
     into = tmp_path / "app"
     into.mkdir()
     with pytest.raises(BundleRefused, match=reason):
-        extract_bundle(path, digest, into)
+        extract_bundle(path, digest, into, None)
     assert list(into.iterdir()) == []
 
 
 def test_a_bundle_whose_digest_does_not_match_is_refused(tmp_path: Path) -> None:
     path, _ = _store(tmp_path, app_tarball("hello"))
     with pytest.raises(BundleRefused, match="does not match"):
-        extract_bundle(path, "0" * 64, tmp_path)
+        extract_bundle(path, "0" * 64, tmp_path, None)
 
 
 def test_statsd_datagrams_count_requests_per_instance() -> None:
