@@ -38,6 +38,7 @@ from agents.loop import every_wakeup
 from agents.placer import catch_up
 from ledger import NO_STREAM, Ledger, LedgerUnavailable, NewEvent, VersionConflict
 from ledger.archives import ArchiveRefused, guarded
+from ledger.uids import DEFAULT_RANGE, build_uid
 
 log = logging.getLogger("tally.builder")
 CATEGORIES = ["app", "build"]
@@ -61,6 +62,8 @@ class Settings:
     lease_s: float = 30.0
     network: str = "host"
     concurrency: int = 1
+    app_uids: tuple[int, int] = DEFAULT_RANGE
+    """The apps' uid range (TALLY_APP_UIDS): builds run in the range just above it."""
 
 
 class ClaimLost(Exception):
@@ -72,13 +75,14 @@ class Builder:
                  clock: type[datetime] = datetime) -> None:
         self.ledger, self.s = ledger, settings
         self.fleet = Fleet()
-        self.user = sandbox.build_user()
+        sandbox.preflight()
         self.pool = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="build")
         self.running: dict[str, Future] = {}
         self.lock = threading.Lock()
         for d in (settings.work, settings.work / "builds", settings.work / "cache"):
             d.mkdir(parents=True, exist_ok=True)
-            d.chmod(0o711)  # the build user passes through to its own folders only
+            os.chown(d, 0, 0)
+            d.chmod(0o711)  # build users pass through to their own folders only
         self.buildpack = settings.work / "buildpack.py"
         shutil.copyfile(Path(__file__).with_name("buildpack.py"), self.buildpack)
         self.buildpack.chmod(0o644)
@@ -151,14 +155,18 @@ class Builder:
         tail: collections.deque[str] = collections.deque(maxlen=TAIL)
         folder = self.s.work / "builds" / f"{job.stream}-{uuid.uuid4().hex[:8]}"
         try:
-            with open(output, "w") as out, self._app_cache(job.app) as cache:
+            if job.app_uid is None:
+                raise sandbox.SandboxUnavailable(f"app {job.app} has no uid (created before "
+                                                 "apps had one): create it again")
+            user = sandbox.build_user(build_uid(job.app_uid, *self.s.app_uids))
+            with open(output, "w") as out, self._app_cache(job.app, user) as cache:
                 def line(text: str) -> None:
                     text = text.replace("\x00", "\\0")  # JSON in the ledger holds no NUL
                     tail.append(text)
                     out.write(text + "\n")
                     out.flush()
 
-                result = self._sandboxed(job, folder, cache, line, claim.renew_if_due)
+                result = self._sandboxed(job, folder, cache, user, line, claim.renew_if_due)
                 claim.renew_if_due(force=True)
                 if result.stopped or result.code != 0:
                     reason = result.stopped or _reason(result.code, tail)
@@ -195,20 +203,26 @@ class Builder:
         log.info("%s v%s: %s %s", job.app, job.release, type_, data.get("reason", ""))
 
     @contextlib.contextmanager
-    def _app_cache(self, app: str):  # type: ignore[no-untyped-def]
-        """The app's build cache, one build at a time on this machine."""
+    def _app_cache(self, app: str, user: sandbox.BuildUser):  # type: ignore[no-untyped-def]
+        """The app's build cache, its build uid's alone (0700), one build at a time on this
+        machine. A cache another uid owns (an app of the same name deleted and created
+        again, or a builder of before per-app uids) is thrown away, not handed over."""
         cache = self.s.work / "cache" / app
-        cache.mkdir(exist_ok=True)
         with open(self.s.work / "cache" / f".{app}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            if cache.exists() and cache.lstat().st_uid != user.uid:
+                remove(cache)
+            cache.mkdir(mode=0o700, exist_ok=True)
+            os.chown(cache, user.uid, user.gid)
+            cache.chmod(0o700)
             yield cache
 
-    def _sandboxed(self, job: Job, folder: Path, cache: Path, line: Callable[[str], None],
-                   tick: Callable[[], None]) -> sandbox.Outcome:
+    def _sandboxed(self, job: Job, folder: Path, cache: Path, user: sandbox.BuildUser,
+                   line: Callable[[str], None], tick: Callable[[], None]) -> sandbox.Outcome:
         line(f"-----> Building {job.app} v{job.release} (bundle {job.bundle_digest[:12]})")
         return sandboxed_build(self.s.bundles / f"{job.bundle_digest}.tar.gz",
                                job.bundle_digest, folder, cache, dict(job.config),
-                               self.buildpack, self.index, self.user, self.s, line, tick)
+                               self.buildpack, self.index, user, self.s, line, tick)
 
 
 def sandboxed_build(bundle_path: Path, digest: str, folder: Path, cache: Path,

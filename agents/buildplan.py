@@ -26,6 +26,8 @@ class Job:
     config: tuple[tuple[str, str], ...]
     attempt: int
     reuse: Release | None = None
+    app_uid: int | None = None
+    """The app's uid (AppCreated): its builds run as ledger.uids.build_uid of it."""
     """An earlier release of the same bundle whose slug this one takes."""
 
 
@@ -38,7 +40,7 @@ def jobs(fleet: Fleet, now: datetime) -> list[Job]:
                 continue
             out.append(Job(app.name, number, r.build_stream, r.build.version, r.digest,
                            tuple(sorted(app.config_at(r.config_version).items())),
-                           r.build.attempt + 1, _built_before(app, r)))
+                           r.build.attempt + 1, _built_before(app, r), app.uid))
     return out
 
 

@@ -1,8 +1,9 @@
 """The build sandbox: tenant build code (pip, setup.py, build backends, bin/*_compile) runs
 here, never on the platform's side of any boundary.
 
-- as `tally_build`, a system user no app and no daemon is (app users are `tally-<app>`,
-  and an app name cannot hold `_`), never root;
+- as the app's own build uid (ledger/uids.py: build_uid), never root, never an app's uid,
+  never another app's build's: one app's build cannot touch another's cache or folders
+  even if it escaped its mount namespace;
 - inside bubblewrap: new user, pid, ipc, uts and cgroup namespaces; the system's /usr and a
   few files of /etc read-only; a fresh /proc and /dev; the build folder at /app, a scratch
   /tmp and the app's own build cache at /cache read-write; nothing else of the host (no
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import configparser
 import contextlib
+import grp
 import os
 import pwd
 import resource
@@ -31,7 +33,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-BUILD_USER = "tally_build"
 BWRAP = "/usr/bin/bwrap"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 ETC_FILES = ("passwd", "group", "nsswitch.conf", "hosts", "resolv.conf", "host.conf",
@@ -97,25 +98,27 @@ class BuildUser:
     gid: int
 
 
-def build_user() -> BuildUser:
-    """The builds' user, created if missing (a system user, no home, no shell)."""
+def preflight() -> None:
+    """Can this machine run builds at all? SandboxUnavailable says why not."""
     if os.geteuid() != 0:
-        raise SandboxUnavailable("the builder must start as root to switch to the "
-                                 f"{BUILD_USER} user")
-    try:
-        entry = pwd.getpwnam(BUILD_USER)
-    except KeyError:
-        proc = subprocess.run(["useradd", "--system", "--user-group", "--no-create-home",
-                               "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin",
-                               BUILD_USER], capture_output=True, text=True)
-        try:  # another builder may have created it meanwhile
-            entry = pwd.getpwnam(BUILD_USER)
-        except KeyError:
-            raise SandboxUnavailable(f"cannot create user {BUILD_USER}: "
-                                     f"{proc.stderr.strip()}") from None
+        raise SandboxUnavailable("the builder must start as root to switch to a build's uid")
     if not Path(BWRAP).exists():
         raise SandboxUnavailable(f"{BWRAP} is missing: install Debian's bubblewrap")
-    return BuildUser(entry.pw_uid, entry.pw_gid)
+
+
+def build_user(uid: int) -> BuildUser:
+    """The user an app's builds run as: `uid` (ledger/uids.py: build_uid, the app's own
+    uid moved above the apps' range), with a group of the same number. No passwd entry is
+    needed or made; a uid this machine gives someone else is refused."""
+    preflight()
+    if uid < 1000:
+        raise SandboxUnavailable(f"build uid {uid} is a system uid")
+    for lookup in (pwd.getpwuid, grp.getgrgid):
+        with contextlib.suppress(KeyError):
+            raise SandboxUnavailable(f"build uid {uid} belongs to {lookup(uid)[0]} on this "
+                                     "machine (keep TALLY_APP_UIDS and the range above it "
+                                     "clear of other users)")
+    return BuildUser(uid, uid)
 
 
 def index_paths(env: dict[str, str], configs: Iterable[Path] = PIP_CONFIGS) -> list[Path]:
@@ -250,7 +253,7 @@ def run(spec: Spec, user: BuildUser, name: str, on_line: Callable[[str], None],
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         fsize = limits.disk_mb * 2**20
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-        nproc = max(limits.processes * 4, 1024)  # per uid: several builds share it
+        nproc = max(limits.processes * 4, 1024)  # per uid: the app's builds on this machine
         resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
         os.setgroups([])
         os.setgid(user.gid)

@@ -22,6 +22,7 @@ Standard library only: this file's source is also the child's program (`python3 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import subprocess
@@ -101,10 +102,8 @@ def open_folder(root: int, parts: list[str], create: bool, name: str) -> int:
     try:
         for part in parts:
             if create:
-                try:
+                with contextlib.suppress(FileExistsError):
                     os.mkdir(part, 0o700, dir_fd=fd)
-                except FileExistsError:
-                    pass
             try:
                 child = os.open(part, OPEN_DIR, dir_fd=fd)
             except OSError as exc:

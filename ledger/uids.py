@@ -25,3 +25,10 @@ def next_uid(highest: int | None, first: int, end: int) -> int:
         raise NoUidLeft(f"every app uid of {first}-{end} has been handed out "
                         "(TALLY_APP_UIDS sets the range)")
     return uid
+
+
+def build_uid(app_uid: int, first: int, end: int) -> int:
+    """The uid an app's builds run as: the app's uid moved into the range just above the
+    apps' (same offset), so it is never an app's uid, never another app's build's, and, as
+    the app's, never handed out again."""
+    return app_uid + (end - first + 1)

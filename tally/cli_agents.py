@@ -149,7 +149,7 @@ def register(cli: click.Group) -> None:
         stop = stop_event()
         settings = Settings(builder_id or default_id(), cfg.bundles_dir, cfg.build_logs_dir,
                             cfg.build_dir, Limits(timeout, memory_mb, processes, disk_mb),
-                            lease, network, concurrency)
+                            lease, network, concurrency, cfg.app_uids)
         with Ledger(cfg.cluster().dsn("tally_writer")) as ledger:
             Builder(ledger, settings).run(stop, cfg.relays, interval)
 

@@ -8,7 +8,9 @@ harmlessly), and nothing secret appears in its output or its events."""
 from __future__ import annotations
 
 import io
+import itertools
 import os
+import subprocess
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +21,7 @@ import pytest
 from ledger import Ledger, NewEvent
 from ledger.builds import build_stream
 from ledger.cluster import Cluster
+from ledger.uids import build_uid
 from tests.conftest import destroy_cluster, make_cluster
 from tests.fixtures.apps import fleet, store, tarball
 from tests.fixtures.apps.fleet import Daemon
@@ -66,11 +69,18 @@ def files(entries: dict[str, bytes | str], mode: int = 0o644) -> bytes:
     return tarball(out)
 
 
+UID_RANGE = tuple(int(x) for x in os.environ["TALLY_APP_UIDS"].split("-"))
+"""The session's app uids (tests/conftest.py); builds run in the range above it."""
+APP_UIDS = itertools.count(UID_RANGE[1] - 99)
+"""Apps' uids here: the top of the session's range, clear of apps the API hands out."""
+
+
 def deploy(ledger: Ledger, home: Path, app: str, bundle: bytes) -> str:
-    """AppCreated + ReleaseCreated as the API appends them; the release's build stream."""
+    """AppCreated (with its uid) + ReleaseCreated as the API appends them; the release's
+    build stream."""
     digest = store(bundle, home / "bundles")
     result = ledger.append(f"app-{app}", [
-        NewEvent("AppCreated", {"name": app, "owner": "ann"}),
+        NewEvent("AppCreated", {"name": app, "owner": "ann", "uid": next(APP_UIDS)}),
         NewEvent("ReleaseCreated", {"app": app, "release": 1, "bundle_digest": digest,
                                     "procfile": {"web": "gunicorn app:app"},
                                     "config_version": 0})])
@@ -232,3 +242,39 @@ def test_two_builders_build_a_release_once_and_a_killed_builders_build_is_taken_
         fourth.kill()
         third.kill()
         one_builder.start()
+
+
+def test_an_apps_build_cannot_write_another_apps_build_cache(
+        private: Cluster, one_builder: Daemon) -> None:
+    """Each app builds as its own uid (the app's, moved above the apps' range) into a cache
+    only that uid may open: a process with app A's build's credentials, wherever it runs
+    (a leftover of A's build, an escape from its sandbox), cannot touch B's cache."""
+    home = private.root.parent
+    work = home.with_name(home.name + "-build")
+    bundle = files({"Procfile": "web: x\n", "requirements.txt": "",
+                    "bin/post_compile": "#!/bin/bash\necho BUILD uid=$(id -u)\n"
+                                        "echo mine > /cache/kept\n"})
+    uids, texts = {}, {}
+    with Ledger(private.dsn()) as ledger:
+        for app in ("cachea", "cacheb"):
+            stream = deploy(ledger, home, app, bundle)
+            done = outcome(ledger, stream)
+            texts[app] = output(home, app, stream)
+            assert done.type == "BuildSucceeded", texts[app]
+            created = ledger.read_stream(f"app-{app}")[0]
+            uids[app] = build_uid(created.data["uid"], *UID_RANGE)
+    for app, uid in uids.items():
+        assert f"BUILD uid={uid}" in texts[app], texts[app]
+        cache = work / "cache" / app
+        assert (cache.stat().st_uid, cache.stat().st_mode & 0o777) == (uid, 0o700)
+        assert (cache / "kept").read_text() == "mine\n"
+    assert len(set(uids.values())) == 2 and 0 not in uids.values()
+    victim = work / "cache" / "cacheb"
+    attack = subprocess.run(
+        ["/bin/sh", "-c", f"echo poisoned > {victim}/kept; echo x > {victim}/new; "
+                          f"ls {victim}; rm -rf {victim}/pip"],
+        user=uids["cachea"], group=uids["cachea"], extra_groups=[], capture_output=True,
+        text=True)
+    assert "Permission denied" in attack.stderr, attack
+    assert (victim / "kept").read_text() == "mine\n"
+    assert not (victim / "new").exists()
