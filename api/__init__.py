@@ -1,5 +1,5 @@
 """The JSON API: Flask app factory, marshmallow schemas, command handlers, auth, OpenAPI.
-Wired with real dependencies by `tally serve api` (tally/cli_apps.py)."""
+Wired with real dependencies by `tally serve api` (tally/api_settings.py)."""
 
 from __future__ import annotations
 

@@ -66,7 +66,7 @@ class Settings:
     """Attached runs relayed at once by this process: each holds a worker thread."""
     create_database: Callable[[str], str] | None = None
     """Creates an app's add-on database, returning its URL (agents/addons.py, wired by
-    tally/cli_apps.py); None: no add-ons on this platform."""
+    tally/api_settings.py); None: no add-ons on this platform."""
     heartbeat_batch_s: float = 0.1
     """Heartbeats are appended together once per this interval (api/heartbeats.py)."""
     hosts_fresh_s: float = 0.1

@@ -47,7 +47,7 @@ from agents.simulated import SimSettings, Simulation  # noqa: E402
 from api.auth import create_user  # noqa: E402
 from ledger import Ledger, NewEvent  # noqa: E402
 from ledger.cluster import Cluster  # noqa: E402
-from tally.cli_sim import host_ids, issue_tokens  # noqa: E402
+from tally.simulation import host_ids, issue_tokens  # noqa: E402
 from tests.conftest import destroy_cluster, make_cluster  # noqa: E402
 from tests.fixtures.apps.fleet import (  # noqa: E402
     ControlPlane,

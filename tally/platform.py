@@ -7,8 +7,10 @@ from __future__ import annotations
 import os
 import time
 import urllib.request
+from pathlib import Path
 
-from tally.config import Config
+from tally.client import save_credentials
+from tally.config import Config, credentials_path
 from tally.supervise import Program
 
 
@@ -106,6 +108,20 @@ def agent_token(cfg: Config, host_id: str) -> str:
     path.touch(mode=0o600)
     path.write_text(token + "\n")
     return token
+
+
+def first_admin(cfg: Config) -> tuple[str, Path] | None:
+    """For `tally up`: if no admin exists yet, create one and log this machine's CLI in
+    with it; its token (to show once) and the file it is saved in. None: one exists."""
+    from api.auth import create_user, has_admin
+    from ledger import Ledger
+
+    with Ledger(cfg.cluster().dsn("tally_writer"), retry_deadline=10) as ledger:
+        if has_admin(ledger):
+            return None
+        token = create_user(ledger, "admin", "admin", actor="tally up")
+    return token, save_credentials(credentials_path(), f"http://{cfg.api_bind}", token,
+                                   "admin")
 
 
 def close_home(cfg: Config) -> None:

@@ -90,7 +90,7 @@ def test_an_apps_cluster_that_cannot_start_is_a_503_not_a_500(tmp_path) -> None:
     """Where the apps' cluster cannot be made (here its folder is a file), the API answers
     503 naming the cause; schemathesis found this a 500."""
     from api.errors import Unavailable
-    from tally.cli_apps import addon_database
+    from tally.api_settings import addon_database
 
     (tmp_path / "appsdb").write_text("not a folder")
     cluster = Cluster(ClusterSpec(tmp_path / "appsdb", ports=tuple(free_ports(2))))

@@ -11,7 +11,7 @@ import pytest
 from agents.simulated import SimSettings, Simulation
 from ledger import Ledger
 from ledger.cluster import Cluster
-from tally.cli_sim import host_ids, issue_tokens
+from tally.simulation import host_ids, issue_tokens
 from tests.conftest import destroy_cluster, make_cluster
 from tests.fixtures.apps.fleet import ControlPlane, count_events, last_event_id, sim_apps
 from tests.waiting import wait_until

@@ -1,0 +1,187 @@
+"""`tally serve ...`: run one of tally's daemons in the foreground. The control plane's
+daemons are here (they sit beside the ledger); the fleet hosts' are in serve_fleet.py and
+serve_balancer.py."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+import psycopg2
+
+from tally.api_settings import api_settings
+from tally.commands import serve_balancer, serve_fleet
+from tally.config import Config
+from tally.console import daemon_logging, fail_cleanly, parse_age, stop_event
+
+
+@click.group()
+def serve() -> None:
+    """Run one of tally's daemons in the foreground. Operator commands: run on the host
+    they serve (TALLY_HOME), not over the API."""
+
+
+@serve.command("retention")
+@click.option("--every", default="5m", show_default=True, help="Time between runs.")
+@click.option("--older-than", default="1h", show_default=True,
+              help="Heartbeats older than this are deleted (each host keeps its newest).")
+@click.pass_obj
+@fail_cleanly
+def serve_retention(cfg: Config, every: str, older_than: str) -> None:
+    """Apply the heartbeat retention policy on a schedule; each run is recorded as a
+    RetentionApplied event (see `tally ledger status`)."""
+    from ledger import Ledger, LedgerError
+    from ledger.retention import RetentionPolicy, apply
+
+    daemon_logging()
+    period, policy = parse_age(every), RetentionPolicy("heartbeat", parse_age(older_than))
+    stop = stop_event()
+    log = logging.getLogger("tally.retention")
+    with Ledger(cfg.cluster().dsn("tally_writer")) as ledger:
+        while not stop.is_set():
+            try:
+                deleted = apply(cfg.cluster().dsn("tally_owner"), ledger, policy)
+                log.info("removed %d heartbeats older than %s", deleted, older_than)
+            except (LedgerError, psycopg2.Error) as exc:
+                log.warning("retention run failed, trying at the next: %s", exc)
+            stop.wait(period.total_seconds())
+
+
+@serve.command("relay")
+@click.option("--endpoint", help="ZeroMQ PUB endpoint to bind (default: the first relay).")
+@click.option("--poll-interval", default=1.0, show_default=True, help="Seconds.")
+@click.option("--curve", "use_curve", is_flag=True,
+              help="Serve CURVE: admit only the control plane's key ($TALLY_HOME/secrets/"
+              "control.curve) and the keys hosts registered (relay keypair: relay.curve).")
+@click.pass_obj
+@fail_cleanly
+def serve_relay(cfg: Config, endpoint: str | None, poll_interval: float,
+                use_curve: bool) -> None:
+    """LISTEN on the ledger primary, sequence new events, PUB wake-ups."""
+    from ledger import curve
+    from ledger.relay import Relay
+
+    daemon_logging()
+    dsn = cfg.cluster().dsn("tally_writer")
+    keys = None
+    if use_curve:
+        control = curve.load_or_create(cfg.secret("control.curve"))
+        keys = (curve.load_or_create(cfg.secret("relay.curve")),
+                curve.Allowed({control.public}, dsn))
+    relay = Relay(dsn, endpoint or cfg.relays[0], poll_interval=poll_interval, curve=keys)
+    stop_event(relay.stop)
+    relay.run()
+
+
+@serve.command("watchdog")
+@click.option("--limit", default=10.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds a session may hold a transaction id on the ledger cluster.")
+@click.option("--interval", type=click.FloatRange(min=0.05),
+              help="Seconds between looks (default: a quarter of the limit, at most 1).")
+@click.pass_obj
+@fail_cleanly
+def serve_watchdog(cfg: Config, limit: float, interval: float | None) -> None:
+    """End any ledger-cluster session holding a transaction id past the limit; record each
+    change of ledger leader."""
+    from agents.watchdog import Watchdog
+    from ledger.cluster import NODES
+
+    daemon_logging()
+    cluster = cfg.cluster()
+    nodes = {port: name for name, port in zip(NODES, cluster.spec.ports, strict=True)}
+    dog = Watchdog(cluster.dsn("postgres"), cluster.dsn("tally_writer"), limit, interval,
+                   nodes)
+    stop_event(dog.stop)
+    dog.run()
+
+
+@serve.command("projectors")
+@click.option("--poll-interval", default=1.0, show_default=True,
+              help="Seconds between polls when no wake-up comes.")
+@click.option("--batch", default=5000, show_default=True, help="Events per transaction.")
+@click.pass_obj
+@fail_cleanly
+def serve_projectors(cfg: Config, poll_interval: float, batch: int) -> None:
+    """Run every projector: catch up from the checkpoints, then follow the ledger."""
+    import projectors
+    from projectors.runtime import serve as run
+
+    daemon_logging()
+    stop = stop_event()
+    run(cfg.cluster().dsn("tally_owner"), cfg.relays, projectors.ALL, stop=stop,
+        poll_interval=poll_interval, batch=batch)
+
+
+@serve.command("placer")
+@click.option("--ttl", default=15.0, show_default=True, envvar="TALLY_HOST_TTL",
+              help="Seconds without a heartbeat before a host is lost.")
+@click.option("--suspect-after", default=5.0, show_default=True,
+              help="Seconds without a heartbeat before a host gets nothing new.")
+@click.option("--deploy-timeout", default=120.0, show_default=True,
+              envvar="TALLY_DEPLOY_TIMEOUT",
+              help="Seconds a new release has to become healthy before it fails.")
+@click.option("--interval", default=1.0, show_default=True,
+              help="Seconds between reconciles when no wake-up comes.")
+@click.pass_obj
+@fail_cleanly
+def serve_placer(cfg: Config, ttl: float, suspect_after: float, deploy_timeout: float,
+                 interval: float) -> None:
+    """Place app instances on alive hosts, replace lost ones, roll releases out."""
+    from agents.placement import Settings
+    from agents.placer import Placer
+    from ledger import Ledger
+
+    daemon_logging()
+    if not 0 < suspect_after < ttl:
+        raise click.BadParameter("must be above 0 and below --ttl",
+                                 param_hint="--suspect-after")
+    stop = stop_event()
+    settings = Settings(ttl=ttl, suspect_after=suspect_after,
+                        deploy_timeout=deploy_timeout)
+    with Ledger(cfg.cluster().dsn("tally_writer")) as ledger:
+        Placer(ledger, settings).run(stop, cfg.relays, interval)
+
+
+@serve.command("collector")
+@click.option("--bind", help="ZeroMQ PULL endpoint (default: TALLY_COLLECTOR).")
+@click.option("--chunk-mb", default=1.0, show_default=True,
+              help="Rotate an app's current log file past this size.")
+@click.pass_obj
+@fail_cleanly
+def serve_collector(cfg: Config, bind: str | None, chunk_mb: float) -> None:
+    """Receive app logs from the host agents and write them to chunked files per app."""
+    from agents.logs import Collector
+
+    daemon_logging()
+    stop = stop_event()
+    Collector(cfg.app_logs_dir, int(chunk_mb * 2**20)).run(bind or cfg.collector, stop)
+
+
+@serve.command("api")
+@click.option("--bind", envvar="TALLY_API_BIND", default="127.0.0.1:8000",
+              show_default=True)
+@click.option("--workers", default=2, show_default=True)
+@click.option("--threads", default=4, show_default=True)
+def serve_api(bind: str, workers: int, threads: int) -> None:
+    """The JSON API under gunicorn."""
+    import dataclasses
+
+    from api import create_app
+    from api.serve import Gunicorn, options
+
+    try:
+        settings = api_settings(Config.from_env())
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"cannot configure the API: {exc}") from exc
+    # long-polls may hold half the threads at most: the rest keep answering
+    settings = dataclasses.replace(settings, long_poll_slots=max(1, threads // 2))
+    settings.bundles_dir.mkdir(parents=True, exist_ok=True)
+    settings.bundles_dir.chmod(0o700)  # every app's code: not for apps on this machine
+    Gunicorn(create_app(settings), options(bind, workers, threads)).run()
+
+
+for command in (serve_fleet.serve_agent, serve_fleet.serve_builder,
+                serve_balancer.serve_balancer):
+    serve.add_command(command)
+
+COMMANDS = [serve]

@@ -1,0 +1,85 @@
+"""`tally serve balancer`: the HTTP/1.1 load balancer in front of every app."""
+
+from __future__ import annotations
+
+import click
+
+from tally.config import Config
+from tally.console import fail_cleanly
+
+
+def _address(text: str, option: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise click.BadParameter("must be HOST:PORT", param_hint=option)
+    return host.strip("[]"), int(port)
+
+
+@click.command("balancer")
+@click.option("--bind", default="127.0.0.1:8080", show_default=True,
+              help="HOST:PORT to listen on.")
+@click.option("--routes", "routes_file", type=click.Path(dir_okay=False),
+              help="Standalone mode: routes from this JSON file (re-read when it "
+                   "changes) instead of the ledger.")
+@click.option("--processes", default=1, show_default=True,
+              help="Processes sharing the port (SO_REUSEPORT).")
+@click.option("--policy", type=click.Choice(["round-robin", "least-connections"]),
+              default="round-robin", show_default=True)
+@click.option("--hold", default=15.0, show_default=True,
+              help="Seconds a request waits for a healthy backend before 503.")
+@click.option("--max-body-mb", default=1024.0, show_default=True,
+              help="Largest request body (413 above).")
+@click.option("--idle-timeout", default=60.0, show_default=True, help="Seconds.")
+@click.option("--header-timeout", default=10.0, show_default=True, help="Seconds.")
+@click.option("--connect-timeout", default=3.0, show_default=True, help="Seconds.")
+@click.option("--backend-timeout", default=60.0, show_default=True,
+              help="Seconds of backend silence before 504.")
+@click.option("--cooldown", default=2.0, show_default=True,
+              help="Seconds a failing backend is left out (passive health).")
+@click.option("--drain", default=30.0, show_default=True,
+              help="Seconds in-flight requests get to finish on SIGTERM.")
+@click.option("--admin", help="HOST:PORT for /metrics and /healthz (off by default).")
+@click.option("--collector", help="Ship the access log to this log collector endpoint "
+                                  "(default: TALLY_COLLECTOR, none with --routes).")
+@click.option("--tls-bind", help="HOST:PORT to terminate TLS on (needs --certs).")
+@click.option("--certs", type=click.Path(file_okay=False),
+              help="Folder of NAME.crt + NAME.key pairs (NAME: a hostname, *.suffix or "
+                   "default), chosen by SNI; re-read when it changes.")
+@click.pass_obj
+@fail_cleanly
+def serve_balancer(cfg: Config, bind: str, routes_file: str | None, processes: int,
+                   policy: str, hold: float, max_body_mb: float, idle_timeout: float,
+                   header_timeout: float, connect_timeout: float, backend_timeout: float,
+                   cooldown: float, drain: float, admin: str | None,
+                   collector: str | None, tls_bind: str | None,
+                   certs: str | None) -> None:
+    """Route HTTP by Host header to apps' healthy instances (from the ledger's routes
+    view, or from --routes FILE)."""
+    from balancer.h1 import Limits
+    from balancer.routing import Settings
+    from balancer.serve import Options, main
+    from balancer.shell import Timeouts
+
+    if bool(tls_bind) != bool(certs):
+        raise click.BadParameter("--tls-bind and --certs go together", param_hint="--certs")
+    if certs:
+        from balancer.tls import Certificates
+
+        Certificates(certs)  # a folder with no usable certificate: say so now
+    if processes < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--processes")
+    options = Options(
+        bind=_address(bind, "--bind"), routes_file=routes_file,
+        dsn=None if routes_file else cfg.cluster().dsn("tally_reader"),
+        relays=() if routes_file else cfg.relays, processes=processes,
+        settings=Settings(policy=policy, cooldown=cooldown),
+        limits=Limits(max_body=int(max_body_mb * 1024 * 1024)),
+        timeouts=Timeouts(idle=idle_timeout, header=header_timeout,
+                          connect=connect_timeout, backend=backend_timeout, hold=hold),
+        drain=drain, admin=_address(admin, "--admin") if admin else None,
+        collector=collector or (None if routes_file else cfg.collector),
+        tls_bind=_address(tls_bind, "--tls-bind") if tls_bind else None, certs=certs,
+        cache=None if routes_file else str(
+            cfg.run_dir / f"balancer-{_address(bind, '--bind')[1]}.routes.json"),
+    )
+    raise SystemExit(main(options))
