@@ -20,6 +20,18 @@ Choices, each for a reason:
 - ttl 20 s (Patroni's minimum), loop_wait 1 s, retry_timeout 3 s: a crashed postmaster is
   seen within a loop and failed over in seconds; a hung or dead Patroni loses the leader key
   after ttl. Patroni's defaults (30/10/10) give ~30 s.
+- pg_basebackup with a fast checkpoint: the default spread checkpoint made a new replica
+  wait up to checkpoint_timeout x 0.9 (95 s measured here) for a few hundred buffers.
+- etcd with authentication: root and a `tally` user (passwords in the cluster's 0600
+  credentials file) that may read and write only the `/tally/` keys, so a process on this
+  machine that is not Patroni (an app) cannot write the leader key. Without the passwords
+  etcd answers nothing but its version and leases.
+- watchdog mode "off" by default: Patroni's watchdog needs /dev/watchdog (softdog) that
+  Patroni's user may open; `HASpec.watchdog` takes "automatic" or "required" where the
+  machine has one (production: see the README).
+- Each process writes its own pid file before it becomes etcd or Patroni, so the same
+  commands run detached (`HA.launch`, tests and `tally ledger start`) or under a
+  supervisor (`tally up`), and `HA.signal`/`stop` find them either way.
 """
 
 from __future__ import annotations
@@ -36,6 +48,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +61,40 @@ _CHILDREN: list[subprocess.Popen] = []
 """Processes started here, kept so they are reaped (not warned about) when they end."""
 PATRONI = Path(__file__).resolve().parents[1] / ".venv-ha" / "bin" / "patroni"
 """Patroni runs as postgres, from a virtualenv on the system Python (`make install`)."""
+
+
+@dataclass(frozen=True)
+class Process:
+    """One long-running process of an HA cluster, as any supervisor runs it: it writes its
+    pid file, then becomes the program."""
+
+    name: str
+    argv: list[str]
+    user: str | None  # None: whoever starts it
+    env: dict[str, str]
+
+
+class EtcdError(ClusterError):
+    """etcd refused a call (its own message)."""
+
+
+def writes_pid(pid_file: Path, argv: list[str]) -> list[str]:
+    """`argv` behind a shell that first records its pid (which exec keeps) in `pid_file`,
+    atomically: the file may be left by another user (root) in the process's folder."""
+    script = 'echo $$ > "$0.new" && mv -f "$0.new" "$0" && exec "$@"'
+    return ["/bin/sh", "-c", script, str(pid_file), *argv]
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+Launch = Callable[[list[Process]], None]
+"""Starts these processes unless they run, and keeps them running: `HA.launch` (detached
+children) or a supervisor's (tally up's supervisord)."""
+
+ETCD_PREFIX = "/tally/"
+"""Patroni's namespace in etcd: the only keys its etcd user may read or write."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +113,7 @@ class HASpec:
     strict: bool = False
     parameters: dict[str, Any] = field(default_factory=dict)
     patroni_bin: Path = PATRONI
+    watchdog: str = "off"
 
     @property
     def etcd_url(self) -> str:
@@ -85,6 +133,10 @@ def etcd_command(spec: HASpec) -> list[str]:
     ]
 
 
+def rewind_wrapper(spec: HASpec) -> Path:
+    return spec.root / "run" / "pg_rewind"
+
+
 def patroni_config(spec: HASpec, name: str, secrets: dict[str, str]) -> dict[str, Any]:
     """Patroni's configuration for node `name` (a plain dict, written as JSON: YAML is a
     superset)."""
@@ -92,7 +144,7 @@ def patroni_config(spec: HASpec, name: str, secrets: dict[str, str]) -> dict[str
     host = spec.host
     return {
         "scope": spec.scope,
-        "namespace": "/tally/",
+        "namespace": ETCD_PREFIX,
         "name": name,
         "restapi": {
             "listen": f"{host}:{spec.rest_ports[i]}",
@@ -100,7 +152,10 @@ def patroni_config(spec: HASpec, name: str, secrets: dict[str, str]) -> dict[str
             # Unsafe endpoints (switchover, restart, reinitialize) need this.
             "authentication": {"username": "tally", "password": secrets["patroni_api"]},
         },
-        "etcd3": {"hosts": [f"{host}:{spec.etcd_ports[0]}"]},
+        "etcd3": {"hosts": [f"{host}:{spec.etcd_ports[0]}"],
+                  **({"username": "tally", "password": secrets["etcd_tally"]}
+                     if "etcd_tally" in secrets else {})},
+        "watchdog": {"mode": spec.watchdog},
         "bootstrap": {
             "dcs": {
                 **TIMINGS,
@@ -128,7 +183,12 @@ def patroni_config(spec: HASpec, name: str, secrets: dict[str, str]) -> dict[str
             "connect_address": f"{host}:{spec.pg_ports[i]}",
             "data_dir": str(spec.root / name),
             "bin_dir": str(spec.bin_dir),
+            # pg_rewind --progress: Patroni logs its output, which then says how much a
+            # rejoin copied ("need to copy N MB (total source directory size is M MB)").
+            "bin_name": {"pg_rewind": str(rewind_wrapper(spec))},
             "pgpass": str(spec.root / "run" / f"pgpass-{name}"),
+            # A spread checkpoint made a new replica wait ~95 s for a few hundred buffers.
+            "basebackup": [{"checkpoint": "fast"}],
             "authentication": {
                 "superuser": {"username": "postgres", "password": secrets["postgres"]},
                 "replication": {"username": "tally_replicator",
@@ -170,6 +230,10 @@ class HA:
             path.mkdir(mode=0o700, exist_ok=True)
         for path in (self.run_dir, *private):
             self._chown(path)
+        wrapper = rewind_wrapper(self.spec)
+        # "--help" stays first when Patroni asks whether pg_rewind works.
+        wrapper.write_text(f'#!/bin/sh\nexec {self.spec.bin_dir / "pg_rewind"} "$@" --progress\n')
+        wrapper.chmod(0o755)
         for name in self.spec.names:
             path = self.config_file(name)
             path.touch(mode=0o600)
@@ -182,15 +246,18 @@ class HA:
             shutil.chown(path, self.spec.os_user, self.spec.os_user)
 
     # -- processes ------------------------------------------------------------------------
-    def commands(self) -> dict[str, list[str]]:
-        """What runs, by process name: etcd, then one Patroni per node."""
+    def processes(self) -> list[Process]:
+        """What runs: etcd, then one Patroni per node, each as the cluster's OS user."""
         if not self.spec.patroni_bin.exists():
             raise ClusterError(f"{self.spec.patroni_bin} not found: run `make install`")
-        patroni = str(self.spec.patroni_bin)
-        out = {"etcd": etcd_command(self.spec)}
+        commands = {"etcd": etcd_command(self.spec)}
         for name in self.spec.names:
-            out[f"patroni-{name}"] = [patroni, str(self.config_file(name))]
-        return out
+            commands[f"patroni-{name}"] = [str(self.spec.patroni_bin),
+                                           str(self.config_file(name))]
+        user = self.spec.os_user if os.geteuid() == 0 else None
+        env = {"LC_ALL": "C.UTF-8", "PATH": f"{self.spec.bin_dir}:/usr/bin:/bin"}
+        return [Process(name, writes_pid(self.pid_file(name), argv), user, env)
+                for name, argv in commands.items()]
 
     def pid_file(self, process: str) -> Path:
         return self.run_dir / f"{process}.pid"
@@ -202,43 +269,51 @@ class HA:
             return None
         return pid if pid_alive(pid) else None
 
-    def start_process(self, process: str) -> int:
-        """Start one process (as postgres when we are root) unless it runs; its pid."""
-        running = self.pid(process)
-        if running is not None:
-            return running
-        log = open(self.root / f"{process}.log", "ab")  # noqa: SIM115 (the child keeps it)
-        as_pg = ({"user": self.spec.os_user, "group": self.spec.os_user}
-                 if os.geteuid() == 0 else {})
-        env = {**os.environ, "LC_ALL": "C.UTF-8", "PATH": f"{self.spec.bin_dir}:/usr/bin:/bin"}
-        proc = subprocess.Popen(self.commands()[process], stdout=log, stderr=log, cwd=self.root,
-                                env=env, start_new_session=True, **as_pg)
-        log.close()
-        _CHILDREN[:] = [p for p in _CHILDREN if p.poll() is None] + [proc]
-        self.pid_file(process).write_text(str(proc.pid))
-        return proc.pid
+    def launch(self, processes: list[Process]) -> None:
+        """Start each process that is not running as a detached child (its own session:
+        it outlives the command that started it)."""
+        for process in processes:
+            if self.pid(process.name) is not None:
+                continue
+            log = open(self.root / f"{process.name}.log", "ab")  # noqa: SIM115 (child keeps it)
+            as_user = {"user": process.user, "group": process.user} if process.user else {}
+            proc = subprocess.Popen(process.argv, stdout=log, stderr=log, cwd=self.root,
+                                    env={**os.environ, **process.env},
+                                    start_new_session=True, **as_user)
+            log.close()
+            _CHILDREN[:] = [p for p in _CHILDREN if p.poll() is None] + [proc]
+            self.pid_file(process.name).write_text(str(proc.pid))
 
-    def start(self, timeout: float = 90.0) -> None:
-        """Start etcd and every node, then wait for a leader. A new cluster's first node
-        bootstraps alone, so it is the first leader."""
+    def start_process(self, name: str) -> None:
+        """Start one process (by name) unless it runs, detached."""
+        self.launch([p for p in self.processes() if p.name == name])
+
+    def start(self, timeout: float = 90.0, launch: Launch | None = None) -> None:
+        """Start etcd and every node (by `launch`, default detached children), then wait for
+        a leader. A new cluster's nodes race for the initialize key; the loser clones the
+        winner. A new etcd first gets its users and authentication (then stops again), so
+        Patroni never meets it open."""
         self.write_configs()
-        first = self.spec.names[0]
-        self.start_process("etcd")
-        if not (self.root / first / "PG_VERSION").exists():
-            self.start_process(f"patroni-{first}")
-            self.wait_leader(timeout)
-        for process in self.commands():
-            self.start_process(process)
+        if "etcd_root" in self.secrets and not self.auth_marker.exists():
+            self.start_process("etcd")
+            self.enable_etcd_auth(timeout)
+            self.stop_process("etcd", timeout)
+        (launch or self.launch)(self.processes())
         self.wait_leader(timeout)
 
     def stop(self, timeout: float = 60.0) -> None:
         """Stop every Patroni (which stops its PostgreSQL), then etcd."""
-        for process in [p for p in self.commands() if p != "etcd"] + ["etcd"]:
-            self.signal(process, signal.SIGTERM)
-            deadline = time.monotonic() + timeout
-            while self.pid(process) is not None and time.monotonic() < deadline:
-                time.sleep(0.1)
-            self.signal(process, signal.SIGKILL)
+        names = [p.name for p in self.processes()]
+        for process in names[1:] + names[:1]:
+            self.stop_process(process, timeout)
+
+    def stop_process(self, process: str, timeout: float) -> None:
+        """SIGTERM, and SIGKILL if it still runs after `timeout`."""
+        self.signal(process, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while self.pid(process) is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.signal(process, signal.SIGKILL)
 
     def signal(self, process: str, sig: int) -> bool:
         pid = self.pid(process)
@@ -249,6 +324,73 @@ class HA:
             if child.pid == pid and sig == signal.SIGKILL:
                 child.wait()
         return True
+
+    # -- etcd's users ---------------------------------------------------------------------
+    @property
+    def auth_marker(self) -> Path:
+        return self.root / "etcd" / "tally-auth"
+
+    def enable_etcd_auth(self, timeout: float) -> None:
+        """Give etcd a root user and a `tally` user that may read and write only Patroni's
+        keys, then turn authentication on. Safe to repeat after a crash half-way."""
+        if self._etcd_auth_on(time.monotonic() + timeout):
+            self.auth_marker.write_text("on\n")
+            return
+        prefix = ETCD_PREFIX.encode()
+        steps = [
+            ("auth/user/add", {"name": "root", "password": self.secrets["etcd_root"]}),
+            ("auth/role/add", {"name": "root"}),
+            ("auth/user/grant", {"user": "root", "role": "root"}),
+            ("auth/role/add", {"name": "tally-patroni"}),
+            ("auth/role/grant", {"name": "tally-patroni", "perm": {
+                "permType": "READWRITE", "key": _b64(prefix),
+                "range_end": _b64(prefix[:-1] + bytes([prefix[-1] + 1]))}}),
+            ("auth/user/add", {"name": "tally", "password": self.secrets["etcd_tally"]}),
+            ("auth/user/grant", {"user": "tally", "role": "tally-patroni"}),
+            ("auth/enable", {}),
+        ]
+        for path, body in steps:
+            try:
+                self.etcd_call(path, body)
+            except EtcdError as exc:
+                # Done before a crash, or authentication already on (nothing left to do).
+                if "already exists" not in str(exc) and "user name is empty" not in str(exc):
+                    raise ClusterError(f"etcd refused {path}: {exc}") from exc
+        self.auth_marker.write_text("on\n")
+
+    def _etcd_auth_on(self, deadline: float) -> bool:
+        """Whether etcd checks passwords already (waiting until it answers)."""
+        while True:
+            try:
+                self.etcd_call("auth/authenticate", {"name": "root",
+                                                     "password": self.secrets["etcd_root"]})
+                return True
+            except EtcdError as exc:
+                if "not enabled" in str(exc):
+                    return False
+                raise ClusterError(f"etcd refused tally's root user: {exc}") from exc
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"etcd did not answer on {self.spec.etcd_url}: see "
+                                       f"{self.root}/etcd.log") from None
+                time.sleep(0.1)
+
+    def etcd_call(self, path: str, body: dict[str, Any], token: str | None = None,
+                  timeout: float = 3.0) -> dict[str, Any]:
+        """One call to etcd's v3 JSON gateway; EtcdError with etcd's message if refused."""
+        req = urllib.request.Request(f"{self.spec.etcd_url}/v3/{path}",
+                                     data=json.dumps(body).encode(), method="POST")
+        req.add_header("Content-Type", "application/json")
+        if token:
+            req.add_header("Authorization", token)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as reply:
+                answer: dict[str, Any] = json.loads(reply.read())
+        except urllib.error.HTTPError as exc:
+            answer = json.loads(exc.read() or b"{}")
+        if "error" in answer:
+            raise EtcdError(answer["error"])
+        return answer
 
     # -- state (Patroni's REST API) -------------------------------------------------------
     def _request(self, port: int, path: str, body: dict | None = None,
@@ -364,13 +506,15 @@ HA_MARKER = "patroni.json"
 
 class PatroniCluster(Cluster):
     """The ledger's two local nodes under Patroni: the same DSNs and node folders as
-    Cluster, but etcd and Patroni start, watch, promote and rewind them."""
+    Cluster, but etcd and Patroni start, watch, promote and rewind them. `launch` runs
+    etcd and Patroni (default: detached children; `tally up`: its supervisor)."""
 
     def __init__(self, spec: ClusterSpec, ha_ports: tuple[int, int, int, int],
-                 scope: str = "tally-ledger") -> None:
+                 scope: str = "tally-ledger", launch: Launch | None = None) -> None:
         super().__init__(spec)
         self.ha_ports = ha_ports
         self.scope = scope
+        self.launch = launch
 
     @property
     def ha(self) -> HA:
@@ -390,13 +534,13 @@ class PatroniCluster(Cluster):
             self.root.mkdir(parents=True, exist_ok=True)
             os.chmod(self.root, 0o755)
             creds = {role: secrets.token_urlsafe(24)
-                     for role in ("postgres", *ROLES, "patroni_api")}
+                     for role in ("postgres", *ROLES, "patroni_api", "etcd_root", "etcd_tally")}
             self.credentials_file.touch(mode=0o600)
             self.credentials_file.write_text(json.dumps(creds, indent=1))
             (self.root / HA_MARKER).write_text(json.dumps({"scope": self.scope,
                                                            "ha_ports": self.ha_ports}))
             ha = self.ha
-            ha.start()
+            ha.start(120, self.launch)
             leader = ha.wait_leader(120)
             # Patroni made the superuser and the replication role; the rest are ours.
             self._create_roles(creds, leader, roles=tuple(r for r in ROLES
@@ -411,14 +555,18 @@ class PatroniCluster(Cluster):
     def start(self) -> None:
         self.require()
         ha = self.ha
-        ha.start()
+        ha.start(60, self.launch)
         self._setup_roles(ha.wait_leader(60))
 
     def stop(self) -> None:
         self.ha.stop()
 
     def start_node(self, node: str) -> None:
-        self.ha.start_process(f"patroni-{node}")
+        ha = self.ha
+        if self.launch is None:
+            ha.start_process(f"patroni-{node}")
+        else:
+            self.launch(ha.processes())
 
     def stop_node(self, node: str, mode: str = "fast") -> None:
         """Stop the node's Patroni, which stops its PostgreSQL (`immediate`: kill both)."""
@@ -455,8 +603,8 @@ class PatroniCluster(Cluster):
     def destroy(self) -> None:
         if self.credentials_file.exists():
             ha = self.ha
-            for process in ha.commands():
-                ha.signal(process, signal.SIGKILL)
+            for process in ha.processes():
+                ha.signal(process.name, signal.SIGKILL)
             for node in NODES:
                 with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
                     os.kill(self.postmaster_pid(node), signal.SIGKILL)

@@ -6,7 +6,9 @@ with a leader and a streaming synchronous standby."""
 
 from __future__ import annotations
 
+import base64
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -361,3 +363,100 @@ def test_a_standby_that_was_not_synchronous_is_never_promoted(ha: PatroniCluster
     assert healthy(ha) == old
     rows = on_node(ha, old, "SELECT id FROM ledger.events WHERE stream = 'heartbeat-alone'")
     assert (alone.event_ids[0],) in rows
+
+
+def test_an_app_cannot_write_the_leader_key(ha: PatroniCluster) -> None:
+    """etcd checks passwords: a process of an app's uid on this machine reaches etcd's port
+    but may neither write nor read Patroni's keys, and cannot read the passwords."""
+    leader = healthy(ha)
+    key = base64.b64encode(f"/tally/{ha.scope}/leader".encode()).decode()
+    url = ha.ha.spec.etcd_url
+    script = (
+        "import json, sys, urllib.request, urllib.error\n"
+        "def call(path, body):\n"
+        "    req = urllib.request.Request(sys.argv[1] + '/v3/' + path,\n"
+        "                                 data=json.dumps(body).encode(), method='POST')\n"
+        "    try:\n"
+        "        return urllib.request.urlopen(req, timeout=5).read().decode()\n"
+        "    except urllib.error.HTTPError as exc:\n"
+        "        return exc.read().decode()\n"
+        "print(call('kv/put', {'key': sys.argv[2], 'value': 'ZXZpbA=='}))\n"
+        "print(call('kv/deleterange', {'key': sys.argv[2]}))\n"
+        "print(call('kv/range', {'key': sys.argv[2]}))\n"
+        "print(call('auth/authenticate', {'name': 'root', 'password': ''}))\n"
+        "try:\n"
+        "    open(sys.argv[3]).read()\n"
+        "    print('read the credentials')\n"
+        "except OSError as exc:\n"
+        "    print('credentials:', exc.strerror)\n"
+    )
+    uid = 299_998  # an app's uid as agents/users.py hands them out: no user, no group
+    out = subprocess.run(["/usr/bin/python3", "-c", script, url, key,
+                          str(ha.credentials_file)], user=uid, group=uid, cwd="/",
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    lines = out.splitlines()
+    assert len(lines) == 5, out
+    for answer in lines[:3]:  # put, delete, read: refused without a user
+        assert "user name is empty" in answer, out
+    assert "authentication failed" in lines[3] and lines[4] == "credentials: Permission denied"
+    # Patroni (its own user) still holds the key, unchanged.
+    token = ha.ha.etcd_call("auth/authenticate", {"name": "tally",
+                                                  "password": ha.credentials()["etcd_tally"]})
+    kvs = ha.ha.etcd_call("kv/range", {"key": key}, token["token"])["kvs"]
+    assert base64.b64decode(kvs[0]["value"]).decode() == leader
+    assert ha.ha.leader() == leader
+
+
+def rewind_report(log: str) -> tuple[int, int]:
+    """(kB copied, MB in the source directory) from the last pg_rewind Patroni logged."""
+    copied = re.findall(r"(\d+)/(\d+) kB \(100%\) copied", log)
+    total = re.findall(r"total source directory size is (\d+) MB", log)
+    assert copied and total, "pg_rewind reported no progress"
+    return int(copied[-1][0]), int(total[-1])
+
+
+def test_a_rejoin_rewinds_what_diverged_not_the_whole_ledger(ha: PatroniCluster) -> None:
+    """A primary killed with WAL its standby never received has diverged; Patroni rejoins
+    it by pg_rewind, not by a copy. Measured in bytes from pg_rewind's own report: it copies
+    the new leader's WAL folder whole (PostgreSQL 15's pg_rewind does; kept to wal_keep_size
+    and the last checkpoints, whatever the ledger's size) and, of the data files, only what
+    changed: far less than a ledger of ~100 MB."""
+    old = healthy(ha)
+    standby = ha.other(old)
+    on_node(ha, old, "INSERT INTO ledger.events (stream, category, version, type, data) "
+            "SELECT 'heartbeat-bulk' || (g / 1000), 'heartbeat', g %% 1000 + 1, "
+            "'HostHeartbeat', jsonb_build_object('host_id', 'bulk-' || repeat('x', 500)) "
+            "FROM generate_series(0, 149999) g")
+    (ledger_bytes,), = on_node(ha, old, "SELECT pg_total_relation_size('ledger.events')")
+    assert ledger_bytes > 64 * 2**20
+    on_node(ha, old, "CHECKPOINT")
+    wait_until(lambda: on_node(ha, standby, "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn",
+                               (on_node(ha, old, "SELECT pg_current_wal_lsn()::text")[0][0],)
+                               )[0][0], 120, "the standby never caught up")
+    # Stopped on the primary's side: WAL already sent could still reach the standby.
+    (sender,), = on_node(ha, old, "SELECT pid FROM pg_stat_replication")
+    log = ha.root / f"patroni-{old}.log"
+    seen = log.stat().st_size
+    os.kill(sender, signal.SIGSTOP)
+    try:
+        # A commit the standby never receives: the primary has WAL past the fork point.
+        conn = psycopg2.connect(ha.node_dsn(old, "tally_writer"))
+        conn.autocommit = True
+        conn.cursor().execute("SET synchronous_commit = local")
+        conn.cursor().execute("INSERT INTO ledger.events (stream, category, version, type, "
+                              "data) VALUES ('heartbeat-diverged', 'heartbeat', 1, "
+                              "'HostHeartbeat', '{\"host_id\": \"diverged\"}')")
+        conn.close()
+        os.kill(ha.postmaster_pid(old), signal.SIGKILL)
+    finally:
+        os.kill(sender, signal.SIGKILL)
+    wait_until(lambda: ha.ha.leader() == standby, 90, "the standby never took over")
+    wait_until(lambda: members(ha)[old]["role"] == "sync_standby", 180,
+               "the old primary never rejoined as the synchronous standby")
+    text = log.read_text()[seen:]
+    assert "pg_rewind exit code=0" in text and "reinitializ" not in text.lower(), text[-3000:]
+    copied_kb, source_mb = rewind_report(text)
+    (wal_bytes,), = on_node(ha, standby, "SELECT sum(size) FROM pg_ls_waldir()")
+    print(f"pg_rewind copied {copied_kb / 1024:.1f} MB of {source_mb} MB; the new leader's "
+          f"WAL folder {wal_bytes / 2**20:.1f} MB; the ledger {ledger_bytes / 2**20:.1f} MB")
+    assert copied_kb * 1024 - wal_bytes < ledger_bytes / 4
