@@ -14,6 +14,7 @@ from api import (  # noqa: F401  (routes register)
     openapi,
     routes_addons,
     routes_apps,
+    routes_balancers,
     routes_builds,
     routes_history,
     routes_hosts,

@@ -2,7 +2,8 @@
 
 Tokens are random 32-byte strings shown once; only their sha256 is ever stored (in
 TokenIssued events). Roles: admin (everything), member (apps they own or were added to),
-agent (bound to one host: its heartbeats, its instances' events, its placements' bundles).
+agent (bound to one host: its heartbeats, its instances' events, its placements' bundles),
+balancer (bound to one balancer host: it reads the routing table and nothing else).
 The Directory is a pure fold; api/services.py keeps one per process fresh from the ledger.
 """
 
@@ -17,7 +18,7 @@ from api.errors import Forbidden, Unauthorized
 from ledger import NO_STREAM, Ledger
 from ledger.events import NewEvent, RecordedEvent
 
-ROLES = ("admin", "member", "agent")
+ROLES = ("admin", "member", "agent", "balancer")
 FOLDED = ["UserCreated", "TokenIssued", "TokenRevoked", "AppCreated", "AppDeleted",
           "AppMemberAdded", "AppMemberRemoved"]
 """The event types a Directory folds (read with one filtered query)."""
@@ -128,11 +129,11 @@ def require_role(who: Principal, *roles: str) -> None:
         raise Forbidden(f"{who.role} tokens may not do this (needs {' or '.join(roles)})")
 
 
-def require_host(who: Principal, host_id: str) -> None:
-    """Agents act only for their own host; admins for any."""
+def require_host(who: Principal, host_id: str, role: str = "agent") -> None:
+    """Agents (balancers) act only for their own host; admins for any."""
     if who.is_admin:
         return
-    if who.role != "agent" or who.host_id != host_id:
+    if who.role != role or who.host_id != host_id:
         raise Forbidden(f"this token may not act for host {host_id!r}")
 
 

@@ -39,7 +39,8 @@ class Error(Schema):
 
 class UserCreate(Schema):
     name = fields.Str(required=True, validate=USER_NAME)
-    role = fields.Str(load_default="member", validate=validate.OneOf(["admin", "member", "agent"]))
+    role = fields.Str(load_default="member",
+                      validate=validate.OneOf(["admin", "member", "agent", "balancer"]))
     host_id = fields.Str(load_default=None, allow_none=True,
                          validate=whole(validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")))
 
@@ -300,6 +301,26 @@ class StatsSamples(Schema):
 
 class Written(Schema):
     written = fields.Int(required=True)
+
+
+class RoutingQuery(Schema):
+    after = fields.Int(load_default=0, validate=validate.Range(min=0), metadata={
+        "description": "the routes_version the balancer has: no routes are sent unless it "
+                       "moved"})
+    position = fields.Int(load_default=0, validate=validate.Range(min=0), metadata={
+        "description": "a ledger position a relay announced: answered once the routes "
+                       "projector has applied it (or after a second)"})
+
+
+class Routing(Schema):
+    """The routing table as a balancer uses it."""
+
+    version = fields.Int(required=True, metadata={"description": "routes_version"})
+    checkpoint = fields.Int(required=True, metadata={
+        "description": "the ledger position the routes projector has applied"})
+    changed = fields.Bool(required=True)
+    routes = fields.List(fields.Dict(), required=True, metadata={
+        "description": "hostname, app, backends, maintenance (every route when changed)"})
 
 
 class Appended(Schema):

@@ -5,15 +5,16 @@ One process per `--processes`, each with its own listening socket on the same po
 than one, a parent forks them (before any eventlet hub or thread exists), restarts one that
 dies, and passes SIGTERM on.
 
-In each process: the routes come from the ledger's routes view (woken over ZeroMQ by the
-relays, then reading until the routes projector has applied the position the relay
-announced, so a change is seen as soon as it is projected; and reconciled on a timer), or
-from a JSON file in standalone mode. SIGTERM drains: stop accepting, close idle kept-alive
-connections, let requests in flight finish (up to `drain` seconds), exit.
+In each process: the routes come from the routes view through the API, with the balancer's
+own token (woken over ZeroMQ by the relays, then asking the API for the table once the
+routes projector has applied the position the relay announced, so a change is seen as soon
+as it is projected; and reconciled on a timer), or from a JSON file in standalone mode.
+SIGTERM drains: stop accepting, close idle kept-alive connections, let requests in flight
+finish (up to `drain` seconds), exit.
 
 eventlet is not monkey-patched: the shell uses non-blocking sockets with the hub directly,
-`eventlet.green.zmq` for the relays, and `eventlet.tpool` threads for psycopg2, so nothing
-else in the process changes behaviour.
+`eventlet.green.zmq` for the relays, and `eventlet.tpool` threads for the API requests, so
+nothing else in the process changes behaviour.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 from balancer.accesslog import SOURCE, AccessLog, Stream
 from balancer.h1 import Limits
 from balancer.routing import Router, Settings
-from balancer.sources import FileRoutes, LedgerRoutes, RoutesError
+from balancer.sources import ApiRoutes, FileRoutes, RoutesAway, RoutesError
 from balancer.tls import Certificates
 
 with warnings.catch_warnings():
@@ -55,7 +56,10 @@ from ledger.relay import TOPIC  # noqa: E402
 class Options:
     bind: tuple[str, int]
     routes_file: str | None = None
-    dsn: str | None = None
+    api: str | None = None
+    """The API's URL (`tally serve api`), which gives the routes to this balancer's token."""
+    token: str = ""
+    balancer_id: str = ""
     relays: Sequence[str] = ()
     processes: int = 1
     settings: Settings = field(default_factory=Settings)
@@ -67,7 +71,7 @@ class Options:
     admin: tuple[str, int] | None = None
     collector: str | None = None
     cache: str | None = None
-    """Ledger mode: the last routes read, kept here for a start while the ledger is away."""
+    """Platform mode: the last routes read, kept here for a start while the API is away."""
     tls_bind: tuple[str, int] | None = None
     """Where to terminate TLS (with certificates from `certs`)."""
     certs: str | None = None
@@ -150,12 +154,13 @@ def run(options: Options, admin: tuple[str, int] | None = None, slot: int = 0) -
         load_file(proxy, source)
         eventlet.spawn_n(follow_file, proxy, source, options.reconcile)
     else:
-        ledger = LedgerRoutes(options.dsn or "", cache=options.cache)
-        cached = ledger.cached()
+        api = ApiRoutes(options.api or "", options.token, options.balancer_id,
+                        cache=options.cache)
+        cached = api.cached()
         if cached is not None:
             proxy.update_routes(*cached)
-        load_ledger(proxy, ledger, target=0)
-        eventlet.spawn_n(follow_ledger, proxy, ledger, options.relays, options.reconcile)
+        load_api(proxy, api, target=0)
+        eventlet.spawn_n(follow_api, proxy, api, options.relays, options.reconcile)
     eventlet.spawn_n(sweep_forever, proxy)
     tls_listener = None
     if options.tls_bind and options.certs:
@@ -226,29 +231,20 @@ def follow_file(proxy: Proxy, source: FileRoutes, interval: float) -> None:
         load_file(proxy, source)
 
 
-def load_ledger(proxy: Proxy, ledger: LedgerRoutes, target: int,
-                patience: float = 1.0) -> None:
-    """Read the routes view until the routes projector has applied `target` (polling
-    every 2 ms, for `patience` seconds at most), reloading whenever routes_version moved."""
-    deadline = time.monotonic() + patience
-    while True:
-        try:
-            checkpoint, version = tpool.execute(ledger.status)
-            if version != proxy.router.version:
-                routes, version = tpool.execute(ledger.routes)
-                proxy.update_routes(routes, version)
-                ledger.keep(routes, version)
-                log(f"routes version {version}: {len(routes)} hostnames")
-        except Exception as exc:  # psycopg2's errors, a failover: keep the routes we have
-            log(f"routes not read: {exc}")
-            return
-        if checkpoint >= target or time.monotonic() > deadline:
-            return
-        eventlet.sleep(0.002)
+def load_api(proxy: Proxy, api: ApiRoutes, target: int) -> None:
+    """Ask the API for the routes once the routes projector has applied `target`; apply
+    them if their version moved."""
+    try:
+        got = tpool.execute(api.fetch, max(proxy.router.version, 0), target)
+    except RoutesAway as exc:  # keep the routes we have
+        log(f"routes not read: {exc}")
+        return
+    if got is not None:
+        proxy.update_routes(*got)
+        log(f"routes version {got[1]}: {len(got[0])} hostnames")
 
 
-def follow_ledger(proxy: Proxy, ledger: LedgerRoutes, relays: Sequence[str],
-                  interval: float) -> None:
+def follow_api(proxy: Proxy, api: ApiRoutes, relays: Sequence[str], interval: float) -> None:
     wakeups: eventlet.queue.LightQueue = eventlet.queue.LightQueue()
     if relays:
         eventlet.spawn_n(listen_relays, relays, wakeups)
@@ -259,13 +255,20 @@ def follow_ledger(proxy: Proxy, ledger: LedgerRoutes, relays: Sequence[str],
             target = 0
         while not wakeups.empty():
             target = max(target, wakeups.get_nowait())
-        load_ledger(proxy, ledger, target)
+        load_api(proxy, api, target)
 
 
 def listen_relays(relays: Sequence[str], wakeups: eventlet.queue.LightQueue) -> None:
-    """Each relay's "ledger moved to P" becomes a wake-up (P), de-duplicated by head."""
+    """Each relay's "ledger moved to P" becomes a wake-up (P), de-duplicated by head. The
+    relays speak CURVE when this process was given a keypair (ledger/curve.py); without one
+    a CURVE relay sends nothing, and the timer alone reconciles."""
+    from ledger import curve
+
     context = gzmq.Context()
     sub = context.socket(gzmq.SUB)
+    client = curve.default()
+    if client is not None:
+        curve.as_client(sub, client)
     sub.setsockopt(gzmq.LINGER, 0)
     sub.setsockopt(gzmq.SUBSCRIBE, TOPIC)
     sub.setsockopt(gzmq.RECONNECT_IVL, 100)

@@ -1,7 +1,7 @@
-"""Where routes come from: the ledger's routes view, or a JSON file (standalone mode).
+"""Where routes come from: the routes view through the API, or a JSON file (standalone mode).
 
-Plain blocking code with no eventlet in it: the shell calls the ledger reader in a thread
-pool (eventlet.tpool), so a slow database never stalls requests.
+Plain blocking code with no eventlet in it: the shell calls the API reader in a thread
+pool (eventlet.tpool), so a slow API never stalls requests.
 
 The file holds `{"routes": [{"hostname": "blog.example.com", "app": "blog",
 "backends": ["127.0.0.1:8001"], "maintenance": false}, ...]}` (or just the list); it is
@@ -75,29 +75,59 @@ class FileRoutes:
         return routes
 
 
-class LedgerRoutes:
-    """The routes view, read with the narrowest role (tally_reader).
+class RoutesAway(Exception):
+    """The API did not answer with the routing table (it is away, or refused the token)."""
 
-    `status()` is one cheap query (the routes projector's checkpoint and routes_version);
-    the rows are read only when the version moved."""
 
-    def __init__(self, dsn: str, cache: str | Path | None = None) -> None:
-        self.dsn = dsn
+class ApiRoutes:
+    """The routing table through the API, with this balancer's host-scoped token: no ledger
+    credentials (DESIGN.md, "Trust boundaries").
+
+    `fetch(after, position)` is one request: the API answers once the routes projector has
+    applied `position` (a relay's wake-up), with the routes only if routes_version moved past
+    `after`. The last table is cached on disk, so a balancer restarted while the API is away
+    still routes instead of answering 404 for every app."""
+
+    def __init__(self, api: str, token: str, balancer_id: str,
+                 cache: str | Path | None = None, timeout: float = 5.0) -> None:
+        self.url = f"{api.rstrip('/')}/balancers/{balancer_id}/routing"
+        self.token, self.timeout = token, timeout
         self.cache = Path(cache) if cache else None
-        self._conn: Any = None
+        self._session: Any = None
 
-    def keep(self, routes: list[Route], version: int) -> None:
-        """Write the routes to the cache file (atomically), for a restart while the ledger
-        is away: a balancer restarted then still routes instead of answering 404."""
+    def fetch(self, after: int, position: int = 0) -> tuple[list[Route], int] | None:
+        """The routes and their version if it moved past `after`, else None. RoutesAway
+        when the API does not give them (the caller keeps the routes it has)."""
+        import requests
+
+        if self._session is None:
+            self._session = requests.Session()
+            self._session.headers["Authorization"] = f"Bearer {self.token}"
+        try:
+            reply = self._session.get(self.url, params={"after": after, "position": position},
+                                      timeout=self.timeout)
+            doc = reply.json()
+        except (requests.RequestException, ValueError) as exc:
+            self.close()
+            raise RoutesAway(f"the API at {self.url} does not answer ({exc})") from None
+        if reply.status_code != 200 or not isinstance(doc, dict):
+            message = doc.get("message", "") if isinstance(doc, dict) else ""
+            raise RoutesAway(f"the API refused the routing table: {reply.status_code} "
+                             f"{message}")
+        if not doc.get("changed"):
+            return None
+        routes, version = routes_from_json(doc), int(doc["version"])
+        self.keep(doc)
+        return routes, version
+
+    def keep(self, doc: dict[str, Any]) -> None:
+        """Write the table to the cache file (atomically)."""
         if self.cache is None:
             return
-        doc = {"version": version, "routes": [
-            {"hostname": r.hostname, "app": r.app, "backends": list(r.backends),
-             "maintenance": r.maintenance} for r in routes]}
         tmp = self.cache.with_name(self.cache.name + ".tmp")
         try:
             self.cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(doc))
+            tmp.write_text(json.dumps({"version": doc["version"], "routes": doc["routes"]}))
             tmp.replace(self.cache)
         except OSError:
             pass  # a cache, not the truth: the ledger is
@@ -112,46 +142,7 @@ class LedgerRoutes:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def _cursor(self) -> Any:
-        import psycopg2
-
-        if self._conn is None or self._conn.closed:
-            self._conn = psycopg2.connect(self.dsn, application_name="tally-balancer")
-            self._conn.autocommit = True
-        return self._conn.cursor()
-
-    def _run(self, query: str) -> list[tuple]:
-        import psycopg2
-
-        try:
-            with self._cursor() as cur:
-                cur.execute(query)
-                return cur.fetchall()
-        except psycopg2.Error:
-            self.close()  # reconnect next time (a failover, a restart)
-            raise
-
-    def status(self) -> tuple[int, int]:
-        """(position the routes projector has applied, routes_version)."""
-        rows = self._run(
-            "SELECT (SELECT position FROM views.projector_checkpoints WHERE name = 'routes'),"
-            " (SELECT version FROM views.routes_version WHERE id = 1)")
-        checkpoint, version = rows[0]
-        return checkpoint or 0, version or 0
-
-    def routes(self) -> tuple[list[Route], int]:
-        """Every route and the version they make up, read in one snapshot."""
-        rows = self._run(
-            "SELECT v.version, r.hostname, r.app, r.backends, r.maintenance FROM"
-            " (SELECT max(version) AS version FROM views.routes_version) v"
-            " LEFT JOIN views.routes r ON true")
-        version = rows[0][0] or 0
-        return [Route(h, a, tuple(b or ()), bool(m)) for _, h, a, b, m in rows
-                if h is not None], version
-
     def close(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            finally:
-                self._conn = None
+        if self._session is not None:
+            self._session.close()
+            self._session = None

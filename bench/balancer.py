@@ -18,9 +18,10 @@ balancer process; and how soon a route change is visible after its event is appe
 - HTTPS: nginx and the balancer (`--tls-bind`) with the same certificate in front of the
   same backend: kept-alive requests/s, and new handshakes/s (a connection per request).
 - Route update: a private ledger (primary + synchronous standby), two relays, the
-  projectors and a balancer reading the routes view; an app's maintenance flag is toggled by
-  appending MaintenanceChanged, and a client on a kept-alive connection asks until the
-  answer flips: the time from the append to the first request that sees it, p50 and p99.
+  projectors, the API and a balancer reading the routes view through it (its token); an
+  app's maintenance flag is toggled by appending MaintenanceChanged, and a client on a
+  kept-alive connection asks until the answer flips: the time from the append to the first
+  request that sees it, p50 and p99.
 
 Ends with one JSON line: ratio_to_nginx, ratio_to_nginx_2proc, app_throughput_loss,
 added_p99_ms, route_update_p99_ms, tls_ratio_to_nginx and the figures behind them.
@@ -52,6 +53,7 @@ from tests.conftest import (  # noqa: E402
     make_cluster,
     tally_env,
 )
+from tests.fixtures.apps.fleet import ApiProc  # noqa: E402
 
 PY = sys.executable
 HOST = "bench.localhost"
@@ -275,14 +277,18 @@ def route_updates(tmp: Path, samples: int, procs: list) -> list[float]:
                         "-p", str(tmp)], tmp / "rt-backend.log"))
     cluster = make_cluster()
     relays = RelayProcs(cluster)
+    api = ApiProc(cluster, "bench-api")
     try:
         relays.start(0)
         relays.start(1)
         env = tally_env(cluster, TALLY_RELAYS=",".join(relays.endpoints))
         procs.append(spawn([PY, "-m", "tally.cli", "serve", "projectors"],
                            tmp / "projectors.log", env))
+        api.start()
         procs.append(spawn([PY, "-m", "tally.cli", "serve", "balancer", "--bind",
-                            f"127.0.0.1:{port}"], tmp / "rt-balancer.log", env))
+                            f"127.0.0.1:{port}", "--balancer-id", "rt"], tmp / "rt-balancer.log",
+                           {**env, "TALLY_BALANCER_API": api.url,
+                            "TALLY_BALANCER_TOKEN": api.token("rt", "balancer")}))
         host = "rte.tally.local"
         with Ledger(cluster.dsn()) as ledger:
             ledger.append("app-rte", [
@@ -329,6 +335,7 @@ def route_updates(tmp: Path, samples: int, procs: list) -> list[float]:
             conn.close()
             return out
     finally:
+        api.kill()
         relays.stop()
         destroy_cluster(cluster)
 

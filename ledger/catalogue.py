@@ -530,10 +530,12 @@ class PlatformSuffixSet(Schema):
 
 @event("user")
 class UserCreated(Schema):
-    """A person (admin, member) or a host agent (agent, bound to one host) got an account."""
+    """A person (admin, member), a host agent (agent, bound to one host) or a balancer
+    (balancer, bound to its host: it may read the routing table) got an account."""
 
     name = fields.Str(required=True, validate=USER_NAME)
-    role = fields.Str(required=True, validate=validate.OneOf(["admin", "member", "agent"]))
+    role = fields.Str(required=True,
+                      validate=validate.OneOf(["admin", "member", "agent", "balancer"]))
     host_id = fields.Str(allow_none=True, load_default=None)
 
 

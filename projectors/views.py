@@ -119,6 +119,28 @@ class Views:
                          "FROM views.routes WHERE (%s::text IS NULL OR app = %s) "
                          "ORDER BY hostname", (app, app))
 
+    ROUTE_COLUMNS = "hostname, app, backends, maintenance"
+    """What a balancer routes by (balancer/sources.py reads rows of these keys)."""
+
+    def routes_status(self) -> tuple[int, int]:
+        """(ledger position the routes projector has applied, routes_version): one cheap
+        query a balancer's wait polls."""
+        row = self.rows(
+            "SELECT (SELECT position FROM views.projector_checkpoints WHERE name = 'routes')"
+            " AS checkpoint, (SELECT version FROM views.routes_version WHERE id = 1)"
+            " AS version")[0]
+        return row["checkpoint"] or 0, row["version"] or 0
+
+    def routing(self) -> tuple[list[Row], int]:
+        """Every route and the routes_version they make up, read in one snapshot."""
+        rows = self.rows(
+            f"SELECT v.version AS routes_version, {self.ROUTE_COLUMNS} FROM"
+            " (SELECT max(version) AS version FROM views.routes_version) v"
+            " LEFT JOIN views.routes r ON true ORDER BY hostname")
+        version = rows[0]["routes_version"] or 0 if rows else 0
+        return [{k: v for k, v in r.items() if k != "routes_version"} for r in rows
+                if r["hostname"] is not None], version
+
     def backups(self) -> list[Row]:
         return self.rows("SELECT target, last_ok_backup_id, last_ok_at, "
                          "last_failure_backup_id, last_failure_at, last_failure_error, "

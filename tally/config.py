@@ -22,6 +22,8 @@ TALLY_BALANCERS       where the balancers `tally up` starts listen (HOST:PORT, c
 TALLY_AGENT_PORTS     one app port range per host agent `tally up` starts; default
                       7000-7099,7100-7199
 TALLY_AGENT_TOKEN     a host agent's token for the API (`tally up` gives each its own)
+TALLY_BALANCER_TOKEN  a balancer's token for the API: it reads the routing table with it
+                      (`tally up` gives each balancer its own)
 TALLY_API             the API the CLI talks to; default: as saved by `tally login`, else
                       http://127.0.0.1:8000
 TALLY_TOKEN           the CLI's API token; default: as saved by `tally login`
@@ -178,6 +180,11 @@ def _uid_range(text: str) -> tuple[int, int]:
 def agent_token(env: dict[str, str] | None = None) -> str:
     """TALLY_AGENT_TOKEN: a host agent's token for the API ("" when unset)."""
     return dict(os.environ if env is None else env).get("TALLY_AGENT_TOKEN", "")
+
+
+def balancer_token(env: dict[str, str] | None = None) -> str:
+    """TALLY_BALANCER_TOKEN: a balancer's token for the API ("" when unset)."""
+    return dict(os.environ if env is None else env).get("TALLY_BALANCER_TOKEN", "")
 
 
 def credentials_path(env: dict[str, str] | None = None) -> Path:

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from functools import wraps
+from pathlib import Path
 from typing import Any
 
 import click
@@ -100,6 +101,23 @@ def daemon_logging() -> None:
 
 
 AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def host_token(token_file: Path | None, from_env: str, missing: str) -> str:
+    """A fleet daemon's token, from --token-file or else its environment variable's value
+    `from_env`; a usage error saying `missing` without one (it has no other way to speak to
+    the platform)."""
+    if token_file is not None:
+        try:
+            token = token_file.read_text().strip()
+        except OSError as exc:
+            raise click.BadParameter(f"cannot read it: {exc.strerror}",
+                                     param_hint="--token-file") from None
+    else:
+        token = from_env.strip()
+    if not token:
+        raise click.UsageError(missing)
+    return token
 
 
 def parse_age(text: str) -> timedelta:

@@ -32,7 +32,8 @@ def daemons(cfg: Config) -> list[tuple[str, list[str], str]]:
     out.append(("builder", ["serve", "builder", "--builder-id", "builder-1"],
                 f"builds releases into slugs, sandboxed (work: {cfg.build_dir})"))
     for i, bind in enumerate(cfg.balancers, start=1):
-        out.append((f"balancer-{i}", ["serve", "balancer", "--bind", bind],
+        out.append((f"balancer-{i}", ["serve", "balancer", "--bind", bind,
+                                      "--balancer-id", f"b{i}"],
                     f"http://<app>.<suffix>:{bind.rpartition(':')[2]}/ (routes view)"))
     for i, ports in enumerate(cfg.agent_ports, start=1):
         out.append((f"agent-{i}", ["serve", "agent", "--host-id", f"h{i}", "--port-range",
@@ -60,10 +61,13 @@ def environment(cfg: Config, name: str) -> dict[str, str]:
     curve.load_or_create(cfg.secret("control.curve"))
     for i, _ in enumerate(cfg.agent_ports, start=1):
         if name == f"agent-{i}":
-            return {"TALLY_AGENT_TOKEN": agent_token(cfg, f"h{i}"),
+            return {"TALLY_AGENT_TOKEN": host_token(cfg, f"h{i}", "agent"),
                     "TALLY_RUN_KEY": run_key(cfg), "TALLY_RELAY_KEY": relay_key}
     control = {"TALLY_RELAY_KEY": relay_key,
                "TALLY_CURVE_KEYFILE": str(cfg.secret("control.curve"))}
+    for i, _ in enumerate(cfg.balancers, start=1):
+        if name == f"balancer-{i}":  # its token; on one machine the control keypair wakes it
+            return {"TALLY_BALANCER_TOKEN": host_token(cfg, f"b{i}", "balancer"), **control}
     if name == "api":
         return {"TALLY_RUN_KEY": run_key(cfg), **control}
     return control
@@ -84,20 +88,21 @@ def run_key(cfg: Config) -> str:
     return path.read_text().strip()
 
 
-def agent_token(cfg: Config, host_id: str) -> str:
-    """The token of user agent-<host>: made on first use, kept in $TALLY_HOME/secrets
-    (0600). A lost file gets the user a new token; the old one keeps its hash only."""
+def host_token(cfg: Config, host_id: str, role: str) -> str:
+    """The token of user <role>-<host> (an agent or a balancer): made on first use, kept in
+    $TALLY_HOME/secrets (0600). A lost file gets the user a new token; the old one keeps its
+    hash only."""
     from api.auth import create_user, new_token
     from ledger import Ledger, NewEvent
 
-    path = cfg.home / "secrets" / f"agent-{host_id}.token"
+    path = cfg.home / "secrets" / f"{role}-{host_id}.token"
     if path.exists():
         return path.read_text().strip()
-    name = f"agent-{host_id}"
+    name = f"{role}-{host_id}"
     with Ledger(cfg.cluster().dsn("tally_writer"), retry_deadline=10) as ledger:
         version = ledger.stream_version(f"user-{name}")
         if version == 0:
-            token = create_user(ledger, name, "agent", host_id, actor="tally up")
+            token = create_user(ledger, name, role, host_id, actor="tally up")
         else:
             token, token_id, digest = new_token()
             ledger.append(f"user-{name}", [NewEvent("TokenIssued", {

@@ -18,17 +18,18 @@ def admin() -> None:
 
 @admin.command("create-user")
 @click.argument("name")
-@click.option("--role", type=click.Choice(["admin", "member", "agent"]),
+@click.option("--role", type=click.Choice(["admin", "member", "agent", "balancer"]),
               default="member", show_default=True)
-@click.option("--host", "host_id", help="The host an agent token acts for.")
+@click.option("--host", "host_id", help="The host an agent or balancer token acts for.")
 @click.pass_obj
 def create_user(cfg: Any, name: str, role: str, host_id: str | None) -> None:
     """Create a user and print their API token (shown once)."""
     from api.auth import create_user as create
     from ledger import Ledger, LedgerError
 
-    if (role == "agent") != bool(host_id):
-        raise click.ClickException("--host is required for agents, and only for them")
+    if (role in ("agent", "balancer")) != bool(host_id):
+        raise click.ClickException("--host is required for agents and balancers, and only "
+                                   "for them")
     try:
         with Ledger(cfg.cluster().dsn("tally_writer"), retry_deadline=5) as ledger:
             token = create(ledger, name, role, host_id)

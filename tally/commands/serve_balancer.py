@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
-from tally.config import Config
-from tally.console import fail_cleanly
+from tally.config import Config, balancer_token
+from tally.console import fail_cleanly, host_token
+
+
+def _token(token_file: Path | None) -> str:
+    """The balancer's token, from --token-file or TALLY_BALANCER_TOKEN (the API gives the
+    routes to no one else)."""
+    return host_token(token_file, balancer_token(), "a balancer needs its token: "
+                      "--token-file or TALLY_BALANCER_TOKEN (tally admin create-user NAME "
+                      "--role balancer --host ID), or routes from a file: --routes FILE")
 
 
 def _address(text: str, option: str) -> tuple[str, int]:
@@ -20,7 +30,15 @@ def _address(text: str, option: str) -> tuple[str, int]:
               help="HOST:PORT to listen on.")
 @click.option("--routes", "routes_file", type=click.Path(dir_okay=False),
               help="Standalone mode: routes from this JSON file (re-read when it "
-                   "changes) instead of the ledger.")
+                   "changes) instead of the API.")
+@click.option("--api", "api_url", envvar="TALLY_BALANCER_API",
+              help="The API giving the routes (default: http://TALLY_API_BIND). The "
+                   "balancer holds no ledger credentials, only its balancer token.")
+@click.option("--balancer-id", default="b1", show_default=True,
+              help="The balancer host its token is bound to.")
+@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="File holding this balancer's token (default: TALLY_BALANCER_TOKEN). "
+                   "Issue one with `tally admin create-user NAME --role balancer --host ID`.")
 @click.option("--processes", default=1, show_default=True,
               help="Processes sharing the port (SO_REUSEPORT).")
 @click.option("--policy", type=click.Choice(["round-robin", "least-connections"]),
@@ -47,14 +65,15 @@ def _address(text: str, option: str) -> tuple[str, int]:
                    "default), chosen by SNI; re-read when it changes.")
 @click.pass_obj
 @fail_cleanly
-def serve_balancer(cfg: Config, bind: str, routes_file: str | None, processes: int,
+def serve_balancer(cfg: Config, bind: str, routes_file: str | None, api_url: str | None,
+                   balancer_id: str, token_file: Path | None, processes: int,
                    policy: str, hold: float, max_body_mb: float, idle_timeout: float,
                    header_timeout: float, connect_timeout: float, backend_timeout: float,
                    cooldown: float, drain: float, admin: str | None,
                    collector: str | None, tls_bind: str | None,
                    certs: str | None) -> None:
-    """Route HTTP by Host header to apps' healthy instances (from the ledger's routes
-    view, or from --routes FILE)."""
+    """Route HTTP by Host header to apps' healthy instances (from the routes view through
+    the API, or from --routes FILE)."""
     from balancer.h1 import Limits
     from balancer.routing import Settings
     from balancer.serve import Options, main
@@ -70,7 +89,8 @@ def serve_balancer(cfg: Config, bind: str, routes_file: str | None, processes: i
         raise click.BadParameter("must be at least 1", param_hint="--processes")
     options = Options(
         bind=_address(bind, "--bind"), routes_file=routes_file,
-        dsn=None if routes_file else cfg.cluster().dsn("tally_reader"),
+        api=None if routes_file else api_url or f"http://{cfg.api_bind}",
+        token="" if routes_file else _token(token_file), balancer_id=balancer_id,
         relays=() if routes_file else cfg.relays, processes=processes,
         settings=Settings(policy=policy, cooldown=cooldown),
         limits=Limits(max_body=int(max_body_mb * 1024 * 1024)),

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from tally.config import Config, agent_token
-from tally.console import daemon_logging, fail_cleanly, stop_event
+from tally.console import daemon_logging, fail_cleanly, host_token, stop_event
 
 
 @click.command("agent")
@@ -122,21 +122,10 @@ def serve_builder(cfg: Config, builder_id: str | None, timeout: float, memory_mb
 
 
 def _agent_token(token_file: Path | None) -> str:
-    """The host's agent token, from --token-file or TALLY_AGENT_TOKEN; a usage error
-    without one (an agent has no other way to speak to the platform)."""
-    if token_file is not None:
-        try:
-            token = token_file.read_text().strip()
-        except OSError as exc:
-            raise click.BadParameter(f"cannot read it: {exc.strerror}",
-                                     param_hint="--token-file") from None
-    else:
-        token = agent_token().strip()
-    if not token:
-        raise click.UsageError("an agent needs its host's agent token: --token-file or "
-                               "TALLY_AGENT_TOKEN (tally admin create-user NAME --role agent "
-                               "--host HOST)")
-    return token
+    """The host's agent token, from --token-file or TALLY_AGENT_TOKEN."""
+    return host_token(token_file, agent_token(), "an agent needs its host's agent token: "
+                      "--token-file or TALLY_AGENT_TOKEN (tally admin create-user NAME "
+                      "--role agent --host HOST)")
 
 
 def _port_range(text: str) -> tuple[int, int]:

@@ -1,5 +1,6 @@
 """The balancers through the platform: a private ledger with relays, projectors, a placer,
-two host agents and two balancers reading the routes view. While clients request an app
+two host agents and two balancers reading the routes view through the API (each with its
+own balancer token). While clients request an app
 through both balancers the whole time, a rolling deploy, a scale-down and a kill -9 of an
 instance fail no request (held or retried, never failed); a domain added is served as soon
 as it is projected; maintenance answers 503 with its page.
@@ -25,7 +26,15 @@ from api.decide import domain_stream
 from ledger import Ledger, NewEvent
 from ledger.cluster import Cluster
 from tests.conftest import RelayProcs, destroy_cluster, free_ports, make_cluster
-from tests.fixtures.apps.fleet import AgentProc, Daemon, create_app, placer, release, scale
+from tests.fixtures.apps.fleet import (
+    AgentProc,
+    Daemon,
+    api_for,
+    create_app,
+    placer,
+    release,
+    scale,
+)
 from tests.waiting import wait_until
 
 HOST = "hello.tally.local"  # no PlatformSuffixSet in this ledger: the default suffix
@@ -81,10 +90,13 @@ def platform() -> Iterator[Platform]:
         daemons.append(placer(cluster, relays.endpoints))
         daemons.append(Daemon(cluster, "projectors", ["projectors"], **env))
         ports = free_ports(4)
+        api = api_for(cluster)
         for i, port in enumerate(ports[:2]):
             daemons.append(Daemon(cluster, f"balancer-{i}", [
                 "balancer", "--bind", f"127.0.0.1:{port}", "--hold", "30",
-                "--admin", f"127.0.0.1:{ports[2 + i]}"], **env))
+                "--admin", f"127.0.0.1:{ports[2 + i]}", "--balancer-id", f"b{i}"], **env,
+                TALLY_BALANCER_API=api.url,
+                TALLY_BALANCER_TOKEN=api.token(f"b{i}", "balancer")))
         for d in daemons:
             d.start()
         with Ledger(cluster.dsn()) as ledger:

@@ -1,0 +1,39 @@
+"""The one endpoint balancers read, with a balancer token bound to their host: the routing
+table (the routes view). With it a balancer holds no ledger credentials (DESIGN.md, "Trust
+boundaries"); its token opens nothing else."""
+
+from __future__ import annotations
+
+import time
+
+from flask.typing import ResponseReturnValue
+
+from api import schemas
+from api.auth import require_host
+from api.web import query, reply, route, services, who
+
+WAIT_S = 1.0
+"""Longest wait for the routes projector to reach the position a balancer was woken for."""
+POLL_S = 0.002
+
+
+@route("/balancers/<balancer_id>/routing", query=schemas.RoutingQuery,
+       response=schemas.Routing, tag="balancers", errors=(400, 401, 403, 422))
+def routing(balancer_id: str) -> ResponseReturnValue:
+    """The routing table past routes_version `after`, once the routes projector has applied
+    ledger position `position` (a relay's wake-up; polled every 2 ms, a second at most), so
+    a change is sent as soon as it is projected; no routes when the version has not moved."""
+    require_host(who(), balancer_id, role="balancer")
+    q = query(schemas.RoutingQuery)
+    views = services().views
+    deadline = time.monotonic() + WAIT_S
+    checkpoint, version = views.routes_status()
+    while checkpoint < q["position"] and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+        checkpoint, version = views.routes_status()
+    if version == q["after"]:
+        return reply(schemas.Routing, {"version": version, "checkpoint": checkpoint,
+                                       "changed": False, "routes": []})
+    routes, version = views.routing()
+    return reply(schemas.Routing, {"version": version, "checkpoint": checkpoint,
+                                   "changed": True, "routes": routes})
