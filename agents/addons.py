@@ -9,19 +9,24 @@ roles and sessions are closed to it (HIDDEN). What PostgreSQL still shows any ro
 a database or role name exists (an error naming it differs from "does not exist", e.g.
 has_database_privilege), its own database's catalogs, and the server's version.
 
-The result is the DATABASE_URL the app receives as a config var (a multi-host URL: libpq
-finds the primary after a failover).
+The result is the DATABASE_URL the app receives as a config var: a standard single-host URL
+(`postgres://user:password@host:port/db`) naming the cluster's stable address, which follows
+the primary (agents/appsdb.py), so dj-database-url, SQLAlchemy and psycopg take it as is.
+Destroying the add-on drops the database (its connections ended first) and the role, so
+its credentials open nothing afterwards.
 """
 
 from __future__ import annotations
 
 import fcntl
 import secrets
+from typing import Any
 from urllib.parse import quote
 
 import psycopg2
 from psycopg2 import sql
 
+from agents.appsdb import address
 from ledger.cluster import Cluster
 
 
@@ -76,8 +81,7 @@ def create_database(cluster: Cluster, app: str) -> str:
     """Create the app's role and database (refused if they exist); return DATABASE_URL."""
     name = database_name(app)
     password = secrets.token_urlsafe(24)
-    conn = psycopg2.connect(cluster.node_dsn(cluster.primary(), "postgres", "postgres"))
-    conn.autocommit = True
+    conn = _superuser(cluster)
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s UNION ALL "
@@ -101,6 +105,32 @@ def create_database(cluster: Cluster, app: str) -> str:
         conn.close()
     for database in apps:  # this one, and any made before the catalogs were closed
         _hide_the_neighbours(cluster, database)
-    hosts = ",".join(f"{cluster.spec.host}:{p}" for p in cluster.spec.ports)
-    return (f"postgresql://{name}:{quote(password, safe='')}@{hosts}/{name}"
-            "?target_session_attrs=read-write")
+    host, port = address(cluster)
+    return f"postgresql://{name}:{quote(password, safe='')}@{host}:{port}/{name}"
+
+
+def drop_database(cluster: Cluster, app: str) -> bool:
+    """Drop the app's database (ending its sessions) and its role: its credentials open
+    nothing afterwards. Idempotent; True if there was something to drop."""
+    name = database_name(app)
+    conn = _superuser(cluster)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s UNION ALL "
+                        "SELECT 1 FROM pg_database WHERE datname = %s", (name, name))
+            found = cur.fetchone() is not None
+            ident = sql.Identifier(name)
+            cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,))
+            if cur.fetchone():  # no new session, then none left
+                cur.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(ident))
+            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
+            cur.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(ident))
+    finally:
+        conn.close()
+    return found
+
+
+def _superuser(cluster: Cluster) -> Any:
+    conn = psycopg2.connect(cluster.node_dsn(cluster.primary(), "postgres", "postgres"))
+    conn.autocommit = True
+    return conn

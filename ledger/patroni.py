@@ -53,6 +53,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psycopg2
+
 from ledger.cluster import DEFAULT_BIN, NODES, ROLES, Cluster, ClusterSpec, pid_alive
 from ledger.errors import ClusterError
 
@@ -554,9 +556,21 @@ class PatroniCluster(Cluster):
 
     def start(self) -> None:
         self.require()
-        ha = self.ha
-        ha.start(60, self.launch)
-        self._setup_roles(ha.wait_leader(60))
+        self.ha.start(60, self.launch)
+        self._setup_roles(self.writable_leader(60))
+
+    def writable_leader(self, timeout: float) -> str:
+        """The leader once it accepts writes: right after a restart Patroni may show a
+        leader whose PostgreSQL is still in recovery (its promotion under way)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            leader = self.ha.wait_leader(max(deadline - time.monotonic(), 1))
+            with contextlib.suppress(psycopg2.Error):
+                if self._query(leader, "SELECT pg_is_in_recovery()") == [(False,)]:
+                    return leader
+            if time.monotonic() > deadline:
+                raise ClusterError(f"leader {leader} still in recovery after {timeout:.0f}s")
+            time.sleep(0.2)
 
     def stop(self) -> None:
         self.ha.stop()
@@ -612,19 +626,22 @@ class PatroniCluster(Cluster):
 
 
 def ledger_cluster(spec: ClusterSpec, ha_ports: tuple[int, int, int, int] | None,
-                   new_ha: bool = True) -> Cluster:
+                   new_ha: bool = True, scope: str = "tally-ledger",
+                   kind: Callable[..., PatroniCluster] = PatroniCluster) -> Cluster:
     """The cluster in spec.data_dir as it was made: under Patroni if its folder says so
     (with the REST and etcd ports it was made with); a new one under Patroni if `new_ha`,
-    on `ha_ports` or, if None, on ports free now; else plain (the tests' fixture)."""
+    on `ha_ports` or, if None, on ports free now; else plain (the tests' fixture). `scope`
+    and `kind` (a PatroniCluster subclass's maker) serve the apps' cluster
+    (agents/appsdb.py)."""
     root = spec.data_dir.resolve()
     marker = root / HA_MARKER
     if marker.exists():
         saved = json.loads(marker.read_text())
-        return PatroniCluster(spec, tuple(saved["ha_ports"]), saved["scope"])
+        return kind(spec, tuple(saved["ha_ports"]), saved["scope"])
     plain = Cluster(spec)
     if plain.initialized() or not new_ha:
         return plain
-    return PatroniCluster(spec, ha_ports or _free_ports(4))
+    return kind(spec, ha_ports or _free_ports(4), scope)
 
 
 def _free_ports(n: int) -> tuple[int, int, int, int]:

@@ -15,6 +15,12 @@ TALLY_BUILD_DIR       builders' folders (builds, per-app build caches); outside 
                       /var/tmp/tally-builds/<hash of TALLY_HOME>
 TALLY_APPS_DB_PORTS   the apps' PostgreSQL cluster (add-on databases; never the ledger's);
                       default 5443,5444
+TALLY_APPS_DB_PORT    the apps' cluster's stable address (HAProxy, follows the primary), the
+                      port every DATABASE_URL names; default 5445, kept in appsdb/proxy.json
+TALLY_APPS_HA         `patroni` or `plain` for a new apps' cluster; default: as
+                      TALLY_LEDGER_HA
+TALLY_REDIS_PORTS     the ports Redis add-ons (one redis-server per app) take; default
+                      6400-6499
 TALLY_COLLECTOR       where host agents PUSH app logs (`tally serve collector` binds it);
                       default tcp://127.0.0.1:5560
 TALLY_BALANCERS       where the balancers `tally up` starts listen (HOST:PORT, comma-separated);
@@ -59,6 +65,10 @@ class Config:
     build_dir_path: str = ""
     collector: str = "tcp://127.0.0.1:5560"
     apps_db_ports: tuple[int, int] = (5443, 5444)
+    apps_db_port: int = 5445
+    """The apps' cluster's stable address (agents/appsdb.py)."""
+    apps_ha: bool = True
+    redis_ports: tuple[int, int] = (6400, 6499)
     agent_ports: tuple[str, ...] = ("7000-7099", "7100-7199")
     """One port range per host agent `tally up` starts (h1, h2, ...)."""
     balancers: tuple[str, ...] = ("127.0.0.1:8080", "127.0.0.1:8081")
@@ -97,7 +107,12 @@ class Config:
             ledger_ha_ports=_ha_ports(env.get("TALLY_LEDGER_HA_PORTS")),
             apps_db_ports=_two_ports(env.get("TALLY_APPS_DB_PORTS", "5443,5444"),
                                      "TALLY_APPS_DB_PORTS"),
-            app_uids=_uid_range(env.get("TALLY_APP_UIDS", "200000-299999")),
+            apps_db_port=int(env.get("TALLY_APPS_DB_PORT", "5445")),
+            apps_ha=env.get("TALLY_APPS_HA", env.get("TALLY_LEDGER_HA", "patroni")) != "plain",
+            redis_ports=_range(env.get("TALLY_REDIS_PORTS", "6400-6499"), "TALLY_REDIS_PORTS",
+                               "6400-6499"),
+            app_uids=_range(env.get("TALLY_APP_UIDS", "200000-299999"), "TALLY_APP_UIDS",
+                            "200000-299999"),
         )
 
     def secret(self, name: str) -> Path:
@@ -123,9 +138,24 @@ class Config:
         return self.home / "log"
 
     def apps_cluster(self) -> Cluster:
-        """The apps' databases: a primary and a synchronous standby beside the ledger's."""
-        return Cluster(ClusterSpec(self.home / "appsdb", ports=self.apps_db_ports,
-                                   dbname="tally_apps", bin_dir=self.pg_bin, ledger=False))
+        """The apps' databases: a primary and a synchronous standby beside the ledger's,
+        under Patroni (scope tally-apps) behind a stable address (agents/appsdb.py)."""
+        from agents.appsdb import apps_cluster
+
+        return apps_cluster(self.home / "appsdb", self.apps_db_ports, self.apps_db_port,
+                            self.pg_bin, self.apps_ha)
+
+    @property
+    def addon_ports(self) -> frozenset[int]:
+        """The local ports an app's `*_URL` config may open to it (agents/netrules.py):
+        the apps' cluster's stable address and nodes, and the Redis add-ons' range."""
+        low, high = self.redis_ports
+        return frozenset({self.apps_db_port, *self.apps_db_ports, *range(low, high + 1)})
+
+    @property
+    def redis_dir(self) -> Path:
+        """Redis add-ons, one folder per app (agents/redisaddon.py)."""
+        return self.home / "redis"
 
     @property
     def app_logs_dir(self) -> Path:
@@ -169,11 +199,11 @@ def _two_ports(text: str, name: str) -> tuple[int, int]:
     return a, b
 
 
-def _uid_range(text: str) -> tuple[int, int]:
+def _range(text: str, name: str, example: str) -> tuple[int, int]:
     try:
         first, last = (int(p) for p in text.split("-"))
     except ValueError:
-        raise ValueError("TALLY_APP_UIDS must be a range, e.g. 200000-299999") from None
+        raise ValueError(f"{name} must be a range, e.g. {example}") from None
     return first, last
 
 

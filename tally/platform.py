@@ -145,6 +145,19 @@ def close_home(cfg: Config) -> None:
     agents.chmod(0o711)
 
 
+def start_addons(cfg: Config) -> list[str]:
+    """Start every cluster an add-on needs (made by the first add-on): the apps' database
+    cluster with its stable address. What was started, for people."""
+    from agents.appsdb import address
+
+    apps = cfg.apps_cluster()
+    if not apps.initialized():
+        return []
+    apps.start()
+    host, port = address(apps)
+    return [f"apps' database cluster: {host}:{port} (every DATABASE_URL)"]
+
+
 UP_SUFFIX = "localhost"
 """`tally up`'s platform suffix: `http://blog.localhost:8080/` resolves with no DNS set up
 (RFC 6761: *.localhost is the loopback)."""

@@ -40,7 +40,9 @@ def addons_create(app: str | None, words: tuple[str, ...], api: str | None) -> N
         raise click.UsageError(f"{kind!r} is not an add-on tally has (postgresql)")
     click.echo(f"Creating {kind} for {app}... ", err=True, nl=False)
     try:
-        r = api_client(api).post(f"/apps/{app}/addons", {"kind": kind})
+        # The first add-on makes the apps' cluster (Patroni's bootstrap: a minute or two).
+        r = api_client(api).request("POST", f"/apps/{app}/addons", json={"kind": kind},
+                                    timeout=300)
     except ClientError as exc:
         click.echo("failed", err=True)
         raise click.ClickException(str(exc)) from exc

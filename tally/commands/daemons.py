@@ -27,6 +27,8 @@ def up(cfg: Config) -> None:
         cluster.init()
     cluster.start()
     migrations.upgrade(cluster.dsn("tally_owner"))
+    for line in platform.start_addons(cfg):
+        click.echo(line, err=True)
     suffix = platform.platform_suffix(cfg, platform.UP_SUFFIX, if_unset=True)
     supervise.up(cfg, platform.programs(cfg), supervise.base_environment())
     platform.wait_ready(cfg)

@@ -66,7 +66,7 @@ def serve_agent(cfg: Config, host_id: str, address: str, port_range: str, capaci
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--api") from None
     spec = HostSpec(host_id, address, low, high, capacity,
-                    addon_ports=frozenset(cfg.apps_db_ports))
+                    addon_ports=cfg.addon_ports)
     paths = Paths(state=cfg.home / "agents" / host_id, bundles=cfg.bundles_dir,
                   releases=cfg.home / "agents" / host_id / "releases",
                   api=api, api_token=token)

@@ -1,0 +1,176 @@
+"""The apps' PostgreSQL cluster under Patroni (its own scope and etcd) behind HAProxy: a
+standard single-host DATABASE_URL that the usual parsers take, which keeps working across
+a failover (the app loses its open connections, never its URL) and across a stop and start.
+
+Real Patroni, etcd, HAProxy and PostgreSQL; one cluster for the module."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import dj_database_url
+import psycopg
+import psycopg2
+import pytest
+import sqlalchemy
+
+from agents import addons, appsdb
+from ledger.cluster import ClusterSpec
+from tests.conftest import free_ports
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def apps() -> Iterator[appsdb.AppsCluster]:
+    home = Path(tempfile.mkdtemp(prefix="tally-appsdb-"))
+    home.chmod(0o755)
+    a, b, proxy, *ha_ports = free_ports(7)
+    cluster = appsdb.AppsCluster(
+        ClusterSpec(home / "appsdb", ports=(a, b), dbname="tally_apps", ledger=False,
+                    extra_settings=dict(appsdb.PRIVATE_LOGS)),
+        (ha_ports[0], ha_ports[1], ha_ports[2], ha_ports[3]), proxy_port=proxy)
+    cluster.init()
+    cluster.ha.wait_members(2, 120)
+    yield cluster
+    cluster.destroy()
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def test_the_database_url_is_one_standard_host_that_django_sqlalchemy_and_psycopg_take(
+        apps: appsdb.AppsCluster) -> None:
+    """Before: a multi-host URL (`h1:5443,h2:5444/db?target_session_attrs=...`) that
+    dj-database-url refuses (ParseError), so a stock Django project failed to deploy."""
+    with pytest.raises(dj_database_url.ParseError):
+        dj_database_url.parse("postgresql://u:p@127.0.0.1:5443,127.0.0.1:5444/db"
+                              "?target_session_attrs=read-write")
+    url = addons.create_database(apps, "django")
+    django = dj_database_url.parse(url)
+    assert django["ENGINE"] == "django.db.backends.postgresql"
+    assert (django["HOST"], django["PORT"]) == ("127.0.0.1", apps.proxy_port)
+    assert django["NAME"] == django["USER"] == "app_django"
+    assert "?" not in url and "," not in url
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sqlalchemy.text("CREATE TABLE hits (n int)"))
+            conn.execute(sqlalchemy.text("INSERT INTO hits VALUES (1)"))
+    finally:
+        engine.dispose()
+    with psycopg.connect(url) as conn3:  # psycopg 3 (SQLAlchemy's default driver)
+        assert conn3.execute("SELECT sum(n), pg_is_in_recovery() FROM hits").fetchone() == (
+            1, False), "the stable address is the primary"
+    with psycopg2.connect(url) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM hits")
+        assert cur.fetchone() == (1,)
+    conn.close()
+
+
+def test_a_failover_costs_the_app_its_open_connections_never_its_url(
+        apps: appsdb.AppsCluster) -> None:
+    """kill -9 of the leader's postmaster: the app's open connection breaks, it reconnects
+    through the same URL and writes on the new leader within seconds; every write that was
+    acknowledged is there."""
+    url = addons.create_database(apps, "shop")
+    conn = psycopg2.connect(url)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("CREATE TABLE orders (n int PRIMARY KEY)")
+        for n in range(50):
+            cur.execute("INSERT INTO orders VALUES (%s)", (n,))
+    old = apps.primary()
+    os.kill(appsdb.leader_postmaster(apps), signal.SIGKILL)
+
+    def lost() -> bool:  # the open connection breaks (its backend sees the postmaster gone)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1")
+        except psycopg2.Error:
+            return True
+        return False
+    wait_until(lost, 30, "the open connection to the killed primary was never lost",
+               interval=0.1)
+    conn.close()
+    failed = 0
+    start = time.monotonic()
+
+    def write() -> bool:
+        nonlocal failed
+        try:
+            with psycopg2.connect(url, connect_timeout=2) as c, c.cursor() as cur:
+                cur.execute("INSERT INTO orders VALUES (50) ON CONFLICT DO NOTHING")
+            c.close()
+            return True
+        except psycopg2.Error:
+            failed += 1
+            return False
+    wait_until(write, 60, "a write through the same DATABASE_URL after the failover",
+               interval=0.2)
+    window = time.monotonic() - start
+    print(f"failover window {window:.2f}s, {failed} failed attempts")
+    new = wait_until(apps.ha.leader, 30, "a leader")
+    assert new != old, "the standby leads now"
+    with psycopg2.connect(url) as c, c.cursor() as cur:
+        cur.execute("SELECT count(*), pg_is_in_recovery() FROM orders")
+        assert cur.fetchone() == (51, False), "every acknowledged write, on the new primary"
+    c.close()
+    apps.ha.wait_members(2, 120)  # the old primary rejoins (Patroni rewinds it)
+
+
+def test_the_same_url_answers_after_a_stop_and_start(apps: appsdb.AppsCluster) -> None:
+    """`tally down` stops the cluster, Patroni, etcd and HAProxy with it; `tally up` starts
+    them again and every app's URL answers as before (read back from the folder)."""
+    url = addons.create_database(apps, "blog")
+    env = {**os.environ, "TALLY_HOME": str(apps.root.parent),
+           "TALLY_APPS_DB_PORTS": ",".join(map(str, apps.spec.ports)),
+           "TALLY_LEDGER_PORTS": ",".join(map(str, free_ports(2)))}
+    down = subprocess.run([sys.executable, "-m", "tally.cli", "down"], env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert down.returncode == 0, down.stderr
+    ha = apps.ha
+    assert [p.name for p in ha.processes() if ha.pid(p.name)] == []
+    with pytest.raises(psycopg2.OperationalError):
+        psycopg2.connect(url, connect_timeout=2).close()
+    from tally.config import Config
+
+    again = Config.from_env(env).apps_cluster()
+    assert isinstance(again, appsdb.AppsCluster) and again.proxy_port == apps.proxy_port
+    from tally.platform import start_addons
+
+    start_addons(Config.from_env(env))
+    conn = wait_until(lambda: _connect(url), 30, "the app's database through its old URL")
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT current_database()")
+        assert cur.fetchone() == ("app_blog",)
+    conn.close()
+    apps.ha.wait_members(2, 120)
+
+
+def test_destroying_the_database_revokes_its_credentials(apps: appsdb.AppsCluster) -> None:
+    url = addons.create_database(apps, "gone")
+    held = psycopg2.connect(url)
+    assert addons.drop_database(apps, "gone")
+    with pytest.raises(psycopg2.Error), held.cursor() as cur:
+        cur.execute("SELECT 1")  # its open sessions are ended
+    held.close()
+    with pytest.raises(psycopg2.OperationalError):
+        psycopg2.connect(url, connect_timeout=3).close()
+    assert not addons.drop_database(apps, "gone"), "nothing left to drop"
+    again = addons.create_database(apps, "gone")
+    assert again != url, "a new add-on gets new credentials"
+
+
+def _connect(url: str) -> psycopg2.extensions.connection | None:
+    try:
+        return psycopg2.connect(url, connect_timeout=2)
+    except psycopg2.OperationalError:
+        return None
