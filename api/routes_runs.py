@@ -12,6 +12,7 @@ from flask.typing import ResponseReturnValue
 from api import relay, runs, schemas
 from api.errors import BadRequest, Conflict, NotFound, Unavailable, Unprocessable
 from api.routes_apps import app_state, authorized
+from api.routes_builds import build_of
 from api.state import AppState, Run
 from api.web import body, reply, route, services, who
 from ledger import NewEvent
@@ -77,8 +78,9 @@ def start_run(name: str) -> ResponseReturnValue:
     key = _key()
     host, endpoint = _choose_host(name)
     svc = services()
-    state = svc.command(name, who(), lambda s: runs.start(authorized(s), req["command"], host,
-                                                         req["detached"]))
+    state = svc.command(name, who(), lambda s: runs.start(
+        authorized(s), req["command"], host, req["detached"],
+        lambda r: build_of(s, r).status == "succeeded"))
     run = state.runs[-1]
     if run.detached:
         ticket = sign(key, runs.ticket(name, run, who().name, "run", time.time()))

@@ -5,21 +5,28 @@ and the ticket the chosen agent will demand. No I/O here (api/routes_runs.py is 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from api.errors import Conflict, Forbidden, Unprocessable
-from api.state import AppState, Run
+from api.state import AppState, Release, Run
 from ledger.events import NewEvent
 from ledger.tickets import TTL_S, Ticket
 
 
-def serving_release(s: AppState) -> int:
-    """The release a one-off runs in: the current one (its code and config are what the
-    next deploy serves, as on Heroku, so `run python manage.py migrate` migrates for it)."""
+def serving_release(s: AppState, built: Callable[[Release], bool]) -> int:
+    """The release a one-off runs in: the newest built one, as on Heroku, where a release
+    exists only once its slug does. Here a release comes before its build (a config change
+    makes one that a builder then marks built), and an agent runs only slugs: a newer
+    release still building, or whose build failed, has nothing to run yet. `built` reads
+    a release's build (newest first, so usually once)."""
     if s.current is None:
         raise Unprocessable(f"app {s.name} has no release to run a command in: deploy first")
-    return s.current.number
+    found = next((r for r in reversed(s.releases) if built(r)), None)
+    if found is None:
+        raise Conflict(f"app {s.name} has no built release to run a command in yet: "
+                       f"`tally builds -a {s.name}` says how v{s.current.number}'s goes")
+    return found.number
 
 
 def candidate_hosts(hosts: Iterable[dict[str, Any]], placed: set[str]) -> list[str]:
@@ -35,14 +42,15 @@ def candidate_hosts(hosts: Iterable[dict[str, Any]], placed: set[str]) -> list[s
     return [h["host_id"] for h in sorted(running, key=by_load) + sorted(room, key=by_load)]
 
 
-def start(s: AppState, command: list[str], host_id: str, detached: bool) -> list[NewEvent]:
+def start(s: AppState, command: list[str], host_id: str, detached: bool,
+          built: Callable[[Release], bool]) -> list[NewEvent]:
     """RunStarted: the next run number of the app, on `host_id`, in the serving release."""
     if not host_id:
         raise Conflict("no alive host agent can run a command now: try again shortly")
     number = max((r.number for r in s.runs), default=0) + 1
     return [NewEvent("RunStarted", {
         "app": s.name, "number": number, "run_id": secrets.token_hex(12),
-        "command": command, "host_id": host_id, "release": serving_release(s),
+        "command": command, "host_id": host_id, "release": serving_release(s, built),
         "detached": detached})]
 
 

@@ -415,3 +415,24 @@ def test_a_deleted_apps_bundles_are_unneeded_unless_shared_or_fresh() -> None:
     ages = {"a": 3600.0, "b": 3600.0, "c": 5.0}
     assert bundles.unneeded(["a", "b", "c", "d"], needed={"b"}, ages=ages) == ["a"]
     assert bundles.unneeded(["c"], needed=set(), ages=ages, grace=1.0) == ["c"]
+
+
+def test_a_run_goes_in_the_newest_built_release() -> None:
+    """A config change makes a release before any builder has marked it built; an agent
+    has nothing to run in it yet, so a one-off goes to the newest built release (it went
+    to v2 and failed until a builder came, which in the runs tests' platform none does)."""
+    from api import runs
+
+    s = blog("web")
+    s = run(s, decide.change_config(s, {"LEVEL": "3"}, []))
+    assert s.current.number == 2
+    built = {1}
+    (started,) = runs.start(s, ["true"], "h1", False, lambda r: r.number in built)
+    assert started.data["release"] == 1
+    built.add(2)
+    assert runs.start(s, ["true"], "h1", False, lambda r: r.number in built
+                      )[0].data["release"] == 2
+    with pytest.raises(Conflict, match="no built release"):
+        runs.start(s, ["true"], "h1", False, lambda r: False)
+    with pytest.raises(Unprocessable, match="deploy first"):
+        runs.start(blog(), ["true"], "h1", False, lambda r: True)
