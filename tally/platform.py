@@ -9,9 +9,15 @@ import time
 import urllib.request
 from pathlib import Path
 
+from ledger.cluster import Cluster
+from ledger.patroni import PatroniCluster, Process
+from tally import supervise
 from tally.client import save_credentials
 from tally.config import Config, credentials_path
 from tally.supervise import Program
+
+LEDGER_PART = "ledger"
+"""The supervisord part (and program name prefix) of the ledger's etcd and Patroni."""
 
 
 def daemons(cfg: Config) -> list[tuple[str, list[str], str]]:
@@ -40,6 +46,30 @@ def daemons(cfg: Config) -> list[tuple[str, list[str], str]]:
                                    ports, "--stop-apps-on-exit"],
                     f"host h{i}, app ports {ports}"))
     return out
+
+
+def ledger_cluster(cfg: Config) -> Cluster:
+    """The ledger cluster as `tally up` runs it: under Patroni, etcd and each Patroni are
+    supervisord's programs (etcd first), so one that dies comes back without a person."""
+    cluster = cfg.cluster()
+    if isinstance(cluster, PatroniCluster):
+        def launch(processes: list[Process]) -> None:
+            supervise.up(cfg, ledger_programs(processes), {}, part=LEDGER_PART)
+        cluster.launch = launch
+    return cluster
+
+
+def ledger_programs(processes: list[Process]) -> list[Program]:
+    return [Program(f"{LEDGER_PART}-{p.name}", [], p.env, argv=p.argv, user=p.user,
+                    priority=10 if p.name == "etcd" else 20) for p in processes]
+
+
+def ledger_supervised(cfg: Config) -> bool:
+    """Whether supervisord runs the ledger's processes (`tally up` is up)."""
+    try:
+        return any(d["name"].startswith(f"{LEDGER_PART}-") for d in supervise.status(cfg))
+    except supervise.SupervisorError:
+        return False
 
 
 def programs(cfg: Config, secrets: bool = True) -> list[Program]:

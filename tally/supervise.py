@@ -1,7 +1,9 @@
 """`tally up`'s daemons under Supervisor (supervisord + its XML-RPC API), on one machine.
 
-`tally up` writes `$TALLY_HOME/supervisor/supervisord.conf` from the daemon table
-(tally/platform.py) and starts supervisord, or makes a running one take the new table.
+`tally up` writes `$TALLY_HOME/supervisor/supervisord.conf`, which includes one file per
+part under `conf.d/`: `ledger.conf` (etcd and Patroni, when the ledger runs under Patroni)
+and `platform.conf` (the daemon table of tally/platform.py). It starts supervisord, or makes
+a running one take a part's new table while the other parts run on untouched.
 Supervisor restarts a daemon that dies (kill -9 included); one that dies within
 START_SECS of its start is retried with a growing delay (1 s, 2 s, 3 s ...) and given up
 after START_RETRIES tries in a row (state FATAL: a crash loop a person must look at). Each
@@ -46,13 +48,20 @@ class SupervisorError(OSError):
 
 @dataclass(frozen=True)
 class Program:
-    """One daemon as Supervisor runs it: `tally <args>` with extra environment."""
+    """One daemon as Supervisor runs it: `tally <args>` with extra environment, or (`argv`)
+    a program of its own, which gets only its own environment. Lower `priority` starts
+    first and stops last."""
 
     name: str
     args: list[str]
     env: dict[str, str]
+    argv: list[str] | None = None
+    user: str | None = None
+    priority: int = 999
 
     def command(self) -> list[str]:
+        if self.argv is not None:
+            return list(self.argv)
         return [sys.executable, "-m", "tally.cli", *self.args]
 
 
@@ -81,10 +90,13 @@ def _environment(env: dict[str, str]) -> str:
     return ",".join(f'{k}="{_quote(v)}"' for k, v in sorted(env.items()))
 
 
-def config(cfg: Config, programs: list[Program], base_env: dict[str, str]) -> str:
-    """supervisord.conf for these programs; `base_env` (the TALLY_* settings `tally up`
-    ran with) goes to every program, so a restart runs with the same configuration."""
-    lines = [
+def part_path(cfg: Config, part: str) -> Path:
+    return conf_path(cfg).parent / "conf.d" / f"{part}.conf"
+
+
+def config(cfg: Config) -> str:
+    """supervisord.conf: the server, its socket and log, and every part's programs."""
+    return "\n".join([
         "; written by `tally up`; edits are overwritten at the next one",
         "[unix_http_server]", f"file={_quote(str(socket_path(cfg)))}", "chmod=0700", "",
         "[supervisord]", f"logfile={_quote(str(main_log(cfg)))}",
@@ -94,13 +106,21 @@ def config(cfg: Config, programs: list[Program], base_env: dict[str, str]) -> st
         "[rpcinterface:supervisor]",
         "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
         "", "[supervisorctl]", f"serverurl=unix://{_quote(str(socket_path(cfg)))}", "",
-    ]
+        "[include]", "files = conf.d/*.conf", "",
+    ])
+
+
+def programs_config(cfg: Config, programs: list[Program], base_env: dict[str, str]) -> str:
+    """One part's programs; `base_env` (the TALLY_* settings `tally up` ran with) goes to
+    every `tally` program, so a restart runs with the same configuration."""
+    lines = ["; written by `tally up`; edits are overwritten at the next one"]
     for p in programs:
         log = _quote(str(cfg.log_dir / f"{p.name}.log"))
         lines += [
             f"[program:{p.name}]", f"command={_quote(shlex.join(p.command()))}",
-            f"environment={_environment({**base_env, **p.env})}",
+            f"environment={_environment(p.env if p.argv else {**base_env, **p.env})}",
             "directory=/",  # not TALLY_HOME: its ledger/ folder would shadow the package
+            *([f"user={p.user}"] if p.user else []), f"priority={p.priority}",
             "autostart=true", "autorestart=true", f"startsecs={START_SECS}",
             f"startretries={START_RETRIES}", "stopsignal=TERM",
             f"stopwaitsecs={STOP_WAIT_SECS}", "killasgroup=true",
@@ -151,14 +171,17 @@ def running(cfg: Config) -> bool:
 
 
 def up(cfg: Config, programs: list[Program], base_env: dict[str, str],
-       timeout: float = 30.0) -> None:
-    """Run these programs under supervisord: start it, or have the running one take the
-    new table (added programs start, removed ones stop, changed ones restart)."""
-    path = conf_path(cfg)
-    for folder in (path.parent, cfg.run_dir, cfg.log_dir):
+       timeout: float = 30.0, part: str = "platform") -> None:
+    """Run these programs as `part` under supervisord: start it, or have the running one
+    take the part's new table (added programs start, removed ones stop, changed ones
+    restart; other parts' programs run on)."""
+    path, programs_path = conf_path(cfg), part_path(cfg, part)
+    for folder in (path.parent, programs_path.parent, cfg.run_dir, cfg.log_dir):
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path.touch(mode=0o600)  # it holds the agents' tokens
-    path.write_text(config(cfg, programs, base_env))
+    path.touch(mode=0o600)
+    path.write_text(config(cfg))
+    programs_path.touch(mode=0o600)  # it holds the agents' tokens
+    programs_path.write_text(programs_config(cfg, programs, base_env))
     if not running(cfg):
         subprocess.run([sys.executable, "-m", "supervisor.supervisord", "-c", str(path)],
                        check=True, timeout=timeout, stdin=subprocess.DEVNULL,

@@ -21,7 +21,7 @@ def up(cfg: Config) -> None:
     """Bring up everything built so far on this machine, and print where it is. Operator
     command: runs on a ledger host (TALLY_HOME), not over the API."""
     platform.close_home(cfg)
-    cluster = cfg.cluster()
+    cluster = platform.ledger_cluster(cfg)
     if not cluster.initialized():
         click.echo(f"creating the ledger cluster in {cluster.root} ...", err=True)
         cluster.init()
@@ -36,6 +36,8 @@ def up(cfg: Config) -> None:
     for n in cluster.status():
         click.echo(f"  ledger node {n.name}: {n.role} on {cluster.spec.host}:{n.port}")
     pids = {d["name"]: d["pid"] for d in supervise.status(cfg)}
+    for name in sorted(n for n in pids if n.startswith(f"{platform.LEDGER_PART}-")):
+        click.echo(f"  {name}: the ledger's HA (tally ledger status) (pid {pids[name]})")
     for name, _, where in platform.daemons(cfg):
         click.echo(f"  {name}: {where} (pid {pids.get(name)})")
     click.echo(f"  apps answer at http://<app>.{suffix}/ (tally admin suffix to change it)")

@@ -8,6 +8,7 @@ import click
 
 import migrations
 from ledger.errors import LedgerError
+from tally import platform
 from tally.config import Config
 from tally.console import fail_cleanly, parse_age
 
@@ -34,7 +35,7 @@ def ledger_init(cfg: Config) -> None:
 @fail_cleanly
 def ledger_start(cfg: Config) -> None:
     """Start both nodes (primary first) and bring the schema up to date."""
-    cluster = cfg.cluster()
+    cluster = platform.ledger_cluster(cfg) if platform.ledger_supervised(cfg) else cfg.cluster()
     cluster.start()
     migrations.upgrade(cluster.dsn("tally_owner"))
 
@@ -46,6 +47,9 @@ def ledger_start(cfg: Config) -> None:
 @fail_cleanly
 def ledger_stop(cfg: Config, node: str | None, mode: str) -> None:
     """Stop the cluster (the standby first), or one node."""
+    if platform.ledger_supervised(cfg):
+        raise click.ClickException("the ledger runs under `tally up`'s supervisor, which "
+                                   "would start it again: `tally down` stops it")
     cluster = cfg.cluster()
     if node:
         cluster.stop_node(node, mode)

@@ -1,6 +1,8 @@
 """`tally up` and `tally down` as `make up` runs them, on private ports and a private home:
-every daemon starts under supervisord, the API answers, a daemon killed with -9 comes back
-and `tally status` counts its restart, a second `up` changes nothing, `down` stops all."""
+the ledger under Patroni and etcd, every daemon under supervisord, the API answers, a daemon
+killed with -9 comes back and `tally status` counts its restart (etcd and the leader's
+Patroni included: the ledger takes writes again), a second `up` changes nothing, `down`
+stops all."""
 
 from __future__ import annotations
 
@@ -27,14 +29,12 @@ FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "apps"
 def test_up_then_down() -> None:
     home = Path(tempfile.mkdtemp(prefix="tally-up-"))
     home.chmod(0o755)
-    ports = free_ports(11)
+    ports = free_ports(15)
     low, high = free_port_range(20)
     env = {
         **os.environ, "TALLY_HOME": str(home),
         "TALLY_LEDGER_PORTS": f"{ports[0]},{ports[1]}",
-        # The ledger under Patroni is tested in tests/integration/test_ha.py; its bootstrap
-        # (20-60 s on this loaded machine) would push `tally up` past the deadline here.
-        "TALLY_LEDGER_HA": "plain",
+        "TALLY_LEDGER_HA_PORTS": ",".join(str(p) for p in ports[11:15]),
         "TALLY_RELAYS": f"tcp://127.0.0.1:{ports[2]},tcp://127.0.0.1:{ports[3]}",
         "TALLY_API_BIND": f"127.0.0.1:{ports[4]}",
         "TALLY_COLLECTOR": f"tcp://127.0.0.1:{ports[5]}",
@@ -61,7 +61,8 @@ def test_up_then_down() -> None:
         running = wait_until(all_running, 60, "every daemon RUNNING")
         names = sorted(running)
         assert {"relay-1", "relay-2", "projectors", "api", "placer", "builder", "agent-1",
-                "agent-2", "collector", "balancer-1", "balancer-2"} <= set(names)
+                "agent-2", "collector", "balancer-1", "balancer-2", "ledger-etcd",
+                "ledger-patroni-a", "ledger-patroni-b"} <= set(names)
         assert "first admin" in first.stdout
         assert requests.get(f"http://{cfg.api_bind}/healthz", timeout=10).ok
         token_file = home / "secrets" / "agent-h1.token"
@@ -79,7 +80,7 @@ def test_up_then_down() -> None:
         url = f"http://{app}.localhost:{ports[9]}/"
         assert f"{app} answers at {url}" in deploy.stdout
         assert f"web_url:      {url}" in tally("apps:info", app).stdout
-        for port in ports[9:]:  # both balancers route the app's platform name to it
+        for port in ports[9:11]:  # both balancers route the app's platform name to it
             wait_until(lambda port=port: requests.get(
                 f"http://127.0.0.1:{port}/", headers={"Host": f"{app}.localhost"},
                 timeout=10).status_code == 200, 10, f"balancer on {port} never routed {app}")
@@ -105,6 +106,29 @@ def test_up_then_down() -> None:
         assert line.split()[1:3] == ["RUNNING", str(back["pid"])]
         assert f" {back['restarts']} " in line
         assert (cfg.log_dir / "placer.log").exists()
+
+        # The ledger's etcd and its leader's Patroni, killed -9, come back by themselves, and
+        # the ledger takes writes again (through the API) with its synchronous standby.
+        leader = cfg.cluster().primary()
+        killed = {name: pid for name, pid in ((d["name"], d["pid"])
+                                              for d in supervise.status(cfg))
+                  if name in ("ledger-etcd", f"ledger-patroni-{leader}")}
+        for pid in killed.values():
+            os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: all(d["state"] == "RUNNING" and d["pid"] != killed[d["name"]]
+                               for d in supervise.status(cfg) if d["name"] in killed),
+                   60, "etcd or Patroni not restarted")
+
+        def ledger_healthy() -> bool:
+            try:
+                roles = {m["role"]: m["state"] for m in cfg.cluster().state()["members"]}
+            except Exception:  # noqa: BLE001 (Patroni's REST API restarting)
+                return False
+            return roles == {"leader": "running", "sync_standby": "streaming"}
+        wait_until(ledger_healthy, 120, "the ledger never had a leader and sync standby again")
+        wait_until(lambda: tally("apps:create", f"back-{uuid.uuid4().hex[:6]}").returncode == 0,
+                   60,
+                   "no write through the API after etcd and Patroni were killed")
 
         pids = {d["name"]: d["pid"] for d in supervise.status(cfg)}
         again = tally("up")

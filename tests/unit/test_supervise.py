@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tally import supervise, systemd
+from ledger.patroni import Process
+from tally import platform, supervise, systemd
 from tally.config import Config
 from tests.conftest import session_users
 
@@ -19,7 +20,8 @@ PROGRAMS = [supervise.Program("placer", ["serve", "placer"], {}),
 
 
 def test_config_restarts_rotates_and_hands_on_the_settings() -> None:
-    text = supervise.config(CFG, PROGRAMS, {"TALLY_HOME": "/srv/tally%home"})
+    text = supervise.config(CFG) + supervise.programs_config(
+        CFG, PROGRAMS, {"TALLY_HOME": "/srv/tally%home"})
     parsed = configparser.ConfigParser()
     parsed.read_string(text)  # interpolation on, as supervisord reads it
     agent = parsed["program:agent-1"]
@@ -31,12 +33,29 @@ def test_config_restarts_rotates_and_hands_on_the_settings() -> None:
     assert int(agent["stdout_logfile_maxbytes"]) > 0 and int(agent["stdout_logfile_backups"])
     assert agent["directory"] == "/"  # TALLY_HOME/ledger would shadow the ledger package
     assert parsed["unix_http_server"]["chmod"] == "0700"
+    assert parsed["include"]["files"] == "conf.d/*.conf"
+
+
+def test_the_ledgers_processes_run_as_their_user_first_with_their_own_environment() -> None:
+    """etcd and Patroni under supervisord: their own command (which writes its pid file),
+    as postgres, etcd started before and stopped after the Patronis, no TALLY_* settings."""
+    processes = [Process("etcd", ["/bin/sh", "-c", "exec etcd"], "postgres", {"LC_ALL": "C"}),
+                 Process("patroni-a", ["patroni", "a.yml"], "postgres", {"LC_ALL": "C"})]
+    text = supervise.programs_config(CFG, platform.ledger_programs(processes),
+                                     {"TALLY_HOME": "/srv/tally%home"})
+    parsed = configparser.ConfigParser()
+    parsed.read_string(text)
+    etcd, patroni = parsed["program:ledger-etcd"], parsed["program:ledger-patroni-a"]
+    assert etcd["command"] == "/bin/sh -c 'exec etcd'" and patroni["user"] == "postgres"
+    assert etcd["environment"] == 'LC_ALL="C"'
+    assert int(etcd["priority"]) < int(patroni["priority"])
+    assert patroni["autorestart"] == "true"
 
 
 def test_a_value_supervisord_cannot_carry_is_refused() -> None:
     bad = [supervise.Program("api", ["serve", "api"], {"X": 'say "hi"'})]
     with pytest.raises(ValueError, match="quote"):
-        supervise.config(CFG, bad, {})
+        supervise.programs_config(CFG, bad, {})
 
 
 def test_restarts_are_the_unexpected_exits_since_supervisord_started() -> None:
