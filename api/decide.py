@@ -35,9 +35,15 @@ def create_app(s: AppState, owner: str, uid: int | None = None) -> list[NewEvent
 
 
 def delete_app(s: AppState) -> list[NewEvent]:
-    """Deleting stops everything (the scale drops to zero) and keeps the history."""
+    """Deleting stops everything (the scale drops to zero), destroys its own add-ons and
+    detaches the others, and keeps the history."""
     require_app(s)
     events = [NewEvent("DomainRemoved", {"app": s.name, "domain": d}) for d in s.domains]
+    for a in s.addons:
+        gone = {"app": s.name, "addon": a.name, "kind": a.kind}
+        events.append(NewEvent("AddonDestroyed", {**gone, "reason": "the app was deleted"})
+                      if a.owner == s.name else
+                      NewEvent("AddonDetached", {**gone, "config_var": a.config_var}))
     return [*events, NewEvent("AppDeleted", {"name": s.name})]
 
 
@@ -211,3 +217,93 @@ def remove_member(s: AppState, user: str) -> list[NewEvent]:
     if user not in s.members:
         raise NotFound(f"{user} is not a member of {s.name}")
     return [NewEvent("AppMemberRemoved", {"app": s.name, "user": user})]
+
+
+# --- add-ons ----------------------------------------------------------------------------------
+
+ADDON_VARS = {"postgresql": "DATABASE_URL", "redis": "REDIS_URL"}
+"""Each kind of add-on and the config var through which its own app reaches it."""
+
+
+def addon_name(kind: str, app: str) -> str:
+    return f"{kind}-{app}"
+
+
+def check_new_addon(s: AppState, kind: str) -> str:
+    """The add-on `kind` the app may get (one of each kind per app, and its config var
+    free); its name. Refused before anything is made."""
+    require_app(s)
+    var = ADDON_VARS[kind]
+    if s.addon(addon_name(kind, s.name)):
+        raise Conflict(f"{s.name} already has {addon_name(kind, s.name)}",
+                       {"kind": ["exists"]})
+    if var in s.config:
+        raise Conflict(f"{s.name} already has a {var}", {"kind": ["exists"]})
+    return addon_name(kind, s.name)
+
+
+def create_addon(s: AppState, kind: str, plan: str, url: str, where: str,
+                 failed: Collection[int] = ()) -> list[NewEvent]:
+    """The app's own new add-on, and its config var set (a new release)."""
+    name = check_new_addon(s, kind)
+    var = ADDON_VARS[kind]
+    return [NewEvent("AddonCreated", {"app": s.name, "addon": name, "kind": kind,
+                                      "plan": plan, "config_var": var, "where": where}),
+            *change_config(s, {var: url}, [], failed)]
+
+
+def attach_var(kind: str, alias: str | None) -> str:
+    """The config var an attachment sets: `ALIAS_URL` (Heroku's `--as`), else the kind's."""
+    if not alias:
+        return ADDON_VARS[kind]
+    var = alias.upper()
+    return var if var.endswith("_URL") else var + "_URL"
+
+
+def attach_addon(s: AppState, source: AppState, addon: str, alias: str | None,
+                 failed: Collection[int] = ()) -> list[NewEvent]:
+    """App `s` reaches `source`'s add-on under a config var of its own: only between apps
+    of one owner (members of one app must not reach another owner's data)."""
+    require_app(s)
+    own = source.addon(addon)
+    if own is None or own.owner != source.name:
+        raise NotFound(f"{source.name} has no add-on named {addon!r}")
+    if source.owner != s.owner:
+        raise Conflict(f"{s.name} and {source.name} have different owners: an add-on is "
+                       "shared only between apps of one owner")
+    if s.name == source.name or s.addon(addon):
+        raise Conflict(f"{s.name} already reaches {addon}")
+    var = attach_var(own.kind, alias)
+    if var in s.config:
+        raise Conflict(f"{s.name} already has a {var}: choose another name with --as")
+    return [NewEvent("AddonAttached", {"app": s.name, "addon": addon, "kind": own.kind,
+                                       "owner": source.name, "plan": own.plan,
+                                       "config_var": var, "where": own.where}),
+            *change_config(s, {var: source.config[own.config_var]}, [], failed)]
+
+
+def detach_addon(s: AppState, addon: str, failed: Collection[int] = ()) -> list[NewEvent]:
+    """The app stops reaching another app's add-on (its own are destroyed, not detached)."""
+    require_app(s)
+    use = s.addon(addon)
+    if use is None:
+        raise NotFound(f"{s.name} has no add-on named {addon!r}")
+    if use.owner == s.name:
+        raise Conflict(f"{addon} is {s.name}'s own: destroy it with addons:destroy")
+    return [NewEvent("AddonDetached", {"app": s.name, "addon": addon, "kind": use.kind,
+                                       "config_var": use.config_var}),
+            *change_config(s, {}, [use.config_var], failed)]
+
+
+def destroy_addon(s: AppState, addon: str, reason: str,
+                  failed: Collection[int] = ()) -> list[NewEvent]:
+    """The app's own add-on destroyed, its config var unset (a new release)."""
+    require_app(s)
+    use = s.addon(addon)
+    if use is None:
+        raise NotFound(f"{s.name} has no add-on named {addon!r}")
+    if use.owner != s.name:
+        raise Conflict(f"{addon} belongs to {use.owner}: detach it with addons:detach")
+    return [NewEvent("AddonDestroyed", {"app": s.name, "addon": addon, "kind": use.kind,
+                                        "reason": reason}),
+            *change_config(s, {}, [use.config_var], failed)]

@@ -13,8 +13,8 @@ from flask.typing import ResponseReturnValue
 
 from api import bundles, decide, routes_quotas, schemas
 from api.auth import require_role
-from api.errors import Conflict, Forbidden, NotFound, TooLarge, Unprocessable
-from api.state import AppState, release_dict, summary
+from api.errors import Conflict, Forbidden, NotFound, TooLarge, Unavailable, Unprocessable
+from api.state import Addon, AppState, release_dict, summary
 from api.web import body, query, reply, route, services, who
 from ledger import NO_STREAM, NewEvent, VersionConflict
 from ledger.hostnames import platform_hostname
@@ -109,17 +109,21 @@ _SHOWN: dict[str, tuple[AppState, bytes]] = {}
 
 @route("/apps/<name>", "DELETE", tag="apps", status=204, errors=(401, 403, 404, 409))
 def delete_app(name: str) -> ResponseReturnValue:
-    """Delete an app: everything stops, its domains and platform name are freed, its
-    history stays."""
+    """Delete an app: everything stops, its domains and platform name are freed, its own
+    add-ons are destroyed (detached from its owner's other apps, database and role dropped,
+    Redis removed), its history stays."""
     freed: list[str] = [platform_hostname(name, services().suffix())]
     bundled: list[str] = []
+    addons: list[Addon] = []
 
     def delete(s: AppState) -> list[NewEvent]:
         owned(s)
-        freed.extend(s.domains)  # the domains of the state the deletion is decided on
+        freed[1:] = s.domains  # the domains of the state the deletion is decided on
         bundled[:] = [r.bundle_digest for r in s.releases]
+        addons[:] = [a for a in s.addons if a.owner == s.name]
         return decide.delete_app(s)
-    change(name, delete)
+    deleted = change(name, delete)
+    gone(deleted, addons)
     for domain in freed:
         release_claim(domain, name)
     svc = services()  # its bundles, unless another app's release needs one (best effort)
@@ -379,3 +383,29 @@ def maintenance(name: str) -> ResponseReturnValue:
     enabled = body(schemas.Maintenance)["enabled"]
     return reply(schemas.App, summary(change(name,
                                              lambda s: decide.set_maintenance(s, enabled))))
+
+
+def gone(owner: AppState, destroyed: list[Addon]) -> None:
+    """After the owner's AddonDestroyed: detach the add-ons from the owner's other apps
+    (only those may attach them), then drop them. A drop that fails is a 503 saying so:
+    the ledger already says destroyed, and what is left stays until an operator drops it."""
+    if not destroyed:
+        return
+    svc = services()
+    siblings = [app for app, people in svc.directory(force=True).managers.items()
+                if owner.owner in people and app != owner.name]  # then checked: owner
+    for app in siblings:
+        for addon in destroyed:
+            if svc.load_app(app).addon(addon.name):
+                failed = failed_releases(app)
+                svc.command(app, who(), lambda s, a=addon.name, f=failed:
+                            decide.detach_addon(s, a, f) if s.addon(a) else [])
+    drop = svc.settings.destroy_addon
+    for addon in destroyed:
+        if drop is None:
+            continue
+        try:
+            drop(addon.kind, owner.name)
+        except Exception as exc:
+            raise Unavailable(f"{addon.name} is destroyed, but dropping it failed: {exc}; "
+                              "its credentials may still work until it is dropped") from exc

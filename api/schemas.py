@@ -9,6 +9,7 @@ from datetime import UTC
 from marshmallow import Schema, ValidationError, fields, validate
 
 from ledger import catalogue
+from ledger.catalogue import ADDON_KINDS, ADDON_PLANS
 from ledger.sizes import SIZES
 
 
@@ -430,14 +431,26 @@ class Run(Schema):
 
 
 class AddonCreate(Schema):
-    kind = fields.Str(required=True, validate=validate.OneOf(["postgresql"]))
+    kind = fields.Str(required=True, validate=validate.OneOf(ADDON_KINDS))
+    plan = fields.Str(load_default=None, metadata={
+        "description": "postgresql: standard; redis: " + ", ".join(ADDON_PLANS["redis"])})
+
+
+class AttachmentCreate(Schema):
+    addon = fields.Str(required=True, validate=validate.Length(min=1, max=80), metadata={
+        "description": "another app's add-on (same owner), e.g. postgresql-blog"})
+    as_ = fields.Str(data_key="as", load_default=None, validate=validate.Regexp(
+        r"^[A-Za-z][A-Za-z0-9_]{0,55}\Z", error="letters, digits and _"), metadata={
+        "description": "the config var's name (ALIAS_URL); default the kind's own"})
 
 
 class Addons(Schema):
     app = fields.Str(required=True)
     release = fields.Int(allow_none=True, metadata={"description": "the app's release now"})
     addons = fields.List(fields.Dict(), required=True, metadata={
-        "description": "kind, and the config var it sets"})
+        "description": "each add-on the app reaches: name, kind, plan, config_var, owner "
+        "(the app it belongs to), state (created: its own; attached: another app's), "
+        "where"})
 
 
 class Build(Schema):

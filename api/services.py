@@ -64,9 +64,13 @@ class Settings:
     """Signs the host agents' run tickets (ledger/tickets.py); None: no one-off runs."""
     run_slots: int = 2
     """Attached runs relayed at once by this process: each holds a worker thread."""
-    create_database: Callable[[str], str] | None = None
-    """Creates an app's add-on database, returning its URL (agents/addons.py, wired by
-    tally/api_settings.py); None: no add-ons on this platform."""
+    create_addon: Callable[[str, str, str], tuple[str, str]] | None = None
+    """Makes an app's add-on: (kind, app, plan) -> (its URL, where it runs); refuses with
+    Conflict if it exists (agents/addons.py, wired by tally/api_settings.py); None: no
+    add-ons on this platform."""
+    destroy_addon: Callable[[str, str], None] | None = None
+    """Drops an app's add-on of a kind (database and role, or Redis): (kind, app);
+    idempotent."""
     heartbeat_batch_s: float = 0.1
     """Heartbeats are appended together once per this interval (api/heartbeats.py)."""
     hosts_fresh_s: float = 0.1

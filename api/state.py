@@ -42,6 +42,20 @@ class Run:
     exit_code: int | None = None
 
 
+@dataclass(frozen=True)
+class Addon:
+    """An add-on the app reaches through a config var: its own (AddonCreated) or another
+    app's of the same owner (AddonAttached)."""
+
+    name: str
+    kind: str
+    plan: str
+    config_var: str
+    owner: str
+    """The app that owns it (this app, or the one it was attached from)."""
+    where: str = ""
+
+
 RUN_EVENTS = ("RunStarted", "RunEnded")
 """Recorded in the app's stream but no change of what the app is: they do not move
 `updated_at`, so a request that raced one is decided again rather than refused."""
@@ -72,6 +86,7 @@ class AppState:
     updated_at: datetime | None = None
     """When the last event folded in was recorded (the ledger's clock)."""
     runs: tuple[Run, ...] = ()
+    addons: tuple[Addon, ...] = ()
 
     @property
     def config(self) -> dict[str, str]:
@@ -86,6 +101,9 @@ class AppState:
 
     def run(self, number: int) -> Run | None:
         return next((r for r in self.runs if r.number == number), None)
+
+    def addon(self, name: str) -> Addon | None:
+        return next((a for a in self.addons if a.name == name), None)
 
     def may_manage(self, user: str) -> bool:
         return user == self.owner or user in self.members
@@ -137,6 +155,12 @@ def apply(s: AppState, ev: RecordedEvent) -> AppState:
         run = Run(d["number"], d["run_id"], tuple(d["command"]), d["host_id"], d["release"],
                   d.get("detached", False), ev.metadata.get("actor"), at)
         return replace(s, runs=(*s.runs, run))
+    if t in ("AddonCreated", "AddonAttached"):
+        addon = Addon(d["addon"], d["kind"], d.get("plan", ""), d["config_var"],
+                      d.get("owner", s.name), d.get("where", ""))
+        return replace(s, addons=(*s.addons, addon))
+    if t in ("AddonDetached", "AddonDestroyed"):
+        return replace(s, addons=tuple(a for a in s.addons if a.name != d["addon"]))
     if t == "RunEnded":
         return replace(s, runs=tuple(replace(r, ended=True, exit_code=d.get("exit_code"))
                                      if r.run_id == d["run_id"] else r for r in s.runs))

@@ -236,6 +236,67 @@ class RunEnded(Schema):
     reason = fields.Str(load_default="", validate=validate.Length(max=500))
 
 
+# --- Add-ons: an app's data services (PostgreSQL, Redis), each reached by a config var ----
+
+ADDON_KINDS = ("postgresql", "redis")
+ADDON_PLANS: dict[str, dict[str, dict[str, Any]]] = {
+    "postgresql": {"standard": {"connections": 50}},
+    # Memory limit and eviction policy. A Celery broker must never evict (a task lost):
+    # only the cache plan evicts least-recently-used keys.
+    "redis": {"mini": {"maxmemory_mb": 25, "policy": "noeviction"},
+              "standard": {"maxmemory_mb": 100, "policy": "noeviction"},
+              "cache": {"maxmemory_mb": 100, "policy": "allkeys-lru"}},
+}
+"""Each kind's plans, the first its default."""
+ADDON_NAME = validate.Regexp(r"^(postgresql|redis)-[a-z][a-z0-9-]{1,28}[a-z0-9]\Z",
+                             error="must be KIND-APP, e.g. postgresql-blog")
+CONFIG_VAR = validate.Regexp(r"^[A-Z][A-Z0-9_]{0,60}_URL\Z",
+                             error="must be upper case and end in _URL, e.g. DATABASE_URL")
+
+
+class _Addon(Schema):
+    app = fields.Str(required=True, validate=APP_NAME)
+    addon = fields.Str(required=True, validate=ADDON_NAME)
+    kind = fields.Str(required=True, validate=validate.OneOf(ADDON_KINDS))
+
+
+@event("app")
+class AddonCreated(_Addon):
+    """The app got an add-on of its own (a database and role in the apps' cluster, or a
+    Redis instance), with its plan and where it runs; the same append sets its config var
+    (ConfigChanged, a new release). The credentials are in that config var only."""
+
+    plan = fields.Str(required=True, validate=validate.Length(min=1, max=40))
+    config_var = fields.Str(required=True, validate=CONFIG_VAR)
+    where = fields.Str(load_default="", validate=validate.Length(max=200))
+
+
+@event("app")
+class AddonAttached(_Addon):
+    """The app reaches another app's add-on (both of one owner) through `config_var`."""
+
+    owner = fields.Str(required=True, validate=APP_NAME)
+    plan = fields.Str(load_default="", validate=validate.Length(max=40))
+    config_var = fields.Str(required=True, validate=CONFIG_VAR)
+    where = fields.Str(load_default="", validate=validate.Length(max=200))
+
+
+@event("app")
+class AddonDetached(_Addon):
+    """The app no longer reaches that add-on (its config var unset in the same append)."""
+
+    config_var = fields.Str(required=True, validate=CONFIG_VAR)
+
+
+@event("app")
+class AddonDestroyed(_Addon):
+    """The app's own add-on was destroyed (`addons:destroy`, or the app deleted): its
+    database and role are dropped, or its Redis stopped and removed; no credential of it
+    opens anything any more, and the apps it was attached to are detached."""
+
+    reason = fields.Str(load_default="", validate=validate.Length(max=200))
+
+
 # --- Hosts: the fleet reports itself (observed state) -------------------------------------
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
 
 from api.services import Settings
 from ledger.cluster import Cluster
@@ -14,19 +16,57 @@ from tally.config import Config, run_key_from_env
 def addon_database(cluster: Cluster, app: str) -> str:
     """The app's add-on database in the apps cluster (made and started on first use): an
     existing one is the API's 409, a cluster that cannot be made or reached its 503."""
+    from agents import addons
+
+    with _addon_errors():
+        addons.ensure_cluster(cluster)
+        return addons.create_database(cluster, app)
+
+
+@contextmanager
+def _addon_errors() -> Iterator[None]:
+    """The add-on services' failures as the API's answers: 409 if it exists, else 503."""
     import psycopg2
 
-    from agents import addons
+    from agents import addons, redisaddon
     from api.errors import Conflict, Unavailable
     from ledger import ClusterError
 
     try:
-        addons.ensure_cluster(cluster)
-        return addons.create_database(cluster, app)
-    except addons.AddonError as exc:
-        raise Conflict(str(exc)) from exc
+        yield
+    except (addons.AddonError, redisaddon.RedisError) as exc:
+        if "already has" in str(exc):
+            raise Conflict(str(exc)) from exc
+        raise Unavailable(str(exc)) from exc
     except (ClusterError, psycopg2.Error, OSError) as exc:
         raise Unavailable(f"the apps' database cluster is not available: {exc}") from exc
+
+
+def create_addon(cfg: Config, kind: str, app: str, plan: str) -> tuple[str, str]:
+    """Make an app's add-on of `kind`: its URL and where it runs."""
+    from agents import appsdb, redisaddon
+
+    if kind == "redis":
+        with _addon_errors():
+            return redisaddon.create(cfg.redis_dir, app, plan, cfg.redis_ports)
+    cluster = cfg.apps_cluster()
+    url = addon_database(cluster, app)
+    host, port = appsdb.address(cluster)
+    return url, f"{host}:{port}"
+
+
+def destroy_addon(cfg: Config, kind: str, app: str) -> None:
+    """Drop an app's add-on of `kind` (idempotent): its credentials open nothing after."""
+    from agents import addons, redisaddon
+
+    with _addon_errors():
+        if kind == "redis":
+            redisaddon.destroy(cfg.redis_dir, app)
+            return
+        cluster = cfg.apps_cluster()
+        if cluster.initialized():
+            addons.ensure_cluster(cluster)
+            addons.drop_database(cluster, app)
 
 
 def api_settings(cfg: Config) -> Settings:
@@ -39,11 +79,10 @@ def api_settings(cfg: Config) -> Settings:
     def follow(app: str, stop: threading.Event) -> Iterator[str]:
         return logs.follow(cfg.app_logs_dir, app, stop, idle=True)
 
-    def create_database(app: str) -> str:
-        return addon_database(cfg.apps_cluster(), app)
-
     return Settings(dsn=cfg.cluster().dsn("tally_writer"), bundles_dir=cfg.bundles_dir,
                     max_bundle_bytes=cfg.max_bundle_bytes, app_uids=cfg.app_uids,
                     logs_tail=tail, logs_follow=follow,
                     web_port=cfg.web_port, run_key=run_key_from_env(),
-                    create_database=create_database, build_logs_dir=cfg.build_logs_dir)
+                    create_addon=partial(create_addon, cfg),
+                    destroy_addon=partial(destroy_addon, cfg),
+                    build_logs_dir=cfg.build_logs_dir)

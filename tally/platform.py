@@ -176,16 +176,31 @@ def close_home(cfg: Config) -> None:
 
 
 def start_addons(cfg: Config) -> list[str]:
-    """Start every cluster an add-on needs (made by the first add-on): the apps' database
-    cluster with its stable address. What was started, for people."""
+    """Start every service an add-on needs (made by the first add-on of its kind): the
+    apps' database cluster with its stable address, each app's Redis. What was started,
+    for people."""
+    from agents import redisaddon
     from agents.appsdb import address
 
+    out = []
     apps = cfg.apps_cluster()
-    if not apps.initialized():
-        return []
-    apps.start()
-    host, port = address(apps)
-    return [f"apps' database cluster: {host}:{port} (every DATABASE_URL)"]
+    if apps.initialized():
+        apps.start()
+        host, port = address(apps)
+        out.append(f"apps' database cluster: {host}:{port} (every DATABASE_URL)")
+    if redis := redisaddon.start_all(cfg.redis_dir):
+        out.append(f"Redis add-ons: {', '.join(redis)}")
+    return out
+
+
+def stop_addons(cfg: Config) -> None:
+    """Stop what start_addons starts (`tally down`)."""
+    from agents import redisaddon
+
+    redisaddon.stop_all(cfg.redis_dir)
+    apps = cfg.apps_cluster()
+    if apps.initialized():
+        apps.stop()
 
 
 UP_SUFFIX = "localhost"

@@ -55,13 +55,14 @@ def up(cfg: Config) -> None:
 @click.pass_obj
 @fail_cleanly
 def down(cfg: Config) -> None:
-    """Stop every daemon `tally up` started and supervisord, then the apps' database
-    cluster (add-ons start it) and the ledger cluster. Operator command: runs on a ledger
-    host (TALLY_HOME), not over the API."""
+    """Stop every daemon `tally up` started and supervisord, then the add-ons' services
+    (the apps' database cluster, each app's Redis) and the ledger cluster. Operator
+    command: runs on a ledger host (TALLY_HOME), not over the API."""
     supervise.down(cfg)
-    for cluster in (cfg.apps_cluster(), cfg.cluster()):
-        if cluster.initialized():
-            cluster.stop()
+    platform.stop_addons(cfg)
+    cluster = cfg.cluster()
+    if cluster.initialized():
+        cluster.stop()
 
 
 @click.command("status")

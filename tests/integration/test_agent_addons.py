@@ -83,8 +83,8 @@ def test_bad_addon_requests_fail_with_one_clear_line(
     assert again.returncode == 1 and "already has a DATABASE_URL" in again.stderr
     missing = addon(env, "nosuch")
     assert missing.returncode == 1 and "no app named 'nosuch'" in missing.stderr
-    kind = addon(env, "shop", "redis")
-    assert kind.returncode == 2 and "'redis' is not an add-on tally has" in kind.stderr
+    kind = addon(env, "shop", "memcached")
+    assert kind.returncode == 2 and "'memcached' is not an add-on tally has" in kind.stderr
     assert "Traceback" not in again.stderr + missing.stderr + kind.stderr
 
 

@@ -67,6 +67,10 @@ MATRIX: list[tuple[str, str, Any, dict[str, int]]] = [
     ("GET", "/apps/{app}/addons", None, dict.fromkeys(PEOPLE, 200)),
     # No apps cluster in this world: an add-on passes every check, then 409.
     ("POST", "/apps/{app}/addons", {"kind": "postgresql"}, dict.fromkeys(PEOPLE, 409)),
+    ("DELETE", "/apps/{app}/addons/postgresql-{app}", None, dict.fromkeys(PEOPLE, 404)),
+    ("POST", "/apps/{app}/attachments", {"addon": "postgresql-nosuch"},
+     dict.fromkeys(PEOPLE, 404)),
+    ("DELETE", "/apps/{app}/attachments/postgresql-nosuch", None, dict.fromkeys(PEOPLE, 404)),
     ("GET", "/quotas/users/{owner_name}", None, {"admin": 200, "owner": 200}),
     ("PUT", "/quotas/users/{owner_name}", {"instances": 100}, {"admin": 200}),
     ("GET", "/quotas/apps/{app}", None, dict.fromkeys(PEOPLE, 200)),

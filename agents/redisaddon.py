@@ -1,0 +1,204 @@
+"""The Redis add-on: one redis-server per app (Debian's), so no app can name, list or evict
+another's keys, whatever commands it sends; Celery's broker works unchanged in it.
+
+Each instance: its own port from the platform's range (TALLY_REDIS_PORTS), bound to
+127.0.0.1; the default user off and one ACL user whose password is in REDIS_URL only, with
+every command but the @admin ones (CONFIG, DEBUG, SAVE, SHUTDOWN, MONITOR, REPLICAOF, ACL,
+MODULE: with CONFIG SET dir a client could write files as the server's user); the plan's
+memory limit and eviction policy; AOF persistence (appendfsync everysec). It runs as
+Debian's `redis` user (else as ours), its folder `<redis_dir>/<app>` 0700 to that user
+holds its config (0600: the password), data and log. The agents' network rules let an app
+reach only the ports of its own `*_URL` vars (agents/netrules.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from ledger.catalogue import ADDON_PLANS
+from ledger.cluster import pid_alive
+
+USER = "redis"
+ACL_USER = "app"
+_CHILDREN: list[subprocess.Popen] = []
+"""Servers started here, kept so they are reaped (not warned about) when they end."""
+
+
+class RedisError(Exception):
+    """The Redis add-on could not be made or run; the message says why."""
+
+
+def folder(root: Path, app: str) -> Path:
+    return root / app
+
+
+def server_config(app_dir: Path, port: int, password: str, plan: str) -> str:
+    """redis.conf for one app's instance."""
+    limits = ADDON_PLANS["redis"][plan]
+    return f"""# tally: the Redis add-on of one app
+bind 127.0.0.1
+port {port}
+protected-mode yes
+daemonize no
+dir {app_dir}
+logfile {app_dir / "redis.log"}
+user default off
+user {ACL_USER} on >{password} ~* &* +@all -@admin
+maxmemory {limits["maxmemory_mb"]}mb
+maxmemory-policy {limits["policy"]}
+appendonly yes
+appendfsync everysec
+save ""
+"""
+
+
+def _owner() -> tuple[int, int] | None:
+    if os.geteuid() != 0:
+        return None
+    try:
+        user = pwd.getpwnam(USER)
+    except KeyError:
+        return None
+    return user.pw_uid, user.pw_gid
+
+
+def _ports_taken(root: Path) -> set[int]:
+    taken = set()
+    for conf in root.glob("*/port"):
+        with contextlib.suppress(ValueError, OSError):
+            taken.add(int(conf.read_text()))
+    return taken
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def create(root: Path, app: str, plan: str, ports: tuple[int, int]) -> tuple[str, str]:
+    """Make and start the app's Redis; its REDIS_URL and where it runs. Refused if the app
+    has one already."""
+    root.mkdir(parents=True, exist_ok=True)
+    root.chmod(0o711)
+    with open(root / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        app_dir = folder(root, app)
+        if app_dir.exists():
+            raise RedisError(f"{app} already has a redis ({app_dir})")
+        taken = _ports_taken(root)
+        port = next((p for p in range(ports[0], ports[1] + 1)
+                     if p not in taken and _free(p)), None)
+        if port is None:
+            raise RedisError(f"no free port left for Redis in {ports[0]}-{ports[1]}")
+        password = secrets.token_urlsafe(24)
+        app_dir.mkdir(mode=0o700)
+        conf = app_dir / "redis.conf"
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(server_config(app_dir, port, password, plan))
+        (app_dir / "port").write_text(str(port))
+        if owner := _owner():
+            for path in (app_dir, conf):
+                os.chown(path, *owner)
+    try:
+        start(root, app)
+    except RedisError:
+        destroy(root, app)
+        raise
+    return f"redis://{ACL_USER}:{password}@127.0.0.1:{port}/0", f"127.0.0.1:{port}"
+
+
+def _pid(app_dir: Path) -> int | None:
+    try:
+        pid = int((app_dir / "redis.pid").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return pid if pid_alive(pid) else None
+
+
+def start(root: Path, app: str, timeout: float = 30.0) -> None:
+    """Start the app's instance unless it runs; wait until it answers."""
+    app_dir = folder(root, app)
+    if _pid(app_dir) is not None:
+        return
+    owner = _owner()
+    as_user = {"user": owner[0], "group": owner[1]} if owner else {}
+    proc = subprocess.Popen([shutil.which("redis-server") or "/usr/bin/redis-server",
+                             str(app_dir / "redis.conf")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=app_dir, start_new_session=True,
+                            **as_user)
+    _CHILDREN[:] = [p for p in _CHILDREN if p.poll() is None] + [proc]
+    (app_dir / "redis.pid").write_text(str(proc.pid))
+    port = int((app_dir / "port").read_text())
+    deadline = time.monotonic() + timeout
+    while _free(port) or not _answers(port):
+        if proc.poll() is not None:
+            raise RedisError(f"redis-server for {app} exited ({proc.returncode}): see "
+                             f"{app_dir / 'redis.log'}")
+        if time.monotonic() > deadline:
+            raise RedisError(f"redis-server for {app} did not answer within {timeout:.0f}s")
+        time.sleep(0.05)
+
+
+def _answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))
+    except OSError:
+        return False
+
+
+def stop(root: Path, app: str, timeout: float = 30.0) -> None:
+    """SIGTERM (Redis writes its AOF and exits), SIGKILL after `timeout`."""
+    app_dir = folder(root, app)
+    pid = _pid(app_dir)
+    if pid is None:
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if pid_alive(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+def destroy(root: Path, app: str) -> bool:
+    """Stop the app's Redis and remove its data: its password opens nothing after.
+    Idempotent; True if there was one."""
+    app_dir = folder(root, app)
+    if not app_dir.exists():
+        return False
+    stop(root, app, timeout=5)
+    shutil.rmtree(app_dir, ignore_errors=True)
+    return True
+
+
+def apps(root: Path) -> list[str]:
+    """The apps that have a Redis here."""
+    return sorted(p.parent.name for p in root.glob("*/redis.conf"))
+
+
+def start_all(root: Path) -> list[str]:
+    for app in apps(root):
+        start(root, app)
+    return apps(root)
+
+
+def stop_all(root: Path) -> None:
+    for app in apps(root):
+        stop(root, app)

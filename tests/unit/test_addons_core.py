@@ -1,0 +1,104 @@
+"""Add-ons' rules without I/O: the deciders (api/decide.py), the app's fold of its add-ons
+(api/state.py), the HAProxy configuration and each app's network reach to its own Redis."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from agents.appsdb import haproxy_config
+from agents.netrules import Reach, reach_of
+from agents.redisaddon import server_config
+from api import decide
+from api.errors import Conflict, NotFound
+from api.state import AppState, fold
+from ledger.events import NewEvent, RecordedEvent
+from ledger.patroni import HASpec
+
+
+def _folded(name: str, events: list[NewEvent], owner: str = "ann") -> AppState:
+    at = datetime(2026, 12, 6, tzinfo=UTC)
+    head = [NewEvent("AppCreated", {"name": name, "owner": owner})]
+    recorded = [RecordedEvent(i + 1, i + 1, f"app-{name}", i + 1, e.type, e.data, {}, at)
+                for i, e in enumerate(head + events)]
+    return fold(name, recorded)
+
+
+def test_create_sets_the_var_and_one_of_each_kind_per_app() -> None:
+    blog = _folded("blog", [])
+    events = decide.create_addon(blog, "postgresql", "standard", "postgresql://u:p@h:1/d",
+                                 "h:1")
+    assert [e.type for e in events] == ["AddonCreated", "ConfigChanged"]
+    blog = _folded("blog", events)
+    assert blog.config["DATABASE_URL"] == "postgresql://u:p@h:1/d"
+    (addon,) = blog.addons
+    assert (addon.name, addon.owner, addon.plan) == ("postgresql-blog", "blog", "standard")
+    with pytest.raises(Conflict, match="already has postgresql-blog"):
+        decide.create_addon(blog, "postgresql", "standard", "x", "")
+    by_hand = _folded("shop", [NewEvent("ConfigChanged", {
+        "app": "shop", "set": {"REDIS_URL": "redis://x"}, "config_version": 1})])
+    with pytest.raises(Conflict, match="already has a REDIS_URL"):
+        decide.create_addon(by_hand, "redis", "mini", "redis://y", "")
+
+
+def test_attach_only_between_apps_of_one_owner_under_a_free_var() -> None:
+    blog = _folded("blog", decide.create_addon(_folded("blog", []), "postgresql", "standard",
+                                               "postgresql://b", "h:1"))
+    shop = _folded("shop", [])
+    events = decide.attach_addon(shop, blog, "postgresql-blog", "blog_db")
+    assert events[0].data["config_var"] == "BLOG_DB_URL"
+    shop = _folded("shop", events)
+    assert shop.config["BLOG_DB_URL"] == "postgresql://b" and shop.addons[0].owner == "blog"
+    with pytest.raises(Conflict, match="already reaches"):
+        decide.attach_addon(shop, blog, "postgresql-blog", "other")
+    with pytest.raises(Conflict, match="different owners"):
+        decide.attach_addon(_folded("evil", [], owner="bob"), blog, "postgresql-blog", None)
+    with pytest.raises(NotFound):
+        decide.attach_addon(_folded("evil", []), blog, "redis-blog", None)
+    with pytest.raises(Conflict, match="destroy it"):
+        decide.detach_addon(blog, "postgresql-blog")
+    with pytest.raises(Conflict, match="detach it"):
+        decide.destroy_addon(shop, "postgresql-blog", "")
+    shop = _folded("shop", events + decide.detach_addon(shop, "postgresql-blog"))
+    assert shop.addons == () and "BLOG_DB_URL" not in shop.config
+
+
+def test_deleting_an_app_destroys_its_own_addons_and_detaches_the_others() -> None:
+    s = _folded("shop", [
+        NewEvent("AddonCreated", {"app": "shop", "addon": "redis-shop", "kind": "redis",
+                                  "plan": "mini", "config_var": "REDIS_URL"}),
+        NewEvent("AddonAttached", {"app": "shop", "addon": "postgresql-blog",
+                                   "kind": "postgresql", "owner": "blog",
+                                   "config_var": "DATABASE_URL"})])
+    events = decide.delete_app(s)
+    assert [(e.type, e.data["addon"]) for e in events[:-1]] == [
+        ("AddonDestroyed", "redis-shop"), ("AddonDetached", "postgresql-blog")]
+    assert events[-1].type == "AppDeleted"
+
+
+def test_haproxy_sends_connections_to_the_patroni_primary_only() -> None:
+    spec = HASpec(Path("/x"), "tally-apps", ("a", "b"), (5443, 5444), (8008, 8009),
+                  (2379, 2380))
+    conf = haproxy_config(spec, 5445)
+    assert "bind 127.0.0.1:5445" in conf and "option httpchk GET /primary" in conf
+    assert "server a 127.0.0.1:5443 maxconn 300 check port 8008" in conf
+    assert "server b 127.0.0.1:5444 maxconn 300 check port 8009" in conf
+    assert "on-marked-down shutdown-sessions" in conf
+
+
+def test_redis_has_a_password_no_default_user_and_the_plans_limits() -> None:
+    conf = server_config(Path("/r/blog"), 6401, "s3cret", "cache")
+    assert "user default off" in conf and "user app on >s3cret ~* &* +@all -@admin" in conf
+    assert "maxmemory 100mb" in conf and "maxmemory-policy allkeys-lru" in conf
+    assert "appendonly yes" in conf and "bind 127.0.0.1" in conf
+
+
+def test_each_app_reaches_its_own_redis_only() -> None:
+    configs = {"blog": {"REDIS_URL": "redis://app:p@127.0.0.1:6401/0"},
+               "shop": {"REDIS_URL": "redis://app:q@127.0.0.1:6402/0"}}
+    reach = reach_of([], configs, {"blog": 1001, "shop": 1002}, "127.0.0.1",
+                     frozenset({6401, 6402}))
+    assert sorted(reach, key=lambda r: r.uid) == [Reach(1001, frozenset({6401})),
+                                                  Reach(1002, frozenset({6402}))]
