@@ -80,7 +80,7 @@ def test_bad_addon_requests_fail_with_one_clear_line(
         private: tuple[Cluster, dict[str, str]]) -> None:
     _, env = private
     again = addon(env, "shop")
-    assert again.returncode == 1 and "already has a DATABASE_URL" in again.stderr
+    assert again.returncode == 1 and "already has postgresql-shop" in again.stderr
     missing = addon(env, "nosuch")
     assert missing.returncode == 1 and "no app named 'nosuch'" in missing.stderr
     kind = addon(env, "shop", "memcached")
