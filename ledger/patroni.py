@@ -534,7 +534,7 @@ class PatroniCluster(Cluster):
             raise ClusterError(f"{self.root} is not empty: a ledger cluster may exist there")
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            os.chmod(self.root, 0o755)
+            self._close(self.root)  # its logs, configs and passwords are the platform's
             creds = {role: secrets.token_urlsafe(24)
                      for role in ("postgres", *ROLES, "patroni_api", "etcd_root", "etcd_tally")}
             self.credentials_file.touch(mode=0o600)

@@ -367,7 +367,8 @@ def test_a_standby_that_was_not_synchronous_is_never_promoted(ha: PatroniCluster
 
 def test_an_app_cannot_write_the_leader_key(ha: PatroniCluster) -> None:
     """etcd checks passwords: a process of an app's uid on this machine reaches etcd's port
-    but may neither write nor read Patroni's keys, and cannot read the passwords."""
+    but may neither write nor read Patroni's keys, nor read the passwords or list the
+    cluster's folder."""
     leader = healthy(ha)
     key = base64.b64encode(f"/tally/{ha.scope}/leader".encode()).decode()
     url = ha.ha.spec.etcd_url
@@ -384,21 +385,24 @@ def test_an_app_cannot_write_the_leader_key(ha: PatroniCluster) -> None:
         "print(call('kv/deleterange', {'key': sys.argv[2]}))\n"
         "print(call('kv/range', {'key': sys.argv[2]}))\n"
         "print(call('auth/authenticate', {'name': 'root', 'password': ''}))\n"
-        "try:\n"
-        "    open(sys.argv[3]).read()\n"
-        "    print('read the credentials')\n"
-        "except OSError as exc:\n"
-        "    print('credentials:', exc.strerror)\n"
+        "import os\n"
+        "for path in (sys.argv[3], os.path.dirname(sys.argv[3])):\n"
+        "    try:\n"
+        "        open(path).read() if path == sys.argv[3] else os.listdir(path)\n"
+        "        print('read', path)\n"
+        "    except OSError as exc:\n"
+        "        print('refused:', exc.strerror)\n"
     )
     uid = 299_998  # an app's uid as agents/users.py hands them out: no user, no group
     out = subprocess.run(["/usr/bin/python3", "-c", script, url, key,
                           str(ha.credentials_file)], user=uid, group=uid, cwd="/",
                          capture_output=True, text=True, timeout=30, check=True).stdout
     lines = out.splitlines()
-    assert len(lines) == 5, out
+    assert len(lines) == 6, out
     for answer in lines[:3]:  # put, delete, read: refused without a user
         assert "user name is empty" in answer, out
-    assert "authentication failed" in lines[3] and lines[4] == "credentials: Permission denied"
+    assert "authentication failed" in lines[3]
+    assert lines[4:] == ["refused: Permission denied"] * 2  # the passwords, the folder
     # Patroni (its own user) still holds the key, unchanged.
     token = ha.ha.etcd_call("auth/authenticate", {"name": "tally",
                                                   "password": ha.credentials()["etcd_tally"]})
