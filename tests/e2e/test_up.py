@@ -127,8 +127,9 @@ def test_up_then_down() -> None:
             return roles == {"leader": "running", "sync_standby": "streaming"}
         wait_until(ledger_healthy, 120, "the ledger never had a leader and sync standby again")
         wait_until(lambda: tally("apps:create", f"back-{uuid.uuid4().hex[:6]}").returncode == 0,
-                   60,
-                   "no write through the API after etcd and Patroni were killed")
+                   60, "no write through the API after etcd and Patroni were killed")
+        refused = tally("ledger", "stop")  # supervisord would only start it again
+        assert refused.returncode == 1 and "tally down" in refused.stderr, refused.stderr
 
         pids = {d["name"]: d["pid"] for d in supervise.status(cfg)}
         again = tally("up")
