@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import threading
 import urllib.parse
-from typing import Any
+from typing import Any, BinaryIO
 
 
 class ApiError(Exception):
@@ -70,18 +71,26 @@ class HostApi:
         self.call("POST", f"/hosts/{self.host_id}/stats", {"samples": samples})
 
     # -- the wire ----------------------------------------------------------------------------
-    def call(self, method: str, path: str, body: Any = None) -> Any:
+    def call(self, method: str, path: str, body: Any = None,
+             upload: BinaryIO | None = None) -> Any:
         """One request on the kept connection (a fresh one if it went stale); the JSON
-        answer, or ApiAway / ApiRefused."""
+        answer, or ApiAway / ApiRefused. `upload`: a file sent as the body, as is (a
+        tar.gz), instead of JSON."""
         payload = json.dumps(body).encode() if body is not None else None
         headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
         if payload is not None:
             headers["Content-Type"] = "application/json"
+        if upload is not None:
+            headers["Content-Type"] = "application/gzip"
+            headers["Content-Length"] = str(os.fstat(upload.fileno()).st_size)
         with self._lock:
             for attempt in (1, 2):
                 conn = self._connection()
                 try:
-                    conn.request(method, path, payload, headers)
+                    if upload is not None:
+                        upload.seek(0)
+                    conn.request(method, path, upload if upload is not None else payload,
+                                 headers)
                     reply = conn.getresponse()
                     status, raw = reply.status, reply.read()
                     break
@@ -111,6 +120,40 @@ class HostApi:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+class BuilderApi(HostApi):
+    """The API as a builder sees it (a builder token: role `builder`, bound to the
+    builder's name): what to build, claims, output and outcomes (api/routes_builders.py)."""
+
+    def queue(self) -> list[dict[str, Any]]:
+        """Builds that may be claimed now, newest first: app, release, attempt."""
+        return list(self.call("GET", "/builds/queue")["builds"])
+
+    def claim(self, app: str, release: int, lease_s: float) -> dict[str, Any]:
+        """Claim a build (ApiRefused 409: another builder has it); the job, or its
+        `reused_from` when the release got an earlier slug."""
+        return self.call("POST", f"{_build(app, release)}/claim", {"lease_s": lease_s})
+
+    def renew(self, app: str, release: int, attempt: int) -> None:
+        self.call("POST", f"{_build(app, release)}/renew", {"attempt": attempt})
+
+    def output(self, app: str, release: int, attempt: int, text: str) -> None:
+        self.call("POST", f"{_build(app, release)}/output", {"attempt": attempt, "text": text})
+
+    def failed(self, app: str, release: int, attempt: int, reason: str, log_tail: list[str],
+               seconds: float) -> None:
+        self.call("POST", f"{_build(app, release)}/failed", {
+            "attempt": attempt, "reason": reason, "log_tail": log_tail, "seconds": seconds})
+
+    def upload_slug(self, app: str, release: int, attempt: int, seconds: float,
+                    slug: BinaryIO) -> None:
+        query = urllib.parse.urlencode({"attempt": attempt, "seconds": seconds})
+        self.call("PUT", f"{_build(app, release)}/slug?{query}", upload=slug)
+
+
+def _build(app: str, release: int) -> str:
+    return f"/apps/{urllib.parse.quote(app)}/releases/{int(release)}/build"
 
 
 def _json(raw: bytes) -> dict[str, Any]:

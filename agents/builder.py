@@ -1,16 +1,20 @@
 """The builder (`tally serve builder`): turn each release's bundle into a slug, once.
 
-Each round it folds the ledger (apps and builds), asks agents/buildplan.py what is
-buildable, and claims a build by appending BuildStarted at the version of the release's
-build stream it read: of several builders exactly one wins. While it builds it renews the
-claim (BuildClaimRenewed, at its own last version); a builder that dies stops renewing, the
-lease runs out, and another builder claims the build again. A renewal that conflicts means
-the claim was lost: that build is abandoned, its outcome is the other builder's to say.
+A builder is a fleet host: it holds no ledger credentials and reads no bundle store. It
+speaks only to the API, with its builder token (api/routes_builders.py; DESIGN.md, "Trust
+boundaries"). Each round it asks the API what awaits a build and claims one: the API
+appends BuildStarted at the version of the release's build stream it read, so of several
+builders exactly one wins (the others get a 409 and move on); a release of code built
+before gets that slug at its claim, without a build. While it builds it renews the claim
+every lease/3; a builder that dies stops renewing, the lease runs out, and another
+builder claims the build again (the next attempt). A renewal refused means the claim was
+lost: that build is abandoned, its outcome is the other builder's to say.
 
-The build itself runs in the sandbox (agents/sandbox.py) on a copy of the bundle, its
-output written line by line to $TALLY_HOME/builds/<app>/<stream>.log (what `tally deploy`
-streams and `tally builds:output` shows), and ends in BuildSucceeded (the slug stored
-beside the bundles) or BuildFailed (why, and the last lines).
+The build itself runs in the sandbox (agents/sandbox.py), as the app's own build uid, on
+the bundle fetched from the API; its output goes to the API line by line every second
+(what `tally deploy` streams and `tally builds:output` shows). It ends with the slug
+uploaded (BuildSucceeded, within the app's slug_mb quota) or BuildFailed (why, and the
+last lines).
 """
 
 from __future__ import annotations
@@ -28,20 +32,14 @@ import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-from agents import bundle, sandbox, slug, unpacker
-from agents.buildplan import Job, jobs
-from agents.fleet import Fleet
-from agents.loop import every_wakeup
-from agents.placer import catch_up
-from ledger import NO_STREAM, Ledger, LedgerUnavailable, NewEvent, VersionConflict
+from agents import buildnet, bundle, netrules, sandbox, slug, unpacker
+from agents.api_client import ApiAway, ApiError, ApiRefused, BuilderApi
 from ledger.archives import ArchiveRefused, guarded
-from ledger.uids import DEFAULT_RANGE, build_uid
 
 log = logging.getLogger("tally.builder")
-CATEGORIES = ["app", "build"]
 RESERVED = {"PATH", "HOME", "VIRTUAL_ENV", "PYTHONHOME", "PYTHONPATH", "TMPDIR", "LD_PRELOAD",
             "LD_LIBRARY_PATH", "PIP_CACHE_DIR"}
 """Config vars a build does not take from the app (they would break the sandbox's setup)."""
@@ -50,20 +48,36 @@ TAIL = 30
 
 @dataclass(frozen=True)
 class Settings:
-    builder_id: str
-    bundles: Path
-    """Where bundles are, and where slugs go (content-addressed, side by side)."""
-    logs: Path
-    """Build output, one file per build: $TALLY_HOME/builds."""
     work: Path
-    """Build folders and per-app caches; must not be inside TALLY_HOME (the sandbox's user
-    has to reach its folders, and must reach nothing else)."""
+    """Build folders, per-app caches and fetched bundles; must not be inside TALLY_HOME
+    (a build's uid has to reach its folders, and must reach nothing else)."""
     limits: sandbox.Limits = sandbox.Limits()
     lease_s: float = 30.0
-    network: str = "host"
+    network: str = "index"
+    """index: the host's network, confined to the package index by nftables
+    (agents/buildnet.py; the host's, with a warning, where nftables cannot be used);
+    host: the host's; none: no network at all."""
     concurrency: int = 1
-    app_uids: tuple[int, int] = DEFAULT_RANGE
-    """The apps' uid range (TALLY_APP_UIDS): builds run in the range just above it."""
+    index_hosts: tuple[str, ...] = ()
+    """Hosts of indexes builds may reach, besides PyPI's and those pip is configured with."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """A claimed build, as the API handed it over."""
+
+    app: str
+    release: int
+    attempt: int
+    bundle_digest: str
+    config: dict[str, str]
+    build_uid: int | None
+    slug_max_bytes: int
+
+    @classmethod
+    def of(cls, claim: dict[str, Any]) -> Job:
+        return cls(claim["app"], claim["release"], claim["attempt"], claim["bundle_digest"],
+                   dict(claim["config"]), claim.get("build_uid"), claim["slug_max_bytes"])
 
 
 class ClaimLost(Exception):
@@ -71,136 +85,116 @@ class ClaimLost(Exception):
 
 
 class Builder:
-    def __init__(self, ledger: Ledger, settings: Settings,
-                 clock: type[datetime] = datetime) -> None:
-        self.ledger, self.s = ledger, settings
-        self.fleet = Fleet()
+    def __init__(self, api: BuilderApi, settings: Settings) -> None:
+        self.api, self.s = api, settings
         sandbox.preflight()
         self.pool = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="build")
-        self.running: dict[str, Future] = {}
-        self.lock = threading.Lock()
+        self.running: dict[tuple[str, int], Future] = {}
         for d in (settings.work, settings.work / "builds", settings.work / "cache"):
             d.mkdir(parents=True, exist_ok=True)
             os.chown(d, 0, 0)
-            d.chmod(0o711)  # build users pass through to their own folders only
+            d.chmod(0o711)  # build uids pass through to their own folders only
+        self.downloads = settings.work / "bundles"
+        self.downloads.mkdir(mode=0o700, exist_ok=True)
         self.buildpack = settings.work / "buildpack.py"
         shutil.copyfile(Path(__file__).with_name("buildpack.py"), self.buildpack)
         self.buildpack.chmod(0o644)
         self.index = sandbox.index_paths(dict(os.environ))
+        self.net = None
+        if settings.network == "index":
+            self.net = buildnet.for_builder(buildnet.index_hosts(
+                dict(os.environ), sandbox.PIP_CONFIGS, settings.index_hosts))
 
-    def run(self, stop: threading.Event, relays: list[str] | tuple[str, ...] = (),
-            interval: float = 1.0) -> None:
+    def run(self, stop: threading.Event, interval: float = 0.5) -> None:
         try:
-            every_wakeup(self.reconcile, stop, relays, interval, log)
+            while not stop.is_set():
+                try:
+                    self.reconcile()
+                except ApiError as exc:
+                    log.warning("the API did not answer as expected, retrying: %s", exc)
+                stop.wait(interval)
         finally:
             self.pool.shutdown(wait=False, cancel_futures=True)
+            if self.net is not None:
+                self.net.remove()
 
     def reconcile(self) -> None:
-        """Claim what is buildable while there is room; give earlier slugs at once."""
-        catch_up(self.ledger, self.fleet, CATEGORIES, sequence=True)
-        for stream, future in list(self.running.items()):
+        """Claim what awaits a build while there is room."""
+        for key, future in list(self.running.items()):
             if future.done():
-                del self.running[stream]
+                del self.running[key]
                 if (exc := future.exception()) is not None:
-                    log.error("the build of %s crashed: %r", stream, exc, exc_info=exc)
-        for job in jobs(self.fleet, datetime.now(UTC)):
-            if job.stream in self.running:
-                continue
-            if job.reuse is not None:
-                self.reuse(job)
+                    log.error("the build of %s v%s crashed: %r", *key, exc, exc_info=exc)
+        if len(self.running) >= self.s.concurrency:
+            return
+        for offer in self.api.queue():
+            key = (offer["app"], offer["release"])
+            if key in self.running:
                 continue
             if len(self.running) >= self.s.concurrency:
-                continue
+                break
             try:
-                self.append(job.stream, [NewEvent("BuildStarted", {
-                    "app": job.app, "release": job.release, "builder": self.s.builder_id,
-                    "lease_s": self.s.lease_s, "attempt": job.attempt})],
-                    job.expected_version)
-            except VersionConflict:
-                log.info("%s v%s: another builder claimed it", job.app, job.release)
+                claim = self.api.claim(*key, self.s.lease_s)
+            except ApiRefused as exc:
+                log.info("%s v%s: not claimed: %s", *key, exc)
                 continue
-            log.info("building %s v%s (attempt %s)", job.app, job.release, job.attempt)
-            self.running[job.stream] = self.pool.submit(self.build, job,
-                                                        job.expected_version + 1)
-
-    def reuse(self, job: Job) -> None:
-        old = job.reuse
-        assert old is not None
-        try:
-            self.append(job.stream, [
-                NewEvent("BuildStarted", {"app": job.app, "release": job.release,
-                                          "builder": self.s.builder_id,
-                                          "lease_s": self.s.lease_s, "attempt": job.attempt}),
-                NewEvent("BuildSucceeded", {"app": job.app, "release": job.release,
-                                            "slug_digest": old.build.slug_digest,
-                                            "size_bytes": old.build.size_bytes,
-                                            "seconds": 0.0, "reused_from": old.release})],
-                job.expected_version)
-            log.info("%s v%s runs the slug of v%s (same code)", job.app, job.release,
-                     old.release)
-        except VersionConflict:
-            pass
-
-    def append(self, stream: str, events: list[NewEvent], expected: int) -> None:
-        with self.lock:  # one connection, shared by the loop and the build threads
-            self.ledger.append(stream, events, expected or NO_STREAM)
+            if claim.get("reused_from") is not None:
+                log.info("%s v%s runs the slug of v%s (same code)", *key, claim["reused_from"])
+                continue
+            log.info("building %s v%s (attempt %s)", *key, claim["attempt"])
+            self.running[key] = self.pool.submit(self.build, Job.of(claim))
 
     # --- one build (a worker thread) ------------------------------------------------------
 
-    def build(self, job: Job, version: int) -> None:
+    def build(self, job: Job) -> None:
         started = time.monotonic()
-        claim = _Claim(self, job, version)
-        output = self.s.logs / job.app / f"{job.stream}.log"
-        output.parent.mkdir(parents=True, exist_ok=True)
-        tail: collections.deque[str] = collections.deque(maxlen=TAIL)
-        folder = self.s.work / "builds" / f"{job.stream}-{uuid.uuid4().hex[:8]}"
-        try:
-            if job.app_uid is None:
-                raise sandbox.SandboxUnavailable(f"app {job.app} has no uid (created before "
-                                                 "apps had one): create it again")
-            user = sandbox.build_user(build_uid(job.app_uid, *self.s.app_uids))
-            with open(output, "w") as out, self._app_cache(job.app, user) as cache:
-                def line(text: str) -> None:
-                    text = text.replace("\x00", "\\0")  # JSON in the ledger holds no NUL
-                    tail.append(text)
-                    out.write(text + "\n")
-                    out.flush()
+        claim = _Claim(self.api, job, self.s.lease_s)
+        out = _Output(self.api, job)
+        folder = self.s.work / "builds" / f"{job.app}-{job.release}-{uuid.uuid4().hex[:8]}"
 
-                result = self._sandboxed(job, folder, cache, user, line, claim.renew_if_due)
+        def fail(reason: str) -> None:
+            out.line(f" !     build failed: {reason}")
+            out.flush()
+            self.api.failed(job.app, job.release, job.attempt, reason[:2000],
+                            [t[:500] for t in out.tail], round(time.monotonic() - started, 2))
+            log.info("%s v%s: BuildFailed %s", job.app, job.release, reason)
+
+        try:
+            try:
+                result = self._sandboxed(job, folder, out.line, lambda: (claim.renew_if_due(),
+                                                                        out.flush()))
                 claim.renew_if_due(force=True)
                 if result.stopped or result.code != 0:
-                    reason = result.stopped or _reason(result.code, tail)
-                    line(f" !     build failed: {reason}")
-                    self._outcome(claim, "BuildFailed", {
-                        "reason": reason[:2000], "log_tail": [t[:500] for t in tail],
-                        "seconds": round(time.monotonic() - started, 2)})
+                    fail(result.stopped or _reason(result.code, out.tail))
                     return
-                line("-----> Compressing the slug")
-                digest, size = slug.pack(folder / "app", self.s.bundles)
+                out.line("-----> Compressing the slug")
+                digest, size = slug.pack(folder / "app", folder / "slug")
+                if size > job.slug_max_bytes:
+                    fail(f"the slug is {size / 2**20:.1f} MB, over the app's slug_mb quota of "
+                         f"{job.slug_max_bytes / 2**20:.0f} MB (leave files out with "
+                         ".slugignore, or ask an admin: tally admin quota)")
+                    return
                 seconds = round(time.monotonic() - started, 2)
-                line(f"-----> Slug {digest[:12]}: {size / 2**20:.1f} MB, built in {seconds} s")
-                self._outcome(claim, "BuildSucceeded", {"slug_digest": digest,
-                                                        "size_bytes": size,
-                                                        "seconds": seconds})
-        except ClaimLost:
-            log.warning("%s v%s: the claim was lost, abandoning the build", job.app,
-                        job.release)
-        except (bundle.BundleRefused, sandbox.SandboxUnavailable, OSError) as exc:
-            with contextlib.suppress(ClaimLost, LedgerUnavailable):
-                self._outcome(claim, "BuildFailed", {
-                    "reason": f"the builder could not build it: {exc}"[:2000],
-                    "log_tail": list(tail), "seconds": round(time.monotonic() - started, 2)})
+                out.line(f"-----> Slug {digest[:12]}: {size / 2**20:.1f} MB, built in "
+                         f"{seconds} s")
+                out.flush()
+                with open(folder / "slug" / f"{digest}.tar.gz", "rb") as f:
+                    self.api.upload_slug(job.app, job.release, job.attempt, seconds, f)
+                log.info("%s v%s: BuildSucceeded %s", job.app, job.release, digest[:12])
+            except (bundle.BundleRefused, sandbox.SandboxUnavailable, OSError) as exc:
+                fail(f"the builder could not build it: {exc}")
+        except ClaimLost as exc:
+            log.warning("%s v%s: the claim was lost, abandoning the build: %s", job.app,
+                        job.release, exc)
+        except ApiRefused as exc:  # e.g. 409 at the outcome: another builder took it over
+            log.warning("%s v%s: the API refused: %s", job.app, job.release, exc)
+        except ApiAway as exc:  # the lease runs out; this or another builder takes it again
+            log.error("%s v%s: the API is away, leaving the build to its lease: %s", job.app,
+                      job.release, exc)
         finally:
             remove(folder)
-
-    def _outcome(self, claim: _Claim, type_: str, data: dict) -> None:
-        job = claim.job
-        try:
-            self.append(job.stream, [NewEvent(type_, {"app": job.app, "release": job.release,
-                                                      **data})], claim.version)
-        except VersionConflict as exc:
-            raise ClaimLost(str(exc)) from exc
-        log.info("%s v%s: %s %s", job.app, job.release, type_, data.get("reason", ""))
+            with contextlib.suppress(FileNotFoundError):
+                (self.downloads / f"{job.bundle_digest}.tar.gz").unlink()
 
     @contextlib.contextmanager
     def _app_cache(self, app: str, user: sandbox.BuildUser):  # type: ignore[no-untyped-def]
@@ -217,12 +211,25 @@ class Builder:
             cache.chmod(0o700)
             yield cache
 
-    def _sandboxed(self, job: Job, folder: Path, cache: Path, user: sandbox.BuildUser,
-                   line: Callable[[str], None], tick: Callable[[], None]) -> sandbox.Outcome:
+    def _sandboxed(self, job: Job, folder: Path, line: Callable[[str], None],
+                   tick: Callable[[], None]) -> sandbox.Outcome:
+        if job.build_uid is None:
+            raise sandbox.SandboxUnavailable(f"app {job.app} has no uid (it was created before "
+                                             "apps had one): create it again")
+        user = sandbox.build_user(job.build_uid)
+        if self.net is not None:
+            try:
+                self.net.confine(user.uid)
+            except netrules.Unavailable as exc:  # never build unconfined when asked not to
+                raise sandbox.SandboxUnavailable(f"cannot confine the build's network: "
+                                                 f"{exc}") from exc
         line(f"-----> Building {job.app} v{job.release} (bundle {job.bundle_digest[:12]})")
-        return sandboxed_build(self.s.bundles / f"{job.bundle_digest}.tar.gz",
-                               job.bundle_digest, folder, cache, dict(job.config),
-                               self.buildpack, self.index, user, self.s, line, tick)
+        path = bundle.download(self.api.base, self.api.token, job.app, job.release,
+                               job.bundle_digest, self.downloads,
+                               kind=f"build/bundle?attempt={job.attempt}")
+        with self._app_cache(job.app, user) as cache:
+            return sandboxed_build(path, job.bundle_digest, folder, cache, job.config,
+                                   self.buildpack, self.index, user, self.s, line, tick)
 
 
 def sandboxed_build(bundle_path: Path, digest: str, folder: Path, cache: Path,
@@ -241,28 +248,59 @@ def sandboxed_build(bundle_path: Path, digest: str, folder: Path, cache: Path,
            **{k: v for k, v in os.environ.items() if k in sandbox.PIP_ENV}}
     spec = sandbox.Spec(["/usr/bin/python3", "/tally/buildpack.py"], app_dir, tmp, cache, env,
                         ((buildpack, "/tally/buildpack.py"), *((p, str(p)) for p in index)),
-                        s.network, s.limits)
+                        "none" if s.network == "none" else "host", s.limits)
     return sandbox.run(spec, user, folder.name, line, tick)
 
 
 class _Claim:
     """The build's claim, renewed every third of its lease from the build's thread."""
 
-    def __init__(self, builder: Builder, job: Job, version: int) -> None:
-        self.builder, self.job, self.version = builder, job, version
-        self.next = time.monotonic() + builder.s.lease_s / 3
+    def __init__(self, api: BuilderApi, job: Job, lease_s: float) -> None:
+        self.api, self.job, self.lease_s = api, job, lease_s
+        self.next = time.monotonic() + lease_s / 3
 
     def renew_if_due(self, force: bool = False) -> None:
         if not force and time.monotonic() < self.next:
             return
-        self.next = time.monotonic() + self.builder.s.lease_s / 3
         try:
-            self.builder.append(self.job.stream, [NewEvent("BuildClaimRenewed", {
-                "app": self.job.app, "release": self.job.release,
-                "builder": self.builder.s.builder_id})], self.version)
-        except VersionConflict as exc:
+            self.api.renew(self.job.app, self.job.release, self.job.attempt)
+        except ApiRefused as exc:
             raise ClaimLost(str(exc)) from exc
-        self.version += 1
+        except ApiAway as exc:  # tried again at the next tick; the lease has room for it
+            log.warning("renewing the claim of %s v%s: %s", self.job.app, self.job.release,
+                        exc)
+            return
+        self.next = time.monotonic() + self.lease_s / 3
+
+
+class _Output:
+    """The build's output: kept as a tail here, sent to the API every flush (every second
+    while the build runs). Lines come from the sandbox's reader thread."""
+
+    def __init__(self, api: BuilderApi, job: Job) -> None:
+        self.api, self.job = api, job
+        self.tail: collections.deque[str] = collections.deque(maxlen=TAIL)
+        self.pending: list[str] = []
+        self.lock = threading.Lock()
+
+    def line(self, text: str) -> None:
+        text = text.replace("\x00", "\\0")  # JSON in the ledger holds no NUL
+        with self.lock:
+            self.tail.append(text)
+            self.pending.append(text + "\n")
+
+    def flush(self) -> None:
+        with self.lock:
+            text, self.pending = "".join(self.pending), []
+        while text:
+            chunk, text = text[:1 << 19], text[1 << 19:]
+            try:
+                self.api.output(self.job.app, self.job.release, self.job.attempt, chunk)
+            except ApiAway as exc:  # output is worth less than the build: go on without
+                log.warning("sending the output of %s v%s: %s", self.job.app,
+                            self.job.release, exc)
+            except ApiRefused as exc:
+                raise ClaimLost(str(exc)) from exc
 
 
 def _reason(code: int | None, tail: Iterable[str]) -> str:
@@ -297,8 +335,3 @@ def extract_bundle(path: Path, digest: str, into: Path,
 def remove(folder: Path) -> None:
     """A build folder, whatever modes the build left on it (root needs none)."""
     shutil.rmtree(folder, ignore_errors=True)
-
-
-def default_id() -> str:
-    return f"{os.uname().nodename}-{os.getpid()}"
-

@@ -134,22 +134,50 @@ def tool(name: str, env: dict[str, str]) -> Path:
     return exe
 
 
+def tls(env: dict[str, str]) -> dict[str, str]:
+    """The system's certificates for the tools that are not pip (uv, Poetry): pip's own
+    setting, else Debian's bundle. Without it uv trusts only its built-in roots."""
+    cert = env.get("PIP_CERT") or "/etc/ssl/certs/ca-certificates.crt"
+    if not Path(cert).is_file():
+        return {}
+    return {"SSL_CERT_FILE": cert, "REQUESTS_CA_BUNDLE": cert, "UV_NATIVE_TLS": "1"}
+
+
+def settled(path: Path) -> bool:
+    """Does requirements.txt name only what its own text pins down (names and versions,
+    `-e .`)? Then a virtualenv restored for the same text needs no pip run. A local path,
+    URL, option or nested file (`-r`, `-f ./dists`, `./pkg`) may change without the text
+    changing: pip runs."""
+    for raw in path.read_text(errors="replace").splitlines():
+        line = raw.split(" #")[0].strip()
+        if not line or line.startswith("#") or line in ("-e .", "--editable ."):
+            continue
+        if line.startswith("-") or "/" in line or line.startswith(".") or ":" in line:
+            return False
+    return True
+
+
 def install(python: str, env: dict[str, str]) -> None:
     key = cache_key(python)
     restored = virtualenv(python, key)
+    requirements = APP / "requirements.txt"
+    if (restored and requirements.is_file() and not (APP / "uv.lock").is_file()
+            and not (APP / "poetry.lock").is_file() and settled(requirements)):
+        say("Requirements unchanged since the cached build: nothing to install")
+        return
     pip = [*pip_command(), "install", "--no-input", "--progress-bar", "off",
            "--no-warn-script-location"]
     if (APP / "uv.lock").is_file():
         say("Installing dependencies with uv (uv.lock)")
         uv = tool("uv", env)
         run([str(uv), "sync", "--frozen", "--no-dev"], "uv sync",
-            {**env, "UV_PROJECT_ENVIRONMENT": str(VENV), "UV_PYTHON": python,
+            {**env, **tls(env), "UV_PROJECT_ENVIRONMENT": str(VENV), "UV_PYTHON": python,
              "UV_CACHE_DIR": str(CACHE / "uv"), "UV_LINK_MODE": "copy"})
     elif (APP / "poetry.lock").is_file():
         say("Installing dependencies with Poetry (poetry.lock)")
         poetry = tool("poetry", env)
         run([str(poetry), "install", "--only", "main", "--no-interaction"], "poetry install",
-            {**env, "POETRY_VIRTUALENVS_CREATE": "false", "VIRTUAL_ENV": str(VENV),
+            {**env, **tls(env), "POETRY_VIRTUALENVS_CREATE": "false", "VIRTUAL_ENV": str(VENV),
              "POETRY_CACHE_DIR": str(CACHE / "poetry")})
     elif (APP / "requirements.txt").is_file():
         say("Installing requirements with pip")

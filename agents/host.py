@@ -63,8 +63,13 @@ from ledger import curve
 from ledger.sizes import DEFAULT_SIZE
 from ledger.subscriber import Subscriber
 from ledger.tickets import Ticket
+from ledger.vocabulary import RELEASE_PHASE
 
 log = logging.getLogger("tally.agent")
+INSTANCE_TAIL = 20
+"""Last lines of an exited instance's output reported (what `ps` and `why` quote)."""
+PHASE_TAIL = 100
+"""Last lines of a release phase reported: `tally deploy` prints them when it fails."""
 
 
 @dataclass(frozen=True)
@@ -468,7 +473,9 @@ class Agent:
                     del self.local[iid]
                     self.report(iid, "InstanceStopped", reason="no longer placed here")
                 else:
-                    self.report_exit(iid, code, sig, self.procs.tail(iid), now, reason)
+                    phase = loc.want is not None and loc.want.process_type == RELEASE_PHASE
+                    tail = self.procs.tail(iid, PHASE_TAIL if phase else INSTANCE_TAIL)
+                    self.report_exit(iid, code, sig, tail, now, reason)
             elif loc.state is State.PREPARING and self.preparing[iid].done():
                 future = self.preparing.pop(iid)
                 if iid not in wants:
@@ -489,7 +496,7 @@ class Agent:
         after_exit(loc, code, now)
         log.info("%s exited (code %s, signal %s, restarts %s)", iid, code, sig, loc.restarts)
         self.report(iid, "InstanceExited", exit_code=code, signal=sig, restarts=loc.restarts,
-                    log_tail=tail[-20:], reason=reason)
+                    log_tail=tail[-PHASE_TAIL:], reason=reason)
 
     def report(self, iid: str, type_: str, **data: Any) -> None:
         """Through the outbox: kept on disk first, sent in order (now, or once the API is

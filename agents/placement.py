@@ -246,6 +246,11 @@ def _target(app: App) -> int:
     return current
 
 
+PHASE_OUTPUT = 100
+"""Last lines of a failed release phase kept in its ReleaseFailed (`tally deploy` prints
+them, as Heroku prints the release phase's output)."""
+
+
 def _needs_phase(app: App, target: int) -> bool:
     return (RELEASE_PHASE in app.releases[target].procfile and target not in app.phase_ok
             and app.deployed != target and target not in app.failed)
@@ -262,7 +267,8 @@ def _release_phase(fleet: Fleet, app: App, target: int, phase: list[Placement],
         code = f"code {inst.exit_code}" if inst.signal is None else f"signal {inst.signal}"
         return [NewEvent("ReleaseFailed", {
             "app": app.name, "release": target,
-            "reason": f"release phase exited with {code}: {tail}"[:2000]}),
+            "reason": f"release phase exited with {code}: {tail}"[:2000],
+            "output": inst.log_tail[-PHASE_OUTPUT:]}),
             _unplace(phase[0], "release phase failed")]
     return []
 

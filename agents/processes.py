@@ -113,7 +113,7 @@ class Processes:
         """The last lines the instance wrote."""
         try:
             with open(self.log_path(instance_id), "rb") as f:
-                f.seek(max(0, f.seek(0, os.SEEK_END) - 8192))
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 410 * lines))
                 text = f.read().decode("utf-8", "replace")
         except OSError:
             return []

@@ -15,6 +15,7 @@ from api import (  # noqa: F401  (routes register)
     routes_addons,
     routes_apps,
     routes_balancers,
+    routes_builders,
     routes_builds,
     routes_history,
     routes_hosts,

@@ -3,7 +3,8 @@
 Tokens are random 32-byte strings shown once; only their sha256 is ever stored (in
 TokenIssued events). Roles: admin (everything), member (apps they own or were added to),
 agent (bound to one host: its heartbeats, its instances' events, its placements' bundles),
-balancer (bound to one balancer host: it reads the routing table and nothing else).
+balancer (bound to one balancer host: it reads the routing table and nothing else),
+builder (bound to its name: the build queue, and the builds it claimed).
 The Directory is a pure fold; api/services.py keeps one per process fresh from the ledger.
 """
 
@@ -18,7 +19,9 @@ from api.errors import Forbidden, Unauthorized
 from ledger import NO_STREAM, Ledger
 from ledger.events import NewEvent, RecordedEvent
 
-ROLES = ("admin", "member", "agent", "balancer")
+ROLES = ("admin", "member", "agent", "balancer", "builder")
+HOST_ROLES = ("agent", "balancer", "builder")
+"""Roles of fleet daemons: each token is bound to one host (a builder's name)."""
 FOLDED = ["UserCreated", "TokenIssued", "TokenRevoked", "AppCreated", "AppDeleted",
           "AppMemberAdded", "AppMemberRemoved"]
 """The event types a Directory folds (read with one filtered query)."""

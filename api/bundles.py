@@ -32,9 +32,10 @@ INSTALLERS = {"requirements.txt", "pyproject.toml", "setup.py", "uv.lock", "poet
 """What the build installs from (agents/buildpack.py); a bundle needs one of them."""
 
 
-def receive(stream: BinaryIO, into: Path, limit: int) -> tuple[Path, str]:
-    """Copy an upload to a temporary file in `into`, refusing it past `limit` bytes.
-    Returns (path, sha256 hex)."""
+def receive(stream: BinaryIO, into: Path, limit: int, what: str = "bundle",
+            quota: str = "bundle_mb") -> tuple[Path, str]:
+    """Copy an upload (a bundle, or a builder's slug) to a temporary file in `into`,
+    refusing it past `limit` bytes (the `quota`). Returns (path, sha256 hex)."""
     into.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     size = 0
@@ -44,8 +45,8 @@ def receive(stream: BinaryIO, into: Path, limit: int) -> tuple[Path, str]:
             while chunk := stream.read(CHUNK):
                 size += len(chunk)
                 if size > limit:
-                    raise TooLarge(f"bundle larger than the limit of {limit} bytes (the "
-                                   "bundle_mb quota)", quota="bundle_mb")
+                    raise TooLarge(f"{what} larger than the limit of {limit} bytes (the "
+                                   f"{quota} quota)", quota=quota)
                 digest.update(chunk)
                 out.write(chunk)
     except BaseException:
@@ -53,7 +54,7 @@ def receive(stream: BinaryIO, into: Path, limit: int) -> tuple[Path, str]:
         raise
     if size == 0:
         os.unlink(name)
-        raise Unprocessable("empty upload: send the bundle (a tar.gz) as the request body",
+        raise Unprocessable(f"empty upload: send the {what} (a tar.gz) as the request body",
                             {"body": ["empty"]})
     return Path(name), digest.hexdigest()
 

@@ -29,7 +29,7 @@ def _release(state: AppState, number: int) -> Release:
     return found
 
 
-def _output_file(state: AppState, release: Release) -> Path | None:
+def output_file(state: AppState, release: Release) -> Path | None:
     logs = services().settings.build_logs_dir
     if logs is None:
         return None
@@ -60,7 +60,7 @@ def show_build(name: str, number: int) -> ResponseReturnValue:
     release = _release(state, number)
     b = build_of(state, release)
     out, offset = "", args["offset"]
-    path = _output_file(state, release)
+    path = output_file(state, release)
     if path is not None and path.exists():
         with open(path, "rb") as f:
             f.seek(offset)

@@ -35,13 +35,14 @@ def list_users() -> ResponseReturnValue:
 @route("/users", "POST", body=schemas.UserCreate, response=schemas.Token, status=201,
        tag="users", errors=(400, 401, 403, 409, 422))
 def create_user() -> ResponseReturnValue:
-    """Create a user (admin, member, or an agent or balancer bound to a host) with a first
-    token."""
+    """Create a user (admin, member, or an agent, balancer or builder bound to a host)
+    with a first token."""
     require_role(who(), "admin")
     req = body(schemas.UserCreate)
-    if (req["role"] in ("agent", "balancer")) != bool(req["host_id"]):
-        raise Unprocessable("an agent or balancer needs a host_id, and only they have one",
-                            {"host_id": ["required for agents and balancers only"]})
+    if (req["role"] in auth.HOST_ROLES) != bool(req["host_id"]):
+        raise Unprocessable("an agent, balancer or builder needs a host_id, and only they "
+                            "have one",
+                            {"host_id": ["required for agents, balancers and builders only"]})
     token, events = auth.user_events(req["name"], req["role"], req["host_id"])
     try:
         services().append(f"user-{req['name']}", events, NO_STREAM, who())

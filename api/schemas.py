@@ -41,7 +41,8 @@ class Error(Schema):
 class UserCreate(Schema):
     name = fields.Str(required=True, validate=USER_NAME)
     role = fields.Str(load_default="member",
-                      validate=validate.OneOf(["admin", "member", "agent", "balancer"]))
+                      validate=validate.OneOf(["admin", "member", "agent", "balancer",
+                                               "builder"]))
     host_id = fields.Str(load_default=None, allow_none=True,
                          validate=whole(validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")))
 
@@ -477,3 +478,55 @@ class BuildList(Schema):
 class BuildQuery(Schema):
     offset = fields.Int(load_default=0, validate=validate.Range(min=0))
     limit = fields.Int(load_default=256 * 1024, validate=validate.Range(min=0, max=1 << 20))
+
+
+class QueuedBuild(Schema):
+    app = fields.Str(required=True)
+    release = fields.Int(required=True)
+    attempt = fields.Int(required=True, metadata={"description": "the attempt a claim makes"})
+
+
+class BuildQueue(Schema):
+    """What builders may claim now, newest first."""
+
+    builds = fields.List(fields.Nested(QueuedBuild), required=True)
+
+
+class BuildClaimRequest(Schema):
+    lease_s = fields.Float(load_default=30.0, validate=validate.Range(min=1.0, max=600.0))
+
+
+class BuildClaim(Schema):
+    """A claimed build: what the builder needs to build it (or an earlier slug it got)."""
+
+    app = fields.Str(required=True)
+    release = fields.Int(required=True)
+    attempt = fields.Int(required=True)
+    reused_from = fields.Int(allow_none=True, metadata={
+        "description": "set when the release got an earlier release's slug: nothing to build"})
+    bundle_digest = fields.Str(required=True)
+    config = fields.Dict(keys=fields.Str(), values=fields.Str(), required=True)
+    build_uid = fields.Int(allow_none=True, metadata={
+        "description": "the uid the build runs as (the app's own build uid)"})
+    slug_max_bytes = fields.Int(required=True, metadata={
+        "description": "the app's slug_mb quota, in bytes"})
+    lease_s = fields.Float(required=True)
+
+
+class BuildAttempt(Schema):
+    attempt = fields.Int(required=True, validate=validate.Range(min=1))
+
+
+class BuildOutput(BuildAttempt):
+    text = fields.Str(required=True, validate=validate.Length(max=1 << 20))
+
+
+class BuildFailure(BuildAttempt):
+    reason = fields.Str(required=True, validate=validate.Length(max=2000))
+    log_tail = fields.List(fields.Str(validate=validate.Length(max=500)),
+                           load_default=list, validate=validate.Length(max=100))
+    seconds = fields.Float(load_default=0.0, validate=validate.Range(min=0))
+
+
+class SlugUpload(BuildAttempt):
+    seconds = fields.Float(load_default=0.0, validate=validate.Range(min=0))

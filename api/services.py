@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from agents.stats import SampleStore
-from api import auth
+from api import auth, buildqueue
 from api import hosts as host_fold
 from api.auth import Directory, Principal
+from api.buildqueue import Unbuilt
 from api.errors import ApiError, Conflict, NotFound, Unauthorized
 from api.heartbeats import Batcher
 from api.hosts import Placements
@@ -99,6 +100,9 @@ class Services:
         self._placements = Placements()
         self._placements_lock = threading.Lock()
         self._placements_at = 0.0
+        self._unbuilt = Unbuilt()
+        self._unbuilt_lock = threading.Lock()
+        self._unbuilt_at = 0.0
         self.heartbeats = Batcher(lambda: Ledger(settings.dsn, retry_deadline=2.0,
                                                  application_name="tally-api-heartbeats"),
                                   settings.heartbeat_batch_s)
@@ -175,18 +179,31 @@ class Services:
         with self._placements_lock:
             now = time.monotonic()
             if now - self._placements_at > self.settings.hosts_fresh_s:
-                self.ledger.sequence()
-                fold = self._placements
-                head = self.ledger.sequence()  # as the placer: no relay needed
-                while batch := self.ledger.read_all(fold.position, limit=5000, upto=head,
-                                                    categories=host_fold.CATEGORIES,
-                                                    types=host_fold.TYPES):
-                    fold.apply(batch)
-                    if len(batch) < 5000:
-                        break
-                fold.position = max(fold.position, head)  # scanned to here: start there
+                self._catch_up(self._placements, host_fold.CATEGORIES, host_fold.TYPES)
                 self._placements_at = now
             return self._placements
+
+    def unbuilt(self) -> Unbuilt:
+        """The releases with no build outcome yet (api/buildqueue.py), caught up if last
+        checked over hosts_fresh_s ago: what builders are offered."""
+        with self._unbuilt_lock:
+            now = time.monotonic()
+            if now - self._unbuilt_at > self.settings.hosts_fresh_s:
+                self._catch_up(self._unbuilt, buildqueue.CATEGORIES, buildqueue.TYPES)
+                self._unbuilt_at = now
+            return self._unbuilt
+
+    def _catch_up(self, fold: Placements | Unbuilt, categories: list[str],
+                  types: list[str]) -> None:
+        """Apply to `fold` what the ledger holds past its position, sequencing first."""
+        self.ledger.sequence()
+        head = self.ledger.sequence()  # as the placer: no relay needed
+        while batch := self.ledger.read_all(fold.position, limit=5000, upto=head,
+                                            categories=categories, types=types):
+            fold.apply(batch)
+            if len(batch) < 5000:
+                break
+        fold.position = max(fold.position, head)  # scanned to here: start there
 
     # -- app streams -----------------------------------------------------------------------
     def load_app(self, name: str) -> AppState:

@@ -72,7 +72,7 @@ def build_once(work: Path, cache: Path, data: bytes) -> float:
     result = sandboxed_build(work / f"{digest}.tar.gz", digest, folder, cache, {},
                              work / "buildpack.py", sandbox.index_paths(dict(os.environ)),
                              sandbox.build_user(BENCH_BUILD_UID),
-                             Settings("bench", work, work, work), lines.append)
+                             Settings(work), lines.append)
     took = time.monotonic() - t0
     shutil.rmtree(folder, ignore_errors=True)
     assert result.code == 0, "\n".join(lines[-20:])
@@ -173,7 +173,7 @@ def platform_bench(redeploys: int) -> dict[str, float]:
         relays.start(1)
         low = free_ports(1)[0]
         agent = AgentProc(cluster, "h1", (low, low + 29), relays.endpoints)
-        daemons = [agent, placer(cluster, relays.endpoints), builder(cluster, relays.endpoints)]
+        daemons = [agent, placer(cluster, relays.endpoints), builder(cluster)]
         for d in daemons:
             d.start()
         home = cluster.root.parent

@@ -400,6 +400,9 @@ class ReleaseFailed(Schema):
     app = fields.Str(required=True, validate=APP_NAME)
     release = fields.Int(required=True, validate=validate.Range(min=1))
     reason = fields.Str(required=True)
+    output = fields.List(fields.Str(validate=validate.Length(max=500)), load_default=list,
+                         validate=validate.Length(max=100), metadata={
+                             "description": "a failed release phase's last lines of output"})
 
 
 # --- Instances: what host agents observe --------------------------------------------------
@@ -591,12 +594,13 @@ class PlatformSuffixSet(Schema):
 
 @event("user")
 class UserCreated(Schema):
-    """A person (admin, member), a host agent (agent, bound to one host) or a balancer
-    (balancer, bound to its host: it may read the routing table) got an account."""
+    """A person (admin, member), a host agent (agent, bound to one host), a balancer
+    (balancer, bound to its host: it may read the routing table) or a builder (builder,
+    bound to its name) got an account."""
 
     name = fields.Str(required=True, validate=USER_NAME)
-    role = fields.Str(required=True,
-                      validate=validate.OneOf(["admin", "member", "agent", "balancer"]))
+    role = fields.Str(required=True, validate=validate.OneOf(
+        ["admin", "member", "agent", "balancer", "builder"]))
     host_id = fields.Str(allow_none=True, load_default=None)
 
 

@@ -30,6 +30,8 @@ TALLY_AGENT_PORTS     one app port range per host agent `tally up` starts; defau
 TALLY_AGENT_TOKEN     a host agent's token for the API (`tally up` gives each its own)
 TALLY_BALANCER_TOKEN  a balancer's token for the API: it reads the routing table with it
                       (`tally up` gives each balancer its own)
+TALLY_BUILDER_TOKEN   a builder's token for the API (role builder; `tally up` gives its own)
+TALLY_BUILDER_API     the API a builder speaks to; default http://TALLY_API_BIND
 TALLY_API             the API the CLI talks to; default: as saved by `tally login`, else
                       http://127.0.0.1:8000
 TALLY_TOKEN           the CLI's API token; default: as saved by `tally login`
@@ -215,6 +217,11 @@ def agent_token(env: dict[str, str] | None = None) -> str:
 def balancer_token(env: dict[str, str] | None = None) -> str:
     """TALLY_BALANCER_TOKEN: a balancer's token for the API ("" when unset)."""
     return dict(os.environ if env is None else env).get("TALLY_BALANCER_TOKEN", "")
+
+
+def builder_token(env: dict[str, str] | None = None) -> str:
+    """TALLY_BUILDER_TOKEN: a builder's token for the API ("" when unset)."""
+    return dict(os.environ if env is None else env).get("TALLY_BUILDER_TOKEN", "")
 
 
 def credentials_path(env: dict[str, str] | None = None) -> Path:

@@ -35,8 +35,9 @@ def daemons(cfg: Config) -> list[tuple[str, list[str], str]]:
     out.append(("placer", ["serve", "placer"], "places instances (its decisions: tally events)"))
     out.append(("retention", ["serve", "retention"],
                 "heartbeats older than 1h removed every 5m (tally ledger status)"))
-    out.append(("builder", ["serve", "builder", "--builder-id", "builder-1"],
-                f"builds releases into slugs, sandboxed (work: {cfg.build_dir})"))
+    out.append(("builder", ["serve", "builder"],
+                f"builds releases into slugs, sandboxed, through the API (work: "
+                f"{cfg.build_dir})"))
     for i, bind in enumerate(cfg.balancers, start=1):
         out.append((f"balancer-{i}", ["serve", "balancer", "--bind", bind,
                                       "--balancer-id", f"b{i}"],
@@ -83,7 +84,8 @@ def environment(cfg: Config, name: str) -> dict[str, str]:
     """Extra environment for one daemon (never on a command line). Every one learns the
     relays' CURVE public key; host agents get only their agent token (they fetch bundles
     through the API as on a real fleet) and make their own keypair, registered through the
-    API; the control plane's daemons subscribe with the control-plane keypair; agents and
+    API; the builder gets only its builder token (it asks the API for builds); the
+    control plane's daemons subscribe with the control-plane keypair; agents and
     the API get the run tickets' key."""
     from ledger import curve
 
@@ -93,6 +95,8 @@ def environment(cfg: Config, name: str) -> dict[str, str]:
         if name == f"agent-{i}":
             return {"TALLY_AGENT_TOKEN": host_token(cfg, f"h{i}", "agent"),
                     "TALLY_RUN_KEY": run_key(cfg), "TALLY_RELAY_KEY": relay_key}
+    if name == "builder":  # a fleet host too: its token, nothing else
+        return {"TALLY_BUILDER_TOKEN": host_token(cfg, "builder-1", "builder")}
     control = {"TALLY_RELAY_KEY": relay_key,
                "TALLY_CURVE_KEYFILE": str(cfg.secret("control.curve"))}
     for i, _ in enumerate(cfg.balancers, start=1):
@@ -119,9 +123,9 @@ def run_key(cfg: Config) -> str:
 
 
 def host_token(cfg: Config, host_id: str, role: str) -> str:
-    """The token of user <role>-<host> (an agent or a balancer): made on first use, kept in
-    $TALLY_HOME/secrets (0600). A lost file gets the user a new token; the old one keeps its
-    hash only."""
+    """The token of user <role>-<host> (an agent, a balancer, or builder <host>): made on
+    first use, kept in $TALLY_HOME/secrets (0600). A lost file gets the user a new token;
+    the old one keeps its hash only."""
     from api.auth import create_user, new_token
     from ledger import Ledger, NewEvent
 

@@ -41,6 +41,11 @@ def follow(client: Client, app: str, number: int, timeout: float) -> None:
                 click.echo(f"v{number} is deployed: every wanted instance is healthy", err=True)
                 return
             if e["type"] == "ReleaseFailed":
+                if e["data"].get("output"):  # a release phase: its output, as Heroku shows it
+                    click.echo(f"-----> Release phase of v{number} failed; its output (last "
+                               f"{len(e['data']['output'])} lines):", err=True)
+                    for line in e["data"]["output"]:
+                        click.echo(f"       {line}", err=True)
                 serving = [r["number"] for r in client.get(f"/apps/{app}/releases")["releases"]
                            if r.get("status") == "deployed"]
                 still = (f" (v{serving[0]} keeps serving)" if serving else

@@ -18,18 +18,19 @@ def admin() -> None:
 
 @admin.command("create-user")
 @click.argument("name")
-@click.option("--role", type=click.Choice(["admin", "member", "agent", "balancer"]),
+@click.option("--role", type=click.Choice(["admin", "member", "agent", "balancer", "builder"]),
               default="member", show_default=True)
-@click.option("--host", "host_id", help="The host an agent or balancer token acts for.")
+@click.option("--host", "host_id", help="The host an agent or balancer token acts for (a "
+              "builder's name for a builder token).")
 @click.pass_obj
 def create_user(cfg: Any, name: str, role: str, host_id: str | None) -> None:
     """Create a user and print their API token (shown once)."""
     from api.auth import create_user as create
     from ledger import Ledger, LedgerError
 
-    if (role in ("agent", "balancer")) != bool(host_id):
-        raise click.ClickException("--host is required for agents and balancers, and only "
-                                   "for them")
+    if (role in ("agent", "balancer", "builder")) != bool(host_id):
+        raise click.ClickException("--host is required for agents, balancers and builders, "
+                                   "and only for them")
     try:
         with Ledger(cfg.cluster().dsn("tally_writer"), retry_deadline=5) as ledger:
             token = create(ledger, name, role, host_id)

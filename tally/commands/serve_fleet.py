@@ -1,5 +1,5 @@
 """`tally serve agent|builder`: the daemons of a fleet host (operator commands, run on the
-host they serve)."""
+host they serve), each speaking to the API only, with its own token."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from tally.config import Config, agent_token
+from tally.config import Config, agent_token, builder_token
 from tally.console import daemon_logging, fail_cleanly, host_token, stop_event
 
 
@@ -83,7 +83,14 @@ def serve_agent(cfg: Config, host_id: str, address: str, port_range: str, capaci
 
 
 @click.command("builder")
-@click.option("--builder-id", help="This builder's name in claims (default: host-pid).")
+@click.option("--api", "api_url", envvar="TALLY_BUILDER_API",
+              help="The API this builder speaks to (default: http://TALLY_API_BIND). The "
+              "builder holds no ledger credentials and reads no bundle store: it claims "
+              "builds, fetches bundles and uploads slugs through the API only.")
+@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="File holding this builder's token (default: TALLY_BUILDER_TOKEN). "
+              "Issue one with `tally admin create-user NAME --role builder --host "
+              "BUILDER`; claims carry that BUILDER name.")
 @click.option("--timeout", default=900.0, show_default=True,
               help="Seconds a build may take.")
 @click.option("--memory-mb", default=2048, show_default=True,
@@ -95,30 +102,40 @@ def serve_agent(cfg: Config, host_id: str, address: str, port_range: str, capaci
 @click.option("--lease", default=30.0, show_default=True,
               help="Seconds a claim lasts unless renewed (another builder takes over a "
               "dead builder's build after this).")
-@click.option("--network", type=click.Choice(["host", "none"]), default="host",
-              show_default=True, help="The build's network: the host's (to reach the "
-              "package index), or none (a local index only).")
+@click.option("--network", type=click.Choice(["index", "host", "none"]), default="index",
+              show_default=True, help="The build's network: the package index only "
+              "(nftables rules for the build's uid; the host's, with a warning, where "
+              "nftables cannot be used), the host's, or none (a local index only).")
+@click.option("--index-host", "index_hosts", multiple=True,
+              help="A host of a package index builds may reach, besides PyPI's and the "
+              "index URLs pip is configured with (repeatable).")
 @click.option("--concurrency", default=1, show_default=True,
               help="Builds this builder runs at once.")
-@click.option("--interval", default=1.0, show_default=True,
-              help="Seconds between rounds when no wake-up comes.")
+@click.option("--interval", default=0.5, show_default=True,
+              help="Seconds between asks for builds to claim.")
 @click.pass_obj
 @fail_cleanly
-def serve_builder(cfg: Config, builder_id: str | None, timeout: float, memory_mb: int,
-                  processes: int, disk_mb: int, lease: float, network: str,
-                  concurrency: int, interval: float) -> None:
-    """Build each release once, in a sandbox, into a slug every host runs."""
-    from agents.builder import Builder, Settings, default_id
+def serve_builder(cfg: Config, api_url: str | None, token_file: Path | None, timeout: float,
+                  memory_mb: int, processes: int, disk_mb: int, lease: float, network: str,
+                  index_hosts: tuple[str, ...], concurrency: int, interval: float) -> None:
+    """Build each release once, in a sandbox, into a slug every host runs: through the
+    API, with this builder's token."""
+    from agents.api_client import BuilderApi
+    from agents.builder import Builder, Settings
     from agents.sandbox import Limits
-    from ledger import Ledger
 
     daemon_logging()
+    token = host_token(token_file, builder_token(), "a builder needs its builder token: "
+                       "--token-file or TALLY_BUILDER_TOKEN (tally admin create-user NAME "
+                       "--role builder --host BUILDER)")
+    try:
+        api = BuilderApi(api_url or f"http://{cfg.api_bind}", token, "builder")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--api") from None
     stop = stop_event()
-    settings = Settings(builder_id or default_id(), cfg.bundles_dir, cfg.build_logs_dir,
-                        cfg.build_dir, Limits(timeout, memory_mb, processes, disk_mb),
-                        lease, network, concurrency, cfg.app_uids)
-    with Ledger(cfg.cluster().dsn("tally_writer")) as ledger:
-        Builder(ledger, settings).run(stop, cfg.relays, interval)
+    settings = Settings(cfg.build_dir, Limits(timeout, memory_mb, processes, disk_mb),
+                        lease, network, concurrency, index_hosts)
+    Builder(api, settings).run(stop, interval)
 
 
 def _agent_token(token_file: Path | None) -> str:

@@ -32,7 +32,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Tally, 
     env = {"TALLY_RELAYS": ",".join(relays.endpoints)}
     projectors = Daemon(cluster, "projectors", ["projectors", "--poll-interval", "0.2"], **env)
     place = placer(cluster, relays.endpoints)
-    build = builder(cluster, relays.endpoints)
+    build = builder(cluster)
     low = free_ports(1)[0]
     agent = AgentProc(cluster, "h1", (low, low + 9), relays.endpoints)
     api = ApiProcess(tally_env(cluster, **env), free_ports(1)[0])
@@ -157,3 +157,20 @@ def test_config_set_after_a_failed_build_builds_on_the_deployed_release(
                                 if b["release"] == 3 and b["status"] == "succeeded"], 30,
                        "v3 built (reused)")
     assert build[0]["reused_from"] == 1
+
+
+def test_a_failing_release_phase_prints_its_output_and_nothing_serves(
+        platform: tuple[Tally, Any]) -> None:
+    """As on Heroku: the release phase's output is shown, the deploy exits 1, and it says
+    that nothing served before (so nothing serves now)."""
+    tally, _ = platform
+    app = f"migfail-{uuid.uuid4().hex[:6]}"
+    tally("apps:create", app)
+    tally("config:set", "-a", app, "FAIL_RELEASE=1")
+    r = tally("deploy", "-a", app, str(APPS / "migrating"), "--timeout", "240", ok=False,
+              timeout=300)
+    assert r.returncode == 1, r.stderr
+    assert "-----> Release phase of v" in r.stderr, r.stderr
+    assert "       migrating the schema\n" in r.stderr, r.stderr
+    assert "       migration failed: table already exists\n" in r.stderr
+    assert "nothing of the app was serving before" in r.stderr

@@ -86,11 +86,12 @@ def world(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Wo
     host = f"h-{uid()}"
     with Ledger(cluster.dsn()) as ledger:
         names = {"admin": f"admin-{uid()}", "owner": f"alice-{uid()}",
-                 "other": f"bob-{uid()}", "agent": f"agent-{uid()}"}
-        tokens = {role: create_user(ledger, name, "agent" if role == "agent" else
-                                    "admin" if role == "admin" else "member",
-                                    host if role == "agent" else None)
-                  for role, name in names.items()}
+                 "other": f"bob-{uid()}", "agent": f"agent-{uid()}",
+                 "builder": f"builder-{uid()}"}
+        roles = {"admin": ("admin", None), "agent": ("agent", host),
+                 "builder": ("builder", f"b-{host}")}
+        tokens = {who: create_user(ledger, name, *roles.get(who, ("member", None)))
+                  for who, name in names.items()}
         yield World(app.test_client(), ledger, cluster.dsn("tally_owner"), tokens, names,
                     host, applogs)
 

@@ -1,5 +1,5 @@
 """The permission matrix: every endpoint, asked by an admin, the app's owner, another
-member, an agent, and nobody. One table; each row says who gets in and what they get."""
+member, an agent, a builder, and nobody. One table; each row says who gets in and what they get."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from ledger import NewEvent
 from tests.api_process import pack_files
 from tests.integration.test_api import BUNDLE, World, uid, world  # noqa: F401
 
-CALLERS = ("admin", "owner", "other", "agent", None)
+CALLERS = ("admin", "owner", "other", "agent", "builder", None)
 PEOPLE = {"admin", "owner"}
-ANYONE = {"admin", "owner", "other", "agent"}
+ANYONE = {"admin", "owner", "other", "agent", "builder"}
 
 # (method, path, body, {caller: status when allowed}) - every other caller: 403, nobody: 401.
 MATRIX: list[tuple[str, str, Any, dict[str, int]]] = [
@@ -86,12 +86,33 @@ MATRIX: list[tuple[str, str, Any, dict[str, int]]] = [
     ("POST", "/instances/{instance}/events",
      lambda w: {"type": "InstanceHealthy", "data": {"host_id": w.host}},
      {"admin": 200, "agent": 200}),
+    # Builder tokens only; the app's releases are unbuilt: v2 is claimed, nobody holds v1's
+    # claim (409 for the builder on each route of a claim holder).
+    ("GET", "/builds/queue", None, {"builder": 200}),
+    ("POST", "/apps/{app}/releases/2/build/claim", {"lease_s": 30}, {"builder": 200}),
+    ("POST", "/apps/{app}/releases/1/build/renew", {"attempt": 1}, {"builder": 409}),
+    ("GET", "/apps/{app}/releases/1/build/bundle?attempt=1", None, {"builder": 409}),
+    ("POST", "/apps/{app}/releases/1/build/output", {"attempt": 1, "text": "x"},
+     {"builder": 409}),
+    ("POST", "/apps/{app}/releases/1/build/failed", {"attempt": 1, "reason": "x"},
+     {"builder": 409}),
+    ("PUT", "/apps/{app}/releases/1/build/slug?attempt=1", "bundle", {"builder": 409}),
     ("GET", "/placements", None, {"admin": 200}),
     ("GET", "/instances", None, {"admin": 200}),
     ("GET", "/routes", None, {"admin": 200}),
     ("GET", "/backups", None, {"admin": 200}),
     ("GET", "/events", None, {"admin": 200}),
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def room(world: World) -> None:  # noqa: F811
+    """The owner makes an app per row and caller (over 100 of them): room for all their
+    instances, so the instances quota answers no row."""
+    w = world
+    w.ledger.append(f"quota-user:{w.names['owner']}", [NewEvent("QuotaSet", {
+        "subject": "user", "name": w.names["owner"], "instances": 100_000,
+        "memory_mb": 100_000_000})])
 
 
 def _fill(path: str, w: World, app: str) -> str:

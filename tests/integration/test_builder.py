@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import os
 import subprocess
 import tarfile
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from ledger import Ledger, NewEvent
@@ -23,7 +25,7 @@ from ledger.builds import build_stream
 from ledger.cluster import Cluster
 from ledger.uids import build_uid
 from tests.conftest import destroy_cluster, make_cluster
-from tests.fixtures.apps import fleet, store, tarball
+from tests.fixtures.apps import app_tarball, fleet, store, tarball
 from tests.fixtures.apps.fleet import Daemon
 from tests.waiting import wait_until
 
@@ -48,12 +50,12 @@ def private() -> Iterator[Cluster]:
 
 
 def builder(cluster: Cluster, n: int, *extra: str) -> Daemon:
-    return fleet.builder(cluster, [], n, *extra)
+    return fleet.builder(cluster, n, *extra)
 
 
 @pytest.fixture(scope="module")
 def one_builder(private: Cluster) -> Iterator[Daemon]:
-    b = builder(private, 1, "--timeout", "60", "--processes", "64", "--disk-mb", "200")
+    b = builder(private, 1, "--timeout", "400", "--processes", "64", "--disk-mb", "200")
     b.start()
     yield b
     b.kill()
@@ -278,3 +280,89 @@ def test_an_apps_build_cannot_write_another_apps_build_cache(
     assert "Permission denied" in attack.stderr, attack
     assert (victim / "kept").read_text() == "mine\n"
     assert not (victim / "new").exists()
+
+
+def test_the_builder_is_a_fleet_host_without_ledger_credentials(
+        private: Cluster, one_builder: Daemon) -> None:
+    """It speaks to the API only, with its builder token: its TALLY_HOME holds nothing of
+    the platform's, its environment no ledger password, and it keeps no connection to the
+    ledger (it built the releases above through the API alone)."""
+    assert one_builder.proc is not None
+    proc = psutil.Process(one_builder.proc.pid)
+    env = proc.environ()
+    own = Path(env["TALLY_HOME"])
+    assert own != private.root.parent and not (own / "ledger").exists()
+    passwords = json.loads(private.credentials_file.read_text())
+    assert not [p for p in passwords.values() if isinstance(p, str) and
+                any(p in v for v in env.values())]
+    ledger_ports = set(private.spec.ports)
+    assert not [c for c in proc.net_connections(kind="tcp")
+                if c.raddr and c.raddr.port in ledger_ports]
+
+
+@pytest.mark.parametrize("sample, tool", [("uvlock", "uv sync"), ("poetrylock", "poetry install")])
+def test_a_lock_file_is_installed_with_its_tool(private: Cluster, one_builder: Daemon,
+                                                sample: str, tool: str) -> None:
+    """uv.lock with uv, poetry.lock with Poetry (each fetched from PyPI into the app's
+    build cache): the locked dependency is in the slug's virtualenv."""
+    home = private.root.parent
+    with Ledger(private.dsn()) as ledger:
+        stream = deploy(ledger, home, f"lock-{sample}", app_tarball(sample))
+        done = outcome(ledger, stream, timeout=600)
+    text = output(home, f"lock-{sample}", stream)
+    assert done.type == "BuildSucceeded", text
+    assert f"$ /cache/tools/{tool.split()[0]}/bin/{tool}" in text, text
+    assert "IMPORTED itsdangerous from /app/.venv" in text, text
+
+
+def test_an_interpreter_the_hosts_lack_is_a_build_error_naming_theirs(
+        private: Cluster, one_builder: Daemon) -> None:
+    bundle = files({"Procfile": "web: x\n", "requirements.txt": "", ".python-version": "3.7\n"})
+    with Ledger(private.dsn()) as ledger:
+        stream = deploy(ledger, private.root.parent, "oldpy", bundle)
+        failed = outcome(ledger, stream)
+    assert failed.type == "BuildFailed"
+    have = sorted({p.name.removeprefix("python") for p in Path("/usr/bin").glob("python3.*")
+                   if p.name.removeprefix("python").replace(".", "").isdigit()})
+    assert failed.data["reason"] == ("Python 3.7 (asked for in .python-version) is not on the "
+                                     f"hosts; they have Python {', '.join(have)}")
+
+
+def test_a_slug_over_the_apps_slug_quota_fails_the_build(
+        private: Cluster, one_builder: Daemon) -> None:
+    """The builder enforces slug_mb (the API refuses a larger upload too)."""
+    bundle = files({"Procfile": "web: x\n", "requirements.txt": "",
+                    "bin/post_compile": "#!/bin/bash\nhead -c 3000000 /dev/urandom > /app/blob\n"})
+    with Ledger(private.dsn()) as ledger:
+        ledger.append("quota-app:bigslug", [NewEvent("QuotaSet", {
+            "subject": "app", "name": "bigslug", "slug_mb": 1})])
+        stream = deploy(ledger, private.root.parent, "bigslug", bundle)
+        failed = outcome(ledger, stream)
+    assert failed.type == "BuildFailed"
+    assert "over the app's slug_mb quota of 1 MB" in failed.data["reason"], failed.data
+
+
+def test_a_build_reaches_the_package_index_and_nothing_else(
+        private: Cluster, one_builder: Daemon) -> None:
+    """Under the builder's nftables rules (agents/buildnet.py): PyPI answers; the ledger,
+    the API, and a host of the outside world that is no index do not."""
+    api_port = int(fleet.api_for(private).url.rpartition(":")[2])
+    targets = {"pypi": ("pypi.org", 443), "ledger": ("127.0.0.1", private.spec.ports[0]),
+               "api": ("127.0.0.1", api_port), "outside": ("1.1.1.1", 80),
+               "lan-dns-over-tcp-elsewhere": ("9.9.9.9", 53)}
+    probe = "".join(
+        f"try:\n    socket.create_connection({addr!r}, timeout=5).close()\n"
+        f"    print('NET {name} open')\n"
+        f"except OSError as exc:\n    print('NET {name} closed', type(exc).__name__)\n"
+        for name, addr in targets.items())
+    bundle = files({"Procfile": "web: x\n", "requirements.txt": "",
+                    "probe.py": "import socket\n" + probe,
+                    "bin/post_compile": "#!/bin/bash\npython /app/probe.py\n"})
+    with Ledger(private.dsn()) as ledger:
+        stream = deploy(ledger, private.root.parent, "netprobe", bundle)
+        done = outcome(ledger, stream)
+    text = output(private.root.parent, "netprobe", stream)
+    assert done.type == "BuildSucceeded", text
+    assert "NET pypi open" in text, text
+    for name in ("ledger", "api", "outside", "lan-dns-over-tcp-elsewhere"):
+        assert f"NET {name} closed" in text, (name, text)

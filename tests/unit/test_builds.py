@@ -1,4 +1,4 @@
-"""Builds without a builder: the claim rules (ledger/builds.py, agents/buildplan.py), the
+"""Builds without a builder: the claim rules (ledger/builds.py, api/buildqueue.py), the
 placer's gate on built releases, health verdicts, slug packing and unpacking, and what
 `tally deploy` packs. Files in tmp_path; no PostgreSQL, no sandbox."""
 
@@ -13,11 +13,12 @@ from typing import Any
 
 import pytest
 
-from agents import slug
-from agents.buildplan import jobs
+from agents import buildnet, slug
 from agents.fleet import Fleet
 from agents.health import Check
 from agents.placement import decide
+from api.buildqueue import Unbuilt, earlier_slug, offered
+from api.state import fold as fold_app
 from ledger.builds import Build, build_stream, fold
 from ledger.events import RecordedEvent
 from tally import packing
@@ -30,12 +31,14 @@ class Stream:
         self.fleet = Fleet()
         self.versions: dict[str, int] = {}
         self.n = 0
+        self.events: list[RecordedEvent] = []
 
     def add(self, stream: str, type_: str, at: datetime = T0, **data: Any) -> RecordedEvent:
         self.versions[stream] = self.versions.get(stream, 0) + 1
         self.n += 1
         e = RecordedEvent(self.n, self.n, stream, self.versions[stream], type_, data, {}, at)
         self.fleet.apply(e)
+        self.events.append(e)
         return e
 
 
@@ -66,17 +69,30 @@ def test_a_claim_lasts_its_lease_and_renewals_extend_it() -> None:
     assert not fold([started, renewed, done]).claimable(T0 + timedelta(days=1))
 
 
+def _offers(s: Stream, now: datetime) -> tuple[list[int], dict[int, Build]]:
+    """What the API offers builders of app blog: release numbers, and their builds."""
+    unbuilt = Unbuilt()
+    unbuilt.apply(s.events)
+    state = fold_app("blog", [e for e in s.events if e.stream == "app-blog"])
+    builds = {r.number: fold([e for e in s.events
+                              if e.stream == build_stream("blog", r.stream_version)])
+              for r in state.releases if r.stream_version in unbuilt.apps.get("blog", set())}
+    return [r.number for r in offered(state, builds, now)], builds
+
+
 def test_builders_are_offered_unclaimed_and_expired_builds_newest_first() -> None:
     s = Stream()
-    first = blog(s, "a" * 64, 1)
+    blog(s, "a" * 64, 1)
     second = blog(s, "b" * 64, 2)
-    assert [(j.release, j.expected_version, j.attempt) for j in jobs(s.fleet, T0)] == [
-        (2, 0, 1), (1, 0, 1)]
+    assert _offers(s, T0)[0] == [2, 1]
     s.add(second, "BuildStarted", app="blog", release=2, builder="b1", lease_s=10)
-    assert [j.release for j in jobs(s.fleet, T0 + timedelta(seconds=5))] == [1]
-    (late,) = [j for j in jobs(s.fleet, T0 + timedelta(seconds=11)) if j.release == 2]
-    assert (late.expected_version, late.attempt, late.stream) == (1, 2, second)
-    assert first != second
+    assert _offers(s, T0 + timedelta(seconds=5))[0] == [1]
+    numbers, builds = _offers(s, T0 + timedelta(seconds=11))
+    assert numbers == [2, 1] and builds[2].attempt + 1 == 2, "taken again: attempt 2"
+    s.add(second, "BuildSucceeded", app="blog", release=2, slug_digest="c" * 64,
+          size_bytes=1, seconds=1.0)
+    numbers, builds = _offers(s, T0 + timedelta(seconds=11))
+    assert numbers == [1] and 2 not in builds, "an outcome leaves the queue"
 
 
 def test_a_release_of_code_built_before_reuses_its_slug() -> None:
@@ -86,8 +102,12 @@ def test_a_release_of_code_built_before_reuses_its_slug() -> None:
     s.add(one, "BuildSucceeded", app="blog", release=1, slug_digest="c" * 64, size_bytes=1,
           seconds=1.0)
     blog(s, "a" * 64, 2)  # config:set or rollback: same bundle
-    (job,) = jobs(s.fleet, T0)
-    assert job.release == 2 and job.reuse is not None and job.reuse.release == 1
+    blog(s, "d" * 64, 3)  # other code
+    state = fold_app("blog", [e for e in s.events if e.stream == "app-blog"])
+    built = {1: fold([e for e in s.events if e.stream == one])}
+    found = earlier_slug(state, state.releases[1], built)
+    assert found is not None and found[0] == 1 and found[1].slug_digest == "c" * 64
+    assert earlier_slug(state, state.releases[2], built) is None
 
 
 def placer_says(s: Stream) -> list[Any]:
@@ -238,3 +258,46 @@ def test_app_config_never_steers_the_loader_of_the_sandbox_itself() -> None:
     env = {"PATH": "/usr/bin", "SECRET_KEY": "s", "LD_AUDIT": "/tmp/x.so",
            "LD_PRELOAD": "/tmp/y.so", "GCONV_PATH": "/tmp", "GLIBC_TUNABLES": "x=1"}
     assert loader_safe(env) == {"PATH": "/usr/bin", "SECRET_KEY": "s"}
+
+
+def test_builds_may_reach_the_index_and_its_resolvers_only(tmp_path: Path) -> None:
+    conf = tmp_path / "pip.conf"
+    conf.write_text("[global]\nindex-url = https://mirror.example.org/simple\n"
+                    "find-links = /opt/wheels\n")
+    hosts = buildnet.index_hosts({"PIP_EXTRA_INDEX_URL": "http://pkgs.local:8080/simple",
+                                  "PIP_FIND_LINKS": "https://ignored.example/"}, [conf],
+                                 ["internal.example"])
+    assert hosts == ["files.pythonhosted.org", "internal.example", "mirror.example.org",
+                     "pkgs.local", "pypi.org"]
+    assert buildnet.resolvers("# x\nnameserver 10.0.0.53\nnameserver fe80::1%eth0\n"
+                              "search lan\n") == ["10.0.0.53", "fe80::1"]
+    script = buildnet.render("t1", buildnet.Allowed({300_001, 300_002},
+                                                    {"151.101.0.223", "2a04:4e42::223"},
+                                                    {"10.0.0.53"}))
+    who = "meta skuid { 300001, 300002 }"
+    assert f"{who} ip daddr {{ 10.0.0.53 }} meta l4proto {{ tcp, udp }} th dport 53 accept" \
+        in script
+    assert f"{who} ip daddr {{ 151.101.0.223 }} tcp dport {{ 80, 443 }} accept" in script
+    assert f"{who} ip6 daddr {{ 2a04:4e42::223 }} tcp dport {{ 80, 443 }} accept" in script
+    assert script.rstrip().splitlines()[-3] == f"    {who} reject", "the rest: refused"
+    assert "skuid" not in buildnet.render("t1", buildnet.Allowed(dns={"10.0.0.53"}))
+
+
+@pytest.mark.parametrize(("text", "skip"), [
+    ("flask==3.1.3\n# a comment\ngunicorn==27.0.1  # pinned\n\n", True),
+    ("-e .\nflask==3.1.3\n", True),
+    ("-r base.txt\n", False),
+    ("--no-index\n-f ./dists\nevil==1.0\n", False),
+    ("./vendor/pkg\n", False),
+    ("pkg @ https://example.org/pkg.whl\n", False),
+    ("--index-url https://mirror.example/simple\nflask\n", False),
+])
+def test_pip_is_skipped_only_when_the_requirements_text_pins_everything(
+        tmp_path: Path, text: str, skip: bool) -> None:
+    """A warm build with unchanged requirements runs no pip, unless what they name may
+    have changed without their text changing (a nested file, local paths, URLs)."""
+    from agents import buildpack
+
+    path = tmp_path / "requirements.txt"
+    path.write_text(text)
+    assert buildpack.settled(path) is skip

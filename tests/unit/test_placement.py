@@ -92,10 +92,11 @@ class World:
                       pid=100)
             self.emit(f"instance-{iid}", "InstanceHealthy", instance_id=iid, host_id=host)
 
-    def exited(self, iid: str, code: int, restarts: int = 0) -> None:
+    def exited(self, iid: str, code: int, restarts: int = 0,
+               log_tail: list[str] | None = None) -> None:
         self.emit(f"instance-{iid}", "InstanceExited", instance_id=iid,
                   host_id=self.fleet.placements[iid].host_id, exit_code=code,
-                  restarts=restarts, log_tail=["boom"])
+                  restarts=restarts, log_tail=log_tail or ["boom"])
 
     def types(self, decided: list[tuple[str, str, dict[str, Any]]]) -> Counter:
         return Counter(t for _, t, _ in decided)
@@ -265,10 +266,12 @@ def test_release_phase_runs_first_and_its_failure_keeps_the_old_release() -> Non
     w.release("blog", 2, procfile)
     w.tick()
     (phase2,) = set(w.placed()) - {web1}
-    w.exited(phase2, 1)
+    lines = [f"migration step {i}" for i in range(150)]
+    w.exited(phase2, 1, log_tail=lines)
     decided = w.tick()
-    assert "release phase exited with code 1" in next(
-        d["reason"] for _, t, d in decided if t == "ReleaseFailed")
+    failed = next(d for _, t, d in decided if t == "ReleaseFailed")
+    assert "release phase exited with code 1" in failed["reason"]
+    assert failed["output"] == lines[-100:], "its output, enough to debug it"
     assert set(w.placed()) == {web1}
     assert w.tick() == []
 
