@@ -22,6 +22,9 @@ from tally.cli import cli
     (["logs"], "which app? give -a APP"),
     (["serve", "agent", "--host-id", "h1"], "an agent needs its host's agent token"),
     (["serve", "agent", "--host-id", "h1", "--token-file", "/nonexistent/t"], "cannot read it"),
+    (["serve", "builder"], "a builder needs its builder token"),
+    (["serve", "builder", "--token-file", "/nonexistent/t"], "cannot read it"),
+    (["serve", "builder", "--api", "ftp://x", "--token-file", __file__], "must look like"),
 ])
 def test_bad_input_is_one_clear_line(args: list[str], message: str, tmp_path) -> None:
     result = CliRunner().invoke(cli, args, env={"TALLY_HOME": str(tmp_path)})
