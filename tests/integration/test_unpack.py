@@ -91,6 +91,13 @@ def _attacks(outside: Path, secret: Path) -> dict[str, Callable[[int], list]]:
 ATTACKS = list(_attacks(Path("/x"), Path("/y")))
 
 
+def _shadow() -> tuple[int, int, int]:
+    """/etc/shadow's links, owner and mode (not its size or inode: other sessions on this
+    machine add users meanwhile, and useradd writes it anew): a hard link to it shows."""
+    st = os.stat("/etc/shadow")
+    return st.st_nlink, st.st_uid, st.st_mode
+
+
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p): (p.lstat().st_mtime_ns, p.lstat().st_size) for p in root.rglob("*")}
 
@@ -123,13 +130,13 @@ def test_a_hostile_slug_writes_nothing_outside_its_folder(
     # the slug is unpacked into into/.unpack-XXXXXXXX (mkdtemp), then renamed
     entries = _attacks(outside, secret)[attack](len(str(into)) + len("/.unpack-") + 8)
     path, digest = _store(_tar(entries), tmp_path)
-    before = _snapshot(tmp_path / "outside"), secret.read_text(), os.stat("/etc/shadow")
+    before = _snapshot(tmp_path / "outside"), secret.read_text(), _shadow()
     with pytest.raises(slug.SlugRefused):
         slug.unpack(path, digest, into, OWNER)
     assert sorted(p.name for p in into.iterdir()) == [f".{digest}.lock"], (
         "a refused slug leaves nothing behind, in its folder or beside it")
     assert sorted(p.name for p in holder.iterdir()) == ["releases"]
-    after = _snapshot(tmp_path / "outside"), secret.read_text(), os.stat("/etc/shadow")
+    after = _snapshot(tmp_path / "outside"), secret.read_text(), _shadow()
     assert after == before
 
 
@@ -141,11 +148,11 @@ def test_a_hostile_bundle_writes_nothing_outside_the_build_folder(
     app.mkdir()
     entries = _attacks(outside, secret)[attack](len(str(app)))
     path, digest = _store(_tar(entries), tmp_path)
-    before = _snapshot(tmp_path / "outside"), secret.read_text(), os.stat("/etc/shadow")
+    before = _snapshot(tmp_path / "outside"), secret.read_text(), _shadow()
     with pytest.raises(bundle.BundleRefused):
         extract_bundle(path, digest, app, OWNER)
     assert sorted(p.name for p in holder.iterdir()) == ["app"]
-    after = _snapshot(tmp_path / "outside"), secret.read_text(), os.stat("/etc/shadow")
+    after = _snapshot(tmp_path / "outside"), secret.read_text(), _shadow()
     assert after == before
 
 
@@ -187,11 +194,11 @@ def test_the_unpacker_alone_refuses_each_attack_without_the_guard_in_front(
     holder, outside, secret = place
     entries = _attacks(outside, secret)[attack](len(str(holder / "inside")))
     path, _ = _store(_tar(entries), tmp_path)
-    before = _snapshot(tmp_path / "outside"), secret.read_text(), os.stat("/etc/shadow")
+    before = _snapshot(tmp_path / "outside"), secret.read_text(), _shadow()
     for links in ("inside", "any"):
         (holder / links).mkdir()
         with pytest.raises(unpacker.UnpackRefused):
             unpacker.unpack_as(path, holder / links, OWNER, links)
     assert sorted(p.name for p in holder.iterdir()) == ["any", "inside"]
-    after = _snapshot(tmp_path / "outside"), secret.read_text(), os.stat("/etc/shadow")
+    after = _snapshot(tmp_path / "outside"), secret.read_text(), _shadow()
     assert after == before
