@@ -16,8 +16,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from api.errors import Forbidden, Unauthorized
-from ledger import NO_STREAM, Ledger
+from ledger import NO_STREAM, Ledger, LedgerError
 from ledger.events import NewEvent, RecordedEvent
+from ledger.rules import members_after
 
 ROLES = ("admin", "member", "agent", "balancer", "builder")
 HOST_ROLES = ("agent", "balancer", "builder")
@@ -48,7 +49,8 @@ class Directory:
 
     users: dict[str, Principal] = field(default_factory=dict)
     tokens: dict[str, tuple[str, str]] = field(default_factory=dict)  # hash -> (user, id)
-    managers: dict[str, set[str]] = field(default_factory=dict)  # app -> owner and members
+    managers: dict[str, frozenset[str]] = field(default_factory=dict)
+    """app -> its owner and members (ledger.rules.members_after)."""
     versions: dict[str, int] = field(default_factory=dict)  # user -> their stream's version
     position: int = 0
 
@@ -63,13 +65,12 @@ class Directory:
                 self.tokens = {h: v for h, v in self.tokens.items()
                                if v != (d["user"], d["token_id"])}
             elif ev.type == "AppCreated":
-                self.managers[d["name"]] = {d["owner"]}
+                self.managers[d["name"]] = frozenset({d["owner"]})
             elif ev.type == "AppDeleted":
                 self.managers.pop(d["name"], None)
-            elif ev.type == "AppMemberAdded":
-                self.managers.setdefault(d["app"], set()).add(d["user"])
-            elif ev.type == "AppMemberRemoved":
-                self.managers.get(d["app"], set()).discard(d["user"])
+            elif ev.type in ("AppMemberAdded", "AppMemberRemoved") and d["app"] in self.managers:
+                self.managers[d["app"]] = members_after(self.managers[d["app"]], ev.type,
+                                                        d["user"])
             if ev.stream.startswith("user-"):
                 user = ev.stream[5:]
                 self.versions[user] = max(self.versions.get(user, 0), ev.version)
@@ -109,12 +110,17 @@ def new_token() -> tuple[str, str, str]:
 def user_events(name: str, role: str, host_id: str | None = None,
                 label: str = "") -> tuple[str, list[NewEvent]]:
     """The events that create a user with a first token, and that token."""
+    token, issued = token_event(name, label)
+    return token, [NewEvent("UserCreated", {"name": name, "role": role, "host_id": host_id}),
+                   issued]
+
+
+def token_event(name: str, label: str = "") -> tuple[str, NewEvent]:
+    """A new token for user `name` (shown once) and the TokenIssued event that stores only
+    its hash: the one place that event is made."""
     token, token_id, digest = new_token()
-    return token, [
-        NewEvent("UserCreated", {"name": name, "role": role, "host_id": host_id}),
-        NewEvent("TokenIssued", {"user": name, "token_id": token_id, "token_hash": digest,
-                                 "label": label}),
-    ]
+    return token, NewEvent("TokenIssued", {"user": name, "token_id": token_id,
+                                           "token_hash": digest, "label": label})
 
 
 def bearer(header: str | None) -> str:
@@ -147,6 +153,21 @@ def create_user(ledger: Ledger, name: str, role: str, host_id: str | None = None
     token, events = user_events(name, role, host_id, label="created by " + actor)
     stamped = [NewEvent(e.type, e.data, {"actor": actor, "role": "operator"}) for e in events]
     ledger.append(f"user-{name}", stamped, expected_version=NO_STREAM)
+    return token
+
+
+def issue_token(ledger: Ledger, name: str, actor: str = "operator", label: str = "") -> str:
+    """Another token for an existing user, straight on the ledger (the operator's path:
+    `tally up` reissuing an agent's lost token); returns it, shown once. LedgerError if
+    there is no such user (or the stream moved meanwhile: VersionConflict)."""
+    stream = f"user-{name}"
+    version = ledger.stream_version(stream)
+    if version == 0:
+        raise LedgerError(f"no user named {name!r}")
+    token, issued = token_event(name, label or "issued by " + actor)
+    ledger.append(stream, [NewEvent(issued.type, issued.data,
+                                    {"actor": actor, "role": "operator"})],
+                  expected_version=version)
     return token
 
 

@@ -70,11 +70,10 @@ def issue_token(name: str) -> ResponseReturnValue:
     require_role(who(), "admin", "member")
     user = _self_or_admin(name)
     label = body(schemas.TokenCreate)["label"]
-    token, token_id, digest = auth.new_token()
-    services().append(f"user-{name}", [NewEvent("TokenIssued", {
-        "user": name, "token_id": token_id, "token_hash": digest, "label": label})], None, who())
-    return reply(schemas.Token, {"user": name, "role": user.role, "token_id": token_id,
-                                 "token": token}, 201)
+    token, issued = auth.token_event(name, label)
+    services().append(f"user-{name}", [issued], None, who())
+    return reply(schemas.Token, {"user": name, "role": user.role,
+                                 "token_id": issued.data["token_id"], "token": token}, 201)
 
 
 @route("/users/<name>/tokens/<token_id>", "DELETE", tag="users", status=204,

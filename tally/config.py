@@ -42,6 +42,13 @@ TALLY_RELAY_KEY       the relays' CURVE public key, z85 (`tally up` hands it to 
                       unset: subscribers speak plain ZeroMQ
 TALLY_CURVE_KEYFILE   a control-plane daemon's CURVE keypair file, for the relays' PUB
 TALLY_APP_UIDS        the Unix uids the API hands to apps, each once; default 200000-299999
+
+Read by the CLI's options themselves (click `envvar=`, shown in each command's --help):
+TALLY_APP             the app of a user command (`-a APP`)
+TALLY_AGENT_API       `tally serve agent --api`
+TALLY_HOST_TTL        `tally serve placer --ttl`
+TALLY_DEPLOY_TIMEOUT  `tally serve placer --deploy-timeout`
+(and TALLY_API, TALLY_TOKEN, TALLY_API_BIND above, as options of the commands that take them)
 """
 
 from __future__ import annotations

@@ -126,23 +126,18 @@ def host_token(cfg: Config, host_id: str, role: str) -> str:
     """The token of user <role>-<host> (an agent, a balancer, or builder <host>): made on
     first use, kept in $TALLY_HOME/secrets (0600). A lost file gets the user a new token;
     the old one keeps its hash only."""
-    from api.auth import create_user, new_token
-    from ledger import Ledger, NewEvent
+    from api.auth import create_user, issue_token
+    from ledger import Ledger
 
     path = cfg.home / "secrets" / f"{role}-{host_id}.token"
     if path.exists():
         return path.read_text().strip()
     name = f"{role}-{host_id}"
     with Ledger(cfg.cluster().dsn("tally_writer"), retry_deadline=10) as ledger:
-        version = ledger.stream_version(f"user-{name}")
-        if version == 0:
+        if ledger.stream_version(f"user-{name}") == 0:
             token = create_user(ledger, name, role, host_id, actor="tally up")
         else:
-            token, token_id, digest = new_token()
-            ledger.append(f"user-{name}", [NewEvent("TokenIssued", {
-                "user": name, "token_id": token_id, "token_hash": digest,
-                "label": "reissued by tally up"}, {"actor": "tally up", "role": "operator"})],
-                expected_version=version)
+            token = issue_token(ledger, name, actor="tally up", label="reissued by tally up")
     path.parent.mkdir(mode=0o700, exist_ok=True)
     path.touch(mode=0o600)
     path.write_text(token + "\n")

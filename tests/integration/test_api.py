@@ -322,6 +322,25 @@ def test_tokens_issue_and_revoke(world: World) -> None:
     assert me.status_code == 401
 
 
+def test_the_operator_reissues_a_token_as_the_api_issues_one(world: World) -> None:
+    """`tally up` reissuing an agent's lost token goes through api/auth.issue_token: the
+    TokenIssued POST /users/NAME/tokens makes, with the operator as actor; both tokens open."""
+    from api.auth import issue_token
+    from ledger import LedgerError
+
+    name = world.names["agent"]
+    token = issue_token(world.ledger, name, actor="tally up", label="reissued by tally up")
+    for t in (token, world.tokens["agent"]):
+        me = world.client.get("/me", headers={"Authorization": f"Bearer {t}"})
+        assert me.status_code == 200 and me.json["name"] == name
+    last = world.ledger.read_stream(f"user-{name}")[-1]
+    assert (last.type, last.data["label"], last.metadata["actor"]) == (
+        "TokenIssued", "reissued by tally up", "tally up")
+    assert token not in str(last.data), "only the hash is stored"
+    with pytest.raises(LedgerError, match="no user named"):
+        issue_token(world.ledger, f"nobody-{uid()}")
+
+
 def test_two_writers_on_one_version_one_wins_other_gets_409_with_state(world: World) -> None:
     from api import decide
     from api.errors import Conflict

@@ -82,3 +82,19 @@ def test_only_the_ledger_package_reads_the_ledger_tables() -> None:
                  "\n".join(line for line in path.read_text().splitlines()
                            if not line.lstrip().startswith("#")))]
     assert not found, f"SQL on ledger.events/positions outside ledger/: {found}"
+
+
+def test_token_events_are_made_in_one_place() -> None:
+    """A TokenIssued event is made only by api/auth.py (token_event): the API's route, `tally
+    admin create-user` and `tally up`'s agent tokens all call it."""
+    makers = {m for m, p in modules().items() if 'NewEvent("TokenIssued"' in p.read_text()}
+    assert makers == {"api.auth"}
+
+
+def test_configuration_is_read_from_the_environment_in_one_place() -> None:
+    """Only tally/config.py looks a setting up in the environment (others hand the whole
+    environment on to a child process, which is not reading it); migrations/env.py takes its
+    DSN from tally or from Alembic's `-x dsn=`."""
+    lookup = re.compile(r"os\.environ(\.get\(|\[)|os\.getenv\(|environ\.get\(")
+    readers = {m for m, p in modules().items() if lookup.search(p.read_text())}
+    assert readers <= {"tally.config"}, readers
