@@ -21,7 +21,7 @@ def fleet_of(snapshot: dict[str, Any]) -> Fleet:
                                         r.get("config_version", 0), app=name,
                                         build=_built(r.get("slug")))
                         for n, r in a.get("releases", {}).items()}
-        app.config_history = history(a.get("configs", {}))
+        app.configs = {0: {}, **{int(v): dict(c) for v, c in a.get("configs", {}).items()}}
         app.sizes = dict(a.get("sizes", {}))
         fleet.apps[name] = app
     now = datetime.now(UTC)
@@ -37,12 +37,3 @@ def _built(slug: str | None) -> Build:
     """A release the API says is built (its slug's digest), or one that is not yet."""
     return Build(status="succeeded", slug_digest=slug) if slug else Build()
 
-
-def history(configs: dict[str, dict[str, str]]) -> list[tuple[int, dict[str, str], list[str]]]:
-    """Whole config snapshots as the (version, set, unset) steps App.config_at replays:
-    each step unsets what earlier snapshots had and it has not."""
-    steps, seen = [], set()
-    for version, values in sorted(((int(v), c) for v, c in configs.items())):
-        steps.append((version, dict(values), sorted(seen - set(values))))
-        seen |= set(values)
-    return steps

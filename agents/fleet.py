@@ -15,10 +15,10 @@ from typing import Any
 
 from ledger import builds
 from ledger.events import RecordedEvent
+from ledger.rules import HOST_LOST_AFTER, OBSERVED, config_after, instance_kept
 from ledger.vocabulary import (
     LIVENESS_STREAM,
     RELEASE_PHASE,
-    RUNNING,
     HostState,
     InstanceState,
     Liveness,
@@ -60,7 +60,8 @@ class App:
     sizes: dict[str, str] = field(default_factory=dict)
     """Formation size per process type (ledger/sizes.py); absent: the default."""
     releases: dict[int, Release] = field(default_factory=dict)
-    config_history: list[tuple[int, dict[str, str], list[str]]] = field(default_factory=list)
+    configs: dict[int, dict[str, str]] = field(default_factory=lambda: {0: {}})
+    """Config vars per config version (ConfigChanged, ledger.rules.config_after)."""
     deployed: int | None = None
     """The last release whose rollout completed (ReleaseDeployed)."""
     failed: dict[int, str] = field(default_factory=dict)
@@ -73,14 +74,7 @@ class App:
 
     def config_at(self, version: int) -> dict[str, str]:
         """Config vars as of `version` (the one a release was cut with)."""
-        out: dict[str, str] = {}
-        for v, sets, unsets in self.config_history:
-            if v > version:
-                break
-            out.update(sets)
-            for key in unsets:
-                out.pop(key, None)
-        return out
+        return dict(self.configs[max(v for v in self.configs if v <= version)])
 
 
 @dataclass
@@ -167,7 +161,7 @@ def _app_deleted(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:
 
 def _config_changed(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:
     if app := f.apps.get(d["app"]):
-        app.config_history.append((d["config_version"], d.get("set", {}), d.get("unset", [])))
+        app.configs[d["config_version"]] = config_after(app.configs[max(app.configs)], d)
 
 
 def _release_created(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:
@@ -194,19 +188,20 @@ def _host_registered(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:
     old = f.hosts.get(d["host_id"])
     f.hosts[d["host_id"]] = Host(d["host_id"], d["address"], d["port_min"], d["port_max"],
                                  d["capacity"], e.recorded_at,
-                                 old.last_heartbeat if old else None, False, e.version,
+                                 old.last_heartbeat if old else None, HOST_LOST_AFTER[e.type],
+                                 e.version,
                                  d.get("run_endpoint", ""))
 
 
 def _heartbeat(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:
     if host := f.hosts.get(d["host_id"]):
         host.last_heartbeat = e.recorded_at
-        host.lost = False
+        host.lost = HOST_LOST_AFTER[e.type]
 
 
 def _host_lost(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:
     if host := f.hosts.get(d["host_id"]):
-        host.lost = True
+        host.lost = HOST_LOST_AFTER[e.type]
         host.version = e.version
 
 
@@ -220,7 +215,7 @@ def _placed(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:
 def _unplaced(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:
     f.placements.pop(d["instance_id"], None)
     inst = f.instances.get(d["instance_id"])
-    if inst is not None and inst.state not in RUNNING:
+    if inst is not None and not instance_kept(False, inst.state):
         del f.instances[d["instance_id"]]
 
 
@@ -234,7 +229,7 @@ def _observed(state: InstanceState) -> Any:
     def handle(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:
         iid = d["instance_id"]
         placed = f.placements.get(iid)
-        if placed is None and state not in RUNNING:
+        if not instance_kept(placed is not None, state):
             f.instances.pop(iid, None)
             return
         inst = f.instances.setdefault(iid, Instance())
@@ -272,10 +267,7 @@ HANDLERS = {
     "ReleaseCreated": _release_created, "ScaleChanged": _scale_changed,
     "HostRegistered": _host_registered, "HostHeartbeat": _heartbeat, "HostLost": _host_lost,
     "InstancePlaced": _placed, "InstanceUnplaced": _unplaced,
-    "InstanceStarted": _observed(InstanceState.STARTED),
-    "InstanceHealthy": _observed(InstanceState.HEALTHY),
-    "InstanceExited": _observed(InstanceState.EXITED),
-    "InstanceStopped": _observed(InstanceState.STOPPED),
+    **{name: _observed(state) for name, state in OBSERVED.items()},
     "ReleaseDeployed": _deployed, "ReleaseFailed": _failed,
     "PlacementFailed": _placement_failed, "LivenessSet": _liveness_set,
     **{name: _build for name in builds.BUILD_EVENTS},

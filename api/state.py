@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from ledger.events import RecordedEvent
+from ledger.rules import config_after, domains_after, members_after
 from ledger.vocabulary import fold_scale
 
 
@@ -130,10 +131,9 @@ def apply(s: AppState, ev: RecordedEvent) -> AppState:
     if t == "AppDeleted":
         return replace(s, exists=False, deleted=True, scale={k: 0 for k in s.scale})
     if t == "ConfigChanged":
-        config = {k: v for k, v in s.config.items() if k not in d.get("unset", [])}
-        config.update(d.get("set", {}))
         version = d["config_version"]
-        return replace(s, configs={**s.configs, version: config}, config_version=version)
+        return replace(s, configs={**s.configs, version: config_after(s.config, d)},
+                       config_version=version)
     if t == "ReleaseCreated":
         rel = Release(d["release"], d["bundle_digest"], dict(d["procfile"]),
                       d["config_version"], d.get("description", ""), d.get("rollback_of"),
@@ -141,16 +141,12 @@ def apply(s: AppState, ev: RecordedEvent) -> AppState:
         return replace(s, releases=(*s.releases, rel))
     if t == "ScaleChanged":
         return replace(s, scale=fold_scale(s.scale, d["scale"]), sizes=dict(d.get("sizes", {})))
-    if t == "DomainAdded":
-        return replace(s, domains=(*s.domains, d["domain"]))
-    if t == "DomainRemoved":
-        return replace(s, domains=tuple(x for x in s.domains if x != d["domain"]))
+    if t in ("DomainAdded", "DomainRemoved"):
+        return replace(s, domains=tuple(domains_after(s.domains, t, d["domain"])))
     if t == "MaintenanceChanged":
         return replace(s, maintenance=d["enabled"])
-    if t == "AppMemberAdded":
-        return replace(s, members=s.members | {d["user"]})
-    if t == "AppMemberRemoved":
-        return replace(s, members=s.members - {d["user"]})
+    if t in ("AppMemberAdded", "AppMemberRemoved"):
+        return replace(s, members=members_after(s.members, t, d["user"]))
     if t == "RunStarted":
         run = Run(d["number"], d["run_id"], tuple(d["command"]), d["host_id"], d["release"],
                   d.get("detached", False), ev.metadata.get("actor"), at)

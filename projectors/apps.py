@@ -11,6 +11,7 @@ serving). A deleted app loses its rows; its history stays in the ledger (`tally 
 from __future__ import annotations
 
 from ledger.events import RecordedEvent
+from ledger.rules import domains_after
 from ledger.vocabulary import ReleaseStatus, fold_scale
 from projectors.projector import Projector, handlers_of, handles
 from projectors.tables import Tables
@@ -88,10 +89,7 @@ def domain_changed(t: Tables, e: RecordedEvent) -> None:
     app = t.get("apps", e.data["app"])
     if app is None:
         return
-    domains = [d for d in app["domains"] if d != e.data["domain"]]
-    if e.type == "DomainAdded":
-        domains.append(e.data["domain"])
-    _change(t, e, domains=sorted(domains))
+    _change(t, e, domains=sorted(domains_after(app["domains"], e.type, e.data["domain"])))
 
 
 @handles("MaintenanceChanged")

@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from ledger.events import RecordedEvent
+from ledger.rules import HOST_LOST_AFTER
 from ledger.vocabulary import HostState, Liveness
 from ledger.vocabulary import host_state as _rule
 from projectors.projector import Projector, handlers_of, handles
@@ -32,7 +33,7 @@ def host_registered(t: Tables, e: RecordedEvent) -> None:
     t.put("hosts", {
         "host_id": d["host_id"], "address": d["address"], "port_min": d["port_min"],
         "port_max": d["port_max"], "capacity": d["capacity"], "memory_mb": d.get("memory_mb", 0),
-        "state": HostState.ALIVE, "registered_at": e.recorded_at, "registered_position": e.position,
+        "state": _state_after(e), "registered_at": e.recorded_at, "registered_position": e.position,
         "last_heartbeat": old.get("last_heartbeat"),
         "heartbeat_position": old.get("heartbeat_position"), "load": old.get("load"),
         "memory_used_mb": old.get("memory_used_mb"),
@@ -46,7 +47,7 @@ def heartbeat(t: Tables, e: RecordedEvent) -> None:
     host = t.get("hosts", e.data["host_id"])
     if host is None:
         return
-    t.update("hosts", host, state=HostState.ALIVE, last_heartbeat=e.recorded_at,
+    t.update("hosts", host, state=_state_after(e), last_heartbeat=e.recorded_at,
              heartbeat_position=e.position, load=e.data.get("load"),
              memory_used_mb=e.data.get("memory_used_mb"),
              running_instances=e.data.get("instances"), position=e.position)
@@ -56,8 +57,12 @@ def heartbeat(t: Tables, e: RecordedEvent) -> None:
 def host_lost(t: Tables, e: RecordedEvent) -> None:
     host = t.get("hosts", e.data["host_id"])
     if host is not None:
-        t.update("hosts", host, state=HostState.LOST, lost_position=e.position,
+        t.update("hosts", host, state=_state_after(e), lost_position=e.position,
                  lost_reason=e.data.get("reason", ""), position=e.position)
+
+
+def _state_after(e: RecordedEvent) -> HostState:
+    return HostState.LOST if HOST_LOST_AFTER[e.type] else HostState.ALIVE
 
 
 PROJECTOR = Projector(

@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from ledger.events import RecordedEvent
-from ledger.vocabulary import RUNNING, InstanceState
+from ledger.rules import OBSERVED, instance_kept
+from ledger.vocabulary import InstanceState
 from projectors.projector import Projector, handlers_of, handles
 from projectors.tables import Tables
 
@@ -38,7 +39,7 @@ def unplaced(t: Tables, e: RecordedEvent) -> None:
     row = t.get("instances", e.data["instance_id"])
     if row is None:
         return
-    if row["state"] not in RUNNING:
+    if not instance_kept(False, row["state"]):
         t.delete("instances", row["instance_id"])
     else:
         t.update("instances", row, placed=False, position=e.position)
@@ -48,36 +49,36 @@ def unplaced(t: Tables, e: RecordedEvent) -> None:
 def started(t: Tables, e: RecordedEvent) -> None:
     # exit_code and signal stay: they are the last termination (as Kubernetes' Last State),
     # what `tally ps` and `why` show for an instance that keeps restarting.
-    _observe(t, e, InstanceState.STARTED, pid=e.data["pid"])
+    _observe(t, e, pid=e.data["pid"])
 
 
 @handles("InstanceHealthy")
 def healthy(t: Tables, e: RecordedEvent) -> None:
-    _observe(t, e, InstanceState.HEALTHY)
+    _observe(t, e)
 
 
 @handles("InstanceExited")
 def exited(t: Tables, e: RecordedEvent) -> None:
     d = e.data
-    _observe(t, e, InstanceState.EXITED, exit_code=d.get("exit_code"), signal=d.get("signal"),
+    _observe(t, e, exit_code=d.get("exit_code"), signal=d.get("signal"),
              restarts=d.get("restarts", 0), log_tail=d.get("log_tail", []),
              reason=d.get("reason", ""))
 
 
 @handles("InstanceStopped")
 def stopped(t: Tables, e: RecordedEvent) -> None:
-    _observe(t, e, InstanceState.STOPPED)
+    _observe(t, e)
 
 
-def _observe(t: Tables, e: RecordedEvent, state: InstanceState, **facts: Any) -> None:
-    instance_id = e.data["instance_id"]
+def _observe(t: Tables, e: RecordedEvent, **facts: Any) -> None:
+    state, instance_id = OBSERVED[e.type], e.data["instance_id"]
     row = t.get("instances", instance_id)
     if row is None:  # an agent reports an instance the placer no longer wants
         row = {"instance_id": instance_id, "app": None, "release": None, "process_type": None,
                "host_id": e.data.get("host_id"), "port": None, "placed": False, "pid": None,
                "exit_code": None, "signal": None, "restarts": 0, "log_tail": [],
                "placed_position": None, "reason": ""}
-    if not row["placed"] and state not in RUNNING:
+    if not instance_kept(row["placed"], state):
         t.delete("instances", instance_id)
         return
     host = e.data.get("host_id") or row["host_id"]

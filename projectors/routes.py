@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from ledger.events import RecordedEvent
 from ledger.hostnames import DEFAULT_SUFFIX, platform_hostname, reserved
+from ledger.rules import HOST_LOST_AFTER, domains_after
 from ledger.vocabulary import WEB
 from projectors.projector import Projector, handlers_of, handles
 from projectors.tables import Row, Tables
@@ -69,10 +70,8 @@ def app_changed(t: Tables, e: RecordedEvent) -> None:
     elif e.type == "MaintenanceChanged":
         app = t.update("route_apps", app, maintenance=d["enabled"])
     else:
-        domains = [x for x in app["domains"] if x != d["domain"]]
-        if e.type == "DomainAdded":
-            domains.append(d["domain"])
-        t.update("route_apps", app, domains=sorted(domains))
+        t.update("route_apps", app,
+                 domains=sorted(domains_after(app["domains"], e.type, d["domain"])))
     _mark(t, d["app"], e.position)
 
 
@@ -103,11 +102,12 @@ def host_changed(t: Tables, e: RecordedEvent) -> None:
     host_id = e.data["host_id"]
     old = t.get("route_hosts", host_id)
     if e.type == "HostRegistered":
-        new = {"host_id": host_id, "address": e.data["address"], "lost": False}
+        new = {"host_id": host_id, "address": e.data["address"],
+               "lost": HOST_LOST_AFTER[e.type]}
     elif old is None:
         return
     else:
-        new = {**old, "lost": e.type == "HostLost"}
+        new = {**old, "lost": HOST_LOST_AFTER[e.type]}
     if new == old:
         return  # the common heartbeat: nothing to recompute
     t.put("route_hosts", new)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from agents.api_client import ApiAway, ApiRefused
-from agents.desired import fleet_of, history
+from agents.desired import fleet_of
 from agents.outbox import Outbox
 
 SNAPSHOT = {
@@ -36,11 +36,6 @@ def test_the_desired_state_becomes_the_agents_fleet() -> None:
     assert app.config_at(1) == {"A": "1", "B": "2"}
     assert app.config_at(2) == {"B": "3"}  # A was unset between the two snapshots
     assert fleet.position == 42
-
-
-def test_config_snapshots_replay_as_steps() -> None:
-    assert history({"3": {"X": "1"}, "1": {"X": "0", "Y": "y"}}) == [
-        (1, {"X": "0", "Y": "y"}, []), (3, {"X": "1"}, ["Y"])]
 
 
 def _item(n: int) -> dict[str, Any]:

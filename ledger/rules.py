@@ -1,0 +1,67 @@
+"""What an event means, written once for every fold of the ledger.
+
+tally folds the same events in several places, each for a reason of its own: the API
+decides on an app's stream (api/state.py) and knows who may do what (api/auth.py), the
+placer and the agents see the fleet (agents/fleet.py), the projectors write the views
+(projectors/), the API answers agents from the placements (api/hosts.py). Each keeps the
+shape its readers need, but what one event changes is the same in all of them, so it is
+decided here and nowhere else; tests/unit/test_folds.py feeds one history to every fold and
+checks that they agree. Pure functions over plain values; a leaf module beside
+ledger/vocabulary.py (which holds the states, liveness and scale rules).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from ledger.vocabulary import RUNNING, InstanceState
+
+
+def config_after(config: Mapping[str, str], change: Mapping[str, Any]) -> dict[str, str]:
+    """A ConfigChanged applied to the config before it: its `unset` keys go, then its
+    `set` keys are set (a key both unset and set ends set)."""
+    unset = set(change.get("unset", ()))
+    out = {k: v for k, v in config.items() if k not in unset}
+    out.update(change.get("set", {}))
+    return out
+
+
+def domains_after(domains: Iterable[str], event_type: str, domain: str) -> list[str]:
+    """DomainAdded or DomainRemoved applied: a hostname is held once, a new one last."""
+    out = [d for d in domains if d != domain]
+    if event_type == "DomainAdded":
+        out.append(domain)
+    return out
+
+
+def members_after(members: frozenset[str], event_type: str, user: str) -> frozenset[str]:
+    """AppMemberAdded or AppMemberRemoved applied to an app's members (the owner is not
+    one of them: AppCreated names it, and it cannot be removed)."""
+    return members | {user} if event_type == "AppMemberAdded" else members - {user}
+
+
+OBSERVED: Mapping[str, InstanceState] = {
+    "InstanceStarted": InstanceState.STARTED,
+    "InstanceHealthy": InstanceState.HEALTHY,
+    "InstanceExited": InstanceState.EXITED,
+    "InstanceStopped": InstanceState.STOPPED,
+}
+"""The state each report of a host agent puts its instance in."""
+
+
+def instance_kept(placed: bool, state: str) -> bool:
+    """Whether an instance still has a record: while the placer wants it (placed) or its
+    process still runs (it holds its port until its agent stops it). Unplaced and not
+    running, it is gone: InstanceUnplaced of a stopped instance, or a report of one the
+    placer no longer wants that is not running."""
+    return placed or state in RUNNING
+
+
+HOST_LOST_AFTER: Mapping[str, bool] = {
+    "HostRegistered": False,
+    "HostHeartbeat": False,
+    "HostLost": True,
+}
+"""Whether a host is lost after each host event: HostLost makes it so until the host is
+heard from again (a heartbeat or a new registration brings it back)."""
