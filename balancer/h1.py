@@ -44,51 +44,42 @@ class Limits:
     """A request body over this (declared or streamed) gets 413."""
 
 
+@dataclass(slots=True)
 class Request:
     """A parsed request head. Treated as a value once parsed."""
 
-    __slots__ = ("method", "target", "http10", "headers", "host", "raw_host", "framing",
-                 "length", "keep_alive", "expect_continue", "upgrade", "forwarded_for")
-
-    def __init__(self, method: bytes, target: bytes, http10: bool, headers: list[bytes],
-                 host: str, raw_host: bytes, framing: int, length: int = 0,
-                 keep_alive: bool = True, expect_continue: bool = False,
-                 upgrade: bytes | None = None, forwarded_for: bytes | None = None) -> None:
-        self.method = method
-        self.target = target
-        """Origin-form (an absolute-form target is reduced to its path and query)."""
-        self.http10 = http10
-        self.headers = headers
-        """End-to-end header lines as received (CRLF included); hop-by-hop, framing and
-        X-Forwarded-* ones removed."""
-        self.host = host
-        """Lower case, without port or trailing dot: what routing looks up."""
-        self.raw_host = raw_host
-        self.framing = framing
-        self.length = length
-        self.keep_alive = keep_alive
-        self.expect_continue = expect_continue
-        self.upgrade = upgrade
-        """The Upgrade header's value when the client asked to switch protocols."""
-        self.forwarded_for = forwarded_for
+    method: bytes
+    target: bytes
+    """Origin-form (an absolute-form target is reduced to its path and query)."""
+    http10: bool
+    headers: list[bytes]
+    """End-to-end header lines as received (CRLF included); hop-by-hop, framing and
+    X-Forwarded-* ones removed."""
+    host: str
+    """Lower case, without port or trailing dot: what routing looks up."""
+    raw_host: bytes
+    framing: int
+    length: int = 0
+    keep_alive: bool = True
+    expect_continue: bool = False
+    upgrade: bytes | None = None
+    """The Upgrade header's value when the client asked to switch protocols."""
+    forwarded_for: bytes | None = None
 
 
+@dataclass(slots=True)
 class Response:
     """A parsed response head from a backend."""
 
-    __slots__ = ("status", "reason", "headers", "framing", "length", "reusable", "upgrade")
-
-    def __init__(self, status: int, reason: bytes, headers: list[bytes], framing: int,
-                 length: int = 0, reusable: bool = True, upgrade: bytes | None = None) -> None:
-        self.status = status
-        self.reason = reason
-        self.headers = headers
-        """End-to-end header lines (CRLF included)."""
-        self.framing = framing
-        self.length = length
-        self.reusable = reusable
-        """Whether the backend connection may carry another request afterwards."""
-        self.upgrade = upgrade
+    status: int
+    reason: bytes
+    headers: list[bytes]
+    """End-to-end header lines (CRLF included)."""
+    framing: int
+    length: int = 0
+    reusable: bool = True
+    """Whether the backend connection may carry another request afterwards."""
+    upgrade: bytes | None = None
 
 
 _TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"

@@ -25,7 +25,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -34,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agents import slug  # noqa: E402
 from agents.fleet import Fleet  # noqa: E402
 from agents.placement import Settings, decide  # noqa: E402
-from agents.placer import catch_up  # noqa: E402
+from bench.rollout import first_200, fleet_now, time_to_serve  # noqa: E402
 from ledger import Ledger  # noqa: E402
 from ledger.events import RecordedEvent  # noqa: E402
 from tests.conftest import RelayProcs, destroy_cluster, free_ports, make_cluster  # noqa: E402
@@ -46,19 +45,7 @@ from tests.fixtures.apps.fleet import (  # noqa: E402
     release,
     scale,
 )
-
-
-def first_200(port: int, release_no: int | None, deadline: float) -> bool:
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1) as r:
-                body = json.loads(r.read())
-                if r.status == 200 and (release_no is None or body["release"] == str(release_no)):
-                    return True
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.01)
-    return False
+from tests.waiting import wait_until  # noqa: E402
 
 
 def unpacked_slug() -> Path:
@@ -84,15 +71,6 @@ def baseline_start() -> float:
         proc.wait()
 
 
-def wait_for(cond, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := cond():
-            return value
-        time.sleep(0.01)
-    raise SystemExit(f"bench: timed out waiting for {what}")
-
-
 def fleet_bench(deploys: int, ttl: float) -> dict[str, float]:
     cluster = make_cluster()
     relays = RelayProcs(cluster)
@@ -111,11 +89,9 @@ def fleet_bench(deploys: int, ttl: float) -> dict[str, float]:
         home = cluster.root.parent
         with Ledger(cluster.dsn()) as led:
             def fleet() -> Fleet:
-                f = Fleet()
-                catch_up(led, f)
-                return f
+                return fleet_now(led)
 
-            wait_for(lambda: len([h for h in fleet().hosts.values() if h.last_heartbeat]) == 2,
+            wait_until(lambda: len([h for h in fleet().hosts.values() if h.last_heartbeat]) == 2,
                      30, "both agents")
             create_app(led, "bench", {"GREETING": "hi"})
             scale(led, "bench", web=1)
@@ -123,14 +99,9 @@ def fleet_bench(deploys: int, ttl: float) -> dict[str, float]:
             for n in range(1, deploys + 1):
                 t0 = time.monotonic()
                 release(led, home, "bench", "hello", n, config_version=1)
-                p = wait_for(lambda n=n: next((p for p in fleet().placements_of("bench")
-                                               if p.release == n), None), 60, "a placement")
-                assert first_200(p.port, n, time.monotonic() + 120), "deploy never answered"
-                times.append(time.monotonic() - t0)
-                wait_for(lambda n=n: all(p.release == n for p in fleet().placements_of("bench")),
-                         60, "the old release withdrawn")
+                times.append(time_to_serve(led, "bench", n, t0))
             scale(led, "bench", web=2)
-            wait_for(lambda: sorted(p.host_id for p in fleet().placements_of("bench")
+            wait_until(lambda: sorted(p.host_id for p in fleet().placements_of("bench")
                                     if fleet().instance(p.instance_id).state == "healthy")
                      == ["h1", "h2"], 60, "one instance per host")
             victim = agents[0]
@@ -145,7 +116,7 @@ def fleet_bench(deploys: int, ttl: float) -> dict[str, float]:
                     p.host_id == "h2" and f.instance(p.instance_id).state == "healthy"
                     for p in ps)
 
-            wait_for(moved, ttl + 60, "failover")
+            wait_until(moved, ttl + 60, "failover")
             failover = time.monotonic() - t0
     finally:
         for a in agents:

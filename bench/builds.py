@@ -33,7 +33,6 @@ import sys
 import tarfile
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -41,11 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agents import runtime, sandbox, slug  # noqa: E402
 from agents.builder import Settings, sandboxed_build  # noqa: E402
 from agents.fleet import Fleet  # noqa: E402
-from agents.placer import catch_up  # noqa: E402
+from bench.rollout import fleet_now, time_to_serve  # noqa: E402
 from ledger import Ledger, NewEvent  # noqa: E402
 from tests.conftest import RelayProcs, destroy_cluster, free_ports, make_cluster  # noqa: E402
 from tests.fixtures.apps import APPS, procfile, slug_for, store, tarball  # noqa: E402
 from tests.fixtures.apps.fleet import AgentProc, builder, create_app, placer, scale  # noqa: E402
+from tests.waiting import wait_until  # noqa: E402
 
 
 def bundle(marker: str) -> bytes:
@@ -143,27 +143,6 @@ def bundle_of_hello() -> bytes:
     return app_tarball("hello")
 
 
-def first_200(port: int, release_no: int, deadline: float) -> bool:
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1) as r:
-                if r.status == 200 and json.loads(r.read())["release"] == str(release_no):
-                    return True
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.01)
-    return False
-
-
-def wait_for(check, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(0.05)
-    raise SystemExit(f"timed out waiting for {what}")
-
-
 def platform_bench(redeploys: int) -> dict[str, float]:
     cluster = make_cluster()
     relays = RelayProcs(cluster)
@@ -179,9 +158,7 @@ def platform_bench(redeploys: int) -> dict[str, float]:
         home = cluster.root.parent
         with Ledger(cluster.dsn()) as led:
             def fleet() -> Fleet:
-                f = Fleet()
-                catch_up(led, f)
-                return f
+                return fleet_now(led)
 
             def deploy(n: int) -> float:
                 data = bundle(f"release {n}")
@@ -190,13 +167,7 @@ def platform_bench(redeploys: int) -> dict[str, float]:
                 led.append("app-bench", [NewEvent("ReleaseCreated", {
                     "app": "bench", "release": n, "bundle_digest": digest,
                     "procfile": procfile("hello"), "config_version": 0})])
-                p = wait_for(lambda: next((p for p in fleet().placements_of("bench")
-                                           if p.release == n), None), 300, f"v{n} placed")
-                assert first_200(p.port, n, time.monotonic() + 120), "never answered"
-                took = time.monotonic() - t0
-                wait_for(lambda: all(p.release == n for p in fleet().placements_of("bench")),
-                         60, "the old release withdrawn")
-                return took
+                return time_to_serve(led, "bench", n, t0, placed_within=300)
 
             create_app(led, "bench")
             scale(led, "bench", web=1)
@@ -211,7 +182,7 @@ def platform_bench(redeploys: int) -> dict[str, float]:
                 return len(ps) == 10 and all(f.instance(p.instance_id).state == "healthy"
                                              for p in ps)
 
-            wait_for(all_healthy, 120, "10 healthy instances")
+            wait_until(all_healthy, 120, "10 healthy instances")
             scale_out = time.monotonic() - t0
         return {"first_deploy_s": round(first, 2),
                 "redeploy_to_200_s": round(statistics.median(times), 2),

@@ -23,7 +23,6 @@ import shutil
 import signal
 import statistics
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -33,40 +32,11 @@ import psycopg2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import migrations  # noqa: E402
+from bench.ledger import PAYLOAD, ours, rate  # noqa: E402
 from ledger import Ledger, LedgerUnavailable, NewEvent  # noqa: E402
-from ledger.cluster import ClusterSpec  # noqa: E402
 from ledger.patroni import PatroniCluster  # noqa: E402
-from tests.conftest import destroy_cluster, free_ports, make_cluster  # noqa: E402
-
-PAYLOAD = {"host_id": "bench-host-00", "load": 0.42, "memory_used_mb": 812,
-           "memory_total_mb": 4096, "instances": 3}
-
-
-def patroni_cluster() -> PatroniCluster:
-    root = Path(tempfile.mkdtemp(prefix="tally-bench-ha-"))
-    root.chmod(0o755)
-    a, b, *others = free_ports(6)
-    cluster = PatroniCluster(ClusterSpec(root / "ledger", ports=(a, b)), tuple(others))
-    cluster.init()
-    migrations.upgrade(cluster.dsn("tally_owner"))
-    return cluster
-
-
-def healthy(cluster: PatroniCluster, timeout: float = 180) -> str:
-    """The leader, once the other node streams as its synchronous standby."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            ms = cluster.state()["members"]
-        except Exception:  # noqa: BLE001 (REST API restarting)
-            ms = []
-        leader = [m["name"] for m in ms if m["role"] == "leader" and m["state"] == "running"]
-        if leader and any(m["role"] == "sync_standby" and m["state"] == "streaming"
-                          for m in ms):
-            return leader[0]
-        time.sleep(0.2)
-    raise SystemExit("the Patroni cluster did not become healthy")
+from tests.conftest import destroy_cluster, make_cluster  # noqa: E402
+from tests.patroni import destroy_patroni_cluster, healthy, make_patroni_cluster  # noqa: E402
 
 
 class Writer(threading.Thread):
@@ -99,7 +69,7 @@ class Writer(threading.Thread):
 def failover_round(cluster: PatroniCluster, writers: list[Writer]) -> float:
     """Seconds from kill -9 of the leader's postmaster to the first append acknowledged
     by the new leader."""
-    old = healthy(cluster)
+    old = healthy(cluster, 180)
     new_port = cluster.port(cluster.other(old))
     counts = [len(w.acked) for w in writers]
     while any(len(w.acked) < c + 10 for w, c in zip(writers, counts, strict=True)):
@@ -129,27 +99,6 @@ def lost(cluster: PatroniCluster, writers: list[Writer]) -> int:
     return len(acked - found)
 
 
-def appender(args: tuple[str, int, float, float]) -> int:
-    dsn, worker, start_at, duration = args
-    stream = f"heartbeat-t{uuid.uuid4().hex[:8]}w{worker}"
-    events = [NewEvent("HostHeartbeat", PAYLOAD)]
-    with Ledger(dsn) as ledger:
-        ledger.append(stream, events)  # connect and prepare outside the timed window
-        n = 0
-        time.sleep(max(0.0, start_at - time.time()))
-        end = start_at + duration
-        while time.time() < end:
-            ledger.append(stream, events)
-            n += 1
-    return n
-
-
-def rate(pool: mp.pool.Pool, dsn: str, writers: int, duration: float) -> float:
-    start_at = time.time() + 0.5
-    return sum(pool.map(appender, [(dsn, w, start_at, duration)
-                                   for w in range(writers)])) / duration
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (< 120 s)")
@@ -158,16 +107,16 @@ def main() -> None:
     made: list = []  # the plain cluster is made while Patroni bootstraps the other
     maker = threading.Thread(target=lambda: made.append(make_cluster()))
     maker.start()
-    ha = patroni_cluster()
+    ha = make_patroni_cluster("tally-bench-ha-")
     maker.join()
     plain = made[0]
     try:
         with mp.get_context("fork").Pool(16) as pool:
             ha_r, plain_r = [], []
             for _ in range(rounds):
-                healthy(ha)
-                plain_r.append(rate(pool, plain.dsn(), 16, duration))
-                ha_r.append(rate(pool, ha.dsn(), 16, duration))
+                healthy(ha, 180)
+                plain_r.append(rate(pool, ours, plain.dsn(), 16, 1, duration))
+                ha_r.append(rate(pool, ours, ha.dsn(), 16, 1, duration))
             print("16 writers, patroni/plain: " + "  ".join(
                 f"{h:,.0f}/{p:,.0f}" for h, p in zip(ha_r, plain_r, strict=True)),
                 file=sys.stderr)
@@ -185,7 +134,7 @@ def main() -> None:
         acked_lost = lost(ha, writers)
     finally:
         destroy_cluster(plain)
-        ha.destroy()
+        destroy_patroni_cluster(ha)
         shutil.rmtree(ha.root.parent, ignore_errors=True)
 
     p50 = statistics.median(times)

@@ -17,6 +17,10 @@ it too, to confirm an append whose wait ended early. It reads pg_stat_get_wal_se
 whose positions only members of pg_read_all_stats see: the function runs as its owner,
 who must be one (`tally ledger init` and `start` grant it).
 
+It restates most of 0001's body of `ledger.sequence` on purpose: a revision stands alone
+(importing another revision's SQL would change what that one did), and its downgrade
+puts 0001's function back from the same template.
+
 Revision ID: 0008
 Revises: 0007
 """

@@ -12,7 +12,6 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,13 +19,12 @@ from pathlib import Path
 import psycopg2
 import pytest
 
-import migrations
 from ledger import Ledger, LedgerUnavailable, NewEvent
-from ledger.cluster import ClusterSpec
 from ledger.patroni import PatroniCluster
 from ledger.subscriber import Subscriber
 from projectors.inspect import status as projector_status
-from tests.conftest import RelayProcs, free_ports, tally_env
+from tests.conftest import RelayProcs, tally_env
+from tests.patroni import destroy_patroni_cluster, healthy, make_patroni_cluster, members
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
@@ -34,33 +32,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def ha() -> Iterator[PatroniCluster]:
-    root = Path(tempfile.mkdtemp(prefix="tally-ha-"))
-    root.chmod(0o755)
-    a, b, *others = free_ports(6)
-    cluster = PatroniCluster(ClusterSpec(root / "ledger", ports=(a, b)), tuple(others))
-    cluster.init()
-    migrations.upgrade(cluster.dsn("tally_owner"))
+    cluster = make_patroni_cluster()
     yield cluster
-    cluster.destroy()
-    subprocess.run(["rm", "-rf", str(root)], check=False)
-
-
-def members(cluster: PatroniCluster) -> dict[str, dict]:
-    return {m["name"]: m for m in cluster.state()["members"]}
-
-
-def healthy(cluster: PatroniCluster, timeout: float = 120) -> str:
-    """Until one leader runs and the other node streams as its synchronous standby."""
-    def ok() -> str | None:
-        try:
-            ms = members(cluster)
-        except Exception:  # noqa: BLE001 (REST API restarting)
-            return None
-        leader = [n for n, m in ms.items() if m["role"] == "leader" and m["state"] == "running"]
-        sync = [n for n, m in ms.items() if m["role"] == "sync_standby"
-                and m["state"] == "streaming"]
-        return leader[0] if leader and sync else None
-    return wait_until(ok, timeout, "the cluster never had a leader and a sync standby")
+    destroy_patroni_cluster(cluster)
 
 
 class Writer(threading.Thread):
