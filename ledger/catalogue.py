@@ -321,7 +321,7 @@ class HostHeartbeat(Schema):
     """A host is alive. High volume: kept in heartbeat-<host> streams, pruned by retention."""
 
     host_id = fields.Str(required=True)
-    load = fields.Float(load_default=0.0)
+    load = fields.Float(load_default=0.0)  # type: ignore[assignment]  # a field, not Schema.load
     memory_used_mb = fields.Int(load_default=0, validate=NON_NEGATIVE)
     memory_total_mb = fields.Int(load_default=0, validate=NON_NEGATIVE)
     instances = fields.Int(load_default=0, validate=NON_NEGATIVE)

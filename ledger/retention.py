@@ -71,7 +71,7 @@ def prune(owner_dsn: str, policy: RetentionPolicy, now: datetime | None = None,
         with conn.cursor() as cur:
             while True:
                 cur.execute(_PRUNE, params)
-                deleted = cur.fetchone()[0]
+                deleted = (cur.fetchone() or (0,))[0]
                 total += deleted
                 if deleted < batch:
                     return total

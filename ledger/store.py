@@ -119,7 +119,7 @@ def _compact_json() -> Callable[[Any], str]:
     """Compact JSON, UTF-8 kept as is. json.dumps builds a C encoder object on every call
     (through two Python frames), a cost every append would pay, so this builds CPython's C
     encoder once. No circular-reference check: the payloads are validated plain data."""
-    make = json.encoder.c_make_encoder
+    make = getattr(json.encoder, "c_make_encoder", None)
     if make is None:  # no C accelerator (not CPython): the standard way
         return json.JSONEncoder(separators=(",", ":"), ensure_ascii=False,
                                 check_circular=False).encode

@@ -34,6 +34,13 @@ BATCH = 5000
 FLUSH_EVERY = 250_000
 
 
+
+def _at(event: RecordedEvent) -> int:
+    """An event's position: every event a projector is given was read in the ledger's
+    order, so it has one."""
+    assert event.position is not None, f"unsequenced event {event.id} given to a projector"
+    return event.position
+
 class Runner:
     """One projector over one connection. With `checkpointed`, its position lives in
     views.projector_checkpoints and each batch locks that row first: a rebuild swapping
@@ -74,7 +81,7 @@ class Runner:
     def apply(self, events: Sequence[RecordedEvent], head: int) -> None:
         """Apply the events beyond our position in one transaction. On a handler error,
         commit those before it and stop with the failing event in the status."""
-        if self.stopped or not events or events[-1].position <= self.position:
+        if self.stopped or not events or _at(events[-1]) <= self.position:
             return
         if self.stale:
             self.start()
@@ -84,7 +91,7 @@ class Runner:
         try:
             with self.conn, self.conn.cursor() as cur:
                 self._check_generation(cur)  # also makes two daemons take turns safely
-                self.apply_within(cur, [e for e in events if e.position > self.position], head)
+                self.apply_within(cur, [e for e in events if _at(e) > self.position], head)
         except HandlerFailed as failed:
             self._stop(failed, events, head)
         except psycopg2.DatabaseError as exc:
@@ -93,13 +100,13 @@ class Runner:
             self._blame(events, head, exc)
 
     def _apply_unwritten(self, events: Sequence[RecordedEvent], head: int) -> None:
-        todo = [e for e in events if e.position > self.position]
+        todo = [e for e in events if _at(e) > self.position]
         try:
             self.projector.apply(self.tables, todo)
         except HandlerFailed as failed:
             self.stopped = failed
             return
-        self.position = todo[-1].position
+        self.position = _at(todo[-1])
         self.pending += len(todo)
         if self.pending >= self.flush_every:
             self.flush()
@@ -122,8 +129,8 @@ class Runner:
             raise
         last = events[-1]
         if self.checkpointed:
-            save_checkpoints(cur, [(self.name, last.position, last.recorded_at)], head)
-        self.position = last.position
+            save_checkpoints(cur, [(self.name, _at(last), last.recorded_at)], head)
+        self.position = _at(last)
 
     def _check_generation(self, cur: Any) -> None:
         """Lock our checkpoint row; if a rebuild swapped our tables, reload them."""
@@ -143,13 +150,13 @@ class Runner:
         """Keep what came before the failing event, then stop with it in the status."""
         log.error("%s", failed)
         self.start()
-        before = [e for e in events if self.position < e.position < failed.event.position]
+        before = [e for e in events if self.position < _at(e) < _at(failed.event)]
         with self.conn, self.conn.cursor() as cur:
             if self.checkpointed:
                 lock_checkpoint(cur, self.name)
             self.apply_within(cur, before, head)
             if self.checkpointed:
-                save_error(cur, self.name, failed.event.position, failed.event.type,
+                save_error(cur, self.name, _at(failed.event), failed.event.type,
                            f"{type(failed.error).__name__}: {failed.error}")
         self.stopped = failed
 
@@ -158,7 +165,7 @@ class Runner:
         transaction to find the event, then stop there."""
         log.warning("projector %s: batch refused (%s); retrying one by one", self.name, exc)
         self.start()
-        for event in [e for e in events if e.position > self.position]:
+        for event in [e for e in events if _at(e) > self.position]:
             try:
                 with self.conn, self.conn.cursor() as cur:
                     self.apply_within(cur, [event], head)
@@ -203,7 +210,7 @@ def apply_together(runners: Sequence[Runner], events: Sequence[RecordedEvent],
     transaction: one lock, one checkpoint update, one commit (the live path's latency).
     A handler error stops only its runner (`_stop`); a write the database refuses sends
     every runner down its own path, one transaction each, to find the culprit."""
-    todo = [r for r in runners if not r.stopped and events[-1].position > r.position]
+    todo = [r for r in runners if not r.stopped and _at(events[-1]) > r.position]
     if not todo:
         return
     for runner in todo:
@@ -217,7 +224,7 @@ def apply_together(runners: Sequence[Runner], events: Sequence[RecordedEvent],
             locked = lock_checkpoints(cur, [r.name for r in todo])
             for runner in todo:
                 runner.reload_if_moved(cur, *locked[runner.name])
-                mine = [e for e in events if e.position > runner.position]
+                mine = [e for e in events if _at(e) > runner.position]
                 if not mine:
                     continue
                 try:
@@ -228,7 +235,7 @@ def apply_together(runners: Sequence[Runner], events: Sequence[RecordedEvent],
                     continue
                 runner.writer.write(cur, runner.tables)
                 done.append((runner, mine[-1]))
-            save_checkpoints(cur, [(r.name, e.position, e.recorded_at) for r, e in done], head)
+            save_checkpoints(cur, [(r.name, _at(e), e.recorded_at) for r, e in done], head)
     except psycopg2.DatabaseError as exc:
         for runner in todo:
             runner.stale = True
@@ -242,9 +249,9 @@ def apply_together(runners: Sequence[Runner], events: Sequence[RecordedEvent],
             runner.stale = True
         raise
     for runner, last in done:
-        runner.position = last.position
-    for runner, failure in failed:
-        runner._stop(failure, events, head)
+        runner.position = _at(last)
+    for runner, why in failed:
+        runner._stop(why, events, head)
 
 
 def connect(dsn: str, schema: str, application_name: str) -> Any:

@@ -5,7 +5,6 @@ group of commands."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
@@ -53,4 +52,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -58,8 +58,10 @@ def quota(client: Client, subject: str, name: str, defaults: tuple[str, ...],
     changes: dict[str, int | None] = {k: v for k, v in limits.items() if v is not None}
     changes.update(dict.fromkeys(defaults))
     shown = client.request("PUT", path, json=changes) if changes else client.get(path)
-    emit(shown, as_json, lambda q: [click.echo(
-        f"{k:12} {q['used'].get(k, '-')!s:>8} of {v}") for k, v in q["limits"].items()])
+    def text(q: dict[str, Any]) -> None:
+        for k, v in q["limits"].items():
+            click.echo(f"{k:12} {q['used'].get(k, '-')!s:>8} of {v}")
+    emit(shown, as_json, text)
 
 
 @admin.command("suffix")

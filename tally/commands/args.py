@@ -3,6 +3,7 @@ pairs. Each is checked here, before anything is asked of the API."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +14,8 @@ def check_app(name: str) -> str:
     """An app name as the platform writes them, refused here before anything is asked."""
     from ledger.catalogue import APP_NAME
 
-    if not APP_NAME.regex.match(name):
+    pattern: re.Pattern[str] = APP_NAME.regex  # type: ignore[assignment]  # a str pattern
+    if not pattern.match(name):
         raise click.ClickException(f"{name[:40]!r} is not an app name: it {APP_NAME.error}")
     return name
 

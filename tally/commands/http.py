@@ -33,11 +33,11 @@ def http_command(name: str, json_output: bool = False,
                 where = client.api if client else "the API"
                 raise click.ClickException(f"unexpected answer from {where} ({exc!r} missing):"
                                            f" is it the tally API, and of this version?") from exc
-        run = api_option(run)
+        command: Callable[..., Any] = api_option(run)
         if json_output:
-            run = click.option("--json", "as_json", is_flag=True,
-                               help="Machine-readable output.")(run)
-        return (group.command(name) if group else click.command(name))(run)
+            command = click.option("--json", "as_json", is_flag=True,
+                                   help="Machine-readable output.")(command)
+        return (group.command(name) if group else click.command(name))(command)
     return decorate
 
 

@@ -65,8 +65,10 @@ def config_unset(client: Client, app: str, keys: tuple[str, ...]) -> None:
 @app_option
 def domains(client: Client, app: str, as_json: bool) -> None:
     """The app's hostnames."""
-    emit(client.get(f"/apps/{app}/domains")["domains"], as_json,
-         lambda ds: [click.echo(d) for d in ds])
+    def text(ds: list[str]) -> None:
+        for d in ds:
+            click.echo(d)
+    emit(client.get(f"/apps/{app}/domains")["domains"], as_json, text)
 
 
 @http_command("domains:add")
