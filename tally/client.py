@@ -8,9 +8,10 @@ import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import requests
+if TYPE_CHECKING:
+    import requests
 
 DEFAULT_API = "http://127.0.0.1:8000"
 
@@ -43,10 +44,14 @@ class Client:
         creds = load_credentials(credentials) if credentials else {}
         self.api = (api or creds.get("api") or DEFAULT_API).rstrip("/")
         self.token = token or creds.get("token")
+        import requests  # here, not at import: every `tally` command loads this module
+
         self.session = requests.Session()
 
     def request(self, method: str, path: str, *, expect: tuple[int, ...] = (200, 201, 204),
                 timeout: float = 60, **kw: Any) -> Any:
+        import requests
+
         headers = kw.pop("headers", {})
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
@@ -78,6 +83,8 @@ class Client:
     def stream_lines(self, path: str, **params: Any) -> Iterator[str]:
         """The `data:` lines of a server-sent event stream, as they come. The server sends
         a comment every few seconds: silence past the read timeout means it is gone."""
+        import requests
+
         headers = {"Accept": "text/event-stream"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"

@@ -46,6 +46,7 @@ TALLY_APP_UIDS        the Unix uids the API hands to apps, each once; default 20
 Read by the CLI's options themselves (click `envvar=`, shown in each command's --help):
 TALLY_APP             the app of a user command (`-a APP`)
 TALLY_AGENT_API       `tally serve agent --api`
+TALLY_BALANCER_API    `tally serve balancer --api`
 TALLY_HOST_TTL        `tally serve placer --ttl`
 TALLY_DEPLOY_TIMEOUT  `tally serve placer --deploy-timeout`
 (and TALLY_API, TALLY_TOKEN, TALLY_API_BIND above, as options of the commands that take them)

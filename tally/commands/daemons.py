@@ -8,7 +8,6 @@ import json
 
 import click
 
-import migrations
 from tally import platform, supervise, systemd
 from tally.config import Config
 from tally.console import fail_cleanly, table
@@ -26,6 +25,8 @@ def up(cfg: Config) -> None:
         click.echo(f"creating the ledger cluster in {cluster.root} ...", err=True)
         cluster.init()
     cluster.start()
+    import migrations  # alembic and SQLAlchemy: loaded only by the commands that migrate
+
     migrations.upgrade(cluster.dsn("tally_owner"))
     for line in platform.start_addons(cfg):
         click.echo(line, err=True)

@@ -6,7 +6,6 @@ import json
 
 import click
 
-import migrations
 from ledger.errors import LedgerError
 from tally import platform
 from tally.config import Config
@@ -27,6 +26,8 @@ def ledger_init(cfg: Config) -> None:
     cluster = cfg.cluster()
     click.echo(f"creating the ledger cluster in {cluster.root} ...", err=True)
     cluster.init()
+    import migrations  # alembic and SQLAlchemy: loaded only by the commands that migrate
+
     migrations.upgrade(cluster.dsn("tally_owner"))
 
 
@@ -37,6 +38,8 @@ def ledger_start(cfg: Config) -> None:
     """Start both nodes (primary first) and bring the schema up to date."""
     cluster = platform.ledger_cluster(cfg) if platform.ledger_supervised(cfg) else cfg.cluster()
     cluster.start()
+    import migrations
+
     migrations.upgrade(cluster.dsn("tally_owner"))
 
 

@@ -9,7 +9,6 @@ import logging
 import click
 import psycopg2
 
-from tally.api_settings import api_settings
 from tally.commands import serve_balancer, serve_fleet
 from tally.config import Config
 from tally.console import daemon_logging, fail_cleanly, parse_age, stop_event
@@ -168,6 +167,7 @@ def serve_api(bind: str, workers: int, threads: int) -> None:
 
     from api import create_app
     from api.serve import Gunicorn, options
+    from tally.api_settings import api_settings
 
     try:
         settings = api_settings(Config.from_env())
