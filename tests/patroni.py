@@ -27,7 +27,7 @@ def make_patroni_cluster(prefix: str = "tally-ha-") -> PatroniCluster:
 
 def destroy_patroni_cluster(cluster: PatroniCluster) -> None:
     cluster.destroy()
-    subprocess.run(["rm", "-rf", str(cluster.spec.root.parent)], check=False)
+    subprocess.run(["rm", "-rf", str(cluster.root.parent)], check=False)
 
 
 def members(cluster: PatroniCluster) -> dict[str, dict]:
