@@ -7,8 +7,10 @@ every command but the @admin ones (CONFIG, DEBUG, SAVE, SHUTDOWN, MONITOR, REPLI
 MODULE: with CONFIG SET dir a client could write files as the server's user); the plan's
 memory limit and eviction policy; AOF persistence (appendfsync everysec). It runs as
 Debian's `redis` user (else as ours), its folder `<redis_dir>/<app>` 0700 to that user
-holds its config (0600: the password), data and log. The agents' network rules let an app
-reach only the ports of its own `*_URL` vars (agents/netrules.py).
+holds its config (0600: the password), data and log. Under `tally up` each server is a
+program of supervisord (`launch`: a killed one comes back); without it, a detached child.
+The agents' network rules let an app reach only the ports of its own `*_URL` vars
+(agents/netrules.py).
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ledger.catalogue import ADDON_PLANS
 from ledger.cluster import pid_alive
+from ledger.patroni import Process, writes_pid
 
 USER = "redis"
 ACL_USER = "app"
@@ -74,7 +78,7 @@ def _owner() -> tuple[int, int] | None:
 
 def _ports_taken(root: Path) -> set[int]:
     taken = set()
-    for conf in root.glob("*/port"):
+    for conf in root.glob("*/port"):  # a .gone-* one's port too, until it is removed
         with contextlib.suppress(ValueError, OSError):
             taken.add(int(conf.read_text()))
     return taken
@@ -89,9 +93,14 @@ def _free(port: int) -> bool:
     return True
 
 
-def create(root: Path, app: str, plan: str, ports: tuple[int, int]) -> tuple[str, str]:
-    """Make and start the app's Redis; its REDIS_URL and where it runs. Refused if the app
-    has one already."""
+Launch = Callable[[], None]
+"""Has a supervisor run every server of `root` as it now is (apps()): tally/platform.py."""
+
+
+def create(root: Path, app: str, plan: str, ports: tuple[int, int],
+           launch: Launch | None = None) -> tuple[str, str]:
+    """Make and start the app's Redis (by `launch` if given, else detached); its
+    REDIS_URL and where it runs. Refused if the app has one already."""
     root.mkdir(parents=True, exist_ok=True)
     root.chmod(0o711)
     with open(root / ".lock", "a") as held:
@@ -115,9 +124,9 @@ def create(root: Path, app: str, plan: str, ports: tuple[int, int]) -> tuple[str
             for path in (app_dir, conf):
                 os.chown(path, *owner)
     try:
-        start(root, app)
+        start(root, app, launch=launch)
     except RedisError:
-        destroy(root, app)
+        destroy(root, app, launch)
         raise
     return f"redis://{ACL_USER}:{password}@127.0.0.1:{port}/0", f"127.0.0.1:{port}"
 
@@ -130,27 +139,47 @@ def _pid(app_dir: Path) -> int | None:
     return pid if pid_alive(pid) else None
 
 
-def start(root: Path, app: str, timeout: float = 30.0) -> None:
-    """Start the app's instance unless it runs; wait until it answers."""
+def process(root: Path, app: str) -> Process:
+    """The app's server as a supervisor runs it: it records its pid, then is redis-server."""
     app_dir = folder(root, app)
-    if _pid(app_dir) is not None:
-        return
-    owner = _owner()
-    as_user = {"user": owner[0], "group": owner[1]} if owner else {}
-    proc = subprocess.Popen([shutil.which("redis-server") or "/usr/bin/redis-server",
-                             str(app_dir / "redis.conf")], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, cwd=app_dir, start_new_session=True,
-                            **as_user)
-    _CHILDREN[:] = [p for p in _CHILDREN if p.poll() is None] + [proc]
-    (app_dir / "redis.pid").write_text(str(proc.pid))
+    argv = [shutil.which("redis-server") or "/usr/bin/redis-server",
+            str(app_dir / "redis.conf")]
+    user = USER if _owner() else None
+    return Process(f"redis-{app}", writes_pid(app_dir / "redis.pid", argv), user, {})
+
+
+def processes(root: Path) -> list[Process]:
+    return [process(root, app) for app in apps(root)]
+
+
+def pid(root: Path, app: str) -> int | None:
+    """The pid of the app's running server, if any."""
+    return _pid(folder(root, app))
+
+
+def start(root: Path, app: str, timeout: float = 30.0, launch: Launch | None = None) -> None:
+    """Start the app's instance unless it runs (by `launch` if given); wait until it
+    answers."""
+    app_dir = folder(root, app)
+    proc = None
+    if launch is not None:
+        launch()
+    elif _pid(app_dir) is None:
+        owner = _owner()
+        as_user = {"user": owner[0], "group": owner[1]} if owner else {}
+        proc = subprocess.Popen(process(root, app).argv, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, cwd=app_dir,
+                                start_new_session=True, **as_user)
+        _CHILDREN[:] = [p for p in _CHILDREN if p.poll() is None] + [proc]
     port = int((app_dir / "port").read_text())
     deadline = time.monotonic() + timeout
     while _free(port) or not _answers(port):
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             raise RedisError(f"redis-server for {app} exited ({proc.returncode}): see "
                              f"{app_dir / 'redis.log'}")
         if time.monotonic() > deadline:
-            raise RedisError(f"redis-server for {app} did not answer within {timeout:.0f}s")
+            raise RedisError(f"redis-server for {app} did not answer within {timeout:.0f}s: "
+                             f"see {app_dir / 'redis.log'}")
         time.sleep(0.05)
 
 
@@ -177,20 +206,28 @@ def stop(root: Path, app: str, timeout: float = 30.0) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def destroy(root: Path, app: str) -> bool:
+def destroy(root: Path, app: str, launch: Launch | None = None) -> bool:
     """Stop the app's Redis and remove its data: its password opens nothing after.
-    Idempotent; True if there was one."""
+    Idempotent; True if there was one. Under a supervisor (`launch`), its program is
+    removed first (renamed out of apps(), the supervisor's new table has it no more)."""
     app_dir = folder(root, app)
     if not app_dir.exists():
         return False
-    stop(root, app, timeout=5)
-    shutil.rmtree(app_dir, ignore_errors=True)
+    gone = app_dir.with_name(f".gone-{app}-{secrets.token_hex(4)}")
+    app_dir.rename(gone)
+    if launch is not None:
+        launch()
+    pid = _pid(gone)
+    if pid is not None:  # a detached one (or the supervisor's, if it could not stop it)
+        os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(gone, ignore_errors=True)
     return True
 
 
 def apps(root: Path) -> list[str]:
     """The apps that have a Redis here."""
-    return sorted(p.parent.name for p in root.glob("*/redis.conf"))
+    return sorted(p.parent.name for p in root.glob("*/redis.conf")
+                  if not p.parent.name.startswith("."))  # .gone-*: being destroyed
 
 
 def start_all(root: Path) -> list[str]:

@@ -43,13 +43,17 @@ def _addon_errors() -> Iterator[None]:
 
 
 def create_addon(cfg: Config, kind: str, app: str, plan: str) -> tuple[str, str]:
-    """Make an app's add-on of `kind`: its URL and where it runs."""
+    """Make an app's add-on of `kind`: its URL and where it runs. Under `tally up` its
+    services are supervisord's programs (tally/platform.py: ADDONS_PART)."""
     from agents import appsdb, redisaddon
+    from tally import platform, supervise
 
+    supervised = supervise.running(cfg)
     if kind == "redis":
         with _addon_errors():
-            return redisaddon.create(cfg.redis_dir, app, plan, cfg.redis_ports)
-    cluster = cfg.apps_cluster()
+            return redisaddon.create(cfg.redis_dir, app, plan, cfg.redis_ports,
+                                     platform.redis_launch(cfg, supervised))
+    cluster = platform.apps_cluster(cfg, supervised)
     url = addon_database(cluster, app)
     host, port = appsdb.address(cluster)
     return url, f"{host}:{port}"
@@ -58,12 +62,14 @@ def create_addon(cfg: Config, kind: str, app: str, plan: str) -> tuple[str, str]
 def destroy_addon(cfg: Config, kind: str, app: str) -> None:
     """Drop an app's add-on of `kind` (idempotent): its credentials open nothing after."""
     from agents import addons, redisaddon
+    from tally import platform, supervise
 
+    supervised = supervise.running(cfg)
     with _addon_errors():
         if kind == "redis":
-            redisaddon.destroy(cfg.redis_dir, app)
+            redisaddon.destroy(cfg.redis_dir, app, platform.redis_launch(cfg, supervised))
             return
-        cluster = cfg.apps_cluster()
+        cluster = platform.apps_cluster(cfg, supervised)
         if cluster.initialized():
             addons.ensure_cluster(cluster)
             addons.drop_database(cluster, app)

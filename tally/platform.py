@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from ledger.cluster import Cluster
@@ -60,8 +61,8 @@ def ledger_cluster(cfg: Config) -> Cluster:
     return cluster
 
 
-def ledger_programs(processes: list[Process]) -> list[Program]:
-    return [Program(f"{LEDGER_PART}-{p.name}", [], p.env, argv=p.argv, user=p.user,
+def ledger_programs(processes: list[Process], part: str = LEDGER_PART) -> list[Program]:
+    return [Program(f"{part}-{p.name}", [], p.env, argv=p.argv, user=p.user,
                     priority=10 if p.name == "etcd" else 20) for p in processes]
 
 
@@ -174,26 +175,82 @@ def close_home(cfg: Config) -> None:
     agents.chmod(0o711)
 
 
-def start_addons(cfg: Config) -> list[str]:
+ADDONS_PART = "addons"
+"""supervisord's part for add-ons' services: the apps' cluster (etcd, Patroni, HAProxy) and
+each app's Redis, so a killed one comes back without a person."""
+
+
+def addon_programs(cfg: Config) -> list[Program]:
+    """Every add-on service as it now is on disk, as supervisord's programs."""
+    from agents import redisaddon
+
+    apps = cfg.apps_cluster()
+    processes = (apps.ha.processes() if isinstance(apps, PatroniCluster)
+                 and apps.initialized() else [])
+    return ledger_programs([*processes, *redisaddon.processes(cfg.redis_dir)], ADDONS_PART)
+
+
+def supervise_addons(cfg: Config) -> None:
+    supervise.up(cfg, addon_programs(cfg), {}, part=ADDONS_PART)
+
+
+def apps_cluster(cfg: Config, supervised: bool) -> Cluster:
+    """The apps' cluster; `supervised` (supervisord runs, as under `tally up`): its etcd,
+    Patroni and HAProxy are supervisord's programs."""
+    cluster = cfg.apps_cluster()
+    if supervised and isinstance(cluster, PatroniCluster):
+        cluster.launch = lambda _processes: supervise_addons(cfg)
+    return cluster
+
+
+def redis_launch(cfg: Config, supervised: bool) -> Callable[[], None] | None:
+    """How Redis servers are run: by supervisord if `supervised`, else detached (None)."""
+    return (lambda: supervise_addons(cfg)) if supervised else None
+
+
+def start_addons(cfg: Config, supervised: bool = False) -> list[str]:
     """Start every service an add-on needs (made by the first add-on of its kind): the
-    apps' database cluster with its stable address, each app's Redis. What was started,
-    for people."""
+    apps' database cluster with its stable address, each app's Redis; under supervisord
+    if `supervised` (those started detached before, by the API, are handed over: stopped,
+    then started by supervisord). What was started, for people."""
     from agents import redisaddon
     from agents.appsdb import address
 
     out = []
-    apps = cfg.apps_cluster()
+    apps = apps_cluster(cfg, supervised)
+    if supervised:
+        _hand_over(cfg, apps)
     if apps.initialized():
         apps.start()
         host, port = address(apps)
         out.append(f"apps' database cluster: {host}:{port} (every DATABASE_URL)")
-    if redis := redisaddon.start_all(cfg.redis_dir):
+    launch = redis_launch(cfg, supervised)
+    if launch is not None:
+        launch()
+    for app in redisaddon.apps(cfg.redis_dir):
+        redisaddon.start(cfg.redis_dir, app, launch=(lambda: None) if launch else None)
+    if redis := redisaddon.apps(cfg.redis_dir):
         out.append(f"Redis add-ons: {', '.join(redis)}")
     return out
 
 
+def _hand_over(cfg: Config, apps: Cluster) -> None:
+    """Stop the add-on services running detached (not as supervisord's programs)."""
+    from agents import redisaddon
+
+    ours = ({d["pid"] for d in supervise.status(cfg) if d["pid"]} if supervise.running(cfg)
+            else set())
+    if isinstance(apps, PatroniCluster) and apps.initialized():
+        ha = apps.ha
+        if any(pid not in ours for p in ha.processes() if (pid := ha.pid(p.name))):
+            ha.stop()
+    for app in redisaddon.apps(cfg.redis_dir):
+        if redisaddon.pid(cfg.redis_dir, app) not in ours:
+            redisaddon.stop(cfg.redis_dir, app)
+
+
 def stop_addons(cfg: Config) -> None:
-    """Stop what start_addons starts (`tally down`)."""
+    """Stop what start_addons starts (`tally down`, after supervisord stopped its own)."""
     from agents import redisaddon
 
     redisaddon.stop_all(cfg.redis_dir)

@@ -28,7 +28,7 @@ def up(cfg: Config) -> None:
     import migrations  # alembic and SQLAlchemy: loaded only by the commands that migrate
 
     migrations.upgrade(cluster.dsn("tally_owner"))
-    for line in platform.start_addons(cfg):
+    for line in platform.start_addons(cfg, supervised=True):
         click.echo(line, err=True)
     suffix = platform.platform_suffix(cfg, platform.UP_SUFFIX, if_unset=True)
     supervise.up(cfg, platform.programs(cfg), supervise.base_environment())
