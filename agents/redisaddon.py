@@ -34,7 +34,7 @@ from ledger.patroni import Process, writes_pid
 
 USER = "redis"
 ACL_USER = "app"
-_CHILDREN: list[subprocess.Popen] = []
+_CHILDREN: list[subprocess.Popen[bytes]] = []
 """Servers started here, kept so they are reaped (not warned about) when they end."""
 
 
@@ -166,10 +166,10 @@ def start(root: Path, app: str, timeout: float = 30.0, launch: Launch | None = N
         launch()
     elif _pid(app_dir) is None:
         owner = _owner()
-        as_user = {"user": owner[0], "group": owner[1]} if owner else {}
         proc = subprocess.Popen(process(root, app).argv, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, cwd=app_dir,
-                                start_new_session=True, **as_user)
+                                start_new_session=True, user=owner[0] if owner else None,
+                                group=owner[1] if owner else None)
         _CHILDREN[:] = [p for p in _CHILDREN if p.poll() is None] + [proc]
     port = int((app_dir / "port").read_text())
     deadline = time.monotonic() + timeout
