@@ -52,7 +52,7 @@ down:
 	$(VENV)/bin/tally down
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 # Every benchmark, each printing its table and one JSON line of figures.
 bench: install

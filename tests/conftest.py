@@ -34,10 +34,7 @@ def uid_block() -> str:
     return f"{first}-{first + 999}"
 
 
-if "TALLY_APP_UIDS" not in os.environ or os.environ.get("PYTEST_XDIST_WORKER"):
-    # pytest-xdist's workers inherit the controller's block: each takes its own, as the
-    # session it is (its own ledger hands out uids from the start of its block).
-    os.environ["TALLY_APP_UIDS"] = uid_block()
+os.environ.setdefault("TALLY_APP_UIDS", uid_block())
 
 
 def free_ports(n: int) -> list[int]:

@@ -12,10 +12,11 @@ from typing import Any
 from agents.desired import fleet_of
 from agents.fleet import Fleet
 from api.auth import Directory
-from api.state import fold
+from api.state import AppState, fold
 from ledger.events import RecordedEvent
 from projectors import apps, hosts, instances, routes
 from projectors.projector import project
+from projectors.tables import Tables
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 VIEWS = [apps.PROJECTOR, hosts.PROJECTOR, instances.PROJECTOR, routes.PROJECTOR]
@@ -65,14 +66,17 @@ def story() -> Story:
     return s
 
 
-def test_every_fold_reads_the_same_story() -> None:
-    events = story()
-    app = fold("blog", [e for e in events if e.stream == "app-blog"])
-    fleet = Fleet()
+def every_fold(events: Story) -> tuple[AppState, Fleet, Directory, dict[str, Tables]]:
+    """The API's fold of app-blog, the fleet, the directory and the views, of `events`."""
+    fleet, directory = Fleet(), Directory()
     fleet.apply_all(events)
-    directory = Directory()
     directory.apply(events)
-    views = project(VIEWS, events)
+    return (fold("blog", [e for e in events if e.stream == "app-blog"]), fleet, directory,
+            project(VIEWS, events))
+
+
+def test_every_fold_reads_the_same_story() -> None:
+    app, fleet, directory, views = every_fold(story())
     (row,) = views["apps"].all("apps")
     (route_app,) = views["routes"].all("route_apps")
     placer_app = fleet.apps["blog"]
@@ -105,12 +109,7 @@ def test_the_agents_fleet_from_the_apis_snapshot_reads_the_same_config() -> None
 
 
 def test_a_deleted_app_is_gone_from_every_fold() -> None:
-    events = story().add("app-blog", "AppDeleted", name="blog")
-    app = fold("blog", [e for e in events if e.stream == "app-blog"])
-    fleet = Fleet()
-    fleet.apply_all(events)
-    directory = Directory()
-    directory.apply(events)
-    views = project(VIEWS, events)
+    app, fleet, directory, views = every_fold(story().add("app-blog", "AppDeleted",
+                                                          name="blog"))
     assert not app.exists and "blog" not in fleet.apps and "blog" not in directory.managers
     assert not list(views["apps"].all("apps")) and not list(views["routes"].all("route_apps"))
