@@ -22,6 +22,15 @@ from ledger.rules import members_after
 
 ROLES = ("admin", "member", "agent", "balancer", "builder")
 HOST_ROLES = ("agent", "balancer", "builder")
+"""Roles bound to one host (a token acts for that host only)."""
+
+
+def host_binding_problem(role: str, host_id: str | None) -> str | None:
+    """Why a user of `role` cannot have this host binding; None when it can. Agents,
+    balancers and builders act for one host, and only they are bound to one."""
+    if (role in HOST_ROLES) != bool(host_id):
+        return "an agent, balancer or builder needs a host, and only they have one"
+    return None
 """Roles of fleet daemons: each token is bound to one host (a builder's name)."""
 FOLDED = ["UserCreated", "TokenIssued", "TokenRevoked", "AppCreated", "AppDeleted",
           "AppMemberAdded", "AppMemberRemoved"]
@@ -149,7 +158,10 @@ def require_host(who: Principal, host_id: str, role: str = "agent") -> None:
 def create_user(ledger: Ledger, name: str, role: str, host_id: str | None = None,
                 actor: str = "operator") -> str:
     """Create a user straight on the ledger (the operator's path: `tally admin create-user`,
-    `tally up`); returns the token, shown once. VersionConflict if the name is taken."""
+    `tally up`); returns the token, shown once. VersionConflict if the name is taken,
+    ValueError for a host binding the role cannot have."""
+    if problem := host_binding_problem(role, host_id):
+        raise ValueError(problem)
     token, events = user_events(name, role, host_id, label="created by " + actor)
     stamped = [NewEvent(e.type, e.data, {"actor": actor, "role": "operator"}) for e in events]
     ledger.append(f"user-{name}", stamped, expected_version=NO_STREAM)

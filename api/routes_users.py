@@ -39,10 +39,9 @@ def create_user() -> ResponseReturnValue:
     with a first token."""
     require_role(who(), "admin")
     req = body(schemas.UserCreate)
-    if (req["role"] in auth.HOST_ROLES) != bool(req["host_id"]):
-        raise Unprocessable("an agent, balancer or builder needs a host_id, and only they "
-                            "have one",
-                            {"host_id": ["required for agents, balancers and builders only"]})
+    if problem := auth.host_binding_problem(req["role"], req["host_id"]):
+        raise Unprocessable(problem, {"host_id": ["required for agents, balancers and "
+                                                  "builders only"]})
     token, events = auth.user_events(req["name"], req["role"], req["host_id"])
     try:
         services().append(f"user-{req['name']}", events, NO_STREAM, who())

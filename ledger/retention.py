@@ -53,6 +53,11 @@ class RetentionPolicy:
     category: str
     max_age: timedelta
 
+    def __post_init__(self) -> None:
+        if self.category not in DEFAULT_POLICIES:
+            raise ValueError(f"only {', '.join(DEFAULT_POLICIES)} events may be pruned; "
+                             f"{self.category} is history tally keeps")
+
     def cutoff(self, now: datetime) -> datetime:
         return now - self.max_age
 

@@ -26,17 +26,18 @@ def admin() -> None:
 def create_user(cfg: Any, name: str, role: str, host_id: str | None) -> None:
     """Create a user and print their API token (shown once)."""
     from api.auth import create_user as create
+    from api.auth import host_binding_problem
     from ledger import Ledger, LedgerError
 
-    if (role in ("agent", "balancer", "builder")) != bool(host_id):
-        raise click.ClickException("--host is required for agents, balancers and builders, "
-                                   "and only for them")
+    if problem := host_binding_problem(role, host_id):  # said before any database is asked
+        raise click.ClickException(f"{problem} (--host)")
     try:
         with Ledger(cfg.cluster().dsn("tally_writer"), retry_deadline=5) as ledger:
             token = create(ledger, name, role, host_id)
     except LedgerError as exc:
         msg = f"a user named {name!r} exists" if "expected no stream" in str(exc) else exc
         raise click.ClickException(str(msg)) from exc
+
     click.echo(token)
 
 
