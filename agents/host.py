@@ -46,7 +46,7 @@ from agents.logs import Shipper
 from agents.outbox import Outbox
 from agents.processes import Limits, Processes
 from agents.runs import RunServer
-from agents.stats import Sample, StatsListener, Traffic, usage
+from agents.stats import Sample, StatsListener, Traffic, session_owner, usage
 from agents.supervision import (
     ALIVE,
     FAILED_CHECKS,
@@ -130,7 +130,8 @@ class Agent:
     def __init__(self, api: HostApi, spec: HostSpec, paths: Paths,
                  timing: Timing | None = None, limits: Limits | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 collector: str | None = None, run_key: bytes | None = None) -> None:
+                 collector: str | None = None, run_key: bytes | None = None,
+                 collector_key: bytes | None = None) -> None:
         self.api, self.spec, self.paths = api, spec, paths
         self.run_key = run_key
         """Verifies the API's run tickets (ledger/tickets.py); None: no one-off runs."""
@@ -140,7 +141,11 @@ class Agent:
         self.fleet = Fleet()
         self.local: dict[str, Local] = {}
         self.procs = Processes(paths.state)
-        self.shipper = Shipper(collector, self.procs.logs) if collector else None
+        self.curve = curve.load_or_create(paths.state / "curve.key")
+        """This host's CURVE keypair: its public key is registered, the relays and the
+        collector admit it."""
+        self.shipper = Shipper(collector, self.procs.logs, curve=curve.Client(
+            collector_key, self.curve) if collector_key else None) if collector else None
         self.runs: RunServer | None = None
         self.ended_runs: queue.Queue[tuple[str, int, dict[str, Any]]] = queue.Queue()
         runtime.prepare_mountpoint()
@@ -150,7 +155,10 @@ class Agent:
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prepare")
         self.preparing: dict[str, Future] = {}
         self.next_beat = 0.0
-        self.statsd = StatsListener(paths.state / "statsd.port")
+        self.leaders: dict[int, str] = {}
+        """Session leader pid -> instance id: whose requests a statsd sender may count."""
+        self.statsd = StatsListener(paths.state / "statsd.sock",
+                                    session_owner(lambda: self.leaders))
         self.traffic = Traffic()
         self.next_stats = 0.0
         self.next_cleanup = 0.0
@@ -159,8 +167,6 @@ class Agent:
         self.netrules_lock = threading.Lock()
         self.reach: list[netrules.Reach] = []
         self.ports = ports.Holder(spec.address, spec.port_min, spec.port_max)
-        self.curve = curve.load_or_create(paths.state / "curve.key")
-        """This host's CURVE keypair: its public key is registered, the relays admit it."""
         self.outbox = Outbox(paths.state / "outbox.jsonl")
         self.registered = False
         self.desired_version = -1
@@ -259,6 +265,7 @@ class Agent:
             self.outbox.flush(self.send)
         wants = self.wants()
         self.observe(wants, now)
+        self.leaders = {loc.pid: iid for iid, loc in self.local.items() if loc.pid}
         self.record_run_ends()
         if self.desired_version < 0:
             return  # never told what to run: keep what runs, start and stop nothing
@@ -295,7 +302,7 @@ class Agent:
                 {also.port, *netrules.addon_ports(dict(also.config), self.spec.address,
                                       self.spec.addon_ports)}))]
                      if also is not None and user is not None else [])
-            self.netrules.apply([*self.reach, *extra], [self.statsd.port])
+            self.netrules.apply([*self.reach, *extra])
 
     def instances_here(self) -> list[tuple[str, int]]:
         """(app, port) of the instances placed on this host, or still running here."""
@@ -613,6 +620,7 @@ class Agent:
                                    ["/bin/bash", "-c", bound.command], upper, env, self.limits,
                                    setup, pass_fds=bound.pass_fds)
         self.ports.handed(want.port, bound)
+        self.leaders = {**self.leaders, loc.pid: want.instance_id}
         loc.state, loc.started_at = State.STARTING, self.clock()
         self.report(want.instance_id, "InstanceStarted", pid=loc.pid)
 

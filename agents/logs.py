@@ -12,6 +12,13 @@ it has written up to (`shipped.json` in its folder), writes only bytes past it, 
 with it. So a message sent twice is written once, and a collector that is away delays logs,
 never loses them, and never blocks an app. (A collector killed between writing a batch and
 saving its offsets writes that batch again: its own crash window, not the agents'.)
+
+Only the agents write app logs. An instance's stdout and stderr are a file the agent opened
+for it (its own, append-only, in a folder apps cannot enter): an app can write only its
+own lines. `tally serve collector` serves CURVE (ledger/curve.py) and admits only the keys
+hosts registered through the API and the control plane's (balancers' access logs): a
+process with no such key, an app or anyone on the network, can neither add a line to an
+app's log nor move an instance's marks to suppress its lines.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import zmq
+
+from ledger import curve as curve_keys
 
 CHUNK_READ = 64 * 1024
 WINDOW = 16 * CHUNK_READ
@@ -54,13 +63,16 @@ class Shipper:
 
     def __init__(self, endpoint: str, logs_dir: Path, context: zmq.Context | None = None,
                  keep_bytes: int = 8 << 20,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 curve: curve_keys.Client | None = None) -> None:
+        """`curve`: the collector's public key and this host's registered keypair."""
         self.keep_bytes = keep_bytes
         self.clock = clock
-        self.socket = (context or zmq.Context.instance()).socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.SNDHWM, 1000)
-        self.socket.setsockopt(zmq.LINGER, 0)  # unacknowledged bytes are on disk anyway
-        self.socket.connect(endpoint)
+        self.endpoint, self.context, self.curve = endpoint, context, curve
+        self.socket = self._connect()
+        self.stale = False
+        """No acknowledgement in time: a new connection before the next send (a collector
+        that refused this host's key before the host registered it does not ask again)."""
         self.logs_dir = logs_dir
         self.offsets_file = logs_dir / "offsets.json"
         self.positions: dict[str, Position] = {}
@@ -71,6 +83,15 @@ class Shipper:
         for iid, value in saved.items():
             epoch, acked = value if isinstance(value, list) else (0, value)
             self.positions[iid] = Position(epoch, acked, acked)
+
+    def _connect(self) -> zmq.Socket:
+        sock = (self.context or zmq.Context.instance()).socket(zmq.DEALER)
+        sock.setsockopt(zmq.SNDHWM, 1000)
+        sock.setsockopt(zmq.LINGER, 0)  # unacknowledged bytes are on disk anyway
+        if self.curve is not None:
+            curve_keys.as_client(sock, self.curve)
+        sock.connect(self.endpoint)
+        return sock
 
     @property
     def offsets(self) -> dict[str, int]:
@@ -83,6 +104,9 @@ class Shipper:
         bytes handed to ZeroMQ. A log fully acknowledged is emptied past `keep_bytes`,
         and removed once its instance (not in `running`) is gone."""
         moved = self.take_acks()
+        if self.stale:
+            self.socket.close()
+            self.socket, self.stale = self._connect(), False
         sent = 0
         for path in sorted(self.logs_dir.glob("*.log")):
             iid = path.stem
@@ -147,6 +171,7 @@ class Shipper:
         now = self.clock()
         if pos.sent > pos.acked and now - pos.waiting_since > ACK_TIMEOUT_S:
             pos.sent = pos.acked  # no word from the collector: send it all again
+            self.stale = True
         total = 0
         while pos.sent < size and pos.sent - pos.acked < WINDOW:
             with open(path, "rb") as f:
@@ -223,11 +248,15 @@ class Collector:
             current.rename(folder / f"chunk-{time.time_ns():020d}.log")
 
     def run(self, endpoint: str, stop: threading.Event,
-            context: zmq.Context | None = None) -> None:
+            context: zmq.Context | None = None,
+            curve: tuple[curve_keys.Keypair, curve_keys.Allowed] | None = None) -> None:
+        """Until `stop`; with `curve` (its keypair, who may ship), only admitted peers."""
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o700)  # every app's logs: the platform's to read, no app's
-        sock = (context or zmq.Context.instance()).socket(zmq.ROUTER)
+        context = context or zmq.Context.instance()
+        sock = context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
+        auth = curve_keys.serve(sock, curve[0], curve[1], context) if curve else None
         sock.bind(endpoint)
         try:
             while not stop.is_set():
@@ -235,6 +264,8 @@ class Collector:
                     self._batch(sock)
         finally:
             sock.close()
+            if auth is not None:
+                auth.stop()
 
     def _batch(self, sock: zmq.Socket) -> None:
         """Everything waiting: write it, save the marks, then acknowledge."""

@@ -79,7 +79,8 @@ def stale(tables: Iterable[str], mine: str, alive: Callable[[int], bool]) -> lis
 
 def render(table: str, reach: Iterable[Reach], shared: Iterable[int] = ()) -> str:
     """The nft script that replaces `table` with rules for these apps, atomically.
-    `shared`: ports every app may reach here (the agent's statsd port for gunicorn)."""
+    `shared`: ports every app may reach here besides DNS (none: the agent's statsd sink is a
+    Unix socket, agents/stats.py)."""
     common = {DNS, *shared}
     merged: dict[int, set[int]] = {}
     for r in reach:

@@ -10,6 +10,11 @@ millisecond whatever the slug's size (a copy would cost its size).
 
 The mount is made in the child, as root, before it becomes the app's user: the slug's
 folder stays closed to the app (mode 0700 above it), so it cannot write under the overlay.
+
+The same namespace gets a /proc of its own, mounted `hidepid=2`: the app sees its own
+uid's processes only, never another app's or the platform's command lines, environments
+or open files (the host's /proc, which other tenants' agents and the platform read, is
+left as it is: since Linux 5.8 each proc mount has its own options).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 
 APP_ROOT = "/app"
 CLONE_NEWNS = 0x00020000
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -52,12 +58,15 @@ def _check(result: int, what: str) -> None:
 
 
 def enter(lower: Path, upper: Path, work: Path) -> None:
-    """In the child (root): a private mount namespace with the overlay at /app."""
+    """In the child (root): a private mount namespace with the overlay at /app and a
+    /proc that shows the app only its own processes."""
     _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     _check(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "making / private")
     options = f"lowerdir={lower},upperdir={upper},workdir={work}".encode()
     _check(_libc.mount(b"overlay", APP_ROOT.encode(), b"overlay", 0, options),
            f"mounting the overlay at {APP_ROOT}")
+    _check(_libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                       b"hidepid=2"), "mounting a private /proc (hidepid=2)")
     os.chdir(APP_ROOT)
 
 

@@ -131,16 +131,19 @@ def kill_all(uid: int) -> None:
 
 
 def remove_files_of(uid: int, root: Path) -> None:
-    """Remove everything under root owned by uid (never following links, never leaving
-    root's filesystem); a folder of its is removed whole."""
+    """Remove everything under root owned by uid; a folder of its is removed whole; never
+    leaving root's filesystem. Root does this while other apps run: every name is looked
+    at and removed in a folder already open (os.fwalk's descriptors, which never follow a
+    link and skip a folder swapped for one; unlink and rmtree with `dir_fd`), so an app
+    that swaps a folder on the path for a link to /etc between the look and the removal
+    cannot turn it onto root's files."""
     if not root.is_dir():
         return
     device = root.stat().st_dev
-    for dirpath, dirnames, filenames in os.walk(root):
+    for _, dirnames, filenames, folder in os.fwalk(root):
         for name in [*dirnames, *filenames]:
-            path = Path(dirpath) / name
             try:
-                st = path.lstat()
+                st = os.stat(name, dir_fd=folder, follow_symlinks=False)
             except OSError:
                 continue
             if st.st_dev != device:
@@ -151,10 +154,10 @@ def remove_files_of(uid: int, root: Path) -> None:
                 continue
             if stat.S_ISDIR(st.st_mode):
                 dirnames.remove(name)
-                shutil.rmtree(path, ignore_errors=True)
+                shutil.rmtree(name, dir_fd=folder, ignore_errors=True)
             else:
                 with contextlib.suppress(OSError):
-                    path.unlink()
+                    os.unlink(name, dir_fd=folder)
 
 
 def private_home(path: Path, user: AppUser | None) -> Path:

@@ -49,6 +49,7 @@ from balancer.admin import serve_admin  # noqa: E402  (imports eventlet too)
 from balancer.hub import Hub as OneShotHub  # noqa: E402
 from balancer.metrics import Metrics  # noqa: E402
 from balancer.shell import Proxy, Timeouts, accept_forever  # noqa: E402
+from ledger import curve as curve_keys  # noqa: E402
 from ledger.relay import TOPIC  # noqa: E402
 
 
@@ -76,6 +77,8 @@ class Options:
     """Where to terminate TLS (with certificates from `certs`)."""
     certs: str | None = None
     """Where the access log goes (the log collector's PULL endpoint); None: no log."""
+    collector_curve: curve_keys.Client | None = None
+    """The collector's CURVE key and this balancer's keypair (the control plane's)."""
 
 
 def log(line: str) -> None:
@@ -147,7 +150,7 @@ def run(options: Options, admin: tuple[str, int] | None = None, slot: int = 0) -
                   metrics=Metrics(), access=access, log=log)
     if access is not None and options.collector:
         eventlet.spawn_n(ship_access_log, access, options.collector,
-                         f"{options.bind[1]}.{slot}")
+                         f"{options.bind[1]}.{slot}", options.collector_curve)
     listener = listen(options.bind)
     if options.routes_file:
         source = FileRoutes(options.routes_file)
@@ -287,14 +290,18 @@ def listen_relays(relays: Sequence[str], wakeups: eventlet.queue.LightQueue) -> 
             wakeups.put(p)
 
 
-def ship_access_log(access: AccessLog, endpoint: str, name: str, every: float = 0.5,
+def ship_access_log(access: AccessLog, endpoint: str, name: str,
+                    curve: curve_keys.Client | None = None, every: float = 0.5,
                     resend_after: float = 5.0, max_pending: int = 1 << 20) -> None:
     """Every half second, each app's new access log lines to the collector, as the host
     agents ship app logs (acknowledged byte streams; unacknowledged bytes go again after
-    `resend_after` seconds). `name` tells this process's streams apart (port and slot)."""
+    `resend_after` seconds). `name` tells this process's streams apart (port and slot).
+    `curve`: the collector's key and this balancer's admitted keypair."""
     sock = gzmq.Context().socket(gzmq.DEALER)
     sock.setsockopt(gzmq.SNDHWM, 1000)
     sock.setsockopt(gzmq.LINGER, 0)
+    if curve is not None:
+        curve_keys.as_client(sock, curve)
     sock.connect(endpoint)
     streams: dict[str, Stream] = {}
     by_iid: dict[bytes, Stream] = {}

@@ -1,4 +1,4 @@
-"""CURVE on the relays' PUB: only known keys may subscribe from another machine.
+"""CURVE on the relays' PUB and the log collector: only known keys may subscribe or ship.
 
 A wake-up says nothing secret ("the ledger moved to P"), but an open PUB lets anyone map
 the platform's activity and hold sockets open on the relays. With CURVE, each relay has a
@@ -8,6 +8,11 @@ that hosts registered through the API (HostRegistered.public_key, appended by th
 for the agent token of that host). A process with no registered key gets no wake-up; it
 can still poll the API, as every host does on its timer anyway.
 
+The log collector (agents/logs.py) serves CURVE the same way, with a keypair of its own
+(`collector.curve`) and the same admission: agents ship with the keypair they registered,
+so a line reaches an app's log only from the agent that runs it (or a balancer of the
+control plane), never from an app or anyone else on the network.
+
 Keys are z85 text, one keypair per file (public, then secret; 0600). The composition root
 of a process says which client keypair its subscribers use (`use`); a relay started with
 `--curve` serves with its own (`serve`).
@@ -16,6 +21,7 @@ of a process says which client keypair its subscribers use (`use`); a relay star
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -49,10 +55,15 @@ def load_or_create(path: Path) -> Keypair:
         return Keypair(public.encode(), secret.encode())
     public, secret = zmq.curve_keypair()
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    part = path.with_name(f".{path.name}.part")
+    part = path.with_name(f".{path.name}.{os.getpid()}.part")
     part.touch(mode=0o600)
     part.write_text(f"{public.decode()}\n{secret.decode()}\n")
-    part.replace(path)
+    try:
+        os.link(part, path)  # never over another process's key made meanwhile
+    except FileExistsError:
+        return load_or_create(path)
+    finally:
+        part.unlink()
     return Keypair(public, secret)
 
 

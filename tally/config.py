@@ -40,7 +40,11 @@ TALLY_CREDENTIALS     where `tally login` saves them; default
 TALLY_RUN_KEY         the key of one-off run tickets, hex (`tally up` makes one)
 TALLY_RELAY_KEY       the relays' CURVE public key, z85 (`tally up` hands it to its daemons);
                       unset: subscribers speak plain ZeroMQ
-TALLY_CURVE_KEYFILE   a control-plane daemon's CURVE keypair file, for the relays' PUB
+TALLY_CURVE_KEYFILE   a control-plane daemon's CURVE keypair file, for the relays' PUB (and
+                      a balancer's, for shipping its access log to the collector)
+TALLY_COLLECTOR_KEY   the log collector's CURVE public key, z85 (`tally up` hands it to its
+                      daemons); default: the key of $TALLY_HOME/secrets/collector.curve, made
+                      on first use (the collector's machine)
 TALLY_APP_UIDS        the Unix uids the API hands to apps, each once; default 200000-299999
 
 Read by the CLI's options themselves (click `envvar=`, shown in each command's --help):
@@ -88,6 +92,8 @@ class Config:
     """The relays' CURVE public key (z85); empty: relays without CURVE (ledger/curve.py)."""
     curve_keyfile: str = ""
     """This process's CURVE keypair file for subscribing to the relays (control plane)."""
+    collector_key_text: str = ""
+    """TALLY_COLLECTOR_KEY; empty: `collector_key` reads the local keypair file."""
     ledger_ha: bool = True
     ledger_ha_ports: tuple[int, int, int, int] | None = None
 
@@ -113,6 +119,7 @@ class Config:
                 "TALLY_AGENT_PORTS", "7000-7099,7100-7199").split(",") if r.strip()),
             relay_key=env.get("TALLY_RELAY_KEY", ""),
             curve_keyfile=env.get("TALLY_CURVE_KEYFILE", ""),
+            collector_key_text=env.get("TALLY_COLLECTOR_KEY", ""),
             ledger_ha=env.get("TALLY_LEDGER_HA", "patroni") != "plain",
             ledger_ha_ports=_ha_ports(env.get("TALLY_LEDGER_HA_PORTS")),
             apps_db_ports=_two_ports(env.get("TALLY_APPS_DB_PORTS", "5443,5444"),
@@ -128,6 +135,15 @@ class Config:
     def secret(self, name: str) -> Path:
         """A file in $TALLY_HOME/secrets (tokens, CURVE keypairs), 0700 folder."""
         return self.home / "secrets" / name
+
+    def collector_key(self) -> bytes:
+        """The log collector's CURVE public key: TALLY_COLLECTOR_KEY, or on the collector's
+        machine the public half of its keypair (made on first use, 0600 in secrets/)."""
+        if self.collector_key_text:
+            return self.collector_key_text.encode()
+        from ledger import curve
+
+        return curve.load_or_create(self.secret("collector.curve")).public
 
     @property
     def web_port(self) -> int | None:

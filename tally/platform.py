@@ -83,22 +83,24 @@ def programs(cfg: Config, secrets: bool = True) -> list[Program]:
 
 def environment(cfg: Config, name: str) -> dict[str, str]:
     """Extra environment for one daemon (never on a command line). Every one learns the
-    relays' CURVE public key; host agents get only their agent token (they fetch bundles
-    through the API as on a real fleet) and make their own keypair, registered through the
-    API; the builder gets only its builder token (it asks the API for builds); the
-    control plane's daemons subscribe with the control-plane keypair; agents and
-    the API get the run tickets' key."""
+    relays' and the log collector's CURVE public keys; host agents get only their agent
+    token (they fetch bundles through the API as on a real fleet) and make their own keypair,
+    registered through the API; the builder gets only its builder token (it asks the API for
+    builds); the control plane's daemons (balancers too) use the control-plane keypair;
+    agents and the API get the run tickets' key."""
     from ledger import curve
 
     relay_key = curve.load_or_create(cfg.secret("relay.curve")).public.decode()
     curve.load_or_create(cfg.secret("control.curve"))
+    collector_key = cfg.collector_key().decode()
     for i, _ in enumerate(cfg.agent_ports, start=1):
         if name == f"agent-{i}":
             return {"TALLY_AGENT_TOKEN": host_token(cfg, f"h{i}", "agent"),
-                    "TALLY_RUN_KEY": run_key(cfg), "TALLY_RELAY_KEY": relay_key}
+                    "TALLY_RUN_KEY": run_key(cfg), "TALLY_RELAY_KEY": relay_key,
+                    "TALLY_COLLECTOR_KEY": collector_key}
     if name == "builder":  # a fleet host too: its token, nothing else
         return {"TALLY_BUILDER_TOKEN": host_token(cfg, "builder-1", "builder")}
-    control = {"TALLY_RELAY_KEY": relay_key,
+    control = {"TALLY_RELAY_KEY": relay_key, "TALLY_COLLECTOR_KEY": collector_key,
                "TALLY_CURVE_KEYFILE": str(cfg.secret("control.curve"))}
     for i, _ in enumerate(cfg.balancers, start=1):
         if name == f"balancer-{i}":  # its token; on one machine the control keypair wakes it

@@ -148,12 +148,26 @@ def serve_placer(cfg: Config, ttl: float, suspect_after: float, deploy_timeout: 
 @click.pass_obj
 @fail_cleanly
 def serve_collector(cfg: Config, bind: str | None, chunk_mb: float) -> None:
-    """Receive app logs from the host agents and write them to chunked files per app."""
+    """Receive app logs from the host agents and write them to chunked files per app.
+    Serves CURVE with its keypair ($TALLY_HOME/secrets/collector.curve): admits only the
+    keys hosts registered and the control plane's (balancers' access logs)."""
     from agents.logs import Collector
+    from ledger import curve
+    from ledger.cluster import ClusterError
 
     daemon_logging()
     stop = stop_event()
-    Collector(cfg.app_logs_dir, int(chunk_mb * 2**20)).run(bind or cfg.collector, stop)
+    try:
+        dsn: str | None = cfg.cluster().dsn("tally_writer")
+    except ClusterError as exc:
+        logging.getLogger("tally.collector").warning(
+            "%s: admitting only the control plane's key, no host's", exc)
+        dsn = None
+    cfg.collector_key()  # its keypair, made on first use
+    keys = (curve.load_or_create(cfg.secret("collector.curve")),
+            curve.Allowed({curve.load_or_create(cfg.secret("control.curve")).public}, dsn))
+    Collector(cfg.app_logs_dir, int(chunk_mb * 2**20)).run(bind or cfg.collector, stop,
+                                                            curve=keys)
 
 
 @serve.command("api")

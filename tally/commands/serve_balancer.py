@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -98,8 +99,20 @@ def serve_balancer(cfg: Config, bind: str, routes_file: str | None, api_url: str
                           connect=connect_timeout, backend=backend_timeout, hold=hold),
         drain=drain, admin=_address(admin, "--admin") if admin else None,
         collector=collector or (None if routes_file else cfg.collector),
+        collector_curve=_collector_curve(cfg),
         tls_bind=_address(tls_bind, "--tls-bind") if tls_bind else None, certs=certs,
         cache=None if routes_file else str(
             cfg.run_dir / f"balancer-{_address(bind, '--bind')[1]}.routes.json"),
     )
     raise SystemExit(main(options))
+
+
+def _collector_curve(cfg: Config) -> Any:
+    """The balancer ships its access log over CURVE with the control plane's keypair
+    (TALLY_CURVE_KEYFILE, which `tally up` gives it); without one, plain (a collector
+    serving CURVE then refuses it)."""
+    if not cfg.curve_keyfile:
+        return None
+    from ledger import curve
+
+    return curve.Client(cfg.collector_key(), curve.load_or_create(Path(cfg.curve_keyfile)))

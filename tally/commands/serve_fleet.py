@@ -40,6 +40,11 @@ from tally.console import daemon_logging, fail_cleanly, host_token, stop_event
               help="File holding this host's agent token (default: the token in "
               "TALLY_AGENT_TOKEN). Issue one with `tally admin create-user NAME "
               "--role agent --host HOST`.")
+@click.option("--backend-clients", envvar="TALLY_BACKEND_CLIENTS", default="",
+              help="Addresses or networks (comma-separated) of other hosts that may "
+              "connect to this host's app ports: the balancers, when they run elsewhere. "
+              "By default only this host may (nftables; connections to the app ports "
+              "are accepted at --address only).")
 @click.option("--stop-apps-on-exit", is_flag=True,
               help="Stop this host's instances when the agent stops (one-machine "
               "setups); by default they keep running and the next agent adopts them.")
@@ -48,7 +53,7 @@ from tally.console import daemon_logging, fail_cleanly, host_token, stop_event
 def serve_agent(cfg: Config, host_id: str, address: str, port_range: str, capacity: int,
                 heartbeat: float, grace: float, health_every: float,
                 cleanup_every: float, memory_mb: int, open_files: int,
-                api_url: str | None, token_file: Path | None,
+                api_url: str | None, token_file: Path | None, backend_clients: str,
                 stop_apps_on_exit: bool) -> None:
     """Run this host's placed instances, report them, heartbeat: all through the API,
     with this host's agent token."""
@@ -66,7 +71,9 @@ def serve_agent(cfg: Config, host_id: str, address: str, port_range: str, capaci
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--api") from None
     spec = HostSpec(host_id, address, low, high, capacity,
-                    addon_ports=cfg.addon_ports)
+                    addon_ports=cfg.addon_ports,
+                    backend_clients=tuple(c.strip() for c in backend_clients.split(",")
+                                          if c.strip()))
     paths = Paths(state=cfg.home / "agents" / host_id, bundles=cfg.bundles_dir,
                   releases=cfg.home / "agents" / host_id / "releases",
                   api=api, api_token=token)
@@ -76,7 +83,8 @@ def serve_agent(cfg: Config, host_id: str, address: str, port_range: str, capaci
                                           health_every=health_every,
                                           cleanup_every=cleanup_every),
               Limits(open_files=open_files, memory_mb=memory_mb),
-              collector=cfg.collector, run_key=run_key_from_env()).run(
+              collector=cfg.collector, collector_key=cfg.collector_key(),
+              run_key=run_key_from_env()).run(
             stop, cfg.relays, stop_apps=stop_apps_on_exit, relay_key=cfg.relay_key)
     except ApiRefused as exc:  # e.g. a token of another host: say so, exit 1
         raise click.ClickException(f"the API refused this agent: {exc}") from None

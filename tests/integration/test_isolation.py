@@ -8,6 +8,7 @@ test_isolation_limits.py.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -389,7 +390,7 @@ class Fleet:
         self.cluster = make_cluster()
         self.home = self.cluster.root.parent
         close_home(Config.from_env({"TALLY_HOME": str(self.home)}))
-        endpoint = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+        self.endpoint = endpoint = f"tcp://127.0.0.1:{free_ports(1)[0]}"
         low = free_ports(1)[0]
         self.collector = Daemon(self.cluster, "collector", ["collector"],
                                 TALLY_COLLECTOR=endpoint)
@@ -469,11 +470,14 @@ def fleet() -> Iterator[Fleet]:
 
 @pytest.fixture(scope="module")
 def two_apps(fleet: Fleet) -> dict[str, Any]:
-    """victim and attacker, each a probe app on the same host: role -> port, and
-    role_name -> app name."""
+    """victim and attacker, each a probe app on the same host: role -> port,
+    role_name -> app name, role_iid -> its instance id."""
     names = {"victim": f"vic-{uid()}", "attacker": f"att-{uid()}"}
-    return {role: fleet.deploy(name)[0] for role, name in names.items()} | {
-        f"{role}_name": name for role, name in names.items()}
+    out: dict[str, Any] = {}
+    for role, name in names.items():
+        out[role], _, out[f"{role}_iid"] = fleet.deploy(name)
+        out[f"{role}_name"] = name
+    return out
 
 
 def test_an_app_reads_none_of_the_platforms_files(fleet: Fleet,
@@ -517,6 +521,94 @@ def test_database_logs_are_private_and_name_no_failed_statement(fleet: Fleet) ->
         assert stat.S_IMODE(log.stat().st_mode) == 0o600
         assert secret not in log.read_text()
     assert stat.S_IMODE(fleet.cluster.root.stat().st_mode) & 0o007 == 0
+
+
+# --- channels and processes: from inside one tenant's app, and from anyone ----------------
+
+
+def test_only_the_agents_write_an_apps_logs(fleet: Fleet, two_apps: dict[str, Any]) -> None:
+    """Anyone who reaches the collector (here this test: with no key, then with a keypair
+    the platform never registered) tries to add lines to the victim's log and to move its
+    instance's marks to an epoch its agent never reaches (suppressing its lines). The
+    victim's own lines still arrive; no forged one does; no forger hears back."""
+    import zmq
+
+    from ledger import curve
+    from tests.waiting import wait_until
+
+    victim, iid = two_apps["victim_name"], two_apps["victim_iid"]
+    mark = uid()
+    public = curve.load_or_create(fleet.home / "secrets" / "collector.curve").public
+    context = zmq.Context()
+    forgers = []
+    for keys in (None, zmq.curve_keypair()):
+        sock = context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        if keys is not None:
+            curve.as_client(sock, curve.Client(public, curve.Keypair(*keys)))
+        sock.connect(fleet.endpoint)
+        forgers.append(sock)
+    try:
+        for n, sock in enumerate(forgers):
+            with contextlib.suppress(zmq.Again):  # a refused handshake drops its queue
+                sock.send_multipart([victim.encode(), f"{victim}.1.web.forged{n}".encode(),
+                                     b"0", b"0", f"FORGED-{mark} by forger {n}\n".encode()],
+                                    zmq.NOBLOCK)
+                sock.send_multipart([victim.encode(), iid.encode(), b"999999999", b"0",
+                                     b"x\n"], zmq.NOBLOCK)
+        said = f"said-{mark}"
+        assert probe(two_apps["victim"], "say", "", said)["ok"]
+        log = fleet.home / "applogs" / victim / "current.log"
+        wait_until(lambda: log.exists() and said in log.read_text(), 60,
+                   "the victim's own line in its log (not suppressed)")
+        assert f"FORGED-{mark}" not in log.read_text()
+        assert [sock.poll(0) for sock in forgers] == [0, 0], "a forger was acknowledged"
+    finally:
+        for sock in forgers:
+            sock.close()
+        context.term()
+
+
+def test_an_app_cannot_count_requests_for_another(fleet: Fleet,
+                                                   two_apps: dict[str, Any]) -> None:
+    """The attacker sends the victim's request metric to the statsd sink its own
+    environment names; the victim's five real requests are counted, the forged 123,457
+    are not."""
+    from agents.stats import SampleStore
+    from tests.waiting import wait_until
+
+    victim, iid = two_apps["victim_name"], two_apps["victim_iid"]
+    forged = probe(two_apps["attacker"], "statsd", "", f"{iid}.gunicorn.requests:123457|c")
+    assert forged["ok"], forged  # it reached the sink: only who sent it decides
+    for _ in range(5):
+        assert probe(two_apps["victim"], "", "")["uid"]
+    store = SampleStore(fleet.cluster.dsn())
+
+    def requests() -> int:
+        return sum(i["requests"] for i in store.read(victim, 30)["instances"]
+                   if i["instance_id"] == iid)
+    try:
+        wait_until(lambda: requests() >= 5, 60, "the victim's own requests counted")
+        assert requests() < 1000, "the attacker's forged count reached the victim's stats"
+    finally:
+        store.close()
+
+
+def test_an_app_sees_no_other_process(fleet: Fleet, two_apps: dict[str, Any]) -> None:
+    """Command lines and environments of the victim's instance, of the platform's root
+    processes (this test, pid 1): invisible from inside the attacker's app; its own
+    process it still sees."""
+    port = two_apps["attacker"]
+    victim_pid = fleet.agent.app_pids()[two_apps["victim_iid"]]
+    for pid in (victim_pid, os.getpid(), 1):
+        for what in ("cmdline", "environ"):
+            got = probe(port, "read", f"/proc/{pid}/{what}")
+            assert not got["ok"], (pid, what, got)
+    listed = probe(port, "list", "/proc")
+    assert listed["ok"], listed
+    assert not {victim_pid, os.getpid(), 1} & {int(n) for n in listed["result"] if n.isdigit()}
+    own = probe(port, "read", "/proc/self/cmdline")
+    assert own["ok"] and "gunicorn" in own["result"], own
 
 
 # --- identities ----------------------------------------------------------------------------
@@ -585,3 +677,42 @@ def test_a_deleted_apps_user_goes_with_its_processes_and_files_everywhere(
     assert [p for p in left if p.exists()] == []
     assert not [p for p in psutil.process_iter(["uids"])
                 if p.info["uids"] and p.info["uids"].real == app_uid]
+
+
+def test_removing_a_deleted_apps_files_never_follows_a_swapped_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deleted app left `shared/sub/passwd` in a folder another app (of the same
+    tenant, say) owns; that app swaps `sub` for a link to a folder of root's at the worst
+    moment: after root looked at `passwd`, before it removes it. Root's file of that name
+    stays; the deleted app's goes. (The racing app is played by a hook on os.stat, the one
+    call both the look and fwalk make: a real race cannot be won on cue.)"""
+    from agents import users
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root: files of other uids")
+    gone, other = 3_999_001, 3_999_002  # uids no user of this machine has
+    top, roots = tmp_path / "tmp", tmp_path / "etc"
+    sub = top / "shared" / "sub"
+    sub.mkdir(parents=True)
+    roots.mkdir()
+    (roots / "passwd").write_text("root's\n")
+    (sub / "passwd").write_text("left behind\n")
+    for path, owner in ((top / "shared", other), (sub, other), (sub / "passwd", gone)):
+        os.chown(path, owner, owner)
+    real_stat = os.stat
+
+    def racing_stat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        result = real_stat(path, *args, **kwargs)
+        if not isinstance(path, int) and os.fspath(path).endswith("passwd") \
+                and not (top / "shared" / "real").exists():
+            sub.rename(top / "shared" / "real")
+            sub.symlink_to(roots)
+        return result
+
+    monkeypatch.setattr(os, "stat", racing_stat)
+    users.remove_files_of(gone, top)
+    monkeypatch.undo()
+    assert (roots / "passwd").read_text() == "root's\n"
+    assert (top / "shared" / "real").exists(), "the race was run"
+    assert not (top / "shared" / "real" / "passwd").exists()
+

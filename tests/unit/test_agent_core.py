@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,40 @@ def test_health_checks_are_not_traffic_even_when_counted_late() -> None:
     t.served["i"] += 1 + 5  # it arrives, with 5 requests of real traffic
     assert t.report("i") == 5
     assert t.report("i") == 0  # each request reported once
+
+
+def test_a_statsd_sender_counts_only_for_its_own_instance() -> None:
+    """The kernel's word on who sent a datagram decides (agents/stats.py): an app naming
+    another app's instance, or a sibling, or a sender of no instance, counts nothing."""
+    from agents.stats import own_counts
+
+    owners = {101: "blog.1.web.a", 102: "shop.1.web.b"}
+    named = Counter({"blog.1.web.a": 2, "shop.1.web.b": 123457, "blog.1.web.c": 5})
+    assert own_counts(named, 101, owners.get) == {"blog.1.web.a": 2}
+    assert own_counts(named, 102, owners.get) == {"shop.1.web.b": 123457}
+    assert own_counts(named, 103, owners.get) == {}
+    assert own_counts(named, None, owners.get) == {}
+
+
+def test_statsd_counts_come_only_from_the_named_instances_session(tmp_path: Path) -> None:
+    """A real Unix datagram socket: this process is the 'instance' it leads the session
+    of; a datagram naming another instance is refused, its own is counted."""
+    import os
+    import socket
+
+    from agents.stats import StatsListener, session_owner
+    from tests.waiting import wait_until
+
+    me = os.getsid(0)
+    listener = StatsListener(tmp_path / "statsd.sock", session_owner(lambda: {me: "a.1.web.x"}))
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            sender.sendto(b"b.1.web.y.gunicorn.requests:123457|c", str(listener.path))
+            sender.sendto(b"a.1.web.x.gunicorn.requests:3|c", str(listener.path))
+        got: Counter = Counter()
+        wait_until(lambda: got.update(listener.take()) or got["a.1.web.x"] == 3, 10,
+                   "the own count taken")
+        assert got == {"a.1.web.x": 3}
+        wait_until(lambda: listener.refused == 1, 10, "the other instance's count refused")
+    finally:
+        listener.close()
