@@ -82,6 +82,9 @@ class HostSpec:
     addon_ports: frozenset[int] = frozenset()
     """The platform's add-on services on this host (the apps' PostgreSQL cluster): the only
     local ports an app's `*_URL` config may open to it (netrules.addon_ports)."""
+    backend_clients: tuple[str, ...] = ()
+    """Addresses besides this host that may connect to the instances' ports (the balancers
+    on other hosts); everyone else is dropped (netrules.Backends)."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,8 @@ class Agent:
         self.netrules = netrules.for_agent(cgroups.root_name(spec.host_id, paths.state))
         self.netrules_lock = threading.Lock()
         self.reach: list[netrules.Reach] = []
+        self.owners: dict[int, int] = {}
+        """Port -> uid of the app placed there: only it may answer from that port."""
         self.ports = ports.Holder(spec.address, spec.port_min, spec.port_max)
         self.outbox = Outbox(paths.state / "outbox.jsonl")
         self.registered = False
@@ -293,16 +298,22 @@ class Agent:
             return
         with self.netrules_lock:
             if also is None:  # the loop's thread: the only one reading the fleet
+                uids = netrules.app_uids(self.fleet.apps)
                 self.reach = netrules.reach_of(self.instances_here(), {
                     name: app.config_at(r.config_version) for name, app in
                     self.fleet.apps.items() if (r := app.releases.get(app.current_release or 0))
-                }, netrules.app_uids(self.fleet.apps), self.spec.address,
-                    self.spec.addon_ports)
+                }, uids, self.spec.address, self.spec.addon_ports)
+                self.owners = {port: uids[app] for app, port in self.instances_here()
+                               if port and app in uids}
             extra = ([netrules.Reach(user.uid, frozenset(
                 {also.port, *netrules.addon_ports(dict(also.config), self.spec.address,
                                       self.spec.addon_ports)}))]
                      if also is not None and user is not None else [])
-            self.netrules.apply([*self.reach, *extra])
+            owners = ({**self.owners, also.port: user.uid}
+                      if also is not None and user is not None and also.port else self.owners)
+            s = self.spec
+            self.netrules.apply([*self.reach, *extra], (), netrules.Backends(
+                s.address, s.port_min, s.port_max, owners, s.backend_clients))
 
     def instances_here(self) -> list[tuple[str, int]]:
         """(app, port) of the instances placed on this host, or still running here."""

@@ -8,6 +8,17 @@ skuid`: each app runs as its own user, agents/users.py) and a destination that i
 and its add-ons' ports (and DNS), reject the rest of this host. Replies of connections made
 to an app (conntrack's established) pass. Other hosts' ports are theirs to guard.
 
+The agent's port range is guarded on the way in and out too (`Backends`). In: a new
+connection to a port of the range is accepted only at the agent's address (an app that
+binds 0.0.0.0 itself is still reached only where the agent decided) and only from this
+host or the addresses the operator names (`--backend-clients`: the balancers on other
+hosts); every other machine is dropped. Out: a SYN-ACK from an instance's port leaves only
+from a socket of that instance's app or of the agent's making (`meta skuid` of the
+listener: a socket's owner is who made it, and gunicorn listens on one the agent hands
+it): a process of another app that took the port in the moment a web command that binds
+$PORT itself is started (agents/ports.py) answers no one, and the agent evicts it at the
+instance's next start.
+
 The rule set is a pure function of the desired state (`render`); the agent applies it in a
 table of its own (one per agent: agents sharing a machine never touch each other's), as one
 atomic `nft -f` transaction, only when it changed, and deletes the table when it stops.
@@ -16,6 +27,7 @@ Apps that connect as root (the agent's health checks, the balancers) are not aff
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -23,7 +35,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 log = logging.getLogger("tally.agent")
@@ -77,10 +89,24 @@ def stale(tables: Iterable[str], mine: str, alive: Callable[[int], bool]) -> lis
     return out
 
 
-def render(table: str, reach: Iterable[Reach], shared: Iterable[int] = ()) -> str:
+@dataclass(frozen=True)
+class Backends:
+    """The agent's port range as the network meets it."""
+
+    address: str
+    low: int
+    high: int
+    owners: Mapping[int, int] = field(default_factory=dict)
+    """Port -> uid of the app whose instance listens there."""
+    clients: tuple[str, ...] = ()
+    """Addresses or networks besides this host that may connect (other hosts' balancers)."""
+
+
+def render(table: str, reach: Iterable[Reach], shared: Iterable[int] = (),
+           backends: Backends | None = None) -> str:
     """The nft script that replaces `table` with rules for these apps, atomically.
     `shared`: ports every app may reach here besides DNS (none: the agent's statsd sink is a
-    Unix socket, agents/stats.py)."""
+    Unix socket, agents/stats.py). `backends`: the agent's range, guarded in and out."""
     common = {DNS, *shared}
     merged: dict[int, set[int]] = {}
     for r in reach:
@@ -88,15 +114,42 @@ def render(table: str, reach: Iterable[Reach], shared: Iterable[int] = ()) -> st
     lines = [f"table inet {table} {{}}", f"delete table inet {table}",
              f"table inet {table} {{",
              "  chain output {",
-             "    type filter hook output priority 0; policy accept;",
-             "    ct state established,related accept"]
+             "    type filter hook output priority 0; policy accept;"]
+    if backends is not None:  # before `established`: a SYN-ACK is a reply
+        lines += [f"    tcp sport {port} tcp flags & (syn | ack) == syn | ack "
+                  f"meta skuid != {{ 0, {uid} }} drop"  # 0: a socket the agent made, handed
+                  for port, uid in sorted(backends.owners.items())]
+    lines.append("    ct state established,related accept")
     for uid, ports in sorted(merged.items()):
         allowed = ", ".join(str(p) for p in sorted(common | ports))
         lines.append(f"    meta skuid {uid} fib daddr type local meta l4proto {{ tcp, udp }} "
                      f"th dport {{ {allowed} }} accept")
         lines.append(f"    meta skuid {uid} fib daddr type local reject")
-    lines += ["  }", "}"]
+    lines.append("  }")
+    if backends is not None:
+        lines += _input_chain(backends)
+    lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def _input_chain(b: Backends) -> list[str]:
+    """New connections to the range: at the agent's address only, from this host or the
+    named clients only."""
+    family, other = ("ip6", "ipv4") if ":" in b.address else ("ip", "ipv6")
+    ports = f"tcp dport {b.low}-{b.high}"
+    lines = ["  chain input {", "    type filter hook input priority 0; policy accept;",
+             "    ct state established,related accept"]
+    try:
+        ipaddress.ip_address(b.address)
+        lines += [f"    meta nfproto {other} {ports} drop",
+                  f"    {family} daddr != {b.address} {ports} drop"]
+    except ValueError:  # a host name: the agent binds what it resolves to; no address rule
+        pass
+    lines.append(f"    fib saddr type local {ports} accept")
+    if b.clients:
+        lines.append(f"    {family} saddr {{ {', '.join(b.clients)} }} {ports} accept")
+    lines += [f"    {ports} drop", "  }"]
+    return lines
 
 
 # --- the shell ------------------------------------------------------------------------------
@@ -109,8 +162,9 @@ class NetRules:
         self.table = table
         self.applied: str | None = None
 
-    def apply(self, reach: Iterable[Reach], shared: Iterable[int] = ()) -> None:
-        script = render(self.table, reach, shared)
+    def apply(self, reach: Iterable[Reach], shared: Iterable[int] = (),
+              backends: Backends | None = None) -> None:
+        script = render(self.table, reach, shared, backends)
         if script == self.applied:
             return
         run(script)

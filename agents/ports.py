@@ -14,8 +14,12 @@ another tenant's new instance never meets `Address already in use`. A port found
 when an instance needs it (an app that won the moment between an instance's death and the
 agent's next look) is taken back: the squatting app process is killed (`evict`).
 
-A web command that is not gunicorn binds $PORT itself: its port is let go just before it
-starts. `rebind` is pure; `Holder` is the shell.
+A web command that is not gunicorn binds $PORT itself: its port is taken back from any
+squatter and held until just before it starts, then let go. Another app may take it in
+that moment; it gains nothing (agents/netrules.py: a SYN-ACK from an instance's port leaves
+only from a socket of that instance's app, and connections reach the range only at the
+agent's address), and it is evicted at the instance's next start. `rebind` is pure;
+`Holder` is the shell.
 """
 
 from __future__ import annotations
@@ -109,12 +113,13 @@ class Holder:
         """A gunicorn command (of any process type) gets the held socket of its port, its
         own binds removed (call `handed` once it started); another web command gets its
         port let go (it binds $PORT itself); the port of any other process stays held. A
-        port some process of an app (`apps`: their uids) took meanwhile is taken back."""
+        port some process of an app (`apps`: their uids) took meanwhile is taken back
+        first, for either kind of web command."""
         gunicorn = rebind(command)
         if gunicorn is None and process_type != "web":
             return Binding(command, f"--bind {self.address}:{port}", ())
-        sock = self.hold(port) if gunicorn is not None else None
-        if gunicorn is not None and sock is None and evict(port, apps):
+        sock = self.hold(port)  # a web command binding $PORT itself gets it free too
+        if sock is None and evict(port, apps):
             sock = self.hold(port)
         if gunicorn is None or sock is None:
             self.release(port)

@@ -396,27 +396,31 @@ class Fleet:
                                 TALLY_COLLECTOR=endpoint)
         self.agent = AgentProc(self.cluster, self.HOST, (low, low + 9), collector=endpoint)
         self.ports = iter(range(low, low + 10))
+        self.range = (low, low + 9)
         first, last = (int(x) for x in os.environ["TALLY_APP_UIDS"].split("-"))
         self.uids = iter(range(last, first, -1))  # the API's allocations count up from first
         self.collector.start()
         self.agent.start()
 
-    def deploy(self, app: str) -> tuple[int, int, str]:
-        """Create the app (with a uid of its own, as the API gives), release the probe,
-        place one web instance; return its port, uid and instance id once healthy."""
+    def deploy(self, app: str, web: str | None = None,
+               port: int | None = None) -> tuple[int, int, str]:
+        """Create the app (with a uid of its own, as the API gives), release the probe
+        (with `web` as its web command if given), place one web instance (on `port` if
+        given); return its port, uid and instance id once healthy."""
         from ledger import Ledger
         from tests.fixtures.apps import app_tarball, procfile, store
         from tests.fixtures.apps.fleet import built
         from tests.waiting import wait_until
 
         digest = store(app_tarball("probe"), self.home / "bundles")
-        port, app_uid = next(self.ports), next(self.uids)
+        port, app_uid = port or next(self.ports), next(self.uids)
         iid = f"{app}.1.web.{uid()}"
+        procfile_ = procfile("probe") | ({"web": web} if web else {})
         with Ledger(self.cluster.dsn()) as ledger:
             result = ledger.append(f"app-{app}", [
                 NewEvent("AppCreated", {"name": app, "owner": "ann", "uid": app_uid}),
                 NewEvent("ReleaseCreated", {"app": app, "release": 1, "bundle_digest": digest,
-                                            "procfile": procfile("probe"),
+                                            "procfile": procfile_,
                                             "config_version": 0})])
             built(ledger, self.home, app, 1, result.versions[-1], app_tarball("probe"))
             ledger.append(f"placement-{app}", [NewEvent("InstancePlaced", {
@@ -609,6 +613,37 @@ def test_an_app_sees_no_other_process(fleet: Fleet, two_apps: dict[str, Any]) ->
     assert not {victim_pid, os.getpid(), 1} & {int(n) for n in listed["result"] if n.isdigit()}
     own = probe(port, "read", "/proc/self/cmdline")
     assert own["ok"] and "gunicorn" in own["result"], own
+
+
+def test_a_web_command_that_binds_port_itself_is_reached_only_where_the_agent_said(
+        fleet: Fleet, two_apps: dict[str, Any]) -> None:
+    """The victim's web command is not gunicorn: it binds 0.0.0.0:$PORT itself, two seconds
+    after it starts (a wide window). The attacker takes that port the moment the agent lets
+    it go. No one reaches the squatter (the agent's health checks neither); the victim gets
+    its port back and answers at the agent's address, and at no other address of this
+    host."""
+    import socket
+
+    import psutil
+
+    from tests.waiting import wait_until
+
+    port = fleet.range[1]  # the last of the range: no other test's
+    note = Path("/tmp") / f"tally-squat-{uid()}"
+    assert probe(two_apps["attacker"], "squat", note, str(port))["ok"]
+    try:
+        _, victim_uid, _ = fleet.deploy(f"bind-{uid()}", "sleep 2 && exec python serve.py",
+                                        port)
+        assert probe(port, "", "")["uid"] == victim_uid
+        wait_until(note.exists, 10, "the attacker's squat noted")
+        assert note.read_text().split() == ["bound"], "the squatter was reached"
+        others = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+                  if a.family == socket.AF_INET and not a.address.startswith("127.")]
+        for address in others:
+            with pytest.raises(OSError), socket.create_connection((address, port), timeout=2):
+                pass
+    finally:
+        note.unlink(missing_ok=True)
 
 
 # --- identities ----------------------------------------------------------------------------

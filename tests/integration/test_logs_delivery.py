@@ -19,8 +19,12 @@ SHIPPER = """
 import sys, time, json
 from pathlib import Path
 from agents.logs import Shipper
+from ledger import curve
 logs, endpoint, report = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
-shipper = Shipper(endpoint, logs)
+secrets = Path(sys.argv[4])  # the collector admits the control plane's key (no ledger here)
+shipper = Shipper(endpoint, logs, curve=curve.Client(
+    curve.load_or_create(secrets / "collector.curve").public,
+    curve.load_or_create(secrets / "control.curve")))
 sent = 0
 while True:
     sent += shipper.ship(running=None)
@@ -32,7 +36,8 @@ while True:
 
 
 def _shipper(logs: Path, endpoint: str, report: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", SHIPPER, str(logs), endpoint, str(report)],
+    return subprocess.Popen([sys.executable, "-c", SHIPPER, str(logs), endpoint, str(report),
+                             str(logs.parent / "secrets")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

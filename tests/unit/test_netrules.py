@@ -78,3 +78,33 @@ def test_tally_up_says_when_a_host_lacks_nft(monkeypatch: pytest.MonkeyPatch) ->
     assert [w for w in platform.unconfined() if "network reach" in w] == [
         "  WARNING network reach: nft is not installed (Debian package nftables): apps can "
         "connect to other apps' ports and the platform's on this host"]
+
+
+def test_the_range_is_reached_at_the_agents_address_from_this_host_or_named_clients() -> None:
+    from agents.netrules import Backends
+
+    script = render("t", [Reach(1001, frozenset({7001}))], (), Backends(
+        "127.0.0.1", 7000, 7009, {7001: 1001, 7002: 1002}, ("10.0.0.0/8",)))
+    lines = [line.strip() for line in script.splitlines()]
+    inbound = lines[lines.index("chain input {"):]
+    assert inbound[2:] == [
+        "ct state established,related accept",
+        "meta nfproto ipv6 tcp dport 7000-7009 drop",
+        "ip daddr != 127.0.0.1 tcp dport 7000-7009 drop",
+        "fib saddr type local tcp dport 7000-7009 accept",
+        "ip saddr { 10.0.0.0/8 } tcp dport 7000-7009 accept",
+        "tcp dport 7000-7009 drop", "}", "}"]
+
+
+def test_only_the_placed_apps_listener_answers_from_an_instance_port() -> None:
+    """A SYN-ACK from port 7001 leaves only from a socket uid 1001 or the agent (root,
+    who hands gunicorn its socket) made; the rule comes before `established` (a SYN-ACK
+    is a reply)."""
+    from agents.netrules import Backends
+
+    script = render("t", [], (), Backends("127.0.0.1", 7000, 7009, {7001: 1001}))
+    lines = [line.strip() for line in script.splitlines()]
+    guard = "tcp sport 7001 tcp flags & (syn | ack) == syn | ack meta skuid != { 0, 1001 } drop"
+    assert lines.index(guard) < lines.index("ct state established,related accept")
+    assert "daddr" not in render("t", [], (), Backends("h1.example", 7000, 7009)).split(
+        "chain input")[1]  # a host name: no address rule, never a script nft refuses
