@@ -164,15 +164,19 @@ class Cgroups:
         if layout is None:
             raise Unavailable("no memory, pids and cpu cgroup controllers (v1 or v2) here")
         groups = cls(layout, root)
+        groups.make_roots()
+        return groups
+
+    def make_roots(self) -> None:
+        """The agent's folders, under which each instance gets its own; raises Unavailable."""
         try:
-            for d in groups.roots():
+            for d in self.roots():
                 d.mkdir(exist_ok=True)
-                if layout.version == 2:  # let the instances' folders have the controllers
+                if self.layout.version == 2:  # let the instances' folders have the controllers
                     (d / "cgroup.subtree_control").write_text("+memory +pids +cpu")
         except OSError as exc:
-            raise Unavailable(f"cannot create cgroups under {', '.join(map(str, groups.roots()))}"
+            raise Unavailable(f"cannot create cgroups under {', '.join(map(str, self.roots()))}"
                               f": {exc}") from exc
-        return groups
 
     def roots(self) -> list[Path]:
         return [d / self.root for d in self.layout.dirs.values()]

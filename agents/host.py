@@ -21,11 +21,13 @@ running when it stops, and the next agent adopts them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -46,7 +48,7 @@ from agents.logs import Shipper
 from agents.outbox import Outbox
 from agents.processes import Limits, Processes
 from agents.runs import RunServer
-from agents.stats import Sample, StatsListener, Traffic, session_owner, usage
+from agents.stats import ANY_APP, Sample, StatsListener, Traffic, usage
 from agents.supervision import (
     ALIVE,
     FAILED_CHECKS,
@@ -158,10 +160,9 @@ class Agent:
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prepare")
         self.preparing: dict[str, Future] = {}
         self.next_beat = 0.0
-        self.leaders: dict[int, str] = {}
-        """Session leader pid -> instance id: whose requests a statsd sender may count."""
-        self.statsd = StatsListener(paths.state / "statsd.sock",
-                                    session_owner(lambda: self.leaders))
+        self.uids: dict[str, int] = {}
+        """App -> uid of its user on this machine (netrules.app_uids), each round."""
+        self.statsd = StatsListener(paths.state / "statsd.port", self.statsd_sender)
         self.traffic = Traffic()
         self.next_stats = 0.0
         self.next_cleanup = 0.0
@@ -268,9 +269,9 @@ class Agent:
             self.read_desired()
         if self.outbox:
             self.outbox.flush(self.send)
+        self.uids = netrules.app_uids(self.fleet.apps) if os.geteuid() == 0 else {}
         wants = self.wants()
         self.observe(wants, now)
-        self.leaders = {loc.pid: iid for iid, loc in self.local.items() if loc.pid}
         self.record_run_ends()
         if self.desired_version < 0:
             return  # never told what to run: keep what runs, start and stop nothing
@@ -298,7 +299,7 @@ class Agent:
             return
         with self.netrules_lock:
             if also is None:  # the loop's thread: the only one reading the fleet
-                uids = netrules.app_uids(self.fleet.apps)
+                uids = self.uids
                 self.reach = netrules.reach_of(self.instances_here(), {
                     name: app.config_at(r.config_version) for name, app in
                     self.fleet.apps.items() if (r := app.releases.get(app.current_release or 0))
@@ -312,8 +313,15 @@ class Agent:
             owners = ({**self.owners, also.port: user.uid}
                       if also is not None and user is not None and also.port else self.owners)
             s = self.spec
-            self.netrules.apply([*self.reach, *extra], (), netrules.Backends(
+            self.netrules.apply([*self.reach, *extra], [self.statsd.port], netrules.Backends(
                 s.address, s.port_min, s.port_max, owners, s.backend_clients))
+
+    def statsd_sender(self, uid: int) -> str | None:
+        """The app whose user `uid` is (statsd's thread): it may count for its own
+        instances only. An agent that is not root runs every app as itself: any."""
+        if os.geteuid() != 0:
+            return ANY_APP
+        return next((app for app, u in self.uids.items() if u == uid), None)
 
     def instances_here(self) -> list[tuple[str, int]]:
         """(app, port) of the instances placed on this host, or still running here."""
@@ -469,6 +477,7 @@ class Agent:
         for rec in self.procs.records():
             if self.procs.alive(rec):
                 log.info("adopting %s (pid %s)", rec.instance_id, rec.pid)
+                reconnect_statsd(rec.pid)
                 self.local[rec.instance_id] = Local(rec.instance_id, State.STARTING, rec.pid,
                                                     want=wants.get(rec.instance_id),
                                                     started_at=self.clock())
@@ -631,7 +640,6 @@ class Agent:
                                    ["/bin/bash", "-c", bound.command], upper, env, self.limits,
                                    setup, pass_fds=bound.pass_fds)
         self.ports.handed(want.port, bound)
-        self.leaders = {**self.leaders, loc.pid: want.instance_id}
         loc.state, loc.started_at = State.STARTING, self.clock()
         self.report(want.instance_id, "InstanceStarted", pid=loc.pid)
 
@@ -715,6 +723,21 @@ def remove_tree(path: Path) -> None:
             return
     bundle.make_writable(path)
     shutil.rmtree(path, ignore_errors=True)
+
+
+def reconnect_statsd(pid: int) -> None:
+    """An adopted gunicorn reports to the last agent's statsd socket, gone with it (a
+    datagram socket stays connected to the one it first reached): SIGHUP makes gunicorn
+    reload gracefully, its new workers connecting to ours at the same path. Any other
+    command is left alone (SIGHUP would end it)."""
+    try:
+        words = psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return
+    if (any(ports.GUNICORN.match(w) for w in words[:2]) or words[1:3] == ["-m", "gunicorn"]
+            or words[:1] and words[0].startswith("gunicorn: master")):  # setproctitle's
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGHUP)
 
 
 def demote(user: users.AppUser) -> Callable[[], None]:

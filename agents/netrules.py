@@ -105,8 +105,9 @@ class Backends:
 def render(table: str, reach: Iterable[Reach], shared: Iterable[int] = (),
            backends: Backends | None = None) -> str:
     """The nft script that replaces `table` with rules for these apps, atomically.
-    `shared`: ports every app may reach here besides DNS (none: the agent's statsd sink is a
-    Unix socket, agents/stats.py). `backends`: the agent's range, guarded in and out."""
+    `shared`: ports every app may reach here besides DNS (the agent's statsd port, where
+    each datagram counts only for its sender's app: agents/stats.py). `backends`: the
+    agent's range, guarded in and out."""
     common = {DNS, *shared}
     merged: dict[int, set[int]] = {}
     for r in reach:

@@ -1,16 +1,17 @@
 """Per-instance stats to PostgreSQL (stats.instance_samples, migration 0005).
 
-Requests are counted by gunicorn itself: started with `--statsd-host unix:<socket>` and
-`--statsd-prefix <instance id>`, it sends `<instance id>.gunicorn.requests:1|c` for every
-request it serves. The agent listens on one Unix datagram socket for all its instances (the
-same path again after a restart, so adopted instances keep reporting); a lost datagram
-loses one count, never blocks an app.
+Requests are counted by gunicorn itself: started with `--statsd-host` and `--statsd-prefix
+<instance id>`, it sends `<instance id>.gunicorn.requests:1|c` over UDP for every request
+it serves. The agent listens on one loopback UDP port for all its instances (the same
+port again after a restart, so adopted instances keep reporting: gunicorn never
+reconnects, which rules out a Unix socket that dies with the agent); a lost datagram loses
+one count, never blocks an app.
 
-Every app can write to that socket, so a datagram's words are not trusted: the kernel
-attaches its sender's pid to each one (SO_PASSCRED), and a count is kept only when the
-sender is a process of the instance the metric names (its session: each instance leads
-its own). An app cannot count requests for another app's instance, nor for a sibling; a
-UDP port would take anyone's word. Memory and CPU come from psutil over the instance's
+Every app can send to that port, so a datagram's words are not trusted: the agent looks up
+who owns the socket it came from (its source port, in the kernel's table of UDP sockets,
+/proc/net/udp: the uid of whoever made it, which no app can forge), and keeps only the
+counts of instances of that uid's app. An app cannot count requests for another app.
+Memory and CPU come from psutil over the instance's
 process tree (gunicorn's master and workers), restarts from the agent's own count. Every
 `Timing.stats_every` seconds one row per running instance is written.
 """
@@ -18,9 +19,7 @@ process tree (gunicorn's master and workers), restarts from the agent's own coun
 from __future__ import annotations
 
 import logging
-import os
 import socket
-import struct
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -53,25 +52,34 @@ def parse(datagram: bytes) -> Counter[str]:
     return counts
 
 
-class StatsListener:
-    """A statsd sink on a Unix datagram socket at `path`: counts requests per instance
-    until `take`n, each only from a process of that instance (`owner(pid)`: the instance
-    a sender pid belongs to, or None)."""
+ANY_APP = "*"
+"""What `owner` says of a uid every app runs as (an agent that is not root): no app's
+word can be told from another's there."""
 
-    def __init__(self, path: Path, owner: Callable[[int], str | None]) -> None:
-        if len(os.fsencode(path)) > MAX_SOCKET_PATH:
-            raise ValueError(f"{path} is too long for a Unix socket (at most "
-                             f"{MAX_SOCKET_PATH} bytes): choose a shorter TALLY_HOME")
-        self.path, self.owner = path, owner
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        path.unlink(missing_ok=True)  # the last agent's: bound again, at the same path
-        self.sock.bind(str(path))
-        path.chmod(0o666)  # every app may send; the kernel says who sent (SO_PASSCRED)
+
+class StatsListener:
+    """A statsd sink on 127.0.0.1: counts requests per instance until `take`n, each only
+    from a socket of the instance's app (`owner(uid)`: the app a uid is, ANY_APP or None).
+
+    Its port is kept in `port_file` and bound again by the next agent: the instances it
+    adopts were told that port when they started, and cannot be told another."""
+
+    def __init__(self, port_file: Path | None = None,
+                 owner: Callable[[int], str | None] = lambda uid: ANY_APP,
+                 sockets: Path = Path("/proc/net/udp")) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            self.sock.bind(("127.0.0.1", int(port_file.read_text()) if port_file else 0))
+        except (OSError, ValueError):  # none kept yet, or taken meanwhile: a new one
+            self.sock.bind(("127.0.0.1", 0))
         self.sock.settimeout(0.5)
+        self.port = self.sock.getsockname()[1]
+        if port_file is not None:
+            port_file.write_text(str(self.port))
+        self.owner, self.sockets = owner, sockets
         self.counts: Counter[str] = Counter()
         self.refused = 0
-        """Datagrams naming an instance their sender is not part of."""
+        """Counts a sender named for an instance not of its own app."""
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="statsd", daemon=True)
@@ -79,21 +87,39 @@ class StatsListener:
 
     def gunicorn_args(self, instance_id: str) -> str:
         """What an instance's gunicorn needs to report its requests here."""
-        return f"--statsd-host unix:{self.path} --statsd-prefix {instance_id}"
+        return f"--statsd-host 127.0.0.1:{self.port} --statsd-prefix {instance_id}"
 
     def _loop(self) -> None:
         while not self.stop.is_set():
             try:
-                data, ancillary, _, _ = self.sock.recvmsg(65536, CREDENTIALS_SPACE)
+                batch = [self.sock.recvfrom(65536)]
+                self.sock.setblocking(False)
+                try:
+                    while len(batch) < 1000:
+                        batch.append(self.sock.recvfrom(65536))
+                except BlockingIOError:
+                    pass
+                finally:
+                    self.sock.settimeout(0.5)
             except TimeoutError:
                 continue
             except OSError:
                 return
+            self._count(batch)
+
+    def _count(self, batch: list[tuple[bytes, Any]]) -> None:
+        """One look at the kernel's UDP sockets for a batch of datagrams."""
+        try:
+            senders = udp_senders(self.sockets.read_text())
+        except OSError:
+            senders = {}
+        for data, (_, port) in batch:
             named = parse(data)
-            counts = own_counts(named, sender_pid(ancillary), self.owner)
+            uid = senders.get(port)
+            counts = own_counts(named, self.owner(uid) if uid is not None else None)
             with self.lock:
                 self.counts.update(counts)
-                self.refused += len(named) - len(counts)
+                self.refused += sum(named.values()) - sum(counts.values())
 
     def take(self) -> Counter[str]:
         """The counts since the last take."""
@@ -106,38 +132,30 @@ class StatsListener:
         self.sock.close()
 
 
-MAX_SOCKET_PATH = 107
-CREDENTIALS = struct.Struct("3i")
-"""struct ucred: pid, uid, gid."""
-CREDENTIALS_SPACE = socket.CMSG_SPACE(CREDENTIALS.size)
-
-
-def sender_pid(ancillary: list[tuple[int, int, bytes]]) -> int | None:
-    """The sender's pid from a datagram's SCM_CREDENTIALS (the kernel's word, not its)."""
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS \
-                and len(data) >= CREDENTIALS.size:
-            return CREDENTIALS.unpack_from(data)[0]
-    return None
-
-
-def own_counts(counts: Counter[str], pid: int | None,
-               owner: Callable[[int], str | None]) -> Counter[str]:
-    """Only the counts a sender may report: those of the instance it is part of."""
-    mine = owner(pid) if pid else None
-    return Counter({iid: n for iid, n in counts.items() if mine is not None and iid == mine})
-
-
-def session_owner(leaders: Callable[[], dict[int, str]]) -> Callable[[int], str | None]:
-    """`owner` for StatsListener: the instance whose session (led by its pid: each
-    instance starts its own) the sender is in. `leaders`: leader pid -> instance id now."""
-    def owner(pid: int) -> str | None:
+def udp_senders(table: str) -> dict[int, int]:
+    """Local port -> owner uid of the loopback or wildcard UDP sockets in /proc/net/udp's
+    text; a port two uids share is left out (neither can be told from the other)."""
+    owners: dict[int, set[int]] = {}
+    for line in table.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 8:
+            continue
+        address, _, port = fields[1].partition(":")
+        if address not in ("0100007F", "00000000"):
+            continue
         try:
-            return leaders().get(os.getsid(pid))
-        except OSError:  # gone already
-            return None
+            owners.setdefault(int(port, 16), set()).add(int(fields[7]))
+        except ValueError:
+            continue
+    return {port: uids.pop() for port, uids in owners.items() if len(uids) == 1}
 
-    return owner
+
+def own_counts(counts: Counter[str], app: str | None) -> Counter[str]:
+    """Only the counts a sender of `app` may report: its own app's instances'."""
+    if app == ANY_APP:
+        return counts
+    return Counter({iid: n for iid, n in counts.items()
+                    if app is not None and iid.startswith(f"{app}.")})
 
 
 @dataclass

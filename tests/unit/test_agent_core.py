@@ -154,38 +154,54 @@ def test_health_checks_are_not_traffic_even_when_counted_late() -> None:
     assert t.report("i") == 0  # each request reported once
 
 
-def test_a_statsd_sender_counts_only_for_its_own_instance() -> None:
-    """The kernel's word on who sent a datagram decides (agents/stats.py): an app naming
-    another app's instance, or a sibling, or a sender of no instance, counts nothing."""
-    from agents.stats import own_counts
+def test_a_statsd_sender_counts_only_for_its_own_apps_instances() -> None:
+    """Who sent a datagram is the kernel's word (agents/stats.py): an app naming another
+    app's instance counts nothing; a sender of no app counts nothing."""
+    from agents.stats import ANY_APP, own_counts
 
-    owners = {101: "blog.1.web.a", 102: "shop.1.web.b"}
-    named = Counter({"blog.1.web.a": 2, "shop.1.web.b": 123457, "blog.1.web.c": 5})
-    assert own_counts(named, 101, owners.get) == {"blog.1.web.a": 2}
-    assert own_counts(named, 102, owners.get) == {"shop.1.web.b": 123457}
-    assert own_counts(named, 103, owners.get) == {}
-    assert own_counts(named, None, owners.get) == {}
+    named = Counter({"blog.1.web.a": 2, "shop.1.web.b": 123457, "blog.1.worker.c": 5})
+    assert own_counts(named, "blog") == {"blog.1.web.a": 2, "blog.1.worker.c": 5}
+    assert own_counts(named, "shop") == {"shop.1.web.b": 123457}
+    assert own_counts(named, "blo") == {}  # a prefix of a name is not the name
+    assert own_counts(named, None) == {}
+    assert own_counts(named, ANY_APP) == named
 
 
-def test_statsd_counts_come_only_from_the_named_instances_session(tmp_path: Path) -> None:
-    """A real Unix datagram socket: this process is the 'instance' it leads the session
-    of; a datagram naming another instance is refused, its own is counted."""
+def test_udp_senders_are_the_owners_of_loopback_sockets_by_port() -> None:
+    """/proc/net/udp's columns: local address:port (hex), ..., uid; a port two uids
+    share is nobody's."""
+    from agents.stats import udp_senders
+
+    table = """\
+   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout
+  101: 0100007F:1F90 0100007F:2328 01 00000000:00000000 00:00000000 00000000 200001        0 1 2 0 0
+  102: 00000000:1F91 00000000:0000 07 00000000:00000000 00:00000000 00000000 200002        0 3 2 0 0
+  103: 0202000A:1F92 00000000:0000 07 00000000:00000000 00:00000000 00000000 200003        0 4 2 0 0
+  104: 0100007F:1F93 00000000:0000 07 00000000:00000000 00:00000000 00000000 200004        0 5 2 0 0
+  105: 00000000:1F93 00000000:0000 07 00000000:00000000 00:00000000 00000000 200005        0 6 2 0 0
+"""
+    assert udp_senders(table) == {0x1F90: 200001, 0x1F91: 200002}
+
+
+def test_statsd_counts_are_kept_only_for_the_senders_app(tmp_path: Path) -> None:
+    """Real UDP: this process sends for its 'app' and for another; the kernel's table
+    (/proc/net/udp) names this process's uid as the sender."""
     import os
     import socket
 
-    from agents.stats import StatsListener, session_owner
+    from agents.stats import StatsListener
     from tests.waiting import wait_until
 
-    me = os.getsid(0)
-    listener = StatsListener(tmp_path / "statsd.sock", session_owner(lambda: {me: "a.1.web.x"}))
+    listener = StatsListener(owner={os.getuid(): "a"}.get)
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
-            sender.sendto(b"b.1.web.y.gunicorn.requests:123457|c", str(listener.path))
-            sender.sendto(b"a.1.web.x.gunicorn.requests:3|c", str(listener.path))
-        got: Counter = Counter()
-        wait_until(lambda: got.update(listener.take()) or got["a.1.web.x"] == 3, 10,
-                   "the own count taken")
-        assert got == {"a.1.web.x": 3}
-        wait_until(lambda: listener.refused == 1, 10, "the other instance's count refused")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:  # open, as gunicorn's
+            to = ("127.0.0.1", listener.port)
+            sender.sendto(b"b.1.web.y.gunicorn.requests:123457|c", to)
+            sender.sendto(b"a.1.web.x.gunicorn.requests:3|c", to)
+            got: Counter = Counter()
+            wait_until(lambda: got.update(listener.take()) or got["a.1.web.x"] == 3, 10,
+                       "the own count taken")
+            assert got == {"a.1.web.x": 3}
+            wait_until(lambda: listener.refused == 123457, 10, "the other app's count refused")
     finally:
         listener.close()

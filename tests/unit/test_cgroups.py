@@ -72,3 +72,44 @@ def test_root_names_differ_per_agent_and_stay_across_restarts(tmp_path: Path) ->
     a, b = tmp_path / "a", tmp_path / "b"
     assert root_name("h1", a) == root_name("h1", a)
     assert len({root_name("h1", a), root_name("h1", b), root_name("h2", a)}) == 3
+
+
+def test_the_v2_path_writes_and_reads_the_unified_files(tmp_path: Path) -> None:
+    """cgroup v2 runs nowhere on this machine (its controllers are all v1), so the v2 path
+    runs here on a fake cgroupfs: a plain folder standing for the unified mount. What it
+    proves: the folders, every file written (subtree_control, limits, cgroup.procs) and
+    read (memory.events, cgroup.procs), and the R14 verdict, in v2's names. What it cannot:
+    that a real kernel accepts them, and removing a group (a real cgroup folder is removed
+    with its interface files in it, a plain one is not)."""
+    import os
+
+    from agents.cgroups import Cgroups, entering, watch
+
+    mounts = f"40 25 0:35 / {tmp_path} rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n"
+    layout = parse_layout(mounts, "0::/system.slice/tally-agent.service\n",
+                          "cpuset cpu io memory pids")
+    assert layout is not None and layout.version == 2
+    agent = tmp_path / "system.slice" / "tally-agent.service"
+    agent.mkdir(parents=True)
+    groups = Cgroups(layout, "tally-h1-0a1b2c3d")
+    groups.make_roots()
+    root = agent / "tally-h1-0a1b2c3d"
+    assert (root / "cgroup.subtree_control").read_text() == "+memory +pids +cpu"
+    instance = root / "blog.1.web.a"
+    instance.mkdir()
+    for name in ("memory.max", "memory.swap.max", "pids.max", "cpu.weight", "cgroup.procs"):
+        (instance / name).write_text("")  # the kernel makes these with the folder
+    (instance / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 0\n")
+    size = size_of("standard-2x")
+    assert groups.prepare("blog.1.web.a", size) == [instance]
+    assert {n: (instance / n).read_text() for n in
+            ("memory.max", "memory.swap.max", "pids.max", "cpu.weight")} == {
+        "memory.max": str(size.memory_bytes), "memory.swap.max": "0",
+        "pids.max": str(size.pids), "cpu.weight": "79"}
+    enter = entering([instance], None)
+    assert enter is not None
+    enter()  # what the child runs before exec: its pid into the group
+    assert groups.pids("blog.1.web.a") == [os.getpid()]
+    assert watch(groups, "blog.1.web.a", "standard-2x") is None
+    (instance / "memory.events").write_text("low 0\nhigh 0\nmax 9\noom 3\noom_kill 2\n")
+    assert watch(groups, "blog.1.web.a", "standard-2x") == r14(size, 2)
