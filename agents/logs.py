@@ -70,9 +70,11 @@ class Shipper:
         self.clock = clock
         self.endpoint, self.context, self.curve = endpoint, context, curve
         self.socket = self._connect()
-        self.stale = False
-        """No acknowledgement in time: a new connection before the next send (a collector
-        that refused this host's key before the host registered it does not ask again)."""
+        self.heard = clock()
+        """When the collector last acknowledged anything (or the socket was made): bytes
+        waiting past ACK_TIMEOUT_S with no word get a new socket (libzmq does not retry a
+        refused handshake: a collector that refused this host's key before the host
+        registered it would never hear from it again)."""
         self.logs_dir = logs_dir
         self.offsets_file = logs_dir / "offsets.json"
         self.positions: dict[str, Position] = {}
@@ -104,19 +106,22 @@ class Shipper:
         bytes handed to ZeroMQ. A log fully acknowledged is emptied past `keep_bytes`,
         and removed once its instance (not in `running`) is gone."""
         moved = self.take_acks()
-        if self.stale:
-            self.socket.close()
-            self.socket, self.stale = self._connect(), False
-        sent = 0
+        sent, behind = 0, False
         for path in sorted(self.logs_dir.glob("*.log")):
             iid = path.stem
             try:
                 sent += self._ship_file(path, iid)
             except zmq.Again:
+                behind = True
                 break  # the collector is away: try again next pass
+            pos = self.positions[iid]
+            behind |= pos.sent > pos.acked
             moved |= self._trim(path, iid, running)
         if moved:
             self._save()
+        if behind and self.clock() - self.heard > ACK_TIMEOUT_S:
+            self.socket.close()
+            self.socket, self.heard = self._connect(), self.clock()
         return sent
 
     def take_acks(self) -> bool:
@@ -129,6 +134,7 @@ class Shipper:
                 return moved
             if len(frames) != 3:
                 continue
+            self.heard = self.clock()
             iid = frames[0].decode("utf-8", "replace")
             pos = self.positions.get(iid)
             try:
@@ -171,7 +177,6 @@ class Shipper:
         now = self.clock()
         if pos.sent > pos.acked and now - pos.waiting_since > ACK_TIMEOUT_S:
             pos.sent = pos.acked  # no word from the collector: send it all again
-            self.stale = True
         total = 0
         while pos.sent < size and pos.sent - pos.acked < WINDOW:
             with open(path, "rb") as f:
