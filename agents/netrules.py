@@ -12,7 +12,8 @@ The agent's port range is guarded on the way in and out too (`Backends`). In: a 
 connection to a port of the range is accepted only at the agent's address (an app that
 binds 0.0.0.0 itself is still reached only where the agent decided) and only from this
 host or the addresses the operator names (`--backend-clients`: the balancers on other
-hosts); every other machine is dropped. Out: a SYN-ACK from an instance's port leaves only
+hosts); every other machine is refused (a reset, not silence: a client trying ::1 first
+falls back at once). Out: a SYN-ACK from an instance's port leaves only
 from a socket of that instance's app or of the agent's making (`meta skuid` of the
 listener: a socket's owner is who made it, and gunicorn listens on one the agent hands
 it): a process of another app that took the port in the moment a web command that binds
@@ -135,21 +136,21 @@ def render(table: str, reach: Iterable[Reach], shared: Iterable[int] = (),
 
 def _input_chain(b: Backends) -> list[str]:
     """New connections to the range: at the agent's address only, from this host or the
-    named clients only."""
+    named clients only; the rest reset."""
     family, other = ("ip6", "ipv4") if ":" in b.address else ("ip", "ipv6")
     ports = f"tcp dport {b.low}-{b.high}"
     lines = ["  chain input {", "    type filter hook input priority 0; policy accept;",
              "    ct state established,related accept"]
     try:
         ipaddress.ip_address(b.address)
-        lines += [f"    meta nfproto {other} {ports} drop",
-                  f"    {family} daddr != {b.address} {ports} drop"]
+        lines += [f"    meta nfproto {other} {ports} reject with tcp reset",
+                  f"    {family} daddr != {b.address} {ports} reject with tcp reset"]
     except ValueError:  # a host name: the agent binds what it resolves to; no address rule
         pass
     lines.append(f"    fib saddr type local {ports} accept")
     if b.clients:
         lines.append(f"    {family} saddr {{ {', '.join(b.clients)} }} {ports} accept")
-    lines += [f"    {ports} drop", "  }"]
+    lines += [f"    {ports} reject with tcp reset", "  }"]
     return lines
 
 

@@ -89,11 +89,11 @@ def test_the_range_is_reached_at_the_agents_address_from_this_host_or_named_clie
     inbound = lines[lines.index("chain input {"):]
     assert inbound[2:] == [
         "ct state established,related accept",
-        "meta nfproto ipv6 tcp dport 7000-7009 drop",
-        "ip daddr != 127.0.0.1 tcp dport 7000-7009 drop",
+        "meta nfproto ipv6 tcp dport 7000-7009 reject with tcp reset",
+        "ip daddr != 127.0.0.1 tcp dport 7000-7009 reject with tcp reset",
         "fib saddr type local tcp dport 7000-7009 accept",
         "ip saddr { 10.0.0.0/8 } tcp dport 7000-7009 accept",
-        "tcp dport 7000-7009 drop", "}", "}"]
+        "tcp dport 7000-7009 reject with tcp reset", "}", "}"]
 
 
 def test_only_the_placed_apps_listener_answers_from_an_instance_port() -> None:
