@@ -21,13 +21,11 @@ running when it stops, and the next agent adopts them.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import queue
 import shutil
-import signal
 import subprocess
 import threading
 import time
@@ -86,7 +84,7 @@ class HostSpec:
     local ports an app's `*_URL` config may open to it (netrules.addon_ports)."""
     backend_clients: tuple[str, ...] = ()
     """Addresses besides this host that may connect to the instances' ports (the balancers
-    on other hosts); everyone else is dropped (netrules.Backends)."""
+    on other hosts); everyone else is refused (netrules.Backends)."""
 
 
 @dataclass(frozen=True)
@@ -477,7 +475,6 @@ class Agent:
         for rec in self.procs.records():
             if self.procs.alive(rec):
                 log.info("adopting %s (pid %s)", rec.instance_id, rec.pid)
-                reconnect_statsd(rec.pid)
                 self.local[rec.instance_id] = Local(rec.instance_id, State.STARTING, rec.pid,
                                                     want=wants.get(rec.instance_id),
                                                     started_at=self.clock())
@@ -723,21 +720,6 @@ def remove_tree(path: Path) -> None:
             return
     bundle.make_writable(path)
     shutil.rmtree(path, ignore_errors=True)
-
-
-def reconnect_statsd(pid: int) -> None:
-    """An adopted gunicorn reports to the last agent's statsd socket, gone with it (a
-    datagram socket stays connected to the one it first reached): SIGHUP makes gunicorn
-    reload gracefully, its new workers connecting to ours at the same path. Any other
-    command is left alone (SIGHUP would end it)."""
-    try:
-        words = psutil.Process(pid).cmdline()
-    except psutil.Error:
-        return
-    if (any(ports.GUNICORN.match(w) for w in words[:2]) or words[1:3] == ["-m", "gunicorn"]
-            or words[:1] and words[0].startswith("gunicorn: master")):  # setproctitle's
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGHUP)
 
 
 def demote(user: users.AppUser) -> Callable[[], None]:
