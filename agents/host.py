@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pwd
 import queue
 import shutil
 import subprocess
@@ -319,7 +320,15 @@ class Agent:
         instances only. An agent that is not root runs every app as itself: any."""
         if os.geteuid() != 0:
             return ANY_APP
-        return next((app for app, u in self.uids.items() if u == uid), None)
+        known = next((app for app, u in self.uids.items() if u == uid), None)
+        if known is not None:
+            return known
+        try:  # before the loop's first round (an adopted instance reporting): ask the system
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            return None
+        return next((app for app in list(self.fleet.apps) if users.user_name(app) == name),
+                    None)
 
     def instances_here(self) -> list[tuple[str, int]]:
         """(app, port) of the instances placed on this host, or still running here."""
