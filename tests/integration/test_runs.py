@@ -545,6 +545,19 @@ def test_a_run_cannot_read_the_ticket_key(platform: Platform) -> None:
     assert p.key.hex() not in out.stdout and "TALLY_RUN_KEY" not in out.stdout
 
 
+def test_a_run_sees_no_other_process(platform: Platform) -> None:
+    """A one-off run gets the private /proc an instance gets (hidepid=2, agents/runtime.py):
+    pid 1, the agent and this test are invisible to it; itself it still sees. (w13)"""
+    p = platform
+    _ready(p)
+    out = p.tally("run", "-a", APP, "--", "sh", "-c",
+                  f"ls /proc; cat /proc/1/cmdline /proc/{os.getpid()}/cmdline; echo done")
+    assert out.returncode == 0 and "done" in out.stdout, out.stderr
+    listed = {w for w in out.stdout.split() if w.isdigit()}
+    assert listed and not {"1", str(os.getpid())} & listed, listed
+    assert "No such file" in out.stdout + out.stderr
+
+
 def test_a_run_never_attached_is_stopped_and_recorded(platform: Platform) -> None:
     """A run posted but never attached stays listed until ps:stop; its agent knows no such
     command, so the API records its end."""
