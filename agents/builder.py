@@ -44,6 +44,8 @@ RESERVED = {"PATH", "HOME", "VIRTUAL_ENV", "PYTHONHOME", "PYTHONPATH", "TMPDIR",
             "LD_LIBRARY_PATH", "PIP_CACHE_DIR"}
 """Config vars a build does not take from the app (they would break the sandbox's setup)."""
 TAIL = 30
+PENDING_MAX = 4 << 20
+"""Output kept for the API while it is away (characters)."""
 
 
 @dataclass(frozen=True)
@@ -152,11 +154,15 @@ class Builder:
         out = _Output(self.api, job)
         folder = self.s.work / "builds" / f"{job.app}-{job.release}-{uuid.uuid4().hex[:8]}"
 
+        patience = 4 * self.s.lease_s  # past the lease: a claim taken over answers 409
+
         def fail(reason: str) -> None:
             out.line(f" !     build failed: {reason}")
-            out.flush()
-            self.api.failed(job.app, job.release, job.attempt, reason[:2000],
-                            [t[:500] for t in out.tail], round(time.monotonic() - started, 2))
+            _until_answered(lambda: out.flush(strict=True), patience)
+            seconds = round(time.monotonic() - started, 2)
+            _until_answered(lambda: self.api.failed(
+                job.app, job.release, job.attempt, reason[:2000],
+                [t[:500] for t in out.tail], seconds), patience)
             log.info("%s v%s: BuildFailed %s", job.app, job.release, reason)
 
         try:
@@ -177,9 +183,10 @@ class Builder:
                 seconds = round(time.monotonic() - started, 2)
                 out.line(f"-----> Slug {digest[:12]}: {size / 2**20:.1f} MB, built in "
                          f"{seconds} s")
-                out.flush()
+                _until_answered(lambda: out.flush(strict=True), patience)
                 with open(folder / "slug" / f"{digest}.tar.gz", "rb") as f:
-                    self.api.upload_slug(job.app, job.release, job.attempt, seconds, f)
+                    _until_answered(lambda: self.api.upload_slug(
+                        job.app, job.release, job.attempt, seconds, f), patience)
                 log.info("%s v%s: BuildSucceeded %s", job.app, job.release, digest[:12])
             except (bundle.BundleRefused, sandbox.SandboxUnavailable, OSError) as exc:
                 fail(f"the builder could not build it: {exc}")
@@ -289,18 +296,42 @@ class _Output:
             self.tail.append(text)
             self.pending.append(text + "\n")
 
-    def flush(self) -> None:
+    def flush(self, strict: bool = False) -> None:
+        """Send what is pending. With the API away it is kept for the next flush (at most
+        PENDING_MAX, its oldest dropped) and the build goes on; `strict`: ApiAway then."""
         with self.lock:
             text, self.pending = "".join(self.pending), []
         while text:
-            chunk, text = text[:1 << 19], text[1 << 19:]
+            chunk = text[:1 << 19]
             try:
                 self.api.output(self.job.app, self.job.release, self.job.attempt, chunk)
-            except ApiAway as exc:  # output is worth less than the build: go on without
-                log.warning("sending the output of %s v%s: %s", self.job.app,
-                            self.job.release, exc)
+            except ApiAway as exc:
+                with self.lock:
+                    self.pending.insert(0, text[-PENDING_MAX:])
+                if strict:
+                    raise
+                log.warning("the API is away, the output of %s v%s is kept for later: %s",
+                            self.job.app, self.job.release, exc)
+                return
             except ApiRefused as exc:
                 raise ClaimLost(str(exc)) from exc
+            text = text[1 << 19:]
+
+
+def _until_answered(call: Callable[[], None], patience: float) -> None:
+    """`call` again while the API is away (a restart, a failover), for `patience` seconds:
+    the claim outlives a short absence, so a finished build is not built again."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            call()
+            return
+        except ApiAway as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("the API is away, trying again for up to %.0f s: %s",
+                        deadline - time.monotonic(), exc)
+            time.sleep(1.0)  # no event to wait on: the API says nothing while away
 
 
 def _reason(code: int | None, tail: Iterable[str]) -> str:

@@ -366,3 +366,31 @@ def test_a_build_reaches_the_package_index_and_nothing_else(
     assert "NET pypi open" in text, text
     for name in ("ledger", "api", "outside", "lan-dns-over-tcp-elsewhere"):
         assert f"NET {name} closed" in text, (name, text)
+
+
+def test_the_api_killed_mid_build_costs_no_rebuild(private: Cluster,
+                                                   one_builder: Daemon) -> None:
+    """The builder's peer is the API: killed -9 while a build runs and started again, the
+    builder keeps the build's output for it and reports the outcome once it answers (the
+    claim outlives a short absence): one attempt, the whole output."""
+    api = fleet.api_for(private)
+    slow = files({"Procfile": "web: x\n", "requirements.txt": "",
+                  "bin/pre_compile": "#!/bin/bash\nfor i in 1 2 3 4 5 6; do echo tick $i; "
+                                     "sleep 1; done\n"})
+    with Ledger(private.dsn()) as ledger:
+        stream = deploy(ledger, private.root.parent, "apiaway", slow)
+        wait_until(lambda: any(e.type == "BuildStarted" for e in ledger.read_stream(stream)),
+                   60, "the build claimed", interval=0.1)
+        said = one_builder.log().count("the API is away")
+        api.kill()
+        try:
+            wait_until(lambda: one_builder.log().count("the API is away") > said, 25,
+                       "the builder meeting the API away", interval=0.2)
+        finally:
+            api.start()
+        done = outcome(ledger, stream)
+        events = ledger.read_stream(stream)
+    text = output(private.root.parent, "apiaway", stream)
+    assert done.type == "BuildSucceeded", text
+    assert [e.type for e in events].count("BuildStarted") == 1, "built again"
+    assert "tick 1" in text and "tick 6" in text and "Build succeeded" in text, text
