@@ -17,6 +17,7 @@ from api import (  # noqa: F401  (routes register)
     routes_balancers,
     routes_builders,
     routes_builds,
+    routes_certs,
     routes_history,
     routes_hosts,
     routes_quotas,

@@ -10,6 +10,7 @@ from api.errors import Conflict, NotFound, Unprocessable
 from api.state import AppState, Release
 from ledger.events import NewEvent
 from ledger.hostnames import reserved
+from ledger.tls import https_config_error
 from ledger.vocabulary import default_scale
 
 HOSTNAME = re.compile(
@@ -107,6 +108,9 @@ def change_config(s: AppState, set_: dict[str, str], unset: list[str],
                             {"set": {k: ["invalid name"] for k in bad}})
     if not set_ and not unset:
         raise Unprocessable("nothing to change: give vars to set or unset")
+    for k, v in set_.items():  # the balancers' HTTPS settings (ledger/tls.py)
+        if (why := https_config_error(k, v)) is not None:
+            raise Unprocessable(why, {"set": {k: [why]}})
     version = max(s.configs) + 1
     events = [NewEvent("ConfigChanged", {"app": s.name, "set": set_, "unset": unset,
                                          "config_version": version})]

@@ -173,6 +173,23 @@ class DomainAdd(Schema):
     domain = fields.Str(required=True, validate=validate.Length(min=1, max=253))
 
 
+class CertAdd(Schema):
+    cert = fields.Str(required=True, validate=validate.Length(min=1, max=65536), metadata={
+        "description": "the certificate chain, PEM, leaf first"})
+    key = fields.Str(required=True, validate=validate.Length(min=1, max=65536), metadata={
+        "description": "its private key, PEM, unencrypted (sealed before it is recorded)"})
+
+
+class CertInfo(Schema):
+    """A certificate of an app, without its key."""
+
+    cert_id = fields.Str(required=True)
+    hostnames = fields.List(fields.Str(), required=True)
+    not_after = fields.Str(required=True)
+    source = fields.Str(required=True, metadata={"description": "manual or acme"})
+    added_at = fields.Str(allow_none=True, required=True)
+
+
 class Domains(Schema):
     domains = fields.List(fields.Str(), required=True)
 
@@ -322,7 +339,9 @@ class Routing(Schema):
         "description": "the ledger position the routes projector has applied"})
     changed = fields.Bool(required=True)
     routes = fields.List(fields.Dict(), required=True, metadata={
-        "description": "hostname, app, backends, maintenance (every route when changed)"})
+        "description": "hostname, app, backends, maintenance, https_only, hsts, tls (its "
+                       "certificate: cert_id, cert, key sealed, not_after; or null), every "
+                       "route, when changed"})
 
 
 class Appended(Schema):

@@ -63,6 +63,8 @@ class Settings:
     """The app's log lines from now on, and "" when a wait found none (for keep-alives)."""
     run_key: bytes | None = field(default=None, repr=False)
     """Signs the host agents' run tickets (ledger/tickets.py); None: no one-off runs."""
+    seal_key: str | None = field(default=None, repr=False)
+    """Seals the private keys of apps' certificates (ledger/tls.py); None: no certs:add."""
     run_slots: int = 2
     """Attached runs relayed at once by this process: each holds a worker thread."""
     create_addon: Callable[[str, str, str], tuple[str, str]] | None = None

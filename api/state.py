@@ -57,6 +57,21 @@ class Addon:
     where: str = ""
 
 
+@dataclass(frozen=True)
+class Cert:
+    """A certificate the app has (CertificateAdded/Issued/Renewed until removed or renewed);
+    its key stays in the ledger, sealed."""
+
+    cert_id: str
+    hostnames: tuple[str, ...]
+    not_after: str
+    source: str
+    """manual (certs:add) or acme."""
+    added_at: str | None
+
+
+CERTIFICATE_EVENTS = ("CertificateAdded", "CertificateIssued", "CertificateRenewed")
+
 RUN_EVENTS = ("RunStarted", "RunEnded")
 """Recorded in the app's stream but no change of what the app is: they do not move
 `updated_at`, so a request that raced one is decided again rather than refused."""
@@ -88,6 +103,7 @@ class AppState:
     """When the last event folded in was recorded (the ledger's clock)."""
     runs: tuple[Run, ...] = ()
     addons: tuple[Addon, ...] = ()
+    certificates: tuple[Cert, ...] = ()
 
     @property
     def config(self) -> dict[str, str]:
@@ -147,6 +163,15 @@ def apply(s: AppState, ev: RecordedEvent) -> AppState:
         return replace(s, maintenance=d["enabled"])
     if t in ("AppMemberAdded", "AppMemberRemoved"):
         return replace(s, members=members_after(s.members, t, d["user"]))
+    if t in CERTIFICATE_EVENTS:
+        gone = {d["cert_id"], d.get("renews")}
+        cert = Cert(d["cert_id"], tuple(d["hostnames"]), d["not_after"],
+                    "manual" if t == "CertificateAdded" else "acme", at)
+        return replace(s, certificates=(*(c for c in s.certificates if c.cert_id not in gone),
+                                        cert))
+    if t == "CertificateRemoved":
+        return replace(s, certificates=tuple(c for c in s.certificates
+                                             if c.cert_id != d["cert_id"]))
     if t == "RunStarted":
         run = Run(d["number"], d["run_id"], tuple(d["command"]), d["host_id"], d["release"],
                   d.get("detached", False), ev.metadata.get("actor"), at)

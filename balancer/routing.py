@@ -32,6 +32,8 @@ class Route:
     """Plain HTTP requests are redirected (308) to https."""
     hsts: str = ""
     """The Strict-Transport-Security value sent over https (none when empty)."""
+    tls: tuple[str, str, str] | None = None
+    """The certificate served for this hostname by SNI: (id, PEM chain, sealed key)."""
 
 
 class Backend:

@@ -27,14 +27,14 @@ import socket
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from balancer.accesslog import SOURCE, AccessLog, Stream
 from balancer.h1 import Limits
 from balancer.routing import Router, Settings
 from balancer.sources import ApiRoutes, FileRoutes, RoutesAway, RoutesError
-from balancer.tls import Certificates
+from balancer.tls import Certificates, RouteCertificates
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # eventlet's "deprecated, bugfix mode" notice
@@ -74,8 +74,10 @@ class Options:
     cache: str | None = None
     """Platform mode: the last routes read, kept here for a start while the API is away."""
     tls_bind: tuple[str, int] | None = None
-    """Where to terminate TLS (with certificates from `certs`)."""
+    """Where to terminate TLS: with the routes' certificates (their keys opened with
+    `seal_key`), else those of `certs`."""
     certs: str | None = None
+    seal_key: str | None = field(default=None, repr=False)
     """Where the access log goes (the log collector's PULL endpoint); None: no log."""
     collector_curve: curve_keys.Client | None = None
     """The collector's CURVE key and this balancer's keypair (the control plane's)."""
@@ -152,6 +154,15 @@ def run(options: Options, admin: tuple[str, int] | None = None, slot: int = 0) -
         eventlet.spawn_n(ship_access_log, access, options.collector,
                          f"{options.bind[1]}.{slot}", options.collector_curve)
     listener = listen(options.bind)
+    tls_listener = None
+    if options.tls_bind:
+        tls_listener = listen(options.tls_bind)
+        proxy.https_port = options.tls_bind[1]
+        folder = Certificates(options.certs) if options.certs else None
+        proxy.certificates = RouteCertificates(proxy.router, opener(options.seal_key), folder)
+        eventlet.spawn_n(accept_forever, proxy, tls_listener, proxy.certificates.context)
+        if folder is not None:
+            eventlet.spawn_n(follow_certs, folder, options.reconcile)
     if options.routes_file:
         source = FileRoutes(options.routes_file)
         load_file(proxy, source)
@@ -165,13 +176,6 @@ def run(options: Options, admin: tuple[str, int] | None = None, slot: int = 0) -
         load_api(proxy, api, target=0)
         eventlet.spawn_n(follow_api, proxy, api, options.relays, options.reconcile)
     eventlet.spawn_n(sweep_forever, proxy)
-    tls_listener = None
-    if options.tls_bind and options.certs:
-        certs = Certificates(options.certs)
-        tls_listener = listen(options.tls_bind)
-        proxy.https_port = options.tls_bind[1]
-        eventlet.spawn_n(accept_forever, proxy, tls_listener, certs.context)
-        eventlet.spawn_n(follow_certs, certs, options.reconcile)
     if admin:
         eventlet.spawn_n(serve_admin, proxy, listen(admin))
 
@@ -200,6 +204,18 @@ def run(options: Options, admin: tuple[str, int] | None = None, slot: int = 0) -
         eventlet.sleep(0.05)
     log(f"drained ({len(proxy.watches)} connections left)")
     return 0
+
+
+def opener(seal_key: str | None) -> Callable[[str], str]:
+    """How this process opens the routes' sealed keys (with no seal key it cannot: the
+    certificates are said not loaded, and the fallback folder's serve)."""
+    from ledger.tls import CertificateRefused, unseal
+
+    def open_key(sealed: str) -> str:
+        if seal_key is None:
+            raise CertificateRefused("no seal key (TALLY_SEAL_KEY) to open it with")
+        return unseal(seal_key, sealed)
+    return open_key
 
 
 def follow_certs(certs: Certificates, interval: float) -> None:

@@ -47,6 +47,7 @@ from balancer.h1 import (
 )
 from balancer.metrics import Metrics
 from balancer.routing import Answer, Backend, Forward, Redirect, Route, Router
+from balancer.tls import RouteCertificates
 
 RECV = 256 * 1024
 SMALL_BODY = 64 * 1024
@@ -238,12 +239,18 @@ class Proxy:
         """Where TLS is served: redirects to https name it unless it is 443."""
         self.access = access
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.certificates: RouteCertificates | None = None
+        """The routes' certificates, when TLS is served on the platform."""
 
     # --- routes and housekeeping ---------------------------------------------------------
 
     def update_routes(self, routes: list[Route], version: int) -> None:
-        """Put new routes in force and wake the requests held for a backend."""
+        """Put new routes in force (and their certificates) and wake the requests held for
+        a backend."""
         self.router.update(routes, version)
+        if self.certificates is not None:
+            for problem in self.certificates.refresh(routes):
+                self.log(problem)
         old, self.changed = self.changed, eventlet.event.Event()
         old.send(version)
 

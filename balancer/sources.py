@@ -44,8 +44,19 @@ def routes_from_json(doc: Any) -> list[Route]:
             raise RoutesError(f"route {i}: hsts must be a header value, e.g. max-age=31536000")
         routes.append(Route(item["hostname"].lower(), str(item.get("app", item["hostname"])),
                             tuple(backends), bool(item.get("maintenance", False)),
-                            bool(item.get("https_only", False)), hsts))
+                            bool(item.get("https_only", False)), hsts,
+                            _tls(item.get("tls"), i)))
     return routes
+
+
+def _tls(tls: Any, i: int) -> tuple[str, str, str] | None:
+    """A route's certificate: {"cert_id", "cert" (PEM chain), "key" (sealed)} or null."""
+    if tls is None:
+        return None
+    if not isinstance(tls, dict) or not all(
+            isinstance(tls.get(k), str) and tls.get(k) for k in ("cert_id", "cert", "key")):
+        raise RoutesError(f"route {i}: tls must be null or have cert_id, cert and key")
+    return tls["cert_id"], tls["cert"], tls["key"]
 
 
 class FileRoutes:

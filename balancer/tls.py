@@ -1,18 +1,30 @@
 """TLS termination: one certificate per hostname, chosen by SNI as routes are (an exact name,
 else the longest `*.suffix` wildcard, else the default).
 
-Certificates come from a folder: `<hostname>.crt` (the chain, leaf first) beside
-`<hostname>.key`, a wildcard named as written (`*.example.com.crt`), and `default.crt` for
-clients that send no name or a name we have no certificate for (else the first one). The
-folder is read again when a file in it changes. Each context allows TLS 1.2 and 1.3 only,
-Python's default (forward-secret, AEAD) cipher suites, and session resumption (tickets).
+On the platform, certificates come with the routes (`RouteCertificates`): each route carries
+its app's certificate for that hostname with the private key sealed (ledger/tls.py), opened
+here with the seal key and handed to OpenSSL through a file that holds it encrypted again
+under a one-time password, so no key is ever on disk in the clear. SNI picks the certificate
+of the route the router would choose for the name.
+
+Certificates also come from a folder (standalone mode, or a platform's fallback):
+`<hostname>.crt` (the chain, leaf first) beside `<hostname>.key`, a wildcard named as
+written (`*.example.com.crt`), and `default.crt` for clients that send no name or a name we
+have no certificate for (else the first one). The folder is read again when a file in it
+changes. Each context allows TLS 1.2 and 1.3 only, Python's default (forward-secret, AEAD)
+cipher suites, and session resumption (tickets).
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import ssl
+import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
+
+from balancer.routing import Route, Router
 
 DEFAULT = "default"
 
@@ -21,16 +33,91 @@ class CertificateError(ValueError):
     """A certificate or key we cannot use."""
 
 
-def server_context(cert: Path, key: Path) -> ssl.SSLContext:
+def _new_context() -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+def server_context(cert: Path, key: Path, password: bytes | None = None) -> ssl.SSLContext:
+    ctx = _new_context()
     try:
-        ctx.load_cert_chain(cert, key)
+        ctx.load_cert_chain(cert, key, password=password)
     except (OSError, ssl.SSLError) as exc:
         raise CertificateError(f"{cert.name}: {exc}") from None
     return ctx
+
+
+def context_from_pem(cert_pem: str, key_pem: str) -> ssl.SSLContext:
+    """A server context for a PEM chain and a PEM key held in memory. OpenSSL reads keys
+    from files only: the key goes to a private temporary file encrypted under a one-time
+    password, never in the clear."""
+    from cryptography.hazmat.primitives import serialization
+
+    password = secrets.token_hex(32).encode()
+    try:
+        key = serialization.load_pem_private_key(key_pem.encode(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise CertificateError(f"a key that does not load: {exc}") from None
+    locked = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                               serialization.BestAvailableEncryption(password))
+    with tempfile.TemporaryDirectory(prefix="tally-tls-") as folder:
+        (Path(folder) / "chain.pem").write_text(cert_pem)
+        (Path(folder) / "key.pem").write_bytes(locked)
+        return server_context(Path(folder) / "chain.pem", Path(folder) / "key.pem", password)
+
+
+class RouteCertificates:
+    """The contexts of the certificates the routes carry (one per certificate id, made once),
+    and the front context whose SNI callback picks the one of the route the router would
+    choose for the name; else the fallback folder's (if any)."""
+
+    def __init__(self, router: Router, open_key: Callable[[str], str],
+                 fallback: Certificates | None = None) -> None:
+        self.router, self.open_key, self.fallback = router, open_key, fallback
+        self.contexts: dict[str, ssl.SSLContext] = {}
+        self.errors: dict[str, str] = {}
+        self.context = _new_context()
+        if fallback is not None and fallback.default is not None:
+            self.context = fallback.context  # its own certificate answers no-SNI clients
+        self.context.sni_callback = self._pick
+
+    def refresh(self, routes: Iterable[Route]) -> list[str]:
+        """Make contexts for certificates not seen before, forget those no route carries;
+        what could not be loaded, said once per certificate."""
+        wanted = {r.tls[0]: r.tls for r in routes if r.tls is not None}
+        said = []
+        for cert_id, (_, chain, sealed) in wanted.items():
+            if cert_id in self.contexts or cert_id in self.errors:
+                continue
+            try:
+                self.contexts[cert_id] = context_from_pem(chain, self.open_key(sealed))
+            except ValueError as exc:  # CertificateError, CertificateRefused (a wrong seal key)
+                self.errors[cert_id] = str(exc)
+                said.append(f"certificate {cert_id} not loaded: {exc}")
+        self.contexts = {k: v for k, v in self.contexts.items() if k in wanted}
+        self.errors = {k: v for k, v in self.errors.items() if k in wanted}
+        return said
+
+    def lookup(self, name: str) -> ssl.SSLContext | None:
+        hit = self.router.lookup(name.lower().rstrip("."))
+        if hit is not None and hit[0].tls is not None:
+            ctx = self.contexts.get(hit[0].tls[0])
+            if ctx is not None:
+                return ctx
+        if self.fallback is not None:
+            return self.fallback.lookup(name) or self.fallback.default
+        return None
+
+    def _pick(self, sslobj: ssl.SSLObject, server_name: str | None,
+              _ctx: ssl.SSLContext) -> int | None:
+        ctx = self.lookup(server_name or "")
+        if ctx is None:
+            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        sslobj.context = ctx  # type: ignore[misc]
+        return None
 
 
 class Certificates:

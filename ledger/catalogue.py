@@ -190,6 +190,54 @@ class MaintenanceChanged(Schema):
     enabled = fields.Bool(required=True)
 
 
+class _Certificate(Schema):
+    app = fields.Str(required=True, validate=APP_NAME)
+    cert_id = fields.Str(required=True, validate=validate.Regexp(r"^[0-9a-f]{16}\Z"))
+    hostnames = fields.List(fields.Str(validate=validate.Length(min=1, max=253)),
+                            required=True, validate=validate.Length(min=1, max=100))
+    not_after = fields.Str(required=True, metadata={"description": "ISO 8601, UTC"})
+    cert_pem = fields.Str(required=True, validate=validate.Length(min=1, max=65536))
+    key_sealed = fields.Str(required=True, validate=validate.Length(min=1, max=65536),
+                            metadata={"secret": True})
+
+
+@event("app")
+class CertificateAdded(_Certificate):
+    """An operator's own certificate for the app's hostnames it names (`tally certs:add`),
+    served by the balancers by SNI. Its private key is sealed (ledger/tls.py): never in the
+    ledger in the clear."""
+
+
+@event("app")
+class CertificateIssued(_Certificate):
+    """An ACME CA issued a certificate for the app's hostnames (HTTP-01, answered by the
+    balancers)."""
+
+
+@event("app")
+class CertificateRenewed(_Certificate):
+    """An ACME certificate was renewed before it expired; it replaces the one it renews."""
+
+    renews = fields.Str(required=True, validate=validate.Regexp(r"^[0-9a-f]{16}\Z"))
+
+
+@event("app")
+class CertificateFailed(Schema):
+    """An ACME order for the app's hostnames failed (tried again later)."""
+
+    app = fields.Str(required=True, validate=APP_NAME)
+    hostnames = fields.List(fields.Str(), required=True)
+    error = fields.Str(required=True, validate=validate.Length(max=2000))
+
+
+@event("app")
+class CertificateRemoved(Schema):
+    """The certificate is no longer served."""
+
+    app = fields.Str(required=True, validate=APP_NAME)
+    cert_id = fields.Str(required=True, validate=validate.Regexp(r"^[0-9a-f]{16}\Z"))
+
+
 @event("app")
 class AppMemberAdded(Schema):
     """A user may now manage the app (besides its owner and admins)."""

@@ -11,9 +11,12 @@ gets, nor removes, a hostname another app holds. Backends are the
 a serving release: the current release unless it failed, and the deployed one (during a
 rolling deploy both serve, as in Kubernetes; after a failed one the deployed one goes on).
 A route with no backend stays (balancers answer 503 "no healthy backend", not 404
-"unknown host"). `version` is the position of the last event that
-touched the app's routing facts; `routes_version` the last such position for any app:
-balancers reload when it moves.
+"unknown host"). A route also says whether plain HTTP is redirected to HTTPS and which HSTS
+value to send (the app's TALLY_FORCE_HTTPS and TALLY_HSTS config vars, ledger/tls.py), and
+carries the app's certificate that covers its hostname (an exact name before a wildcard,
+then the one valid longest), its key sealed, for the balancers' SNI. `version` is the
+position of the last event that touched the app's routing facts; `routes_version` the last
+such position for any app: balancers reload when it moves.
 
 The routes projector keeps the facts it joins (apps, hosts, instances) in its own private
 tables: reading other projectors' views would mix positions.
@@ -24,6 +27,7 @@ from __future__ import annotations
 from ledger.events import RecordedEvent
 from ledger.hostnames import DEFAULT_SUFFIX, platform_hostname, reserved
 from ledger.rules import HOST_LOST_AFTER, domains_after
+from ledger.tls import covers, https_flags
 from ledger.vocabulary import WEB
 from projectors.projector import Projector, handlers_of, handles
 from projectors.tables import Row, Tables
@@ -43,13 +47,15 @@ def _mark(t: Tables, app: str | None, position: int | None) -> None:
 def app_created(t: Tables, e: RecordedEvent) -> None:
     t.put("route_apps", {"app": e.data["name"], "current_release": None, "domains": [],
                          "maintenance": False, "deployed_release": None,
-                         "failed_releases": []})
+                         "failed_releases": [], "https_only": False, "hsts": ""})
     _mark(t, e.data["name"], e.position)
 
 
 @handles("AppDeleted")
 def app_deleted(t: Tables, e: RecordedEvent) -> None:
     t.delete("route_apps", e.data["name"])
+    for cert in t.by("route_certs", e.data["name"]):  # an app made again starts with none
+        t.delete("route_certs", cert["cert_id"])
     _mark(t, e.data["name"], e.position)
 
 
@@ -73,6 +79,51 @@ def app_changed(t: Tables, e: RecordedEvent) -> None:
         t.update("route_apps", app,
                  domains=sorted(domains_after(app["domains"], e.type, d["domain"])))
     _mark(t, d["app"], e.position)
+
+
+@handles("ConfigChanged")
+def config_changed(t: Tables, e: RecordedEvent) -> None:
+    """Only the HTTPS config vars matter here (most config changes touch no route)."""
+    d = e.data
+    app = t.get("route_apps", d["app"])
+    if app is None:
+        return
+    flags = https_flags((app["https_only"], app["hsts"]), d.get("set", {}), d.get("unset", []))
+    if flags != (app["https_only"], app["hsts"]):
+        t.update("route_apps", app, https_only=flags[0], hsts=flags[1])
+        _mark(t, d["app"], e.position)
+
+
+@handles("CertificateAdded", "CertificateIssued", "CertificateRenewed", "CertificateRemoved")
+def certificate_changed(t: Tables, e: RecordedEvent) -> None:
+    d = e.data
+    if t.get("route_apps", d["app"]) is None:
+        return
+    if e.type == "CertificateRemoved":
+        old = t.get("route_certs", d["cert_id"])
+        if old is not None and old["app"] == d["app"]:
+            t.delete("route_certs", d["cert_id"])
+    else:
+        if e.type == "CertificateRenewed":
+            old = t.get("route_certs", d["renews"])
+            if old is not None and old["app"] == d["app"]:
+                t.delete("route_certs", d["renews"])
+        t.put("route_certs", {"cert_id": d["cert_id"], "app": d["app"],
+                              "hostnames": list(d["hostnames"]), "cert_pem": d["cert_pem"],
+                              "key_sealed": d["key_sealed"], "not_after": d["not_after"]})
+    _mark(t, d["app"], e.position)
+
+
+def certificate_for(t: Tables, app_name: str, hostname: str) -> dict | None:
+    """The app's certificate for `hostname`: exact names before wildcards, then the one
+    valid longest (ISO times compare as text)."""
+    fits = [c for c in t.by("route_certs", app_name)
+            if any(covers(n, hostname) for n in c["hostnames"])]
+    if not fits:
+        return None
+    best = max(fits, key=lambda c: (hostname in c["hostnames"], c["not_after"], c["cert_id"]))
+    return {"cert": best["cert_pem"], "key": best["key_sealed"], "not_after": best["not_after"],
+            "cert_id": best["cert_id"]}
 
 
 @handles("PlatformSuffixSet")
@@ -169,7 +220,8 @@ def desired_routes(t: Tables, app_name: str) -> dict[str, Row]:
             backends.append(f"{host['address']}:{b['port']}")
     backends.sort()
     return {h: {"hostname": h, "app": app_name, "backends": backends,
-                "maintenance": app["maintenance"]}
+                "maintenance": app["maintenance"], "https_only": app["https_only"],
+                "hsts": app["hsts"], "tls": certificate_for(t, app_name, h)}
             for h in hostnames(t, app)}
 
 
@@ -207,10 +259,12 @@ PROJECTOR = Projector(
     name="routes",
     tables={"routes": ("hostname",), "routes_version": ("id",), "route_apps": ("app",),
             "route_hosts": ("host_id",), "route_backends": ("instance_id",),
-            "route_claims": ("hostname",), "route_platform": ("id",)},
+            "route_claims": ("hostname",), "route_platform": ("id",),
+            "route_certs": ("cert_id",)},
     public=("routes", "routes_version"),
-    indexes={"routes": "app", "route_backends": "app"},
-    handlers=handlers_of(app_created, app_deleted, app_changed, suffix_set, claim_changed,
-                         host_changed, placed, unplaced, health_changed),
+    indexes={"routes": "app", "route_backends": "app", "route_certs": "app"},
+    handlers=handlers_of(app_created, app_deleted, app_changed, config_changed,
+                         certificate_changed, suffix_set, claim_changed, host_changed,
+                         placed, unplaced, health_changed),
     finish=recompute,
 )

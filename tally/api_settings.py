@@ -10,7 +10,7 @@ from functools import partial
 
 from api.services import Settings
 from ledger.cluster import Cluster
-from tally.config import Config, run_key_from_env
+from tally.config import Config, run_key_from_env, seal_key_from_env
 
 
 def addon_database(cluster: Cluster, app: str) -> str:
@@ -89,6 +89,7 @@ def api_settings(cfg: Config) -> Settings:
                     max_bundle_bytes=cfg.max_bundle_bytes, app_uids=cfg.app_uids,
                     logs_tail=tail, logs_follow=follow,
                     web_port=cfg.web_port, run_key=run_key_from_env(),
+                    seal_key=seal_key_from_env(),
                     create_addon=partial(create_addon, cfg),
                     destroy_addon=partial(destroy_addon, cfg),
                     build_logs_dir=cfg.build_logs_dir)

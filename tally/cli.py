@@ -14,6 +14,7 @@ from tally.commands import (
     admin,
     apps,
     builds,
+    certs,
     daemons,
     history,
     ledger,
@@ -42,7 +43,7 @@ def cli(ctx: click.Context) -> None:
 
 
 for module in (ledger, serve, daemons, projectors, admin, session, apps, releases, settings,
-               runs, logs, addons, history, builds, sim):
+               certs, runs, logs, addons, history, builds, sim):
     for command in module.COMMANDS:
         cli.add_command(command)
 

@@ -25,6 +25,8 @@ TALLY_COLLECTOR       where host agents PUSH app logs (`tally serve collector` b
                       default tcp://127.0.0.1:5560
 TALLY_BALANCERS       where the balancers `tally up` starts listen (HOST:PORT, comma-separated);
                       default 127.0.0.1:8080,127.0.0.1:8081; apps' URLs name the first port
+TALLY_BALANCERS_TLS   where they terminate TLS, one per balancer in the same order (none:
+                      plain HTTP only); default 127.0.0.1:8443,127.0.0.1:8444
 TALLY_AGENT_PORTS     one app port range per host agent `tally up` starts; default
                       7000-7099,7100-7199
 TALLY_AGENT_TOKEN     a host agent's token for the API (`tally up` gives each its own)
@@ -38,6 +40,8 @@ TALLY_TOKEN           the CLI's API token; default: as saved by `tally login`
 TALLY_CREDENTIALS     where `tally login` saves them; default
                       $XDG_CONFIG_HOME/tally/credentials.json (~/.config/...)
 TALLY_RUN_KEY         the key of one-off run tickets, hex (`tally up` makes one)
+TALLY_SEAL_KEY        the key sealing apps' certificate keys at rest (the API seals, the
+                      balancers open; `tally up` makes one)
 TALLY_RELAY_KEY       the relays' CURVE public key, z85 (`tally up` hands it to its daemons);
                       unset: subscribers speak plain ZeroMQ
 TALLY_CURVE_KEYFILE   a control-plane daemon's CURVE keypair file, for the relays' PUB (and
@@ -86,6 +90,7 @@ class Config:
     agent_ports: tuple[str, ...] = ("7000-7099", "7100-7199")
     """One port range per host agent `tally up` starts (h1, h2, ...)."""
     balancers: tuple[str, ...] = ("127.0.0.1:8080", "127.0.0.1:8081")
+    balancers_tls: tuple[str, ...] = ("127.0.0.1:8443", "127.0.0.1:8444")
     """Where each balancer `tally up` starts listens; apps answer at the first one's port."""
     app_uids: tuple[int, int] = (200_000, 299_999)
     relay_key: str = ""
@@ -115,6 +120,9 @@ class Config:
             collector=env.get("TALLY_COLLECTOR", "tcp://127.0.0.1:5560"),
             balancers=tuple(b.strip() for b in env.get(
                 "TALLY_BALANCERS", "127.0.0.1:8080,127.0.0.1:8081").split(",") if b.strip()),
+            balancers_tls=tuple(b.strip() for b in env.get(
+                "TALLY_BALANCERS_TLS", "127.0.0.1:8443,127.0.0.1:8444").split(",")
+                if b.strip()),
             agent_ports=tuple(r.strip() for r in env.get(
                 "TALLY_AGENT_PORTS", "7000-7099,7100-7199").split(",") if r.strip()),
             relay_key=env.get("TALLY_RELAY_KEY", ""),
@@ -236,6 +244,11 @@ def _range(text: str, name: str, example: str) -> tuple[int, int]:
 def agent_token(env: dict[str, str] | None = None) -> str:
     """TALLY_AGENT_TOKEN: a host agent's token for the API ("" when unset)."""
     return dict(os.environ if env is None else env).get("TALLY_AGENT_TOKEN", "")
+
+
+def seal_key_from_env(env: dict[str, str] | None = None) -> str | None:
+    """TALLY_SEAL_KEY, or None when unset."""
+    return dict(os.environ if env is None else env).get("TALLY_SEAL_KEY") or None
 
 
 def balancer_token(env: dict[str, str] | None = None) -> str:

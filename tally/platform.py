@@ -40,9 +40,13 @@ def daemons(cfg: Config) -> list[tuple[str, list[str], str]]:
                 f"builds releases into slugs, sandboxed, through the API (work: "
                 f"{cfg.build_dir})"))
     for i, bind in enumerate(cfg.balancers, start=1):
+        tls = cfg.balancers_tls[i - 1:i]
         out.append((f"balancer-{i}", ["serve", "balancer", "--bind", bind,
-                                      "--balancer-id", f"b{i}"],
-                    f"http://<app>.<suffix>:{bind.rpartition(':')[2]}/ (routes view)"))
+                                      "--balancer-id", f"b{i}",
+                                      *(("--tls-bind", tls[0]) if tls else ())],
+                    f"http://<app>.<suffix>:{bind.rpartition(':')[2]}/ (routes view)"
+                    + (f", https on :{tls[0].rpartition(':')[2]} (tally certs:add)"
+                       if tls else "")))
     for i, ports in enumerate(cfg.agent_ports, start=1):
         out.append((f"agent-{i}", ["serve", "agent", "--host-id", f"h{i}", "--port-range",
                                    ports, "--stop-apps-on-exit"],
@@ -104,24 +108,36 @@ def environment(cfg: Config, name: str) -> dict[str, str]:
                "TALLY_CURVE_KEYFILE": str(cfg.secret("control.curve"))}
     for i, _ in enumerate(cfg.balancers, start=1):
         if name == f"balancer-{i}":  # its token; on one machine the control keypair wakes it
-            return {"TALLY_BALANCER_TOKEN": host_token(cfg, f"b{i}", "balancer"), **control}
+            return {"TALLY_BALANCER_TOKEN": host_token(cfg, f"b{i}", "balancer"),
+                    "TALLY_SEAL_KEY": seal_key(cfg), **control}
     if name == "api":
-        return {"TALLY_RUN_KEY": run_key(cfg), **control}
+        return {"TALLY_RUN_KEY": run_key(cfg), "TALLY_SEAL_KEY": seal_key(cfg), **control}
     return control
 
 
 def run_key(cfg: Config) -> str:
-    """The key the API signs run tickets with and agents verify them with (hex): made on
-    first use, kept 0600 in $TALLY_HOME/secrets, readable by no app."""
+    """The key the API signs run tickets with and agents verify them with (hex)."""
     from ledger.tickets import new_key
 
-    path = cfg.home / "secrets" / "runs.key"
+    return _kept_secret(cfg, "runs.key", lambda: new_key().hex())
+
+
+def seal_key(cfg: Config) -> str:
+    """The key the API seals apps' certificate keys with and balancers open them with."""
+    from ledger.tls import new_seal_key
+
+    return _kept_secret(cfg, "seal.key", new_seal_key)
+
+
+def _kept_secret(cfg: Config, name: str, make: Callable[[], str]) -> str:
+    """A secret made on first use, kept 0600 in $TALLY_HOME/secrets, readable by no app."""
+    path = cfg.home / "secrets" / name
     if path.exists():
         return path.read_text().strip()
     path.parent.mkdir(mode=0o700, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(new_key().hex() + "\n")
+        f.write(make() + "\n")
     return path.read_text().strip()
 
 

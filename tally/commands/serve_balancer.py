@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from tally.config import Config, balancer_token
+from tally.config import Config, balancer_token, seal_key_from_env
 from tally.console import fail_cleanly, host_token
 
 
@@ -60,7 +60,9 @@ def _address(text: str, option: str) -> tuple[str, int]:
 @click.option("--admin", help="HOST:PORT for /metrics and /healthz (off by default).")
 @click.option("--collector", help="Ship the access log to this log collector endpoint "
                                   "(default: TALLY_COLLECTOR, none with --routes).")
-@click.option("--tls-bind", help="HOST:PORT to terminate TLS on (needs --certs).")
+@click.option("--tls-bind", help="HOST:PORT to terminate TLS on, with the apps' certificates "
+                                 "(their keys opened with TALLY_SEAL_KEY) and --certs "
+                                 "(standalone mode: --certs only).")
 @click.option("--certs", type=click.Path(file_okay=False),
               help="Folder of NAME.crt + NAME.key pairs (NAME: a hostname, *.suffix or "
                    "default), chosen by SNI; re-read when it changes.")
@@ -80,8 +82,11 @@ def serve_balancer(cfg: Config, bind: str, routes_file: str | None, api_url: str
     from balancer.serve import Options, main
     from balancer.shell import Timeouts
 
-    if bool(tls_bind) != bool(certs):
-        raise click.BadParameter("--tls-bind and --certs go together", param_hint="--certs")
+    if certs and not tls_bind:
+        raise click.BadParameter("certificates need --tls-bind", param_hint="--certs")
+    if routes_file and tls_bind and not certs:
+        raise click.BadParameter("standalone mode takes its certificates from --certs",
+                                 param_hint="--tls-bind")
     if certs:
         from balancer.tls import Certificates
 
@@ -101,6 +106,7 @@ def serve_balancer(cfg: Config, bind: str, routes_file: str | None, api_url: str
         collector=collector or (None if routes_file else cfg.collector),
         collector_curve=_collector_curve(cfg),
         tls_bind=_address(tls_bind, "--tls-bind") if tls_bind else None, certs=certs,
+        seal_key=seal_key_from_env(),
         cache=None if routes_file else str(
             cfg.run_dir / f"balancer-{_address(bind, '--bind')[1]}.routes.json"),
     )

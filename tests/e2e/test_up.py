@@ -29,7 +29,7 @@ FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "apps"
 def test_up_then_down() -> None:
     home = Path(tempfile.mkdtemp(prefix="tally-up-"))
     home.chmod(0o755)
-    ports = free_ports(15)
+    ports = free_ports(17)
     low, high = free_port_range(20)
     env = {
         **os.environ, "TALLY_HOME": str(home),
@@ -41,6 +41,7 @@ def test_up_then_down() -> None:
         "TALLY_APPS_DB_PORTS": f"{ports[6]},{ports[7]}",
         "TALLY_AGENT_PORTS": f"{low}-{low + 9},{low + 10}-{high}",
         "TALLY_BALANCERS": f"127.0.0.1:{ports[9]},127.0.0.1:{ports[10]}",
+        "TALLY_BALANCERS_TLS": f"127.0.0.1:{ports[15]},127.0.0.1:{ports[16]}",
         "TALLY_CREDENTIALS": str(home / "credentials.json"),
         "TALLY_APP_UIDS": uid_block(),
     }

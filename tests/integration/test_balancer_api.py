@@ -2,21 +2,35 @@
 API with its own balancer token (the ledger's ports given to it lead nowhere: it holds no
 ledger credentials), follows a route change, and a balancer restarted (kill -9) while the
 API is down still routes, from the last routes it read (its cache), instead of answering
-404 for every app. The routing endpoint opens to that balancer's token only."""
+404 for every app. The routing endpoint opens to that balancer's token only.
+
+HTTPS end to end: `tally certs:add` (a bad pair refused with a message), the key sealed in
+the ledger and in the balancer's cache, served by SNI on the balancer's TLS port; and
+`tally config:set TALLY_FORCE_HTTPS=1 TALLY_HSTS=...` turning on the redirect and HSTS."""
 
 from __future__ import annotations
 
 import http.client
+import json
+import os
+import ssl
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import requests
 
+from api.auth import create_user
 from ledger import Ledger, NewEvent
 from ledger.cluster import Cluster
+from ledger.tls import new_seal_key
 from tests.backends import Upstream
+from tests.certs import self_signed
 from tests.conftest import destroy_cluster, free_ports, make_cluster
 from tests.fixtures.apps.fleet import ApiProc, Daemon
+from tests.integration.test_balancer import tls_get
 from tests.waiting import wait_until
 
 
@@ -39,11 +53,12 @@ def status(port: int, host: str) -> int | None:
 
 
 def seed(ledger: Ledger, app: str, backend: Upstream) -> None:
-    """An app whose one healthy web instance is `backend`."""
+    """An app whose one healthy web instance (of its deployed release 1) is `backend`."""
     ledger.append(f"app-{app}", [
         NewEvent("AppCreated", {"name": app, "owner": "ann"}),
         NewEvent("ReleaseCreated", {"app": app, "release": 1, "bundle_digest": "0" * 64,
                                     "procfile": {"web": "true"}, "config_version": 0})])
+    ledger.append(f"placement-{app}", [NewEvent("ReleaseDeployed", {"app": app, "release": 1})])
     ledger.append("host-c1", [NewEvent("HostRegistered", {
         "host_id": "c1", "address": "127.0.0.1", "port_min": backend.port,
         "port_max": backend.port, "capacity": 1})])
@@ -127,3 +142,104 @@ def test_the_routing_table_opens_to_its_balancer_only(private: Cluster) -> None:
             assert get(api.token("bx", "balancer"), api.url + path).status_code == 403, path
     finally:
         api.kill()
+
+
+def test_certificates_and_https_settings_reach_the_balancer_through_the_api(
+        private: Cluster, tmp_path: Path) -> None:
+    backend = Upstream("a")
+    plain, tls_port = free_ports(2)
+    seal_key = new_seal_key()
+    api = ApiProc(private, "api-certs", TALLY_SEAL_KEY=seal_key)
+    home = private.root.parent
+    daemons: list[Daemon] = [api]
+    host = "secure.tally.local"
+    try:
+        with Ledger(private.dsn()) as ledger:
+            seed(ledger, "secure", backend)
+            admin = create_user(ledger, "certs-admin", "admin")
+        api.start()
+        daemons.append(Daemon(private, "projectors", ["projectors", "--poll-interval", "0.2"]))
+        daemons.append(Daemon(
+            private, "balancer", ["balancer", "--bind", f"127.0.0.1:{plain}", "--tls-bind",
+                                  f"127.0.0.1:{tls_port}", "--balancer-id", "bs"],
+            TALLY_BALANCER_API=api.url, TALLY_BALANCER_TOKEN=api.token("bs", "balancer"),
+            TALLY_SEAL_KEY=seal_key, TALLY_RELAYS=f"tcp://127.0.0.1:{free_ports(1)[0]}",
+            TALLY_COLLECTOR=f"tcp://127.0.0.1:{free_ports(1)[0]}"))
+        for d in daemons[1:]:
+            d.start()
+
+        def tally(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "tally.cli", *args], text=True,
+                                  capture_output=True, timeout=120,
+                                  env={**os.environ, "TALLY_API": api.url,
+                                       "TALLY_TOKEN": admin})
+
+        cert, key = self_signed([host])
+        _, other_key = self_signed([host])
+        elsewhere, elsewhere_key = self_signed(["elsewhere.example"])
+        files = {}
+        for name, text in (("cert", cert), ("key", key), ("other", other_key),
+                           ("elsewhere", elsewhere), ("elsewhere-key", elsewhere_key)):
+            files[name] = tmp_path / f"{name}.pem"
+            files[name].write_text(text)
+
+        refused = tally("certs:add", "-a", "secure", "--cert", str(files["cert"]), "--key",
+                        str(files["other"]))
+        assert refused.returncode == 1 and "does not match" in refused.stderr, refused
+        answer = requests.post(f"{api.url}/apps/secure/certs", timeout=30,
+                               json={"cert": cert, "key": other_key},
+                               headers={"Authorization": f"Bearer {admin}"})
+        assert answer.status_code == 422 and "does not match" in answer.json()["message"]
+        refused = tally("certs:add", "-a", "secure", "--cert", str(files["elsewhere"]),
+                        "--key", str(files["elsewhere-key"]))
+        assert refused.returncode == 1 and "covers none" in refused.stderr, refused
+
+        added = tally("certs:add", "-a", "secure", "--cert", str(files["cert"]), "--key",
+                      str(files["key"]))
+        assert added.returncode == 0, added
+        listed = json.loads(tally("certs", "-a", "secure", "--json").stdout)
+        assert [c["hostnames"] for c in listed] == [[host]] and "key" not in listed[0]
+        assert listed[0]["cert_id"] in added.stderr
+
+        der = ssl.PEM_cert_to_DER_cert(cert)
+
+        def served() -> bool:
+            try:
+                got, reply = tls_get(tls_port, host)
+            except OSError:
+                return False
+            return got == der and reply.startswith(b"HTTP/1.1 200 ")
+        wait_until(served, 60, "the balancer never served the certificate added by SNI")
+        reply = tls_get(tls_port, host)[1]
+        assert json.loads(reply.partition(b"\r\n\r\n")[2])["headers"][
+            "x-forwarded-proto"] == "https"
+
+        secret = "".join(key.splitlines()[1:-1])  # the key's base64, wherever it would be
+        with Ledger(private.dsn()) as ledger:
+            recorded = json.dumps([e.data for e in ledger.read_stream("app-secure")])
+        assert "key_sealed" in recorded and secret[:40] not in recorded
+        cached = (home / "run" / f"balancer-{plain}.routes.json").read_text()
+        assert "BEGIN CERTIFICATE" in cached and secret[:40] not in cached
+
+        bad = tally("config:set", "-a", "secure", "TALLY_HSTS=forever")
+        assert bad.returncode == 1 and "max-age" in bad.stderr, bad
+        ok = tally("config:set", "-a", "secure", "TALLY_FORCE_HTTPS=1", "TALLY_HSTS=max-age=600")
+        assert ok.returncode == 0, ok
+
+        def redirected() -> str | None:
+            conn = http.client.HTTPConnection("127.0.0.1", plain, timeout=5)
+            try:
+                conn.request("GET", "/x?y=1", headers={"Host": host})
+                r = conn.getresponse()
+                return r.getheader("Location") if r.status == 308 else None
+            except OSError:
+                return None
+            finally:
+                conn.close()
+        location = wait_until(redirected, 60, "plain HTTP never redirected to HTTPS")
+        assert location == f"https://{host}:{tls_port}/x?y=1"
+        assert b"\r\nStrict-Transport-Security: max-age=600\r\n" in tls_get(tls_port, host)[1]
+    finally:
+        for d in daemons:
+            d.kill()
+        backend.close()

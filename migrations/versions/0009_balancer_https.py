@@ -1,0 +1,43 @@
+"""Views: HTTPS in the routes view. Each route says whether plain HTTP is redirected to
+HTTPS and the HSTS value to send (the app's TALLY_FORCE_HTTPS / TALLY_HSTS config vars,
+ledger/tls.py), and carries the certificate the balancers serve for it by SNI (`tls`: the
+chain, the sealed key, not_after; null: none).
+
+route_apps    + https_only, hsts (the routes projector's own copy of those config vars)
+route_certs   cert_id -> app, hostnames, chain, sealed key, not_after (its own copy of the
+              app's Certificate* events)
+routes        + https_only, hsts, tls
+
+Revision ID: 0009
+Revises: 0008
+"""
+
+from alembic import op
+
+revision = "0009"
+down_revision = "0008"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    for table in ("routes", "route_apps"):
+        op.execute(f"ALTER TABLE views.{table} ADD COLUMN https_only boolean NOT NULL "
+                   "DEFAULT false, ADD COLUMN hsts text NOT NULL DEFAULT ''")
+    op.execute("ALTER TABLE views.routes ADD COLUMN tls jsonb")
+    op.execute("""CREATE TABLE views.route_certs (
+        cert_id    text PRIMARY KEY,
+        app        text NOT NULL,
+        hostnames  text[] NOT NULL,
+        cert_pem   text NOT NULL,
+        key_sealed text NOT NULL,
+        not_after  text NOT NULL)""")
+    op.execute("CREATE INDEX route_certs_app ON views.route_certs (app)")
+    op.execute("GRANT SELECT ON views.route_certs TO tally_reader, tally_writer")
+
+
+def downgrade() -> None:
+    op.execute("DROP TABLE views.route_certs")
+    op.execute("ALTER TABLE views.routes DROP COLUMN tls")
+    for table in ("routes", "route_apps"):
+        op.execute(f"ALTER TABLE views.{table} DROP COLUMN https_only, DROP COLUMN hsts")
