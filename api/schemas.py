@@ -340,8 +340,9 @@ class Routing(Schema):
     changed = fields.Bool(required=True)
     routes = fields.List(fields.Dict(), required=True, metadata={
         "description": "hostname, app, backends, maintenance, https_only, hsts, tls (its "
-                       "certificate: cert_id, cert, key sealed, not_after; or null), every "
-                       "route, when changed"})
+                       "certificate: cert_id, cert, key sealed, not_after; or null), "
+                       "challenges (ACME HTTP-01: token -> key authorization), every route, "
+                       "when changed"})
 
 
 class Appended(Schema):

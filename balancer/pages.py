@@ -8,7 +8,8 @@ from __future__ import annotations
 from html import escape
 
 REASONS = {
-    400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
+    200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+    408: "Request Timeout",
     413: "Content Too Large", 414: "URI Too Long", 417: "Expectation Failed",
     431: "Request Header Fields Too Large", 500: "Internal Server Error",
     502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
@@ -29,6 +30,15 @@ def redirect(location: bytes, *, close: bool, head: bool) -> bytes:
     head_bytes = (b"HTTP/1.1 308 Permanent Redirect\r\nLocation: %s\r\n"
                   b"Content-Type: text/plain\r\nContent-Length: %d\r\nConnection: %s\r\n\r\n"
                   % (location, len(body), b"close" if close else b"keep-alive"))
+    return head_bytes + (b"" if head else body)
+
+
+def text(status: int, body: bytes, *, close: bool, head: bool) -> bytes:
+    """A plain-text answer of ours (an ACME challenge's key authorization)."""
+    head_bytes = (b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+                  b"Cache-Control: no-store\r\nConnection: %s\r\n\r\n"
+                  % (status, REASONS.get(status, "OK").encode(), len(body),
+                     b"close" if close else b"keep-alive"))
     return head_bytes + (b"" if head else body)
 
 

@@ -34,6 +34,8 @@ class Route:
     """The Strict-Transport-Security value sent over https (none when empty)."""
     tls: tuple[str, str, str] | None = None
     """The certificate served for this hostname by SNI: (id, PEM chain, sealed key)."""
+    challenges: tuple[tuple[str, str], ...] = ()
+    """ACME HTTP-01 challenges of an order under way: (token, key authorization)."""
 
 
 class Backend:
@@ -85,13 +87,23 @@ class Answer:
 
 
 @dataclass(frozen=True)
+class Challenge:
+    """An ACME HTTP-01 challenge we answer ourselves (before maintenance or a redirect: the
+    CA asks over plain HTTP, whatever the app's state)."""
+
+    route: Route
+    key_authorization: str
+
+
+@dataclass(frozen=True)
 class Redirect:
     """To the same URL over https."""
 
     route: Route
 
 
-Decision = Forward | Hold | Answer | Redirect
+Decision = Forward | Hold | Answer | Redirect | Challenge
+CHALLENGE_PREFIX = b"/.well-known/acme-challenge/"
 
 
 class Router:
@@ -142,11 +154,16 @@ class Router:
         return None
 
     def decide(self, host: str, now: float, exclude: tuple[Backend, ...] = (),
-               secure: bool = False) -> Decision:
+               secure: bool = False, target: bytes = b"") -> Decision:
         hit = self.lookup(host)
         if hit is None:
             return Answer(404, "unknown host")
         route, backends = hit
+        if route.challenges and target.startswith(CHALLENGE_PREFIX):
+            token = target[len(CHALLENGE_PREFIX):].decode("ascii", "replace")
+            answer = next((k for t, k in route.challenges if t == token), None)
+            if answer is not None:
+                return Challenge(route, answer)
         if route.maintenance:
             return Answer(503, "maintenance")
         if route.https_only and not secure:

@@ -46,7 +46,7 @@ from balancer.h1 import (
     parse_response,
 )
 from balancer.metrics import Metrics
-from balancer.routing import Answer, Backend, Forward, Redirect, Route, Router
+from balancer.routing import Answer, Backend, Challenge, Forward, Redirect, Route, Router
 from balancer.tls import RouteCertificates
 
 RECV = 256 * 1024
@@ -371,6 +371,17 @@ class Proxy:
         self.done(route, req, 308, started, len(reply), None, client_ip)
         return keep
 
+    def challenge(self, sock: socket.socket, req: Request, decision: Challenge,
+                  started: float, client_ip: str) -> bool:
+        """An ACME CA's HTTP-01 request: the key authorization; whether to keep the
+        connection."""
+        keep = req.keep_alive and req.framing == NONE and not self.draining
+        reply = pages.text(200, decision.key_authorization.encode(), close=not keep,
+                           head=req.method == b"HEAD")
+        sendall(sock, reply)
+        self.done(decision.route, req, 200, started, len(reply), None, client_ip)
+        return keep
+
     def done(self, route: Route | None, req: Request, status: int, started: float,
              nbytes: int, backend: Backend | None, client_ip: str) -> None:
         """A request answered: router metrics, and the access log when one is kept."""
@@ -394,7 +405,7 @@ class Proxy:
         hold_until = 0.0
         while True:
             now = monotonic()
-            decision = router.decide(req.host, now, tried, watch.proto == b"https")
+            decision = router.decide(req.host, now, tried, watch.proto == b"https", req.target)
             if type(decision) is Forward:
                 backend = decision.backend
                 backend.active += 1
@@ -413,6 +424,8 @@ class Proxy:
                 continue
             if type(decision) is Redirect:
                 return self.redirect(sock, req, decision.route, started, client_ip), buf
+            if type(decision) is Challenge:
+                return self.challenge(sock, req, decision, started, client_ip), buf
             if type(decision) is Answer:
                 hit = router.lookup(req.host)
                 text = pages.MAINTENANCE if decision.status == 503 else pages.UNKNOWN_HOST

@@ -45,8 +45,19 @@ def routes_from_json(doc: Any) -> list[Route]:
         routes.append(Route(item["hostname"].lower(), str(item.get("app", item["hostname"])),
                             tuple(backends), bool(item.get("maintenance", False)),
                             bool(item.get("https_only", False)), hsts,
-                            _tls(item.get("tls"), i)))
+                            _tls(item.get("tls"), i), _challenges(item.get("challenges"), i)))
     return routes
+
+
+def _challenges(challenges: Any, i: int) -> tuple[tuple[str, str], ...]:
+    """A route's ACME challenges: {token: key authorization} (printable ASCII both)."""
+    if not challenges:
+        return ()
+    if not isinstance(challenges, dict) or not all(
+            isinstance(v, str) and t.isascii() and t.isprintable() and v.isascii()
+            and v.isprintable() for t, v in challenges.items()):
+        raise RoutesError(f"route {i}: challenges must map tokens to key authorizations")
+    return tuple(sorted(challenges.items()))
 
 
 def _tls(tls: Any, i: int) -> tuple[str, str, str] | None:

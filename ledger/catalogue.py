@@ -209,6 +209,21 @@ class CertificateAdded(_Certificate):
 
 
 @event("app")
+class CertificateRequested(Schema):
+    """An ACME order for the app's hostnames was placed: the balancers answer its HTTP-01
+    challenges (`/.well-known/acme-challenge/TOKEN` -> the key authorization) until the
+    order ends in CertificateIssued, CertificateRenewed or CertificateFailed."""
+
+    app = fields.Str(required=True, validate=APP_NAME)
+    hostnames = fields.List(fields.Str(validate=validate.Length(min=1, max=253)),
+                            required=True, validate=validate.Length(min=1, max=100))
+    challenges = fields.Dict(
+        keys=fields.Str(validate=validate.Regexp(r"^[A-Za-z0-9_-]{1,200}\Z")),
+        values=fields.Dict(keys=fields.Str(), values=fields.Str()), required=True,
+        metadata={"description": "token -> {hostname, key_authorization}"})
+
+
+@event("app")
 class CertificateIssued(_Certificate):
     """An ACME CA issued a certificate for the app's hostnames (HTTP-01, answered by the
     balancers)."""

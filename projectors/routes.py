@@ -47,7 +47,8 @@ def _mark(t: Tables, app: str | None, position: int | None) -> None:
 def app_created(t: Tables, e: RecordedEvent) -> None:
     t.put("route_apps", {"app": e.data["name"], "current_release": None, "domains": [],
                          "maintenance": False, "deployed_release": None,
-                         "failed_releases": [], "https_only": False, "hsts": ""})
+                         "failed_releases": [], "https_only": False, "hsts": "",
+                         "challenges": {}})
     _mark(t, e.data["name"], e.position)
 
 
@@ -94,16 +95,26 @@ def config_changed(t: Tables, e: RecordedEvent) -> None:
         _mark(t, d["app"], e.position)
 
 
-@handles("CertificateAdded", "CertificateIssued", "CertificateRenewed", "CertificateRemoved")
+@handles("CertificateAdded", "CertificateIssued", "CertificateRenewed", "CertificateRemoved",
+         "CertificateRequested", "CertificateFailed")
 def certificate_changed(t: Tables, e: RecordedEvent) -> None:
+    """An app's certificates, and the HTTP-01 challenges of its ACME orders under way (from
+    CertificateRequested until the order ends, issued, renewed or failed)."""
     d = e.data
-    if t.get("route_apps", d["app"]) is None:
+    app = t.get("route_apps", d["app"])
+    if app is None:
         return
+    if e.type == "CertificateRequested":
+        t.update("route_apps", app, challenges={**app["challenges"], **d["challenges"]})
+    elif e.type in ("CertificateIssued", "CertificateRenewed", "CertificateFailed"):
+        ended = set(d["hostnames"])
+        t.update("route_apps", app, challenges={
+            token: c for token, c in app["challenges"].items() if c["hostname"] not in ended})
     if e.type == "CertificateRemoved":
         old = t.get("route_certs", d["cert_id"])
         if old is not None and old["app"] == d["app"]:
             t.delete("route_certs", d["cert_id"])
-    else:
+    elif e.type in ("CertificateAdded", "CertificateIssued", "CertificateRenewed"):
         if e.type == "CertificateRenewed":
             old = t.get("route_certs", d["renews"])
             if old is not None and old["app"] == d["app"]:
@@ -221,7 +232,9 @@ def desired_routes(t: Tables, app_name: str) -> dict[str, Row]:
     backends.sort()
     return {h: {"hostname": h, "app": app_name, "backends": backends,
                 "maintenance": app["maintenance"], "https_only": app["https_only"],
-                "hsts": app["hsts"], "tls": certificate_for(t, app_name, h)}
+                "hsts": app["hsts"], "tls": certificate_for(t, app_name, h),
+                "challenges": {token: c["key_authorization"]
+                               for token, c in app["challenges"].items() if c["hostname"] == h}}
             for h in hostnames(t, app)}
 
 

@@ -40,6 +40,8 @@ TALLY_TOKEN           the CLI's API token; default: as saved by `tally login`
 TALLY_CREDENTIALS     where `tally login` saves them; default
                       $XDG_CONFIG_HOME/tally/credentials.json (~/.config/...)
 TALLY_RUN_KEY         the key of one-off run tickets, hex (`tally up` makes one)
+TALLY_ACME_DIRECTORY  an ACME directory URL: `tally up` then runs `tally serve acme`, which
+                      gets apps' domains certificates from it (none by default)
 TALLY_SEAL_KEY        the key sealing apps' certificate keys at rest (the API seals, the
                       balancers open; `tally up` makes one)
 TALLY_RELAY_KEY       the relays' CURVE public key, z85 (`tally up` hands it to its daemons);
@@ -91,6 +93,7 @@ class Config:
     """One port range per host agent `tally up` starts (h1, h2, ...)."""
     balancers: tuple[str, ...] = ("127.0.0.1:8080", "127.0.0.1:8081")
     balancers_tls: tuple[str, ...] = ("127.0.0.1:8443", "127.0.0.1:8444")
+    acme_directory: str = ""
     """Where each balancer `tally up` starts listens; apps answer at the first one's port."""
     app_uids: tuple[int, int] = (200_000, 299_999)
     relay_key: str = ""
@@ -120,6 +123,7 @@ class Config:
             collector=env.get("TALLY_COLLECTOR", "tcp://127.0.0.1:5560"),
             balancers=tuple(b.strip() for b in env.get(
                 "TALLY_BALANCERS", "127.0.0.1:8080,127.0.0.1:8081").split(",") if b.strip()),
+            acme_directory=env.get("TALLY_ACME_DIRECTORY", ""),
             balancers_tls=tuple(b.strip() for b in env.get(
                 "TALLY_BALANCERS_TLS", "127.0.0.1:8443,127.0.0.1:8444").split(",")
                 if b.strip()),

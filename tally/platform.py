@@ -47,6 +47,9 @@ def daemons(cfg: Config) -> list[tuple[str, list[str], str]]:
                     f"http://<app>.<suffix>:{bind.rpartition(':')[2]}/ (routes view)"
                     + (f", https on :{tls[0].rpartition(':')[2]} (tally certs:add)"
                        if tls else "")))
+    if cfg.acme_directory:
+        out.append(("acme", ["serve", "acme", "--directory", cfg.acme_directory],
+                    f"certificates for apps' domains from {cfg.acme_directory}"))
     for i, ports in enumerate(cfg.agent_ports, start=1):
         out.append((f"agent-{i}", ["serve", "agent", "--host-id", f"h{i}", "--port-range",
                                    ports, "--stop-apps-on-exit"],
@@ -112,6 +115,8 @@ def environment(cfg: Config, name: str) -> dict[str, str]:
                     "TALLY_SEAL_KEY": seal_key(cfg), **control}
     if name == "api":
         return {"TALLY_RUN_KEY": run_key(cfg), "TALLY_SEAL_KEY": seal_key(cfg), **control}
+    if name == "acme":
+        return {"TALLY_SEAL_KEY": seal_key(cfg), **control}
     return control
 
 

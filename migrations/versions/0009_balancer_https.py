@@ -3,10 +3,12 @@ HTTPS and the HSTS value to send (the app's TALLY_FORCE_HTTPS / TALLY_HSTS confi
 ledger/tls.py), and carries the certificate the balancers serve for it by SNI (`tls`: the
 chain, the sealed key, not_after; null: none).
 
-route_apps    + https_only, hsts (the routes projector's own copy of those config vars)
+route_apps    + https_only, hsts (the routes projector's own copy of those config vars),
+              challenges (the ACME HTTP-01 challenges of its orders under way)
 route_certs   cert_id -> app, hostnames, chain, sealed key, not_after (its own copy of the
               app's Certificate* events)
-routes        + https_only, hsts, tls
+routes        + https_only, hsts, tls, challenges (token -> key authorization, which the
+              balancers answer at /.well-known/acme-challenge/TOKEN)
 
 Revision ID: 0009
 Revises: 0008
@@ -25,6 +27,9 @@ def upgrade() -> None:
         op.execute(f"ALTER TABLE views.{table} ADD COLUMN https_only boolean NOT NULL "
                    "DEFAULT false, ADD COLUMN hsts text NOT NULL DEFAULT ''")
     op.execute("ALTER TABLE views.routes ADD COLUMN tls jsonb")
+    for table in ("routes", "route_apps"):
+        op.execute(f"ALTER TABLE views.{table} ADD COLUMN challenges jsonb NOT NULL "
+                   "DEFAULT '{}'")
     op.execute("""CREATE TABLE views.route_certs (
         cert_id    text PRIMARY KEY,
         app        text NOT NULL,
@@ -38,6 +43,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.execute("DROP TABLE views.route_certs")
-    op.execute("ALTER TABLE views.routes DROP COLUMN tls")
+    op.execute("ALTER TABLE views.routes DROP COLUMN tls, DROP COLUMN challenges")
+    op.execute("ALTER TABLE views.route_apps DROP COLUMN challenges")
     for table in ("routes", "route_apps"):
         op.execute(f"ALTER TABLE views.{table} DROP COLUMN https_only, DROP COLUMN hsts")

@@ -195,7 +195,7 @@ def serve_api(bind: str, workers: int, threads: int) -> None:
 
 
 for command in (serve_fleet.serve_agent, serve_fleet.serve_builder,
-                serve_balancer.serve_balancer):
+                serve_balancer.serve_balancer, serve_balancer.serve_acme):
     serve.add_command(command)
 
 COMMANDS = [serve]

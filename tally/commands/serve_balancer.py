@@ -1,4 +1,5 @@
-"""`tally serve balancer`: the HTTP/1.1 load balancer in front of every app."""
+"""`tally serve balancer`: the HTTP/1.1 load balancer in front of every app; and `tally serve
+acme`, which gets apps' domains their certificates over ACME."""
 
 from __future__ import annotations
 
@@ -122,3 +123,46 @@ def _collector_curve(cfg: Config) -> Any:
     from ledger import curve
 
     return curve.Client(cfg.collector_key(), curve.load_or_create(Path(cfg.curve_keyfile)))
+
+
+@click.command("acme")
+@click.option("--directory", envvar="TALLY_ACME_DIRECTORY", required=True,
+              help="The ACME directory URL (e.g. Let's Encrypt's; pebble's in tests).")
+@click.option("--ca-bundle", type=click.Path(dir_okay=False),
+              help="Trust this CA file for the directory's HTTPS (a test CA's).")
+@click.option("--balancer", "balancers", multiple=True,
+              help="HOST:PORT of a balancer checked to answer each challenge before the CA "
+                   "is asked to validate (default: TALLY_BALANCERS).")
+@click.option("--every", default=60.0, show_default=True,
+              help="Seconds between looks at what is due.")
+@click.option("--renew-before-days", default=30.0, show_default=True,
+              help="Renew a certificate this long before it ends.")
+@click.option("--retry-after-minutes", default=10.0, show_default=True,
+              help="Wait this long after a failed order before ordering that name again.")
+@click.pass_obj
+@fail_cleanly
+def serve_acme(cfg: Config, directory: str, ca_bundle: str | None,
+               balancers: tuple[str, ...], every: float, renew_before_days: float,
+               retry_after_minutes: float) -> None:
+    """Certificates for apps' domains over ACME (HTTP-01, answered by the balancers),
+    renewed before they expire; each step an event in the app's stream."""
+    from datetime import timedelta
+
+    from agents.acme import AcmeAgent, Settings, balancers_of
+    from ledger import Ledger
+    from tally.console import daemon_logging, stop_event
+
+    daemon_logging()
+    seal_key = seal_key_from_env()
+    if seal_key is None:
+        raise click.UsageError("the ACME agent seals the keys it makes: set TALLY_SEAL_KEY")
+    try:
+        checked = balancers_of(balancers or cfg.balancers)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--balancer") from None
+    settings = Settings(directory, cfg.secret("acme-account.key"), seal_key, ca_bundle,
+                        checked, timedelta(days=renew_before_days),
+                        timedelta(minutes=retry_after_minutes), every)
+    stop = stop_event()
+    with Ledger(cfg.cluster().dsn("tally_writer")) as ledger:
+        AcmeAgent(ledger, settings).run(stop)

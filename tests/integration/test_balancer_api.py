@@ -69,6 +69,22 @@ def seed(ledger: Ledger, app: str, backend: Upstream) -> None:
         "instance_id": f"{app}1", "host_id": "c1"})])
 
 
+def https_platform(private: Cluster, api: ApiProc, plain: int, tls_port: int,
+                   seal_key: str) -> list[Daemon]:
+    """The projectors and a balancer on `plain` and `tls_port` reading routes through
+    `api` (started), its keys opened with `seal_key`; no relay (timers), no collector."""
+    daemons = [Daemon(private, "projectors", ["projectors", "--poll-interval", "0.1"]),
+               Daemon(private, "balancer", [
+                   "balancer", "--bind", f"127.0.0.1:{plain}", "--tls-bind",
+                   f"127.0.0.1:{tls_port}", "--balancer-id", "bs"],
+                   TALLY_BALANCER_API=api.url, TALLY_BALANCER_TOKEN=api.token("bs", "balancer"),
+                   TALLY_SEAL_KEY=seal_key, TALLY_RELAYS=f"tcp://127.0.0.1:{free_ports(1)[0]}",
+                   TALLY_COLLECTOR=f"tcp://127.0.0.1:{free_ports(1)[0]}")]
+    for d in daemons:
+        d.start()
+    return daemons
+
+
 def test_routes_through_the_api_and_from_the_cache_while_the_api_is_down(
         private: Cluster) -> None:
     backend = Upstream("a")
@@ -158,15 +174,7 @@ def test_certificates_and_https_settings_reach_the_balancer_through_the_api(
             seed(ledger, "secure", backend)
             admin = create_user(ledger, "certs-admin", "admin")
         api.start()
-        daemons.append(Daemon(private, "projectors", ["projectors", "--poll-interval", "0.2"]))
-        daemons.append(Daemon(
-            private, "balancer", ["balancer", "--bind", f"127.0.0.1:{plain}", "--tls-bind",
-                                  f"127.0.0.1:{tls_port}", "--balancer-id", "bs"],
-            TALLY_BALANCER_API=api.url, TALLY_BALANCER_TOKEN=api.token("bs", "balancer"),
-            TALLY_SEAL_KEY=seal_key, TALLY_RELAYS=f"tcp://127.0.0.1:{free_ports(1)[0]}",
-            TALLY_COLLECTOR=f"tcp://127.0.0.1:{free_ports(1)[0]}"))
-        for d in daemons[1:]:
-            d.start()
+        daemons += https_platform(private, api, plain, tls_port, seal_key)
 
         def tally(*args: str) -> subprocess.CompletedProcess:
             return subprocess.run([sys.executable, "-m", "tally.cli", *args], text=True,

@@ -437,6 +437,27 @@ def test_https_only_routes_redirect_plain_requests() -> None:
                             b"Location: https://shop.localhost:8443/a?b\r\n")
 
 
+def test_acme_challenges_are_answered_before_maintenance_and_redirects() -> None:
+    from balancer.routing import Challenge
+    from balancer.sources import RoutesError, routes_from_json
+
+    [route] = routes_from_json([{"hostname": "shop.example", "app": "shop",
+                                 "backends": ["h:1"], "maintenance": True, "https_only": True,
+                                 "challenges": {"tok-1": "tok-1.thumb"}}])
+    r = router(route)
+    hit = r.decide("shop.example", 0.0, target=b"/.well-known/acme-challenge/tok-1")
+    assert isinstance(hit, Challenge) and hit.key_authorization == "tok-1.thumb"
+    other = r.decide("shop.example", 0.0, target=b"/.well-known/acme-challenge/tok-2")
+    assert isinstance(other, Answer) and other.status == 503  # an unknown token: as ever
+    assert isinstance(r.decide("shop.example", 0.0, target=b"/"), Answer)
+    from balancer.pages import text
+    assert text(200, b"tok-1.thumb", close=False, head=False).endswith(
+        b"Content-Length: 11\r\nCache-Control: no-store\r\nConnection: keep-alive\r\n\r\n"
+        b"tok-1.thumb")
+    with pytest.raises(RoutesError, match="challenges"):
+        routes_from_json([{"hostname": "a.example", "challenges": {"t": "x\r\nSet-Cookie: 1"}}])
+
+
 def test_access_log_stream_offsets_acks_and_overflow() -> None:
     from balancer.accesslog import Stream
 

@@ -110,3 +110,15 @@ def test_routes_carry_the_https_settings_and_the_certificate_covering_them() -> 
     h.add("app-blog", "AppDeleted", name="blog").created().released()
     assert all(r["tls"] is None for r in rows(views(h), "routes")), \
         "an app made again has no certificate of the one deleted"
+
+
+def test_acme_challenges_are_routed_to_their_hostname_until_the_order_ends() -> None:
+    h = History("blog").running("blog").domain("blog", "www.blog.example")
+    h.add("app-blog", "CertificateRequested", app="blog", hostnames=["www.blog.example"],
+          challenges={"tok1": {"hostname": "www.blog.example", "key_authorization": "tok1.k"}})
+    routes = {r["hostname"]: r for r in rows(views(h), "routes")}
+    assert routes["www.blog.example"]["challenges"] == {"tok1": "tok1.k"}
+    assert routes["blog.tally.local"]["challenges"] == {}
+    h.add("app-blog", "CertificateFailed", app="blog", hostnames=["www.blog.example"],
+          error="urn:ietf:params:acme:error:connection")
+    assert all(r["challenges"] == {} for r in rows(views(h), "routes"))
