@@ -1,4 +1,5 @@
-"""Per-instance stats to PostgreSQL (stats.instance_samples, migration 0005).
+"""Per-instance stats to PostgreSQL (stats.instance_samples, migration 0005), and the
+balancers' router samples beside them (stats.router_samples, migration 0009).
 
 Requests are counted by gunicorn itself: started with `--statsd-host` and `--statsd-prefix
 <instance id>`, it sends `<instance id>.gunicorn.requests:1|c` over UDP for every request
@@ -30,9 +31,10 @@ from typing import Any
 
 import psutil
 import psycopg2
-from psycopg2.extras import execute_values
+from psycopg2.extras import Json, execute_values
 
 from ledger import LedgerUnavailable
+from ledger.latency import BUCKETS, percentile
 
 log = logging.getLogger("tally.stats")
 SUFFIX = b".gunicorn.requests"
@@ -247,6 +249,41 @@ class SampleStore:
             self.close()
             raise
 
+    def write_router(self, balancer_id: str, samples: Iterable[dict[str, Any]]) -> None:
+        """One INSERT for a balancer's samples (balancer/metrics.py `samples`)."""
+        rows = [(s["app"], balancer_id, s["requests"], s["s1xx"], s["s2xx"], s["s3xx"],
+                 s["s4xx"], s["s5xx"], s["held"], s["retries"], s["latency_sum"],
+                 Json(s["buckets"])) for s in samples]
+        if not rows:
+            return
+        try:
+            with self._cursor() as cur:
+                execute_values(cur, "INSERT INTO stats.router_samples (app, balancer_id, "
+                               "requests, s1xx, s2xx, s3xx, s4xx, s5xx, held, retries, "
+                               "latency_sum, buckets) VALUES %s", rows)
+        except psycopg2.Error:
+            self.close()
+            raise
+
+    def read_router(self, app: str, minutes: int) -> dict[str, Any]:
+        """What the balancers routed to the app over the last `minutes`, as Heroku's router
+        metrics: requests by status class, latency p50/p95/p99 (ms), held, retries."""
+        rows = self._rows("""
+            SELECT requests, s1xx, s2xx, s3xx, s4xx, s5xx, held, retries, buckets
+            FROM stats.router_samples
+            WHERE app = %s AND at > now() - make_interval(mins => %s)""", (app, minutes))
+        merged = [0] * (len(BUCKETS) + 1)
+        for r in rows:
+            for i, n in r["buckets"].items():
+                if i.isdigit() and int(i) < len(merged):
+                    merged[int(i)] += int(n)
+        out: dict[str, Any] = {k: sum(r[k] for r in rows) for k in (
+            "requests", "s1xx", "s2xx", "s3xx", "s4xx", "s5xx", "held", "retries")}
+        for q in (50, 95, 99):
+            p = percentile(merged, q / 100)
+            out[f"p{q}_ms"] = None if p is None else round(p * 1000, 1)
+        return out
+
     def _rows(self, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
         try:
             with self._cursor() as cur:
@@ -287,4 +324,5 @@ class SampleStore:
         total = sum(i["requests"] for i in instances)
         return {"app": app, "minutes": minutes, "instances": instances, "series": series,
                 "requests": total, "requests_per_minute": round(total / minutes, 1),
-                "memory_bytes": sum(i["memory_bytes"] or 0 for i in instances)}
+                "memory_bytes": sum(i["memory_bytes"] or 0 for i in instances),
+                "router": self.read_router(app, minutes)}

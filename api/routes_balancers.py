@@ -1,6 +1,6 @@
-"""The one endpoint balancers read, with a balancer token bound to their host: the routing
-table (the routes view). With it a balancer holds no ledger credentials (DESIGN.md, "Trust
-boundaries"); its token opens nothing else."""
+"""The endpoints of balancers, with a balancer token bound to their host: the routing table
+(the routes view) they read, and the router samples they send. With them a balancer holds
+no ledger credentials (DESIGN.md, "Trust boundaries"); its token opens nothing else."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from flask.typing import ResponseReturnValue
 
 from api import schemas
 from api.auth import require_host
-from api.web import query, reply, route, services, who
+from api.web import body, query, reply, route, services, who
 
 WAIT_S = 1.0
 """Longest wait for the routes projector to reach the position a balancer was woken for."""
@@ -37,3 +37,14 @@ def routing(balancer_id: str) -> ResponseReturnValue:
     routes, version = views.routing()
     return reply(schemas.Routing, {"version": version, "checkpoint": checkpoint,
                                    "changed": True, "routes": routes})
+
+
+@route("/balancers/<balancer_id>/stats", "POST", body=schemas.RouterSamples,
+       response=schemas.Written, tag="balancers", errors=(400, 401, 403, 422))
+def router_stats(balancer_id: str) -> ResponseReturnValue:
+    """A balancer's router samples (per app: requests by status class, held, retries,
+    latency buckets), one row each beside the agents' samples: `tally stats` shows them."""
+    require_host(who(), balancer_id, role="balancer")
+    samples = body(schemas.RouterSamples)["samples"]
+    services().stats.write_router(balancer_id, samples)
+    return reply(schemas.Written, {"written": len(samples)})

@@ -413,6 +413,35 @@ class Stats(Schema):
                        "last_sample_at"})
     series = fields.List(fields.Dict(), required=True,
                          metadata={"description": "requests per minute: minute, requests"})
+    router = fields.Dict(required=True, metadata={
+        "description": "the balancers' router metrics over the window: requests, s1xx..s5xx "
+                       "(by status class), held, retries, p50_ms, p95_ms, p99_ms"})
+
+
+class RouterSample(Schema):
+    """What one balancer routed to one app since its previous sample."""
+
+    app = fields.Str(required=True, validate=APP_NAME)
+    requests = fields.Int(required=True, validate=validate.Range(min=0))
+    s1xx = fields.Int(load_default=0, validate=validate.Range(min=0))
+    s2xx = fields.Int(load_default=0, validate=validate.Range(min=0))
+    s3xx = fields.Int(load_default=0, validate=validate.Range(min=0))
+    s4xx = fields.Int(load_default=0, validate=validate.Range(min=0))
+    s5xx = fields.Int(load_default=0, validate=validate.Range(min=0))
+    held = fields.Int(load_default=0, validate=validate.Range(min=0))
+    retries = fields.Int(load_default=0, validate=validate.Range(min=0))
+    latency_sum = fields.Float(load_default=0.0, validate=validate.Range(min=0),
+                               allow_nan=False)
+    buckets = fields.Dict(keys=fields.Str(validate=validate.Regexp(r"^[0-9]{1,3}\Z")),
+                          values=fields.Int(validate=validate.Range(min=0)),
+                          load_default=dict, validate=validate.Length(max=300), metadata={
+                              "description": "latency bucket index -> requests "
+                                             "(ledger/latency.py)"})
+
+
+class RouterSamples(Schema):
+    samples = fields.List(fields.Nested(RouterSample), required=True,
+                          validate=validate.Length(max=10_000))
 
 
 class LogsQuery(Schema):

@@ -1,15 +1,13 @@
 """Router metrics per app, as Heroku's router shows them: requests by status class, latency
-percentiles, held requests, retries. Latencies go into fixed log-spaced buckets (constant
-memory, one list index per request); percentiles are read from the buckets, so they are
-upper bounds within a bucket's width (~10%)."""
+percentiles, held requests, retries. Latencies go into the platform's fixed log-spaced
+buckets (ledger/latency.py); percentiles are read from them. `/metrics` shows them since the
+process started; `samples` gives what happened since the last samples stored, which the
+balancer sends to the API for `tally stats`."""
 
 from __future__ import annotations
 
-import bisect
-import math
-
-BUCKETS = tuple(round(0.0001 * 1.1 ** i, 7) for i in range(int(math.log(600 / 0.0001, 1.1)) + 2))
-"""Upper bounds in seconds, from 0.1 ms to 10 minutes, each 10% above the previous."""
+from ledger.latency import BUCKETS, bucket_of
+from ledger.latency import percentile as bucket_percentile
 
 
 class AppMetrics:
@@ -24,15 +22,7 @@ class AppMetrics:
         self.total = 0.0
 
     def percentile(self, q: float) -> float | None:
-        if not self.count:
-            return None
-        rank = q * self.count
-        seen = 0
-        for i, n in enumerate(self.buckets):
-            seen += n
-            if seen >= rank:
-                return BUCKETS[min(i, len(BUCKETS) - 1)]
-        return BUCKETS[-1]
+        return bucket_percentile(self.buckets, q)
 
 
 class Metrics:
@@ -40,6 +30,35 @@ class Metrics:
 
     def __init__(self) -> None:
         self.apps: dict[str | None, AppMetrics] = {}
+        self._sent: dict[str, tuple[list[int], list[int], int, int, int, float]] = {}
+
+    def samples(self) -> tuple[list[dict], dict]:
+        """What happened per app since the last `sent` (the platform's stats samples:
+        requests by status class, held, retries, latency sum and the non-empty latency
+        buckets), and the mark to pass to `sent` once they are stored."""
+        out, mark = [], {}
+        for app, m in self.apps.items():
+            if app is None:
+                continue
+            now = (list(m.classes), list(m.buckets), m.held, m.retries, m.count, m.total)
+            before = self._sent.get(app)
+            if before is None:
+                before = ([0] * 6, [0] * len(m.buckets), 0, 0, 0, 0.0)
+            if now[4] == before[4] and now[2:4] == before[2:4]:
+                continue
+            out.append({
+                "app": app, "requests": now[4] - before[4],
+                **{f"s{c}xx": now[0][c] - before[0][c] for c in range(1, 6)},
+                "held": now[2] - before[2], "retries": now[3] - before[3],
+                "latency_sum": round(now[5] - before[5], 6),
+                "buckets": {str(i): n - b for i, (n, b) in enumerate(zip(now[1], before[1],
+                                                                       strict=True)) if n > b}})
+            mark[app] = now
+        return out, mark
+
+    def sent(self, mark: dict) -> None:
+        """The samples made with this mark are stored: the next ones start from it."""
+        self._sent.update(mark)
 
     def _of(self, app: str | None) -> AppMetrics:
         m = self.apps.get(app)
@@ -50,7 +69,7 @@ class Metrics:
     def record(self, app: str | None, status: int, seconds: float) -> None:
         m = self._of(app)
         m.classes[min(status // 100, 5)] += 1
-        m.buckets[bisect.bisect_left(BUCKETS, seconds)] += 1
+        m.buckets[bucket_of(seconds)] += 1
         m.count += 1
         m.total += seconds
 

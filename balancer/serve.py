@@ -78,6 +78,8 @@ class Options:
     `seal_key`), else those of `certs`."""
     certs: str | None = None
     seal_key: str | None = field(default=None, repr=False)
+    stats_every: float = 10.0
+    """Platform mode: seconds between router samples sent to the API (`tally stats`)."""
     """Where the access log goes (the log collector's PULL endpoint); None: no log."""
     collector_curve: curve_keys.Client | None = None
     """The collector's CURVE key and this balancer's keypair (the control plane's)."""
@@ -175,6 +177,7 @@ def run(options: Options, admin: tuple[str, int] | None = None, slot: int = 0) -
             proxy.update_routes(*cached)
         load_api(proxy, api, target=0)
         eventlet.spawn_n(follow_api, proxy, api, options.relays, options.reconcile)
+        eventlet.spawn_n(ship_stats, proxy, api, options.stats_every)
     eventlet.spawn_n(sweep_forever, proxy)
     if admin:
         eventlet.spawn_n(serve_admin, proxy, listen(admin))
@@ -275,6 +278,22 @@ def follow_api(proxy: Proxy, api: ApiRoutes, relays: Sequence[str], interval: fl
         while not wakeups.empty():
             target = max(target, wakeups.get_nowait())
         load_api(proxy, api, target)
+
+
+def ship_stats(proxy: Proxy, api: ApiRoutes, every: float) -> None:
+    """Every `every` seconds, the router samples since the last ones stored, to the API (a
+    failed send leaves them in the next samples)."""
+    while True:
+        eventlet.sleep(every)
+        samples, mark = proxy.metrics.samples()
+        if not samples:
+            continue
+        try:
+            tpool.execute(api.post_stats, samples)
+        except RoutesAway as exc:
+            log(f"router samples not sent: {exc}")
+            continue
+        proxy.metrics.sent(mark)
 
 
 def listen_relays(relays: Sequence[str], wakeups: eventlet.queue.LightQueue) -> None:

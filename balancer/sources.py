@@ -142,6 +142,24 @@ class ApiRoutes:
         self.keep(doc)
         return routes, version
 
+    def post_stats(self, samples: list[dict[str, Any]]) -> None:
+        """Send router samples (balancer/metrics.py) for `tally stats`; RoutesAway if they
+        were not stored (the caller sends them again with the next ones)."""
+        import requests
+
+        if self._session is None:
+            self._session = requests.Session()
+            self._session.headers["Authorization"] = f"Bearer {self.token}"
+        url = self.url.rsplit("/", 1)[0] + "/stats"
+        try:
+            reply = self._session.post(url, json={"samples": samples}, timeout=self.timeout)
+        except requests.RequestException as exc:
+            self.close()
+            raise RoutesAway(f"the API at {url} does not answer ({exc})") from None
+        if reply.status_code != 200:
+            raise RoutesAway(f"the API refused router samples: {reply.status_code} "
+                             f"{reply.text[:200]}")
+
     def keep(self, doc: dict[str, Any]) -> None:
         """Write the table to the cache file (atomically)."""
         if self.cache is None:

@@ -82,7 +82,8 @@ def access_remove(client: Client, app: str, user: str) -> None:
 @click.option("--minutes", default=60, show_default=True, help="The window, up to now.")
 def stats(client: Client, app: str, minutes: int, as_json: bool) -> None:
     """The app's requests, memory, CPU and restarts per instance over the last minutes
-    (sampled by the host agents every 10 s)."""
+    (sampled by the host agents every 10 s), and the router's: requests by status class,
+    latency percentiles, held requests, retries (sampled by the balancers)."""
     emit(client.get(f"/apps/{app}/stats", minutes=minutes), as_json, _print_stats)
 
 
@@ -113,6 +114,13 @@ def _print_stats(stats: dict[str, Any]) -> None:
         click.echo(f"{stats['requests']} requests in {stats['minutes']} min "
                    f"({stats['requests_per_minute']}/min)  {spark}  "
                    f"memory {_mib(stats['memory_bytes'])}")
+    router = stats.get("router") or {}
+    if router.get("requests"):  # the balancers' view (Heroku's router metrics)
+        classes = " ".join(f"{c}xx {router[f's{c}xx']}" for c in range(1, 6)
+                           if router[f"s{c}xx"])
+        click.echo(f"router: {router['requests']} requests ({classes}), p50 "
+                   f"{router['p50_ms']} ms, p95 {router['p95_ms']} ms, p99 {router['p99_ms']} "
+                   f"ms, held {router['held']}, retries {router['retries']}")
 
 
 def _mib(n: int | None) -> str | None:

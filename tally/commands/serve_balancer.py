@@ -59,6 +59,8 @@ def _address(text: str, option: str) -> tuple[str, int]:
 @click.option("--drain", default=30.0, show_default=True,
               help="Seconds in-flight requests get to finish on SIGTERM.")
 @click.option("--admin", help="HOST:PORT for /metrics and /healthz (off by default).")
+@click.option("--stats-every", default=10.0, show_default=True,
+              help="Seconds between router samples sent to the API (for `tally stats`).")
 @click.option("--collector", help="Ship the access log to this log collector endpoint "
                                   "(default: TALLY_COLLECTOR, none with --routes).")
 @click.option("--tls-bind", help="HOST:PORT to terminate TLS on, with the apps' certificates "
@@ -73,7 +75,7 @@ def serve_balancer(cfg: Config, bind: str, routes_file: str | None, api_url: str
                    balancer_id: str, token_file: Path | None, processes: int,
                    policy: str, hold: float, max_body_mb: float, idle_timeout: float,
                    header_timeout: float, connect_timeout: float, backend_timeout: float,
-                   cooldown: float, drain: float, admin: str | None,
+                   cooldown: float, drain: float, admin: str | None, stats_every: float,
                    collector: str | None, tls_bind: str | None,
                    certs: str | None) -> None:
     """Route HTTP by Host header to apps' healthy instances (from the routes view through
@@ -107,7 +109,7 @@ def serve_balancer(cfg: Config, bind: str, routes_file: str | None, api_url: str
         collector=collector or (None if routes_file else cfg.collector),
         collector_curve=_collector_curve(cfg),
         tls_bind=_address(tls_bind, "--tls-bind") if tls_bind else None, certs=certs,
-        seal_key=seal_key_from_env(),
+        seal_key=seal_key_from_env(), stats_every=stats_every,
         cache=None if routes_file else str(
             cfg.run_dir / f"balancer-{_address(bind, '--bind')[1]}.routes.json"),
     )

@@ -6,7 +6,8 @@ API is down still routes, from the last routes it read (its cache), instead of a
 
 HTTPS end to end: `tally certs:add` (a bad pair refused with a message), the key sealed in
 the ledger and in the balancer's cache, served by SNI on the balancer's TLS port; and
-`tally config:set TALLY_FORCE_HTTPS=1 TALLY_HSTS=...` turning on the redirect and HSTS."""
+`tally config:set TALLY_FORCE_HTTPS=1 TALLY_HSTS=...` turning on the redirect and HSTS;
+then the router's metrics of those requests in `tally stats`."""
 
 from __future__ import annotations
 
@@ -76,7 +77,7 @@ def https_platform(private: Cluster, api: ApiProc, plain: int, tls_port: int,
     daemons = [Daemon(private, "projectors", ["projectors", "--poll-interval", "0.1"]),
                Daemon(private, "balancer", [
                    "balancer", "--bind", f"127.0.0.1:{plain}", "--tls-bind",
-                   f"127.0.0.1:{tls_port}", "--balancer-id", "bs"],
+                   f"127.0.0.1:{tls_port}", "--balancer-id", "bs", "--stats-every", "0.5"],
                    TALLY_BALANCER_API=api.url, TALLY_BALANCER_TOKEN=api.token("bs", "balancer"),
                    TALLY_SEAL_KEY=seal_key, TALLY_RELAYS=f"tcp://127.0.0.1:{free_ports(1)[0]}",
                    TALLY_COLLECTOR=f"tcp://127.0.0.1:{free_ports(1)[0]}")]
@@ -247,6 +248,15 @@ def test_certificates_and_https_settings_reach_the_balancer_through_the_api(
         location = wait_until(redirected, 60, "plain HTTP never redirected to HTTPS")
         assert location == f"https://{host}:{tls_port}/x?y=1"
         assert b"\r\nStrict-Transport-Security: max-age=600\r\n" in tls_get(tls_port, host)[1]
+
+        # Router metrics: the balancer's samples reach `tally stats` through the API.
+        def router() -> dict | None:
+            out = tally("stats", "-a", "secure", "--json")
+            r = json.loads(out.stdout)["router"] if out.returncode == 0 else {}
+            return r if r.get("s3xx") and r.get("s2xx") else None
+        seen = wait_until(router, 60, "router samples never reached tally stats")
+        assert seen["requests"] >= seen["s2xx"] + seen["s3xx"] and seen["p99_ms"] is not None
+        assert "router: " in tally("stats", "-a", "secure").stdout
     finally:
         for d in daemons:
             d.kill()

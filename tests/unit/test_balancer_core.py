@@ -458,6 +458,28 @@ def test_acme_challenges_are_answered_before_maintenance_and_redirects() -> None
         routes_from_json([{"hostname": "a.example", "challenges": {"t": "x\r\nSet-Cookie: 1"}}])
 
 
+def test_router_samples_are_what_happened_since_the_last_stored() -> None:
+    from balancer.metrics import Metrics
+
+    m = Metrics()
+    m.record("blog", 200, 0.002)
+    m.record("blog", 503, 0.5)
+    m.record(None, 404, 0.001)  # no app: not sampled
+    m.held("blog")
+    samples, mark = m.samples()
+    assert [(s["app"], s["requests"], s["s2xx"], s["s5xx"], s["held"]) for s in samples] == [
+        ("blog", 2, 1, 1, 1)]
+    assert sum(samples[0]["buckets"].values()) == 2
+    m.record("blog", 200, 0.002)
+    again, _ = m.samples()  # the first were not stored: they come again, with the new one
+    assert again[0]["requests"] == 3
+    m.sent(mark)
+    later, mark = m.samples()
+    assert [(s["requests"], s["s2xx"], s["held"]) for s in later] == [(1, 1, 0)]
+    m.sent(mark)
+    assert m.samples() == ([], {})
+
+
 def test_access_log_stream_offsets_acks_and_overflow() -> None:
     from balancer.accesslog import Stream
 

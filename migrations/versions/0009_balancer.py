@@ -1,4 +1,6 @@
-"""Views: HTTPS in the routes view. Each route says whether plain HTTP is redirected to
+"""The balancer's: HTTPS in the routes view, and router samples beside the agents' stats.
+
+Views: HTTPS in the routes view. Each route says whether plain HTTP is redirected to
 HTTPS and the HSTS value to send (the app's TALLY_FORCE_HTTPS / TALLY_HSTS config vars,
 ledger/tls.py), and carries the certificate the balancers serve for it by SNI (`tls`: the
 chain, the sealed key, not_after; null: none).
@@ -9,6 +11,11 @@ route_certs   cert_id -> app, hostnames, chain, sealed key, not_after (its own c
               app's Certificate* events)
 routes        + https_only, hsts, tls, challenges (token -> key authorization, which the
               balancers answer at /.well-known/acme-challenge/TOKEN)
+
+stats.router_samples  what each balancer routed to an app since its previous sample (every
+              10 s): requests by status class, held, retries, the latency sum and the
+              non-empty latency buckets (ledger/latency.py), so `tally stats` reads
+              percentiles over any window.
 
 Revision ID: 0009
 Revises: 0008
@@ -39,9 +46,25 @@ def upgrade() -> None:
         not_after  text NOT NULL)""")
     op.execute("CREATE INDEX route_certs_app ON views.route_certs (app)")
     op.execute("GRANT SELECT ON views.route_certs TO tally_reader, tally_writer")
+    op.execute("""CREATE TABLE stats.router_samples (
+        at           timestamptz NOT NULL DEFAULT now(),
+        app          text NOT NULL,
+        balancer_id  text NOT NULL,
+        requests     bigint NOT NULL DEFAULT 0,
+        s1xx bigint NOT NULL DEFAULT 0, s2xx bigint NOT NULL DEFAULT 0,
+        s3xx bigint NOT NULL DEFAULT 0, s4xx bigint NOT NULL DEFAULT 0,
+        s5xx bigint NOT NULL DEFAULT 0,
+        held         bigint NOT NULL DEFAULT 0,
+        retries      bigint NOT NULL DEFAULT 0,
+        latency_sum  double precision NOT NULL DEFAULT 0,
+        buckets      jsonb NOT NULL DEFAULT '{}')""")
+    op.execute("CREATE INDEX router_samples_app_at ON stats.router_samples (app, at)")
+    op.execute("GRANT INSERT, SELECT ON stats.router_samples TO tally_writer")
+    op.execute("GRANT SELECT ON stats.router_samples TO tally_reader")
 
 
 def downgrade() -> None:
+    op.execute("DROP TABLE stats.router_samples")
     op.execute("DROP TABLE views.route_certs")
     op.execute("ALTER TABLE views.routes DROP COLUMN tls, DROP COLUMN challenges")
     op.execute("ALTER TABLE views.route_apps DROP COLUMN challenges")
