@@ -236,34 +236,28 @@ class SampleStore:
 
     def write(self, samples: Iterable[Sample]) -> None:
         """One INSERT for all samples."""
-        rows = [(s.app, s.instance_id, s.host_id, s.requests, s.restarts, s.memory_bytes,
-                 s.cpu_seconds) for s in samples]
+        self._insert("INSERT INTO stats.instance_samples (app, instance_id, host_id, "
+                     "requests, restarts, memory_bytes, cpu_seconds) VALUES %s",
+                     [(s.app, s.instance_id, s.host_id, s.requests, s.restarts,
+                       s.memory_bytes, s.cpu_seconds) for s in samples])
+
+    def _insert(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
         if not rows:
             return
         try:
             with self._cursor() as cur:
-                execute_values(cur, "INSERT INTO stats.instance_samples (app, instance_id, "
-                               "host_id, requests, restarts, memory_bytes, cpu_seconds) "
-                               "VALUES %s", rows)
+                execute_values(cur, sql, rows)
         except psycopg2.Error:
             self.close()
             raise
 
     def write_router(self, balancer_id: str, samples: Iterable[dict[str, Any]]) -> None:
         """One INSERT for a balancer's samples (balancer/metrics.py `samples`)."""
-        rows = [(s["app"], balancer_id, s["requests"], s["s1xx"], s["s2xx"], s["s3xx"],
-                 s["s4xx"], s["s5xx"], s["held"], s["retries"], s["latency_sum"],
-                 Json(s["buckets"])) for s in samples]
-        if not rows:
-            return
-        try:
-            with self._cursor() as cur:
-                execute_values(cur, "INSERT INTO stats.router_samples (app, balancer_id, "
-                               "requests, s1xx, s2xx, s3xx, s4xx, s5xx, held, retries, "
-                               "latency_sum, buckets) VALUES %s", rows)
-        except psycopg2.Error:
-            self.close()
-            raise
+        self._insert("INSERT INTO stats.router_samples (app, balancer_id, requests, s1xx, "
+                     "s2xx, s3xx, s4xx, s5xx, held, retries, latency_sum, buckets) VALUES %s",
+                     [(s["app"], balancer_id, s["requests"], s["s1xx"], s["s2xx"], s["s3xx"],
+                       s["s4xx"], s["s5xx"], s["held"], s["retries"], s["latency_sum"],
+                       Json(s["buckets"])) for s in samples])
 
     def read_router(self, app: str, minutes: int) -> dict[str, Any]:
         """What the balancers routed to the app over the last `minutes`, as Heroku's router
