@@ -10,11 +10,11 @@ from typing import Any
 from flask import send_file
 from flask.typing import ResponseReturnValue
 
-from api import bundles, schemas
+from api import bundles, decide, schemas
 from api.errors import NotFound
 from api.routes_apps import app_state, release_reader_state
 from api.state import AppState, Release
-from api.web import query, reply, route, services
+from api.web import query, reply, route, services, who
 from ledger.builds import Build, build_stream, fold
 
 
@@ -74,9 +74,13 @@ def show_build(name: str, number: int) -> ResponseReturnValue:
        raw_response="application/gzip", errors=(401, 403, 404))
 def download_slug(name: str, number: int) -> ResponseReturnValue:
     """The release's slug: for agents of hosts it is placed on or that run a one-off
-    command of it, and for the app's people."""
-    state = release_reader_state(name, number)
+    command of it, for balancers (they serve its static files), and for the app's people."""
     svc = services()
+    if who().role == "balancer":  # it routes every app's traffic already
+        state = svc.load_app(name)
+        decide.require_app(state)
+    else:
+        state = release_reader_state(name, number)
     b = build_of(state, _release(state, number))
     if b.slug_digest is None:
         raise NotFound(f"v{number} of {name} has no slug: its build is {b.status}")

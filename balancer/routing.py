@@ -36,6 +36,8 @@ class Route:
     """The certificate served for this hostname by SNI: (id, PEM chain, sealed key)."""
     challenges: tuple[tuple[str, str], ...] = ()
     """ACME HTTP-01 challenges of an order under way: (token, key authorization)."""
+    slug: tuple[int, str] | None = None
+    """(release, digest) of the slug whose static files are served for this hostname."""
 
 
 class Backend:

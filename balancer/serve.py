@@ -29,11 +29,13 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from balancer.accesslog import SOURCE, AccessLog, Stream
 from balancer.h1 import Limits
 from balancer.routing import Router, Settings
 from balancer.sources import ApiRoutes, FileRoutes, RoutesAway, RoutesError
+from balancer.static import StaticStore
 from balancer.tls import Certificates, RouteCertificates
 
 with warnings.catch_warnings():
@@ -78,6 +80,8 @@ class Options:
     `seal_key`), else those of `certs`."""
     certs: str | None = None
     seal_key: str | None = field(default=None, repr=False)
+    static_dir: str | None = None
+    """Platform mode: where slugs' static files are unpacked (one folder per process)."""
     stats_every: float = 10.0
     """Platform mode: seconds between router samples sent to the API (`tally stats`)."""
     """Where the access log goes (the log collector's PULL endpoint); None: no log."""
@@ -172,6 +176,8 @@ def run(options: Options, admin: tuple[str, int] | None = None, slot: int = 0) -
     else:
         api = ApiRoutes(options.api or "", options.token, options.balancer_id,
                         cache=options.cache)
+        if options.static_dir:
+            proxy.static = StaticStore(Path(options.static_dir) / str(slot), api.fetch_slug)
         cached = api.cached()
         if cached is not None:
             proxy.update_routes(*cached)

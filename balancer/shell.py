@@ -30,7 +30,7 @@ import eventlet.event
 from eventlet import tpool
 from eventlet.hubs import trampoline
 
-from balancer import accesslog, forward, pages
+from balancer import accesslog, forward, pages, static
 from balancer.bodies import ChunkedBody, CloseBody, LengthBody, body_reader
 from balancer.h1 import (
     CHUNKED,
@@ -241,6 +241,9 @@ class Proxy:
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.certificates: RouteCertificates | None = None
         """The routes' certificates, when TLS is served on the platform."""
+        self.static: static.StaticStore | None = None
+        """Slugs' static files, on the platform (their slugs fetched through the API)."""
+        self._preparing: set[str] = set()
 
     # --- routes and housekeeping ---------------------------------------------------------
 
@@ -251,8 +254,61 @@ class Proxy:
         if self.certificates is not None:
             for problem in self.certificates.refresh(routes):
                 self.log(problem)
+        if self.static is not None:
+            self.prepare_static(routes)
         old, self.changed = self.changed, eventlet.event.Event()
         old.send(version)
+
+    def prepare_static(self, routes: list[Route]) -> None:
+        """Fetch and unpack, in the thread pool, the static files of slugs the routes name
+        and we do not have; forget those no route names."""
+        assert self.static is not None
+        wanted = {r.slug[1]: (r.app, r.slug[0]) for r in routes if r.slug is not None}
+        for digest, (app, release) in wanted.items():
+            if digest not in self.static.sites and digest not in self._preparing:
+                self._preparing.add(digest)
+                eventlet.spawn_n(self._prepare_site, app, release, digest)
+        self.static.forget_all_but(set(wanted))
+
+    def _prepare_site(self, app: str, release: int, digest: str) -> None:
+        assert self.static is not None
+        try:
+            site = tpool.execute(self.static.prepare, app, release, digest)
+        except static.StaticRefused as exc:
+            self.log(f"no static files for {app} v{release}: {exc}")
+            site = None
+        except Exception as exc:  # the API away: tried again at the next routes update
+            self.log(f"static files of {app} v{release} not fetched: {exc}")
+            self._preparing.discard(digest)
+            return
+        self.static.sites[digest] = site
+        self._preparing.discard(digest)
+        if site is not None:
+            self.log(f"static files of {app} v{release}: "
+                     f"{', '.join(p.decode() for p, _ in site.folders)}")
+
+    def serve_static(self, sock: socket.socket, req: Request, route: Route,
+                     started: float, client_ip: str) -> bool | None:
+        """A GET or HEAD of a declared static path, answered from the slug; whether to keep
+        the connection (None: not ours, forward it)."""
+        assert self.static is not None and route.slug is not None
+        site = self.static.sites.get(route.slug[1])
+        if site is None:
+            return None
+        path = static.file_for(site, req.target)
+        if path is None:
+            return None
+        keep = req.keep_alive and req.framing == NONE and not self.draining
+        try:
+            reply = static.response(site, path, static.if_none_match(req.headers),
+                                    req.method == b"HEAD", not keep)
+        except OSError:  # removed meanwhile (a newer slug): the app answers
+            return None
+        if reply is None:
+            return None
+        sendall(sock, reply)
+        self.done(route, req, int(reply[9:12]), started, len(reply), None, client_ip)
+        return keep
 
     def sweep(self) -> None:
         """Expire watches past their deadline (and idle connections while draining)."""
@@ -407,6 +463,11 @@ class Proxy:
             now = monotonic()
             decision = router.decide(req.host, now, tried, watch.proto == b"https", req.target)
             if type(decision) is Forward:
+                if (decision.route.slug is not None and self.static is not None
+                        and req.method in (b"GET", b"HEAD")):
+                    kept = self.serve_static(sock, req, decision.route, started, client_ip)
+                    if kept is not None:
+                        return kept, buf
                 backend = decision.backend
                 backend.active += 1
                 try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,20 @@ def routes_from_json(doc: Any) -> list[Route]:
         routes.append(Route(item["hostname"].lower(), str(item.get("app", item["hostname"])),
                             tuple(backends), bool(item.get("maintenance", False)),
                             bool(item.get("https_only", False)), hsts,
-                            _tls(item.get("tls"), i), _challenges(item.get("challenges"), i)))
+                            _tls(item.get("tls"), i), _challenges(item.get("challenges"), i),
+                            _slug(item.get("slug"), i)))
     return routes
+
+
+def _slug(slug: Any, i: int) -> tuple[int, str] | None:
+    """A route's slug: {"release": N, "digest": sha256} or null."""
+    if slug is None:
+        return None
+    if not (isinstance(slug, dict) and isinstance(slug.get("release"), int)
+            and isinstance(slug.get("digest"), str) and len(slug["digest"]) == 64
+            and all(c in "0123456789abcdef" for c in slug["digest"])):
+        raise RoutesError(f"route {i}: slug must be null or {{release, digest}}")
+    return slug["release"], slug["digest"]
 
 
 def _challenges(challenges: Any, i: int) -> tuple[tuple[str, str], ...]:
@@ -115,18 +128,15 @@ class ApiRoutes:
         self.url = f"{api.rstrip('/')}/balancers/{balancer_id}/routing"
         self.token, self.timeout = token, timeout
         self.cache = Path(cache) if cache else None
-        self._session: Any = None
+        self._local = threading.local()
 
     def fetch(self, after: int, position: int = 0) -> tuple[list[Route], int] | None:
         """The routes and their version if it moved past `after`, else None. RoutesAway
         when the API does not give them (the caller keeps the routes it has)."""
         import requests
 
-        if self._session is None:
-            self._session = requests.Session()
-            self._session.headers["Authorization"] = f"Bearer {self.token}"
         try:
-            reply = self._session.get(self.url, params={"after": after, "position": position},
+            reply = self._http().get(self.url, params={"after": after, "position": position},
                                       timeout=self.timeout)
             doc = reply.json()
         except (requests.RequestException, ValueError) as exc:
@@ -147,18 +157,32 @@ class ApiRoutes:
         were not stored (the caller sends them again with the next ones)."""
         import requests
 
-        if self._session is None:
-            self._session = requests.Session()
-            self._session.headers["Authorization"] = f"Bearer {self.token}"
         url = self.url.rsplit("/", 1)[0] + "/stats"
         try:
-            reply = self._session.post(url, json={"samples": samples}, timeout=self.timeout)
+            reply = self._http().post(url, json={"samples": samples}, timeout=self.timeout)
         except requests.RequestException as exc:
             self.close()
             raise RoutesAway(f"the API at {url} does not answer ({exc})") from None
         if reply.status_code != 200:
             raise RoutesAway(f"the API refused router samples: {reply.status_code} "
                              f"{reply.text[:200]}")
+
+    def fetch_slug(self, app: str, release: int, destination: Path) -> None:
+        """Download a release's slug to `destination` (the caller checks its digest)."""
+        import requests
+
+        url = self.url.split("/balancers/", 1)[0] + f"/apps/{app}/releases/{release}/slug"
+        try:
+            with self._http().get(url, stream=True, timeout=self.timeout) as reply:
+                if reply.status_code != 200:
+                    raise RoutesAway(f"the API refused the slug of {app} v{release}: "
+                                     f"{reply.status_code}")
+                with open(destination, "wb") as out:
+                    for chunk in reply.iter_content(1 << 20):
+                        out.write(chunk)
+        except requests.RequestException as exc:
+            self.close()
+            raise RoutesAway(f"the API at {url} does not answer ({exc})") from None
 
     def keep(self, doc: dict[str, Any]) -> None:
         """Write the table to the cache file (atomically)."""
@@ -182,7 +206,19 @@ class ApiRoutes:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
+    def _http(self) -> Any:
+        """This thread's HTTP session with the API (thread-pool threads share none)."""
+        import requests
+
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+            session.headers["Authorization"] = f"Bearer {self.token}"
+        return session
+
     def close(self) -> None:
-        if self._session is not None:
-            self._session.close()
-            self._session = None
+        """Drop this thread's session (a fresh connection next time)."""
+        session = getattr(self._local, "session", None)
+        if session is not None:
+            session.close()
+            self._local.session = None

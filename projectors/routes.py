@@ -14,7 +14,8 @@ A route with no backend stays (balancers answer 503 "no healthy backend", not 40
 "unknown host"). A route also says whether plain HTTP is redirected to HTTPS and which HSTS
 value to send (the app's TALLY_FORCE_HTTPS and TALLY_HSTS config vars, ledger/tls.py), and
 carries the app's certificate that covers its hostname (an exact name before a wildcard,
-then the one valid longest), its key sealed, for the balancers' SNI. `version` is the
+then the one valid longest), its key sealed, for the balancers' SNI; and the slug of the
+newest serving release, whose static files the balancers serve. `version` is the
 position of the last event that touched the app's routing facts; `routes_version` the last
 such position for any app: balancers reload when it moves.
 
@@ -48,7 +49,7 @@ def app_created(t: Tables, e: RecordedEvent) -> None:
     t.put("route_apps", {"app": e.data["name"], "current_release": None, "domains": [],
                          "maintenance": False, "deployed_release": None,
                          "failed_releases": [], "https_only": False, "hsts": "",
-                         "challenges": {}})
+                         "challenges": {}, "slugs": {}})
     _mark(t, e.data["name"], e.position)
 
 
@@ -135,6 +136,26 @@ def certificate_for(t: Tables, app_name: str, hostname: str) -> dict | None:
     best = max(fits, key=lambda c: (hostname in c["hostnames"], c["not_after"], c["cert_id"]))
     return {"cert": best["cert_pem"], "key": best["key_sealed"], "not_after": best["not_after"],
             "cert_id": best["cert_id"]}
+
+
+@handles("BuildSucceeded")
+def built(t: Tables, e: RecordedEvent) -> None:
+    """A release's slug: the balancers serve the static files of the newest serving one."""
+    d = e.data
+    app = t.get("route_apps", d["app"])
+    if app is None:
+        return
+    t.update("route_apps", app, slugs={**app["slugs"], str(d["release"]): d["slug_digest"]})
+    _mark(t, d["app"], e.position)
+
+
+def slug_of(app: Row, serving: set[int]) -> dict | None:
+    """The newest serving release that has a slug, and its digest."""
+    built_ = [r for r in serving if str(r) in app["slugs"]]
+    if not built_:
+        return None
+    release = max(built_)
+    return {"release": release, "digest": app["slugs"][str(release)]}
 
 
 @handles("PlatformSuffixSet")
@@ -234,7 +255,8 @@ def desired_routes(t: Tables, app_name: str) -> dict[str, Row]:
                 "maintenance": app["maintenance"], "https_only": app["https_only"],
                 "hsts": app["hsts"], "tls": certificate_for(t, app_name, h),
                 "challenges": {token: c["key_authorization"]
-                               for token, c in app["challenges"].items() if c["hostname"] == h}}
+                               for token, c in app["challenges"].items() if c["hostname"] == h},
+                "slug": slug_of(app, serving)}
             for h in hostnames(t, app)}
 
 
@@ -277,7 +299,7 @@ PROJECTOR = Projector(
     public=("routes", "routes_version"),
     indexes={"routes": "app", "route_backends": "app", "route_certs": "app"},
     handlers=handlers_of(app_created, app_deleted, app_changed, config_changed,
-                         certificate_changed, suffix_set, claim_changed, host_changed,
+                         certificate_changed, built, suffix_set, claim_changed, host_changed,
                          placed, unplaced, health_changed),
     finish=recompute,
 )

@@ -119,7 +119,8 @@ class Views:
                          "FROM views.routes WHERE (%s::text IS NULL OR app = %s) "
                          "ORDER BY hostname", (app, app))
 
-    ROUTE_COLUMNS = "hostname, app, backends, maintenance, https_only, hsts, tls, challenges"
+    ROUTE_COLUMNS = ("hostname, app, backends, maintenance, https_only, hsts, tls, challenges, "
+                     "slug")
     """What a balancer routes by (balancer/sources.py reads rows of these keys)."""
 
     def routes_status(self) -> tuple[int, int]:

@@ -1,16 +1,20 @@
-"""The balancer's: HTTPS in the routes view, and router samples beside the agents' stats.
+"""The balancer's: HTTPS and static files in the routes view, and router samples beside the
+agents' stats.
 
-Views: HTTPS in the routes view. Each route says whether plain HTTP is redirected to
+Views: Each route says whether plain HTTP is redirected to
 HTTPS and the HSTS value to send (the app's TALLY_FORCE_HTTPS / TALLY_HSTS config vars,
 ledger/tls.py), and carries the certificate the balancers serve for it by SNI (`tls`: the
 chain, the sealed key, not_after; null: none).
 
 route_apps    + https_only, hsts (the routes projector's own copy of those config vars),
-              challenges (the ACME HTTP-01 challenges of its orders under way)
+              challenges (the ACME HTTP-01 challenges of its orders under way),
+              slugs (release -> slug digest, from BuildSucceeded)
 route_certs   cert_id -> app, hostnames, chain, sealed key, not_after (its own copy of the
               app's Certificate* events)
 routes        + https_only, hsts, tls, challenges (token -> key authorization, which the
-              balancers answer at /.well-known/acme-challenge/TOKEN)
+              balancers answer at /.well-known/acme-challenge/TOKEN), slug (the newest
+              serving release with a slug: {release, digest}; balancers serve its static
+              files)
 
 stats.router_samples  what each balancer routed to an app since its previous sample (every
               10 s): requests by status class, held, retries, the latency sum and the
@@ -37,6 +41,8 @@ def upgrade() -> None:
     for table in ("routes", "route_apps"):
         op.execute(f"ALTER TABLE views.{table} ADD COLUMN challenges jsonb NOT NULL "
                    "DEFAULT '{}'")
+    op.execute("ALTER TABLE views.route_apps ADD COLUMN slugs jsonb NOT NULL DEFAULT '{}'")
+    op.execute("ALTER TABLE views.routes ADD COLUMN slug jsonb")
     op.execute("""CREATE TABLE views.route_certs (
         cert_id    text PRIMARY KEY,
         app        text NOT NULL,
@@ -66,7 +72,8 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.execute("DROP TABLE stats.router_samples")
     op.execute("DROP TABLE views.route_certs")
-    op.execute("ALTER TABLE views.routes DROP COLUMN tls, DROP COLUMN challenges")
-    op.execute("ALTER TABLE views.route_apps DROP COLUMN challenges")
+    op.execute("ALTER TABLE views.routes DROP COLUMN tls, DROP COLUMN challenges, "
+               "DROP COLUMN slug")
+    op.execute("ALTER TABLE views.route_apps DROP COLUMN challenges, DROP COLUMN slugs")
     for table in ("routes", "route_apps"):
         op.execute(f"ALTER TABLE views.{table} DROP COLUMN https_only, DROP COLUMN hsts")

@@ -112,6 +112,8 @@ def serve_balancer(cfg: Config, bind: str, routes_file: str | None, api_url: str
         seal_key=seal_key_from_env(), stats_every=stats_every,
         cache=None if routes_file else str(
             cfg.run_dir / f"balancer-{_address(bind, '--bind')[1]}.routes.json"),
+        static_dir=None if routes_file else str(
+            cfg.run_dir / f"balancer-{_address(bind, '--bind')[1]}.static"),
     )
     raise SystemExit(main(options))
 

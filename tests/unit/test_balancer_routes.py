@@ -1,6 +1,7 @@
-"""HTTPS as the platform records it (ledger/tls.py) and as the routes view carries it
-(projectors/routes.py), in memory: certificates checked before they are recorded, wildcard
-coverage, the HTTPS config vars, sealed keys, and which certificate each route gets."""
+"""What the balancers get beyond backends, in memory: HTTPS as the platform records it
+(ledger/tls.py: certificates checked before they are recorded, wildcard coverage, the HTTPS
+config vars, sealed keys) and as the routes view carries it (projectors/routes.py: which
+certificate each route gets, ACME challenges), and the slug whose static files they serve."""
 
 from __future__ import annotations
 
@@ -122,3 +123,16 @@ def test_acme_challenges_are_routed_to_their_hostname_until_the_order_ends() -> 
     h.add("app-blog", "CertificateFailed", app="blog", hostnames=["www.blog.example"],
           error="urn:ietf:params:acme:error:connection")
     assert all(r["challenges"] == {} for r in rows(views(h), "routes"))
+
+
+def test_routes_name_the_slug_of_the_newest_serving_release() -> None:
+    h = History("blog").running("blog")
+    assert rows(views(h), "routes")[0]["slug"] is None  # not built (yet)
+    h.add("build-blog.2", "BuildSucceeded", app="blog", release=1, slug_digest="a" * 64,
+          size_bytes=10, seconds=1.0)
+    assert rows(views(h), "routes")[0]["slug"] == {"release": 1, "digest": "a" * 64}
+    h.add("placement-blog", "ReleaseDeployed", app="blog", release=1)
+    h.released(2).add("build-blog.3", "BuildSucceeded", app="blog", release=2,
+                      slug_digest="b" * 64, size_bytes=10, seconds=1.0)
+    h.add("placement-blog", "ReleaseFailed", app="blog", release=2, reason="crashed")
+    assert rows(views(h), "routes")[0]["slug"]["digest"] == "a" * 64, "a failed one: never"
