@@ -1,8 +1,11 @@
 """Self-signed certificates for the HTTPS tests, made in memory with `cryptography` (fast,
-no openssl subprocess): a leaf naming DNS names, valid for a given window."""
+no openssl subprocess): a leaf naming DNS names, valid for a given window; and one HTTPS
+request that tells which certificate was presented."""
 
 from __future__ import annotations
 
+import socket
+import ssl
 from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
@@ -29,3 +32,20 @@ def self_signed(names: list[str], days: float = 30, start: datetime | None = Non
                            critical=False)
             .sign(key, hashes.SHA256()))
     return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem(key)
+
+
+def tls_get(port: int, server_name: str, minimum: object = None) -> tuple[bytes, bytes]:
+    """(the certificate the balancer presented, the response) for one HTTPS request."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # self-signed: we compare the certificate itself
+    if minimum is not None:
+        ctx.minimum_version = ctx.maximum_version = minimum  # type: ignore[assignment]
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname=server_name) as s:
+        cert = s.getpeercert(binary_form=True)
+        s.sendall(f"GET / HTTP/1.1\r\nHost: {server_name}\r\nConnection: close\r\n\r\n".encode())
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return cert, out

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -20,6 +21,7 @@ import requests
 from ledger.cluster import pid_alive
 from tally import supervise
 from tally.config import Config
+from tests.certs import self_signed, tls_get
 from tests.conftest import free_port_range, free_ports, uid_block
 from tests.waiting import wait_until
 
@@ -85,6 +87,24 @@ def test_up_then_down() -> None:
             wait_until(lambda port=port: requests.get(
                 f"http://127.0.0.1:{port}/", headers={"Host": f"{app}.localhost"},
                 timeout=10).status_code == 200, 10, f"balancer on {port} never routed {app}")
+        # HTTPS: the app's own certificate (tally certs:add, its key sealed with tally up's
+        # seal key) served by both balancers' TLS listeners, chosen by SNI.
+        cert, key = self_signed([f"{app}.localhost"])
+        (home / "app.crt").write_text(cert)
+        (home / "app.key").write_text(key)
+        added = tally("certs:add", "-a", app, "--cert", str(home / "app.crt"), "--key",
+                      str(home / "app.key"))
+        assert added.returncode == 0, added.stderr
+        der = ssl.PEM_cert_to_DER_cert(cert)
+
+        def https(port: int) -> bool:
+            try:
+                got, reply = tls_get(port, f"{app}.localhost")
+            except OSError:
+                return False
+            return got == der and reply.startswith(b"HTTP/1.1 200 ")
+        for port in ports[15:17]:
+            wait_until(lambda port=port: https(port), 30, f"no HTTPS for {app} on {port}")
         # One-offs go to the host that runs the app: an agent is given (through the API)
         # only bundles of releases placed on it. Three runs: the other host, picked by
         # chance, would refuse at least one of them 7 times out of 8.

@@ -22,10 +22,9 @@ from ledger import Ledger, NewEvent
 from ledger.cluster import Cluster
 from ledger.tls import check_certificate, new_seal_key, seal
 from tests.backends import Upstream
-from tests.certs import self_signed
+from tests.certs import self_signed, tls_get
 from tests.conftest import destroy_cluster, free_ports, make_cluster
 from tests.fixtures.apps.fleet import ApiProc, Daemon
-from tests.integration.test_balancer import tls_get
 from tests.integration.test_balancer_api import https_platform, seed
 from tests.waiting import wait_until
 

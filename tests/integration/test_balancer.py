@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.backends import Upstream
+from tests.certs import tls_get
 from tests.conftest import free_ports
 from tests.waiting import wait_until
 
@@ -449,25 +450,6 @@ def make_cert(folder: Path, name: str) -> bytes:
                     "-keyout", str(folder / f"{name}.key"), "-out", str(folder / f"{name}.crt")],
                    check=True, capture_output=True)
     return ssl.PEM_cert_to_DER_cert((folder / f"{name}.crt").read_text())
-
-
-def tls_get(port: int, server_name: str, minimum: object = None) -> tuple[bytes, bytes]:
-    """(the certificate the balancer presented, the response) for one HTTPS request."""
-    import ssl
-
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE  # self-signed: we compare the certificate itself
-    if minimum is not None:
-        ctx.minimum_version = ctx.maximum_version = minimum  # type: ignore[assignment]
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
-            ctx.wrap_socket(raw, server_hostname=server_name) as s:
-        cert = s.getpeercert(binary_form=True)
-        s.sendall(f"GET / HTTP/1.1\r\nHost: {server_name}\r\nConnection: close\r\n\r\n".encode())
-        out = b""
-        while chunk := s.recv(65536):
-            out += chunk
-    return cert, out
 
 
 def test_tls_termination_picks_the_certificate_by_sni(upstreams: list[Upstream],

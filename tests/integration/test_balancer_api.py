@@ -28,10 +28,9 @@ from ledger import Ledger, NewEvent
 from ledger.cluster import Cluster
 from ledger.tls import new_seal_key
 from tests.backends import Upstream
-from tests.certs import self_signed
+from tests.certs import self_signed, tls_get
 from tests.conftest import destroy_cluster, free_ports, make_cluster
 from tests.fixtures.apps.fleet import ApiProc, Daemon
-from tests.integration.test_balancer import tls_get
 from tests.waiting import wait_until
 
 
