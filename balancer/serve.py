@@ -9,8 +9,9 @@ In each process: the routes come from the routes view through the API, with the 
 own token (woken over ZeroMQ by the relays, then asking the API for the table once the
 routes projector has applied the position the relay announced, so a change is seen as soon
 as it is projected; and reconciled on a timer), or from a JSON file in standalone mode.
-SIGTERM drains: stop accepting, close idle kept-alive connections, let requests in flight
-finish (up to `drain` seconds), exit.
+On the platform the same token also fetches slugs for their static files and sends router
+samples every `stats_every` seconds (`tally stats`). SIGTERM drains: stop accepting, close
+idle kept-alive connections, let requests in flight finish (up to `drain` seconds), exit.
 
 eventlet is not monkey-patched: the shell uses non-blocking sockets with the hub directly,
 `eventlet.green.zmq` for the relays, and `eventlet.tpool` threads for the API requests, so
