@@ -79,7 +79,7 @@ class RouteCertificates:
         self.router, self.open_key, self.fallback = router, open_key, fallback
         self.contexts: dict[str, ssl.SSLContext] = {}
         self.errors: dict[str, str] = {}
-        self.context = _new_context()
+        self.context: ssl.SSLContext = _new_context()
         if fallback is not None and fallback.default is not None:
             self.context = fallback.context  # its own certificate answers no-SNI clients
         self.context.sni_callback = self._pick
@@ -133,7 +133,7 @@ class Certificates:
         self.reload()
         if self.default is None:
             raise CertificateError(f"no certificate (NAME.crt with NAME.key) in {self.folder}")
-        self.context = self._front()
+        self.context: ssl.SSLContext = self._front()
 
     def _front(self) -> ssl.SSLContext:
         assert self.default is not None

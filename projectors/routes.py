@@ -126,7 +126,7 @@ def certificate_changed(t: Tables, e: RecordedEvent) -> None:
     _mark(t, d["app"], e.position)
 
 
-def certificate_for(t: Tables, app_name: str, hostname: str) -> dict | None:
+def certificate_for(t: Tables, app_name: str, hostname: str) -> Row | None:
     """The app's certificate for `hostname`: exact names before wildcards, then the one
     valid longest (ISO times compare as text)."""
     fits = [c for c in t.by("route_certs", app_name)
@@ -149,7 +149,7 @@ def built(t: Tables, e: RecordedEvent) -> None:
     _mark(t, d["app"], e.position)
 
 
-def slug_of(app: Row, serving: set[int]) -> dict | None:
+def slug_of(app: Row, serving: set[int]) -> Row | None:
     """The newest serving release that has a slug, and its digest."""
     built_ = [r for r in serving if str(r) in app["slugs"]]
     if not built_:
