@@ -568,42 +568,63 @@ class BuildFailed(_Build):
 
 
 class _Backup(Schema):
-    backup_id = fields.Str(required=True)
-    target = fields.Str(required=True)
+    backup_id = fields.Str(required=True, validate=validate.Length(min=1, max=200))
+    target = fields.Str(required=True, validate=validate.Length(min=1, max=200))
+    """`ledger`, or `addon:<app>` for an app's database."""
 
 
 @event("backup")
 class BackupStarted(_Backup):
-    """A backup of a target (the ledger, an app database) began."""
+    """A backup of a target (the ledger, an app database) began. Appended with the key
+    `backup:<target>:<scheduled_for>` by a scheduled run: of two backup agents firing the
+    same job, the one whose append wrote it runs it (`agent` says which)."""
 
     kind = fields.Str(load_default="full", validate=validate.OneOf(["full", "incremental"]))
+    job = fields.Str(load_default="", validate=validate.Length(max=200))
+    scheduled_for = fields.Str(load_default=None, allow_none=True,
+                               validate=validate.Length(max=40))
+    agent = fields.Str(load_default="", validate=validate.Length(max=200))
+    reason = fields.Str(load_default="scheduled", validate=validate.Length(max=200))
 
 
 @event("backup")
 class BackupCompleted(_Backup):
-    """The backup finished and was stored."""
+    """The backup finished and was stored; it counts only once verified. `position`: every
+    event up to it is in the backup; a base backup's WAL range says where it can start."""
 
     size_bytes = fields.Int(required=True, validate=NON_NEGATIVE)
     location = fields.Str(required=True)
     digest = fields.Str(required=True, validate=SHA256)
     duration_s = fields.Float(load_default=0.0)
+    position = fields.Int(load_default=None, allow_none=True, validate=NON_NEGATIVE)
+    timeline = fields.Int(load_default=None, allow_none=True)
+    start_lsn = fields.Str(load_default=None, allow_none=True, validate=validate.Length(max=30))
+    end_lsn = fields.Str(load_default=None, allow_none=True, validate=validate.Length(max=30))
 
 
 @event("backup")
 class BackupVerified(_Backup):
-    """The stored backup was restored somewhere scratch and checked."""
+    """The stored backup was checked (pg_verifybackup), restored on a scratch port and
+    found equal to the live ledger: `events` and `events_digest` up to `position`."""
+
+    position = fields.Int(load_default=None, allow_none=True, validate=NON_NEGATIVE)
+    events = fields.Int(load_default=None, allow_none=True, validate=NON_NEGATIVE)
+    events_digest = fields.Str(load_default=None, allow_none=True)
+    seconds = fields.Float(load_default=0.0, validate=NON_NEGATIVE)
 
 
 @event("backup")
 class BackupFailed(_Backup):
-    """The backup or its verification failed."""
+    """The backup or its verification failed (`stage`: backup, verify, recovery, schedule):
+    it is never counted as good, and its files are removed."""
 
     error = fields.Str(required=True)
+    stage = fields.Str(load_default="backup", validate=validate.Length(max=40))
 
 
 @event("backup")
 class BackupPruned(_Backup):
-    """The backup left the retained set."""
+    """The backup left the retained set (GFS retention, after a newer one was verified)."""
 
     reason = fields.Str(load_default="")
 

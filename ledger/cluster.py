@@ -74,6 +74,17 @@ class ClusterSpec:
     ledger: bool = True
     """The ledger's cluster: only its writing roles may take a transaction id without
     writing (the apps' cluster leaves its databases as PostgreSQL makes them)."""
+    archive_command: str = ""
+    """Continuous WAL archiving (agents/backups/repository.py): the primary runs this for
+    each finished segment; empty: no archiving."""
+
+    def archive_settings(self) -> dict[str, str]:
+        """archive_mode, archive_command and archive_timeout as plain values (none when
+        not archiving): a quiet ledger still archives a segment a minute."""
+        if not self.archive_command:
+            return {}
+        return {"archive_mode": "on", "archive_command": self.archive_command,
+                "archive_timeout": "60s"}
 
 
 @dataclass(frozen=True)
@@ -267,6 +278,8 @@ class Cluster:
                 f"password={password} application_name=tally_{node}'"
             ),
             "primary_slot_name": f"'tally_{node}'",
+            **{k: "'" + v.replace("'", "''") + "'"
+               for k, v in self.spec.archive_settings().items()},
             **self.spec.extra_settings,
         }
         conf = self.node_dir(node) / "postgresql.conf"
@@ -337,8 +350,9 @@ class Cluster:
             return
         self._clear_stale_locks(node)
         conf = (self.node_dir(node) / "postgresql.conf").read_text()
-        if "\nlog_min_error_statement =" not in conf:
-            self._write_node_conf(node)  # a node made before its logs were private
+        if "\nlog_min_error_statement =" not in conf or (
+                self.spec.archive_command and self.spec.archive_command not in conf):
+            self._write_node_conf(node)  # made before its logs were private, or archived
         log = self.root / f"{node}.log"
         log.touch(mode=0o600)
         log.chmod(0o600)

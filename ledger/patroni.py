@@ -114,6 +114,8 @@ class HASpec:
     os_user: str = "postgres"
     strict: bool = False
     parameters: dict[str, Any] = field(default_factory=dict)
+    local_parameters: dict[str, Any] = field(default_factory=dict)
+    """Each node's own postgresql parameters, applied at every start (WAL archiving)."""
     patroni_bin: Path = PATRONI
     watchdog: str = "off"
 
@@ -197,7 +199,8 @@ def patroni_config(spec: HASpec, name: str, secrets: dict[str, str]) -> dict[str
                                 "password": secrets["tally_replicator"]},
                 "rewind": {"username": "postgres", "password": secrets["postgres"]},
             },
-            "parameters": {"unix_socket_directories": str(spec.root / "run")},
+            "parameters": {"unix_socket_directories": str(spec.root / "run"),
+                           **spec.local_parameters},
             "pg_hba": [
                 "local all postgres peer",
                 f"host replication tally_replicator {host}/32 scram-sha-256",
@@ -523,7 +526,8 @@ class PatroniCluster(Cluster):
         rest_a, rest_b, etcd_client, etcd_peer = self.ha_ports
         spec = HASpec(self.root, self.scope, NODES, tuple(self.spec.ports), (rest_a, rest_b),
                       (etcd_client, etcd_peer), host=self.spec.host, bin_dir=self.spec.bin_dir,
-                      os_user=self.spec.os_user, parameters=dict(self.spec.extra_settings))
+                      os_user=self.spec.os_user, parameters=dict(self.spec.extra_settings),
+                      local_parameters=self.spec.archive_settings())
         return HA(spec, self.credentials())
 
     def initialized(self) -> bool:

@@ -1,5 +1,6 @@
 """The backups view, per target: the last good backup, the last failure, what runs now,
-and the retained set (what a restore can choose from)."""
+and the retained set (what a restore can choose from). A backup is good only once
+verified: a completed one is retained unverified, and one that then fails leaves the set."""
 
 from __future__ import annotations
 
@@ -44,20 +45,22 @@ def completed(t: Tables, e: RecordedEvent) -> None:
             "size_bytes": d["size_bytes"], "location": d["location"], "digest": d["digest"],
             "verified": False, "position": e.position}
     retained = [r for r in _target(t, e)["retained"] if r["backup_id"] != d["backup_id"]]
-    _put(t, e, running=_not_running(t, e), retained=[*retained, kept],
-         last_ok_backup_id=d["backup_id"], last_ok_at=e.recorded_at, last_ok_position=e.position)
+    _put(t, e, running=_not_running(t, e), retained=[*retained, kept])
 
 
 @handles("BackupVerified")
 def verified(t: Tables, e: RecordedEvent) -> None:
     retained = [{**r, "verified": True} if r["backup_id"] == e.data["backup_id"] else r
                 for r in _target(t, e)["retained"]]
-    _put(t, e, retained=retained)
+    _put(t, e, retained=retained, last_ok_backup_id=e.data["backup_id"],
+         last_ok_at=e.recorded_at, last_ok_position=e.position)
 
 
 @handles("BackupFailed")
 def failed(t: Tables, e: RecordedEvent) -> None:
-    _put(t, e, running=_not_running(t, e), last_failure_backup_id=e.data["backup_id"],
+    retained = [r for r in _target(t, e)["retained"] if r["backup_id"] != e.data["backup_id"]]
+    _put(t, e, running=_not_running(t, e), retained=retained,
+         last_failure_backup_id=e.data["backup_id"],
          last_failure_at=e.recorded_at, last_failure_error=e.data["error"],
          last_failure_position=e.position)
 

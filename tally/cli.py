@@ -13,6 +13,7 @@ from tally.commands import (
     addons,
     admin,
     apps,
+    backups,
     builds,
     certs,
     daemons,
@@ -43,7 +44,8 @@ def cli(ctx: click.Context) -> None:
 
 
 for module in (ledger, serve, daemons, projectors, admin, session, apps, releases, settings,
-               certs, runs, logs, addons, history, builds, sim):
+               certs, runs, logs, addons, history, builds, sim,
+               backups):
     for command in module.COMMANDS:
         cli.add_command(command)
 

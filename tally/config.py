@@ -52,6 +52,9 @@ TALLY_COLLECTOR_KEY   the log collector's CURVE public key, z85 (`tally up` hand
                       daemons); default: the key of $TALLY_HOME/secrets/collector.curve, made
                       on first use (the collector's machine)
 TALLY_APP_UIDS        the Unix uids the API hands to apps, each once; default 200000-299999
+TALLY_BACKUP_REPO     the backup repository (root's, 0700; outside every database server's
+                      data folder; best on another disk or machine); default
+                      $TALLY_HOME/backups
 
 Read by the CLI's options themselves (click `envvar=`, shown in each command's --help):
 TALLY_APP             the app of a user command (`-a APP`)
@@ -69,6 +72,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from agents.backups.repository import SPOOL, archive_command
 from ledger.cluster import DEFAULT_BIN, Cluster, ClusterSpec
 from ledger.patroni import ledger_cluster
 from tally.client import Client
@@ -104,6 +108,7 @@ class Config:
     """TALLY_COLLECTOR_KEY; empty: `collector_key` reads the local keypair file."""
     ledger_ha: bool = True
     ledger_ha_ports: tuple[int, int, int, int] | None = None
+    backup_repo_path: str = ""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Config:
@@ -142,6 +147,7 @@ class Config:
                                "6400-6499"),
             app_uids=_range(env.get("TALLY_APP_UIDS", "200000-299999"), "TALLY_APP_UIDS",
                             "200000-299999"),
+            backup_repo_path=env.get("TALLY_BACKUP_REPO", ""),
         )
 
     def secret(self, name: str) -> Path:
@@ -163,9 +169,28 @@ class Config:
         return int(self.balancers[0].rpartition(":")[2]) if self.balancers else None
 
     def cluster(self) -> Cluster:
+        """The ledger's cluster; its primary archives WAL into the spool the backup agent
+        empties into the repository (agents/backups/repository.py)."""
         return ledger_cluster(ClusterSpec(self.home / "ledger", ports=self.ledger_ports,
-                                          bin_dir=self.pg_bin),
+                                          bin_dir=self.pg_bin,
+                                          archive_command=archive_command(self.wal_spool)),
                               self.ledger_ha_ports, new_ha=self.ledger_ha)
+
+    @property
+    def wal_spool(self) -> Path:
+        """Where the ledger's servers drop finished WAL segments (postgres's own folder
+        beside the cluster's sockets, outside every data folder)."""
+        return self.home.resolve() / "ledger" / "run" / SPOOL
+
+    @property
+    def backup_repo(self) -> Path:
+        """The backup repository (agents/backups/repository.py)."""
+        return Path(self.backup_repo_path) if self.backup_repo_path else self.home / "backups"
+
+    @property
+    def backup_scratch(self) -> Path:
+        """Where backups are restored to be checked (root:postgres 0710)."""
+        return self.home / "backup-scratch"
 
     @property
     def run_dir(self) -> Path:

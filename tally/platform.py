@@ -36,6 +36,9 @@ def daemons(cfg: Config) -> list[tuple[str, list[str], str]]:
     out.append(("placer", ["serve", "placer"], "places instances (its decisions: tally events)"))
     out.append(("retention", ["serve", "retention"],
                 "heartbeats older than 1h removed every 5m (tally ledger status)"))
+    out.append(("backups", ["serve", "backups"],
+                f"ledger base backups hourly, add-on dumps daily, WAL archive, each verified "
+                f"(tally backups; repository {cfg.backup_repo})"))
     out.append(("builder", ["serve", "builder"],
                 f"builds releases into slugs, sandboxed, through the API (work: "
                 f"{cfg.build_dir})"))

@@ -9,7 +9,7 @@ import logging
 import click
 import psycopg2
 
-from tally.commands import serve_balancer, serve_fleet
+from tally.commands import backups, serve_balancer, serve_fleet
 from tally.config import Config
 from tally.console import daemon_logging, fail_cleanly, parse_age, stop_event
 
@@ -195,7 +195,8 @@ def serve_api(bind: str, workers: int, threads: int) -> None:
 
 
 for command in (serve_fleet.serve_agent, serve_fleet.serve_builder,
-                serve_balancer.serve_balancer, serve_balancer.serve_acme):
+                serve_balancer.serve_balancer, serve_balancer.serve_acme,
+                backups.serve_backups):
     serve.add_command(command)
 
 COMMANDS = [serve]

@@ -227,6 +227,20 @@ def test_backups_keep_the_retained_set_and_the_last_failure() -> None:
     assert b["running"] == {}
 
 
+def test_a_backup_counts_as_good_only_once_verified() -> None:
+    h = History("x")
+    h.add("backup-ledger", "BackupStarted", backup_id="b1", target="ledger")
+    h.add("backup-ledger", "BackupCompleted", backup_id="b1", target="ledger",
+          size_bytes=10, location="/b/b1", digest="cd" * 32)
+    (b,) = rows(views(h), "backups")
+    assert b["last_ok_backup_id"] is None and b["retained"][0]["verified"] is False
+    h.add("backup-ledger", "BackupFailed", backup_id="b1", target="ledger",
+          error="pg_verifybackup: checksum mismatch", stage="verify")
+    (b,) = rows(views(h), "backups")
+    assert b["last_ok_backup_id"] is None and b["retained"] == []
+    assert b["last_failure_backup_id"] == "b1"
+
+
 def test_unknown_names_are_refused_with_the_known_ones() -> None:
     with pytest.raises(projectors.UnknownProjector, match="views: apps, backups"):
         projectors.owner_of("nope")

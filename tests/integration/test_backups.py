@@ -1,0 +1,367 @@
+"""The backup agent against a real ledger cluster that archives its WAL: real
+pg_basebackup, pg_verifybackup, scratch servers, restores, APScheduler in real
+`tally serve backups` processes, and kill -9."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import closing
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+import migrations
+from agents.backups import gfs
+from agents.backups.jobs import LEDGER, BackupAgent
+from agents.backups.repository import SPOOL, Repository, archive_command
+from agents.backups.restore import Target, restore
+from agents.backups.state import TYPES, Backup, fold
+from ledger import Ledger, NewEvent, digest
+from ledger.cluster import Cluster, ClusterSpec
+from tests.conftest import destroy_cluster, free_ports, tally_env
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def archived() -> Iterator[Cluster]:
+    """A cluster of this module's own whose primary archives into TALLY_HOME's spool."""
+    home = Path(tempfile.mkdtemp(prefix="tally-test-"))
+    home.chmod(0o755)
+    root = home / "ledger"
+    cluster = Cluster(ClusterSpec(root, ports=tuple(free_ports(2)),  # type: ignore[arg-type]
+                                  archive_command=archive_command(root / "run" / SPOOL)))
+    cluster.init()
+    migrations.upgrade(cluster.dsn("tally_owner"))
+    yield cluster
+    destroy_cluster(cluster)
+
+
+def home(cluster: Cluster) -> Path:
+    return cluster.root.parent
+
+
+def agent_of(cluster: Cluster, policy: gfs.Policy | None = None) -> BackupAgent:
+    return BackupAgent(cluster, Repository(home(cluster) / "backups").open(),
+                       home(cluster) / "backup-scratch", policy or gfs.Policy())
+
+
+def backups(cluster: Cluster) -> dict[str, Backup]:
+    with Ledger(cluster.dsn()) as ledger:
+        ledger.sequence()
+        return fold(ledger.read_all(types=TYPES, limit=None))
+
+
+def append_apps(cluster: Cluster, prefix: str, n: int) -> int:
+    with Ledger(cluster.dsn()) as ledger:
+        for i in range(n):
+            ledger.append(f"app-{prefix}{i}", [NewEvent("AppCreated", {
+                "name": f"{prefix}{i}", "owner": "ann"})])
+        return ledger.sequence()
+
+
+def archive_now(cluster: Cluster, agent: BackupAgent) -> None:
+    """Close the current WAL segment and move what the primary archived into the
+    repository (the daemon does this every second)."""
+    conn = psycopg2.connect(cluster.node_dsn(cluster.primary(), "postgres", "postgres"))
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_walfile_name(pg_switch_wal())")
+        segment = cur.fetchone()[0]
+    conn.close()
+    wal = agent.repo.wal_dir / segment
+    spool = home(cluster) / "ledger" / "run" / SPOOL
+    wait_until(lambda: agent.repo.ingest_wal(spool) is not None and wal.exists(), 60,
+               f"{segment} never archived")
+
+
+def live_digest(cluster: Cluster, position: int) -> digest.Digest:
+    with closing(psycopg2.connect(cluster.dsn("tally_reader"))) as conn:
+        return digest.digest(conn, position)
+
+
+def clock_now(cluster: Cluster) -> datetime:
+    """The ledger server's clock (recovery targets are compared with commit times)."""
+    with closing(psycopg2.connect(cluster.dsn("tally_reader"))) as conn, \
+            conn.cursor() as cur:
+        cur.execute("SELECT clock_timestamp()")
+        return cur.fetchone()[0]
+
+
+def test_a_backup_is_verified_and_restores_to_its_position_and_to_a_time(
+        archived: Cluster) -> None:
+    agent = agent_of(archived)
+    append_apps(archived, "before", 30)
+    backup_id = agent.run_ledger(None, job="capture", reason="capture")
+    assert backup_id is not None
+    b = backups(archived)[backup_id]
+    assert b.state == "verified", b.failed
+    position = b.verified["position"]
+    assert b.verified["events"] == live_digest(archived, position).events >= 30
+    assert b.completed["size_bytes"] > 0 and b.completed["start_lsn"]
+
+    append_apps(archived, "between", 10)
+    between = clock_now(archived)
+    head_between = append_apps(archived, "after", 0)
+    append_apps(archived, "after", 10)
+    archive_now(archived, agent)
+
+    # to the backup's position: exactly the events up to it
+    at_backup = restore(agent.repo, home(archived) / "at-backup", Target(position=position),
+                        archived)
+    expected = live_digest(archived, position)
+    assert (at_backup.position, at_backup.events, at_backup.digest) == \
+        (position, expected.events, expected.sha256)
+
+    # to a time between: what was committed by then, nothing after
+    at_time = restore(agent.repo, home(archived) / "at-time", Target(time=between), archived)
+    expected = live_digest(archived, head_between)
+    assert (at_time.position, at_time.events, at_time.digest) == \
+        (head_between, expected.events, expected.sha256)
+    assert at_time.position > position
+
+
+def test_a_corrupted_backup_fails_verification_and_never_counts(archived: Cluster) -> None:
+    agent = agent_of(archived, gfs.Policy(hourly=1, daily=0, weekly=0, monthly=0))
+    good = agent.run_ledger(None, job="capture", reason="capture")
+    assert good is not None and backups(archived)[good].state == "verified"
+
+    from agents.backups import base
+
+    with agent.ledger() as ledger:
+        bad = "ledger-corrupted"
+        assert agent.claim(ledger, LEDGER, bad, "capture", None, "test")
+        taken = base.take(archived, agent.repo, bad, ledger.sequence())
+        agent.record(ledger, LEDGER, "BackupCompleted", backup_id=bad,
+                     size_bytes=taken.size_bytes, location=taken.location,
+                     digest=taken.manifest_sha256, timeline=taken.timeline,
+                     start_lsn=taken.start_lsn, end_lsn=taken.end_lsn)
+        victim = next(p for p in sorted((agent.repo.base(bad) / "base").rglob("*"))
+                      if p.is_file() and p.stat().st_size > 8192)
+        with open(victim, "r+b") as f:  # one flipped byte in a table's file
+            f.seek(4096)
+            byte = f.read(1)
+            f.seek(4096)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        assert not agent.verify_ledger(ledger, bad, {})
+        agent.prune(ledger, LEDGER)
+    state = backups(archived)
+    assert state[bad].state == "failed" and "pg_verifybackup" in state[bad].failed
+    assert not agent.repo.base(bad).exists()
+    assert state[good].state == "verified", "a failed backup made retention prune a good one"
+
+    from projectors import backups as view
+
+    tables = view.PROJECTOR.new_tables()
+    with Ledger(archived.dsn()) as ledger:
+        view.PROJECTOR.apply(tables, ledger.read_all(types=TYPES, limit=None))
+    row = tables.get("backups", "ledger")
+    assert row is not None
+    assert row["last_ok_backup_id"] != bad and row["last_failure_backup_id"] == bad
+    assert bad not in [r["backup_id"] for r in row["retained"]]
+
+
+def as_postgres(*cmd: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups",
+                           *cmd], capture_output=True, text=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as the postgres user")
+def test_the_repository_is_closed_to_the_database_servers_and_apps(archived: Cluster) -> None:
+    agent = agent_of(archived)
+    if not any(agent.repo.base_dir.iterdir()):
+        assert agent.run_ledger(None, job="capture", reason="capture")
+    held = next(p for p in agent.repo.base_dir.iterdir() if p.is_dir())
+    archive_now(archived, agent)
+    wal = agent.repo.wal_segments()[-1]
+    for cmd in (["touch", str(agent.repo.root / "planted")],
+                ["touch", str(agent.repo.wal_dir / "000000010000000000000099")],
+                ["rm", "-rf", str(held)], ["rm", "-f", str(agent.repo.wal_dir / wal)],
+                ["ls", str(agent.repo.root)], ["cat", str(held / "backup_manifest")]):
+        assert as_postgres(*cmd).returncode != 0, f"postgres could {cmd}"
+        nobody = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup",
+                                 "--clear-groups", *cmd], capture_output=True)
+        assert nobody.returncode != 0, f"an app's user could {cmd}"
+    assert held.exists() and (agent.repo.wal_dir / wal).exists()
+    assert (agent.repo.root.stat().st_uid, agent.repo.root.stat().st_mode & 0o777) == (0, 0o700)
+
+
+def tally(cluster: Cluster, *args: str) -> subprocess.Popen:
+    with open(home(cluster) / f"tally-{args[0]}-{os.getpid()}.log", "ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "tally.cli", *args],
+                                env=tally_env(cluster), stdout=log, stderr=log,
+                                start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_an_agent_killed_mid_backup_never_leaves_a_half_backup_counted_good(
+        archived: Cluster) -> None:
+    repo = Repository(home(archived) / "backups").open()
+    before = set(backups(archived))
+    capture = tally(archived, "backups:capture", "--max-rate", "1M")
+    try:
+        started = wait_until(lambda: [b for k, b in backups(archived).items()
+                                      if k not in before], 60, "the capture never started")
+        backup_id = started[0].backup_id
+        wait_until(lambda: repo.partial(backup_id).exists() and any(
+            repo.partial(backup_id).rglob("*")), 60, "pg_basebackup never wrote")
+        os.killpg(capture.pid, signal.SIGKILL)  # the CLI and its pg_basebackup
+        capture.wait()
+    finally:
+        stop(capture)
+    assert backups(archived)[backup_id].state == "running"
+
+    # A daemon comes up: it settles the orphan, then runs the job that was due meanwhile
+    # (its cron fired on Jan 1st and no run was ever claimed for it) once.
+    daemon = tally(archived, "serve", "backups", "--ledger", "0 0 1 1 *",
+                   "--addons", "0 0 1 1 *")
+    try:
+        orphan = wait_until(lambda: backups(archived)[backup_id].finished
+                            and backups(archived)[backup_id], 120, "the orphan was not settled")
+        assert orphan.state == "failed" and "stopped during the backup" in orphan.failed
+        assert not repo.partial(backup_id).exists() and not repo.base(backup_id).exists()
+        year = datetime.now(UTC).year
+        due = f"{year}-01-01T00:00:00+00:00"
+        caught_up = wait_until(
+            lambda: [b for b in backups(archived).values() if b.scheduled_for == due
+                     and b.finished], 300, "the run due while no agent ran never ran")
+        assert [b.state for b in caught_up] == ["verified"], caught_up[0].failed
+    finally:
+        stop(daemon)
+    # Started again, it does not run that job again.
+    daemon = tally(archived, "serve", "backups", "--ledger", "0 0 1 1 *",
+                   "--addons", "0 0 1 1 *")
+    try:
+        wait_until(lambda: _log(archived).count(READY) >= 2, 60,
+                   "the second daemon never finished its start")
+    finally:
+        stop(daemon)
+    assert len([b for b in backups(archived).values() if b.scheduled_for == due]) == 1
+
+
+READY = "backup agent ready"
+
+
+def _log(cluster: Cluster) -> str:
+    return "".join(p.read_text(errors="replace") for p in home(cluster).glob("tally-serve-*"))
+
+
+def test_two_agents_run_each_scheduled_job_once(archived: Cluster) -> None:
+    args = ("serve", "backups", "--ledger", "*/20 * * * * *", "--addons", "0 0 1 1 *")
+    agents = [tally(archived, *args), tally(archived, *args)]
+    try:
+        def scheduled() -> list[Backup]:  # the */20 s runs, not the catch-up of Jan 1st
+            return [b for b in backups(archived).values()
+                    if b.job == LEDGER and b.scheduled_for
+                    and not b.scheduled_for.endswith("-01-01T00:00:00+00:00")]
+
+        wait_until(lambda: len({b.scheduled_for for b in scheduled()
+                                if b.state == "verified"}) >= 2, 300,
+                   "two scheduled runs never both verified")
+    finally:
+        for proc in agents:
+            stop(proc)
+    runs = scheduled()
+    times = [b.scheduled_for for b in runs]
+    assert len(times) == len(set(times)), f"a scheduled run ran twice: {sorted(times)}"
+    assert all(b.state in ("verified", "pruned") for b in runs if b.finished), \
+        [(b.backup_id, b.failed) for b in runs]
+    assert len({b.agent.partition("/")[0] for b in runs}) >= 1
+
+
+@pytest.mark.slow
+def test_a_ledger_under_patroni_archives_and_its_backups_verify_and_restore() -> None:
+    """Under Patroni the archive settings are each node's own postgresql parameters (in
+    Patroni's config), and a base backup of the leader (Patroni's configuration files
+    inside it) starts on a scratch port."""
+    from ledger.patroni import PatroniCluster
+
+    home_dir = Path(tempfile.mkdtemp(prefix="tally-test-"))
+    home_dir.chmod(0o755)
+    root = home_dir / "ledger"
+    a, b, *others = free_ports(6)
+    cluster = PatroniCluster(ClusterSpec(root, ports=(a, b),
+                                         archive_command=archive_command(root / "run" / SPOOL)),
+                             tuple(others))  # type: ignore[arg-type]
+    try:
+        cluster.init()
+        migrations.upgrade(cluster.dsn("tally_owner"))
+        config = (root / "run" / "patroni-a.yml").read_text()
+        assert '"archive_mode": "on"' in config and SPOOL in config
+        agent = agent_of(cluster)
+        append_apps(cluster, "ha", 5)
+        backup_id = agent.run_ledger(None, job="capture", reason="capture")
+        b = backups(cluster)[backup_id]  # type: ignore[index]
+        assert b.state == "verified", b.failed
+        head = append_apps(cluster, "later", 5)
+        archive_now(cluster, agent)
+        restored = restore(agent.repo, home_dir / "restored", Target(position=head), cluster)
+        expected = live_digest(cluster, head)
+        assert (restored.position, restored.events, restored.digest) == \
+            (head, expected.events, expected.sha256)
+    finally:
+        cluster.destroy()
+        subprocess.run(["rm", "-rf", str(home_dir)], check=False)
+
+
+def test_an_app_database_is_dumped_verified_and_restored_after_a_table_is_dropped(
+        archived: Cluster) -> None:
+    from agents.addons import create_database, ensure_cluster
+
+    apps = Cluster(ClusterSpec(home(archived) / "appsdb", ports=tuple(free_ports(2)),  # type: ignore[arg-type]
+                               dbname="tally_apps", ledger=False))
+    try:
+        ensure_cluster(apps)
+        url = create_database(apps, "shop")
+        with closing(psycopg2.connect(url)) as app_conn:  # the app itself
+            app_conn.autocommit = True
+            with app_conn.cursor() as cur:
+                cur.execute("CREATE TABLE orders (id int PRIMARY KEY, item text)")
+                cur.execute("INSERT INTO orders VALUES (1, 'tea'), (2, 'cake')")
+        agent = BackupAgent(archived, Repository(home(archived) / "backups").open(),
+                            home(archived) / "backup-scratch", gfs.Policy(), apps_cluster=apps)
+        assert agent.addon_apps() == ["shop"]
+        (backup_id,) = agent.run_addons(None, job="capture")
+        b = backups(archived)[backup_id]
+        assert (b.target, b.state) == ("addon:shop", "verified"), b.failed
+        assert agent.repo.dump("shop", backup_id).stat().st_size == b.completed["size_bytes"]
+
+        with closing(psycopg2.connect(url)) as app_conn:
+            app_conn.autocommit = True
+            with app_conn.cursor() as cur:
+                cur.execute("DROP TABLE orders")
+        restored = subprocess.run(
+            [sys.executable, "-m", "tally.cli", "backups:restore-addon", "shop", "--confirm",
+             "shop"], env=tally_env(archived, TALLY_APPS_DB_PORTS=",".join(
+                 str(p) for p in apps.spec.ports)), capture_output=True, text=True, timeout=120)
+        assert restored.returncode == 0, restored.stderr
+        assert backup_id in restored.stderr
+        with closing(psycopg2.connect(url)) as app_conn, app_conn.cursor() as cur:
+            cur.execute("SELECT item FROM orders ORDER BY id")
+            assert [r[0] for r in cur.fetchall()] == ["tea", "cake"]
+            cur.execute("SELECT tableowner FROM pg_tables WHERE tablename = 'orders'")
+            assert cur.fetchone()[0] == "app_shop"
+        refused = subprocess.run(
+            [sys.executable, "-m", "tally.cli", "backups:restore-addon", "shop"],
+            env=tally_env(archived), capture_output=True, text=True, timeout=60,
+            stdin=subprocess.DEVNULL)
+        assert refused.returncode == 1 and "--confirm shop" in refused.stderr
+    finally:
+        apps.destroy()
