@@ -313,7 +313,8 @@ class BackupAgent:
     # -- after a crash -------------------------------------------------------------------------
     def recover(self) -> list[str]:
         """Settle every backup whose runner is gone: verify a complete base backup again,
-        record anything else as failed and remove its files. Returns the ids settled."""
+        record anything else as failed and remove its files; stop and remove scratch
+        servers nobody runs. Returns the ids settled."""
         settled = []
         with self.ledger() as ledger:
             for b in self.backups(ledger).values():
@@ -323,8 +324,7 @@ class BackupAgent:
                 if lock is None:
                     continue  # its runner is alive (here or in another agent)
                 try:
-                    clear(self.scratch_root / b.backup_id, self.cluster.spec.bin_dir,
-                          self.cluster.spec.os_user)
+                    self.clear_scratch(b.backup_id)
                     if (b.target == LEDGER and b.completed is not None
                             and self.repo.base(b.backup_id).exists()):
                         log.info("%s: its agent stopped before the check; checking now",
@@ -337,7 +337,15 @@ class BackupAgent:
                     settled.append(b.backup_id)
                 finally:
                     lock.close()
+        for folder in self.scratch_root.iterdir() if self.scratch_root.is_dir() else ():
+            lock = self._try_lock(folder.name)
+            if lock is not None:  # a check whose runner is gone
+                self.clear_scratch(folder.name)
+                lock.close()
         return settled
+
+    def clear_scratch(self, name: str) -> None:
+        clear(self.scratch_root / name, self.cluster.spec.bin_dir, self.cluster.spec.os_user)
 
 
 def policy_text(policy: gfs.Policy) -> str:

@@ -168,3 +168,8 @@ class Daemon:
                     log.warning("WAL archive: %s", exc)
             self.stop.wait(self.wal_every)
         self.scheduler.shutdown(wait=False)
+        # A check in progress loses its scratch server now (and is recorded as failed);
+        # none is left running after the agent.
+        root = self.agent.scratch_root
+        for folder in root.iterdir() if root.is_dir() else ():
+            self.agent.clear_scratch(folder.name)
