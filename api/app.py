@@ -14,6 +14,7 @@ from api import (  # noqa: F401  (routes register)
     openapi,
     routes_addons,
     routes_apps,
+    routes_backups,
     routes_balancers,
     routes_builders,
     routes_builds,

@@ -503,6 +503,34 @@ class Addons(Schema):
         "where"})
 
 
+class AppBackup(Schema):
+    """One backup of an app's database."""
+
+    backup_id = fields.Str(required=True)
+    target = fields.Str(required=True)
+    state = fields.Str(required=True, metadata={
+        "description": "running | completed | verified | failed | pruned"})
+    started_at = fields.Str(required=True)
+    job = fields.Str(allow_none=True)
+    scheduled_for = fields.Str(allow_none=True)
+    size_bytes = fields.Int(allow_none=True)
+    duration_s = fields.Float(allow_none=True)
+    position = fields.Int(allow_none=True)
+    events = fields.Int(allow_none=True)
+    error = fields.Str(allow_none=True)
+    location = fields.Str(allow_none=True)
+
+
+class AppBackups(Schema):
+    app = fields.Str(required=True)
+    backups = fields.List(fields.Nested(AppBackup), required=True)
+
+
+class BackupRestore(Schema):
+    confirm = fields.Str(required=True, validate=validate.Length(max=100), metadata={
+        "description": "the app's name: the restore overwrites its database"})
+
+
 class Build(Schema):
     """One release's build: how it went, and (with `offset`) its output from there on."""
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from agents.stats import SampleStore
 from api import auth, buildqueue
@@ -33,6 +33,22 @@ APP_NAME_RE = re.compile(APP_NAME.regex.pattern.removesuffix("$") + r"\Z")
 """The catalogue's app names, to the very end (its `$` matches before a final newline)."""
 APP_CACHE = 10_000
 """Folded app states kept per process; past this the cache starts over."""
+
+
+class AddonBackups(Protocol):
+    """What the API asks of the backups of apps' databases (tally/addon_backups.py)."""
+
+    def list(self, app: str) -> list[dict[str, Any]]:
+        """The app's backups, oldest first (agents/backups/state.py `Backup.as_dict`)."""
+
+    def capture(self, app: str, actor: str) -> dict[str, Any]:
+        """Dump the app's database now and verify it; the backup."""
+
+    def restore(self, app: str, backup_id: str) -> None:
+        """Restore the app's database from that backup."""
+
+    def file(self, app: str, backup_id: str) -> Path:
+        """Where the backup's dump is."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +90,9 @@ class Settings:
     destroy_addon: Callable[[str, str], None] | None = None
     """Drops an app's add-on of a kind (database and role, or Redis): (kind, app);
     idempotent."""
+    addon_backups: AddonBackups | None = None
+    """Backups of apps' databases (agents/backups/, wired by tally/addon_backups.py); None:
+    none on this platform."""
     heartbeat_batch_s: float = 0.1
     """Heartbeats are appended together once per this interval (api/heartbeats.py)."""
     hosts_fresh_s: float = 0.1

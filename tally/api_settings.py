@@ -10,6 +10,7 @@ from functools import partial
 
 from api.services import Settings
 from ledger.cluster import Cluster
+from tally.addon_backups import PlatformAddonBackups
 from tally.config import Config, run_key_from_env, seal_key_from_env
 
 
@@ -72,6 +73,7 @@ def destroy_addon(cfg: Config, kind: str, app: str) -> None:
         cluster = platform.apps_cluster(cfg, supervised)
         if cluster.initialized():
             addons.ensure_cluster(cluster)
+            PlatformAddonBackups(cfg).final(app)  # refuses to go on without it
             addons.drop_database(cluster, app)
 
 
@@ -92,4 +94,5 @@ def api_settings(cfg: Config) -> Settings:
                     seal_key=seal_key_from_env(),
                     create_addon=partial(create_addon, cfg),
                     destroy_addon=partial(destroy_addon, cfg),
-                    build_logs_dir=cfg.build_logs_dir)
+                    build_logs_dir=cfg.build_logs_dir,
+                    addon_backups=PlatformAddonBackups(cfg))

@@ -20,6 +20,7 @@ from tally.commands import (
     history,
     ledger,
     logs,
+    pg_backups,
     projectors,
     releases,
     runs,
@@ -45,7 +46,7 @@ def cli(ctx: click.Context) -> None:
 
 for module in (ledger, serve, daemons, projectors, admin, session, apps, releases, settings,
                certs, runs, logs, addons, history, builds, sim,
-               backups):
+               backups, pg_backups):
     for command in module.COMMANDS:
         cli.add_command(command)
 

@@ -71,6 +71,11 @@ MATRIX: list[tuple[str, str, Any, dict[str, int]]] = [
     ("POST", "/apps/{app}/attachments", {"addon": "postgresql-nosuch"},
      dict.fromkeys(PEOPLE, 404)),
     ("DELETE", "/apps/{app}/attachments/postgresql-nosuch", None, dict.fromkeys(PEOPLE, 404)),
+    ("GET", "/apps/{app}/backups", None, dict.fromkeys(PEOPLE, 200)),
+    # No database in this world's apps: a capture passes every check, then 409.
+    ("POST", "/apps/{app}/backups", None, dict.fromkeys(PEOPLE, 409)),
+    ("POST", "/apps/{app}/backups/nope/restore", {"confirm": "x"}, dict.fromkeys(PEOPLE, 422)),
+    ("GET", "/apps/{app}/backups/nope/download", None, dict.fromkeys(PEOPLE, 404)),
     ("GET", "/quotas/users/{owner_name}", None, {"admin": 200, "owner": 200}),
     ("PUT", "/quotas/users/{owner_name}", {"instances": 100}, {"admin": 200}),
     ("GET", "/quotas/apps/{app}", None, dict.fromkeys(PEOPLE, 200)),

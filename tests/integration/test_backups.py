@@ -4,6 +4,7 @@ pg_basebackup, pg_verifybackup, scratch servers, restores, APScheduler in real
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -364,4 +365,93 @@ def test_an_app_database_is_dumped_verified_and_restored_after_a_table_is_droppe
             stdin=subprocess.DEVNULL)
         assert refused.returncode == 1 and "--confirm shop" in refused.stderr
     finally:
+        apps.destroy()
+
+
+def test_an_apps_people_back_up_and_restore_its_database_through_the_api_and_no_one_else(
+        archived: Cluster) -> None:
+    import requests
+
+    from api.auth import create_user
+    from tests.api_process import ApiProcess
+    from tests.fixtures.apps.fleet import create_app, release
+
+    a, b, port = free_ports(3)
+    env = tally_env(archived, TALLY_APPS_DB_PORTS=f"{a},{b}", TALLY_APPS_HA="plain")
+    api = ApiProcess(env, port)
+    apps = Cluster(ClusterSpec(home(archived) / "appsdb", ports=(a, b)))
+    try:
+        api.wait_ready()
+        with Ledger(archived.dsn()) as ledger:
+            ann = create_user(ledger, "ann", "member")  # create_app's owner
+            bob = create_user(ledger, "bob", "member")  # another app's member
+            create_app(ledger, "cafe")
+            release(ledger, home(archived), "cafe", "hello", 1)
+
+        def call(token: str, method: str, path: str, **kw: object) -> requests.Response:
+            return requests.request(method, api.url + path, timeout=300,
+                                    headers={"Authorization": f"Bearer {token}"}, **kw)
+
+        assert call(ann, "POST", "/apps/cafe/addons", json={"kind": "postgresql"}) \
+            .status_code == 201
+        url = call(ann, "GET", "/apps/cafe/config").json()["config"]["DATABASE_URL"]
+        with closing(psycopg2.connect(url)) as app_conn:  # the app itself
+            app_conn.autocommit = True
+            with app_conn.cursor() as cur:
+                cur.execute("CREATE TABLE menu (item text)")
+                cur.execute("INSERT INTO menu VALUES ('tea')")
+
+        cli_env = {**{k: v for k, v in os.environ.items() if not k.startswith("TALLY_")},
+                   "TALLY_API": api.url, "TALLY_TOKEN": ann}
+
+        def tally_cli(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "tally.cli", *args], env=cli_env,
+                                  capture_output=True, text=True, timeout=300,
+                                  stdin=subprocess.DEVNULL, cwd=home(archived))
+
+        captured = tally_cli("pg:backups:capture", "-a", "cafe")
+        assert captured.returncode == 0, captured.stderr
+        backup_id = captured.stdout.strip()
+        listed = tally_cli("pg:backups", "-a", "cafe", "--json")
+        assert [(x["backup_id"], x["state"]) for x in json.loads(listed.stdout)] == \
+            [(backup_id, "verified")]
+
+        with closing(psycopg2.connect(url)) as app_conn:
+            app_conn.autocommit = True
+            with app_conn.cursor() as cur:
+                cur.execute("DROP TABLE menu")
+
+        # Someone who is not the app's: nothing to list, fetch or restore.
+        base_path = f"/apps/cafe/backups/{backup_id}"
+        for method, path, body in (("GET", "/apps/cafe/backups", None),
+                                   ("GET", f"{base_path}/download", None),
+                                   ("POST", f"{base_path}/restore", {"confirm": "cafe"}),
+                                   ("POST", "/apps/cafe/backups", None)):
+            r = call(bob, method, path, json=body)
+            assert r.status_code == 403, (path, r.status_code, r.text)
+
+        assert call(ann, "POST", f"{base_path}/restore", json={"confirm": "caf"}) \
+            .status_code == 422
+        refused = tally_cli("pg:backups:restore", "-a", "cafe", backup_id)
+        assert refused.returncode == 1 and "--confirm cafe" in refused.stderr
+        downloaded = tally_cli("pg:backups:download", "-a", "cafe", "-o", "cafe.dump")
+        assert downloaded.returncode == 0, downloaded.stderr
+        assert (home(archived) / "cafe.dump").read_bytes()[:5] == b"PGDMP"
+        restored = tally_cli("pg:backups:restore", "-a", "cafe", "--confirm", "cafe")
+        assert restored.returncode == 0, restored.stderr
+        with closing(psycopg2.connect(url)) as app_conn, app_conn.cursor() as cur:
+            cur.execute("SELECT item FROM menu")
+            assert cur.fetchall() == [("tea",)]
+
+        # Destroying the add-on takes a final backup first.
+        assert call(ann, "DELETE", "/apps/cafe/addons/postgresql-cafe").status_code == 200
+        final = [x for x in call(ann, "GET", "/apps/cafe/backups").json()["backups"]
+                 if x["job"] == "final"]
+        assert [x["state"] for x in final] == ["verified"]
+        assert Repository(home(archived) / "backups").dump("cafe", final[0]["backup_id"]) \
+            .stat().st_size > 0
+        with pytest.raises(psycopg2.OperationalError):
+            psycopg2.connect(url).close()
+    finally:
+        api.stop()
         apps.destroy()
