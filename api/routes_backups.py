@@ -37,7 +37,7 @@ def _one(app: str, backup_id: str) -> dict:
 
 @route("/apps/<name>/backups", response=schemas.AppBackups, tag="backups",
        errors=(401, 403, 404))
-def list_backups(name: str) -> ResponseReturnValue:
+def list_app_backups(name: str) -> ResponseReturnValue:
     """The backups of the app's database, oldest first (`state`: running, completed,
     verified, failed, pruned)."""
     app_state(name)
@@ -46,7 +46,7 @@ def list_backups(name: str) -> ResponseReturnValue:
 
 @route("/apps/<name>/backups", "POST", response=schemas.AppBackup, status=201,
        tag="backups", errors=(401, 403, 404, 409, 503))
-def capture_backup(name: str) -> ResponseReturnValue:
+def capture_app_backup(name: str) -> ResponseReturnValue:
     """Dump the app's database now (pg_dump -Fc), verified; answers when it is done."""
     if app_state(name).addon(f"postgresql-{name}") is None:
         raise Conflict(f"{name} has no postgresql add-on of its own to back up")
@@ -55,7 +55,7 @@ def capture_backup(name: str) -> ResponseReturnValue:
 
 @route("/apps/<name>/backups/<backup_id>/restore", "POST", body=schemas.BackupRestore,
        response=schemas.AppBackup, tag="backups", errors=(400, 401, 403, 404, 409, 422, 503))
-def restore_backup(name: str, backup_id: str) -> ResponseReturnValue:
+def restore_app_backup(name: str, backup_id: str) -> ResponseReturnValue:
     """Restore the app's database from one of its verified backups, in place (what the
     backup holds is dropped and made again, in one transaction). `confirm` must be the
     app's name."""
@@ -73,7 +73,7 @@ def restore_backup(name: str, backup_id: str) -> ResponseReturnValue:
 
 @route("/apps/<name>/backups/<backup_id>/download", tag="backups",
        raw_response="application/octet-stream", errors=(401, 403, 404))
-def download_backup(name: str, backup_id: str) -> ResponseReturnValue:
+def download_app_backup(name: str, backup_id: str) -> ResponseReturnValue:
     """The backup's file (a pg_dump custom-format archive: `pg_restore` reads it)."""
     app_state(name)
     backup = _one(name, backup_id)

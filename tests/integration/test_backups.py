@@ -404,10 +404,13 @@ def test_an_apps_people_back_up_and_restore_its_database_through_the_api_and_no_
         cli_env = {**{k: v for k, v in os.environ.items() if not k.startswith("TALLY_")},
                    "TALLY_API": api.url, "TALLY_TOKEN": ann}
 
+        here = home(archived) / "laptop"  # not TALLY_HOME: its `ledger/` would shadow ours
+        here.mkdir(exist_ok=True)
+
         def tally_cli(*args: str) -> subprocess.CompletedProcess:
             return subprocess.run([sys.executable, "-m", "tally.cli", *args], env=cli_env,
                                   capture_output=True, text=True, timeout=300,
-                                  stdin=subprocess.DEVNULL, cwd=home(archived))
+                                  stdin=subprocess.DEVNULL, cwd=here)
 
         captured = tally_cli("pg:backups:capture", "-a", "cafe")
         assert captured.returncode == 0, captured.stderr
@@ -436,7 +439,7 @@ def test_an_apps_people_back_up_and_restore_its_database_through_the_api_and_no_
         assert refused.returncode == 1 and "--confirm cafe" in refused.stderr
         downloaded = tally_cli("pg:backups:download", "-a", "cafe", "-o", "cafe.dump")
         assert downloaded.returncode == 0, downloaded.stderr
-        assert (home(archived) / "cafe.dump").read_bytes()[:5] == b"PGDMP"
+        assert (here / "cafe.dump").read_bytes()[:5] == b"PGDMP"
         restored = tally_cli("pg:backups:restore", "-a", "cafe", "--confirm", "cafe")
         assert restored.returncode == 0, restored.stderr
         with closing(psycopg2.connect(url)) as app_conn, app_conn.cursor() as cur:
