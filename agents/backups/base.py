@@ -55,7 +55,7 @@ def run_with_progress(cmd: list[str], env: dict[str, str], progress: Progress | 
                           env={**os.environ, "LC_ALL": "C.UTF-8", **env}, cwd="/") as proc:
         assert proc.stderr is not None
         tail = b""
-        while chunk := proc.stderr.read1(4096):
+        while chunk := os.read(proc.stderr.fileno(), 4096):
             tail = (tail + chunk)[-max_tail:]
             if progress is not None:
                 found = _PROGRESS.findall(chunk)

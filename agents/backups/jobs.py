@@ -137,7 +137,8 @@ class BackupAgent:
         with conn.cursor() as cur:
             cur.execute("SELECT pg_try_advisory_lock(%s, %s)",
                         (LOCK_CLASS, lock_key(backup_id)))
-            if cur.fetchone()[0]:
+            row = cur.fetchone()
+            if row is not None and row[0]:
                 return conn
         conn.close()
         return None

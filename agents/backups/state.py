@@ -33,7 +33,7 @@ class Backup:
     verified: dict[str, Any] | None = None
     failed: str | None = None
     pruned: bool = False
-    events: tuple[int, ...] = field(default=())
+    events: tuple[int | None, ...] = field(default=())
 
     @property
     def state(self) -> str:
