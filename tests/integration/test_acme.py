@@ -2,9 +2,10 @@
 on loopback, end to end: a private ledger, the API, the projectors, a balancer (plain and
 TLS) reading the routes through the API, `tally serve acme`, and pebble validating HTTP-01
 on the balancer's plain port (its names resolved to 127.0.0.1 by pebble-challtestsrv's
-DNS). A domain with no certificate gets one issued; a domain whose certificate ends within
-the renewal window gets it renewed, while clients ask for it over HTTPS the whole time
-without one failed request; each step is an event in the app's stream."""
+DNS). A domain with no certificate gets one issued; a domain whose certificate expired
+yesterday (recorded while it was valid: the API refuses expired ones) gets it renewed, while
+clients ask for it over HTTPS the whole time without one failed request; each step is an
+event in the app's stream."""
 
 from __future__ import annotations
 
@@ -97,11 +98,10 @@ def test_certificates_issued_and_renewed_by_acme_without_a_failed_request(
                     "domain": name, "app": "shop"})])
                 ledger.append("app-shop", [NewEvent("DomainAdded", {
                     "app": "shop", "domain": name})])
-            # A certificate that ends within the hour: due for renewal (30 days before).
-            old_cert, old_key = self_signed([expiring], days=2,
-                                            start=datetime.now(UTC) - timedelta(days=2) +
-                                            timedelta(hours=1))
-            old = check_certificate(old_cert, old_key)
+            # A certificate that expired yesterday (recorded the day before, when it was good).
+            start = datetime.now(UTC) - timedelta(days=3)
+            old_cert, old_key = self_signed([expiring], days=2, start=start)
+            old = check_certificate(old_cert, old_key, now=start + timedelta(days=1))
             ledger.append("app-shop", [NewEvent("CertificateAdded", {
                 "app": "shop", "cert_id": old.cert_id, "hostnames": [expiring],
                 "not_after": old.not_after.isoformat(), "cert_pem": old.cert_pem,
@@ -109,9 +109,9 @@ def test_certificates_issued_and_renewed_by_acme_without_a_failed_request(
         api.start()
         daemons += https_platform(private, api, plain, tls_port, seal_key)
         wait_until(lambda: served_cert(tls_port, expiring) is not None, 60,
-                   "the balancer never served the expiring certificate")
+                   "the balancer never served the expired certificate")
 
-        def ask() -> None:  # HTTPS for the expiring name the whole time, a new handshake each
+        def ask() -> None:  # HTTPS for the expired name the whole time, a new handshake each
             while not stop.is_set():
                 try:
                     served_cert(tls_port, expiring) or failures.append("no handshake")
@@ -129,7 +129,7 @@ def test_certificates_issued_and_renewed_by_acme_without_a_failed_request(
         wait_until(lambda: by_pebble(served_cert(tls_port, fresh)), 120,
                    "no certificate was issued for the domain that had none")
         wait_until(lambda: by_pebble(served_cert(tls_port, expiring)), 120,
-                   "the expiring certificate was not renewed")
+                   "the expired certificate was not renewed")
         stop.set()
         load.join(30)
         assert not failures, failures[:5]
