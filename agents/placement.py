@@ -30,6 +30,7 @@ from datetime import datetime
 
 from agents.fleet import App, Fleet, Host, Placement
 from ledger.events import NewEvent
+from ledger.rules import release_to_run
 from ledger.vocabulary import (
     LIVENESS_STREAM,
     RELEASE_PHASE,
@@ -237,13 +238,9 @@ def _plan_app(fleet: Fleet, app: App | None, name: str, placements: list[Placeme
 
 
 def _target(app: App) -> int:
-    """The release that should run: the current one, unless it failed and an earlier
-    release was deployed."""
-    current = app.current_release
-    assert current is not None
-    if current in app.failed and app.deployed is not None and app.deployed not in app.failed:
-        return app.deployed
-    return current
+    """The release that should run (ledger.rules.release_to_run)."""
+    assert app.current_release is not None
+    return release_to_run(app.current_release, app.deployed, app.failed)
 
 
 PHASE_OUTPUT = 100

@@ -12,7 +12,7 @@ ledger/vocabulary.py (which holds the states, liveness and scale rules).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from ledger.vocabulary import RUNNING, InstanceState
@@ -65,3 +65,21 @@ HOST_LOST_AFTER: Mapping[str, bool] = {
 }
 """Whether a host is lost after each host event: HostLost makes it so until the host is
 heard from again (a heartbeat or a new registration brings it back)."""
+
+
+def release_to_run(current: int, deployed: int | None, failed: Collection[int]) -> int:
+    """The release the placer places: the current one, unless it failed and an earlier
+    one was deployed (that one goes on serving)."""
+    if current in failed and deployed is not None and deployed not in failed:
+        return deployed
+    return current
+
+
+def serving_releases(current: int | None, deployed: int | None,
+                     failed: Collection[int]) -> set[int]:
+    """The releases whose healthy web instances take traffic: the current one unless it
+    failed, and the deployed one (during a rolling deploy both serve); a failed current one
+    if nothing else can (the placer keeps it placed then: nothing older to serve instead).
+    `release_to_run` is always one of them."""
+    serving = {r for r in (current, deployed) if r is not None and r not in failed}
+    return serving or ({current} if current is not None else set())

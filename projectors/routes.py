@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from ledger.events import RecordedEvent
 from ledger.hostnames import DEFAULT_SUFFIX, platform_hostname, reserved
-from ledger.rules import HOST_LOST_AFTER, domains_after
+from ledger.rules import HOST_LOST_AFTER, domains_after, serving_releases
 from ledger.tls import covers, https_flags
 from ledger.vocabulary import WEB
 from projectors.projector import Projector, handlers_of, handles
@@ -226,15 +226,6 @@ def health_changed(t: Tables, e: RecordedEvent) -> None:
     if old is not None and old["healthy"] != healthy:
         t.update("route_backends", old, healthy=healthy)
         _mark(t, old["app"], e.position)
-
-
-def serving_releases(current: int | None, deployed: int | None,
-                     failed: list[int]) -> set[int]:
-    """The releases whose healthy web instances take traffic: the current one unless it
-    failed, and the deployed one; a failed current one if nothing was ever deployed (the
-    placer keeps it placed then: nothing older to serve instead)."""
-    serving = {r for r in (current, deployed) if r is not None and r not in failed}
-    return serving or ({current} if current is not None else set())
 
 
 def desired_routes(t: Tables, app_name: str) -> dict[str, Row]:

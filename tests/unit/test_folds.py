@@ -14,6 +14,7 @@ from agents.fleet import Fleet
 from api.auth import Directory
 from api.state import AppState, fold
 from ledger.events import RecordedEvent
+from ledger.rules import release_to_run, serving_releases
 from projectors import apps, hosts, instances, routes
 from projectors.projector import project
 from projectors.tables import Tables
@@ -113,3 +114,17 @@ def test_a_deleted_app_is_gone_from_every_fold() -> None:
                                                           name="blog"))
     assert not app.exists and "blog" not in fleet.apps and "blog" not in directory.managers
     assert not list(views["apps"].all("apps")) and not list(views["routes"].all("route_apps"))
+
+
+def test_the_release_the_placer_runs_is_one_that_serves() -> None:
+    """The placer's target and the routes' serving releases are two rules of one story
+    (ledger/rules.py): whatever the rollout facts, the release placed takes traffic once
+    healthy, and a failed current release gives way to a deployed one."""
+    for current in (1, 2, 3):
+        for deployed in (None, 1, 2, 3):
+            for failed in ((), (current,), (1,), (1, 2), (1, 2, 3)):
+                target = release_to_run(current, deployed, failed)
+                assert target in serving_releases(current, deployed, failed)
+    assert release_to_run(3, 2, (3,)) == 2 and serving_releases(3, 2, (3,)) == {2}
+    assert serving_releases(3, 2, ()) == {2, 3}  # a rolling deploy: both serve
+    assert release_to_run(3, None, (3,)) == 3 == min(serving_releases(3, None, (3,)))
