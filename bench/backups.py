@@ -4,7 +4,7 @@ of verifying a backup.
     .venv/bin/python bench/backups.py [--quick]
 
 One ledger cluster (primary + synchronous standby, WAL archived) filled with events
-(`--mb`, 1 KiB payloads). In alternating rounds of the same cluster:
+(`--mb`: config changes of 1 KiB, kept by the digest). In alternating rounds of the same cluster:
 - backup: tally's base backup (`agents/backups/base.py`: pg_basebackup with WAL and a
   manifest into the repository, then sized and its manifest hashed) beside a plain
   `pg_basebackup -X stream -c fast` into a folder; MB/s of the data folder copied.
@@ -55,11 +55,11 @@ def cluster_with_archive() -> Cluster:
 
 def fill(cluster: Cluster, mb: int) -> int:
     """About `mb` MB of events, in batches of 1,000; returns the head."""
-    payload = {"host_id": "bench", "note": "x" * 1000}
     with Ledger(cluster.dsn()) as ledger:
         for i in range(max(1, mb)):
-            ledger.append(f"heartbeat-bench{i}", [NewEvent("HostHeartbeat", {
-                **payload, "host_id": f"bench{i}"})] * 1000)
+            ledger.append(f"app-bench{i}", [NewEvent("ConfigChanged", {
+                "app": f"bench{i}", "set": {"NOTE": "x" * 1000}, "config_version": v})
+                for v in range(1, 1001)])
         return ledger.sequence()
 
 
