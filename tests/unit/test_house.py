@@ -98,3 +98,17 @@ def test_configuration_is_read_from_the_environment_in_one_place() -> None:
     lookup = re.compile(r"os\.environ(\.get\(|\[)|os\.getenv\(|environ\.get\(")
     readers = {m for m, p in modules().items() if lookup.search(p.read_text())}
     assert readers <= {"tally.config"}, readers
+
+
+def test_the_cli_loads_only_what_a_command_uses() -> None:
+    """Every daemon and every CLI call is a `tally` process (hundreds in the test suite):
+    importing the CLI loads no migrations (alembic, SQLAlchemy), no API server (Flask) and
+    no HTTP client (requests); the commands that use them import them."""
+    import subprocess
+    import sys
+
+    heavy = ("alembic", "sqlalchemy", "flask", "requests", "gunicorn", "eventlet")
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, tally.cli; print(' '.join(sys.modules))"],
+        capture_output=True, text=True, check=True, cwd=ROOT).stdout.split()
+    assert not {m.split(".")[0] for m in loaded} & set(heavy)
