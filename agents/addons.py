@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import secrets
+import time
 from typing import Any
 from urllib.parse import quote
 
@@ -106,7 +107,31 @@ def create_database(cluster: Cluster, app: str) -> str:
     for database in apps:  # this one, and any made before the catalogs were closed
         _hide_the_neighbours(cluster, database)
     host, port = address(cluster)
-    return f"postgresql://{name}:{quote(password, safe='')}@{host}:{port}/{name}"
+    url = f"postgresql://{name}:{quote(password, safe='')}@{host}:{port}/{name}"
+    _wait_writable(url)
+    return url
+
+
+def _wait_writable(url: str, timeout: float = 30.0) -> None:
+    """Until the URL reaches the primary: a proxy just started (or restarted) may not have
+    checked its nodes yet, and the app's first write must not meet a standby."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn = psycopg2.connect(url, connect_timeout=3)
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("SELECT pg_is_in_recovery()")
+                    if cur.fetchone() == (False,):
+                        return
+            finally:
+                conn.close()
+        except psycopg2.OperationalError:
+            pass
+        if time.monotonic() > deadline:
+            raise AddonError(f"{url.rsplit('@', 1)[1]} did not reach the primary within "
+                             f"{timeout:.0f}s")
+        time.sleep(0.1)
 
 
 def drop_database(cluster: Cluster, app: str) -> bool:

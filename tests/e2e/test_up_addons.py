@@ -1,0 +1,93 @@
+"""Add-ons across `tally down && tally up`, as a person drives them on private ports and a
+private home: the first `addons:create` makes the apps' cluster (Patroni, etcd, HAProxy)
+and a Redis under the running supervisord; after `tally down` and `tally up` both answer at
+the same URLs, supervisord runs them again, and `addons:create` works for a new app.
+(Before: the apps' cluster was not started by `tally up`, apps answered 500 and
+`addons:create` refused with `already has a DATABASE_URL`.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import psycopg2
+import pytest
+import redis
+
+from tally import supervise
+from tally.config import Config
+from tests.conftest import free_port_range, free_ports, uid_block
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def _answers(urls: dict[str, str]) -> bool:
+    try:
+        psycopg2.connect(urls["DATABASE_URL"], connect_timeout=2).close()
+        client = redis.Redis.from_url(urls["REDIS_URL"], socket_connect_timeout=2)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (psycopg2.Error, redis.RedisError):
+        return False
+
+
+def test_addons_answer_at_the_same_urls_after_down_and_up() -> None:
+    home = Path(tempfile.mkdtemp(prefix="tally-up-addons-"))
+    home.chmod(0o755)
+    ports = free_ports(15)
+    low, high = free_port_range(20)
+    redis_low, redis_high = free_port_range(4)
+    env = {
+        **os.environ, "TALLY_HOME": str(home),
+        "TALLY_LEDGER_PORTS": f"{ports[0]},{ports[1]}",
+        "TALLY_LEDGER_HA_PORTS": ",".join(str(p) for p in ports[11:15]),
+        "TALLY_RELAYS": f"tcp://127.0.0.1:{ports[2]},tcp://127.0.0.1:{ports[3]}",
+        "TALLY_API_BIND": f"127.0.0.1:{ports[4]}",
+        "TALLY_COLLECTOR": f"tcp://127.0.0.1:{ports[5]}",
+        "TALLY_APPS_DB_PORTS": f"{ports[6]},{ports[7]}", "TALLY_APPS_DB_PORT": str(ports[8]),
+        "TALLY_REDIS_PORTS": f"{redis_low}-{redis_high}",
+        "TALLY_AGENT_PORTS": f"{low}-{low + 9},{low + 10}-{high}",
+        "TALLY_BALANCERS": f"127.0.0.1:{ports[9]},127.0.0.1:{ports[10]}",
+        "TALLY_CREDENTIALS": str(home / "credentials.json"),
+        "TALLY_APP_UIDS": uid_block(),
+    }
+    cfg = Config.from_env(env)
+
+    def tally(*args: str) -> subprocess.CompletedProcess:
+        out = subprocess.run([sys.executable, "-m", "tally.cli", *args], env=env,
+                             capture_output=True, text=True, timeout=400)
+        assert out.returncode == 0, (args, out.stderr)
+        return out
+    try:
+        tally("up")
+        tally("apps:create", "blog")
+        tally("addons:create", "-a", "blog", "postgresql")
+        tally("addons:create", "-a", "blog", "redis")
+        urls = json.loads(tally("config", "-a", "blog", "--json").stdout)
+        assert _answers(urls)
+        services = {"addons-etcd", "addons-patroni-a", "addons-patroni-b", "addons-haproxy",
+                    "addons-redis-blog"}
+        assert services <= {d["name"] for d in supervise.status(cfg)}
+
+        tally("down")
+        assert not _answers(urls)
+        again = tally("up")
+        assert "apps' database cluster" in again.stderr and "Redis add-ons: blog" in again.stderr
+        assert json.loads(tally("config", "-a", "blog", "--json").stdout) == urls
+        wait_until(lambda: _answers(urls), 60, "the add-ons at their old URLs")
+        running = {d["name"] for d in supervise.status(cfg) if d["state"] == "RUNNING"}
+        assert services <= running
+        tally("apps:create", "shop")
+        tally("addons:create", "-a", "shop", "postgresql")
+    finally:
+        subprocess.run([sys.executable, "-m", "tally.cli", "down"], env=env,
+                       capture_output=True, timeout=400)
+        shutil.rmtree(home, ignore_errors=True)
