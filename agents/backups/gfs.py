@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 Bucket = Callable[[datetime], tuple[int, ...]]
 
@@ -80,3 +80,10 @@ def prunable(backups: Iterable[Backup], policy: Policy) -> list[str]:
     keep = kept(backups, policy)
     return [b.backup_id for b in sorted(backups, key=lambda b: b.taken_at)
             if b.verified and b.backup_id not in keep]
+
+
+def expired(backups: Iterable[Backup], now: datetime, keep: timedelta) -> list[str]:
+    """Final backups (taken before an add-on was destroyed, outside GFS) older than `keep`,
+    an operator's choice: the ids to prune, oldest first."""
+    return [b.backup_id for b in sorted(backups, key=lambda b: b.taken_at)
+            if now - b.taken_at > keep]

@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from agents.backups import base, dumps, gfs, verify
 from agents.backups.base import BackupError, Progress
 from agents.backups.repository import Repository
 from agents.backups.scratch import clear
-from agents.backups.state import TYPES, Backup, fold, retention_view, stream_of
+from agents.backups.state import TYPES, Backup, finals, fold, retention_view, stream_of
 from agents.bundle import digest_of
 from ledger import Ledger, LedgerError, NewEvent
 from ledger.cluster import Cluster
@@ -76,7 +76,8 @@ class BackupAgent:
     def __init__(self, cluster: Cluster, repo: Repository, scratch_root: Path,
                  policy: gfs.Policy, apps_cluster: Cluster | None = None,
                  agent_id: str | None = None, max_rate: str | None = None,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None,
+                 keep_final: timedelta = timedelta(days=30)) -> None:
         self.cluster = cluster
         self.apps_cluster = apps_cluster
         self.repo = repo
@@ -85,6 +86,7 @@ class BackupAgent:
         self.agent_id = agent_id or f"{socket.gethostname()}:{os.getpid()}"
         self.max_rate = max_rate
         self.progress = progress
+        self.keep_final = keep_final
         self.dsn = cluster.dsn("tally_writer")
 
     # -- the ledger's record ---------------------------------------------------------------
@@ -260,9 +262,24 @@ class BackupAgent:
 
     def run_addons(self, scheduled_for: str | None = None, job: str = "addons",
                    reason: str = "scheduled") -> list[str]:
-        """A dump of every app's database; the ids this agent took."""
-        return [bid for app in self.addon_apps()
-                if (bid := self.run_addon(app, scheduled_for, job, reason))]
+        """A dump of every app's database, then final backups past their period; the ids
+        this agent took."""
+        taken = [bid for app in self.addon_apps()
+                 if (bid := self.run_addon(app, scheduled_for, job, reason))]
+        self.prune_finals(datetime.now(UTC))
+        return taken
+
+    def prune_finals(self, now: datetime) -> list[str]:
+        """Prune the final backups (of destroyed add-ons) older than `keep_final`."""
+        with self.ledger() as ledger:
+            backups = self.backups(ledger)
+            gone = gfs.expired(finals(backups.values()), now, self.keep_final)
+            for backup_id in gone:
+                target = backups[backup_id].target
+                self.remove(target, backup_id)
+                self.record(ledger, target, "BackupPruned", backup_id=backup_id,
+                            reason=f"a final backup kept {self.keep_final}")
+        return gone
 
     def run_addon(self, app: str, scheduled_for: str | None = None, job: str = "addons",
                   reason: str = "capture") -> str | None:

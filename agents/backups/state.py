@@ -86,11 +86,29 @@ def fold(events: Iterable[RecordedEvent]) -> dict[str, Backup]:
     return out
 
 
+FINAL = "final"
+"""The job of a backup taken before an add-on was destroyed: kept for the operator's period
+(`--keep-final`), outside GFS."""
+
+
 def retention_view(backups: Iterable[Backup], target: str) -> list[gfs.Backup]:
-    """The target's backups that retention weighs: those still held, good or being made."""
+    """The target's backups that GFS weighs: those still held, good or being made, but
+    final ones."""
     return [gfs.Backup(b.backup_id, b.started_at, b.state == "verified")
-            for b in backups if b.target == target and b.state in ("running", "completed",
-                                                                   "verified")]
+            for b in backups if b.target == target and b.job != FINAL
+            and b.state in ("running", "completed", "verified")]
+
+
+def finals(backups: Iterable[Backup]) -> list[gfs.Backup]:
+    """The backups held of targets that are gone: every one of a target whose newest
+    backup is a final one (its add-on was destroyed after it)."""
+    held = [b for b in backups if b.state in ("completed", "verified")]
+    newest: dict[str, Backup] = {}
+    for b in held:
+        if b.target not in newest or b.started_at >= newest[b.target].started_at:
+            newest[b.target] = b
+    return [gfs.Backup(b.backup_id, b.started_at, True) for b in held
+            if newest[b.target].job == FINAL]
 
 
 def last_scheduled(backups: Iterable[Backup], job: str) -> str | None:

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from tally.config import Config
-from tally.console import daemon_logging, fail_cleanly, stop_event, table
+from tally.console import daemon_logging, fail_cleanly, parse_age, stop_event, table
 
 DEFAULT_LEDGER_CRON = "0 * * * *"
 DEFAULT_ADDONS_CRON = "30 3 * * *"
@@ -48,7 +48,7 @@ class Meter:
 
 
 def agent_for(cfg: Config, keep: str = DEFAULT_KEEP, max_rate: str | None = None,
-              progress: Any = None) -> Any:
+              progress: Any = None, keep_final: str = "30d") -> Any:
     """The backup agent wired to this machine's clusters and repository."""
     from agents.backups import gfs
     from agents.backups.jobs import BackupAgent
@@ -58,7 +58,8 @@ def agent_for(cfg: Config, keep: str = DEFAULT_KEEP, max_rate: str | None = None
     cluster.require()
     return BackupAgent(cluster, Repository(cfg.backup_repo).open(), cfg.backup_scratch,
                        gfs.Policy.parse(keep), apps_cluster=cfg.apps_cluster(),
-                       max_rate=max_rate, progress=progress)
+                       max_rate=max_rate, progress=progress,
+                       keep_final=parse_age(keep_final))
 
 
 def _backup_error() -> type[Exception]:
@@ -75,11 +76,13 @@ def _backup_error() -> type[Exception]:
               help="When to dump every app's database (cron, UTC).")
 @click.option("--keep", default=DEFAULT_KEEP, show_default=True,
               help="GFS retention per target.")
+@click.option("--keep-final", default="30d", show_default=True,
+              help="How long the last backup of a destroyed add-on is kept.")
 @click.option("--max-rate", help="Limit pg_basebackup's rate (e.g. 32M).")
 @click.pass_obj
 @fail_cleanly
 def serve_backups(cfg: Config, ledger_cron: str, addons_cron: str, keep: str,
-                  max_rate: str | None) -> None:
+                  keep_final: str, max_rate: str | None) -> None:
     """The backup agent: scheduled base backups of the ledger and dumps of the apps'
     databases, each verified, GFS retention, and the WAL archive."""
     from agents.backups.schedule import Daemon, Job
@@ -88,7 +91,8 @@ def serve_backups(cfg: Config, ledger_cron: str, addons_cron: str, keep: str,
     for job in jobs:
         job.trigger()  # a bad cron line is an error now, not at 3 a.m.
     daemon_logging()
-    daemon = Daemon(agent_for(cfg, keep, max_rate), jobs, cfg.wal_spool)
+    daemon = Daemon(agent_for(cfg, keep, max_rate, keep_final=keep_final), jobs,
+                    cfg.wal_spool)
     stop_event(daemon.stop)
     daemon.run()
 

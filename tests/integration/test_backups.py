@@ -12,7 +12,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import closing
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg2
@@ -455,6 +455,12 @@ def test_an_apps_people_back_up_and_restore_its_database_through_the_api_and_no_
             .stat().st_size > 0
         with pytest.raises(psycopg2.OperationalError):
             psycopg2.connect(url).close()
+        # Kept for the operator's period, then pruned with the add-on's other backups.
+        agent = agent_of(archived)
+        assert agent.prune_finals(datetime.now(UTC)) == []
+        agent.keep_final = timedelta(0)
+        assert set(agent.prune_finals(datetime.now(UTC))) == {backup_id, final[0]["backup_id"]}
+        assert not agent.repo.dump("cafe", final[0]["backup_id"]).exists()
     finally:
         api.stop()
         apps.destroy()

@@ -12,7 +12,7 @@ from agents.backups import gfs
 from agents.backups.jobs import new_backup_id, wal_segment
 from agents.backups.restore import Target, choose, parse_target
 from agents.backups.schedule import Job, cron_trigger, due_runs, last_fire
-from agents.backups.state import fold, retention_view
+from agents.backups.state import finals, fold, retention_view
 from ledger.events import RecordedEvent
 
 T0 = datetime(2026, 3, 2, 0, 0, tzinfo=UTC)  # a Monday
@@ -125,3 +125,21 @@ def test_restore_target_and_choice() -> None:
     assert choose(backups, Target(position=150))["backup_id"] == "b1"
     assert choose(backups, Target(time=T0 + timedelta(minutes=90)))["backup_id"] == "b1"
     assert choose(backups, Target())["backup_id"] == "b2"
+
+
+def test_a_destroyed_addons_backups_are_kept_for_the_operators_period_then_pruned() -> None:
+    done = {"size_bytes": 1, "location": "x", "digest": "0" * 64}
+
+    def ran(pos: int, bid: str, target: str, job: str) -> list[RecordedEvent]:
+        return [RecordedEvent(pos, pos, f"backup-{target}", 1, t, {
+            "target": target, "backup_id": bid, "job": job, **extra}, {},
+            T0 + timedelta(days=pos)) for t, extra in (
+                ("BackupStarted", {}), ("BackupCompleted", done), ("BackupVerified", {}))]
+
+    backups = fold([*ran(1, "a1", "addon:gone", "addons"), *ran(2, "a2", "addon:gone", "final"),
+                    *ran(3, "b1", "addon:kept", "addons")])
+    gone = finals(backups.values())
+    assert sorted(b.backup_id for b in gone) == ["a1", "a2"]
+    assert retention_view(backups.values(), "addon:gone")[0].backup_id == "a1"
+    assert gfs.expired(gone, T0 + timedelta(days=20), timedelta(days=18)) == ["a1"]
+    assert gfs.expired(gone, T0 + timedelta(days=20), timedelta(days=30)) == []
