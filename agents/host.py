@@ -47,7 +47,16 @@ from agents.logs import Shipper
 from agents.outbox import Outbox
 from agents.processes import Limits, Processes
 from agents.runs import RunServer
-from agents.stats import ANY_APP, Sample, StatsListener, Traffic, usage
+from agents.stats import (
+    ANY_APP,
+    Sample,
+    Sender,
+    StatsListener,
+    Traffic,
+    holding,
+    socket_inodes,
+    usage,
+)
 from agents.supervision import (
     ALIVE,
     FAILED_CHECKS,
@@ -161,6 +170,8 @@ class Agent:
         self.next_beat = 0.0
         self.uids: dict[str, int] = {}
         """App -> uid of its user on this machine (netrules.app_uids), each round."""
+        self.statsd_sockets: dict[int, str] = {}
+        """Socket inode -> the instance holding it (statsd senders already found)."""
         self.statsd = StatsListener(paths.state / "statsd.port", self.statsd_sender)
         self.traffic = Traffic()
         self.next_stats = 0.0
@@ -315,15 +326,34 @@ class Agent:
             self.netrules.apply([*self.reach, *extra], [self.statsd.port], netrules.Backends(
                 s.address, s.port_min, s.port_max, owners, s.backend_clients))
 
-    def statsd_sender(self, uid: int) -> str | None:
-        """The app whose user `uid` is (statsd's thread): it may count for its own
-        instances only. An agent that is not root runs every app as itself: any."""
+    def statsd_sender(self, sender: Sender) -> str | None:
+        """The instance holding the socket a statsd datagram came from (statsd's thread):
+        it may count for itself only. An agent that is not root runs every app as itself:
+        any."""
         if os.geteuid() != 0:
             return ANY_APP
+        app = self.app_of_uid(sender.uid)
+        if app is None:
+            return None
+        cached = self.statsd_sockets.get(sender.inode, "")
+        if cached.startswith(f"{app}."):
+            return cached
+        leaders = {iid: loc.pid for iid, loc in list(self.local.items())
+                   if loc.pid and iid.startswith(f"{app}.")}
+        found = holding(sender.inode, leaders, socket_inodes)
+        if found is not None:
+            if len(self.statsd_sockets) > 4096:
+                self.statsd_sockets.clear()
+            self.statsd_sockets[sender.inode] = found
+        return found
+
+    def app_of_uid(self, uid: int) -> str | None:
+        """The app whose user `uid` is: from the loop's last round, or (before its first,
+        adopted instances already reporting) from the system's users."""
         known = next((app for app, u in self.uids.items() if u == uid), None)
         if known is not None:
             return known
-        try:  # before the loop's first round (an adopted instance reporting): ask the system
+        try:
             name = pwd.getpwuid(uid).pw_name
         except KeyError:
             return None

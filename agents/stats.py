@@ -9,9 +9,10 @@ reconnects, which rules out a Unix socket that dies with the agent); a lost data
 one count, never blocks an app.
 
 Every app can send to that port, so a datagram's words are not trusted: the agent looks up
-who owns the socket it came from (its source port, in the kernel's table of UDP sockets,
-/proc/net/udp: the uid of whoever made it, which no app can forge), and keeps only the
-counts of instances of that uid's app. An app cannot count requests for another app.
+the socket it came from (its source port, in the kernel's table of UDP sockets,
+/proc/net/udp: the uid of whoever made it and its inode, which no app can forge), finds
+the instance of that uid's app whose processes hold that socket, and keeps only that
+instance's counts. An instance cannot count requests for another app's, nor a sibling's.
 Memory and CPU come from psutil over the instance's
 process tree (gunicorn's master and workers), restarts from the agent's own count. Every
 `Timing.stats_every` seconds one row per running instance is written.
@@ -19,7 +20,9 @@ process tree (gunicorn's master and workers), restarts from the agent's own coun
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import socket
 import threading
 from collections import Counter
@@ -61,13 +64,14 @@ word can be told from another's there."""
 
 class StatsListener:
     """A statsd sink on 127.0.0.1: counts requests per instance until `take`n, each only
-    from a socket of the instance's app (`owner(uid)`: the app a uid is, ANY_APP or None).
+    from a socket of that instance (`owner(sender)`: the instance holding the sending
+    socket, ANY_APP or None).
 
     Its port is kept in `port_file` and bound again by the next agent: the instances it
     adopts were told that port when they started, and cannot be told another."""
 
     def __init__(self, port_file: Path | None = None,
-                 owner: Callable[[int], str | None] = lambda uid: ANY_APP,
+                 owner: Callable[[Sender], str | None] = lambda sender: ANY_APP,
                  sockets: Path = Path("/proc/net/udp")) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
@@ -81,7 +85,7 @@ class StatsListener:
         self.owner, self.sockets = owner, sockets
         self.counts: Counter[str] = Counter()
         self.refused = 0
-        """Counts a sender named for an instance not of its own app."""
+        """Counts a sender named for an instance not its own."""
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="statsd", daemon=True)
@@ -117,8 +121,8 @@ class StatsListener:
             senders = {}
         for data, (_, port) in batch:
             named = parse(data)
-            uid = senders.get(port)
-            counts = own_counts(named, self.owner(uid) if uid is not None else None)
+            sender = senders.get(port)
+            counts = own_counts(named, self.owner(sender) if sender is not None else None)
             with self.lock:
                 self.counts.update(counts)
                 self.refused += sum(named.values()) - sum(counts.values())
@@ -134,30 +138,65 @@ class StatsListener:
         self.sock.close()
 
 
-def udp_senders(table: str) -> dict[int, int]:
-    """Local port -> owner uid of the loopback or wildcard UDP sockets in /proc/net/udp's
-    text; a port two uids share is left out (neither can be told from the other)."""
-    owners: dict[int, set[int]] = {}
+@dataclass(frozen=True)
+class Sender:
+    """The socket a datagram came from, as the kernel knows it."""
+
+    uid: int
+    inode: int
+
+
+def udp_senders(table: str) -> dict[int, Sender]:
+    """Local port -> the loopback or wildcard UDP socket on it, from /proc/net/udp's text;
+    a port two sockets share is left out (neither can be told from the other)."""
+    found: dict[int, list[Sender]] = {}
     for line in table.splitlines()[1:]:
         fields = line.split()
-        if len(fields) < 8:
+        if len(fields) < 10:
             continue
         address, _, port = fields[1].partition(":")
         if address not in ("0100007F", "00000000"):
             continue
         try:
-            owners.setdefault(int(port, 16), set()).add(int(fields[7]))
+            found.setdefault(int(port, 16), []).append(Sender(int(fields[7]), int(fields[9])))
         except ValueError:
             continue
-    return {port: uids.pop() for port, uids in owners.items() if len(uids) == 1}
+    return {port: senders[0] for port, senders in found.items() if len(senders) == 1}
 
 
-def own_counts(counts: Counter[str], app: str | None) -> Counter[str]:
-    """Only the counts a sender of `app` may report: its own app's instances'."""
-    if app == ANY_APP:
+def own_counts(counts: Counter[str], instance: str | None) -> Counter[str]:
+    """Only the counts a sender that is `instance` may report: its own."""
+    if instance == ANY_APP:
         return counts
-    return Counter({iid: n for iid, n in counts.items()
-                    if app is not None and iid.startswith(f"{app}.")})
+    return Counter({iid: n for iid, n in counts.items() if iid == instance})
+
+
+def holding(inode: int, leaders: dict[str, int],
+            sockets_of: Callable[[int], set[int]]) -> str | None:
+    """The instance (of `leaders`: instance id -> its leader pid) whose processes hold the
+    socket `inode`, or None."""
+    return next((iid for iid, pid in leaders.items() if inode in sockets_of(pid)), None)
+
+
+def socket_inodes(pid: int) -> set[int]:
+    """The inodes of the sockets a process and its descendants hold (root reads any)."""
+    try:
+        root = psutil.Process(pid)
+        pids = [pid, *(c.pid for c in root.children(recursive=True))]
+    except psutil.Error:
+        return set()
+    out = set()
+    for p in pids:
+        try:
+            fds = os.listdir(f"/proc/{p}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                link = os.readlink(f"/proc/{p}/fd/{fd}")
+                if link.startswith("socket:["):
+                    out.add(int(link[8:-1]))
+    return out
 
 
 @dataclass

@@ -154,45 +154,55 @@ def test_health_checks_are_not_traffic_even_when_counted_late() -> None:
     assert t.report("i") == 0  # each request reported once
 
 
-def test_a_statsd_sender_counts_only_for_its_own_apps_instances() -> None:
-    """Who sent a datagram is the kernel's word (agents/stats.py): an app naming another
-    app's instance counts nothing; a sender of no app counts nothing."""
+def test_a_statsd_sender_counts_only_for_its_own_instance() -> None:
+    """Who sent a datagram is the kernel's word (agents/stats.py): naming another app's
+    instance, or a sibling, counts nothing; a sender of no instance counts nothing."""
     from agents.stats import ANY_APP, own_counts
 
-    named = Counter({"blog.1.web.a": 2, "shop.1.web.b": 123457, "blog.1.worker.c": 5})
-    assert own_counts(named, "blog") == {"blog.1.web.a": 2, "blog.1.worker.c": 5}
-    assert own_counts(named, "shop") == {"shop.1.web.b": 123457}
-    assert own_counts(named, "blo") == {}  # a prefix of a name is not the name
+    named = Counter({"blog.1.web.a": 2, "shop.1.web.b": 123457, "blog.1.web.c": 5})
+    assert own_counts(named, "blog.1.web.a") == {"blog.1.web.a": 2}
+    assert own_counts(named, "shop.1.web.b") == {"shop.1.web.b": 123457}
     assert own_counts(named, None) == {}
     assert own_counts(named, ANY_APP) == named
 
 
-def test_udp_senders_are_the_owners_of_loopback_sockets_by_port() -> None:
-    """/proc/net/udp's columns: local address:port (hex), ..., uid; a port two uids
-    share is nobody's."""
-    from agents.stats import udp_senders
+def test_the_sender_is_the_instance_holding_its_socket() -> None:
+    from agents.stats import holding
+
+    sockets = {100: {11, 12}, 200: {21}}
+    leaders = {"blog.1.web.a": 100, "blog.1.web.c": 200}
+    assert holding(21, leaders, lambda pid: sockets.get(pid, set())) == "blog.1.web.c"
+    assert holding(99, leaders, lambda pid: sockets.get(pid, set())) is None
+
+
+def test_udp_senders_are_the_sockets_of_loopback_ports() -> None:
+    """/proc/net/udp's columns: local address:port (hex), ..., uid, timeout, inode; a port
+    two sockets share is nobody's."""
+    from agents.stats import Sender, udp_senders
 
     table = """\
    sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout
-  101: 0100007F:1F90 0100007F:2328 01 00000000:00000000 00:00000000 00000000 200001        0 1 2 0 0
-  102: 00000000:1F91 00000000:0000 07 00000000:00000000 00:00000000 00000000 200002        0 3 2 0 0
-  103: 0202000A:1F92 00000000:0000 07 00000000:00000000 00:00000000 00000000 200003        0 4 2 0 0
-  104: 0100007F:1F93 00000000:0000 07 00000000:00000000 00:00000000 00000000 200004        0 5 2 0 0
-  105: 00000000:1F93 00000000:0000 07 00000000:00000000 00:00000000 00000000 200005        0 6 2 0 0
+  101: 0100007F:1F90 0100007F:2328 01 00000000:00000000 00:00000000 00000000 200001 0 501 2 0
+  102: 00000000:1F91 00000000:0000 07 00000000:00000000 00:00000000 00000000 200002 0 502 2 0
+  103: 0202000A:1F92 00000000:0000 07 00000000:00000000 00:00000000 00000000 200003 0 503 2 0
+  104: 0100007F:1F93 00000000:0000 07 00000000:00000000 00:00000000 00000000 200004 0 504 2 0
+  105: 00000000:1F93 00000000:0000 07 00000000:00000000 00:00000000 00000000 200004 0 505 2 0
 """
-    assert udp_senders(table) == {0x1F90: 200001, 0x1F91: 200002}
+    assert udp_senders(table) == {0x1F90: Sender(200001, 501), 0x1F91: Sender(200002, 502)}
 
 
-def test_statsd_counts_are_kept_only_for_the_senders_app(tmp_path: Path) -> None:
-    """Real UDP: this process sends for its 'app' and for another; the kernel's table
-    (/proc/net/udp) names this process's uid as the sender."""
+def test_statsd_counts_are_kept_only_for_the_sending_instance(tmp_path: Path) -> None:
+    """Real UDP: this process holds the sending socket, so it is 'instance' a.1.web.x (the
+    kernel's /proc/net/udp and this process's fds say so); its count for b.1.web.y is
+    refused."""
     import os
     import socket
 
-    from agents.stats import StatsListener
+    from agents.stats import StatsListener, holding, socket_inodes
     from tests.waiting import wait_until
 
-    listener = StatsListener(owner={os.getuid(): "a"}.get)
+    listener = StatsListener(owner=lambda sender: holding(
+        sender.inode, {"a.1.web.x": os.getpid()}, socket_inodes))
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:  # open, as gunicorn's
             to = ("127.0.0.1", listener.port)
@@ -202,6 +212,6 @@ def test_statsd_counts_are_kept_only_for_the_senders_app(tmp_path: Path) -> None
             wait_until(lambda: got.update(listener.take()) or got["a.1.web.x"] == 3, 10,
                        "the own count taken")
             assert got == {"a.1.web.x": 3}
-            wait_until(lambda: listener.refused == 123457, 10, "the other app's count refused")
+            wait_until(lambda: listener.refused == 123457, 10, "the other's count refused")
     finally:
         listener.close()
