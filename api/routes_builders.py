@@ -199,7 +199,7 @@ def build_failed(name: str, number: int) -> ResponseReturnValue:
 
 
 @route("/apps/<name>/releases/<int:number>/build/slug", "PUT", query=schemas.SlugUpload,
-       response=schemas.Appended, status=201, tag="builders", raw_body="application/gzip",
+       response=schemas.Appended, status=201, tag="builders", raw_body="application/octet-stream",
        errors=(400, 401, 403, 404, 409, 413, 422))
 def upload_slug(name: str, number: int) -> ResponseReturnValue:
     """The slug a build made, from the builder holding the claim: stored by its sha256

@@ -11,7 +11,7 @@ from flask import send_file
 from flask.typing import ResponseReturnValue
 
 from api import bundles, decide, schemas
-from api.errors import NotFound
+from api.errors import Forbidden, NotFound
 from api.routes_apps import app_state, release_reader_state
 from api.state import AppState, Release
 from api.web import query, reply, route, services, who
@@ -74,11 +74,14 @@ def show_build(name: str, number: int) -> ResponseReturnValue:
        raw_response="application/gzip", errors=(401, 403, 404))
 def download_slug(name: str, number: int) -> ResponseReturnValue:
     """The release's slug: for agents of hosts it is placed on or that run a one-off
-    command of it, for balancers (they serve its static files), and for the app's people."""
+    command of it, for balancers the one the routes serve static files from, and for the
+    app's people."""
     svc = services()
-    if who().role == "balancer":  # it routes every app's traffic already
+    if who().role == "balancer":
         state = svc.load_app(name)
         decide.require_app(state)
+        if not svc.views.routes_slug(name, number):
+            raise Forbidden(f"the routes serve no static files from v{number} of {name}")
     else:
         state = release_reader_state(name, number)
     b = build_of(state, _release(state, number))

@@ -123,6 +123,11 @@ class Views:
                      "slug")
     """What a balancer routes by (balancer/sources.py reads rows of these keys)."""
 
+    def routes_slug(self, app: str, release: int) -> bool:
+        """Whether the routes name `release` of `app` as the slug balancers serve from."""
+        return bool(self.rows("SELECT 1 FROM views.routes WHERE app = %s AND "
+                              "(slug->>'release')::int = %s LIMIT 1", (app, release)))
+
     def routes_status(self) -> tuple[int, int]:
         """(ledger position the routes projector has applied, routes_version): one cheap
         query a balancer's wait polls."""

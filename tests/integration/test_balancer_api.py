@@ -160,6 +160,48 @@ def test_the_routing_table_opens_to_its_balancer_only(private: Cluster) -> None:
         api.kill()
 
 
+def test_a_balancer_token_reads_only_the_slug_the_routes_serve(private: Cluster) -> None:
+    """Static files come from the newest serving release's slug: a balancer's token opens
+    that slug and no other of the app's (its code), as an agent's opens only what is
+    placed on its host."""
+    backend = Upstream("s")
+    api = ApiProc(private, "api-slugs")
+    projectors = Daemon(private, "projectors", ["projectors", "--poll-interval", "0.1"])
+    try:
+        with Ledger(private.dsn()) as ledger:
+            seed(ledger, "slugs", backend)
+            ledger.append("app-slugs", [NewEvent("ReleaseCreated", {
+                "app": "slugs", "release": 2, "bundle_digest": "0" * 64,
+                "procfile": {"web": "true"}, "config_version": 0})])
+            for n, digest in ((1, "1" * 64), (2, "2" * 64)):
+                ledger.append(f"build-slugs.{n + 1}", [NewEvent("BuildSucceeded", {
+                    "app": "slugs", "release": n, "slug_digest": digest, "size_bytes": 1,
+                    "seconds": 1.0})])
+        api.start()
+        projectors.start()
+        token = api.token("bz", "balancer")
+
+        def served() -> int | None:
+            rows = requests.get(f"{api.url}/balancers/bz/routing", timeout=10, headers={
+                "Authorization": f"Bearer {token}"}).json().get("routes", [])
+            slugs = [r["slug"]["release"] for r in rows if r.get("slug")]
+            return slugs[0] if slugs else None
+
+        serving = wait_until(served, 60, "the routes never named a slug")
+
+        def slug(n: int) -> int:
+            return requests.get(f"{api.url}/apps/slugs/releases/{n}/slug", timeout=10,
+                                headers={"Authorization": f"Bearer {token}"}).status_code
+
+        other = 1 if serving == 2 else 2
+        assert slug(other) == 403
+        assert slug(serving) != 403  # (404: this test stored no slug file)
+    finally:
+        projectors.kill()
+        api.kill()
+        backend.close()
+
+
 def test_certificates_and_https_settings_reach_the_balancer_through_the_api(
         private: Cluster, tmp_path: Path) -> None:
     backend = Upstream("a")
