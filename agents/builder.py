@@ -167,14 +167,16 @@ class Builder:
 
         try:
             try:
-                result = self._sandboxed(job, folder, out.line, lambda: (claim.renew_if_due(),
-                                                                        out.flush()))
+                user = self._user(job)
+                result = self._sandboxed(job, user, folder, out.line,
+                                         lambda: (claim.renew_if_due(), out.flush()))
                 claim.renew_if_due(force=True)
                 if result.stopped or result.code != 0:
                     fail(result.stopped or _reason(result.code, out.tail))
                     return
                 out.line("-----> Compressing the slug")
-                digest, size = slug.pack(folder / "app", folder / "slug")
+                digest, size = slug.pack(folder / "app", folder / "slug",
+                                         (user.uid, user.gid))
                 if size > job.slug_max_bytes:
                     fail(f"the slug is {size / 2**20:.1f} MB, over the app's slug_mb quota of "
                          f"{job.slug_max_bytes / 2**20:.0f} MB (leave files out with "
@@ -218,8 +220,8 @@ class Builder:
             cache.chmod(0o700)
             yield cache
 
-    def _sandboxed(self, job: Job, folder: Path, line: Callable[[str], None],
-                   tick: Callable[[], None]) -> sandbox.Outcome:
+    def _user(self, job: Job) -> sandbox.BuildUser:
+        """The build's uid, its network confined to the index first (when asked)."""
         if job.build_uid is None:
             raise sandbox.SandboxUnavailable(f"app {job.app} has no uid (it was created before "
                                              "apps had one): create it again")
@@ -230,6 +232,10 @@ class Builder:
             except netrules.Unavailable as exc:  # never build unconfined when asked not to
                 raise sandbox.SandboxUnavailable(f"cannot confine the build's network: "
                                                  f"{exc}") from exc
+        return user
+
+    def _sandboxed(self, job: Job, user: sandbox.BuildUser, folder: Path,
+                   line: Callable[[str], None], tick: Callable[[], None]) -> sandbox.Outcome:
         line(f"-----> Building {job.app} v{job.release} (bundle {job.bundle_digest[:12]})")
         path = bundle.download(self.api.base, self.api.token, job.app, job.release,
                                job.bundle_digest, self.downloads,

@@ -2,10 +2,10 @@
 as a tar.gz named by its sha256, stored beside the bundles. Every host runs it as is, at
 /app, with no pip and no network.
 
-Packing (the builder, as root, once the sandbox is gone): only folders, regular files and
-symbolic links, owned by root in the archive, no set-id bits, no group or other write;
-files are opened without following links, so a build cannot make root read anything but
-its own files.
+Packing (the builder, once the sandbox is gone, through a child running as the build's
+uid: agents/unpacker.py): only folders, regular files and symbolic links, owned by root in
+the archive, no set-id bits, no group or other write; nothing is opened through a link,
+and root never reads the build's folder at all.
 
 Unpacking (the host agent): the digest is checked, then the slug is unpacked once per host
 under a lock (two instances of one release starting together wait for one unpack instead
@@ -22,7 +22,6 @@ import fcntl
 import os
 import posixpath
 import shutil
-import stat
 import tarfile
 import tempfile
 from pathlib import Path
@@ -36,15 +35,15 @@ class SlugRefused(BundleRefused):
     """A slug that cannot be run here; the message says why."""
 
 
-def pack(root: Path, store: Path) -> tuple[str, int]:
-    """Archive the build folder into `store`/<sha256>.tar.gz; returns (digest, size)."""
+def pack(root: Path, store: Path, owner: tuple[int, int] | None = None) -> tuple[str, int]:
+    """Archive the build folder into `store`/<sha256>.tar.gz; returns (digest, size). The
+    folder is read by a child running as `owner` (the build's uid, agents/unpacker.py):
+    the builder, root, never opens a file or a folder a build made."""
     store.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=store, prefix=".slug-", suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz",
-                                                      compresslevel=1) as tar:
-            for rel in _walk(root):
-                _add(tar, root, rel)
+        with os.fdopen(fd, "wb") as raw:
+            unpacker.pack_as(root, raw, owner)
         digest = digest_of(Path(tmp))
         final = store / f"{digest}.tar.gz"
         os.replace(tmp, final)
@@ -53,38 +52,6 @@ def pack(root: Path, store: Path) -> tuple[str, int]:
             os.unlink(tmp)
         raise
     return digest, final.stat().st_size
-
-
-def _walk(root: Path) -> list[str]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        rel = os.path.relpath(dirpath, root)
-        for name in [*dirnames, *sorted(filenames)]:
-            out.append(name if rel == "." else f"{rel}/{name}")
-    return out
-
-
-def _add(tar: tarfile.TarFile, root: Path, rel: str) -> None:
-    path = root / rel
-    st = os.lstat(path)
-    info = tarfile.TarInfo(rel)
-    info.mtime, info.uid, info.gid = int(st.st_mtime), 0, 0
-    info.mode = stat.S_IMODE(st.st_mode) & 0o755
-    if stat.S_ISDIR(st.st_mode):
-        info.type = tarfile.DIRTYPE
-        tar.addfile(info)
-    elif stat.S_ISLNK(st.st_mode):
-        info.type, info.linkname = tarfile.SYMTYPE, os.readlink(path)
-        tar.addfile(info)
-    elif stat.S_ISREG(st.st_mode):
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                return
-            info.size = os.fstat(f.fileno()).st_size
-            tar.addfile(info, f)
-    # sockets, fifos, devices: left out (a build cannot make devices; the rest is noise)
 
 
 def check(members: list[tarfile.TarInfo]) -> None:

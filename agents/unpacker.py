@@ -23,13 +23,15 @@ Standard library only: this file's source is also the child's program (`python3 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
 import posixpath
+import stat
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 CHILD_PYTHON = "/usr/bin/python3"
 """The system's interpreter runs the child: the app's uid may not reach tally's own
@@ -44,6 +46,36 @@ class UnpackRefused(Exception):
     """The archive cannot be unpacked safely; the message names the entry and why."""
 
 
+def _child(owner: tuple[int, int] | None, *args: str) -> tuple[list[str], dict[str, Any]]:
+    """The argv and Popen keywords of a child running this module as `owner`."""
+    switch: dict[str, Any] = {}
+    if owner is not None:
+        switch = {"user": owner[0], "group": owner[1], "extra_groups": []}
+    python = CHILD_PYTHON if os.path.exists(CHILD_PYTHON) else sys.executable
+    return ([python, "-I", "-S", "-c", Path(__file__).read_text(), *args],
+            {"cwd": "/", "env": {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, **switch})
+
+
+def pack_as(root: Path, out: IO[bytes], owner: tuple[int, int] | None) -> None:
+    """Write the tar.gz of the folder `root` to `out`, read by a child running as `owner`
+    (the build's uid): the builder itself never reads a file a build made. Raises OSError
+    saying why when the child fails."""
+    fd = os.open(root, OPEN_DIR)
+    try:
+        argv, kw = _child(owner, "pack", str(fd))
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL, pass_fds=(fd,), **kw)
+    finally:
+        os.close(fd)
+    assert proc.stdout is not None and proc.stderr is not None
+    with proc:
+        while chunk := proc.stdout.read(1 << 16):
+            out.write(chunk)
+        said = proc.stderr.read().decode("utf-8", "replace").strip().splitlines()
+    if proc.returncode != 0:
+        raise OSError(said[-1] if said else f"the packer exited with {proc.returncode}")
+
+
 def unpack_as(archive: Path, into: Path, owner: tuple[int, int] | None, links: str,
               timeout: float = 600.0) -> None:
     """Unpack the tar.gz `archive` into the existing, empty folder `into`, as `owner`
@@ -55,15 +87,10 @@ def unpack_as(archive: Path, into: Path, owner: tuple[int, int] | None, links: s
     try:
         if owner is not None:
             os.fchown(fd, *owner)
-        switch: dict = {}
-        if owner is not None:
-            switch = {"user": owner[0], "group": owner[1], "extra_groups": []}
-        python = CHILD_PYTHON if os.path.exists(CHILD_PYTHON) else sys.executable
+        argv, kw = _child(owner, "unpack", str(fd), links)
         with open(archive, "rb") as src:
-            proc = subprocess.run(
-                [python, "-I", "-S", "-c", Path(__file__).read_text(), str(fd), links], stdin=src,
-                capture_output=True, pass_fds=(fd,), cwd="/", timeout=timeout,
-                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, **switch)
+            proc = subprocess.run(argv, stdin=src, capture_output=True, pass_fds=(fd,),
+                                  timeout=timeout, **kw)
     except subprocess.TimeoutExpired as exc:
         raise UnpackRefused(f"unpacking took longer than {timeout:g} s") from exc
     finally:
@@ -175,9 +202,49 @@ def _file(tar: tarfile.TarFile, member: tarfile.TarInfo, root: int, parts: list[
         os.utime(out.fileno(), (member.mtime, member.mtime))
 
 
+def pack(out: IO[bytes], root: int) -> None:
+    """The tar.gz of the folder descriptor `root` on `out`: folders, regular files and
+    symbolic links only (sockets, fifos and devices left out), owned by root in the
+    archive, no set-id bits, no group or other write; nothing followed through a link."""
+    with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=1, mtime=0) as gz, \
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for dirpath, dirnames, filenames, dirfd in os.fwalk(".", dir_fd=root):
+            dirnames.sort()
+            rel = dirpath.removeprefix(".").lstrip("/")
+            for name in [*dirnames, *sorted(filenames)]:
+                _add(tar, dirfd, name, f"{rel}/{name}" if rel else name)
+
+
+def _add(tar: tarfile.TarFile, dirfd: int, name: str, rel: str) -> None:
+    st = os.lstat(name, dir_fd=dirfd)
+    info = tarfile.TarInfo(rel)
+    info.mtime, info.uid, info.gid = int(st.st_mtime), 0, 0
+    info.mode = stat.S_IMODE(st.st_mode) & FILE_MODE
+    if stat.S_ISDIR(st.st_mode):
+        info.type = tarfile.DIRTYPE
+        tar.addfile(info)
+    elif stat.S_ISLNK(st.st_mode):
+        info.type, info.linkname = tarfile.SYMTYPE, os.readlink(name, dir_fd=dirfd)
+        tar.addfile(info)
+    elif stat.S_ISREG(st.st_mode):
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dirfd)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return
+            info.size = os.fstat(f.fileno()).st_size
+            tar.addfile(info, f)
+
+
 def main(argv: list[str]) -> int:
+    if argv[1] == "pack":
+        try:
+            pack(sys.stdout.buffer, int(argv[2]))
+        except OSError as exc:
+            print(f"cannot pack the slug: {exc}", file=sys.stderr)
+            return 2
+        return 0
     try:
-        extract(sys.stdin.buffer, int(argv[1]), argv[2])
+        extract(sys.stdin.buffer, int(argv[2]), argv[3])
     except UnpackRefused as exc:
         print(exc, file=sys.stderr)
         return 2

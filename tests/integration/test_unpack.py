@@ -202,3 +202,28 @@ def test_the_unpacker_alone_refuses_each_attack_without_the_guard_in_front(
     assert sorted(p.name for p in holder.iterdir()) == ["any", "inside"]
     after = _snapshot(tmp_path / "outside"), secret.read_text(), _shadow()
     assert after == before
+
+
+def test_a_slug_is_packed_by_the_build_uid_which_cannot_read_what_it_could_not(
+        tmp_path: Path) -> None:
+    """The builder (root) never reads a build's folder: a child as the build's uid packs
+    it. A file there the build's uid may not read (root's, 0600: how a link or a race
+    would show root something) makes packing fail rather than put it in the slug."""
+    app = tmp_path / "app"
+    (app / "pkg").mkdir(parents=True)
+    (app / "pkg" / "mod.py").write_text("x = 1\n")
+    (app / ".venv").mkdir()
+    (app / ".venv" / "python").symlink_to("/usr/bin/python3")
+    for path in [app, *app.rglob("*")]:
+        os.lchown(path, *OWNER)
+    digest, _ = slug.pack(app, tmp_path / "store", OWNER)
+    with tarfile.open(tmp_path / "store" / f"{digest}.tar.gz") as tar:
+        got = {m.name: m for m in tar.getmembers()}
+    assert set(got) == {"pkg", "pkg/mod.py", ".venv", ".venv/python"}
+    assert got["pkg/mod.py"].uid == 0 and got[".venv/python"].linkname == "/usr/bin/python3"
+    secret = app / "stolen"
+    secret.write_text("root's secret\n")
+    secret.chmod(0o600)  # root's: the build's uid cannot read it
+    with pytest.raises(OSError, match="Permission denied"):
+        slug.pack(app, tmp_path / "store2", OWNER)
+    assert not list((tmp_path / "store2").glob("*.tar.gz"))
