@@ -28,12 +28,13 @@ import shutil
 import tarfile
 import threading
 import time
+import urllib.error
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from agents import buildnet, bundle, netrules, sandbox, slug, unpacker
 from agents.api_client import ApiAway, ApiError, ApiRefused, BuilderApi
@@ -44,6 +45,7 @@ RESERVED = {"PATH", "HOME", "VIRTUAL_ENV", "PYTHONHOME", "PYTHONPATH", "TMPDIR",
             "LD_LIBRARY_PATH", "PIP_CACHE_DIR"}
 """Config vars a build does not take from the app (they would break the sandbox's setup)."""
 TAIL = 30
+T = TypeVar("T")
 PENDING_MAX = 4 << 20
 """Output kept for the API while it is away (characters)."""
 
@@ -220,6 +222,21 @@ class Builder:
             cache.chmod(0o700)
             yield cache
 
+    def _fetch(self, job: Job) -> Path:
+        """The build's bundle from the API; ApiAway when it does not answer (or answers
+        5xx), so a restart of the API does not fail the build."""
+        try:
+            return bundle.download(self.api.base, self.api.token, job.app, job.release,
+                                   job.bundle_digest, self.downloads,
+                                   kind=f"build/bundle?attempt={job.attempt}")
+        except bundle.BundleRefused as exc:
+            cause = exc.__cause__
+            if isinstance(cause, urllib.error.HTTPError) and cause.code < 500:
+                raise
+            if isinstance(cause, OSError):
+                raise ApiAway(str(exc)) from exc
+            raise
+
     def _user(self, job: Job) -> sandbox.BuildUser:
         """The build's uid, its network confined to the index first (when asked)."""
         if job.build_uid is None:
@@ -237,9 +254,7 @@ class Builder:
     def _sandboxed(self, job: Job, user: sandbox.BuildUser, folder: Path,
                    line: Callable[[str], None], tick: Callable[[], None]) -> sandbox.Outcome:
         line(f"-----> Building {job.app} v{job.release} (bundle {job.bundle_digest[:12]})")
-        path = bundle.download(self.api.base, self.api.token, job.app, job.release,
-                               job.bundle_digest, self.downloads,
-                               kind=f"build/bundle?attempt={job.attempt}")
+        path = _until_answered(lambda: self._fetch(job), 4 * self.s.lease_s)
         with self._app_cache(job.app, user) as cache:
             return sandboxed_build(path, job.bundle_digest, folder, cache, job.config,
                                    self.buildpack, self.index, user, self.s, line, tick)
@@ -324,14 +339,13 @@ class _Output:
             text = text[1 << 19:]
 
 
-def _until_answered(call: Callable[[], None], patience: float) -> None:
+def _until_answered(call: Callable[[], T], patience: float) -> T:
     """`call` again while the API is away (a restart, a failover), for `patience` seconds:
     the claim outlives a short absence, so a finished build is not built again."""
     deadline = time.monotonic() + patience
     while True:
         try:
-            call()
-            return
+            return call()
         except ApiAway as exc:
             if time.monotonic() > deadline:
                 raise
