@@ -8,17 +8,21 @@ its neighbours, agents/addons.py, stays as it is)."""
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 from pathlib import Path
+
+import psycopg2
+from psycopg2 import sql
 
 from agents.addons import database_name
 from agents.backups.base import BackupError
 from ledger.cluster import Cluster
 
 
-def _run(cluster: Cluster, tool: str, *args: str) -> None:
-    env = {**os.environ, "PGPASSWORD": cluster.credentials()["postgres"], "LC_ALL": "C.UTF-8",
-           "PGCONNECT_TIMEOUT": "5"}
+def _run(cluster: Cluster, tool: str, *args: str, password: str | None = None) -> None:
+    env = {**os.environ, "PGPASSWORD": password or cluster.credentials()["postgres"],
+           "LC_ALL": "C.UTF-8", "PGCONNECT_TIMEOUT": "5"}
     proc = subprocess.run([str(cluster.spec.bin_dir / tool), *args], capture_output=True,
                           text=True, env=env, cwd="/")
     if proc.returncode != 0:
@@ -26,9 +30,8 @@ def _run(cluster: Cluster, tool: str, *args: str) -> None:
         raise BackupError(f"{tool} failed: " + " | ".join(lines[-4:]))
 
 
-def _server(cluster: Cluster) -> list[str]:
-    return ["-h", cluster.spec.host, "-p", str(cluster.port(cluster.primary())),
-            "-U", "postgres"]
+def _server(cluster: Cluster, user: str = "postgres") -> list[str]:
+    return ["-h", cluster.spec.host, "-p", str(cluster.port(cluster.primary())), "-U", user]
 
 
 def dump(cluster: Cluster, app: str, into: Path) -> None:
@@ -47,8 +50,28 @@ def check(cluster: Cluster, path: Path) -> None:
 
 def restore_dump(cluster: Cluster, app: str, path: Path) -> None:
     """Into the app's database, in one transaction: what the dump holds is dropped (if
-    there) and made again as the app's role."""
+    there) and made again as the app's role, by a session that is never a superuser's."""
     name = database_name(app)
-    _run(cluster, "pg_restore", *_server(cluster), "--dbname", name, "--clean",
-         "--if-exists", "--no-owner", "--no-privileges", "--role", name,
-         "--single-transaction", "--exit-on-error", str(path))
+    restorer, password = f"tally_restore_{secrets.token_hex(6)}", secrets.token_urlsafe(24)
+    _as_superuser(cluster, sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE {}").format(
+        sql.Identifier(restorer), sql.Literal(password), sql.Identifier(name)))
+    try:
+        _run(cluster, "pg_restore", *_server(cluster, restorer), "--dbname", name, "--clean",
+             "--if-exists", "--no-owner", "--no-privileges", "--role", name,
+             "--single-transaction", "--exit-on-error", str(path), password=password)
+    finally:
+        _as_superuser(cluster, sql.SQL(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = {}")
+            .format(sql.Literal(restorer)), sql.SQL("DROP ROLE IF EXISTS {}").format(
+                sql.Identifier(restorer)))
+
+
+def _as_superuser(cluster: Cluster, *statements: sql.Composable) -> None:
+    conn = psycopg2.connect(cluster.node_dsn(cluster.primary(), "postgres", "postgres"))
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            for statement in statements:
+                cur.execute(statement)
+    finally:
+        conn.close()

@@ -464,3 +464,49 @@ def test_an_apps_people_back_up_and_restore_its_database_through_the_api_and_no_
     finally:
         api.stop()
         apps.destroy()
+
+
+def test_a_restore_never_lends_the_superuser_to_the_tenants_code(archived: Cluster) -> None:
+    """The tenant's functions run during a restore (here a CHECK on its rows): one that
+    tries `RESET ROLE` to act as whoever logged in must find no superuser there."""
+    from agents.addons import create_database, ensure_cluster
+
+    apps = Cluster(ClusterSpec(home(archived) / "appsdb-evil", ports=tuple(free_ports(2)),  # type: ignore[arg-type]
+                               dbname="tally_apps", ledger=False))
+    try:
+        ensure_cluster(apps)
+        url = create_database(apps, "evil")
+        with closing(psycopg2.connect(url)) as app_conn:
+            app_conn.autocommit = True
+            with app_conn.cursor() as cur:
+                cur.execute("""CREATE FUNCTION ok(int) RETURNS bool LANGUAGE plpgsql AS $$
+                    BEGIN
+                      IF current_user <> session_user THEN
+                        RESET ROLE;
+                        BEGIN
+                          EXECUTE 'ALTER ROLE app_evil SUPERUSER';
+                        EXCEPTION WHEN insufficient_privilege THEN NULL;
+                        END;
+                      END IF;
+                      RETURN true;
+                    END $$""")
+                cur.execute("CREATE TABLE t (x int CHECK (ok(x)))")
+                cur.execute("INSERT INTO t VALUES (1)")
+        agent = BackupAgent(archived, Repository(home(archived) / "backups-evil").open(),
+                            home(archived) / "backup-scratch-evil", gfs.Policy(),
+                            apps_cluster=apps)
+        (backup_id,) = agent.run_addons(None, job="capture")
+        assert backups(archived)[backup_id].state == "verified"
+        from agents.backups import dumps
+        dumps.restore_dump(apps, "evil", agent.repo.dump("evil", backup_id))
+        with closing(psycopg2.connect(url)) as app_conn, app_conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM t")
+            assert cur.fetchone()[0] == 1
+        with closing(psycopg2.connect(apps.node_dsn(apps.primary(), "postgres", "postgres"))
+                     ) as conn, conn.cursor() as cur:
+            cur.execute("SELECT rolsuper FROM pg_roles WHERE rolname = 'app_evil'")
+            assert cur.fetchone()[0] is False
+            cur.execute("SELECT count(*) FROM pg_roles WHERE rolname LIKE 'tally_restore_%'")
+            assert cur.fetchone()[0] == 0  # the restore's own role is gone
+    finally:
+        apps.destroy()
