@@ -54,8 +54,8 @@ def add_cert(name: str) -> ResponseReturnValue:
     """Add a certificate chain (PEM, leaf first) and its private key (PEM): 422 unless they
     are a pair, valid now, covering one of the app's hostnames. The key is sealed before it
     is recorded."""
+    app_state(name)  # first: who may not touch the app learns nothing of the body's faults
     req = body(schemas.CertAdd)
-    app_state(name)
     svc = services()
     if svc.settings.seal_key is None:
         raise Unavailable("this API has no seal key (TALLY_SEAL_KEY): it cannot keep "

@@ -87,9 +87,9 @@ def world(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Wo
     with Ledger(cluster.dsn()) as ledger:
         names = {"admin": f"admin-{uid()}", "owner": f"alice-{uid()}",
                  "other": f"bob-{uid()}", "agent": f"agent-{uid()}",
-                 "builder": f"builder-{uid()}"}
+                 "builder": f"builder-{uid()}", "balancer": f"balancer-{uid()}"}
         roles = {"admin": ("admin", None), "agent": ("agent", host),
-                 "builder": ("builder", f"b-{host}")}
+                 "builder": ("builder", f"b-{host}"), "balancer": ("balancer", f"lb-{host}")}
         tokens = {who: create_user(ledger, name, *roles.get(who, ("member", None)))
                   for who, name in names.items()}
         yield World(app.test_client(), ledger, cluster.dsn("tally_owner"), tokens, names,

@@ -13,9 +13,9 @@ from ledger import NewEvent
 from tests.api_process import pack_files
 from tests.integration.test_api import BUNDLE, World, uid, world  # noqa: F401
 
-CALLERS = ("admin", "owner", "other", "agent", "builder", None)
+CALLERS = ("admin", "owner", "other", "agent", "builder", "balancer", None)
 PEOPLE = {"admin", "owner"}
-ANYONE = {"admin", "owner", "other", "agent", "builder"}
+ANYONE = {"admin", "owner", "other", "agent", "builder", "balancer"}
 
 # (method, path, body, {caller: status when allowed}) - every other caller: 403, nobody: 401.
 MATRIX: list[tuple[str, str, Any, dict[str, int]]] = [
@@ -45,6 +45,9 @@ MATRIX: list[tuple[str, str, Any, dict[str, int]]] = [
     ("GET", "/apps/{app}/config", None, dict.fromkeys(PEOPLE, 200)),
     ("PATCH", "/apps/{app}/config", {"set": {"K": "v"}}, dict.fromkeys(PEOPLE, 200)),
     ("GET", "/apps/{app}/domains", None, dict.fromkeys(PEOPLE, 200)),
+    ("GET", "/apps/{app}/certs", None, dict.fromkeys(PEOPLE, 200)),
+    ("POST", "/apps/{app}/certs", {}, dict.fromkeys(PEOPLE, 422)),
+    ("DELETE", "/apps/{app}/certs/nope", None, dict.fromkeys(PEOPLE, 404)),
     ("POST", "/apps/{app}/domains", lambda w: {"domain": f"d{uid()}.example.org"},
      dict.fromkeys(PEOPLE, 201)),
     ("DELETE", "/apps/{app}/domains/{app}.example.com", None, dict.fromkeys(PEOPLE, 200)),
@@ -102,6 +105,10 @@ MATRIX: list[tuple[str, str, Any, dict[str, int]]] = [
     ("POST", "/apps/{app}/releases/1/build/failed", {"attempt": 1, "reason": "x"},
      {"builder": 409}),
     ("PUT", "/apps/{app}/releases/1/build/slug?attempt=1", "bundle", {"builder": 409}),
+    # Balancer tokens (bound to their own balancer id) and admins.
+    ("GET", "/balancers/{balancer}/routing", None, {"admin": 200, "balancer": 200}),
+    ("POST", "/balancers/{balancer}/stats", {"samples": []},
+     {"admin": 200, "balancer": 200}),
     ("GET", "/placements", None, {"admin": 200}),
     ("GET", "/instances", None, {"admin": 200}),
     ("GET", "/routes", None, {"admin": 200}),
@@ -130,6 +137,7 @@ def _fill(path: str, w: World, app: str) -> str:
             "host_id": w.host, "release": 1}, {"actor": w.names["owner"]})])
         path = path.replace("{run}", "1")
     return (path.replace("{app}", app).replace("{host}", w.host)
+            .replace("{balancer}", f"lb-{w.host}")
             .replace("{owner_name}", w.names["owner"]).replace("{other_name}", w.names["other"]))
 
 
