@@ -4,9 +4,11 @@ another's keys, whatever commands it sends; Celery's broker works unchanged in i
 Each instance: its own port from the platform's range (TALLY_REDIS_PORTS), bound to
 127.0.0.1; the default user off and one ACL user whose password is in REDIS_URL only, with
 every command but the @admin ones (CONFIG, DEBUG, SAVE, SHUTDOWN, MONITOR, REPLICAOF, ACL,
-MODULE: with CONFIG SET dir a client could write files as the server's user); the plan's
+MODULE: with CONFIG SET dir a client could write files as the server's user) and MIGRATE
+(it would make the server a client of any port on the machine); the plan's
 memory limit and eviction policy; AOF persistence (appendfsync everysec). It runs as
-Debian's `redis` user (else as ours), its folder `<redis_dir>/<app>` 0700 to that user
+Debian's `redis` user (refused if a root platform has none; as ours when not root),
+its folder `<redis_dir>/<app>` 0700 to that user
 holds its config (0600: the password), data and log. Under `tally up` each server is a
 program of supervisord (`launch`: a killed one comes back); without it, a detached child.
 The agents' network rules let an app reach only the ports of its own `*_URL` vars
@@ -57,7 +59,7 @@ daemonize no
 dir {app_dir}
 logfile {app_dir / "redis.log"}
 user default off
-user {ACL_USER} on >{password} ~* &* +@all -@admin
+user {ACL_USER} on >{password} ~* &* +@all -@admin -migrate
 maxmemory {limits["maxmemory_mb"]}mb
 maxmemory-policy {limits["policy"]}
 appendonly yes
@@ -67,12 +69,15 @@ save ""
 
 
 def _owner() -> tuple[int, int] | None:
+    """The uid and gid a server runs as: Debian's `redis` when we are root (a tenant's
+    server never runs as root), None when we are not root (it runs as us)."""
     if os.geteuid() != 0:
         return None
     try:
         user = pwd.getpwnam(USER)
     except KeyError:
-        return None
+        raise RedisError(f"there is no {USER!r} user to run Redis as (install Debian's "
+                         "redis-server): a tenant's Redis never runs as root") from None
     return user.pw_uid, user.pw_gid
 
 

@@ -203,7 +203,8 @@ def test_redis_per_app_with_its_password_and_no_admin_commands(platform: Platfor
         with pytest.raises(redis.AuthenticationError):
             redis.Redis(port=shop_port).get("orders")  # the default user is off
         for admin in (("CONFIG", "SET", "dir", "/tmp"), ("BGSAVE",),
-                      ("SHUTDOWN",), ("ACL", "LIST"), ("MONITOR",)):
+                      ("SHUTDOWN",), ("ACL", "LIST"), ("MONITOR",),
+                      ("MIGRATE", "127.0.0.1", str(shop_port), "k", "0", "1000")):
             with pytest.raises(redis.exceptions.NoPermissionError):
                 blog.execute_command(*admin)
         conf = (p.home / "redis" / "blog" / "redis.conf").read_text()
