@@ -46,8 +46,9 @@ class HostApi:
         self._lock = threading.Lock()
 
     # -- the routes a host uses --------------------------------------------------------------
-    def register(self, fields: dict[str, Any]) -> None:
-        self.call("PUT", f"/hosts/{self.host_id}", fields)
+    def register(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """Register the host; the answer carries its key of run tickets (`run_key`)."""
+        return dict(self.call("PUT", f"/hosts/{self.host_id}", fields))
 
     def heartbeat(self, fields: dict[str, Any]) -> int:
         """Say the host is alive; returns the version of its desired state."""

@@ -143,11 +143,9 @@ class Agent:
     def __init__(self, api: HostApi, spec: HostSpec, paths: Paths,
                  timing: Timing | None = None, limits: Limits | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 collector: str | None = None, run_key: bytes | None = None,
+                 collector: str | None = None,
                  collector_key: bytes | None = None) -> None:
         self.api, self.spec, self.paths = api, spec, paths
-        self.run_key = run_key
-        """Verifies the API's run tickets (ledger/tickets.py); None: no one-off runs."""
         self.timing = timing or Timing()
         self.limits = limits or Limits()
         self.clock = clock
@@ -197,7 +195,7 @@ class Agent:
         """Register the host, read its desired state, adopt what our pid records name. The
         API may be away: the apps we adopt keep running, and we register when it is back."""
         s = self.spec
-        self.runs = RunServer(s.address, self.prepare_run, self.limits, self.run_key,
+        self.runs = RunServer(s.address, self.prepare_run, self.limits, None,
                               s.host_id, self.procs.logs, self.run_ended)
         self.runs.start()
         self.register()
@@ -205,13 +203,18 @@ class Agent:
         self.adopt(self.wants())
 
     def register(self) -> None:
+        """Register the host through the API; its answer holds this host's key of run
+        tickets, kept in memory only (no one-off runs until then, or when it has none)."""
         s = self.spec
         try:
-            self.api.register({"address": s.address, "port_min": s.port_min,
+            answer = self.api.register({"address": s.address, "port_min": s.port_min,
                                "port_max": s.port_max, "capacity": s.capacity,
                                "memory_mb": psutil.virtual_memory().total // 2**20,
                                "run_endpoint": self.runs.endpoint if self.runs else "",
                                "public_key": self.curve.public.decode()})
+            if self.runs is not None:
+                key = answer.get("run_key")
+                self.runs.key = bytes.fromhex(key) if key else None
             self.registered = True
         except ApiAway as exc:
             log.warning("cannot register yet: %s", exc)

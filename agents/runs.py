@@ -3,10 +3,11 @@ app's environment (its release, config vars), as its user; attached (a pty when 
 has a terminal, pipes otherwise; the output streams back, stdin streams in, the exit code
 ends the conversation) or detached (output to the app's logs, listed by `tally ps`).
 
-Only the API starts runs: every request carries a ticket it signed (ledger/tickets.py),
-bound to this host, the app, the release, the command and the caller, good for 30 s and
-once. Anything else on the network or the host (an app's process included) that speaks
-to this socket is refused before anything runs.
+Only the API starts runs: every request carries a ticket it signed with this host's key
+(ledger/tickets.py; the agent learns it when it registers), bound to this host, the app,
+the release, the command and the caller, good for 30 s and once. Anything else on the
+network or the host (an app's process included) that speaks to this socket is refused
+before anything runs.
 
 Wire protocol (ZeroMQ DEALER, the API's relay -> the agent's ROUTER):
     caller: [b"run", json {"ticket", "tty", "rows", "cols"}], then any of
@@ -99,7 +100,10 @@ class RunServer:
         self.inbox = f"inproc://runs-{uuid.uuid4().hex}"
         self.pull = self.context.socket(zmq.PULL)
         self.pull.bind(self.inbox)
-        self.prepare, self.limits, self.key = prepare, limits, key
+        self.prepare, self.limits = prepare, limits
+        self.key = key
+        """This host's key of run tickets; None: no runs. Set by the agent once the API
+        gave it (one assignment, read by the loop)."""
         self.host_id, self.logs_dir, self.ended, self.clock = host_id, logs_dir, ended, clock
         self.redeemed = Redeemed(since=clock())
         self.runs: dict[bytes, Run] = {}
@@ -181,7 +185,8 @@ class RunServer:
 
     def _redeem(self, data: bytes, kind: str) -> Ticket:
         if self.key is None:
-            raise TicketRefused("one-off runs are disabled on this host (no TALLY_RUN_KEY)")
+            raise TicketRefused("one-off runs are off on this host: it has no key of run "
+                                "tickets (not registered yet, or the API has none)")
         try:
             text = str(json.loads(data)["ticket"])
         except (ValueError, TypeError, KeyError) as exc:

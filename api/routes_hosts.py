@@ -20,6 +20,7 @@ from api.web import body, query, reply, route, services, who
 from ledger import NO_STREAM, NewEvent, VersionConflict
 from ledger.builds import build_stream
 from ledger.builds import fold as fold_build
+from ledger.tickets import host_key
 
 
 @route("/hosts", response=schemas.Rows, tag="fleet", errors=(401, 403))
@@ -29,12 +30,13 @@ def list_hosts() -> ResponseReturnValue:
     return reply(schemas.Rows, {"items": services().hosts()})
 
 
-@route("/hosts/<host_id>", "PUT", body=schemas.HostRegister, response=schemas.Appended,
+@route("/hosts/<host_id>", "PUT", body=schemas.HostRegister, response=schemas.HostRegistered,
        tag="agents", errors=(400, 401, 403, 409, 422))
 def register_host(host_id: str) -> ResponseReturnValue:
     """An agent registers its host: address, port range, capacity (and its run endpoint,
     memory). A re-registration keeps what it does not name; the first must name the
-    address, port range and capacity."""
+    address, port range and capacity. The answer hands the agent its host's key of run
+    tickets (ledger/tickets.py), which only this host's token gets."""
     require_host(who(), host_id)
     stream = f"host-{host_id}"
     history = services().ledger.read_stream(stream)
@@ -51,7 +53,10 @@ def register_host(host_id: str) -> ResponseReturnValue:
                                    len(history) or NO_STREAM, who())
     except VersionConflict as exc:
         raise Conflict(f"host {host_id} changed meanwhile: register again") from exc
-    return reply(schemas.Appended, {"stream": stream, "version": result.version})
+    master = services().settings.run_key
+    return reply(schemas.HostRegistered, {
+        "stream": stream, "version": result.version,
+        "run_key": host_key(master, host_id).hex() if master else None})
 
 
 @route("/hosts/<host_id>/heartbeats", "POST", body=schemas.Heartbeat, status=202,

@@ -16,7 +16,7 @@ from api.routes_builds import build_of
 from api.state import AppState, Run
 from api.web import body, reply, route, services, who
 from ledger import NewEvent
-from ledger.tickets import sign
+from ledger.tickets import RELAYS_FULL, host_key, sign
 
 
 def _key() -> bytes:
@@ -24,6 +24,13 @@ def _key() -> bytes:
     if key is None:
         raise Conflict("one-off runs are not enabled on this platform (no TALLY_RUN_KEY)")
     return key
+
+
+def _ticket(name: str, run: Run, kind: str) -> str:
+    """The run's ticket, signed with the key of the host it is for (only that host's agent
+    knows it: ledger/tickets.py)."""
+    return sign(host_key(_key(), run.host_id),
+                runs.ticket(name, run, who().name, kind, time.time()))
 
 
 def run_endpoint(host_id: str) -> str:
@@ -75,7 +82,7 @@ def start_run(name: str) -> ResponseReturnValue:
     open its `attach` WebSocket) or detached (output to the app's logs)."""
     req = body(schemas.RunCreate)
     app_state(name)
-    key = _key()
+    _key()
     host, endpoint = _choose_host(name)
     svc = services()
     state = svc.command(name, who(), lambda s: runs.start(
@@ -83,7 +90,7 @@ def start_run(name: str) -> ResponseReturnValue:
         lambda r: build_of(s, r).status == "succeeded"))
     run = state.runs[-1]
     if run.detached:
-        ticket = sign(key, runs.ticket(name, run, who().name, "run", time.time()))
+        ticket = _ticket(name, run, "run")
         try:
             relay.ask_agent(endpoint, b"run", {"ticket": ticket}, b"started")
         except relay.AgentSilent as exc:
@@ -112,17 +119,17 @@ def attach_run(name: str, number: int) -> ResponseReturnValue:
     app_state(name)
     state = services().load_app(name)
     run = _run_of(state, number)
-    runs.attachable(run, who().name)
+    runs.attachable(run, who().name, time.time())
     if not relay.is_websocket():
         raise BadRequest("attach with a WebSocket (Connection: Upgrade, Upgrade: websocket)")
-    key = _key()
+    _key()
     endpoint = _endpoint_of(run)
     svc = services()
     if not svc.run_relays.acquire(blocking=False):
-        raise Unavailable("this API process relays as many runs as it may: try again")
+        _ended(name, run, "never attached: " + RELAYS_FULL)  # never started: not in `ps`
+        raise Unavailable(RELAYS_FULL)
     try:
-        ticket = sign(key, runs.ticket(name, run, who().name, "run", time.time()))
-        terminal = {"ticket": ticket, "tty": request.args.get("tty") == "1",
+        terminal = {"ticket": _ticket(name, run, "run"), "tty": request.args.get("tty") == "1",
                     "rows": request.args.get("rows", type=int),
                     "cols": request.args.get("cols", type=int)}
         ws = relay.accept()
@@ -141,9 +148,8 @@ def stop_run(name: str, number: int) -> ResponseReturnValue:
     run = _run_of(state, number)
     if run.ended:
         raise Conflict(f"run.{number} has ended already")
-    key = _key()
     endpoint = _endpoint_of(run)
-    ticket = sign(key, runs.ticket(name, run, who().name, "stop", time.time()))
+    ticket = _ticket(name, run, "stop")
     try:
         relay.ask_agent(endpoint, b"stop", {"ticket": ticket}, b"stopped", timeout=10)
     except relay.AgentSilent as exc:

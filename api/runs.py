@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from typing import Any
 
 from api.errors import Conflict, Forbidden, Unprocessable
@@ -54,23 +55,37 @@ def start(s: AppState, command: list[str], host_id: str, detached: bool,
         "detached": detached})]
 
 
-def attachable(run: Run, caller: str) -> None:
-    """Only who started an attached run, while it goes on, may attach to it."""
+def attachable(run: Run, caller: str, now: float) -> None:
+    """Only who started an attached run, while it goes on, may attach to it, and only
+    within its tickets' life (its command starts on the first attach, and only then)."""
     if run.detached:
         raise Conflict(f"run.{run.number} is detached: its output is in `tally logs`")
     if run.ended:
         raise Conflict(f"run.{run.number} has ended")
     if run.actor != caller:
         raise Forbidden(f"run.{run.number} was started by someone else: only they attach")
+    if now > started(run, now) + TTL_S:
+        raise Conflict(f"run.{run.number} can no longer be attached: a run is attached once, "
+                       f"within {TTL_S:.0f} s of its start; start another")
+
+
+def started(run: Run, default: float) -> float:
+    """When RunStarted was recorded (the ledger's clock), as a Unix time."""
+    if run.started_at is None:
+        return default
+    return datetime.fromisoformat(run.started_at).timestamp()
 
 
 def ticket(app: str, run: Run, actor: str, kind: str, now: float) -> Ticket:
-    """The agent's ticket for `run`. A "run" ticket's nonce is the run's id, so the agent
-    starts each run once however many attaches are tried; a "stop" ticket's is fresh."""
+    """The agent's ticket for `run`. Every "run" ticket of a run has the run's id as its
+    nonce and is issued at the run's start: the agent, which remembers a nonce until its
+    ticket expires, starts the run once however many attaches are tried, whenever (a
+    ticket signed 30 s later has expired at once). A "stop" ticket is fresh."""
+    issued = started(run, now) if kind == "run" else now
     extra = {"nonce": run.run_id} if kind == "run" else {}
     return Ticket(kind=kind, run_id=run.run_id, app=app, number=run.number,
                   release=run.release, argv=run.command, actor=actor, host=run.host_id,
-                  issued=now, expires=now + TTL_S, detached=run.detached, **extra)
+                  issued=issued, expires=issued + TTL_S, detached=run.detached, **extra)
 
 
 def run_dict(app: str, r: Run) -> dict[str, Any]:

@@ -350,6 +350,12 @@ class Appended(Schema):
     version = fields.Int(required=True)
 
 
+class HostRegistered(Appended):
+    run_key = fields.Str(required=True, allow_none=True, metadata={
+        "description": "this host's key of run tickets (hex; derived from the platform's, "
+                       "known to no other host); null when one-off runs are off"})
+
+
 class Rows(Schema):
     """A list of view rows (hosts, placements, instances, routes, backups)."""
 

@@ -81,8 +81,10 @@ class Settings:
     """Signs the host agents' run tickets (ledger/tickets.py); None: no one-off runs."""
     seal_key: str | None = field(default=None, repr=False)
     """Seals the private keys of apps' certificates (ledger/tls.py); None: no certs:add."""
-    run_slots: int = 2
-    """Attached runs relayed at once by this process: each holds a worker thread."""
+    run_slots: int = 8
+    """Attached runs relayed at once by this process: each holds a worker thread for its
+    whole length, so `tally serve api` gives the process this many threads more than the
+    others need; past them, an attach is refused with a 503 that says so."""
     create_addon: Callable[[str, str, str], tuple[str, str]] | None = None
     """Makes an app's add-on: (kind, app, plan) -> (its URL, where it runs); refuses with
     Conflict if it exists (agents/addons.py, wired by tally/api_settings.py); None: no

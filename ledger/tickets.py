@@ -1,13 +1,15 @@
 """Run tickets: the API's short-lived, single-use permission for one host agent to run (or
 stop) one command of one app for one caller.
 
-HMAC-SHA256 over the ticket's JSON with a key only the API and the agents hold
-(`TALLY_RUN_KEY`; `tally up` keeps it 0600 in $TALLY_HOME/secrets and hands it to them in
-their environment). Signed rather than checked back with the API: an agent verifies a
-ticket with no round trip and keeps working while the API restarts; what it cannot know
-alone (has this ticket been used?) it remembers itself (`Redeemed`). Here, in the lowest
-package both the API (which signs) and the agents (which verify) import, so the format
-lives once. Pure: no I/O, the clock passed in.
+HMAC-SHA256 over the ticket's JSON with the key of the host it is for. Only the API holds
+the platform's run key (`TALLY_RUN_KEY`; `tally up` keeps it 0600 in $TALLY_HOME/secrets);
+each host's key is derived from it (`host_key`) and handed to that host's agent when it
+registers, in the answer to its host-scoped token. An agent knows its own key only, so a
+host taken over can sign tickets for itself and no other. Signed rather than checked back
+with the API: an agent verifies a ticket with no round trip and keeps working while the
+API restarts; what it cannot know alone (has this ticket been used?) it remembers itself
+(`Redeemed`). Here, in the lowest package both the API (which signs) and the agents
+(which verify) import, so the format lives once. Pure: no I/O, the clock passed in.
 """
 
 from __future__ import annotations
@@ -65,6 +67,12 @@ def parse_key(text: str) -> bytes:
     return key
 
 
+def host_key(master: bytes, host: str) -> bytes:
+    """The key of `host`'s tickets: a PRF of the platform's key and the host's name, so the
+    API needs to store nothing per host and a host's key says nothing of another's."""
+    return hmac.new(master, b"tally run tickets\x00" + host.encode(), hashlib.sha256).digest()
+
+
 def sign(key: bytes, ticket: Ticket) -> str:
     body = base64.urlsafe_b64encode(json.dumps(ticket.as_dict(), sort_keys=True,
                                                separators=(",", ":")).encode()).decode()
@@ -93,8 +101,9 @@ def verify(key: bytes, text: str, host: str, now: float) -> Ticket:
 
 class Redeemed:
     """The tickets an agent has used, until they expire: a replay is refused. Tickets
-    signed before `since` (the agent's start) are refused too, so a restart, which forgets
-    this set, reopens nothing."""
+    issued before `since` (the agent's start) are refused too, so a restart, which forgets
+    this set, reopens nothing. A run's tickets are all issued at the run's start and share
+    its nonce (api/runs.py), so however often it is attached, it starts at most once."""
 
     def __init__(self, since: float) -> None:
         self.since = since
@@ -103,7 +112,7 @@ class Redeemed:
     def redeem(self, ticket: Ticket, now: float) -> None:
         self.used = {n: exp for n, exp in self.used.items() if exp >= now}
         if ticket.issued < self.since:
-            raise TicketRefused("ticket signed before this agent started: ask the API again")
+            raise TicketRefused("ticket from before this agent started: ask the API again")
         if ticket.nonce in self.used:
             raise TicketRefused("ticket already used")
         self.used[ticket.nonce] = ticket.expires
@@ -115,3 +124,7 @@ run prepares (maybe a pip install) or runs, each side says "alive" this often...
 SILENCE_S = 10.0
 """...and gives up on a peer it has not heard from for this long (the agent hangs up the
 command with SIGHUP, the CLI exits 1 saying so)."""
+RELAYS_FULL = ("the API is relaying as many attached runs as it may: try again shortly, or "
+               "use `tally run:detached`")
+"""Why an API process refuses an attach (503) when it relays its `run_slots` runs already:
+the API records it as the run's end, and the CLI says it without asking again."""

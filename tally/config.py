@@ -39,7 +39,8 @@ TALLY_API             the API the CLI talks to; default: as saved by `tally logi
 TALLY_TOKEN           the CLI's API token; default: as saved by `tally login`
 TALLY_CREDENTIALS     where `tally login` saves them; default
                       $XDG_CONFIG_HOME/tally/credentials.json (~/.config/...)
-TALLY_RUN_KEY         the key of one-off run tickets, hex (`tally up` makes one)
+TALLY_RUN_KEY         the API's key of one-off run tickets, hex (`tally up` makes one);
+                      each agent gets its host's own, derived, when it registers
 TALLY_ACME_DIRECTORY  an ACME directory URL: `tally up` then runs `tally serve acme`, which
                       gets apps' domains certificates from it (none by default)
 TALLY_SEAL_KEY        the key sealing apps' certificate keys at rest (the API seals, the
@@ -310,8 +311,8 @@ def api_client(api: str | None = None, token: str | None = None,
 
 
 def run_key_from_env(env: dict[str, str] | None = None) -> bytes | None:
-    """The run tickets' key, TALLY_RUN_KEY (hex), as `tally up` hands it to the API and the
-    agents; None when unset (no one-off runs)."""
+    """The run tickets' key, TALLY_RUN_KEY (hex), as `tally up` hands it to the API; None
+    when unset (no one-off runs)."""
     from ledger.tickets import parse_key
 
     text = dict(os.environ if env is None else env).get("TALLY_RUN_KEY", "")

@@ -97,7 +97,8 @@ def environment(cfg: Config, name: str) -> dict[str, str]:
     token (they fetch bundles through the API as on a real fleet) and make their own keypair,
     registered through the API; the builder gets only its builder token (it asks the API for
     builds); the control plane's daemons (balancers too) use the control-plane keypair;
-    agents and the API get the run tickets' key."""
+    the API gets the run tickets' key (each agent gets its host's own from the API when it
+    registers)."""
     from ledger import curve
 
     relay_key = curve.load_or_create(cfg.secret("relay.curve")).public.decode()
@@ -106,8 +107,7 @@ def environment(cfg: Config, name: str) -> dict[str, str]:
     for i, _ in enumerate(cfg.agent_ports, start=1):
         if name == f"agent-{i}":
             return {"TALLY_AGENT_TOKEN": host_token(cfg, f"h{i}", "agent"),
-                    "TALLY_RUN_KEY": run_key(cfg), "TALLY_RELAY_KEY": relay_key,
-                    "TALLY_COLLECTOR_KEY": collector_key}
+                    "TALLY_RELAY_KEY": relay_key, "TALLY_COLLECTOR_KEY": collector_key}
     if name == "builder":  # a fleet host too: its token, nothing else
         return {"TALLY_BUILDER_TOKEN": host_token(cfg, "builder-1", "builder")}
     control = {"TALLY_RELAY_KEY": relay_key, "TALLY_COLLECTOR_KEY": collector_key,
@@ -124,7 +124,8 @@ def environment(cfg: Config, name: str) -> dict[str, str]:
 
 
 def run_key(cfg: Config) -> str:
-    """The key the API signs run tickets with and agents verify them with (hex)."""
+    """The platform's key of run tickets (hex), the API's only (each host's is derived from
+    it: ledger/tickets.py)."""
     from ledger.tickets import new_key
 
     return _kept_secret(cfg, "runs.key", lambda: new_key().hex())

@@ -26,7 +26,7 @@ import requests
 from simple_websocket import Client, ConnectionClosed
 from simple_websocket.errors import ConnectionError as WsConnectionError
 
-from ledger.tickets import KEEPALIVE_S, SILENCE_S
+from ledger.tickets import KEEPALIVE_S, RELAYS_FULL, SILENCE_S
 
 API_SILENCE_S = SILENCE_S + 5
 """The API relays the agent's keep-alives and says when it lost the agent (after
@@ -51,7 +51,10 @@ def ws_url(api: str, path: str, query: str) -> str:
 
 def refusal(api: str, path: str, headers: dict[str, str], status: int | None) -> str:
     """Why the API refused the WebSocket: it checks a plain GET the same way, and answers
-    it with the reason as JSON."""
+    it with the reason as JSON; but a 503 is a full API process, which it has recorded as
+    the run's end (another process might answer the GET, and not be full)."""
+    if status == 503:
+        return f"cannot attach to the run: {RELAYS_FULL} (HTTP 503)"
     try:
         r = requests.get(api + path, headers=headers, timeout=30)
         message = r.json()["message"]

@@ -174,8 +174,12 @@ def serve_collector(cfg: Config, bind: str | None, chunk_mb: float) -> None:
 @click.option("--bind", envvar="TALLY_API_BIND", default="127.0.0.1:8000",
               show_default=True)
 @click.option("--workers", default=2, show_default=True)
-@click.option("--threads", default=4, show_default=True)
-def serve_api(bind: str, workers: int, threads: int) -> None:
+@click.option("--threads", default=4, show_default=True,
+              help="Threads per worker for requests other than attached runs.")
+@click.option("--run-slots", default=8, show_default=True,
+              help="Attached runs (`tally run`) each worker relays at once, each on a thread "
+                   "of its own beyond --threads; more are refused with a 503.")
+def serve_api(bind: str, workers: int, threads: int, run_slots: int) -> None:
     """The JSON API under gunicorn."""
     import dataclasses
 
@@ -188,10 +192,12 @@ def serve_api(bind: str, workers: int, threads: int) -> None:
     except (OSError, ValueError) as exc:
         raise click.ClickException(f"cannot configure the API: {exc}") from exc
     # long-polls may hold half the threads at most: the rest keep answering
-    settings = dataclasses.replace(settings, long_poll_slots=max(1, threads // 2))
+    settings = dataclasses.replace(settings, long_poll_slots=max(1, threads // 2),
+                                   run_slots=max(1, run_slots))
     settings.bundles_dir.mkdir(parents=True, exist_ok=True)
     settings.bundles_dir.chmod(0o700)  # every app's code: not for apps on this machine
-    Gunicorn(create_app(settings), options(bind, workers, threads)).run()
+    # an attached run holds its thread throughout: they get threads of their own
+    Gunicorn(create_app(settings), options(bind, workers, threads + settings.run_slots)).run()
 
 
 for command in (serve_fleet.serve_agent, serve_fleet.serve_builder,

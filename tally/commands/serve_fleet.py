@@ -60,7 +60,6 @@ def serve_agent(cfg: Config, host_id: str, address: str, port_range: str, capaci
     from agents.api_client import ApiRefused, HostApi
     from agents.host import Agent, HostSpec, Paths, Timing
     from agents.processes import Limits
-    from tally.config import run_key_from_env
 
     daemon_logging()
     low, high = _port_range(port_range)
@@ -83,8 +82,7 @@ def serve_agent(cfg: Config, host_id: str, address: str, port_range: str, capaci
                                           health_every=health_every,
                                           cleanup_every=cleanup_every),
               Limits(open_files=open_files, memory_mb=memory_mb),
-              collector=cfg.collector, collector_key=cfg.collector_key(),
-              run_key=run_key_from_env()).run(
+              collector=cfg.collector, collector_key=cfg.collector_key()).run(
             stop, cfg.relays, stop_apps=stop_apps_on_exit, relay_key=cfg.relay_key)
     except ApiRefused as exc:  # e.g. a token of another host: say so, exit 1
         raise click.ClickException(f"the API refused this agent: {exc}") from None

@@ -31,13 +31,12 @@ from agents import cgroups, netrules
 from api.auth import create_user
 from ledger import Ledger, NewEvent
 from ledger.cluster import Cluster
-from ledger.tickets import new_key
 from projectors import instances as instances_view
 from projectors.runtime import Runner, catch_up, connect
 from tests.api_process import ApiProcess, pack_files, project_now
 from tests.conftest import destroy_cluster, free_ports, make_cluster, tally_env
 from tests.fixtures.apps import app_tarball, store
-from tests.fixtures.apps.fleet import AgentProc, Daemon, built
+from tests.fixtures.apps.fleet import AgentProc, Daemon, built, run_key
 from tests.integration.test_api import (
     BUNDLE,
     world,  # noqa: F401  (the API with its users)
@@ -190,7 +189,7 @@ def new_app(ledger: Ledger, digest: str, app: str, procfile: dict[str, str],
 def fleet() -> Iterator[Site]:
     cluster = make_cluster()
     low, other_low, collector_port, api_port = free_ports(4)
-    env = {"TALLY_RUN_KEY": new_key().hex(),
+    env = {"TALLY_RUN_KEY": run_key(cluster).hex(),
            "TALLY_COLLECTOR": f"tcp://127.0.0.1:{collector_port}"}
     daemons = [Daemon(cluster, "collector", ["collector"], **env),
                Daemon(cluster, "projectors", ["projectors", "--poll-interval", "0.2"])]

@@ -17,6 +17,7 @@ import struct
 import subprocess
 import sys
 import termios
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -29,10 +30,10 @@ import zmq
 from api.auth import create_user
 from ledger import Ledger, NewEvent
 from ledger.cluster import Cluster
-from ledger.tickets import SILENCE_S, Ticket, new_key, sign
+from ledger.tickets import SILENCE_S, Ticket, host_key, new_key, sign
 from tests.api_process import ApiProcess
 from tests.conftest import destroy_cluster, free_ports, make_cluster, tally_env
-from tests.fixtures.apps.fleet import AgentProc, Daemon, create_app, release
+from tests.fixtures.apps.fleet import AgentProc, Daemon, create_app, release, run_key
 from tests.waiting import Lines, wait_until
 
 PROBE = ("import os, sys; print('tty', os.isatty(1), 'uid', os.getuid(), 'greeting', "
@@ -52,17 +53,18 @@ class Platform:
     home: Path
     """A developer's machine: a HOME of its own, and nothing of TALLY_HOME."""
 
-    def env(self, who: str = "ann") -> dict[str, str]:
+    def env(self, who: str = "ann", api: str | None = None) -> dict[str, str]:
         """Only the API's URL and a token: no TALLY_HOME, no ledger ports."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
-        env.update(HOME=str(self.home), TALLY_API=self.api.url)
+        env.update(HOME=str(self.home), TALLY_API=api or self.api.url)
         if who:
             env["TALLY_TOKEN"] = self.tokens[who]
         return env
 
     def tally(self, *args: str, who: str = "ann", stdin: str | None = None,
-              timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "tally.cli", *args], env=self.env(who),
+              timeout: float = 120, api: str | None = None
+              ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "tally.cli", *args], env=self.env(who, api),
                               capture_output=True, text=True, timeout=timeout,
                               input=stdin, stdin=None if stdin is not None else
                               subprocess.DEVNULL, cwd=self.home)
@@ -79,14 +81,14 @@ class Platform:
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
     cluster = make_cluster()
-    key = new_key()
+    key = run_key(cluster)  # the API's alone: the agent gets hr's own when it registers
     collector = f"tcp://127.0.0.1:{free_ports(1)[0]}"
-    env = {"TALLY_RUN_KEY": key.hex(), "TALLY_COLLECTOR": collector}
     low = free_ports(1)[0]
     daemons = [Daemon(cluster, "projectors", ["projectors", "--poll-interval", "0.2"]),
-               Daemon(cluster, "collector", ["collector"], **env)]
-    agent = AgentProc(cluster, "hr", (low, low + 4), collector=collector, env=env)
-    api = ApiProcess(tally_env(cluster, **env), free_ports(1)[0])
+               Daemon(cluster, "collector", ["collector"], TALLY_COLLECTOR=collector)]
+    agent = AgentProc(cluster, "hr", (low, low + 4), collector=collector)
+    api = ApiProcess(tally_env(cluster, TALLY_RUN_KEY=key.hex(), TALLY_COLLECTOR=collector),
+                     free_ports(1)[0])
     try:
         for d in (*daemons, agent):
             d.start()
@@ -185,26 +187,55 @@ def test_tickets_replayed_expired_for_another_app_or_host_are_refused(
                          headers={"Authorization": f"Bearer {p.tokens['ann']}"}, timeout=30)
     assert held.status_code == 201, held.text
     endpoint = p.endpoint()
-    good = sign(p.key, _ticket(p))
+    hr = host_key(p.key, "hr")  # what the API signs hr's tickets with
+    good = sign(hr, _ticket(p))
     assert _ask(endpoint, b"run", {"ticket": good}) == (b"exit", b"0")
     kind, why = _ask(endpoint, b"run", {"ticket": good})  # replayed
     assert kind == b"error" and b"already used" in why
-    expired = sign(p.key, _ticket(p, issued=time.time() - 60, expires=time.time() - 30))
+    expired = sign(hr, _ticket(p, issued=time.time() - 60, expires=time.time() - 30))
     kind, why = _ask(endpoint, b"run", {"ticket": expired})
     assert kind == b"error" and b"expired" in why
-    elsewhere = sign(p.key, _ticket(p, host="h9"))
+    elsewhere = sign(hr, _ticket(p, host="h9"))
     kind, why = _ask(endpoint, b"run", {"ticket": elsewhere})
     assert kind == b"error" and b"host h9" in why
     # A good ticket of app oneoff, its body edited to say app bobs (the MAC kept):
-    body, mac = sign(p.key, _ticket(p)).rsplit(".", 1)
+    body, mac = sign(hr, _ticket(p)).rsplit(".", 1)
     data = json.loads(base64.urlsafe_b64decode(body))
     data["app"] = "bobs"
     edited = base64.urlsafe_b64encode(json.dumps(data).encode()).decode() + "." + mac
     kind, why = _ask(endpoint, b"run", {"ticket": edited})
     assert kind == b"error" and b"signature" in why
-    stop_as_run = sign(p.key, _ticket(p, kind="stop"))
+    stop_as_run = sign(hr, _ticket(p, kind="stop"))
     kind, why = _ask(endpoint, b"run", {"ticket": stop_as_run})
     assert kind == b"error" and b"does not allow" in why
+
+
+def test_a_host_signs_tickets_for_no_other_host(platform: Platform) -> None:
+    """Each agent knows only its own host's key, handed by the API when it registers: a
+    host taken over (its agent token and key stolen) cannot make another host run
+    anything."""
+    import requests
+
+    p = platform
+    _ready(p)
+    with Ledger(p.cluster.dsn()) as ledger:
+        theirs = create_user(ledger, f"agent-ha-{uuid.uuid4().hex[:6]}", "agent", "ha")
+    headers = {"Authorization": f"Bearer {theirs}"}
+    # A host with no run socket and no room: the API will send it no run.
+    answer = requests.put(f"{p.api.url}/hosts/ha", headers=headers, timeout=30, json={
+        "address": "127.0.0.1", "port_min": 1024, "port_max": 1025, "capacity": 0})
+    assert answer.status_code == 200, answer.text
+    stolen = bytes.fromhex(answer.json()["run_key"])
+    assert stolen not in (p.key, host_key(p.key, "hr")) and stolen == host_key(p.key, "ha")
+    refused = requests.put(f"{p.api.url}/hosts/hr", headers=headers, timeout=30, json={})
+    assert refused.status_code == 403  # its token gets no other host's key
+    marker = f"/tmp/pwned-{uuid.uuid4().hex}"
+    forged = sign(stolen, _ticket(p, argv=("touch", marker)))  # for host hr
+    kind, why = _ask(p.endpoint(), b"run", {"ticket": forged})
+    assert kind == b"error" and b"signature" in why
+    kind, why = _ask(p.endpoint(), b"run", {"ticket": sign(p.key, _ticket(p))})
+    assert kind == b"error" and b"signature" in why  # nor the platform's key: hr's own only
+    assert not os.path.exists(marker)
 
 
 # --- runs through the API --------------------------------------------------------------------
@@ -307,12 +338,12 @@ SLEEPER = "import os, time; print('pid', os.getpid(), flush=True); time.sleep(30
 
 
 @contextlib.contextmanager
-def sleeper(p: Platform) -> Iterator[tuple[subprocess.Popen, int]]:
+def sleeper(p: Platform, api: str | None = None) -> Iterator[tuple[subprocess.Popen, int]]:
     """`tally run` of a long sleep: the CLI process and the command's pid on the host (same
     machine here), once the command has printed it."""
     with subprocess.Popen([sys.executable, "-m", "tally.cli", "run", "-a", APP, "--",
                            "python", "-c", SLEEPER], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, stdin=subprocess.PIPE, env=p.env(),
+                          stderr=subprocess.PIPE, stdin=subprocess.PIPE, env=p.env(api=api),
                           cwd=p.home) as cli:
         assert cli.stdout is not None
         try:
@@ -361,6 +392,75 @@ def test_a_run_whose_agent_dies_ends_with_a_clear_error_and_hangs_up_the_command
     lost = [e for e in p.events("RunEnded") if e.data["exit_code"] is None]
     assert lost and "lost the host agent" in lost[-1].data["reason"]
     assert lost[-1].metadata["actor"] == "ann"
+
+
+def test_a_caller_connected_but_silent_is_hung_up(platform: Platform) -> None:
+    """A laptop's lid closed: the connection stays up, nothing more comes from it (no
+    keep-alive). The agent hangs the command up after SILENCE_S, as sshd would."""
+    from simple_websocket import Client, ConnectionClosed
+
+    p = platform
+    _ready(p)
+    headers = {"Authorization": f"Bearer {p.tokens['ann']}"}
+    r = requests_post(p, "ann", {"command": ["python", "-c", SLEEPER]})
+    url = p.api.url.replace("http://", "ws://") + r["attach"] + "?tty=0"
+    ws = Client.connect(url, headers=headers)  # answers pings, sends nothing of its own
+    try:
+        got = b""
+        began = time.monotonic()
+        while b"pid" not in got:
+            msg = ws.receive(timeout=max(1.0, 120 - (time.monotonic() - began)))
+            assert msg is not None, "no output from the command"
+            got += msg if isinstance(msg, bytes) else b""
+        pid = int(got.split()[1])
+        wait_until(lambda: _gone(pid), SILENCE_S + 20, "the silent caller's command hung up")
+
+        def exited() -> dict | None:
+            msg = ws.receive(timeout=1)
+            return json.loads(msg) if isinstance(msg, str) and '"exit"' in msg else None
+        # told over the connection it never dropped:
+        assert wait_until(exited, 30, "the exit told")["code"] == 128 + signal.SIGHUP
+    finally:
+        with contextlib.suppress(ConnectionClosed):  # the API closed it after the exit
+            ws.close()
+    ended = wait_until(lambda: [e for e in p.events("RunEnded")
+                                if e.data["number"] == r["number"]], 30, "RunEnded")
+    assert ended[0].data["exit_code"] == 128 + signal.SIGHUP
+
+
+def requests_post(p: Platform, who: str, body: dict, api: str | None = None) -> dict:
+    """POST /apps/APP/runs as `who`: the run (201 expected)."""
+    import requests
+
+    r = requests.post(f"{api or p.api.url}/apps/{APP}/runs", json=body, timeout=30,
+                      headers={"Authorization": f"Bearer {p.tokens[who]}"})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def test_attached_runs_do_not_starve_the_api(platform: Platform) -> None:
+    """Each attached run holds one of its API process's threads: they get threads of their
+    own (--run-slots), so other requests are still answered while they go on; past them,
+    a clear refusal, and the refused run is not left listed."""
+    p = platform
+    _ready(p)
+    small = ApiProcess(tally_env(p.cluster, TALLY_RUN_KEY=p.key.hex()), free_ports(1)[0],
+                       ("--workers", "1", "--threads", "2", "--run-slots", "2"))
+    try:
+        small.wait_ready()
+        with sleeper(p, small.url), sleeper(p, small.url):
+            info = p.tally("apps:info", "-a", APP, api=small.url, timeout=60)
+            assert info.returncode == 0 and "owner:" in info.stdout, info.stderr
+            third = p.tally("run", "-a", APP, "--", "true", api=small.url)
+            assert third.returncode == 1, third.stderr
+            assert "relaying as many attached runs as it may: try again" in third.stderr
+            assert "Traceback" not in third.stderr
+            refused = max(e.data["number"] for e in p.events("RunStarted"))
+            (ended,) = [e for e in p.events("RunEnded") if e.data["number"] == refused]
+            assert "never attached" in ended.data["reason"]
+            assert f"run.{refused} " not in p.tally("ps", "-a", APP, api=small.url).stdout
+    finally:
+        small.stop()
 
 
 # --- an interactive session -----------------------------------------------------------------
@@ -519,6 +619,48 @@ def test_events_and_logs_follow_over_the_api(platform: Platform) -> None:
             lg.kill()
 
 
+def test_events_follow_misses_nothing_written_while_it_starts(platform: Platform) -> None:
+    """`tally events -a APP -f` started while the app's stream is being written to: from
+    the first event it shows, it shows every one, in order. Its first page and the point
+    it follows from are one read of the ledger's head; were they two, whatever landed
+    between them would be lost."""
+    p = platform
+    app = f"tail-{uuid.uuid4().hex[:6]}"
+    with Ledger(p.cluster.dsn()) as ledger:
+        create_app(ledger, app)
+    stop, written = threading.Event(), []
+
+    def write() -> None:
+        with Ledger(p.cluster.dsn()) as ledger:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                written.append(ledger.append(f"app-{app}", [NewEvent("ConfigChanged", {
+                    "app": app, "set": {"N": str(n)}, "config_version": n})]).version)
+                time.sleep(0.005)  # a steady writer's pace, not a synchronisation
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    wait_until(lambda: len(written) > 5, 60, "the writer under way")
+    with subprocess.Popen([sys.executable, "-m", "tally.cli", "events", "-a", app, "-f",
+                           "--limit", "5", "--json"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=p.env(),
+                          cwd=p.home, text=True) as ev:
+        assert ev.stdout is not None
+        lines = Lines(ev.stdout)
+        try:
+            seen = [json.loads(lines.next(120, "the first event"))["version"]]
+            while len(seen) < 40:  # well past its start, the writer still going
+                seen.append(json.loads(lines.next(60, "the next event"))["version"])
+            stop.set()
+            writer.join(30)
+            while seen[-1] < written[-1]:
+                seen.append(json.loads(lines.next(60, "the last events"))["version"])
+        finally:
+            stop.set()
+            ev.kill()
+    assert seen == list(range(seen[0], written[-1] + 1)), seen
+
+
 def test_a_reader_that_leaves_early_gets_no_traceback(platform: Platform) -> None:
     """`tally events | head -1`: the CLI exits quietly, as git does."""
     p = platform
@@ -542,7 +684,8 @@ def test_a_run_cannot_read_the_ticket_key(platform: Platform) -> None:
     out = p.tally("run", "-a", APP, "--", "sh", "-c",
                   "env; cat /proc/$PPID/environ /proc/1/environ; echo done")
     assert out.returncode == 0 and "done" in out.stdout, out.stderr
-    assert p.key.hex() not in out.stdout and "TALLY_RUN_KEY" not in out.stdout
+    for secret in (p.key.hex(), host_key(p.key, "hr").hex(), "TALLY_RUN_KEY"):
+        assert secret not in out.stdout
 
 
 def test_a_run_sees_no_other_process(platform: Platform) -> None:
