@@ -196,7 +196,7 @@ class Agent:
         API may be away: the apps we adopt keep running, and we register when it is back."""
         s = self.spec
         self.runs = RunServer(s.address, self.prepare_run, self.limits, None,
-                              s.host_id, self.procs.logs, self.run_ended)
+                              s.host_id, self.procs.logs, self.run_ended, own=self.curve)
         self.runs.start()
         self.register()
         self.read_desired(force=True)
@@ -204,7 +204,8 @@ class Agent:
 
     def register(self) -> None:
         """Register the host through the API; its answer holds this host's key of run
-        tickets, kept in memory only (no one-off runs until then, or when it has none)."""
+        tickets, kept in memory only, and the API's CURVE key, the one client the run
+        socket admits (no one-off runs until then, or when the API has no key)."""
         s = self.spec
         try:
             answer = self.api.register({"address": s.address, "port_min": s.port_min,
@@ -213,8 +214,9 @@ class Agent:
                                "run_endpoint": self.runs.endpoint if self.runs else "",
                                "public_key": self.curve.public.decode()})
             if self.runs is not None:
-                key = answer.get("run_key")
-                self.runs.key = bytes.fromhex(key) if key else None
+                key, api = answer.get("run_key"), answer.get("run_channel_key")
+                self.runs.admit(bytes.fromhex(key) if key else None,
+                                api.encode() if key and api else None)
             self.registered = True
         except ApiAway as exc:
             log.warning("cannot register yet: %s", exc)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import hmac
 import json
 import logging
 import os
@@ -47,6 +48,7 @@ from pathlib import Path
 import zmq
 
 from agents.processes import Limits, child_setup
+from ledger import curve
 from ledger.tickets import (
     KEEPALIVE_S,
     SILENCE_S,
@@ -89,12 +91,15 @@ class RunServer:
 
     def __init__(self, address: str, prepare: Prepare, limits: Limits, key: bytes | None,
                  host_id: str, logs_dir: Path, ended: Ended = lambda t, c, s: None,
-                 context: zmq.Context | None = None,
+                 own: curve.Keypair | None = None,
                  clock: Callable[[], float] = time.time) -> None:
-        self.context = context or zmq.Context.instance()
+        # A context of its own: its ZAP handler answers for this socket alone.
+        self.context = zmq.Context()
         self.router = self.context.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.MAXMSGSIZE, 1 << 20)  # nobody floods the agent's memory
+        self.admitted = OnlyTheApi()
+        self.auth = curve.serve(self.router, own, self.admitted, self.context) if own else None
         port = self.router.bind_to_random_port(f"tcp://{address}")
         self.endpoint = f"tcp://{address}:{port}"
         self.inbox = f"inproc://runs-{uuid.uuid4().hex}"
@@ -119,9 +124,16 @@ class RunServer:
     def start(self) -> None:
         self.thread.start()
 
+    def admit(self, key: bytes | None, api_public: bytes | None) -> None:
+        """What registering told: this host's key of run tickets, and the API's CURVE public
+        key, the one client the run socket admits (None: no runs)."""
+        self.key, self.admitted.key = key, api_public
+
     def close(self) -> None:
         self.stop.set()
         self.thread.join(5)
+        if self.auth is not None:
+            self.auth.stop()
 
     def detached_ids(self) -> set[str]:
         """The log names of detached runs under way (their logs must stay until shipped)."""
@@ -283,6 +295,21 @@ class RunServer:
         with contextlib.suppress(ProcessLookupError):  # it ended: its exit is coming
             os.killpg(run.proc.pid, sig)
         return True
+
+
+class OnlyTheApi:
+    """The run socket's ZAP credentials provider: only the API's CURVE key may connect
+    (learnt when the host registers). Anything else on the network or the host gets no
+    ZMTP session at all, let alone a hearing for a ticket."""
+
+    def __init__(self) -> None:
+        self.key: bytes | None = None
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        allowed = self.key is not None and hmac.compare_digest(key, self.key)
+        if not allowed:
+            log.warning("refused a run socket client with key %s", key[:8].decode())
+        return allowed
 
 
 def run_log_name(ticket: Ticket) -> str:

@@ -1,6 +1,6 @@
 """The API's side of a one-off run: a WebSocket to the CLI (simple-websocket, on gunicorn's
-threaded workers: the handler thread owns the connection) and a ZeroMQ DEALER to the host
-agent's run socket, with the ticket. Bytes go both ways; the keep-alives go through, so
+threaded workers: the handler thread owns the connection) and a ZeroMQ DEALER, over CURVE,
+to the host agent's run socket, with the ticket. Bytes go both ways; the keep-alives go through, so
 each end's silence rules (ledger/tickets.py KEEPALIVE_S, SILENCE_S) hold end to end.
 
 WebSocket messages, CLI -> API: binary = stdin bytes; text = JSON {"type": "alive" | "eof"
@@ -11,6 +11,7 @@ JSON {"type": "alive" | "exit" (code) | "error" (message)}.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import threading
 import time
@@ -22,7 +23,8 @@ import zmq
 from flask import Response, request
 from simple_websocket import ConnectionClosed, Server
 
-from ledger.tickets import KEEPALIVE_S, SILENCE_S
+from ledger import curve
+from ledger.tickets import KEEPALIVE_S, SILENCE_S, channel_seed
 
 AGENT_ANSWER_S = 60.0
 """How long a detached start or a stop waits for the agent (a start may unpack a release)."""
@@ -30,6 +32,23 @@ AGENT_ANSWER_S = 60.0
 
 class AgentSilent(Exception):
     """The agent did not answer in time."""
+
+
+@functools.lru_cache(maxsize=4)
+def run_channel(master: bytes) -> curve.Keypair:
+    """The API's CURVE keypair on the run channel, derived from the platform's run key: the
+    same in every API process, and the only client key agents admit."""
+    return curve.from_seed(channel_seed(master))
+
+
+def _dealer(ctx: zmq.Context, endpoint: str, keys: curve.Client) -> zmq.Socket:
+    """A DEALER to an agent's run socket, over CURVE (the agent's registered public key,
+    the API's channel keypair): the terminal's bytes are encrypted, and only the API's
+    key is admitted."""
+    sock = ctx.socket(zmq.DEALER)
+    curve.as_client(sock, keys)
+    sock.connect(endpoint)
+    return sock
 
 
 def is_websocket() -> bool:
@@ -57,14 +76,13 @@ class Hijacked(Response):
         return super().__call__(environ, start_response)
 
 
-def ask_agent(endpoint: str, kind: bytes, body: dict[str, Any],
+def ask_agent(endpoint: str, keys: curve.Client, kind: bytes, body: dict[str, Any],
               wait_for: bytes, timeout: float = AGENT_ANSWER_S) -> None:
     """One request to an agent's run socket, until it says `wait_for` (alive frames
     extend nothing: a start that prepares a release keeps saying alive). RuntimeError with
     the agent's reason, AgentSilent when it does not answer."""
-    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock = _dealer(zmq.Context.instance(), endpoint, keys)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
     try:
         sock.send_multipart([kind, json.dumps(body).encode()])
         deadline = time.monotonic() + timeout
@@ -81,15 +99,14 @@ def ask_agent(endpoint: str, kind: bytes, body: dict[str, Any],
         sock.close()
 
 
-def relay(ws: Server, endpoint: str, request_body: dict[str, Any],
+def relay(ws: Server, endpoint: str, keys: curve.Client, request_body: dict[str, Any],
           lost: Callable[[str], None]) -> None:
     """Carry one attached run between the CLI's WebSocket and the agent, until the command
     exits, the agent refuses or is lost (`lost(message)` then records it), or the CLI is
     gone (its command then gets SIGHUP, as when an ssh session drops)."""
     ctx = zmq.Context.instance()
-    agent = ctx.socket(zmq.DEALER)
+    agent = _dealer(ctx, endpoint, keys)
     agent.setsockopt(zmq.LINGER, 1000)  # a last HUP still goes out as we leave
-    agent.connect(endpoint)
     inbox = f"inproc://relay-{uuid.uuid4().hex}"
     from_cli = ctx.socket(zmq.PAIR)
     from_cli.bind(inbox)

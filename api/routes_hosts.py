@@ -15,6 +15,7 @@ from api import schemas
 from api.auth import require_host, require_role
 from api.errors import Conflict, Forbidden, NotFound, Unprocessable
 from api.hosts import Placements
+from api.relay import run_channel
 from api.state import AppState
 from api.web import body, query, reply, route, services, who
 from ledger import NO_STREAM, NewEvent, VersionConflict
@@ -36,7 +37,8 @@ def register_host(host_id: str) -> ResponseReturnValue:
     """An agent registers its host: address, port range, capacity (and its run endpoint,
     memory). A re-registration keeps what it does not name; the first must name the
     address, port range and capacity. The answer hands the agent its host's key of run
-    tickets (ledger/tickets.py), which only this host's token gets."""
+    tickets (ledger/tickets.py), which only this host's token gets, and the API's CURVE
+    key, the one its run socket is to admit."""
     require_host(who(), host_id)
     stream = f"host-{host_id}"
     history = services().ledger.read_stream(stream)
@@ -56,7 +58,8 @@ def register_host(host_id: str) -> ResponseReturnValue:
     master = services().settings.run_key
     return reply(schemas.HostRegistered, {
         "stream": stream, "version": result.version,
-        "run_key": host_key(master, host_id).hex() if master else None})
+        "run_key": host_key(master, host_id).hex() if master else None,
+        "run_channel_key": run_channel(master).public.decode() if master else None})
 
 
 @route("/hosts/<host_id>/heartbeats", "POST", body=schemas.Heartbeat, status=202,

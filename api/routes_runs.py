@@ -5,6 +5,7 @@ the terminal), stop one. Agents act only on tickets, so every run passes here.""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from flask import request
 from flask.typing import ResponseReturnValue
@@ -15,7 +16,7 @@ from api.routes_apps import app_state, authorized
 from api.routes_builds import build_of
 from api.state import AppState, Run
 from api.web import body, reply, route, services, who
-from ledger import NewEvent
+from ledger import NewEvent, curve
 from ledger.tickets import RELAYS_FULL, host_key, sign
 
 
@@ -33,31 +34,42 @@ def _ticket(name: str, run: Run, kind: str) -> str:
                 runs.ticket(name, run, who().name, kind, time.time()))
 
 
-def run_endpoint(host_id: str) -> str:
-    """The host's run socket, as it last registered it."""
+@dataclass(frozen=True)
+class RunSocket:
+    """Where a host's agent takes runs, and how the API speaks to it: CURVE, with the
+    public key the host registered and the API's channel keypair."""
+
+    endpoint: str
+    keys: curve.Client
+
+
+def run_socket(host_id: str) -> RunSocket | None:
+    """The host's run socket as it last registered it; None if it registered none (or no
+    key: an agent of another version)."""
     for e in reversed(services().ledger.read_stream(f"host-{host_id}")):
         if e.type == "HostRegistered":
-            return str(e.data.get("run_endpoint") or "")
-    return ""
+            endpoint, public = e.data.get("run_endpoint"), e.data.get("public_key")
+            if not endpoint or not public:
+                return None
+            return RunSocket(str(endpoint), curve.Client(str(public).encode(),
+                                                         relay.run_channel(_key())))
+    return None
 
 
-def _choose_host(app: str) -> tuple[str, str]:
-    """(host, its run endpoint): the best candidate that has a run socket."""
+def _choose_host(app: str) -> str:
+    """The best candidate host that has a run socket ("" if none)."""
     svc = services()
     placed = {p["host_id"] for p in svc.views.placements(app)}
-    for host in runs.candidate_hosts(svc.hosts(), placed):
-        endpoint = run_endpoint(host)
-        if endpoint:
-            return host, endpoint
-    return "", ""
+    return next((host for host in runs.candidate_hosts(svc.hosts(), placed)
+                 if run_socket(host) is not None), "")
 
 
-def _endpoint_of(run: Run) -> str:
-    endpoint = run_endpoint(run.host_id)
-    if not endpoint:
+def _socket_of(run: Run) -> RunSocket:
+    found = run_socket(run.host_id)
+    if found is None:
         raise Conflict(f"host {run.host_id} has no run socket (an agent of another "
-                          f"version?)")
-    return endpoint
+                       f"version?)")
+    return found
 
 
 def _run_of(state: AppState, number: int) -> Run:
@@ -83,16 +95,16 @@ def start_run(name: str) -> ResponseReturnValue:
     req = body(schemas.RunCreate)
     app_state(name)
     _key()
-    host, endpoint = _choose_host(name)
+    host = _choose_host(name)
     svc = services()
     state = svc.command(name, who(), lambda s: runs.start(
         authorized(s), req["command"], host, req["detached"],
         lambda r: build_of(s, r).status == "succeeded"))
     run = state.runs[-1]
     if run.detached:
-        ticket = _ticket(name, run, "run")
+        agent, ticket = _socket_of(run), _ticket(name, run, "run")
         try:
-            relay.ask_agent(endpoint, b"run", {"ticket": ticket}, b"started")
+            relay.ask_agent(agent.endpoint, agent.keys, b"run", {"ticket": ticket}, b"started")
         except relay.AgentSilent as exc:
             _ended(name, run, str(exc))
             raise Unavailable(str(exc)) from exc
@@ -123,7 +135,7 @@ def attach_run(name: str, number: int) -> ResponseReturnValue:
     if not relay.is_websocket():
         raise BadRequest("attach with a WebSocket (Connection: Upgrade, Upgrade: websocket)")
     _key()
-    endpoint = _endpoint_of(run)
+    agent = _socket_of(run)
     svc = services()
     if not svc.run_relays.acquire(blocking=False):
         _ended(name, run, "never attached: " + RELAYS_FULL)  # never started: not in `ps`
@@ -133,7 +145,8 @@ def attach_run(name: str, number: int) -> ResponseReturnValue:
                     "rows": request.args.get("rows", type=int),
                     "cols": request.args.get("cols", type=int)}
         ws = relay.accept()
-        relay.relay(ws, endpoint, terminal, lambda why: _ended(name, run, why))
+        relay.relay(ws, agent.endpoint, agent.keys, terminal,
+                    lambda why: _ended(name, run, why))
     finally:
         svc.run_relays.release()
     return relay.Hijacked(ws)
@@ -148,10 +161,11 @@ def stop_run(name: str, number: int) -> ResponseReturnValue:
     run = _run_of(state, number)
     if run.ended:
         raise Conflict(f"run.{number} has ended already")
-    endpoint = _endpoint_of(run)
+    agent = _socket_of(run)
     ticket = _ticket(name, run, "stop")
     try:
-        relay.ask_agent(endpoint, b"stop", {"ticket": ticket}, b"stopped", timeout=10)
+        relay.ask_agent(agent.endpoint, agent.keys, b"stop", {"ticket": ticket}, b"stopped",
+                        timeout=10)
     except relay.AgentSilent as exc:
         raise Unavailable(str(exc)) from exc
     except RuntimeError as exc:

@@ -354,6 +354,9 @@ class HostRegistered(Appended):
     run_key = fields.Str(required=True, allow_none=True, metadata={
         "description": "this host's key of run tickets (hex; derived from the platform's, "
                        "known to no other host); null when one-off runs are off"})
+    run_channel_key = fields.Str(required=True, allow_none=True, metadata={
+        "description": "the API's CURVE public key (z85): the one client the host's run "
+                       "socket admits; null when one-off runs are off"})
 
 
 class Rows(Schema):

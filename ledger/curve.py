@@ -67,6 +67,15 @@ def load_or_create(path: Path) -> Keypair:
     return Keypair(public, secret)
 
 
+def from_seed(seed: bytes) -> Keypair:
+    """The keypair whose secret is these 32 bytes: every process that knows the seed has
+    the same one, with no file to share (the API's processes: their run channel's)."""
+    from zmq.utils import z85
+
+    secret = z85.encode(seed[:32])
+    return Keypair(zmq.curve_public(secret), secret)
+
+
 _default: Client | None = None
 
 

@@ -73,6 +73,12 @@ def host_key(master: bytes, host: str) -> bytes:
     return hmac.new(master, b"tally run tickets\x00" + host.encode(), hashlib.sha256).digest()
 
 
+def channel_seed(master: bytes) -> bytes:
+    """The seed of the API's CURVE keypair on the run channel (ledger/curve.py from_seed):
+    every API process derives the same one; agents admit only its public key."""
+    return hmac.new(master, b"tally run channel\x00curve", hashlib.sha256).digest()
+
+
 def sign(key: bytes, ticket: Ticket) -> str:
     body = base64.urlsafe_b64encode(json.dumps(ticket.as_dict(), sort_keys=True,
                                                separators=(",", ":")).encode()).decode()

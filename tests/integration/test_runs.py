@@ -28,9 +28,9 @@ import pytest
 import zmq
 
 from api.auth import create_user
-from ledger import Ledger, NewEvent
+from ledger import Ledger, NewEvent, curve
 from ledger.cluster import Cluster
-from ledger.tickets import SILENCE_S, Ticket, host_key, new_key, sign
+from ledger.tickets import SILENCE_S, Ticket, channel_seed, host_key, new_key, sign
 from tests.api_process import ApiProcess
 from tests.conftest import destroy_cluster, free_ports, make_cluster, tally_env
 from tests.fixtures.apps.fleet import AgentProc, Daemon, create_app, release, run_key
@@ -70,8 +70,20 @@ class Platform:
                               subprocess.DEVNULL, cwd=self.home)
 
     def endpoint(self) -> str:
+        return str(self.registered()["run_endpoint"])
+
+    def registered(self) -> dict:
+        """The agent's last registration: its run socket and CURVE public key."""
         with Ledger(self.cluster.dsn()) as ledger:
-            return ledger.read_stream(f"host-{self.agent.host_id}")[-1].data["run_endpoint"]
+            return [e for e in ledger.read_stream(f"host-{self.agent.host_id}")
+                    if e.type == "HostRegistered"][-1].data
+
+    def as_api(self) -> curve.Client:
+        """The run channel's keys as the API holds them: the only client the agent admits.
+        The tests below use them to show that a ticket is still needed; an attacker on the
+        host has no such keys (test_only_the_api_may_speak_to_the_run_socket)."""
+        return curve.Client(self.registered()["public_key"].encode(),
+                            curve.from_seed(channel_seed(self.key)))
 
     def events(self, *types: str) -> list:
         with Ledger(self.cluster.dsn()) as ledger:
@@ -128,11 +140,14 @@ def _ready(p: Platform) -> None:
 # --- attacks on the agent's run socket -------------------------------------------------------
 
 
-def _ask(endpoint: str, kind: bytes, body: dict, timeout: float = 30) -> tuple[bytes, bytes]:
-    """What an attacker on the host does: speak ZMTP to the agent's run socket; the first
+def _ask(endpoint: str, kind: bytes, body: dict, timeout: float = 30,
+         keys: curve.Client | None = None) -> tuple[bytes, bytes]:
+    """Speak ZMTP to the agent's run socket (with `keys`, as a CURVE client); the first
     answer that is not a keep-alive."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if keys is not None:
+        curve.as_client(sock, keys)
     sock.connect(endpoint)
     try:
         sock.send_multipart([kind, json.dumps(body).encode()])
@@ -154,24 +169,41 @@ def _ticket(p: Platform, app: str = APP, **changes: object) -> Ticket:
     return replace(t, **changes)
 
 
+def test_only_the_api_may_speak_to_the_run_socket(platform: Platform) -> None:
+    """The run socket is a CURVE server admitting only the API's key: a plain ZMTP peer, or
+    one with a keypair of its own (even knowing the host's registered public key), gets no
+    session at all, so not even a refusal. (The terminal's bytes are encrypted too.)"""
+    p = platform
+    _ready(p)
+    endpoint = p.endpoint()
+    stranger = curve.Client(p.registered()["public_key"].encode(),
+                            curve.from_seed(new_key()))
+    for keys in (None, stranger):
+        with pytest.raises(AssertionError, match="said nothing"):
+            _ask(endpoint, b"run", {"app": "bobs", "argv": ["id"]}, timeout=5, keys=keys)
+    kind, why = _ask(endpoint, b"run", {"app": "bobs", "argv": ["id"]}, keys=p.as_api())
+    assert kind == b"error" and b"no ticket" in why  # the API's key is heard
+
+
 def test_an_attacker_on_the_host_runs_nothing_without_a_valid_ticket(
         platform: Platform, tmp_path: Path) -> None:
+    """Even with the API's channel keys (the wall above gone), a ticket is the second."""
     p = platform
     _ready(p)
     marker = tmp_path / "pwned"
     tmp_path.chmod(0o777)
     argv = ["sh", "-c", f"touch {marker}; echo $SECRET"]
-    endpoint = p.endpoint()
+    endpoint, keys = p.endpoint(), p.as_api()
     # Yesterday's request, no ticket at all:
-    kind, why = _ask(endpoint, b"run", {"app": "bobs", "argv": argv})
+    kind, why = _ask(endpoint, b"run", {"app": "bobs", "argv": argv}, keys=keys)
     assert kind == b"error" and b"no ticket" in why
     # A ticket signed with a key of the attacker's own:
     forged = sign(new_key(), _ticket(p, "bobs", argv=tuple(argv)))
-    kind, why = _ask(endpoint, b"run", {"ticket": forged})
+    kind, why = _ask(endpoint, b"run", {"ticket": forged}, keys=keys)
     assert kind == b"error" and b"signature" in why
     # A stop of someone's run, and garbage:
-    assert _ask(endpoint, b"stop", {"ticket": "x.y"})[0] == b"error"
-    assert _ask(endpoint, b"run", {"ticket": 5})[0] == b"error"
+    assert _ask(endpoint, b"stop", {"ticket": "x.y"}, keys=keys)[0] == b"error"
+    assert _ask(endpoint, b"run", {"ticket": 5}, keys=keys)[0] == b"error"
     assert not marker.exists()
 
 
@@ -186,27 +218,27 @@ def test_tickets_replayed_expired_for_another_app_or_host_are_refused(
     held = requests.post(f"{p.api.url}/apps/{APP}/runs", json={"command": ["true"]},
                          headers={"Authorization": f"Bearer {p.tokens['ann']}"}, timeout=30)
     assert held.status_code == 201, held.text
-    endpoint = p.endpoint()
+    endpoint, keys = p.endpoint(), p.as_api()
     hr = host_key(p.key, "hr")  # what the API signs hr's tickets with
     good = sign(hr, _ticket(p))
-    assert _ask(endpoint, b"run", {"ticket": good}) == (b"exit", b"0")
-    kind, why = _ask(endpoint, b"run", {"ticket": good})  # replayed
+    assert _ask(endpoint, b"run", {"ticket": good}, keys=keys) == (b"exit", b"0")
+    kind, why = _ask(endpoint, b"run", {"ticket": good}, keys=keys)  # replayed
     assert kind == b"error" and b"already used" in why
     expired = sign(hr, _ticket(p, issued=time.time() - 60, expires=time.time() - 30))
-    kind, why = _ask(endpoint, b"run", {"ticket": expired})
+    kind, why = _ask(endpoint, b"run", {"ticket": expired}, keys=keys)
     assert kind == b"error" and b"expired" in why
     elsewhere = sign(hr, _ticket(p, host="h9"))
-    kind, why = _ask(endpoint, b"run", {"ticket": elsewhere})
+    kind, why = _ask(endpoint, b"run", {"ticket": elsewhere}, keys=keys)
     assert kind == b"error" and b"host h9" in why
     # A good ticket of app oneoff, its body edited to say app bobs (the MAC kept):
     body, mac = sign(hr, _ticket(p)).rsplit(".", 1)
     data = json.loads(base64.urlsafe_b64decode(body))
     data["app"] = "bobs"
     edited = base64.urlsafe_b64encode(json.dumps(data).encode()).decode() + "." + mac
-    kind, why = _ask(endpoint, b"run", {"ticket": edited})
+    kind, why = _ask(endpoint, b"run", {"ticket": edited}, keys=keys)
     assert kind == b"error" and b"signature" in why
     stop_as_run = sign(hr, _ticket(p, kind="stop"))
-    kind, why = _ask(endpoint, b"run", {"ticket": stop_as_run})
+    kind, why = _ask(endpoint, b"run", {"ticket": stop_as_run}, keys=keys)
     assert kind == b"error" and b"does not allow" in why
 
 
@@ -231,9 +263,10 @@ def test_a_host_signs_tickets_for_no_other_host(platform: Platform) -> None:
     assert refused.status_code == 403  # its token gets no other host's key
     marker = f"/tmp/pwned-{uuid.uuid4().hex}"
     forged = sign(stolen, _ticket(p, argv=("touch", marker)))  # for host hr
-    kind, why = _ask(p.endpoint(), b"run", {"ticket": forged})
+    kind, why = _ask(p.endpoint(), b"run", {"ticket": forged}, keys=p.as_api())
     assert kind == b"error" and b"signature" in why
-    kind, why = _ask(p.endpoint(), b"run", {"ticket": sign(p.key, _ticket(p))})
+    kind, why = _ask(p.endpoint(), b"run", {"ticket": sign(p.key, _ticket(p))},
+                     keys=p.as_api())
     assert kind == b"error" and b"signature" in why  # nor the platform's key: hr's own only
     assert not os.path.exists(marker)
 
