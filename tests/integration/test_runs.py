@@ -441,11 +441,11 @@ def test_a_caller_connected_but_silent_is_hung_up(platform: Platform) -> None:
     try:
         got = b""
         began = time.monotonic()
-        while b"pid" not in got:
+        while not (line := re.search(rb"pid (\d+)\n", got)):  # output comes in pieces
             msg = ws.receive(timeout=max(1.0, 120 - (time.monotonic() - began)))
             assert msg is not None, "no output from the command"
             got += msg if isinstance(msg, bytes) else b""
-        pid = int(got.split()[1])
+        pid = int(line[1])
         wait_until(lambda: _gone(pid), SILENCE_S + 20, "the silent caller's command hung up")
 
         def exited() -> dict | None:
@@ -459,6 +459,28 @@ def test_a_caller_connected_but_silent_is_hung_up(platform: Platform) -> None:
     ended = wait_until(lambda: [e for e in p.events("RunEnded")
                                 if e.data["number"] == r["number"]], 30, "RunEnded")
     assert ended[0].data["exit_code"] == 128 + signal.SIGHUP
+
+
+def test_a_run_is_not_attached_after_its_tickets_expired(platform: Platform) -> None:
+    """A run's tickets are good for 30 s from its start: later, the API refuses to attach
+    (and would the agent, the ticket having expired with the run's start), so nothing
+    starts the command then, however late or often one asks."""
+    from datetime import datetime
+
+    from ledger.tickets import TTL_S
+
+    p = platform
+    _ready(p)
+    r = requests_post(p, "ann", {"command": ["true"]})
+    started = datetime.fromisoformat(r["started_at"]).timestamp()
+    wait_until(lambda: time.time() > started + TTL_S + 1, TTL_S + 30, "the tickets' time past")
+    headers = {"Authorization": f"Bearer {p.tokens['ann']}"}
+    assert _handshake(p, r["attach"], headers) == 409
+    import requests
+
+    late = requests.get(p.api.url + r["attach"], headers=headers, timeout=30)
+    assert late.status_code == 409 and "can no longer be attached" in late.json()["message"]
+    assert not [e for e in p.events("RunEnded") if e.data["number"] == r["number"]]
 
 
 def requests_post(p: Platform, who: str, body: dict, api: str | None = None) -> dict:
