@@ -222,14 +222,16 @@ class RunServer:
             cwd, env, demote = self.prepare(ticket.app, ticket.release)
             setup = _hung_up_with_agent(child_setup(self.limits, demote))
             began = time.monotonic()
+            def send(kind: bytes, data: bytes = b"") -> None:
+                out.send_multipart([ident, kind, data])
+
             if ticket.detached:
                 self.detached[ticket.run_id] = run
-                code = self._detached(run, cwd, env, setup,
-                                      lambda: out.send_multipart([ident, b"started", b""]))
+                code = self._detached(run, cwd, env, setup, lambda: send(b"started"))
             else:
                 code = run_attached(run, cwd, env, setup, bool(req.get("tty")),
                                     (req.get("rows"), req.get("cols")),
-                                    lambda data: out.send_multipart([ident, b"out", data]))
+                                    lambda data: send(b"out", data))
                 out.send_multipart([ident, b"exit", str(code).encode()])
         except Exception as exc:  # the caller gets the reason, the agent carries on
             log.info("run %s.%s refused: %s", ticket.app, ticket.number, exc)

@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
@@ -142,7 +142,13 @@ class Allowed:
             log.warning("cannot read the registered host keys: %s", exc)
 
 
-def serve(socket: zmq.Socket, own: Keypair, allowed: Allowed,
+class Admits(Protocol):
+    """A ZAP credentials provider: whether a client's public key (z85) may connect."""
+
+    def callback(self, domain: str, key: bytes) -> bool: ...
+
+
+def serve(socket: zmq.Socket, own: Keypair, allowed: Admits,
           context: zmq.Context) -> ThreadAuthenticator:
     """Make a socket a CURVE server admitting what `allowed` says (before it binds); the
     authenticator runs until stopped."""
