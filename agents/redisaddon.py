@@ -30,6 +30,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
+
 from ledger.catalogue import ADDON_PLANS
 from ledger.cluster import pid_alive
 from ledger.patroni import Process, writes_pid
@@ -137,11 +139,21 @@ def create(root: Path, app: str, plan: str, ports: tuple[int, int],
 
 
 def _pid(app_dir: Path) -> int | None:
+    """The server's pid from its pid file, if that process is a redis-server of the app's
+    owner: the file is the server user's to write, and root signals what it names."""
     try:
         pid = int((app_dir / "redis.pid").read_text())
     except (FileNotFoundError, ValueError):
         return None
-    return pid if pid_alive(pid) else None
+    if not pid_alive(pid):
+        return None
+    try:
+        proc = psutil.Process(pid)
+        uid, name = proc.uids().real, proc.name()
+    except psutil.Error:
+        return None
+    owner = app_dir.stat().st_uid
+    return pid if uid == owner and name.startswith("redis-server") else None
 
 
 def process(root: Path, app: str) -> Process:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -102,3 +103,13 @@ def test_each_app_reaches_its_own_redis_only() -> None:
                      frozenset({6401, 6402}))
     assert sorted(reach, key=lambda r: r.uid) == [Reach(1001, frozenset({6401})),
                                                   Reach(1002, frozenset({6402}))]
+
+
+def test_root_signals_no_process_a_redis_pid_file_names_unless_it_is_that_redis(
+        tmp_path: Path) -> None:
+    """The pid file is the server user's to write: a compromised Redis naming another
+    process (the API, say) gets nothing killed by root."""
+    from agents import redisaddon
+
+    (tmp_path / "redis.pid").write_text(str(os.getpid()))  # alive, but not a redis-server
+    assert redisaddon._pid(tmp_path) is None
