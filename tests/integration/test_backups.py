@@ -510,3 +510,39 @@ def test_a_restore_never_lends_the_superuser_to_the_tenants_code(archived: Clust
             assert cur.fetchone()[0] == 0  # the restore's own role is gone
     finally:
         apps.destroy()
+
+
+def test_the_daemon_killed_mid_backup_records_the_failure_and_its_next_run_succeeds(
+        archived: Cluster) -> None:
+    repo = Repository(home(archived) / "backups").open()
+    due = f"{datetime.now(UTC).year}-01-02T00:00:00+00:00"  # never claimed: run at start
+    daemon = tally(archived, "serve", "backups", "--ledger", "0 0 2 1 *", "--addons",
+                   "0 0 1 1 *", "--max-rate", "1M")
+    try:
+        started = wait_until(lambda: [b for b in backups(archived).values()
+                                      if b.scheduled_for == due], 120,
+                             "the daemon never started the run that was due")
+        backup_id = started[0].backup_id
+        wait_until(lambda: repo.partial(backup_id).exists() and any(
+            repo.partial(backup_id).rglob("*")), 60, "pg_basebackup never wrote")
+        os.killpg(daemon.pid, signal.SIGKILL)  # the daemon and its pg_basebackup
+        daemon.wait()
+    finally:
+        stop(daemon)
+    assert backups(archived)[backup_id].state == "running"
+
+    daemon = tally(archived, "serve", "backups", "--ledger", "*/15 * * * * *", "--addons",
+                   "0 0 1 1 *")
+    try:
+        orphan = wait_until(lambda: backups(archived)[backup_id].finished
+                            and backups(archived)[backup_id], 120, "the orphan was not settled")
+        assert orphan.state == "failed" and "stopped during the backup" in orphan.failed
+        assert not repo.partial(backup_id).exists()
+        after = wait_until(lambda: [b for b in backups(archived).values()
+                                    if b.job == LEDGER and b.started_at > orphan.started_at
+                                    and b.scheduled_for != due and b.state == "verified"],
+                           300, "no later scheduled run succeeded")
+        assert after
+    finally:
+        stop(daemon)
+    assert len([b for b in backups(archived).values() if b.scheduled_for == due]) == 1
