@@ -515,8 +515,11 @@ def test_a_restore_never_lends_the_superuser_to_the_tenants_code(archived: Clust
 def test_the_daemon_killed_mid_backup_records_the_failure_and_its_next_run_succeeds(
         archived: Cluster) -> None:
     repo = Repository(home(archived) / "backups").open()
-    due = f"{datetime.now(UTC).year}-01-02T00:00:00+00:00"  # never claimed: run at start
-    daemon = tally(archived, "serve", "backups", "--ledger", "0 0 2 1 *", "--addons",
+    # A daily run that fired a moment ago, after every run claimed so far: due at start.
+    fired = (datetime.now(UTC) - timedelta(seconds=1)).replace(microsecond=0)
+    due = fired.isoformat()
+    daily = f"{fired.second} {fired.minute} {fired.hour} * * *"
+    daemon = tally(archived, "serve", "backups", "--ledger", daily, "--addons",
                    "0 0 1 1 *", "--max-rate", "1M")
     try:
         started = wait_until(lambda: [b for b in backups(archived).values()
