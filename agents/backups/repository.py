@@ -17,10 +17,12 @@ gone bad cannot rewrite history. While no agent runs, segments wait in the spool
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shlex
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,31 +95,53 @@ class Repository:
     def ingest_wal(self, spool: Path) -> list[str]:
         """Move every finished segment from the spool into the repository (written and
         fsynced under a temporary name, then renamed); returns the names taken. A name
-        already archived is kept as it is: the spool's copy is dropped."""
+        already archived is kept as it is: the spool's copy is dropped. The spool is the
+        servers' (postgres can write there): neither it nor a file in it is followed if
+        it is a link, and only regular files are taken, so a server gone bad cannot make
+        root copy another file into the repository."""
         taken: list[str] = []
         try:
-            names = sorted(p.name for p in spool.iterdir())
-        except FileNotFoundError:
+            folder = os.open(spool, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except (FileNotFoundError, NotADirectoryError):
             return taken
-        for name in names:
-            source = spool / name
-            if not WAL_NAME.match(name):
-                continue  # a `.part` being written, or something that is not WAL
-            target = self.wal_dir / name
-            if not target.exists():
-                tmp = self.wal_dir / f".{name}.tmp"
-                with open(source, "rb") as src, open(tmp, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-                    dst.flush()
-                    os.fsync(dst.fileno())
-                tmp.chmod(0o600)
-                os.replace(tmp, target)
-                taken.append(name)
-            with contextlib.suppress(FileNotFoundError):
-                source.unlink()
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return taken  # a link where the spool should be: not ours to follow
+            raise
+        try:
+            for name in sorted(os.listdir(folder)):
+                if not WAL_NAME.match(name):
+                    continue  # a `.part` being written, or something that is not WAL
+                if self._take(folder, name):
+                    taken.append(name)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=folder)
+        finally:
+            os.close(folder)
         if taken:
             _fsync_dir(self.wal_dir)
         return taken
+
+    def _take(self, folder: int, name: str) -> bool:
+        """Copy one spooled segment in, unless archived already or not a regular file."""
+        target = self.wal_dir / name
+        if target.exists():
+            return False
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=folder)
+        except OSError:
+            return False  # a link, or gone meanwhile
+        with os.fdopen(fd, "rb") as src:
+            if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
+                return False
+            tmp = self.wal_dir / f".{name}.tmp"
+            with open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+                dst.flush()
+                os.fsync(dst.fileno())
+        tmp.chmod(0o600)
+        os.replace(tmp, target)
+        return True
 
     def wal_segments(self) -> list[str]:
         return sorted(p.name for p in self.wal_dir.iterdir() if WAL_NAME.match(p.name))

@@ -192,6 +192,13 @@ def test_the_repository_is_closed_to_the_database_servers_and_apps(archived: Clu
                                  "--clear-groups", *cmd], capture_output=True)
         assert nobody.returncode != 0, f"an app's user could {cmd}"
     assert held.exists() and (agent.repo.wal_dir / wal).exists()
+    # A link planted in the servers' spool, named as a segment, is not followed by root.
+    spool = home(archived) / "ledger" / "run" / SPOOL
+    planted = "0000000100000000000000FE"
+    assert as_postgres("ln", "-s", str(held / "backup_manifest"),
+                       str(spool / planted)).returncode == 0
+    assert planted not in agent.repo.ingest_wal(spool)
+    assert not (agent.repo.wal_dir / planted).exists() and not (spool / planted).exists()
     assert (agent.repo.root.stat().st_uid, agent.repo.root.stat().st_mode & 0o777) == (0, 0o700)
 
 
