@@ -40,6 +40,7 @@ import base64
 import contextlib
 import json
 import os
+import pwd
 import secrets
 import shutil
 import signal
@@ -53,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg2
 
 from ledger.cluster import DEFAULT_BIN, NODES, ROLES, Cluster, ClusterSpec, pid_alive
@@ -268,11 +270,20 @@ class HA:
         return self.run_dir / f"{process}.pid"
 
     def pid(self, process: str) -> int | None:
+        """The process's pid from its pid file, if a process of the cluster's user runs
+        there: the file is that user's to write, and root signals what it names."""
         try:
             pid = int(self.pid_file(process).read_text())
         except (FileNotFoundError, ValueError):
             return None
-        return pid if pid_alive(pid) else None
+        if not pid_alive(pid):
+            return None
+        user = self.spec.os_user if os.geteuid() == 0 else None
+        expected = pwd.getpwnam(user).pw_uid if user else os.getuid()
+        try:
+            return pid if psutil.Process(pid).uids().real == expected else None
+        except psutil.Error:
+            return None
 
     def launch(self, processes: list[Process]) -> None:
         """Start each process that is not running as a detached child (its own session:

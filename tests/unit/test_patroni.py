@@ -46,3 +46,19 @@ def test_a_process_records_its_own_pid_over_a_stale_file(tmp_path: Path) -> None
     # exec keeps the pid: the file names the program itself, not a shell around it.
     assert pid_file.read_text().strip() == proc.stdout.strip()
     assert not (tmp_path / "etcd.pid.new").exists()
+
+
+def test_root_signals_no_process_a_pid_file_names_unless_it_is_the_clusters_user(
+        tmp_path: Path) -> None:
+    """The pid files are the cluster user's (postgres) to write: one naming a process of
+    another user (here root's own test process) is not believed, so root kills nothing
+    of the platform's on its word."""
+    import os
+
+    from ledger.patroni import HA
+
+    ha = HA(spec(tmp_path), SECRETS)
+    ha.run_dir.mkdir()
+    ha.pid_file("etcd").write_text(str(os.getpid()))
+    expected_none = os.geteuid() == 0  # as root the cluster's user is postgres, not us
+    assert (ha.pid("etcd") is None) == expected_none
