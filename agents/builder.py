@@ -104,10 +104,17 @@ class Builder:
         shutil.copyfile(Path(__file__).with_name("buildpack.py"), self.buildpack)
         self.buildpack.chmod(0o644)
         self.index = sandbox.index_paths(dict(os.environ))
-        self.net = None
+        self.net: buildnet.BuildNet | None = None
+        self.unconfined = ""
+        """Why builds cannot be confined to the index when asked to be: then none runs."""
         if settings.network == "index":
-            self.net = buildnet.for_builder(buildnet.index_hosts(
-                dict(os.environ), sandbox.PIP_CONFIGS, settings.index_hosts))
+            try:
+                self.net = buildnet.for_builder(buildnet.index_hosts(
+                    dict(os.environ), sandbox.PIP_CONFIGS, settings.index_hosts))
+            except netrules.Unavailable as exc:
+                self.unconfined = str(exc)
+                log.error("builds cannot be confined to the package index (%s): every "
+                          "build fails until they can (or run with --network none)", exc)
 
     def run(self, stop: threading.Event, interval: float = 0.5) -> None:
         try:
@@ -243,6 +250,11 @@ class Builder:
             raise sandbox.SandboxUnavailable(f"app {job.app} has no uid (it was created before "
                                              "apps had one): create it again")
         user = sandbox.build_user(job.build_uid)
+        if self.unconfined:
+            raise sandbox.SandboxUnavailable(
+                f"builds here may reach only the package index, and nftables cannot confine "
+                f"them ({self.unconfined}): an operator must fix that or run the builder with "
+                f"--network none")
         if self.net is not None:
             try:
                 self.net.confine(user.uid)

@@ -127,11 +127,14 @@ class BuildNet:
         self.applied: str | None = None
 
     def confine(self, uid: int) -> None:
-        """Confine `uid` to the index (its addresses resolved again now)."""
+        """Confine `uid` to the index (its addresses resolved again now). The table is
+        checked to be there first: a flushed ruleset must not leave builds unconfined."""
         self.allowed.uids.add(uid)
         self.allowed.index |= resolve(self.hosts)
         script = render(self.table, self.allowed)
-        if script != self.applied:
+        there = subprocess.run(["nft", "list", "table", "inet", self.table],
+                               capture_output=True).returncode == 0
+        if script != self.applied or not there:
             netrules.run(script)
             self.applied = script
 
@@ -140,12 +143,12 @@ class BuildNet:
         self.applied = None
 
 
-def for_builder(hosts: list[str]) -> BuildNet | None:
+def for_builder(hosts: list[str]) -> BuildNet:
     """The builder's rules, checked usable by applying them empty (after deleting the
-    tables dead builders left); None with a warning (builds then get the host's network)."""
+    tables dead builders left); netrules.Unavailable saying why they cannot be (the builder
+    then builds nothing rather than on the host's whole network)."""
     if (reason := netrules.missing()) is not None:
-        log.warning("builds are not confined to the package index: %s", reason)
-        return None
+        raise netrules.Unavailable(reason)
     table = f"tally_builds_{uuid.uuid4().hex[:8]}_p{os.getpid()}"
     try:
         dns = resolvers(Path("/etc/resolv.conf").read_text())
@@ -162,7 +165,6 @@ def for_builder(hosts: list[str]) -> BuildNet | None:
             if match and not psutil.pid_exists(int(match[1])):
                 subprocess.run(["nft", "delete", "table", "inet", name], capture_output=True)
         netrules.run(render(table, net.allowed))
-    except (netrules.Unavailable, subprocess.CalledProcessError, ValueError, KeyError) as exc:
-        log.warning("builds are not confined to the package index: %s", exc)
-        return None
+    except (subprocess.CalledProcessError, ValueError, KeyError) as exc:
+        raise netrules.Unavailable(str(exc)) from exc
     return net

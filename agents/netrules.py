@@ -85,6 +85,8 @@ def stale(tables: Iterable[str], mine: str, alive: Callable[[int], bool]) -> lis
     prefix = mine.rsplit("_p", 1)[0] + "_p"
     for name in tables:
         match = re.fullmatch(r"tally_\w+_p(\d+)", name)
+        if name.startswith("tally_builds_"):  # a builder's (agents/buildnet.py), not ours
+            continue
         if match and name != mine and (name.startswith(prefix) or not alive(int(match[1]))):
             out.append(name)
     return out

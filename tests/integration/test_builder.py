@@ -367,6 +367,30 @@ def test_a_build_reaches_the_package_index_and_nothing_else(
     for name in ("ledger", "api", "outside", "lan-dns-over-tcp-elsewhere"):
         assert f"NET {name} closed" in text, (name, text)
 
+    # Its rules flushed behind its back (an `nft flush ruleset`, another agent's cleanup):
+    # the next build is confined again, never built on the host's whole network.
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True,
+                            check=True).stdout.split()
+    assert one_builder.proc is not None
+    mine = [t for t in tables
+            if t.startswith("tally_builds_") and t.endswith(f"_p{one_builder.proc.pid}")]
+    assert mine, tables
+    for table in mine:
+        subprocess.run(["nft", "delete", "table", "inet", table], check=True)
+    again = files({"Procfile": "web: x\n", "requirements.txt": "",  # other code: a build
+                   "probe.py": "import socket\n" + probe + "# v2\n",
+                   "bin/post_compile": "#!/bin/bash\npython /app/probe.py\n"})
+    with Ledger(private.dsn()) as ledger:  # the same app, so the same build uid
+        result = ledger.append("app-netprobe", [NewEvent("ReleaseCreated", {
+            "app": "netprobe", "release": 2,
+            "bundle_digest": store(again, private.root.parent / "bundles"),
+            "procfile": {"web": "gunicorn app:app"}, "config_version": 0})])
+        stream = build_stream("netprobe", result.versions[-1])
+        done = outcome(ledger, stream)
+    text = output(private.root.parent, "netprobe", stream)
+    assert done.type == "BuildSucceeded", text
+    assert "NET ledger closed" in text and "NET outside closed" in text, text
+
 
 def test_the_api_killed_mid_build_costs_no_rebuild(private: Cluster,
                                                    one_builder: Daemon) -> None:

@@ -61,7 +61,8 @@ def test_table_names_are_nft_identifiers_with_the_agents_pid() -> None:
 def test_stale_tables_are_dead_agents_and_this_agents_earlier_ones() -> None:
     mine = table_name("tally-h1-aaaa", 100)
     tables = [mine, table_name("tally-h1-aaaa", 90), table_name("tally-h2-bbbb", 80),
-              table_name("tally-h3-cccc", 70), "filter", "tally_builds"]
+              table_name("tally-h3-cccc", 70), "filter", "tally_builds",
+              "tally_builds_0a1b2c3d_p60"]  # a builder's (dead or not): its own to clear
     assert stale(tables, mine, alive=lambda pid: pid == 70) == [
         "tally_h1_aaaa_p90", "tally_h2_bbbb_p80"]
 
