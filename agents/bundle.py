@@ -92,11 +92,11 @@ UNPACKING = ".unpack-"
 
 
 def make_writable(root: Path) -> None:
-    if not root.exists():
+    """Let a non-root owner remove a read-only release. Root needs none of it (its rmtree
+    ignores modes, and walks by descriptors), and must not do it: the tree may be the
+    app's to change, and a chmod by name follows a link swapped in between check and use.
+    So only a non-root agent does it, on descriptors opened without following links."""
+    if os.geteuid() == 0 or not root.is_dir() or root.is_symlink():
         return
-    root.chmod(0o755)
-    for dirpath, dirnames, _ in os.walk(root):
-        for name in dirnames:
-            d = Path(dirpath) / name
-            if not d.is_symlink():
-                d.chmod(0o755)
+    for _, _, _, fd in os.fwalk(root, follow_symlinks=False):
+        os.fchmod(fd, 0o755)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from agents.cleanup import KEEP_RECENT, plan
 from agents.fleet import App, Release
 from ledger.builds import Build
@@ -53,3 +55,28 @@ def test_a_removal_renames_first_so_a_release_folder_is_whole_or_absent(tmp_path
     remove_tree(half_done)
     remove_tree(tmp_path / "never-there")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_removing_a_read_only_release_changes_no_mode_through_its_links(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A release is the app's to change while it runs: a folder swapped for a link to
+    somewhere else must not make root chmod there. Root removes the read-only tree as it
+    is, by descriptors; the link's target keeps its mode and its files. (The app's swap
+    between a check and its use is simulated: every is_symlink check says no.)"""
+    from agents.host import remove_tree
+
+    monkeypatch.setattr(Path, "is_symlink", lambda self: False)
+
+    outside = tmp_path / "platform-secrets"
+    outside.mkdir(mode=0o700)
+    (outside / "key").write_text("s3cret")
+    release = tmp_path / "releases" / "app" / "abc"
+    (release / "pkg").mkdir(parents=True)
+    (release / "pkg" / "mod.py").write_text("x = 1\n")
+    (release / "static").symlink_to(outside)  # as if swapped in for a folder
+    for d in (release / "pkg", release):
+        d.chmod(0o555)
+    remove_tree(release)
+    assert not any((tmp_path / "releases" / "app").iterdir())
+    assert (outside.stat().st_mode & 0o777) == 0o700
+    assert (outside / "key").read_text() == "s3cret"
