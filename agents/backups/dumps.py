@@ -17,6 +17,7 @@ from psycopg2 import sql
 
 from agents.addons import database_name
 from agents.backups.base import BackupError
+from agents.backups.scratch import ScratchServer, chown_tree, clear, scratch_folder
 from ledger.cluster import Cluster
 
 
@@ -46,6 +47,59 @@ def dump(cluster: Cluster, app: str, into: Path) -> None:
 def check(cluster: Cluster, path: Path) -> None:
     """The dump reads back whole: its table of contents lists."""
     _run(cluster, "pg_restore", "--list", str(path))
+
+
+def verify_restore(cluster: Cluster, app: str, path: Path, scratch_root: Path,
+                   name: str) -> int:
+    """Restore the dump into a fresh scratch server (initdb, a free port, 127.0.0.1 only),
+    as restore_dump does: by a role that is no superuser, in one transaction, stopping at
+    the first error. A dump that does not restore is a BackupError. The tables restored."""
+    bin_dir, os_user = cluster.spec.bin_dir, cluster.spec.os_user
+    folder = scratch_folder(scratch_root, name, os_user)
+    data, pwfile = folder / "data", folder / "pw"
+    password = secrets.token_urlsafe(24)
+    pwfile.write_text(password)
+    pwfile.chmod(0o600)
+    chown_tree(pwfile, os_user)
+    server = ScratchServer(data, bin_dir, os_user)
+    try:
+        made = subprocess.run(
+            [str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", f"--pwfile={pwfile}",
+             "-A", "scram-sha-256", "--no-sync", "-E", "UTF8", "--locale=C"],
+            capture_output=True, text=True, cwd="/", env={**os.environ, "LC_ALL": "C.UTF-8"},
+            **({"user": os_user, "group": os_user} if os.geteuid() == 0 else {}))
+        if made.returncode != 0:
+            raise BackupError(f"initdb for the check failed: {made.stderr.strip()[-300:]}")
+        pwfile.unlink()
+        server.start()
+        db, restorer = database_name(app), f"tally_restore_{secrets.token_hex(6)}"
+        conn = server.connect(password, "postgres")
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(db)))
+                cur.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(
+                    sql.Identifier(db), sql.Identifier(db)))
+                cur.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE {}").format(
+                    sql.Identifier(restorer), sql.Literal(password), sql.Identifier(db)))
+        finally:
+            conn.close()
+        _run(cluster, "pg_restore", "-h", "127.0.0.1", "-p", str(server.port), "-U", restorer,
+             "--dbname", db, "--no-owner", "--no-privileges", "--role", db,
+             "--single-transaction", "--exit-on-error", str(path), password=password)
+        conn = server.connect(password, db)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT count(*) FROM pg_tables WHERE schemaname NOT IN "
+                            "('pg_catalog', 'information_schema')")
+                return int(cur.fetchone()[0])
+        finally:
+            conn.close()
+    except psycopg2.Error as exc:
+        raise BackupError(f"the scratch restore could not be read: {str(exc).strip()}") from exc
+    finally:
+        server.stop("immediate")
+        clear(folder, bin_dir, os_user)
 
 
 def restore_dump(cluster: Cluster, app: str, path: Path) -> None:

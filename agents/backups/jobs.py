@@ -283,7 +283,8 @@ class BackupAgent:
 
     def run_addon(self, app: str, scheduled_for: str | None = None, job: str = "addons",
                   reason: str = "capture") -> str | None:
-        """pg_dump -Fc of the app's database, checked by pg_restore --list."""
+        """pg_dump -Fc of the app's database, checked by pg_restore --list, then restored
+        on a scratch server (dumps.verify_restore) before it counts."""
         target = addon_target(app)
         backup_id = new_backup_id(target, scheduled_for, datetime.now(UTC))
         assert self.apps_cluster is not None
@@ -305,6 +306,9 @@ class BackupAgent:
                             duration_s=round(time.monotonic() - started, 3))
                 try:
                     dumps.check(self.apps_cluster, path)
+                    # a short folder name: the server's socket path must stay < 108 bytes
+                    dumps.verify_restore(self.apps_cluster, app, path, self.scratch_root,
+                                         f"dump-{secrets.token_hex(4)}")
                 except BackupError as exc:
                     self._failed(ledger, target, backup_id, str(exc), "verify")
                     return backup_id

@@ -556,3 +556,33 @@ def test_the_daemon_killed_mid_backup_records_the_failure_and_its_next_run_succe
     finally:
         stop(daemon)
     assert len([b for b in backups(archived).values() if b.scheduled_for == due]) == 1
+
+
+def test_an_app_dump_that_lists_but_does_not_restore_is_never_counted(
+        archived: Cluster) -> None:
+    """pg_restore --list reads any whole file; only a restore shows the dump is usable.
+    Here a CHECK that refuses rows while restoring: the dump lists, its scratch restore
+    fails, and the backup is recorded as failed, never good."""
+    from agents.addons import create_database, ensure_cluster
+
+    apps = Cluster(ClusterSpec(home(archived) / "appsdb-norestore", ports=tuple(free_ports(2)),  # type: ignore[arg-type]
+                               dbname="tally_apps", ledger=False))
+    try:
+        ensure_cluster(apps)
+        url = create_database(apps, "brittle")
+        with closing(psycopg2.connect(url)) as app_conn:
+            app_conn.autocommit = True
+            with app_conn.cursor() as cur:
+                cur.execute("""CREATE FUNCTION live(int) RETURNS bool LANGUAGE sql
+                               AS $$ SELECT current_user = session_user $$""")
+                cur.execute("CREATE TABLE t (x int CHECK (live(x)))")
+                cur.execute("INSERT INTO t VALUES (1)")
+        agent = BackupAgent(archived, Repository(home(archived) / "backups-norestore").open(),
+                            home(archived) / "backup-scratch-norestore", gfs.Policy(),
+                            apps_cluster=apps)
+        (backup_id,) = agent.run_addons(None, job="capture")
+        b = backups(archived)[backup_id]
+        assert b.state == "failed", b
+        assert "pg_restore" in b.failed and "check constraint" in b.failed, b.failed
+    finally:
+        apps.destroy()
