@@ -50,7 +50,13 @@ def folder(root: Path, app: str) -> Path:
     return root / app
 
 
-def server_config(app_dir: Path, port: int, password: str, plan: str) -> str:
+BACKUP_USER = "tally-backup"
+"""The ACL user the backup agent copies an RDB as (`redis-cli --rdb`): SYNC and nothing
+else; its password in `backup.key` (0600, root's) beside the config."""
+
+
+def server_config(app_dir: Path, port: int, password: str, plan: str,
+                  backup_password: str) -> str:
     """redis.conf for one app's instance."""
     limits = ADDON_PLANS["redis"][plan]
     return f"""# tally: the Redis add-on of one app
@@ -62,6 +68,7 @@ dir {app_dir}
 logfile {app_dir / "redis.log"}
 user default off
 user {ACL_USER} on >{password} ~* &* +@all -@admin -migrate
+user {BACKUP_USER} on >{backup_password} +sync +replconf +ping
 maxmemory {limits["maxmemory_mb"]}mb
 maxmemory-policy {limits["policy"]}
 appendonly yes
@@ -120,12 +127,15 @@ def create(root: Path, app: str, plan: str, ports: tuple[int, int],
                      if p not in taken and _free(p)), None)
         if port is None:
             raise RedisError(f"no free port left for Redis in {ports[0]}-{ports[1]}")
-        password = secrets.token_urlsafe(24)
+        password, backup_password = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
         app_dir.mkdir(mode=0o700)
         conf = app_dir / "redis.conf"
         fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(server_config(app_dir, port, password, plan))
+            f.write(server_config(app_dir, port, password, plan, backup_password))
+        key = os.open(app_dir / "backup.key", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(key, "w") as f:
+            f.write(backup_password)
         (app_dir / "port").write_text(str(port))
         if owner := _owner():
             for path in (app_dir, conf):
@@ -221,6 +231,15 @@ def stop(root: Path, app: str, timeout: float = 30.0) -> None:
         time.sleep(0.05)
     if pid_alive(pid):
         os.kill(pid, signal.SIGKILL)
+    _reap(pid)
+
+
+def _reap(pid: int) -> None:
+    """Wait for a server this process started (it is our child): no zombie is left."""
+    for child in _CHILDREN:
+        if child.pid == pid:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(10)
 
 
 def destroy(root: Path, app: str, launch: Launch | None = None) -> bool:
@@ -237,8 +256,29 @@ def destroy(root: Path, app: str, launch: Launch | None = None) -> bool:
     pid = _pid(gone)
     if pid is not None:  # a detached one (or the supervisor's, if it could not stop it)
         os.kill(pid, signal.SIGKILL)
+        _reap(pid)
     shutil.rmtree(gone, ignore_errors=True)
     return True
+
+
+def copy_rdb(root: Path, app: str, into: Path, timeout: float = 600.0) -> None:
+    """A point-in-time RDB of the app's server into `into` (`redis-cli --rdb`, as the
+    backup user), checked whole by redis-check-rdb. RedisError saying why not."""
+    app_dir = folder(root, app)
+    try:
+        key = (app_dir / "backup.key").read_text().strip()
+        port = int((app_dir / "port").read_text())
+    except (OSError, ValueError) as exc:
+        raise RedisError(f"{app}'s Redis has no backup user (made before backups: destroy "
+                         f"and create it again): {exc}") from None
+    env = {**os.environ, "REDISCLI_AUTH": key}
+    for argv in (["redis-cli", "-h", "127.0.0.1", "-p", str(port), "--user", BACKUP_USER,
+                  "--rdb", str(into)], ["redis-check-rdb", str(into)]):
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout,
+                              cwd="/")
+        if proc.returncode != 0:
+            said = (proc.stderr or proc.stdout).strip().splitlines()
+            raise RedisError(f"{argv[0]} failed: {' | '.join(said[-3:])}")
 
 
 def apps(root: Path) -> list[str]:

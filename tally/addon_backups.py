@@ -24,15 +24,16 @@ class PlatformAddonBackups:
 
         return BackupAgent(self.cfg.cluster(), Repository(self.cfg.backup_repo).open(),
                            self.cfg.backup_scratch, gfs.Policy(),
-                           apps_cluster=self.cfg.apps_cluster())
+                           apps_cluster=self.cfg.apps_cluster(), redis_dir=self.cfg.redis_dir)
 
-    def list(self, app: str) -> list[dict[str, Any]]:
-        from agents.backups.jobs import addon_target
+    def list(self, app: str, kind: str = "postgresql") -> list[dict[str, Any]]:
+        from agents.backups.jobs import addon_target, redis_target
         from agents.backups.state import fold, stream_of
         from ledger import Ledger
 
+        target = redis_target(app) if kind == "redis" else addon_target(app)
         with Ledger(self.cfg.cluster().dsn("tally_writer"), retry_deadline=10) as ledger:
-            events = ledger.read_stream(stream_of(addon_target(app)))
+            events = ledger.read_stream(stream_of(target))
         return [b.as_dict() for b in fold(events).values()]
 
     def capture(self, app: str, actor: str) -> dict[str, Any]:
@@ -53,24 +54,26 @@ class PlatformAddonBackups:
             raise Unavailable(f"the backup {backup_id} failed: {error}")
         return found[0]
 
-    def final(self, app: str) -> str | None:
-        """The last backup of the app's database before it is dropped (its id; None when
-        there is no database). Raises AddonError, so nothing is dropped, if it fails."""
+    def final(self, app: str, kind: str = "postgresql") -> str | None:
+        """The last backup of the app's database (or Redis) before it is dropped (its id;
+        None when there is none). Raises AddonError, so nothing is dropped, if it fails."""
         from agents.addons import AddonError
         from agents.backups.base import BackupError
 
         agent = self._agent()
-        if app not in agent.addon_apps():
+        what = "Redis" if kind == "redis" else "database"
+        run = agent.run_redis if kind == "redis" else agent.run_addon
+        if app not in (agent.redis_apps() if kind == "redis" else agent.addon_apps()):
             return None
         try:
-            backup_id = agent.run_addon(app, None, job="final",
-                                        reason="final, before the add-on was destroyed")
+            backup_id = run(app, None, job="final",
+                            reason="final, before the add-on was destroyed")
         except BackupError as exc:
-            raise AddonError(f"the final backup of {app}'s database failed, so it was not "
+            raise AddonError(f"the final backup of {app}'s {what} failed, so it was not "
                              f"dropped: {exc}") from exc
-        found = [b for b in self.list(app) if b["backup_id"] == backup_id]
+        found = [b for b in self.list(app, kind) if b["backup_id"] == backup_id]
         if not found or found[0]["state"] != "verified":
-            raise AddonError(f"the final backup of {app}'s database failed, so it was not "
+            raise AddonError(f"the final backup of {app}'s {what} failed, so it was not "
                              f"dropped: {found[0]['error'] if found else 'not recorded'}")
         return backup_id
 

@@ -17,7 +17,7 @@ from psycopg2 import sql
 
 from agents.addons import database_name
 from agents.backups.base import BackupError
-from agents.backups.scratch import ScratchServer, chown_tree, clear, scratch_folder
+from agents.backups.scratch import ScratchServer, as_postgres, chown_tree, clear, scratch_folder
 from ledger.cluster import Cluster
 
 
@@ -67,7 +67,7 @@ def verify_restore(cluster: Cluster, app: str, path: Path, scratch_root: Path,
             [str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", f"--pwfile={pwfile}",
              "-A", "scram-sha-256", "--no-sync", "-E", "UTF8", "--locale=C"],
             capture_output=True, text=True, cwd="/", env={**os.environ, "LC_ALL": "C.UTF-8"},
-            **({"user": os_user, "group": os_user} if os.geteuid() == 0 else {}))
+            **as_postgres(os_user))
         if made.returncode != 0:
             raise BackupError(f"initdb for the check failed: {made.stderr.strip()[-300:]}")
         pwfile.unlink()

@@ -20,8 +20,9 @@ import logging
 import os
 import secrets
 import socket
+import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
@@ -30,6 +31,7 @@ from typing import Any
 
 import psycopg2
 
+from agents import redisaddon
 from agents.backups import base, dumps, gfs, verify
 from agents.backups.base import BackupError, Progress
 from agents.backups.repository import Repository
@@ -47,6 +49,10 @@ LEDGER = "ledger"
 
 def addon_target(app: str) -> str:
     return f"addon:{app}"
+
+
+def redis_target(app: str) -> str:
+    return f"redis:{app}"
 
 
 def lock_key(backup_id: str) -> int:
@@ -77,8 +83,10 @@ class BackupAgent:
                  policy: gfs.Policy, apps_cluster: Cluster | None = None,
                  agent_id: str | None = None, max_rate: str | None = None,
                  progress: Progress | None = None,
-                 keep_final: timedelta = timedelta(days=30)) -> None:
+                 keep_final: timedelta = timedelta(days=30),
+                 redis_dir: Path | None = None) -> None:
         self.cluster = cluster
+        self.redis_dir = redis_dir
         self.apps_cluster = apps_cluster
         self.repo = repo
         self.scratch_root = scratch_root
@@ -209,10 +217,10 @@ class BackupAgent:
             self.repo.remove(backup_id)
             (self.repo.base_dir / f"{backup_id}.json").unlink(missing_ok=True)
         else:
-            app = target.removeprefix("addon:")
-            for path in (self.repo.dump(app, backup_id),
-                         self.repo.dump(app, backup_id).with_suffix(".partial")):
-                path.unlink(missing_ok=True)
+            kind, app = target.split(":", 1)
+            path = (self.repo.rdb if kind == "redis" else self.repo.dump)(app, backup_id)
+            for file in (path, path.with_suffix(".partial")):
+                file.unlink(missing_ok=True)
 
     # -- retention ---------------------------------------------------------------------------
     def prune(self, ledger: Ledger, target: str) -> list[str]:
@@ -246,6 +254,10 @@ class BackupAgent:
         return gone
 
     # -- add-on databases ----------------------------------------------------------------------
+    def redis_apps(self) -> list[str]:
+        """Apps with a Redis add-on on this machine."""
+        return redisaddon.apps(self.redis_dir) if self.redis_dir else []
+
     def addon_apps(self) -> list[str]:
         """Apps with a PostgreSQL add-on: their databases in the apps cluster."""
         if self.apps_cluster is None or not self.apps_cluster.initialized():
@@ -266,6 +278,8 @@ class BackupAgent:
         this agent took."""
         taken = [bid for app in self.addon_apps()
                  if (bid := self.run_addon(app, scheduled_for, job, reason))]
+        taken += [bid for app in self.redis_apps()
+                  if (bid := self.run_redis(app, scheduled_for, job, reason))]
         self.prune_finals(datetime.now(UTC))
         return taken
 
@@ -285,17 +299,54 @@ class BackupAgent:
                   reason: str = "capture") -> str | None:
         """pg_dump -Fc of the app's database, checked by pg_restore --list, then restored
         on a scratch server (dumps.verify_restore) before it counts."""
-        target = addon_target(app)
-        backup_id = new_backup_id(target, scheduled_for, datetime.now(UTC))
         assert self.apps_cluster is not None
+        apps = self.apps_cluster
+
+        def check(path: Path) -> None:
+            dumps.check(apps, path)
+            # a short folder name: the server's socket path must stay < 108 bytes
+            dumps.verify_restore(apps, app, path, self.scratch_root,
+                                 f"dump-{secrets.token_hex(4)}")
+
+        return self._file_backup(addon_target(app), lambda bid: self.repo.dump(app, bid),
+                                 lambda path: dumps.dump(apps, app, path), check,
+                                 scheduled_for, job, reason)
+
+    def run_redis(self, app: str, scheduled_for: str | None = None, job: str = "addons",
+                  reason: str = "capture") -> str | None:
+        """An RDB of the app's Redis (`redis-cli --rdb` as its backup user), checked whole
+        by redis-check-rdb."""
+        assert self.redis_dir is not None
+        root = self.redis_dir
+
+        def take(path: Path) -> None:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            partial = path.with_suffix(".partial")
+            try:
+                redisaddon.copy_rdb(root, app, partial)
+            except (redisaddon.RedisError, subprocess.SubprocessError) as exc:
+                partial.unlink(missing_ok=True)
+                raise BackupError(str(exc)) from exc
+            partial.chmod(0o600)
+            os.replace(partial, path)
+
+        return self._file_backup(redis_target(app), lambda bid: self.repo.rdb(app, bid), take,
+                                 lambda path: None, scheduled_for, job, reason)
+
+    def _file_backup(self, target: str, where: Callable[[str], Path],
+                     take: Callable[[Path], None], check: Callable[[Path], None],
+                     scheduled_for: str | None, job: str, reason: str) -> str | None:
+        """One add-on's backup as a file: claimed, taken, recorded, checked, then pruned
+        by the GFS rule; the id, or None when another agent has this run."""
+        backup_id = new_backup_id(target, scheduled_for, datetime.now(UTC))
         with self.ledger() as ledger:
             with self.claimed(ledger, target, backup_id, job, scheduled_for, reason) as mine:
                 if not mine:
                     return None
                 started = time.monotonic()
-                path = self.repo.dump(app, backup_id)
+                path = where(backup_id)
                 try:
-                    dumps.dump(self.apps_cluster, app, path)
+                    take(path)
                 except (BackupError, OSError, LedgerError) as exc:
                     self._failed(ledger, target, backup_id, str(exc), "backup")
                     return backup_id
@@ -305,10 +356,7 @@ class BackupAgent:
                             digest=digest_of(path),
                             duration_s=round(time.monotonic() - started, 3))
                 try:
-                    dumps.check(self.apps_cluster, path)
-                    # a short folder name: the server's socket path must stay < 108 bytes
-                    dumps.verify_restore(self.apps_cluster, app, path, self.scratch_root,
-                                         f"dump-{secrets.token_hex(4)}")
+                    check(path)
                 except BackupError as exc:
                     self._failed(ledger, target, backup_id, str(exc), "verify")
                     return backup_id

@@ -87,6 +87,9 @@ class Repository:
     def dump(self, app: str, backup_id: str) -> Path:
         return self.addons_dir / app / f"{backup_id}.dump"
 
+    def rdb(self, app: str, backup_id: str) -> Path:
+        return self.addons_dir / app / f"{backup_id}.rdb"
+
     def remove(self, backup_id: str) -> None:
         """Remove a base backup, finished or partial (pruned, failed, or left by a crash)."""
         for path in (self.base(backup_id), self.partial(backup_id)):

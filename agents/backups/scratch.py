@@ -32,7 +32,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _as_postgres(os_user: str) -> dict[str, Any]:
+def as_postgres(os_user: str) -> dict[str, Any]:
     return {"user": os_user, "group": os_user} if os.geteuid() == 0 else {}
 
 
@@ -110,7 +110,7 @@ class ScratchServer:
             [str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-l", str(log), "-w", "-t",
              str(timeout), "-o", self.options(extra), "start"],
             capture_output=True, text=True, cwd="/", env={**os.environ, "LC_ALL": "C.UTF-8"},
-            **_as_postgres(self.os_user))
+            **as_postgres(self.os_user))
         if proc.returncode != 0:
             raise BackupError(f"the copy did not start: "
                               f"{self.log_tail() or proc.stderr.strip()}")
@@ -152,7 +152,7 @@ class ScratchServer:
         if not (self.data / "postmaster.pid").exists():
             return
         subprocess.run([str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w",
-                        "stop"], capture_output=True, cwd="/", **_as_postgres(self.os_user))
+                        "stop"], capture_output=True, cwd="/", **as_postgres(self.os_user))
 
 
 def clear(folder: Path, bin_dir: Path, os_user: str = "postgres") -> None:

@@ -59,7 +59,7 @@ def agent_for(cfg: Config, keep: str = DEFAULT_KEEP, max_rate: str | None = None
     return BackupAgent(cluster, Repository(cfg.backup_repo).open(), cfg.backup_scratch,
                        gfs.Policy.parse(keep), apps_cluster=cfg.apps_cluster(),
                        max_rate=max_rate, progress=progress,
-                       keep_final=parse_age(keep_final))
+                       keep_final=parse_age(keep_final), redis_dir=cfg.redis_dir)
 
 
 def _backup_error() -> type[Exception]:

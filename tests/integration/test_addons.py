@@ -271,6 +271,11 @@ def test_deleting_an_app_leaves_no_database_role_or_redis(platform: Platform) ->
         redis.Redis.from_url(config["REDIS_URL"], socket_connect_timeout=2).ping()
     assert "TEMP_DB_URL" not in p.config("shop"), "detached from the app sharing it"
     assert p.events("temp")[-2:] == ["AddonDestroyed", "AddonDestroyed"]
+    with Ledger(p.cluster.dsn()) as ledger:  # each taken once more, before it was dropped
+        for target in ("addon:temp", "redis:temp"):
+            kept = [e for e in ledger.read_stream(f"backup-{target}")
+                    if e.type == "BackupVerified"]
+            assert kept, f"no final backup of {target}"
 
 
 def test_addons_survive_a_stop_and_start_with_the_same_urls(platform: Platform) -> None:

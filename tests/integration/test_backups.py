@@ -586,3 +586,34 @@ def test_an_app_dump_that_lists_but_does_not_restore_is_never_counted(
         assert "pg_restore" in b.failed and "check constraint" in b.failed, b.failed
     finally:
         apps.destroy()
+
+
+def test_an_apps_redis_is_copied_as_an_rdb_checked_and_kept(archived: Cluster) -> None:
+    """Each Redis add-on's RDB is copied (redis-cli --rdb as its backup user, which may do
+    nothing else), checked by redis-check-rdb and recorded like a dump."""
+    import redis as redis_client
+
+    from agents import redisaddon
+
+    root = home(archived) / "redis-backed"
+    low = free_ports(1)[0]
+    url, _ = redisaddon.create(root, "cache", "cache", (low, low + 9))
+    try:
+        client = redis_client.Redis.from_url(url)
+        client.set("greeting", "bonjour")
+        agent = BackupAgent(archived, Repository(home(archived) / "backups-redis").open(),
+                            home(archived) / "backup-scratch-redis", gfs.Policy(),
+                            redis_dir=root)
+        (backup_id,) = agent.run_addons(None, job="capture")
+        b = backups(archived)[backup_id]
+        assert (b.target, b.state) == ("redis:cache", "verified"), b.failed
+        rdb = agent.repo.rdb("cache", backup_id)
+        assert rdb.stat().st_size == b.completed["size_bytes"]
+        assert b"greeting" in rdb.read_bytes()
+        key = (root / "cache" / "backup.key").read_text()
+        backup_user = redis_client.Redis(port=int((root / "cache" / "port").read_text()),
+                                         username=redisaddon.BACKUP_USER, password=key)
+        with pytest.raises(redis_client.exceptions.NoPermissionError):
+            backup_user.get("greeting")  # the backup user copies; it reads no key
+    finally:
+        redisaddon.destroy(root, "cache")

@@ -90,7 +90,7 @@ def test_haproxy_sends_connections_to_the_patroni_primary_only() -> None:
 
 
 def test_redis_has_a_password_no_default_user_and_the_plans_limits() -> None:
-    conf = server_config(Path("/r/blog"), 6401, "s3cret", "cache")
+    conf = server_config(Path("/r/blog"), 6401, "s3cret", "cache", "b4ckup")
     assert "user default off" in conf and "user app on >s3cret ~* &* +@all -@admin" in conf
     assert "maxmemory 100mb" in conf and "maxmemory-policy allkeys-lru" in conf
     assert "appendonly yes" in conf and "bind 127.0.0.1" in conf
