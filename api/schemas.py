@@ -33,6 +33,7 @@ class Error(Schema):
     message = fields.Str(required=True)
     fields_ = fields.Dict(required=True, data_key="fields")
     current = fields.Dict()
+    quota = fields.Str(metadata={"description": "the quota exceeded (quota_exceeded only)"})
 
 
 # --- users and tokens -----------------------------------------------------------------------

@@ -97,7 +97,7 @@ def serve_backups(cfg: Config, ledger_cron: str, addons_cron: str, keep: str,
     daemon.run()
 
 @click.command("backups")
-@click.option("--target", help="Only this target (`ledger`, `addon:APP`).")
+@click.option("--target", help="Only this target (`ledger`, `addon:APP`, `redis:APP`).")
 @click.option("--all", "show_all", is_flag=True, help="Pruned and failed ones too.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
@@ -121,7 +121,7 @@ def backups_list(cfg: Config, target: str | None, show_all: bool, as_json: bool)
 
 @click.command("backups:capture")
 @click.option("--target", default="ledger", show_default=True,
-              help="`ledger`, or `addon:APP` for an app's database.")
+              help="`ledger`, `addon:APP` for an app's database, `redis:APP` for its Redis.")
 @click.option("--max-rate", help="Limit pg_basebackup's rate (e.g. 32M).")
 @click.pass_obj
 @fail_cleanly
@@ -134,8 +134,11 @@ def backups_capture(cfg: Config, target: str, max_rate: str | None) -> None:
         backup_id = agent.run_ledger(None, job="capture", reason="capture")
     elif target.startswith("addon:"):
         backup_id = agent.run_addon(target.removeprefix("addon:"), None, job="capture")
+    elif target.startswith("redis:"):
+        backup_id = agent.run_redis(target.removeprefix("redis:"), None, job="capture")
     else:
-        raise click.BadParameter("must be `ledger` or `addon:APP`", param_hint="--target")
+        raise click.BadParameter("must be `ledger`, `addon:APP` or `redis:APP`",
+                                 param_hint="--target")
     meter.done()
     _report(agent, backup_id)
 
