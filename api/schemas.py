@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC
+from typing import Any
 
 from marshmallow import Schema, ValidationError, fields, validate
 
@@ -202,6 +203,18 @@ class Maintenance(Schema):
 # --- events, history ------------------------------------------------------------------------
 
 
+class UtcDateTime(fields.AwareDateTime):
+    """An ISO 8601 time with an offset, as UTC: ISO allows offsets PostgreSQL refuses
+    (+20:48) and instants Python cannot move to UTC (year 1 at +14:00); both are 422."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        parsed = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            return parsed.astimezone(UTC)
+        except OverflowError:
+            raise ValidationError("out of range once moved to UTC") from None
+
+
 class EventsQuery(Schema):
     after = fields.Int(load_default=0, validate=validate.Range(min=0))
     limit = fields.Int(load_default=100, validate=validate.Range(min=1, max=1000))
@@ -211,7 +224,7 @@ class EventsQuery(Schema):
                         metadata={"description": "long-poll: seconds to wait for new events"})
     show_secrets = fields.Bool(load_default=False)
     stream = fields.List(fields.Str(validate=validate.Length(max=200)), load_default=None)
-    since = fields.AwareDateTime(load_default=None, default_timezone=UTC, metadata={
+    since = UtcDateTime(load_default=None, default_timezone=UTC, metadata={
         "description": "recorded at or after this time (ISO 8601)"})
     newest = fields.Bool(load_default=False, metadata={
         "description": "the last `limit` events (after `after`) instead of the first; "
@@ -428,22 +441,26 @@ class Stats(Schema):
                        "(by status class), held, retries, p50_ms, p95_ms, p99_ms"})
 
 
+COUNT = validate.Range(0, 1 << 40)
+"""A counter in a sample: bounded, as the tables storing it are (bigint)."""
+
+
 class RouterSample(Schema):
     """What one balancer routed to one app since its previous sample."""
 
     app = fields.Str(required=True, validate=APP_NAME)
-    requests = fields.Int(required=True, validate=validate.Range(min=0))
-    s1xx = fields.Int(load_default=0, validate=validate.Range(min=0))
-    s2xx = fields.Int(load_default=0, validate=validate.Range(min=0))
-    s3xx = fields.Int(load_default=0, validate=validate.Range(min=0))
-    s4xx = fields.Int(load_default=0, validate=validate.Range(min=0))
-    s5xx = fields.Int(load_default=0, validate=validate.Range(min=0))
-    held = fields.Int(load_default=0, validate=validate.Range(min=0))
-    retries = fields.Int(load_default=0, validate=validate.Range(min=0))
-    latency_sum = fields.Float(load_default=0.0, validate=validate.Range(min=0),
+    requests = fields.Int(required=True, validate=COUNT)
+    s1xx = fields.Int(load_default=0, validate=COUNT)
+    s2xx = fields.Int(load_default=0, validate=COUNT)
+    s3xx = fields.Int(load_default=0, validate=COUNT)
+    s4xx = fields.Int(load_default=0, validate=COUNT)
+    s5xx = fields.Int(load_default=0, validate=COUNT)
+    held = fields.Int(load_default=0, validate=COUNT)
+    retries = fields.Int(load_default=0, validate=COUNT)
+    latency_sum = fields.Float(load_default=0.0, validate=validate.Range(0, 1e12),
                                allow_nan=False)
     buckets = fields.Dict(keys=fields.Str(validate=validate.Regexp(r"^[0-9]{1,3}\Z")),
-                          values=fields.Int(validate=validate.Range(min=0)),
+                          values=fields.Int(validate=COUNT),
                           load_default=dict, validate=validate.Length(max=300), metadata={
                               "description": "latency bucket index -> requests "
                                              "(ledger/latency.py)"})

@@ -436,3 +436,19 @@ def test_a_run_goes_in_the_newest_built_release() -> None:
         runs.start(s, ["true"], "h1", False, lambda r: False)
     with pytest.raises(Unprocessable, match="deploy first"):
         runs.start(blog(), ["true"], "h1", False, lambda r: True)
+
+
+def test_a_since_time_is_moved_to_utc_or_refused() -> None:
+    """ISO allows offsets PostgreSQL refuses (+20:48; schemathesis found the 500) and
+    instants that leave Python's range once moved to UTC: the first is moved, the second
+    is a validation error (422), neither reaches the database as it came."""
+    from datetime import UTC, datetime
+
+    from marshmallow import ValidationError
+
+    from api.schemas import EventsQuery
+
+    moved = EventsQuery().load({"since": "0219-07-28T14:51:36.4+20:48"})["since"]
+    assert moved == datetime(219, 7, 27, 18, 3, 36, 400000, tzinfo=UTC)
+    with pytest.raises(ValidationError, match="out of range"):
+        EventsQuery().load({"since": "0001-01-01T00:00:00+14:00"})
