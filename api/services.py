@@ -219,6 +219,7 @@ class Services:
     def _catch_up(self, fold: Placements | Unbuilt, categories: list[str],
                   types: list[str]) -> None:
         """Apply to `fold` what the ledger holds past its position, sequencing first."""
+        self.ledger.sequence()
         head = self.ledger.sequence()  # as the placer: no relay needed
         while batch := self.ledger.read_all(fold.position, limit=5000, upto=head,
                                             categories=categories, types=types):
