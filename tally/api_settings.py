@@ -68,7 +68,6 @@ def destroy_addon(cfg: Config, kind: str, app: str) -> None:
     supervised = supervise.running(cfg)
     with _addon_errors():
         if kind == "redis":
-            PlatformAddonBackups(cfg).final(app, "redis")  # refuses to go on without it
             redisaddon.destroy(cfg.redis_dir, app, platform.redis_launch(cfg, supervised))
             return
         cluster = platform.apps_cluster(cfg, supervised)
