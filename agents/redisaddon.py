@@ -265,8 +265,12 @@ def copy_rdb(root: Path, app: str, into: Path, timeout: float = 600.0) -> None:
     """A point-in-time RDB of the app's server into `into` (`redis-cli --rdb`, as the
     backup user), checked whole by redis-check-rdb. RedisError saying why not."""
     app_dir = folder(root, app)
-    try:
-        key = (app_dir / "backup.key").read_text().strip()
+    try:  # the folder is the redis user's: never follow its link, nor read its file
+        fd = os.open(app_dir / "backup.key", os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd) as f:
+            if os.fstat(f.fileno()).st_uid != os.geteuid():
+                raise OSError("backup.key is not ours")
+            key = f.read().strip()
         port = int((app_dir / "port").read_text())
     except (OSError, ValueError) as exc:
         raise RedisError(f"{app}'s Redis has no backup user (made before backups: destroy "

@@ -113,3 +113,18 @@ def test_root_signals_no_process_a_redis_pid_file_names_unless_it_is_that_redis(
 
     (tmp_path / "redis.pid").write_text(str(os.getpid()))  # alive, but not a redis-server
     assert redisaddon._pid(tmp_path) is None
+
+
+def test_a_redis_backup_key_that_is_a_link_is_not_read(tmp_path: Path) -> None:
+    """The app's Redis folder is the redis user's: a backup.key it swapped for a link to a
+    file only root reads must not be read by root and sent to its server as a password."""
+    from agents import redisaddon
+
+    secret = tmp_path / "secret"
+    secret.write_text("root-only")
+    app_dir = tmp_path / "r" / "blog"
+    app_dir.mkdir(parents=True)
+    (app_dir / "port").write_text("1")
+    (app_dir / "backup.key").symlink_to(secret)
+    with pytest.raises(redisaddon.RedisError, match="no backup user"):
+        redisaddon.copy_rdb(tmp_path / "r", "blog", tmp_path / "out.rdb")
