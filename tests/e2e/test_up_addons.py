@@ -83,8 +83,11 @@ def test_addons_answer_at_the_same_urls_after_down_and_up() -> None:
         assert "apps' database cluster" in again.stderr and "Redis add-ons: blog" in again.stderr
         assert json.loads(tally("config", "-a", "blog", "--json").stdout) == urls
         wait_until(lambda: _answers(urls), 60, "the add-ons at their old URLs")
-        running = {d["name"] for d in supervise.status(cfg) if d["state"] == "RUNNING"}
-        assert services <= running
+        # supervisord calls a program RUNNING only once it has lived START_SECS; an add-on
+        # that answers sooner is still STARTING.
+        wait_until(lambda: services <= {d["name"] for d in supervise.status(cfg)
+                                        if d["state"] == "RUNNING"},
+                   30, "the add-ons' daemons RUNNING under supervisord")
         tally("apps:create", "shop")
         tally("addons:create", "-a", "shop", "postgresql")
     finally:
