@@ -170,18 +170,31 @@ def running(cfg: Config) -> bool:
         return False
 
 
+def write_configs(cfg: Config, programs: list[Program], base_env: dict[str, str],
+                  part: str = "platform") -> Path:
+    """Write supervisord's file and the part's programs. The programs' file holds the
+    agents' tokens, so its folders are closed to 0700 and the files to 0600 each time,
+    also when an earlier run or a person left them looser."""
+    path, programs_path = conf_path(cfg), part_path(cfg, part)
+    for folder in (cfg.run_dir, cfg.log_dir):
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for folder in (path.parent, programs_path.parent):
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        folder.chmod(0o700)
+    for file, text in ((path, config(cfg)),
+                       (programs_path, programs_config(cfg, programs, base_env))):
+        file.touch(mode=0o600)
+        file.chmod(0o600)
+        file.write_text(text)
+    return path
+
+
 def up(cfg: Config, programs: list[Program], base_env: dict[str, str],
        timeout: float = 30.0, part: str = "platform") -> None:
     """Run these programs as `part` under supervisord: start it, or have the running one
     take the part's new table (added programs start, removed ones stop, changed ones
     restart; other parts' programs run on)."""
-    path, programs_path = conf_path(cfg), part_path(cfg, part)
-    for folder in (path.parent, programs_path.parent, cfg.run_dir, cfg.log_dir):
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path.touch(mode=0o600)
-    path.write_text(config(cfg))
-    programs_path.touch(mode=0o600)  # it holds the agents' tokens
-    programs_path.write_text(programs_config(cfg, programs, base_env))
+    path = write_configs(cfg, programs, base_env, part)
     if not running(cfg):
         subprocess.run([sys.executable, "-m", "supervisor.supervisord", "-c", str(path)],
                        check=True, timeout=timeout, stdin=subprocess.DEVNULL,

@@ -91,3 +91,18 @@ def test_tests_remove_only_the_users_of_their_own_apps() -> None:
 def test_status_says_when_tally_is_not_up(tmp_path: Path) -> None:
     with pytest.raises(supervise.SupervisorError, match="not up"):
         supervise.status(Config.from_env({"TALLY_HOME": str(tmp_path)}))
+
+
+def test_the_configs_are_closed_each_time_they_are_written(tmp_path: Path) -> None:
+    """The programs' file holds the agents' tokens: a supervisor folder or file left (or
+    made by hand) with looser modes is closed again on the next write, not trusted."""
+    cfg = Config.from_env({"TALLY_HOME": str(tmp_path)})
+    path = supervise.write_configs(cfg, [], {})
+    programs = supervise.part_path(cfg, "platform")
+    for folder in {path.parent, programs.parent}:
+        folder.chmod(0o755)
+    for file in (path, programs):
+        file.chmod(0o644)
+    supervise.write_configs(cfg, [], {})
+    assert {f.stat().st_mode & 0o777 for f in (path.parent, programs.parent)} == {0o700}
+    assert {f.stat().st_mode & 0o777 for f in (path, programs)} == {0o600}
