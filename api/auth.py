@@ -106,6 +106,14 @@ class Directory:
         return sorted(tid for name, tid in self.tokens.values() if name == user)
 
 
+def revoked_tokens(ledger: Ledger, tokens: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Which of these (user, token_id) are revoked, by what the ledger holds now (sequenced
+    or not: a revocation whose 204 was sent counts), in one read of their users' streams."""
+    users = sorted({user for user, _ in tokens})
+    found = ledger.read_streams([f"user-{u}" for u in users], ["TokenRevoked"])
+    return {(e.stream.removeprefix("user-"), e.data["token_id"]) for e in found} & tokens
+
+
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 

@@ -7,6 +7,14 @@ ledger is away the pending heartbeats wait (up to `max_pending`, the oldest drop
 first: a host's newer beat says more than its older one) and go with the next batch.
 What a killed API process had not flushed yet is lost, as a heartbeat on the wire is:
 the next one, seconds later, says the same.
+
+Revocation is checked here, once per batch, not per request: the route accepts a heartbeat
+on this process's directory of tokens alone (no read of the caller's stream), and before
+each append `revoked` says which of the batch's tokens were revoked meanwhile, in one
+query; their heartbeats are dropped. So once a revocation's 204 is sent nothing its token
+sends is recorded, while a heartbeat costs the ledger nothing but its share of the INSERT.
+Until the process's directory refreshes (API `auth_refresh_s`), such a token still gets
+202s, which tell it only its host's desired version.
 """
 
 from __future__ import annotations
@@ -23,6 +31,10 @@ from dataclasses import dataclass
 from ledger import InvalidEvent, Ledger, LedgerError, NewEvent
 from ledger.batch import Item, append_streams
 
+Token = tuple[str, str]
+"""(user, token_id) of the token a heartbeat came with."""
+Revoked = Callable[[Ledger, set[Token]], set[Token]]
+
 log = logging.getLogger("tally.api.heartbeats")
 
 
@@ -32,16 +44,20 @@ class Counts:
     written: int = 0
     batches: int = 0
     dropped: int = 0
+    revoked: int = 0
+    """Heartbeats not appended: their token was revoked before their batch went."""
 
 
 class Batcher:
     """Accepts heartbeats from request threads; one thread of its own appends them."""
 
     def __init__(self, open_ledger: Callable[[], Ledger], interval: float = 0.1,
-                 max_batch: int = 5000, max_pending: int = 100_000) -> None:
+                 max_batch: int = 5000, max_pending: int = 100_000,
+                 revoked: Revoked | None = None) -> None:
         self.open_ledger, self.interval = open_ledger, interval
         self.max_batch, self.max_pending = max_batch, max_pending
-        self.pending: deque[Item] = deque()
+        self.revoked = revoked
+        self.pending: deque[tuple[Item, Token | None]] = deque()
         self.counts = Counts()
         self._lock = threading.Lock()
         self._pid = 0
@@ -51,8 +67,9 @@ class Batcher:
         self._stop = threading.Event()
         self._idle = threading.Condition(self._lock)
 
-    def submit(self, stream: str, event: NewEvent) -> None:
-        """Queue one heartbeat (time-ordered key: it lands at the index's right edge)."""
+    def submit(self, stream: str, event: NewEvent, token: Token | None = None) -> None:
+        """Queue one heartbeat (time-ordered key: it lands at the index's right edge), with
+        the token it came with if that is to be checked against revocations."""
         key = f"{time.time_ns():016x}{self._nonce}{next(self._keys):x}"
         with self._lock:
             if self._pid != os.getpid():  # first use in this (forked) worker process
@@ -60,7 +77,7 @@ class Batcher:
                 self._thread = threading.Thread(target=self._run, name="heartbeats",
                                                 daemon=True)
                 self._thread.start()
-            self.pending.append(Item(stream, event, key))
+            self.pending.append((Item(stream, event, key), token))
             self.counts.accepted += 1
             while len(self.pending) > self.max_pending:
                 self.pending.popleft()
@@ -77,9 +94,11 @@ class Batcher:
             if not batch:
                 return written
             try:
-                n = append_streams(ledger, batch)
-            except InvalidEvent:  # never expected (the route validated): keep the others
-                n = sum(self._one(ledger, it) for it in batch)
+                items = self._admitted(ledger, batch)
+                try:
+                    n = append_streams(ledger, items)
+                except InvalidEvent:  # never expected (the route validated): keep the others
+                    n = sum(self._one(ledger, it) for it in items)
             except LedgerError:
                 with self._lock:
                     self.pending.extendleft(reversed(batch))
@@ -89,6 +108,18 @@ class Batcher:
                 self.counts.written += n
                 self.counts.batches += 1
                 self._idle.notify_all()
+
+    def _admitted(self, ledger: Ledger, batch: list[tuple[Item, Token | None]]) -> list[Item]:
+        """The batch's items but those whose token was revoked (one read for all)."""
+        tokens = {t for _, t in batch if t is not None}
+        gone = self.revoked(ledger, tokens) if tokens and self.revoked else set()
+        if not gone:
+            return [it for it, _ in batch]
+        kept = [it for it, t in batch if t not in gone]
+        with self._lock:
+            self.counts.revoked += len(batch) - len(kept)
+        log.warning("%d heartbeats dropped: their token was revoked", len(batch) - len(kept))
+        return kept
 
     def _one(self, ledger: Ledger, item: Item) -> int:
         try:

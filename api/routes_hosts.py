@@ -63,19 +63,24 @@ def register_host(host_id: str) -> ResponseReturnValue:
 
 
 @route("/hosts/<host_id>/heartbeats", "POST", body=schemas.Heartbeat, status=202,
-       response=schemas.HeartbeatAccepted, tag="agents", errors=(400, 401, 403, 422))
+       response=schemas.HeartbeatAccepted, tag="agents", errors=(400, 401, 403, 422),
+       revocation_later=True)
 def heartbeat(host_id: str) -> ResponseReturnValue:
     """An agent says its host is alive: answered at once, appended with the others of the
     same tenth of a second (api/heartbeats.py). The reply carries the version of the
-    host's desired state, so an agent learns of a change within a heartbeat."""
+    host's desired state, so an agent learns of a change within a heartbeat. The hottest
+    route (2,000/s for 10,000 hosts): no ledger round trip of its own; a revoked token's
+    heartbeats are dropped with their batch."""
     caller = who()
     require_host(caller, host_id)
     svc = services()
     svc.heartbeats.submit(f"heartbeat-{host_id}", NewEvent(
         "HostHeartbeat", {"host_id": host_id, **body(schemas.Heartbeat)},
-        {"actor": caller.name, "role": caller.role}))
+        {"actor": caller.name, "role": caller.role}),
+        (caller.name, caller.token_id) if caller.token_id else None)
     return reply(schemas.HeartbeatAccepted,
-                 {"accepted": True, "desired": svc.placements().version(host_id)}, 202)
+                 {"accepted": True, "desired": svc.placements(wait=False).version(host_id)},
+                 202)
 
 
 @route("/hosts/<host_id>/placements", response=schemas.Rows, tag="agents",

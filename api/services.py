@@ -128,7 +128,7 @@ class Services:
         self._unbuilt_at = 0.0
         self.heartbeats = Batcher(lambda: Ledger(settings.dsn, retry_deadline=2.0,
                                                  application_name="tally-api-heartbeats"),
-                                  settings.heartbeat_batch_s)
+                                  settings.heartbeat_batch_s, revoked=auth.revoked_tokens)
 
     @property
     def ledger(self) -> Ledger:
@@ -176,12 +176,15 @@ class Services:
                     self._forced = now
             return self._directory
 
-    def authenticate(self, header: str | None) -> Principal:
+    def authenticate(self, header: str | None, revocation: bool = True) -> Principal:
+        """The caller, by this process's directory of tokens; with `revocation`, also
+        refused if its token was revoked since (one read). Without it the caller must see
+        to that itself (heartbeats do, per batch: api/heartbeats.py)."""
         token = auth.bearer(header)
         asked = time.monotonic()
         who = (self.directory().lookup(token)
                or self.directory(force=True, asked=asked).lookup(token))
-        if who is None or self._revoked(who):
+        if who is None or (revocation and self._revoked(who)):
             raise Unauthorized("unknown or revoked API token: run `tally login` again")
         return who
 
@@ -196,15 +199,21 @@ class Services:
         return directory.revoked_since(who, later)
 
     # -- hosts ---------------------------------------------------------------------------
-    def placements(self) -> Placements:
+    def placements(self, wait: bool = True) -> Placements:
         """The placements fold, caught up if last checked over hosts_fresh_s ago. It
-        sequences first, as the placer does: hosts learn of placements with no relay up."""
-        with self._placements_lock:
+        sequences first, as the placer does: hosts learn of placements with no relay up.
+        Without `wait`, while another thread is catching up, the fold as it is (a
+        heartbeat's reply then names the version of a moment ago: the next one says more)."""
+        if not self._placements_lock.acquire(blocking=wait):
+            return self._placements
+        try:
             now = time.monotonic()
             if now - self._placements_at > self.settings.hosts_fresh_s:
                 self._catch_up(self._placements, host_fold.CATEGORIES, host_fold.TYPES)
                 self._placements_at = now
             return self._placements
+        finally:
+            self._placements_lock.release()
 
     def unbuilt(self) -> Unbuilt:
         """The releases with no build outcome yet (api/buildqueue.py), caught up if last

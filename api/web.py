@@ -36,6 +36,9 @@ class Route:
     documented: bool = True
     websocket: bool = False
     """Also served to WebSocket handshakes (werkzeug routes them apart from plain GETs)."""
+    revocation_later: bool = False
+    """The handler sees to it that nothing a revoked token sends takes effect (heartbeats:
+    per batch, api/heartbeats.py), so the caller's stream is not read per request."""
 
 
 ROUTES: list[Route] = []
@@ -63,7 +66,8 @@ def install(app: Flask) -> None:
 def _wrap(r: Route) -> Callable[..., ResponseReturnValue]:
     def view(**kwargs: Any) -> ResponseReturnValue:
         if r.auth:
-            g.who = services().authenticate(request.headers.get("Authorization"))
+            g.who = services().authenticate(request.headers.get("Authorization"),
+                                            revocation=not r.revocation_later)
         refuse_bad_text(kwargs)
         return r.handler(**kwargs)
     view.__name__ = r.handler.__name__

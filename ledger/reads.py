@@ -93,6 +93,30 @@ def last_of(cur: Any, stream: str) -> RecordedEvent | None:
     return None if row is None else recorded(row)
 
 
+def of_streams(cur: Any, streams: list[str], types: list[str]) -> list[RecordedEvent]:
+    """Every event of these types in these streams, sequenced or not (an unsequenced one has
+    no position): what was committed a moment ago counts, as for read_stream. In stream and
+    version order."""
+    cur.execute(f"SELECT {COLUMNS} FROM ledger.events e LEFT JOIN ledger.positions p "
+                "ON p.event_id = e.id WHERE e.stream = ANY(%s) AND e.type = ANY(%s) "
+                "ORDER BY e.stream, e.version", (streams, types))
+    return [recorded(row) for row in cur.fetchall()]
+
+
+def last_per_stream(cur: Any, category: str, after: int,
+                    upto: int) -> list[tuple[int, str, datetime]]:
+    """(position, stream, recorded_at) of the newest event of each stream of `category`
+    with after < position <= upto, in ledger order; no payload is read or decoded. A fold
+    that needs only when each stream was last heard of (the placer's liveness from
+    heartbeats) reads this instead of every event."""
+    cur.execute("SELECT position, stream, recorded_at FROM (SELECT DISTINCT ON (e.stream) "
+                f"p.position, e.stream, e.recorded_at {_FROM} WHERE p.position > %s "
+                "AND p.position <= %s AND e.category = %s "
+                "ORDER BY e.stream, p.position DESC) last ORDER BY position",
+                (after, upto, category))
+    return [(pos, stream, at) for pos, stream, at in cur.fetchall()]
+
+
 def recorded_after(cur: Any, position: int) -> datetime | None:
     """When the first event after `position` was recorded (how long a reader at
     `position` has kept it waiting); None when nothing follows."""

@@ -289,6 +289,10 @@ class Ledger:
                 return self._woken(AppendResult(stream, (row[0],), (row[1],), False, (row[2],)))
         return self._woken(self._append_checked(stream, events, key, expected_version))
 
+    def new_key(self) -> str:
+        """A fresh idempotency key of this writer's (as `append` makes them, inline there)."""
+        return f"{time.time_ns():016x}{self._nonce}{next(self._keys):x}"
+
     def _append_checked(self, stream: str, events: Sequence[NewEvent], key: str,
                         expected_version: int | None) -> AppendResult:
         """The general append: every check with its message, batches, retries after a
@@ -470,6 +474,19 @@ class Ledger:
             cur.execute("EXECUTE tally_read_stream(%s, %s, %s)", (stream, from_version, limit))
             return [recorded(row) for row in cur.fetchall()]
         return self._retrying(run)
+
+    def read_streams(self, streams: Sequence[str], types: Sequence[str]) -> list[RecordedEvent]:
+        """Every event of these types in these streams, sequenced or not (ledger.reads.
+        of_streams): one query for many short streams, e.g. the users behind a batch."""
+        for stream in streams:
+            stream_category(stream)
+        return self._retrying(lambda cur: reads.of_streams(cur, list(streams), list(types)))
+
+    def last_per_stream(self, category: str, after: int,
+                        upto: int) -> list[tuple[int, str, datetime]]:
+        """(position, stream, recorded_at) of each stream's newest event of `category` in
+        after < position <= upto (ledger.reads.last_per_stream)."""
+        return self._retrying(lambda cur: reads.last_per_stream(cur, category, after, upto))
 
     def stream_version(self, stream: str) -> int:
         """The stream's current version (0: no such stream)."""

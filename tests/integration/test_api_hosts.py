@@ -9,7 +9,7 @@ from typing import Any
 import psycopg2
 
 from api import Settings, create_app
-from api.auth import create_user
+from api.auth import create_user, issue_token
 from ledger import NewEvent
 from tests.integration.test_api import World, uid, world  # noqa: F401
 from tests.waiting import wait_until
@@ -120,6 +120,36 @@ def test_heartbeats_are_answered_at_once_and_appended_together(
     assert beats[-1].metadata["actor"] == f"agent-{host}"
     transactions = set(_tx_ids(world, stream))
     assert len(transactions) < 40 // 2, f"{len(transactions)} appends for 40 heartbeats"
+
+
+def test_a_revoked_tokens_heartbeats_are_not_recorded(
+        world: World, cluster: Any, tmp_path: Path) -> None:  # noqa: F811
+    """Heartbeats skip the per-request read of the caller's stream: their batch checks. An
+    API process whose directory is a minute old still answers a revoked agent token's
+    heartbeat 202 after the revocation's 204 (sent by another process), but the heartbeat
+    never reaches the ledger; the same host's new token's does."""
+    host = f"hb-{uid()}"
+    token = create_user(world.ledger, f"agent-{host}", "agent", host)
+    app = create_app(Settings(cluster.dsn(), tmp_path, auth_refresh_s=60.0,
+                              heartbeat_batch_s=0.05))
+    client, svc = app.test_client(), app.extensions["tally"]
+
+    def beat(tok: str, load: float) -> int:
+        return client.post(f"/hosts/{host}/heartbeats", json={"load": load},
+                           headers={"Authorization": f"Bearer {tok}"}).status_code
+
+    assert beat(token, 1) == 202
+    assert svc.heartbeats.wait_flushed(10)
+    token_id = svc.directory().lookup(token).token_id
+    r = world.call("admin", "DELETE", f"/users/agent-{host}/tokens/{token_id}")
+    assert r.status_code == 204, r.json
+    assert beat(token, 2) == 202, "this process has not refreshed its directory yet"
+    fresh = issue_token(world.ledger, f"agent-{host}")
+    assert beat(fresh, 3) == 202  # an unknown token refreshes the directory
+    assert beat(token, 4) == 401  # which now knows of the revocation too
+    assert svc.heartbeats.wait_flushed(10)
+    assert [e.data["load"] for e in world.ledger.read_stream(f"heartbeat-{host}")] == [1.0, 3.0]
+    assert svc.heartbeats.counts.revoked == 1
 
 
 def test_a_report_sent_again_with_its_key_is_recorded_once(world: World) -> None:  # noqa: F811
