@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+DIGITS = b"0123456789"
 PORTS = (20000, 20015)
 """Every simulated host's port range (nothing binds: instances are only reports)."""
 
@@ -36,56 +37,61 @@ class SimSettings:
     capacity: int = 16
 
 
-class Connection:
-    """One keep-alive HTTP/1.1 connection, reopened when the server closed it."""
+def request_bytes(method: str, path: str, host: str, token: str, body: Any = None) -> bytes:
+    """An HTTP/1.1 request, whole (a host's heartbeat is the same bytes each time: made
+    once)."""
+    payload = json.dumps(body).encode() if body is not None else b""
+    return (f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+            ).encode() + payload
 
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection, reopened when the server closed it, and after
+    `rotate` requests: a real fleet has a connection per host, which the API's workers
+    share out as they accept them; a few long-lived ones would stay with whichever worker
+    took them first and leave the other idle."""
+
+    def __init__(self, host: str, port: int, rotate: int = 200) -> None:
+        self.host, self.port, self.rotate = host, port, rotate
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.used = 0
 
-    async def request(self, method: str, path: str, token: str,
-                      body: Any = None) -> tuple[int, dict[str, Any]]:
+    async def send(self, request: bytes) -> tuple[int, bytes]:
+        """The status and raw body of the answer to these request bytes (one retry on a
+        fresh connection if the kept one was closed under it)."""
         for attempt in (1, 2):
             try:
-                return await self._once(method, path, token, body)
+                return await self._once(request)
             except (OSError, asyncio.IncompleteReadError, ValueError):
                 self.close()
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
 
-    async def _once(self, method: str, path: str, token: str,
-                    body: Any) -> tuple[int, dict[str, Any]]:
-        if self.writer is None:
+    async def _once(self, request: bytes) -> tuple[int, bytes]:
+        if self.writer is None or self.used >= self.rotate:
+            self.close()
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         assert self.reader is not None
-        payload = json.dumps(body).encode() if body is not None else b""
-        head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nAuthorization: Bearer "
-                f"{token}\r\nContent-Type: application/json\r\nContent-Length: "
-                f"{len(payload)}\r\n\r\n").encode()
-        self.writer.write(head + payload)
-        status_line = await self.reader.readline()
-        if not status_line:
-            raise ConnectionResetError("closed by the server")
-        status = int(status_line.split()[1])
-        length, close = 0, False
-        while (line := await self.reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.decode("latin-1").partition(":")
-            name = name.strip().lower()
-            if name == "content-length":
-                length = int(value)
-            elif name == "connection" and value.strip().lower() == "close":
-                close = True
+        self.used += 1
+        self.writer.write(request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        lower = head.lower()
+        at = lower.find(b"content-length:")
+        length = int(lower[at + 15:lower.index(b"\r\n", at)]) if at >= 0 else 0
         raw = await self.reader.readexactly(length) if length else b""
-        if close:
+        if b"connection: close" in lower:
             self.close()
-        return status, (json.loads(raw) if raw else {})
+        return status, raw
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
         self.reader = self.writer = None
+        self.used = 0
 
 
 @dataclass
@@ -105,6 +111,8 @@ class SimHost:
     token: str
     version: int = 0
     running: set[str] = field(default_factory=set)
+    beat: bytes = b""
+    """This host's heartbeat request, remade only when what it runs changes."""
 
     def registration(self) -> dict[str, Any]:
         return {"address": "127.0.0.1", "port_min": PORTS[0], "port_max": PORTS[1],
@@ -131,18 +139,40 @@ class Fleet:
     def __init__(self, hosts: Sequence[SimHost], settings: SimSettings) -> None:
         url = urllib.parse.urlsplit(settings.api)
         self.hosts, self.settings = hosts, settings
+        self.address = url.hostname or "127.0.0.1"
         self.pool: asyncio.Queue[Connection] = asyncio.Queue()
         for _ in range(settings.connections):
             self.pool.put_nowait(Connection(url.hostname or "127.0.0.1", url.port or 80))
         self.counts = Counts()
 
-    async def call(self, host: SimHost, method: str, path: str,
-                   body: Any = None) -> tuple[int, dict[str, Any]]:
+    async def send(self, request: bytes) -> tuple[int, bytes]:
         conn = await self.pool.get()
         try:
-            return await conn.request(method, path, host.token, body)
+            return await conn.send(request)
         finally:
             self.pool.put_nowait(conn)
+
+    async def call(self, host: SimHost, method: str, path: str,
+                   body: Any = None) -> tuple[int, dict[str, Any]]:
+        status, raw = await self.send(request_bytes(method, path, self.address, host.token,
+                                                    body))
+        return status, (json.loads(raw) if raw else {})
+
+    async def heartbeat(self, host: SimHost) -> tuple[int, int]:
+        """Send the host's heartbeat: (status, the desired version its answer names). The
+        answer is read for that one number only: the simulator is to load the API, not
+        itself."""
+        if not host.beat:
+            host.beat = request_bytes("POST", f"/hosts/{host.host_id}/heartbeats",
+                                      self.address, host.token, host.heartbeat())
+        status, raw = await self.send(host.beat)
+        at = raw.find(b'"desired":')
+        if status != 202 or at < 0:
+            return status, 0
+        end = at + 10
+        while end < len(raw) and raw[end] in DIGITS:
+            end += 1
+        return status, int(raw[at + 10:end])
 
     async def register(self, host: SimHost) -> None:
         status, answer = await self.call(host, "PUT", f"/hosts/{host.host_id}",
@@ -160,13 +190,12 @@ class Fleet:
             if silent is not None and silent.is_set():
                 continue  # this host is "lost": no heartbeat, nothing else
             try:
-                status, answer = await self.call(
-                    host, "POST", f"/hosts/{host.host_id}/heartbeats", host.heartbeat())
+                status, desired = await self.heartbeat(host)
                 if status != 202:
                     self.counts.refused += 1
                     continue
                 self.counts.heartbeats += 1
-                if answer["desired"] > host.version:
+                if desired > host.version:
                     await self.converge(host)
             except (OSError, asyncio.IncompleteReadError, ValueError, KeyError):
                 self.counts.failed += 1
@@ -177,7 +206,9 @@ class Fleet:
         self.counts.desired_reads += 1
         if status != 200 or not desired.get("changed"):
             return
-        for iid, type_ in host.converge(desired):
+        reports = host.converge(desired)
+        host.beat = b""  # it says how many instances run
+        for iid, type_ in reports:
             await self.call(host, "POST", f"/instances/{iid}/events",
                             {"type": type_, "data": {}, "key": uuid.uuid4().hex})
             self.counts.reports += 1

@@ -4,6 +4,7 @@ operator sizing a control plane (agents/simulated.py; bench/fleet.py measures wi
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import click
@@ -12,6 +13,12 @@ from ledger import Ledger
 from tally.config import Config
 from tally.console import fail_cleanly
 from tally.simulation import host_ids, saved_tokens
+
+
+def _prefix(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if not re.fullmatch(r"[a-z][a-z0-9-]{0,19}", value):
+        raise click.BadParameter("1-20 lowercase letters, digits and dashes, from a letter")
+    return value
 
 
 @click.command("sim")
@@ -23,16 +30,18 @@ from tally.simulation import host_ids, saved_tokens
 @click.option("--processes", type=click.IntRange(1, 64), default=2, show_default=True)
 @click.option("--duration", type=click.FloatRange(1, 86400), default=60.0,
               show_default=True, help="Seconds to run once every host registered.")
+@click.option("--prefix", default="sim", show_default=True, callback=_prefix,
+              help="Host ids are <prefix>00000, <prefix>00001...: another prefix, other hosts.")
 @click.pass_obj
 @fail_cleanly
 def sim(cfg: Config, n: int, api_url: str | None, interval: float, processes: int,
-        duration: float) -> None:
+        duration: float, prefix: str) -> None:
     """Run N simulated host agents (no app processes) over the real API: they register,
     heartbeat, read their desired state and report their instances started and
     healthy. Prints heartbeats/s accepted every 5 s, then one JSON line."""
     from agents.simulated import SimSettings, Simulation
 
-    ids = host_ids(n)
+    ids = host_ids(n, prefix)
     with Ledger(cfg.cluster().dsn("tally_writer"), retry_deadline=10) as ledger:
         tokens = saved_tokens(cfg, ledger, ids)
     simulation = Simulation(tokens, SimSettings(api_url or f"http://{cfg.api_bind}",

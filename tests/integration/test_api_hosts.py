@@ -43,6 +43,7 @@ def test_an_agent_token_acts_for_its_own_host_only(world: World) -> None:  # noq
         ("POST", f"/hosts/{world.host}/stats", {"samples": [
             {"app": app, "instance_id": theirs, "requests": 5}]}),
         ("GET", f"/apps/{app}/releases/2/bundle", None),  # placed on the other host only
+        ("GET", f"/apps/{app}/releases/2/slug", None),  # refused before "not built yet"
         ("POST", f"/apps/{app}/scale", {"scale": {"web": 9}}),
         ("PATCH", f"/apps/{app}/config", {"set": {"EVIL": "1"}}),
         ("POST", f"/apps/{app}/rollback", {"release": 1}),
