@@ -1,28 +1,46 @@
 """The apps' PostgreSQL cluster: two nodes under Patroni (scope `tally-apps`, its own etcd,
-never the ledger's nodes) behind one HAProxy that follows the primary, as Patroni's
-documentation shows. Apps get a standard single-host DATABASE_URL naming HAProxy's port:
-dj-database-url, SQLAlchemy, psycopg and Rails parse it, and a failover costs an app its
-open connections, never its URL.
+never the ledger's nodes) behind one stable address that follows the primary. Apps get a
+standard single-host DATABASE_URL naming that address: dj-database-url, SQLAlchemy,
+psycopg and Rails parse it, and a failover costs an app its open connections, never its URL.
 
-HAProxy asks each node's Patroni REST API `GET /primary` (200 only on the running leader)
-every 500 ms (250 ms while a state changes); two failures mark a node down and
-`on-marked-down shutdown-sessions` closes the connections still going to it, so no app
-keeps talking to a demoted node. It runs as the cluster's server user, like Patroni.
+The stable address is one of two, chosen when the cluster is made (kept in proxy.json):
+- "nat" (where the platform runs as root with nftables, as `tally up` does): a kernel
+  destination NAT to the primary's port, repointed by a root watcher of Patroni's REST API
+  (agents/dbroute.py). Packets go straight to PostgreSQL, so it costs what a direct
+  connection costs.
+- "haproxy" (elsewhere): Patroni's documented HAProxy, asking each node's REST API
+  `GET /primary` every 500 ms (250 ms while a state changes); two failures mark a node
+  down and `on-marked-down shutdown-sessions` closes the connections still going to it.
+  It runs as the cluster's server user, like Patroni; each round trip pays its two socket
+  hops (about half the select-only throughput on two busy cores).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 from pathlib import Path
 
-from ledger.cluster import Cluster, ClusterSpec
+import psutil
+
+from agents import dbroute
+from ledger.cluster import Cluster, ClusterSpec, pid_alive
 from ledger.patroni import HA, HASpec, PatroniCluster, Process, ledger_cluster, writes_pid
 
 SCOPE = "tally-apps"
 PROXY_FILE = "proxy.json"
-"""In the cluster's folder: the stable address's port, fixed when the cluster is made (apps'
-URLs name it, so a later change of TALLY_APPS_DB_PORT must not move it)."""
+"""In the cluster's folder: the stable address's port and kind ("via": nat or haproxy),
+fixed when the cluster is made (apps' URLs name the port, so a later change of
+TALLY_APPS_DB_PORT must not move it)."""
+ROUTER = "router"
+"""The NAT watcher's process name (agents/dbroute.py)."""
+
+
+def default_via() -> str:
+    """NAT where this process may write nftables rules (root with nft), else HAProxy."""
+    return "nat" if os.geteuid() == 0 and shutil.which("nft") else "haproxy"
 PRIVATE_LOGS = {"log_min_error_statement": "panic", "log_error_verbosity": "terse"}
 """A tenant's failed statement (its data) never reaches the server's log."""
 
@@ -53,56 +71,109 @@ listen primary
 
 
 class ProxiedHA(HA):
-    """Patroni + etcd, and HAProxy started and stopped with them."""
+    """Patroni + etcd, and the stable address started and stopped with them: the NAT
+    watcher (as root) or HAProxy (as the cluster's user)."""
 
-    def __init__(self, spec: HASpec, credentials: dict[str, str], proxy_port: int) -> None:
+    def __init__(self, spec: HASpec, credentials: dict[str, str], proxy_port: int,
+                 via: str = "haproxy") -> None:
         super().__init__(spec, credentials)
         self.proxy_port = proxy_port
+        self.via = via
 
     @property
     def haproxy_file(self) -> Path:
         return self.run_dir / "haproxy.cfg"
 
+    @property
+    def route_file(self) -> Path:
+        """Root's (in the closed cluster folder, not the server user's run folder)."""
+        return self.root / "route.json"
+
+    def route(self) -> dbroute.Route:
+        return dbroute.Route(dbroute.table_name(self.proxy_port), self.spec.host,
+                             self.proxy_port, tuple(dbroute.Node(*n) for n in zip(
+                                 self.spec.names, self.spec.pg_ports, self.spec.rest_ports,
+                                 strict=True)), self.spec.os_user)
+
     def write_configs(self) -> None:
         super().write_configs()
+        if self.via == "nat":
+            self.route_file.touch(mode=0o600)
+            self.route_file.write_text(self.route().to_json())
+            return
         self.haproxy_file.touch(mode=0o600)
         self.haproxy_file.write_text(haproxy_config(self.spec, self.proxy_port))
         self._chown(self.haproxy_file)
 
     def processes(self) -> list[Process]:
-        """etcd and Patroni, then HAProxy (stopped before etcd, as the nodes are)."""
-        haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        """etcd and Patroni, then the stable address (stopped before etcd, as the nodes
+        are)."""
         etcd, *rest = super().processes()
+        if self.via == "nat":
+            argv = writes_pid(self.pid_file(ROUTER), [sys.executable, "-m", "agents.dbroute",
+                                                       str(self.route_file)])
+            return [etcd, *rest, Process(ROUTER, argv, None, {})]
+        haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
         argv = writes_pid(self.pid_file("haproxy"), [haproxy, "-db", "-f",
                                                      str(self.haproxy_file)])
         return [etcd, *rest, Process("haproxy", argv, etcd.user, {})]
 
+    def pid_file(self, process: str) -> Path:
+        if process == ROUTER:  # root's process: its pid file is not the server user's
+            return self.root / f"{ROUTER}.pid"
+        return super().pid_file(process)
+
+    def pid(self, process: str) -> int | None:
+        if process != ROUTER:
+            return super().pid(process)
+        try:
+            pid = int(self.pid_file(process).read_text())
+            return pid if pid_alive(pid) and psutil.Process(pid).uids().real == os.getuid() \
+                else None
+        except (FileNotFoundError, ValueError, psutil.Error):
+            return None
+
 
 class AppsCluster(PatroniCluster):
-    """The apps' cluster under Patroni, reached at one stable address (HAProxy)."""
+    """The apps' cluster under Patroni, reached at one stable address."""
 
     def __init__(self, spec: ClusterSpec, ha_ports: tuple[int, int, int, int],
-                 scope: str = SCOPE, proxy_port: int = 5445) -> None:
+                 scope: str = SCOPE, proxy_port: int = 5445, via: str | None = None) -> None:
         super().__init__(spec, ha_ports, scope)
         saved = self.root / PROXY_FILE
-        self.proxy_port = json.loads(saved.read_text())["port"] if saved.exists() else proxy_port
+        known = json.loads(saved.read_text()) if saved.exists() else {}
+        self.proxy_port = known.get("port", proxy_port)
+        # A cluster made before the NAT existed keeps its HAProxy.
+        self.via = known.get("via", "haproxy") if known else (via or default_via())
 
     @property
     def ha(self) -> HA:
         base = super().ha
-        return ProxiedHA(base.spec, base.secrets, self.proxy_port)
+        return ProxiedHA(base.spec, base.secrets, self.proxy_port, self.via)
 
     def init(self) -> None:
         super().init()
-        (self.root / PROXY_FILE).write_text(json.dumps({"port": self.proxy_port}))
+        (self.root / PROXY_FILE).write_text(json.dumps({"port": self.proxy_port,
+                                                        "via": self.via}))
         self._close(self.root)
 
     def start(self) -> None:
         super().start()
         self._close(self.root)  # Patroni's init leaves it open: logs and configs are ours
 
+    def destroy(self) -> None:
+        super().destroy()  # kills the watcher too: its table would outlive it
+        if self.via == "nat":
+            dbroute.remove(dbroute.table_name(self.proxy_port))
+
     def address(self) -> tuple[str, int]:
         return self.spec.host, self.proxy_port
+
+    @property
+    def address_process(self) -> str:
+        """The name of the process that keeps the stable address (supervisord's
+        `addons-NAME`)."""
+        return ROUTER if self.via == "nat" else "haproxy"
 
 
 def apps_cluster(root: Path, ports: tuple[int, int], proxy_port: int, bin_dir: Path,

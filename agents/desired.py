@@ -23,6 +23,7 @@ def fleet_of(snapshot: dict[str, Any]) -> Fleet:
                         for n, r in a.get("releases", {}).items()}
         app.configs = {0: {}, **{int(v): dict(c) for v, c in a.get("configs", {}).items()}}
         app.sizes = dict(a.get("sizes", {}))
+        app.addons = tuple(a.get("addons", ()))
         fleet.apps[name] = app
     now = datetime.now(UTC)
     host = snapshot.get("host_id", "")

@@ -71,6 +71,9 @@ class App:
     last_failure: dict[tuple[int, str], tuple[int, int, str]] = field(default_factory=dict)
     uid: int | None = None
     """The Unix uid its processes run as (AppCreated; None in older events)."""
+    addons: tuple[str, ...] = ()
+    """Where its add-ons run (host:port), its own and those attached to it, as the API
+    reads them from the ledger: the only add-on ports it may reach (agents/netrules.py)."""
 
     def config_at(self, version: int) -> dict[str, str]:
         """Config vars as of `version` (the one a release was cut with)."""

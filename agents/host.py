@@ -90,8 +90,8 @@ class HostSpec:
     port_max: int
     capacity: int
     addon_ports: frozenset[int] = frozenset()
-    """The platform's add-on services on this host (the apps' PostgreSQL cluster): the only
-    local ports an app's `*_URL` config may open to it (netrules.addon_ports)."""
+    """The platform's add-on services' ports on this host (the apps' PostgreSQL cluster, the
+    Redis range): an app may reach those of its own add-ons (netrules.addon_ports)."""
     backend_clients: tuple[str, ...] = ()
     """Addresses besides this host that may connect to the instances' ports (the balancers
     on other hosts); everyone else is refused (netrules.Backends)."""
@@ -316,14 +316,14 @@ class Agent:
             if also is None:  # the loop's thread: the only one reading the fleet
                 uids = self.uids
                 self.reach = netrules.reach_of(self.instances_here(), {
-                    name: app.config_at(r.config_version) for name, app in
-                    self.fleet.apps.items() if (r := app.releases.get(app.current_release or 0))
+                    name: app.addons for name, app in self.fleet.apps.items()
                 }, uids, self.spec.address, self.spec.addon_ports)
                 self.owners = {port: uids[app] for app, port in self.instances_here()
                                if port and app in uids}
+            app = self.fleet.apps.get(also.app) if also is not None else None
             extra = ([netrules.Reach(user.uid, frozenset(
-                {also.port, *netrules.addon_ports(dict(also.config), self.spec.address,
-                                      self.spec.addon_ports)}))]
+                {also.port, *netrules.addon_ports(app.addons if app else (), self.spec.address,
+                                                  self.spec.addon_ports)}))]
                      if also is not None and user is not None else [])
             owners = ({**self.owners, also.port: user.uid}
                       if also is not None and user is not None and also.port else self.owners)

@@ -37,7 +37,6 @@ import shutil
 import subprocess
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
 log = logging.getLogger("tally.agent")
 DNS = 53
@@ -53,23 +52,20 @@ class Reach:
     """Its instances' ports here, and its add-ons' local ports."""
 
 
-def addon_ports(config: Mapping[str, str], address: str = "127.0.0.1",
+def addon_ports(places: Iterable[str], address: str = "127.0.0.1",
                 allowed: frozenset[int] = frozenset()) -> set[int]:
-    """Ports on this host named by the app's `*_URL` config vars (DATABASE_URL, REDIS_URL
-    ...): its add-ons, which it may reach. Only the platform's add-on ports (`allowed`)
-    count: config is the member's to set, and `X_URL=tcp://127.0.0.1:5433` must not open
-    the ledger (or another tenant's backend, an agent's control port) to the app."""
+    """The ports on this host of the app's add-ons (`places`: where each runs, host:port,
+    as the ledger's AddonCreated/AddonAttached say): its own and those attached to it, never
+    another app's (config is the member's to set: a `*_URL` naming another app's Redis
+    opens nothing). Only the platform's add-on ports (`allowed`) count, so a place can
+    never open the ledger, an agent's control port or another tenant's backend."""
     out = set()
-    for key, value in config.items():
-        if not key.endswith("_URL"):
-            continue
-        try:
-            url = urlsplit(value)
-            host, port = url.hostname or "", url.port
-        except ValueError:
-            continue
-        if port in allowed and (host == address or LOCAL_HOSTS.match(host)):
-            out.add(port)
+    for place in places:
+        host, _, port = place.rpartition(":")
+        host = host.strip("[]")
+        if (port.isdigit() and int(port) in allowed
+                and (host == address or LOCAL_HOSTS.match(host))):
+            out.add(int(port))
     return out
 
 
@@ -126,8 +122,11 @@ def render(table: str, reach: Iterable[Reach], shared: Iterable[int] = (),
     lines.append("    ct state established,related accept")
     for uid, ports in sorted(merged.items()):
         allowed = ", ".join(str(p) for p in sorted(common | ports))
+        # The port the app asked for (conntrack's original destination): the apps' database
+        # cluster's stable port is translated to a node's (agents/dbroute.py), whose own
+        # port stays closed to it.
         lines.append(f"    meta skuid {uid} fib daddr type local meta l4proto {{ tcp, udp }} "
-                     f"th dport {{ {allowed} }} accept")
+                     f"ct original proto-dst {{ {allowed} }} accept")
         lines.append(f"    meta skuid {uid} fib daddr type local reject")
     lines.append("  }")
     if backends is not None:
@@ -230,20 +229,20 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def reach_of(instances: Iterable[tuple[str, int]], configs: Mapping[str, Mapping[str, str]],
+def reach_of(instances: Iterable[tuple[str, int]], addons: Mapping[str, Iterable[str]],
              uids: Mapping[str, int], address: str,
              allowed: frozenset[int] = frozenset()) -> list[Reach]:
     """The Reach of every app of the agent's with a user on this machine (`uids`: app ->
     uid; apps with no instance here too, so their one-off runs are confined): the ports of
-    its instances here (`instances`: (app, port)) and of its add-ons (`configs`: each
-    app's config vars)."""
+    its instances here (`instances`: (app, port)) and of its add-ons (`addons`: where each
+    app's add-ons run, from the ledger)."""
     ports: dict[str, set[int]] = {app: set() for app in uids}
     for app, port in instances:
         if app in ports and port:
             ports[app].add(port)
-    for app, config in configs.items():
+    for app, places in addons.items():
         if app in ports:
-            ports[app].update(addon_ports(config, address, allowed))
+            ports[app].update(addon_ports(places, address, allowed))
     return [Reach(uids[app], frozenset(p)) for app, p in ports.items()]
 
 

@@ -7,6 +7,7 @@ admins list them. With these a fleet host needs no ledger credentials at all (DE
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 from flask.typing import ResponseReturnValue
 
@@ -171,7 +172,26 @@ def _app(name: str, needed: set[int], fold: Placements) -> dict[str, Any] | None
                                      "slug": slugs.get(r.number)}
                      for r in state.releases},
         "configs": _configs(state, shown),
+        "addons": addon_places(state),
     }
+
+
+def addon_places(state: AppState) -> list[str]:
+    """Where the app's add-ons run (host:port), its own and those attached to it: the
+    add-on ports its host's agent lets it reach (agents/netrules.py). An add-on recorded
+    without `where` (older events) is where its config var's URL points."""
+    out = []
+    for a in state.addons:
+        if a.where:
+            out.append(a.where)
+            continue
+        try:
+            url = urlsplit(state.config.get(a.config_var, ""))
+            if url.hostname and url.port:
+                out.append(f"{url.hostname}:{url.port}")
+        except ValueError:
+            continue
+    return sorted(set(out))
 
 
 def _slugs(state: AppState, releases: set[int]) -> dict[int, str]:

@@ -305,7 +305,7 @@ class Desired(Schema):
     apps = fields.Dict(keys=fields.Str(), values=fields.Dict(), required=True, metadata={
         "description": "per app: current, deployed, failed, sizes, uid, releases (digest, "
                        "procfile, config_version), configs (the config vars of placed "
-                       "releases)"})
+                       "releases), addons (where its add-ons run, host:port)"})
 
 
 class RunEndedReport(Schema):

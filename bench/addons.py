@@ -1,9 +1,10 @@
 """Add-ons benchmark: how long an add-on takes to be usable, an app's failover window
-through its DATABASE_URL, and what the stable address (HAProxy) costs in queries/s.
+through its DATABASE_URL, and what the stable address costs in queries/s.
 
     .venv/bin/python bench/addons.py [--quick]
 
-One apps' cluster under Patroni behind HAProxy (agents/appsdb.py, tally's timings) in a
+One apps' cluster under Patroni behind its stable address (agents/appsdb.py, tally's
+timings: the kernel NAT when run as root with nftables, else HAProxy; `--via` chooses) in a
 temporary home. `addon_create_s`: from asking for a PostgreSQL database and a Redis (what
 the API host runs for `addons:create`, without the ledger append) to a query through
 DATABASE_URL and a PING through REDIS_URL answering, the cluster already made (its first
@@ -40,12 +41,12 @@ from ledger.cluster import DEFAULT_BIN, ClusterSpec  # noqa: E402
 from tests.conftest import free_port_range, free_ports  # noqa: E402
 
 
-def make_cluster(home: Path) -> appsdb.AppsCluster:
+def make_cluster(home: Path, via: str | None) -> appsdb.AppsCluster:
     a, b, proxy, *ha = free_ports(7)
     cluster = appsdb.AppsCluster(
         ClusterSpec(home / "appsdb", ports=(a, b), dbname="tally_apps", ledger=False,
                     extra_settings=dict(appsdb.PRIVATE_LOGS)),
-        (ha[0], ha[1], ha[2], ha[3]), proxy_port=proxy)
+        (ha[0], ha[1], ha[2], ha[3]), proxy_port=proxy, via=via)
     cluster.init()
     cluster.ha.wait_members(2, 180)
     return cluster
@@ -82,7 +83,7 @@ def create_time(cluster: appsdb.AppsCluster, home: Path, app: str) -> float:
 
 def failover_window(cluster: appsdb.AppsCluster, url: str) -> float:
     """kill -9 of the leader's postmaster to the app's first successful write on the new
-    leader (the server port behind HAProxy tells which node answered)."""
+    leader (the server port behind the stable address tells which node answered)."""
     old_port = cluster.port(cluster.primary())
     with psycopg2.connect(url) as conn, conn.cursor() as cur:
         cur.execute("CREATE TABLE IF NOT EXISTS writes (at timestamptz DEFAULT now())")
@@ -127,12 +128,14 @@ def pgbench_tps(url: str, seconds: int, mode: str = "-S") -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (< 120 s)")
+    parser.add_argument("--via", choices=("nat", "haproxy"),
+                        help="the stable address (default: nat as root with nft)")
     args = parser.parse_args()
     rounds, seconds = (1, 3) if args.quick else (3, 10)
     home = Path(tempfile.mkdtemp(prefix="tally-bench-addons-"))
     home.chmod(0o755)
     started = time.monotonic()
-    cluster = make_cluster(home)
+    cluster = make_cluster(home, args.via)
     try:
         bootstrap = time.monotonic() - started
         creates = [create_time(cluster, home, f"bench-{i}") for i in range(rounds)]
@@ -159,12 +162,13 @@ def main() -> None:
         print(f"{'addons:create to usable URLs (pg + redis)':<44}"
               f"{statistics.median(creates):>11.2f}s")
         print(f"{'pgbench -S tps, straight to the primary':<44}{statistics.median(direct):>12,.0f}")
-        print(f"{'pgbench -S tps, through HAProxy':<44}{statistics.median(proxied):>12,.0f}")
+        print(f"{'pgbench -S tps, through the ' + cluster.via:<44}"
+              f"{statistics.median(proxied):>12,.0f}")
         ratio = statistics.median(proxied) / statistics.median(direct)
         print(f"{'proxy / direct':<44}{ratio:>12.3f}")
         if writes["direct"]:
             w_direct, w_proxy = (statistics.median(writes[k]) for k in ("direct", "proxy"))
-            print(f"{'pgbench -N tps, direct / through HAProxy':<44}{w_direct:>12,.0f}"
+            print(f"{'pgbench -N tps, direct / through the ' + cluster.via:<44}{w_direct:>12,.0f}"
                   f" / {w_proxy:,.0f} = {w_proxy / w_direct:.3f}")
         print(f"{'failover window (kill -9 to first write)':<44}"
               f"{statistics.median(windows):>11.2f}s  rounds: "

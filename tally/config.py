@@ -15,8 +15,9 @@ TALLY_BUILD_DIR       builders' folders (builds, per-app build caches); outside 
                       /var/tmp/tally-builds/<hash of TALLY_HOME>
 TALLY_APPS_DB_PORTS   the apps' PostgreSQL cluster (add-on databases; never the ledger's);
                       default 5443,5444
-TALLY_APPS_DB_PORT    the apps' cluster's stable address (HAProxy, follows the primary), the
-                      port every DATABASE_URL names; default 5445, kept in appsdb/proxy.json
+TALLY_APPS_DB_PORT    the apps' cluster's stable address (a kernel NAT to the primary, or
+                      HAProxy), the port every DATABASE_URL names; default 5445, kept in
+                      appsdb/proxy.json
 TALLY_APPS_HA         `patroni` or `plain` for a new apps' cluster; default: as
                       TALLY_LEDGER_HA
 TALLY_REDIS_PORTS     the ports Redis add-ons (one redis-server per app) take; default
@@ -211,8 +212,9 @@ class Config:
 
     @property
     def addon_ports(self) -> frozenset[int]:
-        """The local ports an app's `*_URL` config may open to it (agents/netrules.py):
-        the apps' cluster's stable address and nodes, and the Redis add-ons' range."""
+        """The add-on services' local ports (agents/netrules.py): an app may reach those of
+        its own add-ons. The apps' cluster's stable address, its nodes (named by URLs of
+        add-ons made before the stable address) and the Redis add-ons' range."""
         low, high = self.redis_ports
         return frozenset({self.apps_db_port, *self.apps_db_ports, *range(low, high + 1)})
 

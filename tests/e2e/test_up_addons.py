@@ -1,5 +1,5 @@
 """Add-ons across `tally down && tally up`, as a person drives them on private ports and a
-private home: the first `addons:create` makes the apps' cluster (Patroni, etcd, HAProxy)
+private home: the first `addons:create` makes the apps' cluster (Patroni, etcd, its stable address)
 and a Redis under the running supervisord; after `tally down` and `tally up` both answer at
 the same URLs, supervisord runs them again, and `addons:create` works for a new app.
 (Before: the apps' cluster was not started by `tally up`, apps answered 500 and
@@ -73,7 +73,8 @@ def test_addons_answer_at_the_same_urls_after_down_and_up() -> None:
         tally("addons:create", "-a", "blog", "redis")
         urls = json.loads(tally("config", "-a", "blog", "--json").stdout)
         assert _answers(urls)
-        services = {"addons-etcd", "addons-patroni-a", "addons-patroni-b", "addons-haproxy",
+        stable = "addons-" + cfg.apps_cluster().address_process  # type: ignore[attr-defined]
+        services = {"addons-etcd", "addons-patroni-a", "addons-patroni-b", stable,
                     "addons-redis-blog"}
         assert services <= {d["name"] for d in supervise.status(cfg)}
 

@@ -1,8 +1,9 @@
 """Add-on services under supervisord, as `tally up` runs them: the apps' cluster (etcd,
-Patroni, HAProxy) and each app's Redis are its programs, so kill -9 of HAProxy or of a
-Redis costs the apps seconds, not an outage until someone runs `tally up`. Made as the API
-host makes them (tally/api_settings.py) while supervisord runs; detached ones (made with no
-supervisord) are handed over by `tally up` (platform.start_addons)."""
+Patroni, the stable address's NAT watcher or HAProxy) and each app's Redis are its
+programs, so kill -9 of the stable address's process or of a Redis costs the apps
+seconds, not an outage until someone runs `tally up`. Made as the API host makes them
+(tally/api_settings.py) while supervisord runs; detached ones (made with no supervisord)
+are handed over by `tally up` (platform.start_addons)."""
 
 from __future__ import annotations
 
@@ -70,14 +71,15 @@ def test_detached_services_are_handed_over_and_come_back_after_kill_9(cfg: Confi
     lines = platform.start_addons(cfg, supervised=True)
     assert any("Redis add-ons: blog" in line for line in lines), lines
     pids = _pids(cfg)
-    assert {"addons-etcd", "addons-patroni-a", "addons-patroni-b", "addons-haproxy",
+    stable = "addons-" + cfg.apps_cluster().address_process  # type: ignore[attr-defined]
+    assert {"addons-etcd", "addons-patroni-a", "addons-patroni-b", stable,
             "addons-redis-blog"} <= set(pids), pids
     wait_until(lambda: _answers(url, redis_url), 60, "the add-ons through their URLs")
-    for name in ("addons-haproxy", "addons-redis-blog"):
+    for name in (stable, "addons-redis-blog"):
         os.kill(pids[name], signal.SIGKILL)
     wait_until(lambda: all(_pids(cfg).get(n) not in (None, pids[n])
-                           for n in ("addons-haproxy", "addons-redis-blog")), 60,
-               "supervisord restarted HAProxy and Redis")
+                           for n in (stable, "addons-redis-blog")), 60,
+               "supervisord restarted the stable address and Redis")
     wait_until(lambda: _answers(url, redis_url), 60, "the same URLs answer again")
 
 

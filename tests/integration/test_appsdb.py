@@ -1,8 +1,10 @@
-"""The apps' PostgreSQL cluster under Patroni (its own scope and etcd) behind HAProxy: a
-standard single-host DATABASE_URL that the usual parsers take, which keeps working across
-a failover (the app loses its open connections, never its URL) and across a stop and start.
+"""The apps' PostgreSQL cluster under Patroni (its own scope and etcd) behind its stable
+address (the kernel NAT as root, agents/dbroute.py): a standard single-host DATABASE_URL
+that the usual parsers take, which keeps working across a failover (the app loses its open
+connections, never its URL) and across a stop and start; an app reaches the primary by the
+stable port and no node's own port.
 
-Real Patroni, etcd, HAProxy and PostgreSQL; one cluster for the module."""
+Real Patroni, etcd, nftables and PostgreSQL; one cluster for the module."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import psycopg2
 import pytest
 import sqlalchemy
 
-from agents import addons, appsdb
+from agents import addons, appsdb, dbroute, netrules
 from ledger.cluster import ClusterSpec
 from tests.conftest import free_ports
 from tests.waiting import wait_until
@@ -131,8 +133,9 @@ def test_a_failover_costs_the_app_its_open_connections_never_its_url(
 
 
 def test_the_same_url_answers_after_a_stop_and_start(apps: appsdb.AppsCluster) -> None:
-    """`tally down` stops the cluster, Patroni, etcd and HAProxy with it; `tally up` starts
-    them again and every app's URL answers as before (read back from the folder)."""
+    """`tally down` stops the cluster, Patroni, etcd and the stable address with it (the
+    NAT's table goes); `tally up` starts them again and every app's URL answers as before
+    (read back from the folder)."""
     url = addons.create_database(apps, "blog")
     env = {**os.environ, "TALLY_HOME": str(apps.root.parent),
            "TALLY_APPS_DB_PORTS": ",".join(map(str, apps.spec.ports)),
@@ -142,6 +145,8 @@ def test_the_same_url_answers_after_a_stop_and_start(apps: appsdb.AppsCluster) -
     assert down.returncode == 0, down.stderr
     ha = apps.ha
     assert [p.name for p in ha.processes() if ha.pid(p.name)] == []
+    assert subprocess.run(["nft", "list", "table", "ip", dbroute.table_name(apps.proxy_port)],
+                          capture_output=True).returncode != 0, "no NAT rule outlives it"
     with pytest.raises(psycopg2.OperationalError):
         psycopg2.connect(url, connect_timeout=2).close()
     from tally.config import Config
@@ -171,6 +176,58 @@ def test_destroying_the_database_revokes_its_credentials(apps: appsdb.AppsCluste
     assert not addons.drop_database(apps, "gone"), "nothing left to drop"
     again = addons.create_database(apps, "gone")
     assert again != url, "a new add-on gets new credentials"
+
+
+PROBE = """
+import socket, struct, sys
+stable, node = int(sys.argv[1]), int(sys.argv[2])
+with socket.create_connection(("127.0.0.1", stable), timeout=5) as s:
+    s.sendall(struct.pack("!ii", 8, 80877103))  # PostgreSQL's SSLRequest: it answers S or N
+    print("stable", s.recv(1).decode())
+try:
+    socket.create_connection(("127.0.0.1", node), timeout=5).close()
+    print("node open")
+except OSError as exc:
+    print("node closed", exc.errno)
+squat = socket.socket()
+squat.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+try:
+    squat.bind(("0.0.0.0", stable))
+    squat.listen()
+    print("squatted")
+except OSError:
+    print("not squatted")
+"""
+
+
+def test_an_app_reaches_the_primary_by_the_stable_port_and_no_node_directly(
+        apps: appsdb.AppsCluster) -> None:
+    """As an app's user confined by the agents' rules (its add-on: the stable port), it
+    reaches PostgreSQL at the stable port (translated to the primary's port), yet that
+    node port, asked for directly, is refused; nor can it take the stable port for
+    itself."""
+    if apps.via != "nat" or netrules.missing():
+        pytest.skip("the stable address is HAProxy here (not root, or no nft)")
+    assert subprocess.run(["nft", "list", "table", "ip", dbroute.table_name(apps.proxy_port)],
+                          capture_output=True).returncode == 0
+    uid = 2_000_000_000 + os.getpid() % 1_000_000  # no such user: a fresh uid for this test
+    rules = netrules.NetRules(netrules.table_name("tally-appsdb-probe", os.getpid()))
+    places = [f"127.0.0.1:{apps.proxy_port}"]
+    rules.apply([netrules.Reach(uid, frozenset(netrules.addon_ports(
+        places, allowed=frozenset({apps.proxy_port, *apps.spec.ports}))))])
+    try:
+        primary = apps.port(apps.primary())
+        out = subprocess.run(["/usr/bin/python3", "-c", PROBE, str(apps.proxy_port),
+                              str(primary)], user=uid, group=uid, extra_groups=[],
+                             capture_output=True, text=True, timeout=60)
+    finally:
+        rules.remove()
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["stable N", "node closed 111", "not squatted"], \
+        out.stdout
+    table = subprocess.run(["nft", "list", "table", "ip", dbroute.table_name(apps.proxy_port)],
+                           capture_output=True, text=True).stdout
+    assert f"dnat to 127.0.0.1:{primary}" in table
 
 
 def _connect(url: str) -> psycopg2.extensions.connection | None:

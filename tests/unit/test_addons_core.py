@@ -96,13 +96,28 @@ def test_redis_has_a_password_no_default_user_and_the_plans_limits() -> None:
     assert "appendonly yes" in conf and "bind 127.0.0.1" in conf
 
 
-def test_each_app_reaches_its_own_redis_only() -> None:
-    configs = {"blog": {"REDIS_URL": "redis://app:p@127.0.0.1:6401/0"},
-               "shop": {"REDIS_URL": "redis://app:q@127.0.0.1:6402/0"}}
-    reach = reach_of([], configs, {"blog": 1001, "shop": 1002}, "127.0.0.1",
-                     frozenset({6401, 6402}))
+def test_each_app_reaches_its_own_addons_only_whatever_its_config_names() -> None:
+    """The ports come from where the ledger says each app's add-ons run, not from its
+    config: a member who sets shop's CACHE_URL to blog's Redis opens nothing to shop."""
+    from api.routes_hosts import addon_places
+    from api.state import Addon, AppState
+
+    blog = AppState("blog", addons=(Addon("redis-blog", "redis", "mini", "REDIS_URL", "blog",
+                                          "127.0.0.1:6401"),))
+    shop = AppState("shop", configs={0: {"CACHE_URL": "redis://app:p@127.0.0.1:6401/0"}},
+                    addons=(Addon("redis-shop", "redis", "mini", "REDIS_URL", "shop",
+                                  "127.0.0.1:6402"),
+                            Addon("postgresql-blog", "postgresql", "", "BLOG_DB_URL", "blog",
+                                  "127.0.0.1:5445")))
+    old = AppState("old", configs={0: {"DATABASE_URL": "postgresql://u:p@127.0.0.1:5443/d"}},
+                   addons=(Addon("postgresql-old", "postgresql", "", "DATABASE_URL", "old"),))
+    places = {s.name: addon_places(s) for s in (blog, shop, old)}
+    assert places == {"blog": ["127.0.0.1:6401"], "shop": ["127.0.0.1:5445", "127.0.0.1:6402"],
+                      "old": ["127.0.0.1:5443"]}  # recorded without `where`: its var's URL
+    reach = reach_of([], places, {"blog": 1001, "shop": 1002}, "127.0.0.1",
+                     frozenset({5445, 6401, 6402}))
     assert sorted(reach, key=lambda r: r.uid) == [Reach(1001, frozenset({6401})),
-                                                  Reach(1002, frozenset({6402}))]
+                                                  Reach(1002, frozenset({5445, 6402}))]
 
 
 def test_root_signals_no_process_a_redis_pid_file_names_unless_it_is_that_redis(

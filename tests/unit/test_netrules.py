@@ -9,32 +9,29 @@ import pytest
 from agents.netrules import Reach, addon_ports, reach_of, render, stale, table_name
 
 
-def test_addon_ports_are_the_local_ports_of_url_config_vars() -> None:
-    config = {"DATABASE_URL": "postgresql://blog:pw@127.0.0.1:5443/blog",
-              "REDIS_URL": "redis://localhost:6390/0", "CACHE_URL": "redis://10.0.0.7:6379",
-              "OTHER": "http://127.0.0.1:9999/", "BROKEN_URL": "http://[::1"}
-    services = frozenset({5443, 6390, 7000})
-    assert addon_ports(config, allowed=services) == {5443, 6390}
-    assert addon_ports({"X_URL": "http://10.0.0.5:7000/"}, address="10.0.0.5",
-                       allowed=services) == {7000}
+def test_addon_ports_are_the_local_ports_where_the_apps_addons_run() -> None:
+    places = ["127.0.0.1:5445", "localhost:6390", "10.0.0.7:6379", "[::1]:7000", "junk",
+              "127.0.0.1:x"]
+    services = frozenset({5445, 6390, 6379, 7000})
+    assert addon_ports(places, allowed=services) == {5445, 6390, 7000}
+    assert addon_ports(["10.0.0.5:7000"], address="10.0.0.5", allowed=services) == {7000}
 
 
-def test_config_opens_no_port_that_is_not_an_add_on_service() -> None:
-    """A member sets X_URL to the ledger's port, an agent's control port or another
-    tenant's backend: the app reaches none of them (only the platform's add-on ports)."""
-    config = {"X_URL": "tcp://127.0.0.1:5433", "Y_URL": "http://localhost:39001/",
-              "DATABASE_URL": "postgres://u:p@127.0.0.1:5443/db"}
-    assert addon_ports(config, allowed=frozenset({5443, 5444})) == {5443}
-    assert addon_ports(config) == set()
+def test_a_place_opens_no_port_that_is_not_an_add_on_service() -> None:
+    """Even a place recorded wrong opens neither the ledger's port, an agent's control
+    port nor another tenant's backend: only the platform's add-on ports count."""
+    places = ["127.0.0.1:5433", "localhost:39001", "127.0.0.1:5445"]
+    assert addon_ports(places, allowed=frozenset({5445})) == {5445}
+    assert addon_ports(places) == set()
 
 
 def test_each_app_reaches_its_instances_and_addons_only() -> None:
     instances = [("blog", 7001), ("blog", 7002), ("shop", 7003), ("gone", 7004)]
-    configs = {"blog": {"DATABASE_URL": "postgres://h@127.0.0.1:5443/b"}, "shop": {}}
-    reach = reach_of(instances, configs, {"blog": 1001, "shop": 1002, "idle": 1003},
-                     "127.0.0.1", frozenset({5443, 5444}))
+    addons = {"blog": ["127.0.0.1:5445"], "shop": []}
+    reach = reach_of(instances, addons, {"blog": 1001, "shop": 1002, "idle": 1003},
+                     "127.0.0.1", frozenset({5445}))
     assert sorted(reach, key=lambda r: r.uid) == [
-        Reach(1001, frozenset({7001, 7002, 5443})), Reach(1002, frozenset({7003})),
+        Reach(1001, frozenset({7001, 7002, 5445})), Reach(1002, frozenset({7003})),
         Reach(1003, frozenset())]  # an app with only one-off runs here: nothing of its own
 
 
@@ -45,8 +42,9 @@ def test_rules_reject_the_rest_of_this_host_per_uid_and_replace_the_table() -> N
     assert lines[:3] == ["table inet tally_h1 {}", "delete table inet tally_h1",
                          "table inet tally_h1 {"]
     assert "ct state established,related accept" in lines
-    assert ("meta skuid 1001 fib daddr type local meta l4proto { tcp, udp } th dport "
-            "{ 53, 5443, 7001, 9125 } accept") in lines
+    # by the port asked for: the apps' database's stable port is translated to a node's
+    assert ("meta skuid 1001 fib daddr type local meta l4proto { tcp, udp } ct original "
+            "proto-dst { 53, 5443, 7001, 9125 } accept") in lines
     assert "meta skuid 1001 fib daddr type local reject" in lines
     assert "meta skuid 1002 fib daddr type local reject" in lines
     assert lines.index("meta skuid 1002 fib daddr type local reject") > lines.index(
