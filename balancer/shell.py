@@ -1,8 +1,9 @@
 """The eventlet shell: moves bytes between clients and backends as the core decides.
 
 One green thread per client connection. Sockets are plain non-blocking sockets waited on
-with the hub's `trampoline` (eventlet's GreenSocket adds a layer of Python per call on the
-hot path and a timer per wait). Timeouts cost no timer either: each connection has a
+through our hub's edge-triggered `io_wait` (balancer/hub.py: no system call per wait;
+eventlet's GreenSocket adds a layer of Python per call on the hot path and a timer per
+wait). Timeouts cost no timer either: each connection has a
 `Watch` (a deadline and the socket it waits on) and one sweeper shuts that socket down
 once its deadline passes, which wakes the waiting thread with an end of file and a flag
 saying why (idle: close; backend silent: 504).
@@ -28,7 +29,7 @@ from ssl import SSLContext, SSLEOFError, SSLSocket, SSLWantReadError, SSLWantWri
 import eventlet
 import eventlet.event
 from eventlet import tpool
-from eventlet.hubs import trampoline
+from eventlet.hubs import get_hub, trampoline
 
 from balancer import accesslog, forward, pages, static
 from balancer.bodies import ChunkedBody, CloseBody, LengthBody, body_reader
@@ -45,6 +46,7 @@ from balancer.h1 import (
     parse_request,
     parse_response,
 )
+from balancer.hub import Hub as EdgeHub
 from balancer.metrics import Metrics
 from balancer.routing import Answer, Backend, Challenge, Forward, Redirect, Route, Router
 from balancer.tls import RouteCertificates
@@ -104,16 +106,31 @@ def shutdown(sock: socket.socket, how: int) -> None:
     socket.socket.shutdown(sock, how)
 
 
+def wait(sock: socket.socket, write: bool = False) -> None:
+    """Until `sock` may be read (or written): an edge-triggered wait on our hub (no system
+    call), eventlet's trampoline on another."""
+    hub = get_hub()
+    if type(hub) is EdgeHub:
+        hub.io_wait(sock, sock.fileno(), write)
+    else:
+        trampoline(sock.fileno(), read=not write, write=write)
+
+
 def recv(sock: socket.socket) -> bytes:
     while True:
         try:
-            return sock.recv(RECV)
+            data = sock.recv(RECV)
         except (BlockingIOError, SSLWantReadError):
-            trampoline(sock.fileno(), read=True)
+            wait(sock)
+            continue
         except SSLWantWriteError:
-            trampoline(sock.fileno(), write=True)
+            wait(sock, write=True)
+            continue
         except SSLEOFError:
             return b""
+        if len(data) == RECV:  # more may wait: the next wait must not sleep on it
+            unread(sock)
+        return data
 
 
 def recv_later(sock: socket.socket) -> bytes:
@@ -122,11 +139,20 @@ def recv_later(sock: socket.socket) -> bytes:
     if type(sock) is not socket.socket:
         return recv(sock)  # TLS: what was read may wait decrypted inside
     while True:
-        trampoline(sock.fileno(), read=True)
+        wait(sock)
         try:
-            return sock.recv(RECV)
+            data = sock.recv(RECV)
         except BlockingIOError:
             continue
+        if len(data) == RECV:
+            unread(sock)
+        return data
+
+
+def unread(sock: socket.socket) -> None:
+    hub = get_hub()
+    if type(hub) is EdgeHub:
+        hub.readable(sock.fileno())
 
 
 def sendall(sock: socket.socket, data: bytes) -> None:
@@ -134,10 +160,10 @@ def sendall(sock: socket.socket, data: bytes) -> None:
         try:
             sent = sock.send(data)
         except (BlockingIOError, SSLWantWriteError):
-            trampoline(sock.fileno(), write=True)
+            wait(sock, write=True)
             continue
         except SSLWantReadError:
-            trampoline(sock.fileno(), read=True)
+            wait(sock)
             continue
         if sent == len(data):
             return
