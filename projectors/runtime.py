@@ -294,12 +294,17 @@ def _follow(dsn: str, sub: Subscriber | None, projectors: Sequence[Projector],
         for runner in runners:
             runner.start()
         log.info("projectors at %s", {r.name: r.position for r in runners})
+        woken: int | None = None
         while not stop.is_set():
-            head = ledger.sequence()
+            # Woken by a relay, read up to the head it announced: it sequenced that far
+            # already, and sequencing again would only wait for the relay's next batch
+            # (an advisory lock) on the way of every route change. On the timer, sequence
+            # here, so views never depend on a relay being up.
+            head = woken if woken is not None else ledger.sequence()
             catch_up(runners, ledger, head, batch, stop)  # SIGTERM: stop between batches
             _resume_rebuilt(runners)
             if sub is not None:
-                sub.wait(poll_interval)
+                woken = sub.wait(poll_interval)
             else:
                 stop.wait(poll_interval)
     finally:
