@@ -28,7 +28,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -253,6 +253,10 @@ def usage(pid: int) -> tuple[int | None, float | None]:
     return memory, round(cpu, 3)
 
 
+SAMPLE_TABLES = ("stats.instance_samples", "stats.router_samples")
+"""What `SampleStore.prune` keeps for a while only: `tally stats` reads a week at most."""
+
+
 class SampleStore:
     """The one writer and reader of stats.instance_samples, on a connection of its own
     (made on first use, made again after a failure): stats never share the ledger's."""
@@ -289,6 +293,28 @@ class SampleStore:
         except psycopg2.Error:
             self.close()
             raise
+
+    def prune(self, older_than: timedelta, now: datetime | None = None,
+              batch: int = 5000) -> dict[str, int]:
+        """Delete the instance and router samples recorded before `now - older_than`, in
+        short batches (no long transaction holds the stats' writers back); how many went,
+        per table. Needs a role that may delete (the owner: `tally serve retention`)."""
+        cutoff = (now or datetime.now(UTC)) - older_than
+        gone: dict[str, int] = {}
+        try:
+            for table in SAMPLE_TABLES:
+                gone[table] = 0
+                while True:
+                    with self._cursor() as cur:
+                        cur.execute(f"DELETE FROM {table} WHERE ctid IN (SELECT ctid FROM "
+                                    f"{table} WHERE at < %s LIMIT %s)", (cutoff, batch))
+                        gone[table] += cur.rowcount
+                    if cur.rowcount < batch:
+                        break
+        except psycopg2.Error:
+            self.close()
+            raise
+        return gone
 
     def write_router(self, balancer_id: str, samples: Iterable[dict[str, Any]]) -> None:
         """One INSERT for a balancer's samples (balancer/metrics.py `samples`)."""

@@ -35,7 +35,7 @@ def daemons(cfg: Config) -> list[tuple[str, list[str], str]]:
     out.append(("collector", ["serve", "collector"], f"{cfg.collector} -> {cfg.app_logs_dir}"))
     out.append(("placer", ["serve", "placer"], "places instances (its decisions: tally events)"))
     out.append(("retention", ["serve", "retention"],
-                "heartbeats older than 1h removed every 5m (tally ledger status)"))
+                "heartbeats older than 1h, stats samples older than 7d, removed every 5m"))
     out.append(("backups", ["serve", "backups"],
                 f"ledger base backups hourly, add-on dumps daily, WAL archive, each verified "
                 f"(tally backups; repository {cfg.backup_repo})"))

@@ -24,23 +24,33 @@ def serve() -> None:
 @click.option("--every", default="5m", show_default=True, help="Time between runs.")
 @click.option("--older-than", default="1h", show_default=True,
               help="Heartbeats older than this are deleted (each host keeps its newest).")
+@click.option("--samples-older-than", default="7d", show_default=True,
+              help="Instance and router samples (tally stats) older than this are deleted.")
 @click.pass_obj
 @fail_cleanly
-def serve_retention(cfg: Config, every: str, older_than: str) -> None:
+def serve_retention(cfg: Config, every: str, older_than: str,
+                    samples_older_than: str) -> None:
     """Apply the heartbeat retention policy on a schedule; each run is recorded as a
-    RetentionApplied event (see `tally ledger status`)."""
+    RetentionApplied event (see `tally ledger status`). Also delete the stats samples
+    (agents' and balancers') past their age: `tally stats` reads a week at most."""
+    from agents.stats import SampleStore
     from ledger import Ledger, LedgerError
     from ledger.retention import RetentionPolicy, apply
 
     daemon_logging()
     period, policy = parse_age(every), RetentionPolicy("heartbeat", parse_age(older_than))
+    samples_age = parse_age(samples_older_than)
     stop = stop_event()
     log = logging.getLogger("tally.retention")
+    samples = SampleStore(cfg.cluster().dsn("tally_owner"), "tally-retention")
     with Ledger(cfg.cluster().dsn("tally_writer")) as ledger:
         while not stop.is_set():
             try:
                 deleted = apply(cfg.cluster().dsn("tally_owner"), ledger, policy)
                 log.info("removed %d heartbeats older than %s", deleted, older_than)
+                gone = samples.prune(samples_age)
+                log.info("removed samples older than %s: %s", samples_older_than,
+                         ", ".join(f"{n} from {table}" for table, n in gone.items()))
             except (LedgerError, psycopg2.Error) as exc:
                 log.warning("retention run failed, trying at the next: %s", exc)
             stop.wait(period.total_seconds())

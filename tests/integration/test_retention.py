@@ -82,3 +82,31 @@ def test_the_schedule_records_what_it_removed_and_status_shows_it(cluster: Clust
                          capture_output=True, text=True, env=tally_env(cluster), timeout=60)
     assert out.returncode == 0, out.stderr
     assert "MiB" in out.stdout and f"({deleted:,} older than 0s)" in out.stdout, out.stdout
+
+
+def test_stats_samples_older_than_their_age_go(cluster: Cluster) -> None:
+    """`tally serve retention` also deletes instance and router samples past
+    --samples-older-than (7d: `tally stats` reads a week at most); newer ones stay."""
+    import psycopg2
+
+    from agents.stats import SampleStore
+
+    app = "r" + uuid.uuid4().hex[:8]
+    owner = cluster.dsn("tally_owner")
+    with psycopg2.connect(owner) as conn, conn.cursor() as cur:
+        for age in ("8 days", "6 days", "1 minute"):
+            cur.execute("INSERT INTO stats.router_samples (app, balancer_id, requests, at) "
+                        "VALUES (%s, 'b1', 1, now() - %s::interval)", (app, age))
+            cur.execute("INSERT INTO stats.instance_samples (app, instance_id, host_id, at) "
+                        "VALUES (%s, 'i1', 'h1', now() - %s::interval)", (app, age))
+    gone = SampleStore(owner, "tally-retention-test").prune(timedelta(days=7), batch=1)
+    assert gone["stats.router_samples"] >= 1 and gone["stats.instance_samples"] >= 1
+    with psycopg2.connect(owner) as conn, conn.cursor() as cur:
+        for table in ("stats.router_samples", "stats.instance_samples"):
+            cur.execute(f"SELECT count(*), max(now() - at) < interval '7 days' FROM {table} "
+                        "WHERE app = %s", (app,))
+            assert cur.fetchone() == (2, True), table  # the 6-day-old and the fresh one
+    bad = subprocess.run([sys.executable, "-m", "tally.cli", "serve", "retention",
+                          "--samples-older-than", "a while"],
+                         env=tally_env(cluster), capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "must look like" in bad.stderr
