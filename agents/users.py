@@ -5,7 +5,8 @@ shell), with the uid the ledger handed the app (ledger/uids.py: never handed out
 when the agent is not root, apps run as the agent's user and this is a no-op. When a
 deleted app's user goes, so does everything of its uid: processes and files in /tmp,
 /var/tmp and /dev/shm.
-Linux user names are at most 32 characters: long app names keep a prefix and a hash.
+Linux user names are at most 32 characters: long app names keep a prefix and a hash
+(user_name).
 """
 
 from __future__ import annotations
@@ -34,10 +35,15 @@ class AppUser:
 
 
 def user_name(app: str) -> str:
+    """`tally-<app>`, or for names too long for Linux's 32 characters
+    `tally-<first 9>_<64 bits of sha256>`: app names never hold `_`, so no app's short
+    name is another's long one (with `-` it was: `payments-service-p-e474b90` took the
+    user of `payments-service-production-eu`), and 64 bits are out of reach of a search
+    for a second long name."""
     name = f"tally-{app}"
     if len(name) <= 32:
         return name
-    return f"tally-{app[:18]}-{hashlib.sha256(app.encode()).hexdigest()[:7]}"
+    return f"tally-{app[:9]}_{hashlib.sha256(app.encode()).hexdigest()[:16]}"
 
 
 def ensure(app: str, home: Path, uid: int | None = None) -> AppUser | None:
