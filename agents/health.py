@@ -1,16 +1,24 @@
 """Is an instance up? Heroku's rule by default: a web instance is up once its port accepts
 connections. An app may ask for an HTTP check in its config: TALLY_HEALTHCHECK_PATH (e.g.
 /healthz), TALLY_HEALTHCHECK_STATUS (codes or classes, default `2xx,3xx`),
-TALLY_HEALTHCHECK_TIMEOUT (seconds, default the agent's). Every verdict says what happened
-in words a person reads in `tally ps`, `why` and the instance's log: "answered 500 on /",
-"no answer within 1 s", "port 7000 not bound".
+TALLY_HEALTHCHECK_TIMEOUT (seconds, default the agent's, at most MAX_TIMEOUT). Every verdict
+says what happened in words a person reads in `tally ps`, `why` and the instance's log:
+"answered 500 on /", "no answer within 1 s", "port 7000 not bound".
 """
 
 from __future__ import annotations
 
-import http.client
+import re
 import socket
+import time
 from dataclasses import dataclass
+
+MAX_TIMEOUT = 5.0
+"""An app's check may wait this long at most: checks hold the agent's round (and so its
+heartbeat, whose TTL is 15 s), and the app chooses how slowly to answer."""
+MAX_HEAD = 8192
+"""Bytes read for the status line; an app that sends more without one has not answered."""
+STATUS_LINE = re.compile(rb"HTTP/1\.[01] (\d{3})[ \r]")
 
 
 @dataclass(frozen=True)
@@ -42,7 +50,7 @@ class Check:
         statuses = tuple(s.strip().lower() for s in
                          config.get("TALLY_HEALTHCHECK_STATUS", "2xx,3xx").split(",")
                          if s.strip()) or ("2xx", "3xx")
-        return cls(min(max(timeout, 0.1), 60.0), path, statuses)
+        return cls(min(max(timeout, 0.1), MAX_TIMEOUT), path, statuses)
 
     def expects(self, status: int) -> bool:
         code = str(status)
@@ -60,18 +68,41 @@ def probe(address: str, port: int, check: Check) -> Verdict:
             return Verdict(False, f"no answer within {check.timeout:g} s")
         except OSError:
             return Verdict(False, f"port {port} not bound")
-    conn = http.client.HTTPConnection(address, port, timeout=check.timeout)
     try:
-        conn.request("GET", check.path, headers={"User-Agent": "tally-health"})
-        status = conn.getresponse().status
+        status = _status(address, port, check)
     except TimeoutError:
         return Verdict(False, f"no answer within {check.timeout:g} s on {check.path}", True)
     except ConnectionRefusedError:
         return Verdict(False, f"port {port} not bound")
-    except (OSError, http.client.HTTPException) as exc:
+    except (OSError, ValueError) as exc:
         return Verdict(False, f"no HTTP answer on {check.path}: {exc}", True)
-    finally:
-        conn.close()
     if check.expects(status):
         return Verdict(True, "", True)
     return Verdict(False, f"answered {status} on {check.path}", True)
+
+
+def _status(address: str, port: int, check: Check) -> int:
+    """The status of `GET path`, read within one deadline for the whole exchange: a
+    per-read timeout would let an app that sends a byte at a time hold the check forever."""
+    deadline = time.monotonic() + check.timeout
+    request = (f"GET {check.path} HTTP/1.1\r\nHost: {address}:{port}\r\n"
+               "User-Agent: tally-health\r\nConnection: close\r\n\r\n").encode()
+    with socket.create_connection((address, port), timeout=check.timeout) as sock:
+        sock.sendall(request)
+        head = b""
+        while b"\n" not in head:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            sock.settimeout(left)
+            chunk = sock.recv(MAX_HEAD - len(head))
+            if not chunk:
+                raise ValueError("the connection closed before a status line")
+            head += chunk
+            if len(head) >= MAX_HEAD:
+                break
+    found = STATUS_LINE.match(head)
+    if found is None:
+        first = head.split(b"\n")[0][:60]
+        raise ValueError(f"not an HTTP status line: {first!r}")
+    return int(found.group(1))

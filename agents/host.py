@@ -164,6 +164,10 @@ class Agent:
             private.mkdir(parents=True, exist_ok=True)
             private.chmod(0o711)  # apps may pass through to their own folder, not list
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prepare")
+        self.checker = ThreadPoolExecutor(max_workers=8, thread_name_prefix="health")
+        """A round's health checks run side by side: one app's slow answers hold the
+        loop (and the heartbeat) for one check's timeout at most, not one per instance."""
+        self.checks: dict[str, Future] = {}
         self.preparing: dict[str, Future] = {}
         self.next_beat = 0.0
         self.uids: dict[str, int] = {}
@@ -246,6 +250,7 @@ class Agent:
                 self.shipper.close()
             self.statsd.close()
             self.pool.shutdown(wait=False, cancel_futures=True)
+            self.checker.shutdown(wait=False, cancel_futures=True)
             if stop_apps:
                 self.stop_all(min(self.timing.grace, 5.0))
                 if self.cgroups is not None:
@@ -290,7 +295,10 @@ class Agent:
         self.record_run_ends()
         if self.desired_version < 0:
             return  # never told what to run: keep what runs, start and stop nothing
-        for action in plan(wants, self.local, now):
+        actions = plan(wants, self.local, now)
+        self.checks = {a.instance_id: self.checker.submit(self.health, a.want)
+                       for a in actions if a.kind is Do.CHECK}
+        for action in actions:
             try:
                 self.apply(action, now)
             except Exception:  # one instance's trouble must not stop the others
@@ -608,7 +616,10 @@ class Agent:
                                     exit_codes=codes)
             self.preparing[iid] = self.pool.submit(self.prepare, action.want)
         elif action.kind is Do.CHECK and loc is not None:
-            verdict = self.health(action.want)
+            verdict = (self.checks.pop(iid).result() if iid in self.checks
+                       else self.health(action.want))
+            if verdict.answered:
+                self.traffic.checked[iid] += 1  # gunicorn served (and counted) it
             if (not verdict.ok and loc.state is State.STARTING and loc.pid is not None
                     and action.want is not None and action.want.process_type == "web"
                     and now - loc.started_at > self.timing.boot_timeout):
@@ -744,10 +755,7 @@ class Agent:
         if want is None or want.process_type != "web":
             return health.Verdict(want is not None and want.process_type != "release", "")
         check = health.Check.from_config(dict(want.config), self.timing.health_timeout)
-        verdict = health.probe(self.spec.address, want.port, check)
-        if verdict.answered:
-            self.traffic.checked[want.instance_id] += 1  # gunicorn served (and counted) it
-        return verdict
+        return health.probe(self.spec.address, want.port, check)
 
 
 GONE = ".gone-"
