@@ -29,6 +29,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -266,11 +267,7 @@ def copy_rdb(root: Path, app: str, into: Path, timeout: float = 600.0) -> None:
     backup user), checked whole by redis-check-rdb. RedisError saying why not."""
     app_dir = folder(root, app)
     try:  # the folder is the redis user's: never follow its link, nor read its file
-        fd = os.open(app_dir / "backup.key", os.O_RDONLY | os.O_NOFOLLOW)
-        with os.fdopen(fd) as f:
-            if os.fstat(f.fileno()).st_uid != os.geteuid():
-                raise OSError("backup.key is not ours")
-            key = f.read().strip()
+        key = _backup_key(app_dir)
         port = int((app_dir / "port").read_text())
     except (OSError, ValueError) as exc:
         raise RedisError(f"{app}'s Redis has no backup user (made before backups: destroy "
@@ -285,10 +282,201 @@ def copy_rdb(root: Path, app: str, into: Path, timeout: float = 600.0) -> None:
             raise RedisError(f"{argv[0]} failed: {' | '.join(said[-3:])}")
 
 
+def _backup_key(app_dir: Path) -> str:
+    """The backup user's password, read by root without following a link, and only from
+    a file root owns (the folder is the redis user's, which could swap in a link to a
+    root-only file and be handed it as the password)."""
+    fd = os.open(app_dir / "backup.key", os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd) as f:
+        if os.fstat(f.fileno()).st_uid != os.geteuid():
+            raise OSError("backup.key is not ours")
+        return f.read().strip()
+
+
+AOF_DIR = "appendonlydir"
+"""Redis 7's multi-part AOF folder in the server's `dir`: a manifest naming a base file
+(RDB or AOF) and the increments after it. With AOF on, a server loads this, never
+dump.rdb; so a restore installs the RDB as the base of a new AOF folder."""
+Say = Callable[[str], None]
+
+
+def restore_rdb(root: Path, app: str, rdb: Path, launch: Launch | None = None,
+                say: Say = lambda _line: None, timeout: float = 600.0) -> int:
+    """Replace the app's Redis data with the RDB at `rdb` (checked by redis-check-rdb
+    first): the server is stopped (its supervisor first lets it go: the app leaves
+    apps() while a marker is held), the RDB becomes the base of a new AOF folder, the
+    server starts and loads it. The data it held before is kept until the new data
+    answers, and put back if it does not. Returns the keys the RDB holds."""
+    app_dir = folder(root, app)
+    if not (app_dir / "redis.conf").exists():
+        raise RedisError(f"{app} has no Redis")
+    with open(root / f".restore-{app}.lock", "a") as held:
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RedisError(f"a restore of {app}'s Redis is under way") from None
+        return _restore(root, app, rdb, launch, say, timeout)
+
+
+def _restore(root: Path, app: str, rdb: Path, launch: Launch | None, say: Say,
+             timeout: float) -> int:
+    app_dir = folder(root, app)
+    keys = _check_rdb(rdb)
+    say(f"checked the RDB: {keys} keys, {rdb.stat().st_size / 1e6:,.1f} MB")
+    marker = _restoring(root, app)
+    marker.touch(mode=0o600)
+    try:
+        say(f"stopping {app}'s Redis")
+        if launch is not None:
+            launch()  # the supervisor's table has it no more: stopped, not restarted
+        stop(root, app)
+        _install(app_dir, rdb, say)
+    except BaseException:
+        marker.unlink(missing_ok=True)
+        start(root, app, launch=launch)
+        raise
+    marker.unlink()
+    say(f"starting {app}'s Redis and loading {keys} keys")
+    try:
+        start(root, app, timeout, launch)
+        _loaded(app_dir, timeout)
+    except RedisError:
+        say("the restored data did not load: putting the data it held back")
+        _put_back(root, app, launch)
+        raise
+    _remove_tree(app_dir, AOF_DIR + ".before")
+    return keys
+
+
+def _restoring(root: Path, app: str) -> Path:
+    """The marker (root's, in the root folder) that keeps an app out of apps() while its
+    Redis is restored."""
+    return root / f".restoring-{app}"
+
+
+def _check_rdb(rdb: Path) -> int:
+    proc = subprocess.run(["redis-check-rdb", str(rdb)], capture_output=True, text=True,
+                          timeout=600, cwd="/")
+    if proc.returncode != 0:
+        said = (proc.stderr or proc.stdout).strip().splitlines()
+        raise RedisError(f"redis-check-rdb refused the backup: {' | '.join(said[-3:])}")
+    for line in proc.stdout.splitlines():  # "[offset 58] Checksum OK" ... "3 keys read"
+        if line.rstrip().endswith("keys read"):
+            return int(line.split("]")[-1].split()[0])
+    return 0
+
+
+def _install(app_dir: Path, rdb: Path, say: Say) -> None:
+    """A new AOF folder whose base is the RDB, in place of the server's (kept beside it
+    as `.before`). Everything is done by descriptors relative to the folder, opened
+    without following links: the folder is the redis user's."""
+    owner = app_dir.stat().st_uid, app_dir.stat().st_gid
+    new = f"{AOF_DIR}.restore"
+    dir_fd = os.open(app_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        _remove_tree(app_dir, new)
+        _remove_tree(app_dir, AOF_DIR + ".before")
+        os.mkdir(new, 0o700, dir_fd=dir_fd)
+        aof_fd = os.open(new, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+        try:
+            base = "appendonly.aof.1.base.rdb"
+            total, done = rdb.stat().st_size, 0
+            with open(rdb, "rb") as src, _created(base, aof_fd, owner) as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+                    done += len(chunk)
+                    say(f"copying: {100 * done // max(total, 1)}% "
+                        f"({done / 1e6:,.1f} of {total / 1e6:,.1f} MB)")
+                os.fsync(dst.fileno())
+            with _created("appendonly.aof.manifest", aof_fd, owner) as f:
+                f.write(f"file {base} seq 1 type b\n".encode())
+                os.fsync(f.fileno())
+            os.fchown(aof_fd, *owner)
+        finally:
+            os.close(aof_fd)
+        with contextlib.suppress(FileNotFoundError):  # a server that never wrote has none
+            os.rename(AOF_DIR, AOF_DIR + ".before", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        os.rename(new, AOF_DIR, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _created(name: str, dir_fd: int, owner: tuple[int, int]) -> Any:
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
+                 dir_fd=dir_fd)
+    os.fchown(fd, *owner)
+    return os.fdopen(fd, "wb")
+
+
+def _remove_tree(app_dir: Path, name: str) -> None:
+    """Remove `name` in the folder (shutil.rmtree walks by descriptors, follows no link)."""
+    dir_fd = os.open(app_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        shutil.rmtree(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    except NotADirectoryError:
+        os.unlink(name, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _put_back(root: Path, app: str, launch: Launch | None) -> None:
+    """After a restore that did not load: the data the server held before, started."""
+    app_dir = folder(root, app)
+    marker = _restoring(root, app)
+    marker.touch(mode=0o600)
+    try:
+        if launch is not None:
+            launch()
+        stop(root, app)
+        dir_fd = os.open(app_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            _remove_tree(app_dir, AOF_DIR)
+            os.rename(AOF_DIR + ".before", AOF_DIR, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(dir_fd)
+    finally:
+        marker.unlink(missing_ok=True)
+        start(root, app, launch=launch)
+
+
+def _loaded(app_dir: Path, timeout: float) -> None:
+    """Wait until the server has loaded its data: PING as the backup user answers
+    -LOADING until then (an unauthenticated one already answers -NOAUTH)."""
+    port = int((app_dir / "port").read_text())
+    request = (f"AUTH {BACKUP_USER} {_backup_key(app_dir)}\r\nPING\r\n").encode()
+    deadline = time.monotonic() + timeout
+    said = b""
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(request)
+                said = b""
+                while said.count(b"\r\n") < 2:
+                    chunk = s.recv(256)
+                    if not chunk:
+                        break
+                    said += chunk
+        except OSError:
+            said = b""
+        if said.endswith(b"+PONG\r\n"):
+            return
+        if b"LOADING" not in said and said:
+            raise RedisError(f"the restored Redis answers {said[:120]!r}")
+        time.sleep(0.1)
+    raise RedisError(f"the restored Redis did not finish loading within {timeout:.0f}s")
+
+
 def apps(root: Path) -> list[str]:
-    """The apps that have a Redis here."""
+    """The apps that have a Redis here (not one being restored: its supervisor lets it
+    go meanwhile)."""
     return sorted(p.parent.name for p in root.glob("*/redis.conf")
-                  if not p.parent.name.startswith("."))  # .gone-*: being destroyed
+                  if not p.parent.name.startswith(".")  # .gone-*: being destroyed
+                  and not _restoring(root, p.parent.name).exists())
 
 
 def start_all(root: Path) -> list[str]:

@@ -387,7 +387,8 @@ def maintenance(name: str) -> ResponseReturnValue:
 
 def gone(owner: AppState, destroyed: list[Addon]) -> None:
     """After the owner's AddonDestroyed: detach the add-ons from the owner's other apps
-    (only those may attach them), then drop them. A drop that fails is a 503 saying so:
+    (only those may attach them), then take each one's final backup and drop it. A drop
+    (or its final backup) that fails is a 503 saying so:
     the ledger already says destroyed, and what is left stays until an operator drops it."""
     if not destroyed:
         return
@@ -400,11 +401,13 @@ def gone(owner: AppState, destroyed: list[Addon]) -> None:
                 failed = failed_releases(app)
                 svc.command(app, who(), lambda s, a=addon.name, f=failed:
                             decide.detach_addon(s, a, f) if s.addon(a) else [])
-    drop = svc.settings.destroy_addon
+    drop, backups = svc.settings.destroy_addon, svc.settings.addon_backups
     for addon in destroyed:
         if drop is None:
             continue
         try:
+            if backups is not None:  # the final backup first: nothing is dropped without it
+                backups.final(owner.name, addon.kind)
             drop(addon.kind, owner.name)
         except Exception as exc:
             raise Unavailable(f"{addon.name} is destroyed, but dropping it failed: {exc}; "

@@ -531,10 +531,11 @@ class Addons(Schema):
 
 
 class AppBackup(Schema):
-    """One backup of an app's database."""
+    """One backup of an app's add-on: a dump of its database or an RDB of its Redis."""
 
     backup_id = fields.Str(required=True)
-    target = fields.Str(required=True)
+    target = fields.Str(required=True, metadata={"description": "addon:APP or redis:APP"})
+    kind = fields.Str(metadata={"description": "postgresql | redis"})
     state = fields.Str(required=True, metadata={
         "description": "running | completed | verified | failed | pruned"})
     started_at = fields.Str(required=True)
@@ -553,9 +554,18 @@ class AppBackups(Schema):
     backups = fields.List(fields.Nested(AppBackup), required=True)
 
 
+class BackupsQuery(Schema):
+    kind = fields.Str(load_default="postgresql", validate=validate.OneOf(["postgresql",
+                                                                          "redis"]),
+                      metadata={"description": "which add-on's backups"})
+
+
 class BackupRestore(Schema):
     confirm = fields.Str(required=True, validate=validate.Length(max=100), metadata={
-        "description": "the app's name: the restore overwrites its database"})
+        "description": "the app's name: the restore overwrites its add-on's data"})
+    progress = fields.Bool(load_default=False, metadata={
+        "description": "answer as text/event-stream: a `data:` event per step, then "
+                       "`event: done` with the backup (JSON) or `event: error` with why"})
 
 
 class Build(Schema):

@@ -36,19 +36,27 @@ APP_CACHE = 10_000
 
 
 class AddonBackups(Protocol):
-    """What the API asks of the backups of apps' databases (tally/addon_backups.py)."""
+    """What the API asks of the backups of apps' add-ons, a PostgreSQL database's dumps or
+    a Redis's RDBs (`kind`: postgresql or redis; tally/addon_backups.py)."""
 
-    def list(self, app: str) -> list[dict[str, Any]]:
-        """The app's backups, oldest first (agents/backups/state.py `Backup.as_dict`)."""
+    def list(self, app: str, kind: str = "postgresql") -> list[dict[str, Any]]:
+        """The app's backups of that kind, oldest first (agents/backups/state.py
+        `Backup.as_dict` and `kind`)."""
 
-    def capture(self, app: str, actor: str) -> dict[str, Any]:
-        """Dump the app's database now and verify it; the backup."""
+    def capture(self, app: str, actor: str, kind: str = "postgresql") -> dict[str, Any]:
+        """Back up the app's add-on now and verify it; the backup."""
 
-    def restore(self, app: str, backup_id: str) -> None:
-        """Restore the app's database from that backup."""
+    def final(self, app: str, kind: str = "postgresql") -> str | None:
+        """The last backup before the add-on is dropped (None: there is nothing to back
+        up); raises if it fails, so that nothing is dropped."""
 
-    def file(self, app: str, backup_id: str) -> Path:
-        """Where the backup's dump is."""
+    def restore(self, app: str, backup: dict[str, Any], actor: str,
+                say: Callable[[str], None] = ...) -> None:
+        """Restore the app's add-on from that backup (as `list` gave it), in place; `say`
+        hears each step."""
+
+    def file(self, app: str, backup: dict[str, Any]) -> Path:
+        """Where the backup's file is."""
 
 
 @dataclass(frozen=True)

@@ -629,6 +629,16 @@ class BackupPruned(_Backup):
     reason = fields.Str(load_default="")
 
 
+@event("backup")
+class BackupRestored(_Backup):
+    """An add-on was restored in place from this backup (its file checked against the
+    recorded sha256 first): who asked, the size loaded and how long it took."""
+
+    actor = fields.Str(load_default="", validate=validate.Length(max=200))
+    size_bytes = fields.Int(load_default=None, allow_none=True, validate=NON_NEGATIVE)
+    seconds = fields.Float(load_default=0.0, validate=NON_NEGATIVE)
+
+
 # --- Domains: one owner per hostname across all apps --------------------------------------
 
 

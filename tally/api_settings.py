@@ -61,7 +61,8 @@ def create_addon(cfg: Config, kind: str, app: str, plan: str) -> tuple[str, str]
 
 
 def destroy_addon(cfg: Config, kind: str, app: str) -> None:
-    """Drop an app's add-on of `kind` (idempotent): its credentials open nothing after."""
+    """Drop an app's add-on of `kind` (idempotent): its credentials open nothing after.
+    The API takes the final backup before it calls this (api/routes_apps.py `gone`)."""
     from agents import addons, redisaddon
     from tally import platform, supervise
 
@@ -73,7 +74,6 @@ def destroy_addon(cfg: Config, kind: str, app: str) -> None:
         cluster = platform.apps_cluster(cfg, supervised)
         if cluster.initialized():
             addons.ensure_cluster(cluster)
-            PlatformAddonBackups(cfg).final(app)  # refuses to go on without it
             addons.drop_database(cluster, app)
 
 
@@ -87,7 +87,8 @@ def api_settings(cfg: Config) -> Settings:
     def follow(app: str, stop: threading.Event) -> Iterator[str]:
         return logs.follow(cfg.app_logs_dir, app, stop, idle=True)
 
-    return Settings(dsn=cfg.cluster().dsn("tally_writer"), bundles_dir=cfg.bundles_dir,
+    dsn = cfg.cluster().dsn("tally_writer")
+    return Settings(dsn=dsn, bundles_dir=cfg.bundles_dir,
                     max_bundle_bytes=cfg.max_bundle_bytes, app_uids=cfg.app_uids,
                     logs_tail=tail, logs_follow=follow,
                     web_port=cfg.web_port, run_key=run_key_from_env(),
@@ -95,4 +96,4 @@ def api_settings(cfg: Config) -> Settings:
                     create_addon=partial(create_addon, cfg),
                     destroy_addon=partial(destroy_addon, cfg),
                     build_logs_dir=cfg.build_logs_dir,
-                    addon_backups=PlatformAddonBackups(cfg))
+                    addon_backups=PlatformAddonBackups(cfg, dsn))

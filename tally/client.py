@@ -83,20 +83,30 @@ class Client:
     def stream_lines(self, path: str, **params: Any) -> Iterator[str]:
         """The `data:` lines of a server-sent event stream, as they come. The server sends
         a comment every few seconds: silence past the read timeout means it is gone."""
+        for _event, data in self.stream_events("GET", path, params=params):
+            yield data
+
+    def stream_events(self, method: str, path: str, **kw: Any) -> Iterator[tuple[str, str]]:
+        """(event, data) of each event of a server-sent event stream (event "" when
+        unnamed), as they come."""
         import requests
 
         headers = {"Accept": "text/event-stream"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         try:
-            with self.session.get(self.api + path, params=params, headers=headers,
-                                  stream=True, timeout=(10, 30)) as r:
+            with self.session.request(method, self.api + path, headers=headers, stream=True,
+                                      timeout=(10, 30), **kw) as r:
                 if r.status_code != 200:
                     raise ClientError(_reason(r))
+                event = ""
                 for raw in r.iter_lines():
                     line = raw.decode("utf-8", "replace")
-                    if line.startswith("data: "):
-                        yield line[6:]
+                    if line.startswith("event: "):
+                        event = line[7:]
+                    elif line.startswith("data: "):
+                        yield event, line[6:]
+                        event = ""
         except requests.ConnectionError as exc:
             raise ClientError(f"lost the tally API at {self.api} (it went silent or "
                               f"closed the stream)") from exc

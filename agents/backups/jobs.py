@@ -84,7 +84,9 @@ class BackupAgent:
                  agent_id: str | None = None, max_rate: str | None = None,
                  progress: Progress | None = None,
                  keep_final: timedelta = timedelta(days=30),
-                 redis_dir: Path | None = None) -> None:
+                 redis_dir: Path | None = None, dsn: str | None = None) -> None:
+        """`dsn`: the ledger to record in, when it is not `cluster`'s on this machine
+        (the API's, for add-on backups taken by the API)."""
         self.cluster = cluster
         self.redis_dir = redis_dir
         self.apps_cluster = apps_cluster
@@ -95,7 +97,7 @@ class BackupAgent:
         self.max_rate = max_rate
         self.progress = progress
         self.keep_final = keep_final
-        self.dsn = cluster.dsn("tally_writer")
+        self.dsn = dsn or cluster.dsn("tally_writer")
 
     # -- the ledger's record ---------------------------------------------------------------
     def ledger(self) -> Ledger:
@@ -365,20 +367,54 @@ class BackupAgent:
             self.prune(ledger, target)
         return backup_id
 
-    def restore_addon(self, app: str, backup_id: str | None = None) -> str:
+    def restore_addon(self, app: str, backup_id: str | None = None,
+                      actor: str = "operator") -> str:
         """Restore the app's database from its backup (default: the newest verified);
         returns the backup's id."""
-        target = addon_target(app)
+        assert self.apps_cluster is not None
+        apps = self.apps_cluster
+        return self._restore(addon_target(app), "database", backup_id, actor,
+                             lambda chosen: dumps.restore_dump(apps, app, chosen))
+
+    def restore_redis(self, app: str, backup_id: str | None = None, actor: str = "operator",
+                      launch: redisaddon.Launch | None = None,
+                      say: redisaddon.Say = lambda _line: None) -> str:
+        """Restore the app's Redis from one of its RDBs (default: the newest verified),
+        in place; returns the backup's id. `say` hears each step."""
+        assert self.redis_dir is not None
+        root = self.redis_dir
+
+        def load(chosen: Path) -> None:
+            try:
+                redisaddon.restore_rdb(root, app, chosen, launch, say)
+            except (redisaddon.RedisError, subprocess.SubprocessError) as exc:
+                raise BackupError(str(exc)) from exc
+
+        return self._restore(redis_target(app), "Redis", backup_id, actor, load)
+
+    def _restore(self, target: str, what: str, backup_id: str | None, actor: str,
+                 load: Callable[[Path], None]) -> str:
+        """Load a verified backup of an add-on whose file is still what was recorded (its
+        sha256); BackupRestored records who restored what, and how long it took."""
+        app = target.split(":", 1)[1]
         with self.ledger() as ledger:
             good = [b for b in self.backups(ledger).values()
                     if b.target == target and b.state == "verified"]
-        chosen = [b for b in good if backup_id in (None, b.backup_id)]
-        if not chosen:
-            raise BackupError(f"no verified backup {backup_id} of {app}'s database" if backup_id
-                              else f"{app}'s database has no verified backup")
-        assert self.apps_cluster is not None
-        dumps.restore_dump(self.apps_cluster, app, self.repo.dump(app, chosen[-1].backup_id))
-        return chosen[-1].backup_id
+            chosen = [b for b in good if backup_id in (None, b.backup_id)]
+            if not chosen:
+                raise BackupError(f"no verified backup {backup_id} of {app}'s {what}"
+                                  if backup_id else f"{app}'s {what} has no verified backup")
+            b = chosen[-1]
+            path = self.repo.root / (b.completed or {}).get("location", "")
+            if not path.is_file() or digest_of(path) != (b.completed or {}).get("digest"):
+                raise BackupError(f"{b.backup_id}'s file is missing or not what was recorded "
+                                  f"(sha256): not restored")
+            started = time.monotonic()
+            load(path)
+            self.record(ledger, target, "BackupRestored", backup_id=b.backup_id,
+                        actor=actor[:200], size_bytes=path.stat().st_size,
+                        seconds=round(time.monotonic() - started, 3))
+        return b.backup_id
 
     # -- after a crash -------------------------------------------------------------------------
     def recover(self) -> list[str]:

@@ -174,24 +174,36 @@ def backups_restore(cfg: Config, at: str | None, into: str, backup_id: str | Non
 
 @click.command("backups:restore-addon")
 @click.argument("app")
+@click.option("--kind", type=click.Choice(["postgresql", "redis"]), default="postgresql",
+              show_default=True, help="Which add-on: the app's database or its Redis.")
 @click.option("--backup", "backup_id", help="This backup (default: the newest verified).")
 @click.option("--confirm", help="The app's name again, to go ahead without a prompt.")
 @click.pass_obj
 @fail_cleanly
-def backups_restore_addon(cfg: Config, app: str, backup_id: str | None,
+def backups_restore_addon(cfg: Config, app: str, kind: str, backup_id: str | None,
                           confirm: str | None) -> None:
-    """Restore APP's database from its backup, in place: what the backup holds is
-    dropped and made again (in one transaction)."""
+    """Restore APP's database (or Redis) from its backup, in place: a database's tables in
+    the backup are dropped and made again (in one transaction); a Redis is stopped, given
+    the RDB and started (the steps are shown)."""
+    from tally import platform, supervise
+
+    what = "Redis" if kind == "redis" else "database"
     if confirm != app:
         if not sys.stdin.isatty():
-            raise click.ClickException(f"this overwrites {app}'s database: pass "
+            raise click.ClickException(f"this overwrites {app}'s {what}: pass "
                                        f"--confirm {app}")
-        click.confirm(f"Overwrite {app}'s database from its backup?", abort=True)
+        click.confirm(f"Overwrite {app}'s {what} from its backup?", abort=True)
+    agent = agent_for(cfg)
     try:
-        used = agent_for(cfg).restore_addon(app, backup_id)
+        if kind == "redis":
+            used = agent.restore_redis(app, backup_id, "operator",
+                                       platform.redis_launch(cfg, supervise.running(cfg)),
+                                       lambda line: click.echo(f"  {line}", err=True))
+        else:
+            used = agent.restore_addon(app, backup_id)
     except _backup_error() as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"Restored {app}'s database from {used}", err=True)
+    click.echo(f"Restored {app}'s {what} from {used}", err=True)
 
 
 def _report(agent: Any, backup_id: str | None) -> None:

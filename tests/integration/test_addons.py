@@ -272,7 +272,7 @@ def test_deleting_an_app_leaves_no_database_role_or_redis(platform: Platform) ->
     assert "TEMP_DB_URL" not in p.config("shop"), "detached from the app sharing it"
     assert p.events("temp")[-2:] == ["AddonDestroyed", "AddonDestroyed"]
     with Ledger(p.cluster.dsn()) as ledger:  # each taken once more, before it was dropped
-        for target in ("addon:temp",):
+        for target in ("addon:temp", "redis:temp"):
             kept = [e for e in ledger.read_stream(f"backup-{target}")
                     if e.type == "BackupVerified"]
             assert kept, f"no final backup of {target}"

@@ -92,3 +92,25 @@ def test_made_under_supervisord_and_destroyed_out_of_it(cfg: Config) -> None:
     with pytest.raises(redis.ConnectionError):
         redis.Redis.from_url(redis_url, socket_connect_timeout=2).ping()
     assert not (cfg.redis_dir / "shop").exists()
+
+
+def test_a_supervised_redis_is_restored_from_an_rdb_and_supervised_again(cfg: Config) -> None:
+    """Under supervisord a restore must keep the server down while its data is replaced
+    (a program that is merely killed comes back at once), then hand it back."""
+    from agents import redisaddon
+
+    url, _ = create_addon(cfg, "redis", "cafe", "mini")
+    client = redis.Redis.from_url(url)
+    client.set("menu", "tea")
+    rdb = cfg.home / "cafe.rdb"
+    redisaddon.copy_rdb(cfg.redis_dir, "cafe", rdb)
+    client.set("menu", "coffee")
+    before = _pids(cfg)["addons-redis-cafe"]
+    steps: list[str] = []
+    keys = redisaddon.restore_rdb(cfg.redis_dir, "cafe", rdb,
+                                  platform.redis_launch(cfg, True), steps.append)
+    assert keys == 1 and any(s.startswith("copying: 100%") for s in steps), steps
+    assert _pids(cfg).get("addons-redis-cafe") not in (None, before), "supervised again"
+    assert redis.Redis.from_url(url).get("menu") == b"tea"
+    assert not (cfg.redis_dir / "cafe" / "appendonlydir.before").exists()
+    destroy_addon(cfg, "redis", "cafe")

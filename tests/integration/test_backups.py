@@ -617,3 +617,110 @@ def test_an_apps_redis_is_copied_as_an_rdb_checked_and_kept(archived: Cluster) -
             backup_user.get("greeting")  # the backup user copies; it reads no key
     finally:
         redisaddon.destroy(root, "cache")
+
+
+def test_an_apps_people_restore_its_redis_from_an_rdb_through_the_api_and_no_one_else(
+        archived: Cluster) -> None:
+    """redis:backups:capture, the keys changed, redis:backups:restore: the keys are as
+    they were, with each step shown and one line saying it is done; another app's member
+    can neither list, fetch nor restore; destroying the Redis takes a final copy, recorded
+    through the API's own ledger connection."""
+    import redis as redis_client
+    import requests
+
+    from api.auth import create_user
+    from tests.api_process import ApiProcess
+    from tests.conftest import free_port_range
+    from tests.fixtures.apps.fleet import release
+
+    port = free_ports(1)[0]
+    low, high = free_port_range(4)
+    api = ApiProcess(tally_env(archived, TALLY_REDIS_PORTS=f"{low}-{high}"), port)
+    try:
+        api.wait_ready()
+        with Ledger(archived.dsn()) as ledger:
+            ann = create_user(ledger, "rita", "member")
+            bob = create_user(ledger, "rob", "member")  # another app's member
+            ledger.append("app-tea", [NewEvent("AppCreated", {"name": "tea",
+                                                              "owner": "rita"})])
+            release(ledger, home(archived), "tea", "hello", 1)
+
+        def call(token: str, method: str, path: str, **kw: object) -> requests.Response:
+            return requests.request(method, api.url + path, timeout=300,
+                                    headers={"Authorization": f"Bearer {token}"}, **kw)
+
+        made = call(ann, "POST", "/apps/tea/addons", json={"kind": "redis"})
+        assert made.status_code == 201, made.text
+        url = call(ann, "GET", "/apps/tea/config").json()["config"]["REDIS_URL"]
+        app = redis_client.Redis.from_url(url)  # the app itself
+        app.set("flavour", "mint")
+        app.rpush("orders", "1", "2")
+
+        here = home(archived) / "laptop-redis"
+        here.mkdir(exist_ok=True)
+        cli_env = {**{k: v for k, v in os.environ.items() if not k.startswith("TALLY_")},
+                   "TALLY_API": api.url, "TALLY_TOKEN": ann}
+
+        def tally_cli(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "tally.cli", *args], env=cli_env,
+                                  capture_output=True, text=True, timeout=300,
+                                  stdin=subprocess.DEVNULL, cwd=here)
+
+        captured = tally_cli("redis:backups:capture", "-a", "tea")
+        assert captured.returncode == 0, captured.stderr
+        backup_id = captured.stdout.strip()
+        assert backup_id.startswith("redis-tea-")
+        assert [x["state"] for x in call(ann, "GET", "/apps/tea/backups?kind=redis")
+                .json()["backups"]] == ["verified"]
+        assert call(ann, "GET", "/apps/tea/backups").json()["backups"] == []  # no database
+
+        app.set("flavour", "garlic")
+        app.delete("orders")
+        app.set("later", "x")
+
+        path = f"/apps/tea/backups/{backup_id}"
+        for method, where, body in (("GET", "/apps/tea/backups?kind=redis", None),
+                                    ("GET", f"{path}/download", None),
+                                    ("POST", f"{path}/restore", {"confirm": "tea"}),
+                                    ("POST", "/apps/tea/backups?kind=redis", None)):
+            r = call(bob, method, where, json=body)
+            assert r.status_code == 403, (where, r.status_code, r.text)
+        assert call(ann, "POST", f"{path}/restore", json={"confirm": "te"}).status_code == 422
+        refused = tally_cli("redis:backups:restore", "-a", "tea")
+        assert refused.returncode == 1 and "--confirm tea" in refused.stderr
+        assert app.get("flavour") == b"garlic", "nothing restored without the confirmation"
+
+        downloaded = tally_cli("redis:backups:download", "-a", "tea")
+        assert downloaded.returncode == 0, downloaded.stderr
+        assert (here / f"{backup_id}.rdb").read_bytes()[:5] == b"REDIS"
+
+        restored = tally_cli("redis:backups:restore", "-a", "tea", "--confirm", "tea")
+        assert restored.returncode == 0, restored.stderr
+        steps = restored.stderr.splitlines()
+        assert any("checked the RDB: 2 keys" in s for s in steps), steps
+        assert any("copying: 100%" in s for s in steps), steps
+        assert steps[-1].startswith(f"Restored tea's Redis from {backup_id} ("), steps
+        app = redis_client.Redis.from_url(url)  # the server was restarted
+        assert app.get("flavour") == b"mint"
+        assert app.lrange("orders", 0, -1) == [b"1", b"2"]
+        assert app.get("later") is None
+        with Ledger(archived.dsn()) as ledger:
+            told = [e.data for e in ledger.read_stream("backup-redis:tea")
+                    if e.type == "BackupRestored"]
+        assert [(d["backup_id"], d["actor"]) for d in told] == [(backup_id, "rita")]
+
+        # Destroying it takes a final copy first (through the API's ledger connection).
+        app.set("last", "words")
+        assert call(ann, "DELETE", "/apps/tea/addons/redis-tea").status_code == 200
+        final = [x for x in call(ann, "GET", "/apps/tea/backups?kind=redis").json()["backups"]
+                 if x["job"] == "final"]
+        assert [x["state"] for x in final] == ["verified"]
+        rdb = Repository(home(archived) / "backups").rdb("tea", final[0]["backup_id"])
+        assert b"last" in rdb.read_bytes()
+        with pytest.raises(redis_client.ConnectionError):
+            redis_client.Redis.from_url(url, socket_connect_timeout=2).ping()
+    finally:
+        api.stop()
+        from agents import redisaddon
+
+        redisaddon.stop_all(home(archived) / "redis")
