@@ -570,7 +570,7 @@ class BuildFailed(_Build):
 class _Backup(Schema):
     backup_id = fields.Str(required=True, validate=validate.Length(min=1, max=200))
     target = fields.Str(required=True, validate=validate.Length(min=1, max=200))
-    """`ledger`, or `addon:<app>` for an app's database."""
+    """`ledger`, `addon:<app>` for an app's database, `redis:<app>` for its Redis."""
 
 
 @event("backup")
@@ -637,6 +637,18 @@ class BackupRestored(_Backup):
     actor = fields.Str(load_default="", validate=validate.Length(max=200))
     size_bytes = fields.Int(load_default=None, allow_none=True, validate=NON_NEGATIVE)
     seconds = fields.Float(load_default=0.0, validate=NON_NEGATIVE)
+
+
+@event("backup")
+class WalGapFound(_Backup):
+    """Segments `first` to `last` are missing from the WAL archive (found by the backup
+    agent): point-in-time recovery from the base backups in `cut` (`backup_id`: the newest
+    of them) stops before them. Recorded once per gap."""
+
+    first = fields.Str(required=True, validate=validate.Length(equal=24))
+    last = fields.Str(required=True, validate=validate.Length(equal=24))
+    cut = fields.List(fields.Str(validate=validate.Length(max=200)), load_default=list,
+                      validate=validate.Length(max=1000))
 
 
 # --- Domains: one owner per hostname across all apps --------------------------------------

@@ -6,6 +6,7 @@ the agent removes (agents/backups/jobs.py)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -23,6 +24,25 @@ from ledger.errors import ClusterError
 Progress = Callable[[int, int], None]
 """Called with (bytes done, bytes expected) as the work goes."""
 _PROGRESS = re.compile(rb"(\d+)/(\d+) kB")
+
+
+class LoggedProgress:
+    """Progress into the agent's log, for backups no terminal watches (the scheduled
+    ones): a line at each tenth, with the rate so far."""
+
+    def __init__(self, what: str, log: logging.Logger) -> None:
+        self.what, self.log = what, log
+        self.started = time.monotonic()
+        self.tenth = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        tenth = 10 * done // total if total else 0
+        if tenth <= self.tenth:
+            return
+        self.tenth = tenth
+        seconds = max(time.monotonic() - self.started, 1e-6)
+        self.log.info("%s: %d%% (%.1f of %.1f MB, %.1f MB/s)", self.what, 10 * tenth,
+                      done / 1e6, total / 1e6, done / 1e6 / seconds)
 
 
 class BackupError(Exception):

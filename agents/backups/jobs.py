@@ -22,7 +22,7 @@ import secrets
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
@@ -32,11 +32,12 @@ from typing import Any
 import psycopg2
 
 from agents import redisaddon
-from agents.backups import base, dumps, gfs, verify
-from agents.backups.base import BackupError, Progress
+from agents.backups import base, dumps, gfs, verify, walcheck
+from agents.backups.base import BackupError, LoggedProgress, Progress
 from agents.backups.repository import Repository
 from agents.backups.scratch import clear
 from agents.backups.state import TYPES, Backup, finals, fold, retention_view, stream_of
+from agents.backups.walcheck import wal_segment
 from agents.bundle import digest_of
 from ledger import Ledger, LedgerError, NewEvent
 from ledger.cluster import Cluster
@@ -67,13 +68,6 @@ def new_backup_id(target: str, scheduled_for: str | None, now: datetime) -> str:
     if scheduled_for:
         return f"{name}-{datetime.fromisoformat(scheduled_for):%Y%m%dT%H%M%SZ}"
     return f"{name}-{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(2)}"
-
-
-def wal_segment(timeline: int, lsn: str, segment_bytes: int = 16 << 20) -> str:
-    """The WAL file holding `lsn` ('0/4000028') on `timeline`."""
-    hi, lo = (int(x, 16) for x in lsn.split("/"))
-    per_id = 0x1_0000_0000 // segment_bytes
-    return f"{timeline:08X}{hi:08X}{lo // segment_bytes % per_id:08X}"
 
 
 class BackupAgent:
@@ -169,8 +163,10 @@ class BackupAgent:
                 log.info("%s: base backup started", backup_id)
                 try:
                     position = ledger.sequence()
-                    taken = base.take(self.cluster, self.repo, backup_id, position,
-                                      self.progress, self.max_rate)
+                    progress = self.progress or LoggedProgress(f"{backup_id}: base backup",
+                                                               log)
+                    taken = base.take(self.cluster, self.repo, backup_id, position, progress,
+                                      self.max_rate)
                 except (BackupError, OSError, LedgerError) as exc:
                     self._failed(ledger, LEDGER, backup_id, str(exc), "backup")
                     return backup_id
@@ -189,6 +185,7 @@ class BackupAgent:
         """Check a stored base backup; BackupVerified (and a sidecar in the repository,
         for restores without the ledger) or BackupFailed with its files removed."""
         try:
+            self._archive_whole_since(completed)
             checked = verify.verify(self.cluster, self.repo.base(backup_id), self.scratch_root,
                                     backup_id)
         except (BackupError, OSError) as exc:
@@ -206,6 +203,32 @@ class BackupAgent:
         log.info("%s: verified (%d events up to position %d)", backup_id, checked.events,
                  checked.position)
         return True
+
+    def _archive_whole_since(self, completed: dict) -> None:
+        """BackupError if the WAL archive misses a segment after the backup's start: a
+        point-in-time recovery from it would stop there."""
+        if not completed.get("start_lsn"):
+            return
+        since = wal_segment(completed["timeline"], completed["start_lsn"])
+        if missing := walcheck.gaps(self.repo.wal_segments(), since):
+            raise BackupError(f"the WAL archive misses {', '.join(map(str, missing))} after "
+                              f"this backup's start ({since}): a point-in-time recovery "
+                              f"from it would stop there")
+
+    def check_wal(self, ledger: Ledger) -> list[walcheck.Gap]:
+        """Look for segments missing from the archive since the oldest held base backup;
+        each gap found is recorded once (WalGapFound, naming the backups whose
+        point-in-time range it cuts) and logged."""
+        found = walcheck.cuts(self.repo.wal_segments(), starts(self.backups(ledger).values()))
+        for gap, cut in found:
+            result = ledger.append(stream_of(LEDGER), [NewEvent("WalGapFound", {
+                "backup_id": cut[-1], "target": LEDGER, "first": gap.first,
+                "last": gap.last, "cut": cut}, {"actor": "backups"})],
+                idempotency_key=f"walgap:{gap.first}")
+            if not result.duplicate:
+                log.error("the WAL archive misses %s: point-in-time recovery from %s stops "
+                          "before it", gap, ", ".join(cut))
+        return [gap for gap, _cut in found]
 
     def _failed(self, ledger: Ledger, target: str, backup_id: str, error: str,
                 stage: str) -> None:
@@ -244,11 +267,10 @@ class BackupAgent:
     def prune_wal(self, held: list[Backup]) -> list[str]:
         """Remove archived WAL older than the oldest held base backup's start (timeline
         history files stay). Nothing while no backup is held."""
-        starts = [wal_segment(b.completed["timeline"], b.completed["start_lsn"])
-                  for b in held if b.completed and b.completed.get("start_lsn")]
-        if not starts:
+        firsts = starts(held).values()
+        if not firsts:
             return []
-        oldest = min(s[8:] for s in starts)
+        oldest = min(s[8:] for s in firsts)
         gone = [n for n in self.repo.wal_segments()
                 if not n.endswith(".history") and n[8:24] < oldest]
         for name in gone:
@@ -347,11 +369,14 @@ class BackupAgent:
                     return None
                 started = time.monotonic()
                 path = where(backup_id)
+                log.info("%s: started (%s)", backup_id, reason)
                 try:
                     take(path)
                 except (BackupError, OSError, LedgerError) as exc:
                     self._failed(ledger, target, backup_id, str(exc), "backup")
                     return backup_id
+                log.info("%s: %.1f MB in %.1fs, verifying", backup_id,
+                         path.stat().st_size / 1e6, time.monotonic() - started)
                 self.record(ledger, target, "BackupCompleted", backup_id=backup_id,
                             size_bytes=path.stat().st_size,
                             location=str(path.relative_to(self.repo.root)),
@@ -364,6 +389,7 @@ class BackupAgent:
                     return backup_id
                 self.record(ledger, target, "BackupVerified", backup_id=backup_id,
                             seconds=round(time.monotonic() - started, 3))
+                log.info("%s: verified", backup_id)
             self.prune(ledger, target)
         return backup_id
 
@@ -452,6 +478,13 @@ class BackupAgent:
 
     def clear_scratch(self, name: str) -> None:
         clear(self.scratch_root / name, self.cluster.spec.bin_dir, self.cluster.spec.os_user)
+
+
+def starts(backups: Iterable[Backup]) -> dict[str, str]:
+    """The first WAL segment of each held base backup of the ledger, by id."""
+    return {b.backup_id: wal_segment(b.completed["timeline"], b.completed["start_lsn"])
+            for b in backups if b.target == LEDGER and b.state in ("completed", "verified")
+            and b.completed and b.completed.get("start_lsn")}
 
 
 def policy_text(policy: gfs.Policy) -> str:

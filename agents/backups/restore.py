@@ -28,9 +28,9 @@ from typing import Any
 import psycopg2
 
 from agents.backups.base import BackupError, Progress
-from agents.backups.jobs import wal_segment
 from agents.backups.repository import Repository
 from agents.backups.scratch import ScratchServer, chown_tree, copy_tree
+from agents.backups.walcheck import wal_segment
 from ledger import digest
 from ledger.cluster import Cluster
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -32,6 +33,8 @@ from agents.backups.state import last_scheduled
 from ledger import LedgerError
 
 log = logging.getLogger("tally.backups")
+WAL_CHECK_S = 60.0
+"""How often the agent looks for gaps in the WAL archive."""
 LOOKBACK = (timedelta(hours=1), timedelta(days=2), timedelta(days=32), timedelta(days=400))
 
 
@@ -118,6 +121,14 @@ class Daemon:
         except (LedgerError, OSError) as exc:  # the ledger away: the claim was not made
             log.warning("job %s for %s did not run: %s", name, scheduled_for, exc)
 
+    def check_wal(self) -> None:
+        """Look for gaps in the WAL archive (each recorded once as WalGapFound)."""
+        try:
+            with self.agent.ledger() as ledger:
+                self.agent.check_wal(ledger)
+        except (LedgerError, OSError) as exc:
+            log.warning("the WAL archive could not be checked: %s", exc)
+
     def _skipped(self, event: JobSubmissionEvent) -> None:
         """A run APScheduler skipped because the previous one still ran: say so."""
         for when in event.scheduled_run_times:
@@ -158,7 +169,11 @@ class Daemon:
             except (LedgerError, OSError) as exc:
                 log.warning("ledger unreachable at start, retrying: %s", exc)
                 self.stop.wait(2)
+        checked = 0.0
         while not self.stop.is_set():
+            if time.monotonic() - checked >= WAL_CHECK_S:
+                checked = time.monotonic()
+                self.check_wal()
             if self.spool is not None:
                 try:
                     taken = self.agent.repo.ingest_wal(self.spool)

@@ -105,6 +105,9 @@ def serve_backups(cfg: Config, ledger_cron: str, addons_cron: str, keep: str,
 def backups_list(cfg: Config, target: str | None, show_all: bool, as_json: bool) -> None:
     """The backups the ledger records, oldest first: state (running, completed,
     verified, failed, pruned), size, position, error."""
+    from agents.backups import walcheck
+    from agents.backups.jobs import starts
+    from agents.backups.repository import Repository
     from agents.backups.state import TYPES, fold
     from ledger import Ledger
 
@@ -118,6 +121,10 @@ def backups_list(cfg: Config, target: str | None, show_all: bool, as_json: bool)
         return
     table(rows, ["backup_id", "target", "state", "started_at", "size_bytes",
                  "duration_s", "position", "events", "error"], empty="(no backups)")
+    repo = Repository(cfg.backup_repo)
+    if target in (None, "ledger") and repo.wal_dir.is_dir():
+        line = walcheck.summary(repo.wal_segments(), starts(backups))
+        click.echo(line, err="MISSING" in line)
 
 @click.command("backups:capture")
 @click.option("--target", default="ledger", show_default=True,

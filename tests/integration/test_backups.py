@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -292,6 +293,9 @@ def test_two_agents_run_each_scheduled_job_once(archived: Cluster) -> None:
     assert all(b.state in ("verified", "pruned") for b in runs if b.finished), \
         [(b.backup_id, b.failed) for b in runs]
     assert len({b.agent.partition("/")[0] for b in runs}) >= 1
+    # No terminal watches a scheduled run: its progress goes to the agent's log.
+    ids = "|".join(b.backup_id for b in runs if b.state == "verified")
+    assert re.search(rf"({ids}): base backup: \d+% \([\d.]+ of [\d.]+ MB, ", _log(archived))
 
 
 @pytest.mark.slow
@@ -724,3 +728,62 @@ def test_an_apps_people_restore_its_redis_from_an_rdb_through_the_api_and_no_one
         from agents import redisaddon
 
         redisaddon.stop_all(home(archived) / "redis")
+
+
+def test_a_segment_missing_from_the_wal_archive_is_found_recorded_and_fails_verify(
+        archived: Cluster) -> None:
+    """A segment deleted from the archive: the gap is recorded once (naming the backups
+    whose point-in-time range it cuts), `tally backups` says MISSING, and a base backup
+    whose range it falls in fails verification. The segments are put back after."""
+    from dataclasses import asdict
+
+    from agents.backups import base
+    from agents.backups.walcheck import Gap
+
+    agent = agent_of(archived)
+    first = agent.run_ledger(None, job="capture", reason="capture")
+    assert first is not None and backups(archived)[first].state == "verified"
+    kept: dict[Path, bytes] = {}
+
+    def lose_a_segment() -> str:
+        """Three new segments archived (after all that was written so far); the middle
+        one deleted."""
+        archive_now(archived, agent)
+        before = set(agent.repo.wal_segments())
+        for i in range(3):
+            append_apps(archived, f"gap{len(kept)}-{i}-", 3)
+            archive_now(archived, agent)
+        new = sorted(n for n in set(agent.repo.wal_segments()) - before if len(n) == 24)
+        middle = agent.repo.wal_dir / new[1]
+        kept[middle] = middle.read_bytes()
+        middle.unlink()
+        return new[1]
+
+    try:
+        lost = lose_a_segment()
+        with Ledger(archived.dsn()) as ledger:
+            assert agent.check_wal(ledger) == [Gap(lost, lost)]
+            assert agent.check_wal(ledger) == [Gap(lost, lost)]  # recorded once
+            found = [e.data for e in ledger.read_stream("backup-ledger")
+                     if e.type == "WalGapFound"]
+        assert [(d["first"], d["last"]) for d in found] == [(lost, lost)]
+        assert first in found[0]["cut"]
+
+        listed = subprocess.run([sys.executable, "-m", "tally.cli", "backups"],
+                                env=tally_env(archived), capture_output=True, text=True,
+                                timeout=60)
+        assert listed.returncode == 0, listed.stderr
+        assert f"MISSING {lost}" in listed.stderr and first in listed.stderr
+
+        # A base backup whose point-in-time range the archive breaks fails its check.
+        with Ledger(archived.dsn()) as ledger:
+            taken = base.take(archived, agent.repo, "ledger-gap-check", ledger.sequence())
+            lost_after = lose_a_segment()
+            assert not agent.verify_ledger(ledger, "ledger-gap-check", asdict(taken))
+        b = backups(archived)["ledger-gap-check"]
+        assert b.state == "failed" and f"misses {lost_after}" in b.failed, b.failed
+        assert not agent.repo.base("ledger-gap-check").exists()
+    finally:
+        for path, data in kept.items():
+            path.write_bytes(data)
+            path.chmod(0o600)

@@ -9,10 +9,11 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from agents.backups import gfs
-from agents.backups.jobs import new_backup_id, wal_segment
+from agents.backups.jobs import new_backup_id
 from agents.backups.restore import Target, choose, parse_target
 from agents.backups.schedule import Job, cron_trigger, due_runs, last_fire
 from agents.backups.state import finals, fold, retention_view
+from agents.backups.walcheck import wal_segment
 from ledger.events import RecordedEvent
 
 T0 = datetime(2026, 3, 2, 0, 0, tzinfo=UTC)  # a Monday
@@ -143,3 +144,26 @@ def test_a_destroyed_addons_backups_are_kept_for_the_operators_period_then_prune
     assert retention_view(backups.values(), "addon:gone")[0].backup_id == "a1"
     assert gfs.expired(gone, T0 + timedelta(days=20), timedelta(days=18)) == ["a1"]
     assert gfs.expired(gone, T0 + timedelta(days=20), timedelta(days=30)) == []
+
+
+def test_wal_gaps_are_the_segments_missing_after_the_first_needed_across_timelines() -> None:
+    from agents.backups.walcheck import Gap, cuts, gaps, summary
+
+    names = ["000000010000000000000003", "000000010000000000000004",
+             "000000010000000000000007", "000000020000000000000008",
+             "00000002.history", "000000010000000000000008.partial"]
+    assert gaps(names, "000000010000000000000003") == [
+        Gap("000000010000000000000005", "000000010000000000000006")]
+    assert gaps(names, "000000010000000000000002")[0] == Gap("000000010000000000000002",
+                                                             "000000010000000000000002")
+    assert gaps(names, "000000010000000000000007") == []
+    assert gaps(names, "000000010000000000000009") == [], "not written yet: no gap"
+    # the low word rolls over at 0xFF into the next high word
+    assert gaps(["0000000100000000000000FF", "000000010000000100000000"],
+                "0000000100000000000000FE") == [Gap("0000000100000000000000FE",
+                                                    "0000000100000000000000FE")]
+    found = cuts(names, {"b1": "000000010000000000000003", "b2": "000000010000000000000007"})
+    assert found == [(Gap("000000010000000000000005", "000000010000000000000006"), ["b1"])]
+    assert "MISSING 000000010000000000000005..000000010000000000000006" in summary(
+        names, {"b1": "000000010000000000000003"})
+    assert summary(names, {"b2": "000000010000000000000007"}).endswith("no gap")
