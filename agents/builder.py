@@ -25,6 +25,7 @@ import fcntl
 import logging
 import os
 import shutil
+import stat
 import tarfile
 import threading
 import time
@@ -94,6 +95,7 @@ class Builder:
         sandbox.preflight()
         self.pool = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="build")
         self.running: dict[tuple[str, int], Future] = {}
+        check_root_owned(settings.work)
         for d in (settings.work, settings.work / "builds", settings.work / "cache"):
             d.mkdir(parents=True, exist_ok=True)
             os.chown(d, 0, 0)
@@ -279,8 +281,8 @@ def sandboxed_build(bundle_path: Path, digest: str, folder: Path, cache: Path,
     """Build one bundle in `folder` (made here; its `app` is the slug's content after)."""
     app_dir, tmp = folder / "app", folder / "tmp"
     folder.mkdir(mode=0o711)
-    app_dir.mkdir()
-    tmp.mkdir()
+    app_dir.mkdir(mode=0o700)  # the build uid's alone: another tenant's source is in it
+    tmp.mkdir(mode=0o700)
     extract_bundle(bundle_path, digest, app_dir, (user.uid, user.gid))
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/app", "LANG": "C.UTF-8",
            "TMPDIR": "/tmp", "PYTHONUNBUFFERED": "1",
@@ -393,6 +395,24 @@ def extract_bundle(path: Path, digest: str, into: Path,
         raise bundle.BundleRefused(f"unsafe bundle: {exc}") from exc
     except (tarfile.TarError, EOFError) as exc:
         raise bundle.BundleRefused(f"the bundle is not a valid tar.gz: {exc}") from exc
+
+
+def check_root_owned(work: Path) -> None:
+    """Refuse a work folder that another user made or could swap: root follows paths
+    under it (chown, truncate) for every build, so each part of it that exists must be a
+    real folder owned by root. An app that made /var/tmp/tally-builds before the builder
+    came would otherwise own where root writes."""
+    for part in (work, *work.parents):
+        try:
+            st = part.lstat()
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
+            raise sandbox.SandboxUnavailable(f"{part} is not a folder of root's: refusing to build "
+                             f"under it (remove it, or set TALLY_BUILD_DIR elsewhere)")
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            raise sandbox.SandboxUnavailable(f"{part} may be changed by other users: refusing to "
+                             f"build under it (set TALLY_BUILD_DIR elsewhere)")
 
 
 def remove(folder: Path) -> None:

@@ -21,7 +21,7 @@ from flask.typing import ResponseReturnValue
 from api import buildqueue, bundles, schemas
 from api.auth import Principal, require_role
 from api.errors import Conflict, NotFound, TooLarge, Unprocessable
-from api.routes_builds import output_file
+from api.routes_builds import output_file, write_output
 from api.routes_quotas import quota_of
 from api.state import AppState, Release
 from api.web import body, query, reply, route, services, who
@@ -129,8 +129,7 @@ def claim_build(name: str, number: int) -> ResponseReturnValue:
     _append(name, release, events, b.version, caller)
     path = output_file(state, release)
     if earlier is None and path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("")  # a new attempt's output starts afresh
+        write_output(path, "", fresh=True)  # a new attempt's output starts afresh
     first, end = services().settings.app_uids
     return reply(schemas.BuildClaim, {
         "app": name, "release": number, "attempt": attempt,
@@ -178,9 +177,7 @@ def build_output(name: str, number: int) -> ResponseReturnValue:
     state, release, _ = _held(name, number, caller, req["attempt"])
     path = output_file(state, release)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(req["text"])
+        write_output(path, req["text"])
     return reply(schemas.Written, {"written": len(req["text"])})
 
 

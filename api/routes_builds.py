@@ -4,6 +4,7 @@ platform's, but it is the app's, so only its people (and admins) read it."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,19 @@ def output_file(state: AppState, release: Release) -> Path | None:
     if logs is None:
         return None
     return logs / state.name / f"{build_stream(state.name, release.stream_version)}.log"
+
+
+def write_output(path: Path, text: str, fresh: bool = False) -> None:
+    """Add to (or with `fresh`, start) a build's output file. Apps may run on the API's
+    machine: the folders are 0700 and the file 0600, the API's alone, whatever umask."""
+    for folder in (path.parent.parent, path.parent):
+        folder.mkdir(mode=0o700, exist_ok=True)
+        folder.chmod(0o700)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_TRUNC if fresh else os.O_APPEND)
+    fd = os.open(path, flags, 0o600)
+    with open(fd, "w", encoding="utf-8") as f:
+        os.fchmod(fd, 0o600)
+        f.write(text)
 
 
 def _dict(release: Release, b: Build) -> dict[str, Any]:

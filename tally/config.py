@@ -12,7 +12,8 @@ TALLY_API_BIND        where `tally serve api` listens; default 127.0.0.1:8000
 TALLY_MAX_BUNDLE_MB   largest bundle upload the API accepts; default 100
 TALLY_BUILD_DIR       builders' folders (builds, per-app build caches); outside TALLY_HOME,
                       as the sandbox's user must reach them; default
-                      /var/tmp/tally-builds/<hash of TALLY_HOME>
+                      /var/lib/tally-builds/<hash of TALLY_HOME> (root's: the builder
+                      refuses a folder any other user made or may swap)
 TALLY_APPS_DB_PORTS   the apps' PostgreSQL cluster (add-on databases; never the ledger's);
                       default 5443,5444
 TALLY_APPS_DB_PORT    the apps' cluster's stable address (a kernel NAT to the primary, or
@@ -233,7 +234,7 @@ class Config:
         """Where builders build and keep each app's build cache (agents/builder.py)."""
         if self.build_dir_path:
             return Path(self.build_dir_path)
-        return Path("/var/tmp/tally-builds") / hashlib.sha256(
+        return Path("/var/lib/tally-builds") / hashlib.sha256(
             str(self.home).encode()).hexdigest()[:12]
 
     @property

@@ -194,7 +194,7 @@ def close_home(cfg: Config) -> None:
     cfg.home.mkdir(parents=True, exist_ok=True)
     cfg.home.chmod(0o711)
     for private in (cfg.run_dir, cfg.log_dir, cfg.app_logs_dir, cfg.bundles_dir,
-                    cfg.home / "secrets"):
+                    cfg.build_logs_dir, cfg.home / "secrets"):
         private.mkdir(exist_ok=True)
         private.chmod(0o700)
     agents = cfg.home / "agents"

@@ -128,7 +128,7 @@ def serve_builder(cfg: Config, api_url: str | None, token_file: Path | None, tim
     API, with this builder's token."""
     from agents.api_client import BuilderApi
     from agents.builder import Builder, Settings
-    from agents.sandbox import Limits
+    from agents.sandbox import Limits, SandboxUnavailable
 
     daemon_logging()
     token = host_token(token_file, builder_token(), "a builder needs its builder token: "
@@ -141,7 +141,11 @@ def serve_builder(cfg: Config, api_url: str | None, token_file: Path | None, tim
     stop = stop_event()
     settings = Settings(cfg.build_dir, Limits(timeout, memory_mb, processes, disk_mb),
                         lease, network, concurrency, index_hosts)
-    Builder(api, settings).run(stop, interval)
+    try:
+        builder = Builder(api, settings)
+    except SandboxUnavailable as exc:
+        raise click.ClickException(f"cannot build here: {exc}") from None
+    builder.run(stop, interval)
 
 
 def _agent_token(token_file: Path | None) -> str:
