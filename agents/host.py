@@ -39,7 +39,18 @@ from typing import Any
 
 import psutil
 
-from agents import bundle, cgroups, cleanup, health, netrules, ports, runtime, slug, users
+from agents import (
+    binds,
+    bundle,
+    cgroups,
+    cleanup,
+    health,
+    netrules,
+    ports,
+    runtime,
+    slug,
+    users,
+)
 from agents.api_client import ApiAway, ApiError, HostApi
 from agents.desired import fleet_of
 from agents.fleet import App, Fleet
@@ -179,7 +190,10 @@ class Agent:
         self.next_stats = 0.0
         self.next_cleanup = 0.0
         self.cgroups = cgroups.for_agent(spec.host_id, paths.state)
-        self.netrules = netrules.for_agent(cgroups.root_name(spec.host_id, paths.state))
+        root = cgroups.root_name(spec.host_id, paths.state)
+        self.netrules = netrules.for_agent(root)
+        self.binds = binds.for_agent(root, spec.port_min, spec.port_max)
+        """Only the app placed on a port of the range may bind it (agents/binds.py)."""
         self.netrules_lock = threading.Lock()
         self.reach: list[netrules.Reach] = []
         self.owners: dict[int, int] = {}
@@ -257,6 +271,8 @@ class Agent:
                     self.cgroups.close()
             if self.netrules is not None:  # adopted apps go unconfined until the next agent
                 self.netrules.remove()
+            if self.binds is not None:
+                self.binds.close()
 
     def stop_all(self, grace: float) -> None:
         """SIGTERM every instance, SIGKILL what is left after `grace` seconds."""
@@ -318,7 +334,7 @@ class Agent:
                         user: users.AppUser | None = None) -> None:
         """Apply the apps' reach rules (agents/netrules.py) if they changed: each round,
         and before an app process starts (`also`: an instance or a run, as `user`)."""
-        if self.netrules is None:
+        if self.netrules is None and self.binds is None:
             return
         with self.netrules_lock:
             if also is None:  # the loop's thread: the only one reading the fleet
@@ -335,6 +351,15 @@ class Agent:
                      if also is not None and user is not None else [])
             owners = ({**self.owners, also.port: user.uid}
                       if also is not None and user is not None and also.port else self.owners)
+            if self.binds is not None:  # before the port is let go for the app to bind
+                try:
+                    self.binds.apply(owners)
+                except OSError as exc:
+                    log.warning("ports are no longer reserved by uid: %s", exc)
+                    self.binds.close()
+                    self.binds = None
+            if self.netrules is None:
+                return
             s = self.spec
             self.netrules.apply([*self.reach, *extra], [self.statsd.port], netrules.Backends(
                 s.address, s.port_min, s.port_max, owners, s.backend_clients))

@@ -15,11 +15,13 @@ when an instance needs it (an app that won the moment between an instance's deat
 agent's next look) is taken back: the squatting app process is killed (`evict`).
 
 A web command that is not gunicorn binds $PORT itself: its port is taken back from any
-squatter and held until just before it starts, then let go. Another app may take it in
-that moment; it gains nothing (agents/netrules.py: a SYN-ACK from an instance's port leaves
-only from a socket of that instance's app, and connections reach the range only at the
-agent's address), and it is evicted at the instance's next start. `rebind` is pure;
-`Holder` is the shell.
+squatter and held until just before it starts, then let go. No other app can take it in
+that moment: the kernel refuses a bind to a port of the range to every uid but root and
+the app placed there (agents/binds.py, set before the port is let go). Where that rule is
+unavailable (not root, no cgroup v2 mount), another app may take it; it gains nothing
+(agents/netrules.py: a SYN-ACK from an instance's port leaves only from a socket of that
+instance's app, and connections reach the range only at the agent's address), and it is
+evicted at the instance's next start. `rebind` is pure; `Holder` is the shell.
 """
 
 from __future__ import annotations

@@ -312,10 +312,11 @@ def platform_suffix(cfg: Config, wanted: str | None = None, *, if_unset: bool = 
 def unconfined() -> list[str]:
     """What this machine lacks to confine apps, each said by `tally up` (the agents run
     apps anyway, and log the same)."""
-    from agents import cgroups, netrules
+    from agents import binds, cgroups, netrules
 
     return [f"  WARNING {what}: {reason}" for what, reason in (
-        ("network reach", netrules.missing()), ("limits", cgroups.missing())) if reason]
+        ("network reach", netrules.missing()), ("limits", cgroups.missing()),
+        ("ports", binds.missing())) if reason]
 
 
 def wait_ready(cfg: Config, timeout: float = 60.0) -> None:

@@ -615,28 +615,36 @@ def test_an_app_sees_no_other_process(fleet: Fleet, two_apps: dict[str, Any]) ->
     assert own["ok"] and "gunicorn" in own["result"], own
 
 
-def test_a_web_command_that_binds_port_itself_is_reached_only_where_the_agent_said(
+def test_a_web_command_that_binds_port_itself_gets_it_at_its_first_start_and_only_there(
         fleet: Fleet, two_apps: dict[str, Any]) -> None:
-    """The victim's web command is not gunicorn: it binds 0.0.0.0:$PORT itself, two seconds
-    after it starts (a wide window). The attacker takes that port the moment the agent lets
-    it go. No one reaches the squatter (the agent's health checks neither); the victim gets
-    its port back and answers at the agent's address, and at no other address of this
-    host."""
+    """The victim's web command is not gunicorn (`python serve.py` binding 0.0.0.0:$PORT
+    itself, as a Heroku-style app does), and it binds two seconds after it starts: a wide
+    window. The attacker tries to take that port the moment the agent lets it go, again
+    and again: every bind is refused (EPERM: the kernel reserves the port for the victim's
+    uid), the victim's first start gets its port (no exit, no restart) and answers at the
+    agent's address as itself, and at no other address of this host."""
     import socket
 
     import psutil
 
+    from ledger import Ledger
     from tests.waiting import wait_until
 
     port = fleet.range[1]  # the last of the range: no other test's
     note = Path("/tmp") / f"tally-squat-{uid()}"
     assert probe(two_apps["attacker"], "squat", note, str(port))["ok"]
     try:
-        _, victim_uid, _ = fleet.deploy(f"bind-{uid()}", "sleep 2 && exec python serve.py",
-                                        port)
+        _, victim_uid, iid = fleet.deploy(f"bind-{uid()}", "sleep 2 && exec python serve.py",
+                                          port)
         assert probe(port, "", "")["uid"] == victim_uid
+        with Ledger(fleet.cluster.dsn()) as ledger:
+            kinds = [e.type for e in ledger.read_stream(f"instance-{iid}")]
+        assert "InstanceExited" not in kinds, f"the victim's first start failed: {kinds}"
+        assert kinds.count("InstanceStarted") == 1, kinds
         wait_until(note.exists, 10, "the attacker's squat noted")
-        assert note.read_text().split() == ["bound"], "the squatter was reached"
+        noted = note.read_text().splitlines()
+        assert "bound" not in noted, f"the squatter took the victim's port: {noted}"
+        assert "refused EPERM" in noted, noted
         others = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
                   if a.family == socket.AF_INET and not a.address.startswith("127.")]
         for address in others:
