@@ -379,6 +379,10 @@ class Agent:
         leaders = {iid: loc.pid for iid, loc in list(self.local.items())
                    if loc.pid and iid.startswith(f"{app}.")}
         found = holding(sender.inode, leaders, socket_inodes)
+        if found is None:  # not adopted yet (a new agent registers first): its pid records
+            found = holding(sender.inode, {r.instance_id: r.pid for r in self.procs.records()
+                                           if r.instance_id.startswith(f"{app}.")},
+                            socket_inodes)
         if found is not None:
             if len(self.statsd_sockets) > 4096:
                 self.statsd_sockets.clear()
