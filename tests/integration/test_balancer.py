@@ -410,16 +410,38 @@ def children(pid: int) -> list[int]:
 
 
 def test_access_log_lines_reach_the_apps_logs(upstreams: list[Upstream], tmp_path: Path) -> None:
+    """Each request's line reaches the app's log, and a collector restarted while the
+    balancer keeps serving loses none of the lines made meanwhile and writes none twice
+    (the shipper resends what was not acknowledged; the collector keeps its marks)."""
     import zmq
 
     from agents.logs import Collector
 
     endpoint = f"tcp://127.0.0.1:{free_ports(1)[0]}"
-    stop = threading.Event()
     context = zmq.Context()  # its own: not the process-wide one other tests may end
-    collector = threading.Thread(target=Collector(tmp_path).run,
-                                 args=(endpoint, stop, context))
-    collector.start()
+
+    def released() -> bool:
+        """The last listener on the endpoint's port is gone (ZeroMQ closes it a moment
+        after the socket): a new one may bind."""
+        probe = socket.socket()
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", int(endpoint.rsplit(":", 1)[1])))
+            return True
+        except OSError:
+            return False
+        finally:
+            probe.close()
+
+    def start_collector() -> tuple[threading.Thread, threading.Event]:
+        wait_until(released, 10, "the collector's port stayed taken")
+        stop = threading.Event()
+        thread = threading.Thread(target=Collector(tmp_path).run,
+                                  args=(endpoint, stop, context))
+        thread.start()
+        return thread, stop
+
+    collector, stop = start_collector()
     b = Balancer("--collector", endpoint)
     try:
         b.set_routes([route("blog.localhost", upstreams[0])])
@@ -432,6 +454,36 @@ def test_access_log_lines_reach_the_apps_logs(upstreams: list[Upstream], tmp_pat
         (entry,) = log.read_text().splitlines()
         assert f" router.blog.{b.port}.0 at=info method=GET path=\"/hello?x=1\" " in entry
         assert f"backend={upstreams[0].address}" in entry and 'fwd="127.0.0.1"' in entry
+
+        stop.set()  # the collector goes away (a restart) while requests go on ...
+        collector.join(5)
+        # ... and one that takes the lines but dies before writing or acknowledging them
+        # stands in for it meanwhile (a real one does not die on cue between the two).
+        wait_until(released, 10, "the collector's port stayed taken")
+        dying = context.socket(zmq.ROUTER)
+        dying.setsockopt(zmq.LINGER, 0)
+        dying.bind(endpoint)
+        for i in range(3):
+            assert get(conn, "blog.localhost", f"/away-{i}")[0] == 200
+        taken = b""
+
+        def took_them() -> bool:
+            nonlocal taken
+            while dying.poll(100):
+                taken += b"".join(dying.recv_multipart())
+            return b"/away-2" in taken
+        try:
+            wait_until(took_them, 30, "the balancer never shipped the lines")
+        finally:
+            dying.close()
+        collector, stop = start_collector()
+        assert get(conn, "blog.localhost", "/back")[0] == 200
+        wanted = ["/hello?x=1", "/away-0", "/away-1", "/away-2", "/back"]
+        wait_until(lambda: all(f'path="{p}"' in log.read_text() for p in wanted), 30,
+                   "lines made while the collector was away never reached the log")
+        paths = [line.split('path="', 1)[1].split('"', 1)[0]
+                 for line in log.read_text().splitlines()]
+        assert paths == wanted  # each once, in order
     finally:
         b.stop()
         stop.set()
