@@ -269,8 +269,10 @@ def load_api(proxy: Proxy, api: ApiRoutes, target: int) -> None:
         log(f"routes not read: {exc}")
         return
     if got is not None:
-        proxy.update_routes(*got)
-        log(f"routes version {got[1]}: {len(got[0])} hostnames")
+        routes, version, doc = got
+        proxy.update_routes(routes, version)
+        log(f"routes version {version}: {len(routes)} hostnames")
+        tpool.execute(api.keep, doc)  # the cache, written once the routes are in force
 
 
 def follow_api(proxy: Proxy, api: ApiRoutes, relays: Sequence[str], interval: float) -> None:

@@ -130,9 +130,11 @@ class ApiRoutes:
         self.cache = Path(cache) if cache else None
         self._local = threading.local()
 
-    def fetch(self, after: int, position: int = 0) -> tuple[list[Route], int] | None:
-        """The routes and their version if it moved past `after`, else None. RoutesAway
-        when the API does not give them (the caller keeps the routes it has)."""
+    def fetch(self, after: int,
+              position: int = 0) -> tuple[list[Route], int, dict[str, Any]] | None:
+        """The routes, their version and the table as read (for `keep`, once the routes
+        are in force) if the version moved past `after`, else None. RoutesAway when the API
+        does not give them (the caller keeps the routes it has)."""
         import requests
 
         try:
@@ -148,9 +150,7 @@ class ApiRoutes:
                              f"{message}")
         if not doc.get("changed"):
             return None
-        routes, version = routes_from_json(doc), int(doc["version"])
-        self.keep(doc)
-        return routes, version
+        return routes_from_json(doc), int(doc["version"]), doc
 
     def post_stats(self, samples: list[dict[str, Any]]) -> None:
         """Send router samples (balancer/metrics.py) for `tally stats`; RoutesAway if they
