@@ -355,15 +355,110 @@ def _restoring(root: Path, app: str) -> Path:
 
 
 def _check_rdb(rdb: Path) -> int:
+    return _rdb_counts(rdb)[0]
+
+
+def _rdb_counts(rdb: Path) -> tuple[int, int]:
+    """redis-check-rdb's (keys read, keys with an expiry); RedisError if it refuses."""
     proc = subprocess.run(["redis-check-rdb", str(rdb)], capture_output=True, text=True,
                           timeout=600, cwd="/")
     if proc.returncode != 0:
         said = (proc.stderr or proc.stdout).strip().splitlines()
         raise RedisError(f"redis-check-rdb refused the backup: {' | '.join(said[-3:])}")
-    for line in proc.stdout.splitlines():  # "[offset 58] Checksum OK" ... "3 keys read"
-        if line.rstrip().endswith("keys read"):
-            return int(line.split("]")[-1].split()[0])
-    return 0
+    counts = {}
+    for line in proc.stdout.splitlines():  # "[offset 58] Checksum OK" ... "[info] 3 keys read"
+        words = line.split("]")[-1].split()
+        if len(words) >= 2 and words[0].isdigit():
+            counts[" ".join(words[1:])] = int(words[0])
+    return counts.get("keys read", 0), counts.get("expires", 0)
+
+
+def verify_rdb(rdb: Path, scratch: Path, timeout: float = 600.0) -> int:
+    """Load the RDB into a scratch redis-server (as the redis user, like the app's own;
+    a Unix socket in a 0700 folder, no TCP port) and count what it holds: a file that
+    redis-check-rdb accepts but Redis cannot load, or that loads other keys than it
+    holds (those expiring meanwhile aside), raises RedisError. The keys loaded."""
+    keys, expiring = _rdb_counts(rdb)
+    owner = _owner()
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(mode=0o700, parents=True)
+    shutil.copyfile(rdb, scratch / "backup.rdb")
+    if owner:
+        for path in (scratch, scratch / "backup.rdb"):
+            os.chown(path, *owner)
+    sock = scratch / "redis.sock"
+    proc = subprocess.Popen(
+        [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", "0",
+         "--unixsocket", str(sock), "--unixsocketperm", "700", "--dir", str(scratch),
+         "--dbfilename", "backup.rdb", "--appendonly", "no", "--save", "",
+         "--logfile", str(scratch / "redis.log"), "--pidfile", str(scratch / "redis.pid")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=scratch,
+        start_new_session=True, user=owner[0] if owner else None,
+        group=owner[1] if owner else None)
+    try:
+        loaded = _scratch_keys(sock, proc, timeout)
+    finally:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(scratch, ignore_errors=True)
+    if not keys - expiring <= loaded <= keys:
+        raise RedisError(f"the RDB holds {keys} keys ({expiring} expiring) but Redis loaded "
+                         f"{loaded}")
+    return loaded
+
+
+CHECK_PREFIX = ".check-"
+"""Scratch servers' folders in the Redis root (outside apps(): their names start with a
+dot), one per RDB being checked."""
+
+
+def checks(root: Path) -> list[Path]:
+    return sorted(root.glob(f"{CHECK_PREFIX}*")) if root.is_dir() else []
+
+
+def clear_check(folder: Path) -> None:
+    """Stop the scratch server of a check whose runner is gone, and remove its folder."""
+    pid = _pid(folder)
+    if pid is not None:
+        os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _scratch_keys(sock: Path, proc: subprocess.Popen[bytes], timeout: float) -> int:
+    """The keys a scratch server holds once it has loaded its RDB (INFO keyspace)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RedisError(f"redis-server could not load the RDB (exit {proc.returncode})")
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(5)
+                s.connect(str(sock))
+                s.sendall(b"INFO keyspace\r\n")
+                said = b""
+                while not said.startswith(b"-") and (
+                        b"\r\n" not in said or len(said) < _bulk_length(said)):
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    said += chunk
+        except OSError:
+            time.sleep(0.05)
+            continue
+        if said.startswith(b"-LOADING"):
+            time.sleep(0.05)
+            continue
+        if not said.startswith(b"$"):
+            raise RedisError(f"the scratch Redis answered {said[:120]!r}")
+        return sum(int(part.split(b"keys=")[1].split(b",")[0])
+                   for part in said.split(b"\r\n") if part.startswith(b"db"))
+    raise RedisError(f"the scratch Redis did not load the RDB within {timeout:.0f}s")
+
+
+def _bulk_length(said: bytes) -> int:
+    """The whole length of a RESP bulk string answer whose header has arrived."""
+    header, _, _rest = said.partition(b"\r\n")
+    return len(header) + 2 + int(header[1:]) + 2
 
 
 def _install(app_dir: Path, rdb: Path, say: Say) -> None:

@@ -13,7 +13,8 @@ One ledger cluster (primary + synchronous standby, WAL archived) filled with eve
   beside a plain restore (copy the same backup folder, `pg_ctl start -w`); MB/s.
 - verify: `agents/backups/verify.py` (pg_verifybackup, copy, start, digest here and on the
   live ledger), seconds per GB of backup.
-Each round's pair goes to stderr. Ends with one JSON line: backup_ratio, restore_ratio,
+Each timed case starts after a `sync`, and the two restores take turns going first. Each
+round's pair goes to stderr. Ends with one JSON line: backup_ratio, restore_ratio,
 verify_s_per_gb (and the figures they come from).
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -81,6 +83,9 @@ def plain_restore(cluster: Cluster, backup: Path, folder: Path) -> None:
 
 
 def timed(fn) -> float:  # type: ignore[no-untyped-def]
+    """Seconds `fn` takes, starting with no dirty pages: the kernel makes whoever writes
+    next pay for what the last step left unwritten, so each case starts even."""
+    os.sync()
     started = time.monotonic()
     fn()
     return time.monotonic() - started
@@ -120,10 +125,17 @@ def main() -> None:
                 "timeline": 1, "start_lsn": base.wal_range(repo.base(bid))[1],
                 "verified": {"position": head}}))
             target = work / f"restored-{r}"
-            t_ours_r = timed(lambda bid=bid, target=target: restore(
-                repo, target, Target(), cluster, bid))
-            t_plain_r = timed(lambda r=r: plain_restore(cluster, repo.base(f"bench-{r}"),
-                                                        work / f"plain-restore-{r}"))
+
+            def ours_restore(bid: str = bid, target: Path = target) -> float:
+                return timed(lambda: restore(repo, target, Target(), cluster, bid))
+
+            def theirs(r: int = r) -> float:
+                return timed(lambda: plain_restore(cluster, repo.base(f"bench-{r}"),
+                                                   work / f"plain-restore-{r}"))
+            if r % 2:  # each goes first in every other round: the page cache favours neither
+                t_plain_r, t_ours_r = theirs(), ours_restore()
+            else:
+                t_ours_r, t_plain_r = ours_restore(), theirs()
             ours_r.append(size / t_ours_r / 1e6)
             plain_r.append(size / t_plain_r / 1e6)
             print(f"round {r + 1}: backup {ours_b[-1]:.1f}/{plain_b[-1]:.1f} MB/s, restore "

@@ -339,7 +339,7 @@ class BackupAgent:
     def run_redis(self, app: str, scheduled_for: str | None = None, job: str = "addons",
                   reason: str = "capture") -> str | None:
         """An RDB of the app's Redis (`redis-cli --rdb` as its backup user), checked whole
-        by redis-check-rdb."""
+        by redis-check-rdb, then loaded by a scratch redis-server before it counts."""
         assert self.redis_dir is not None
         root = self.redis_dir
 
@@ -354,11 +354,24 @@ class BackupAgent:
             partial.chmod(0o600)
             os.replace(partial, path)
 
+        def check(path: Path) -> int:
+            # beside the servers (the redis user passes there), a short name (the socket's
+            # path stays < 108 bytes), under a lock named by it while the check runs
+            name = f"{redisaddon.CHECK_PREFIX}{secrets.token_hex(4)}"
+            lock = self._try_lock(name)
+            try:
+                return redisaddon.verify_rdb(path, root / name)
+            except (redisaddon.RedisError, subprocess.SubprocessError, OSError) as exc:
+                raise BackupError(str(exc)) from exc
+            finally:
+                if lock is not None:
+                    lock.close()
+
         return self._file_backup(redis_target(app), lambda bid: self.repo.rdb(app, bid), take,
-                                 lambda path: None, scheduled_for, job, reason)
+                                 check, scheduled_for, job, reason)
 
     def _file_backup(self, target: str, where: Callable[[str], Path],
-                     take: Callable[[Path], None], check: Callable[[Path], None],
+                     take: Callable[[Path], None], check: Callable[[Path], int | None],
                      scheduled_for: str | None, job: str, reason: str) -> str | None:
         """One add-on's backup as a file: claimed, taken, recorded, checked, then pruned
         by the GFS rule; the id, or None when another agent has this run."""
@@ -383,12 +396,12 @@ class BackupAgent:
                             digest=digest_of(path),
                             duration_s=round(time.monotonic() - started, 3))
                 try:
-                    check(path)
+                    held = check(path)  # what it holds, if the check counts it
                 except BackupError as exc:
                     self._failed(ledger, target, backup_id, str(exc), "verify")
                     return backup_id
                 self.record(ledger, target, "BackupVerified", backup_id=backup_id,
-                            seconds=round(time.monotonic() - started, 3))
+                            seconds=round(time.monotonic() - started, 3), events=held)
                 log.info("%s: verified", backup_id)
             self.prune(ledger, target)
         return backup_id
@@ -473,6 +486,11 @@ class BackupAgent:
             lock = self._try_lock(folder.name)
             if lock is not None:  # a check whose runner is gone
                 self.clear_scratch(folder.name)
+                lock.close()
+        for folder in redisaddon.checks(self.redis_dir) if self.redis_dir else ():
+            lock = self._try_lock(folder.name)
+            if lock is not None:  # an RDB's check whose runner is gone
+                redisaddon.clear_check(folder)
                 lock.close()
         return settled
 

@@ -159,7 +159,7 @@ def restore(repo: Repository, into: Path, target: Target, live: Cluster,
                     raise BackupError(f"the archive reaches position {reached} only, not "
                                       f"{target.position}")
                 removed = digest.cut_after(conn, target.position)
-            found = digest.digest(conn)
+            found = digest.digest(conn, connect=lambda: server.connect(password))
         finally:
             conn.close()
     except psycopg2.Error as exc:

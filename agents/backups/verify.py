@@ -53,12 +53,13 @@ def verify(cluster: Cluster, backup: Path, scratch_root: Path, name: str) -> Che
         password = cluster.credentials()["postgres"]
         copy = server.connect(password)
         try:
-            found = digest.digest(copy)
+            found = digest.digest(copy, connect=lambda: server.connect(password))
         finally:
             copy.close()
         live = psycopg2.connect(cluster.dsn("tally_reader"), application_name="tally-backup")
         try:
-            expected = digest.digest(live, found.position)
+            expected = digest.digest(live, found.position, connect=lambda: psycopg2.connect(
+                cluster.dsn("tally_reader"), application_name="tally-backup"))
         finally:
             live.close()
     except psycopg2.Error as exc:

@@ -594,7 +594,8 @@ def test_an_app_dump_that_lists_but_does_not_restore_is_never_counted(
 
 def test_an_apps_redis_is_copied_as_an_rdb_checked_and_kept(archived: Cluster) -> None:
     """Each Redis add-on's RDB is copied (redis-cli --rdb as its backup user, which may do
-    nothing else), checked by redis-check-rdb and recorded like a dump."""
+    nothing else), checked by redis-check-rdb, loaded by a scratch server and recorded
+    like a dump."""
     import redis as redis_client
 
     from agents import redisaddon
@@ -611,9 +612,15 @@ def test_an_apps_redis_is_copied_as_an_rdb_checked_and_kept(archived: Cluster) -
         (backup_id,) = agent.run_addons(None, job="capture")
         b = backups(archived)[backup_id]
         assert (b.target, b.state) == ("redis:cache", "verified"), b.failed
+        assert b.verified["events"] == 1, "loaded by a scratch server: its one key"
         rdb = agent.repo.rdb("cache", backup_id)
         assert rdb.stat().st_size == b.completed["size_bytes"]
         assert b"greeting" in rdb.read_bytes()
+        assert not redisaddon.checks(root), "the scratch server's folder is gone"
+        broken = home(archived) / "broken.rdb"
+        broken.write_bytes(rdb.read_bytes()[:-12])
+        with pytest.raises(redisaddon.RedisError):
+            redisaddon.verify_rdb(broken, root / ".check-broken")
         key = (root / "cache" / "backup.key").read_text()
         backup_user = redis_client.Redis(port=int((root / "cache" / "port").read_text()),
                                          username=redisaddon.BACKUP_USER, password=key)
