@@ -8,7 +8,9 @@ balancer process; and how soon a route change is visible after its event is appe
   with one worker and keep-alive both ways: nginx, HAProxy, `tally serve balancer` (one
   process), `tally serve balancer --processes 2`. wrk, one thread, 32 kept-alive
   connections. Rounds rotate the order; each figure is the median of the rounds, each
-  round's figures go to stderr. Beside requests/s, each proxy's CPU time per request (from
+  round's figures go to stderr. nginx and HAProxy add the headers the balancer adds to
+  every request (X-Forwarded-For/-Proto/-Host, Via), so each does the same work. Beside
+  requests/s, each proxy's CPU time per request (from
   /proc): on a machine others load, the steadiest figure. Configurations are generated in
   a temporary folder, on free ports.
 - The app: tests/fixtures/apps/hello under gunicorn (2 workers x 4 threads, keep-alive),
@@ -96,6 +98,15 @@ def spawn(args: list[str], logfile: Path, env: dict | None = None) -> subprocess
         return subprocess.Popen(args, stdout=out, stderr=out, env=env)
 
 
+NGINX_FORWARDED = ("proxy_set_header Host $host; "
+                   "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; "
+                   "proxy_set_header X-Forwarded-Proto $scheme; "
+                   "proxy_set_header X-Forwarded-Host $host; "
+                   'proxy_set_header Via "1.1 nginx";')
+"""What the balancer adds to every request (the issue asks it to), asked of nginx too: the
+baselines do the same work on the same load in front of the same upstream."""
+
+
 def nginx_conf(tmp: Path, name: str, body: str) -> Path:
     conf = tmp / f"{name}.conf"
     conf.write_text(f"""worker_processes 1;
@@ -125,8 +136,12 @@ defaults
   timeout server 60s
   option http-keep-alive
   http-reuse always
+  option forwardfor
 frontend f
   bind 127.0.0.1:{port}
+  http-request set-header X-Forwarded-Proto http
+  http-request set-header X-Forwarded-Host %[req.hdr(host)]
+  http-request add-header Via "1.1 haproxy"
   default_backend b
 backend b
   server s1 127.0.0.1:{backend}
@@ -234,7 +249,8 @@ def proxies(tmp: Path, seconds: float, n: int, procs: list) -> dict:
   upstream b {{ server 127.0.0.1:{backend}; keepalive 64; keepalive_requests 10000000; }}
   server {{ listen 127.0.0.1:{ngx};
            location / {{ proxy_pass http://b; proxy_http_version 1.1;
-                        proxy_set_header Connection ""; }} }}""")), "-p", str(tmp)],
+                        proxy_set_header Connection ""; {NGINX_FORWARDED} }} }}""")),
+                        "-p", str(tmp)],
                         tmp / "proxy.log"))
     procs.append(spawn(["haproxy", "-db", "-f", str(haproxy_conf(tmp, hap, backend))],
                        tmp / "haproxy.log"))
@@ -287,7 +303,7 @@ def app(tmp: Path, seconds: float, n: int, procs: list, pinned: bool) -> dict[st
   upstream g {{ server 127.0.0.1:{direct}; keepalive 64; }}
   server {{ listen 127.0.0.1:{ngx};
            location / {{ proxy_pass http://g; proxy_http_version 1.1;
-                        proxy_set_header Connection ""; proxy_set_header Host $host; }} }}""")),
+                        proxy_set_header Connection ""; {NGINX_FORWARDED} }} }}""")),
                         "-p", str(tmp)], tmp / f"app-proxy-{tag}.log"))
     theirs = procs[-1].pid
     for port in (direct, through, ngx):
@@ -348,7 +364,8 @@ def tls(tmp: Path, seconds: float, n: int, procs: list) -> dict:
   server {{ listen 127.0.0.1:{ngx} ssl;
            ssl_certificate {certs}/default.crt; ssl_certificate_key {certs}/default.key;
            location / {{ proxy_pass http://b; proxy_http_version 1.1;
-                        proxy_set_header Connection ""; }} }}""")), "-p", str(tmp)],
+                        proxy_set_header Connection ""; {NGINX_FORWARDED} }} }}""")),
+                        "-p", str(tmp)],
                        tmp / "tls-proxy.log"))
     routes = tmp / "tls-routes.json"
     routes.write_text(json.dumps({"routes": [
@@ -515,7 +532,7 @@ def main() -> None:
         pinned = app(tmp, seconds, n, procs, pinned=True) if pin else None
         shared = app(tmp, seconds, n if not opts.quick else 2, procs, pinned=False)
         load.append(os.getloadavg()[0])
-        secure = tls(tmp, seconds, n, procs)
+        secure = tls(tmp, seconds, n if not opts.quick else 2, procs)
         for name, (rps, p50, p99) in secure.items():
             base = secure[name.replace("tally", "nginx")][0]
             print(f"{name + (' (per s)' if 'hand' in name else ''):44} {rps:9,.0f} "
