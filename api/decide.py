@@ -243,6 +243,10 @@ def check_new_addon(s: AppState, kind: str) -> str:
                        {"kind": ["exists"]})
     if var in s.config:
         raise Conflict(f"{s.name} already has a {var}", {"kind": ["exists"]})
+    if addon_name(kind, s.name) in s.undropped:
+        raise Conflict(f"the earlier {addon_name(kind, s.name)} is destroyed but not dropped "
+                       f"yet: the add-ons' reaper (tally serve addons) retries the drop, "
+                       f"then it can be made again", {"kind": ["being dropped"]})
     return addon_name(kind, s.name)
 
 

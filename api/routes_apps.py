@@ -387,9 +387,10 @@ def maintenance(name: str) -> ResponseReturnValue:
 
 def gone(owner: AppState, destroyed: list[Addon]) -> None:
     """After the owner's AddonDestroyed: detach the add-ons from the owner's other apps
-    (only those may attach them), then take each one's final backup and drop it. A drop
-    (or its final backup) that fails is a 503 saying so:
-    the ledger already says destroyed, and what is left stays until an operator drops it."""
+    (only those may attach them), then take each one's final backup and drop it, each
+    AddonDropped once gone. A drop (or its final backup) that fails is a 503 saying so: the
+    ledger already says destroyed, and the add-ons' reaper (agents/addonreaper.py) retries
+    it from there."""
     if not destroyed:
         return
     svc = services()
@@ -411,4 +412,8 @@ def gone(owner: AppState, destroyed: list[Addon]) -> None:
             drop(addon.kind, owner.name)
         except Exception as exc:
             raise Unavailable(f"{addon.name} is destroyed, but dropping it failed: {exc}; "
-                              "its credentials may still work until it is dropped") from exc
+                              "its credentials may still work until it is dropped (the "
+                              "add-ons' reaper, tally serve addons, retries)") from exc
+        svc.append(f"app-{owner.name}", [NewEvent("AddonDropped", {
+            "app": owner.name, "addon": addon.name, "kind": addon.kind, "by": "api"})],
+            None, who())

@@ -9,7 +9,13 @@ from datetime import datetime
 from typing import Any
 
 from ledger.events import RecordedEvent
-from ledger.rules import config_after, domains_after, members_after
+from ledger.rules import (
+    ADDON_DROP_EVENTS,
+    config_after,
+    domains_after,
+    members_after,
+    undropped_after,
+)
 from ledger.vocabulary import fold_scale
 
 
@@ -103,6 +109,10 @@ class AppState:
     """When the last event folded in was recorded (the ledger's clock)."""
     runs: tuple[Run, ...] = ()
     addons: tuple[Addon, ...] = ()
+    undropped: dict[str, str] = field(default_factory=dict)
+    """Its add-ons destroyed whose service may still exist (name -> kind): a drop that
+    failed, retried by the add-ons' reaper; kept across a delete and re-create (the new
+    app's add-on would take the same database or Redis)."""
     certificates: tuple[Cert, ...] = ()
 
     @property
@@ -143,7 +153,8 @@ def apply(s: AppState, ev: RecordedEvent) -> AppState:
     at = ev.recorded_at.isoformat() if ev.recorded_at else None
     t = ev.type
     if t == "AppCreated":
-        return AppState(s.name, exists=True, owner=d["owner"], uid=d.get("uid"), created_at=at)
+        return AppState(s.name, exists=True, owner=d["owner"], uid=d.get("uid"), created_at=at,
+                        undropped=s.undropped)
     if t == "AppDeleted":
         return replace(s, exists=False, deleted=True, scale={k: 0 for k in s.scale})
     if t == "ConfigChanged":
@@ -176,6 +187,8 @@ def apply(s: AppState, ev: RecordedEvent) -> AppState:
         run = Run(d["number"], d["run_id"], tuple(d["command"]), d["host_id"], d["release"],
                   d.get("detached", False), ev.metadata.get("actor"), at)
         return replace(s, runs=(*s.runs, run))
+    if t in ADDON_DROP_EVENTS:
+        s = replace(s, undropped=undropped_after(s.undropped, t, d))
     if t in ("AddonCreated", "AddonAttached"):
         addon = Addon(d["addon"], d["kind"], d.get("plan", ""), d["config_var"],
                       d.get("owner", s.name), d.get("where", ""))

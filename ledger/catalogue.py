@@ -360,6 +360,17 @@ class AddonDestroyed(_Addon):
     reason = fields.Str(load_default="", validate=validate.Length(max=200))
 
 
+@event("app")
+class AddonDropped(_Addon):
+    """A destroyed add-on's service is gone: the database and role dropped (after its final
+    backup) or the Redis stopped and removed. Recorded by whoever dropped it: the API right
+    after AddonDestroyed, or the add-ons' reaper (`tally serve addons`) retrying a drop
+    that failed. Until then the add-on is "undropped": retried, and a new one of its name
+    waits for it."""
+
+    by = fields.Str(load_default="", validate=validate.Length(max=40))
+
+
 # --- Hosts: the fleet reports itself (observed state) -------------------------------------
 
 

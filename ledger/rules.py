@@ -83,3 +83,18 @@ def serving_releases(current: int | None, deployed: int | None,
     `release_to_run` is always one of them."""
     serving = {r for r in (current, deployed) if r is not None and r not in failed}
     return serving or ({current} if current is not None else set())
+
+
+ADDON_DROP_EVENTS = ("AddonCreated", "AddonDestroyed", "AddonDropped")
+"""The events that say whether an add-on's service should still exist."""
+
+
+def undropped_after(undropped: Mapping[str, str], event_type: str,
+                    data: Mapping[str, Any]) -> dict[str, str]:
+    """An app's add-ons destroyed in the ledger whose service may still exist (add-on name
+    -> kind): AddonDestroyed adds one; AddonDropped (its service gone) or an AddonCreated of
+    that name (a new one, made once the old was gone) removes it."""
+    out = {k: v for k, v in undropped.items() if k != data.get("addon")}
+    if event_type == "AddonDestroyed":
+        out[data["addon"]] = data["kind"]
+    return out

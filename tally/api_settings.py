@@ -77,6 +77,13 @@ def destroy_addon(cfg: Config, kind: str, app: str) -> None:
             addons.drop_database(cluster, app)
 
 
+def drop_addon(cfg: Config, kind: str, app: str) -> None:
+    """The final backup, then the drop, as the API's route does: the add-ons' reaper's
+    retry of a drop that failed (agents/addonreaper.py)."""
+    PlatformAddonBackups(cfg, cfg.cluster().dsn("tally_writer")).final(app, kind)
+    destroy_addon(cfg, kind, app)
+
+
 def api_settings(cfg: Config) -> Settings:
     """The API wired to this platform: the ledger, the bundle store, the app log files."""
     from agents import logs

@@ -34,6 +34,8 @@ def daemons(cfg: Config) -> list[tuple[str, list[str], str]]:
     out.append(("api", ["serve", "api", "--bind", cfg.api_bind], f"http://{cfg.api_bind}"))
     out.append(("collector", ["serve", "collector"], f"{cfg.collector} -> {cfg.app_logs_dir}"))
     out.append(("placer", ["serve", "placer"], "places instances (its decisions: tally events)"))
+    out.append(("addon-reaper", ["serve", "addons"],
+                "retries add-on drops that failed (AddonDropped once done: tally events)"))
     out.append(("retention", ["serve", "retention"],
                 "heartbeats older than 1h, stats samples older than 7d, removed every 5m"))
     out.append(("backups", ["serve", "backups"],

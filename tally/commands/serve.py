@@ -56,6 +56,36 @@ def serve_retention(cfg: Config, every: str, older_than: str,
             stop.wait(period.total_seconds())
 
 
+@serve.command("addons")
+@click.option("--every", default="10s", show_default=True, help="Time between rounds.")
+@click.option("--grace", default="60s", show_default=True,
+              help="An add-on destroyed this recently is left to the API dropping it.")
+@click.pass_obj
+@fail_cleanly
+def serve_addons(cfg: Config, every: str, grace: str) -> None:
+    """Retry the drops of destroyed add-ons that failed (their databases and Redis servers
+    on this machine, the API's), each recorded as AddonDropped once done."""
+    from datetime import UTC, datetime
+    from functools import partial
+
+    from agents.addonreaper import Reaper
+    from ledger import Ledger, LedgerError
+    from tally.api_settings import drop_addon
+
+    daemon_logging()
+    period = parse_age(every)
+    stop = stop_event()
+    log = logging.getLogger("tally.addons")
+    with Ledger(cfg.cluster().dsn("tally_writer")) as ledger:
+        reaper = Reaper(ledger, partial(drop_addon, cfg), grace=parse_age(grace))
+        while not stop.is_set():
+            try:
+                reaper.tick(datetime.now(UTC))
+            except (LedgerError, psycopg2.Error) as exc:
+                log.warning("add-ons round failed, trying at the next: %s", exc)
+            stop.wait(period.total_seconds())
+
+
 @serve.command("relay")
 @click.option("--endpoint", help="ZeroMQ PUB endpoint to bind (default: the first relay).")
 @click.option("--poll-interval", default=1.0, show_default=True, help="Seconds.")

@@ -1,10 +1,14 @@
 """A whole deploy as a developer sees it: `tally deploy` against a private platform (ledger,
 relays, projectors, placer, one host agent, the API) follows the rollout until the
-instance answers HTTP, then `tally ps` shows it; a crashing app is reported with why."""
+instance answers HTTP, then `tally ps` shows it; a crashing app is reported with why; a
+Celery `worker:` runs tasks through the app's Redis add-on."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +19,14 @@ import requests
 
 from ledger.cluster import Cluster
 from tests.api_process import ApiProcess
-from tests.conftest import RelayProcs, destroy_cluster, free_ports, make_cluster, tally_env
+from tests.conftest import (
+    RelayProcs,
+    destroy_cluster,
+    free_port_range,
+    free_ports,
+    make_cluster,
+    tally_env,
+)
 from tests.e2e.test_cli import Tally
 from tests.fixtures.apps.fleet import AgentProc, Daemon, builder, placer
 from tests.waiting import wait_until
@@ -29,12 +40,14 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Tally, 
     relays = RelayProcs(cluster)
     relays.start(0)
     relays.start(1)
-    env = {"TALLY_RELAYS": ",".join(relays.endpoints)}
+    redis_low, redis_high = free_port_range(4)  # the Redis add-ons' (API and agent agree)
+    redis = {"TALLY_REDIS_PORTS": f"{redis_low}-{redis_high}"}
+    env = {"TALLY_RELAYS": ",".join(relays.endpoints), **redis}
     projectors = Daemon(cluster, "projectors", ["projectors", "--poll-interval", "0.2"], **env)
     place = placer(cluster, relays.endpoints)
     build = builder(cluster)
     low = free_ports(1)[0]
-    agent = AgentProc(cluster, "h1", (low, low + 9), relays.endpoints)
+    agent = AgentProc(cluster, "h1", (low, low + 9), relays.endpoints, env=redis)
     api = ApiProcess(tally_env(cluster, **env), free_ports(1)[0])
     try:
         for daemon in (projectors, place, build, agent):
@@ -51,6 +64,9 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Tally, 
         for daemon in (agent, build, place, projectors):
             daemon.kill()
         agent.kill_apps()
+        from agents import redisaddon
+
+        redisaddon.stop_all(cluster.root.parent / "redis")
         relays.stop()
         for log in cluster.root.parent.glob("*.log"):  # for a look after a failure
             (tmp_path_factory.getbasetemp() / log.name).write_bytes(log.read_bytes())
@@ -174,3 +190,44 @@ def test_a_failing_release_phase_prints_its_output_and_nothing_serves(
     assert "       migrating the schema\n" in r.stderr, r.stderr
     assert "       migration failed: table already exists\n" in r.stderr
     assert "nothing of the app was serving before" in r.stderr
+
+
+CELERY_CLIENT = """
+import json, sys
+from celery import Celery
+url, task, args = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+client = Celery(broker=url, backend=url)
+print(json.dumps(client.send_task(task, args).get(timeout=120)))
+"""
+
+
+def test_a_deployed_celery_worker_runs_tasks_through_its_redis_addon(
+        platform: tuple[Tally, Any]) -> None:
+    """A `worker:` process type from a slug the builder built, run by the host agent as the
+    app's user, takes its tasks from the app's Redis add-on (REDIS_URL, broker and result
+    backend) and reaches no other app's Redis, though a member points a *_URL at it."""
+    tally, _ = platform
+    app, other = f"celery-{uuid.uuid4().hex[:6]}", f"other-{uuid.uuid4().hex[:6]}"
+    for name in (app, other):
+        tally("apps:create", name)
+        tally("addons:create", "-a", name, "redis")
+    url = tally.json("config", "-a", app)["REDIS_URL"]
+    theirs = tally.json("config", "-a", other)["REDIS_URL"]
+    tally("config:set", "-a", app, f"OTHER_REDIS_URL={theirs}")
+    r = tally("deploy", "-a", app, str(APPS / "celeryworker"), "--timeout", "240", timeout=600)
+    assert "-----> Build succeeded" in r.stderr, r.stderr
+    tally("scale", "-a", app, "worker=1")
+
+    def send(task: str, *args: Any) -> Any:  # as another process of the app would
+        out = subprocess.run([sys.executable, "-c", CELERY_CLIENT, url, task, json.dumps(args)],
+                             env={**os.environ, "PYTHONWARNINGS": "ignore"},
+                             capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, (out.stderr[-1000:], tally("ps", "-a", app).stdout,
+                                     tally("logs", "-a", app, ok=False).stdout[-3000:])
+        return json.loads(out.stdout)
+    ran = send("tasks.where")
+    (row,) = [x for x in tally.json("ps", "-a", app) if x["process_type"] == "worker"]
+    assert ran["instance"] == row["instance_id"], (ran, row)
+    assert ran["uid"] != 0 and ran["home"] == "/app", "the app's user, in its slug"
+    assert ran["other_redis"] == "closed", "another app's Redis port is not this app's"
+    assert send("tasks.add", 2, 3) == 5

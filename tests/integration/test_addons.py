@@ -13,9 +13,10 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 import psycopg2
@@ -37,6 +38,7 @@ class Platform:
     api: ApiProcess
     tokens: dict[str, str]
     apps_db: Cluster
+    env: dict[str, str]
 
     @property
     def home(self) -> Path:
@@ -69,9 +71,9 @@ def platform() -> Iterator[Platform]:
     c = make_cluster()
     db_a, db_b, proxy, api_port = free_ports(4)
     low, high = free_port_range(6)
-    api = ApiProcess(tally_env(c, TALLY_APPS_DB_PORTS=f"{db_a},{db_b}",
-                               TALLY_APPS_DB_PORT=str(proxy), TALLY_APPS_HA="plain",
-                               TALLY_REDIS_PORTS=f"{low}-{high}"), api_port)
+    env = tally_env(c, TALLY_APPS_DB_PORTS=f"{db_a},{db_b}", TALLY_APPS_DB_PORT=str(proxy),
+                    TALLY_APPS_HA="plain", TALLY_REDIS_PORTS=f"{low}-{high}")
+    api = ApiProcess(env, api_port)
     try:
         api.wait_ready()
         with Ledger(c.dsn()) as ledger:
@@ -79,7 +81,7 @@ def platform() -> Iterator[Platform]:
                       "ann": create_user(ledger, "ann", "member"),
                       "bob": create_user(ledger, "bob", "member")}
         p = Platform(c, api, tokens, Cluster(ClusterSpec(c.root.parent / "appsdb",
-                                                         ports=(db_a, db_b))))
+                                                         ports=(db_a, db_b))), env)
         for who, app in (("ann", "blog"), ("ann", "shop"), ("bob", "evil")):
             r = p.call(who, "POST", "/apps", {"name": app})
             assert r.status_code == 201, r.text
@@ -137,7 +139,7 @@ def test_create_list_attach_detach_and_destroy_through_the_cli(platform: Platfor
     assert not _connects(url), "its credentials open nothing any more"
     assert "DATABASE_URL" not in p.config("blog")
     assert "BLOG_DATABASE_URL" not in p.config("shop"), "detached from the apps sharing it"
-    assert p.events("blog") == ["AddonCreated", "AddonDestroyed"]
+    assert p.events("blog") == ["AddonCreated", "AddonDestroyed", "AddonDropped"]
     assert p.events("shop") == ["AddonAttached", "AddonDetached"]
 
     again = p.tally("ann", "addons:create", "-a", "blog", "postgresql")
@@ -215,38 +217,6 @@ def test_redis_per_app_with_its_password_and_no_admin_commands(platform: Platfor
         shop.close()
 
 
-def test_a_celery_worker_processes_tasks_through_its_redis(platform: Platform,
-                                                           tmp_path: Path) -> None:
-    """A `worker:` process as an app runs it (celery -A tasks worker), Redis as its broker
-    and result backend, from REDIS_URL alone."""
-    p = platform
-    if "REDIS_URL" not in p.config("blog"):
-        assert p.call("ann", "POST", "/apps/blog/addons", {"kind": "redis"}).ok
-    (tmp_path / "tasks.py").write_text(textwrap.dedent("""
-        import os
-        from celery import Celery
-        app = Celery("tasks", broker=os.environ["REDIS_URL"], backend=os.environ["REDIS_URL"])
-
-        @app.task
-        def add(x, y):
-            return x + y
-    """))
-    env = {**os.environ, "REDIS_URL": p.config("blog")["REDIS_URL"], "PYTHONWARNINGS": "ignore"}
-    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "tasks", "worker",
-                               "--pool", "solo", "--loglevel", "WARNING"], cwd=tmp_path,
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        sent = subprocess.run([sys.executable, "-c", "import tasks; "
-                               "print(tasks.add.delay(2, 3).get(timeout=90))"],
-                              cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=120)
-        assert sent.returncode == 0, sent.stderr
-        assert sent.stdout.strip() == "5"
-    finally:
-        worker.terminate()
-        worker.wait(30)
-
-
 def test_deleting_an_app_leaves_no_database_role_or_redis(platform: Platform) -> None:
     p = platform
     assert p.call("ann", "POST", "/apps", {"name": "temp"}).status_code == 201
@@ -270,7 +240,8 @@ def test_deleting_an_app_leaves_no_database_role_or_redis(platform: Platform) ->
     with pytest.raises(redis.ConnectionError):
         redis.Redis.from_url(config["REDIS_URL"], socket_connect_timeout=2).ping()
     assert "TEMP_DB_URL" not in p.config("shop"), "detached from the app sharing it"
-    assert p.events("temp")[-2:] == ["AddonDestroyed", "AddonDestroyed"]
+    assert p.events("temp")[-4:] == ["AddonDestroyed", "AddonDestroyed", "AddonDropped",
+                                     "AddonDropped"]
     with Ledger(p.cluster.dsn()) as ledger:  # each taken once more, before it was dropped
         for target in ("addon:temp", "redis:temp"):
             kept = [e for e in ledger.read_stream(f"backup-{target}")
@@ -312,3 +283,45 @@ def test_addons_survive_a_stop_and_start_with_the_same_urls(platform: Platform) 
     made = p.tally("ann", "addons:create", "-a", "evil", "redis")
     assert made.returncode == 1 and "not the owner or a member" in made.stderr  # bob's app
     assert p.tally("bob", "addons:create", "-a", "evil", "redis").returncode == 0
+
+
+def test_a_drop_that_failed_is_retried_by_the_reaper_then_the_addon_can_be_made_again(
+        platform: Platform) -> None:
+    """Before: a drop that failed after AddonDestroyed left the database for an operator,
+    and every later addons:create of it answered 409. Now the add-ons' reaper (tally serve
+    addons) drops it from the ledger's word, records AddonDropped, and create works."""
+    from agents.addonreaper import Reaper
+    from tally.api_settings import drop_addon
+    from tally.config import Config
+
+    p = platform
+    assert p.call("ann", "POST", "/apps", {"name": "kept"}).status_code == 201
+    assert p.call("ann", "POST", "/apps/kept/addons", {"kind": "postgresql"}).status_code == 201
+    admin = psycopg2.connect(p.apps_db.node_dsn(p.apps_db.primary(), "postgres", "postgres"))
+    admin.autocommit = True
+    with admin.cursor() as cur:  # a real failure: PostgreSQL drops no template database
+        cur.execute("ALTER DATABASE app_kept IS_TEMPLATE true")
+    r = p.call("ann", "DELETE", "/apps/kept/addons/postgresql-kept")
+    assert r.status_code == 503 and "retries" in r.json()["message"], r.text
+    assert p.events("kept")[-1] == "AddonDestroyed"
+    r = p.call("ann", "POST", "/apps/kept/addons", {"kind": "postgresql"})
+    assert r.status_code == 409 and "not dropped yet" in r.json()["message"], r.text
+
+    with Ledger(p.cluster.dsn()) as ledger:
+        reaper = Reaper(ledger, partial(drop_addon, Config.from_env(p.env)),
+                        grace=timedelta(0))
+        now = datetime.now(UTC)
+        assert reaper.tick(now) == [], "still a template: the retry fails and waits"
+        assert reaper.tick(now + timedelta(seconds=1)) == [], "backing off"
+        with admin.cursor() as cur:
+            cur.execute("ALTER DATABASE app_kept IS_TEMPLATE false")
+        assert reaper.tick(now + timedelta(hours=1)) == ["postgresql-kept"]
+        assert reaper.tick(now + timedelta(hours=2)) == [], "dropped once"
+    with admin.cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_database WHERE datname = 'app_kept'")
+        assert cur.fetchone() == (0,)
+    admin.close()
+    assert p.events("kept")[-1] == "AddonDropped"
+    r = p.call("ann", "POST", "/apps/kept/addons", {"kind": "postgresql"})
+    assert r.status_code == 201, r.text
+    assert _connects(p.config("kept")["DATABASE_URL"])

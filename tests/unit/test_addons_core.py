@@ -143,3 +143,35 @@ def test_a_redis_backup_key_that_is_a_link_is_not_read(tmp_path: Path) -> None:
     (app_dir / "backup.key").symlink_to(secret)
     with pytest.raises(redisaddon.RedisError, match="no backup user"):
         redisaddon.copy_rdb(tmp_path / "r", "blog", tmp_path / "out.rdb")
+
+
+def test_a_destroyed_addon_not_yet_dropped_blocks_a_new_one_until_dropped() -> None:
+    """AddonDestroyed without AddonDropped (a drop that failed): a new add-on of that name
+    would meet the old database, so it waits (409 naming the reaper) until the drop is
+    recorded, across a delete and re-create of the app too."""
+    from agents.addonreaper import undropped
+
+    gone = {"app": "blog", "addon": "postgresql-blog", "kind": "postgresql"}
+    made = decide.create_addon(_folded("blog", []), "postgresql", "standard", "u", "h:1")
+    destroyed = [*made, NewEvent("AddonDestroyed", gone), NewEvent("AppDeleted",
+                                                                   {"name": "blog"}),
+                 NewEvent("AppCreated", {"name": "blog", "owner": "ann"})]
+    blog = _folded("blog", destroyed)
+    assert blog.undropped == {"postgresql-blog": "postgresql"} and blog.addons == ()
+    with pytest.raises(Conflict, match="not dropped yet: the add-ons' reaper"):
+        decide.create_addon(blog, "postgresql", "standard", "u", "h:1")
+    decide.create_addon(blog, "redis", "mini", "r", "h:2")  # another kind is free
+    dropped = _folded("blog", [*destroyed, NewEvent("AddonDropped", gone)])
+    assert dropped.undropped == {}
+    assert decide.create_addon(dropped, "postgresql", "standard", "u", "h:1")
+
+    at = datetime(2026, 12, 6, tzinfo=UTC)
+    recorded = [RecordedEvent(i + 1, i + 1, f"app-{d['app']}", i + 1, t, d, {}, at)
+                for i, (t, d) in enumerate([
+                    ("AddonDestroyed", gone),
+                    ("AddonDestroyed", {**gone, "app": "shop", "addon": "redis-shop",
+                                        "kind": "redis"}),
+                    ("AddonDropped", {**gone, "app": "shop", "addon": "redis-shop",
+                                      "kind": "redis"})])]
+    (left,) = undropped(recorded).items()
+    assert (left[0], left[1].app, left[1].kind) == ("postgresql-blog", "blog", "postgresql")
