@@ -27,7 +27,7 @@ from urllib.parse import quote
 import psycopg2
 from psycopg2 import sql
 
-from agents.appsdb import address
+from agents.appsdb import address, ensure_server_user
 from ledger.cluster import Cluster
 
 
@@ -43,6 +43,7 @@ def ensure_cluster(cluster: Cluster) -> None:
     with open(lock, "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         if not cluster.initialized():
+            ensure_server_user(cluster.spec.os_user)
             cluster.init()
         cluster.start()
 

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -27,6 +29,7 @@ import psutil
 
 from agents import dbroute
 from ledger.cluster import Cluster, ClusterSpec, pid_alive
+from ledger.errors import ClusterError
 from ledger.patroni import HA, HASpec, PatroniCluster, Process, ledger_cluster, writes_pid
 
 SCOPE = "tally-apps"
@@ -34,6 +37,10 @@ PROXY_FILE = "proxy.json"
 """In the cluster's folder: the stable address's port and kind ("via": nat or haproxy),
 fixed when the cluster is made (apps' URLs name the port, so a later change of
 TALLY_APPS_DB_PORT must not move it)."""
+SERVER_USER = "tally_appsdb"
+"""The apps' cluster's OS user: not `postgres`, the ledger cluster's, so a compromise of one
+server (an app's database role is a tenant's) reaches none of the other's files. An
+underscore: never an app's user (agents/users.py names those tally-APP)."""
 ROUTER = "router"
 """The NAT watcher's process name (agents/dbroute.py)."""
 
@@ -152,6 +159,7 @@ class AppsCluster(PatroniCluster):
         return ProxiedHA(base.spec, base.secrets, self.proxy_port, self.via)
 
     def init(self) -> None:
+        ensure_server_user(self.spec.os_user)
         super().init()
         (self.root / PROXY_FILE).write_text(json.dumps({"port": self.proxy_port,
                                                         "via": self.via}))
@@ -176,13 +184,43 @@ class AppsCluster(PatroniCluster):
         return ROUTER if self.via == "nat" else "haproxy"
 
 
+def server_user(root: Path) -> str:
+    """The OS user the apps' cluster in `root` runs as: its own (SERVER_USER), or for a
+    cluster made before it had one, the owner of its first node's folder."""
+    try:
+        return pwd.getpwuid((root / "a").stat().st_uid).pw_name
+    except (FileNotFoundError, KeyError):
+        return SERVER_USER
+
+
+def ensure_server_user(name: str) -> None:
+    """Create the cluster's OS user (a system user with its own group, no home, no shell)
+    unless it exists; only root can, and only root needs one."""
+    if os.geteuid() != 0:
+        return
+    try:
+        pwd.getpwnam(name)
+        return
+    except KeyError:
+        pass
+    proc = subprocess.run(["useradd", "--system", "--user-group", "--no-create-home",
+                           "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", name],
+                          capture_output=True, text=True)
+    try:
+        pwd.getpwnam(name)  # made now, or by another process meanwhile
+    except KeyError:
+        raise ClusterError(f"cannot create the apps' cluster's user {name}: "
+                           f"{proc.stderr.strip()}") from None
+
+
 def apps_cluster(root: Path, ports: tuple[int, int], proxy_port: int, bin_dir: Path,
                  ha: bool, ha_ports: tuple[int, int, int, int] | None = None) -> Cluster:
     """The apps' cluster in `root` as it was made (an existing plain one stays plain); a
     new one under Patroni unless `ha` is False (then a plain primary + standby, reached at
-    its primary's own port: for tests and machines without Patroni)."""
+    its primary's own port: for tests and machines without Patroni). It runs as its own OS
+    user (server_user)."""
     spec = ClusterSpec(root, ports=ports, dbname="tally_apps", bin_dir=bin_dir, ledger=False,
-                       extra_settings=dict(PRIVATE_LOGS))
+                       extra_settings=dict(PRIVATE_LOGS), os_user=server_user(root))
 
     def make(spec: ClusterSpec, ports: tuple[int, int, int, int], scope: str) -> AppsCluster:
         return AppsCluster(spec, ports, scope, proxy_port)

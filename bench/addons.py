@@ -45,7 +45,7 @@ def make_cluster(home: Path, via: str | None) -> appsdb.AppsCluster:
     a, b, proxy, *ha = free_ports(7)
     cluster = appsdb.AppsCluster(
         ClusterSpec(home / "appsdb", ports=(a, b), dbname="tally_apps", ledger=False,
-                    extra_settings=dict(appsdb.PRIVATE_LOGS)),
+                    extra_settings=dict(appsdb.PRIVATE_LOGS), os_user=appsdb.SERVER_USER),
         (ha[0], ha[1], ha[2], ha[3]), proxy_port=proxy, via=via)
     cluster.init()
     cluster.ha.wait_members(2, 180)

@@ -9,6 +9,7 @@ Real Patroni, etcd, nftables and PostgreSQL; one cluster for the module."""
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -19,13 +20,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import dj_database_url
+import psutil
 import psycopg
 import psycopg2
 import pytest
 import sqlalchemy
 
 from agents import addons, appsdb, dbroute, netrules
-from ledger.cluster import ClusterSpec
+from ledger.cluster import Cluster, ClusterSpec
 from tests.conftest import free_ports
 from tests.waiting import wait_until
 
@@ -39,7 +41,7 @@ def apps() -> Iterator[appsdb.AppsCluster]:
     a, b, proxy, *ha_ports = free_ports(7)
     cluster = appsdb.AppsCluster(
         ClusterSpec(home / "appsdb", ports=(a, b), dbname="tally_apps", ledger=False,
-                    extra_settings=dict(appsdb.PRIVATE_LOGS)),
+                    extra_settings=dict(appsdb.PRIVATE_LOGS), os_user=appsdb.SERVER_USER),
         (ha_ports[0], ha_ports[1], ha_ports[2], ha_ports[3]), proxy_port=proxy)
     cluster.init()
     cluster.ha.wait_members(2, 120)
@@ -228,6 +230,28 @@ def test_an_app_reaches_the_primary_by_the_stable_port_and_no_node_directly(
     table = subprocess.run(["nft", "list", "table", "ip", dbroute.table_name(apps.proxy_port)],
                            capture_output=True, text=True).stdout
     assert f"dnat to 127.0.0.1:{primary}" in table
+
+
+def test_the_apps_cluster_runs_as_its_own_user_apart_from_the_ledgers(
+        apps: appsdb.AppsCluster, cluster: Cluster) -> None:
+    """Not `postgres`, the ledger cluster's user: the apps' server (whose roles are tenants')
+    cannot read the ledger's files, nor the ledger's server the apps'."""
+    if os.geteuid() != 0:
+        pytest.skip("not root: both clusters run as whoever starts them")
+    user = pwd.getpwnam(appsdb.SERVER_USER)
+    assert apps.spec.os_user == appsdb.SERVER_USER != cluster.spec.os_user == "postgres"
+    for node in ("a", "b"):
+        assert apps.node_dir(node).stat().st_uid == user.pw_uid
+        assert psutil.Process(apps.postmaster_pid(node)).uids().real == user.pw_uid
+    ha = apps.ha
+    assert all(psutil.Process(ha.pid(p.name)).uids().real == user.pw_uid
+               for p in ha.processes() if p.user)  # etcd and Patroni; the NAT's is root's
+    assert user.pw_gid != pwd.getpwnam("postgres").pw_gid
+    for who, theirs in ((appsdb.SERVER_USER, cluster.node_dir(cluster.primary())),
+                        ("postgres", apps.node_dir(apps.primary()))):
+        read = subprocess.run(["ls", str(theirs)], user=who, group=who, extra_groups=[],
+                              capture_output=True, text=True)
+        assert read.returncode != 0 and "Permission denied" in read.stderr, (who, read)
 
 
 def _connect(url: str) -> psycopg2.extensions.connection | None:
