@@ -23,6 +23,7 @@ import pwd
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -193,24 +194,28 @@ def server_user(root: Path) -> str:
         return SERVER_USER
 
 
-def ensure_server_user(name: str) -> None:
+def ensure_server_user(name: str, timeout: float = 30.0) -> None:
     """Create the cluster's OS user (a system user with its own group, no home, no shell)
-    unless it exists; only root can, and only root needs one."""
+    unless it exists; only root can, and only root needs one. Another process may be
+    making it at the same moment (useradd then fails on /etc/passwd's lock): wait for it."""
     if os.geteuid() != 0:
         return
-    try:
-        pwd.getpwnam(name)
-        return
-    except KeyError:
-        pass
-    proc = subprocess.run(["useradd", "--system", "--user-group", "--no-create-home",
-                           "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", name],
-                          capture_output=True, text=True)
-    try:
-        pwd.getpwnam(name)  # made now, or by another process meanwhile
-    except KeyError:
-        raise ClusterError(f"cannot create the apps' cluster's user {name}: "
-                           f"{proc.stderr.strip()}") from None
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            pwd.getpwnam(name)
+            return
+        except KeyError:
+            pass
+        proc = subprocess.run(["useradd", "--system", "--user-group", "--no-create-home",
+                               "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin",
+                               name], capture_output=True, text=True)
+        if proc.returncode == 0:
+            continue
+        if time.monotonic() > deadline:
+            raise ClusterError(f"cannot create the apps' cluster's user {name}: "
+                               f"{proc.stderr.strip()}")
+        time.sleep(0.2)
 
 
 def apps_cluster(root: Path, ports: tuple[int, int], proxy_port: int, bin_dir: Path,
