@@ -15,6 +15,12 @@ The same namespace gets a /proc of its own, mounted `hidepid=2`: the app sees it
 uid's processes only, never another app's or the platform's command lines, environments
 or open files (the host's /proc, which other tenants' agents and the platform read, is
 left as it is: since Linux 5.8 each proc mount has its own options).
+
+And temporary folders of its own: /tmp and /var/tmp are folders of the instance's layer
+(on disk, gone with the start), /dev/shm and /run/lock small tmpfs mounts. The host's are
+shared by every uid: another tenant could read a temporary file written without a mode,
+or take a predictable path first (Django's documented /var/tmp/django_cache holds
+pickles). Files are made with umask 077 besides.
 """
 
 from __future__ import annotations
@@ -29,6 +35,11 @@ from pathlib import Path
 APP_ROOT = "/app"
 CLONE_NEWNS = 0x00020000
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+MS_BIND = 4096
+TEMP_FOLDERS = {"tmp": "/tmp", "var-tmp": "/var/tmp"}
+"""The layer's folders mounted over the host's temporary folders."""
+TEMP_MOUNTS = {"/dev/shm": b"mode=1777,size=64m", "/run/lock": b"mode=1777,size=1m"}
+"""Memory-backed temporary folders (charged to the instance's memory cgroup), capped."""
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -46,6 +57,9 @@ def fresh_layer(folder: Path, uid: int, gid: int) -> tuple[Path, Path]:
     upper.mkdir(parents=True)
     work.mkdir()
     folder.chmod(0o700)
+    for name in TEMP_FOLDERS:
+        (folder / name).mkdir()
+        (folder / name).chmod(0o1777)
     os.chown(upper, uid, gid)
     upper.chmod(0o755)
     return upper, work
@@ -58,8 +72,8 @@ def _check(result: int, what: str) -> None:
 
 
 def enter(lower: Path, upper: Path, work: Path) -> None:
-    """In the child (root): a private mount namespace with the overlay at /app and a
-    /proc that shows the app only its own processes."""
+    """In the child (root): a private mount namespace with the overlay at /app, a /proc
+    that shows the app only its own processes, and temporary folders of its own."""
     _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     _check(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "making / private")
     options = f"lowerdir={lower},upperdir={upper},workdir={work}".encode()
@@ -67,6 +81,17 @@ def enter(lower: Path, upper: Path, work: Path) -> None:
            f"mounting the overlay at {APP_ROOT}")
     _check(_libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC,
                        b"hidepid=2"), "mounting a private /proc (hidepid=2)")
+    # Opened first: the layer may itself be under /tmp, which the first mount covers.
+    sources = {target: os.open(upper.parent / name, os.O_PATH | os.O_DIRECTORY)
+               for name, target in TEMP_FOLDERS.items()}
+    for target, fd in sources.items():
+        _check(_libc.mount(f"/proc/self/fd/{fd}".encode(), target.encode(), None, MS_BIND,
+                           None), f"mounting a private {target}")
+        os.close(fd)
+    for target, options in TEMP_MOUNTS.items():
+        if os.path.isdir(target):
+            _check(_libc.mount(b"tmpfs", target.encode(), b"tmpfs", MS_NOSUID | MS_NODEV,
+                               options), f"mounting a private {target}")
     os.chdir(APP_ROOT)
 
 
@@ -77,9 +102,11 @@ def prepare_mountpoint() -> None:
 
 def child_setup(lower: Path, upper: Path, work: Path,
                 then: Callable[[], None] | None) -> Callable[[], None]:
-    """A preexec step: mount /app, then `then` (become the app's user)."""
+    """A preexec step: mount /app and the rest, files private by default (umask 077),
+    then `then` (become the app's user)."""
     def setup() -> None:
         enter(lower, upper, work)
+        os.umask(0o077)
         if then is not None:
             then()
 

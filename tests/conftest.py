@@ -70,9 +70,16 @@ def free_port_range(n: int, attempts: int = 200) -> tuple[int, int]:
     raise RuntimeError(f"no {n} consecutive free ports found")
 
 
+TEST_HOMES = Path("/var/lib/tally-tests")
+"""Where test clusters (and the homes beside them) are made: not under /tmp, which apps
+see a private one of (agents/runtime.py), since tests ask whether the platform's modes,
+not a mount, shut an app out of them."""
+
+
 def make_cluster() -> Cluster:
     """A fresh migrated cluster in a temporary folder the postgres user can reach."""
-    root = Path(tempfile.mkdtemp(prefix="tally-test-"))
+    TEST_HOMES.mkdir(mode=0o755, parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="tally-test-", dir=TEST_HOMES))
     root.chmod(0o755)
     a, b = free_ports(2)
     cluster = Cluster(ClusterSpec(root / "ledger", ports=(a, b)))

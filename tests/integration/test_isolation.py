@@ -641,8 +641,9 @@ def test_a_web_command_that_binds_port_itself_gets_it_at_its_first_start_and_onl
             kinds = [e.type for e in ledger.read_stream(f"instance-{iid}")]
         assert "InstanceExited" not in kinds, f"the victim's first start failed: {kinds}"
         assert kinds.count("InstanceStarted") == 1, kinds
-        wait_until(note.exists, 10, "the attacker's squat noted")
-        noted = note.read_text().splitlines()
+        attacker = two_apps["attacker"]  # the note is in its own private /tmp
+        wait_until(lambda: probe(attacker, "read", note)["ok"], 10, "the attacker's squat noted")
+        noted = probe(attacker, "read", note)["result"].splitlines()
         assert "bound" not in noted, f"the squatter took the victim's port: {noted}"
         assert "refused EPERM" in noted, noted
         others = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
@@ -652,6 +653,22 @@ def test_a_web_command_that_binds_port_itself_gets_it_at_its_first_start_and_onl
                 pass
     finally:
         note.unlink(missing_ok=True)
+
+
+def test_an_apps_temporary_folders_are_its_own(fleet: Fleet,
+                                                two_apps: dict[str, Any]) -> None:
+    """The review's case: tenants shared the host's /tmp, /var/tmp and /dev/shm with umask
+    022, so a temp file written without a mode was every tenant's to read, and a
+    predictable path (Django's /var/tmp/django_cache) another's to take first."""
+    victim, attacker = two_apps["victim"], two_apps["attacker"]
+    mark = uid()
+    for folder in ("/tmp", "/var/tmp", "/dev/shm", "/run/lock"):
+        path = Path(folder) / f"tally-temp-{mark}"
+        assert probe(victim, "write", path, "the victim's secret")["ok"], folder
+        assert probe(victim, "read", path)["result"] == "the victim's secret"
+        assert not probe(attacker, "read", path)["ok"], f"another app read {path}"
+        assert not path.exists(), f"{path} reached the host's {folder}"
+    assert probe(victim, "umask", "")["result"] == 0o077
 
 
 # --- identities ----------------------------------------------------------------------------
@@ -699,25 +716,20 @@ def test_a_uid_another_user_holds_is_refused(tmp_path: Path) -> None:
 
 def test_a_deleted_apps_user_goes_with_its_processes_and_files_everywhere(
         fleet: Fleet) -> None:
-    """Its 0600 files in /tmp and /dev/shm, and a process it left behind, go with it."""
+    """A process it left behind goes with it, and its user. (Its temporary files were in
+    its instance's own folders, never the host's: test_an_apps_temporary_folders_are_its_own;
+    files a deleted app left in the host's, from before, are removed by users.remove:
+    test_removing_a_deleted_apps_files_never_follows_a_swapped_folder.)"""
     from agents import users
     from tests.waiting import wait_until
 
     name = f"gone-{uid()}"
     port, app_uid, iid = fleet.deploy(name)
-    mark = uid()
-    left = [Path("/tmp") / f"tally-left-{mark}", Path("/dev/shm") / f"tally-left-{mark}",
-            Path("/tmp") / f"tally-dir-{mark}"]
-    for path in left[:2]:
-        assert probe(port, "write", path, "the old tenant's secret")["ok"]
-    assert probe(port, "write", Path("/tmp") / f"tally-dir-{mark}", "")["ok"]
-    assert all(p.stat().st_uid == app_uid for p in left)
     stray = probe(port, "spawn", "", "")["result"]
     assert psutil.Process(stray).uids().real == app_uid
     fleet.delete(name, iid)
     wait_until(lambda: users._entry(users.user_name(name)) is None, 60,
                "the deleted app's user removed by the agent's cleanup")
-    assert [p for p in left if p.exists()] == []
     assert not [p for p in psutil.process_iter(["uids"])
                 if p.info["uids"] and p.info["uids"].real == app_uid]
 
