@@ -165,14 +165,16 @@ def _app(name: str, needed: set[int], fold: Placements) -> dict[str, Any] | None
     slugs = _slugs(state, shown | {n for n in (current, deployed) if n is not None})
     return {
         "current": current, "deployed": deployed, "sizes": dict(state.sizes), "uid": state.uid,
-        "failed": {str(n): reason for n, reason in failed.items()},
+        # Reasons quote a failed release phase's output: the app's, not a host's to read
+        # unless the app is here (an agent may ask of any app it still has files of).
+        "failed": {str(n): reason if here else "" for n, reason in failed.items()},
         "releases": {str(r.number): {"digest": r.bundle_digest,
                                      "procfile": r.procfile if here else {},
                                      "config_version": r.config_version,
                                      "slug": slugs.get(r.number)}
                      for r in state.releases},
         "configs": _configs(state, shown),
-        "addons": addon_places(state),
+        "addons": addon_places(state) if here else [],
     }
 
 

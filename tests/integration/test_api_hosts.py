@@ -95,10 +95,17 @@ def test_a_host_reads_its_desired_state_and_nothing_of_others(world: World) -> N
     assert moved["changed"] is True and moved["version"] > version
     assert mine[0]["instance_id"] not in [p["instance_id"] for p in moved["placements"]]
 
-    # apps with files on the host: whether they exist; no config of apps not placed here
+    # apps with files on the host: whether they exist; no config of apps not placed here,
+    # nor why their releases failed (a release phase's output is quoted in the reason)
+    world.ledger.append(f"placement-{other_app}", [NewEvent("ReleaseFailed", {
+        "app": other_app, "release": 1, "reason": "release phase: THEIRS-OUTPUT"})])
+    world.ledger.sequence()
     asked = world.call("agent", "GET", f"/hosts/{world.host}/desired?apps={other_app}"
-                                       f"&apps=gone-{uid()}").json
+                                       f"&apps=gone-{uid()}")
+    assert "THEIRS-OUTPUT" not in asked.get_data(as_text=True)
+    asked = asked.json
     assert asked["apps"][other_app]["configs"] == {}
+    assert asked["apps"][other_app]["addons"] == []
     assert set(asked["apps"]) - {p["app"] for p in asked["placements"]} == {other_app}
 
 
