@@ -71,6 +71,7 @@ class Reaper:
     next_try: dict[str, tuple[datetime, timedelta]] = field(default_factory=dict)
 
     def catch_up(self) -> None:
+        self.ledger.sequence()  # as the placer does: not waiting for a relay to move the head
         while batch := self.ledger.read_all(self.position, categories=["app"],
                                             types=list(ADDON_DROP_EVENTS), limit=1000):
             self.pending = undropped(batch, self.pending)

@@ -26,10 +26,11 @@ import requests
 
 from agents import redisaddon
 from api.auth import create_user
-from ledger import Ledger
+from ledger import Ledger, NewEvent
 from ledger.cluster import Cluster, ClusterSpec
 from tests.api_process import ApiProcess
 from tests.conftest import destroy_cluster, free_port_range, free_ports, make_cluster, tally_env
+from tests.waiting import wait_until
 
 
 @dataclass
@@ -325,3 +326,26 @@ def test_a_drop_that_failed_is_retried_by_the_reaper_then_the_addon_can_be_made_
     r = p.call("ann", "POST", "/apps/kept/addons", {"kind": "postgresql"})
     assert r.status_code == 201, r.text
     assert _connects(p.config("kept")["DATABASE_URL"])
+
+
+def test_the_reaper_daemon_records_a_drop_with_no_relay_running(platform: Platform) -> None:
+    """`tally serve addons` as `tally up` runs it: it sequences the ledger itself (no relay
+    here), finds an add-on destroyed and not dropped (its Redis already gone), records
+    AddonDropped, and stops cleanly on SIGTERM."""
+    p = platform
+    with Ledger(p.cluster.dsn()) as ledger:
+        ledger.append("app-ghost", [
+            NewEvent("AppCreated", {"name": "ghost", "owner": "ann"}),
+            NewEvent("AddonDestroyed", {"app": "ghost", "addon": "redis-ghost",
+                                        "kind": "redis"})])
+    daemon = subprocess.Popen([sys.executable, "-m", "tally.cli", "serve", "addons", "--every",
+                               "0.2s", "--grace", "0s"], env=p.env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: p.events("ghost")[-1:] == ["AddonDropped"], 60,
+                   "the reaper's AddonDropped")
+    finally:
+        daemon.terminate()
+        out = daemon.communicate(timeout=30)[0]
+    assert daemon.returncode == 0, out
+    assert "dropped redis-ghost" in out
