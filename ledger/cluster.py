@@ -26,6 +26,7 @@ from typing import Any
 import psycopg2
 
 from ledger.errors import ClusterError
+from ledger.files import write_for
 
 NODES = ("a", "b")
 ROLES = ("tally_owner", "tally_writer", "tally_reader", "tally_replicator")
@@ -197,6 +198,11 @@ class Cluster:
         if os.geteuid() == 0:
             shutil.chown(path, self.spec.os_user, self.spec.os_user)
 
+    @property
+    def _owner(self) -> str | None:
+        """Who files root writes into the server's folders belong to (ledger/files.py)."""
+        return self.spec.os_user if os.geteuid() == 0 else None
+
     # -- lifecycle ------------------------------------------------------------------------
     def init(self) -> None:
         """Create both nodes: initdb the primary, add roles and the database, base-backup
@@ -286,8 +292,7 @@ class Cluster:
         marker = "# --- tally node settings ---"
         base = conf.read_text().split(marker)[0]
         lines = [f"{k} = {v}" for k, v in settings.items()]
-        conf.write_text(base + marker + "\n" + "\n".join(lines) + "\n")
-        self._chown(conf)
+        write_for(conf, base + marker + "\n" + "\n".join(lines) + "\n", self._owner)
 
     def _create_roles(self, creds: dict[str, str], node: str = "a",
                       roles: tuple[str, ...] = ROLES, slots: bool = True) -> None:
@@ -341,8 +346,7 @@ class Cluster:
             "-U", "tally_replicator", "-D", target, "-X", "stream", "--checkpoint=fast",
             env={"PGPASSWORD": password},
         )
-        (target / "standby.signal").touch()
-        self._chown(target / "standby.signal")
+        write_for(target / "standby.signal", "", self._owner)
         self._write_node_conf(node)
 
     def start_node(self, node: str) -> None:
@@ -531,8 +535,7 @@ class Cluster:
                 f"host={self.spec.host} port={self.port(primary)} user=postgres "
                 f"password={password} dbname=postgres",
             )
-            (self.node_dir(node) / "standby.signal").touch()
-            self._chown(self.node_dir(node) / "standby.signal")
+            write_for(self.node_dir(node) / "standby.signal", "", self._owner)
             self._write_node_conf(node)
             self.start_node(node)
             self.wait_streaming(primary, node, timeout=15, settle=1.0)

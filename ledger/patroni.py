@@ -59,6 +59,7 @@ import psycopg2
 
 from ledger.cluster import DEFAULT_BIN, NODES, ROLES, Cluster, ClusterSpec, pid_alive
 from ledger.errors import ClusterError
+from ledger.files import write_for
 
 TIMINGS = {"ttl": 20, "loop_wait": 1, "retry_timeout": 3}
 _CHILDREN: list[subprocess.Popen] = []
@@ -239,18 +240,20 @@ class HA:
             self._chown(path)
         wrapper = rewind_wrapper(self.spec)
         # "--help" stays first when Patroni asks whether pg_rewind works.
-        wrapper.write_text(f'#!/bin/sh\nexec {self.spec.bin_dir / "pg_rewind"} "$@" --progress\n')
-        wrapper.chmod(0o755)
+        write_for(wrapper, f'#!/bin/sh\nexec {self.spec.bin_dir / "pg_rewind"} "$@" --progress\n',
+                  mode=0o755)
         for name in self.spec.names:
-            path = self.config_file(name)
-            path.touch(mode=0o600)
-            path.write_text(json.dumps(patroni_config(self.spec, name, self.secrets),
-                                       indent=1))
-            self._chown(path)
+            write_for(self.config_file(name), json.dumps(
+                patroni_config(self.spec, name, self.secrets), indent=1), self._owner)
 
     def _chown(self, path: Path) -> None:
         if os.geteuid() == 0:
             shutil.chown(path, self.spec.os_user, self.spec.os_user)
+
+    @property
+    def _owner(self) -> str | None:
+        """Who files root writes into the server user's folders belong to (ledger/files.py)."""
+        return self.spec.os_user if os.geteuid() == 0 else None
 
     # -- processes ------------------------------------------------------------------------
     def processes(self) -> list[Process]:
@@ -298,7 +301,7 @@ class HA:
                                     start_new_session=True, **as_user)
             log.close()
             _CHILDREN[:] = [p for p in _CHILDREN if p.poll() is None] + [proc]
-            self.pid_file(process.name).write_text(str(proc.pid))
+            write_for(self.pid_file(process.name), str(proc.pid), mode=0o644)
 
     def start_process(self, name: str) -> None:
         """Start one process (by name) unless it runs, detached."""
@@ -350,7 +353,7 @@ class HA:
         """Give etcd a root user and a `tally` user that may read and write only Patroni's
         keys, then turn authentication on. Safe to repeat after a crash half-way."""
         if self._etcd_auth_on(time.monotonic() + timeout):
-            self.auth_marker.write_text("on\n")
+            write_for(self.auth_marker, "on\n")
             return
         prefix = ETCD_PREFIX.encode()
         steps = [
@@ -372,7 +375,7 @@ class HA:
                 # Done before a crash, or authentication already on (nothing left to do).
                 if "already exists" not in str(exc) and "user name is empty" not in str(exc):
                     raise ClusterError(f"etcd refused {path}: {exc}") from exc
-        self.auth_marker.write_text("on\n")
+        write_for(self.auth_marker, "on\n")
 
     def _etcd_auth_on(self, deadline: float) -> bool:
         """Whether etcd checks passwords already (waiting until it answers)."""
