@@ -31,6 +31,7 @@ import psutil
 from agents import dbroute
 from ledger.cluster import Cluster, ClusterSpec, pid_alive
 from ledger.errors import ClusterError
+from ledger.files import write_for
 from ledger.patroni import HA, HASpec, PatroniCluster, Process, ledger_cluster, writes_pid
 
 SCOPE = "tally-apps"
@@ -109,9 +110,7 @@ class ProxiedHA(HA):
             self.route_file.touch(mode=0o600)
             self.route_file.write_text(self.route().to_json())
             return
-        self.haproxy_file.touch(mode=0o600)
-        self.haproxy_file.write_text(haproxy_config(self.spec, self.proxy_port))
-        self._chown(self.haproxy_file)
+        write_for(self.haproxy_file, haproxy_config(self.spec, self.proxy_port), self._owner)
 
     def processes(self) -> list[Process]:
         """etcd and Patroni, then the stable address (stopped before etcd, as the nodes
