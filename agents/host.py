@@ -171,7 +171,7 @@ class Agent:
         self.runs: RunServer | None = None
         self.ended_runs: queue.Queue[tuple[str, int, dict[str, Any]]] = queue.Queue()
         runtime.prepare_mountpoint()
-        for private in (paths.state, paths.releases, paths.state / "homes"):
+        for private in (paths.state, paths.releases, paths.state / "homes", paths.layers):
             private.mkdir(parents=True, exist_ok=True)
             private.chmod(0o711)  # apps may pass through to their own folder, not list
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prepare")

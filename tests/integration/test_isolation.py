@@ -506,7 +506,8 @@ def test_an_app_reads_none_of_the_platforms_files(fleet: Fleet,
             got = probe(port, "list", folder)
             assert not got["ok"] and got["error"] == "PermissionError", (folder, got)
     victim_files = home / "agents" / fleet.HOST
-    for path in (victim_files / "homes" / victim, victim_files / "releases" / victim):
+    for path in (victim_files / "homes" / victim, victim_files / "releases" / victim,
+                 victim_files / "instances"):  # it named every instance on the host
         got = probe(port, "list", path)
         assert not got["ok"], (path, got)
     assert probe(two_apps["victim"], "list", "/")["ok"], "the probe itself works"
