@@ -212,6 +212,16 @@ def wrk(port: int, host: str, seconds: float, connections: int = 32,
     return rps, lat["50"], lat["99"]
 
 
+def warm_up(ports: list[int], host: str, scheme: str = "http") -> None:
+    """A second of load on each, all at once (before the measured rounds): connections
+    pooled, code paths hot."""
+    runs = [subprocess.Popen(["wrk", "-t1", "-c8", "-d1s", "-H", f"Host: {host}",
+                              f"{scheme}://127.0.0.1:{port}/"], stdout=subprocess.DEVNULL)
+            for port in ports]
+    for run in runs:
+        run.wait(60)
+
+
 def rounds(cases: dict[str, Callable[[], Figures]], n: int,
            seen: dict[str, list[Figures]] | None = None) -> dict[str, Figures]:
     """Run every case once per round, rotating the order; medians per case (`seen` gets
@@ -265,8 +275,7 @@ def proxies(tmp: Path, seconds: float, n: int, procs: list) -> dict:
                            tmp / f"balancer-{port}.log"))
     for port in (backend, ngx, hap, one, two):
         wait_port(port)
-    for port in (ngx, hap, one, two):
-        wrk(port, HOST, 1)  # warm up: connections pooled, code paths hot
+    warm_up([ngx, hap, one, two], HOST)
     return rounds({
         "nginx": with_cpu(lambda: wrk(ngx, HOST, seconds), nginx_proxy.pid),
         "haproxy": with_cpu(lambda: wrk(hap, HOST, seconds), haproxy.pid),
@@ -309,7 +318,7 @@ def app(tmp: Path, seconds: float, n: int, procs: list, pinned: bool) -> dict[st
     theirs = procs[-1].pid
     for port in (direct, through, ngx):
         wait_port(port)
-        wrk(port, APP_HOST, 1, cpu=client)
+    warm_up([direct, through, ngx], APP_HOST)
     peak_seen: dict[str, list[Figures]] = {}
     paced_seen: dict[str, list[Figures]] = {}
     peak = rounds({
@@ -377,8 +386,7 @@ def tls(tmp: Path, seconds: float, n: int, procs: list) -> dict:
                         f"127.0.0.1:{ours}", "--certs", str(certs)], tmp / "tls-balancer.log"))
     for port in (backend, ngx, ours):
         wait_port(port)
-    for port in (ngx, ours):
-        wrk(port, HOST, 1, scheme="https")
+    warm_up([ngx, ours], HOST, "https")
     return rounds({
         "nginx https": lambda: wrk(ngx, HOST, seconds, scheme="https"),
         "tally https": lambda: wrk(ours, HOST, seconds, scheme="https"),
