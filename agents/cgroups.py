@@ -11,6 +11,15 @@ and a hash of the agent's state folder, so agents sharing a machine never share 
 a restarted agent finds its instances' groups again. An instance enters its groups in the
 child before exec (`entering`), so nothing it forks is ever outside.
 
+v1 is used where memory, pids and cpu are v1 hierarchies; else v2 where the unified
+hierarchy offers them. v2 hands a controller to a group's children only if that group holds
+no process itself: an agent whose own group does not hand them on yet moves into a leaf of
+it (`agent`) and enables them, and refuses (apps then run without limits, said in its log
+and by `tally up`) when they were not delegated to its group or other processes share it.
+On this machine (hybrid: memory, pids and cpu are v1's, the unified hierarchy offers only
+hugetlb) the v2 path runs for real with hugetlb in place of the three (its group handling,
+delegation, entering, killing, removal), and its limit files only on a fake tree.
+
 The kernel's OOM killer reports in the group (`oom_kill N` in v1 `memory.oom_control`, v2
 `memory.events`): the agent turns a kill into Heroku-like messages, R14 in the instance's
 log when it lives on, R15 as the reason of its exit (shown by `tally ps`).
@@ -148,6 +157,9 @@ class Cgroups:
     layout: Layout
     root: str
     seen_kills: dict[str, int] = field(default_factory=dict)
+    controllers: tuple[str, ...] = CONTROLLERS
+    """What v2 enables for the instances' groups (a test on a host whose memory, pids and
+    cpu are v1's runs the v2 path for real with another controller)."""
 
     @classmethod
     def detect(cls, root: str) -> Cgroups:
@@ -169,14 +181,44 @@ class Cgroups:
 
     def make_roots(self) -> None:
         """The agent's folders, under which each instance gets its own; raises Unavailable."""
+        enable = " ".join(f"+{c}" for c in self.controllers)
         try:
+            if self.layout.version == 2:
+                self.delegate(enable)
             for d in self.roots():
                 d.mkdir(exist_ok=True)
                 if self.layout.version == 2:  # let the instances' folders have the controllers
-                    (d / "cgroup.subtree_control").write_text("+memory +pids +cpu")
+                    (d / "cgroup.subtree_control").write_text(enable)
         except OSError as exc:
             raise Unavailable(f"cannot create cgroups under {', '.join(map(str, self.roots()))}"
                               f": {exc}") from exc
+
+    def delegate(self, enable: str) -> None:
+        """cgroup v2 hands a controller to a group's children only if the group holds no
+        process itself (the root excepted). If the agent's own group does not hand them on
+        yet, the agent moves into a leaf of it (`agent`, as systemd's delegation asks) and
+        enables them there; refused, saying why, if they were not delegated to its group
+        or other processes share it (raises Unavailable)."""
+        own = self.layout.dirs[""]
+        wanted = set(self.controllers)
+        if wanted <= set((own / "cgroup.subtree_control").read_text().split()):
+            return
+        missing = wanted - set((own / "cgroup.controllers").read_text().split())
+        if missing:
+            raise Unavailable(f"cgroup v2: {', '.join(sorted(missing))} not delegated to the "
+                              f"agent's group {own} (systemd: Delegate=yes in its unit)")
+        if (own / "cgroup.type").exists():  # not the root: it must hold no process
+            others = [p for p in (own / "cgroup.procs").read_text().split()
+                      if int(p) != os.getpid()]
+            if others:
+                raise Unavailable(
+                    f"cgroup v2: the agent's group {own} holds other processes too "
+                    f"({', '.join(others[:5])}); a group that hands controllers to its "
+                    "children holds none: run the agent in a group of its own")
+            leaf = own / "agent"
+            leaf.mkdir(exist_ok=True)
+            (leaf / "cgroup.procs").write_text(str(os.getpid()))
+        (own / "cgroup.subtree_control").write_text(enable)
 
     def roots(self) -> list[Path]:
         return [d / self.root for d in self.layout.dirs.values()]
@@ -191,9 +233,13 @@ class Cgroups:
         for d in dirs.values():
             d.mkdir(exist_ok=True)
         for controller, name, value in settings(size, self.layout.version):
+            if controller == "" and name.split(".", 1)[0] not in self.controllers:
+                continue  # v2: a controller not enabled for the instances has no files
             try:
                 (dirs[controller] / name).write_text(value)
-            except FileNotFoundError:
+            except OSError:
+                if (dirs[controller] / name).exists():
+                    raise
                 continue  # e.g. memsw without swap accounting: nothing to limit there
         self.seen_kills[instance_id] = self.kills(instance_id)
         return list(dirs.values())
@@ -305,7 +351,10 @@ def _v2_controllers() -> str:
 def for_agent(host_id: str, state: Path) -> Cgroups | None:
     """The agent's groups, or None with a warning saying what this host lacks."""
     try:
-        return Cgroups.detect(root_name(host_id, state))
+        groups = Cgroups.detect(root_name(host_id, state))
+        log.info("per-app limits: cgroup v%s, under %s", groups.layout.version,
+                 ", ".join(map(str, groups.roots())))
+        return groups
     except Unavailable as exc:
         log.warning("no per-app limits on this host: %s", exc)
         return None

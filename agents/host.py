@@ -418,8 +418,7 @@ class Agent:
                 continue
             memory, cpu = usage(loc.pid)
             if line := cgroups.watch(self.cgroups, iid, loc.want.size):
-                with open(self.procs.log_path(iid), "a") as f:
-                    f.write(f"tally: {line}\n")
+                self.procs.say(iid, line)
             samples.append(Sample(loc.want.app, iid, self.spec.host_id,
                                   self.traffic.report(iid), loc.restarts, memory, cpu))
         try:
@@ -572,6 +571,7 @@ class Agent:
                     continue
                 self.procs.forget(iid)
                 reason = cgroups.ended(self.cgroups, iid, loc.want.size if loc.want else "")
+                self.procs.drained(iid)  # its last lines written before the tail is read
                 if loc.want is not None:  # its processes are gone: ours again, at once
                     self.ports.hold(loc.want.port)
                 if loc.state is State.STOPPING:
@@ -676,8 +676,7 @@ class Agent:
     def kill_saying(self, pid: int, iid: str, why: str) -> None:
         """Kill an instance, saying why in its log (its last lines reach `why` and `ps`)."""
         log.warning("%s: %s: killing it", iid, why)
-        with open(self.procs.log_path(iid), "a") as f:
-            f.write(f"tally: {why}: killed\n")
+        self.procs.say(iid, f"{why}: killed")
         self.procs.signal_group(pid, 9)
 
     def prepare(self, want: Want) -> tuple[Path, users.AppUser | None]:
@@ -706,6 +705,8 @@ class Agent:
         want = loc.want
         assert want is not None
         env = self.environment(want)
+        if user is not None:  # made this round: the round's rules must name it already
+            self.uids[want.app] = user.uid
         self.confine_network(want, user)
         bound = self.ports.binding(want.process_type, want.command, want.port,
                                    set(netrules.app_uids(self.fleet.apps).values()))

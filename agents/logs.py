@@ -13,9 +13,11 @@ with it. So a message sent twice is written once, and a collector that is away d
 never loses them, and never blocks an app. (A collector killed between writing a batch and
 saving its offsets writes that batch again: its own crash window, not the agents'.)
 
-Only the agents write app logs. An instance's stdout and stderr are a file the agent opened
-for it (its own, append-only, in a folder apps cannot enter): an app can write only its
-own lines. `tally serve collector` serves CURVE (ledger/curve.py) and admits only the keys
+Only the agents write app logs. An instance's stdout and stderr are a pipe; a relay of the
+agent's writes the file (agents/logpipe.py): an app can write only its own lines, and
+cannot rewrite or remove any. The agent's own lines (R14, why it killed an instance) are
+written `tally[<instance>]` where an app's show `<instance>`: no app can forge one.
+`tally serve collector` serves CURVE (ledger/curve.py) and admits only the keys
 hosts registered through the API and the control plane's (balancers' access logs): a
 process with no such key, an app or anyone on the network, can neither add a line to an
 app's log nor move an instance's marks to suppress its lines.
@@ -35,6 +37,7 @@ from pathlib import Path
 
 import zmq
 
+from agents import logpipe
 from ledger import curve as curve_keys
 
 CHUNK_READ = 64 * 1024
@@ -243,8 +246,8 @@ class Collector:
         stamp = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         folder = self.root / app
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        lines = data.decode("utf-8", "replace").splitlines()
-        text = "".join(f"{stamp} {iid} {line}\n" for line in lines)
+        text = "".join(f"{stamp} tally[{iid}] {line}\n" if ours else f"{stamp} {iid} {line}\n"
+                       for ours, line in logpipe.lines(data))
         current = folder / CURRENT
         fd = os.open(current, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         with open(fd, "a", encoding="utf-8") as f:

@@ -1,5 +1,6 @@
 """App processes on one host: start, watch, stop, and the pid records that let a restarted
-agent adopt what it started before (never orphan, never start twice).
+agent adopt what it started before (never orphan, never start twice). Their output goes
+through a pipe to a relay that writes the instance's log (agents/logpipe.py).
 
 Each process leads its own session (its pid is its process group), so a stop reaches
 gunicorn's workers too. A pid record holds the pid *and* its start time: a recycled pid is
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import psutil
 
+from agents import logpipe
+
 
 @dataclass(frozen=True)
 class Record:
@@ -26,6 +29,8 @@ class Record:
     pid: int
     create_time: float
     port: int
+    relay: int = 0
+    """The pid of the process writing its log (agents/logpipe.py)."""
 
 
 @dataclass(frozen=True)
@@ -44,23 +49,41 @@ class Processes:
             private.mkdir(parents=True, exist_ok=True)
             private.chmod(0o700)
         self.children: dict[int, subprocess.Popen] = {}
+        self.relays: dict[str, tuple[int, subprocess.Popen | None]] = {}
+        """Instance -> its log relay's pid (and process, if this agent started it)."""
 
     def start(self, instance_id: str, port: int, argv: list[str], cwd: Path,
               env: dict[str, str], limits: Limits,
               demote: Callable[[], None] | None = None, pass_fds: tuple[int, ...] = ()) -> int:
-        """Launch the process, its output appended to the instance's log; record its pid.
-        `pass_fds`: descriptors it inherits (its listening socket, agents/ports.py)."""
-        with open(self.log_path(instance_id), "ab") as log:
-            proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, pass_fds=pass_fds,
-                                    preexec_fn=child_setup(limits, demote))
+        """Launch the process, its output piped to a relay appending it to the instance's
+        log; record its pid. `pass_fds`: descriptors it inherits (its listening socket,
+        agents/ports.py)."""
+        write, relay = logpipe.start(self.log_path(instance_id))
+        try:
+            proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=write, stderr=write,
+                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    pass_fds=pass_fds, preexec_fn=child_setup(limits, demote))
+        finally:
+            os.close(write)  # the relay's end of file: when the app's processes are gone
         self.children[proc.pid] = proc
-        record = Record(instance_id, proc.pid, psutil.Process(proc.pid).create_time(), port)
+        self.relays[instance_id] = (relay.pid, relay)
+        record = Record(instance_id, proc.pid, psutil.Process(proc.pid).create_time(), port,
+                        relay.pid)
         tmp = self.pids / f".{instance_id}.json"
         tmp.write_text(json.dumps(asdict(record)))
         tmp.replace(self.pids / f"{instance_id}.json")
         return proc.pid
+
+    def say(self, instance_id: str, text: str) -> None:
+        """A line of the agent's own in the instance's log (tagged: no app can forge it)."""
+        logpipe.say(self.log_path(instance_id), text)
+
+    def drained(self, instance_id: str) -> None:
+        """After the instance's processes are gone: until its relay wrote their last lines
+        (a few seconds at most)."""
+        pid, proc = self.relays.pop(instance_id, (0, None))
+        if pid:
+            logpipe.wait_gone(pid, proc)
 
     def log_path(self, instance_id: str) -> Path:
         return self.logs / f"{instance_id}.log"
@@ -72,6 +95,9 @@ class Processes:
                 out.append(Record(**json.loads(p.read_text())))
             except (ValueError, TypeError, OSError):
                 p.unlink(missing_ok=True)
+                continue
+            if out[-1].relay and out[-1].instance_id not in self.relays:  # adopted
+                self.relays[out[-1].instance_id] = (out[-1].relay, None)
         return out
 
     def forget(self, instance_id: str) -> None:
@@ -110,14 +136,15 @@ class Processes:
                 os.kill(pid, sig)
 
     def tail(self, instance_id: str, lines: int = 20) -> list[str]:
-        """The last lines the instance wrote."""
+        """The last lines of the instance's log (the agent's own start with `tally: `)."""
         try:
             with open(self.log_path(instance_id), "rb") as f:
                 f.seek(max(0, f.seek(0, os.SEEK_END) - 410 * lines))
-                text = f.read().decode("utf-8", "replace")
+                data = f.read()
         except OSError:
             return []
-        return [line[:500] for line in text.splitlines()[-lines:]]
+        return [(f"tally: {text}" if ours else text)[:500]
+                for ours, text in logpipe.lines(data)[-lines:]]
 
 
 def child_setup(limits: Limits, demote: Callable[[], None] | None) -> Callable[[], None]:

@@ -47,6 +47,7 @@ from pathlib import Path
 
 import zmq
 
+from agents import logpipe
 from agents.processes import Limits, child_setup
 from ledger import curve
 from ledger.tickets import (
@@ -250,16 +251,20 @@ class RunServer:
                   started: Callable[[], None]) -> int:
         """Run with its output appended to a log the shipper sends to the app's logs."""
         path = self.logs_dir / f"{run_log_name(run.ticket)}.log"
-        with open(path, "ab") as f:
-            try:
-                run.proc = subprocess.Popen(list(run.ticket.argv), cwd=cwd, env=env,
-                                            stdin=subprocess.DEVNULL, stdout=f,
-                                            stderr=subprocess.STDOUT, start_new_session=True,
-                                            preexec_fn=setup)
-            except OSError as exc:
-                raise RunError(f"cannot start {run.ticket.argv[0]!r}: {exc.strerror}") from exc
+        write, relay = logpipe.start(path)  # its output through a relay (agents/logpipe.py)
+        try:
+            run.proc = subprocess.Popen(list(run.ticket.argv), cwd=cwd, env=env,
+                                        stdin=subprocess.DEVNULL, stdout=write, stderr=write,
+                                        start_new_session=True, preexec_fn=setup)
+        except OSError as exc:
+            os.close(write)
+            logpipe.wait_gone(relay.pid, relay)
+            raise RunError(f"cannot start {run.ticket.argv[0]!r}: {exc.strerror}") from exc
+        os.close(write)  # the relay's end of file: when the run's processes are gone
         started()
-        return _code(run.proc.wait())
+        code = _code(run.proc.wait())
+        logpipe.wait_gone(relay.pid, relay)
+        return code
 
     def _stop(self, ident: bytes, ticket: Ticket) -> None:
         """End a run (detached or attached) with SIGTERM, then SIGKILL after a grace."""

@@ -574,6 +574,64 @@ def test_only_the_agents_write_an_apps_logs(fleet: Fleet, two_apps: dict[str, An
         context.term()
 
 
+def test_an_app_cannot_rewrite_its_log_nor_forge_the_agents_lines(
+        fleet: Fleet, two_apps: dict[str, Any]) -> None:
+    """The agent wrote an R14 line in the victim's log (written here as the agent writes
+    it). The app then tries to empty its log through its stdout and stderr, to reopen it,
+    to seek back in it, and prints a plain `tally: Error R14 ...` and a line starting with
+    the agent's mark. Nothing of its log changes but its two lines; in the collected log the
+    agent's line is the platform's (`tally[<instance>]`), both forgeries are the app's."""
+    from agents import logpipe
+    from tests.waiting import wait_until
+
+    victim, iid = two_apps["victim_name"], two_apps["victim_iid"]
+    mark = uid()
+    instance_log = fleet.home / "agents" / fleet.HOST / "logs" / f"{iid}.log"
+    logpipe.say(instance_log, f"Error R14 (Memory quota exceeded) {mark}")
+    forged = f"tally: Error R14 (Memory quota exceeded) forged-{mark}\n\x1eforged-{mark}"
+    tried = probe(two_apps["victim"], "tamper", "", forged)["result"]
+    assert [tried[k] for k in ("truncate stdout", "truncate stderr", "seek stdout")] == [
+        "OSError"] * 3, tried  # a pipe: EINVAL, EINVAL, ESPIPE (on the old file: done)
+    assert logpipe.MARK + f"Error R14 (Memory quota exceeded) {mark}".encode() \
+        in instance_log.read_bytes()
+    collected = fleet.home / "applogs" / victim / "current.log"
+
+    def both() -> list[str]:
+        lines = collected.read_text().splitlines() if collected.exists() else []
+        mine = [line for line in lines if mark in line]
+        return mine if len(mine) == 3 else []
+    lines = wait_until(both, 60, "the agent's line and the two forgeries collected")
+    platform = [line for line in lines if line.split(" ")[1] == f"tally[{iid}]"]
+    assert len(platform) == 1 and "forged" not in platform[0], lines
+    assert [line.split(" ")[1] for line in lines if "forged" in line] == [iid, iid], lines
+
+
+def test_logs_flow_on_through_an_agent_killed_9(fleet: Fleet,
+                                                two_apps: dict[str, Any]) -> None:
+    """The victim prints 150 numbered lines, one every 20 ms; its agent is killed -9 in
+    the middle and started again. Every line reaches the collected log once, in order,
+    and the victim never stopped (no exit: the relay writing its log is not the agent)."""
+    from ledger import Ledger
+    from tests.waiting import wait_until
+
+    victim, iid = two_apps["victim_name"], two_apps["victim_iid"]
+    mark = f"chatter-{uid()}"
+    collected = fleet.home / "applogs" / victim / "current.log"
+
+    def numbers() -> list[int]:
+        text = collected.read_text() if collected.exists() else ""
+        return [int(line.rsplit(" ", 1)[1]) for line in text.splitlines() if mark in line]
+    assert probe(two_apps["victim"], "chatter", "", f"150:{mark}")["ok"]
+    wait_until(lambda: len(numbers()) >= 10, 60, "the first lines collected")
+    fleet.agent.kill()
+    fleet.agent.start()
+    wait_until(lambda: len(numbers()) >= 150, 90, "every line collected")
+    assert numbers() == list(range(150))
+    with Ledger(fleet.cluster.dsn()) as ledger:
+        kinds = [e.type for e in ledger.read_stream(f"instance-{iid}")]
+    assert "InstanceExited" not in kinds, kinds
+
+
 def test_an_app_cannot_count_requests_for_another(fleet: Fleet,
                                                    two_apps: dict[str, Any]) -> None:
     """The attacker sends the victim's request metric to the statsd sink its own
@@ -639,8 +697,10 @@ def test_a_web_command_that_binds_port_itself_gets_it_at_its_first_start_and_onl
                                           port)
         assert probe(port, "", "")["uid"] == victim_uid
         with Ledger(fleet.cluster.dsn()) as ledger:
-            kinds = [e.type for e in ledger.read_stream(f"instance-{iid}")]
-        assert "InstanceExited" not in kinds, f"the victim's first start failed: {kinds}"
+            events = ledger.read_stream(f"instance-{iid}")
+        kinds = [e.type for e in events]
+        assert "InstanceExited" not in kinds, f"the victim's first start failed: {kinds}: " \
+            f"{[e.data.get('log_tail', [])[-3:] for e in events if e.type == 'InstanceExited']}"
         assert kinds.count("InstanceStarted") == 1, kinds
         attacker = two_apps["attacker"]  # the note is in its own private /tmp
         wait_until(lambda: probe(attacker, "read", note)["ok"], 10, "the attacker's squat noted")

@@ -1,9 +1,13 @@
-"""The pure half of agents/cgroups.py: where the agent's groups are, what it writes for a
-size, how it reads the kernel's OOM kills and what it says about them."""
+"""agents/cgroups.py: where the agent's groups are, what it writes for a size, how it reads
+the kernel's OOM kills and what it says about them (pure); the v2 path on a fake tree and on
+this kernel's real cgroup2 mount."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+
+import pytest
 
 from agents.cgroups import oom_kills, parse_layout, r14, r15, root_name, settings
 from ledger.sizes import SIZES, size_of
@@ -91,8 +95,14 @@ def test_the_v2_path_writes_and_reads_the_unified_files(tmp_path: Path) -> None:
     assert layout is not None and layout.version == 2
     agent = tmp_path / "system.slice" / "tally-agent.service"
     agent.mkdir(parents=True)
+    for name, text in (("cgroup.controllers", "cpuset cpu io memory pids"),
+                       ("cgroup.subtree_control", ""), ("cgroup.type", "domain"),
+                       ("cgroup.procs", f"{os.getpid()}\n")):
+        (agent / name).write_text(text)  # the agent's own group, as systemd delegates it
     groups = Cgroups(layout, "tally-h1-0a1b2c3d")
     groups.make_roots()
+    assert (agent / "agent" / "cgroup.procs").read_text() == str(os.getpid())  # a leaf
+    assert (agent / "cgroup.subtree_control").read_text() == "+memory +pids +cpu"
     root = agent / "tally-h1-0a1b2c3d"
     assert (root / "cgroup.subtree_control").read_text() == "+memory +pids +cpu"
     instance = root / "blog.1.web.a"
@@ -113,3 +123,91 @@ def test_the_v2_path_writes_and_reads_the_unified_files(tmp_path: Path) -> None:
     assert watch(groups, "blog.1.web.a", "standard-2x") is None
     (instance / "memory.events").write_text("low 0\nhigh 0\nmax 9\noom 3\noom_kill 2\n")
     assert watch(groups, "blog.1.web.a", "standard-2x") == r14(size, 2)
+
+
+V2_AGENT = """
+import json, os, subprocess, sys
+from pathlib import Path
+
+import pytest
+from agents.cgroups import Cgroups, Layout, Unavailable, entering
+from ledger.sizes import size_of
+
+own, controller = Path(sys.argv[1]), sys.argv[2]
+(own / "cgroup.procs").write_text(str(os.getpid()))  # started in its own group, as by systemd
+groups = Cgroups(Layout(2, {"": own}), "tally-h1-0a1b2c3d", controllers=(controller,))
+out = {}
+try:
+    groups.make_roots()
+except Unavailable as exc:
+    print(json.dumps({"refused": str(exc)}))
+    sys.exit(0)
+out["agent in"] = Path(f"/proc/{os.getpid()}/cgroup").read_text().splitlines()[-1]
+dirs = groups.prepare("blog.1.web.a", size_of("standard-1x"))
+child = subprocess.Popen(["sleep", "60"], preexec_fn=entering(dirs, None))
+out["child"], out["pids"] = child.pid, groups.pids("blog.1.web.a")
+groups.kill_all("blog.1.web.a")
+child.wait(10)
+out["removed"] = groups.remove("blog.1.web.a")
+groups.close()
+out["left"] = sorted(p.name for p in own.iterdir() if p.is_dir())
+print(json.dumps(out))
+"""
+
+
+def test_the_v2_path_runs_on_this_kernels_unified_hierarchy(tmp_path: Path) -> None:
+    """The v2 path on the real cgroup2 mount (here the hybrid `unified` one), with the one
+    controller this kernel offers there (hugetlb: memory, pids and cpu are v1's on this
+    machine, so their limit files cannot be written in v2 here; the fake tree above covers
+    their names). A stand-in agent started in a group of its own moves into a leaf of it,
+    enables the controller for its children, makes its root and an instance's group, a
+    child enters it before exec, and killing and removing the group work as the kernel
+    does them; a second process in the agent's group makes it refuse, saying why."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from agents.binds import cgroup2_root
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root: cgroups are made by root")
+    mount = cgroup2_root(Path("/proc/self/mountinfo").read_text())
+    if mount is None:
+        pytest.skip("no cgroup2 mount on this machine")
+    offered = (mount / "cgroup.controllers").read_text().split()
+    controller = next((c for c in ("memory", "pids", "hugetlb") if c in offered), None)
+    if controller is None:
+        pytest.skip(f"the cgroup2 mount offers no usable controller ({offered})")
+    enabled = (mount / "cgroup.subtree_control").read_text().split()
+    if controller not in enabled:
+        (mount / "cgroup.subtree_control").write_text(f"+{controller}")
+    own = mount / f"tally-v2-test-{os.getpid()}"
+    own.mkdir()
+    sitter = None
+    try:
+        run = [sys.executable, "-c", V2_AGENT, str(own), controller]
+        got = json.loads(subprocess.run(run, capture_output=True, text=True, check=True,
+                                        timeout=60).stdout)
+        assert got["agent in"] == f"0::/{own.name}/agent", got
+        assert got["pids"] == [got["child"]] and got["removed"] is True, got
+        assert got["left"] == ["agent"], got  # its root removed at close; the leaf stays
+        assert controller in (own / "cgroup.subtree_control").read_text().split()
+        (own / "cgroup.subtree_control").write_text(f"-{controller}")
+        (own / "agent").rmdir()
+        sitter = subprocess.Popen(["sleep", "60"])  # another process in the agent's group
+        (own / "cgroup.procs").write_text(str(sitter.pid))
+        got = json.loads(subprocess.run(run, capture_output=True, text=True, check=True,
+                                        timeout=60).stdout)
+        assert "holds other processes too" in got["refused"], got
+    finally:
+        if sitter is not None:
+            sitter.kill()
+            sitter.wait()
+        for leftover in sorted(own.rglob("*"), reverse=True):
+            if leftover.is_dir():
+                leftover.rmdir()
+        own.rmdir()
+        if controller not in enabled:
+            with contextlib.suppress(OSError):
+                (mount / "cgroup.subtree_control").write_text(f"-{controller}")

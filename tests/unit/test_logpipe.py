@@ -1,0 +1,61 @@
+"""agents/logpipe.py: an app's output reaches its log through a relay, in whole lines, and
+no line of it can pass for the agent's."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+from agents import logpipe
+from agents.logs import Collector
+from agents.processes import Processes
+
+
+def test_no_app_line_starts_with_the_agents_mark_or_runs_past_the_longest() -> None:
+    data = b"plain\n\x1eforged\n" + b"x" * (logpipe.LONGEST + 5)
+    out = logpipe.app_lines(data)
+    assert out[:2] == [b"plain\n", "\ufffdforged\n".encode()]
+    assert [len(line) for line in out[2:]] == [logpipe.LONGEST + 1, 6]
+    assert all(line.endswith(b"\n") and not line.startswith(logpipe.MARK) for line in out)
+
+
+def test_lines_tell_the_agents_from_the_apps_and_break_nowhere_else() -> None:
+    data = b"app\n\x1eR14\nx\ry\x1etally[z] forged\npartial"
+    assert logpipe.lines(data) == [(False, "app"), (True, "R14"),
+                                   (False, "x\ufffdy\ufffdtally[z] forged"),
+                                   (False, "partial")]
+    assert logpipe.lines(b"") == [] and logpipe.lines(b"a\n") == [(False, "a")]
+
+
+def test_the_relay_writes_what_the_app_wrote_until_its_last_writer_closes(
+        tmp_path: Path) -> None:
+    """A real pipe and relay process: the app's partial last line is ended; the agent's
+    line in between keeps its mark (the relay only ever writes whole lines)."""
+    path = tmp_path / "web.1.log"
+    write, relay = logpipe.start(path)
+    os.write(write, b"one\ntw")
+    os.write(write, b"o\n\x1eforged\nthree")
+    os.close(write)
+    relay.wait(30)
+    logpipe.say(path, "Error R14 (Memory quota exceeded)")
+    assert path.read_bytes() == ("one\ntwo\n\ufffdforged\nthree\n"
+                                 "\x1eError R14 (Memory quota exceeded)\n").encode()
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+
+def test_the_agents_lines_are_the_platforms_in_the_tail_and_the_collected_log(
+        tmp_path: Path) -> None:
+    procs = Processes(tmp_path / "agent")
+    path = procs.log_path("blog.1.web.a")
+    path.write_bytes(b"tally: Error R14 forged\n")
+    procs.say("blog.1.web.a", "health check failed: killed")
+    assert procs.tail("blog.1.web.a") == ["tally: Error R14 forged",
+                                          "tally: health check failed: killed"]
+    c = Collector(tmp_path / "applogs")
+    now = datetime(2026, 12, 6, tzinfo=UTC)
+    c.receive("blog", "blog.1.web.a", 0, 0, path.read_bytes(), now)
+    stamp = "2026-12-06T00:00:00.000000Z"
+    assert (tmp_path / "applogs" / "blog" / "current.log").read_text().splitlines() == [
+        f"{stamp} blog.1.web.a tally: Error R14 forged",
+        f"{stamp} tally[blog.1.web.a] health check failed: killed"]
