@@ -104,8 +104,7 @@ def start(path: Path) -> tuple[int, subprocess.Popen]:
         proc = subprocess.Popen([sys.executable, "-S", "-m", "agents.logpipe", str(path)],
                                 stdin=read, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True,
-                                cwd="/", env={"PATH": os.environ.get("PATH", ""),
-                                              "PYTHONPATH": _package_root()})
+                                cwd="/", env={"PYTHONPATH": _package_root()})
     except OSError:
         os.close(write)
         raise
