@@ -6,10 +6,13 @@ process of the machine could take it in that moment, and the victim's first star
 fail with `Address already in use`. So the agent attaches to the cgroup v2 root a small
 eBPF program of type `cgroup/bind4` and `cgroup/bind6` (the kernel runs it at every bind()
 of every socket on the machine, whatever its address): a bind to a port of the agent's
-range by a process that is not root and not the user of the app placed on that port gets
-EPERM. The ports' owners are an eBPF hash map (port -> uid) the agent keeps equal to its
-placements (the same owners the network rules use, agents/netrules.py). Heroku-style apps
-keep working unchanged: the app binds `0.0.0.0:$PORT` as it always did, and only it can.
+range that the agent holds or placed, by a process that is not root and not the user of
+the app placed on that port, gets EPERM. The ports are an eBPF hash map (port -> uid) the
+agent keeps equal to its placements (the same owners the network rules use,
+agents/netrules.py) and the ports it holds (uid 0: root only). A port in neither is bound
+by someone else and left alone (ranges of agents on one machine may overlap in tests).
+Heroku-style apps keep working unchanged: the app binds `0.0.0.0:$PORT` as it always did,
+and only it can.
 
 The program outlives the agent (attached to a cgroup, it stays until detached): after a
 kill -9, the apps' ports stay reserved for their apps, and the next agent attaches its own
@@ -85,10 +88,10 @@ def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> 
 
 
 def program(map_fd: int, low: int, high: int) -> bytes:
-    """bind4/bind6: allow (1) a port outside [low, high], root, or the port's owner in the
-    map; else deny (0: the bind gets EPERM)."""
+    """bind4/bind6: allow (1) a port outside [low, high] or not in the map, root, or the
+    port's owner in the map; else deny (0: the bind gets EPERM)."""
     user_port = 24  # struct bpf_sock_addr: network byte order, 4-byte reads allowed
-    allow, deny = 19, 17
+    allow = 19  # deny is 17
     code = [
         _insn(0xBF, 6, 1),                        # 0  r6 = ctx
         _insn(0x61, 7, 6, user_port),             # 1  r7 = ctx->user_port
@@ -104,7 +107,7 @@ def program(map_fd: int, low: int, high: int) -> bytes:
         _insn(0xBF, 2, 10),                       # 11 r2 = fp
         _insn(0x07, 2, imm=-4),                   # 12 r2 += -4: the key
         _insn(0x85, imm=1),                       # 13 call map_lookup_elem
-        _insn(0x15, 0, off=deny - 15, imm=0),     # 14 if no owner goto deny
+        _insn(0x15, 0, off=allow - 15, imm=0),    # 14 if not ours goto allow
         _insn(0x61, 1, 0, 0),                     # 15 r1 = owner
         _insn(0x1D, 1, 8, off=allow - 17),        # 16 if owner == uid goto allow
         _insn(0xB7, 0, imm=0),                    # 17 deny: r0 = 0
@@ -220,10 +223,14 @@ class BindRule:
             self.close()
             raise
 
-    def apply(self, owners: Mapping[int, int]) -> None:
-        """Make the map say `owners` (port -> uid; ports outside the range are ignored),
-        then attach the programs (at the first call) and detach stale ones."""
-        want = {p: u for p, u in owners.items() if self.low <= p <= self.high}
+    def apply(self, owners: Mapping[int, int], held: Iterable[int] = ()) -> None:
+        """Make the map say `owners` (port -> uid of the app placed there) and `held` (ports
+        the agent holds: root's only); ports outside the range are ignored. Then attach the
+        programs (at the first call) and detach stale ones. A port of the range in neither
+        is left to the kernel's usual rules: it is bound by someone else (an instance of a
+        previous agent, or of another agent whose range overlaps ours), not ours to guard."""
+        want = {p: 0 for p in held if self.low <= p <= self.high}
+        want.update({p: u for p, u in owners.items() if self.low <= p <= self.high})
         for port in set(self.owners) - set(want):
             drop_owner(self.map_fd, port)
         for port, uid in want.items():

@@ -353,7 +353,7 @@ class Agent:
                       if also is not None and user is not None and also.port else self.owners)
             if self.binds is not None:  # before the port is let go for the app to bind
                 try:
-                    self.binds.apply(owners)
+                    self.binds.apply(owners, self.ports.held)
                 except OSError as exc:
                     log.warning("ports are no longer reserved by uid: %s", exc)
                     self.binds.close()

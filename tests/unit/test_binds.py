@@ -71,7 +71,7 @@ def test_only_root_and_the_owner_bind_a_port_of_the_range(cgroup: Path) -> None:
     owner, other = 64000 + os.getpid() % 500, 64600 + os.getpid() % 300
     rule = binds.BindRule(f"test-{os.getpid()}-{time.monotonic_ns()}", low, low + 3, cgroup)
     try:
-        rule.apply({low: owner, low + 1: owner, low + 99: other})
+        rule.apply({low: owner, low + 1: owner, low + 99: other}, held={low + 2})
         v4, v6 = socket.AF_INET, socket.AF_INET6
         assert bind_as(cgroup, owner, low, v4, "127.0.0.1") == "bound"
         assert bind_as(cgroup, owner, low, v6, "::") == "bound"
@@ -79,10 +79,11 @@ def test_only_root_and_the_owner_bind_a_port_of_the_range(cgroup: Path) -> None:
         for port, family, address in [(low, v4, "0.0.0.0"), (low, v4, "127.0.0.2"),
                                       (low, v6, "::"), (low + 2, v4, "127.0.0.1")]:
             assert bind_as(cgroup, other, port, family, address) == eperm, (port, address)
-        assert bind_as(cgroup, owner, low + 2, v4, "127.0.0.1") == eperm  # no one's yet
+        assert bind_as(cgroup, owner, low + 2, v4, "127.0.0.1") == eperm  # held: no app's
         assert bind_as(cgroup, 0, low + 2, v4, "127.0.0.1") == "bound"  # the agent's
+        assert bind_as(cgroup, other, low + 3, v4, "127.0.0.1") == "bound"  # not ours: bound
         assert bind_as(cgroup, other, low + 4, v4, "127.0.0.1") == "bound"  # past the range
-        rule.apply({low: other})  # the placement moved: the map follows
+        rule.apply({low: other}, held={low + 1, low + 2})  # the placement moved: the map too
         assert bind_as(cgroup, other, low, v4, "127.0.0.1") == "bound"
         assert bind_as(cgroup, owner, low + 1, v4, "127.0.0.1") == eperm
     finally:
