@@ -9,8 +9,9 @@ One ledger cluster (primary + synchronous standby, WAL archived) filled with eve
   manifest into the repository, then sized and its manifest hashed) beside a plain
   `pg_basebackup -X stream -c fast` into a folder; MB/s of the data folder copied.
 - restore: tally's restore (`agents/backups/restore.py`: copy with progress, stage the
-  archived WAL, archive recovery on a scratch port, promote, count and digest the events)
-  beside a plain restore (copy the same backup folder, `pg_ctl start -w`); MB/s.
+  archived WAL, archive recovery on a scratch port, promote) beside a plain restore (copy
+  the same backup folder, `pg_ctl start -w`); MB/s. Also tally's restore with `--check`
+  (then count and digest the events), beside the same plain figure.
 - verify: `agents/backups/verify.py` (pg_verifybackup, copy, start, digest here and on the
   live ledger), seconds per GB of backup.
 Each timed case starts after a `sync`, and the two restores take turns going first. Each
@@ -107,7 +108,7 @@ def main() -> None:
         head = fill(cluster, mb)
         repo = Repository(cluster.root.parent / "backups").open()
         scratch = cluster.root.parent / "backup-scratch"
-        ours_b, plain_b, ours_r, plain_r, verify_s = [], [], [], [], []
+        ours_b, plain_b, ours_r, plain_r, ours_c, verify_s = [], [], [], [], [], []
         size = 0
         for r in range(rounds):
             bid = f"bench-{r}"
@@ -136,12 +137,16 @@ def main() -> None:
                 t_plain_r, t_ours_r = theirs(), ours_restore()
             else:
                 t_ours_r, t_plain_r = ours_restore(), theirs()
+            checked = work / f"checked-{r}"
+            t_checked = timed(lambda bid=bid, checked=checked: restore(
+                repo, checked, Target(), cluster, bid, check=True))
+            ours_c.append(size / t_checked / 1e6)
             ours_r.append(size / t_ours_r / 1e6)
             plain_r.append(size / t_plain_r / 1e6)
             print(f"round {r + 1}: backup {ours_b[-1]:.1f}/{plain_b[-1]:.1f} MB/s, restore "
-                  f"{ours_r[-1]:.1f}/{plain_r[-1]:.1f} MB/s, verify {verify_s[-1]:.1f} s/GB",
-                  file=sys.stderr)
-            for path in (plain, target, work / f"plain-restore-{r}"):
+                  f"{ours_r[-1]:.1f}/{plain_r[-1]:.1f} MB/s (with --check {ours_c[-1]:.1f}), "
+                  f"verify {verify_s[-1]:.1f} s/GB", file=sys.stderr)
+            for path in (plain, target, checked, work / f"plain-restore-{r}"):
                 shutil.rmtree(path, ignore_errors=True)
             repo.remove(bid)
         med = statistics.median
@@ -151,12 +156,15 @@ def main() -> None:
               f"{med(ours_b) / med(plain_b):>8.2f}")
         print(f"{'restore':<28}{med(ours_r):>12.1f}{med(plain_r):>12.1f}"
               f"{med(ours_r) / med(plain_r):>8.2f}")
+        print(f"{'restore --check (+ digest)':<28}{med(ours_c):>12.1f}{med(plain_r):>12.1f}"
+              f"{med(ours_c) / med(plain_r):>8.2f}")
         print(f"verify (pg_verifybackup + restore + digest): {med(verify_s):.1f} s per GB")
         print(json.dumps({"backup_ratio": round(med(ours_b) / med(plain_b), 3),
                           "restore_ratio": round(med(ours_r) / med(plain_r), 3),
                           "verify_s_per_gb": round(med(verify_s), 1),
                           "backup_mb_s": round(med(ours_b), 1),
                           "plain_backup_mb_s": round(med(plain_b), 1),
+                          "restore_check_ratio": round(med(ours_c) / med(plain_r), 3),
                           "restore_mb_s": round(med(ours_r), 1),
                           "plain_restore_mb_s": round(med(plain_r), 1),
                           "size_mb": round(size / 1e6)}))

@@ -8,8 +8,9 @@ WAL replayed up to it, on a scratch port, with progress.
   position (and any not placed yet) is removed (ledger/digest.py `cut_after`): exactly the
   events up to it. Refused if the archive does not reach the position.
 - neither: everything the archive holds.
-The result says the events' count and digest up to the restored head, comparable with
-the live ledger's (ledger/digest.py). Derived tables (views, checkpoints) are as they
+The result says the restored head; with `check` (`--check`) also the events' count and
+digest up to it, comparable with the live ledger's (ledger/digest.py), at the cost of a
+full read of the events. Derived tables (views, checkpoints) are as they
 were at the end of replay: rebuild the views (`tally projectors rebuild all`) on a
 restored ledger before serving from it.
 """
@@ -64,8 +65,10 @@ class Restored:
     into: str
     backup_id: str
     position: int
-    events: int
-    digest: str
+    events: int | None
+    """With `check`: the events up to `position` (retention's categories left out)."""
+    digest: str | None
+    """With `check`: their digest (ledger/digest.py), comparable with the live ledger's."""
     removed_after: int
     bytes_copied: int
     wal_segments: int
@@ -118,8 +121,9 @@ def _stage_wal(repo: Repository, start: str, folder: Path) -> int:
 
 def restore(repo: Repository, into: Path, target: Target, live: Cluster,
             backup_id: str | None = None, progress: Progress | None = None,
-            say: Callable[[str], None] = lambda line: None) -> Restored:
-    """Build the data folder `into` (new or empty) and return what it holds."""
+            say: Callable[[str], None] = lambda line: None, check: bool = False) -> Restored:
+    """Build the data folder `into` (new or empty) and return what it holds; with
+    `check`, its events' count and digest too (a full read of them)."""
     started = time.monotonic()
     if into.exists() and any(into.iterdir()):
         raise BackupError(f"{into} is not empty: restore into a new folder")
@@ -159,7 +163,8 @@ def restore(repo: Repository, into: Path, target: Target, live: Cluster,
                     raise BackupError(f"the archive reaches position {reached} only, not "
                                       f"{target.position}")
                 removed = digest.cut_after(conn, target.position)
-            found = digest.digest(conn, connect=lambda: server.connect(password))
+            found = (digest.digest(conn, connect=lambda: server.connect(password)) if check
+                     else digest.Digest(digest.head(conn), -1, ""))
         finally:
             conn.close()
     except psycopg2.Error as exc:
@@ -168,6 +173,7 @@ def restore(repo: Repository, into: Path, target: Target, live: Cluster,
     finally:
         server.stop()
     shutil.rmtree(run_dir, ignore_errors=True)
-    return Restored(str(into), chosen["backup_id"], found.position, found.events,
-                    found.sha256, removed, copied, segments,
+    return Restored(str(into), chosen["backup_id"], found.position,
+                    found.events if check else None, found.sha256 if check else None,
+                    removed, copied, segments,
                     round(time.monotonic() - started, 3))

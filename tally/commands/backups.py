@@ -156,9 +156,12 @@ def backups_capture(cfg: Config, target: str, max_rate: str | None) -> None:
               help="A new data folder (must not exist, or be empty).")
 @click.option("--backup", "backup_id", help="Start from this base backup (default: the "
               "newest verified one before --at).")
+@click.option("--check", is_flag=True, help="Then count and digest the restored events "
+              "(comparable with the live ledger's; a full read of them).")
 @click.pass_obj
 @fail_cleanly
-def backups_restore(cfg: Config, at: str | None, into: str, backup_id: str | None) -> None:
+def backups_restore(cfg: Config, at: str | None, into: str, backup_id: str | None,
+                    check: bool) -> None:
     """Build a new ledger data folder from the repository: the base backup, then the
     archived WAL up to --at (point in time), with progress. The live ledger is not
     touched; start the folder with PostgreSQL 15's pg_ctl."""
@@ -172,7 +175,7 @@ def backups_restore(cfg: Config, at: str | None, into: str, backup_id: str | Non
     try:
         result = restore.restore(Repository(cfg.backup_repo), Path(into), target,
                                  cfg.cluster(), backup_id, meter,
-                                 lambda line: click.echo(line, err=True))
+                                 lambda line: click.echo(line, err=True), check)
     except _backup_error() as exc:
         raise click.ClickException(str(exc)) from exc
     meter.done()

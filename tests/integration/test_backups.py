@@ -118,17 +118,22 @@ def test_a_backup_is_verified_and_restores_to_its_position_and_to_a_time(
 
     # to the backup's position: exactly the events up to it
     at_backup = restore(agent.repo, home(archived) / "at-backup", Target(position=position),
-                        archived)
+                        archived, check=True)
     expected = live_digest(archived, position)
     assert (at_backup.position, at_backup.events, at_backup.digest) == \
         (position, expected.events, expected.sha256)
 
     # to a time between: what was committed by then, nothing after
-    at_time = restore(agent.repo, home(archived) / "at-time", Target(time=between), archived)
+    at_time = restore(agent.repo, home(archived) / "at-time", Target(time=between), archived,
+                      check=True)
     expected = live_digest(archived, head_between)
     assert (at_time.position, at_time.events, at_time.digest) == \
         (head_between, expected.events, expected.sha256)
     assert at_time.position > position
+
+    # without --check: the folder and its head, no full read of the events
+    plain = restore(agent.repo, home(archived) / "at-end", Target(), archived)
+    assert plain.position >= head_between and (plain.events, plain.digest) == (None, None)
 
 
 def test_a_corrupted_backup_fails_verification_and_never_counts(archived: Cluster) -> None:
@@ -324,7 +329,8 @@ def test_a_ledger_under_patroni_archives_and_its_backups_verify_and_restore() ->
         assert b.state == "verified", b.failed
         head = append_apps(cluster, "later", 5)
         archive_now(cluster, agent)
-        restored = restore(agent.repo, home_dir / "restored", Target(position=head), cluster)
+        restored = restore(agent.repo, home_dir / "restored", Target(position=head), cluster,
+                           check=True)
         expected = live_digest(cluster, head)
         assert (restored.position, restored.events, restored.digest) == \
             (head, expected.events, expected.sha256)
