@@ -137,6 +137,18 @@ class BackupAgent:
         finally:
             lock.close()
 
+    @contextmanager
+    def scratch_held(self, name: str) -> Iterator[str]:
+        """A scratch check's folder name, under the advisory lock named by it while the
+        check runs: `recover` (here or in another agent) clears only folders whose lock
+        is free."""
+        lock = self._try_lock(name)
+        try:
+            yield name
+        finally:
+            if lock is not None:
+                lock.close()
+
     def _try_lock(self, backup_id: str) -> Any:
         conn = psycopg2.connect(self.dsn, application_name="tally-backups-lock")
         conn.autocommit = True
@@ -329,8 +341,8 @@ class BackupAgent:
         def check(path: Path) -> None:
             dumps.check(apps, path)
             # a short folder name: the server's socket path must stay < 108 bytes
-            dumps.verify_restore(apps, app, path, self.scratch_root,
-                                 f"dump-{secrets.token_hex(4)}")
+            with self.scratch_held(f"dump-{secrets.token_hex(4)}") as name:
+                dumps.verify_restore(apps, app, path, self.scratch_root, name)
 
         return self._file_backup(addon_target(app), lambda bid: self.repo.dump(app, bid),
                                  lambda path: dumps.dump(apps, app, path), check,
@@ -356,16 +368,13 @@ class BackupAgent:
 
         def check(path: Path) -> int:
             # beside the servers (the redis user passes there), a short name (the socket's
-            # path stays < 108 bytes), under a lock named by it while the check runs
-            name = f"{redisaddon.CHECK_PREFIX}{secrets.token_hex(4)}"
-            lock = self._try_lock(name)
+            # path stays < 108 bytes)
             try:
-                return redisaddon.verify_rdb(path, root / name)
+                with self.scratch_held(f"{redisaddon.CHECK_PREFIX}"
+                                       f"{secrets.token_hex(4)}") as name:
+                    return redisaddon.verify_rdb(path, root / name)
             except (redisaddon.RedisError, subprocess.SubprocessError, OSError) as exc:
                 raise BackupError(str(exc)) from exc
-            finally:
-                if lock is not None:
-                    lock.close()
 
         return self._file_backup(redis_target(app), lambda bid: self.repo.rdb(app, bid), take,
                                  check, scheduled_for, job, reason)
