@@ -20,6 +20,9 @@ their own agent tokens; 100 apps placed on them. Measured:
   window (heartbeats dominate; retention removes them on its schedule).
 - time to detect the loss of 100 hosts that go silent at once: until the placer's
   HostLost for all 100. The floor is the TTL.
+- CPU ms per accepted heartbeat over the window, by part (API, placer, projectors, relays,
+  the ledger's PostgreSQL, the simulator): what a loaded machine does not blur, and where
+  the time goes.
 
 Ends with one JSON line: hosts_sustained (the largest N tried whose lag p99 stays under
 1 s), lag_p99_ms_at_10k, placer_reconcile_s_at_10k, api_p99_ms_at_10k,
@@ -29,6 +32,7 @@ host_loss_detect_s_at_10k, and the figures per N. `--quick`: N = 1,000 only (< 1
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -41,6 +45,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import psutil  # noqa: E402
 import psycopg2  # noqa: E402
 
 from agents.simulated import SimSettings, Simulation  # noqa: E402
@@ -148,6 +153,48 @@ def direct_appends(cluster: Cluster, seconds: float = 3.0, threads: int = 16) ->
     return sum(done) / seconds
 
 
+PARTS = ("api", "placer", "projectors", "relay")
+
+
+def cpu_by_part(cluster: Cluster) -> dict[int, tuple[str, float]]:
+    """pid -> (part, CPU seconds so far) of every process of this control plane (the
+    `tally serve` daemons and the ledger's PostgreSQL servers with their backends) and of
+    the simulator. CPU per heartbeat is what a loaded machine does not blur: the load
+    average changes how fast things go, not how much work each heartbeat costs."""
+    out: dict[int, tuple[str, float]] = {}
+
+    def note(p: psutil.Process, part: str) -> None:
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            out[p.pid] = (part, t.user + t.system)
+
+    for p in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            cmd = " ".join(p.cmdline())
+            part = next((k for k in PARTS if f"serve {k}" in cmd),
+                        "simulator" if "fleet.py" in cmd else None)
+            if part:
+                note(p, part)
+    root = str(cluster.root)
+    for p in psutil.process_iter(["name", "cmdline"]):
+        if p.info["name"] == "postgres" and root in " ".join(p.info["cmdline"] or ()):
+            note(p, "ledger")
+            for child in p.children():
+                note(child, "ledger")
+    return out
+
+
+def cpu_ms_per(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
+               count: float) -> dict[str, float]:
+    """CPU ms per `count` (heartbeats) by part, from two cpu_by_part readings; `platform`
+    is every part but the simulator."""
+    spent: dict[str, float] = {}
+    for pid, (part, cpu) in after.items():
+        spent[part] = spent.get(part, 0.0) + cpu - before.get(pid, (part, 0.0))[1]
+    spent["platform"] = sum(v for k, v in spent.items() if k != "simulator")
+    return {k: round(v * 1000 / max(count, 1), 3) for k, v in sorted(spent.items())}
+
+
 def ledger_bytes(cluster: Cluster) -> int:
     conn = psycopg2.connect(cluster.dsn("tally_owner"))
     try:
@@ -199,13 +246,17 @@ def measure(n: int, window: float, ttl: float) -> dict[str, Any]:
                        api_latencies(url, admin, apps[0], window))),
                    threading.Thread(target=lambda: lags.extend(
                        view_lags(cluster, url, probe, "probe", window)))]
+        cpu0 = cpu_by_part(cluster)
         size0, c0, w0 = ledger_bytes(cluster), sim.counts(), time.monotonic()
+        load0 = os.getloadavg()[0]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         size1, c1, w1 = ledger_bytes(cluster), sim.counts(), time.monotonic()
+        cpu = cpu_ms_per(cpu0, cpu_by_part(cluster), c1.heartbeats - c0.heartbeats)
         rate = (c1.heartbeats - c0.heartbeats) / (w1 - w0)
+        load = [load0, os.getloadavg()[0]]
 
         mark = last_event_id(cluster)
         with Ledger(cluster.dsn()) as ledger:
@@ -235,6 +286,7 @@ def measure(n: int, window: float, ttl: float) -> dict[str, Any]:
             "ttl_s": ttl, "ledger_mb_per_hour": round((size1 - size0) / (w1 - w0) * 3600
                                                       / 2**20, 1),
             "refused": c2.refused, "failed": c2.failed,
+            "cpu_ms_per_heartbeat": cpu, "load_average_window": load,
         }
     finally:
         if sim is not None:
@@ -269,6 +321,10 @@ def main() -> None:
     ]
     for label, key in rows:
         print(f"{label:34}" + "".join(f"{r[key]:>12,}" for r in results))
+    for r in results:
+        print(f"N={r['hosts']:,}: CPU ms per accepted heartbeat (load average "
+              f"{r['load_average_window'][0]:.1f} -> {r['load_average_window'][1]:.1f}): "
+              + ", ".join(f"{k} {v}" for k, v in r["cpu_ms_per_heartbeat"].items()))
     for r in results:
         offered = r["heartbeats_per_s"] / r["offered_per_s"]
         print(f"N={r['hosts']:,}: accepted/offered {offered:.2f}, "
