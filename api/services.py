@@ -3,6 +3,8 @@ the ledger, and load-decide-append for app streams. Built by create_app, never a
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import threading
 import time
@@ -31,6 +33,7 @@ from projectors.views import Views
 
 APP_NAME_RE = re.compile(APP_NAME.regex.pattern.removesuffix("$") + r"\Z")
 """The catalogue's app names, to the very end (its `$` matches before a final newline)."""
+log = logging.getLogger("tally.api")
 APP_CACHE = 10_000
 """Folded app states kept per process; past this the cache starts over."""
 
@@ -110,6 +113,36 @@ class Settings:
     most this long ago (api/hosts.py)."""
 
 
+class Refresher:
+    """A thread of this process's own that runs `refresh` when poked (once per poke that
+    finds it idle), so a request never waits for it. Started on first use in each process
+    (gunicorn forks its workers after the app is built)."""
+
+    def __init__(self, refresh: Callable[[], None], name: str) -> None:
+        self.refresh, self.name = refresh, name
+        self._wanted = threading.Event()
+        self._pid = 0
+        self._start = threading.Lock()
+
+    def poke(self) -> None:
+        if self._pid != os.getpid():
+            with self._start:
+                if self._pid != os.getpid():
+                    threading.Thread(target=self._run, name=self.name, daemon=True).start()
+                    self._pid = os.getpid()
+        if not self._wanted.is_set():
+            self._wanted.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            try:
+                self.refresh()
+            except Exception:  # the next poke tries again; requests are not held meanwhile
+                log.exception("%s: background refresh failed", self.name)
+
+
 class Services:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -131,6 +164,7 @@ class Services:
         self._placements = Placements()
         self._placements_lock = threading.Lock()
         self._placements_at = 0.0
+        self._refresher = Refresher(self._refresh_in_background, "placements")
         self._unbuilt = Unbuilt()
         self._unbuilt_lock = threading.Lock()
         self._unbuilt_at = 0.0
@@ -210,18 +244,27 @@ class Services:
     def placements(self, wait: bool = True) -> Placements:
         """The placements fold, caught up if last checked over hosts_fresh_s ago. It
         sequences first, as the placer does: hosts learn of placements with no relay up.
-        Without `wait`, while another thread is catching up, the fold as it is (a
-        heartbeat's reply then names the version of a moment ago: the next one says more)."""
-        if not self._placements_lock.acquire(blocking=wait):
+        Without `wait` (heartbeats), the fold as it is, and if it is stale a thread of this
+        process's own catches it up: a heartbeat's reply then names the version of a moment
+        ago (the next one says more) and no heartbeat waits on the ledger."""
+        if not wait:
+            if time.monotonic() - self._placements_at > self.settings.hosts_fresh_s:
+                self._refresher.poke()
             return self._placements
-        try:
-            now = time.monotonic()
-            if now - self._placements_at > self.settings.hosts_fresh_s:
-                self._catch_up(self._placements, host_fold.CATEGORIES, host_fold.TYPES)
-                self._placements_at = now
+        with self._placements_lock:
+            self._refresh_placements()
             return self._placements
-        finally:
-            self._placements_lock.release()
+
+    def _refresh_placements(self) -> None:
+        """Under _placements_lock: catch up if last checked over hosts_fresh_s ago."""
+        now = time.monotonic()
+        if now - self._placements_at > self.settings.hosts_fresh_s:
+            self._catch_up(self._placements, host_fold.CATEGORIES, host_fold.TYPES)
+            self._placements_at = now
+
+    def _refresh_in_background(self) -> None:
+        with self._placements_lock:
+            self._refresh_placements()
 
     def unbuilt(self) -> Unbuilt:
         """The releases with no build outcome yet (api/buildqueue.py), caught up if last

@@ -88,9 +88,16 @@ def who() -> Principal:
     return g.who
 
 
+def json_body() -> Any:
+    """The parsed JSON body (parsed once per request), None if it is not JSON."""
+    if "json_body" not in g:
+        g.json_body = _json_body()
+    return g.json_body
+
+
 def body(schema: type[Schema]) -> dict[str, Any]:
     """The JSON body validated by `schema`: 400 if it is not JSON, 422 naming the fields."""
-    data = _json_body()
+    data = json_body()
     if data is None:
         raise BadRequest("the request body must be JSON (Content-Type: application/json)",
                          {"body": ["not JSON"]})

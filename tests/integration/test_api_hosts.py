@@ -160,6 +160,24 @@ def test_a_revoked_tokens_heartbeats_are_not_recorded(
     assert svc.heartbeats.counts.revoked == 1
 
 
+def test_a_heartbeats_body_is_checked_as_its_schema_says(world: World) -> None:  # noqa: F811
+    """The route checks plain bodies by hand (a fast path) and the rest with the schema:
+    the same answers either way."""
+    for bad in ({"load": -1}, {"load": "high"}, {"load": True}, {"instances": "many"},
+                {"instances": 1 << 21}, {"memory_used_mb": None}, {"colour": 1}, [1],
+                {"load": float("nan")}):
+        r = world.call("agent", "POST", f"/hosts/{world.host}/heartbeats", bad)
+        assert r.status_code == 422 and r.json["fields"], (bad, r.status_code, r.json)
+    for good in ({"load": 2, "instances": 3}, {"load": "0.25"}, {"instances": 4.5}, {}):
+        r = world.call("agent", "POST", f"/hosts/{world.host}/heartbeats", good)
+        assert r.status_code == 202, (good, r.json)
+    assert world.client.application.extensions["tally"].heartbeats.wait_flushed(10)
+    last = [e.data for e in world.ledger.read_stream(f"heartbeat-{world.host}")][-4:]
+    assert [(d["load"], d["instances"]) for d in last] == [(2.0, 3), (0.25, 0), (0.0, 4),
+                                                           (0.0, 0)]
+    assert all(type(d["load"]) is float for d in last)
+
+
 def test_a_report_sent_again_with_its_key_is_recorded_once(world: World) -> None:  # noqa: F811
     app = world.new_app(releases=1)
     iid = world.place(app, 1)
