@@ -66,45 +66,53 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._idle = threading.Condition(self._lock)
+        self._unsent: tuple[list[tuple[Item, Token | None]], str] | None = None
+        """The batch being sent, or that failed, with its key: sent again first."""
+
+    def _key(self) -> str:
+        """A batch's idempotency key (time-ordered: it lands at the index's right edge)."""
+        return f"{time.time_ns():016x}{self._nonce}{next(self._keys):x}"
 
     def submit(self, stream: str, event: NewEvent, token: Token | None = None) -> None:
-        """Queue one heartbeat (time-ordered key: it lands at the index's right edge), with
-        the token it came with if that is to be checked against revocations."""
-        key = f"{time.time_ns():016x}{self._nonce}{next(self._keys):x}"
+        """Queue one heartbeat, with the token it came with if that is to be checked
+        against revocations."""
         with self._lock:
             if self._pid != os.getpid():  # first use in this (forked) worker process
                 self._pid = os.getpid()
                 self._thread = threading.Thread(target=self._run, name="heartbeats",
                                                 daemon=True)
                 self._thread.start()
-            self.pending.append((Item(stream, event, key), token))
+            self.pending.append((Item(stream, event), token))
             self.counts.accepted += 1
             while len(self.pending) > self.max_pending:
                 self.pending.popleft()
                 self.counts.dropped += 1
 
     def flush(self, ledger: Ledger) -> int:
-        """Append what is pending (in batches of max_batch); returns events written. On a
-        ledger error the batch goes back to the front, to be sent again."""
+        """Append what is pending (in batches of max_batch, each with one idempotency key);
+        returns events written. On a ledger error the batch is kept, with its key, to be
+        sent again as it was before anything newer: if it was written after all (the answer
+        was lost), sending it again writes nothing."""
         written = 0
         while True:
             with self._lock:
-                batch = [self.pending.popleft()
-                         for _ in range(min(self.max_batch, len(self.pending)))]
+                if self._unsent is not None:
+                    batch, key = self._unsent
+                else:
+                    batch = [self.pending.popleft()
+                             for _ in range(min(self.max_batch, len(self.pending)))]
+                    key = self._key()
+                self._unsent = (batch, key) if batch else None
             if not batch:
                 return written
+            items = self._admitted(ledger, batch)
             try:
-                items = self._admitted(ledger, batch)
-                try:
-                    n = append_streams(ledger, items)
-                except InvalidEvent:  # never expected (the route validated): keep the others
-                    n = sum(self._one(ledger, it) for it in items)
-            except LedgerError:
-                with self._lock:
-                    self.pending.extendleft(reversed(batch))
-                raise
+                n = append_streams(ledger, items, key)
+            except InvalidEvent:  # never expected (the route validated): keep the others
+                n = sum(self._one(ledger, it) for it in items)
             written += n
             with self._lock:
+                self._unsent = None
                 self.counts.written += n
                 self.counts.batches += 1
                 self._idle.notify_all()
@@ -123,7 +131,7 @@ class Batcher:
 
     def _one(self, ledger: Ledger, item: Item) -> int:
         try:
-            return append_streams(ledger, [item])
+            return append_streams(ledger, [item], self._key())
         except InvalidEvent as exc:
             log.error("heartbeat for %s refused: %s", item.stream, exc)
             return 0
@@ -132,7 +140,7 @@ class Batcher:
         """Until nothing is pending (tests, shutdown)."""
         deadline = time.monotonic() + timeout
         with self._lock:
-            while self.pending:
+            while self.pending or self._unsent is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False

@@ -36,6 +36,7 @@ import contextlib
 import http.client
 import json
 import os
+import shutil
 import statistics
 import sys
 import threading
@@ -206,7 +207,7 @@ def ledger_bytes(cluster: Cluster) -> int:
         conn.close()
 
 
-def measure(n: int, window: float, ttl: float) -> dict[str, Any]:
+def measure(n: int, window: float, ttl: float, logs: Path | None = None) -> dict[str, Any]:
     cluster = make_cluster()
     # hosts beat every INTERVAL: suspect after missing more than one, lost after ttl
     plane = ControlPlane(cluster, ttl=ttl, suspect_after=INTERVAL * 1.5)
@@ -292,6 +293,10 @@ def measure(n: int, window: float, ttl: float) -> dict[str, Any]:
         if sim is not None:
             sim.close()
         plane.stop()
+        if logs is not None:  # the daemons' logs, before their home goes
+            (logs / f"n{n}").mkdir(parents=True, exist_ok=True)
+            for f in cluster.root.parent.glob("*.log"):
+                shutil.copy(f, logs / f"n{n}" / f.name)
         destroy_cluster(cluster)
 
 
@@ -299,13 +304,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="N = 1,000 only (< 120 s)")
     parser.add_argument("--hosts", default="1000,5000,10000")
+    parser.add_argument("--logs", type=Path, help="copy the control plane's logs here")
     args = parser.parse_args()
     sizes = [1000] if args.quick else [int(x) for x in args.hosts.split(",")]
     window, ttl = (15.0, 3 * INTERVAL) if args.quick else (40.0, 3 * INTERVAL)
     print(f"load average before: {os.getloadavg()[0]:.1f}", file=sys.stderr)
     results = []
     for n in sizes:
-        r = measure(n, window, ttl)
+        r = measure(n, window, ttl, args.logs)
         results.append(r)
         print(json.dumps(r), file=sys.stderr)
     print(f"{'figure':34}" + "".join(f"{'N=' + format(r['hosts'], ','):>12}" for r in results))

@@ -35,6 +35,7 @@ FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text
 LEFT JOIN LATERAL (SELECT max(e.version) AS v FROM ledger.events e
                    WHERE e.stream = t.stream) cur ON true
 WHERE NOT EXISTS (SELECT 1 FROM ledger.events d WHERE d.idempotency_key = t.key)
+  AND NOT EXISTS (SELECT 1 FROM ledger.events d WHERE d.idempotency_key = %s)
 ORDER BY t.n
 RETURNING id
 """
@@ -56,22 +57,28 @@ class Item:
 
     stream: str
     event: NewEvent
-    key: str
+    key: str | None = None
 
 
-def append_streams(ledger: Ledger, items: Sequence[Item]) -> int:
+def append_streams(ledger: Ledger, items: Sequence[Item], batch_key: str | None = None) -> int:
     """Append every item in one transaction; returns how many rows were new (an item whose
-    key is already in the ledger was written before and is skipped). Raises InvalidEvent
-    before writing anything if one item is invalid."""
+    key is already in the ledger was written before and is skipped). With `batch_key`, the
+    batch is the unit instead: its first event carries that key, and a batch whose key is
+    in the ledger writes nothing (the transaction wrote all of it or none), so a batch sent
+    again after a lost answer is not doubled while its other events carry no key of their
+    own (no index entry, no lookup each). Raises InvalidEvent before writing anything if one
+    item is invalid."""
     if not items:
         return 0
-    columns: list[list[str]] = [[], [], [], [], [], []]
-    for it in items:
+    columns: list[Any] = [[], [], [], [], [], []]
+    for n, it in enumerate(items):
         category = stream_category(it.stream)
         type_, data, meta = _encoded(category, it.event)
-        for col, value in zip(columns, (it.stream, category, type_, data, meta, it.key),
+        key = (batch_key if n == 0 else None) if batch_key else it.key
+        for col, value in zip(columns, (it.stream, category, type_, data, meta, key),
                               strict=True):
             col.append(value)
+    columns.append(batch_key)
 
     def run(cur: Any) -> int:
         for _ in range(ATTEMPTS):

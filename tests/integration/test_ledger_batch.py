@@ -8,7 +8,7 @@ import uuid
 from agents.fleet import Fleet
 from agents.placer import catch_up
 from ledger import Ledger, NewEvent
-from ledger.batch import Checked, append_checked
+from ledger.batch import Checked, Item, append_checked, append_streams
 
 
 def _lost(h: str) -> NewEvent:
@@ -59,3 +59,15 @@ def test_the_placers_fold_of_heartbeats_keeps_ledger_order(ledger: Ledger) -> No
     assert [s for _, s, _ in newest] == [f"heartbeat-{gone}", f"heartbeat-{back}"]
     assert newest[0][0] < newest[1][0]
 
+
+
+def test_a_batch_sent_again_with_its_key_writes_nothing(ledger: Ledger) -> None:
+    """The API's heartbeat batches carry one key for the batch (its first event), none per
+    event: sent again after a lost answer, the batch writes nothing; a new key writes."""
+    hosts = [f"bk-{uuid.uuid4().hex[:8]}" for _ in range(3)]
+    items = [Item(f"heartbeat-{h}", NewEvent("HostHeartbeat", {"host_id": h})) for h in hosts]
+    key = f"batch-{uuid.uuid4().hex}"
+    assert append_streams(ledger, items, key) == 3
+    assert append_streams(ledger, items, key) == 0
+    assert append_streams(ledger, items[:1], f"batch-{uuid.uuid4().hex}") == 1
+    assert [ledger.stream_version(f"heartbeat-{h}") for h in hosts] == [2, 1, 1]
