@@ -133,6 +133,8 @@ class Fleet:
     """The timings the placer last announced (LivenessSet); the defaults before that."""
     liveness_version: int = 0
     position: int = 0
+    last_id: int = 0
+    """The highest event id folded (heartbeats read without theirs aside)."""
 
     def apply_all(self, events: list[RecordedEvent]) -> None:
         for e in events:
@@ -146,6 +148,8 @@ class Fleet:
             self.placement_versions[e.stream.removeprefix("placement-")] = e.version
         if e.position:
             self.position = max(self.position, e.position)
+        if e.id > self.last_id:
+            self.last_id = e.id
 
     def placements_of(self, app: str) -> list[Placement]:
         return [p for p in self.placements.values() if p.app == app]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -23,6 +24,8 @@ from ledger.events import RecordedEvent
 
 log = logging.getLogger("tally.placer")
 PAGE = 5000
+OWN_WAIT_S = 2.0
+"""How long a round waits for the sequencer to place the previous round's events."""
 HEARTBEAT = "heartbeat"
 
 
@@ -70,15 +73,19 @@ class Placer:
         self.clock = clock
         self.fleet = Fleet()
         self.conflicts = 0
+        self.mine: int | None = None
+        """The id of the last event this placer appended while its fold has not read it."""
 
     def reconcile(self) -> int:
-        """One round: catch up, decide, append. Returns the number of appends that landed."""
-        catch_up(self.ledger, self.fleet)
+        """One round: catch up (with its own last appends), decide, append. Returns the
+        number of appends that landed."""
+        self._catch_up()
         appends = decide(self.fleet, self.clock(), self.settings)
         # One transaction for the round (one commit, not one per stream), unless a stream
         # moved meanwhile: then one by one, to keep those that still apply.
-        if len(appends) > 1 and append_checked(self.ledger, [
-                Checked(a.stream, a.expected_version, a.events) for a in appends]):
+        if len(appends) > 1 and (ids := append_checked(self.ledger, [
+                Checked(a.stream, a.expected_version, a.events) for a in appends])):
+            self.mine = max(ids)
             for a in appends:
                 for e in a.events:
                     log.info("%s %s", e.type, _brief(e.data))
@@ -86,7 +93,9 @@ class Placer:
         landed = 0
         for a in appends:
             try:
-                self.ledger.append(a.stream, list(a.events), expected_version=a.expected_version)
+                done = self.ledger.append(a.stream, list(a.events),
+                                          expected_version=a.expected_version)
+                self.mine = max(done.event_ids)
             except VersionConflict as exc:
                 self.conflicts += 1
                 log.info("another placer moved %s first (%s): re-reading", a.stream, exc)
@@ -95,6 +104,23 @@ class Placer:
             for e in a.events:
                 log.info("%s %s", e.type, _brief(e.data))
         return landed
+
+    def _catch_up(self) -> None:
+        """Fold what follows the checkpoint, until it includes what this placer appended
+        last (within OWN_WAIT_S). A round right after another (a wake-up) could otherwise
+        read before the sequencer placed the last round's events, decide the same again and
+        see every append of it refused as a conflict."""
+        deadline = time.monotonic() + OWN_WAIT_S
+        while True:
+            catch_up(self.ledger, self.fleet)
+            if self.mine is None or self.fleet.last_id >= self.mine:
+                self.mine = None
+                return
+            if time.monotonic() > deadline:
+                log.warning("own appends (to event %d) not sequenced within %.0fs: deciding "
+                            "without them", self.mine, OWN_WAIT_S)
+                return
+            time.sleep(0.005)
 
     def run(self, stop: threading.Event, relays: list[str] | tuple[str, ...] = (),
             interval: float = 1.0) -> None:

@@ -217,12 +217,16 @@ class Fleet:
 async def _run(hosts: list[SimHost], settings: SimSettings, stop: Any, silent_hosts: set[str],
                silent: Any, ready: Any, shared: Any) -> None:
     fleet = Fleet(hosts, settings)
+    # Each host beats from the moment it registered, as an agent does: registering 10,000
+    # hosts takes longer than a TTL, and hosts that waited for the last one were lost.
+    tasks: list[asyncio.Task[None]] = []
     for i in range(0, len(hosts), 50):
-        await asyncio.gather(*(fleet.register(h) for h in hosts[i:i + 50]))
+        chunk = hosts[i:i + 50]
+        await asyncio.gather(*(fleet.register(h) for h in chunk))
+        tasks += [asyncio.create_task(fleet.live(
+            h, settings.interval * (i + n) / len(hosts), stop,
+            silent if h.host_id in silent_hosts else None)) for n, h in enumerate(chunk)]
     ready.release()
-    tasks = [asyncio.create_task(fleet.live(
-        h, settings.interval * n / len(hosts), stop, silent if h.host_id in silent_hosts
-        else None)) for n, h in enumerate(hosts)]
     def publish() -> None:
         with shared.get_lock():
             shared[0], shared[1], shared[2], shared[3] = (

@@ -104,14 +104,15 @@ class Checked:
     events: Sequence[NewEvent]
 
 
-def append_checked(ledger: Ledger, appends: Sequence[Checked]) -> bool:
+def append_checked(ledger: Ledger, appends: Sequence[Checked]) -> list[int]:
     """Append every one in one transaction, each at the versions after its `expected`, or
-    none: False when a stream has moved past what its caller read (the (stream, version)
-    key refuses the row), and the caller then appends them one by one to learn which. One
+    none; the new events' ids. None ([]) when a stream has moved past what its caller read
+    (the (stream, version) key refuses the row), and the caller then appends them one by
+    one to learn which. One
     commit for what would be as many as there are streams: the placer's round after a scale
     change of 1,000 instances over 100 apps, or the loss of 100 hosts at once."""
     if not appends:
-        return True
+        return []
     columns: list[list[Any]] = [[], [], [], [], [], [], []]
     for a in appends:
         category = stream_category(a.stream)
@@ -126,12 +127,12 @@ def append_checked(ledger: Ledger, appends: Sequence[Checked]) -> bool:
                                             meta, key), strict=True):
                 col.append(value)
 
-    def run(cur: Any) -> bool:
+    def run(cur: Any) -> list[int]:
         try:
             cur.execute(_INSERT_AT, columns)
         except psycopg2.errors.UniqueViolation:
-            return False
-        return True
+            return []
+        return [row[0] for row in cur.fetchall()]
 
     done = ledger._retrying(run)
     if done:

@@ -9,6 +9,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 
+import psycopg2
 import pytest
 
 from agents.fleet import Fleet
@@ -119,3 +120,43 @@ def test_two_placers_never_double_place_and_replace_a_lost_host(private: Cluster
         fleet = fleet_of(ledger)
         ports = [(p.host_id, p.port) for p in fleet.placements.values()]
         assert len(ports) == len(set(ports)) == 3 * len(APPS)
+
+
+def test_rounds_back_to_back_read_their_own_appends(private: Cluster) -> None:
+    """A round right after another (as on a wake-up) first reads the events the last one
+    appended, so it never decides the same again: no conflict with itself, every new app
+    placed once, each round's appends in one transaction."""
+    from agents.placement import Settings
+    from agents.placer import Placer
+    from tests.fixtures.apps.fleet import sim_apps
+
+    with Ledger(private.dsn()) as ledger:
+        for h in ("bb1", "bb2"):
+            ledger.append(f"host-{h}", [NewEvent("HostRegistered", {
+                "host_id": h, "address": "127.0.0.1", "port_min": 9000 if h == "bb1" else 9100,
+                "port_max": 9049 if h == "bb1" else 9149, "capacity": 50})])
+            ledger.append(f"heartbeat-{h}", [NewEvent("HostHeartbeat", {"host_id": h})])
+        placer = Placer(ledger, Settings(ttl=60, suspect_after=30))
+        placer.reconcile()  # whatever the earlier test left, and the liveness timings
+        apps = sim_apps(ledger, 20, prefix="bb")
+        ledger.sequence()
+        # A session holding a transaction id keeps the sequencer from placing anything
+        # committed after it (as a lagging standby or a slow writer would, for a moment):
+        # the round's own appends land but stay unread until it lets go.
+        holder = psycopg2.connect(private.dsn())
+        letgo = threading.Timer(0.5, holder.rollback)
+        try:
+            holder.cursor().execute("SELECT pg_current_xact_id()")
+            assert placer.reconcile() >= 20
+            letgo.start()
+            rounds = [placer.reconcile() for _ in range(3)]
+        finally:
+            letgo.cancel()
+            if letgo.is_alive():
+                letgo.join()
+            holder.close()
+        assert placer.conflicts == 0, rounds
+        placed = Counter(e.data["app"] for e in ledger.read_all(
+            0, limit=100_000, categories=["placement"], types=["InstancePlaced"])
+            if e.data["app"] in apps)
+        assert placed == {a: 1 for a in apps}
