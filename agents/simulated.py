@@ -144,6 +144,7 @@ class Fleet:
         for _ in range(settings.connections):
             self.pool.put_nowait(Connection(url.hostname or "127.0.0.1", url.port or 80))
         self.counts = Counts()
+        self.registering = asyncio.Semaphore(max(1, settings.connections // 3))
 
     async def send(self, request: bytes) -> tuple[int, bytes]:
         conn = await self.pool.get()
@@ -175,8 +176,9 @@ class Fleet:
         return status, int(raw[at + 10:end])
 
     async def register(self, host: SimHost) -> None:
-        status, answer = await self.call(host, "PUT", f"/hosts/{host.host_id}",
-                                         host.registration())
+        async with self.registering:  # leave most connections to the registered hosts' beats
+            status, answer = await self.call(host, "PUT", f"/hosts/{host.host_id}",
+                                             host.registration())
         if status >= 400:
             raise RuntimeError(f"{host.host_id} not registered: {status} {answer}")
 
