@@ -27,6 +27,7 @@ from api import (  # noqa: F401  (routes register)
     routes_views,
     web,
 )
+from api.beats import HeartbeatPath
 from api.errors import ApiError
 from api.services import Services, Settings
 from ledger import InvalidEvent, LedgerUnavailable, VersionConflict
@@ -46,6 +47,7 @@ def create_app(settings: Settings) -> Flask:
     spec = openapi.spec()
     app.add_url_rule("/openapi.json", "openapi", lambda: jsonify(spec))
     app.register_error_handler(Exception, handle_error)
+    app.wsgi_app = HeartbeatPath(app.wsgi_app, app.extensions["tally"])  # type: ignore[method-assign]
     return app
 
 
