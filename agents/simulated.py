@@ -144,7 +144,7 @@ class Fleet:
         for _ in range(settings.connections):
             self.pool.put_nowait(Connection(url.hostname or "127.0.0.1", url.port or 80))
         self.counts = Counts()
-        self.registering = asyncio.Semaphore(max(1, settings.connections // 3))
+        self.registering = asyncio.Semaphore(max(1, settings.connections // 2))
 
     async def send(self, request: bytes) -> tuple[int, bytes]:
         conn = await self.pool.get()
