@@ -170,10 +170,13 @@ class Fleet:
         at = raw.find(b'"desired":')
         if status != 202 or at < 0:
             return status, 0
-        end = at + 10
+        start = at + 10
+        while start < len(raw) and raw[start] in b" \t":
+            start += 1
+        end = start
         while end < len(raw) and raw[end] in DIGITS:
             end += 1
-        return status, int(raw[at + 10:end])
+        return status, int(raw[start:end])
 
     async def register(self, host: SimHost) -> None:
         async with self.registering:  # leave most connections to the registered hosts' beats

@@ -105,4 +105,4 @@ class HeartbeatPath:
             desired = accept(self.services, who, host_id, beat)
         except Exception:  # the route says what went wrong, as JSON
             return None
-        return json.dumps({"accepted": True, "desired": desired}).encode()
+        return b'{"accepted":true,"desired":%d}\n' % desired  # as Flask's jsonify words it

@@ -177,9 +177,12 @@ def test_a_heartbeats_body_is_checked_as_its_schema_says(world: World) -> None: 
     assert path.answered - before == 2, "the plain ones before Flask, the others by the route"
     r = world.call("admin", "POST", f"/hosts/{world.host}/heartbeats", {"load": 1})
     assert r.status_code == 202 and path.answered - before == 2  # admins: the route
+    fast = world.call("agent", "POST", f"/hosts/{world.host}/heartbeats", {"load": 1})
+    assert path.answered - before == 3
+    assert fast.data == r.data and fast.content_type == r.content_type  # the same bytes
     assert world.client.application.extensions["tally"].heartbeats.wait_flushed(10)
     last = [e.data for e in world.ledger.read_stream(f"heartbeat-{world.host}")][-4:]
-    assert [(d["load"], d["instances"]) for d in last] == [(0.25, 0), (0.0, 4), (0.0, 0),
+    assert [(d["load"], d["instances"]) for d in last] == [(0.0, 4), (0.0, 0), (1.0, 0),
                                                            (1.0, 0)]
     assert all(type(d["load"]) is float for d in last)
 
