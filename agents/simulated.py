@@ -142,16 +142,20 @@ class Fleet:
         self.address = url.hostname or "127.0.0.1"
         self.pool: asyncio.Queue[Connection] = asyncio.Queue()
         for _ in range(settings.connections):
-            self.pool.put_nowait(Connection(url.hostname or "127.0.0.1", url.port or 80))
+            self.pool.put_nowait(Connection(self.address, url.port or 80))
         self.counts = Counts()
-        self.registering = asyncio.Semaphore(max(1, settings.connections // 2))
+        self.registering: asyncio.Queue[Connection] = asyncio.Queue()
+        for _ in range(max(1, settings.connections // 2)):
+            self.registering.put_nowait(Connection(self.address, url.port or 80))
 
-    async def send(self, request: bytes) -> tuple[int, bytes]:
-        conn = await self.pool.get()
+    async def send(self, request: bytes,
+                   pool: asyncio.Queue[Connection] | None = None) -> tuple[int, bytes]:
+        pool = pool or self.pool
+        conn = await pool.get()
         try:
             return await conn.send(request)
         finally:
-            self.pool.put_nowait(conn)
+            pool.put_nowait(conn)
 
     async def call(self, host: SimHost, method: str, path: str,
                    body: Any = None) -> tuple[int, dict[str, Any]]:
@@ -179,9 +183,12 @@ class Fleet:
         return status, int(raw[start:end])
 
     async def register(self, host: SimHost) -> None:
-        async with self.registering:  # leave most connections to the registered hosts' beats
-            status, answer = await self.call(host, "PUT", f"/hosts/{host.host_id}",
-                                             host.registration())
+        # Connections of their own: the registered hosts' beats, queued for the others,
+        # would hold registration back, and those waiting to register keep beats waiting.
+        status, raw = await self.send(request_bytes(
+            "PUT", f"/hosts/{host.host_id}", self.address, host.token, host.registration()),
+            self.registering)
+        answer = json.loads(raw) if raw else {}
         if status >= 400:
             raise RuntimeError(f"{host.host_id} not registered: {status} {answer}")
 
