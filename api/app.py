@@ -47,7 +47,8 @@ def create_app(settings: Settings) -> Flask:
     spec = openapi.spec()
     app.add_url_rule("/openapi.json", "openapi", lambda: jsonify(spec))
     app.register_error_handler(Exception, handle_error)
-    app.wsgi_app = HeartbeatPath(app.wsgi_app, app.extensions["tally"])  # type: ignore[method-assign]
+    app.wsgi_app = HeartbeatPath(  # type: ignore[method-assign,assignment]
+        app.wsgi_app, app.extensions["tally"])
     return app
 
 

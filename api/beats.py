@@ -67,34 +67,34 @@ class HeartbeatPath:
         self.answered = 0
         """Heartbeats answered here (the rest went to the route)."""
 
-    def __call__(self, environ: dict[str, Any],
+    def __call__(self, env: dict[str, Any],
                  start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if environ.get("REQUEST_METHOD") == "POST" and (
-                m := PATH.fullmatch(environ.get("PATH_INFO", ""))):
-            answer = self._plain(m.group(1), environ)
+        if env.get("REQUEST_METHOD") == "POST" and (
+                m := PATH.fullmatch(env.get("PATH_INFO", ""))):
+            answer = self._plain(m.group(1), env)
             if answer is not None:
                 self.answered += 1
                 start_response("202 ACCEPTED", [("Content-Type", "application/json"),
                                                 ("Content-Length", str(len(answer)))])
                 return [answer]
-        return self.app(environ, start_response)
+        return self.app(env, start_response)
 
-    def _plain(self, host_id: str, environ: dict[str, Any]) -> bytes | None:
+    def _plain(self, host_id: str, env: dict[str, Any]) -> bytes | None:
         """The answer to a plain heartbeat, or None (the body put back for the route)."""
-        scheme, _, token = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+        scheme, _, token = env.get("HTTP_AUTHORIZATION", "").partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             return None
-        if not environ.get("CONTENT_TYPE", "").startswith("application/json"):
+        if not env.get("CONTENT_TYPE", "").startswith("application/json"):
             return None
         try:
-            length = int(environ.get("CONTENT_LENGTH") or "-1")
+            length = int(env.get("CONTENT_LENGTH") or "-1")
         except ValueError:
             return None
         if not 0 <= length <= MAX_BODY:
             return None
-        raw = environ["wsgi.input"].read(length)
-        environ["wsgi.input"] = io.BytesIO(raw)
+        raw = env["wsgi.input"].read(length)
+        env["wsgi.input"] = io.BytesIO(raw)
         try:
             who = self.services.directory().lookup(token)
             if who is None or who.role != "agent" or who.host_id != host_id:
