@@ -348,6 +348,38 @@ def _restore(root: Path, app: str, rdb: Path, launch: Launch | None, say: Say,
     return keys
 
 
+def settle_restores(root: Path) -> list[str]:
+    """After a restore that was killed (its process gone, so its lock free): the app's
+    data as the restore left it made whole again and its marker removed, so apps() has
+    it again (the caller starts it). A new AOF folder that was complete stays (it was
+    installed by a rename); one half built is removed; if the old one was moved aside and
+    the new one never put in place, the old one comes back. The apps settled."""
+    settled = []
+    for marker in sorted(root.glob(".restoring-*")) if root.is_dir() else ():
+        app = marker.name.removeprefix(".restoring-")
+        with open(root / f".restore-{app}.lock", "a") as held:
+            try:
+                fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a restore runs
+            app_dir = folder(root, app)
+            if app_dir.is_dir():
+                _remove_tree(app_dir, f"{AOF_DIR}.restore")
+                dir_fd = os.open(app_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+                try:
+                    try:
+                        os.stat(AOF_DIR, dir_fd=dir_fd, follow_symlinks=False)
+                    except FileNotFoundError:  # the old one aside, the new one not in place
+                        with contextlib.suppress(FileNotFoundError):
+                            os.rename(AOF_DIR + ".before", AOF_DIR, src_dir_fd=dir_fd,
+                                      dst_dir_fd=dir_fd)
+                finally:
+                    os.close(dir_fd)
+            marker.unlink(missing_ok=True)
+            settled.append(app)
+    return settled
+
+
 def _restoring(root: Path, app: str) -> Path:
     """The marker (root's, in the root folder) that keeps an app out of apps() while its
     Redis is restored."""

@@ -254,6 +254,8 @@ def start_addons(cfg: Config, supervised: bool = False) -> list[str]:
         host, port = address(apps)
         out.append(f"apps' database cluster: {host}:{port} (every DATABASE_URL)")
     launch = redis_launch(cfg, supervised)
+    for app in redisaddon.settle_restores(cfg.redis_dir):  # restores that were killed
+        out.append(f"Redis of {app}: a restore that was cut short was settled")
     if launch is not None:
         launch()
     for app in redisaddon.apps(cfg.redis_dir):

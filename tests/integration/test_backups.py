@@ -623,6 +623,18 @@ def test_an_apps_redis_is_copied_as_an_rdb_checked_and_kept(archived: Cluster) -
         assert rdb.stat().st_size == b.completed["size_bytes"]
         assert b"greeting" in rdb.read_bytes()
         assert not redisaddon.checks(root), "the scratch server's folder is gone"
+        # A restore killed after moving the data aside, before putting the RDB in place:
+        # settled (the old data back, the marker gone), the server starts with it.
+        redisaddon.stop(root, "cache")
+        (root / ".restoring-cache").touch()
+        (root / "cache" / "appendonlydir").rename(root / "cache" / "appendonlydir.before")
+        (root / "cache" / "appendonlydir.restore").mkdir()
+        assert redisaddon.apps(root) == []
+        assert redisaddon.settle_restores(root) == ["cache"]
+        assert redisaddon.apps(root) == ["cache"]
+        assert not (root / "cache" / "appendonlydir.restore").exists()
+        redisaddon.start(root, "cache")
+        assert redis_client.Redis.from_url(url).get("greeting") == b"bonjour"
         broken = home(archived) / "broken.rdb"
         broken.write_bytes(rdb.read_bytes()[:-12])
         with pytest.raises(redisaddon.RedisError):
