@@ -202,6 +202,22 @@ class Shipper:
         self.socket.close()
 
 
+def names_app(iid: str, app: str) -> bool:
+    """Whether an instance's log name belongs to `app`: `<app>.<release>.<type>.<id>`,
+    a detached run's `<app>.run.<N>`, or a balancer's access log `router.<app>.<name>`."""
+    parts = iid.split(".")
+    return parts[0] == app or (len(parts) > 2 and parts[:2] == ["router", app])
+
+
+def _sender(frame: zmq.Frame) -> str:
+    """The CURVE key the frame's connection was admitted with (ZAP's User-Id); empty on
+    a collector without CURVE."""
+    try:
+        return str(frame.get("User-Id"))
+    except (zmq.ZMQError, KeyError, UnicodeDecodeError):
+        return ""
+
+
 class Collector:
     """Writes what agents ship into <root>/<app>/current.log, rotated past `max_bytes`
     into chunk-<time>.log files, each byte of an instance's log once."""
@@ -215,12 +231,16 @@ class Collector:
             self.marks = {}
 
     def receive(self, app: str, iid: str, epoch: int, offset: int, data: bytes,
-                now: datetime | None = None) -> tuple[int, int]:
+                now: datetime | None = None, sender: str = "") -> tuple[int, int]:
         """Write the part of `data` (bytes offset.. of the instance's log in `epoch`) not
-        written yet; returns (epoch, offset) written up to, the acknowledgement."""
-        if not INSTANCE.match(iid):
+        written yet; returns (epoch, offset) written up to, the acknowledgement. Marks are
+        kept per `sender` (the shipping host's CURVE key): a host that names another's
+        instance with a huge epoch cannot make the collector drop that host's lines, and
+        lines go only under the app the instance's name belongs to."""
+        if not INSTANCE.match(iid) or not names_app(iid, app):
             return epoch, 0
-        mark_epoch, mark = self.marks.get(iid, (epoch, offset))  # new here: from offset
+        key = f"{sender}/{iid}" if sender else iid
+        mark_epoch, mark = self.marks.get(key, (epoch, offset))  # new here: from offset
         if epoch < mark_epoch:
             return mark_epoch, mark  # an old epoch, sent again: long written
         if epoch > mark_epoch:
@@ -230,8 +250,8 @@ class Collector:
         fresh = data[mark - offset:]
         if fresh:
             self.write(app, iid, fresh, now)
-        self.marks[iid] = [epoch, max(mark, offset + len(data))]
-        return epoch, self.marks[iid][1]
+        self.marks[key] = [epoch, max(mark, offset + len(data))]
+        return epoch, self.marks[key][1]
 
     def save(self) -> None:
         """Keep what was written up to, before acknowledging it."""
@@ -280,18 +300,19 @@ class Collector:
         acks: dict[tuple[bytes, bytes], tuple[int, int]] = {}
         while True:
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
             if len(frames) != 6:
                 continue
-            peer, app, iid, epoch, offset, data = frames
+            peer, app, iid, epoch, offset, data = (f.bytes for f in frames)
             try:
                 at = (int(epoch), int(offset))
             except ValueError:
                 continue
             acks[(peer, iid)] = self.receive(app.decode("utf-8", "replace"),
-                                             iid.decode("utf-8", "replace"), *at, data)
+                                             iid.decode("utf-8", "replace"), *at, data,
+                                             sender=_sender(frames[1]))
         if acks:
             self.save()
         for (peer, iid), (epoch, end) in acks.items():

@@ -121,3 +121,23 @@ def test_a_batch_sent_twice_is_written_once(tmp_path: Path) -> None:
     assert Collector(tmp_path).marks == {"blog.1.web.a": [1, 2]}
     text = (tmp_path / "blog" / "current.log").read_text().splitlines()
     assert [t.split(" ", 2)[2] for t in text] == ["a", "b", "c", "d"]
+
+
+def test_a_host_cannot_silence_or_misfile_another_hosts_lines(tmp_path: Path) -> None:
+    """The review's case: a compromised host named another host's instance with a huge
+    epoch, and the collector then dropped that instance's real lines as old. Marks are
+    per sending key now, and a line goes only under the app its instance's name is of."""
+    from agents.logs import Collector, names_app
+
+    c = Collector(tmp_path)
+    assert c.receive("blog", "blog.1.web.a", 0, 0, b"real 1\n", sender="HOSTA") == (0, 7)
+    forged = c.receive("blog", "blog.1.web.a", 10**12, 0, b"forged\n", sender="HOSTB")
+    assert forged == (10**12, 7)
+    assert c.receive("blog", "blog.1.web.a", 0, 7, b"real 2\n", sender="HOSTA") == (0, 14)
+    assert c.receive("shop", "blog.1.web.b", 0, 0, b"misfiled\n", sender="HOSTB") == (0, 0)
+    lines = [t.split(" ", 2)[2] for t in
+             (tmp_path / "blog" / "current.log").read_text().splitlines()]
+    assert "real 1" in lines and "real 2" in lines
+    assert not (tmp_path / "shop").exists()
+    assert names_app("router.blog.lb1", "blog") and names_app("blog.run.3", "blog")
+    assert not names_app("router.blog.lb1", "router-x") and not names_app("blogx.1.web.a", "blog")
