@@ -106,6 +106,8 @@ class HostSpec:
     backend_clients: tuple[str, ...] = ()
     """Addresses besides this host that may connect to the instances' ports (the balancers
     on other hosts); everyone else is refused (netrules.Backends)."""
+    user_prefix: str = users.DEFAULT_PREFIX
+    """The platform's prefix of its apps' Unix user names (agents/users.py)."""
 
 
 @dataclass(frozen=True)
@@ -305,7 +307,8 @@ class Agent:
             self.read_desired()
         if self.outbox:
             self.outbox.flush(self.send)
-        self.uids = netrules.app_uids(self.fleet.apps) if os.geteuid() == 0 else {}
+        self.uids = (netrules.app_uids(self.fleet.apps, self.spec.user_prefix)
+                     if os.geteuid() == 0 else {})
         wants = self.wants()
         self.observe(wants, now)
         self.record_run_ends()
@@ -399,8 +402,9 @@ class Agent:
             name = pwd.getpwuid(uid).pw_name
         except KeyError:
             return None
-        return next((app for app in list(self.fleet.apps) if users.user_name(app) == name),
-                    None)
+        prefix = self.spec.user_prefix
+        return next((app for app in list(self.fleet.apps)
+                     if users.user_name(app, prefix) == name), None)
 
     def instances_here(self) -> list[tuple[str, int]]:
         """(app, port) of the instances placed on this host, or still running here."""
@@ -466,7 +470,8 @@ class Agent:
             (bundles / f"{digest}.tar.gz").unlink(missing_ok=True)
         for app in todo.apps:
             try:
-                users.remove(app)  # first: while it fails (still running), keep the rest
+                # first: while it fails (still running), keep the rest
+                users.remove(app, prefix=self.spec.user_prefix)
             except OSError as exc:
                 log.warning("%s was deleted, but %s; trying again later", app, exc)
                 continue
@@ -685,7 +690,8 @@ class Agent:
         apps: an instance reaches its slug only through its overlay at /app."""
         home = self.paths.state / "homes" / want.app
         app = self.fleet.apps.get(want.app)
-        user = users.ensure(want.app, home, app.uid if app else None)
+        user = users.ensure(want.app, home, app.uid if app else None,
+                            self.spec.user_prefix)
         if user is not None and self.paths.bundles.exists():
             self.paths.bundles.chmod(0o700)  # every app's code: not for apps to browse
         into = self.paths.releases / want.app
@@ -709,7 +715,8 @@ class Agent:
             self.uids[want.app] = user.uid
         self.confine_network(want, user)
         bound = self.ports.binding(want.process_type, want.command, want.port,
-                                   set(netrules.app_uids(self.fleet.apps).values()))
+                                   set(netrules.app_uids(self.fleet.apps,
+                                                         self.spec.user_prefix).values()))
         if want.process_type == "web" or bound.pass_fds:
             env["GUNICORN_CMD_ARGS"] = (f"{bound.gunicorn_bind} "
                                         f"{self.statsd.gunicorn_args(want.instance_id)} "

@@ -246,11 +246,12 @@ def reach_of(instances: Iterable[tuple[str, int]], addons: Mapping[str, Iterable
     return [Reach(uids[app], frozenset(p)) for app, p in ports.items()]
 
 
-def app_uids(apps: Iterable[str]) -> dict[str, int]:
-    """The uids of these apps' users that exist on this host."""
+def app_uids(apps: Iterable[str], prefix: str) -> dict[str, int]:
+    """The uids of these apps' users (named with the platform's `prefix`) that exist on
+    this host."""
     import pwd
 
     from agents.users import user_name
 
     by_name = {u.pw_name: u.pw_uid for u in pwd.getpwall()}
-    return {app: by_name[n] for app in apps if (n := user_name(app)) in by_name}
+    return {app: by_name[n] for app in apps if (n := user_name(app, prefix)) in by_name}

@@ -5,6 +5,11 @@ shell), with the uid the ledger handed the app (ledger/uids.py: never handed out
 when the agent is not root, apps run as the agent's user and this is a no-op. When a
 deleted app's user goes, so does everything of its uid: processes and files in /tmp,
 /var/tmp and /dev/shm.
+Users are named <prefix><app> (`prefix`: the platform's, TALLY_APP_USER_PREFIX, default
+`tally-`): the names are machine-wide, so two platforms on one machine (test sessions side
+by side, each with its own ledger) take different prefixes, as they take different uid
+blocks; with one prefix, one platform's agent would take the other's user of the same app
+name as an earlier app of its own and remove it.
 Linux user names are at most 32 characters: long app names keep a prefix and a hash
 (user_name).
 """
@@ -16,6 +21,7 @@ import grp
 import hashlib
 import os
 import pwd
+import re
 import shutil
 import stat
 import subprocess
@@ -34,29 +40,37 @@ class AppUser:
     gid: int
 
 
-def user_name(app: str) -> str:
-    """`tally-<app>`, or for names too long for Linux's 32 characters
-    `tally-<first 9>_<64 bits of sha256>`: app names never hold `_`, so no app's short
-    name is another's long one (with `-` it was: `payments-service-p-e474b90` took the
-    user of `payments-service-production-eu`), and 64 bits are out of reach of a search
-    for a second long name."""
-    name = f"tally-{app}"
+DEFAULT_PREFIX = "tally-"
+PREFIX = re.compile(r"[a-z_][a-z0-9_-]{0,14}")
+"""A prefix leaves Linux's 32 characters room for the long form's `_` and hash."""
+
+
+def user_name(app: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """`<prefix><app>`, or for names too long for Linux's 32 characters
+    `<prefix><first letters>_<64 bits of sha256>` (`tally-<first 9>_...` with the default
+    prefix): app names never hold `_`, so no app's short name is another's long one (with
+    `-` it was: `payments-service-p-e474b90` took the user of
+    `payments-service-production-eu`), and 64 bits are out of reach of a search for a
+    second long name."""
+    name = f"{prefix}{app}"
     if len(name) <= 32:
         return name
-    return f"tally-{app[:9]}_{hashlib.sha256(app.encode()).hexdigest()[:16]}"
+    keep = 32 - len(prefix) - 17
+    return f"{prefix}{app[:keep]}_{hashlib.sha256(app.encode()).hexdigest()[:16]}"
 
 
-def ensure(app: str, home: Path, uid: int | None = None) -> AppUser | None:
+def ensure(app: str, home: Path, uid: int | None = None,
+           prefix: str = DEFAULT_PREFIX) -> AppUser | None:
     """The app's user, created if missing, with the uid the ledger gave the app
     (AppCreated); None when not running as root. A user of that name with another uid is
     an earlier app of the same name: it goes first (its uid is never reused). A uid held
     by another name is refused: two tenants never share one."""
     if os.geteuid() != 0:
         return None
-    name = user_name(app)
+    name = user_name(app, prefix)
     entry = _entry(name)
     if entry is not None and uid is not None and entry.pw_uid != uid:
-        remove(app)
+        remove(app, prefix=prefix)
         entry = None
     if entry is None:
         if uid is not None:
@@ -106,13 +120,14 @@ LEFTOVER_ROOTS = (Path("/tmp"), Path("/var/tmp"), Path("/dev/shm"))
 """Where any user may leave files: a deleted app's are removed with its user."""
 
 
-def remove(app: str, leftovers: tuple[Path, ...] = LEFTOVER_ROOTS) -> None:
+def remove(app: str, leftovers: tuple[Path, ...] = LEFTOVER_ROOTS,
+           prefix: str = DEFAULT_PREFIX) -> None:
     """Delete the app's user and its group, after killing what still runs under its uid
     outside the agents' records and removing the files it left in `leftovers`. Raises
     OSError if userdel refuses."""
     if os.geteuid() != 0:
         return
-    name = user_name(app)
+    name = user_name(app, prefix)
     entry = _entry(name)
     if entry is None:
         return

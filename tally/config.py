@@ -55,6 +55,8 @@ TALLY_COLLECTOR_KEY   the log collector's CURVE public key, z85 (`tally up` hand
                       daemons); default: the key of $TALLY_HOME/secrets/collector.curve, made
                       on first use (the collector's machine)
 TALLY_APP_UIDS        the Unix uids the API hands to apps, each once; default 200000-299999
+TALLY_APP_USER_PREFIX what agents name apps' Unix users: <prefix><app>; default tally-
+                      (two platforms on one machine need different ones, and uid blocks)
 TALLY_BACKUP_REPO     the backup repository (root's, 0700; outside every database server's
                       data folder; best on another disk or machine); default
                       $TALLY_HOME/backups
@@ -76,6 +78,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agents.backups.repository import SPOOL, archive_command
+from agents.users import DEFAULT_PREFIX, PREFIX
 from ledger.cluster import DEFAULT_BIN, Cluster, ClusterSpec
 from ledger.patroni import ledger_cluster
 from tally.client import Client
@@ -103,6 +106,7 @@ class Config:
     acme_directory: str = ""
     """Where each balancer `tally up` starts listens; apps answer at the first one's port."""
     app_uids: tuple[int, int] = (200_000, 299_999)
+    app_user_prefix: str = DEFAULT_PREFIX
     relay_key: str = ""
     """The relays' CURVE public key (z85); empty: relays without CURVE (ledger/curve.py)."""
     curve_keyfile: str = ""
@@ -150,6 +154,7 @@ class Config:
                                "6400-6499"),
             app_uids=_range(env.get("TALLY_APP_UIDS", "200000-299999"), "TALLY_APP_UIDS",
                             "200000-299999"),
+            app_user_prefix=_user_prefix(env.get("TALLY_APP_USER_PREFIX", DEFAULT_PREFIX)),
             backup_repo_path=env.get("TALLY_BACKUP_REPO", ""),
         )
 
@@ -264,6 +269,13 @@ def _two_ports(text: str, name: str) -> tuple[int, int]:
     except ValueError:
         raise ValueError(f"{name} must name two ports, e.g. 5443,5444") from None
     return a, b
+
+
+def _user_prefix(text: str) -> str:
+    if not PREFIX.fullmatch(text):
+        raise ValueError("TALLY_APP_USER_PREFIX must be up to 15 of a-z, 0-9, _ and -, "
+                         f"starting with a letter or _, e.g. tally-; not {text!r}")
+    return text
 
 
 def _range(text: str, name: str, example: str) -> tuple[int, int]:

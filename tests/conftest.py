@@ -37,6 +37,44 @@ def uid_block() -> str:
 os.environ.setdefault("TALLY_APP_UIDS", uid_block())
 
 
+def user_prefix() -> str:
+    """A prefix of this session's own for its apps' Unix users (TALLY_APP_USER_PREFIX):
+    user names are machine-wide, and tests name their apps alike (hello, blog, crasher), so
+    sessions side by side (pytest-xdist's workers, other runs) would otherwise each take
+    the other's `tally-blog` for an earlier app of its own and remove it."""
+    return "ts" + "".join(random.choices("abcdefghijklmnopqrstuvwxyz0123456789", k=5)) + "-"
+
+
+os.environ.setdefault("TALLY_APP_USER_PREFIX", user_prefix())
+USER_PREFIX = os.environ["TALLY_APP_USER_PREFIX"]
+
+
+def app_user(app: str) -> str:
+    """The Unix user this session's agents make for `app`."""
+    return user_name(app, USER_PREFIX)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`make test`: `--dist loadgroup`), a test file's tests run on one
+    worker, in order, so its module fixtures (a platform, a Patroni cluster, a build) are
+    made once, as in a plain run; a test marked `xdist_group` joins that group instead.
+    Heavy files go first, so the longest ones do not start last and leave the other
+    workers idle at the end."""
+    for item in items:
+        if not any(item.iter_markers("xdist_group")):
+            item.add_marker(pytest.mark.xdist_group(_file(item)))
+    items.sort(key=lambda item: HEAVY_FIRST.get(_file(item), len(HEAVY_FIRST)))
+
+
+def _file(item: pytest.Item) -> str:
+    return item.nodeid.split("::")[0]
+
+
+HEAVY_FIRST: dict[str, int] = {}
+"""Test files by how long they take (longest first; the rest keep their order after)."""
+
+
 def free_ports(n: int) -> list[int]:
     """n distinct TCP ports free on 127.0.0.1 right now."""
     socks = [socket.socket() for _ in range(n)]
@@ -122,14 +160,14 @@ def tally_env(cluster: Cluster, **extra: str) -> dict[str, str]:
 
 
 def _app_users() -> set[str]:
-    return {u.pw_name for u in pwd.getpwall() if u.pw_name.startswith("tally-")}
+    return {u.pw_name for u in pwd.getpwall() if u.pw_name.startswith(USER_PREFIX)}
 
 
 def session_users(before: set[str], now: set[str], apps: set[str]) -> set[str]:
     """The Unix users to remove: made during the session (absent `before`) for one of the
     session's own apps. Other test runs on this machine make users too, meanwhile: theirs
     stay, whatever their names look like."""
-    return (now - before) & {user_name(app) for app in apps}
+    return (now - before) & {app_user(app) for app in apps}
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -70,7 +70,7 @@ def serve_agent(cfg: Config, host_id: str, address: str, port_range: str, capaci
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--api") from None
     spec = HostSpec(host_id, address, low, high, capacity,
-                    addon_ports=cfg.addon_ports,
+                    addon_ports=cfg.addon_ports, user_prefix=cfg.app_user_prefix,
                     backend_clients=tuple(c.strip() for c in backend_clients.split(",")
                                           if c.strip()))
     paths = Paths(state=cfg.home / "agents" / host_id, bundles=cfg.bundles_dir,

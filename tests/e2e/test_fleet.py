@@ -27,7 +27,14 @@ from agents.fleet import Fleet
 from agents.placer import catch_up
 from ledger import Ledger, NewEvent
 from ledger.cluster import Cluster
-from tests.conftest import RelayProcs, destroy_cluster, free_ports, make_cluster, tally_env
+from tests.conftest import (
+    RelayProcs,
+    app_user,
+    destroy_cluster,
+    free_ports,
+    make_cluster,
+    tally_env,
+)
 from tests.fixtures.apps.fleet import (
     AgentProc,
     Daemon,
@@ -214,7 +221,7 @@ def test_a_crash_loop_is_reported_with_exit_codes(platform: Platform) -> None:
 
     def left_nothing() -> bool:  # releases, home and (as root) the user of a deleted app
         folders = (ran_on / "releases" / "crasher", ran_on / "homes" / "crasher")
-        return not any(f.exists() for f in folders) and not _user_exists("tally-crasher")
+        return not any(f.exists() for f in folders) and not _user_exists(app_user("crasher"))
 
     wait_until(left_nothing, 30, "what crasher left on its host removed")
 

@@ -28,6 +28,7 @@ from ledger import Ledger, NewEvent
 from ledger.cluster import Cluster, ClusterSpec
 from ledger.hostnames import DEFAULT_SUFFIX, PLATFORM_STREAM
 from tests.api_process import project_now
+from tests.conftest import app_user
 from tests.integration.test_api import World, uid, world  # noqa: F401
 
 
@@ -789,7 +790,7 @@ def test_a_deleted_apps_user_goes_with_its_processes_and_files_everywhere(
     stray = probe(port, "spawn", "", "")["result"]
     assert psutil.Process(stray).uids().real == app_uid
     fleet.delete(name, iid)
-    wait_until(lambda: users._entry(users.user_name(name)) is None, 60,
+    wait_until(lambda: users._entry(app_user(name)) is None, 60,
                "the deleted app's user removed by the agent's cleanup")
     assert not [p for p in psutil.process_iter(["uids"])
                 if p.info["uids"] and p.info["uids"].real == app_uid]

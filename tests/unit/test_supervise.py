@@ -11,7 +11,7 @@ import pytest
 from ledger.patroni import Process
 from tally import platform, supervise, systemd
 from tally.config import Config
-from tests.conftest import session_users
+from tests.conftest import app_user, session_users
 
 CFG = Config.from_env({"TALLY_HOME": "/srv/tally%home"})
 PROGRAMS = [supervise.Program("placer", ["serve", "placer"], {}),
@@ -83,9 +83,9 @@ def test_systemd_units_restart_and_keep_secrets_off_the_unit() -> None:
 
 
 def test_tests_remove_only_the_users_of_their_own_apps() -> None:
-    before = {"tally-old"}
-    now = {"tally-old", "tally-mine", "tally-someone-elses"}
-    assert session_users(before, now, {"mine", "gone"}) == {"tally-mine"}
+    before = {app_user("old")}
+    now = {app_user("old"), app_user("mine"), app_user("someone-elses"), "tally-mine"}
+    assert session_users(before, now, {"mine", "gone"}) == {app_user("mine")}
 
 
 def test_status_says_when_tally_is_not_up(tmp_path: Path) -> None:
