@@ -15,7 +15,14 @@ from typing import Any
 
 from ledger import builds
 from ledger.events import RecordedEvent
-from ledger.rules import HOST_LOST_AFTER, OBSERVED, config_after, instance_kept
+from ledger.rules import (
+    HOST_LOST_AFTER,
+    OBSERVED,
+    ROLLOUT_EVENTS,
+    config_after,
+    instance_kept,
+    rollout_after,
+)
 from ledger.vocabulary import (
     LIVENESS_STREAM,
     RELEASE_PHASE,
@@ -253,14 +260,9 @@ def _observed(state: InstanceState) -> Any:
     return handle
 
 
-def _deployed(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:
+def _rollout(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:
     if app := f.apps.get(d["app"]):
-        app.deployed = d["release"]
-
-
-def _failed(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:
-    if app := f.apps.get(d["app"]):
-        app.failed[d["release"]] = d["reason"]
+        app.deployed, app.failed = rollout_after(app.deployed, app.failed, e.type, d)
 
 
 def _placement_failed(f: Fleet, d: dict[str, Any], e: RecordedEvent) -> None:
@@ -275,7 +277,7 @@ HANDLERS = {
     "HostRegistered": _host_registered, "HostHeartbeat": _heartbeat, "HostLost": _host_lost,
     "InstancePlaced": _placed, "InstanceUnplaced": _unplaced,
     **{name: _observed(state) for name, state in OBSERVED.items()},
-    "ReleaseDeployed": _deployed, "ReleaseFailed": _failed,
+    **dict.fromkeys(ROLLOUT_EVENTS, _rollout),
     "PlacementFailed": _placement_failed, "LivenessSet": _liveness_set,
     **{name: _build for name in builds.BUILD_EVENTS},
 }

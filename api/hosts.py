@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ledger.events import RecordedEvent
+from ledger.rules import ROLLOUT_EVENTS, release_to_run, rollout_after
 
 CATEGORIES = ["placement", "app"]
 TYPES = ["InstancePlaced", "InstanceUnplaced", "ReleaseDeployed", "ReleaseFailed",
@@ -46,8 +47,9 @@ class Placements:
     app_moved: dict[str, int] = field(default_factory=dict)
     runs: dict[str, dict[tuple[str, int], int]] = field(default_factory=dict)
     """host -> (app, run number) -> release, of runs started there and not ended."""
-    deployed: dict[str, int] = field(default_factory=dict)
+    deployed: dict[str, int | None] = field(default_factory=dict)
     failed: dict[str, dict[int, str]] = field(default_factory=dict)
+    """app -> its rollout (ledger.rules.rollout_after), as the placer's fleet holds it."""
     position: int = 0
 
     def apply(self, events: Iterable[RecordedEvent]) -> None:
@@ -72,13 +74,21 @@ class Placements:
                 for host, started in self.runs.items():
                     if started.pop((app, d["number"]), None) is not None:
                         self.host_moved[host] = at
-            elif e.type == "ReleaseDeployed":
-                self.deployed[app] = d["release"]
-            elif e.type == "ReleaseFailed":
-                self.failed.setdefault(app, {})[d["release"]] = d.get("reason", "")
+            elif e.type in ROLLOUT_EVENTS:
+                self.deployed[app], self.failed[app] = rollout_after(
+                    self.deployed.get(app), self.failed.get(app, {}), e.type, d)
             if app and e.type not in ("RunStarted", "RunEnded"):
                 self.app_moved[app] = at
             self.position = max(self.position, at)
+
+    def shown(self, app: str, current: int | None, needed: set[int]) -> set[int]:
+        """The releases of an app whose procfile and config a host is sent: those placed
+        there or running a one-off there (`needed`), and if any, the release the placer
+        runs (ledger.rules.release_to_run: the agent confines the app's network by it)."""
+        if not needed or current is None:
+            return set(needed)
+        return needed | {release_to_run(current, self.deployed.get(app),
+                                        self.failed.get(app, {}))}
 
     def placed_here(self, host_id: str, app: str, release: int | None = None) -> bool:
         """Whether an instance of the app (of that release) is placed on the host."""

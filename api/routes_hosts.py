@@ -144,7 +144,8 @@ def host_desired(host_id: str) -> ResponseReturnValue:
 def _app(name: str, needed: set[int], fold: Placements) -> dict[str, Any] | None:
     """What the host may know of one app: every release's digest (to keep or remove its
     files); for an app placed here or running a one-off here (`needed`: those releases),
-    also the procfiles and the config vars of those releases and of the one serving. None:
+    also the procfiles and the config vars of those releases and of the one the placer runs
+    (Placements.shown). None:
     no such app."""
     try:
         state = services().read_app(name)
@@ -156,9 +157,8 @@ def _app(name: str, needed: set[int], fold: Placements) -> dict[str, Any] | None
         return None
     deployed, failed = fold.deployed.get(name), fold.failed.get(name, {})
     current = state.current.number if state.current else None
-    serving = deployed if deployed is not None and deployed not in failed else current
     here = bool(needed)
-    shown = needed | ({serving} if here and serving else set())
+    shown = fold.shown(name, current, needed)
     slugs = _slugs(state, shown | {n for n in (current, deployed) if n is not None})
     return {
         "current": current, "deployed": deployed, "sizes": dict(state.sizes), "uid": state.uid,

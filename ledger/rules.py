@@ -67,6 +67,21 @@ HOST_LOST_AFTER: Mapping[str, bool] = {
 heard from again (a heartbeat or a new registration brings it back)."""
 
 
+ROLLOUT_EVENTS = ("ReleaseDeployed", "ReleaseFailed")
+
+
+def rollout_after(deployed: int | None, failed: Mapping[int, str], event_type: str,
+                  data: Mapping[str, Any]) -> tuple[int | None, dict[int, str]]:
+    """An app's rollout after one of ROLLOUT_EVENTS: the deployed release (the last one
+    whose every wanted instance was healthy; a later release failing leaves it deployed, it
+    goes on serving) and the failed releases, each with its reason."""
+    if event_type == "ReleaseDeployed":
+        return data["release"], dict(failed)
+    if event_type == "ReleaseFailed":
+        return deployed, {**failed, data["release"]: data.get("reason", "")}
+    return deployed, dict(failed)
+
+
 def release_to_run(current: int, deployed: int | None, failed: Collection[int]) -> int:
     """The release the placer places: the current one, unless it failed and an earlier
     one was deployed (that one goes on serving)."""

@@ -27,7 +27,13 @@ from __future__ import annotations
 
 from ledger.events import RecordedEvent
 from ledger.hostnames import DEFAULT_SUFFIX, platform_hostname, reserved
-from ledger.rules import HOST_LOST_AFTER, domains_after, serving_releases
+from ledger.rules import (
+    HOST_LOST_AFTER,
+    ROLLOUT_EVENTS,
+    domains_after,
+    rollout_after,
+    serving_releases,
+)
 from ledger.tls import covers, https_flags
 from ledger.vocabulary import WEB
 from projectors.projector import Projector, handlers_of, handles
@@ -70,11 +76,11 @@ def app_changed(t: Tables, e: RecordedEvent) -> None:
         return
     if e.type == "ReleaseCreated":
         app = t.update("route_apps", app, current_release=d["release"])
-    elif e.type == "ReleaseDeployed":
-        app = t.update("route_apps", app, deployed_release=d["release"])
-    elif e.type == "ReleaseFailed":
-        failed = sorted({*app["failed_releases"], d["release"]})
-        app = t.update("route_apps", app, failed_releases=failed)
+    elif e.type in ROLLOUT_EVENTS:
+        deployed, failed = rollout_after(app["deployed_release"],
+                                         dict.fromkeys(app["failed_releases"], ""), e.type, d)
+        app = t.update("route_apps", app, deployed_release=deployed,
+                       failed_releases=sorted(failed))
     elif e.type == "MaintenanceChanged":
         app = t.update("route_apps", app, maintenance=d["enabled"])
     else:

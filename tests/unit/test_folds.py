@@ -12,6 +12,7 @@ from typing import Any
 from agents.desired import fleet_of
 from agents.fleet import Fleet
 from api.auth import Directory
+from api.hosts import Placements
 from api.state import AppState, fold
 from ledger.events import RecordedEvent
 from ledger.rules import release_to_run, serving_releases
@@ -128,3 +129,30 @@ def test_the_release_the_placer_runs_is_one_that_serves() -> None:
     assert release_to_run(3, 2, (3,)) == 2 and serving_releases(3, 2, (3,)) == {2}
     assert serving_releases(3, 2, ()) == {2, 3}  # a rolling deploy: both serve
     assert release_to_run(3, None, (3,)) == 3 == min(serving_releases(3, None, (3,)))
+
+
+def test_every_fold_of_a_rollout_holds_the_same_deployed_and_failed_releases() -> None:
+    """ReleaseDeployed and ReleaseFailed into the placer's fleet, the API's placements
+    (what hosts are sent, api/hosts.py) and the routes view: the same deployed release and
+    failed ones, and a host is sent the config of the release the placer runs."""
+    s = story()
+    s.add("app-blog", "ReleaseCreated", app="blog", release=2, bundle_digest="e" * 64,
+          procfile={"web": "gunicorn app:app"}, config_version=2)
+    for type_, release, then_runs in (("ReleaseDeployed", 1, 2), ("ReleaseFailed", 2, 1),
+                                      ("ReleaseDeployed", 1, 1)):
+        s.add("app-blog", type_, app="blog", release=release, reason="crashed")
+        placements = Placements()
+        placements.apply(e for e in s if e.stream.split("-")[0] in ("app", "placement"))
+        app, fleet, _, views = every_fold(s)
+        (route_app,) = views["routes"].all("route_apps")
+        placer_app = fleet.apps["blog"]
+        assert placer_app.deployed == placements.deployed["blog"] == (
+            route_app["deployed_release"]) == 1
+        assert placer_app.failed == placements.failed.get("blog", {})
+        assert sorted(placer_app.failed) == route_app["failed_releases"]
+        assert app.current.number == 2
+        runs = release_to_run(2, placer_app.deployed, placer_app.failed)
+        assert runs == then_runs
+        assert placements.shown("blog", 2, {1}) == {1, runs}
+        assert placements.shown("blog", 2, set()) == set(), "nothing placed: no configs"
+    assert placements.failed["blog"] == {2: "crashed"}
