@@ -179,8 +179,10 @@ class Builder:
         try:
             try:
                 user = self._user(job)
-                result = self._sandboxed(job, user, folder, out.line,
-                                         lambda: (claim.renew_if_due(), out.flush()))
+                def tick() -> None:
+                    claim.renew_if_due()
+                    out.flush()
+                result = self._sandboxed(job, user, folder, out.line, tick)
                 claim.renew_if_due(force=True)
                 if result.stopped or result.code != 0:
                     fail(result.stopped or _reason(result.code, out.tail))

@@ -295,7 +295,7 @@ class Cgroups:
     def sweep(self, keep: set[str], min_age: float = 60.0) -> None:
         """Remove the empty groups of instances and runs no longer here (not one made in
         the last `min_age` seconds: a run's, between its preparation and its start)."""
-        names = set()
+        names: set[str] = set()
         old = time.time() - min_age
         for r in self.roots():
             with contextlib.suppress(OSError):

@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 from api.errors import TooLarge, Unprocessable
 from ledger.archives import MAX_UNPACKED_BYTES, ArchiveRefused, guarded
@@ -32,7 +32,7 @@ INSTALLERS = {"requirements.txt", "pyproject.toml", "setup.py", "uv.lock", "poet
 """What the build installs from (agents/buildpack.py); a bundle needs one of them."""
 
 
-def receive(stream: BinaryIO, into: Path, limit: int, what: str = "bundle",
+def receive(stream: IO[bytes], into: Path, limit: int, what: str = "bundle",
             quota: str = "bundle_mb") -> tuple[Path, str]:
     """Copy an upload (a bundle, or a builder's slug) to a temporary file in `into`,
     refusing it past `limit` bytes (the `quota`). Returns (path, sha256 hex)."""

@@ -55,7 +55,7 @@ class Placements:
     def apply(self, events: Iterable[RecordedEvent]) -> None:
         for e in events:
             d, at = e.data, e.position or self.position
-            app = d.get("app")
+            app: str = d.get("app") or ""
             if e.type == "InstancePlaced":
                 host = d["host_id"]
                 self.hosts.setdefault(host, {})[d["instance_id"]] = Placed(

@@ -104,7 +104,7 @@ def relay(ws: Server, endpoint: str, keys: curve.Client, request_body: dict[str,
     """Carry one attached run between the CLI's WebSocket and the agent, until the command
     exits, the agent refuses or is lost (`lost(message)` then records it), or the CLI is
     gone (its command then gets SIGHUP, as when an ssh session drops)."""
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[Any] = zmq.Context.instance()
     agent = _dealer(ctx, endpoint, keys)
     agent.setsockopt(zmq.LINGER, 1000)  # a last HUP still goes out as we leave
     inbox = f"inproc://relay-{uuid.uuid4().hex}"

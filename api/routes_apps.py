@@ -385,6 +385,11 @@ def maintenance(name: str) -> ResponseReturnValue:
                                              lambda s: decide.set_maintenance(s, enabled))))
 
 
+def _detaching(addon: str, failed: set[int]) -> Callable[[AppState], list[NewEvent]]:
+    """Detach `addon` from an app that still has it attached (none: nothing to do)."""
+    return lambda s: decide.detach_addon(s, addon, failed) if s.addon(addon) else []
+
+
 def gone(owner: AppState, destroyed: list[Addon]) -> None:
     """After the owner's AddonDestroyed: detach the add-ons from the owner's other apps
     (only those may attach them), then take each one's final backup and drop it, each
@@ -400,8 +405,7 @@ def gone(owner: AppState, destroyed: list[Addon]) -> None:
         for addon in destroyed:
             if svc.load_app(app).addon(addon.name):
                 failed = failed_releases(app)
-                svc.command(app, who(), lambda s, a=addon.name, f=failed:
-                            decide.detach_addon(s, a, f) if s.addon(a) else [])
+                svc.command(app, who(), _detaching(addon.name, failed))
     drop, backups = svc.settings.destroy_addon, svc.settings.addon_backups
     for addon in destroyed:
         if drop is None:

@@ -263,7 +263,10 @@ class HostRegister(Schema):
 
 
 class Heartbeat(Schema):
-    load = fields.Float(load_default=0.0, validate=validate.Range(0, 1e6))
+    # A field named `load` (the host's load average): marshmallow takes declared fields off
+    # the class, so Schema.load stays the method; mypy sees the class body only.
+    load = fields.Float(load_default=0.0,  # type: ignore[assignment]
+                        validate=validate.Range(0, 1e6))
     memory_used_mb = fields.Int(load_default=0, validate=validate.Range(0, 1 << 30))
     memory_total_mb = fields.Int(load_default=0, validate=validate.Range(0, 1 << 30))
     instances = fields.Int(load_default=0, validate=validate.Range(0, 1 << 20))

@@ -31,8 +31,8 @@ from ledger.uids import DEFAULT_RANGE, UID_STREAM, NoUidLeft, next_uid
 from ledger.vocabulary import LIVENESS_STREAM, liveness_of
 from projectors.views import Views
 
-APP_NAME_RE = re.compile(APP_NAME.regex.pattern.removesuffix("$") + r"\Z")
-"""The catalogue's app names, to the very end (its `$` matches before a final newline)."""
+APP_NAME_RE = re.compile(str(APP_NAME.regex.pattern))
+"""The catalogue's app names (to the very end: the pattern ends in \\Z, not `$`)."""
 log = logging.getLogger("tally.api")
 APP_CACHE = 10_000
 """Folded app states kept per process; past this the cache starts over."""

@@ -51,8 +51,8 @@ class Client:
 def load_or_create(path: Path) -> Keypair:
     """The keypair kept in `path` (made, 0600, on first use)."""
     if path.exists():
-        public, secret = path.read_text().split()[:2]
-        return Keypair(public.encode(), secret.encode())
+        public_z85, secret_z85 = path.read_text().split()[:2]
+        return Keypair(public_z85.encode(), secret_z85.encode())
     public, secret = zmq.curve_keypair()
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     part = path.with_name(f".{path.name}.{os.getpid()}.part")

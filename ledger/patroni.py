@@ -295,10 +295,10 @@ class HA:
             if self.pid(process.name) is not None:
                 continue
             log = open(self.root / f"{process.name}.log", "ab")  # noqa: SIM115 (child keeps it)
-            as_user = {"user": process.user, "group": process.user} if process.user else {}
             proc = subprocess.Popen(process.argv, stdout=log, stderr=log, cwd=self.root,
                                     env={**os.environ, **process.env},
-                                    start_new_session=True, **as_user)
+                                    start_new_session=True, user=process.user or None,
+                                    group=process.user or None)
             log.close()
             _CHILDREN[:] = [p for p in _CHILDREN if p.poll() is None] + [proc]
             write_for(self.pid_file(process.name), str(proc.pid), mode=0o644)
@@ -356,7 +356,7 @@ class HA:
             write_for(self.auth_marker, "on\n")
             return
         prefix = ETCD_PREFIX.encode()
-        steps = [
+        steps: list[tuple[str, dict[str, Any]]] = [
             ("auth/user/add", {"name": "root", "password": self.secrets["etcd_root"]}),
             ("auth/role/add", {"name": "root"}),
             ("auth/user/grant", {"user": "root", "role": "root"}),
