@@ -144,9 +144,8 @@ def state_at() -> ResponseReturnValue:
     q = query(schemas.StateQuery)
     try:
         views = replay(services().settings.dsn, q["at"], q["view"])
-    except ValueError as exc:  # BadPosition, UnknownProjector: bad input, said plainly
-        raise Unprocessable(str(exc), {"at" if "position" in str(exc) else "view":
-                                       [str(exc)]}) from exc
+    except ValueError as exc:
+        raise _unreplayable(exc, "at") from exc
     return reply(schemas.State, {"at": q["at"], "views": jsonable(views)})
 
 
@@ -161,7 +160,13 @@ def diff() -> ResponseReturnValue:
     q = query(schemas.DiffQuery)
     try:
         found = changes(services().settings.dsn, q["a"], q["b"], q["view"])
-    except ValueError as exc:  # BadPosition, UnknownProjector: bad input, said plainly
-        raise Unprocessable(str(exc), {"a" if "position" in str(exc) else "view":
-                                       [str(exc)]}) from exc
+    except ValueError as exc:
+        raise _unreplayable(exc, "a") from exc
     return reply(schemas.Diff, {"a": q["a"], "b": q["b"], "views": jsonable(found)})
+
+
+def _unreplayable(exc: ValueError, position: str) -> Unprocessable:
+    """A replay's BadPosition or UnknownProjector: bad input, said plainly, against the
+    `position` field or `view`."""
+    return Unprocessable(str(exc), {position if "position" in str(exc) else "view":
+                                    [str(exc)]})
