@@ -114,6 +114,35 @@ see a private one of (agents/runtime.py), since tests ask whether the platform's
 not a mount, shut an app out of them."""
 
 
+def up_env(home: Path) -> dict[str, str]:
+    """The environment of a `tally up` of a test's own in `home`: every address it takes
+    on a port free now (none of `tally up`'s defaults, which a developer's platform or
+    another test session's may hold), its own uid block, its own credentials file."""
+    ports = free_ports(15)
+    low, high = free_port_range(20)
+    redis_low, redis_high = free_port_range(4)
+    return {
+        **os.environ, "TALLY_HOME": str(home),
+        "TALLY_LEDGER_PORTS": f"{ports[0]},{ports[1]}",
+        "TALLY_LEDGER_HA_PORTS": ",".join(str(p) for p in ports[2:6]),
+        "TALLY_RELAYS": f"tcp://127.0.0.1:{ports[6]},tcp://127.0.0.1:{ports[7]}",
+        "TALLY_API_BIND": f"127.0.0.1:{ports[8]}",
+        "TALLY_COLLECTOR": f"tcp://127.0.0.1:{ports[9]}",
+        "TALLY_APPS_DB_PORTS": f"{ports[10]},{ports[11]}", "TALLY_APPS_DB_PORT": str(ports[12]),
+        "TALLY_REDIS_PORTS": f"{redis_low}-{redis_high}",
+        "TALLY_AGENT_PORTS": f"{low}-{low + 9},{low + 10}-{high}",
+        "TALLY_BALANCERS": f"127.0.0.1:{ports[13]},127.0.0.1:{ports[14]}",
+        "TALLY_BALANCERS_TLS": ",".join(f"127.0.0.1:{p}" for p in free_ports(2)),
+        "TALLY_CREDENTIALS": str(home / "credentials.json"),
+        "TALLY_APP_UIDS": uid_block(),
+    }
+
+
+def listening_ports(addresses: tuple[str, ...]) -> list[int]:
+    """The ports of HOST:PORT addresses (Config.balancers, balancers_tls)."""
+    return [int(a.rpartition(":")[2]) for a in addresses]
+
+
 def make_cluster() -> Cluster:
     """A fresh migrated cluster in a temporary folder the postgres user can reach."""
     TEST_HOMES.mkdir(mode=0o755, parents=True, exist_ok=True)

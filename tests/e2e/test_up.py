@@ -22,7 +22,7 @@ from ledger.cluster import pid_alive
 from tally import supervise
 from tally.config import Config
 from tests.certs import self_signed, tls_get
-from tests.conftest import free_port_range, free_ports, uid_block
+from tests.conftest import listening_ports, up_env
 from tests.waiting import wait_until
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "apps"
@@ -31,23 +31,9 @@ FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "apps"
 def test_up_then_down() -> None:
     home = Path(tempfile.mkdtemp(prefix="tally-up-"))
     home.chmod(0o755)
-    ports = free_ports(17)
-    low, high = free_port_range(20)
-    env = {
-        **os.environ, "TALLY_HOME": str(home),
-        "TALLY_LEDGER_PORTS": f"{ports[0]},{ports[1]}",
-        "TALLY_LEDGER_HA_PORTS": ",".join(str(p) for p in ports[11:15]),
-        "TALLY_RELAYS": f"tcp://127.0.0.1:{ports[2]},tcp://127.0.0.1:{ports[3]}",
-        "TALLY_API_BIND": f"127.0.0.1:{ports[4]}",
-        "TALLY_COLLECTOR": f"tcp://127.0.0.1:{ports[5]}",
-        "TALLY_APPS_DB_PORTS": f"{ports[6]},{ports[7]}",
-        "TALLY_AGENT_PORTS": f"{low}-{low + 9},{low + 10}-{high}",
-        "TALLY_BALANCERS": f"127.0.0.1:{ports[9]},127.0.0.1:{ports[10]}",
-        "TALLY_BALANCERS_TLS": f"127.0.0.1:{ports[15]},127.0.0.1:{ports[16]}",
-        "TALLY_CREDENTIALS": str(home / "credentials.json"),
-        "TALLY_APP_UIDS": uid_block(),
-    }
+    env = up_env(home)
     cfg = Config.from_env(env)
+    web, tls = listening_ports(cfg.balancers), listening_ports(cfg.balancers_tls)
 
     def tally(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "tally.cli", *args], env=env,
@@ -80,10 +66,10 @@ def test_up_then_down() -> None:
         deploy = tally("deploy", "--app", app, str(FIXTURES / "hello"))
         assert deploy.returncode == 0, deploy.stderr
         assert "healthy" in tally("ps", "--app", app).stdout
-        url = f"http://{app}.localhost:{ports[9]}/"
+        url = f"http://{app}.localhost:{web[0]}/"
         assert f"{app} answers at {url}" in deploy.stdout
         assert f"web_url:      {url}" in tally("apps:info", app).stdout
-        for port in ports[9:11]:  # both balancers route the app's platform name to it
+        for port in web:  # both balancers route the app's platform name to it
             wait_until(lambda port=port: requests.get(
                 f"http://127.0.0.1:{port}/", headers={"Host": f"{app}.localhost"},
                 timeout=10).status_code == 200, 10, f"balancer on {port} never routed {app}")
@@ -103,7 +89,7 @@ def test_up_then_down() -> None:
             except OSError:
                 return False
             return got == der and reply.startswith(b"HTTP/1.1 200 ")
-        for port in ports[15:17]:
+        for port in tls:
             wait_until(lambda port=port: https(port), 30, f"no HTTPS for {app} on {port}")
         # One-offs go to the host that runs the app: an agent is given (through the API)
         # only bundles of releases placed on it. Three runs: the other host, picked by

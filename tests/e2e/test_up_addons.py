@@ -8,7 +8,6 @@ the same URLs, supervisord runs them again, and `addons:create` works for a new 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import redis
 
 from tally import supervise
 from tally.config import Config
-from tests.conftest import free_port_range, free_ports, uid_block
+from tests.conftest import up_env
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
@@ -42,23 +41,7 @@ def _answers(urls: dict[str, str]) -> bool:
 def test_addons_answer_at_the_same_urls_after_down_and_up() -> None:
     home = Path(tempfile.mkdtemp(prefix="tally-up-addons-"))
     home.chmod(0o755)
-    ports = free_ports(15)
-    low, high = free_port_range(20)
-    redis_low, redis_high = free_port_range(4)
-    env = {
-        **os.environ, "TALLY_HOME": str(home),
-        "TALLY_LEDGER_PORTS": f"{ports[0]},{ports[1]}",
-        "TALLY_LEDGER_HA_PORTS": ",".join(str(p) for p in ports[11:15]),
-        "TALLY_RELAYS": f"tcp://127.0.0.1:{ports[2]},tcp://127.0.0.1:{ports[3]}",
-        "TALLY_API_BIND": f"127.0.0.1:{ports[4]}",
-        "TALLY_COLLECTOR": f"tcp://127.0.0.1:{ports[5]}",
-        "TALLY_APPS_DB_PORTS": f"{ports[6]},{ports[7]}", "TALLY_APPS_DB_PORT": str(ports[8]),
-        "TALLY_REDIS_PORTS": f"{redis_low}-{redis_high}",
-        "TALLY_AGENT_PORTS": f"{low}-{low + 9},{low + 10}-{high}",
-        "TALLY_BALANCERS": f"127.0.0.1:{ports[9]},127.0.0.1:{ports[10]}",
-        "TALLY_CREDENTIALS": str(home / "credentials.json"),
-        "TALLY_APP_UIDS": uid_block(),
-    }
+    env = up_env(home)
     cfg = Config.from_env(env)
 
     def tally(*args: str) -> subprocess.CompletedProcess:
