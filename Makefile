@@ -51,8 +51,12 @@ up: install
 down:
 	$(VENV)/bin/tally down
 
+# pytest-xdist: TEST_WORKERS sessions side by side, each test file whole on one of them
+# (its module fixtures made once), the longest files first (tests/conftest.py). More
+# workers than cores pays: most of a test's time is waiting on its subprocesses.
+TEST_WORKERS ?= 4
 test: install
-	$(PY) -m pytest -q --durations=25
+	$(PY) -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # Every benchmark, each printing its table and one JSON line of figures.
 bench: install

@@ -162,8 +162,10 @@ def rpc(cfg: Config, timeout: float = 10.0) -> Iterator[Any]:
 
 
 def running(cfg: Config) -> bool:
+    """Whether supervisord answers on its socket. No socket, or no one on it, is a quick
+    no; a supervisord that is there but slow (a loaded machine) is given 30 s to say so."""
     try:
-        with rpc(cfg, 5.0) as server:
+        with rpc(cfg, 30.0) as server:
             state: str = server.getState()["statename"]
         return state == "RUNNING"
     except (OSError, xmlrpc.client.Error):

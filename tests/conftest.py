@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -27,14 +27,11 @@ from tests.waiting import wait_until
 def uid_block() -> str:
     """A block of app uids of its own (TALLY_APP_UIDS): sessions running side by side on
     one machine, each with its own ledger, would otherwise all hand out 200000 upward, and
-    an agent refuses a uid another app's user holds (agents/users.py). A platform of a test's
-    own (a ledger of its own, as `tally up` makes) takes one too: the session's block is
-    already handed out by the session ledger's apps, whose users stay on the machine."""
+    an agent refuses a uid another app's user holds (agents/users.py). Every ledger a test
+    makes takes one too (`make_cluster`, `tally_env`): a ledger hands out its block from the
+    first uid, and the users of another ledger's apps stay on the machine meanwhile."""
     first = random.randrange(1_000, 2_000_000) * 1_000
     return f"{first}-{first + 999}"
-
-
-os.environ.setdefault("TALLY_APP_UIDS", uid_block())
 
 
 def user_prefix() -> str:
@@ -45,8 +42,26 @@ def user_prefix() -> str:
     return "ts" + "".join(random.choices("abcdefghijklmnopqrstuvwxyz0123456789", k=5)) + "-"
 
 
-os.environ.setdefault("TALLY_APP_USER_PREFIX", user_prefix())
-USER_PREFIX = os.environ["TALLY_APP_USER_PREFIX"]
+def _session_own(name: str, make: Callable[[], str]) -> str:
+    """os.environ[name], made for this session unless the environment set it. A pytest-xdist
+    worker starts with its controller's environment, so a value the controller made (named
+    in TALLY_TESTS_MADE) is made again in each worker: each worker is a session of its own."""
+    made = set(filter(None, os.environ.get("TALLY_TESTS_MADE", "").split(",")))
+    if name not in os.environ or (name in made and "PYTEST_XDIST_WORKER" in os.environ):
+        os.environ[name] = make()
+        os.environ["TALLY_TESTS_MADE"] = ",".join(sorted(made | {name}))
+    return os.environ[name]
+
+
+SESSION_UIDS = _session_own("TALLY_APP_UIDS", uid_block)
+USER_PREFIX = _session_own("TALLY_APP_USER_PREFIX", user_prefix)
+
+
+def session_uids() -> tuple[int, int]:
+    """The session ledger's uid block, for an API made in the test's process (Settings):
+    the default range (200000-299999) is every other session's too."""
+    first, _, end = SESSION_UIDS.partition("-")
+    return int(first), int(end)
 
 
 def app_user(app: str) -> str:
@@ -54,16 +69,13 @@ def app_user(app: str) -> str:
     return user_name(app, USER_PREFIX)
 
 
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (`make test`: `--dist loadgroup`), a test file's tests run on one
-    worker, in order, so its module fixtures (a platform, a Patroni cluster, a build) are
-    made once, as in a plain run; a test marked `xdist_group` joins that group instead.
-    Heavy files go first, so the longest ones do not start last and leave the other
-    workers idle at the end."""
-    for item in items:
-        if not any(item.iter_markers("xdist_group")):
-            item.add_marker(pytest.mark.xdist_group(_file(item)))
+    """Heavy files first. Under pytest-xdist (`make test`: `--dist loadfile
+    --no-loadscope-reorder`) each test file runs whole on one worker, in order (its module
+    fixtures, a platform or a Patroni cluster, made once, as in a plain run), and files
+    are handed out in this order: the longest ones do not start last and leave the other
+    workers idle at the end. (Not `--dist loadgroup`: with pytest 9 its group suffix never
+    reaches the scheduler, and every test is scheduled on its own.)"""
     items.sort(key=lambda item: HEAVY_FIRST.get(_file(item), len(HEAVY_FIRST)))
 
 
@@ -71,41 +83,71 @@ def _file(item: pytest.Item) -> str:
     return item.nodeid.split("::")[0]
 
 
-HEAVY_FIRST: dict[str, int] = {}
-"""Test files by how long they take (longest first; the rest keep their order after)."""
+HEAVY_FIRST = {f"tests/{name}.py": i for i, name in enumerate([
+    "integration/test_isolation", "integration/test_builder", "integration/test_runs",
+    "integration/test_backups", "e2e/test_cli_deploy", "integration/test_api_permissions",
+    "integration/test_ha", "e2e/test_fleet", "integration/test_replication",
+    "integration/test_projectors", "integration/test_isolation_limits",
+    "integration/test_api_schemathesis", "integration/test_balancer_api",
+    "integration/test_addons", "integration/test_balancer", "integration/test_appsdb",
+    "e2e/test_up_addons", "e2e/test_up",
+])}
+"""The test files that take longest (each 100-900 s of a worker's time in a whole run on
+this machine), longest first; the rest keep their order after them."""
 
 
-def free_ports(n: int) -> list[int]:
-    """n distinct TCP ports free on 127.0.0.1 right now."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+def _port_slice() -> range:
+    """The ports this session hands out: below the kernel's ephemeral range (32768 up), so
+    no outgoing connection takes one between the test picking it and a server binding it,
+    and under pytest-xdist a slice per worker, so two workers never pick the same one."""
+    low, high = 20000, 32768
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    size = (high - low) // max(workers, 1)
+    return range(low + index * size, low + (index + 1) * size)
 
 
-def free_port_range(n: int, attempts: int = 200) -> tuple[int, int]:
-    """n consecutive TCP ports free on 127.0.0.1 right now (an agent's app port range),
-    above the kernel's ephemeral range so no outgoing connection takes one meanwhile."""
-    rng = random.Random()
+PORTS = _port_slice()
+_handed: set[int] = set()
+"""Ports handed out lately: not handed again before the server they were for binds them
+(cleared when half the slice is gone, by then long bound or given up)."""
+
+
+def _free_run(n: int, attempts: int = 500) -> int:
+    """The first of n consecutive ports of this session's slice, free now, not handed
+    out lately."""
+    if len(_handed) > len(PORTS) // 2:
+        _handed.clear()
     for _ in range(attempts):
-        low = rng.randrange(20000, 32000 - n)
+        low = random.randrange(PORTS.start, PORTS.stop - n)
+        run = range(low, low + n)
+        if _handed.intersection(run):
+            continue
         socks = []
         try:
-            for port in range(low, low + n):
+            for port in run:
                 s = socket.socket()
                 socks.append(s)
                 s.bind(("127.0.0.1", port))
-            return low, low + n - 1
         except OSError:
             continue
         finally:
             for s in socks:
                 s.close()
-    raise RuntimeError(f"no {n} consecutive free ports found")
+        _handed.update(run)
+        return low
+    raise RuntimeError(f"no {n} consecutive free ports found in {PORTS}")
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct TCP ports free on 127.0.0.1 right now (see _port_slice)."""
+    return [_free_run(1) for _ in range(n)]
+
+
+def free_port_range(n: int) -> tuple[int, int]:
+    """n consecutive TCP ports free on 127.0.0.1 right now (an agent's app port range)."""
+    low = _free_run(n)
+    return low, low + n - 1
 
 
 TEST_HOMES = Path("/var/lib/tally-tests")
@@ -143,13 +185,19 @@ def listening_ports(addresses: tuple[str, ...]) -> list[int]:
     return [int(a.rpartition(":")[2]) for a in addresses]
 
 
-def make_cluster() -> Cluster:
-    """A fresh migrated cluster in a temporary folder the postgres user can reach."""
+_UID_BLOCKS: dict[Path, str] = {}
+"""Each test ledger's uid block (its APIs' TALLY_APP_UIDS, by the ledger's root)."""
+
+
+def make_cluster(uids: str | None = None) -> Cluster:
+    """A fresh migrated cluster in a temporary folder the postgres user can reach, with a
+    uid block of its own (`uids`, or a new one) that `tally_env` hands its APIs."""
     TEST_HOMES.mkdir(mode=0o755, parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="tally-test-", dir=TEST_HOMES))
     root.chmod(0o755)
     a, b = free_ports(2)
     cluster = Cluster(ClusterSpec(root / "ledger", ports=(a, b)))
+    _UID_BLOCKS[cluster.root] = uids or uid_block()
     cluster.init()
     migrations.upgrade(cluster.dsn("tally_owner"))
     return cluster
@@ -184,6 +232,7 @@ def tally_env(cluster: Cluster, **extra: str) -> dict[str, str]:
         **os.environ,
         "TALLY_HOME": str(cluster.root.parent),
         "TALLY_LEDGER_PORTS": ",".join(str(p) for p in cluster.spec.ports),
+        "TALLY_APP_UIDS": _UID_BLOCKS.get(cluster.root, SESSION_UIDS),
         **extra,
     }
 
@@ -212,7 +261,7 @@ def no_app_users_left() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Cluster]:
-    c = make_cluster()
+    c = make_cluster(SESSION_UIDS)
     yield c
     destroy_cluster(c)
 

@@ -19,6 +19,7 @@ from api import Settings, create_app
 from api.auth import create_user
 from ledger import Ledger, NewEvent
 from tests.api_process import pack_files, project_now
+from tests.conftest import session_uids
 from tests.waiting import wait_until
 
 BUNDLE = {"Procfile": "web: gunicorn app:app\nworker: python worker.py\n",
@@ -80,7 +81,7 @@ def world(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Wo
     applogs = tmp_path_factory.mktemp("applogs")
     settings = Settings(cluster.dsn(), tmp_path_factory.mktemp("bundles"),
                         max_bundle_bytes=256 * 1024, auth_refresh_s=0.0, long_poll_max_s=2.0,
-                        hosts_fresh_s=0.0,
+                        hosts_fresh_s=0.0, app_uids=session_uids(),
                         logs_tail=lambda app, n: logs.tail(applogs, app, n))
     app = create_app(settings)
     host = f"h-{uid()}"

@@ -12,7 +12,8 @@ import tarfile
 from api.auth import create_user
 from ledger import NewEvent
 from ledger.builds import build_stream, fold
-from ledger.uids import DEFAULT_RANGE, build_uid
+from ledger.uids import build_uid
+from tests.conftest import session_uids
 from tests.integration.test_api import World, uid, world  # noqa: F401
 from tests.waiting import wait_until
 
@@ -55,7 +56,7 @@ def test_one_builder_wins_a_claim_and_only_it_acts_on_the_build(world: World) ->
     assert job["attempt"] == 1 and job["reused_from"] is None
     assert job["slug_max_bytes"] == 500 * 2**20, "the default slug_mb quota"
     created = w.ledger.read_stream(f"app-{app}")[0]
-    assert job["build_uid"] == build_uid(created.data["uid"], *DEFAULT_RANGE)
+    assert job["build_uid"] == build_uid(created.data["uid"], *session_uids())
     lost = w.call(two, "POST", f"/apps/{app}/releases/2/build/claim", {"lease_s": 30})
     assert lost.status_code == 409, "of two builders exactly one wins"
     queue = w.call("builder", "GET", "/builds/queue").json["builds"]
