@@ -99,9 +99,11 @@ def test_runs_reports_adopts_and_stops_an_instance(private: Cluster, agent: Agen
                    "the restarted agent adopted the instance")
         assert agent.app_pids() == {"hello.1.web.x1": pid}
         assert len(has(ledger, "hello.1.web.x1", "InstanceStarted")) == started  # not twice
-        masters = [p for p in psutil.process_iter(["cmdline"])
+        # ppid read with the rest (p.ppid() of a process that ended meanwhile raises: other
+        # tests' processes come and go the whole time, and pids wrap)
+        masters = [p for p in psutil.process_iter(["cmdline", "ppid"])
                    if "gunicorn" in " ".join(p.info["cmdline"] or [])
-                   and p.ppid() != pid and "app:app" in " ".join(p.info["cmdline"] or [])
+                   and p.info["ppid"] != pid and "app:app" in " ".join(p.info["cmdline"] or [])
                    and any(c.laddr.port == port for c in _listening(p))]
         assert [p.pid for p in masters] == [pid]
 
