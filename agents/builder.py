@@ -95,10 +95,11 @@ class Builder:
         sandbox.preflight()
         self.pool = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="build")
         self.running: dict[tuple[str, int], Future] = {}
-        check_root_owned(settings.work)
-        for d in (settings.work, settings.work / "builds", settings.work / "cache"):
-            d.mkdir(parents=True, exist_ok=True)
-            os.chown(d, 0, 0)
+        work = (settings.work, settings.work / "builds", settings.work / "cache")
+        for d in work:
+            d.mkdir(parents=True, exist_ok=True, mode=0o711)
+        for d in work:  # checked once made: another user may have made one meanwhile
+            check_root_owned(d)
             d.chmod(0o711)  # build uids pass through to their own folders only
         self.downloads = settings.work / "bundles"
         self.downloads.mkdir(mode=0o700, exist_ok=True)
@@ -410,11 +411,13 @@ def check_root_owned(work: Path) -> None:
         except FileNotFoundError:
             continue
         if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
-            raise sandbox.SandboxUnavailable(f"{part} is not a folder of root's: refusing to build "
-                             f"under it (remove it, or set TALLY_BUILD_DIR elsewhere)")
+            raise sandbox.SandboxUnavailable(
+                f"{part} is not a folder of root's: refusing to build under it (remove it, "
+                "or set TALLY_BUILD_DIR elsewhere)")
         if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-            raise sandbox.SandboxUnavailable(f"{part} may be changed by other users: refusing to "
-                             f"build under it (set TALLY_BUILD_DIR elsewhere)")
+            raise sandbox.SandboxUnavailable(
+                f"{part} may be changed by other users: refusing to build under it (set "
+                "TALLY_BUILD_DIR elsewhere)")
 
 
 def remove(folder: Path) -> None:
