@@ -650,8 +650,7 @@ class Agent:
                                     exit_codes=codes)
             self.preparing[iid] = self.pool.submit(self.prepare, action.want)
         elif action.kind is Do.CHECK and loc is not None:
-            verdict = (self.checks.pop(iid).result() if iid in self.checks
-                       else self.health(action.want))
+            verdict = self.checks.pop(iid).result()  # submitted with the round's plan
             if verdict.answered:
                 self.traffic.checked[iid] += 1  # gunicorn served (and counted) it
             if (not verdict.ok and loc.state is State.STARTING and loc.pid is not None
