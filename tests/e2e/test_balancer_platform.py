@@ -15,6 +15,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ import pytest
 from api.decide import domain_stream
 from ledger import Ledger, NewEvent
 from ledger.cluster import Cluster
-from tests.conftest import RelayProcs, destroy_cluster, free_ports, make_cluster
+from tests.conftest import RelayProcs, destroy_cluster, free_port_range, free_ports, make_cluster
 from tests.fixtures.apps.fleet import (
     AgentProc,
     Daemon,
@@ -82,7 +83,7 @@ def platform() -> Iterator[Platform]:
         relays.start(1)
         env = {"TALLY_RELAYS": ",".join(relays.endpoints),  # access logs: to no one's
                "TALLY_COLLECTOR": f"tcp://127.0.0.1:{free_ports(1)[0]}"}  # collector
-        low = free_ports(1)[0]
+        low, _ = free_port_range(40)
         for i, host in enumerate(["h1", "h2"]):
             agents[host] = AgentProc(cluster, host, (low + 20 * i, low + 20 * i + 19),
                                      relays.endpoints)
@@ -99,6 +100,8 @@ def platform() -> Iterator[Platform]:
                 TALLY_BALANCER_TOKEN=api.token(f"b{i}", "balancer")))
         for d in daemons:
             d.start()
+        for port, balancer in zip(ports[:2], daemons[-2:], strict=True):
+            up(balancer, port)  # a balancer that died says why, not a timeout minutes later
         with Ledger(cluster.dsn()) as ledger:
             yield Platform(cluster, ledger, agents, ports[:2], ports[2:])
     finally:
@@ -109,6 +112,21 @@ def platform() -> Iterator[Platform]:
             d.kill()
         relays.stop()
         destroy_cluster(cluster)
+
+
+def accepts(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+        return True
+    return False
+
+
+def up(daemon: Daemon, port: int) -> None:
+    """Wait until `daemon` listens on `port`; fail with its log if it exits first."""
+    proc = daemon.proc
+    assert proc is not None
+    wait_until(lambda: accepts(port) or proc.poll() is not None, 60,
+               f"{daemon.name} never listened")
+    assert proc.poll() is None, daemon.log()[-3000:]
 
 
 def serves(platform: Platform, host: str, want: int = 200) -> bool:

@@ -15,7 +15,7 @@ import pytest
 
 from ledger import Ledger, NewEvent
 from ledger.cluster import Cluster
-from tests.conftest import destroy_cluster, free_ports, make_cluster
+from tests.conftest import destroy_cluster, free_port_range, free_ports, make_cluster
 from tests.fixtures.apps import app_tarball, procfile, store
 from tests.fixtures.apps.fleet import AgentProc, built
 from tests.waiting import wait_until
@@ -32,7 +32,7 @@ def private() -> Iterator[Cluster]:
 
 @pytest.fixture(scope="module")
 def agent(private: Cluster) -> Iterator[AgentProc]:
-    low = free_ports(1)[0]
+    low, _ = free_port_range(10)
     a = AgentProc(private, HOST, (low, low + 9))
     a.start()
     yield a

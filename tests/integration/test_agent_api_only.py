@@ -21,7 +21,7 @@ import pytest
 
 from ledger import Ledger, NewEvent
 from ledger.cluster import Cluster
-from tests.conftest import destroy_cluster, free_ports, make_cluster
+from tests.conftest import destroy_cluster, free_port_range, free_ports, make_cluster
 from tests.fixtures.apps.fleet import AgentProc, ApiProc, create_app, release
 from tests.waiting import wait_until
 
@@ -53,7 +53,7 @@ def test_an_agent_without_ledger_credentials_runs_its_host(private: Cluster) -> 
     registers, heartbeats, runs its instance and reports it, all through the API."""
     api = ApiProc(private, "api-alone")
     api.start()
-    low = free_ports(1)[0]
+    low, _ = free_port_range(2)
     home = Path(tempfile.mkdtemp(prefix="tally-fleet-host-"))
     home.chmod(0o755)  # apps pass through to their own folders (as on a real host)
     agent = AgentProc(private, "hn", (low, low + 1), env={
@@ -108,7 +108,7 @@ def _kept(agent: AgentProc) -> list[dict[str, Any]]:
 def test_an_agent_rides_out_the_api_being_away(private: Cluster) -> None:
     api = ApiProc(private, "api-away")
     api.start()
-    low = free_ports(1)[0]
+    low, _ = free_port_range(2)
     iid = "steady.1.web.w1"
     agent = AgentProc(private, "hw", (low, low + 1), env={
         "TALLY_AGENT_API": api.url, "TALLY_AGENT_TOKEN": api.token("hw")})

@@ -15,7 +15,7 @@ from agents.bundle import BundleRefused, download
 from api.auth import create_user
 from ledger import Ledger, NewEvent
 from ledger.cluster import Cluster
-from tests.conftest import destroy_cluster, free_ports, make_cluster
+from tests.conftest import destroy_cluster, free_port_range, free_ports, make_cluster
 from tests.fixtures.apps import app_tarball, slug_for
 from tests.fixtures.apps.fleet import AgentProc, Daemon, create_app, release
 from tests.waiting import wait_until
@@ -29,7 +29,7 @@ def private() -> Iterator[Cluster]:
 
 
 def test_the_agent_fetches_its_slug_from_the_api(private: Cluster, tmp_path: Path) -> None:
-    api_port, low = free_ports(2)
+    api_port, (low, _) = free_ports(1)[0], free_port_range(3)
     api = f"http://127.0.0.1:{api_port}"
     daemons = [Daemon(private, "api", ["api", "--bind", f"127.0.0.1:{api_port}",
                                        "--workers", "1"]),

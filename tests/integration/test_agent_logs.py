@@ -15,7 +15,7 @@ from api.auth import create_user
 from ledger import Ledger
 from ledger.cluster import Cluster
 from tests.api_process import ApiProcess
-from tests.conftest import destroy_cluster, free_ports, make_cluster, tally_env
+from tests.conftest import destroy_cluster, free_port_range, free_ports, make_cluster, tally_env
 from tests.fixtures.apps.fleet import AgentProc, Daemon, placer, release
 from tests.fixtures.apps.fleet import create_app as create
 from tests.waiting import Lines, wait_until
@@ -36,7 +36,7 @@ def tally(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
 def test_logs_reach_the_collector_and_tally_logs(private: Cluster) -> None:
     endpoint = f"tcp://127.0.0.1:{free_ports(1)[0]}"
     collector = Daemon(private, "collector", ["collector"], TALLY_COLLECTOR=endpoint)
-    low = free_ports(1)[0]
+    low, _ = free_port_range(5)
     agent = AgentProc(private, "hl", (low, low + 4), collector=endpoint)
     the_placer = placer(private, [])
     api = ApiProcess(tally_env(private), free_ports(1)[0])

@@ -27,7 +27,7 @@ from agents.backups.restore import Target, restore
 from agents.backups.state import TYPES, Backup, fold
 from ledger import Ledger, NewEvent, digest
 from ledger.cluster import Cluster, ClusterSpec
-from tests.conftest import destroy_cluster, free_ports, tally_env
+from tests.conftest import destroy_cluster, free_port_range, free_ports, tally_env
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(600)
@@ -607,7 +607,7 @@ def test_an_apps_redis_is_copied_as_an_rdb_checked_and_kept(archived: Cluster) -
     from agents import redisaddon
 
     root = home(archived) / "redis-backed"
-    low = free_ports(1)[0]
+    low, _ = free_port_range(10)
     url, _ = redisaddon.create(root, "cache", "cache", (low, low + 9))
     try:
         client = redis_client.Redis.from_url(url)

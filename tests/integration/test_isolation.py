@@ -385,14 +385,14 @@ class Fleet:
     def __init__(self) -> None:
         from tally.config import Config
         from tally.platform import close_home
-        from tests.conftest import free_ports, make_cluster
+        from tests.conftest import free_port_range, free_ports, make_cluster
         from tests.fixtures.apps.fleet import AgentProc, Daemon
 
         self.cluster = make_cluster()
         self.home = self.cluster.root.parent
         close_home(Config.from_env({"TALLY_HOME": str(self.home)}))
         self.endpoint = endpoint = f"tcp://127.0.0.1:{free_ports(1)[0]}"
-        low = free_ports(1)[0]
+        low, _ = free_port_range(10)
         self.collector = Daemon(self.cluster, "collector", ["collector"],
                                 TALLY_COLLECTOR=endpoint)
         self.agent = AgentProc(self.cluster, self.HOST, (low, low + 9), collector=endpoint)

@@ -34,7 +34,7 @@ from ledger.cluster import Cluster
 from projectors import instances as instances_view
 from projectors.runtime import Runner, catch_up, connect
 from tests.api_process import ApiProcess, pack_files, project_now
-from tests.conftest import destroy_cluster, free_ports, make_cluster, tally_env
+from tests.conftest import destroy_cluster, free_port_range, free_ports, make_cluster, tally_env
 from tests.fixtures.apps import app_tarball, store
 from tests.fixtures.apps.fleet import AgentProc, Daemon, built, run_key
 from tests.integration.test_api import (
@@ -188,7 +188,8 @@ def new_app(ledger: Ledger, digest: str, app: str, procfile: dict[str, str],
 @pytest.fixture(scope="module")
 def fleet() -> Iterator[Site]:
     cluster = make_cluster()
-    low, other_low, collector_port, api_port = free_ports(4)
+    (low, _), (other_low, _) = free_port_range(10), free_port_range(5)
+    collector_port, api_port = free_ports(2)
     env = {"TALLY_RUN_KEY": run_key(cluster).hex(),
            "TALLY_COLLECTOR": f"tcp://127.0.0.1:{collector_port}"}
     daemons = [Daemon(cluster, "collector", ["collector"], **env),

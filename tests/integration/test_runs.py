@@ -32,7 +32,7 @@ from ledger import Ledger, NewEvent, curve
 from ledger.cluster import Cluster
 from ledger.tickets import SILENCE_S, Ticket, channel_seed, host_key, new_key, sign
 from tests.api_process import ApiProcess
-from tests.conftest import destroy_cluster, free_ports, make_cluster, tally_env
+from tests.conftest import destroy_cluster, free_port_range, free_ports, make_cluster, tally_env
 from tests.fixtures.apps.fleet import AgentProc, Daemon, create_app, release, run_key
 from tests.waiting import Lines, wait_until
 
@@ -95,7 +95,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
     cluster = make_cluster()
     key = run_key(cluster)  # the API's alone: the agent gets hr's own when it registers
     collector = f"tcp://127.0.0.1:{free_ports(1)[0]}"
-    low = free_ports(1)[0]
+    low, _ = free_port_range(5)
     daemons = [Daemon(cluster, "projectors", ["projectors", "--poll-interval", "0.2"]),
                Daemon(cluster, "collector", ["collector"], TALLY_COLLECTOR=collector)]
     agent = AgentProc(cluster, "hr", (low, low + 4), collector=collector)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from agents import binds
-from tests.conftest import free_ports
+from tests.conftest import free_port_range, free_ports
 
 
 def test_program_names_say_the_agent_and_its_pid() -> None:
@@ -67,7 +67,7 @@ except OSError as exc:
 
 
 def test_only_root_and_the_owner_bind_a_port_of_the_range(cgroup: Path) -> None:
-    low = free_ports(1)[0]
+    low, _ = free_port_range(5)
     owner, other = 64000 + os.getpid() % 500, 64600 + os.getpid() % 300
     rule = binds.BindRule(f"test-{os.getpid()}-{time.monotonic_ns()}", low, low + 3, cgroup)
     try:
