@@ -46,7 +46,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Tally, 
     projectors = Daemon(cluster, "projectors", ["projectors", "--poll-interval", "0.2"], **env)
     place = placer(cluster, relays.endpoints)
     build = builder(cluster)
-    low = free_ports(1)[0]
+    low, _ = free_port_range(10)
     agent = AgentProc(cluster, "h1", (low, low + 9), relays.endpoints, env=redis)
     api = ApiProcess(tally_env(cluster, **env), free_ports(1)[0])
     try:

@@ -31,7 +31,7 @@ from tests.conftest import (
     RelayProcs,
     app_user,
     destroy_cluster,
-    free_ports,
+    free_port_range,
     make_cluster,
     tally_env,
 )
@@ -119,7 +119,7 @@ def platform() -> Iterator[Platform]:
     try:
         relays.start(0)
         relays.start(1)
-        low = free_ports(1)[0]
+        low, _ = free_port_range(40)
         for i, host in enumerate(["h1", "h2"]):
             agents[host] = AgentProc(cluster, host, (low + 20 * i, low + 20 * i + 19),
                                      relays.endpoints)
