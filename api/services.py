@@ -29,7 +29,7 @@ from ledger.events import AppendResult
 from ledger.hostnames import PLATFORM_STREAM, current_suffix
 from ledger.uids import DEFAULT_RANGE, UID_STREAM, NoUidLeft, next_uid
 from ledger.vocabulary import LIVENESS_STREAM, liveness_of
-from projectors.views import Views
+from projectors.views import Projected, Views
 
 APP_NAME_RE = re.compile(str(APP_NAME.regex.pattern))
 """The catalogue's app names (to the very end: the pattern ends in \\Z, not `$`)."""
@@ -156,6 +156,8 @@ class Services:
         self.long_polls = threading.BoundedSemaphore(max(1, settings.long_poll_slots))
         self.views = Views(settings.dsn, "tally-api-views")
         """The projectors' views, on connections of their own (one per thread)."""
+        self.projected = Projected(settings.dsn, "tally-api-projected")
+        """Wakes the requests that wait for the projectors (a balancer's routing table)."""
         self._uid_lock = threading.Lock()
         self._uids_seen = 0
         self._uid_high: int | None = None

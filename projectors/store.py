@@ -18,6 +18,10 @@ from projectors.tables import Row, Tables
 
 CHECKPOINTS = "views.projector_checkpoints"
 PAGE = 2000
+PROJECTED = "tally_projected"
+"""NOTIFY channel: the projectors daemon committed checkpoints (payload: the position the
+batch reached). Readers that wait for a position (the API's routing table for balancers)
+are woken by it instead of polling the checkpoints."""
 
 
 def set_schema(conn: Any, schema: str) -> None:
@@ -139,6 +143,11 @@ def save_checkpoints(cur: Any, done: Sequence[tuple[str, int, Any]], head: int) 
         FROM (VALUES %s) AS v(n, p, h, at) WHERE c.name = v.n""",
                    [(name, position, head, at) for name, position, at in done],
                    template="(%s, %s::bigint, %s::bigint, %s::timestamptz)")
+
+
+def notify_projected(cur: Any, position: int) -> None:
+    """Tell listeners, when the transaction commits, that projectors reached `position`."""
+    cur.execute("SELECT pg_notify(%s, %s)", (PROJECTED, str(position)))
 
 
 def save_error(cur: Any, name: str, position: int, event_type: str, message: str) -> None:

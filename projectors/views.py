@@ -9,6 +9,9 @@ connection: the views are derived data and may be served by another database lat
 from __future__ import annotations
 
 import json
+import logging
+import os
+import select
 import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -19,6 +22,9 @@ import psycopg2
 from ledger import LedgerUnavailable
 from ledger.vocabulary import Liveness
 from projectors.hosts import host_state
+from projectors.store import PROJECTED
+
+log = logging.getLogger("tally.views")
 
 Row = dict[str, Any]
 
@@ -151,6 +157,77 @@ class Views:
         return self.rows("SELECT target, last_ok_backup_id, last_ok_at, "
                          "last_failure_backup_id, last_failure_at, last_failure_error, "
                          "retained FROM views.backups ORDER BY target")
+
+
+class Projected:
+    """Wakes this process's threads that wait for the projectors to move (a balancer's
+    routing table waits for the routes projector to reach a position): one thread LISTENs
+    to the projectors daemon's commits (store.PROJECTED) and counts them. Started on first
+    use in each process (gunicorn forks its workers after the app is built).
+
+    A waiter reads `seen()` before it checks the views, then `wait(seen, timeout)`: a commit
+    between the two ends the wait at once. The timeout is the fallback while the listener
+    is not connected (a commit then goes unheard)."""
+
+    def __init__(self, dsn: str, application_name: str = "tally-views-listen") -> None:
+        self.dsn, self.application_name = dsn, application_name
+        self.generation = 0
+        self.listening = False
+        self._changed = threading.Condition()
+        self._pid = 0
+        self._start = threading.Lock()
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        """End the listener (within seconds)."""
+        self._stop.set()
+
+    def seen(self) -> int:
+        if self._pid != os.getpid():
+            with self._start:
+                if self._pid != os.getpid():
+                    self.listening = False
+                    threading.Thread(target=self._run, name="projected", daemon=True).start()
+                    self._pid = os.getpid()
+        return self.generation
+
+    def wait(self, seen: int, timeout: float) -> None:
+        """Until a commit after `seen` (at once if one came already), or `timeout`."""
+        with self._changed:
+            if self.generation == seen:
+                self._changed.wait(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._listen()
+            except psycopg2.Error as exc:
+                log.warning("not woken by the projectors (%s); polling meanwhile",
+                            str(exc).strip())
+            self.listening = False
+            self._stop.wait(1.0)
+
+    def _listen(self) -> None:
+        conn = psycopg2.connect(self.dsn, application_name=self.application_name)
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(f"LISTEN {PROJECTED}")
+            self._bump()  # what committed before LISTEN: waiters look again
+            self.listening = True
+            while not self._stop.is_set():
+                select.select([conn], [], [], 1.0)
+                conn.poll()
+                if conn.notifies:
+                    conn.notifies.clear()
+                    self._bump()
+        finally:
+            conn.close()
+
+    def _bump(self) -> None:
+        with self._changed:
+            self.generation += 1
+            self._changed.notify_all()
 
 
 def plain(v: Any) -> Any:

@@ -1,5 +1,6 @@
 """The projector runtime on a private cluster: exactly-once under `kill -9`, a failing
-handler stopping only its projector, rebuild without an empty window, live following."""
+handler stopping only its projector, rebuild without an empty window, live following (and
+its commits heard by listeners)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from projectors.rebuild import rebuild
 from projectors.replay import state_at
 from projectors.runtime import Runner, catch_up, connect
 from projectors.store import read_rows
+from projectors.views import Projected
 from tests.conftest import RelayProcs, destroy_cluster, free_ports, make_cluster, tally_env
 from tests.waiting import wait_until
 
@@ -189,10 +191,14 @@ def test_daemon_follows_the_ledger_live(private: Cluster) -> None:
     relays.start(1)
     proc = _daemon(private, "--poll-interval", "30", relays=",".join(relays.endpoints))
     dsn = private.dsn("tally_owner")
+    projected = Projected(private.dsn("tally_reader"))
     try:
         with Ledger(private.dsn()) as ledger:
             wait_until(lambda: _positions(dsn).get("instances") == ledger.sequence(), 60,
                        "daemon never caught up")
+            projected.seen()
+            wait_until(lambda: projected.listening, 30, "never listened to the projectors")
+            seen = projected.seen()
             ledger.append("instance-live1", [NewEvent("InstanceStarted", {
                 "instance_id": "live1", "host_id": "h", "pid": 4242})])
 
@@ -200,9 +206,13 @@ def test_daemon_follows_the_ledger_live(private: Cluster) -> None:
                 return any(r["instance_id"] == "live1" for r in _views(dsn)["instances"])
             # The poll timer is 30 s: seeing it sooner means a relay woke the daemon.
             wait_until(visible, 20, "the new event never reached the instances view")
+            # Its commit told listeners (the API's routing wait is woken by it).
+            projected.wait(seen, 20)
+            assert projected.generation > seen, "the projectors' commit notified nobody"
         rows = status(private.dsn("tally_reader"))
         assert all(r["state"] == "running" for r in rows)
     finally:
+        projected.stop()
         proc.kill()
         proc.wait()
         relays.stop()
