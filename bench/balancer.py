@@ -17,19 +17,23 @@ balancer process; and how soon a route change is visible after its event is appe
   reached directly, through one balancer process and through nginx (the same load, the
   same upstream): requests/s at peak (32 connections), and p99 at half of the direct peak
   (8 connections paced by a wrk script). The loss and the added p99 are taken within each
-  round (the cases ran back to back) and their median kept. Twice: with everything on both
-  cores, as in earlier runs (`app_throughput_loss`, `added_p99_ms`), where a CPU-bound app
-  loses about what the proxy spends per request (nginx too); and with the app on a core of
-  its own (core 0; client and proxies on core 1, in every case), as in production where
-  balancers do not run on the app's cores (the `..._own_core` keys, not in --quick; on a
-  machine others load unevenly per core, the noisier of the two).
+  round (the cases ran back to back) and their median kept. The headline figures
+  (`app_throughput_loss`, `added_p99_ms`) model the production topology, where balancers
+  run on hosts of their own, not on the app's cores: the app on core 0, the client and the
+  proxy (or, for the direct case, the client alone) on core 1, in every case. A full run
+  also measures everything on both shared cores (the `..._shared_cores` keys), where a
+  CPU-bound app loses about what the proxy spends per request over what the app spends
+  (nginx too: its figures are printed beside). With one core, or no taskset, only the
+  shared-cores case runs and is the headline (`app_topology` says which).
 - HTTPS: nginx and the balancer (`--tls-bind`) with the same certificate in front of the
   same backend: kept-alive requests/s, and new handshakes/s (a connection per request).
 - Route update: a private ledger (primary + synchronous standby), two relays, the
   projectors, the API and a balancer reading the routes view through it (its token); an
   app's maintenance flag is toggled by appending MaintenanceChanged, and a client on a
-  kept-alive connection asks until the answer flips: the time from the append to the first
-  request that sees it, p50 and p99.
+  kept-alive connection asks every half millisecond until the answer flips: the time from
+  the event's being appended (its commit returned to the writer) to the first request that
+  sees it, p50 and p99 (and from the start of the append, which adds the writer's commit
+  with its synchronous standby).
 
 Ends with one JSON line: ratio_to_nginx, ratio_to_nginx_2proc, app_throughput_loss,
 added_p99_ms, route_update_p99_ms, tls_ratio_to_nginx and the figures behind them, with the
@@ -439,10 +443,17 @@ class Hops:
         return next((t for t in times if t > after), None)
 
 
+PROBE_EVERY = 0.0005
+"""How often the route-change probe asks while it waits for the change: often enough to
+add at most half a millisecond to a figure, seldom enough that the probe and the balancer
+answering it do not take a core from the chain being measured (asking in a loop did)."""
+
+
 def route_updates(tmp: Path, samples: int, procs: list) -> list[tuple[float, ...]]:
     """Per change, milliseconds from starting to append MaintenanceChanged to: the append's
     commit, the relays' wake-up, the routes projector's commit, and the first request that
-    sees it (the route change's figure)."""
+    sees it. The route change's figure is the last minus the first: from the event's being
+    appended (its commit returned) to the first request that sees it."""
     backend, port = free_ports(2)
     procs.append(spawn(["nginx", "-c", str(nginx_conf(tmp, "rt-backend", f"""
   server {{ listen 127.0.0.1:{backend}; location / {{ return 200 "ok\\n"; }} }}""")),
@@ -505,6 +516,7 @@ def route_updates(tmp: Path, samples: int, procs: list) -> list[tuple[float, ...
                 while status() != want:
                     if time.perf_counter() - t0 > 10:
                         raise RuntimeError("a route change was not seen within 10 s")
+                    time.sleep(PROBE_EVERY)
                 t4 = time.perf_counter()
                 time.sleep(0.005)  # the watchers' last look
                 t2 = Hops.first(hops.published, t1) or t4
@@ -522,6 +534,8 @@ def route_updates(tmp: Path, samples: int, procs: list) -> list[tuple[float, ...
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="finish within 90 s")
+    parser.add_argument("--only", choices=("proxies", "app", "tls", "routes"),
+                        help="run one part (no JSON line): to work on it")
     opts = parser.parse_args()
     seconds, n, samples = (1, 3, 60) if opts.quick else (5, 5, 400)
     if not shutil.which("wrk") or not shutil.which("nginx") or not shutil.which("haproxy"):
@@ -531,23 +545,35 @@ def main() -> None:
     procs: list[subprocess.Popen] = []
     load = [os.getloadavg()[0]]
     print(f"{'case':44} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'us/req':>9} {'to nginx':>9}")
+    px = shared = pinned = secure = hops = None
+
+    def part(name: str) -> bool:
+        return opts.only in (None, name)
+
     try:
-        px = proxies(tmp, seconds, n, procs)
-        nginx = px["nginx"][0]
-        for name, (rps, p50, p99, cpu) in px.items():
-            print(f"{name + (' (2 processes)' if 'x2' in name else ' (1 worker)'):44} "
-                  f"{rps:9,.0f} {p50:7.2f} {p99:7.2f} {cpu:9.1f} {rps / nginx:9.2f}")
-        load.append(os.getloadavg()[0])
-        shared = app(tmp, seconds, n, procs, pinned=False)
-        pinned = app(tmp, seconds, n, procs, pinned=True) if pin and not opts.quick else None
-        load.append(os.getloadavg()[0])
-        secure = tls(tmp, seconds, n if not opts.quick else 2, procs)
-        for name, (rps, p50, p99) in secure.items():
-            base = secure[name.replace("tally", "nginx")][0]
-            print(f"{name + (' (per s)' if 'hand' in name else ''):44} {rps:9,.0f} "
-                  f"{p50:7.2f} {p99:7.2f} {'':9} {rps / base:9.2f}")
-        hops = route_updates(tmp, samples, procs)
-        load.append(os.getloadavg()[0])
+        if part("proxies"):
+            px = proxies(tmp, seconds, n, procs)
+            nginx = px["nginx"][0]
+            for name, (rps, p50, p99, cpu) in px.items():
+                print(f"{name + (' (2 processes)' if 'x2' in name else ' (1 worker)'):44} "
+                      f"{rps:9,.0f} {p50:7.2f} {p99:7.2f} {cpu:9.1f} {rps / nginx:9.2f}")
+            load.append(os.getloadavg()[0])
+        if part("app"):
+            # The headline is the production topology (the app on a core of its own);
+            # full runs also measure everything on shared cores (--quick has no time).
+            pinned = app(tmp, seconds, n, procs, pinned=True) if pin else None
+            if not opts.quick or pinned is None:
+                shared = app(tmp, seconds, n, procs, pinned=False)
+            load.append(os.getloadavg()[0])
+        if part("tls"):
+            secure = tls(tmp, seconds, n if not opts.quick else 2, procs)
+            for name, (rps, p50, p99) in secure.items():
+                base = secure[name.replace("tally", "nginx")][0]
+                print(f"{name + (' (per s)' if 'hand' in name else ''):44} {rps:9,.0f} "
+                      f"{p50:7.2f} {p99:7.2f} {'':9} {rps / base:9.2f}")
+        if part("routes"):
+            hops = route_updates(tmp, samples, procs)
+            load.append(os.getloadavg()[0])
     finally:
         for p in procs:
             p.terminate()
@@ -558,7 +584,6 @@ def main() -> None:
                 p.kill()
         shutil.rmtree(tmp, ignore_errors=True)
 
-
     for tag, figures in (("all on shared cores", shared), ("app on its own core", pinned)):
         if figures is not None:
             print(f"{tag}: throughput lost through the balancer {figures['loss tally']:.1%}"
@@ -566,41 +591,59 @@ def main() -> None:
                   f"{figures['added tally']:.2f} ms (nginx {figures['added nginx']:.2f} ms);"
                   f" CPU per request: balancer {figures['cpu tally']:.1f} us, nginx "
                   f"{figures['cpu nginx']:.1f} us")
+
     def quantiles(values: list[float]) -> tuple[float, float]:
         ordered = sorted(values)
         return ordered[len(ordered) // 2], ordered[min(len(ordered) - 1,
                                                        int(len(ordered) * 0.99))]
 
-    p50u, p99u = quantiles([h[3] for h in hops])
-    print(f"route change visible after its append: p50 {p50u:.1f} ms, p99 {p99u:.1f} ms "
-          f"({len(hops)} samples); hop by hop, p50 / p99 ms: " + "; ".join(
-              f"{name} {a:.1f} / {b:.1f}" for name, (a, b) in (
-                  ("append committed", quantiles([h[0] for h in hops])),
-                  ("relay woke subscribers", quantiles([h[1] - h[0] for h in hops])),
-                  ("routes projected", quantiles([h[2] - h[1] for h in hops])),
-                  ("balancer answered with it", quantiles([h[3] - h[2] for h in hops])))))
-    print(f"load average during the run: {', '.join(f'{x:.1f}' for x in load)}; the "
-          f"client (wrk, one thread) used at most {max(CLIENT_BUSY):.0%} of a core")
+    if hops is not None:
+        log("slowest route changes, ms after the append's start (committed, relay, projected, "
+            "seen): " + "; ".join(" / ".join(f"{t:.1f}" for t in h)
+                                  for h in sorted(hops, key=lambda h: h[0] - h[3])[:5]))
+        p50u, p99u = quantiles([h[3] - h[0] for h in hops])
+        p50s, p99s = quantiles([h[3] for h in hops])
+        print(f"route change visible after its event was appended (commit returned): p50 "
+              f"{p50u:.1f} ms, p99 {p99u:.1f} ms ({len(hops)} samples; from the start of the "
+              f"append: p50 {p50s:.1f}, p99 {p99s:.1f}); hop by hop, p50 / p99 ms: " + "; ".join(
+                  f"{name} {a:.1f} / {b:.1f}" for name, (a, b) in (
+                      ("append committed", quantiles([h[0] for h in hops])),
+                      ("relay woke subscribers", quantiles([h[1] - h[0] for h in hops])),
+                      ("routes projected", quantiles([h[2] - h[1] for h in hops])),
+                      ("balancer answered with it", quantiles([h[3] - h[2] for h in hops])))))
+    if CLIENT_BUSY:
+        print(f"load average during the run: {', '.join(f'{x:.1f}' for x in load)}; the "
+              f"client (wrk, one thread) used at most {max(CLIENT_BUSY):.0%} of a core")
+    if opts.only is not None:
+        return
+    assert px is not None and secure is not None and hops is not None
+    headline = pinned if pinned is not None else shared
+    assert headline is not None
+    nginx = px["nginx"][0]
     print(json.dumps({
         "ratio_to_nginx": round(px["tally"][0] / nginx, 3),
         "ratio_to_nginx_2proc": round(px["tally x2"][0] / nginx, 3),
-        "app_throughput_loss": round(shared["loss tally"], 3),
-        "added_p99_ms": round(shared["added tally"], 2),
+        "app_throughput_loss": round(headline["loss tally"], 3),
+        "added_p99_ms": round(headline["added tally"], 2),
+        "app_topology": "app on its own core" if pinned is not None else "all on shared cores",
         "route_update_p99_ms": round(p99u, 1),
         "route_update_p50_ms": round(p50u, 1),
+        "route_update_from_append_start_p99_ms": round(p99s, 1),
         "route_update_hops_p50_ms": {
             name: round(quantiles(values)[0], 1) for name, values in (
                 ("append", [h[0] for h in hops]),
                 ("relay", [h[1] - h[0] for h in hops]),
                 ("projector", [h[2] - h[1] for h in hops]),
                 ("balancer", [h[3] - h[2] for h in hops]))},
-        "app_throughput_loss_nginx": round(shared["loss nginx"], 3),
-        "added_p99_ms_nginx": round(shared["added nginx"], 2),
-        **({"app_throughput_loss_own_core": round(pinned["loss tally"], 3),
-            "app_throughput_loss_own_core_nginx": round(pinned["loss nginx"], 3),
-            "added_p99_ms_own_core": round(pinned["added tally"], 2),
-            "added_p99_ms_own_core_nginx": round(pinned["added nginx"], 2)}
-           if pinned is not None else {}),
+        "app_throughput_loss_nginx": round(headline["loss nginx"], 3),
+        "added_p99_ms_nginx": round(headline["added nginx"], 2),
+        "app_cpu_us_per_request": round(headline["cpu tally"], 1),
+        "app_cpu_us_per_request_nginx": round(headline["cpu nginx"], 1),
+        **({"app_throughput_loss_shared_cores": round(shared["loss tally"], 3),
+            "app_throughput_loss_shared_cores_nginx": round(shared["loss nginx"], 3),
+            "added_p99_ms_shared_cores": round(shared["added tally"], 2),
+            "added_p99_ms_shared_cores_nginx": round(shared["added nginx"], 2)}
+           if shared is not None and pinned is not None else {}),
         "tls_ratio_to_nginx": round(secure["tally https"][0] / secure["nginx https"][0], 3),
         "tls_handshake_ratio_to_nginx": round(
             secure["tally handshakes"][0] / secure["nginx handshakes"][0], 3),
