@@ -4,8 +4,8 @@ content-addressed as <bundles_dir>/<sha256>.tar.gz where agents download it.
 Checked at upload so a bad bundle is refused with its reason, not found broken on a host:
 size limit, digest, gzip/tar validity, a bounded number of entries and unpacked size, no
 absolute or `..` paths, no links leading out of the folder (followed through each other, as
-unpacking follows them), no entry written through a link, no devices or fifos, and a
-Procfile that parses.
+unpacking follows them), no entry written through a link, no devices or fifos, a Procfile
+that parses, and a static files declaration (static.json) that parses if there is one.
 """
 
 from __future__ import annotations
@@ -24,10 +24,13 @@ from typing import IO
 
 from api.errors import TooLarge, Unprocessable
 from ledger.archives import MAX_UNPACKED_BYTES, ArchiveRefused, guarded
+from ledger.static import DECLARATION, StaticRefused, declaration
 
 PROCFILE_LINE = re.compile(r"^([a-z][a-z0-9_]{0,29}):\s*(\S.*)$")
 CHUNK = 1 << 16
 MAX_LINK_HOPS = 40
+STATIC_MAX = 64 * 1024
+"""The largest static.json (the balancers read no more of it)."""
 INSTALLERS = {"requirements.txt", "pyproject.toml", "setup.py", "uv.lock", "poetry.lock"}
 """What the build installs from (agents/buildpack.py); a bundle needs one of them."""
 
@@ -80,10 +83,26 @@ def inspect(path: Path, max_unpacked: int = MAX_UNPACKED_BYTES) -> dict[str, str
                     {"bundle": ["missing requirements.txt"]})
             extracted = tar.extractfile(names["Procfile"])
             text = extracted.read(65536).decode("utf-8", "replace") if extracted else ""
+            _check_static(tar, names.get(DECLARATION))
+    except StaticRefused as exc:
+        raise Unprocessable(str(exc), {DECLARATION: [str(exc)]}) from None
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
         raise Unprocessable(f"the bundle is not a valid tar.gz: {exc}",
                             {"bundle": ["not a tar.gz"]}) from exc
     return parse_procfile(text)
+
+
+def _check_static(tar: tarfile.TarFile, member: tarfile.TarInfo | None) -> None:
+    """The static files declaration, if the bundle has one: a regular file that parses
+    (the balancers serve the folders it names); StaticRefused says what is wrong."""
+    if member is None:
+        return
+    if not member.isfile():
+        raise StaticRefused(f"{DECLARATION} must be a regular file")
+    if member.size > STATIC_MAX:
+        raise StaticRefused(f"{DECLARATION} is over {STATIC_MAX // 1024} KiB")
+    extracted = tar.extractfile(member)
+    declaration(extracted.read(STATIC_MAX) if extracted else b"")
 
 
 def _normal(name: str) -> str:

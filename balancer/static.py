@@ -16,7 +16,6 @@ Plain blocking code with no eventlet: the shell fetches and unpacks in a thread 
 from __future__ import annotations
 
 import hashlib
-import json
 import mimetypes
 import os
 import posixpath
@@ -29,14 +28,10 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from ledger.archives import ArchiveRefused, guarded
+from ledger.static import DECLARATION, StaticRefused, declaration
 
-DECLARATION = "static.json"
 MAX_FILE = 64 << 20
 """Largest static file the balancer answers itself (bigger ones go to the app)."""
-
-
-class StaticRefused(ValueError):
-    """A slug or declaration the balancer will not serve files from; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -49,28 +44,6 @@ class Site:
     @property
     def etag(self) -> bytes:
         return b'"' + self.digest[:24].encode() + b'"'
-
-
-def declaration(raw: bytes) -> dict[str, str]:
-    """`static.json` -> {URL prefix: folder}; StaticRefused if it is not one."""
-    try:
-        doc = json.loads(raw)
-    except ValueError as exc:
-        raise StaticRefused(f"{DECLARATION} is not JSON: {exc}") from None
-    if not isinstance(doc, dict) or not doc:
-        raise StaticRefused(f'{DECLARATION} must map URL prefixes to folders: '
-                            f'{{"/static/": "static"}}')
-    out = {}
-    for prefix, folder in doc.items():
-        if not (isinstance(prefix, str) and prefix.startswith("/") and prefix.endswith("/")
-                and isinstance(folder, str) and folder):
-            raise StaticRefused(f"{DECLARATION}: {prefix!r} -> {folder!r}: prefixes start and "
-                                f"end with /, folders are names")
-        clean = posixpath.normpath(folder.strip("/"))
-        if clean.startswith("..") or clean == ".":
-            raise StaticRefused(f"{DECLARATION}: folder {folder!r} is not inside the app")
-        out[prefix] = clean
-    return out
 
 
 def file_for(site: Site, target: bytes) -> Path | None:

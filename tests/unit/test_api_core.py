@@ -258,6 +258,30 @@ def _zeros(path: Path, size: int) -> Path:
     return path
 
 
+def test_a_static_files_declaration_is_checked_at_upload(tmp_path: Path) -> None:
+    """static.json (beside the Procfile) must parse, or the deploy is refused with why,
+    before any build; a good one, or none, passes."""
+    def bundle(static: str | None) -> Path:
+        files = {"Procfile": "web: x", "requirements.txt": ""}
+        if static is not None:
+            files["static.json"] = static
+        path = tmp_path / "s.tar.gz"
+        path.write_bytes(pack_files(files))
+        return path
+
+    assert bundles.inspect(bundle('{"/static/": "static"}')) == {"web": "x"}
+    assert bundles.inspect(bundle(None)) == {"web": "x"}
+    for bad, why in (('{"/static/": "../.."}', "not inside the app"),
+                     ('{"static": "static"}', "prefixes start and end with /"),
+                     ("[]", "must map URL prefixes"), ("{", "not JSON"),
+                     ("{}", "must map URL prefixes")):
+        with pytest.raises(Unprocessable, match=why) as refused:
+            bundles.inspect(bundle(bad))
+        assert "static.json" in str(refused.value)
+    with pytest.raises(Unprocessable, match="static.json must be a regular file"):
+        bundles.inspect(_tar(tmp_path, _link("static.json", "Procfile")))
+
+
 def test_bundles_that_unpack_too_large_refused(tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """A small tar.gz may unpack to gigabytes, or to millions of entries."""
