@@ -81,6 +81,7 @@ from agents.supervision import (
     plan,
 )
 from ledger import curve
+from ledger.relay import app_topic, host_topic
 from ledger.sizes import DEFAULT_SIZE
 from ledger.subscriber import Subscriber
 from ledger.tickets import Ticket
@@ -149,7 +150,8 @@ class Timing:
     """Seconds between reads of the desired state when nothing said it moved (backstop)."""
     desired_min: float = 0.2
     """At most one read of the desired state per this many seconds on relay wake-ups (they
-    come whenever the ledger moves, not only when this host's placements do)."""
+    come for this host's topics only, ledger/relay.py, but an app's rollout may come in a
+    burst)."""
 
 
 class Agent:
@@ -246,7 +248,7 @@ class Agent:
         """Until `stop`; woken by the relays (over CURVE with this host's keypair when
         `relay_key`, their public key, is known), polling anyway."""
         keys = curve.Client(relay_key.encode(), self.curve) if relay_key else None
-        sub = Subscriber(relays, curve=keys) if relays else None
+        sub = Subscriber(relays, curve=keys, topics=self.wake_topics()) if relays else None
         try:
             self.start()
             woken = False
@@ -255,6 +257,8 @@ class Agent:
                     self.tick(woken)
                 except Exception:  # a bug in one round must not stop the host's apps
                     log.exception("agent round failed")
+                if sub is not None:
+                    sub.follow(self.wake_topics())
                 woken = (sub.wait(interval) is not None) if sub else stop.wait(interval)
         finally:
             if sub is not None:
@@ -275,6 +279,12 @@ class Agent:
                 self.netrules.remove()
             if self.binds is not None:
                 self.binds.close()
+
+    def wake_topics(self) -> set[bytes]:
+        """What the relays wake this host for: its own placements and runs, and the
+        rollouts and unplacements of the apps placed on it; not every move of the ledger."""
+        return {host_topic(self.spec.host_id),
+                *(app_topic(p.app) for p in self.fleet.placements.values())}
 
     def stop_all(self, grace: float) -> None:
         """SIGTERM every instance, SIGKILL what is left after `grace` seconds."""

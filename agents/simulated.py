@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import multiprocessing as mp
 import random
 import time
@@ -32,8 +33,14 @@ PORTS = (20000, 20015)
 class SimSettings:
     api: str
     interval: float = 5.0
-    connections: int = 12
-    """Keep-alive connections to the API per process."""
+    connections: int = 48
+    """Keep-alive connections to the API per process, for heartbeats: enough that beats
+    wait in the API's queue, as a real fleet's (a connection per host) do, and not for a
+    connection here."""
+    report_connections: int = 8
+    """Keep-alive connections per process for the rest (desired state reads, reports):
+    in a real fleet one host's slow report never holds another host's heartbeat back, so
+    they do not queue for the heartbeats' connections here either."""
     capacity: int = 16
 
 
@@ -101,6 +108,12 @@ class Counts:
     failed: int = 0
     reports: int = 0
     desired_reads: int = 0
+    max_gap_ms: int = 0
+    """The longest time a host went between two accepted heartbeats (the placer's TTL
+    is judged against the like: a gap longer than the TTL is a host lost by the
+    simulator's fault, not the control plane's)."""
+    late: int = 0
+    """Heartbeats accepted more than two intervals after the host's previous one."""
 
 
 @dataclass
@@ -113,6 +126,9 @@ class SimHost:
     running: set[str] = field(default_factory=set)
     beat: bytes = b""
     """This host's heartbeat request, remade only when what it runs changes."""
+    heard: float = 0.0
+    """When its last heartbeat was accepted (monotonic)."""
+    converging: bool = False
 
     def registration(self) -> dict[str, Any]:
         return {"address": "127.0.0.1", "port_min": PORTS[0], "port_max": PORTS[1],
@@ -145,8 +161,12 @@ class Fleet:
             self.pool.put_nowait(Connection(self.address, url.port or 80))
         self.counts = Counts()
         self.registering: asyncio.Queue[Connection] = asyncio.Queue()
-        for _ in range(max(1, settings.connections // 2)):
-            self.registering.put_nowait(Connection(self.address, url.port or 80))
+        self.reporting: asyncio.Queue[Connection] = asyncio.Queue()
+        for queue, count in ((self.registering, 6),
+                             (self.reporting, settings.report_connections)):
+            for _ in range(count):
+                queue.put_nowait(Connection(self.address, url.port or 80))
+        self.converging: set[asyncio.Task[None]] = set()
 
     async def send(self, request: bytes,
                    pool: asyncio.Queue[Connection] | None = None) -> tuple[int, bytes]:
@@ -160,7 +180,7 @@ class Fleet:
     async def call(self, host: SimHost, method: str, path: str,
                    body: Any = None) -> tuple[int, dict[str, Any]]:
         status, raw = await self.send(request_bytes(method, path, self.address, host.token,
-                                                    body))
+                                                    body), self.reporting)
         return status, (json.loads(raw) if raw else {})
 
     async def heartbeat(self, host: SimHost) -> tuple[int, int]:
@@ -193,12 +213,16 @@ class Fleet:
             raise RuntimeError(f"{host.host_id} not registered: {status} {answer}")
 
     async def live(self, host: SimHost, offset: float, stop: Any, silent: Any) -> None:
-        """Heartbeat every interval (starting at `offset`), converging on each move."""
+        """Heartbeat every interval (starting at `offset`), converging on each move. A beat
+        that comes late is not followed by the ones it missed in a burst: an agent's timer
+        does not catch up (a simulator that did would offer more the slower the API is)."""
         interval = self.settings.interval
         next_beat = time.monotonic() + offset
         while not stop.is_set():
             await asyncio.sleep(max(0.0, next_beat - time.monotonic()))
             next_beat += interval
+            if (behind := time.monotonic() - next_beat) > 0:
+                next_beat += interval * math.ceil(behind / interval)
             if silent is not None and silent.is_set():
                 continue  # this host is "lost": no heartbeat, nothing else
             try:
@@ -206,24 +230,44 @@ class Fleet:
                 if status != 202:
                     self.counts.refused += 1
                     continue
-                self.counts.heartbeats += 1
-                if desired > host.version:
-                    await self.converge(host)
+                self._heard(host)
+                if desired > host.version and not host.converging:
+                    # beside the beats, as an agent's reconcile loop is: a slow report must
+                    # not make the host late with its next heartbeat
+                    host.converging = True
+                    task = asyncio.create_task(self.converge(host))
+                    self.converging.add(task)
+                    task.add_done_callback(self.converging.discard)
             except (OSError, asyncio.IncompleteReadError, ValueError, KeyError):
                 self.counts.failed += 1
 
+    def _heard(self, host: SimHost) -> None:
+        now = time.monotonic()
+        self.counts.heartbeats += 1
+        if host.heard:
+            gap = now - host.heard
+            self.counts.max_gap_ms = max(self.counts.max_gap_ms, int(gap * 1000))
+            if gap > 2 * self.settings.interval:
+                self.counts.late += 1
+        host.heard = now
+
     async def converge(self, host: SimHost) -> None:
-        status, desired = await self.call(
-            host, "GET", f"/hosts/{host.host_id}/desired?after={host.version}")
-        self.counts.desired_reads += 1
-        if status != 200 or not desired.get("changed"):
-            return
-        reports = host.converge(desired)
-        host.beat = b""  # it says how many instances run
-        for iid, type_ in reports:
-            await self.call(host, "POST", f"/instances/{iid}/events",
-                            {"type": type_, "data": {}, "key": uuid.uuid4().hex})
-            self.counts.reports += 1
+        try:
+            status, desired = await self.call(
+                host, "GET", f"/hosts/{host.host_id}/desired?after={host.version}")
+            self.counts.desired_reads += 1
+            if status != 200 or not desired.get("changed"):
+                return
+            reports = host.converge(desired)
+            host.beat = b""  # it says how many instances run
+            for iid, type_ in reports:
+                await self.call(host, "POST", f"/instances/{iid}/events",
+                                {"type": type_, "data": {}, "key": uuid.uuid4().hex})
+                self.counts.reports += 1
+        except (OSError, asyncio.IncompleteReadError, ValueError, KeyError):
+            self.counts.failed += 1
+        finally:
+            host.converging = False
 
 
 async def _run(hosts: list[SimHost], settings: SimSettings, stop: Any, silent_hosts: set[str],
@@ -241,9 +285,8 @@ async def _run(hosts: list[SimHost], settings: SimSettings, stop: Any, silent_ho
     ready.release()
     def publish() -> None:
         with shared.get_lock():
-            shared[0], shared[1], shared[2], shared[3] = (
-                fleet.counts.heartbeats, fleet.counts.refused, fleet.counts.failed,
-                fleet.counts.reports)
+            c = fleet.counts
+            shared[:] = [c.heartbeats, c.refused, c.failed, c.reports, c.max_gap_ms, c.late]
 
     while not stop.is_set():
         await asyncio.sleep(0.2)
@@ -275,7 +318,7 @@ class Simulation:
         self.ready = ctx.Semaphore(0)
         items = sorted(tokens.items())
         parts = [items[i::processes] for i in range(processes)]
-        self.counters = [ctx.Array("q", 4) for _ in parts]
+        self.counters = [ctx.Array("q", 6) for _ in parts]
         quiet = set(silent_hosts)
         self.procs = [ctx.Process(target=_process, args=(part, settings, self.stop, quiet,
                                                           self.silent, self.ready, counters),
@@ -299,6 +342,8 @@ class Simulation:
                 total.refused += c[1]
                 total.failed += c[2]
                 total.reports += c[3]
+                total.max_gap_ms = max(total.max_gap_ms, c[4])
+                total.late += c[5]
         return total
 
     def close(self) -> None:

@@ -18,11 +18,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ledger.events import RecordedEvent
-from ledger.rules import ROLLOUT_EVENTS, release_to_run, rollout_after
+from ledger.rules import DESIRED_EVENTS, ROLLOUT_EVENTS, release_to_run, rollout_after
 
 CATEGORIES = ["placement", "app"]
-TYPES = ["InstancePlaced", "InstanceUnplaced", "ReleaseDeployed", "ReleaseFailed",
-         "RunStarted", "RunEnded"]
+TYPES = list(DESIRED_EVENTS)
 """What the fold reads: placements and rollouts, and one-off runs the API sent to a host."""
 
 

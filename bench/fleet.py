@@ -52,6 +52,7 @@ import psycopg2  # noqa: E402
 from agents.simulated import SimSettings, Simulation  # noqa: E402
 from api.auth import create_user  # noqa: E402
 from ledger import Ledger, NewEvent  # noqa: E402
+from ledger.batch import Item, append_streams  # noqa: E402
 from ledger.cluster import Cluster  # noqa: E402
 from tally.simulation import host_ids, issue_tokens  # noqa: E402
 from tests.conftest import destroy_cluster, make_cluster  # noqa: E402
@@ -196,6 +197,18 @@ def cpu_ms_per(before: dict[int, tuple[str, float]], after: dict[int, tuple[str,
     return {k: round(v * 1000 / max(count, 1), 3) for k, v in sorted(spent.items())}
 
 
+def flaps(cluster: Cluster, after_id: int, silent: list[str]) -> int:
+    """HostLost of hosts that never stopped beating (not the silenced ones, not the probe,
+    which beats only while measuring): false losses, each a host declared lost and back
+    at its next heartbeat. Beside the simulator's longest gap between two accepted
+    heartbeats of a host, it tells a control plane too slow to fold heartbeats within the
+    TTL from a simulator too slow to send them."""
+    lost = count_events(cluster, "HostLost", after_id, like="host-%")
+    quiet = count_events(cluster, "HostLost", after_id,
+                         streams=[f"host-{h}" for h in silent] + ["host-probe"])
+    return lost - quiet
+
+
 def ledger_bytes(cluster: Cluster) -> int:
     conn = psycopg2.connect(cluster.dsn("tally_owner"))
     try:
@@ -228,12 +241,14 @@ def measure(n: int, window: float, ttl: float, logs: Path | None = None) -> dict
             "address": "127.0.0.1", "port_min": 1, "port_max": 1, "capacity": 0})
         wait_until(lambda: view_lags(cluster, url, probe, "probe", 0.1), 60,
                    "the projectors up (the probe's heartbeat in the hosts view)")
+        api_latencies(url, admin, apps[0], 2)  # the workers' first read of the new tokens
         base_api = api_latencies(url, admin, apps[0], 5)
         base_lag = view_lags(cluster, url, probe, "probe", 5)
         base_direct = direct_appends(cluster)
 
         sim = Simulation(tokens, SimSettings(url, INTERVAL), processes=2,
                          silent_hosts=ids[:LOST])
+        begun = last_event_id(cluster)
         t0 = time.monotonic()
         sim.start()
         print(f"  N={n}: registered in {time.monotonic() - t0:.1f}s", file=sys.stderr)
@@ -259,12 +274,12 @@ def measure(n: int, window: float, ttl: float, logs: Path | None = None) -> dict
         rate = (c1.heartbeats - c0.heartbeats) / (w1 - w0)
         load = [load0, os.getloadavg()[0]]
 
+        flaps_window = flaps(cluster, begun, ids[:LOST])
         mark = last_event_id(cluster)
         with Ledger(cluster.dsn()) as ledger:
-            t0 = time.monotonic()
-            for app in apps:
-                ledger.append(f"app-{app}", [NewEvent("ScaleChanged", {
-                    "app": app, "scale": {"web": 1 + SCALE_UP // APPS}})])
+            t0 = time.monotonic()  # one change (one transaction) of 1,000 instances
+            append_streams(ledger, [Item(f"app-{app}", NewEvent("ScaleChanged", {
+                "app": app, "scale": {"web": 1 + SCALE_UP // APPS}})) for app in apps])
         wait_until(lambda: count_events(cluster, "InstancePlaced", mark) >= SCALE_UP, 300,
                    f"{SCALE_UP} more instances placed")
         reconcile = time.monotonic() - t0
@@ -277,6 +292,7 @@ def measure(n: int, window: float, ttl: float, logs: Path | None = None) -> dict
                    ttl + 120, f"{LOST} hosts lost")
         detect = time.monotonic() - t0
         c2 = sim.counts()
+        flaps_total = flaps(cluster, begun, ids[:LOST])
         return {
             "hosts": n, "offered_per_s": n / INTERVAL, "heartbeats_per_s": round(rate, 1),
             "direct_appends_per_s": round(base_direct, 1),
@@ -287,6 +303,8 @@ def measure(n: int, window: float, ttl: float, logs: Path | None = None) -> dict
             "ttl_s": ttl, "ledger_mb_per_hour": round((size1 - size0) / (w1 - w0) * 3600
                                                       / 2**20, 1),
             "refused": c2.refused, "failed": c2.failed,
+            "flaps_to_window_end": flaps_window, "flaps": flaps_total,
+            "sim_max_gap_s": round(c2.max_gap_ms / 1000, 1), "sim_late_beats": c2.late,
             "cpu_ms_per_heartbeat": cpu, "load_average_window": load,
         }
     finally:
@@ -324,6 +342,9 @@ def main() -> None:
         ("placer reconcile +1,000 s", "placer_reconcile_s"),
         ("loss of 100 hosts detected s", "host_loss_detect_s"), ("  floor: TTL s", "ttl_s"),
         ("ledger growth MB/hour", "ledger_mb_per_hour"),
+        ("hosts lost while beating (flaps)", "flaps"),
+        ("  of which before the scale change", "flaps_to_window_end"),
+        ("simulator: longest beat gap s", "sim_max_gap_s"),
     ]
     for label, key in rows:
         print(f"{label:34}" + "".join(f"{r[key]:>12,}" for r in results))

@@ -117,6 +117,17 @@ def last_per_stream(cur: Any, category: str, after: int,
     return [(pos, stream, at) for pos, stream, at in cur.fetchall()]
 
 
+def desired_moves(cur: Any, after: int, upto: int,
+                  types: list[str]) -> list[tuple[str | None, str | None]]:
+    """(host_id, app) of each distinct event of `types` with after < position <= upto:
+    whose desired state those events moved (the relays' per-host wake-ups). Payloads are
+    read for those two fields only."""
+    cur.execute("SELECT DISTINCT e.data->>'host_id', e.data->>'app' "
+                f"{_FROM} WHERE p.position > %s AND p.position <= %s AND e.type = ANY(%s)",
+                (after, upto, types))
+    return [(host, app) for host, app in cur.fetchall()]
+
+
 def recorded_after(cur: Any, position: int) -> datetime | None:
     """When the first event after `position` was recorded (how long a reader at
     `position` has kept it waiting); None when nothing follows."""

@@ -17,6 +17,14 @@ hint; subscribers read from their own checkpoint and poll too.
 
 Wire format: a two-frame ZeroMQ message `[b"ledger", b"<position>"]`. The relay also
 republishes the head on every poll tick, so a subscriber that joined late catches up.
+
+Host agents subscribe to topics of their own instead, so that 10,000 of them do not all
+wake whenever the ledger moves (2,000 heartbeats a second move it all the time): when the
+head moves past events that change desired states (ledger.rules.DESIRED_EVENTS), the
+relay also publishes `[b"host/<id>/", head]` for each host they name and
+`[b"app/<name>/", head]` for each app named without a host (an instance unplaced, a
+rollout), which the hosts running that app follow; and `[b"tick", head]` on every poll
+tick, which tells such a subscriber a relay is there without waking it.
 """
 
 from __future__ import annotations
@@ -32,9 +40,14 @@ import zmq
 
 from ledger import curve as curve_keys
 from ledger.errors import LedgerUnavailable
+from ledger.rules import DESIRED_EVENTS
 from ledger.store import CHANNEL, RELAY_HOT_S, Ledger
 
 TOPIC = b"ledger"
+TICK = b"tick"
+MOVES_SCAN_MAX = 50_000
+"""The most positions read at once for per-host topics: a relay far behind (just started)
+publishes only the head for what lies further back; agents poll anyway."""
 HOT_POLL_S = 0.004
 """While hot, how often the leader sequences without being told (see ledger/store.py)."""
 BUSY_POLL_S = 0.016
@@ -103,7 +116,7 @@ class Relay:
         while not self.stop.is_set():
             now = time.monotonic()
             if now >= next_tick:  # the poll backstop: covers a writer killed before NOTIFY
-                self._publish(pub, self._sequence(ledger), force=True)
+                self._publish(pub, self._sequence(ledger), ledger, force=True)
                 next_tick = now + self.poll_interval
             if now < hot_until and not self.leader and now >= next_try:
                 self.leader = self._try_lead(conn)
@@ -132,7 +145,7 @@ class Relay:
             if time.monotonic() < hot_until:
                 head = self._sequence(ledger)
                 busy = head - self.published >= BUSY_BATCH
-                if self._publish(pub, head):
+                if self._publish(pub, head, ledger):
                     hot_until = time.monotonic() + RELAY_HOT_S
 
     def _sequence(self, ledger: Ledger) -> int:
@@ -147,10 +160,34 @@ class Relay:
             log.info("relay leads: it polls while writers are busy")
         return won
 
-    def _publish(self, pub: Any, head: int, force: bool = False) -> bool:
-        """Send the head if it moved (or when forced). True if it moved."""
+    def _publish(self, pub: Any, head: int, ledger: Ledger, force: bool = False) -> bool:
+        """Send the head if it moved (or when forced: a poll tick), and the topics of the
+        hosts and apps whose desired state it moved past. True if it moved."""
         moved = head > self.published
+        at = str(head).encode()
         if moved or force:
-            pub.send_multipart([TOPIC, str(head).encode()])
-            self.published = max(self.published, head)
+            pub.send_multipart([TOPIC, at])
+        if moved and 0 < head - self.published <= MOVES_SCAN_MAX and self.published:
+            for topic in sorted(topics(ledger.desired_moves(self.published, head,
+                                                            list(DESIRED_EVENTS)))):
+                pub.send_multipart([topic, at])
+        if force:
+            pub.send_multipart([TICK, at])
+        self.published = max(self.published, head)
         return moved
+
+
+def host_topic(host_id: str) -> bytes:
+    """What a host's agent subscribes to (the trailing / keeps host-1 from host-10's)."""
+    return f"host/{host_id}/".encode()
+
+
+def app_topic(app: str) -> bytes:
+    return f"app/{app}/".encode()
+
+
+def topics(moves: list[tuple[str | None, str | None]]) -> set[bytes]:
+    """The topics to publish for events naming (host, app): the host's when named (a
+    placement, a one-off run), else the app's (an unplaced instance, a rollout)."""
+    return {host_topic(host) if host else app_topic(app) for host, app in moves
+            if host or app}

@@ -68,6 +68,10 @@ heard from again (a heartbeat or a new registration brings it back)."""
 
 
 ROLLOUT_EVENTS = ("ReleaseDeployed", "ReleaseFailed")
+DESIRED_EVENTS = ("InstancePlaced", "InstanceUnplaced", "RunStarted", "RunEnded",
+                  *ROLLOUT_EVENTS)
+"""The events that move a host's desired state (api/hosts.py folds them; the relays wake
+the hosts they name, or the hosts of the app they name)."""
 
 
 def rollout_after(deployed: int | None, failed: Mapping[int, str], event_type: str,

@@ -8,27 +8,33 @@ from their own checkpoint, and call `wait` with a timeout so they poll anyway.
     while running:
         checkpoint = catch_up(checkpoint)     # read position > checkpoint
         sub.wait(timeout=1.0)                 # a wake-up, or the poll timer
+
+With `topics`, it wakes only for those (a host agent: its own host's and its apps', as
+ledger/relay.py publishes them), and `follow` changes them as what it runs changes.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import zmq
 
 from ledger import curve as curve_keys
-from ledger.relay import TOPIC
+from ledger.relay import TICK, TOPIC
 
 
 class Subscriber:
     """Listens to several relays at once and de-duplicates what they say."""
 
     def __init__(self, endpoints: Sequence[str], context: zmq.Context | None = None,
-                 curve: curve_keys.Client | None = None, resubscribe_s: float = 10.0) -> None:
+                 curve: curve_keys.Client | None = None, resubscribe_s: float = 10.0,
+                 topics: Iterable[bytes] | None = None) -> None:
         self.context = context or zmq.Context.instance()
         self.endpoints, self.resubscribe_s = list(endpoints), resubscribe_s
         self.curve = curve or curve_keys.default()
+        self.topics = None if topics is None else set(topics)
+        """What wakes it (None: every move of the ledger)."""
         self.head = 0
         self._open()
 
@@ -42,7 +48,8 @@ class Subscriber:
         if self.curve is not None:  # relays served with CURVE admit only known keys
             curve_keys.as_client(self.socket, self.curve)
         self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.SUBSCRIBE, TOPIC)
+        for topic in [TOPIC] if self.topics is None else [TICK, *self.topics]:
+            self.socket.setsockopt(zmq.SUBSCRIBE, topic)
         self.socket.setsockopt(zmq.RECONNECT_IVL, 100)
         self.socket.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         for endpoint in self.endpoints:
@@ -66,16 +73,30 @@ class Subscriber:
             if self.head > before:
                 return self.head
 
+    def follow(self, topics: Iterable[bytes]) -> None:
+        """Wake for these topics from now on (a subscriber made with topics)."""
+        new = set(topics)
+        assert self.topics is not None, "a subscriber to every move follows no topics"
+        for topic in new - self.topics:
+            self.socket.setsockopt(zmq.SUBSCRIBE, topic)
+        for topic in self.topics - new:
+            self.socket.setsockopt(zmq.UNSUBSCRIBE, topic)
+        self.topics = new
+
     def _drain(self) -> None:
         while True:
             try:
-                _, position = self.socket.recv_multipart(zmq.NOBLOCK)
+                topic, position = self.socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            except ValueError:
+                continue  # not ours: ignore rather than die
+            if topic == TICK and self.topics is not None:
+                continue  # a relay is there: heard, not woken
             try:
                 self.head = max(self.head, int(position))
             except ValueError:
-                continue  # not ours: ignore rather than die
+                continue
 
     def close(self) -> None:
         self.socket.close()

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from ledger import Ledger, NewEvent
-from ledger.relay import Relay
+from ledger.relay import Relay, app_topic, host_topic
 from ledger.store import NOTIFY_EVERY_S, RELAY_HOT_S
 from ledger.subscriber import Subscriber
 from tests.conftest import free_ports
@@ -139,3 +139,47 @@ def test_one_relay_polls_the_other_takes_over(two_relays, ledger: Ledger, cluste
         assert follower.leader
     finally:
         sub.close()
+
+
+def placement_event(ledger: Ledger, app: str, host: str | None) -> int:
+    """An InstancePlaced on `host`, or (None) an InstanceUnplaced of the app's instance."""
+    stream = f"placement-{app}"
+    if host is None:
+        event = NewEvent("InstanceUnplaced", {"instance_id": f"{app}.1.web.x", "app": app})
+    else:
+        event = NewEvent("InstancePlaced", {"instance_id": f"{app}.1.web.x", "app": app,
+                                            "release": 1, "process_type": "web",
+                                            "host_id": host, "port": 20000})
+    (event_id,) = ledger.append(stream, [event]).event_ids
+    return event_id
+
+
+def test_a_host_wakes_for_its_own_desired_state_only(relays, subscriber: Subscriber,
+                                                      ledger: Ledger) -> None:
+    """10,000 agents must not all wake at each of the ledger's moves (heartbeats move it all
+    the time): an agent follows its host's topic and its apps', and relays publish those
+    only past events that move them (ledger.rules.DESIRED_EVENTS)."""
+    tag = uuid.uuid4().hex[:6]
+    me, other, app = f"h{tag}a", f"h{tag}b", f"app{tag}"
+    host = Subscriber(relays.endpoints, topics=[host_topic(me)])
+    try:
+        opened = host.heard
+        # the relays' poll ticks reach it, and wake it not
+        wait_until(lambda: host.wait(0.3) is None and host.heard > opened, 10,
+                   "no relay's tick heard")
+
+        def quiet_after(event_id: int) -> None:
+            woken_for(subscriber, ledger, event_id, timeout=5.0)  # published by now
+            assert host.wait(0.5) is None, "woken for another host's move"
+
+        quiet_after(append_one(ledger))  # a heartbeat
+        quiet_after(placement_event(ledger, app, other))
+        placed = placement_event(ledger, app, me)
+        woken_for(host, ledger, placed, timeout=5.0)
+
+        host.follow([host_topic(me), app_topic(app)])  # the app is placed here now
+        woken_for(host, ledger, placement_event(ledger, app, None), timeout=5.0)
+        host.follow([host_topic(me)])
+        quiet_after(placement_event(ledger, app, None))
+    finally:
+        host.close()
