@@ -81,7 +81,7 @@ from agents.supervision import (
     plan,
 )
 from ledger import curve
-from ledger.relay import app_topic, host_topic
+from ledger.relay import host_wakes
 from ledger.sizes import DEFAULT_SIZE
 from ledger.subscriber import Subscriber
 from ledger.tickets import Ticket
@@ -283,8 +283,7 @@ class Agent:
     def wake_topics(self) -> set[bytes]:
         """What the relays wake this host for: its own placements and runs, and the
         rollouts and unplacements of the apps placed on it; not every move of the ledger."""
-        return {host_topic(self.spec.host_id),
-                *(app_topic(p.app) for p in self.fleet.placements.values())}
+        return host_wakes(self.spec.host_id, (p.app for p in self.fleet.placements.values()))
 
     def stop_all(self, grace: float) -> None:
         """SIGTERM every instance, SIGKILL what is left after `grace` seconds."""

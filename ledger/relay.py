@@ -33,6 +33,7 @@ import logging
 import select
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import psycopg2
@@ -184,6 +185,12 @@ def host_topic(host_id: str) -> bytes:
 
 def app_topic(app: str) -> bytes:
     return f"app/{app}/".encode()
+
+
+def host_wakes(host_id: str, apps: Iterable[str]) -> set[bytes]:
+    """What a host's agent subscribes to: its own host's topic and those of the apps
+    placed on it."""
+    return {host_topic(host_id), *(app_topic(a) for a in apps)}
 
 
 def topics(moves: list[tuple[str | None, str | None]]) -> set[bytes]:

@@ -12,6 +12,7 @@ import pytest
 from agents.api_client import ApiAway, ApiRefused
 from agents.desired import fleet_of
 from agents.outbox import Outbox
+from ledger.relay import host_wakes, topics
 
 SNAPSHOT = {
     "host_id": "h1", "version": 42, "changed": True,
@@ -36,6 +37,16 @@ def test_the_desired_state_becomes_the_agents_fleet() -> None:
     assert app.config_at(1) == {"A": "1", "B": "2"}
     assert app.config_at(2) == {"B": "3"}  # A was unset between the two snapshots
     assert fleet.position == 42
+
+
+def test_an_agent_wakes_for_its_host_and_the_apps_placed_on_it() -> None:
+    wakes = host_wakes("h1", (p.app for p in fleet_of(SNAPSHOT).placements.values()))
+    assert wakes == {b"host/h1/", b"app/blog/"}
+    # what the relays publish past a placement on h1, one on h10, an unplacement and a
+    # rollout of blog, and one of another app; ZeroMQ matches subscriptions by prefix
+    published = topics([("h1", "blog"), ("h10", "blog"), (None, "blog"), (None, "other")])
+    assert {t for t in published if any(t.startswith(w) for w in wakes)} == {
+        b"host/h1/", b"app/blog/"}
 
 
 def _item(n: int) -> dict[str, Any]:
