@@ -101,6 +101,16 @@ class Connection:
         self.used = 0
 
 
+def beat_after(due: float, now: float, interval: float) -> float:
+    """When to beat next, after the beat due at `due` went at `now`: one interval on, or if
+    that is past already, the next time on the host's own phase (the beats missed are not
+    sent in a burst)."""
+    due += interval
+    if now > due:
+        due += interval * math.ceil((now - due) / interval)
+    return due
+
+
 @dataclass
 class Counts:
     heartbeats: int = 0
@@ -220,9 +230,7 @@ class Fleet:
         next_beat = time.monotonic() + offset
         while not stop.is_set():
             await asyncio.sleep(max(0.0, next_beat - time.monotonic()))
-            next_beat += interval
-            if (behind := time.monotonic() - next_beat) > 0:
-                next_beat += interval * math.ceil(behind / interval)
+            next_beat = beat_after(next_beat, time.monotonic(), interval)
             if silent is not None and silent.is_set():
                 continue  # this host is "lost": no heartbeat, nothing else
             try:
