@@ -118,14 +118,14 @@ def last_per_stream(cur: Any, category: str, after: int,
 
 
 def desired_moves(cur: Any, after: int, upto: int,
-                  types: list[str]) -> list[tuple[str | None, str | None]]:
-    """(host_id, app) of each distinct event of `types` with after < position <= upto:
-    whose desired state those events moved (the relays' per-host wake-ups). Payloads are
-    read for those two fields only."""
-    cur.execute("SELECT DISTINCT e.data->>'host_id', e.data->>'app' "
-                f"{_FROM} WHERE p.position > %s AND p.position <= %s AND e.type = ANY(%s)",
-                (after, upto, types))
-    return [(host, app) for host, app in cur.fetchall()]
+                  types: list[str]) -> list[tuple[str | None, str | None, int]]:
+    """(host_id, app, the last position) of the events of `types` with after < position
+    <= upto, per distinct (host_id, app): whose desired state they moved (the relays'
+    per-host wake-ups). Payloads are read for those two fields only."""
+    cur.execute("SELECT e.data->>'host_id', e.data->>'app', max(p.position) "
+                f"{_FROM} WHERE p.position > %s AND p.position <= %s AND e.type = ANY(%s) "
+                "GROUP BY 1, 2", (after, upto, types))
+    return [(host, app, at) for host, app, at in cur.fetchall()]
 
 
 def recorded_after(cur: Any, position: int) -> datetime | None:

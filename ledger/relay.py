@@ -21,10 +21,12 @@ republishes the head on every poll tick, so a subscriber that joined late catche
 Host agents subscribe to topics of their own instead, so that 10,000 of them do not all
 wake whenever the ledger moves (2,000 heartbeats a second move it all the time): when the
 head moves past events that change desired states (ledger.rules.DESIRED_EVENTS), the
-relay also publishes `[b"host/<id>/", head]` for each host they name and
-`[b"app/<name>/", head]` for each app named without a host (an instance unplaced, a
-rollout), which the hosts running that app follow; and `[b"tick", head]` on every poll
-tick, which tells such a subscriber a relay is there without waking it.
+relay also publishes `[b"host/<id>/", P]` for each host they name and `[b"app/<name>/", P]`
+for each app named without a host (an instance unplaced, a rollout), which the hosts
+running that app follow, P being the position of the last such event (not the head: the
+other relay, publishing the same events later with a later head, must not wake a host
+twice); and `[b"tick", head]` on every poll tick, which tells such a subscriber a relay
+is there without waking it.
 """
 
 from __future__ import annotations
@@ -169,9 +171,9 @@ class Relay:
         if moved or force:
             pub.send_multipart([TOPIC, at])
         if moved and 0 < head - self.published <= MOVES_SCAN_MAX and self.published:
-            for topic in sorted(topics(ledger.desired_moves(self.published, head,
-                                                            list(DESIRED_EVENTS)))):
-                pub.send_multipart([topic, at])
+            moves = ledger.desired_moves(self.published, head, list(DESIRED_EVENTS))
+            for topic, position in sorted(topics(moves).items()):
+                pub.send_multipart([topic, str(position).encode()])
         if force:
             pub.send_multipart([TICK, at])
         self.published = max(self.published, head)
@@ -193,8 +195,13 @@ def host_wakes(host_id: str, apps: Iterable[str]) -> set[bytes]:
     return {host_topic(host_id), *(app_topic(a) for a in apps)}
 
 
-def topics(moves: list[tuple[str | None, str | None]]) -> set[bytes]:
-    """The topics to publish for events naming (host, app): the host's when named (a
-    placement, a one-off run), else the app's (an unplaced instance, a rollout)."""
-    return {host_topic(host) if host else app_topic(app) for host, app in moves
-            if host or app}
+def topics(moves: Iterable[tuple[str | None, str | None, int]]) -> dict[bytes, int]:
+    """The topics to publish, with the last position of each, for events naming (host,
+    app) at a position: the host's when named (a placement, a one-off run), else the app's
+    (an unplaced instance, a rollout)."""
+    out: dict[bytes, int] = {}
+    for host, app, position in moves:
+        topic = host_topic(host) if host else app_topic(app) if app else None
+        if topic is not None:
+            out[topic] = max(out.get(topic, 0), position)
+    return out

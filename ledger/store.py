@@ -492,9 +492,9 @@ class Ledger:
         return self._retrying(lambda cur: reads.last_per_stream(cur, category, after, upto))
 
     def desired_moves(self, after: int, upto: int,
-                      types: list[str]) -> list[tuple[str | None, str | None]]:
-        """(host_id, app) of the events of `types` in after < position <= upto
-        (ledger.reads.desired_moves)."""
+                      types: list[str]) -> list[tuple[str | None, str | None, int]]:
+        """(host_id, app, last position) of the events of `types` in after < position <=
+        upto (ledger.reads.desired_moves)."""
         return self._retrying(lambda cur: reads.desired_moves(cur, after, upto, types))
 
     def stream_version(self, stream: str) -> int:

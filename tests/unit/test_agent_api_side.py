@@ -44,9 +44,10 @@ def test_an_agent_wakes_for_its_host_and_the_apps_placed_on_it() -> None:
     assert wakes == {b"host/h1/", b"app/blog/"}
     # what the relays publish past a placement on h1, one on h10, an unplacement and a
     # rollout of blog, and one of another app; ZeroMQ matches subscriptions by prefix
-    published = topics([("h1", "blog"), ("h10", "blog"), (None, "blog"), (None, "other")])
-    assert {t for t in published if any(t.startswith(w) for w in wakes)} == {
-        b"host/h1/", b"app/blog/"}
+    published = topics([("h1", "blog", 5), ("h10", "blog", 6), (None, "blog", 7),
+                        (None, "other", 8), (None, "blog", 3)])
+    assert {t: p for t, p in published.items() if any(t.startswith(w) for w in wakes)} == {
+        b"host/h1/": 5, b"app/blog/": 7}
 
 
 def _item(n: int) -> dict[str, Any]:
