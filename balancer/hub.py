@@ -68,9 +68,17 @@ class Hub(epolls.Hub):
             self._pending[fileno] = pending & ~bit
             return
         waiters = self._edge_waiters[write]
-        waiters[fileno] = getcurrent()
+        waiters[fileno] = current = getcurrent()
+        # BaseHub.switch without what a proxy's green thread never needs (a `switch_out`
+        # hook, a dead hub to replace: the hub runs it): twice per proxied request.
+        hub = self.greenlet
+        if hub.parent is not current:
+            try:  # noqa: SIM105 (cheaper than contextlib.suppress, on the hot path)
+                current.parent = hub
+            except ValueError:
+                pass  # a parent cycle: as BaseHub.switch
         try:
-            self.switch()
+            hub.switch()
         finally:
             waiters.pop(fileno, None)
 
