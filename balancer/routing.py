@@ -177,6 +177,9 @@ class Router:
 
     def choose(self, backends: tuple[Backend, ...], now: float,
                exclude: tuple[Backend, ...] = ()) -> Backend | None:
+        if len(backends) == 1:  # the usual app, without a comprehension's call
+            only = backends[0]
+            return only if only.down_until <= now and only not in exclude else None
         usable = [b for b in backends if b.down_until <= now and b not in exclude]
         if not usable:
             return None

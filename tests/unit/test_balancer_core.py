@@ -376,6 +376,15 @@ def test_all_backends_failing_means_hold_and_retry_excludes_the_tried() -> None:
     assert r.next_wake(r.lookup("a")[1], 0.0) == 2.0
 
 
+def test_a_single_backend_tried_or_cooling_down_means_hold() -> None:
+    r = router(Route("a", "a", ("h:1",)), cooldown=2.0)
+    only = r.decide("a", 0.0).backend
+    assert isinstance(r.decide("a", 0.0, exclude=(only,)), Hold)
+    r.failed(only, 0.0)
+    assert isinstance(r.decide("a", 1.0), Hold)
+    assert r.decide("a", 2.5).backend is only
+
+
 def test_least_connections_prefers_the_idle_backend() -> None:
     r = router(Route("a", "a", ("h:1", "h:2")), policy=LEAST_CONNECTIONS)
     busy = r.lookup("a")[1][0]
