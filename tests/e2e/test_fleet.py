@@ -17,7 +17,7 @@ import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
@@ -65,11 +65,14 @@ class Platform:
     relays: RelayProcs
     placer: Daemon
     agents: dict[str, AgentProc]
+    folded: Fleet = field(default_factory=Fleet)
 
     def fleet(self) -> Fleet:
-        fleet = Fleet()
-        catch_up(self.ledger, fleet)
-        return fleet
+        """The placer's model of the ledger, caught up now. Folded on from where the last
+        call left off: a fresh fold of the whole ledger (heartbeats and all) at every poll
+        of every wait loaded the very machine the tests wait on."""
+        catch_up(self.ledger, self.folded)
+        return self.folded
 
     def healthy(self, app: str, release: int | None = None) -> list[Any]:
         """The app's placed instances reported healthy (of one release, if given)."""
@@ -85,7 +88,7 @@ class Platform:
             ok = self.healthy(app, release)
             return ok if len(ok) == count == len(placed) else None
 
-        return wait_until(ready, timeout, f"{count} healthy instances of {app}")
+        return wait_until(ready, timeout, f"{count} healthy instances of {app}", interval=0.1)
 
     def app_processes(self) -> Counter:
         """Live app processes (gunicorn masters and the like) per host, from pid records."""
