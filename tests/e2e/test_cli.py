@@ -123,6 +123,19 @@ def test_deploy_follows_rollout_and_says_what_it_waits_for(tally: Tally) -> None
     assert "Traceback" not in r.stderr
 
 
+def test_deploy_with_a_bad_static_json_says_why_before_any_build(tally: Tally,
+                                                                  tmp_path: Path) -> None:
+    app = f"stat-{uuid.uuid4().hex[:6]}"
+    tally("apps:create", app)
+    (tmp_path / "Procfile").write_text("web: python app.py\n")
+    (tmp_path / "requirements.txt").write_text("")
+    (tmp_path / "static.json").write_text('{"static": "static"}')
+    r = tally("deploy", "-a", app, str(tmp_path), "--timeout", "1", ok=False)
+    assert r.returncode == 1 and "static.json" in r.stderr, r.stderr
+    assert "prefixes start and end with /" in r.stderr and "Traceback" not in r.stderr
+    assert "waiting for a builder" not in r.stderr  # refused at upload: no build queued
+
+
 @pytest.mark.parametrize("args, reason", [
     (("apps:create", "Bad_Name"), "is not an app name"),
     (("scale", "-a", "no-such-app", "web=1"), "no app named"),
