@@ -24,7 +24,6 @@ from projectors.store import (
     load_tables,
     lock_checkpoint,
     lock_checkpoints,
-    notify_projected,
     save_checkpoints,
     save_error,
     set_schema,
@@ -236,9 +235,8 @@ def apply_together(runners: Sequence[Runner], events: Sequence[RecordedEvent],
                     continue
                 runner.writer.write(cur, runner.tables)
                 done.append((runner, mine[-1]))
-            save_checkpoints(cur, [(r.name, _at(e), e.recorded_at) for r, e in done], head)
-            if done:
-                notify_projected(cur, max(_at(e) for _, e in done))
+            save_checkpoints(cur, [(r.name, _at(e), e.recorded_at) for r, e in done], head,
+                             notify=True)
     except psycopg2.DatabaseError as exc:
         for runner in todo:
             runner.stale = True

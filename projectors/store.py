@@ -129,25 +129,27 @@ def lock_checkpoints(cur: Any, names: Sequence[str]) -> dict[str, tuple[int, int
     return {name: (position, generation) for name, position, generation in cur.fetchall()}
 
 
-def save_checkpoints(cur: Any, done: Sequence[tuple[str, int, Any]], head: int) -> None:
+def save_checkpoints(cur: Any, done: Sequence[tuple[str, int, Any]], head: int,
+                     notify: bool = False) -> None:
     """Record (name, position, recorded_at of that event) and the lag, in the batch's
-    transaction; clears any error."""
+    transaction; clears any error. `notify`: also tell listeners (PROJECTED, with the
+    highest position saved) when the transaction commits, in the same round trip."""
     if not done:
         return
-    execute_values(cur, f"""UPDATE {CHECKPOINTS} c SET position = v.p,
+    update = f"""UPDATE {CHECKPOINTS} c SET position = v.p,
         head = greatest(v.h, v.p), lag_events = greatest(v.h - v.p, 0),
         lag_seconds = CASE WHEN v.h > v.p THEN extract(epoch FROM clock_timestamp() - v.at)
                       ELSE 0 END,
         state = 'running', updated_at = clock_timestamp(),
         error_position = NULL, error_type = NULL, error_message = NULL, error_at = NULL
-        FROM (VALUES %s) AS v(n, p, h, at) WHERE c.name = v.n""",
-                   [(name, position, head, at) for name, position, at in done],
-                   template="(%s, %s::bigint, %s::bigint, %s::timestamptz)")
-
-
-def notify_projected(cur: Any, position: int) -> None:
-    """Tell listeners, when the transaction commits, that projectors reached `position`."""
-    cur.execute("SELECT pg_notify(%s, %s)", (PROJECTED, str(position)))
+        FROM (VALUES %s) AS v(n, p, h, at) WHERE c.name = v.n"""
+    if notify:  # a data-modifying WITH runs whether or not the query reads it
+        reached = int(max(p for _, p, _ in done))
+        update = (f"WITH saved AS ({update} RETURNING 1) "
+                  f"SELECT pg_notify('{PROJECTED}', '{reached}')")
+    execute_values(cur, update, [(name, position, head, at) for name, position, at in done],
+                   template="(%s, %s::bigint, %s::bigint, %s::timestamptz)",
+                   page_size=max(PAGE, len(done)))
 
 
 def save_error(cur: Any, name: str, position: int, event_type: str, message: str) -> None:
