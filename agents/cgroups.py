@@ -260,6 +260,16 @@ class Cgroups:
         self.seen_kills[instance_id] = now
         return max(0, now - before)
 
+    def unseen_kills(self, instance_id: str) -> int:
+        """OOM kills in the instance's group not taken yet (`seen`)."""
+        now = self.kills(instance_id)
+        return max(0, now - self.seen_kills.get(instance_id, now))
+
+    def seen(self, instance_id: str, kills: int) -> None:
+        """Take `kills` of the instance's `unseen_kills` (not all of them now: another
+        may have come since they were counted)."""
+        self.seen_kills[instance_id] += kills
+
     def pids(self, instance_id: str) -> list[int]:
         out: set[int] = set()
         for d in self.dirs(instance_id):
@@ -382,10 +392,17 @@ def ended(groups: Cgroups | None, instance_id: str, size: str) -> str:
     return r15(size_of(size)) if killed else ""
 
 
-def watch(groups: Cgroups | None, instance_id: str, size: str) -> str | None:
+def watch(groups: Cgroups | None, instance_id: str, size: str,
+          leader_runs: Callable[[], bool]) -> str | None:
     """The R14 line to log if the kernel killed processes of a live instance since last
-    asked, else None."""
+    asked, else None. The kills are read before `leader_runs` is asked, and taken only if
+    it says yes: a kill that took the instance's leader is its exit's R15 (`ended`), not
+    an R14 line, even when the stats round comes between the kill and the agent's look
+    at the exit (it used to take the kill then, and the exit had no reason)."""
     if groups is None:
         return None
-    killed = groups.new_kills(instance_id)
-    return r14(size_of(size), killed) if killed else None
+    killed = groups.unseen_kills(instance_id)
+    if not killed or not leader_runs():
+        return None
+    groups.seen(instance_id, killed)
+    return r14(size_of(size), killed)

@@ -34,6 +34,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -430,7 +431,8 @@ class Agent:
             if loc.state not in ALIVE or loc.pid is None or loc.want is None:
                 continue
             memory, cpu = usage(loc.pid)
-            if line := cgroups.watch(self.cgroups, iid, loc.want.size):
+            if line := cgroups.watch(self.cgroups, iid, loc.want.size,
+                                     partial(self.procs.runs, loc.pid)):
                 self.procs.say(iid, line)
             samples.append(Sample(loc.want.app, iid, self.spec.host_id,
                                   self.traffic.report(iid), loc.restarts, memory, cpu))

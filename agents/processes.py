@@ -112,6 +112,14 @@ class Processes:
         except psutil.Error:
             return False
 
+    def runs(self, pid: int) -> bool:
+        """Whether the process runs (one exited but not waited for yet does not); unlike
+        `exit_status` it never waits for our child, whose exit status stays to be read."""
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
     def exit_status(self, pid: int) -> tuple[bool, int | None, int | None]:
         """(exited, exit code, signal) of a process; codes are known for our own children."""
         child = self.children.get(pid)

@@ -109,34 +109,39 @@ def _port_slice() -> range:
 
 PORTS = _port_slice()
 _handed: set[int] = set()
-"""Ports handed out lately: not handed again before the server they were for binds them
-(cleared when half the slice is gone, by then long bound or given up)."""
+"""Ports handed out in this session: not handed again while others are free. A port a
+fixture holds for minutes (a killed agent's range, a primary killed to be restarted on its
+port) is free for a while, and must not go to another server meanwhile."""
 
 
 def _free_run(n: int, attempts: int = 500) -> int:
-    """The first of n consecutive ports of this session's slice, free now, not handed
-    out lately."""
-    if len(_handed) > len(PORTS) // 2:
-        _handed.clear()
-    for _ in range(attempts):
-        low = random.randrange(PORTS.start, PORTS.stop - n)
-        run = range(low, low + n)
-        if _handed.intersection(run):
-            continue
-        socks = []
-        try:
-            for port in run:
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-        _handed.update(run)
-        return low
+    """The first of n consecutive ports of this session's slice, free now, none handed out
+    before (or, once the slice has no such run left, free now)."""
+    for fresh in (True, False):
+        for _ in range(attempts):
+            low = random.randrange(PORTS.start, PORTS.stop - n)
+            run = range(low, low + n)
+            if fresh and _handed.intersection(run):
+                continue
+            if _bindable(run):
+                _handed.update(run)
+                return low
     raise RuntimeError(f"no {n} consecutive free ports found in {PORTS}")
+
+
+def _bindable(run: range) -> bool:
+    socks = []
+    try:
+        for port in run:
+            s = socket.socket()
+            socks.append(s)
+            s.bind(("127.0.0.1", port))
+    except OSError:
+        return False
+    finally:
+        for s in socks:
+            s.close()
+    return True
 
 
 def free_ports(n: int) -> list[int]:
@@ -154,6 +159,19 @@ TEST_HOMES = Path("/var/lib/tally-tests")
 """Where test clusters (and the homes beside them) are made: not under /tmp, which apps
 see a private one of (agents/runtime.py), since tests ask whether the platform's modes,
 not a mount, shut an app out of them."""
+
+
+def build_dir(home: Path) -> Path:
+    """The builders' folder of a test home (TALLY_BUILD_DIR): beside it, not in it (the
+    builder refuses a build folder inside TALLY_HOME), and not the default under
+    /var/lib/tally-builds, which nothing of the tests would ever remove."""
+    return home.with_name(home.name + "-build")
+
+
+def remove_home(home: Path) -> None:
+    """A test home and its builders' folder (builds, caches: tens of MB a home)."""
+    for path in (home, build_dir(home)):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def up_env(home: Path) -> dict[str, str]:
@@ -176,6 +194,7 @@ def up_env(home: Path) -> dict[str, str]:
         "TALLY_BALANCERS": f"127.0.0.1:{ports[13]},127.0.0.1:{ports[14]}",
         "TALLY_BALANCERS_TLS": ",".join(f"127.0.0.1:{p}" for p in free_ports(2)),
         "TALLY_CREDENTIALS": str(home / "credentials.json"),
+        "TALLY_BUILD_DIR": str(build_dir(home)),
         "TALLY_APP_UIDS": uid_block(),
     }
 
@@ -223,7 +242,7 @@ def destroy_cluster(cluster: Cluster) -> None:
 
     stop_api(cluster)  # the API agents shared, if one was started
     cluster.destroy()
-    shutil.rmtree(cluster.root.parent, ignore_errors=True)
+    remove_home(cluster.root.parent)
 
 
 def tally_env(cluster: Cluster, **extra: str) -> dict[str, str]:

@@ -7,7 +7,6 @@ stops all."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import ssl
 import subprocess
@@ -22,7 +21,7 @@ from ledger.cluster import pid_alive
 from tally import supervise
 from tally.config import Config
 from tests.certs import self_signed, tls_get
-from tests.conftest import listening_ports, up_env
+from tests.conftest import listening_ports, remove_home, up_env
 from tests.waiting import wait_until
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "apps"
@@ -149,4 +148,4 @@ def test_up_then_down() -> None:
         assert {n.role for n in cfg.cluster().status()} == {"stopped"}
     finally:
         tally("down")
-        shutil.rmtree(home, ignore_errors=True)
+        remove_home(home)

@@ -8,7 +8,6 @@ the same URLs, supervisord runs them again, and `addons:create` works for a new 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,7 +19,7 @@ import redis
 
 from tally import supervise
 from tally.config import Config
-from tests.conftest import up_env
+from tests.conftest import remove_home, up_env
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
@@ -77,4 +76,4 @@ def test_addons_answer_at_the_same_urls_after_down_and_up() -> None:
     finally:
         subprocess.run([sys.executable, "-m", "tally.cli", "down"], env=env,
                        capture_output=True, timeout=400)
-        shutil.rmtree(home, ignore_errors=True)
+        remove_home(home)

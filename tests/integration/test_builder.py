@@ -24,7 +24,7 @@ from ledger import Ledger, NewEvent
 from ledger.builds import build_stream
 from ledger.cluster import Cluster
 from ledger.uids import build_uid
-from tests.conftest import destroy_cluster, make_cluster
+from tests.conftest import build_dir, destroy_cluster, make_cluster
 from tests.fixtures.apps import app_tarball, fleet, store, tarball
 from tests.fixtures.apps.fleet import Daemon
 from tests.waiting import wait_until
@@ -252,7 +252,7 @@ def test_an_apps_build_cannot_write_another_apps_build_cache(
     only that uid may open: a process with app A's build's credentials, wherever it runs
     (a leftover of A's build, an escape from its sandbox), cannot touch B's cache."""
     home = private.root.parent
-    work = home.with_name(home.name + "-build")
+    work = build_dir(home)
     bundle = files({"Procfile": "web: x\n", "requirements.txt": "",
                     "bin/post_compile": "#!/bin/bash\necho BUILD uid=$(id -u)\n"
                                         "echo mine > /cache/kept\n"})

@@ -120,9 +120,37 @@ def test_the_v2_path_writes_and_reads_the_unified_files(tmp_path: Path) -> None:
     assert enter is not None
     enter()  # what the child runs before exec: its pid into the group
     assert groups.pids("blog.1.web.a") == [os.getpid()]
-    assert watch(groups, "blog.1.web.a", "standard-2x") is None
+    assert watch(groups, "blog.1.web.a", "standard-2x", lambda: True) is None
     (instance / "memory.events").write_text("low 0\nhigh 0\nmax 9\noom 3\noom_kill 2\n")
-    assert watch(groups, "blog.1.web.a", "standard-2x") == r14(size, 2)
+    assert watch(groups, "blog.1.web.a", "standard-2x", lambda: True) == r14(size, 2)
+    assert watch(groups, "blog.1.web.a", "standard-2x", lambda: True) is None  # once
+
+
+def test_a_kill_that_took_the_leader_is_its_exits_r15_not_an_r14_line(tmp_path: Path) -> None:
+    """The stats round may come between the kernel killing an instance's leader for its
+    memory and the agent's look at the exit (under load, often): that kill is the exit's
+    R15, not an R14 line of the stats round (the exit then had no reason; R15 test of
+    test_isolation_limits failed so). A fake v2 cgroupfs, as above."""
+    from agents.cgroups import Cgroups, watch
+
+    mounts = f"40 25 0:35 / {tmp_path} rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n"
+    layout = parse_layout(mounts, "0::/\n", "memory pids cpu")
+    assert layout is not None
+    groups = Cgroups(layout, "tally-h1-0a1b2c3d")
+    instance = tmp_path / "tally-h1-0a1b2c3d" / "hog.1.web.a"
+    instance.mkdir(parents=True)
+    (instance / "memory.events").write_text("oom 0\noom_kill 0\n")
+    groups.prepare("hog.1.web.a", size_of("standard-1x"))
+    (instance / "memory.events").write_text("oom 1\noom_kill 1\n")
+    leader = [True]
+
+    def runs() -> bool:  # asked after the kills were read: the leader died meanwhile
+        (instance / "memory.events").write_text("oom 2\noom_kill 2\n")
+        return leader.pop()
+
+    assert watch(groups, "hog.1.web.a", "standard-1x", runs) == r14(size_of("standard-1x"), 1)
+    assert watch(groups, "hog.1.web.a", "standard-1x", lambda: False) is None
+    assert groups.new_kills("hog.1.web.a") == 1  # what `ended` says R15 for
 
 
 V2_AGENT = """
