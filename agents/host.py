@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -184,6 +184,13 @@ class Agent:
         """A round's health checks run side by side: one app's slow answers hold the
         loop (and the heartbeat) for one check's timeout at most, not one per instance."""
         self.checks: dict[str, Future] = {}
+        self.remover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="remove")
+        """What deleted apps left, removed off the loop: removing a user walks the host's
+        /tmp, /var/tmp and /dev/shm for its files, minutes on a host with a big /tmp, and
+        in the loop no heartbeat went meanwhile (the placer took the host for lost and
+        moved all its instances away)."""
+        self.removing: dict[str, Future] = {}
+        """App -> its removal under way (`remove_app`)."""
         self.preparing: dict[str, Future] = {}
         self.next_beat = 0.0
         self.uids: dict[str, int] = {}
@@ -272,6 +279,7 @@ class Agent:
             self.statsd.close()
             self.pool.shutdown(wait=False, cancel_futures=True)
             self.checker.shutdown(wait=False, cancel_futures=True)
+            self.remover.shutdown(wait=False, cancel_futures=True)
             if stop_apps:
                 self.stop_all(min(self.timing.grace, 5.0))
                 if self.cgroups is not None:
@@ -479,18 +487,29 @@ class Agent:
             log.info("removing release %s of %s: unused", digest[:12], app)
             remove_tree(self.paths.releases / app / digest)
             (bundles / f"{digest}.tar.gz").unlink(missing_ok=True)
+        for app, removal in list(self.removing.items()):
+            if removal.done():
+                del self.removing[app]
+                if (exc := removal.exception()) is not None:
+                    log.error("removing what deleted app %s left failed: %r", app, exc)
         for app in todo.apps:
-            try:
-                # first: while it fails (still running), keep the rest
-                users.remove(app, prefix=self.spec.user_prefix)
-            except OSError as exc:
-                log.warning("%s was deleted, but %s; trying again later", app, exc)
-                continue
-            log.info("removing what deleted app %s left here", app)
-            for digest in on_disk[app]:
-                (bundles / f"{digest}.tar.gz").unlink(missing_ok=True)
-            remove_tree(self.paths.releases / app)
-            remove_tree(self.paths.state / "homes" / app)
+            if app not in self.removing:
+                self.removing[app] = self.remover.submit(self.remove_app, app, on_disk[app])
+
+    def remove_app(self, app: str, digests: set[str]) -> None:
+        """What a deleted app left here: its user first (while that fails, still running,
+        the rest stays, to be tried again at the next cleanup), then its releases, home
+        and bundles (the remover's thread)."""
+        try:
+            users.remove(app, prefix=self.spec.user_prefix)
+        except OSError as exc:
+            log.warning("%s was deleted, but %s; trying again later", app, exc)
+            return
+        log.info("removing what deleted app %s left here", app)
+        for digest in digests:
+            (self.paths.downloads / f"{digest}.tar.gz").unlink(missing_ok=True)
+        remove_tree(self.paths.releases / app)
+        remove_tree(self.paths.state / "homes" / app)
 
     def clean_layers(self) -> None:
         """Drop the overlay folders of instances no longer here (a run's after a day)."""
@@ -700,6 +719,8 @@ class Agent:
         apps: an instance reaches its slug only through its overlay at /app."""
         home = self.paths.state / "homes" / want.app
         app = self.fleet.apps.get(want.app)
+        if (removal := self.removing.get(want.app)) is not None:
+            wait([removal])  # an earlier app of that name, deleted: gone before this one
         user = users.ensure(want.app, home, app.uid if app else None,
                             self.spec.user_prefix)
         if user is not None and self.paths.bundles.exists():
