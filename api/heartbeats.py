@@ -115,19 +115,19 @@ class Batcher:
                 self._unsent = None
                 self.counts.written += n
                 self.counts.batches += 1
+                # counted once the batch went: one sent again (a ledger error) is admitted
+                # again, and its revoked heartbeats were counted twice
+                self.counts.revoked += len(batch) - len(items)
                 self._idle.notify_all()
+            if len(items) < len(batch):
+                log.warning("%d heartbeats dropped: their token was revoked",
+                            len(batch) - len(items))
 
     def _admitted(self, ledger: Ledger, batch: list[tuple[Item, Token | None]]) -> list[Item]:
         """The batch's items but those whose token was revoked (one read for all)."""
         tokens = {t for _, t in batch if t is not None}
         gone = self.revoked(ledger, tokens) if tokens and self.revoked else set()
-        if not gone:
-            return [it for it, _ in batch]
-        kept = [it for it, t in batch if t not in gone]
-        with self._lock:
-            self.counts.revoked += len(batch) - len(kept)
-        log.warning("%d heartbeats dropped: their token was revoked", len(batch) - len(kept))
-        return kept
+        return [it for it, t in batch if t not in gone]
 
     def _one(self, ledger: Ledger, item: Item) -> int:
         try:

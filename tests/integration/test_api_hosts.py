@@ -123,7 +123,7 @@ def test_heartbeats_are_answered_at_once_and_appended_together(
     stream = f"heartbeat-{host}"
     loads = [float(i) for i in range(40)]
     beats = wait_until(lambda: (b := world.ledger.read_stream(stream)) and
-                       [e.data["load"] for e in b] == loads and b, 10,
+                       [e.data["load"] for e in b] == loads and b, 60,
                        "40 heartbeats, in order")
     assert beats[-1].metadata["actor"] == f"agent-{host}"
     transactions = set(_tx_ids(world, stream))
@@ -133,12 +133,12 @@ def test_heartbeats_are_answered_at_once_and_appended_together(
 def test_a_revoked_tokens_heartbeats_are_not_recorded(
         world: World, cluster: Any, tmp_path: Path) -> None:  # noqa: F811
     """Heartbeats skip the per-request read of the caller's stream: their batch checks. An
-    API process whose directory is a minute old still answers a revoked agent token's
+    API process whose directory is minutes old still answers a revoked agent token's
     heartbeat 202 after the revocation's 204 (sent by another process), but the heartbeat
     never reaches the ledger; the same host's new token's does."""
     host = f"hb-{uid()}"
     token = create_user(world.ledger, f"agent-{host}", "agent", host)
-    app = create_app(Settings(cluster.dsn(), tmp_path, auth_refresh_s=60.0,
+    app = create_app(Settings(cluster.dsn(), tmp_path, auth_refresh_s=600.0,
                               heartbeat_batch_s=0.05))
     client, svc = app.test_client(), app.extensions["tally"]
 
@@ -147,7 +147,7 @@ def test_a_revoked_tokens_heartbeats_are_not_recorded(
                            headers={"Authorization": f"Bearer {tok}"}).status_code
 
     assert beat(token, 1) == 202
-    assert svc.heartbeats.wait_flushed(10)
+    assert svc.heartbeats.wait_flushed(60)  # a thread appends: slow under load
     token_id = svc.directory().lookup(token).token_id
     r = world.call("admin", "DELETE", f"/users/agent-{host}/tokens/{token_id}")
     assert r.status_code == 204, r.json
@@ -155,7 +155,7 @@ def test_a_revoked_tokens_heartbeats_are_not_recorded(
     fresh = issue_token(world.ledger, f"agent-{host}")
     assert beat(fresh, 3) == 202  # an unknown token refreshes the directory
     assert beat(token, 4) == 401  # which now knows of the revocation too
-    assert svc.heartbeats.wait_flushed(10)
+    assert svc.heartbeats.wait_flushed(60)  # a thread appends: slow under load
     assert [e.data["load"] for e in world.ledger.read_stream(f"heartbeat-{host}")] == [1.0, 3.0]
     assert svc.heartbeats.counts.revoked == 1
 
@@ -180,7 +180,7 @@ def test_a_heartbeats_body_is_checked_as_its_schema_says(world: World) -> None: 
     fast = world.call("agent", "POST", f"/hosts/{world.host}/heartbeats", {"load": 1})
     assert path.answered - before == 3
     assert fast.data == r.data and fast.content_type == r.content_type  # the same bytes
-    assert world.client.application.extensions["tally"].heartbeats.wait_flushed(10)
+    assert world.client.application.extensions["tally"].heartbeats.wait_flushed(60)
     last = [e.data for e in world.ledger.read_stream(f"heartbeat-{world.host}")][-4:]
     assert [(d["load"], d["instances"]) for d in last] == [(0.0, 4), (0.0, 0), (1.0, 0),
                                                            (1.0, 0)]
