@@ -354,6 +354,10 @@ def app(tmp: Path, seconds: float, n: int, procs: list, pinned: bool) -> dict[st
                                        f"app direct, half load ({tag})",
                                        lambda a, b: a[2] - b[2])
         out[f"cpu {proxy}"] = peak[f"app via {proxy} ({tag})"][3]
+    # Beside the loss against the direct case: the app's throughput through the balancer
+    # against through nginx, the two proxied cases alike in every respect but the proxy.
+    out["to nginx"] = paired(peak_seen, f"app via tally ({tag})", f"app via nginx ({tag})",
+                             lambda a, b: a[0] / b[0])
     return out
 
 
@@ -590,7 +594,8 @@ def main() -> None:
                   f" (nginx {figures['loss nginx']:.1%}), p99 added at half load "
                   f"{figures['added tally']:.2f} ms (nginx {figures['added nginx']:.2f} ms);"
                   f" CPU per request: balancer {figures['cpu tally']:.1f} us, nginx "
-                  f"{figures['cpu nginx']:.1f} us")
+                  f"{figures['cpu nginx']:.1f} us; the app through the balancer at "
+                  f"{figures['to nginx']:.2f} of its throughput through nginx")
 
     def quantiles(values: list[float]) -> tuple[float, float]:
         ordered = sorted(values)
@@ -637,12 +642,14 @@ def main() -> None:
                 ("balancer", [h[3] - h[2] for h in hops]))},
         "app_throughput_loss_nginx": round(headline["loss nginx"], 3),
         "added_p99_ms_nginx": round(headline["added nginx"], 2),
+        "app_throughput_ratio_to_nginx": round(headline["to nginx"], 3),
         "app_cpu_us_per_request": round(headline["cpu tally"], 1),
         "app_cpu_us_per_request_nginx": round(headline["cpu nginx"], 1),
         **({"app_throughput_loss_shared_cores": round(shared["loss tally"], 3),
             "app_throughput_loss_shared_cores_nginx": round(shared["loss nginx"], 3),
             "added_p99_ms_shared_cores": round(shared["added tally"], 2),
-            "added_p99_ms_shared_cores_nginx": round(shared["added nginx"], 2)}
+            "added_p99_ms_shared_cores_nginx": round(shared["added nginx"], 2),
+            "app_throughput_ratio_to_nginx_shared_cores": round(shared["to nginx"], 3)}
            if shared is not None and pinned is not None else {}),
         "tls_ratio_to_nginx": round(secure["tally https"][0] / secure["nginx https"][0], 3),
         "tls_handshake_ratio_to_nginx": round(
