@@ -29,9 +29,27 @@ def uid_block() -> str:
     one machine, each with its own ledger, would otherwise all hand out 200000 upward, and
     an agent refuses a uid another app's user holds (agents/users.py). Every ledger a test
     makes takes one too (`make_cluster`, `tally_env`): a ledger hands out its block from the
-    first uid, and the users of another ledger's apps stay on the machine meanwhile."""
-    first = random.randrange(1_000, 2_000_000) * 1_000
-    return f"{first}-{first + 999}"
+    first uid, and the users of another ledger's apps stay on the machine meanwhile. Under
+    pytest-xdist each worker draws from blocks of its own (their number modulo the
+    workers'), and no session draws a block twice: a draw at random among all of them
+    would give two of the run's ledgers the same block now and then."""
+    workers, index = _xdist_worker()
+    while True:
+        block = random.randrange(1_000, 2_000_000)
+        block += index - block % workers
+        if block >= 1_000 and block not in _UID_DRAWN:
+            _UID_DRAWN.add(block)
+            return f"{block * 1_000}-{block * 1_000 + 999}"
+
+
+_UID_DRAWN: set[int] = set()
+
+
+def _xdist_worker() -> tuple[int, int]:
+    """(workers, this one's index) under pytest-xdist; (1, 0) in a plain run."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    return max(workers, 1), index
 
 
 def user_prefix() -> str:
@@ -101,9 +119,8 @@ def _port_slice() -> range:
     no outgoing connection takes one between the test picking it and a server binding it,
     and under pytest-xdist a slice per worker, so two workers never pick the same one."""
     low, high = 20000, 32768
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
-    size = (high - low) // max(workers, 1)
+    workers, index = _xdist_worker()
+    size = (high - low) // workers
     return range(low + index * size, low + (index + 1) * size)
 
 
