@@ -83,7 +83,7 @@ from agents.supervision import (
 )
 from ledger import curve
 from ledger.relay import host_wakes
-from ledger.sizes import DEFAULT_SIZE
+from ledger.sizes import DEFAULT_SIZE, size_of
 from ledger.subscriber import Subscriber
 from ledger.tickets import Ticket
 from ledger.vocabulary import RELEASE_PHASE
@@ -199,6 +199,7 @@ class Agent:
         """Socket inode -> the instance holding it (statsd senders already found)."""
         self.statsd = StatsListener(paths.state / "statsd.port", self.statsd_sender)
         self.traffic = Traffic()
+        self.disk = runtime.DiskWatch()
         self.next_stats = 0.0
         self.next_cleanup = 0.0
         self.cgroups = cgroups.for_agent(spec.host_id, paths.state)
@@ -434,6 +435,7 @@ class Agent:
         """One stats row per running instance; a failed write skips that sample only."""
         self.traffic.served.update(self.statsd.take())
         self.traffic.keep_only(set(self.local))
+        self.disk.keep_only(set(self.local))
         samples = []
         for iid, loc in self.local.items():
             if loc.state not in ALIVE or loc.pid is None or loc.want is None:
@@ -441,6 +443,8 @@ class Agent:
             memory, cpu = usage(loc.pid)
             if line := cgroups.watch(self.cgroups, iid, loc.want.size,
                                      partial(self.procs.runs, loc.pid)):
+                self.procs.say(iid, line)
+            if line := self.disk.check(iid, loc.pid, loc.want.size):
                 self.procs.say(iid, line)
             samples.append(Sample(loc.want.app, iid, self.spec.host_id,
                                   self.traffic.report(iid), loc.restarts, memory, cpu))
@@ -753,11 +757,13 @@ class Agent:
                                         f"{self.statsd.gunicorn_args(want.instance_id)} "
                                         + ports.strip_binds(env.get("GUNICORN_CMD_ARGS", "")))
         owner = (user.uid, user.gid) if user is not None else (os.getuid(), os.getgid())
-        upper, work = runtime.fresh_layer(self.paths.layers / want.instance_id, *owner)
+        layer = runtime.fresh_layer(self.paths.layers / want.instance_id, *owner,
+                                    size_of(want.size).disk_mb)
         setup = cgroups.confine(self.cgroups, want.instance_id, want.size, runtime.child_setup(
-            release, upper, work, demote(user) if user else None))
+            release, layer, demote(user) if user else None))
         loc.pid = self.procs.start(want.instance_id, want.port,
-                                   ["/bin/bash", "-c", bound.command], upper, env, self.limits,
+                                   ["/bin/bash", "-c", bound.command], layer.upper, env,
+                                   self.limits,
                                    setup, pass_fds=bound.pass_fds)
         self.ports.handed(want.port, bound)
         loc.state, loc.started_at = State.STARTING, self.clock()
@@ -794,10 +800,11 @@ class Agent:
         release, user = self.prepare(want)
         self.confine_network(want, user)
         owner = (user.uid, user.gid) if user is not None else (os.getuid(), os.getgid())
-        upper, work = runtime.fresh_layer(self.paths.layers / want.instance_id, *owner)
-        return str(upper), self.environment(want), cgroups.confine(
+        layer = runtime.fresh_layer(self.paths.layers / want.instance_id, *owner,
+                                    size_of(want.size).disk_mb)
+        return str(layer.upper), self.environment(want), cgroups.confine(
             self.cgroups, want.instance_id, want.size,
-            runtime.child_setup(release, upper, work, demote(user) if user else None))
+            runtime.child_setup(release, layer, demote(user) if user else None))
 
     def run_ended(self, ticket: Ticket, code: int | None, seconds: float) -> None:
         """A one-off run ended (a run's thread): its report waits for the loop, which alone

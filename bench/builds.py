@@ -123,9 +123,9 @@ def start_cost(rounds: int) -> dict[str, float]:
             subprocess.run(["/bin/bash", "-c", "test -f app.py"], cwd=lower, check=True)
             plain.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            upper, layer = runtime.fresh_layer(work / f"i{i}", os.getuid(), os.getgid())
-            subprocess.run(["/bin/bash", "-c", "test -f /app/app.py"], cwd=upper, check=True,
-                           preexec_fn=runtime.child_setup(lower, upper, layer, None))
+            layer = runtime.fresh_layer(work / f"i{i}", os.getuid(), os.getgid(), 256)
+            subprocess.run(["/bin/bash", "-c", "test -f /app/app.py"], cwd=layer.upper,
+                           check=True, preexec_fn=runtime.child_setup(lower, layer, None))
             overlay.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             shutil.copytree(lower, work / f"c{i}", symlinks=True)

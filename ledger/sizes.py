@@ -24,6 +24,14 @@ class Size:
     def memory_bytes(self) -> int:
         return self.memory_mb * MiB
 
+    @property
+    def disk_mb(self) -> int:
+        """What the instance may write (/app, /tmp, /var/tmp together: agents/runtime.py),
+        in memory: its files count against `memory_mb` as well, so half of it, and an app
+        at its disk limit still has the other half to run in. A tenant's quota of memory
+        (api/quotas.py) bounds its disk so."""
+        return self.memory_mb // 2
+
 
 SIZES: dict[str, Size] = {s.name: s for s in (
     Size("basic", 512, 256, 512),

@@ -452,7 +452,8 @@ class Fleet:
         destroy_cluster(self.cluster)
 
 
-def probe(port: int, what: str, path: str, data: str | None = None) -> dict[str, Any]:
+def probe(port: int, what: str, path: str, data: str | None = None,
+          timeout: float = 10) -> dict[str, Any]:
     """Ask the app on `port` to read, list or write `path` as its own uid."""
     import json
     import urllib.parse
@@ -460,7 +461,7 @@ def probe(port: int, what: str, path: str, data: str | None = None) -> dict[str,
 
     url = f"http://127.0.0.1:{port}/{what}?path={urllib.parse.quote(str(path))}"
     req = urllib.request.Request(url, data=data.encode() if data is not None else None)
-    with urllib.request.urlopen(req, timeout=10) as r:
+    with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read())
 
 
@@ -731,6 +732,53 @@ def test_an_apps_temporary_folders_are_its_own(fleet: Fleet,
         assert not probe(attacker, "read", path)["ok"], f"another app read {path}"
         assert not path.exists(), f"{path} reached the host's {folder}"
     assert probe(victim, "umask", "")["result"] == 0o077
+
+
+def test_an_app_that_fills_its_disk_gets_enospc_and_no_one_else_is_affected(
+        fleet: Fleet, two_apps: dict[str, Any]) -> None:
+    """The review's disk fill: the attacker writes 1 MiB files into /app, /tmp and
+    /var/tmp until the system refuses (or its size's limit and 64 MiB more are written).
+    Each write past the instance's `disk_mb` fails with ENOSPC, in the attacker alone:
+    nothing reached the host's disk (its layer's folder there stays empty), the agent
+    said R18 in its log, the victim still writes its own files and answers, and the
+    attacker itself runs on (a full disk is its error, not a crash)."""
+    import errno
+
+    from agents import logpipe
+    from ledger import Ledger
+    from ledger.sizes import size_of
+    from tests.waiting import wait_until
+
+    attacker, victim, iid = two_apps["attacker"], two_apps["victim"], two_apps["attacker_iid"]
+    limit = size_of(None).disk_mb
+    layer = fleet.home / "agents" / fleet.HOST / "instances" / iid
+    instance_log = fleet.home / "agents" / fleet.HOST / "logs" / f"{iid}.log"
+
+    def on_host_disk() -> int:
+        return sum(p.lstat().st_size for p in layer.rglob("*"))
+
+    def told() -> bool:
+        lines = logpipe.lines(instance_log.read_bytes()) if instance_log.exists() else []
+        return any(ours and "Error R18 (Disk quota exceeded)" in text for ours, text in lines)
+    try:
+        for n, folder in enumerate(("/app", "/tmp", "/var/tmp")):
+            got = probe(attacker, "fill", folder, str(limit + 64), timeout=120)
+            assert got.get("errno") == errno.ENOSPC, (folder, got)
+            assert limit - 64 <= got["written_mb"] <= limit, (folder, got)
+            assert on_host_disk() < 2**20, f"writes to {folder} reached the host's disk"
+            if n == 0:
+                wait_until(told, 60, "the agent's R18 line in the attacker's log")
+            assert probe(victim, "write", f"/tmp/mine-{n}", "the victim's")["ok"]
+            assert probe(attacker, "unfill", folder, "")["ok"]
+        assert probe(attacker, "write", "/app/after", "room again")["ok"]
+    finally:
+        for folder in ("/app", "/tmp", "/var/tmp"):
+            with contextlib.suppress(OSError):
+                probe(attacker, "unfill", folder, "", timeout=30)
+    with Ledger(fleet.cluster.dsn()) as ledger:
+        kinds = [e.type for n in ("attacker_iid", "victim_iid")
+                 for e in ledger.read_stream(f"instance-{two_apps[n]}")]
+    assert "InstanceExited" not in kinds, kinds
 
 
 # --- identities ----------------------------------------------------------------------------

@@ -754,6 +754,29 @@ def test_a_run_sees_no_other_process(platform: Platform) -> None:
     assert "No such file" in out.stdout + out.stderr
 
 
+def test_a_run_that_fills_its_disk_gets_enospc_and_leaves_the_hosts_alone(
+        platform: Platform) -> None:
+    """A one-off run writes /tmp and /app full (dd, 1 MiB blocks, past its size's limit):
+    it gets "No space left on device" at its `disk_mb`, and the layer's folder on the host
+    stays empty (the run's files were in a tmpfs of its own namespace)."""
+    from ledger.sizes import size_of
+
+    p = platform
+    _ready(p)
+    limit = size_of(None).disk_mb
+    out = p.tally("run", "-a", APP, "--", "sh", "-c",
+                  f"dd if=/dev/zero of=/tmp/fill bs=1M count={limit + 64}; "
+                  f"ls -l /tmp/fill; rm /tmp/fill; "
+                  f"dd if=/dev/zero of=/app/fill bs=1M count={limit + 64}; echo done")
+    assert out.returncode == 0 and "done" in out.stdout, out.stderr
+    said = out.stdout + out.stderr  # the run's stderr comes through its one stream
+    assert said.count("No space left on device") == 2, said
+    size = int(next(line for line in said.splitlines() if line.endswith("/tmp/fill")).split()[4])
+    assert (limit - 64) * 2**20 <= size <= limit * 2**20, out.stdout
+    layers = p.agent.home / "agents" / "hr" / "instances"
+    assert sum(f.lstat().st_size for f in layers.rglob("*")) < 2**20, "on the host's disk"
+
+
 def test_a_run_never_attached_is_stopped_and_recorded(platform: Platform) -> None:
     """A run posted but never attached stays listed until ps:stop; its agent knows no such
     command, so the API records its end."""
