@@ -83,7 +83,7 @@ def create_database(cluster: Cluster, app: str) -> str:
     """Create the app's role and database (refused if they exist); return DATABASE_URL."""
     name = database_name(app)
     password = secrets.token_urlsafe(24)
-    conn = _superuser(cluster)
+    conn = superuser(cluster)
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s UNION ALL "
@@ -139,7 +139,7 @@ def drop_database(cluster: Cluster, app: str) -> bool:
     """Drop the app's database (ending its sessions) and its role: its credentials open
     nothing afterwards. Idempotent; True if there was something to drop."""
     name = database_name(app)
-    conn = _superuser(cluster)
+    conn = superuser(cluster)
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s UNION ALL "
@@ -156,7 +156,9 @@ def drop_database(cluster: Cluster, app: str) -> bool:
     return found
 
 
-def _superuser(cluster: Cluster) -> Any:
+def superuser(cluster: Cluster) -> Any:
+    """A connection to the primary's `postgres` database as the cluster's superuser
+    (autocommit)."""
     conn = psycopg2.connect(cluster.node_dsn(cluster.primary(), "postgres", "postgres"))
     conn.autocommit = True
     return conn

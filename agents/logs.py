@@ -220,10 +220,12 @@ def _sender(frame: zmq.Frame) -> str:
 
 class Collector:
     """Writes what agents ship into <root>/<app>/current.log, rotated past `max_bytes`
-    into chunk-<time>.log files, each byte of an instance's log once."""
+    into chunk-<time>.log files, each byte of an instance's log once. An app keeps its
+    newest `keep_chunks` chunks (the oldest go at each rotation): no app's logs fill the
+    collector's disk, as Heroku's Logplex keeps an app's last lines only."""
 
-    def __init__(self, root: Path, max_bytes: int = 1 << 20) -> None:
-        self.root, self.max_bytes = root, max_bytes
+    def __init__(self, root: Path, max_bytes: int = 1 << 20, keep_chunks: int = 100) -> None:
+        self.root, self.max_bytes, self.keep_chunks = root, max_bytes, keep_chunks
         self.marks_file = root / "shipped.json"
         try:
             self.marks: dict[str, list[int]] = json.loads(self.marks_file.read_text())
@@ -274,6 +276,8 @@ class Collector:
             f.write(text)
         if current.stat().st_size > self.max_bytes:
             current.rename(folder / f"chunk-{time.time_ns():020d}.log")
+            for old in sorted(folder.glob("chunk-*.log"))[:-self.keep_chunks or None]:
+                old.unlink(missing_ok=True)
 
     def run(self, endpoint: str, stop: threading.Event,
             context: zmq.Context | None = None,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import resource
 import subprocess
 from collections.abc import Callable
@@ -21,6 +22,10 @@ from pathlib import Path
 import psutil
 
 from agents import logpipe
+
+CONTROLS = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+"""What a terminal acts on rather than shows (ESC sequences that move the cursor back over
+`app: `, backspaces): none reaches `tally ps` or `tally why` from a tail."""
 
 
 @dataclass(frozen=True)
@@ -144,14 +149,17 @@ class Processes:
                 os.kill(pid, sig)
 
     def tail(self, instance_id: str, lines: int = 20) -> list[str]:
-        """The last lines of the instance's log (the agent's own start with `tally: `)."""
+        """The last lines of the instance's log, each saying whose: the agent's start with
+        `tally: `, the app's with `app: ` (as Heroku's `heroku[web.1]` and `app[web.1]`),
+        so an app's line `tally: Error R14 ...` reads `app: tally: Error R14 ...` in `tally
+        ps` and `tally why` (the tag is the relay's, agents/logpipe.py: no app sets it)."""
         try:
             with open(self.log_path(instance_id), "rb") as f:
                 f.seek(max(0, f.seek(0, os.SEEK_END) - 410 * lines))
                 data = f.read()
         except OSError:
             return []
-        return [(f"tally: {text}" if ours else text)[:500]
+        return [f"{'tally' if ours else 'app'}: {CONTROLS.sub(chr(0xFFFD), text)}"[:500]
                 for ours, text in logpipe.lines(data)[-lines:]]
 
 

@@ -16,7 +16,7 @@ from api.errors import ApiError
 from ledger.sizes import size_of
 
 SUBJECTS = ("user", "app")
-LIMITS = ("instances", "memory_mb", "bundle_mb", "slug_mb", "unpacked_mb")
+LIMITS = ("instances", "memory_mb", "bundle_mb", "slug_mb", "unpacked_mb", "database_mb")
 
 
 @dataclass(frozen=True)
@@ -31,13 +31,16 @@ class Quota:
     """A built slug, compressed (the builder checks it)."""
     unpacked_mb: int
     """What one bundle or slug may unpack to (at most 2 GiB: ledger/archives.py)."""
+    database_mb: int = 1024
+    """One PostgreSQL add-on database's size; past it read-only, then refused
+    (agents/dbsize.py, `tally serve addons`)."""
 
 
 DEFAULTS = {
     "user": Quota(instances=100, memory_mb=51_200, bundle_mb=500, slug_mb=500,
-                  unpacked_mb=2048),
+                  unpacked_mb=2048, database_mb=10_240),
     "app": Quota(instances=50, memory_mb=25_600, bundle_mb=500, slug_mb=500,
-                 unpacked_mb=2048),
+                 unpacked_mb=2048, database_mb=10_240),
 }
 """What applies until an admin says otherwise (Heroku: 100 dynos an app, 500 MB slugs)."""
 
@@ -104,6 +107,11 @@ def bundle_limits(app_quota: Quota, user_quota: Quota, platform_max: int) -> tup
     """(largest upload, largest unpacked size) in bytes for the app's next bundle."""
     upload = min(app_quota.bundle_mb, user_quota.bundle_mb) * 2**20
     return min(upload, platform_max), min(app_quota.unpacked_mb, user_quota.unpacked_mb) * 2**20
+
+
+def database_mb(app_quota: Quota, user_quota: Quota) -> int:
+    """The most one of the app's add-on databases may hold, in MiB."""
+    return min(app_quota.database_mb, user_quota.database_mb)
 
 
 def as_dict(subject: str, name: str, quota: Quota, used: tuple[int, int]) -> dict[str, Any]:

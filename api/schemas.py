@@ -149,6 +149,7 @@ class QuotaChange(Schema):
     bundle_mb = _limit()
     slug_mb = _limit()
     unpacked_mb = _limit()
+    database_mb = _limit()
 
 
 class Quota(Schema):

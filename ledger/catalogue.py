@@ -759,6 +759,7 @@ class QuotaSet(Schema):
     bundle_mb = _limit()
     slug_mb = _limit()
     unpacked_mb = _limit()
+    database_mb = _limit()
 
 
 # --- The ledger itself: its guards and its leaders ---------------------------------------

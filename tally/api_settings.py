@@ -7,11 +7,16 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
+from typing import TYPE_CHECKING
 
 from api.services import Settings
 from ledger.cluster import Cluster
 from tally.addon_backups import PlatformAddonBackups
 from tally.config import Config, run_key_from_env, seal_key_from_env
+
+if TYPE_CHECKING:
+    from agents.dbsize import Watcher
+    from ledger import Ledger
 
 
 def addon_database(cluster: Cluster, app: str) -> str:
@@ -75,6 +80,27 @@ def destroy_addon(cfg: Config, kind: str, app: str) -> None:
         if cluster.initialized():
             addons.ensure_cluster(cluster)
             addons.drop_database(cluster, app)
+
+
+def database_watcher(cfg: Config, ledger: Ledger) -> Watcher | None:
+    """The add-on databases' size watcher (agents/dbsize.py), each held to its app's
+    database_mb quota; None while no add-on made the apps' cluster."""
+    from agents import addons, dbsize
+    from api import quotas
+
+    cluster = cfg.apps_cluster()
+    if not cluster.initialized():
+        return None
+
+    def limit_of(app: str) -> int:
+        def quota(subject: str, name: str) -> quotas.Quota:
+            events = ledger.read_stream(quotas.stream(subject, name))
+            return quotas.fold(subject, [e.data for e in events[-1:]])
+        created = ledger.read_stream(f"app-{app}", limit=1)
+        owner = created[0].data.get("owner") or "" if created else ""
+        return quotas.database_mb(quota("app", app), quota("user", owner))
+
+    return dbsize.Watcher(lambda: addons.superuser(cluster), limit_of)
 
 
 def drop_addon(cfg: Config, kind: str, app: str) -> None:

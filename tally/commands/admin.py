@@ -49,9 +49,12 @@ def create_user(cfg: Any, name: str, role: str, host_id: str | None) -> None:
 @click.option("--bundle-mb", type=int, help="A bundle upload, MiB.")
 @click.option("--slug-mb", type=int, help="A built slug, MiB.")
 @click.option("--unpacked-mb", type=int, help="What a bundle or slug unpacks to, MiB.")
+@click.option("--database-mb", type=int,
+              help="One PostgreSQL add-on database, MiB (past it read-only, then refused).")
 @click.option("--default", "defaults", multiple=True,
               type=click.Choice(["instances", "memory_mb", "bundle_mb", "slug_mb",
-                                 "unpacked_mb"]), help="Put a limit back to the default.")
+                                 "unpacked_mb", "database_mb"]),
+              help="Put a limit back to the default.")
 def quota(client: Client, subject: str, name: str, defaults: tuple[str, ...],
           as_json: bool, **limits: int | None) -> None:
     """Show a user's or an app's quota and usage; with options, set it (admins)."""

@@ -64,13 +64,15 @@ def serve_retention(cfg: Config, every: str, older_than: str,
 @fail_cleanly
 def serve_addons(cfg: Config, every: str, grace: str) -> None:
     """Retry the drops of destroyed add-ons that failed (their databases and Redis servers
-    on this machine, the API's), each recorded as AddonDropped once done."""
+    on this machine, the API's), each recorded as AddonDropped once done; hold every add-on
+    database to its app's database_mb quota (read-only past it, refused past 1.25 times
+    it: agents/dbsize.py)."""
     from datetime import UTC, datetime
     from functools import partial
 
     from agents.addonreaper import Reaper
     from ledger import Ledger, LedgerError
-    from tally.api_settings import drop_addon
+    from tally.api_settings import database_watcher, drop_addon
 
     daemon_logging()
     period = parse_age(every)
@@ -78,9 +80,13 @@ def serve_addons(cfg: Config, every: str, grace: str) -> None:
     log = logging.getLogger("tally.addons")
     with Ledger(cfg.cluster().dsn("tally_writer")) as ledger:
         reaper = Reaper(ledger, partial(drop_addon, cfg), grace=parse_age(grace))
+        sizes = None
         while not stop.is_set():
             try:
                 reaper.tick(datetime.now(UTC))
+                sizes = sizes or database_watcher(cfg, ledger)
+                if sizes is not None:
+                    sizes.tick()
             except (LedgerError, psycopg2.Error) as exc:
                 log.warning("add-ons round failed, trying at the next: %s", exc)
             stop.wait(period.total_seconds())
@@ -185,9 +191,12 @@ def serve_placer(cfg: Config, ttl: float, suspect_after: float, deploy_timeout: 
 @click.option("--bind", help="ZeroMQ PULL endpoint (default: TALLY_COLLECTOR).")
 @click.option("--chunk-mb", default=1.0, show_default=True,
               help="Rotate an app's current log file past this size.")
+@click.option("--keep-chunks", default=100, show_default=True, type=click.IntRange(min=1),
+              help="Chunks an app keeps (the oldest go): its logs hold at most this many "
+                   "times --chunk-mb.")
 @click.pass_obj
 @fail_cleanly
-def serve_collector(cfg: Config, bind: str | None, chunk_mb: float) -> None:
+def serve_collector(cfg: Config, bind: str | None, chunk_mb: float, keep_chunks: int) -> None:
     """Receive app logs from the host agents and write them to chunked files per app.
     Serves CURVE with its keypair ($TALLY_HOME/secrets/collector.curve): admits only the
     keys hosts registered and the control plane's (balancers' access logs)."""
@@ -206,8 +215,8 @@ def serve_collector(cfg: Config, bind: str | None, chunk_mb: float) -> None:
     cfg.collector_key()  # its keypair, made on first use
     keys = (curve.load_or_create(cfg.secret("collector.curve")),
             curve.Allowed({curve.load_or_create(cfg.secret("control.curve")).public}, dsn))
-    Collector(cfg.app_logs_dir, int(chunk_mb * 2**20)).run(bind or cfg.collector, stop,
-                                                            curve=keys)
+    Collector(cfg.app_logs_dir, int(chunk_mb * 2**20), keep_chunks).run(
+        bind or cfg.collector, stop, curve=keys)
 
 
 @serve.command("api")

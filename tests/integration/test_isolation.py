@@ -23,6 +23,7 @@ from typing import Any
 import psutil
 import psycopg2
 import pytest
+from psycopg2 import sql
 
 from ledger import Ledger, NewEvent
 from ledger.cluster import Cluster, ClusterSpec
@@ -337,6 +338,73 @@ def test_an_addon_role_sees_only_its_own_database(apps_db: WatchedCluster) -> No
     psycopg2.connect(other_url).close()
 
 
+def test_an_addon_database_past_its_quota_is_read_only_then_refused(
+        apps_db: WatchedCluster) -> None:
+    """The review's database fill, from the app's own credentials: it inserts past its
+    database_mb quota; the watcher's next round makes its database read-only (its session
+    ended, its next INSERT refused as read-only, its reads fine). It then turns read-only
+    off for its session, opens its database to PUBLIC and writes on past 1.25 times the
+    limit: the next round refuses its connections. Its neighbour writes all along; an admin
+    raising its quota lets it write again. A session's temporary files are bounded."""
+    from agents import addons, dbsize
+
+    apps_db.start()
+    app, neighbour = f"fill-{uid()}", f"calm-{uid()}"
+    url, other_url = (addons.create_database(apps_db, a) for a in (app, neighbour))
+    conn = addons.superuser(apps_db)
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_database_size(%s)", (addons.database_name(app),))
+        empty_mb = cur.fetchone()[0] // 2**20
+    conn.close()
+    limits = {app: empty_mb + 4, neighbour: empty_mb + 4}
+    watcher = dbsize.Watcher(lambda: addons.superuser(apps_db), limits.__getitem__)
+
+    def session(which: str, setup: str = "") -> Any:
+        c = psycopg2.connect(which)
+        c.autocommit = True
+        if setup:
+            with c.cursor() as cur:
+                cur.execute(setup)
+        return c
+
+    def insert(c: Any, mb: int) -> None:  # rows of 960 bytes: stored as they are
+        with c.cursor() as cur:
+            cur.execute("CREATE TABLE IF NOT EXISTS fill (body text)")
+            cur.execute("INSERT INTO fill SELECT repeat(md5(i::text), 30) "
+                        "FROM generate_series(1, %s) i", (mb * 1024,))
+
+    filler, calm = session(url), session(other_url)
+    insert(filler, 6)
+    assert [(c.database, c.after) for c in watcher.tick()] == [
+        (addons.database_name(app), dbsize.READ_ONLY)]
+    with pytest.raises(psycopg2.Error):
+        insert(filler, 1)  # its session was ended
+    again = session(url)
+    with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction, match="read-only"):
+        insert(again, 1)
+    with again.cursor() as cur:
+        cur.execute("SELECT count(*) FROM fill")
+        assert cur.fetchone()[0] == 6 * 1024
+        cur.execute("SHOW temp_file_limit")
+        assert cur.fetchone()[0] == dbsize.TEMP_FILE_LIMIT
+    insert(calm, 1)
+    writer = session(url, "SET default_transaction_read_only = off")
+    with writer.cursor() as cur:
+        cur.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO PUBLIC").format(
+            sql.Identifier(addons.database_name(app))))
+    insert(writer, 4)
+    assert [c.after for c in watcher.tick()] == [dbsize.REFUSED]
+    with pytest.raises(psycopg2.OperationalError, match="permission denied"):
+        session(url)
+    insert(calm, 1)
+    assert watcher.tick() == [], "a refused database stays refused"
+    limits[app] = empty_mb + 100
+    assert [c.after for c in watcher.tick()] == [dbsize.OK]
+    insert(session(url), 1)
+    for c in (filler, calm, again, writer):
+        c.close()
+
+
 def test_a_node_made_before_private_logs_gets_them_at_its_next_start(
         apps_db: WatchedCluster) -> None:
     apps_db.start()
@@ -606,6 +674,12 @@ def test_an_app_cannot_rewrite_its_log_nor_forge_the_agents_lines(
     platform = [line for line in lines if line.split(" ")[1] == f"tally[{iid}]"]
     assert len(platform) == 1 and "forged" not in platform[0], lines
     assert [line.split(" ")[1] for line in lines if "forged" in line] == [iid, iid], lines
+    from agents.processes import Processes  # the tail `tally ps` and `tally why` show
+
+    tail = [line for line in Processes(instance_log.parent.parent).tail(iid) if mark in line]
+    assert tail == [f"tally: Error R14 (Memory quota exceeded) {mark}",
+                    f"app: tally: Error R14 (Memory quota exceeded) forged-{mark}",
+                    f"app: \ufffdforged-{mark}"], tail
 
 
 def test_logs_flow_on_through_an_agent_killed_9(fleet: Fleet,

@@ -123,6 +123,19 @@ def test_a_batch_sent_twice_is_written_once(tmp_path: Path) -> None:
     assert [t.split(" ", 2)[2] for t in text] == ["a", "b", "c", "d"]
 
 
+def test_an_app_keeps_its_newest_chunks_only(tmp_path: Path) -> None:
+    """An app that logs without end fills no collector's disk: past `keep_chunks` rotated
+    chunks the oldest go, and what it wrote last is all there."""
+    from agents.logs import Collector, chunks
+
+    c = Collector(tmp_path, max_bytes=1000, keep_chunks=3)
+    for n in range(100):
+        c.receive("blog", "blog.1.web.a", 0, n * 100, f"{n:099d}\n".encode())
+    kept = chunks(tmp_path, "blog")
+    assert len(kept) == 4 and sum(p.stat().st_size for p in kept) < 5000, kept
+    assert kept[-1].read_text().splitlines()[-1].endswith(f"{99:099d}")
+
+
 def test_a_host_cannot_silence_or_misfile_another_hosts_lines(tmp_path: Path) -> None:
     """The review's case: a compromised host named another host's instance with a huge
     epoch, and the collector then dropped that instance's real lines as old. Marks are

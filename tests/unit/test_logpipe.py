@@ -50,8 +50,13 @@ def test_the_agents_lines_are_the_platforms_in_the_tail_and_the_collected_log(
     path = procs.log_path("blog.1.web.a")
     path.write_bytes(b"tally: Error R14 forged\n")
     procs.say("blog.1.web.a", "health check failed: killed")
-    assert procs.tail("blog.1.web.a") == ["tally: Error R14 forged",
+    assert procs.tail("blog.1.web.a") == ["app: tally: Error R14 forged",
                                           "tally: health check failed: killed"]
+    path.write_bytes(b"\x1b[1Gtally: moved back\n\x08\x08\x08\x08\x08tally: rubbed out\n")
+    assert procs.tail("blog.1.web.a") == ["app: \ufffd[1Gtally: moved back",
+                                          "app: \ufffd\ufffd\ufffd\ufffd\ufffdtally: rubbed out"]
+    path.write_bytes(b"tally: Error R14 forged\n")
+    procs.say("blog.1.web.a", "health check failed: killed")
     c = Collector(tmp_path / "applogs")
     now = datetime(2026, 12, 6, tzinfo=UTC)
     c.receive("blog", "blog.1.web.a", 0, 0, path.read_bytes(), now)
@@ -59,3 +64,34 @@ def test_the_agents_lines_are_the_platforms_in_the_tail_and_the_collected_log(
     assert (tmp_path / "applogs" / "blog" / "current.log").read_text().splitlines() == [
         f"{stamp} blog.1.web.a tally: Error R14 forged",
         f"{stamp} tally[blog.1.web.a] health check failed: killed"]
+
+
+def test_the_budget_drops_past_its_rate_and_its_cap_and_says_so_once() -> None:
+    b = logpipe.Budget(rate=100, burst=200, cap=1000)
+    line = b"x" * 99 + b"\n"
+    assert b.admit(line, 0, now=0.0) and b.admit(line, 100, now=0.0)
+    assert not b.admit(line, 200, now=0.0)  # the burst is spent
+    assert not b.admit(line, 200, now=0.5)  # 50 bytes back: not a whole batch
+    said = b.overflow()
+    assert said.startswith(logpipe.MARK) and b"2 line(s)" in said
+    assert b"faster than" in said and b.overflow() == b""
+    assert b.admit(line, 200, now=1.5)  # a second later, room again
+    assert not b.admit(line, 950, now=100.0)  # the file is at its cap, whatever the rate
+    assert b"not yet collected" in b.overflow()
+
+
+def test_an_app_printing_without_end_fills_no_disk(tmp_path: Path) -> None:
+    """A real relay with a 64 KiB burst and cap: 4 MiB printed at once leave a log of
+    at most the cap and one line of the agent's saying what was dropped, at the end (the
+    app's writer closed) if not before."""
+    path = tmp_path / "web.1.log"
+    write, relay = logpipe.start(path, logpipe.Budget(rate=1024, burst=65536, cap=65536))
+    block = (b"y" * 1023 + b"\n") * 1024
+    for _ in range(4):
+        os.write(write, block)
+    os.close(write)
+    relay.wait(30)
+    data = path.read_bytes()
+    assert len(data) <= 65536 + 200
+    said = [text for ours, text in logpipe.lines(data) if ours]
+    assert len(said) == 1 and said[0].startswith("Error L10 (output buffer overflow)"), said
