@@ -224,8 +224,11 @@ class Collector:
     newest `keep_chunks` chunks (the oldest go at each rotation): no app's logs fill the
     collector's disk, as Heroku's Logplex keeps an app's last lines only."""
 
-    def __init__(self, root: Path, max_bytes: int = 1 << 20, keep_chunks: int = 100) -> None:
+    def __init__(self, root: Path, max_bytes: int = 1 << 20, keep_chunks: int = 100,
+                 admits: Callable[[str, str], bool] | None = None) -> None:
         self.root, self.max_bytes, self.keep_chunks = root, max_bytes, keep_chunks
+        self.admits = admits
+        """(sender, instance) -> whether that host may ship its lines (agents/placed.py)."""
         self.marks_file = root / "shipped.json"
         try:
             self.marks: dict[str, list[int]] = json.loads(self.marks_file.read_text())
@@ -241,6 +244,8 @@ class Collector:
         lines go only under the app the instance's name belongs to."""
         if not INSTANCE.match(iid) or not names_app(iid, app):
             return epoch, 0
+        if self.admits is not None and not self.admits(sender, iid):
+            return epoch, 0  # not placed on that host (or not known yet: sent again)
         key = f"{sender}/{iid}" if sender else iid
         mark_epoch, mark = self.marks.get(key, (epoch, offset))  # new here: from offset
         if epoch < mark_epoch:

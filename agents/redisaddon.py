@@ -58,7 +58,10 @@ else; its password in `backup.key` (0600, root's) beside the config."""
 
 def server_config(app_dir: Path, port: int, password: str, plan: str,
                   backup_password: str) -> str:
-    """redis.conf for one app's instance."""
+    """redis.conf for one app's instance. Its disk is bounded by its memory: the data set
+    by `maxmemory` (past it, with noeviction, a write fails "OOM command not allowed"),
+    the append-only file by its rewrite (once it is twice its last rewrite's size, past
+    64 MiB), no RDB snapshots; CONFIG (-@admin) is refused to the app."""
     limits = ADDON_PLANS["redis"][plan]
     return f"""# tally: the Redis add-on of one app
 bind 127.0.0.1
@@ -74,6 +77,8 @@ maxmemory {limits["maxmemory_mb"]}mb
 maxmemory-policy {limits["policy"]}
 appendonly yes
 appendfsync everysec
+auto-aof-rewrite-percentage 100
+auto-aof-rewrite-min-size 64mb
 save ""
 """
 

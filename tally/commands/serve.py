@@ -199,8 +199,10 @@ def serve_placer(cfg: Config, ttl: float, suspect_after: float, deploy_timeout: 
 def serve_collector(cfg: Config, bind: str | None, chunk_mb: float, keep_chunks: int) -> None:
     """Receive app logs from the host agents and write them to chunked files per app.
     Serves CURVE with its keypair ($TALLY_HOME/secrets/collector.curve): admits only the
-    keys hosts registered and the control plane's (balancers' access logs)."""
+    keys hosts registered and the control plane's (balancers' access logs); a host's lines
+    only for the instances and runs placed on it (agents/placed.py)."""
     from agents.logs import Collector
+    from agents.placed import Placed
     from ledger import curve
     from ledger.cluster import ClusterError
 
@@ -213,10 +215,11 @@ def serve_collector(cfg: Config, bind: str | None, chunk_mb: float, keep_chunks:
             "%s: admitting only the control plane's key, no host's", exc)
         dsn = None
     cfg.collector_key()  # its keypair, made on first use
-    keys = (curve.load_or_create(cfg.secret("collector.curve")),
-            curve.Allowed({curve.load_or_create(cfg.secret("control.curve")).public}, dsn))
-    Collector(cfg.app_logs_dir, int(chunk_mb * 2**20), keep_chunks).run(
-        bind or cfg.collector, stop, curve=keys)
+    control = curve.load_or_create(cfg.secret("control.curve")).public
+    keys = (curve.load_or_create(cfg.secret("collector.curve")), curve.Allowed({control}, dsn))
+    placed = Placed(dsn, {control.decode()}, lambda: keys[1].hosts) if dsn else None
+    Collector(cfg.app_logs_dir, int(chunk_mb * 2**20), keep_chunks,
+              placed.admits if placed else None).run(bind or cfg.collector, stop, curve=keys)
 
 
 @serve.command("api")

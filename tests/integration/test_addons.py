@@ -212,6 +212,13 @@ def test_redis_per_app_with_its_password_and_no_admin_commands(platform: Platfor
                 blog.execute_command(*admin)
         conf = (p.home / "redis" / "blog" / "redis.conf").read_text()
         assert "maxmemory 25mb" in conf and "appendonly yes" in conf
+        filled = [f"fill-{n}" for n in range(40)]  # 40 MiB into a 25 MiB plan
+        with pytest.raises(redis.exceptions.ResponseError, match="OOM command not allowed"):
+            for key in filled:
+                blog.set(key, b"x" * 2**20)
+        shop.set("still", "fine")  # the neighbour writes on
+        blog.delete(*filled)
+        blog.set("room", "again")
         assert oct((p.home / "redis" / "blog").stat().st_mode & 0o777) == "0o700"
     finally:
         blog.close()

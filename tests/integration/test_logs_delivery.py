@@ -11,6 +11,7 @@ import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from tests.conftest import free_ports
 from tests.waiting import wait_until
@@ -134,6 +135,38 @@ def test_an_app_keeps_its_newest_chunks_only(tmp_path: Path) -> None:
     kept = chunks(tmp_path, "blog")
     assert len(kept) == 4 and sum(p.stat().st_size for p in kept) < 5000, kept
     assert kept[-1].read_text().splitlines()[-1].endswith(f"{99:099d}")
+
+
+def test_a_host_adds_lines_only_to_the_instances_placed_on_it(ledger: Any, cluster: Any,
+                                                               tmp_path: Path) -> None:
+    """The review's last collector hole: any registered host could add lines to any
+    instance it named. Now host B's lines for host A's instance or detached run are
+    refused (and unacknowledged), A's are written, the control plane's (balancers' access
+    logs) are trusted, an unknown key's refused."""
+    from agents.logs import Collector
+    from agents.placed import Placed
+    from ledger import NewEvent
+    from tests.integration.test_api import uid
+
+    app = f"placed-{uid()}"
+    iid = f"{app}.1.web.a1"
+    ledger.append(f"placement-{app}", [NewEvent("InstancePlaced", {
+        "instance_id": iid, "app": app, "release": 1, "process_type": "web",
+        "host_id": "ha", "port": 5000})])
+    ledger.append(f"app-{app}", [NewEvent("RunStarted", {
+        "app": app, "number": 3, "run_id": "r3", "command": ["sh"], "host_id": "ha",
+        "release": 1, "detached": True})])
+    hosts = {"ha": b"KEY-A", "hb": b"KEY-B"}
+    c = Collector(tmp_path, admits=Placed(cluster.dsn(), {"CONTROL"}, lambda: hosts).admits)
+    assert c.receive(app, iid, 0, 0, b"forged\n", sender="KEY-B") == (0, 0)
+    assert c.receive(app, f"{app}.run.3", 0, 0, b"forged\n", sender="KEY-B") == (0, 0)
+    assert c.receive(app, iid, 0, 0, b"forged\n", sender="KEY-C") == (0, 0)
+    assert c.receive(app, iid, 0, 0, b"real\n", sender="KEY-A") == (0, 5)
+    assert c.receive(app, f"{app}.run.3", 0, 0, b"run\n", sender="KEY-A") == (0, 4)
+    assert c.receive(app, f"router.{app}.lb1", 0, 0, b"GET /\n", sender="CONTROL") == (0, 6)
+    lines = [t.split(" ", 2)[2] for t in
+             (tmp_path / app / "current.log").read_text().splitlines()]
+    assert lines == ["real", "run", "GET /"], lines
 
 
 def test_a_host_cannot_silence_or_misfile_another_hosts_lines(tmp_path: Path) -> None:
