@@ -165,10 +165,12 @@ class Processes:
 
 def child_setup(limits: Limits, demote: Callable[[], None] | None) -> Callable[[], None]:
     """What a child does before exec: its limits (set as root, so the app cannot raise
-    them), then become the app's user."""
+    them), then become the app's user. No core dumps: where the host pipes them to a
+    collector (systemd-coredump, apport), they would land on the host's disk."""
     def setup() -> None:
         _limit(resource.RLIMIT_NOFILE, limits.open_files)
         _limit(resource.RLIMIT_AS, limits.memory_mb * 1024 * 1024)
+        _limit(resource.RLIMIT_CORE, 0)
         if demote is not None:
             demote()
 
