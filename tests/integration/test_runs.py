@@ -39,7 +39,7 @@ from tests.waiting import Lines, wait_until
 PROBE = ("import os, sys; print('tty', os.isatty(1), 'uid', os.getuid(), 'greeting', "
          "os.environ['GREETING'], 'cwd-has-procfile', os.path.exists('Procfile')); sys.exit(7)")
 LIMITS = ("import resource as r; print(*r.getrlimit(r.RLIMIT_NOFILE), "
-          "r.getrlimit(r.RLIMIT_AS)[0])")
+          "r.getrlimit(r.RLIMIT_AS)[0], *r.getrlimit(r.RLIMIT_CORE))")
 APP = "oneoff"
 
 
@@ -286,7 +286,7 @@ def test_a_run_from_another_machine_streams_output_and_exit_code_and_is_recorded
     migrate = p.tally("run", "-a", APP, "--", "python", "release.py")
     assert migrate.returncode == 0 and "migrated" in migrate.stdout
     limits = p.tally("run", APP, "--", "python", "-c", LIMITS)
-    assert limits.stdout.split() == ["4096", "4096", str(1024 * 2**20)], limits.stdout
+    assert limits.stdout.split() == ["4096", "4096", str(1024 * 2**20), "0", "0"], limits.stdout
     plain = p.tally("run", APP, "--", "python", "-c", PROBE)  # stdin not a terminal: pipes
     assert plain.returncode == 7 and "tty False" in plain.stdout, plain.stderr
     started = [e for e in p.events("RunStarted") if e.data["command"][-1] == PROBE]
