@@ -27,7 +27,7 @@ def placed_log(event_type: str, data: Mapping[str, Any]) -> tuple[str, str] | No
     """(log name, host) an event places, if it places one."""
     if event_type == "InstancePlaced" and data.get("host_id"):
         return str(data["instance_id"]), str(data["host_id"])
-    if event_type == "RunStarted" and data.get("detached"):
+    if event_type == "RunStarted":  # a detached run's log name (an attached one has none)
         return f"{data['app']}.run.{data['number']}", str(data["host_id"])
     return None
 
