@@ -12,7 +12,7 @@ The relay writes at most RATE bytes a second (after a BURST), and never lets the
 pass CAP (the shipper empties it once the collector has it): an app that prints without
 end cannot fill its host's disk, nor take its disk time from the others. What it printed
 past either is dropped, and the relay says so in the log, as the agent's own line (Heroku's
-L10 "output buffer overflow"), once it writes again.
+L10 "output buffer overflow"), once it writes again or after a second of quiet.
 
 The agent's own lines (R14, why it killed an instance) are tagged: they start with MARK,
 a byte the relay never lets begin an app's line (it replaces it). The collector shows them
@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import select
 import subprocess
 import sys
 import time
@@ -139,6 +140,9 @@ def relay(source: int, path: Path, budget: Budget | None = None) -> None:
     pending = b""
     while True:
         try:
+            if budget.dropped_lines and not select.select([source], [], [], 1.0)[0]:
+                os.write(target, budget.overflow())  # a second of quiet after a drop: say so
+                continue
             chunk = os.read(source, 65536)
         except InterruptedError:
             continue

@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -853,6 +854,34 @@ def test_an_app_that_fills_its_disk_gets_enospc_and_no_one_else_is_affected(
         kinds = [e.type for n in ("attacker_iid", "victim_iid")
                  for e in ledger.read_stream(f"instance-{two_apps[n]}")]
     assert "InstanceExited" not in kinds, kinds
+
+
+def test_an_app_that_prints_without_end_fills_no_disk(fleet: Fleet,
+                                                       two_apps: dict[str, Any]) -> None:
+    """The attacker prints 48 MiB at once. Its log on the host never holds more than the
+    relay's budget lets through (an 8 MiB burst and 1 MiB/s), the agent's L10 line says
+    what was dropped, and the victim's own lines still arrive."""
+    from agents import logpipe
+    from tests.waiting import wait_until
+
+    attacker, iid = two_apps["attacker"], two_apps["attacker_iid"]
+    mark = uid()
+    instance_log = fleet.home / "agents" / fleet.HOST / "logs" / f"{iid}.log"
+    budget, began = logpipe.Budget(), time.monotonic()
+    assert probe(attacker, "flood", "", f"48:{mark}", timeout=120)["ok"]
+
+    def said() -> list[str]:
+        data = instance_log.read_bytes() if instance_log.exists() else b""
+        most = budget.burst + budget.rate * (time.monotonic() - began + 1) + 2**16
+        assert len(data) <= most, f"{len(data)} bytes in the log: more than the relay lets by"
+        return [text for ours, text in logpipe.lines(data[-65536:])
+                if ours and text.startswith("Error L10 (output buffer overflow)")]
+    wait_until(said, 60, "the agent's L10 line in the attacker's log")
+    victim_said = f"calm-{mark}"
+    assert probe(two_apps["victim"], "say", "", victim_said)["ok"]
+    collected = fleet.home / "applogs" / two_apps["victim_name"] / "current.log"
+    wait_until(lambda: collected.exists() and victim_said in collected.read_text(), 60,
+               "the victim's line collected")
 
 
 # --- identities ----------------------------------------------------------------------------
