@@ -45,7 +45,7 @@ def follow(client: Client, app: str, number: int, timeout: float) -> None:
                     click.echo(f"-----> Release phase of v{number} failed; its output (last "
                                f"{len(e['data']['output'])} lines):", err=True)
                     for line in e["data"]["output"]:
-                        click.echo(f"       {line}", err=True)
+                        click.echo(phase_line(line), err=True)
                 serving = [r["number"] for r in client.get(f"/apps/{app}/releases")["releases"]
                            if r.get("status") == "deployed"]
                 still = (f" (v{serving[0]} keeps serving)" if serving else
@@ -67,3 +67,13 @@ def follow(client: Client, app: str, number: int, timeout: float) -> None:
                 f"v{number} is released but not running after {timeout:.0f}s: {healthy} of "
                 f"{wanted} healthy, instances: {states} (are the placer and a host agent "
                 f"running? `tally why {app}`)")
+
+
+def phase_line(line: str) -> str:
+    """A release phase's output line as `tally deploy` shows it: the agent's (`tally: `,
+    agents/processes.py: tail) as the platform's `----->` lines, the app's indented under
+    them (its `app: ` dropped), as Heroku shows a release phase; an app's own `tally: ...`
+    line stays indented."""
+    if line.startswith("tally: "):
+        return f"-----> {line.removeprefix('tally: ')}"
+    return f"       {line.removeprefix('app: ')}"

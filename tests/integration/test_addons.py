@@ -213,7 +213,8 @@ def test_redis_per_app_with_its_password_and_no_admin_commands(platform: Platfor
         conf = (p.home / "redis" / "blog" / "redis.conf").read_text()
         assert "maxmemory 25mb" in conf and "appendonly yes" in conf
         filled = [f"fill-{n}" for n in range(40)]  # 40 MiB into a 25 MiB plan
-        with pytest.raises(redis.exceptions.ResponseError, match="not allowed when used memory > 'maxmemory'"):
+        with pytest.raises(redis.exceptions.ResponseError,
+                           match="not allowed when used memory > 'maxmemory'"):
             for key in filled:
                 blog.set(key, b"x" * 2**20)
         shop.set("still", "fine")  # the neighbour writes on

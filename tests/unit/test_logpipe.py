@@ -95,3 +95,13 @@ def test_an_app_printing_without_end_fills_no_disk(tmp_path: Path) -> None:
     assert len(data) <= 65536 + 200
     said = [text for ours, text in logpipe.lines(data) if ours]
     assert len(said) == 1 and said[0].startswith("Error L10 (output buffer overflow)"), said
+
+
+def test_a_release_phases_output_shows_the_agents_lines_apart() -> None:
+    """`tally deploy` prints a failed release phase's tail: the agent's lines as the
+    platform's `----->` lines, the app's indented, its forged `tally: ...` too."""
+    from tally.rollout import phase_line
+
+    assert [phase_line(line) for line in ["app: migrating", "app: tally: killed",
+                                          "tally: health check failed: killed"]] == [
+        "       migrating", "       tally: killed", "-----> health check failed: killed"]
