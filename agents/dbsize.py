@@ -15,7 +15,9 @@ of the app's and its owner's), as Heroku's Postgres plans do:
   connect to no other (agents/addons.py), so it cannot grant itself back in;
 - back under its limit (an admin raised the quota, the owner deleted rows), it is let be.
 
-Every change is logged by the daemon with the size and the limit. A query's temporary
+Every change is logged by the daemon with the size and the limit, and written in the
+app's own log as the platform's line (`tally logs`: `tally[<app>.addon.postgresql] Error
+D18 (Database size quota exceeded): ...`, agents/notices.py). A query's temporary
 files (a sort that spills) are no table: `temp_file_limit` (which only a superuser may
 change) bounds them per session. What the round's period lets through between two looks
 is written before the watcher acts: the limit bounds a database to its size plus what an
@@ -68,6 +70,13 @@ class Change:
                 REFUSED: f"{self.database} refuses connections: it holds {size}, past "
                          f"{HARD:g} times the limit (an admin may raise the quota)",
                 OK: f"{self.database} is writable again: it holds {size}"}[self.after]
+
+    def notice(self) -> str:
+        """The line for the app's log (agents/notices.py): an error code as the agents'
+        R14/R15 lines have (tally's own; Heroku has none for this)."""
+        if self.after == OK:
+            return self.message()
+        return f"Error D18 (Database size quota exceeded): {self.message()}"
 
 
 def plan(sizes: dict[str, int], states: dict[str, str],
@@ -140,8 +149,10 @@ def bound_temp_files(conn: Any, databases: Iterable[str]) -> None:
 class Watcher:
     """One round: read sizes, change what must change, log each change."""
 
-    def __init__(self, connect: Callable[[], Any], limit_of: Callable[[str], int]) -> None:
-        self.connect, self.limit_of = connect, limit_of
+    def __init__(self, connect: Callable[[], Any], limit_of: Callable[[str], int],
+                 say: Callable[[str, str], object] | None = None) -> None:
+        self.connect, self.limit_of, self.say = connect, limit_of, say
+        """`say(app, line)`: the change in the app's own log (agents/notices.py)."""
 
     def tick(self) -> list[Change]:
         conn = self.connect()
@@ -152,6 +163,8 @@ class Watcher:
             for change in changes:
                 apply(conn, change)
                 log.warning("%s", change.message())
+                if self.say is not None and (app := app_of(change.database)):
+                    self.say(app, change.notice())
         finally:
             conn.close()
         return changes

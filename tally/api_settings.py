@@ -85,8 +85,9 @@ def destroy_addon(cfg: Config, kind: str, app: str) -> None:
 def database_watcher(cfg: Config, ledger: Ledger) -> Watcher | None:
     """The add-on databases' size watcher (agents/dbsize.py), each held to its app's
     database_mb quota; None while no add-on made the apps' cluster."""
-    from agents import addons, dbsize
+    from agents import addons, dbsize, notices
     from api import quotas
+    from ledger import curve
 
     cluster = cfg.apps_cluster()
     if not cluster.initialized():
@@ -100,7 +101,13 @@ def database_watcher(cfg: Config, ledger: Ledger) -> Watcher | None:
         owner = created[0].data.get("owner") or "" if created else ""
         return quotas.database_mb(quota("app", app), quota("user", owner))
 
-    return dbsize.Watcher(lambda: addons.superuser(cluster), limit_of)
+    def say(app: str, line: str) -> None:
+        client = curve.Client(cfg.collector_key(), curve.load_or_create(
+            cfg.secret("control.curve")))  # as the control plane (the balancers' key)
+        if not notices.send(cfg.collector, client, app, "addon.postgresql", line):
+            dbsize.log.warning("the collector did not take %s's notice: %s", app, line)
+
+    return dbsize.Watcher(lambda: addons.superuser(cluster), limit_of, say)
 
 
 def drop_addon(cfg: Config, kind: str, app: str) -> None:

@@ -358,8 +358,9 @@ def test_an_addon_database_past_its_quota_is_read_only_then_refused(
         empty_mb = cur.fetchone()[0] // 2**20
     conn.close()
     limits = {app: empty_mb + 4, neighbour: empty_mb + 4}
+    told: list[tuple[str, str]] = []
     watcher = dbsize.Watcher(lambda: addons.superuser(apps_db),  # others' (this module's): big
-                             lambda a: limits.get(a, 10**6))
+                             lambda a: limits.get(a, 10**6), lambda a, line: told.append((a, line)))
 
     def session(which: str, setup: str = "") -> Any:
         c = psycopg2.connect(which)
@@ -405,6 +406,9 @@ def test_an_addon_database_past_its_quota_is_read_only_then_refused(
     insert(session(url), 1)
     for c in (filler, calm, again, writer):
         c.close()
+    assert [(a, line.split(":")[0]) for a, line in told] == [
+        (app, "Error D18 (Database size quota exceeded)")] * 2 + [(app, f"app_{app}".replace(
+            "-", "_") + " is writable again")], told
 
 
 def test_a_node_made_before_private_logs_gets_them_at_its_next_start(

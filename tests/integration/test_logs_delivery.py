@@ -169,6 +169,31 @@ def test_a_host_adds_lines_only_to_the_instances_placed_on_it(ledger: Any, clust
     assert lines == ["real", "run", "GET /"], lines
 
 
+def test_a_notice_is_the_platforms_line_in_the_apps_log_once(tmp_path: Path) -> None:
+    """The add-ons daemon tells an app its database went read-only in its own log: a real
+    collector writes each notice once, as the platform's line (`tally[...]`)."""
+    import threading
+
+    from agents import notices
+    from agents.logs import Collector
+
+    endpoint = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+    stop = threading.Event()
+    collector = threading.Thread(target=Collector(tmp_path).run, args=(endpoint, stop))
+    collector.start()
+    try:
+        for text in ("Error D18 (Database size quota exceeded): first", "second\nforged"):
+            assert notices.send(endpoint, None, "blog", "addon.postgresql", text)
+    finally:
+        stop.set()
+        collector.join()
+    lines = [t.split(" ", 1)[1] for t in
+             (tmp_path / "blog" / "current.log").read_text().splitlines()]
+    assert lines == [
+        "tally[blog.addon.postgresql] Error D18 (Database size quota exceeded): first",
+        "tally[blog.addon.postgresql] second\ufffdforged"], lines
+
+
 def test_a_host_cannot_silence_or_misfile_another_hosts_lines(tmp_path: Path) -> None:
     """The review's case: a compromised host named another host's instance with a huge
     epoch, and the collector then dropped that instance's real lines as old. Marks are
