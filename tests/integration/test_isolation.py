@@ -814,17 +814,31 @@ def test_an_apps_temporary_folders_are_its_own(fleet: Fleet,
     assert probe(victim, "umask", "")["result"] == 0o077
 
 
+def memory_used(pid: int) -> int:
+    """Bytes charged to the process's memory cgroup (v1 here, v2 where the host has it)."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        number, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            return int((Path("/sys/fs/cgroup/memory") / path.lstrip("/") /
+                        "memory.usage_in_bytes").read_text())
+        if number == "0" and not controllers:
+            return int((Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.current")
+                       .read_text())
+    raise LookupError(f"no memory cgroup for {pid}")
+
+
 def test_an_app_that_fills_its_disk_gets_enospc_and_no_one_else_is_affected(
         fleet: Fleet, two_apps: dict[str, Any]) -> None:
     """The review's disk fill: the attacker writes 1 MiB files into /app, /tmp and
     /var/tmp until the system refuses (or its size's limit and 64 MiB more are written).
     Each write past the instance's `disk_mb` fails with ENOSPC, in the attacker alone:
     nothing reached the host's disk (its layer's folder there stays empty), the agent
-    said R18 in its log, the victim still writes its own files and answers, and the
-    attacker itself runs on (a full disk is its error, not a crash)."""
+    said R18 in its log, the files are charged to the attacker's memory cgroup, the victim
+    still writes its own files and answers, and the attacker itself runs on (a full disk
+    is its error, not a crash)."""
     import errno
 
-    from agents import logpipe
+    from agents import cgroups, logpipe
     from ledger import Ledger
     from ledger.sizes import size_of
     from tests.waiting import wait_until
@@ -848,6 +862,8 @@ def test_an_app_that_fills_its_disk_gets_enospc_and_no_one_else_is_affected(
             assert on_host_disk() < 2**20, f"writes to {folder} reached the host's disk"
             if n == 0:
                 wait_until(told, 60, "the agent's R18 line in the attacker's log")
+                if cgroups.missing() is None:  # its files count against its memory
+                    assert memory_used(fleet.agent.app_pids()[iid]) >= got["written_mb"] * 2**20
             assert probe(victim, "write", f"/tmp/mine-{n}", "the victim's")["ok"]
             assert probe(attacker, "unfill", folder, "")["ok"]
         assert probe(attacker, "write", "/app/after", "room again")["ok"]
