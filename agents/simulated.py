@@ -13,9 +13,11 @@ same request rate). The code here is the shell; what a host says is `SimHost`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import multiprocessing as mp
+import os
 import random
 import time
 import urllib.parse
@@ -37,11 +39,17 @@ class SimSettings:
     """Keep-alive connections to the API per process, for heartbeats: enough that beats
     wait in the API's queue, as a real fleet's (a connection per host) do, and not for a
     connection here."""
-    report_connections: int = 8
+    report_connections: int = 4
     """Keep-alive connections per process for the rest (desired state reads, reports):
     in a real fleet one host's slow report never holds another host's heartbeat back, so
-    they do not queue for the heartbeats' connections here either."""
+    they do not queue for the heartbeats' connections here either. Registrations have as
+    many of their own. Few: each of these requests holds one of the API's threads while
+    its append waits for the standby, and those threads answer the heartbeats too."""
     capacity: int = 16
+    nice: int = 0
+    """Added to the simulator processes' niceness (bench/fleet.py: -5). The simulator
+    stands for machines with CPUs of their own: on a shared machine it should send on time
+    and leave the control plane to cope, not be made late by it."""
 
 
 def request_bytes(method: str, path: str, host: str, token: str, body: Any = None) -> bytes:
@@ -172,7 +180,7 @@ class Fleet:
         self.counts = Counts()
         self.registering: asyncio.Queue[Connection] = asyncio.Queue()
         self.reporting: asyncio.Queue[Connection] = asyncio.Queue()
-        for queue, count in ((self.registering, 6),
+        for queue, count in ((self.registering, settings.report_connections),
                              (self.reporting, settings.report_connections)):
             for _ in range(count):
                 queue.put_nowait(Connection(self.address, url.port or 80))
@@ -310,6 +318,9 @@ async def _run(hosts: list[SimHost], settings: SimSettings, stop: Any, silent_ho
 
 def _process(hosts: list[tuple[str, str]], settings: SimSettings, stop: Any,
              silent_hosts: set[str], silent: Any, ready: Any, shared: Any) -> None:
+    if settings.nice:
+        with contextlib.suppress(OSError):  # raising priority takes root
+            os.nice(settings.nice)
     sims = [SimHost(h, t) for h, t in hosts]
     random.shuffle(sims)  # spread each process's beats over the interval
     asyncio.run(_run(sims, settings, stop, silent_hosts, silent, ready, shared))

@@ -246,7 +246,7 @@ def measure(n: int, window: float, ttl: float, logs: Path | None = None) -> dict
         base_lag = view_lags(cluster, url, probe, "probe", 5)
         base_direct = direct_appends(cluster)
 
-        sim = Simulation(tokens, SimSettings(url, INTERVAL), processes=2,
+        sim = Simulation(tokens, SimSettings(url, INTERVAL, nice=-5), processes=2,
                          silent_hosts=ids[:LOST])
         begun = last_event_id(cluster)
         t0 = time.monotonic()
