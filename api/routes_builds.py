@@ -37,17 +37,28 @@ def output_file(state: AppState, release: Release) -> Path | None:
     return logs / state.name / f"{build_stream(state.name, release.stream_version)}.log"
 
 
+OUTPUT_MAX = 8 << 20
+"""A build's output kept, at most (bytes): a build printing without end fills no disk."""
+CUT = "\n-----> The build's output passed 8 MiB: the rest is not kept\n"
+
+
 def write_output(path: Path, text: str, fresh: bool = False) -> None:
-    """Add to (or with `fresh`, start) a build's output file. Apps may run on the API's
-    machine: the folders are 0700 and the file 0600, the API's alone, whatever umask."""
+    """Add to (or with `fresh`, start) a build's output file, up to OUTPUT_MAX (then one
+    line says the rest was cut). Apps may run on the API's machine: the folders are 0700
+    and the file 0600, the API's alone, whatever umask."""
     for folder in (path.parent.parent, path.parent):
         folder.mkdir(mode=0o700, exist_ok=True)
         folder.chmod(0o700)
     flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_TRUNC if fresh else os.O_APPEND)
     fd = os.open(path, flags, 0o600)
-    with open(fd, "w", encoding="utf-8") as f:
+    with open(fd, "wb") as f:
         os.fchmod(fd, 0o600)
-        f.write(text)
+        room = OUTPUT_MAX - os.fstat(fd).st_size
+        data = text.encode("utf-8", "replace")
+        if len(data) > room > 0:
+            data = data[:room] + CUT.encode()
+        if room > 0:
+            f.write(data)
 
 
 def _dict(release: Release, b: Build) -> dict[str, Any]:

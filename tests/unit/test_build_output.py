@@ -28,6 +28,19 @@ def test_build_output_is_the_apis_alone_whatever_the_umask(tmp_path: Path) -> No
     assert path.read_text() == "a new attempt\n"
 
 
+def test_a_build_printing_without_end_keeps_8_mib(tmp_path: Path) -> None:
+    from api.routes_builds import CUT, OUTPUT_MAX
+
+    path = tmp_path / "builds" / "blog" / "build-blog.3.log"
+    write_output(path, "start\n", fresh=True)
+    for _ in range(12):
+        write_output(path, "y" * (1 << 20))
+    data = path.read_bytes()
+    assert len(data) == OUTPUT_MAX + len(CUT) and data.endswith(CUT.encode())
+    write_output(path, "a new attempt\n", fresh=True)
+    assert path.read_text() == "a new attempt\n"
+
+
 def test_close_home_closes_the_build_logs(tmp_path: Path) -> None:
     cfg = Config.from_env({"TALLY_HOME": str(tmp_path)})
     cfg.build_logs_dir.mkdir(mode=0o755)
