@@ -110,7 +110,7 @@ class ProxiedHA(HA):
             self.route_file.touch(mode=0o600)
             self.route_file.write_text(self.route().to_json())
             return
-        write_for(self.haproxy_file, haproxy_config(self.spec, self.proxy_port), self._owner)
+        write_for(self.haproxy_file, haproxy_config(self.spec, self.proxy_port), self.spec.os_user)
 
     def processes(self) -> list[Process]:
         """etcd and Patroni, then the stable address (stopped before etcd, as the nodes

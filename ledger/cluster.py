@@ -26,7 +26,7 @@ from typing import Any
 import psycopg2
 
 from ledger.errors import ClusterError
-from ledger.files import write_for
+from ledger.files import hand_over, write_for
 
 NODES = ("a", "b")
 ROLES = ("tally_owner", "tally_writer", "tally_reader", "tally_replicator")
@@ -194,15 +194,6 @@ class Cluster:
         else:
             path.chmod(0o700)
 
-    def _chown(self, path: Path) -> None:
-        if os.geteuid() == 0:
-            shutil.chown(path, self.spec.os_user, self.spec.os_user)
-
-    @property
-    def _owner(self) -> str | None:
-        """Who files root writes into the server's folders belong to (ledger/files.py)."""
-        return self.spec.os_user if os.geteuid() == 0 else None
-
     # -- lifecycle ------------------------------------------------------------------------
     def init(self) -> None:
         """Create both nodes: initdb the primary, add roles and the database, base-backup
@@ -219,22 +210,21 @@ class Cluster:
         self.root.mkdir(parents=True, exist_ok=True)
         self._close(self.root)
         self.socket_dir.mkdir(exist_ok=True)
-        self._chown(self.socket_dir)
+        hand_over(self.socket_dir, self.spec.os_user)
         creds = {role: secrets.token_urlsafe(24) for role in ("postgres", *ROLES)}
         self.credentials_file.touch(mode=0o600)
         self.credentials_file.write_text(json.dumps(creds, indent=1))
 
         primary = self.node_dir("a")
         primary.mkdir(mode=0o700)
-        self._chown(primary)
+        hand_over(primary, self.spec.os_user)
         pwdir = Path(tempfile.mkdtemp(prefix=".pw-", dir=self.root))  # 0700, empty
         pwfile = pwdir / "pw"
         try:
-            self._chown(pwdir)
+            hand_over(pwdir, self.spec.os_user)
             fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:  # private before the first byte is written
-                if os.geteuid() == 0:
-                    shutil.chown(pwfile, self.spec.os_user, self.spec.os_user)
+                hand_over(pwfile, self.spec.os_user)
                 f.write(creds["postgres"] + "\n")
             self._run(
                 self._bin("initdb"), "-D", primary, "-U", "postgres", f"--pwfile={pwfile}",
@@ -292,7 +282,7 @@ class Cluster:
         marker = "# --- tally node settings ---"
         base = conf.read_text().split(marker)[0]
         lines = [f"{k} = {v}" for k, v in settings.items()]
-        write_for(conf, base + marker + "\n" + "\n".join(lines) + "\n", self._owner)
+        write_for(conf, base + marker + "\n" + "\n".join(lines) + "\n", self.spec.os_user)
 
     def _create_roles(self, creds: dict[str, str], node: str = "a",
                       roles: tuple[str, ...] = ROLES, slots: bool = True) -> None:
@@ -338,7 +328,7 @@ class Cluster:
         if target.exists():
             shutil.rmtree(target)
         target.mkdir(mode=0o700)
-        self._chown(target)
+        hand_over(target, self.spec.os_user)
         source = self.other(node)
         password = self.credentials()["tally_replicator"]
         self._run(
@@ -346,7 +336,7 @@ class Cluster:
             "-U", "tally_replicator", "-D", target, "-X", "stream", "--checkpoint=fast",
             env={"PGPASSWORD": password},
         )
-        write_for(target / "standby.signal", "", self._owner)
+        write_for(target / "standby.signal", "", self.spec.os_user)
         self._write_node_conf(node)
 
     def start_node(self, node: str) -> None:
@@ -360,7 +350,7 @@ class Cluster:
         log = self.root / f"{node}.log"
         log.touch(mode=0o600)
         log.chmod(0o600)
-        self._chown(log)
+        hand_over(log, self.spec.os_user)
         try:
             self._run(self._bin("pg_ctl"), "-D", self.node_dir(node), "-l", log, "-w", "-t",
                       "60", "start")
@@ -535,7 +525,7 @@ class Cluster:
                 f"host={self.spec.host} port={self.port(primary)} user=postgres "
                 f"password={password} dbname=postgres",
             )
-            write_for(self.node_dir(node) / "standby.signal", "", self._owner)
+            write_for(self.node_dir(node) / "standby.signal", "", self.spec.os_user)
             self._write_node_conf(node)
             self.start_node(node)
             self.wait_streaming(primary, node, timeout=15, settle=1.0)

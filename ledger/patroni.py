@@ -59,7 +59,7 @@ import psycopg2
 
 from ledger.cluster import DEFAULT_BIN, NODES, ROLES, Cluster, ClusterSpec, pid_alive
 from ledger.errors import ClusterError
-from ledger.files import write_for
+from ledger.files import hand_over, server_user, write_for
 
 TIMINGS = {"ttl": 20, "loop_wait": 1, "retry_timeout": 3}
 _CHILDREN: list[subprocess.Popen] = []
@@ -237,23 +237,14 @@ class HA:
         for path in private:
             path.mkdir(mode=0o700, exist_ok=True)
         for path in (self.run_dir, *private):
-            self._chown(path)
+            hand_over(path, self.spec.os_user)
         wrapper = rewind_wrapper(self.spec)
         # "--help" stays first when Patroni asks whether pg_rewind works.
         write_for(wrapper, f'#!/bin/sh\nexec {self.spec.bin_dir / "pg_rewind"} "$@" --progress\n',
                   mode=0o755)
         for name in self.spec.names:
             write_for(self.config_file(name), json.dumps(
-                patroni_config(self.spec, name, self.secrets), indent=1), self._owner)
-
-    def _chown(self, path: Path) -> None:
-        if os.geteuid() == 0:
-            shutil.chown(path, self.spec.os_user, self.spec.os_user)
-
-    @property
-    def _owner(self) -> str | None:
-        """Who files root writes into the server user's folders belong to (ledger/files.py)."""
-        return self.spec.os_user if os.geteuid() == 0 else None
+                patroni_config(self.spec, name, self.secrets), indent=1), self.spec.os_user)
 
     # -- processes ------------------------------------------------------------------------
     def processes(self) -> list[Process]:
@@ -264,7 +255,7 @@ class HA:
         for name in self.spec.names:
             commands[f"patroni-{name}"] = [str(self.spec.patroni_bin),
                                            str(self.config_file(name))]
-        user = self.spec.os_user if os.geteuid() == 0 else None
+        user = server_user(self.spec.os_user)
         env = {"LC_ALL": "C.UTF-8", "PATH": f"{self.spec.bin_dir}:/usr/bin:/bin"}
         return [Process(name, writes_pid(self.pid_file(name), argv), user, env)
                 for name, argv in commands.items()]
@@ -281,7 +272,7 @@ class HA:
             return None
         if not pid_alive(pid):
             return None
-        user = self.spec.os_user if os.geteuid() == 0 else None
+        user = server_user(self.spec.os_user)
         expected = pwd.getpwnam(user).pw_uid if user else os.getuid()
         try:
             return pid if psutil.Process(pid).uids().real == expected else None

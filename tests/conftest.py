@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psycopg2
 import pytest
 
 import migrations
@@ -262,6 +263,34 @@ def destroy_cluster(cluster: Cluster) -> None:
     remove_home(cluster.root.parent)
 
 
+def on_node(cluster: Cluster, node: str, sql: str, args: tuple = ()) -> list[tuple]:
+    """One statement on one node of `cluster` as its superuser, committed at once; the
+    rows, if it returns any."""
+    conn = psycopg2.connect(cluster.node_dsn(node))
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, args)
+            return cur.fetchall() if cur.description else []
+    finally:
+        conn.close()
+
+
+def addons_answer(database_url: str, redis_url: str) -> bool:
+    """The app's PostgreSQL and Redis add-ons both answer at their URLs."""
+    import redis
+
+    try:
+        psycopg2.connect(database_url, connect_timeout=2).close()
+        client = redis.Redis.from_url(redis_url, socket_connect_timeout=2)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (psycopg2.Error, redis.RedisError):
+        return False
+
+
 def tally_env(cluster: Cluster, **extra: str) -> dict[str, str]:
     """Environment for a `tally` subprocess pointed at this test cluster."""
     return {
@@ -298,6 +327,16 @@ def no_app_users_left() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Cluster]:
     c = make_cluster(SESSION_UIDS)
+    yield c
+    destroy_cluster(c)
+
+
+@pytest.fixture(scope="module")
+def private() -> Iterator[Cluster]:
+    """A ledger cluster of the test module's own: for tests whose daemons act on everything
+    in their ledger (placers, agents, projectors writing views), which the session cluster
+    shares. A module that needs a fresh one per test declares its own."""
+    c = make_cluster()
     yield c
     destroy_cluster(c)
 

@@ -17,7 +17,7 @@ from psycopg2 import sql
 
 from agents.addons import database_name
 from agents.backups.base import BackupError
-from agents.backups.scratch import ScratchServer, as_postgres, chown_tree, clear, scratch_folder
+from agents.backups.scratch import as_postgres, chown_tree, scratch_server
 from ledger.cluster import Cluster
 
 
@@ -55,14 +55,12 @@ def verify_restore(cluster: Cluster, app: str, path: Path, scratch_root: Path,
     as restore_dump does: by a role that is no superuser, in one transaction, stopping at
     the first error. A dump that does not restore is a BackupError. The tables restored."""
     bin_dir, os_user = cluster.spec.bin_dir, cluster.spec.os_user
-    folder = scratch_folder(scratch_root, name, os_user)
-    data, pwfile = folder / "data", folder / "pw"
-    password = secrets.token_urlsafe(24)
-    pwfile.write_text(password)
-    pwfile.chmod(0o600)
-    chown_tree(pwfile, os_user)
-    server = ScratchServer(data, bin_dir, os_user)
-    try:
+    with scratch_server(scratch_root, name, bin_dir, os_user, "the scratch restore") as server:
+        data, pwfile = server.data, server.run_dir / "pw"
+        password = secrets.token_urlsafe(24)
+        pwfile.write_text(password)
+        pwfile.chmod(0o600)
+        chown_tree(pwfile, os_user)
         made = subprocess.run(
             [str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", f"--pwfile={pwfile}",
              "-A", "scram-sha-256", "--no-sync", "-E", "UTF8", "--locale=C"],
@@ -95,11 +93,6 @@ def verify_restore(cluster: Cluster, app: str, path: Path, scratch_root: Path,
                 return int(cur.fetchone()[0])
         finally:
             conn.close()
-    except psycopg2.Error as exc:
-        raise BackupError(f"the scratch restore could not be read: {str(exc).strip()}") from exc
-    finally:
-        server.stop("immediate")
-        clear(folder, bin_dir, os_user)
 
 
 def restore_dump(cluster: Cluster, app: str, path: Path) -> None:

@@ -15,7 +15,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -177,3 +177,21 @@ def scratch_folder(root: Path, name: str, os_user: str = "postgres") -> Path:
     folder.mkdir(mode=0o700)
     chown_tree(folder, os_user)
     return folder
+
+
+@contextlib.contextmanager
+def scratch_server(root: Path, name: str, bin_dir: Path, os_user: str,
+                   what: str) -> Iterator[ScratchServer]:
+    """A ScratchServer over `root/name/data` (the folder fresh, as scratch_folder makes it;
+    the data folder is the caller's to fill). Whatever happens inside, the server is
+    stopped and the folder removed on the way out; a psycopg2.Error is a BackupError
+    saying `what` could not be read."""
+    folder = scratch_folder(root, name, os_user)
+    server = ScratchServer(folder / "data", bin_dir, os_user)
+    try:
+        yield server
+    except psycopg2.Error as exc:
+        raise BackupError(f"{what} could not be read: {str(exc).strip()}") from exc
+    finally:
+        server.stop("immediate")
+        clear(folder, bin_dir, os_user)

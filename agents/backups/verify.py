@@ -14,7 +14,7 @@ from pathlib import Path
 import psycopg2
 
 from agents.backups.base import BackupError
-from agents.backups.scratch import ScratchServer, chown_tree, clear, copy_tree, scratch_folder
+from agents.backups.scratch import chown_tree, copy_tree, scratch_server
 from ledger import digest
 from ledger.cluster import Cluster
 
@@ -43,9 +43,8 @@ def verify(cluster: Cluster, backup: Path, scratch_root: Path, name: str) -> Che
     started = time.monotonic()
     bin_dir = cluster.spec.bin_dir
     verify_files(backup, bin_dir)
-    folder = scratch_folder(scratch_root, name, cluster.spec.os_user)
-    server = ScratchServer(folder / "data", bin_dir, cluster.spec.os_user)
-    try:
+    with scratch_server(scratch_root, name, bin_dir, cluster.spec.os_user,
+                        "the restored copy") as server:
         copy_tree(backup, server.data)
         (server.data / "backup_manifest").unlink(missing_ok=True)
         chown_tree(server.data, cluster.spec.os_user)
@@ -62,11 +61,6 @@ def verify(cluster: Cluster, backup: Path, scratch_root: Path, name: str) -> Che
                 cluster.dsn("tally_reader"), application_name="tally-backup"))
         finally:
             live.close()
-    except psycopg2.Error as exc:
-        raise BackupError(f"the restored copy could not be read: {str(exc).strip()}") from exc
-    finally:
-        server.stop("immediate")
-        clear(folder, bin_dir, cluster.spec.os_user)
     if (found.events, found.sha256) != (expected.events, expected.sha256):
         raise BackupError(
             f"the restored copy differs from the ledger up to position {found.position}: "

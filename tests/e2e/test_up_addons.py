@@ -13,28 +13,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-import psycopg2
 import pytest
-import redis
 
 from tally import supervise
 from tally.config import Config
-from tests.conftest import remove_home, up_env
+from tests.conftest import addons_answer, remove_home, up_env
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
-
-
-def _answers(urls: dict[str, str]) -> bool:
-    try:
-        psycopg2.connect(urls["DATABASE_URL"], connect_timeout=2).close()
-        client = redis.Redis.from_url(urls["REDIS_URL"], socket_connect_timeout=2)
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except (psycopg2.Error, redis.RedisError):
-        return False
 
 
 def test_addons_answer_at_the_same_urls_after_down_and_up() -> None:
@@ -54,18 +40,19 @@ def test_addons_answer_at_the_same_urls_after_down_and_up() -> None:
         tally("addons:create", "-a", "blog", "postgresql")
         tally("addons:create", "-a", "blog", "redis")
         urls = json.loads(tally("config", "-a", "blog", "--json").stdout)
-        assert _answers(urls)
+        assert addons_answer(urls["DATABASE_URL"], urls["REDIS_URL"])
         stable = "addons-" + cfg.apps_cluster().address_process  # type: ignore[attr-defined]
         services = {"addons-etcd", "addons-patroni-a", "addons-patroni-b", stable,
                     "addons-redis-blog"}
         assert services <= {d["name"] for d in supervise.status(cfg)}
 
         tally("down")
-        assert not _answers(urls)
+        assert not addons_answer(urls["DATABASE_URL"], urls["REDIS_URL"])
         again = tally("up")
         assert "apps' database cluster" in again.stderr and "Redis add-ons: blog" in again.stderr
         assert json.loads(tally("config", "-a", "blog", "--json").stdout) == urls
-        wait_until(lambda: _answers(urls), 60, "the add-ons at their old URLs")
+        wait_until(lambda: addons_answer(urls["DATABASE_URL"], urls["REDIS_URL"]), 60,
+                   "the add-ons at their old URLs")
         # supervisord calls a program RUNNING only once it has lived START_SECS; an add-on
         # that answers sooner is still STARTING.
         wait_until(lambda: services <= {d["name"] for d in supervise.status(cfg)

@@ -14,14 +14,13 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg2
 import pytest
 import redis
 
 from tally import platform, supervise
 from tally.api_settings import create_addon, destroy_addon
 from tally.config import Config
-from tests.conftest import free_port_range, free_ports
+from tests.conftest import addons_answer, free_port_range, free_ports
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
@@ -51,18 +50,6 @@ def _pids(cfg: Config) -> dict[str, int]:
     return {d["name"]: d["pid"] for d in supervise.status(cfg) if d["pid"]}
 
 
-def _answers(url: str, redis_url: str) -> bool:
-    try:
-        psycopg2.connect(url, connect_timeout=2).close()
-        client = redis.Redis.from_url(redis_url, socket_connect_timeout=2)
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except (psycopg2.Error, redis.RedisError):
-        return False
-
-
 def test_detached_services_are_handed_over_and_come_back_after_kill_9(cfg: Config) -> None:
     url, _ = create_addon(cfg, "postgresql", "blog", "standard")  # no supervisord: detached
     redis_url, _ = create_addon(cfg, "redis", "blog", "mini")
@@ -74,13 +61,13 @@ def test_detached_services_are_handed_over_and_come_back_after_kill_9(cfg: Confi
     stable = "addons-" + cfg.apps_cluster().address_process  # type: ignore[attr-defined]
     assert {"addons-etcd", "addons-patroni-a", "addons-patroni-b", stable,
             "addons-redis-blog"} <= set(pids), pids
-    wait_until(lambda: _answers(url, redis_url), 60, "the add-ons through their URLs")
+    wait_until(lambda: addons_answer(url, redis_url), 60, "the add-ons through their URLs")
     for name in (stable, "addons-redis-blog"):
         os.kill(pids[name], signal.SIGKILL)
     wait_until(lambda: all(_pids(cfg).get(n) not in (None, pids[n])
                            for n in (stable, "addons-redis-blog")), 60,
                "supervisord restarted the stable address and Redis")
-    wait_until(lambda: _answers(url, redis_url), 60, "the same URLs answer again")
+    wait_until(lambda: addons_answer(url, redis_url), 60, "the same URLs answer again")
 
 
 def test_made_under_supervisord_and_destroyed_out_of_it(cfg: Config) -> None:

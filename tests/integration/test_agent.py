@@ -15,19 +15,13 @@ import pytest
 
 from ledger import Ledger, NewEvent
 from ledger.cluster import Cluster
-from tests.conftest import destroy_cluster, free_port_range, free_ports, make_cluster
+from tests.conftest import free_port_range, free_ports
 from tests.fixtures.apps import app_tarball, procfile, store
 from tests.fixtures.apps.fleet import AgentProc, built
 from tests.waiting import wait_until
 
 HOST = "ha"
 
-
-@pytest.fixture(scope="module")
-def private() -> Iterator[Cluster]:
-    c = make_cluster()
-    yield c
-    destroy_cluster(c)
 
 
 @pytest.fixture(scope="module")

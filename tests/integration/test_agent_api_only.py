@@ -11,17 +11,15 @@ import signal
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psutil
 import psycopg2
-import pytest
 
 from ledger import Ledger, NewEvent
 from ledger.cluster import Cluster
-from tests.conftest import destroy_cluster, free_port_range, free_ports, make_cluster
+from tests.conftest import free_port_range, free_ports
 from tests.fixtures.apps.fleet import AgentProc, ApiProc, create_app, release
 from tests.waiting import wait_until
 
@@ -29,12 +27,6 @@ API_AWAY_S = float(os.environ.get("TALLY_TEST_API_AWAY_S", "10"))
 """How long the API stays away in the ride-out test (the issue's scenario says 30 s; the
 default keeps the suite short, the behaviour is the same)."""
 
-
-@pytest.fixture(scope="module")
-def private() -> Iterator[Cluster]:
-    c = make_cluster()
-    yield c
-    destroy_cluster(c)
 
 
 def _place(ledger: Ledger, app: str, iid: str, host: str, port: int) -> None:

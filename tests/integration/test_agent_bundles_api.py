@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,17 +14,10 @@ from agents.bundle import BundleRefused, download
 from api.auth import create_user
 from ledger import Ledger, NewEvent
 from ledger.cluster import Cluster
-from tests.conftest import destroy_cluster, free_port_range, free_ports, make_cluster
+from tests.conftest import free_port_range, free_ports
 from tests.fixtures.apps import app_tarball, slug_for
 from tests.fixtures.apps.fleet import AgentProc, Daemon, create_app, release
 from tests.waiting import wait_until
-
-
-@pytest.fixture(scope="module")
-def private() -> Iterator[Cluster]:
-    c = make_cluster()
-    yield c
-    destroy_cluster(c)
 
 
 def test_the_agent_fetches_its_slug_from_the_api(private: Cluster, tmp_path: Path) -> None:

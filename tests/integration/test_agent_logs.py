@@ -7,25 +7,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
-
-import pytest
 
 from api.auth import create_user
 from ledger import Ledger
 from ledger.cluster import Cluster
 from tests.api_process import ApiProcess
-from tests.conftest import destroy_cluster, free_port_range, free_ports, make_cluster, tally_env
+from tests.conftest import free_port_range, free_ports, tally_env
 from tests.fixtures.apps.fleet import AgentProc, Daemon, placer, release
 from tests.fixtures.apps.fleet import create_app as create
 from tests.waiting import Lines, wait_until
-
-
-@pytest.fixture(scope="module")
-def private() -> Iterator[Cluster]:
-    c = make_cluster()
-    yield c
-    destroy_cluster(c)
 
 
 def tally(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:

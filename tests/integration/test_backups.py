@@ -11,15 +11,19 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
-from contextlib import closing
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 import pytest
+import requests
 
 import migrations
+from agents.addons import create_database, drop_database, ensure_cluster
 from agents.backups import gfs
 from agents.backups.jobs import LEDGER, BackupAgent
 from agents.backups.repository import SPOOL, Repository, archive_command
@@ -27,6 +31,7 @@ from agents.backups.restore import Target, restore
 from agents.backups.state import TYPES, Backup, fold
 from ledger import Ledger, NewEvent, digest
 from ledger.cluster import Cluster, ClusterSpec
+from tally.config import Config
 from tests.conftest import destroy_cluster, free_port_range, free_ports, tally_env
 from tests.waiting import wait_until
 
@@ -45,6 +50,37 @@ def archived() -> Iterator[Cluster]:
     migrations.upgrade(cluster.dsn("tally_owner"))
     yield cluster
     destroy_cluster(cluster)
+
+
+@pytest.fixture(scope="module")
+def apps(archived: Cluster) -> Iterator[Cluster]:
+    """The platform's apps' cluster (TALLY_HOME/appsdb, plain: a primary and a standby),
+    made as `tally` makes it, for every test here that dumps and restores an app's
+    database; each test drops the databases it made."""
+    a, b, proxy = free_ports(3)
+    env = tally_env(archived, TALLY_APPS_DB_PORTS=f"{a},{b}", TALLY_APPS_DB_PORT=str(proxy),
+                    TALLY_APPS_HA="plain")
+    cluster = Config.from_env(env).apps_cluster()
+    try:
+        ensure_cluster(cluster)
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+def apps_env(archived: Cluster, apps: Cluster, **extra: str) -> dict[str, str]:
+    """A `tally` environment that finds `apps` as the platform's apps' cluster."""
+    return tally_env(archived, TALLY_APPS_DB_PORTS=",".join(str(p) for p in apps.spec.ports),
+                     TALLY_APPS_HA="plain", **extra)
+
+
+@contextmanager
+def app_database(apps: Cluster, app: str) -> Iterator[str]:
+    """The app's database in `apps` (its DATABASE_URL), dropped afterwards."""
+    try:
+        yield create_database(apps, app)
+    finally:
+        drop_database(apps, app)
 
 
 def home(cluster: Cluster) -> Path:
@@ -225,32 +261,70 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def api_call(api_url: str, token: str, method: str, path: str,
+             **kw: Any) -> requests.Response:
+    return requests.request(method, api_url + path, timeout=300,
+                            headers={"Authorization": f"Bearer {token}"}, **kw)
+
+
+def laptop(here: Path, api_url: str, token: str) -> Callable[..., subprocess.CompletedProcess]:
+    """`tally` as an app's member runs it: from their own folder (not TALLY_HOME: its
+    `ledger/` would shadow ours), knowing only the API's address and their token."""
+    here.mkdir(exist_ok=True)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TALLY_")},
+           "TALLY_API": api_url, "TALLY_TOKEN": token}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "tally.cli", *args], env=env,
+                              capture_output=True, text=True, timeout=300,
+                              stdin=subprocess.DEVNULL, cwd=here)
+    return run
+
+
+def killed_mid_backup(archived: Cluster, proc: subprocess.Popen,
+                      picked: Callable[[Backup], bool]) -> str:
+    """Once `proc` (a `tally` process) has started the backup `picked` chooses and its
+    pg_basebackup has written, kill -9 it and its pg_basebackup; the backup's id (recorded
+    as still running)."""
+    repo = Repository(home(archived) / "backups").open()
+    try:
+        started = wait_until(lambda: [b for b in backups(archived).values() if picked(b)], 120,
+                             "the backup never started")
+        backup_id = started[0].backup_id
+        wait_until(lambda: repo.partial(backup_id).exists() and any(
+            repo.partial(backup_id).rglob("*")), 60, "pg_basebackup never wrote")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        stop(proc)
+    assert backups(archived)[backup_id].state == "running"
+    return backup_id
+
+
+def settled(archived: Cluster, backup_id: str) -> Backup:
+    """The backup whose agent was killed, once a daemon has recorded it failed and removed
+    its partial copy."""
+    orphan = wait_until(lambda: backups(archived)[backup_id].finished
+                        and backups(archived)[backup_id], 120, "the orphan was not settled")
+    assert orphan.state == "failed" and "stopped during the backup" in orphan.failed
+    assert not Repository(home(archived) / "backups").partial(backup_id).exists()
+    return orphan
+
+
 def test_an_agent_killed_mid_backup_never_leaves_a_half_backup_counted_good(
         archived: Cluster) -> None:
     repo = Repository(home(archived) / "backups").open()
     before = set(backups(archived))
     capture = tally(archived, "backups:capture", "--max-rate", "1M")
-    try:
-        started = wait_until(lambda: [b for k, b in backups(archived).items()
-                                      if k not in before], 60, "the capture never started")
-        backup_id = started[0].backup_id
-        wait_until(lambda: repo.partial(backup_id).exists() and any(
-            repo.partial(backup_id).rglob("*")), 60, "pg_basebackup never wrote")
-        os.killpg(capture.pid, signal.SIGKILL)  # the CLI and its pg_basebackup
-        capture.wait()
-    finally:
-        stop(capture)
-    assert backups(archived)[backup_id].state == "running"
+    backup_id = killed_mid_backup(archived, capture, lambda b: b.backup_id not in before)
 
     # A daemon comes up: it settles the orphan, then runs the job that was due meanwhile
     # (its cron fired on Jan 1st and no run was ever claimed for it) once.
     daemon = tally(archived, "serve", "backups", "--ledger", "0 0 1 1 *",
                    "--addons", "0 0 1 1 *")
     try:
-        orphan = wait_until(lambda: backups(archived)[backup_id].finished
-                            and backups(archived)[backup_id], 120, "the orphan was not settled")
-        assert orphan.state == "failed" and "stopped during the backup" in orphan.failed
-        assert not repo.partial(backup_id).exists() and not repo.base(backup_id).exists()
+        settled(archived, backup_id)
+        assert not repo.base(backup_id).exists()
         year = datetime.now(UTC).year
         due = f"{year}-01-01T00:00:00+00:00"
         caught_up = wait_until(
@@ -340,14 +414,8 @@ def test_a_ledger_under_patroni_archives_and_its_backups_verify_and_restore() ->
 
 
 def test_an_app_database_is_dumped_verified_and_restored_after_a_table_is_dropped(
-        archived: Cluster) -> None:
-    from agents.addons import create_database, ensure_cluster
-
-    apps = Cluster(ClusterSpec(home(archived) / "appsdb", ports=tuple(free_ports(2)),  # type: ignore[arg-type]
-                               dbname="tally_apps", ledger=False))
-    try:
-        ensure_cluster(apps)
-        url = create_database(apps, "shop")
+        archived: Cluster, apps: Cluster) -> None:
+    with app_database(apps, "shop") as url:
         with closing(psycopg2.connect(url)) as app_conn:  # the app itself
             app_conn.autocommit = True
             with app_conn.cursor() as cur:
@@ -367,8 +435,7 @@ def test_an_app_database_is_dumped_verified_and_restored_after_a_table_is_droppe
                 cur.execute("DROP TABLE orders")
         restored = subprocess.run(
             [sys.executable, "-m", "tally.cli", "backups:restore-addon", "shop", "--confirm",
-             "shop"], env=tally_env(archived, TALLY_APPS_DB_PORTS=",".join(
-                 str(p) for p in apps.spec.ports)), capture_output=True, text=True, timeout=120)
+             "shop"], env=apps_env(archived, apps), capture_output=True, text=True, timeout=120)
         assert restored.returncode == 0, restored.stderr
         assert backup_id in restored.stderr
         with closing(psycopg2.connect(url)) as app_conn, app_conn.cursor() as cur:
@@ -381,22 +448,16 @@ def test_an_app_database_is_dumped_verified_and_restored_after_a_table_is_droppe
             env=tally_env(archived), capture_output=True, text=True, timeout=60,
             stdin=subprocess.DEVNULL)
         assert refused.returncode == 1 and "--confirm shop" in refused.stderr
-    finally:
-        apps.destroy()
 
 
 def test_an_apps_people_back_up_and_restore_its_database_through_the_api_and_no_one_else(
-        archived: Cluster) -> None:
-    import requests
-
+        archived: Cluster, apps: Cluster) -> None:
     from api.auth import create_user
     from tests.api_process import ApiProcess
     from tests.fixtures.apps.fleet import create_app, release
 
-    a, b, port = free_ports(3)
-    env = tally_env(archived, TALLY_APPS_DB_PORTS=f"{a},{b}", TALLY_APPS_HA="plain")
-    api = ApiProcess(env, port)
-    apps = Cluster(ClusterSpec(home(archived) / "appsdb", ports=(a, b)))
+    port = free_ports(1)[0]
+    api = ApiProcess(apps_env(archived, apps), port)
     try:
         api.wait_ready()
         with Ledger(archived.dsn()) as ledger:
@@ -405,9 +466,7 @@ def test_an_apps_people_back_up_and_restore_its_database_through_the_api_and_no_
             create_app(ledger, "cafe")
             release(ledger, home(archived), "cafe", "hello", 1)
 
-        def call(token: str, method: str, path: str, **kw: object) -> requests.Response:
-            return requests.request(method, api.url + path, timeout=300,
-                                    headers={"Authorization": f"Bearer {token}"}, **kw)
+        call = partial(api_call, api.url)
 
         assert call(ann, "POST", "/apps/cafe/addons", json={"kind": "postgresql"}) \
             .status_code == 201
@@ -418,16 +477,8 @@ def test_an_apps_people_back_up_and_restore_its_database_through_the_api_and_no_
                 cur.execute("CREATE TABLE menu (item text)")
                 cur.execute("INSERT INTO menu VALUES ('tea')")
 
-        cli_env = {**{k: v for k, v in os.environ.items() if not k.startswith("TALLY_")},
-                   "TALLY_API": api.url, "TALLY_TOKEN": ann}
-
-        here = home(archived) / "laptop"  # not TALLY_HOME: its `ledger/` would shadow ours
-        here.mkdir(exist_ok=True)
-
-        def tally_cli(*args: str) -> subprocess.CompletedProcess:
-            return subprocess.run([sys.executable, "-m", "tally.cli", *args], env=cli_env,
-                                  capture_output=True, text=True, timeout=300,
-                                  stdin=subprocess.DEVNULL, cwd=here)
+        here = home(archived) / "laptop"
+        tally_cli = laptop(here, api.url, ann)
 
         captured = tally_cli("pg:backups:capture", "-a", "cafe")
         assert captured.returncode == 0, captured.stderr
@@ -480,19 +531,14 @@ def test_an_apps_people_back_up_and_restore_its_database_through_the_api_and_no_
         assert not agent.repo.dump("cafe", final[0]["backup_id"]).exists()
     finally:
         api.stop()
-        apps.destroy()
+        drop_database(apps, "cafe")
 
 
-def test_a_restore_never_lends_the_superuser_to_the_tenants_code(archived: Cluster) -> None:
+def test_a_restore_never_lends_the_superuser_to_the_tenants_code(
+        archived: Cluster, apps: Cluster) -> None:
     """The tenant's functions run during a restore (here a CHECK on its rows): one that
     tries `RESET ROLE` to act as whoever logged in must find no superuser there."""
-    from agents.addons import create_database, ensure_cluster
-
-    apps = Cluster(ClusterSpec(home(archived) / "appsdb-evil", ports=tuple(free_ports(2)),  # type: ignore[arg-type]
-                               dbname="tally_apps", ledger=False))
-    try:
-        ensure_cluster(apps)
-        url = create_database(apps, "evil")
+    with app_database(apps, "evil") as url:
         with closing(psycopg2.connect(url)) as app_conn:
             app_conn.autocommit = True
             with app_conn.cursor() as cur:
@@ -512,7 +558,7 @@ def test_a_restore_never_lends_the_superuser_to_the_tenants_code(archived: Clust
         agent = BackupAgent(archived, Repository(home(archived) / "backups-evil").open(),
                             home(archived) / "backup-scratch-evil", gfs.Policy(),
                             apps_cluster=apps)
-        (backup_id,) = agent.run_addons(None, job="capture")
+        backup_id = agent.run_addon("evil", job="capture")
         assert backups(archived)[backup_id].state == "verified"
         from agents.backups import dumps
         dumps.restore_dump(apps, "evil", agent.repo.dump("evil", backup_id))
@@ -525,39 +571,22 @@ def test_a_restore_never_lends_the_superuser_to_the_tenants_code(archived: Clust
             assert cur.fetchone()[0] is False
             cur.execute("SELECT count(*) FROM pg_roles WHERE rolname LIKE 'tally_restore_%'")
             assert cur.fetchone()[0] == 0  # the restore's own role is gone
-    finally:
-        apps.destroy()
 
 
 def test_the_daemon_killed_mid_backup_records_the_failure_and_its_next_run_succeeds(
         archived: Cluster) -> None:
-    repo = Repository(home(archived) / "backups").open()
     # A daily run that fired a moment ago, after every run claimed so far: due at start.
     fired = (datetime.now(UTC) - timedelta(seconds=1)).replace(microsecond=0)
     due = fired.isoformat()
     daily = f"{fired.second} {fired.minute} {fired.hour} * * *"
     daemon = tally(archived, "serve", "backups", "--ledger", daily, "--addons",
                    "0 0 1 1 *", "--max-rate", "1M")
-    try:
-        started = wait_until(lambda: [b for b in backups(archived).values()
-                                      if b.scheduled_for == due], 120,
-                             "the daemon never started the run that was due")
-        backup_id = started[0].backup_id
-        wait_until(lambda: repo.partial(backup_id).exists() and any(
-            repo.partial(backup_id).rglob("*")), 60, "pg_basebackup never wrote")
-        os.killpg(daemon.pid, signal.SIGKILL)  # the daemon and its pg_basebackup
-        daemon.wait()
-    finally:
-        stop(daemon)
-    assert backups(archived)[backup_id].state == "running"
+    backup_id = killed_mid_backup(archived, daemon, lambda b: b.scheduled_for == due)
 
     daemon = tally(archived, "serve", "backups", "--ledger", "*/15 * * * * *", "--addons",
                    "0 0 1 1 *")
     try:
-        orphan = wait_until(lambda: backups(archived)[backup_id].finished
-                            and backups(archived)[backup_id], 120, "the orphan was not settled")
-        assert orphan.state == "failed" and "stopped during the backup" in orphan.failed
-        assert not repo.partial(backup_id).exists()
+        orphan = settled(archived, backup_id)
         after = wait_until(lambda: [b for b in backups(archived).values()
                                     if b.job == LEDGER and b.started_at > orphan.started_at
                                     and b.scheduled_for != due and b.state == "verified"],
@@ -569,17 +598,11 @@ def test_the_daemon_killed_mid_backup_records_the_failure_and_its_next_run_succe
 
 
 def test_an_app_dump_that_lists_but_does_not_restore_is_never_counted(
-        archived: Cluster) -> None:
+        archived: Cluster, apps: Cluster) -> None:
     """pg_restore --list reads any whole file; only a restore shows the dump is usable.
     Here a CHECK that refuses rows while restoring: the dump lists, its scratch restore
     fails, and the backup is recorded as failed, never good."""
-    from agents.addons import create_database, ensure_cluster
-
-    apps = Cluster(ClusterSpec(home(archived) / "appsdb-norestore", ports=tuple(free_ports(2)),  # type: ignore[arg-type]
-                               dbname="tally_apps", ledger=False))
-    try:
-        ensure_cluster(apps)
-        url = create_database(apps, "brittle")
+    with app_database(apps, "brittle") as url:
         with closing(psycopg2.connect(url)) as app_conn:
             app_conn.autocommit = True
             with app_conn.cursor() as cur:
@@ -590,12 +613,10 @@ def test_an_app_dump_that_lists_but_does_not_restore_is_never_counted(
         agent = BackupAgent(archived, Repository(home(archived) / "backups-norestore").open(),
                             home(archived) / "backup-scratch-norestore", gfs.Policy(),
                             apps_cluster=apps)
-        (backup_id,) = agent.run_addons(None, job="capture")
+        backup_id = agent.run_addon("brittle", job="capture")
         b = backups(archived)[backup_id]
         assert b.state == "failed", b
         assert "pg_restore" in b.failed and "check constraint" in b.failed, b.failed
-    finally:
-        apps.destroy()
 
 
 def test_an_apps_redis_is_copied_as_an_rdb_checked_and_kept(archived: Cluster) -> None:
@@ -655,7 +676,6 @@ def test_an_apps_people_restore_its_redis_from_an_rdb_through_the_api_and_no_one
     can neither list, fetch nor restore; destroying the Redis takes a final copy, recorded
     through the API's own ledger connection."""
     import redis as redis_client
-    import requests
 
     from api.auth import create_user
     from tests.api_process import ApiProcess
@@ -674,9 +694,7 @@ def test_an_apps_people_restore_its_redis_from_an_rdb_through_the_api_and_no_one
                                                               "owner": "rita"})])
             release(ledger, home(archived), "tea", "hello", 1)
 
-        def call(token: str, method: str, path: str, **kw: object) -> requests.Response:
-            return requests.request(method, api.url + path, timeout=300,
-                                    headers={"Authorization": f"Bearer {token}"}, **kw)
+        call = partial(api_call, api.url)
 
         made = call(ann, "POST", "/apps/tea/addons", json={"kind": "redis"})
         assert made.status_code == 201, made.text
@@ -686,14 +704,7 @@ def test_an_apps_people_restore_its_redis_from_an_rdb_through_the_api_and_no_one
         app.rpush("orders", "1", "2")
 
         here = home(archived) / "laptop-redis"
-        here.mkdir(exist_ok=True)
-        cli_env = {**{k: v for k, v in os.environ.items() if not k.startswith("TALLY_")},
-                   "TALLY_API": api.url, "TALLY_TOKEN": ann}
-
-        def tally_cli(*args: str) -> subprocess.CompletedProcess:
-            return subprocess.run([sys.executable, "-m", "tally.cli", *args], env=cli_env,
-                                  capture_output=True, text=True, timeout=300,
-                                  stdin=subprocess.DEVNULL, cwd=here)
+        tally_cli = laptop(here, api.url, ann)
 
         captured = tally_cli("redis:backups:capture", "-a", "tea")
         assert captured.returncode == 0, captured.stderr

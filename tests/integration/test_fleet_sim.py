@@ -16,7 +16,7 @@ from agents.simulated import SimSettings, Simulation
 from ledger import Ledger
 from ledger.cluster import Cluster
 from tally.simulation import host_ids, issue_tokens
-from tests.conftest import destroy_cluster, make_cluster, tally_env
+from tests.conftest import tally_env
 from tests.fixtures.apps.fleet import ControlPlane, count_events, last_event_id, sim_apps
 from tests.waiting import wait_until
 
@@ -24,12 +24,6 @@ HOSTS = 200
 SILENT = 20
 TTL = 5.0
 
-
-@pytest.fixture(scope="module")
-def private() -> Iterator[Cluster]:
-    c = make_cluster()
-    yield c
-    destroy_cluster(c)
 
 
 @pytest.fixture(scope="module")

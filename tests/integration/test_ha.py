@@ -23,7 +23,7 @@ from ledger import Ledger, LedgerUnavailable, NewEvent
 from ledger.patroni import PatroniCluster
 from ledger.subscriber import Subscriber
 from projectors.inspect import status as projector_status
-from tests.conftest import RelayProcs, tally_env
+from tests.conftest import RelayProcs, on_node, tally_env
 from tests.patroni import destroy_patroni_cluster, healthy, make_patroni_cluster, members
 from tests.waiting import wait_until
 
@@ -68,17 +68,6 @@ class Writer(threading.Thread):
             self.error = exc
         finally:
             self.ledger.close()
-
-
-def on_node(cluster: PatroniCluster, node: str, sql: str, args: tuple = ()) -> list[tuple]:
-    conn = psycopg2.connect(cluster.node_dsn(node))
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, args)
-            return cur.fetchall() if cur.description else []
-    finally:
-        conn.close()
 
 
 def events_file(cluster: PatroniCluster, node: str) -> Path:

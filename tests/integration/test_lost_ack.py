@@ -15,13 +15,12 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 
-import psycopg2
 import pytest
 
 from ledger import Ledger, NewEvent
 from ledger.cluster import Cluster
 from ledger.errors import OutcomeUnknown
-from tests.conftest import destroy_cluster, make_cluster
+from tests.conftest import destroy_cluster, make_cluster, on_node
 from tests.waiting import wait_until
 
 
@@ -69,14 +68,7 @@ class Append(threading.Thread):
 
 
 def on_primary(cluster: Cluster, sql: str, args: tuple = ()) -> list[tuple]:
-    conn = psycopg2.connect(cluster.node_dsn(cluster.primary()))
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, args)
-            return cur.fetchall() if cur.description else []
-    finally:
-        conn.close()
+    return on_node(cluster, cluster.primary(), sql, args)
 
 
 def waiting_pid(cluster: Cluster) -> int:

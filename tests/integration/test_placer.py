@@ -7,28 +7,19 @@ import subprocess
 import sys
 import threading
 from collections import Counter
-from collections.abc import Iterator
 
 import psycopg2
-import pytest
 
 from agents.fleet import Fleet
 from agents.placer import catch_up
 from ledger import Ledger, NewEvent
 from ledger.builds import build_stream
 from ledger.cluster import Cluster
-from tests.conftest import destroy_cluster, make_cluster, tally_env
+from tests.conftest import tally_env
 from tests.waiting import wait_until
 
 APPS = [f"app-{i:02d}" for i in range(8)]
 
-
-@pytest.fixture(scope="module")
-def private() -> Iterator[Cluster]:
-    """Placers place every app of their ledger: give them one of their own."""
-    c = make_cluster()
-    yield c
-    destroy_cluster(c)
 
 
 class Heartbeats(threading.Thread):

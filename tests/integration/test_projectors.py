@@ -8,11 +8,9 @@ import random
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg2
-import pytest
 
 import projectors
 from bench.synthetic import fill, fleet_history
@@ -26,16 +24,8 @@ from projectors.replay import state_at
 from projectors.runtime import Runner, catch_up, connect
 from projectors.store import read_rows
 from projectors.views import Projected
-from tests.conftest import RelayProcs, destroy_cluster, free_ports, make_cluster, tally_env
+from tests.conftest import RelayProcs, free_ports, tally_env
 from tests.waiting import wait_until
-
-
-@pytest.fixture(scope="module")
-def private() -> Iterator[Cluster]:
-    """Our own cluster: these tests write `views`, which the session cluster shares."""
-    c = make_cluster()
-    yield c
-    destroy_cluster(c)
 
 
 def _views(dsn: str) -> dict[str, list[dict[str, Any]]]:

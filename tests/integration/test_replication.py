@@ -9,14 +9,13 @@ import sys
 import threading
 from collections.abc import Iterator
 
-import psycopg2
 import pytest
 
 from ledger import Ledger, NewEvent
 from ledger.cluster import Cluster
 from ledger.errors import ClusterError
 from ledger.subscriber import Subscriber
-from tests.conftest import RelayProcs, destroy_cluster, make_cluster, tally_env
+from tests.conftest import RelayProcs, destroy_cluster, make_cluster, on_node, tally_env
 from tests.waiting import wait_until
 
 
@@ -25,16 +24,6 @@ def private_cluster() -> Iterator[Cluster]:
     c = make_cluster()
     yield c
     destroy_cluster(c)
-
-
-def on_node(cluster: Cluster, node: str, sql: str, args: tuple = ()) -> list[tuple]:
-    conn = psycopg2.connect(cluster.node_dsn(node, "tally_owner"))
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, args)
-            return cur.fetchall()
-    finally:
-        conn.close()
 
 
 class Writer(threading.Thread):
