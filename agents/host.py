@@ -463,11 +463,11 @@ class Agent:
             return
         on_disk: dict[str, set[str]] = {}
         for folder in (self.paths.releases, self.paths.state / "homes"):
-            for app in folder.iterdir() if folder.exists() else ():
-                if app.name.startswith(GONE):
-                    remove_tree(app)  # a removal a killed agent left half done
-                elif not app.name.startswith("."):
-                    on_disk.setdefault(app.name, set())
+            for entry in folder.iterdir() if folder.exists() else ():
+                if entry.name.startswith(GONE):
+                    remove_tree(entry)  # a removal a killed agent left half done
+                elif not entry.name.startswith("."):
+                    on_disk.setdefault(entry.name, set())
         for app, digests in on_disk.items():
             folder = self.paths.releases / app
             for d in folder.iterdir() if folder.is_dir() else ():

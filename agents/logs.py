@@ -324,9 +324,9 @@ class Collector:
                                              sender=_sender(frames[1]))
         if acks:
             self.save()
-        for (peer, iid), (epoch, end) in acks.items():
+        for (peer, iid), (acked_epoch, end) in acks.items():
             try:
-                sock.send_multipart([peer, iid, b"%d" % epoch, b"%d" % end], zmq.NOBLOCK)
+                sock.send_multipart([peer, iid, b"%d" % acked_epoch, b"%d" % end], zmq.NOBLOCK)
             except zmq.ZMQError:
                 continue  # that agent went away: it sends again
 

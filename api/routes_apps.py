@@ -195,13 +195,12 @@ def list_releases(name: str) -> ResponseReturnValue:
     """Every release, newest first, with its rollout status (pending, deployed,
     superseded, failed: from the releases view) and why it failed."""
     state = app_state(name)
-    status = {r["release"]: r for r in services().views.rows(
-        "SELECT release, status, failure_reason FROM views.releases WHERE app = %s",
-        (name,))}
-    return reply(schemas.ReleaseList, {"releases": [
-        {**release_dict(r), "status": status.get(r.number, {}).get("status", "pending"),
-         "failure_reason": status.get(r.number, {}).get("failure_reason")}
-        for r in reversed(state.releases)]})
+    statuses = services().views.release_statuses(name)
+    releases = []
+    for r in reversed(state.releases):
+        status, reason = statuses.get(r.number, ("pending", None))
+        releases.append({**release_dict(r), "status": status, "failure_reason": reason})
+    return reply(schemas.ReleaseList, {"releases": releases})
 
 
 @route("/apps/<name>/releases/<int:number>", response=schemas.Release, tag="releases",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import final
 
 ROUND_ROBIN, LEAST_CONNECTIONS = "round-robin", "least-connections"
 POLICIES = (ROUND_ROBIN, LEAST_CONNECTIONS)
@@ -69,12 +70,14 @@ class Settings:
     """Seconds a failing backend stays out (doubling while it keeps failing)."""
 
 
+@final
 @dataclass(frozen=True)
 class Forward:
     route: Route
     backend: Backend
 
 
+@final
 @dataclass(frozen=True)
 class Hold:
     """No healthy backend now: wait for one (routes update, a backend's cooldown ends)."""
@@ -82,12 +85,14 @@ class Hold:
     route: Route
 
 
+@final
 @dataclass(frozen=True)
 class Answer:
     status: int
     text: str
 
 
+@final
 @dataclass(frozen=True)
 class Challenge:
     """An ACME HTTP-01 challenge we answer ourselves (before maintenance or a redirect: the
@@ -97,6 +102,7 @@ class Challenge:
     key_authorization: str
 
 
+@final
 @dataclass(frozen=True)
 class Redirect:
     """To the same URL over https."""
@@ -105,6 +111,8 @@ class Redirect:
 
 
 Decision = Forward | Hold | Answer | Redirect | Challenge
+"""What to do with a request. Each kind is final, so a shell that tests `type(d) is K` (the
+fast test on its hot path) is checked as if it used isinstance."""
 CHALLENGE_PREFIX = b"/.well-known/acme-challenge/"
 
 

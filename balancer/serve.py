@@ -142,11 +142,11 @@ def supervise(options: Options) -> int:
             pid, status = os.wait()
         except ChildProcessError:
             break
-        slot = children.pop(pid, None)
-        if slot is not None and not stopping:
+        ended = children.pop(pid, None)
+        if ended is not None and not stopping:
             log(f"worker {pid} ended ({status}); starting another")
             time.sleep(0.2)
-            spawn(slot)
+            spawn(ended)
     return 0
 
 

@@ -155,7 +155,7 @@ def unread(sock: socket.socket) -> None:
         hub.readable(sock.fileno())
 
 
-def sendall(sock: socket.socket, data: bytes) -> None:
+def sendall(sock: socket.socket, data: bytes | memoryview) -> None:
     while True:
         try:
             sent = sock.send(data)
@@ -570,9 +570,10 @@ class Proxy:
             if body is None:
                 sendall(bsock, head)
             else:
-                buf = self.send_body(csock, bsock, watch, req, body, head, buf)
-                if buf is None:
+                rest = self.send_body(csock, bsock, watch, req, body, head, buf)
+                if rest is None:
                     return False, b"", False  # the client left or sent a bad body
+                buf = rest
         except OSError:
             # the backend went away while we sent: a stale pooled connection, or it died
             if can_retry(req, sent=body is not None):

@@ -84,6 +84,24 @@ def test_only_the_ledger_package_reads_the_ledger_tables() -> None:
     assert not found, f"SQL on ledger.events/positions outside ledger/: {found}"
 
 
+SCHEMA_SQL = re.compile(r"\b(FROM|JOIN|INTO|UPDATE|TABLE)\s+(ledger|views|stats)\.[a-z_]+")
+SCHEMA_OWNERS = {"ledger": ("ledger", "migrations"), "views": ("projectors", "migrations"),
+                 "stats": ("agents.stats", "migrations")}
+"""Who may write SQL on each schema: the ledger's tables, the views the projectors make and
+keep, the samples agents/stats.py writes and reads. Others go through their objects."""
+
+
+def test_no_package_reads_another_packages_tables() -> None:
+    found = []
+    for m, path in modules().items():
+        code = "\n".join(line for line in path.read_text().splitlines()
+                         if not line.lstrip().startswith("#"))
+        for match in SCHEMA_SQL.finditer(code):
+            if not m.startswith(SCHEMA_OWNERS[match.group(2)]):
+                found.append(f"{m}: {match.group(0)}")
+    assert not found, found
+
+
 def test_token_events_are_made_in_one_place() -> None:
     """A TokenIssued event is made only by api/auth.py (token_event): the API's route, `tally
     admin create-user` and `tally up`'s agent tokens all call it."""
@@ -112,3 +130,36 @@ def test_the_cli_loads_only_what_a_command_uses() -> None:
         [sys.executable, "-c", "import sys, tally.cli; print(' '.join(sys.modules))"],
         capture_output=True, text=True, check=True, cwd=ROOT).stdout.split()
     assert not {m.split(".")[0] for m in loaded} & set(heavy)
+
+
+def test_the_type_checks_name_only_modules_that_exist() -> None:
+    """pyproject's mypy overrides say which modules are checked strictly: a module renamed
+    or removed must leave them, or the section quietly checks nothing."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]
+    known = modules()
+    named = [m for section in config.get("overrides", []) for m in section["module"]]
+    assert named and not [m for m in named if m not in known]
+
+
+def test_the_readmes_layout_places_every_module() -> None:
+    """README's layout table names every module of the server packages in its folder's
+    row, and names no module that is not there."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Layout"):readme.index("\n## ", readme.index("## Layout"))]
+    rows = dict(re.findall(r"^\| `([a-z.]+)/` \| (.*) \|$", table, re.M))
+    unplaced = []
+    for m, path in modules().items():
+        top, _, rest = m.partition(".")
+        if top == "migrations" or not rest:
+            continue
+        name = f"{path.parent.name}/" if path.stem == "__init__" else path.stem
+        if not re.search(rf"`(\w+/)?{re.escape(name)}(\.py)?`", rows[top]):
+            unplaced.append(m)
+    assert not unplaced, f"not in README's layout table: {unplaced}"
+    named = {(folder, name) for folder, text in rows.items() if folder in PACKAGES
+             for name in re.findall(r"`(\w+(?:/\w+)*)\.py`", text)}
+    absent = [f"{folder}/{name}.py" for folder, name in named
+              if not any((ROOT / folder).rglob(f"{name}.py"))]
+    assert not absent, f"README's layout table names modules that do not exist: {absent}"
