@@ -15,6 +15,12 @@ REASONS = {400: "Bad request", 401: "No or unknown token", 403: "Not allowed",
            404: "Not found", 409: "Conflict (carries the current state)",
            413: "Too large", 422: "Invalid input", 503: "Unavailable now (try again)"}
 APP = r"^[a-z][a-z0-9-]{1,28}[a-z0-9]$"
+RAW = {"text/event-stream": {
+    "type": "object", "required": ["data"], "description": "one server-sent event",
+    "properties": {"event": {"type": "string"}, "data": {"type": "string"},
+                   "id": {"type": "string"}, "retry": {"type": "integer"}}}}
+"""A raw answer's schema where it is not plain bytes: a text/event-stream is described event
+by event (OpenAPI before 3.2 has a stream's `schema` describe each of its events)."""
 
 
 def spec() -> dict[str, Any]:
@@ -54,8 +60,8 @@ def _operation(r: Route) -> dict[str, Any]:
     if r.response:
         ok["content"] = {"application/json": {"schema": r.response}}
     if r.raw_response:  # instead of JSON, or beside it (a stream asked for in the query)
-        ok.setdefault("content", {})[r.raw_response] = {"schema": {"type": "string",
-                                                                   "format": "binary"}}
+        ok.setdefault("content", {})[r.raw_response] = {"schema": RAW.get(
+            r.raw_response, {"type": "string", "format": "binary"})}
     op["responses"][str(r.status)] = ok
     # Any request may meet a ledger that is away (a failover, a statement cut short): 503.
     codes = sorted({*r.errors, 503, *((413,) if r.body else ())})
