@@ -157,6 +157,9 @@ def test_the_readmes_layout_places_every_module() -> None:
         name = f"{path.parent.name}/" if path.stem == "__init__" else path.stem
         if not re.search(rf"`(\w+/)?{re.escape(name)}(\.py)?`", rows[top]):
             unplaced.append(m)
+    for folder in ("bench", "tests"):  # their top-level modules: benchmarks and helpers
+        unplaced += [f"{folder}/{path.name}" for path in sorted((ROOT / folder).glob("*.py"))
+                     if path.stem != "__init__" and f"`{path.name}`" not in rows[folder]]
     assert not unplaced, f"not in README's layout table: {unplaced}"
     named = {(folder, name) for folder, text in rows.items() if folder in PACKAGES
              for name in re.findall(r"`(\w+(?:/\w+)*)\.py`", text)}
