@@ -45,11 +45,21 @@ class Placed:
         self._refreshed = -refresh_s
         self._ledger: Any = None
         self._refused: set[tuple[str, str]] = set()
+        self._keys: dict[str, str] = {}
+        """Key -> host, made again when a key is not in it (one lookup a message, not a
+        walk over every host); a host's key is its latest registration's."""
+
+    def host_of(self, key: str) -> str | None:
+        if key not in self._keys:
+            self._keys = {k.decode(): h for h, k in self.hosts().items()}
+        host = self._keys.get(key)
+        return host if host is not None and self.hosts().get(host, b"").decode() == key \
+            else None
 
     def admits(self, sender: str, name: str) -> bool:
         if sender in self.trusted:
             return True
-        host = next((h for h, key in self.hosts().items() if key.decode() == sender), None)
+        host = self.host_of(sender)
         if host is None:
             return False
         if host not in self.where.get(name, ()) and (time.monotonic() - self._refreshed
