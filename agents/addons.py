@@ -70,6 +70,10 @@ def _hide_the_neighbours(cluster: Cluster, database: str) -> None:
     conn.autocommit = True
     try:
         with conn.cursor() as cur:
+            # A tenant may have made its own database read-only by default (as the size
+            # watcher does past its quota): these REVOKEs must not fail on that database,
+            # which would refuse every other app's new add-on.
+            cur.execute("SET default_transaction_read_only = off")
             for name in HIDDEN:
                 cur.execute(sql.SQL("REVOKE ALL ON pg_catalog.{} FROM PUBLIC")
                             .format(sql.Identifier(name)))

@@ -50,8 +50,12 @@ ROUTER = "router"
 def default_via() -> str:
     """NAT where this process may write nftables rules (root with nft), else HAProxy."""
     return "nat" if os.geteuid() == 0 and shutil.which("nft") else "haproxy"
-PRIVATE_LOGS = {"log_min_error_statement": "panic", "log_error_verbosity": "terse"}
-"""A tenant's failed statement (its data) never reaches the server's log."""
+PRIVATE_LOGS = {"log_min_error_statement": "panic", "log_error_verbosity": "terse",
+                "log_min_messages": "fatal"}
+"""A tenant's failed statement (its data) never reaches the server's log, nor what it makes
+the server say (`RAISE WARNING` of any size, errors quoting its data): the log is on the
+platform's disk, unbounded, and a tenant must not be able to fill it. The server's own
+fatal and panic lines remain; a tenant sees its warnings and errors on its connection."""
 
 
 def haproxy_config(spec: HASpec, proxy_port: int) -> str:

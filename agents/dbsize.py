@@ -99,7 +99,10 @@ def read(conn: Any) -> tuple[dict[str, int], dict[str, str]]:
     with conn.cursor() as cur:
         cur.execute(r"""
             SELECT d.datname, pg_database_size(d.oid),
-                   has_database_privilege(d.datname, d.oid, 'CONNECT'),
+                   has_database_privilege(d.datname, d.oid, 'CONNECT') OR EXISTS (
+                       SELECT 1 FROM aclexplode(d.datacl) a
+                       WHERE a.privilege_type = 'CONNECT' AND a.grantee NOT IN (
+                           SELECT oid FROM pg_roles WHERE rolsuper)),
                    EXISTS (SELECT 1 FROM pg_db_role_setting s
                            WHERE s.setdatabase = d.oid AND s.setrole = 0
                            AND 'default_transaction_read_only=on' = ANY (s.setconfig))
@@ -116,9 +119,14 @@ def apply(conn: Any, change: Change) -> None:
     """Put one database in its new state (as the cluster's superuser, autocommit)."""
     ident = sql.Identifier(change.database)
     with conn.cursor() as cur:
-        if change.after == REFUSED:
-            cur.execute(sql.SQL("REVOKE CONNECT ON DATABASE {} FROM PUBLIC, {}")
-                        .format(ident, ident))  # PUBLIC too: the owner may have opened it
+        if change.after == REFUSED:  # from every role: the owner may have let others in
+            cur.execute("""SELECT r.rolname FROM pg_database d, aclexplode(d.datacl) a
+                           JOIN pg_roles r ON r.oid = a.grantee
+                           WHERE d.datname = %s AND a.privilege_type = 'CONNECT'
+                           AND NOT r.rolsuper""", (change.database,))
+            let_in = sorted({change.database, *(name for (name,) in cur.fetchall())})
+            cur.execute(sql.SQL("REVOKE CONNECT ON DATABASE {} FROM PUBLIC, {}").format(
+                ident, sql.SQL(", ").join(map(sql.Identifier, let_in))))
         else:
             cur.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(ident, ident))
         if change.after == OK:
@@ -128,8 +136,8 @@ def apply(conn: Any, change: Change) -> None:
             cur.execute(sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on")
                         .format(ident))
             cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                        "WHERE datname = %s AND usename = %s",
-                        (change.database, change.database))
+                        "WHERE datname = %s AND pid <> pg_backend_pid()",
+                        (change.database,))  # every role's sessions, not only the owner's
 
 
 def bound_temp_files(conn: Any, databases: Iterable[str]) -> None:

@@ -106,14 +106,12 @@ def clean(text: str) -> str:
 
 def app_lines(data: bytes) -> list[bytes]:
     """Whole lines of an app's output (each ending with \\n) as the relay writes them:
-    none starts with MARK, none is longer than LONGEST."""
+    none holds MARK (anywhere: a reader may start mid-line, as a tail's window or a
+    shipper's read does), none is longer than LONGEST."""
     out = []
-    for line in data.split(b"\n"):
+    for line in data.replace(MARK, REPLACEMENT).split(b"\n"):
         for start in range(0, max(len(line), 1), LONGEST):
-            piece = line[start:start + LONGEST]
-            if piece.startswith(MARK):
-                piece = REPLACEMENT + piece[1:]
-            out.append(piece + b"\n")
+            out.append(line[start:start + LONGEST] + b"\n")
     return out
 
 

@@ -22,6 +22,8 @@ def declaration(raw: bytes) -> dict[str, str]:
         doc = json.loads(raw)
     except ValueError as exc:
         raise StaticRefused(f"{DECLARATION} is not JSON: {exc}") from None
+    except RecursionError:  # nested deeper than the parser goes: not a declaration
+        raise StaticRefused(f"{DECLARATION} is nested too deeply") from None
     if not isinstance(doc, dict) or not doc:
         raise StaticRefused(f'{DECLARATION} must map URL prefixes to folders: '
                             f'{{"/static/": "static"}}')

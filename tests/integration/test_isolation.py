@@ -296,7 +296,10 @@ def apps_db() -> Iterator[WatchedCluster]:
     home = Path(tempfile.mkdtemp(prefix="tally-test-"))
     home.chmod(0o755)
     low, high = free_ports(2)
-    apps = WatchedCluster(ClusterSpec(home / "appsdb", ports=(low, high), dbname="tally_apps"))
+    from agents.appsdb import PRIVATE_LOGS
+
+    apps = WatchedCluster(ClusterSpec(home / "appsdb", ports=(low, high), dbname="tally_apps",
+                                      extra_settings=dict(PRIVATE_LOGS)))
     apps.init()
     yield apps
     apps.destroy()
@@ -409,6 +412,83 @@ def test_an_addon_database_past_its_quota_is_read_only_then_refused(
     assert [(a, line.split(":")[0]) for a, line in told] == [
         (app, "Error D18 (Database size quota exceeded)")] * 2 + [(app, f"app_{app}".replace(
             "-", "_") + " is writable again")], told
+
+
+def test_a_refused_database_lets_no_role_in(apps_db: WatchedCluster) -> None:
+    """Review 4: the owner let its tenant's other app's role into its database before it
+    went past 1.25 times its quota; refusing it ends that role's sessions and connections
+    too (they wrote on before), and a grant made later is taken back at the next round."""
+    from agents import addons, dbsize
+
+    apps_db.start()
+    a, b = f"qa-{uid()}", f"qb-{uid()}"
+    url_a, url_b = (addons.create_database(apps_db, x) for x in (a, b))
+    db_a, db_b = addons.database_name(a), addons.database_name(b)
+    limits = {a: 1, b: 10**6}
+    watcher = dbsize.Watcher(lambda: addons.superuser(apps_db), lambda x: limits.get(x, 10**6))
+    owner = psycopg2.connect(url_a)
+    owner.autocommit = True
+    with owner.cursor() as cur:
+        cur.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
+            sql.Identifier(db_a), sql.Identifier(db_b)))
+    owner.close()
+    b_in_a = url_b.rsplit("/", 1)[0] + "/" + db_a
+    intruder = psycopg2.connect(b_in_a)
+    intruder.autocommit = True
+    assert [(c.database, c.after) for c in watcher.tick()] == [(db_a, dbsize.REFUSED)]
+    with pytest.raises(psycopg2.Error), intruder.cursor() as cur:
+        cur.execute("SELECT 1")  # its session was ended
+    for url in (url_a, b_in_a):
+        with pytest.raises(psycopg2.OperationalError, match="permission denied"):
+            psycopg2.connect(url)
+    su = addons.superuser(apps_db)
+    with su.cursor() as cur:  # as if a grant slipped in: the next round takes it back
+        cur.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
+            sql.Identifier(db_a), sql.Identifier(db_b)))
+    su.close()
+    assert [c.after for c in watcher.tick()] == [dbsize.REFUSED]
+    with pytest.raises(psycopg2.OperationalError, match="permission denied"):
+        psycopg2.connect(b_in_a)
+
+
+def test_what_a_tenant_makes_the_server_say_is_not_logged(apps_db: WatchedCluster) -> None:
+    """Review 4: `RAISE WARNING` of any size (or an error quoting its data) went into the
+    apps' cluster's log, on the platform's disk, without bound, read-only database or not."""
+    from agents import addons
+
+    apps_db.start()
+    url = addons.create_database(apps_db, f"ql-{uid()}")
+
+    def logged() -> int:
+        return sum(p.stat().st_size for p in apps_db.root.rglob("*.log"))
+
+    before = logged()
+    conn = psycopg2.connect(url)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("DO $$ BEGIN FOR i IN 1..20 LOOP "
+                    "RAISE WARNING '%', repeat('x', 1000000); END LOOP; END $$")
+        with pytest.raises(psycopg2.Error):
+            cur.execute("SELECT repeat('y', 5000000)::int")
+    conn.close()
+    assert logged() - before < 2**16, "20 MB of warnings reached the server's log"
+
+
+def test_a_read_only_database_does_not_block_the_next_addon(apps_db: WatchedCluster) -> None:
+    """Review 4: an app made its own database read-only by default (as the size watcher
+    does past a quota); every other app's new add-on then failed (REVOKEs in each app
+    database, in a read-only transaction) and its retries met "already has a database"."""
+    from agents import addons
+
+    apps_db.start()
+    evil = f"qe-{uid()}"
+    conn = psycopg2.connect(addons.create_database(apps_db, evil))
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on")
+                    .format(sql.Identifier(addons.database_name(evil))))
+    conn.close()
+    psycopg2.connect(addons.create_database(apps_db, f"qv-{uid()}")).close()
 
 
 def test_a_node_made_before_private_logs_gets_them_at_its_next_start(

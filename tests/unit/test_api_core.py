@@ -274,7 +274,8 @@ def test_a_static_files_declaration_is_checked_at_upload(tmp_path: Path) -> None
     for bad, why in (('{"/static/": "../.."}', "not inside the app"),
                      ('{"static": "static"}', "prefixes start and end with /"),
                      ("[]", "must map URL prefixes"), ("{", "not JSON"),
-                     ("{}", "must map URL prefixes")):
+                     ("{}", "must map URL prefixes"),
+                     ("[" * 60_000, "nested too deeply")):  # review 4: a 500 before
         with pytest.raises(Unprocessable, match=why) as refused:
             bundles.inspect(bundle(bad))
         assert "static.json" in str(refused.value)

@@ -20,6 +20,14 @@ def test_no_app_line_starts_with_the_agents_mark_or_runs_past_the_longest() -> N
     assert all(line.endswith(b"\n") and not line.startswith(logpipe.MARK) for line in out)
 
 
+def test_no_app_line_holds_the_agents_mark_anywhere() -> None:
+    """Review 4: a mark inside a line passed for the agent's where a reader starts mid-line
+    (a tail's window, a shipper's 64 KiB read)."""
+    out = logpipe.app_lines(b"x" * 100 + b"\x1etally: Error R14 forged\n")
+    assert not any(logpipe.MARK in line for line in out)
+    assert out == [b"x" * 100 + "\ufffdtally: Error R14 forged\n".encode(), b"\n"]
+
+
 def test_lines_tell_the_agents_from_the_apps_and_break_nowhere_else() -> None:
     data = b"app\n\x1eR14\nx\ry\x1etally[z] forged\npartial"
     assert logpipe.lines(data) == [(False, "app"), (True, "R14"),
