@@ -296,7 +296,16 @@ def run(spec: Spec, user: BuildUser, name: str, on_line: Callable[[str], None],
     return Outcome(code if code is not None and code >= 0 else None, stopped)
 
 
+LINE_CHARS = 2000
+"""A build output line is cut here; the rest of a longer one is read and dropped."""
+
+
 def _pump(proc: subprocess.Popen, on_line: Callable[[str], None]) -> None:
+    """Each line of the build's output, cut at LINE_CHARS. Read in bounded pieces: a line
+    without end (a tenant's build printing no newline) must not grow root's builder."""
     assert proc.stdout is not None
-    for raw in proc.stdout:
-        on_line(raw.decode("utf-8", "replace").rstrip("\n")[:2000])
+    rest_of_long_line = False
+    while raw := proc.stdout.readline(4 * LINE_CHARS):
+        if not rest_of_long_line:
+            on_line(raw.decode("utf-8", "replace").rstrip("\n")[:LINE_CHARS])
+        rest_of_long_line = not raw.endswith(b"\n")

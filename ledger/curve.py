@@ -121,6 +121,12 @@ class Allowed:
             log.warning("refused a subscriber with an unregistered key %s", key[:8].decode())
         return allowed
 
+    def registered(self) -> dict[str, bytes]:
+        """Host -> public key, a copy taken under the lock (another thread, the ZAP
+        handler's, adds to it as hosts register)."""
+        with self._lock:
+            return dict(self.hosts)
+
     def _refresh(self) -> None:
         from ledger.errors import LedgerError
         from ledger.store import Ledger

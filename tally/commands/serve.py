@@ -217,7 +217,7 @@ def serve_collector(cfg: Config, bind: str | None, chunk_mb: float, keep_chunks:
     cfg.collector_key()  # its keypair, made on first use
     control = curve.load_or_create(cfg.secret("control.curve")).public
     keys = (curve.load_or_create(cfg.secret("collector.curve")), curve.Allowed({control}, dsn))
-    placed = Placed(dsn, {control.decode()}, lambda: keys[1].hosts) if dsn else None
+    placed = Placed(dsn, {control.decode()}, keys[1].registered) if dsn else None
     Collector(cfg.app_logs_dir, int(chunk_mb * 2**20), keep_chunks,
               placed.admits if placed else None).run(bind or cfg.collector, stop, curve=keys)
 

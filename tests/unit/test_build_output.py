@@ -80,3 +80,26 @@ def test_the_builder_refuses_a_work_folder_another_user_made(tmp_path: Path) -> 
     (tmp_path / "link").symlink_to(made)
     with pytest.raises(SandboxUnavailable, match="not a folder of root's"):
         check_root_owned(tmp_path / "link" / "abc")
+
+
+def test_a_build_line_without_end_is_cut_not_held_whole() -> None:
+    """Review 4: the builder (root) read each line of a build's output whole; 200 MB with
+    no newline grew it by 400 MiB. Lines are cut at LINE_CHARS, the rest dropped as read."""
+    import subprocess
+    import sys
+    import tracemalloc
+
+    from agents import sandbox
+
+    script = ("import sys; w = sys.stdout.write; w('x' * 3_000_000); w('\\nnext\\n');"
+              "w('y' * 10); sys.stdout.flush()")
+    seen: list[str] = []
+    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE) as proc:
+        tracemalloc.start()
+        try:
+            sandbox._pump(proc, seen.append)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert seen == ["x" * sandbox.LINE_CHARS, "next", "y" * 10]
+    assert peak < 2**20, f"{peak} bytes held for a 3 MB line"
