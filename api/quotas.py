@@ -22,7 +22,8 @@ LIMITS = ("instances", "memory_mb", "bundle_mb", "slug_mb", "unpacked_mb", "data
 @dataclass(frozen=True)
 class Quota:
     instances: int
-    """Instances running at once (every process type; one-off runs are not counted)."""
+    """Instances running at once (every process type), and apart from them as many
+    one-off runs going at once (api/runs.py)."""
     memory_mb: int
     """The sum of the instances' memory sizes (ledger/sizes.py)."""
     bundle_mb: int

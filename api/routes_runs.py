@@ -14,6 +14,7 @@ from api import relay, runs, schemas
 from api.errors import BadRequest, Conflict, NotFound, Unavailable, Unprocessable
 from api.routes_apps import app_state, authorized
 from api.routes_builds import build_of
+from api.routes_quotas import quota_of
 from api.state import AppState, Run
 from api.web import body, reply, route, services, who
 from ledger import NewEvent, curve
@@ -99,7 +100,8 @@ def start_run(name: str) -> ResponseReturnValue:
     svc = services()
     state = svc.command(name, who(), lambda s: runs.start(
         authorized(s), req["command"], host, req["detached"],
-        lambda r: build_of(s, r).status == "succeeded"))
+        lambda r: build_of(s, r).status == "succeeded",
+        quota_of("app", name).instances, time.time()))
     run = state.runs[-1]
     if run.detached:
         agent, ticket = _socket_of(run), _ticket(name, run, "run")

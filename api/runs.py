@@ -43,9 +43,23 @@ def candidate_hosts(hosts: Iterable[dict[str, Any]], placed: set[str]) -> list[s
     return [h["host_id"] for h in sorted(running, key=by_load) + sorted(room, key=by_load)]
 
 
+def going(s: AppState, now: float) -> int:
+    """Runs that hold one of the app's run slots: detached ones until they end, attached
+    ones until they end or can no longer be attached (one never attached is never started,
+    and nothing ends it; one attached lasts only as long as its caller's connection)."""
+    return sum(1 for r in s.runs if not r.ended
+               and (r.detached or now <= started(r, now) + TTL_S))
+
+
 def start(s: AppState, command: list[str], host_id: str, detached: bool,
-          built: Callable[[Release], bool]) -> list[NewEvent]:
-    """RunStarted: the next run number of the app, on `host_id`, in the serving release."""
+          built: Callable[[Release], bool], limit: int, now: float) -> list[NewEvent]:
+    """RunStarted: the next run number of the app, on `host_id`, in the serving release.
+    At most `limit` runs at once (the app's instances quota: each run has an instance's
+    memory, disk and log allowance of its own, so runs without end would be a way around
+    the quota)."""
+    if going(s, now) >= limit:
+        raise Conflict(f"app {s.name} has {limit} one-off run(s) going, as many as its quota "
+                       "allows: wait for one to end or stop one (`tally ps`)")
     if not host_id:
         raise Conflict("no alive host agent can run a command now: try again shortly")
     number = max((r.number for r in s.runs), default=0) + 1

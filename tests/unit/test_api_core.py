@@ -452,15 +452,36 @@ def test_a_run_goes_in_the_newest_built_release() -> None:
     s = run(s, decide.change_config(s, {"LEVEL": "3"}, []))
     assert s.current.number == 2
     built = {1}
-    (started,) = runs.start(s, ["true"], "h1", False, lambda r: r.number in built)
+    (started,) = runs.start(s, ["true"], "h1", False, lambda r: r.number in built, 50, 0.0)
     assert started.data["release"] == 1
     built.add(2)
-    assert runs.start(s, ["true"], "h1", False, lambda r: r.number in built
+    assert runs.start(s, ["true"], "h1", False, lambda r: r.number in built, 50, 0.0
                       )[0].data["release"] == 2
     with pytest.raises(Conflict, match="no built release"):
-        runs.start(s, ["true"], "h1", False, lambda r: False)
+        runs.start(s, ["true"], "h1", False, lambda r: False, 50, 0.0)
     with pytest.raises(Unprocessable, match="deploy first"):
-        runs.start(blog(), ["true"], "h1", False, lambda r: True)
+        runs.start(blog(), ["true"], "h1", False, lambda r: True, 50, 0.0)
+
+
+def test_runs_going_at_once_are_held_to_the_apps_quota() -> None:
+    """Review 4: one-off runs counted against nothing (8 detached runs for an app whose
+    quota was 1 instance), each with an instance's memory, disk and log allowance."""
+    from api import runs
+    from ledger.tickets import TTL_S
+
+    s = blog("web")
+    now = 1_800_000_000.0  # a time after the folded events' recorded time (2026-11-26)
+    for _ in range(2):
+        s = run(s, runs.start(s, ["sleep", "1d"], "h1", True, lambda r: True, 2, now))
+    with pytest.raises(Conflict, match="2 one-off run"):
+        runs.start(s, ["true"], "h1", True, lambda r: True, 2, now)
+    assert runs.going(s, now) == 2
+    s = run(s, [NewEvent("RunEnded", {"app": "blog", "number": 1, "run_id": s.runs[0].run_id,
+                                      "exit_code": 0, "host_id": "h1"})])
+    s = run(s, runs.start(s, ["bash"], "h1", False, lambda r: True, 2, now))  # attached
+    attached_at = runs.started(s.runs[-1], now)
+    assert runs.going(s, attached_at) == 2
+    assert runs.going(s, attached_at + 10 * TTL_S) == 1, "never attached: its slot given back"
 
 
 def test_a_since_time_is_moved_to_utc_or_refused() -> None:
