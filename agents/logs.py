@@ -231,9 +231,24 @@ class Collector:
         """(sender, instance) -> whether that host may ship its lines (agents/placed.py)."""
         self.marks_file = root / "shipped.json"
         try:
-            self.marks: dict[str, list[int]] = json.loads(self.marks_file.read_text())
+            saved = json.loads(self.marks_file.read_text())
         except (OSError, ValueError):
-            self.marks = {}
+            saved = {}
+        if "marks" not in saved:  # the first form: the marks alone
+            saved = {"marks": saved, "sizes": {}}
+        self.marks: dict[str, list[int]] = saved["marks"]
+        self.sizes: dict[str, int] = saved["sizes"]
+        """Each app's current log size when the marks were last saved. What lies past it was
+        written but never acknowledged (the collector killed between its write and its
+        save): it is cut at start, and the hosts send it again, so it is written once."""
+        self._touched: set[str] = set()
+        self._cut_unsaved()
+
+    def _cut_unsaved(self) -> None:
+        for app, size in self.sizes.items():
+            current = self.root / app / CURRENT
+            if APP.match(app) and current.exists() and current.stat().st_size > size:
+                os.truncate(current, size)
 
     def receive(self, app: str, iid: str, epoch: int, offset: int, data: bytes,
                 now: datetime | None = None, sender: str = "") -> tuple[int, int]:
@@ -263,8 +278,12 @@ class Collector:
     def save(self) -> None:
         """Keep what was written up to, before acknowledging it."""
         self.root.mkdir(parents=True, exist_ok=True)
+        for app in self._touched:
+            current = self.root / app / CURRENT
+            self.sizes[app] = current.stat().st_size if current.exists() else 0
+        self._touched.clear()
         tmp = self.marks_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.marks))
+        tmp.write_text(json.dumps({"marks": self.marks, "sizes": self.sizes}))
         tmp.replace(self.marks_file)
 
     def write(self, app: str, iid: str, data: bytes, now: datetime | None = None) -> None:
@@ -276,11 +295,14 @@ class Collector:
         text = "".join(f"{stamp} tally[{iid}] {line}\n" if ours else f"{stamp} {iid} {line}\n"
                        for ours, line in logpipe.lines(data))
         current = folder / CURRENT
+        self._touched.add(app)
         fd = os.open(current, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         with open(fd, "a", encoding="utf-8") as f:
             f.write(text)
         if current.stat().st_size > self.max_bytes:
             current.rename(folder / f"chunk-{time.time_ns():020d}.log")
+            self.sizes[app] = 0  # a new current log (a crash before the next save may
+            # leave this chunk's unsaved tail to be written again: rotations are rare)
             for old in sorted(folder.glob("chunk-*.log"))[:-self.keep_chunks or None]:
                 old.unlink(missing_ok=True)
 

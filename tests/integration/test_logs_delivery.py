@@ -124,6 +124,23 @@ def test_a_batch_sent_twice_is_written_once(tmp_path: Path) -> None:
     assert [t.split(" ", 2)[2] for t in text] == ["a", "b", "c", "d"]
 
 
+def test_a_collector_killed_between_its_write_and_its_save_writes_nothing_twice(
+        tmp_path: Path) -> None:
+    """Lines written but not yet marked saved (a kill -9 between the two: the test above
+    killed it there now and then, and the host sent them again) are cut when the collector
+    starts again; sent again, they are written once."""
+    from agents.logs import Collector
+
+    c = Collector(tmp_path)
+    c.receive("blog", "blog.1.web.a", 0, 0, b"a\nb\n")
+    c.save()
+    c.receive("blog", "blog.1.web.a", 0, 4, b"c\n")  # written; killed before its save
+    again = Collector(tmp_path)
+    assert again.receive("blog", "blog.1.web.a", 0, 4, b"c\nd\n") == (0, 8)
+    text = (tmp_path / "blog" / "current.log").read_text().splitlines()
+    assert [t.split(" ", 2)[2] for t in text] == ["a", "b", "c", "d"]
+
+
 def test_an_app_keeps_its_newest_chunks_only(tmp_path: Path) -> None:
     """An app that logs without end fills no collector's disk: past `keep_chunks` rotated
     chunks the oldest go, and what it wrote last is all there."""
