@@ -6,13 +6,15 @@ database's size and holds it to its app's `database_mb` quota (api/quotas.py; th
 of the app's and its owner's), as Heroku's Postgres plans do:
 
 - past the limit, the database is made **read-only**: `default_transaction_read_only` set
-  on it and the role's sessions ended, so the app's next write fails with "cannot execute
+  on it and every session on it ended, so the app's next write fails with "cannot execute
   INSERT in a read-only transaction" and its reads go on. Its owner may free space (in a
   session: `SET default_transaction_read_only = off`, then DELETE, TRUNCATE, VACUUM FULL);
 - past HARD times the limit (a tenant that turned read-only off and wrote on), it is
-  **refused**: the role's CONNECT is revoked and its sessions ended ("permission denied for
-  database ... User does not have CONNECT privilege"). The role owns its database but can
-  connect to no other (agents/addons.py), so it cannot grant itself back in;
+  **refused**: CONNECT is revoked from every role that had it (the owner may have let its
+  tenant's other apps' roles in) and every session ended ("permission denied for database
+  ... User does not have CONNECT privilege"); a grant found later counts as open and is
+  taken back. The role owns its database but can connect to no other
+  (agents/addons.py), so it cannot grant itself back in;
 - back under its limit (an admin raised the quota, the owner deleted rows), it is let be.
 
 Every change is logged by the daemon with the size and the limit, and written in the
