@@ -9,7 +9,9 @@ event in the app's stream."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -76,7 +78,17 @@ def pebble(tmp: Path, http_port: int) -> tuple[list[subprocess.Popen], str, Path
             stdout=out, stderr=out),
             subprocess.Popen(["pebble", "-config", str(tmp / "pebble.json"), "-dnsserver",
                               f"127.0.0.1:{dns}"], stdout=out, stderr=out, env=env)]
+    # Both up before the agent's first order: one sent to a CA not yet listening fails
+    # (CertificateFailed), which this test counts as a failure of the agent.
+    for port in (chall_mgmt, acme_port):
+        wait_until(lambda: _listening(port), 60, f"pebble never listened on {port}")  # noqa: B023
     return procs, f"https://localhost:{acme_port}/dir", tmp / "pebble.crt"
+
+
+def _listening(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+        return True
+    return False
 
 
 def test_certificates_issued_and_renewed_by_acme_without_a_failed_request(
