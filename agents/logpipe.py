@@ -15,7 +15,7 @@ past either is dropped, and the relay says so in the log, as the agent's own lin
 L10 "output buffer overflow"), once it writes again or after a second of quiet.
 
 The agent's own lines (R14, why it killed an instance) are tagged: they start with MARK,
-a byte the relay never lets begin an app's line (it replaces it). The collector shows them
+a byte the relay never lets into an app's line (it replaces it). The collector shows them
 as `tally[<instance>]` where an app's lines show `<instance>`, as Heroku's `heroku[web.1]`
 beside `app[web.1]`: no app can write a line that looks like the platform's.
 """

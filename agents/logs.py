@@ -10,8 +10,10 @@ Every message carries the file's epoch (bumped when the host empties or replaces
 and the offset of its first byte; the collector keeps, per instance, the epoch and offset
 it has written up to (`shipped.json` in its folder), writes only bytes past it, and answers
 with it. So a message sent twice is written once, and a collector that is away delays logs,
-never loses them, and never blocks an app. (A collector killed between writing a batch and
-saving its offsets writes that batch again: its own crash window, not the agents'.)
+never loses them, and never blocks an app. A collector killed between writing a batch and
+saving its offsets cuts that batch when it starts again (it saves each app's log size with
+the offsets), and the resend writes it once; only a kill right after a rotation can still
+repeat the rotated chunk's unsaved tail.
 
 Only the agents write app logs. An instance's stdout and stderr are a pipe; a relay of the
 agent's writes the file (agents/logpipe.py): an app can write only its own lines, and
@@ -301,8 +303,6 @@ class Collector:
             f.write(text)
         if current.stat().st_size > self.max_bytes:
             current.rename(folder / f"chunk-{time.time_ns():020d}.log")
-            self.sizes[app] = 0  # a new current log (a crash before the next save may
-            # leave this chunk's unsaved tail to be written again: rotations are rare)
             for old in sorted(folder.glob("chunk-*.log"))[:-self.keep_chunks or None]:
                 old.unlink(missing_ok=True)
 

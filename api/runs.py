@@ -59,7 +59,8 @@ def start(s: AppState, command: list[str], host_id: str, detached: bool,
     the quota)."""
     if going(s, now) >= limit:
         raise Conflict(f"app {s.name} has {limit} one-off run(s) going, as many as its quota "
-                       "allows: wait for one to end or stop one (`tally ps`)")
+                       "allows: wait for one to end or stop one (`tally ps` lists them, "
+                       f"`tally ps:stop -a {s.name} run.N` stops one)")
     if not host_id:
         raise Conflict("no alive host agent can run a command now: try again shortly")
     number = max((r.number for r in s.runs), default=0) + 1
